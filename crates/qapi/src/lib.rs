@@ -1,1 +1,6 @@
-//! qapi
+//! QMP schema types shared by the daemon and its clients: error classes, a QEMU-compatible
+//! argument deserializer, and the QEMU keyval option syntax. No I/O.
+
+pub mod de;
+pub mod error;
+pub mod keyval;

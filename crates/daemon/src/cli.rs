@@ -1,0 +1,1 @@
+//! qemu-storage-daemon compatible command line.

@@ -1,0 +1,1 @@
+//! QEMU-compatible deserialization of QMP arguments.

@@ -1,0 +1,1 @@
+//! QMP error classes and errors.

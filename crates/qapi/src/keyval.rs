@@ -1,0 +1,1 @@
+//! The QEMU keyval option syntax used on the command line.
