@@ -1,1 +1,16 @@
-//! nbd
+//! NBD (Network Block Device) protocol: a server that exposes exports through the
+//! [`Backend`] trait and a pipelining client, with structured replies and block status.
+//!
+//! The crate knows nothing of the block layer: the daemon plugs nodes in as backends and
+//! places connections on its I/O threads through a [`Spawner`].
+
+pub mod backend;
+pub mod client;
+pub mod proto;
+pub mod server;
+pub mod spawn;
+
+pub use backend::{Backend, BlockSize, Capabilities, Extent, MetaContext, ZeroFlags};
+pub use client::{Client, ClientOptions, ConnectAddr};
+pub use server::{ExportError, ExportOptions, ListenAddr, NbdServer, ServerEvent};
+pub use spawn::{Job, LocalSpawner, Spawner, ThreadSpawner};

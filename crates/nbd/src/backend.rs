@@ -1,0 +1,135 @@
+//! The trait through which an NBD export reaches its data, so that this crate knows
+//! nothing of the block layer that implements it.
+
+use std::io;
+
+use async_trait::async_trait;
+
+/// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSize {
+    pub minimum: u32,
+    pub preferred: u32,
+    pub maximum: u32,
+}
+
+impl Default for BlockSize {
+    fn default() -> Self {
+        BlockSize {
+            minimum: 1,
+            preferred: 4096,
+            maximum: crate::proto::MAX_PAYLOAD,
+        }
+    }
+}
+
+/// What a backend can do; the server derives its transmission flags from this, so that
+/// they tell the truth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    pub read_only: bool,
+    pub flush: bool,
+    pub fua: bool,
+    pub trim: bool,
+    pub write_zeroes: bool,
+    /// `write_zeroes` honours `fast` (fails with `ENOTSUP` quickly when it cannot be fast).
+    pub fast_zero: bool,
+    pub cache: bool,
+    /// Flushes and FUA writes are visible through every connection once answered.
+    pub multi_conn: bool,
+    pub block_size: BlockSize,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            read_only: false,
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            cache: true,
+            multi_conn: true,
+            block_size: BlockSize::default(),
+        }
+    }
+}
+
+/// A metadata context an export may offer to `NBD_CMD_BLOCK_STATUS`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum MetaContext {
+    /// `base:allocation`: flags `STATE_HOLE` (unallocated) and `STATE_ZERO` (reads as zero).
+    BaseAllocation,
+    /// `qemu:allocation-depth`: 0 unallocated, N = depth in the backing chain (1 = top).
+    AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME`: flag `STATE_DIRTY`.
+    DirtyBitmap(String),
+}
+
+impl MetaContext {
+    /// The context's name on the wire.
+    pub fn name(&self) -> String {
+        match self {
+            MetaContext::BaseAllocation => crate::proto::CONTEXT_BASE_ALLOCATION.to_string(),
+            MetaContext::AllocationDepth => crate::proto::CONTEXT_ALLOCATION_DEPTH.to_string(),
+            MetaContext::DirtyBitmap(n) => {
+                format!("{}{n}", crate::proto::CONTEXT_DIRTY_BITMAP_PREFIX)
+            }
+        }
+    }
+}
+
+/// One run of equal status, as returned by [`Backend::block_status`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    pub flags: u32,
+}
+
+/// Options of `write_zeroes`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated (the client did not send `NO_HOLE`).
+    pub may_trim: bool,
+    /// Fail with `ENOTSUP` at once rather than zero slowly (`FAST_ZERO`).
+    pub fast: bool,
+    /// Persist before returning (`FUA`).
+    pub fua: bool,
+}
+
+/// One export's data. Implementations are shared between I/O threads (`Send + Sync`), but
+/// the futures they return stay on the thread that polls them and need not be `Send`.
+///
+/// The server checks bounds, flags and read-only state before calling; a backend only
+/// does the I/O. Errors are mapped to NBD error values with [`crate::proto::errno_of`].
+#[async_trait(?Send)]
+pub trait Backend: Send + Sync + 'static {
+    /// Current size in bytes.
+    fn size(&self) -> u64;
+
+    fn capabilities(&self) -> Capabilities;
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    async fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()>;
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
+
+    async fn flush(&self) -> io::Result<()>;
+
+    /// Prefetch hint (`NBD_CMD_CACHE`).
+    async fn cache(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Status of `[offset, offset + len)` for `context`, as consecutive extents from
+    /// `offset`. They may cover less than `len` (but not nothing); extents past `len`
+    /// are cut by the server.
+    async fn block_status(
+        &self,
+        context: &MetaContext,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<Vec<Extent>>;
+}

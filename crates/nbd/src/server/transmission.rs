@@ -1,0 +1,526 @@
+//! Transmission phase of one server connection: reads requests, runs each one as its
+//! own local task so that many are in flight, and writes replies (out of order) through
+//! one writer lock. Reply buffers come from a per-connection pool.
+
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinSet;
+
+use super::handshake::{self, Negotiated};
+use super::ConnectionGuard;
+use crate::backend::{Backend, Capabilities, Extent, MetaContext, ZeroFlags};
+use crate::proto::*;
+
+/// Payload bytes a connection may hold in flight, in units of [`BUDGET_UNIT`] bytes; it
+/// bounds memory per connection while leaving room for one maximum-sized request.
+const BUDGET_UNIT: usize = 64 * 1024;
+const BUDGET_UNITS: usize = 2 * (MAX_PAYLOAD as usize / BUDGET_UNIT) + 64;
+/// Buffers above this size are not kept in the pool.
+const POOL_MAX_BUF: usize = 4 * 1024 * 1024 + 64;
+const POOL_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+/// Runs one connection from greeting to close. `on_kill` must make pending socket I/O
+/// fail (shut the socket down) so that a killed connection ends promptly.
+pub(super) async fn serve<R, W>(
+    guard: ConnectionGuard,
+    reader: R,
+    mut writer: W,
+    on_kill: impl Fn(),
+) where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let mut kill = guard.kill_rx.clone();
+    let negotiated = tokio::select! {
+        biased;
+        _ = kill.wait_for(|k| *k) => {
+            on_kill();
+            return;
+        }
+        r = handshake::negotiate(&guard, &mut reader, &mut writer) => r,
+    };
+    let n = match negotiated {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            let _ = writer.shutdown().await;
+            return;
+        }
+        Err(e) => {
+            tracing::debug!("NBD handshake ended: {e}");
+            return;
+        }
+    };
+    transmit(n, reader, writer, kill, on_kill).await;
+    drop(guard);
+}
+
+struct Conn<W> {
+    backend: Arc<dyn Backend>,
+    writer: Mutex<W>,
+    pool: BufPool,
+    structured: bool,
+    contexts: Vec<(u32, MetaContext)>,
+}
+
+async fn transmit<R, W>(
+    n: Negotiated,
+    mut reader: BufReader<R>,
+    writer: W,
+    mut kill: tokio::sync::watch::Receiver<bool>,
+    on_kill: impl Fn(),
+) where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let export = n.export.export.clone();
+    let backend = export.backend.clone();
+    let read_only = export.read_only();
+    let conn = Rc::new(Conn {
+        backend,
+        writer: Mutex::new(writer),
+        pool: BufPool::default(),
+        structured: n.structured,
+        contexts: n.contexts,
+    });
+    let budget = Arc::new(Semaphore::new(BUDGET_UNITS));
+    let mut tasks = JoinSet::new();
+    let mut hdr = [0u8; REQUEST_HEADER_LEN];
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let read = tokio::select! {
+            biased;
+            _ = kill.wait_for(|k| *k) => {
+                tracing::debug!(export = %export.name, "NBD connection closed by the server");
+                on_kill();
+                break;
+            }
+            r = reader.read_exact(&mut hdr) => r,
+        };
+        if let Err(e) = read {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                tracing::debug!("NBD connection read failed: {e}");
+            }
+            break;
+        }
+        let Some(req) = Request::parse(&hdr) else {
+            tracing::warn!(export = %export.name, "NBD request with bad magic, disconnecting");
+            break;
+        };
+        if req.kind == CMD_DISC {
+            break;
+        }
+        let units = 1 + req.length as usize / BUDGET_UNIT;
+        let permit = if req.kind == CMD_WRITE || req.kind == CMD_READ {
+            budget
+                .clone()
+                .acquire_many_owned(units.min(BUDGET_UNITS) as u32)
+                .await
+        } else {
+            budget.clone().acquire_owned().await
+        };
+        let Ok(permit) = permit else { break };
+
+        let mut payload = None;
+        if req.kind == CMD_WRITE {
+            if req.length > MAX_PAYLOAD {
+                tracing::warn!(
+                    length = req.length,
+                    "NBD write payload over the limit, disconnecting"
+                );
+                break;
+            }
+            let mut buf = conn.pool.get(req.length as usize);
+            buf.resize(req.length as usize, 0);
+            if reader.read_exact(&mut buf).await.is_err() {
+                break;
+            }
+            payload = Some(buf);
+        }
+        let size = conn.backend.size();
+        let caps = conn.backend.capabilities();
+        let conn2 = conn.clone();
+        match check(&req, size, &caps, read_only, &conn) {
+            Ok(()) => {
+                tasks.spawn_local(async move {
+                    handle(&conn2, req, payload).await;
+                    drop(permit);
+                });
+            }
+            Err((errno, msg)) => {
+                if let Some(p) = payload {
+                    conn.pool.put(p);
+                }
+                tasks.spawn_local(async move {
+                    conn2.send_error(req.cookie, errno, msg).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    // The spec asks in-flight requests to be answered before closing; after a kill the
+    // socket is already shut down, so their replies fail fast.
+    while tasks.join_next().await.is_some() {}
+    let _ = conn.writer.lock().await.shutdown().await;
+}
+
+/// Validates a request against the negotiated features, in the order the NBD spec
+/// gives: unknown command and flags, unsupported features, read-only, size limits,
+/// bounds.
+fn check<W>(
+    req: &Request,
+    size: u64,
+    caps: &Capabilities,
+    read_only: bool,
+    conn: &Conn<W>,
+) -> Result<(), (u32, &'static str)> {
+    let allowed = CMD_FLAG_FUA
+        | match req.kind {
+            CMD_READ if conn.structured => CMD_FLAG_DF,
+            CMD_WRITE_ZEROES if caps.fast_zero => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        };
+    let supported = match req.kind {
+        CMD_READ | CMD_WRITE => true,
+        CMD_FLUSH => caps.flush,
+        CMD_TRIM => caps.trim,
+        CMD_WRITE_ZEROES => caps.write_zeroes,
+        CMD_CACHE => caps.cache,
+        CMD_BLOCK_STATUS => !conn.contexts.is_empty(),
+        _ => return Err((EINVAL, "unknown command")),
+    };
+    if !supported {
+        return Err((EINVAL, "command not negotiated"));
+    }
+    if req.flags & !allowed != 0 {
+        return Err((EINVAL, "unsupported flags for this command"));
+    }
+    let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && read_only {
+        return Err((EPERM, "export is read-only"));
+    }
+    if req.kind == CMD_READ && req.length > MAX_PAYLOAD {
+        return Err((EINVAL, "request length exceeds the maximum"));
+    }
+    if req.kind != CMD_FLUSH
+        && req
+            .offset
+            .checked_add(req.length as u64)
+            .is_none_or(|end| end > size)
+    {
+        return Err(if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+            (ENOSPC, "request beyond the end of the export")
+        } else {
+            (EINVAL, "request beyond the end of the export")
+        });
+    }
+    if req.kind == CMD_BLOCK_STATUS && req.length == 0 {
+        return Err((EINVAL, "empty block status request"));
+    }
+    Ok(())
+}
+
+async fn handle<W: AsyncWrite + Unpin>(conn: &Conn<W>, req: Request, payload: Option<Vec<u8>>) {
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let len = req.length as u64;
+    let b = &conn.backend;
+    let result = match req.kind {
+        CMD_READ => return conn.read(req).await,
+        CMD_BLOCK_STATUS => return conn.block_status(req).await,
+        CMD_WRITE => {
+            let buf = payload.unwrap_or_default();
+            let r = b.write(req.offset, &buf, fua).await;
+            conn.pool.put(buf);
+            r
+        }
+        CMD_WRITE_ZEROES => {
+            let flags = ZeroFlags {
+                may_trim: req.flags & CMD_FLAG_NO_HOLE == 0,
+                fast: req.flags & CMD_FLAG_FAST_ZERO != 0,
+                fua,
+            };
+            b.write_zeroes(req.offset, len, flags).await
+        }
+        CMD_TRIM => b.trim(req.offset, len, fua).await,
+        CMD_FLUSH => b.flush().await,
+        CMD_CACHE => b.cache(req.offset, len).await,
+        _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+    };
+    match result {
+        Ok(()) => conn.send_ok(req.cookie).await,
+        Err(e) => {
+            let errno = errno_of(&e);
+            tracing::debug!(
+                kind = req.kind,
+                offset = req.offset,
+                len,
+                "NBD request failed: {e}"
+            );
+            conn.send_error(req.cookie, errno, &e.to_string()).await
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> Conn<W> {
+    async fn write(&self, bytes: &[u8]) {
+        let mut w = self.writer.lock().await;
+        // A failed write means the client is gone; the reader sees it too and ends the
+        // connection, so the error needs no further handling here.
+        if w.write_all(bytes).await.is_err() {
+            return;
+        }
+        let _ = w.flush().await;
+    }
+
+    async fn send_ok(&self, cookie: u64) {
+        let mut b = [0u8; SIMPLE_REPLY_LEN];
+        b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        b[8..16].copy_from_slice(&cookie.to_be_bytes());
+        self.write(&b).await
+    }
+
+    async fn send_error(&self, cookie: u64, errno: u32, msg: &str) {
+        let mut buf = self.pool.get(64 + msg.len());
+        if self.structured {
+            encode_error_chunk(&mut buf, cookie, errno, msg);
+        } else {
+            encode_simple_reply(&mut buf, errno, cookie);
+        }
+        self.write(&buf).await;
+        self.pool.put(buf);
+    }
+
+    async fn read(&self, req: Request) {
+        let len = req.length as usize;
+        if !self.structured {
+            let mut buf = self.pool.get(SIMPLE_REPLY_LEN + len);
+            encode_simple_reply(&mut buf, 0, req.cookie);
+            buf.resize(SIMPLE_REPLY_LEN + len, 0);
+            match self
+                .backend
+                .read(req.offset, &mut buf[SIMPLE_REPLY_LEN..])
+                .await
+            {
+                Ok(()) => self.write(&buf).await,
+                Err(e) => {
+                    self.send_error(req.cookie, errno_of(&e), &e.to_string())
+                        .await
+                }
+            }
+            self.pool.put(buf);
+            return;
+        }
+        if len == 0 {
+            let mut buf = self.pool.get(STRUCTURED_HEADER_LEN);
+            encode_chunk_header(&mut buf, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
+            self.write(&buf).await;
+            return self.pool.put(buf);
+        }
+        let runs = if req.flags & CMD_FLAG_DF != 0 {
+            vec![(len as u64, false)]
+        } else {
+            self.read_runs(req.offset, len as u64).await
+        };
+        let mut pos = req.offset;
+        let count = runs.len();
+        for (i, (run_len, zero)) in runs.into_iter().enumerate() {
+            let flags = if i + 1 == count { REPLY_FLAG_DONE } else { 0 };
+            if zero {
+                let mut buf = self.pool.get(STRUCTURED_HEADER_LEN + 12);
+                encode_chunk_header(&mut buf, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
+                buf.extend_from_slice(&pos.to_be_bytes());
+                buf.extend_from_slice(&(run_len as u32).to_be_bytes());
+                self.write(&buf).await;
+                self.pool.put(buf);
+            } else {
+                let n = run_len as usize;
+                let mut buf = self.pool.get(STRUCTURED_HEADER_LEN + 8 + n);
+                encode_chunk_header(
+                    &mut buf,
+                    flags,
+                    REPLY_TYPE_OFFSET_DATA,
+                    req.cookie,
+                    8 + n as u32,
+                );
+                buf.extend_from_slice(&pos.to_be_bytes());
+                buf.resize(STRUCTURED_HEADER_LEN + 8 + n, 0);
+                let r = self
+                    .backend
+                    .read(pos, &mut buf[STRUCTURED_HEADER_LEN + 8..])
+                    .await;
+                match r {
+                    Ok(()) => self.write(&buf).await,
+                    Err(e) => {
+                        self.pool.put(buf);
+                        return self
+                            .send_error(req.cookie, errno_of(&e), &e.to_string())
+                            .await;
+                    }
+                }
+                self.pool.put(buf);
+            }
+            pos += run_len;
+        }
+    }
+
+    /// Splits a read into runs of data and zeroes using the backend's `base:allocation`
+    /// status; anything it cannot tell is read as data.
+    async fn read_runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let extents = self
+            .backend
+            .block_status(&MetaContext::BaseAllocation, offset, len)
+            .await
+            .unwrap_or_default();
+        let mut covered = 0u64;
+        for e in extents {
+            if covered >= len || e.length == 0 {
+                break;
+            }
+            let l = e.length.min(len - covered);
+            let zero = e.flags & STATE_ZERO != 0;
+            match runs.last_mut() {
+                Some((rl, z)) if *z == zero => *rl += l,
+                _ => runs.push((l, zero)),
+            }
+            covered += l;
+        }
+        if covered < len {
+            match runs.last_mut() {
+                Some((rl, false)) => *rl += len - covered,
+                _ => runs.push((len - covered, false)),
+            }
+        }
+        runs
+    }
+
+    async fn block_status(&self, req: Request) {
+        let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+        let mut buf = self.pool.get(256);
+        let count = self.contexts.len();
+        for (i, (id, ctx)) in self.contexts.iter().enumerate() {
+            let extents = match self
+                .backend
+                .block_status(ctx, req.offset, req.length as u64)
+                .await
+            {
+                Ok(e) => wire_extents(&e, req.length, req_one),
+                Err(e) => {
+                    buf.clear();
+                    self.pool.put(buf);
+                    return self
+                        .send_error(req.cookie, errno_of(&e), &e.to_string())
+                        .await;
+                }
+            };
+            if extents.is_empty() {
+                self.pool.put(buf);
+                return self
+                    .send_error(req.cookie, EIO, "block status returned no extent")
+                    .await;
+            }
+            let flags = if i + 1 == count { REPLY_FLAG_DONE } else { 0 };
+            let plen = 4 + 8 * extents.len() as u32;
+            encode_chunk_header(&mut buf, flags, REPLY_TYPE_BLOCK_STATUS, req.cookie, plen);
+            buf.extend_from_slice(&id.to_be_bytes());
+            for (l, f) in extents {
+                buf.extend_from_slice(&l.to_be_bytes());
+                buf.extend_from_slice(&f.to_be_bytes());
+            }
+        }
+        self.write(&buf).await;
+        self.pool.put(buf);
+    }
+}
+
+/// Clips backend extents to the request, merges equal neighbours and drops empty ones.
+fn wire_extents(extents: &[Extent], len: u32, req_one: bool) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut left = len;
+    for e in extents {
+        if left == 0 {
+            break;
+        }
+        let l = e.length.min(left as u64) as u32;
+        if l == 0 {
+            continue;
+        }
+        match out.last_mut() {
+            Some((ol, of)) if *of == e.flags => *ol += l,
+            _ => out.push((l, e.flags)),
+        }
+        left -= l;
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+/// Reusable buffers of one connection (single-threaded, hence `RefCell`).
+#[derive(Default)]
+struct BufPool {
+    bufs: RefCell<Vec<Vec<u8>>>,
+}
+
+impl BufPool {
+    fn get(&self, cap: usize) -> Vec<u8> {
+        let mut bufs = self.bufs.borrow_mut();
+        match bufs.iter().position(|b| b.capacity() >= cap) {
+            Some(i) => bufs.swap_remove(i),
+            None => Vec::with_capacity(cap),
+        }
+    }
+
+    fn put(&self, mut buf: Vec<u8>) {
+        if buf.capacity() > POOL_MAX_BUF {
+            return;
+        }
+        buf.clear();
+        let mut bufs = self.bufs.borrow_mut();
+        let held: usize = bufs.iter().map(Vec::capacity).sum();
+        if held + buf.capacity() <= POOL_MAX_BYTES {
+            bufs.push(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(length: u64, flags: u32) -> Extent {
+        Extent { length, flags }
+    }
+
+    #[test]
+    fn extents_are_clipped_and_merged() {
+        let e = [ext(100, 1), ext(50, 1), ext(0, 2), ext(1000, 2)];
+        assert_eq!(wire_extents(&e, 400, false), vec![(150, 1), (250, 2)]);
+        assert_eq!(wire_extents(&e, 400, true), vec![(150, 1)]);
+        assert_eq!(wire_extents(&[], 10, false), vec![]);
+        assert_eq!(
+            wire_extents(&[ext(u64::MAX, 3)], u32::MAX, false),
+            vec![(u32::MAX, 3)]
+        );
+    }
+
+    #[test]
+    fn pool_reuses_and_bounds() {
+        let p = BufPool::default();
+        let b = p.get(1000);
+        let cap = b.capacity();
+        p.put(b);
+        let again = p.get(10);
+        assert_eq!(again.capacity(), cap);
+        p.put(Vec::with_capacity(POOL_MAX_BUF + 1));
+        assert!(p.bufs.borrow().is_empty());
+    }
+}
