@@ -502,7 +502,7 @@ async fn read_reply<R: AsyncRead + Unpin>(inner: &Inner, r: &mut R) -> io::Resul
                     Err(protocol_error("block status answered by a simple reply"))
                 }
                 (0, Expect::Plain) => Ok(Outcome::Done),
-                (e, _) => Err(error_of(e, None)),
+                (e, _) => Err(error_of(e)),
             };
             let _ = p.tx.send(result);
             Ok(())
@@ -599,8 +599,9 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             if 6 + mlen > p.len() {
                 return Err(protocol_error("error message overflows its chunk"));
             }
-            let msg = String::from_utf8_lossy(&p[6..6 + mlen]).into_owned();
-            error = Some(error_of(if errno == 0 { EIO } else { errno }, Some(&msg)));
+            let msg = String::from_utf8_lossy(&p[6..6 + mlen]);
+            tracing::debug!(errno, cookie = h.cookie, "NBD server error: {msg}");
+            error = Some(error_of(if errno == 0 { EIO } else { errno }));
         }
         _ => return Err(protocol_error(format!("unknown chunk type {}", h.kind))),
     }

@@ -382,8 +382,9 @@ pub fn errno_of(err: &io::Error) -> u32 {
     }
 }
 
-/// Maps an NBD error value received from a server back to an `io::Error`.
-pub fn error_of(errno: u32, message: Option<&str>) -> io::Error {
+/// Maps an NBD error value received from a server back to an `io::Error` that keeps the
+/// errno, so callers (e.g. the block layer) can act on it.
+pub fn error_of(errno: u32) -> io::Error {
     let code = match errno {
         EPERM => libc::EPERM,
         ENOMEM => libc::ENOMEM,
@@ -394,11 +395,7 @@ pub fn error_of(errno: u32, message: Option<&str>) -> io::Error {
         ESHUTDOWN => libc::ESHUTDOWN,
         _ => libc::EIO,
     };
-    let os = io::Error::from_raw_os_error(code);
-    match message {
-        Some(m) if !m.is_empty() => io::Error::new(os.kind(), format!("{os}: {m}")),
-        _ => os,
-    }
+    io::Error::from_raw_os_error(code)
 }
 
 /// Cuts a string to at most `max` bytes on a character boundary.
@@ -495,8 +492,11 @@ mod tests {
             ENOTSUP
         );
         assert_eq!(errno_of(&io::Error::other("x")), EIO);
-        assert_eq!(errno_of(&error_of(ENOSPC, Some("full"))), ENOSPC);
-        assert_eq!(error_of(EPERM, None).raw_os_error(), Some(libc::EPERM));
-        assert_eq!(errno_of(&error_of(12345, None)), EIO);
+        for e in [
+            EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN,
+        ] {
+            assert_eq!(errno_of(&error_of(e)), e);
+        }
+        assert_eq!(errno_of(&error_of(12345)), EIO);
     }
 }
