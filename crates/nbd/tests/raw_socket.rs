@@ -322,3 +322,114 @@ fn client_vanishing_with_requests_in_flight_leaks_nothing() {
     assert_eq!(fx.server.export_clients("disk"), Some(0));
     normal_client_works(&fx);
 }
+
+#[test]
+fn reads_use_simple_replies_or_hole_chunks_as_negotiated() {
+    let (fx, backend) = setup();
+    local(async {
+        use nbd::Backend;
+        backend.write(65536, &[7; 65536], false).await.unwrap();
+    });
+
+    // Without structured replies: one simple reply carrying the data.
+    let mut r = Raw::hello(&fx);
+    let mut d = Vec::new();
+    encode_info_request(&mut d, "disk", &[]);
+    r.option(OPT_GO, &d);
+    while r.reply().1 != REP_ACK {}
+    r.request(CMD_READ, 0, 5, 0, 131072);
+    let mut h = [0u8; 16];
+    r.s.read_exact(&mut h).unwrap();
+    assert_eq!(be_u32(&h[0..4]), SIMPLE_REPLY_MAGIC);
+    assert_eq!(be_u32(&h[4..8]), 0);
+    assert_eq!(be_u64(&h[8..16]), 5);
+    let mut data = vec![0u8; 131072];
+    r.s.read_exact(&mut data).unwrap();
+    assert!(data[..65536].iter().all(|&b| b == 0));
+    assert!(data[65536..].iter().all(|&b| b == 7));
+
+    // With structured replies: a hole chunk then a data chunk flagged done.
+    let mut r = Raw::hello(&fx);
+    r.go("disk");
+    r.request(CMD_READ, 0, 6, 0, 131072);
+    let (flags, kind, cookie, p) = r.chunk();
+    assert_eq!((flags, kind, cookie), (0, REPLY_TYPE_OFFSET_HOLE, 6));
+    assert_eq!((be_u64(&p[0..8]), be_u32(&p[8..12])), (0, 65536));
+    let (flags, kind, cookie, p) = r.chunk();
+    assert_eq!(
+        (flags, kind, cookie),
+        (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 6)
+    );
+    assert_eq!(be_u64(&p[0..8]), 65536);
+    assert!(p[8..].iter().all(|&b| b == 7) && p.len() == 8 + 65536);
+
+    // DF asks for a single data chunk.
+    r.request(CMD_READ, CMD_FLAG_DF, 7, 0, 131072);
+    let (flags, kind, _, p) = r.chunk();
+    assert_eq!((flags, kind), (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA));
+    assert_eq!(p.len(), 8 + 131072);
+    normal_client_works(&fx);
+}
+
+#[test]
+fn meta_context_negotiation_follows_query_rules() {
+    let (fx, _) = setup();
+    let mut r = Raw::hello(&fx);
+    r.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(r.reply().1, REP_ACK);
+    let names = |r: &mut Raw, opt: u32, queries: &[&str]| -> Vec<(u32, String)> {
+        let mut d = Vec::new();
+        encode_meta_context_request(&mut d, "disk", queries);
+        r.option(opt, &d);
+        let mut out = Vec::new();
+        loop {
+            let (_, kind, data) = r.reply();
+            match kind {
+                REP_META_CONTEXT => out.push((
+                    be_u32(&data[..4]),
+                    String::from_utf8(data[4..].to_vec()).unwrap(),
+                )),
+                REP_ACK => return out,
+                k => panic!("unexpected reply {k:#x}"),
+            }
+        }
+    };
+    let all = names(&mut r, OPT_LIST_META_CONTEXT, &[]);
+    assert_eq!(
+        all.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>(),
+        [
+            "base:allocation",
+            "qemu:allocation-depth",
+            "qemu:dirty-bitmap:dirty"
+        ]
+    );
+    assert!(all.iter().all(|(id, _)| *id == 0));
+    let q = names(&mut r, OPT_LIST_META_CONTEXT, &["qemu:dirty-bitmap:"]);
+    assert_eq!(q, [(0, "qemu:dirty-bitmap:dirty".to_string())]);
+    assert!(names(&mut r, OPT_SET_META_CONTEXT, &["qemu:"]).is_empty());
+    let set = names(
+        &mut r,
+        OPT_SET_META_CONTEXT,
+        &["qemu:allocation-depth", "x-nope:thing", "base:allocation"],
+    );
+    assert_eq!(set.len(), 2);
+    assert_ne!(set[0].0, set[1].0);
+    let mut d = Vec::new();
+    encode_info_request(&mut d, "disk", &[]);
+    r.option(OPT_GO, &d);
+    while r.reply().1 != REP_ACK {}
+    r.request(CMD_BLOCK_STATUS, 0, 9, 0, 131072);
+    let mut ids = Vec::new();
+    loop {
+        let (flags, kind, cookie, p) = r.chunk();
+        assert_eq!((kind, cookie), (REPLY_TYPE_BLOCK_STATUS, 9));
+        ids.push(be_u32(&p[..4]));
+        if flags & REPLY_FLAG_DONE != 0 {
+            break;
+        }
+    }
+    ids.sort();
+    let mut want = vec![set[0].0, set[1].0];
+    want.sort();
+    assert_eq!(ids, want);
+}
