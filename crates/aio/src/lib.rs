@@ -1,1 +1,13 @@
-//! aio
+//! File I/O for blockd's block layer: io_uring per I/O thread, thread-pool fallback, bounce
+//! buffers owned by in-flight requests, QEMU-compatible image locking, imago `Storage`.
+
+mod file;
+pub mod lock;
+mod op;
+pub mod pool;
+mod ring;
+mod storage;
+
+pub use file::{ImageFile, OpenOptions};
+pub use lock::{LockConflict, Locking, Perms};
+pub use ring::{init_thread, thread_has_ring, uring_available};

@@ -1,0 +1,348 @@
+//! ImageFile I/O on an I/O-thread-like runtime: with a ring, O_DIRECT, the thread-pool
+//! fallback, cancelled futures, and the sparse-file operations.
+
+mod common;
+
+use aio::{ImageFile, OpenOptions};
+use common::{run_local, Rng};
+use std::cell::RefCell;
+use std::future::Future;
+use std::rc::Rc;
+use std::task::Poll;
+
+const REGION: u64 = 256 << 10;
+const TASKS: u64 = 16;
+
+async fn new_file(dir: &tempfile::TempDir, name: &str, len: u64, direct: bool) -> ImageFile {
+    let path = dir.path().join(name);
+    std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+    OpenOptions::new(&path)
+        .writable(true)
+        .direct(direct)
+        .open()
+        .await
+        .unwrap()
+}
+
+/// Several local tasks each do random-sized reads and writes inside their own region, so
+/// requests of different tasks overlap in time; every read is checked against the model.
+async fn random_workload(file: Rc<ImageFile>, aligned: bool, seed: u64) {
+    let model = Rc::new(RefCell::new(vec![0u8; (REGION * TASKS) as usize]));
+    let align = if aligned { 4096 } else { 1 };
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let file = Rc::clone(&file);
+        let model = Rc::clone(&model);
+        tasks.push(tokio::task::spawn_local(async move {
+            let mut rng = Rng::new(seed + t);
+            let base = t * REGION;
+            for _ in 0..40 {
+                let len = (1 + rng.below(64 << 10)).div_ceil(align) * align;
+                let off = rng.below(REGION - len) / align * align;
+                let range = (base + off) as usize..(base + off + len) as usize;
+                if rng.below(2) == 0 {
+                    let mut data = vec![0u8; len as usize];
+                    rng.fill(&mut data);
+                    file.write_at(&data, base + off).await.unwrap();
+                    model.borrow_mut()[range].copy_from_slice(&data);
+                } else {
+                    let mut data = vec![0xeeu8; len as usize];
+                    file.read_at(&mut data, base + off).await.unwrap();
+                    assert!(data == model.borrow()[range], "read mismatch at {off}");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut all = vec![0u8; (REGION * TASKS) as usize];
+    file.read_at(&mut all, 0).await.unwrap();
+    assert!(all == *model.borrow());
+}
+
+#[test]
+fn concurrent_random_io_with_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    run_local(Some(32), || async {
+        let file = new_file(&dir, "img", REGION * TASKS, false).await;
+        random_workload(Rc::new(file), false, 1).await;
+    });
+}
+
+#[test]
+fn concurrent_random_io_direct_aligned_and_unaligned() {
+    let dir = tempfile::tempdir().unwrap();
+    run_local(Some(64), || async {
+        let file = new_file(&dir, "img", REGION * TASKS, true).await;
+        assert!(file.is_direct());
+        assert!(file.request_alignment() >= 512);
+        let file = Rc::new(file);
+        random_workload(Rc::clone(&file), true, 2).await;
+        let file = new_file(&dir, "img2", REGION * TASKS, true).await;
+        random_workload(Rc::new(file), false, 3).await;
+    });
+}
+
+#[test]
+fn fallback_without_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    run_local(None, || async {
+        assert!(!aio::thread_has_ring());
+        let file = new_file(&dir, "img", REGION * TASKS, false).await;
+        random_workload(Rc::new(file), false, 4).await;
+        let file = new_file(&dir, "img2", REGION * TASKS, true).await;
+        random_workload(Rc::new(file), true, 5).await;
+    });
+}
+
+#[test]
+fn fallback_outside_any_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let file = rt
+        .block_on(OpenOptions::new(&path).create(true).open())
+        .unwrap();
+    drop(rt);
+    // Polled by a hand-made executor-free wait: the futures complete on first poll.
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut fut = std::pin::pin!(file.write_at(b"hello", 3));
+    assert!(matches!(
+        fut.as_mut().poll(&mut cx),
+        std::task::Poll::Ready(Ok(()))
+    ));
+    assert_eq!(std::fs::read(&path).unwrap(), b"\0\0\0hello");
+}
+
+#[test]
+fn more_requests_than_ring_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    run_local(Some(2), || async {
+        let file = Rc::new(new_file(&dir, "img", 1 << 20, false).await);
+        let mut tasks = Vec::new();
+        for i in 0..64u64 {
+            let file = Rc::clone(&file);
+            tasks.push(tokio::task::spawn_local(async move {
+                let data = vec![i as u8; 4096];
+                file.write_at(&data, i * 4096).await.unwrap();
+                let mut back = vec![0u8; 4096];
+                file.read_at(&mut back, i * 4096).await.unwrap();
+                assert_eq!(back, data);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn reads_past_end_of_file_are_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    for direct in [false, true] {
+        run_local(Some(8), || async {
+            let path = dir.path().join(format!("short{direct}"));
+            std::fs::write(&path, vec![7u8; 6000]).unwrap();
+            let file = OpenOptions::new(&path).direct(direct).open().await.unwrap();
+            assert_eq!(file.size().unwrap(), 6000);
+            let mut buf = vec![0xffu8; 16384];
+            file.read_at(&mut buf, 0).await.unwrap();
+            assert!(buf[..6000].iter().all(|&b| b == 7));
+            assert!(buf[6000..].iter().all(|&b| b == 0));
+        });
+    }
+}
+
+/// Poll `fut` `polls` times, letting other tasks (the reaper) run in between, then drop it.
+async fn poll_then_drop<F: Future>(fut: F, polls: u64) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    for _ in 0..polls {
+        let polled = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+        if let Poll::Ready(out) = polled {
+            return Some(out);
+        }
+        tokio::task::yield_now().await;
+    }
+    None
+}
+
+/// Drop read and write futures while their requests are queued, submitted or done but
+/// uncollected, many times, interleaved with checked I/O: no crash, no corruption, and
+/// every dropped write still lands completely once settled (a started request is never
+/// abandoned half-way).
+fn cancellation_rounds(entries: Option<u32>, direct: bool, min_dropped: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    run_local(entries, || async {
+        let file = new_file(&dir, "img", 8 << 20, direct).await;
+        let mut rng = Rng::new(9);
+        let mut model = vec![0u8; 8 << 20];
+        let mut dropped = 0;
+        for round in 0..300u64 {
+            let off = rng.below(2000) * 4096;
+            let len = (1 + rng.below(64)) as usize * 4096;
+            {
+                let mut victim = vec![0u8; len];
+                poll_then_drop(file.read_at(&mut victim, off), rng.below(3) + 1).await;
+            }
+            let mut data = vec![0u8; len];
+            rng.fill(&mut data);
+            if poll_then_drop(file.write_at(&data, off), rng.below(3) + 1)
+                .await
+                .is_none()
+            {
+                dropped += 1;
+            }
+            file.settle_writes().await;
+            let mut back = vec![0u8; len];
+            file.read_at(&mut back, off).await.unwrap();
+            assert!(back == data, "write lost in round {round}");
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+            if round % 50 == 0 {
+                let mut all = vec![0u8; 8 << 20];
+                file.read_at(&mut all, 0).await.unwrap();
+                assert!(all == model);
+            }
+        }
+        assert!(
+            dropped >= min_dropped,
+            "only {dropped} futures dropped before completion"
+        );
+    });
+}
+
+#[test]
+fn cancelled_futures_with_ring() {
+    cancellation_rounds(Some(16), false, 80);
+}
+
+#[test]
+fn cancelled_futures_with_ring_direct() {
+    cancellation_rounds(Some(16), true, 80);
+}
+
+#[test]
+fn cancelled_futures_with_fallback() {
+    // A pool thread may finish before the first poll returns, so fewer drops are certain.
+    cancellation_rounds(None, false, 10);
+}
+
+#[test]
+fn runtime_dropped_with_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    std::fs::write(&path, vec![1u8; 4 << 20]).unwrap();
+    for _ in 0..20 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        let path = path.clone();
+        local.block_on(&rt, async move {
+            aio::init_thread(16).unwrap();
+            let file = Rc::new(OpenOptions::new(&path).writable(true).open().await.unwrap());
+            for i in 0..8u64 {
+                let file = Rc::clone(&file);
+                tokio::task::spawn_local(async move {
+                    let mut buf = vec![0u8; 512 << 10];
+                    file.read_at(&mut buf, i * (512 << 10)).await.unwrap();
+                    file.write_at(&buf, i * (512 << 10)).await.unwrap();
+                });
+            }
+            tokio::task::yield_now().await;
+        });
+        drop(local);
+        drop(rt);
+        assert!(!aio::thread_has_ring());
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), vec![1u8; 4 << 20]);
+}
+
+#[test]
+fn init_thread_twice_is_refused() {
+    run_local(Some(4), || async {
+        if aio::uring_available() {
+            let err = aio::init_thread(4).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        }
+        assert!(aio::init_thread(0).is_err());
+    });
+}
+
+#[test]
+fn zeroes_discard_block_status_and_size() {
+    let dir = tempfile::tempdir().unwrap();
+    run_local(Some(16), || async {
+        let path = dir.path().join("sparse");
+        let file = OpenOptions::new(&path).create(true).open().await.unwrap();
+        assert!(file.is_writable());
+        file.truncate(4 << 20).await.unwrap();
+        assert_eq!(file.size().unwrap(), 4 << 20);
+        assert_eq!(file.block_status(0, 4 << 20).unwrap(), (false, 4 << 20));
+
+        file.write_at(&vec![0x55u8; 1 << 20], 1 << 20)
+            .await
+            .unwrap();
+        file.flush().await.unwrap();
+        assert_eq!(file.block_status(0, 4 << 20).unwrap(), (false, 1 << 20));
+        assert_eq!(
+            file.block_status(1 << 20, 4 << 20).unwrap(),
+            (true, 1 << 20)
+        );
+        assert_eq!(file.block_status(3 << 20, 100).unwrap(), (false, 100));
+        assert!(file.allocated_size().unwrap() >= 1 << 20);
+
+        // Punching zeroes (may_unmap) deallocates.
+        file.write_zeroes(1 << 20, 256 << 10, true).await.unwrap();
+        assert_eq!(
+            file.block_status(1 << 20, 1 << 20).unwrap(),
+            (false, 256 << 10)
+        );
+        // Zeroing without unmap allocates (ext4 makes unwritten extents, which read as
+        // zeroes and which SEEK_DATA counts as holes).
+        let before = file.allocated_size().unwrap();
+        file.write_zeroes(2560 << 10, 256 << 10, false)
+            .await
+            .unwrap();
+        assert!(file.allocated_size().unwrap() >= before + (256 << 10));
+        // Unaligned zeroing and zeroing past the end grow the file.
+        file.write_zeroes((4 << 20) - 10, 1000, true).await.unwrap();
+        assert_eq!(file.size().unwrap(), (4 << 20) + 990);
+        file.write_zeroes(5 << 20, 100, false).await.unwrap();
+        assert_eq!(file.size().unwrap(), (5 << 20) + 100);
+
+        file.discard((1 << 20) + (512 << 10), 512 << 10)
+            .await
+            .unwrap();
+        let mut buf = vec![0xffu8; 1 << 20];
+        file.read_at(&mut buf, 1 << 20).await.unwrap();
+        assert!(buf[..256 << 10].iter().all(|&x| x == 0));
+        assert!(buf[256 << 10..512 << 10].iter().all(|&x| x == 0x55));
+        assert!(buf[512 << 10..].iter().all(|&x| x == 0 || x == 0x55));
+        assert_eq!(
+            file.block_status((1 << 20) + (512 << 10), 1 << 20).unwrap(),
+            (false, 1 << 20),
+            "ext4 punches the discarded range, the hole after it continues the run"
+        );
+        assert_eq!(file.size().unwrap(), (5 << 20) + 100, "discard keeps size");
+
+        file.truncate(1000).await.unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1000);
+    });
+}
+
+#[test]
+fn open_errors_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    run_local(Some(4), || async {
+        let err = OpenOptions::new(dir.path().join("missing"))
+            .open()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    });
+}
