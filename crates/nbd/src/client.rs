@@ -155,6 +155,21 @@ impl Client {
         }
     }
 
+    /// Negotiates over an already connected byte stream (a socket passed by file
+    /// descriptor, an in-memory pipe). Must run inside a `LocalSet`.
+    pub async fn connect_stream<S>(
+        mut stream: S,
+        export: &str,
+        opts: &ClientOptions,
+    ) -> io::Result<Client>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        let neg = handshake(&mut stream, export, opts).await?;
+        let (r, w) = tokio::io::split(stream);
+        Ok(Self::start(neg, r, w))
+    }
+
     fn start<R, W>(neg: Negotiated, r: R, w: W) -> Client
     where
         R: AsyncRead + Unpin + 'static,
