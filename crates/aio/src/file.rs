@@ -657,3 +657,31 @@ impl ImageFile {
         &self.helper
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_file_is_shareable_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<ImageFile>();
+        shareable::<OpenOptions>();
+    }
+
+    #[test]
+    fn unsupported_fallocate_errors_get_the_unsupported_kind() {
+        assert_eq!(
+            fallocate_error(-libc::EOPNOTSUPP).kind(),
+            io::ErrorKind::Unsupported
+        );
+        assert_eq!(
+            fallocate_error(-libc::ENODEV).kind(),
+            io::ErrorKind::Unsupported
+        );
+        assert_eq!(
+            fallocate_error(-libc::ENOSPC).raw_os_error(),
+            Some(libc::ENOSPC)
+        );
+    }
+}

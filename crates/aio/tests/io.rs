@@ -226,8 +226,10 @@ fn cancelled_futures_with_ring_direct() {
 
 #[test]
 fn cancelled_futures_with_fallback() {
-    // A pool thread may finish before the first poll returns, so fewer drops are certain.
-    cancellation_rounds(None, false, 10);
+    // A pool thread may finish a request before its future's first poll returns (the
+    // runtime thread being preempted right after spawning it), so how many futures get
+    // dropped unfinished depends on machine load; the data checks still apply to all.
+    cancellation_rounds(None, false, 0);
 }
 
 #[test]
