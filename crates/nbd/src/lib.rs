@@ -12,5 +12,5 @@ pub mod spawn;
 
 pub use backend::{Backend, BlockSize, Capabilities, Extent, MetaContext, ZeroFlags};
 pub use client::{Client, ClientOptions, ConnectAddr};
-pub use server::{ExportError, ExportOptions, ListenAddr, NbdServer, ServerEvent};
+pub use server::{ExportError, ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent};
 pub use spawn::{Job, LocalSpawner, Spawner, ThreadSpawner};

@@ -49,6 +49,40 @@ fn max_connections_holds_extra_clients_until_a_slot_frees() {
 }
 
 #[test]
+fn single_connection_server_withdraws_multi_conn() {
+    for (max, multi) in [(1, false), (2, true)] {
+        let fx = Fixture::new(max);
+        fx.export("disk", Arc::new(MemBackend::new(MIB)));
+        let addr = ConnectAddr::Unix(fx.socket.clone());
+        local(async {
+            let c = Client::connect(&addr, "disk", &ClientOptions::default())
+                .await
+                .unwrap();
+            assert_eq!(
+                c.flags() & nbd::proto::FLAG_CAN_MULTI_CONN != 0,
+                multi,
+                "max {max}"
+            );
+        });
+    }
+}
+
+#[test]
+fn idle_negotiation_is_cut_after_the_handshake_limit() {
+    let fx = Fixture::with_config(nbd::ServerConfig {
+        max_connections: 0,
+        handshake_max_seconds: 1,
+    });
+    let mut s = UnixStream::connect(&fx.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut all = Vec::new();
+    // The server sends its greeting, then closes when the limit passes.
+    s.read_to_end(&mut all).unwrap();
+    assert_eq!(all.len(), 18);
+    wait_until("connection released", || fx.server.connection_count() == 0);
+}
+
+#[test]
 fn safe_removal_fails_with_clients_and_hard_removal_disconnects() {
     let fx = Fixture::new(0);
     fx.export("disk", Arc::new(MemBackend::new(MIB)));
@@ -164,7 +198,7 @@ fn tcp_listener_serves_clients() {
                 host: "127.0.0.1".into(),
                 port: 0,
             },
-            0,
+            nbd::ServerConfig::default(),
         )
         .unwrap();
     let nbd::ListenAddr::Tcp { port, .. } = bound else {

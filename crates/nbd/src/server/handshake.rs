@@ -18,8 +18,9 @@ pub(super) struct Negotiated {
     pub(super) contexts: Vec<(u32, MetaContext)>,
 }
 
-/// Transmission flags for `export` as this connection negotiated it.
-pub(super) fn transmission_flags(export: &Export, structured: bool) -> u16 {
+/// Transmission flags for `export` as this connection negotiated it. `single_client`
+/// (a server limited to one connection) withdraws multi-conn, as QEMU does.
+pub(super) fn transmission_flags(export: &Export, structured: bool, single_client: bool) -> u16 {
     let caps = export.backend.capabilities();
     let ro = export.read_only();
     let mut f = FLAG_HAS_FLAGS;
@@ -38,13 +39,14 @@ pub(super) fn transmission_flags(export: &Export, structured: bool) -> u16 {
         FLAG_SEND_FAST_ZERO,
     );
     set(structured, FLAG_SEND_DF);
-    set(caps.multi_conn, FLAG_CAN_MULTI_CONN);
+    set(caps.multi_conn && !single_client, FLAG_CAN_MULTI_CONN);
     set(caps.cache, FLAG_SEND_CACHE);
     f
 }
 
 struct State {
     structured: bool,
+    single_client: bool,
     no_zeroes: bool,
     /// Contexts chosen by the last `NBD_OPT_SET_META_CONTEXT`, for the export it named.
     meta: Option<(String, Vec<(u32, MetaContext)>)>,
@@ -86,6 +88,7 @@ where
     }
     let mut st = State {
         structured: false,
+        single_client: conn.shared().config().max_connections == 1,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         meta: None,
     };
@@ -163,7 +166,9 @@ fn handle_option(
                 return Next::Close;
             };
             out.extend_from_slice(&export.backend.size().to_be_bytes());
-            out.extend_from_slice(&transmission_flags(&export, st.structured).to_be_bytes());
+            out.extend_from_slice(
+                &transmission_flags(&export, st.structured, st.single_client).to_be_bytes(),
+            );
             if !st.no_zeroes {
                 out.extend_from_slice(&[0u8; 124]);
             }
@@ -290,7 +295,7 @@ fn send_info(export: &Export, st: &State, infos: &[u16], option: u32, out: &mut 
     let mut p = Vec::with_capacity(12);
     p.extend_from_slice(&INFO_EXPORT.to_be_bytes());
     p.extend_from_slice(&export.backend.size().to_be_bytes());
-    p.extend_from_slice(&transmission_flags(export, st.structured).to_be_bytes());
+    p.extend_from_slice(&transmission_flags(export, st.structured, st.single_client).to_be_bytes());
     encode_option_reply(out, option, REP_INFO, &p);
     if infos.contains(&INFO_NAME) {
         p.clear();

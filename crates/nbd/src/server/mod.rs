@@ -39,6 +39,28 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// Server-wide settings (QEMU's `nbd-server-start` options).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Simultaneous connections, 0 for unlimited. At the limit the server stops
+    /// accepting (extra clients wait in the backlog, as with QEMU). A limit of 1 also
+    /// withdraws `CAN_MULTI_CONN`.
+    pub max_connections: u32,
+    /// Clients that have not finished negotiating after this many seconds are
+    /// disconnected; 0 for no limit.
+    pub handshake_max_seconds: u32,
+}
+
+impl Default for ServerConfig {
+    /// QEMU's defaults.
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 100,
+            handshake_max_seconds: 10,
+        }
+    }
+}
+
 /// Per-export settings decided by the daemon.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExportOptions {
@@ -126,6 +148,7 @@ struct Listening {
 
 pub(crate) struct Shared {
     spawner: Arc<dyn Spawner>,
+    config: Mutex<ServerConfig>,
     exports: Mutex<BTreeMap<String, Arc<Export>>>,
     listening: Mutex<Option<Listening>>,
     connections: Mutex<HashMap<u64, KillSwitch>>,
@@ -171,6 +194,10 @@ impl Shared {
 
     fn connection_count(&self) -> usize {
         lock(&self.connections).len()
+    }
+
+    pub(crate) fn config(&self) -> ServerConfig {
+        *lock(&self.config)
     }
 }
 
@@ -254,6 +281,7 @@ impl NbdServer {
         NbdServer {
             shared: Arc::new(Shared {
                 spawner,
+                config: Mutex::new(ServerConfig::default()),
                 exports: Mutex::new(BTreeMap::new()),
                 listening: Mutex::new(None),
                 connections: Mutex::new(HashMap::new()),
@@ -270,10 +298,10 @@ impl NbdServer {
         *lock(&self.shared.events) = Some(Arc::new(handler));
     }
 
-    /// Binds `addr` and starts accepting. `max_connections` 0 means unlimited; at the limit
-    /// the server stops accepting (extra clients wait in the backlog, as with QEMU) until
-    /// a connection ends. Returns the bound address (the real port for TCP port 0).
-    pub fn start(&self, addr: &ListenAddr, max_connections: u32) -> io::Result<ListenAddr> {
+    /// Binds `addr` and starts accepting with `config`. Returns the bound address (the
+    /// real port for TCP port 0). The I/O threads' runtimes need the time driver for the
+    /// handshake limit.
+    pub fn start(&self, addr: &ListenAddr, config: ServerConfig) -> io::Result<ListenAddr> {
         let mut listening = lock(&self.shared.listening);
         if listening.is_some() {
             return Err(io::Error::new(
@@ -282,6 +310,8 @@ impl NbdServer {
             ));
         }
         let (listener, bound) = bind(addr)?;
+        *lock(&self.shared.config) = config;
+        let max_connections = config.max_connections;
         let (stop, stop_rx) = watch::channel(false);
         *listening = Some(Listening {
             stop,

@@ -6,6 +6,7 @@ use std::cell::RefCell;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Mutex, Semaphore};
@@ -37,13 +38,27 @@ pub(super) async fn serve<R, W>(
 {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut kill = guard.kill_rx.clone();
+    let limit = guard.shared().config().handshake_max_seconds;
+    let handshake = async {
+        let negotiate = handshake::negotiate(&guard, &mut reader, &mut writer);
+        if limit == 0 {
+            return negotiate.await;
+        }
+        match tokio::time::timeout(Duration::from_secs(limit.into()), negotiate).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "negotiation exceeded the time limit",
+            )),
+        }
+    };
     let negotiated = tokio::select! {
         biased;
         _ = kill.wait_for(|k| *k) => {
             on_kill();
             return;
         }
-        r = handshake::negotiate(&guard, &mut reader, &mut writer) => r,
+        r = handshake => r,
     };
     let n = match negotiated {
         Ok(Some(n)) => n,

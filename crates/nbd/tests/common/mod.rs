@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use nbd::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use nbd::{
-    Backend, Capabilities, ExportOptions, Extent, ListenAddr, MetaContext, NbdServer, ServerEvent,
-    ThreadSpawner, ZeroFlags,
+    Backend, Capabilities, ExportOptions, Extent, ListenAddr, MetaContext, NbdServer, ServerConfig,
+    ServerEvent, ThreadSpawner, ZeroFlags,
 };
 
 pub const CHUNK: u64 = 64 * 1024;
@@ -275,6 +275,13 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(max_connections: u32) -> Fixture {
+        Self::with_config(ServerConfig {
+            max_connections,
+            ..ServerConfig::default()
+        })
+    }
+
+    pub fn with_config(config: ServerConfig) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nbd.sock");
         let thread = Arc::new(ThreadSpawner::start("nbd-test-io").unwrap());
@@ -283,7 +290,7 @@ impl Fixture {
         let ev = events.clone();
         server.set_event_handler(move |e| ev.lock().unwrap().push(e));
         server
-            .start(&ListenAddr::Unix(socket.clone()), max_connections)
+            .start(&ListenAddr::Unix(socket.clone()), config)
             .unwrap();
         Fixture {
             dir,
