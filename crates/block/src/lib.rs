@@ -1,1 +1,14 @@
-//! block
+//! The block layer: the node graph, the driver trait and drivers, permissions, I/O threads.
+
+pub mod create;
+pub mod drivers;
+pub mod graph;
+pub mod info;
+pub mod iothread;
+pub mod node;
+pub mod perm;
+
+pub use graph::{Graph, OptionSyntax};
+pub use iothread::IoThreads;
+pub use node::{Child, Driver, Node, Parent, WriteFlags};
+pub use perm::Perms;

@@ -1,0 +1,193 @@
+//! `file` and `host_device`: a local file or block device, through the aio crate (io_uring
+//! with a thread-pool fallback), locked like QEMU locks its images.
+
+use crate::node::{CommonOptions, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::perm::Perms;
+use crate::Driver;
+use aio::{ImageFile, Locking, OpenOptions};
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::json;
+use std::io;
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileOptions {
+    pub filename: String,
+    pub pr_manager: Option<String>,
+    pub locking: Option<OnOffAuto>,
+    pub aio: Option<AioMode>,
+    pub aio_max_batch: Option<u64>,
+    pub drop_cache: Option<bool>,
+    pub x_check_cache_dropped: Option<bool>,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnOffAuto {
+    On,
+    Off,
+    Auto,
+}
+
+/// Accepted for compatibility; blockd always uses io_uring where the kernel offers it.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AioMode {
+    Threads,
+    Native,
+    IoUring,
+}
+
+pub struct FileDriver {
+    driver_name: &'static str,
+    filename: String,
+    file: ImageFile,
+}
+
+impl FileDriver {
+    pub async fn open(
+        driver_name: &str,
+        opts: FileOptions,
+        common: &CommonOptions,
+    ) -> Result<FileDriver, String> {
+        let locking = match (opts.locking, common.force_share) {
+            (Some(OnOffAuto::Off), _) => Locking::Off,
+            // force-share asks for no exclusion at all: take no lock bytes that could refuse others.
+            (_, true) => Locking::Off,
+            (Some(OnOffAuto::On), _) => Locking::On,
+            _ => Locking::Auto,
+        };
+        let open = |writable| {
+            OpenOptions::new(&opts.filename)
+                .writable(writable)
+                .direct(common.cache_direct)
+                .locking(locking)
+                .open()
+        };
+        let file = match open(!common.read_only).await {
+            Err(e)
+                if common.auto_read_only
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EACCES | libc::EROFS | libc::EPERM)
+                    ) =>
+            {
+                open(false).await
+            }
+            other => other,
+        }
+        .map_err(|e| format!("Could not open '{}': {}", opts.filename, os_error_text(&e)))?;
+        Ok(FileDriver {
+            driver_name: if driver_name == "host_device" {
+                "host_device"
+            } else {
+                "file"
+            },
+            filename: opts.filename,
+            file,
+        })
+    }
+}
+
+/// strerror() text without Rust's " (os error N)" suffix, as QEMU prints it.
+pub fn os_error_text(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(cut) => text[..cut].to_string(),
+        None => text,
+    }
+}
+
+#[async_trait(?Send)]
+impl Driver for FileDriver {
+    fn format_name(&self) -> &'static str {
+        self.driver_name
+    }
+
+    fn size(&self, _node: &Node) -> u64 {
+        // The file keeps its length cached and current; no syscall here.
+        self.file.size().unwrap_or(0)
+    }
+
+    async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_at(buf, offset).await
+    }
+
+    async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
+        self.file.write_at(buf, offset).await?;
+        if flags.fua {
+            self.file.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(
+        &self,
+        _: &Node,
+        offset: u64,
+        len: u64,
+        flags: WriteFlags,
+    ) -> io::Result<()> {
+        self.file.write_zeroes(offset, len, flags.may_unmap).await?;
+        if flags.fua {
+            self.file.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn discard(&self, _: &Node, offset: u64, len: u64) -> io::Result<()> {
+        self.file.discard(offset, len).await
+    }
+
+    async fn flush(&self, _: &Node) -> io::Result<()> {
+        self.file.flush().await
+    }
+
+    async fn block_status(&self, _: &Node, offset: u64, len: u64) -> io::Result<Extent> {
+        let (data, run) = self.file.block_status(offset, len)?;
+        let kind = if data {
+            ExtentKind::Data
+        } else {
+            ExtentKind::Zero { allocated: true }
+        };
+        Ok(Extent {
+            len: run.clamp(1, len),
+            kind,
+        })
+    }
+
+    async fn truncate(&self, _: &Node, size: u64) -> io::Result<()> {
+        self.file.truncate(size).await
+    }
+
+    fn child_perms(&self, _: &str, _: Perms, _: Perms, _: bool) -> (Perms, Perms) {
+        (Perms::NONE, Perms::ALL)
+    }
+
+    fn apply_perms(&self, perm: Perms, shared: Perms) -> Result<(), String> {
+        self.file
+            .set_perms(
+                aio::Perms::from_bits(perm.bits()),
+                aio::Perms::from_bits(shared.bits()),
+            )
+            .map_err(|e| match aio::LockConflict::from_io(&e) {
+                Some(conflict) => conflict.message().to_string(),
+                None => e.to_string(),
+            })
+    }
+
+    fn info(&self, _node: &Node) -> DriverInfo {
+        DriverInfo {
+            filename: self.filename.clone(),
+            actual_size: self.file.allocated_size().ok(),
+            format_specific: Some(json!({"type": self.driver_name, "data": {}})),
+            dirty_flag: Some(false),
+            ..DriverInfo::default()
+        }
+    }
+
+    fn extends_on_write(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,8 @@
+//! Block drivers: each file does one format or protocol's own work and nothing else.
+
+pub mod blkdebug;
+pub mod file;
+pub mod nbd;
+pub mod null;
+pub mod qcow2;
+pub mod raw;

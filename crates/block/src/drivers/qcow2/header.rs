@@ -1,0 +1,220 @@
+//! The qcow2 header fields imago does not expose (docs/interop/qcow2.txt): what
+//! query-named-block-nodes reports and what we must refuse before imago sees the image.
+
+use serde_json::{json, Value};
+
+/// Enough for the header, its extensions and a backing file name in all but odd images.
+pub const HEADER_READ_SIZE: usize = 64 * 1024;
+
+const MAGIC: &[u8; 4] = b"QFI\xfb";
+const EXT_END: u32 = 0;
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+
+const INCOMPAT_DIRTY: u64 = 1 << 0;
+const INCOMPAT_CORRUPT: u64 = 1 << 1;
+const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
+const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub cluster_bits: u32,
+    pub size: u64,
+    pub crypt_method: u32,
+    pub incompatible: u64,
+    pub compatible: u64,
+    pub autoclear: u64,
+    pub refcount_order: u32,
+    pub compression_type: u8,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+    /// Where the name would have to be read from when it lies past the buffer given.
+    pub backing_file_span: Option<(u64, u32)>,
+}
+
+fn be32(buf: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(buf[at..at + 4].try_into().unwrap())
+}
+
+fn be64(buf: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(buf[at..at + 8].try_into().unwrap())
+}
+
+impl Header {
+    /// Parse the start of an image file. Refuses what we cannot serve with QEMU's wording.
+    pub fn parse(buf: &[u8]) -> Result<Header, String> {
+        if buf.len() < 72 || &buf[0..4] != MAGIC {
+            return Err("Image is not in qcow2 format".into());
+        }
+        let version = be32(buf, 4);
+        if !(2..=3).contains(&version) {
+            return Err(format!("Unsupported qcow2 version {version}"));
+        }
+        let mut header = Header {
+            version,
+            cluster_bits: be32(buf, 20),
+            size: be64(buf, 24),
+            crypt_method: be32(buf, 32),
+            refcount_order: 4,
+            ..Header::default()
+        };
+        if !(9..=21).contains(&header.cluster_bits) {
+            return Err(format!(
+                "Unsupported cluster size: 2^{}",
+                header.cluster_bits
+            ));
+        }
+        if header.crypt_method != 0 {
+            return Err("Encrypted qcow2 images are not supported".into());
+        }
+        let mut header_length = 72usize;
+        if version == 3 {
+            if buf.len() < 104 {
+                return Err("qcow2 header exceeds cluster size".into());
+            }
+            header.incompatible = be64(buf, 72);
+            header.compatible = be64(buf, 80);
+            header.autoclear = be64(buf, 88);
+            header.refcount_order = be32(buf, 96);
+            header_length = be32(buf, 100) as usize;
+            if header_length < 104 || header_length > buf.len() {
+                return Err("qcow2 header exceeds cluster size".into());
+            }
+            if header_length > 104 {
+                header.compression_type = buf[104];
+            }
+        }
+        if header.incompatible & INCOMPAT_EXTERNAL_DATA != 0 {
+            return Err("qcow2 images with an external data file are not supported".into());
+        }
+        if header.incompatible & INCOMPAT_CORRUPT != 0 {
+            return Err(
+                "qcow2: Image is corrupt; cannot be opened read/write (repair it with qemu-img check -r all)"
+                    .into(),
+            );
+        }
+        header.parse_extensions(buf, header_length)?;
+
+        let backing_offset = be64(buf, 8);
+        let backing_size = be32(buf, 16);
+        if backing_offset != 0 && backing_size != 0 {
+            if backing_size > 1023 {
+                return Err("Backing file name too long".into());
+            }
+            let start = backing_offset as usize;
+            let end = start + backing_size as usize;
+            if end <= buf.len() {
+                header.backing_file = Some(String::from_utf8_lossy(&buf[start..end]).into_owned());
+            } else {
+                header.backing_file_span = Some((backing_offset, backing_size));
+            }
+        }
+        Ok(header)
+    }
+
+    fn parse_extensions(&mut self, buf: &[u8], mut at: usize) -> Result<(), String> {
+        while at + 8 <= buf.len() {
+            let kind = be32(buf, at);
+            let len = be32(buf, at + 4) as usize;
+            at += 8;
+            if kind == EXT_END {
+                return Ok(());
+            }
+            if at + len > buf.len() {
+                return Err("qcow2: header extension exceeds the header".into());
+            }
+            if kind == EXT_BACKING_FORMAT {
+                self.backing_format =
+                    Some(String::from_utf8_lossy(&buf[at..at + len]).into_owned());
+            }
+            at += len.div_ceil(8) * 8;
+        }
+        Ok(())
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.incompatible & INCOMPAT_DIRTY != 0
+    }
+
+    /// ImageInfoSpecificQCow2 as QEMU reports it.
+    pub fn format_specific(&self) -> Value {
+        let compression =
+            if self.incompatible & INCOMPAT_COMPRESSION != 0 && self.compression_type == 1 {
+                "zstd"
+            } else {
+                "zlib"
+            };
+        if self.version == 2 {
+            return json!({
+                "compat": "0.10",
+                "compression-type": compression,
+                "refcount-bits": 1u64 << self.refcount_order,
+            });
+        }
+        json!({
+            "compat": "1.1",
+            "compression-type": compression,
+            "lazy-refcounts": self.compatible & COMPAT_LAZY_REFCOUNTS != 0,
+            "refcount-bits": 1u64 << self.refcount_order,
+            "corrupt": self.incompatible & INCOMPAT_CORRUPT != 0,
+            "extended-l2": self.incompatible & INCOMPAT_EXTENDED_L2 != 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v3_header(backing: Option<(&str, &str)>) -> Vec<u8> {
+        let mut buf = vec![0u8; 4096];
+        buf[0..4].copy_from_slice(MAGIC);
+        buf[4..8].copy_from_slice(&3u32.to_be_bytes());
+        buf[20..24].copy_from_slice(&16u32.to_be_bytes());
+        buf[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        buf[96..100].copy_from_slice(&4u32.to_be_bytes());
+        buf[100..104].copy_from_slice(&112u32.to_be_bytes());
+        if let Some((name, format)) = backing {
+            buf[112..116].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+            buf[116..120].copy_from_slice(&(format.len() as u32).to_be_bytes());
+            buf[120..120 + format.len()].copy_from_slice(format.as_bytes());
+            buf[8..16].copy_from_slice(&512u64.to_be_bytes());
+            buf[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            buf[512..512 + name.len()].copy_from_slice(name.as_bytes());
+        }
+        buf
+    }
+
+    #[test]
+    fn parses_backing_and_format() {
+        let header = Header::parse(&v3_header(Some(("base.qcow2", "qcow2")))).unwrap();
+        assert_eq!(header.backing_file.as_deref(), Some("base.qcow2"));
+        assert_eq!(header.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(header.cluster_size(), 65536);
+        assert_eq!(header.size, 1 << 30);
+        assert_eq!(header.format_specific()["refcount-bits"], 16);
+    }
+
+    #[test]
+    fn refuses_garbage_and_truncation() {
+        assert_eq!(
+            Header::parse(b"not an image at all, not at all, no"),
+            Err("Image is not in qcow2 format".to_string())
+        );
+        let header = v3_header(None);
+        assert!(Header::parse(&header[..80]).is_err());
+        let mut bad_cluster = header.clone();
+        bad_cluster[20..24].copy_from_slice(&40u32.to_be_bytes());
+        assert!(Header::parse(&bad_cluster).is_err());
+        let mut bad_ext = header;
+        bad_ext[112..116].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        bad_ext[116..120].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(Header::parse(&bad_ext).is_err());
+    }
+}

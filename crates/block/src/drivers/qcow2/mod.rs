@@ -1,0 +1,276 @@
+//! `qcow2` through imago, opened without imago's own backing chain.
+//!
+//! The backing chain is the graph's job (each layer its own node, so stream, commit and
+//! snapshots are graph operations). imago still needs a backing layer to copy from when a
+//! partial write allocates a cluster, and to read unallocated ranges from, so it gets a raw
+//! layer over a [`NodeStorage`] of our `backing` edge: its bytes are whatever the backing
+//! node (and its own chain) reads. imago's metadata and data I/O goes through the `file`
+//! child the same way, so filters such as blkdebug between qcow2 and the file work as in
+//! QEMU.
+
+mod header;
+mod storage;
+
+pub use header::Header;
+
+use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::perm::Perms;
+use crate::Driver;
+use async_trait::async_trait;
+use imago::format::drivers::ShallowMapping;
+use imago::format::PreallocateMode;
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::qcow2::Qcow2 as ImagoQcow2;
+use imago::raw::Raw as ImagoRaw;
+use imago::FormatAccess;
+use serde::Deserialize;
+use serde_json::json;
+use std::io;
+use std::sync::Arc;
+use storage::NodeStorage;
+use tokio::sync::RwLock;
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Qcow2Options {
+    pub lazy_refcounts: Option<bool>,
+    pub pass_discard_request: Option<bool>,
+    pub pass_discard_snapshot: Option<bool>,
+    pub pass_discard_other: Option<bool>,
+    pub discard_no_unref: Option<bool>,
+    pub overlap_check: Option<serde_json::Value>,
+    pub cache_size: Option<u64>,
+    pub l2_cache_size: Option<u64>,
+    pub l2_cache_entry_size: Option<u64>,
+    pub refcount_cache_size: Option<u64>,
+    pub cache_clean_interval: Option<u64>,
+    pub encrypt: Option<serde_json::Value>,
+    pub data_file: Option<serde_json::Value>,
+}
+
+type ImagoImage = ImagoQcow2<NodeStorage>;
+
+pub struct Qcow2 {
+    access: RwLock<FormatAccess<NodeStorage>>,
+    file: Arc<Child>,
+    header: std::sync::Mutex<Header>,
+}
+
+impl Qcow2 {
+    /// Read the header, refusing what imago or we cannot serve, before the real open.
+    pub async fn probe_header(file: &Arc<Child>) -> Result<Header, String> {
+        let node = file.node();
+        let mut buf = vec![0u8; header::HEADER_READ_SIZE.min(node.size() as usize)];
+        node.read(0, &mut buf)
+            .await
+            .map_err(|e| format!("Could not read qcow2 header: {e}"))?;
+        let mut header = Header::parse(&buf)?;
+        if let Some((offset, len)) = header.backing_file_span.take() {
+            let mut name = vec![0u8; len as usize];
+            node.read(offset, &mut name)
+                .await
+                .map_err(|e| format!("Could not read backing file name: {e}"))?;
+            header.backing_file = Some(String::from_utf8_lossy(&name).into_owned());
+        }
+        Ok(header)
+    }
+
+    pub async fn open(
+        file: Arc<Child>,
+        backing: Option<Arc<Child>>,
+        header: Header,
+        writable: bool,
+    ) -> Result<Qcow2, String> {
+        let storage = NodeStorage::new(file.clone());
+        let mut image = ImagoImage::open_image(storage, writable)
+            .await
+            .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
+        image.set_backing(backing_layer(backing).await?);
+        // The data file is part of the image file; external data files are refused in
+        // `Header::parse`.
+        image.set_data_file(None);
+        let mut access = FormatAccess::new(image);
+        access.set_async_read_parallelization(4);
+        access.set_async_write_parallelization(4);
+        Ok(Qcow2 {
+            access: RwLock::new(access),
+            file,
+            header: std::sync::Mutex::new(header),
+        })
+    }
+
+    /// What a qcow2 node takes on its children when it has no users of its own.
+    pub fn default_child_perms(role: &str, read_only: bool) -> (Perms, Perms) {
+        match role {
+            "file" => {
+                let write = if read_only {
+                    Perms::NONE
+                } else {
+                    Perms::WRITE | Perms::RESIZE
+                };
+                (
+                    Perms::CONSISTENT_READ | write,
+                    Perms::CONSISTENT_READ | Perms::WRITE_UNCHANGED,
+                )
+            }
+            _ => (Perms::NONE, Perms::ALL),
+        }
+    }
+
+    pub fn header(&self) -> Header {
+        self.header.lock().unwrap().clone()
+    }
+
+    /// Give imago another backing edge (or none) after the graph changed this node's
+    /// backing; waits for requests in flight.
+    pub async fn set_backing_edge(&self, backing: Option<Arc<Child>>) -> Result<(), String> {
+        let layer = backing_layer(backing).await?;
+        let mut access = self.access.write().await;
+        let inner: &mut dyn std::any::Any = access.inner_mut();
+        let image = inner
+            .downcast_mut::<ImagoImage>()
+            .ok_or("qcow2 driver holds an unexpected imago image type")?;
+        image.set_backing(layer);
+        Ok(())
+    }
+}
+
+#[async_trait(?Send)]
+impl Driver for Qcow2 {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn size(&self, _node: &Node) -> u64 {
+        // try_read only fails while a resize or discard holds the lock; the header knows then.
+        match self.access.try_read() {
+            Ok(access) => access.size(),
+            Err(_) => self.header.lock().unwrap().size,
+        }
+    }
+
+    async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let access = self.access.read().await;
+        let mut bufv = IoVectorMut::new();
+        bufv.push(buf);
+        access.readv(bufv, offset).await
+    }
+
+    async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
+        let access = self.access.read().await;
+        let mut bufv = IoVector::new();
+        bufv.push(buf);
+        access.writev(bufv, offset).await?;
+        if flags.fua {
+            persist(&access).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(
+        &self,
+        _: &Node,
+        offset: u64,
+        len: u64,
+        flags: WriteFlags,
+    ) -> io::Result<()> {
+        if flags.may_unmap {
+            self.access
+                .write()
+                .await
+                .discard_to_zero(offset, len)
+                .await?;
+        } else {
+            self.access.read().await.write_zeroes(offset, len).await?;
+        }
+        if flags.fua {
+            persist(&*self.access.read().await).await?;
+        }
+        Ok(())
+    }
+
+    async fn discard(&self, _: &Node, offset: u64, len: u64) -> io::Result<()> {
+        self.access.write().await.discard_to_any(offset, len).await
+    }
+
+    async fn flush(&self, _: &Node) -> io::Result<()> {
+        persist(&*self.access.read().await).await
+    }
+
+    async fn block_status(&self, _: &Node, offset: u64, len: u64) -> io::Result<Extent> {
+        let access = self.access.read().await;
+        let (mapping, len) = access.get_shallow_mapping(offset, len).await?;
+        let kind = match mapping {
+            ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => ExtentKind::Data,
+            ShallowMapping::Zero { explicit: true, .. } => ExtentKind::Zero { allocated: true },
+            ShallowMapping::Zero { .. } | ShallowMapping::Indirect { .. } => {
+                ExtentKind::Unallocated
+            }
+            ShallowMapping::Eof { .. } => ExtentKind::Zero { allocated: false },
+            _ => ExtentKind::Data,
+        };
+        Ok(Extent { len, kind })
+    }
+
+    async fn truncate(&self, _: &Node, size: u64) -> io::Result<()> {
+        let mut access = self.access.write().await;
+        access.resize(size, PreallocateMode::None).await?;
+        self.header.lock().unwrap().size = size;
+        Ok(())
+    }
+
+    fn child_perms(
+        &self,
+        role: &str,
+        perm: Perms,
+        shared: Perms,
+        read_only: bool,
+    ) -> (Perms, Perms) {
+        let (base_perm, base_shared) = Self::default_child_perms(role, read_only);
+        match role {
+            "file" => (base_perm, base_shared),
+            // Reading the overlay reads the backing; nothing writes through it.
+            _ => (
+                perm & Perms::CONSISTENT_READ,
+                base_shared | (shared & Perms::ALL),
+            ),
+        }
+    }
+
+    fn info(&self, _node: &Node) -> DriverInfo {
+        let header = self.header();
+        let file = self.file.node();
+        let file_info = file.driver().info(&file);
+        DriverInfo {
+            filename: file_info.filename,
+            actual_size: file_info.actual_size,
+            cluster_size: Some(header.cluster_size()),
+            dirty_flag: Some(header.is_dirty()),
+            format_specific: Some(json!({
+                "type": "qcow2",
+                "data": header.format_specific(),
+            })),
+            backing_filename: header.backing_file.clone(),
+            backing_format: header.backing_format.clone(),
+        }
+    }
+}
+
+/// imago's view of a backing edge: a raw layer whose bytes are what the backing node reads.
+async fn backing_layer(
+    backing: Option<Arc<Child>>,
+) -> Result<Option<FormatAccess<NodeStorage>>, String> {
+    let Some(edge) = backing else {
+        return Ok(None);
+    };
+    let raw = ImagoRaw::open_image(NodeStorage::new(edge), false)
+        .await
+        .map_err(|e| format!("Could not open backing layer: {e}"))?;
+    Ok(Some(FormatAccess::new(raw)))
+}
+
+/// Write back imago's cached metadata, then make everything stable on disk.
+async fn persist(access: &FormatAccess<NodeStorage>) -> io::Result<()> {
+    access.flush().await?;
+    access.sync().await
+}

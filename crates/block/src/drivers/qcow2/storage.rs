@@ -1,0 +1,109 @@
+//! imago `Storage` over a graph edge, so imago's I/O goes through our `file` child node.
+
+use crate::node::{Child, WriteFlags};
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::storage::drivers::CommonStorageHelper;
+use imago::Storage;
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+pub struct NodeStorage {
+    child: Arc<Child>,
+    helper: CommonStorageHelper,
+}
+
+impl NodeStorage {
+    pub fn new(child: Arc<Child>) -> NodeStorage {
+        NodeStorage {
+            child,
+            helper: CommonStorageHelper::default(),
+        }
+    }
+}
+
+impl fmt::Debug for NodeStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeStorage({})", self.child.node().name())
+    }
+}
+
+impl fmt::Display for NodeStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.child.node().name())
+    }
+}
+
+impl Storage for NodeStorage {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.child.node().size())
+    }
+
+    async unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
+        let node = self.child.node();
+        let mut pos = offset;
+        for mut slice in bufv.into_inner() {
+            node.read(pos, &mut slice).await?;
+            pos += slice.len() as u64;
+        }
+        Ok(())
+    }
+
+    async unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        let node = self.child.node();
+        let mut pos = offset;
+        for slice in bufv.into_inner() {
+            node.write(pos, &slice, WriteFlags::default()).await?;
+            pos += slice.len() as u64;
+        }
+        Ok(())
+    }
+
+    async unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        let flags = WriteFlags {
+            may_unmap: true,
+            ..WriteFlags::default()
+        };
+        self.child.node().write_zeroes(offset, length, flags).await
+    }
+
+    async unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        let node = self.child.node();
+        node.write_zeroes(offset, length, WriteFlags::default())
+            .await
+    }
+
+    async unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
+        let node = self.child.node();
+        let end = (offset + length).min(node.size());
+        if end <= offset {
+            return Ok(());
+        }
+        node.discard(offset, end - offset).await
+    }
+
+    /// A node keeps no buffers of its own to write back; stability is `sync`'s job.
+    async fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn sync(&self) -> io::Result<()> {
+        self.child.node().flush().await
+    }
+
+    async unsafe fn invalidate_cache(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn get_storage_helper(&self) -> &CommonStorageHelper {
+        &self.helper
+    }
+
+    async fn resize(
+        &self,
+        new_size: u64,
+        _prealloc: imago::storage::PreallocateMode,
+    ) -> io::Result<()> {
+        self.child.node().truncate(new_size).await
+    }
+}

@@ -1,0 +1,807 @@
+//! The block graph: which nodes exist, who owns them, and how blockdev-add options become
+//! nodes (children inline or by reference, implicit backing chains, generated names).
+
+use crate::drivers::blkdebug::{Blkdebug, BlkdebugOptions};
+use crate::drivers::file::{FileDriver, FileOptions};
+use crate::drivers::nbd::{NbdDriver, NbdOptions};
+use crate::drivers::null::{Null, NullOptions};
+use crate::drivers::qcow2::{Qcow2, Qcow2Options};
+use crate::drivers::raw::{Raw, RawOptions};
+use crate::node::{CommonOptions, DetectZeroes, Driver, Node, Parent};
+use crate::perm::Perms;
+use futures::future::LocalBoxFuture;
+use qapi::error::QmpError;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
+
+/// Every driver name QEMU 10 knows, so that a known-but-unsupported driver gets a clearer
+/// error than an unknown one.
+const QEMU_DRIVERS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkreplay",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "snapshot-access",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "io_uring",
+    "iscsi",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "nvme-io_uring",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "virtio-blk-vfio-pci",
+    "virtio-blk-vhost-user",
+    "virtio-blk-vhost-vdpa",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
+
+/// Keys every driver takes (BlockdevOptionsBase); the rest belong to the driver.
+const BASE_KEYS: &[&str] = &[
+    "driver",
+    "node-name",
+    "discard",
+    "cache",
+    "read-only",
+    "auto-read-only",
+    "force-share",
+    "detect-zeroes",
+];
+
+/// Base options a child opened inline takes from its parent unless it sets them itself.
+const INHERITED_KEYS: &[&str] = &[
+    "read-only",
+    "cache",
+    "discard",
+    "force-share",
+    "auto-read-only",
+];
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BaseOptions {
+    driver: String,
+    node_name: Option<String>,
+    discard: Option<DiscardOption>,
+    cache: Option<CacheOptions>,
+    read_only: Option<bool>,
+    auto_read_only: Option<bool>,
+    force_share: Option<bool>,
+    detect_zeroes: Option<DetectZeroesOption>,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum DiscardOption {
+    Ignore,
+    Unmap,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum DetectZeroesOption {
+    Off,
+    On,
+    Unmap,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct CacheOptions {
+    direct: Option<bool>,
+    no_flush: Option<bool>,
+}
+
+/// How option values arrive: typed JSON (QMP) or strings (command-line keyval).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptionSyntax {
+    Json,
+    Keyval,
+}
+
+enum Ownership {
+    /// Added by blockdev-add: lives until blockdev-del.
+    Monitor(Arc<Node>),
+    /// Opened for a parent (inline child, implicit backing): lives as long as a parent uses it.
+    Parent(Weak<Node>),
+}
+
+struct Entry {
+    name: String,
+    ownership: Ownership,
+}
+
+impl Entry {
+    fn node(&self) -> Option<Arc<Node>> {
+        match &self.ownership {
+            Ownership::Monitor(node) => Some(node.clone()),
+            Ownership::Parent(weak) => weak.upgrade(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    entries: Vec<Entry>,
+    implicit_counter: u64,
+}
+
+impl Registry {
+    fn find(&self, name: &str) -> Option<Arc<Node>> {
+        self.entries
+            .iter()
+            .filter(|e| e.name == name)
+            .find_map(Entry::node)
+    }
+
+    fn prune(&mut self) {
+        self.entries.retain(|e| match &e.ownership {
+            Ownership::Monitor(_) => true,
+            Ownership::Parent(weak) => weak.strong_count() > 0,
+        });
+    }
+}
+
+#[derive(Default)]
+pub struct Graph {
+    registry: Mutex<Registry>,
+    /// Serialises graph changes; I/O keeps running meanwhile.
+    change: tokio::sync::Mutex<()>,
+}
+
+/// Nodes opened by one blockdev-add, registered together only if all of it succeeds.
+struct Pending {
+    nodes: Vec<Arc<Node>>,
+}
+
+impl Pending {
+    fn find(&self, name: &str) -> Option<Arc<Node>> {
+        self.nodes.iter().find(|n| n.name() == name).cloned()
+    }
+}
+
+impl Graph {
+    pub fn new() -> Graph {
+        Graph::default()
+    }
+
+    pub fn find(&self, name: &str) -> Option<Arc<Node>> {
+        let mut registry = self.registry.lock().unwrap();
+        registry.prune();
+        registry.find(name)
+    }
+
+    /// Find a node for commands that take "device or node-name"; blockd has no devices.
+    pub fn lookup(&self, name: &str) -> Result<Arc<Node>, QmpError> {
+        self.find(name).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        })
+    }
+
+    /// All live nodes, newest first (QEMU's listing order).
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        let mut registry = self.registry.lock().unwrap();
+        registry.prune();
+        registry
+            .entries
+            .iter()
+            .rev()
+            .filter_map(Entry::node)
+            .collect()
+    }
+
+    /// Hold this while changing the graph so changes never interleave.
+    pub async fn lock_changes(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.change.lock().await
+    }
+
+    /// blockdev-add. Must run on an I/O thread: opening reads image headers.
+    pub async fn add(
+        &self,
+        options: Map<String, Value>,
+        syntax: OptionSyntax,
+    ) -> Result<Arc<Node>, QmpError> {
+        let _changing = self.change.lock().await;
+        let mut pending = Pending { nodes: Vec::new() };
+        let node = self
+            .open_node(options, syntax, true, None, &mut pending)
+            .await?;
+        let mut registry = self.registry.lock().unwrap();
+        for opened in &pending.nodes {
+            let ownership = if Arc::ptr_eq(opened, &node) {
+                Ownership::Monitor(opened.clone())
+            } else {
+                Ownership::Parent(Arc::downgrade(opened))
+            };
+            registry.entries.push(Entry {
+                name: opened.name().to_string(),
+                ownership,
+            });
+        }
+        Ok(node)
+    }
+
+    /// blockdev-del: only monitor-owned nodes nobody uses. Flushes before letting go.
+    pub async fn del(&self, name: &str) -> Result<(), QmpError> {
+        let _changing = self.change.lock().await;
+        let node = {
+            let mut registry = self.registry.lock().unwrap();
+            registry.prune();
+            let Some(index) = registry.entries.iter().position(|e| e.name == name) else {
+                return Err(QmpError::generic(format!(
+                    "Failed to find node with node-name='{name}'"
+                )));
+            };
+            let entry = &registry.entries[index];
+            let Ownership::Monitor(node) = &entry.ownership else {
+                return Err(QmpError::generic(format!(
+                    "Node {name} is not owned by the monitor"
+                )));
+            };
+            if !node.parents().is_empty() {
+                return Err(QmpError::generic(format!("Block device {name} is in use")));
+            }
+            let node = node.clone();
+            registry.entries.remove(index);
+            node
+        };
+        flush_subtree(&node).await;
+        node.detach_children();
+        Ok(())
+    }
+
+    /// Flush every node (quit, SIGTERM).
+    pub async fn flush_all(&self) {
+        for node in self.nodes() {
+            if let Err(e) = node.flush().await {
+                tracing::warn!(node = node.name(), "flush failed: {e}");
+            }
+        }
+    }
+
+    /// Drop every node, children after parents, releasing file locks.
+    pub fn close_all(&self) {
+        let entries = std::mem::take(&mut self.registry.lock().unwrap().entries);
+        for entry in entries.iter().rev() {
+            if let Some(node) = entry.node() {
+                node.detach_children();
+            }
+        }
+    }
+
+    fn generate_name(&self) -> String {
+        let mut registry = self.registry.lock().unwrap();
+        let counter = registry.implicit_counter;
+        registry.implicit_counter += 1;
+        // QEMU's shape: a counter and two random digits, so generated names are not guessed.
+        let salt = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+            % 100;
+        format!("#block{counter}{salt:02}")
+    }
+
+    fn open_node<'a>(
+        &'a self,
+        mut options: Map<String, Value>,
+        syntax: OptionSyntax,
+        root: bool,
+        path: Option<&'a str>,
+        pending: &'a mut Pending,
+    ) -> LocalBoxFuture<'a, Result<Arc<Node>, QmpError>> {
+        Box::pin(async move {
+            let open_options = Value::Object(options.clone());
+            let mut base_map = Map::new();
+            for key in BASE_KEYS {
+                if let Some(v) = options.remove(*key) {
+                    base_map.insert(key.to_string(), v);
+                }
+            }
+            let base: BaseOptions = parse_options(Value::Object(base_map), syntax, path)?;
+            let driver_name = base.driver.clone();
+            if !QEMU_DRIVERS.contains(&driver_name.as_str()) {
+                return Err(QmpError::generic(format!(
+                    "Parameter '{}' does not accept value '{driver_name}'",
+                    prefixed(path, "driver")
+                )));
+            }
+            let (name, implicit) = match &base.node_name {
+                Some(name) => {
+                    check_node_name(name)?;
+                    if self.find(name).is_some() || pending.find(name).is_some() {
+                        return Err(QmpError::generic(format!(
+                            "Duplicate nodes with node-name='{name}'"
+                        )));
+                    }
+                    (name.clone(), false)
+                }
+                None if root => {
+                    return Err(QmpError::generic(
+                        "'node-name' must be specified for the root node",
+                    ))
+                }
+                None => (self.generate_name(), true),
+            };
+            let common = CommonOptions {
+                read_only: base.read_only.unwrap_or(false),
+                auto_read_only: base.auto_read_only.unwrap_or(false),
+                cache_direct: base.cache.as_ref().and_then(|c| c.direct).unwrap_or(false),
+                cache_no_flush: base
+                    .cache
+                    .as_ref()
+                    .and_then(|c| c.no_flush)
+                    .unwrap_or(false),
+                discard_unmap: base.discard == Some(DiscardOption::Unmap),
+                detect_zeroes: match base.detect_zeroes {
+                    None | Some(DetectZeroesOption::Off) => DetectZeroes::Off,
+                    Some(DetectZeroesOption::On) => DetectZeroes::On,
+                    Some(DetectZeroesOption::Unmap) => DetectZeroes::Unmap,
+                },
+                force_share: base.force_share.unwrap_or(false),
+            };
+            if common.force_share && !common.read_only {
+                return Err(QmpError::generic(
+                    "force-share=on can only be used with read-only images",
+                ));
+            }
+            if common.detect_zeroes == DetectZeroes::Unmap && !common.discard_unmap {
+                return Err(QmpError::generic(
+                    "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+                ));
+            }
+            let inherited: Map<String, Value> = INHERITED_KEYS
+                .iter()
+                .filter_map(|k| open_options.get(*k).map(|v| (k.to_string(), v.clone())))
+                .collect();
+            let ctx = OpenContext {
+                name: &name,
+                syntax,
+                path,
+                inherited: &inherited,
+            };
+
+            let mut children = Vec::new();
+            let driver: Box<dyn Driver> = match driver_name.as_str() {
+                "file" | "host_device" => {
+                    let opts: FileOptions = parse_options(Value::Object(options), syntax, path)?;
+                    Box::new(
+                        FileDriver::open(&driver_name, opts, &common)
+                            .await
+                            .map_err(QmpError::generic)?,
+                    )
+                }
+                "null-co" | "null-aio" => {
+                    let opts: NullOptions = parse_options(Value::Object(options), syntax, path)?;
+                    let driver_name = if driver_name == "null-co" {
+                        "null-co"
+                    } else {
+                        "null-aio"
+                    };
+                    Box::new(Null::new(driver_name, opts))
+                }
+                "raw" => {
+                    let file_ref = take_child_ref(&mut options, "file", path)?;
+                    let opts: RawOptions = parse_options(Value::Object(options), syntax, path)?;
+                    let (perm, shared) = Raw::default_child_perms();
+                    let file = self
+                        .open_child(&ctx, file_ref, "file", perm, shared, pending)
+                        .await?;
+                    children.push(file.clone());
+                    Box::new(Raw::new(file, opts).map_err(QmpError::generic)?)
+                }
+                "blkdebug" => {
+                    let image_ref = take_child_ref(&mut options, "image", path)?;
+                    let opts: BlkdebugOptions =
+                        parse_options(Value::Object(options), syntax, path)?;
+                    let image = self
+                        .open_child(&ctx, image_ref, "image", Perms::NONE, Perms::ALL, pending)
+                        .await?;
+                    children.push(image.clone());
+                    Box::new(Blkdebug::new(image, opts).map_err(QmpError::generic)?)
+                }
+                "qcow2" => {
+                    let file_ref = take_child_ref(&mut options, "file", path)?;
+                    let backing_ref = options.remove("backing");
+                    let opts: Qcow2Options = parse_options(Value::Object(options), syntax, path)?;
+                    if opts.data_file.is_some() || opts.encrypt.is_some() {
+                        return Err(QmpError::generic(
+                            "qcow2 external data files and encryption are not supported",
+                        ));
+                    }
+                    let (perm, shared) = Qcow2::default_child_perms("file", common.read_only);
+                    let file = self
+                        .open_child(&ctx, file_ref, "file", perm, shared, pending)
+                        .await?;
+                    children.push(file.clone());
+                    let header = Qcow2::probe_header(&file)
+                        .await
+                        .map_err(QmpError::generic)?;
+                    let backing = match backing_ref {
+                        Some(Value::Null) => None,
+                        Some(reference) => Some(
+                            self.open_child(
+                                &ctx,
+                                reference,
+                                "backing",
+                                Perms::NONE,
+                                Perms::ALL,
+                                pending,
+                            )
+                            .await?,
+                        ),
+                        None => match &header.backing_file {
+                            Some(backing_file) => Some(
+                                self.open_implicit_backing(
+                                    &ctx,
+                                    &file.node(),
+                                    backing_file,
+                                    header.backing_format.as_deref(),
+                                    pending,
+                                )
+                                .await?,
+                            ),
+                            None => None,
+                        },
+                    };
+                    if let Some(backing) = &backing {
+                        children.push(backing.clone());
+                    }
+                    Box::new(
+                        Qcow2::open(file, backing, header, !common.read_only)
+                            .await
+                            .map_err(QmpError::generic)?,
+                    )
+                }
+                "nbd" => {
+                    let opts: NbdOptions = parse_options(Value::Object(options), syntax, path)?;
+                    let (addr, filename) = nbd_server_addr(opts.server.clone(), syntax, path)?;
+                    Box::new(
+                        NbdDriver::open(addr, filename, &opts, common.read_only)
+                            .await
+                            .map_err(QmpError::generic)?,
+                    )
+                }
+                other => {
+                    return Err(QmpError::generic(format!(
+                        "Driver '{other}' is not supported by blockd"
+                    )))
+                }
+            };
+            let node = Node::new(name, implicit, driver, common, open_options);
+            for child in children {
+                node.add_child(child);
+            }
+            pending.nodes.push(node.clone());
+            Ok(node)
+        })
+    }
+
+    async fn open_child(
+        &self,
+        ctx: &OpenContext<'_>,
+        reference: Value,
+        role: &str,
+        perm: Perms,
+        shared: Perms,
+        pending: &mut Pending,
+    ) -> Result<Arc<crate::node::Child>, QmpError> {
+        let target = match reference {
+            Value::String(name) => self
+                .find(&name)
+                .or_else(|| pending.find(&name))
+                .ok_or_else(|| {
+                    QmpError::generic(format!(
+                        "Cannot find device='{name}' nor node-name='{name}'"
+                    ))
+                })?,
+            Value::Object(mut child_options) => {
+                for (key, value) in ctx.inherited {
+                    child_options.entry(key.clone()).or_insert(value.clone());
+                }
+                let child_path = prefixed(ctx.path, role);
+                self.open_node(child_options, ctx.syntax, false, Some(&child_path), pending)
+                    .await?
+            }
+            _ => {
+                return Err(QmpError::generic(format!(
+                    "Invalid parameter type for '{}', expected: BlockdevRef",
+                    prefixed(ctx.path, role)
+                )))
+            }
+        };
+        crate::node::Node::attach(
+            &target,
+            role,
+            Parent::Node(ctx.name.to_string()),
+            perm,
+            shared,
+        )
+        .map_err(QmpError::generic)
+    }
+
+    /// Open the backing file named in an image header as read-only implicit nodes.
+    async fn open_implicit_backing(
+        &self,
+        ctx: &OpenContext<'_>,
+        overlay_file: &Arc<Node>,
+        backing_file: &str,
+        backing_format: Option<&str>,
+        pending: &mut Pending,
+    ) -> Result<Arc<crate::node::Child>, QmpError> {
+        let overlay_filename = overlay_file.driver().info(overlay_file).filename;
+        let path = resolve_backing_path(&overlay_filename, backing_file);
+        let format = match backing_format {
+            Some(format) => format.to_string(),
+            None => probe_format(&path),
+        };
+        let options = json!({
+            "driver": format,
+            "read-only": true,
+            "file": {"driver": "file", "filename": path},
+        });
+        let Value::Object(options) = options else {
+            unreachable!("json! object literal")
+        };
+        let target = self
+            .open_node(options, OptionSyntax::Json, false, None, pending)
+            .await
+            .map_err(|e| QmpError::generic(format!("Could not open backing file: {}", e.desc)))?;
+        crate::node::Node::attach(
+            &target,
+            "backing",
+            Parent::Node(ctx.name.to_string()),
+            Perms::NONE,
+            Perms::ALL,
+        )
+        .map_err(QmpError::generic)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OpenContext<'a> {
+    name: &'a str,
+    syntax: OptionSyntax,
+    path: Option<&'a str>,
+    inherited: &'a Map<String, Value>,
+}
+
+async fn flush_subtree(node: &Arc<Node>) {
+    let mut stack = vec![node.clone()];
+    while let Some(n) = stack.pop() {
+        if let Err(e) = n.flush().await {
+            tracing::warn!(node = n.name(), "flush failed: {e}");
+        }
+        stack.extend(n.children().iter().map(|c| c.node()));
+    }
+}
+
+fn prefixed(path: Option<&str>, key: &str) -> String {
+    match path {
+        Some(path) => format!("{path}.{key}"),
+        None => key.to_string(),
+    }
+}
+
+fn take_child_ref(
+    options: &mut Map<String, Value>,
+    role: &str,
+    path: Option<&str>,
+) -> Result<Value, QmpError> {
+    options.remove(role).ok_or_else(|| {
+        QmpError::generic(format!("Parameter '{}' is missing", prefixed(path, role)))
+    })
+}
+
+/// The nbd driver's `server`: a flat SocketAddress keyed by `type`.
+fn nbd_server_addr(
+    mut server: Map<String, Value>,
+    syntax: OptionSyntax,
+    path: Option<&str>,
+) -> Result<(nbd::client::ConnectAddr, String), QmpError> {
+    let server_path = prefixed(path, "server");
+    let kind = server.remove("type");
+    match kind.as_ref().and_then(Value::as_str) {
+        Some("unix") => Ok(NbdDriver::unix_addr(parse_options(
+            Value::Object(server),
+            syntax,
+            Some(&server_path),
+        )?)),
+        Some("inet") => NbdDriver::inet_addr(parse_options(
+            Value::Object(server),
+            syntax,
+            Some(&server_path),
+        )?)
+        .map_err(QmpError::generic),
+        Some(other) => Err(QmpError::generic(format!(
+            "Parameter '{server_path}.type' does not accept value '{other}'"
+        ))),
+        None => Err(QmpError::generic(format!(
+            "Parameter '{server_path}.type' is missing"
+        ))),
+    }
+}
+
+/// Deserialize driver options with QEMU's error texts, naming nested members by their path.
+fn parse_options<T: DeserializeOwned>(
+    value: Value,
+    syntax: OptionSyntax,
+    path: Option<&str>,
+) -> Result<T, QmpError> {
+    let result = match syntax {
+        OptionSyntax::Json => qapi::de::from_value(value),
+        OptionSyntax::Keyval => qapi::de::from_keyval(value),
+    };
+    result.map_err(|e| match path {
+        Some(path) => QmpError {
+            desc: qualify_member(&e.desc, path),
+            ..e
+        },
+        None => e,
+    })
+}
+
+/// Turn "Parameter 'x' ..." into "Parameter 'path.x' ..." for members of an inline child.
+fn qualify_member(desc: &str, path: &str) -> String {
+    match desc.find('\'') {
+        Some(start) => format!("{}{path}.{}", &desc[..=start], &desc[start + 1..]),
+        None => desc.to_string(),
+    }
+}
+
+/// QEMU's rules: a letter first, then letters, digits, '-', '.', '_'; at most 31 bytes.
+fn check_node_name(name: &str) -> Result<(), QmpError> {
+    let mut chars = name.chars();
+    let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !well_formed {
+        return Err(QmpError::generic(format!("Invalid node-name: '{name}'")));
+    }
+    if name.len() >= 32 {
+        return Err(QmpError::generic("Node name too long"));
+    }
+    Ok(())
+}
+
+/// A relative backing name is relative to the directory of the overlay's file.
+fn resolve_backing_path(overlay_filename: &str, backing: &str) -> String {
+    if Path::new(backing).is_absolute() {
+        return backing.to_string();
+    }
+    match Path::new(overlay_filename).parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            dir.join(backing).to_string_lossy().into_owned()
+        }
+        _ => backing.to_string(),
+    }
+}
+
+/// The format of a backing file whose overlay does not name it: qcow2 by its magic, else raw.
+fn probe_format(path: &str) -> String {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let is_qcow2 = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"QFI\xfb";
+    if is_qcow2 { "qcow2" } else { "raw" }.to_string()
+}
+
+/// QEMU's `json:{...}` filename for nodes whose options say more than a plain name.
+pub fn json_filename(node: &Node, plain: &str) -> String {
+    let Value::Object(options) = node.open_options() else {
+        return plain.to_string();
+    };
+    let significant: Map<String, Value> = options
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "node-name"
+                    | "read-only"
+                    | "auto-read-only"
+                    | "cache"
+                    | "discard"
+                    | "detect-zeroes"
+                    | "force-share"
+            )
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let only_driver = significant.keys().all(|k| k == "driver");
+    if only_driver {
+        plain.to_string()
+    } else {
+        format!("json:{}", Value::Object(significant))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_follow_qemu_rules() {
+        assert!(check_node_name("disk0").is_ok());
+        assert!(check_node_name("a.b-c_d").is_ok());
+        assert_eq!(
+            check_node_name("1bad").unwrap_err().desc,
+            "Invalid node-name: '1bad'"
+        );
+        assert_eq!(
+            check_node_name("#block1").unwrap_err().desc,
+            "Invalid node-name: '#block1'"
+        );
+        assert_eq!(
+            check_node_name("").unwrap_err().desc,
+            "Invalid node-name: ''"
+        );
+        assert_eq!(
+            check_node_name(&"a".repeat(32)).unwrap_err().desc,
+            "Node name too long"
+        );
+        assert!(check_node_name(&"a".repeat(31)).is_ok());
+    }
+
+    #[test]
+    fn backing_paths_are_relative_to_the_overlay() {
+        assert_eq!(
+            resolve_backing_path("top.qcow2", "base.qcow2"),
+            "base.qcow2"
+        );
+        assert_eq!(
+            resolve_backing_path("/d/top.qcow2", "base.qcow2"),
+            "/d/base.qcow2"
+        );
+        assert_eq!(resolve_backing_path("/d/top.qcow2", "/e/base"), "/e/base");
+    }
+
+    #[test]
+    fn nested_members_are_qualified() {
+        assert_eq!(
+            qualify_member("Parameter 'filename' is missing", "file"),
+            "Parameter 'file.filename' is missing"
+        );
+        assert_eq!(
+            qualify_member(
+                "Invalid parameter type for 'size', expected: integer",
+                "file"
+            ),
+            "Invalid parameter type for 'file.size', expected: integer"
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! What query-named-block-nodes and x-debug-query-block-graph report, in QEMU's shapes.
+
+use crate::node::{Node, Parent};
+use crate::Graph;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// ImageInfo; with `recurse`, the backing chain as nested `backing-image`.
+pub fn image_info(node: &Arc<Node>, recurse: bool) -> Value {
+    let info = node.driver().info(node);
+    let mut image = Map::new();
+    image.insert("virtual-size".into(), json!(node.size()));
+    image.insert("filename".into(), json!(info.filename));
+    if let Some(cluster_size) = info.cluster_size {
+        image.insert("cluster-size".into(), json!(cluster_size));
+    }
+    image.insert("format".into(), json!(node.driver().format_name()));
+    if let Some(actual) = info.actual_size {
+        image.insert("actual-size".into(), json!(actual));
+    }
+    if let Some(specific) = info.format_specific {
+        image.insert("format-specific".into(), specific);
+    }
+    if let Some(dirty) = info.dirty_flag {
+        image.insert("dirty-flag".into(), json!(dirty));
+    }
+    if let Some(backing) = &info.backing_filename {
+        image.insert("backing-filename".into(), json!(backing));
+        let full = full_backing_filename(node, backing);
+        image.insert("full-backing-filename".into(), json!(full));
+        if let Some(format) = &info.backing_format {
+            image.insert("backing-filename-format".into(), json!(format));
+        }
+    }
+    if recurse {
+        if let Some(below) = data_below(node) {
+            image.insert("backing-image".into(), image_info(&below, true));
+        }
+    }
+    Value::Object(image)
+}
+
+/// The node QEMU treats as "backing" for reports: the backing child, or a filter's child.
+fn data_below(node: &Arc<Node>) -> Option<Arc<Node>> {
+    node.backing().or_else(|| {
+        node.driver()
+            .filtered_child_role()
+            .and_then(|role| node.child(role))
+            .map(|c| c.node())
+    })
+}
+
+fn full_backing_filename(node: &Arc<Node>, backing: &str) -> String {
+    match node.backing() {
+        Some(b) => b.driver().info(&b).filename,
+        None => backing.to_string(),
+    }
+}
+
+fn chain_depth(node: &Arc<Node>) -> u64 {
+    let mut depth = 0;
+    let mut next = data_below(node);
+    while let Some(n) = next {
+        depth += 1;
+        next = data_below(&n);
+    }
+    depth
+}
+
+/// BlockDeviceInfo for one node.
+pub fn block_device_info(node: &Arc<Node>, flat: bool) -> Value {
+    let opts = node.options();
+    let info = node.driver().info(node);
+    let mut out = json!({
+        "file": info.filename,
+        "node-name": node.name(),
+        "ro": node.read_only(),
+        "drv": node.driver().format_name(),
+        "encrypted": false,
+        "detect_zeroes": opts.detect_zeroes.as_str(),
+        "bps": 0, "bps_rd": 0, "bps_wr": 0,
+        "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "image": image_info(node, !flat),
+        "backing_file_depth": if flat { 0 } else { chain_depth(node) },
+        "active": true,
+        "write_threshold": node.write_threshold(),
+        "cache": {
+            "writeback": true,
+            "direct": opts.cache_direct,
+            "no-flush": opts.cache_no_flush,
+        },
+    });
+    if let Some(backing) = info.backing_filename {
+        out["backing_file"] = json!(backing);
+    }
+    out
+}
+
+pub fn named_block_nodes(graph: &Graph, flat: bool) -> Value {
+    Value::Array(
+        graph
+            .nodes()
+            .iter()
+            .map(|n| block_device_info(n, flat))
+            .collect(),
+    )
+}
+
+/// x-debug-query-block-graph: every node and user, and every edge with its permissions.
+pub fn block_graph(graph: &Graph) -> Value {
+    let nodes = graph.nodes();
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    let mut out_nodes = Vec::new();
+    let mut out_edges = Vec::new();
+    let mut next_id = 1;
+    for node in &nodes {
+        ids.insert(node.name().to_string(), next_id);
+        out_nodes.push(json!({"name": node.name(), "type": "block-driver", "id": next_id}));
+        next_id += 1;
+    }
+    let mut users: HashMap<(String, String), usize> = HashMap::new();
+    for node in &nodes {
+        for edge in node.parents() {
+            let parent_id = match edge.parent() {
+                Parent::Node(name) => match ids.get(name) {
+                    Some(&id) => id,
+                    None => continue,
+                },
+                Parent::User { kind, name } => *users
+                    .entry((kind.to_string(), name.clone()))
+                    .or_insert_with(|| {
+                        let id = next_id;
+                        next_id += 1;
+                        out_nodes.push(json!({"name": name, "type": kind, "id": id}));
+                        id
+                    }),
+            };
+            out_edges.push(json!({
+                "parent": parent_id,
+                "child": ids[node.name()],
+                "name": edge.role(),
+                "perm": edge.perm().names(),
+                "shared-perm": edge.shared().names(),
+            }));
+        }
+    }
+    json!({"nodes": out_nodes, "edges": out_edges})
+}

@@ -1,0 +1,744 @@
+//! A node of the block graph and the request path every I/O goes through.
+//!
+//! `Node` methods do the work common to all drivers once (bounds, read-only checks, request
+//! tracking for drain, detect-zeroes); drivers only do their own format or protocol work.
+
+use crate::perm::Perms;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use serde_json::Value;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use tokio::sync::Notify;
+
+/// What one layer knows about a range, starting at the queried offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub kind: ExtentKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// This layer holds data for the range.
+    Data,
+    /// The range reads as zeroes; `allocated` says whether this layer decides that (a zero
+    /// cluster, a hole in a file) or the range is merely absent here and nothing lies below.
+    Zero { allocated: bool },
+    /// This layer does not hold the range: reads fall through to the backing node.
+    Unallocated,
+}
+
+/// Block status resolved down a backing chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainExtent {
+    pub len: u64,
+    /// Reads as zeroes.
+    pub zero: bool,
+    /// Some layer of the chain holds the range (as data or as an explicit zero).
+    pub allocated: bool,
+    /// 1 for the queried node, 2 for its backing, ...; 0 when no layer allocates the range.
+    pub depth: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: the data is stable when the request completes.
+    pub fua: bool,
+    /// A zero write may deallocate (punch a hole, drop a cluster) instead of writing zeroes.
+    pub may_unmap: bool,
+    /// A zero write must fail with ENOTSUP rather than fall back to slow explicit zeroes.
+    pub no_fallback: bool,
+}
+
+/// Information a driver reports for query-named-block-nodes.
+#[derive(Clone, Debug, Default)]
+pub struct DriverInfo {
+    pub filename: String,
+    pub actual_size: Option<u64>,
+    pub cluster_size: Option<u64>,
+    pub dirty_flag: Option<bool>,
+    pub format_specific: Option<Value>,
+    pub backing_filename: Option<String>,
+    pub backing_format: Option<String>,
+}
+
+/// The format- or protocol-specific part of a node.
+///
+/// Futures are not `Send`: they run on the I/O thread that issued them (see DESIGN.md).
+#[async_trait(?Send)]
+pub trait Driver: Send + Sync + 'static {
+    /// QEMU's driver name (`drv` in query-named-block-nodes).
+    fn format_name(&self) -> &'static str;
+
+    /// Virtual size in bytes.
+    fn size(&self, node: &Node) -> u64;
+
+    async fn read(&self, node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    async fn write(
+        &self,
+        node: &Node,
+        offset: u64,
+        buf: &[u8],
+        flags: WriteFlags,
+    ) -> io::Result<()>;
+    async fn write_zeroes(
+        &self,
+        node: &Node,
+        offset: u64,
+        len: u64,
+        flags: WriteFlags,
+    ) -> io::Result<()>;
+    async fn discard(&self, node: &Node, offset: u64, len: u64) -> io::Result<()>;
+    async fn flush(&self, node: &Node) -> io::Result<()>;
+    /// Status of this layer only, from `offset`, for at most `len` bytes.
+    async fn block_status(&self, node: &Node, offset: u64, len: u64) -> io::Result<Extent>;
+    async fn truncate(&self, node: &Node, size: u64) -> io::Result<()>;
+
+    /// The permissions this node needs on its child `role`, given what its own parents need
+    /// (`perm`) and share (`shared`).
+    fn child_perms(
+        &self,
+        role: &str,
+        perm: Perms,
+        shared: Perms,
+        read_only: bool,
+    ) -> (Perms, Perms);
+
+    /// Called when the union of what this node's users need changes (file locks follow it).
+    fn apply_perms(&self, _perm: Perms, _shared: Perms) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn info(&self, node: &Node) -> DriverInfo;
+
+    /// Protocol drivers whose storage grows when written past its end (a file under qcow2,
+    /// which appends clusters), so writes there are not bounded by the current size.
+    fn extends_on_write(&self) -> bool {
+        false
+    }
+
+    /// Whether this node is a filter whose `file`/`image` child is its data (raw, blkdebug).
+    fn filtered_child_role(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+/// Who uses a node through a [`Child`] edge.
+#[derive(Clone, Debug)]
+pub enum Parent {
+    /// The parent node, by name (node names are unique and the parent may not exist yet
+    /// while its children are attached during open).
+    Node(String),
+    /// A user outside the graph: an export, a job, the monitor.
+    User { kind: &'static str, name: String },
+}
+
+/// An edge from a parent to a node, carrying the parent's permissions on it.
+///
+/// The target can be swapped (mirror pivot, snapshot) without the parent noticing.
+pub struct Child {
+    role: String,
+    parent: Parent,
+    target: ArcSwap<Node>,
+    perm: AtomicU32,
+    shared: AtomicU32,
+}
+
+impl Child {
+    pub fn role(&self) -> &str {
+        &self.role
+    }
+
+    pub fn parent(&self) -> &Parent {
+        &self.parent
+    }
+
+    pub fn node(&self) -> Arc<Node> {
+        self.target.load_full()
+    }
+
+    pub fn perm(&self) -> Perms {
+        Perms::from_bits(self.perm.load(Ordering::Acquire))
+    }
+
+    pub fn shared(&self) -> Perms {
+        Perms::from_bits(self.shared.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn set_perms(&self, perm: Perms, shared: Perms) {
+        self.perm.store(perm.bits(), Ordering::Release);
+        self.shared.store(shared.bits(), Ordering::Release);
+    }
+
+    /// How QEMU's permission-conflict message names this user.
+    pub fn describe_user(&self) -> String {
+        role_description(&self.parent, &self.node(), &self.role)
+    }
+
+    pub fn parent_node_name(&self) -> Option<&str> {
+        match &self.parent {
+            Parent::Node(name) => Some(name),
+            Parent::User { .. } => None,
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let node = self.target.load_full();
+        node.forget_parent(self);
+        // Releasing permissions can only relax constraints; a failure to drop a lock byte
+        // leaves a stricter lock, never a looser one, so there is nothing to undo here.
+        let _ = node.refresh_perms();
+    }
+}
+
+/// Options every node takes, whatever its driver.
+#[derive(Clone, Debug, Default)]
+pub struct CommonOptions {
+    pub read_only: bool,
+    pub auto_read_only: bool,
+    pub cache_direct: bool,
+    pub cache_no_flush: bool,
+    pub discard_unmap: bool,
+    pub detect_zeroes: DetectZeroes,
+    pub force_share: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DetectZeroes {
+    #[default]
+    Off,
+    On,
+    Unmap,
+}
+
+impl DetectZeroes {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        }
+    }
+}
+
+/// Counts requests in flight so that graph changes can wait for a quiet node.
+#[derive(Default)]
+struct Inflight {
+    count: AtomicUsize,
+    quiesced: AtomicUsize,
+    idle: Notify,
+    resumed: Notify,
+}
+
+struct InflightGuard<'a>(&'a Inflight);
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+pub struct Node {
+    name: String,
+    implicit: bool,
+    driver: Box<dyn Driver>,
+    options: CommonOptions,
+    read_only: AtomicBool,
+    /// The options the node was opened with, for `json:` filenames and graph queries.
+    open_options: Value,
+    children: RwLock<Vec<Arc<Child>>>,
+    parents: Mutex<Vec<Weak<Child>>>,
+    inflight: Inflight,
+    write_threshold: AtomicU64,
+}
+
+impl Node {
+    pub fn new(
+        name: String,
+        implicit: bool,
+        driver: Box<dyn Driver>,
+        options: CommonOptions,
+        open_options: Value,
+    ) -> Arc<Node> {
+        Arc::new(Node {
+            name,
+            implicit,
+            read_only: AtomicBool::new(options.read_only),
+            driver,
+            options,
+            open_options,
+            children: RwLock::new(Vec::new()),
+            parents: Mutex::new(Vec::new()),
+            inflight: Inflight::default(),
+            write_threshold: AtomicU64::new(0),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the name was generated for a node the user did not name.
+    pub fn is_implicit(&self) -> bool {
+        self.implicit
+    }
+
+    pub fn driver(&self) -> &dyn Driver {
+        self.driver.as_ref()
+    }
+
+    pub fn options(&self) -> &CommonOptions {
+        &self.options
+    }
+
+    pub fn open_options(&self) -> &Value {
+        &self.open_options
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.driver.size(self)
+    }
+
+    pub fn write_threshold(&self) -> u64 {
+        self.write_threshold.load(Ordering::Acquire)
+    }
+
+    pub fn children(&self) -> Vec<Arc<Child>> {
+        self.children.read().unwrap().clone()
+    }
+
+    pub fn child(&self, role: &str) -> Option<Arc<Child>> {
+        self.children
+            .read()
+            .unwrap()
+            .iter()
+            .find(|c| c.role == role)
+            .cloned()
+    }
+
+    pub fn backing(&self) -> Option<Arc<Node>> {
+        self.child("backing").map(|c| c.node())
+    }
+
+    /// The live edges that point at this node.
+    pub fn parents(&self) -> Vec<Arc<Child>> {
+        self.parents
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    fn forget_parent(&self, child: &Child) {
+        self.parents
+            .lock()
+            .unwrap()
+            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), child));
+    }
+
+    /// What all users together need from this node, and what all of them let others do.
+    pub fn cumulative_perms(&self) -> (Perms, Perms) {
+        self.parents()
+            .iter()
+            .fold((Perms::NONE, Perms::ALL), |(perm, shared), c| {
+                (perm | c.perm(), shared & c.shared())
+            })
+    }
+
+    /// Attach `target` as child `role` of a parent, with permissions `perm`/`shared`.
+    ///
+    /// Conflicts with the target's other users are refused with QEMU's message; on success
+    /// the target's own children follow its new needs.
+    pub fn attach(
+        target: &Arc<Node>,
+        role: &str,
+        parent: Parent,
+        perm: Perms,
+        shared: Perms,
+    ) -> Result<Arc<Child>, String> {
+        target.check_new_user(perm, shared, &role_description(&parent, target, role))?;
+        let child = Arc::new(Child {
+            role: role.to_string(),
+            parent,
+            target: ArcSwap::new(target.clone()),
+            perm: AtomicU32::new(perm.bits()),
+            shared: AtomicU32::new(shared.bits()),
+        });
+        target.parents.lock().unwrap().push(Arc::downgrade(&child));
+        if let Err(e) = target.refresh_perms() {
+            // Dropping the edge detaches it and restores the previous permissions.
+            drop(child);
+            return Err(e);
+        }
+        Ok(child)
+    }
+
+    /// Add `child` (already attached with `Node::attach`) to this node's children.
+    pub fn add_child(&self, child: Arc<Child>) {
+        self.children.write().unwrap().push(child);
+    }
+
+    /// Remove this node's child edge `role`, releasing the permissions it held.
+    pub fn remove_child(&self, role: &str) -> Option<Arc<Child>> {
+        let mut children = self.children.write().unwrap();
+        let idx = children.iter().position(|c| c.role == role)?;
+        Some(children.remove(idx))
+    }
+
+    /// Drop all child edges (when the node leaves the graph).
+    pub fn detach_children(&self) {
+        let children = std::mem::take(&mut *self.children.write().unwrap());
+        drop(children);
+    }
+
+    fn check_new_user(&self, perm: Perms, shared: Perms, user: &str) -> Result<(), String> {
+        if self.read_only() && perm.intersects(Perms::WRITE | Perms::RESIZE) {
+            return Err("Block node is read-only".to_string());
+        }
+        for other in self.parents() {
+            let unshared_by_new = other.perm() & !shared;
+            if unshared_by_new != Perms::NONE {
+                return Err(conflict_message(
+                    &self.name,
+                    unshared_by_new,
+                    &other.describe_user(),
+                    user,
+                ));
+            }
+            let unshared_by_other = perm & !other.shared();
+            if unshared_by_other != Perms::NONE {
+                return Err(conflict_message(
+                    &self.name,
+                    unshared_by_other,
+                    user,
+                    &other.describe_user(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Recompute the permissions this node takes on its children from what its users need,
+    /// down the whole subgraph, and apply file locks.
+    pub fn refresh_perms(&self) -> Result<(), String> {
+        let (perm, shared) = self.cumulative_perms();
+        self.driver.apply_perms(perm, shared)?;
+        for child in self.children() {
+            let (cperm, cshared) =
+                self.driver
+                    .child_perms(&child.role, perm, shared, self.read_only());
+            if (cperm, cshared) == (child.perm(), child.shared()) {
+                continue;
+            }
+            let target = child.node();
+            for other in target.parents() {
+                if Arc::ptr_eq(&other, &child) {
+                    continue;
+                }
+                let a = other.perm() & !cshared;
+                if a != Perms::NONE {
+                    return Err(conflict_message(
+                        target.name(),
+                        a,
+                        &other.describe_user(),
+                        &child.describe_user(),
+                    ));
+                }
+                let b = cperm & !other.shared();
+                if b != Perms::NONE {
+                    return Err(conflict_message(
+                        target.name(),
+                        b,
+                        &child.describe_user(),
+                        &other.describe_user(),
+                    ));
+                }
+            }
+            child.set_perms(cperm, cshared);
+            target.refresh_perms()?;
+        }
+        Ok(())
+    }
+
+    /// Point every parent edge of `self` at `new` instead (mirror pivot, snapshot overlay).
+    pub fn replace_in_parents(self: &Arc<Node>, new: &Arc<Node>, except: Option<&str>) {
+        for edge in self.parents() {
+            if except.is_some() && edge.parent_node_name() == except {
+                continue;
+            }
+            edge.target.store(new.clone());
+            self.forget_parent(&edge);
+            new.parents.lock().unwrap().push(Arc::downgrade(&edge));
+        }
+        let _ = self.refresh_perms();
+        let _ = new.refresh_perms();
+    }
+
+    fn enter(&self) -> InflightGuard<'_> {
+        self.inflight.count.fetch_add(1, Ordering::AcqRel);
+        InflightGuard(&self.inflight)
+    }
+
+    async fn wait_unquiesced(&self) {
+        while self.inflight.quiesced.load(Ordering::Acquire) > 0 {
+            let notified = self.inflight.resumed.notified();
+            if self.inflight.quiesced.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            notified.await;
+        }
+    }
+
+    /// Stop new requests and wait until those in flight are done. Pair with `undrain`.
+    pub async fn drain(&self) {
+        self.inflight.quiesced.fetch_add(1, Ordering::AcqRel);
+        loop {
+            let idle = self.inflight.idle.notified();
+            if self.inflight.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    pub fn undrain(&self) {
+        if self.inflight.quiesced.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inflight.resumed.notify_waiters();
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
+
+    fn check_write_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.driver.extends_on_write() {
+            return match offset.checked_add(len) {
+                Some(_) => Ok(()),
+                None => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            };
+        }
+        self.check_range(offset, len)
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only() {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.wait_unquiesced().await;
+        let _guard = self.enter();
+        self.check_range(offset, buf.len() as u64)?;
+        self.driver.read(self, offset, buf).await
+    }
+
+    pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
+        self.wait_unquiesced().await;
+        let _guard = self.enter();
+        self.check_writable()?;
+        self.check_write_range(offset, buf.len() as u64)?;
+        if self.options.detect_zeroes != DetectZeroes::Off && is_zero(buf) {
+            let zero_flags = WriteFlags {
+                may_unmap: self.options.detect_zeroes == DetectZeroes::Unmap
+                    && self.options.discard_unmap,
+                ..flags
+            };
+            return self
+                .driver
+                .write_zeroes(self, offset, buf.len() as u64, zero_flags)
+                .await;
+        }
+        self.driver.write(self, offset, buf, flags).await
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
+        self.wait_unquiesced().await;
+        let _guard = self.enter();
+        self.check_writable()?;
+        self.check_write_range(offset, len)?;
+        let flags = WriteFlags {
+            may_unmap: flags.may_unmap && self.options.discard_unmap,
+            ..flags
+        };
+        self.driver.write_zeroes(self, offset, len, flags).await
+    }
+
+    /// Discard is advisory: with `discard=ignore` (the default) it succeeds doing nothing.
+    pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.wait_unquiesced().await;
+        let _guard = self.enter();
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if !self.options.discard_unmap {
+            return Ok(());
+        }
+        self.driver.discard(self, offset, len).await
+    }
+
+    pub async fn flush(&self) -> io::Result<()> {
+        if self.options.cache_no_flush {
+            return Ok(());
+        }
+        let _guard = self.enter();
+        self.driver.flush(self).await
+    }
+
+    pub async fn truncate(&self, size: u64) -> io::Result<()> {
+        self.check_writable()?;
+        let _guard = self.enter();
+        self.driver.truncate(self, size).await
+    }
+
+    /// Status of this layer alone.
+    pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let _guard = self.enter();
+        let len = len.min(self.size().saturating_sub(offset));
+        if len == 0 {
+            return Ok(Extent {
+                len: 0,
+                kind: ExtentKind::Zero { allocated: false },
+            });
+        }
+        self.driver.block_status(self, offset, len).await
+    }
+
+    /// Status resolved down the backing chain, stopping above `base` when given.
+    pub async fn block_status_above(
+        self: &Arc<Self>,
+        base: Option<&Arc<Node>>,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<ChainExtent> {
+        let mut node = self.clone();
+        let mut depth = 1;
+        let mut len = len;
+        loop {
+            let extent = node.block_status(offset, len).await?;
+            len = extent.len;
+            match extent.kind {
+                ExtentKind::Data => {
+                    return Ok(ChainExtent {
+                        len,
+                        zero: false,
+                        allocated: true,
+                        depth,
+                    })
+                }
+                ExtentKind::Zero { allocated } => {
+                    return Ok(ChainExtent {
+                        len,
+                        zero: true,
+                        allocated,
+                        depth: if allocated { depth } else { 0 },
+                    })
+                }
+                ExtentKind::Unallocated => {
+                    let below = node
+                        .backing()
+                        .filter(|b| base.is_none_or(|base| !Arc::ptr_eq(b, base)));
+                    match below {
+                        Some(b) if offset < b.size() => {
+                            len = len.min(b.size() - offset);
+                            node = b;
+                            depth += 1;
+                        }
+                        _ => {
+                            return Ok(ChainExtent {
+                                len,
+                                zero: true,
+                                allocated: false,
+                                depth: 0,
+                            })
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The node whose data this one passes through unchanged (filters), else itself.
+    pub fn skip_filters(self: &Arc<Self>) -> Arc<Node> {
+        let mut node = self.clone();
+        while let Some(role) = node.driver.filtered_child_role() {
+            match node.child(role) {
+                Some(c) => node = c.node(),
+                None => break,
+            }
+        }
+        node
+    }
+
+    /// Length of the backing chain below this node.
+    pub fn backing_depth(&self) -> u64 {
+        let mut depth = 0;
+        let mut next = self.backing();
+        while let Some(n) = next {
+            depth += 1;
+            next = n.backing();
+        }
+        depth
+    }
+}
+
+fn role_description(parent: &Parent, target: &Node, role: &str) -> String {
+    match parent {
+        Parent::Node(parent) => format!(
+            "node '{parent}' (uses node '{}' as '{role}' child)",
+            target.name()
+        ),
+        Parent::User { kind, name } => {
+            let user = match (*kind, name.as_str()) {
+                ("block-backend", "") => "an unnamed block device".to_string(),
+                ("block-backend", name) => format!("block device '{name}'"),
+                (kind, name) => format!("{kind} '{name}'"),
+            };
+            format!("{user} (uses node '{}' as '{role}' child)", target.name())
+        }
+    }
+}
+
+fn conflict_message(node: &str, perms: Perms, required_by: &str, unshared_by: &str) -> String {
+    format!(
+        "Permission conflict on node '{node}': permissions '{}' are both required by {required_by} and unshared by {unshared_by}.",
+        perms.describe()
+    )
+}
+
+/// Whether a buffer holds only zero bytes, comparing word-sized chunks where aligned.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (head, words, tail) = unsafe { buf.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_detection() {
+        let mut buf = vec![0u8; 4099];
+        assert!(is_zero(&buf));
+        assert!(is_zero(&buf[1..]));
+        buf[4098] = 1;
+        assert!(!is_zero(&buf));
+        assert!(!is_zero(&buf[3..]));
+    }
+}
