@@ -2,6 +2,7 @@
 //! nodes (children inline or by reference, implicit backing chains, generated names).
 
 use crate::drivers::blkdebug::{Blkdebug, BlkdebugOptions};
+use crate::drivers::cbw::{CbwOptions, CopyBeforeWrite, SnapshotAccess};
 use crate::drivers::file::{FileDriver, FileOptions};
 use crate::drivers::nbd::{NbdDriver, NbdOptions};
 use crate::drivers::null::{Null, NullOptions};
@@ -117,6 +118,11 @@ enum DetectZeroesOption {
     On,
     Unmap,
 }
+
+/// Drivers whose only option is their child.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct NoDriverOptions {}
 
 #[derive(Deserialize, Debug, Default)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -486,6 +492,42 @@ impl Graph {
                             .await
                             .map_err(QmpError::generic)?,
                     )
+                }
+                "copy-before-write" => {
+                    let file_ref = take_child_ref(&mut options, "file", path)?;
+                    let target_ref = take_child_ref(&mut options, "target", path)?;
+                    let opts: CbwOptions = parse_options(Value::Object(options), syntax, path)?;
+                    if opts.bitmap.is_some() {
+                        return Err(QmpError::generic(
+                            "copy-before-write with a bitmap needs dirty bitmaps, which blockd does not have yet",
+                        ));
+                    }
+                    let file = self
+                        .open_child(&ctx, file_ref, "file", Perms::CONSISTENT_READ, Perms::ALL & !Perms::RESIZE, pending)
+                        .await?;
+                    let target = self
+                        .open_child(&ctx, target_ref, "target", Perms::WRITE, Perms::ALL & !Perms::RESIZE, pending)
+                        .await?;
+                    let cluster = CopyBeforeWrite::cluster_size_for(&target.node())
+                        .max(opts.min_cluster_size.unwrap_or(0));
+                    children.push(file.clone());
+                    children.push(target.clone());
+                    Box::new(CopyBeforeWrite::new(
+                        file,
+                        target,
+                        cluster,
+                        opts.on_cbw_error.unwrap_or_default(),
+                        opts.cbw_timeout.filter(|&s| s > 0).map(std::time::Duration::from_secs),
+                    ))
+                }
+                "snapshot-access" => {
+                    let file_ref = take_child_ref(&mut options, "file", path)?;
+                    parse_options::<NoDriverOptions>(Value::Object(options), syntax, path)?;
+                    let file = self
+                        .open_child(&ctx, file_ref, "file", Perms::CONSISTENT_READ, Perms::ALL, pending)
+                        .await?;
+                    children.push(file.clone());
+                    Box::new(SnapshotAccess::new(file).map_err(QmpError::generic)?)
                 }
                 "nbd" => {
                     let opts: NbdOptions = parse_options(Value::Object(options), syntax, path)?;

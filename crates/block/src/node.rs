@@ -68,7 +68,7 @@ pub struct DriverInfo {
 ///
 /// Futures are not `Send`: they run on the I/O thread that issued them (see DESIGN.md).
 #[async_trait(?Send)]
-pub trait Driver: Send + Sync + 'static {
+pub trait Driver: std::any::Any + Send + Sync + 'static {
     /// QEMU's driver name (`drv` in query-named-block-nodes).
     fn format_name(&self) -> &'static str;
 
@@ -177,6 +177,42 @@ impl Child {
         role_description(&self.parent, &self.node(), &self.role)
     }
 
+    /// The current target, counted in flight. A request waits while the target is
+    /// quiesced and then looks again, so that requests held back while a filter was
+    /// inserted or a node replaced go to the new target.
+    pub async fn enter(&self) -> EnteredNode {
+        loop {
+            let node = self.node();
+            node.wait_unquiesced().await;
+            node.inflight.count.fetch_add(1, Ordering::AcqRel);
+            let entered = EnteredNode(node);
+            let still_target = Arc::ptr_eq(&entered.0, &self.target.load());
+            if still_target && entered.inflight.quiesced.load(Ordering::Acquire) == 0 {
+                return entered;
+            }
+        }
+    }
+
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.enter().await.read_entered(offset, buf).await
+    }
+
+    pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
+        self.enter().await.write_entered(offset, buf, flags).await
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
+        self.enter().await.write_zeroes_entered(offset, len, flags).await
+    }
+
+    pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.enter().await.discard_entered(offset, len).await
+    }
+
+    pub async fn flush(&self) -> io::Result<()> {
+        self.enter().await.flush_entered().await
+    }
+
     pub fn parent_node_name(&self) -> Option<&str> {
         match &self.parent {
             Parent::Node(name) => Some(name),
@@ -236,6 +272,22 @@ struct Inflight {
 
 struct InflightGuard<'a>(&'a Inflight);
 
+/// A request counted in flight on a node it holds, for requests that go through an edge.
+pub struct EnteredNode(Arc<Node>);
+
+impl std::ops::Deref for EnteredNode {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.0
+    }
+}
+
+impl Drop for EnteredNode {
+    fn drop(&mut self) {
+        drop(InflightGuard(&self.0.inflight));
+    }
+}
+
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
         if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -291,6 +343,12 @@ impl Node {
 
     pub fn driver(&self) -> &dyn Driver {
         self.driver.as_ref()
+    }
+
+    /// The driver as its concrete type, for operations only one driver has.
+    pub fn driver_as<T: Driver>(&self) -> Option<&T> {
+        let any: &dyn std::any::Any = self.driver.as_ref();
+        any.downcast_ref::<T>()
     }
 
     pub fn options(&self) -> &CommonOptions {
@@ -546,13 +604,45 @@ impl Node {
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.wait_unquiesced().await;
         let _guard = self.enter();
-        self.check_range(offset, buf.len() as u64)?;
-        self.driver.read(self, offset, buf).await
+        self.read_entered(offset, buf).await
     }
 
     pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         self.wait_unquiesced().await;
         let _guard = self.enter();
+        self.write_entered(offset, buf, flags).await
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
+        self.wait_unquiesced().await;
+        let _guard = self.enter();
+        self.write_zeroes_entered(offset, len, flags).await
+    }
+
+    /// Discard is advisory: with `discard=ignore` (the default) it succeeds doing nothing.
+    pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.wait_unquiesced().await;
+        let _guard = self.enter();
+        self.discard_entered(offset, len).await
+    }
+
+    pub async fn flush(&self) -> io::Result<()> {
+        let _guard = self.enter();
+        self.flush_entered().await
+    }
+
+    pub async fn truncate(&self, size: u64) -> io::Result<()> {
+        self.check_writable()?;
+        let _guard = self.enter();
+        self.driver.truncate(self, size).await
+    }
+
+    async fn read_entered(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.driver.read(self, offset, buf).await
+    }
+
+    async fn write_entered(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         self.check_writable()?;
         self.check_write_range(offset, buf.len() as u64)?;
         if self.options.detect_zeroes != DetectZeroes::Off && is_zero(buf) {
@@ -569,9 +659,7 @@ impl Node {
         self.driver.write(self, offset, buf, flags).await
     }
 
-    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
-        self.wait_unquiesced().await;
-        let _guard = self.enter();
+    async fn write_zeroes_entered(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
         self.check_writable()?;
         self.check_write_range(offset, len)?;
         let flags = WriteFlags {
@@ -581,10 +669,7 @@ impl Node {
         self.driver.write_zeroes(self, offset, len, flags).await
     }
 
-    /// Discard is advisory: with `discard=ignore` (the default) it succeeds doing nothing.
-    pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.wait_unquiesced().await;
-        let _guard = self.enter();
+    async fn discard_entered(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
         if !self.options.discard_unmap {
@@ -593,18 +678,11 @@ impl Node {
         self.driver.discard(self, offset, len).await
     }
 
-    pub async fn flush(&self) -> io::Result<()> {
+    async fn flush_entered(&self) -> io::Result<()> {
         if self.options.cache_no_flush {
             return Ok(());
         }
-        let _guard = self.enter();
         self.driver.flush(self).await
-    }
-
-    pub async fn truncate(&self, size: u64) -> io::Result<()> {
-        self.check_writable()?;
-        let _guard = self.enter();
-        self.driver.truncate(self, size).await
     }
 
     /// Status of this layer alone.

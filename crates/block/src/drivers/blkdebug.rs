@@ -246,7 +246,7 @@ impl Driver for Blkdebug {
 
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check(&[Event::ReadAio], IoType::Read, offset, buf.len() as u64)?;
-        self.image().read(offset, buf).await
+        self.image.read(offset, buf).await
     }
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
@@ -256,7 +256,7 @@ impl Driver for Blkdebug {
             offset,
             buf.len() as u64,
         )?;
-        self.image().write(offset, buf, flags).await
+        self.image.write(offset, buf, flags).await
     }
 
     async fn write_zeroes(
@@ -267,17 +267,17 @@ impl Driver for Blkdebug {
         flags: WriteFlags,
     ) -> io::Result<()> {
         self.check(&[Event::PwritevZero], IoType::WriteZeroes, offset, len)?;
-        self.image().write_zeroes(offset, len, flags).await
+        self.image.write_zeroes(offset, len, flags).await
     }
 
     async fn discard(&self, _: &Node, offset: u64, len: u64) -> io::Result<()> {
         self.check(&[], IoType::Discard, offset, len)?;
-        self.image().discard(offset, len).await
+        self.image.discard(offset, len).await
     }
 
     async fn flush(&self, _: &Node) -> io::Result<()> {
         self.check(&[Event::FlushToDisk], IoType::Flush, 0, 0)?;
-        self.image().flush().await
+        self.image.flush().await
     }
 
     async fn block_status(&self, _: &Node, offset: u64, len: u64) -> io::Result<Extent> {

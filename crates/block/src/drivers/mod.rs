@@ -1,6 +1,7 @@
 //! Block drivers: each file does one format or protocol's own work and nothing else.
 
 pub mod blkdebug;
+pub mod cbw;
 pub mod file;
 pub mod nbd;
 pub mod null;

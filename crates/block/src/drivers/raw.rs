@@ -71,11 +71,11 @@ impl Driver for Raw {
     }
 
     async fn read(&self, _node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.file().read(self.offset + offset, buf).await
+        self.file.read(self.offset + offset, buf).await
     }
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
-        self.file().write(self.offset + offset, buf, flags).await
+        self.file.write(self.offset + offset, buf, flags).await
     }
 
     async fn write_zeroes(
@@ -85,17 +85,17 @@ impl Driver for Raw {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        self.file()
+        self.file
             .write_zeroes(self.offset + offset, len, flags)
             .await
     }
 
     async fn discard(&self, _: &Node, offset: u64, len: u64) -> io::Result<()> {
-        self.file().discard(self.offset + offset, len).await
+        self.file.discard(self.offset + offset, len).await
     }
 
     async fn flush(&self, _: &Node) -> io::Result<()> {
-        self.file().flush().await
+        self.file.flush().await
     }
 
     async fn block_status(&self, _: &Node, offset: u64, len: u64) -> io::Result<Extent> {

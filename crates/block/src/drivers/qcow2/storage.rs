@@ -40,20 +40,18 @@ impl Storage for NodeStorage {
     }
 
     async unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
-        let node = self.child.node();
         let mut pos = offset;
         for mut slice in bufv.into_inner() {
-            node.read(pos, &mut slice).await?;
+            self.child.read(pos, &mut slice).await?;
             pos += slice.len() as u64;
         }
         Ok(())
     }
 
     async unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
-        let node = self.child.node();
         let mut pos = offset;
         for slice in bufv.into_inner() {
-            node.write(pos, &slice, WriteFlags::default()).await?;
+            self.child.write(pos, &slice, WriteFlags::default()).await?;
             pos += slice.len() as u64;
         }
         Ok(())
@@ -64,22 +62,21 @@ impl Storage for NodeStorage {
             may_unmap: true,
             ..WriteFlags::default()
         };
-        self.child.node().write_zeroes(offset, length, flags).await
+        self.child.write_zeroes(offset, length, flags).await
     }
 
     async unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
-        let node = self.child.node();
-        node.write_zeroes(offset, length, WriteFlags::default())
+        self.child
+            .write_zeroes(offset, length, WriteFlags::default())
             .await
     }
 
     async unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
-        let node = self.child.node();
-        let end = (offset + length).min(node.size());
+        let end = (offset + length).min(self.child.node().size());
         if end <= offset {
             return Ok(());
         }
-        node.discard(offset, end - offset).await
+        self.child.discard(offset, end - offset).await
     }
 
     /// A node keeps no buffers of its own to write back; stability is `sync`'s job.
@@ -88,7 +85,7 @@ impl Storage for NodeStorage {
     }
 
     async fn sync(&self) -> io::Result<()> {
-        self.child.node().flush().await
+        self.child.flush().await
     }
 
     async unsafe fn invalidate_cache(&self) -> io::Result<()> {

@@ -1,0 +1,381 @@
+//! Cluster-granular copying from a source to a target, shared by a backup job and its
+//! copy-before-write filter so that each cluster is copied exactly once: whoever reaches a
+//! cluster first copies it, the other waits for that copy and then skips it.
+
+use crate::node::{Child, WriteFlags};
+use std::collections::HashMap;
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// One bit per cluster.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterBitmap {
+    words: Vec<u64>,
+    clusters: u64,
+}
+
+impl ClusterBitmap {
+    pub fn new(clusters: u64) -> ClusterBitmap {
+        ClusterBitmap {
+            words: vec![0; clusters.div_ceil(64) as usize],
+            clusters,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.clusters
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clusters == 0
+    }
+
+    pub fn get(&self, cluster: u64) -> bool {
+        cluster < self.clusters && self.words[(cluster / 64) as usize] & (1 << (cluster % 64)) != 0
+    }
+
+    pub fn set(&mut self, cluster: u64, value: bool) {
+        if cluster >= self.clusters {
+            return;
+        }
+        let word = &mut self.words[(cluster / 64) as usize];
+        if value {
+            *word |= 1 << (cluster % 64);
+        } else {
+            *word &= !(1 << (cluster % 64));
+        }
+    }
+
+    pub fn set_range(&mut self, clusters: Range<u64>, value: bool) {
+        for cluster in clusters {
+            self.set(cluster, value);
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// The first set bit at or after `from`.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        let mut cluster = from;
+        while cluster < self.clusters {
+            let word = self.words[(cluster / 64) as usize] >> (cluster % 64);
+            if word != 0 {
+                let found = cluster + u64::from(word.trailing_zeros());
+                return (found < self.clusters).then_some(found);
+            }
+            cluster = (cluster / 64 + 1) * 64;
+        }
+        None
+    }
+}
+
+struct CopyState {
+    /// Clusters that still hold data the target needs.
+    pending: ClusterBitmap,
+    /// Clusters being copied right now, with the signal their waiters wait on.
+    in_flight: HashMap<u64, Arc<Notify>>,
+}
+
+/// What a copy of one run found, for the caller's error policy.
+#[derive(Debug)]
+pub enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl CopyError {
+    pub fn io(&self) -> &io::Error {
+        match self {
+            CopyError::Read(e) | CopyError::Write(e) => e,
+        }
+    }
+}
+
+pub struct BlockCopy {
+    source: Arc<Child>,
+    target: Arc<Child>,
+    cluster_size: u64,
+    len: u64,
+    /// The target reads as zeroes already (a fresh image): zero runs need no write.
+    target_is_zero: bool,
+    state: Mutex<CopyState>,
+    copied_bytes: AtomicU64,
+}
+
+/// Largest run copied in one request.
+const MAX_RUN: u64 = 1 << 20;
+
+impl BlockCopy {
+    pub fn new(
+        source: Arc<Child>,
+        target: Arc<Child>,
+        cluster_size: u64,
+        pending: ClusterBitmap,
+        target_is_zero: bool,
+    ) -> BlockCopy {
+        let len = source.node().size();
+        BlockCopy {
+            source,
+            target,
+            cluster_size,
+            len,
+            target_is_zero,
+            state: Mutex::new(CopyState {
+                pending,
+                in_flight: HashMap::new(),
+            }),
+            copied_bytes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn source(&self) -> &Arc<Child> {
+        &self.source
+    }
+
+    pub fn target(&self) -> &Arc<Child> {
+        &self.target
+    }
+
+    /// Bytes still to copy.
+    pub fn remaining_bytes(&self) -> u64 {
+        let state = self.state.lock().unwrap();
+        (state.pending.count() * self.cluster_size).min(self.len)
+    }
+
+    pub fn copied_bytes(&self) -> u64 {
+        self.copied_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn is_pending(&self, offset: u64) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .pending
+            .get(offset / self.cluster_size)
+    }
+
+    /// The next pending cluster at or after `cluster` that nobody is copying yet.
+    pub fn next_pending(&self, cluster: u64) -> Option<u64> {
+        let state = self.state.lock().unwrap();
+        let mut from = cluster;
+        loop {
+            let found = state.pending.next_set(from)?;
+            if !state.in_flight.contains_key(&found) {
+                return Some(found);
+            }
+            from = found + 1;
+        }
+    }
+
+    /// Forget that clusters need copying (sync=top skipping what the top does not hold).
+    pub fn skip(&self, clusters: Range<u64>) {
+        self.state.lock().unwrap().pending.set_range(clusters, false);
+    }
+
+    /// Make sure every pending cluster of `[offset, offset+len)` is on the target before
+    /// returning: copy those nobody copies, wait for those being copied.
+    pub async fn copy_range(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        let end = (offset + len).min(self.len);
+        if offset >= end {
+            return Ok(());
+        }
+        let first = offset / self.cluster_size;
+        let last = (end - 1) / self.cluster_size;
+        let mut cluster = first;
+        while cluster <= last {
+            match self.claim(cluster, last) {
+                Claim::Done => cluster += 1,
+                // The same cluster is looked at again afterwards: that copy may have failed.
+                Claim::Wait(notify) => self.wait_for(cluster, &notify).await,
+                Claim::Copy(run) => {
+                    let result = self.copy_run(run.clone()).await;
+                    self.release(run.clone(), result.is_ok());
+                    result?;
+                    cluster = run.end;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Read the point-in-time view: clusters still pending come from the source (writes to
+    /// them wait meanwhile), copied ones from the target.
+    pub async fn read_point_in_time(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let cluster = pos / self.cluster_size;
+            let chunk_end = end.min((cluster + 1) * self.cluster_size);
+            let slice = &mut buf[(pos - offset) as usize..(chunk_end - offset) as usize];
+            match self.claim(cluster, cluster) {
+                Claim::Done => self.target.node().read(pos, slice).await?,
+                Claim::Wait(notify) => {
+                    self.wait_for(cluster, &notify).await;
+                    continue;
+                }
+                Claim::Copy(run) => {
+                    let result = self.source.node().read(pos, slice).await;
+                    self.release(run, false);
+                    result?;
+                }
+            }
+            pos = chunk_end;
+        }
+        Ok(())
+    }
+
+    /// The reader of the view no longer needs `[offset, offset+len)`: whole clusters in it
+    /// are neither copied any more nor kept on the target.
+    pub async fn forget_point_in_time(&self, offset: u64, len: u64) -> io::Result<()> {
+        let first = offset.div_ceil(self.cluster_size);
+        let last = (offset + len).min(self.len) / self.cluster_size;
+        if first >= last {
+            return Ok(());
+        }
+        self.state
+            .lock()
+            .unwrap()
+            .pending
+            .set_range(first..last, false);
+        let start = first * self.cluster_size;
+        let end = (last * self.cluster_size).min(self.len);
+        self.target.node().discard(start, end - start).await
+    }
+
+    async fn wait_for(&self, cluster: u64, notify: &Arc<Notify>) {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // Only wait if that copy is still running now that we listen.
+        if self.copying_with(cluster, notify) {
+            notified.await;
+        }
+    }
+
+    fn claim(&self, cluster: u64, last: u64) -> Claim {
+        let mut state = self.state.lock().unwrap();
+        if !state.pending.get(cluster) {
+            return Claim::Done;
+        }
+        if let Some(notify) = state.in_flight.get(&cluster) {
+            return Claim::Wait(notify.clone());
+        }
+        let max_clusters = (MAX_RUN / self.cluster_size).max(1);
+        let mut end = cluster + 1;
+        while end <= last
+            && end - cluster < max_clusters
+            && state.pending.get(end)
+            && !state.in_flight.contains_key(&end)
+        {
+            end += 1;
+        }
+        let notify = Arc::new(Notify::new());
+        for c in cluster..end {
+            state.in_flight.insert(c, notify.clone());
+        }
+        Claim::Copy(cluster..end)
+    }
+
+    fn copying_with(&self, cluster: u64, notify: &Arc<Notify>) -> bool {
+        let state = self.state.lock().unwrap();
+        state
+            .in_flight
+            .get(&cluster)
+            .is_some_and(|n| Arc::ptr_eq(n, notify))
+    }
+
+    fn release(&self, run: Range<u64>, copied: bool) {
+        let mut state = self.state.lock().unwrap();
+        let mut notify = None;
+        for c in run {
+            notify = state.in_flight.remove(&c).or(notify);
+            if copied {
+                state.pending.set(c, false);
+            }
+        }
+        if let Some(notify) = notify {
+            notify.notify_waiters();
+        }
+    }
+
+    async fn copy_run(&self, run: Range<u64>) -> Result<(), CopyError> {
+        let start = run.start * self.cluster_size;
+        let end = (run.end * self.cluster_size).min(self.len);
+        let source = self.source.node();
+        let target = self.target.node();
+        let mut offset = start;
+        while offset < end {
+            let status = source
+                .block_status_above(None, offset, end - offset)
+                .await
+                .map_err(CopyError::Read)?;
+            let n = status.len.max(1).min(end - offset);
+            if status.zero {
+                if !self.target_is_zero {
+                    let flags = WriteFlags {
+                        may_unmap: true,
+                        ..WriteFlags::default()
+                    };
+                    target
+                        .write_zeroes(offset, n, flags)
+                        .await
+                        .map_err(CopyError::Write)?;
+                }
+            } else {
+                let mut buf = vec![0u8; n as usize];
+                source.read(offset, &mut buf).await.map_err(CopyError::Read)?;
+                target
+                    .write(offset, &buf, WriteFlags::default())
+                    .await
+                    .map_err(CopyError::Write)?;
+            }
+            offset += n;
+        }
+        self.copied_bytes.fetch_add(end - start, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+enum Claim {
+    Done,
+    Wait(Arc<Notify>),
+    Copy(Range<u64>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClusterBitmap;
+
+    #[test]
+    fn bitmap_set_get_count_next() {
+        let mut b = ClusterBitmap::new(200);
+        assert_eq!(b.next_set(0), None);
+        b.set_range(10..20, true);
+        b.set(130, true);
+        b.set(500, true);
+        assert_eq!(b.count(), 11);
+        assert_eq!(b.next_set(0), Some(10));
+        assert_eq!(b.next_set(20), Some(130));
+        assert_eq!(b.next_set(131), None);
+        b.set(15, false);
+        assert!(!b.get(15));
+        assert!(b.get(16));
+    }
+}
