@@ -279,7 +279,16 @@ impl Graph {
                     "Node {name} is not owned by the monitor"
                 )));
             };
-            if !node.parents().is_empty() {
+            if let Some(job_type) = node.busy_with_job() {
+                return Err(QmpError::generic(format!(
+                    "Node '{name}' is busy: block device is in use by block job: {job_type}"
+                )));
+            }
+            let users = node.parents();
+            if users.iter().any(|e| matches!(e.parent(), Parent::User { .. })) {
+                return Err(QmpError::generic(format!("Node {name} is in use")));
+            }
+            if !users.is_empty() {
                 return Err(QmpError::generic(format!("Block device {name} is in use")));
             }
             let node = node.clone();
@@ -310,11 +319,38 @@ impl Graph {
         }
     }
 
-    fn generate_name(&self) -> String {
+    /// List a node built by a job (a filter) among the implicit nodes; it lives as long as
+    /// its users keep it.
+    pub fn register_implicit(&self, node: &Arc<Node>) {
+        self.registry.lock().unwrap().entries.push(Entry {
+            name: node.name().to_string(),
+            ownership: Ownership::Parent(Arc::downgrade(node)),
+        });
+    }
+
+    /// Insert `filter`, whose own child edge already points at `below`, between `below` and
+    /// all of `below`'s other users. Requests in flight finish first, and those held back
+    /// meanwhile go to the filter.
+    pub async fn insert_filter(&self, below: &Arc<Node>, filter: &Arc<Node>) {
+        below.drain().await;
+        below.replace_in_parents(filter, Some(filter.name()));
+        below.undrain();
+        self.register_implicit(filter);
+    }
+
+    /// Undo `insert_filter`: the filter's users go back to `below` and the filter lets go.
+    pub async fn remove_filter(&self, filter: &Arc<Node>, below: &Arc<Node>) {
+        filter.drain().await;
+        filter.replace_in_parents(below, None);
+        filter.undrain();
+        filter.detach_children();
+    }
+
+    /// QEMU's shape for a node the user did not name: a counter and two random digits.
+    pub fn generate_name(&self) -> String {
         let mut registry = self.registry.lock().unwrap();
         let counter = registry.implicit_counter;
         registry.implicit_counter += 1;
-        // QEMU's shape: a counter and two random digits, so generated names are not guessed.
         let salt = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos())

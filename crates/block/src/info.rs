@@ -135,6 +135,14 @@ pub fn block_graph(graph: &Graph) -> Value {
                         out_nodes.push(json!({"name": name, "type": kind, "id": id}));
                         id
                     }),
+                Parent::Job { id: job, .. } => *users
+                    .entry(("block-job".to_string(), job.clone()))
+                    .or_insert_with(|| {
+                        let id = next_id;
+                        next_id += 1;
+                        out_nodes.push(json!({"name": job, "type": "block-job", "id": id}));
+                        id
+                    }),
             };
             out_edges.push(json!({
                 "parent": parent_id,

@@ -131,8 +131,10 @@ pub enum Parent {
     /// The parent node, by name (node names are unique and the parent may not exist yet
     /// while its children are attached during open).
     Node(String),
-    /// A user outside the graph: an export, a job, the monitor.
+    /// A user outside the graph: an export, the monitor.
     User { kind: &'static str, name: String },
+    /// A block job working on the node: it blocks deletion and conflicting jobs.
+    Job { id: String, job_type: &'static str },
 }
 
 /// An edge from a parent to a node, carrying the parent's permissions on it.
@@ -216,7 +218,7 @@ impl Child {
     pub fn parent_node_name(&self) -> Option<&str> {
         match &self.parent {
             Parent::Node(name) => Some(name),
-            Parent::User { .. } => None,
+            Parent::User { .. } | Parent::Job { .. } => None,
         }
     }
 }
@@ -386,6 +388,14 @@ impl Node {
 
     pub fn backing(&self) -> Option<Arc<Node>> {
         self.child("backing").map(|c| c.node())
+    }
+
+    /// The type of a block job using this node, if one does.
+    pub fn busy_with_job(&self) -> Option<&'static str> {
+        self.parents().iter().find_map(|edge| match edge.parent() {
+            Parent::Job { job_type, .. } => Some(*job_type),
+            _ => None,
+        })
     }
 
     /// The live edges that point at this node.
@@ -790,6 +800,10 @@ fn role_description(parent: &Parent, target: &Node, role: &str) -> String {
             };
             format!("{user} (uses node '{}' as '{role}' child)", target.name())
         }
+        Parent::Job { id, .. } => format!(
+            "block job '{id}' (uses node '{}' as '{role}' child)",
+            target.name()
+        ),
     }
 }
 

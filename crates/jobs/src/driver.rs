@@ -145,11 +145,13 @@ pub trait JobDriver: Send + Sync + 'static {
         Ok(())
     }
 
-    fn commit(&self) {}
+    /// Graph changes of a successful job (mirror pivot, stream and commit's new backing).
+    async fn commit(&self) {}
 
-    fn abort(&self) {}
+    async fn abort(&self) {}
 
-    fn clean(&self) {}
+    /// Undo what the job put in place (filters, its claims on nodes), whatever the outcome.
+    async fn clean(&self) {}
 
     /// Members added after the common ones of a query-block-jobs row (mirror:
     /// `actively-synced`).

@@ -532,13 +532,13 @@ impl Job {
 
     /// QEMU's `job_finalize_single`: commit or abort, clean, the final event (only for a
     /// job that started), then concluded, and gone if auto-dismiss (or never started).
-    pub(crate) fn finalize_single(self: &Arc<Self>) {
+    pub(crate) async fn finalize_single(self: &Arc<Self>) {
         if self.update_rc() {
-            self.driver.abort();
+            self.driver.abort().await;
         } else {
-            self.driver.commit();
+            self.driver.commit().await;
         }
-        self.driver.clean();
+        self.driver.clean().await;
         self.txn.remove(self);
         let dismiss = {
             let mut st = self.lock();

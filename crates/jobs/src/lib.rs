@@ -11,6 +11,7 @@
 //! monitor thread for job-finalize and for cancelling a job whose work is over. Events
 //! leave through the [`EventSink`] given to [`JobManager::new`].
 
+pub mod backup;
 pub mod driver;
 pub mod events;
 pub mod job;

@@ -92,7 +92,7 @@ pub(crate) async fn do_finalize(txn: &JobTxn) {
         }
     }
     for job in &jobs {
-        job.finalize_single();
+        job.finalize_single().await;
     }
 }
 
@@ -110,7 +110,7 @@ async fn abort(cause: &Arc<Job>, txn: &JobTxn) {
         job.update_rc();
     }
     for job in &jobs {
-        job.finalize_single();
+        job.finalize_single().await;
     }
 }
 

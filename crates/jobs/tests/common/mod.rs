@@ -184,15 +184,15 @@ impl JobDriver for Fake {
         Ok(())
     }
 
-    fn commit(&self) {
+    async fn commit(&self) {
         self.call("commit");
     }
 
-    fn abort(&self) {
+    async fn abort(&self) {
         self.call("abort");
     }
 
-    fn clean(&self) {
+    async fn clean(&self) {
         self.call("clean");
     }
 

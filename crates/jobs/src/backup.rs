@@ -1,0 +1,213 @@
+//! The backup job: a point-in-time copy of a source node to a target node.
+//!
+//! A copy-before-write filter sits above the source for the whole job, sharing one
+//! [`BlockCopy`] with the job: the job walks the clusters still to copy with many requests
+//! in flight, and a client write to a cluster not copied yet first has the filter copy the
+//! old data. Either way each cluster is copied once, as it was when the job started.
+
+use crate::{JobContext, JobDriver, JobFailure, JobType};
+use crate::policy::ErrorAction;
+use async_trait::async_trait;
+use block::copy::{BlockCopy, CopyError};
+use block::node::ExtentKind;
+use block::{Child, Graph, Node};
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Everything the source reads.
+    Full,
+    /// Only what the source's top layer holds.
+    Top,
+    /// Nothing by itself: only what writes are about to overwrite (fleecing).
+    None,
+}
+
+/// Parallelism of the copy loop (QEMU's x-perf options).
+#[derive(Clone, Copy, Debug)]
+pub struct BackupPerf {
+    pub max_workers: usize,
+    /// Largest request, in bytes; 0 picks the default.
+    pub max_chunk: u64,
+}
+
+impl Default for BackupPerf {
+    fn default() -> Self {
+        BackupPerf {
+            max_workers: 64,
+            max_chunk: 0,
+        }
+    }
+}
+
+/// Default request size: big enough for throughput, small enough for 64 in flight.
+const DEFAULT_CHUNK: u64 = 1 << 20;
+
+pub struct BackupJob {
+    graph: Arc<Graph>,
+    source: Arc<Node>,
+    filter: Arc<Node>,
+    copy: Arc<BlockCopy>,
+    sync: SyncMode,
+    perf: BackupPerf,
+    /// The job's own edges on source and target: they mark both busy until the job ends.
+    job_edges: Mutex<Vec<Arc<Child>>>,
+}
+
+impl BackupJob {
+    pub fn new(
+        graph: Arc<Graph>,
+        source: Arc<Node>,
+        filter: Arc<Node>,
+        copy: Arc<BlockCopy>,
+        sync: SyncMode,
+        perf: BackupPerf,
+        job_edges: Vec<Arc<Child>>,
+    ) -> BackupJob {
+        BackupJob {
+            graph,
+            source,
+            filter,
+            copy,
+            sync,
+            perf,
+            job_edges: Mutex::new(job_edges),
+        }
+    }
+
+    fn chunk(&self) -> u64 {
+        let cluster = self.copy.cluster_size();
+        let chunk = match self.perf.max_chunk {
+            0 => DEFAULT_CHUNK,
+            n => n,
+        };
+        chunk.max(cluster) / cluster * cluster
+    }
+
+    /// sync=top: forget the clusters the source's top layer does not hold.
+    async fn skip_unallocated(&self, ctx: &JobContext) -> Result<(), JobFailure> {
+        let cluster = self.copy.cluster_size();
+        let len = self.copy.len();
+        let mut offset = 0;
+        while offset < len {
+            ctx.pause_point().await;
+            if ctx.is_cancelled() {
+                return Err(JobFailure::cancelled());
+            }
+            let extent = self.source.block_status(offset, len - offset).await?;
+            let run = extent.len.max(1);
+            if extent.kind == ExtentKind::Unallocated {
+                let first = offset.div_ceil(cluster);
+                let end = (offset + run) / cluster + u64::from(offset + run >= len);
+                if first < end {
+                    self.copy.skip(first..end);
+                }
+            }
+            offset += run;
+        }
+        Ok(())
+    }
+
+    /// sync=none: keep the point in time until cancelled, reporting what writes copied.
+    async fn hold_point_in_time(&self, ctx: &JobContext) -> Result<(), JobFailure> {
+        let mut reported = 0;
+        loop {
+            let kicked = ctx.kicked();
+            if ctx.is_cancelled() {
+                return Err(JobFailure::cancelled());
+            }
+            ctx.pause_point().await;
+            let copied = self.copy.copied_bytes();
+            ctx.add_offset(copied - reported);
+            reported = copied;
+            tokio::select! {
+                _ = kicked => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    async fn copy_all(&self, ctx: &JobContext) -> Result<(), JobFailure> {
+        let cluster = self.copy.cluster_size();
+        let chunk = self.chunk();
+        let mut reported = 0;
+        let mut cursor = 0;
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            if in_flight.is_empty() {
+                ctx.pause_point().await;
+            }
+            if ctx.is_cancelled() {
+                // Requests already sent finish so no buffer is dropped mid-write.
+                while in_flight.next().await.is_some() {}
+                return Err(JobFailure::cancelled());
+            }
+            while in_flight.len() < self.perf.max_workers.max(1) {
+                let Some(next) = self.copy.next_pending(cursor) else {
+                    break;
+                };
+                let offset = next * cluster;
+                cursor = (offset + chunk) / cluster;
+                let copy = self.copy.clone();
+                in_flight.push(async move { (offset, copy.copy_range(offset, chunk).await) });
+            }
+            let Some((offset, result)) = in_flight.next().await else {
+                if self.copy.remaining_bytes() == 0 {
+                    break;
+                }
+                // What is left is being copied by client writes, or failed and awaits a
+                // retry from the start.
+                cursor = 0;
+                ctx.sleep(Duration::from_millis(1)).await;
+                continue;
+            };
+            let copied = self.copy.copied_bytes();
+            ctx.add_offset(copied.saturating_sub(reported));
+            ctx.rate_limit(copied.saturating_sub(reported)).await;
+            reported = copied;
+            if let Err(e) = result {
+                let is_read = matches!(e, CopyError::Read(_));
+                match ctx.handle_error(e.io(), is_read).await {
+                    ErrorAction::Report => {
+                        while in_flight.next().await.is_some() {}
+                        return Err(e.io().into());
+                    }
+                    // The range stays pending: go back and copy it again.
+                    ErrorAction::Retry | ErrorAction::Ignore => {
+                        cursor = cursor.min(offset / cluster);
+                    }
+                }
+            }
+        }
+        self.copy.target().flush().await?;
+        Ok(())
+    }
+}
+
+#[async_trait(?Send)]
+impl JobDriver for BackupJob {
+    fn job_type(&self) -> JobType {
+        JobType::Backup
+    }
+
+    async fn run(&self, ctx: &JobContext) -> Result<(), JobFailure> {
+        ctx.set_len(self.copy.len());
+        match self.sync {
+            SyncMode::None => self.hold_point_in_time(ctx).await,
+            SyncMode::Top => {
+                self.skip_unallocated(ctx).await?;
+                ctx.set_len(self.copy.remaining_bytes());
+                self.copy_all(ctx).await
+            }
+            SyncMode::Full => self.copy_all(ctx).await,
+        }
+    }
+
+    /// The filter leaves the graph whatever the outcome; the graph is as before the job.
+    async fn clean(&self) {
+        self.graph.remove_filter(&self.filter, &self.source).await;
+        self.job_edges.lock().unwrap().clear();
+    }
+}
