@@ -74,8 +74,12 @@ impl Client {
         if let Some(value) = reply.get("return") {
             return Ok(value.clone());
         }
-        serde_json::from_value(reply["error"].clone())
-            .map_err(|_| QmpError::generic(format!("QMP connection: bad reply {reply}")))
+        match serde_json::from_value::<QmpError>(reply["error"].clone()) {
+            Ok(e) => Err(e),
+            Err(_) => Err(QmpError::generic(format!(
+                "QMP connection: bad reply {reply}"
+            ))),
+        }
     }
 
     /// Sends `line` as it is (add the newline yourself) and returns the next reply that is

@@ -315,9 +315,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
         if !self.alive {
             return;
         }
-        let mut bytes = Vec::with_capacity(line.len() + 1);
+        // QEMU's monitor ends every line with CR LF.
+        let mut bytes = Vec::with_capacity(line.len() + 2);
         bytes.extend_from_slice(line.as_bytes());
-        bytes.push(b'\n');
+        bytes.extend_from_slice(b"\r\n");
         let written = async {
             self.writer.write_all(&bytes).await?;
             self.writer.flush().await
