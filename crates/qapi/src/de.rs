@@ -743,7 +743,7 @@ where
 /// error names the first one that table iterates.
 fn first_unexpected<'a>(keys: &[&'a str], visited: &[&str]) -> &'a str {
     let mut order: Vec<usize> = (0..keys.len()).collect();
-    order.sort_by_key(|&i| (qdict_bucket(keys[i]), std::cmp::Reverse(i)));
+    order.sort_by_key(|&i| (crate::json::qdict_bucket(keys[i]), std::cmp::Reverse(i)));
     let mut table = GHashSet::new();
     for i in order {
         table.insert(keys[i]);
@@ -755,14 +755,6 @@ fn first_unexpected<'a>(keys: &[&'a str], visited: &[&str]) -> &'a str {
         .first()
         .or_else(|| keys.iter().find(|k| !visited.contains(k)).copied())
         .unwrap_or("null")
-}
-
-fn qdict_bucket(key: &str) -> u32 {
-    let mut v = 0x238F_13AFu32.wrapping_mul(key.len() as u32);
-    for (i, &c) in key.as_bytes().iter().enumerate() {
-        v = v.wrapping_add(u32::from(c) << ((i * 5) % 24));
-    }
-    1_103_515_243u32.wrapping_mul(v).wrapping_add(12345) % 512
 }
 
 /// Just enough of GLib's open-addressing hash table (string keys) to know its iteration

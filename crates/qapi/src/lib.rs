@@ -3,4 +3,5 @@
 
 pub mod de;
 pub mod error;
+pub mod json;
 pub mod keyval;

@@ -7,7 +7,7 @@
 //! back-pressure) but events keep flowing.
 
 use crate::events::{EventSink, EventStream};
-use crate::json::{self, Message, Streamer};
+use crate::json::{Message, Streamer};
 use futures::future::LocalBoxFuture;
 use qapi::error::{ErrorClass, QmpError};
 use serde::Deserialize;
@@ -56,7 +56,7 @@ impl Server {
             inner: Rc::new(Inner {
                 dispatcher,
                 events,
-                greeting: json::to_string(&greeting),
+                greeting: qapi::json::to_string(&greeting),
             }),
         }
     }
@@ -169,7 +169,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
                     tracing::debug!("QMP read failed: {e}");
                     break;
                 }
-                Wake::Event(Some(event)) => self.write_line(&json::to_string(&event)).await,
+                Wake::Event(Some(event)) => self.write_line(&qapi::json::to_string(&event)).await,
                 Wake::Event(None) => break,
             }
         }
@@ -193,7 +193,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
         if let Some(id) = id {
             reply.insert("id".into(), id);
         }
-        self.write_line(&json::to_string(&Value::Object(reply)))
+        self.write_line(&qapi::json::to_string(&Value::Object(reply)))
             .await;
     }
 
@@ -208,7 +208,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
         let mut keys: Vec<(u32, usize, &String)> = obj
             .keys()
             .enumerate()
-            .map(|(i, k)| (json::qdict_bucket(k), i, k))
+            .map(|(i, k)| (qapi::json::qdict_bucket(k), i, k))
             .collect();
         keys.sort_by_key(|&(bucket, i, _)| (bucket, std::cmp::Reverse(i)));
         for (_, _, key) in keys {
@@ -301,7 +301,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
                 None => return command_future.await,
             };
             match event {
-                Some(event) => self.write_line(&json::to_string(&event)).await,
+                Some(event) => self.write_line(&qapi::json::to_string(&event)).await,
                 // Dropped as too slow: finish the command, then the session ends.
                 None => {
                     self.events = None;
