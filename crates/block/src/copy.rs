@@ -186,7 +186,11 @@ impl BlockCopy {
 
     /// Forget that clusters need copying (sync=top skipping what the top does not hold).
     pub fn skip(&self, clusters: Range<u64>) {
-        self.state.lock().unwrap().pending.set_range(clusters, false);
+        self.state
+            .lock()
+            .unwrap()
+            .pending
+            .set_range(clusters, false);
     }
 
     /// Make sure every pending cluster of `[offset, offset+len)` is on the target before
@@ -340,7 +344,10 @@ impl BlockCopy {
                 }
             } else {
                 let mut buf = vec![0u8; n as usize];
-                source.read(offset, &mut buf).await.map_err(CopyError::Read)?;
+                source
+                    .read(offset, &mut buf)
+                    .await
+                    .map_err(CopyError::Read)?;
                 target
                     .write(offset, &buf, WriteFlags::default())
                     .await

@@ -1,24 +1,49 @@
-//! Creating new images (the short `blockd serve` form; blockdev-create builds on it later).
+//! Creating new images: `blockd serve`'s first image and drive-backup's targets
+//! (blockdev-create builds on it later).
 
 use imago::qcow2::Qcow2;
-use imago::{FormatCreateBuilder, Storage, StorageOpenOptions};
+use imago::FormatCreateBuilder;
 use std::io;
 use std::path::Path;
 
-/// Create an empty qcow2 image of `size` bytes with 64 KiB clusters at `path`, which must
-/// not exist yet.
-///
-/// imago's own file storage does blocking I/O, which is fine here: this runs before the
-/// daemon serves anything.
-pub async fn create_qcow2(path: &Path, size: u64) -> io::Result<()> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)?;
-    let file =
-        imago::file::File::open(StorageOpenOptions::new().filename(path).write(true)).await?;
-    Qcow2::<imago::file::File>::create_builder(file)
-        .size(size)
-        .create()
-        .await
+/// What a new image looks like.
+pub struct NewImage<'a> {
+    pub format: &'a str,
+    pub size: u64,
+    /// Backing file name and format written into a qcow2 header.
+    pub backing: Option<(String, String)>,
+}
+
+/// Create (or overwrite) an image file. Runs on an I/O thread: the file I/O goes through
+/// the aio crate, never blocking the thread.
+pub async fn create_image(path: &Path, image: NewImage<'_>) -> Result<(), String> {
+    let fail = |e: io::Error| format!("Could not create '{}': {e}", path.display());
+    match image.format {
+        "raw" => {
+            if image.backing.is_some() {
+                return Err("Backing file not supported for file format 'raw'".into());
+            }
+            let file = aio::OpenOptions::new(path)
+                .create(true)
+                .truncate(true)
+                .open()
+                .await
+                .map_err(fail)?;
+            file.truncate(image.size).await.map_err(fail)
+        }
+        "qcow2" => {
+            let file = aio::OpenOptions::new(path)
+                .create(true)
+                .truncate(true)
+                .open()
+                .await
+                .map_err(fail)?;
+            let mut builder = Qcow2::<aio::ImageFile>::create_builder(file).size(image.size);
+            if let Some((name, format)) = image.backing {
+                builder = builder.backing(name, format);
+            }
+            builder.create().await.map_err(fail)
+        }
+        other => Err(format!("Driver '{other}' does not support image creation")),
+    }
 }

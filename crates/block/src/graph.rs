@@ -189,13 +189,31 @@ pub struct Graph {
 }
 
 /// Nodes opened by one blockdev-add, registered together only if all of it succeeds.
+#[derive(Default)]
 struct Pending {
     nodes: Vec<Arc<Node>>,
+    /// Names in QEMU's listing order: a node counts from when its driver opened, which for
+    /// a format is after its file and before its backing chain.
+    order: Vec<String>,
 }
 
 impl Pending {
     fn find(&self, name: &str) -> Option<Arc<Node>> {
         self.nodes.iter().find(|n| n.name() == name).cloned()
+    }
+
+    fn claim_position(&mut self, name: &str) {
+        if !self.order.iter().any(|n| n == name) {
+            self.order.push(name.to_string());
+        }
+    }
+
+    /// The opened nodes in listing order.
+    fn in_order(&self) -> Vec<Arc<Node>> {
+        self.order
+            .iter()
+            .filter_map(|name| self.find(name))
+            .collect()
     }
 }
 
@@ -243,12 +261,12 @@ impl Graph {
         syntax: OptionSyntax,
     ) -> Result<Arc<Node>, QmpError> {
         let _changing = self.change.lock().await;
-        let mut pending = Pending { nodes: Vec::new() };
+        let mut pending = Pending::default();
         let node = self
             .open_node(options, syntax, true, None, &mut pending)
             .await?;
         let mut registry = self.registry.lock().unwrap();
-        for opened in &pending.nodes {
+        for opened in &pending.in_order() {
             let ownership = if Arc::ptr_eq(opened, &node) {
                 Ownership::Monitor(opened.clone())
             } else {
@@ -258,6 +276,20 @@ impl Graph {
                 name: opened.name().to_string(),
                 ownership,
             });
+        }
+        Ok(node)
+    }
+
+    /// Open a node for a job's own use (drive-backup's target): listed like other implicit
+    /// nodes, gone when the job lets go of it.
+    pub async fn open_implicit(&self, options: Map<String, Value>) -> Result<Arc<Node>, QmpError> {
+        let _changing = self.change.lock().await;
+        let mut pending = Pending::default();
+        let node = self
+            .open_node(options, OptionSyntax::Json, false, None, &mut pending)
+            .await?;
+        for opened in &pending.in_order() {
+            self.register_implicit(opened);
         }
         Ok(node)
     }
@@ -285,7 +317,10 @@ impl Graph {
                 )));
             }
             let users = node.parents();
-            if users.iter().any(|e| matches!(e.parent(), Parent::User { .. })) {
+            if users
+                .iter()
+                .any(|e| matches!(e.parent(), Parent::User { .. }))
+            {
                 return Err(QmpError::generic(format!("Node {name} is in use")));
             }
             if !users.is_empty() {
@@ -493,6 +528,7 @@ impl Graph {
                     let header = Qcow2::probe_header(&file)
                         .await
                         .map_err(QmpError::generic)?;
+                    pending.claim_position(&name);
                     let backing = match backing_ref {
                         Some(Value::Null) => None,
                         Some(reference) => Some(
@@ -539,10 +575,24 @@ impl Graph {
                         ));
                     }
                     let file = self
-                        .open_child(&ctx, file_ref, "file", Perms::CONSISTENT_READ, Perms::ALL & !Perms::RESIZE, pending)
+                        .open_child(
+                            &ctx,
+                            file_ref,
+                            "file",
+                            Perms::CONSISTENT_READ,
+                            Perms::ALL & !Perms::RESIZE,
+                            pending,
+                        )
                         .await?;
                     let target = self
-                        .open_child(&ctx, target_ref, "target", Perms::WRITE, Perms::ALL & !Perms::RESIZE, pending)
+                        .open_child(
+                            &ctx,
+                            target_ref,
+                            "target",
+                            Perms::WRITE,
+                            Perms::ALL & !Perms::RESIZE,
+                            pending,
+                        )
                         .await?;
                     let cluster = CopyBeforeWrite::cluster_size_for(&target.node())
                         .max(opts.min_cluster_size.unwrap_or(0));
@@ -553,14 +603,23 @@ impl Graph {
                         target,
                         cluster,
                         opts.on_cbw_error.unwrap_or_default(),
-                        opts.cbw_timeout.filter(|&s| s > 0).map(std::time::Duration::from_secs),
+                        opts.cbw_timeout
+                            .filter(|&s| s > 0)
+                            .map(std::time::Duration::from_secs),
                     ))
                 }
                 "snapshot-access" => {
                     let file_ref = take_child_ref(&mut options, "file", path)?;
                     parse_options::<NoDriverOptions>(Value::Object(options), syntax, path)?;
                     let file = self
-                        .open_child(&ctx, file_ref, "file", Perms::CONSISTENT_READ, Perms::ALL, pending)
+                        .open_child(
+                            &ctx,
+                            file_ref,
+                            "file",
+                            Perms::CONSISTENT_READ,
+                            Perms::ALL,
+                            pending,
+                        )
                         .await?;
                     children.push(file.clone());
                     Box::new(SnapshotAccess::new(file).map_err(QmpError::generic)?)
@@ -584,6 +643,7 @@ impl Graph {
             for child in children {
                 node.add_child(child);
             }
+            pending.claim_position(node.name());
             pending.nodes.push(node.clone());
             Ok(node)
         })
@@ -799,32 +859,76 @@ fn probe_format(path: &str) -> String {
     if is_qcow2 { "qcow2" } else { "raw" }.to_string()
 }
 
-/// QEMU's `json:{...}` filename for nodes whose options say more than a plain name.
+/// QEMU's `json:{...}` filename for nodes whose own options say more than a plain name.
 pub fn json_filename(node: &Node, plain: &str) -> String {
-    let Value::Object(options) = node.open_options() else {
-        return plain.to_string();
-    };
-    let significant: Map<String, Value> = options
-        .iter()
-        .filter(|(k, _)| {
-            !matches!(
-                k.as_str(),
-                "node-name"
-                    | "read-only"
-                    | "auto-read-only"
-                    | "cache"
-                    | "discard"
-                    | "detect-zeroes"
-                    | "force-share"
-            )
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let only_driver = significant.keys().all(|k| k == "driver");
-    if only_driver {
+    let own = own_options(node);
+    if own.keys().all(|k| k == "driver") {
         plain.to_string()
     } else {
-        format!("json:{}", Value::Object(significant))
+        format!(
+            "json:{}",
+            qapi::json::to_string(&Value::Object(full_options(node)))
+        )
+    }
+}
+
+/// The options a node was opened with, less those every node takes and its children.
+fn own_options(node: &Node) -> Map<String, Value> {
+    let Value::Object(options) = node.open_options() else {
+        return Map::new();
+    };
+    let children: Vec<String> = node
+        .children()
+        .iter()
+        .map(|c| c.role().to_string())
+        .collect();
+    options
+        .iter()
+        .filter(|(k, _)| !BASE_KEYS.contains(&k.as_str()) || k.as_str() == "driver")
+        .filter(|(k, _)| !children.iter().any(|c| c == *k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// What QEMU puts in a `json:` filename: the own options flattened to dotted keys, and
+/// every child by its own full options.
+fn full_options(node: &Node) -> Map<String, Value> {
+    // QEMU flattens the options when it opens the node and copies them again when it
+    // builds the filename, each time walking its dictionaries in their own order: that
+    // decides the order of members that share a hash bucket, so do the same two walks.
+    let own = own_options(node);
+    let mut flat = Map::new();
+    for (key, value) in qapi::json::qdict_order(&own) {
+        flatten_into(&mut flat, key, value.clone());
+    }
+    let mut out: Map<String, Value> = qapi::json::qdict_order(&flat)
+        .into_iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for child in node.children() {
+        out.insert(
+            child.role().to_string(),
+            Value::Object(full_options(&child.node())),
+        );
+    }
+    out
+}
+
+fn flatten_into(out: &mut Map<String, Value>, key: &str, value: Value) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in qapi::json::qdict_order(&map) {
+                flatten_into(out, &format!("{key}.{k}"), v.clone());
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.into_iter().enumerate() {
+                flatten_into(out, &format!("{key}.{i}"), v);
+            }
+        }
+        scalar => {
+            out.insert(key.to_string(), scalar);
+        }
     }
 }
 

@@ -204,7 +204,10 @@ impl Child {
     }
 
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
-        self.enter().await.write_zeroes_entered(offset, len, flags).await
+        self.enter()
+            .await
+            .write_zeroes_entered(offset, len, flags)
+            .await
     }
 
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -669,7 +672,12 @@ impl Node {
         self.driver.write(self, offset, buf, flags).await
     }
 
-    async fn write_zeroes_entered(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
+    async fn write_zeroes_entered(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: WriteFlags,
+    ) -> io::Result<()> {
         self.check_writable()?;
         self.check_write_range(offset, len)?;
         let flags = WriteFlags {

@@ -5,8 +5,8 @@
 //! in flight, and a client write to a cluster not copied yet first has the filter copy the
 //! old data. Either way each cluster is copied once, as it was when the job started.
 
-use crate::{JobContext, JobDriver, JobFailure, JobType};
 use crate::policy::ErrorAction;
+use crate::{JobContext, JobDriver, JobFailure, JobType};
 use async_trait::async_trait;
 use block::copy::{BlockCopy, CopyError};
 use block::node::ExtentKind;
@@ -148,6 +148,12 @@ impl BackupJob {
                 let Some(next) = self.copy.next_pending(cursor) else {
                     break;
                 };
+                // The speed limit applies when a request starts, so that many requests in
+                // flight cannot run ahead of it.
+                ctx.rate_limit(chunk).await;
+                if ctx.is_cancelled() {
+                    break;
+                }
                 let offset = next * cluster;
                 cursor = (offset + chunk) / cluster;
                 let copy = self.copy.clone();
@@ -165,7 +171,6 @@ impl BackupJob {
             };
             let copied = self.copy.copied_bytes();
             ctx.add_offset(copied.saturating_sub(reported));
-            ctx.rate_limit(copied.saturating_sub(reported)).await;
             reported = copied;
             if let Err(e) = result {
                 let is_read = matches!(e, CopyError::Read(_));

@@ -188,8 +188,12 @@ impl Driver for CopyBeforeWrite {
 
     fn info(&self, node: &Node) -> DriverInfo {
         let file = self.file();
+        let file_info = file.driver().info(&file);
         DriverInfo {
-            filename: crate::graph::json_filename(node, &file.driver().info(&file).filename),
+            filename: crate::graph::json_filename(node, &file_info.filename),
+            actual_size: file_info.actual_size,
+            cluster_size: Some(self.copy.cluster_size()),
+            dirty_flag: Some(false),
             ..DriverInfo::default()
         }
     }

@@ -106,8 +106,9 @@ impl Driver for FileDriver {
     }
 
     fn size(&self, _node: &Node) -> u64 {
-        // The file keeps its length cached and current; no syscall here.
-        self.file.size().unwrap_or(0)
+        // The file keeps its length cached and current; no syscall here. Like QEMU, whole
+        // 512-byte sectors: the tail of a partial last sector reads as zeroes.
+        self.file.size().unwrap_or(0).next_multiple_of(512)
     }
 
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {

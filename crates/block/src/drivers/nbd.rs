@@ -1,9 +1,10 @@
 //! `nbd`: a remote NBD export as a node, so that a job can copy to (or from) another host.
 //!
-//! An NBD client connection is bound to the thread that made it (its futures are not
-//! `Send`), and every I/O thread may serve this node, so each thread opens its own
-//! connection on first use and keeps it in a thread-local table. A connection that fails
-//! is dropped and reopened, retrying for up to `reconnect-delay` seconds.
+//! One connection, as QEMU's client has: many servers (qemu-nbd by default) take one
+//! client only. The connection is bound to the I/O thread that opened the node (its
+//! futures are not `Send`), so a task there owns it and serves requests that arrive from
+//! any thread over a channel, many at a time. A request that finds the connection broken
+//! reconnects, retrying for up to `reconnect-delay` seconds.
 
 use crate::node::{DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::perm::Perms;
@@ -14,12 +15,10 @@ use nbd::client::{Client, ClientOptions, ConnectAddr};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
 
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -66,42 +65,127 @@ pub struct InetServer {
 const STATE_HOLE: u32 = 1;
 const STATE_ZERO: u32 = 2;
 
-/// One thread's connection to one nbd node, with the flag that says the node is gone.
-struct Connection {
-    closed: Arc<AtomicBool>,
-    client: Rc<Client>,
-}
+type Reply<T> = oneshot::Sender<io::Result<T>>;
 
-thread_local! {
-    /// This thread's connection per nbd node (keyed by the driver's id). Connections of
-    /// nodes that were closed meanwhile are dropped on this thread's next lookup, since a
-    /// connection can only be dropped on the thread that owns it.
-    static CONNECTIONS: RefCell<HashMap<u64, Connection>> = RefCell::new(HashMap::new());
+/// A request for the connection's task; buffers are owned because they cross threads.
+enum Request {
+    Read(u64, usize, Reply<Vec<u8>>),
+    Write(u64, Vec<u8>, bool, Reply<()>),
+    Zeroes(u64, u64, ZeroFlags, Reply<()>),
+    Trim(u64, u64, Reply<()>),
+    Flush(Reply<()>),
+    Status(u64, u64, Reply<Option<nbd::backend::Extent>>),
 }
-
-fn cached_client(id: u64) -> Option<Rc<Client>> {
-    CONNECTIONS.with(|c| {
-        let mut connections = c.borrow_mut();
-        connections.retain(|_, conn| !conn.closed.load(Ordering::Acquire));
-        connections.get(&id).map(|conn| conn.client.clone())
-    })
-}
-
-fn forget_client(id: u64) {
-    CONNECTIONS.with(|c| c.borrow_mut().remove(&id));
-}
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 pub struct NbdDriver {
-    id: u64,
-    addr: ConnectAddr,
-    export: String,
     filename: String,
     size: u64,
+    /// Dropping the driver closes the channel, which ends the task and the connection.
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+/// Where to (re)connect, and the connection of the moment.
+struct Connection {
+    addr: ConnectAddr,
+    export: String,
     reconnect_delay: Duration,
-    /// Set when the node goes away, so every thread drops its connection on next look.
-    closed: Arc<AtomicBool>,
+    client: RefCell<Option<Rc<Client>>>,
+}
+
+impl Connection {
+    async fn client(&self) -> io::Result<Rc<Client>> {
+        if let Some(client) = self.client.borrow().clone() {
+            return Ok(client);
+        }
+        let deadline = Instant::now() + self.reconnect_delay;
+        loop {
+            match Client::connect(&self.addr, &self.export, &ClientOptions::default()).await {
+                Ok(client) => {
+                    let client = Rc::new(client);
+                    *self.client.borrow_mut() = Some(client.clone());
+                    return Ok(client);
+                }
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Run a request once, and once more on a fresh connection if the first one broke.
+    async fn run<T, F, Fut>(&self, op: F) -> io::Result<T>
+    where
+        F: Fn(Rc<Client>) -> Fut,
+        Fut: std::future::Future<Output = io::Result<T>>,
+    {
+        match op(self.client().await?).await {
+            Err(e) if is_disconnect(&e) => {
+                self.client.borrow_mut().take();
+                op(self.client().await?).await
+            }
+            other => other,
+        }
+    }
+
+    async fn serve(self: Rc<Self>, request: Request) {
+        match request {
+            Request::Read(offset, len, reply) => {
+                let result = self
+                    .run(|c| async move {
+                        let mut buf = vec![0u8; len];
+                        c.read(offset, &mut buf).await.map(|()| buf)
+                    })
+                    .await;
+                let _ = reply.send(result);
+            }
+            Request::Write(offset, data, fua, reply) => {
+                let data = &data;
+                let result = self
+                    .run(|c| async move { c.write(offset, data, fua).await })
+                    .await;
+                let _ = reply.send(result);
+            }
+            Request::Zeroes(offset, len, flags, reply) => {
+                let result = self
+                    .run(|c| async move { c.write_zeroes(offset, len, flags).await })
+                    .await;
+                let _ = reply.send(result);
+            }
+            Request::Trim(offset, len, reply) => {
+                let result = self
+                    .run(|c| async move { c.trim(offset, len, false).await })
+                    .await;
+                let _ = reply.send(result);
+            }
+            Request::Flush(reply) => {
+                let _ = reply.send(self.run(|c| async move { c.flush().await }).await);
+            }
+            Request::Status(offset, len, reply) => {
+                let result = self
+                    .run(|c| async move {
+                        match c.block_status(offset, len, true).await {
+                            Ok(replies) => Ok(replies
+                                .into_iter()
+                                .find_map(|(_, extents)| extents.into_iter().next())),
+                            // A server without base:allocation: everything is data.
+                            Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    })
+                    .await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::NotConnected
+    ) || e.raw_os_error() == Some(libc::ESHUTDOWN)
 }
 
 impl NbdDriver {
@@ -126,7 +210,8 @@ impl NbdDriver {
         ))
     }
 
-    /// Connect (on the calling I/O thread) and learn the export's size and flags.
+    /// Connect and learn the export's size and flags. Must run on an I/O thread: the
+    /// connection stays on it for the node's lifetime.
     pub async fn open(
         addr: ConnectAddr,
         filename: String,
@@ -148,81 +233,38 @@ impl NbdDriver {
                 "An export that is read-only on the server cannot be opened read-write".into(),
             );
         }
-        let driver = NbdDriver {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        let size = client.size();
+        let filename = if export.is_empty() {
+            filename
+        } else {
+            format!("{filename}/{export}")
+        };
+        let connection = Rc::new(Connection {
             addr,
-            filename: if export.is_empty() {
-                filename
-            } else {
-                format!("{filename}/{export}")
-            },
             export,
-            size: client.size(),
             reconnect_delay: Duration::from_secs(opts.reconnect_delay.unwrap_or(0)),
-            closed: Arc::new(AtomicBool::new(false)),
-        };
-        driver.remember(Rc::new(client));
-        Ok(driver)
-    }
-
-    fn remember(&self, client: Rc<Client>) {
-        let conn = Connection {
-            closed: self.closed.clone(),
-            client,
-        };
-        CONNECTIONS.with(|c| c.borrow_mut().insert(self.id, conn));
-    }
-
-    /// This thread's connection, opened (or reopened) on demand.
-    async fn client(&self) -> io::Result<Rc<Client>> {
-        if let Some(client) = cached_client(self.id) {
-            return Ok(client);
-        }
-        let deadline = Instant::now() + self.reconnect_delay;
-        loop {
-            match Client::connect(&self.addr, &self.export, &ClientOptions::default()).await {
-                Ok(client) => {
-                    let client = Rc::new(client);
-                    self.remember(client.clone());
-                    return Ok(client);
-                }
-                Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            client: RefCell::new(Some(Rc::new(client))),
+        });
+        let (requests, mut incoming) = mpsc::unbounded_channel::<Request>();
+        tokio::task::spawn_local(async move {
+            while let Some(request) = incoming.recv().await {
+                tokio::task::spawn_local(connection.clone().serve(request));
             }
-        }
+        });
+        Ok(NbdDriver {
+            filename,
+            size,
+            requests,
+        })
     }
 
-    /// Run a request; a broken connection is forgotten so that the next request reconnects.
-    async fn with_client<T, F, Fut>(&self, op: F) -> io::Result<T>
-    where
-        F: Fn(Rc<Client>) -> Fut,
-        Fut: std::future::Future<Output = io::Result<T>>,
-    {
-        let client = self.client().await?;
-        match op(client).await {
-            Err(e) if is_disconnect(&e) => {
-                forget_client(self.id);
-                op(self.client().await?).await
-            }
-            other => other,
-        }
-    }
-}
-
-fn is_disconnect(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::UnexpectedEof
-            | io::ErrorKind::NotConnected
-    ) || e.raw_os_error() == Some(libc::ESHUTDOWN)
-}
-
-impl Drop for NbdDriver {
-    fn drop(&mut self) {
-        self.closed.store(true, Ordering::Release);
-        forget_client(self.id);
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> io::Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(make(tx))
+            .map_err(|_| io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
+        rx.await
+            .map_err(|_| io::Error::from_raw_os_error(libc::ESHUTDOWN))?
     }
 }
 
@@ -237,18 +279,15 @@ impl Driver for NbdDriver {
     }
 
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let client = self.client().await?;
-        match client.read(offset, buf).await {
-            Err(e) if is_disconnect(&e) => {
-                forget_client(self.id);
-                self.client().await?.read(offset, buf).await
-            }
-            other => other,
-        }
+        let data = self
+            .call(|reply| Request::Read(offset, buf.len(), reply))
+            .await?;
+        buf.copy_from_slice(&data);
+        Ok(())
     }
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
-        self.with_client(|c| async move { c.write(offset, buf, flags.fua).await })
+        self.call(|reply| Request::Write(offset, buf.to_vec(), flags.fua, reply))
             .await
     }
 
@@ -264,31 +303,22 @@ impl Driver for NbdDriver {
             fast: flags.no_fallback,
             fua: flags.fua,
         };
-        self.with_client(|c| async move { c.write_zeroes(offset, len, zero).await })
+        self.call(|reply| Request::Zeroes(offset, len, zero, reply))
             .await
     }
 
     async fn discard(&self, _: &Node, offset: u64, len: u64) -> io::Result<()> {
-        self.with_client(|c| async move { c.trim(offset, len, false).await })
-            .await
+        self.call(|reply| Request::Trim(offset, len, reply)).await
     }
 
     async fn flush(&self, _: &Node) -> io::Result<()> {
-        self.with_client(|c| async move { c.flush().await }).await
+        self.call(Request::Flush).await
     }
 
     async fn block_status(&self, _: &Node, offset: u64, len: u64) -> io::Result<Extent> {
-        let replies = self
-            .with_client(|c| async move { c.block_status(offset, len, true).await })
-            .await;
-        let extent = match replies {
-            Ok(replies) => replies
-                .into_iter()
-                .find_map(|(_, extents)| extents.into_iter().next()),
-            // A server without base:allocation: everything is data.
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => None,
-            Err(e) => return Err(e),
-        };
+        let extent = self
+            .call(|reply| Request::Status(offset, len, reply))
+            .await?;
         Ok(match extent {
             Some(e) if e.flags & STATE_ZERO != 0 => Extent {
                 len: e.length.clamp(1, len),

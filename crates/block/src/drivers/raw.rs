@@ -132,11 +132,8 @@ impl Driver for Raw {
                 crate::graph::json_filename(node, &file_info.filename)
             },
             actual_size: file_info.actual_size,
+            dirty_flag: Some(false),
             ..DriverInfo::default()
         }
-    }
-
-    fn filtered_child_role(&self) -> Option<&'static str> {
-        (self.offset == 0 && self.fixed_size.is_none()).then_some("file")
     }
 }
