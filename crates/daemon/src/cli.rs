@@ -79,20 +79,6 @@ pub enum CliItem {
     Object(QapiArgs),
 }
 
-impl CliItem {
-    /// The long option that gives this kind of item, e.g. `--blockdev`.
-    pub fn option_name(&self) -> &'static str {
-        match self {
-            Self::Blockdev(_) => "--blockdev",
-            Self::Chardev(_) => "--chardev",
-            Self::Monitor(_) => "--monitor",
-            Self::NbdServer(_) => "--nbd-server",
-            Self::Export(_) => "--export",
-            Self::Object(_) => "--object",
-        }
-    }
-}
-
 /// How an option argument was written; it decides how its scalars must be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Syntax {
@@ -1491,6 +1477,5 @@ mod tests {
             err.to_string(),
             "--monitor chardev=missing: chardev \"missing\" not found"
         );
-        assert_eq!(run.items[0].item.option_name(), "--monitor");
     }
 }

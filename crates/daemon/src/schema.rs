@@ -36,6 +36,7 @@ const INT_ALIASES: [&str; 9] = [
 ];
 
 /// SchemaInfo of every command and event blockd's schema describes.
+#[cfg(test)]
 pub fn schema_info() -> Value {
     static FULL: OnceLock<Value> = OnceLock::new();
     FULL.get_or_init(|| schema().render(None, true)).clone()

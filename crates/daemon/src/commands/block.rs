@@ -1,0 +1,74 @@
+//! QMP commands on the block graph: blockdev-add/del and the node queries.
+
+use crate::daemon::Daemon;
+use block::OptionSyntax;
+use qapi::error::QmpError;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+/// blockdev-add, in the modern flat form or the 2.8 form wrapped in `options`.
+pub async fn blockdev_add(
+    daemon: &Daemon,
+    mut args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    if args.len() == 1 {
+        if let Some(Value::Object(inner)) = args.get("options") {
+            args = inner.clone();
+        }
+    }
+    daemon.add_node(args, OptionSyntax::Json).await?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct NodeNameArgs {
+    node_name: String,
+}
+
+/// blockdev-del (and the 2.8 name x-blockdev-del).
+pub async fn blockdev_del(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
+    let args: NodeNameArgs = qapi::de::from_value(Value::Object(args))?;
+    let graph = daemon.graph.clone();
+    daemon
+        .io
+        .run(move || async move { graph.del(&args.node_name).await })
+        .await?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct QueryNamedBlockNodesArgs {
+    flat: Option<bool>,
+}
+
+pub fn query_named_block_nodes(
+    daemon: &Daemon,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let args: QueryNamedBlockNodesArgs = qapi::de::from_value(Value::Object(args))?;
+    Ok(block::info::named_block_nodes(
+        &daemon.graph,
+        args.flat.unwrap_or(false),
+    ))
+}
+
+pub fn query_block_graph(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
+    no_arguments(args)?;
+    Ok(block::info::block_graph(&daemon.graph))
+}
+
+/// qsd has no guest devices, so there are no BlockBackends with a name to list.
+pub fn query_block(args: Map<String, Value>) -> Result<Value, QmpError> {
+    no_arguments(args)?;
+    Ok(json!([]))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArguments {}
+
+pub fn no_arguments(args: Map<String, Value>) -> Result<(), QmpError> {
+    qapi::de::from_value::<NoArguments>(Value::Object(args)).map(|_| ())
+}

@@ -1,0 +1,487 @@
+//! Job commands: blockdev-backup / drive-backup, and the verbs and queries of every job.
+
+use crate::daemon::Daemon;
+use block::copy::{BlockCopy, ClusterBitmap};
+use block::drivers::cbw::{CopyBeforeWrite, OnCbwError};
+use block::node::CommonOptions;
+use block::{Node, Parent, Perms};
+use jobs::backup::{BackupJob, BackupPerf, SyncMode};
+use jobs::{JobOptions, OnError};
+use qapi::error::QmpError;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "kebab-case")]
+enum MirrorSyncMode {
+    Top,
+    Full,
+    None,
+    Incremental,
+    Bitmap,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "kebab-case")]
+enum BitmapSyncMode {
+    OnSuccess,
+    Never,
+    Always,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "kebab-case")]
+enum NewImageMode {
+    Existing,
+    AbsolutePaths,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BackupPerfArgs {
+    /// Copy offloading between files; reads and writes do the same work here.
+    #[serde(rename = "use-copy-range")]
+    _use_copy_range: Option<bool>,
+    max_workers: Option<i64>,
+    max_chunk: Option<i64>,
+    min_cluster_size: Option<u64>,
+}
+
+/// The members blockdev-backup and drive-backup share (BackupCommon).
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BackupArgs {
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    sync: MirrorSyncMode,
+    speed: Option<i64>,
+    bitmap: Option<String>,
+    bitmap_mode: Option<BitmapSyncMode>,
+    compress: Option<bool>,
+    on_source_error: Option<OnError>,
+    on_target_error: Option<OnError>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+    filter_node_name: Option<String>,
+    x_perf: Option<BackupPerfArgs>,
+    discard_source: Option<bool>,
+    /// drive-backup only.
+    format: Option<String>,
+    /// drive-backup only.
+    mode: Option<NewImageMode>,
+}
+
+pub async fn blockdev_backup(
+    daemon: &Rc<Daemon>,
+    mut args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    for key in ["format", "mode"] {
+        if args.contains_key(key) {
+            return Err(QmpError::generic(format!(
+                "Parameter '{key}' is unexpected"
+            )));
+        }
+    }
+    let args: BackupArgs = qapi::de::from_value(Value::Object(std::mem::take(&mut args)))?;
+    let source = daemon.graph.lookup(&args.device)?;
+    let target = daemon.graph.lookup(&args.target)?;
+    start_backup(daemon, args, source, target, false).await
+}
+
+pub async fn drive_backup(
+    daemon: &Rc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let args: BackupArgs = qapi::de::from_value(Value::Object(args))?;
+    let source = daemon.graph.lookup(&args.device)?;
+    check_bitmap_args(&args)?;
+    let format = args
+        .format
+        .clone()
+        .unwrap_or_else(|| source.driver().format_name().to_string());
+    let mode = args.mode.unwrap_or(NewImageMode::AbsolutePaths);
+    let path = args.target.clone();
+    if mode == NewImageMode::AbsolutePaths {
+        // sync top/none copy only part of the disk: the rest comes from the source's backing.
+        let backing = match args.sync {
+            MirrorSyncMode::Top | MirrorSyncMode::None => source.backing().map(|b| {
+                let info = b.driver().info(&b);
+                (info.filename, b.driver().format_name().to_string())
+            }),
+            _ => None,
+        };
+        let image = block::create::NewImage {
+            format: &format,
+            size: source.size(),
+            backing,
+        };
+        let size = image.size;
+        let backing = image.backing.clone();
+        let format_for_create = format.clone();
+        let path_for_create = path.clone();
+        daemon
+            .io
+            .run(move || async move {
+                let image = block::create::NewImage {
+                    format: &format_for_create,
+                    size,
+                    backing,
+                };
+                block::create::create_image(Path::new(&path_for_create), image).await
+            })
+            .await
+            .map_err(QmpError::generic)?;
+    }
+    let options = json!({
+        "driver": format,
+        "file": {"driver": "file", "filename": path},
+    });
+    let Value::Object(options) = options else {
+        unreachable!("object literal")
+    };
+    let graph = daemon.graph.clone();
+    let target = daemon
+        .io
+        .run(move || async move { graph.open_implicit(options).await })
+        .await?;
+    start_backup(
+        daemon,
+        args,
+        source,
+        target,
+        mode == NewImageMode::AbsolutePaths,
+    )
+    .await
+}
+
+fn check_bitmap_args(args: &BackupArgs) -> Result<(), QmpError> {
+    if args.sync == MirrorSyncMode::Incremental && args.bitmap.is_none() {
+        return Err(QmpError::generic(
+            "must provide a valid bitmap name for 'incremental' sync mode",
+        ));
+    }
+    if args.bitmap_mode.is_some() && args.bitmap.is_none() {
+        return Err(QmpError::generic(
+            "Cannot specify bitmap sync mode without a bitmap",
+        ));
+    }
+    if let Some(bitmap) = &args.bitmap {
+        // Dirty bitmaps do not exist in blockd yet, so no name can be found.
+        return Err(QmpError::generic(format!(
+            "Bitmap '{bitmap}' could not be found"
+        )));
+    }
+    if args.sync == MirrorSyncMode::Bitmap {
+        return Err(QmpError::generic(
+            "must provide a valid bitmap name for 'bitmap' sync mode",
+        ));
+    }
+    Ok(())
+}
+
+async fn start_backup(
+    daemon: &Rc<Daemon>,
+    args: BackupArgs,
+    source: Arc<Node>,
+    target: Arc<Node>,
+    target_is_new: bool,
+) -> Result<Value, QmpError> {
+    if Arc::ptr_eq(&source, &target) {
+        return Err(QmpError::generic("Source and target cannot be the same"));
+    }
+    if let Some(job_type) = target.busy_with_job() {
+        return Err(QmpError::generic(format!(
+            "Node '{}' is busy: block device is in use by block job: {job_type}",
+            target.name()
+        )));
+    }
+    if let Some(job_type) = source.busy_with_job() {
+        return Err(QmpError::generic(format!(
+            "Node '{}' is busy: block device is in use by block job: {job_type}",
+            source.name()
+        )));
+    }
+    let job_id = args
+        .job_id
+        .clone()
+        .unwrap_or_else(|| source.name().to_string());
+    if !jobs::manager::is_valid_id(&job_id) {
+        return Err(QmpError::generic(format!("Invalid job ID '{job_id}'")));
+    }
+    if daemon.jobs.get(&job_id).is_some() {
+        return Err(QmpError::generic(format!(
+            "Job ID '{job_id}' already in use"
+        )));
+    }
+    if source.size() != target.size() {
+        return Err(QmpError::generic(
+            "Source and target image have different sizes",
+        ));
+    }
+    if args.compress == Some(true) {
+        return Err(QmpError::generic(format!(
+            "Compression is not supported for this drive {}",
+            target.name()
+        )));
+    }
+    check_bitmap_args(&args)?;
+    if args.discard_source == Some(true) {
+        return Err(QmpError::generic(
+            "discard-source is not supported by blockd's backup",
+        ));
+    }
+    if let Some(name) = &args.filter_node_name {
+        if daemon.graph.find(name).is_some() {
+            return Err(QmpError::generic(format!(
+                "Duplicate nodes with node-name='{name}'"
+            )));
+        }
+    }
+    let sync = match args.sync {
+        MirrorSyncMode::Full => SyncMode::Full,
+        MirrorSyncMode::Top => SyncMode::Top,
+        MirrorSyncMode::None => SyncMode::None,
+        MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => {
+            unreachable!("refused by check_bitmap_args")
+        }
+    };
+    let perf_args = args.x_perf.unwrap_or_default();
+    let perf = BackupPerf {
+        max_workers: match perf_args.max_workers {
+            None => BackupPerf::default().max_workers,
+            Some(n) if n >= 1 => n as usize,
+            Some(_) => return Err(QmpError::generic("max-workers must be greater than zero")),
+        },
+        max_chunk: match perf_args.max_chunk {
+            None | Some(0) => 0,
+            Some(n) if n > 0 => n as u64,
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "max-chunk must be zero (which means no limit) or positive",
+                ))
+            }
+        },
+    };
+    let min_cluster = perf_args.min_cluster_size.unwrap_or(0);
+
+    let graph = daemon.graph.clone();
+    let filter_name = args
+        .filter_node_name
+        .clone()
+        .unwrap_or_else(|| daemon.graph.generate_name());
+    let (setup_source, setup_target, id_for_edges) =
+        (source.clone(), target.clone(), job_id.clone());
+    let (filter, copy, job_edges) = daemon
+        .io
+        .run(move || async move {
+            insert_cbw(
+                &graph,
+                &setup_source,
+                &setup_target,
+                &filter_name,
+                min_cluster,
+                target_is_new && sync == SyncMode::Full,
+                &id_for_edges,
+            )
+            .await
+        })
+        .await
+        .map_err(QmpError::generic)?;
+
+    let driver = Arc::new(BackupJob::new(
+        daemon.graph.clone(),
+        source.clone(),
+        filter.clone(),
+        copy,
+        sync,
+        perf,
+        job_edges,
+    ));
+    let mut options = JobOptions::new(job_id);
+    options.speed = args.speed.unwrap_or(0);
+    options.auto_finalize = args.auto_finalize.unwrap_or(true);
+    options.auto_dismiss = args.auto_dismiss.unwrap_or(true);
+    options.on_source_error = args.on_source_error.unwrap_or(OnError::Report);
+    options.on_target_error = args.on_target_error.unwrap_or(OnError::Report);
+    let job = match daemon.jobs.create(driver, options) {
+        Ok(job) => job,
+        Err(e) => {
+            let graph = daemon.graph.clone();
+            daemon
+                .io
+                .run(move || async move { graph.remove_filter(&filter, &source).await })
+                .await;
+            return Err(e);
+        }
+    };
+    let io = daemon.io.clone();
+    job.start_with(move |work| io.spawn(work));
+    Ok(json!({}))
+}
+
+/// Put a copy-before-write filter above `source` whose point in time is now, and mark
+/// source and target as used by the job.
+async fn insert_cbw(
+    graph: &Arc<block::Graph>,
+    source: &Arc<Node>,
+    target: &Arc<Node>,
+    filter_name: &str,
+    min_cluster: u64,
+    target_is_zero: bool,
+    job_id: &str,
+) -> Result<(Arc<Node>, Arc<BlockCopy>, Vec<Arc<block::Child>>), String> {
+    let job_parent = || Parent::Job {
+        id: job_id.to_string(),
+        job_type: "backup",
+    };
+    let job_edges = vec![
+        Node::attach(source, "main node", job_parent(), Perms::NONE, Perms::ALL)?,
+        Node::attach(target, "target", job_parent(), Perms::NONE, Perms::ALL)?,
+    ];
+    let filter_parent = || Parent::Node(filter_name.to_string());
+    let file = Node::attach(
+        source,
+        "file",
+        filter_parent(),
+        Perms::CONSISTENT_READ,
+        Perms::ALL & !Perms::RESIZE,
+    )?;
+    let target_edge = Node::attach(
+        target,
+        "target",
+        filter_parent(),
+        Perms::WRITE,
+        Perms::ALL & !Perms::RESIZE,
+    )?;
+    let cluster = CopyBeforeWrite::cluster_size_for(target).max(min_cluster);
+    let mut pending = ClusterBitmap::new(source.size().div_ceil(cluster));
+    pending.set_range(0..pending.len(), true);
+    let copy = Arc::new(BlockCopy::new(
+        file.clone(),
+        target_edge.clone(),
+        cluster,
+        pending,
+        target_is_zero,
+    ));
+    let cbw = CopyBeforeWrite::with_copy(copy.clone(), OnCbwError::BreakGuestWrite, None);
+    let filter = Node::new(
+        filter_name.to_string(),
+        true,
+        Box::new(cbw),
+        CommonOptions::default(),
+        json!({"driver": "copy-before-write", "file": source.name(), "target": target.name()}),
+    );
+    filter.add_child(file);
+    filter.add_child(target_edge);
+    graph.insert_filter(source, &filter).await;
+    Ok((filter, copy, job_edges))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct DeviceArgs {
+    device: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct CancelArgs {
+    device: String,
+    force: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SetSpeedArgs {
+    device: String,
+    speed: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct IdArgs {
+    id: String,
+}
+
+/// Every job verb and query, dispatched by command name.
+pub async fn job_command(
+    daemon: &Rc<Daemon>,
+    command: &str,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let jobs = &daemon.jobs;
+    let args = Value::Object(args);
+    match command {
+        "query-block-jobs" => {
+            super::block::no_arguments(into_map(args))?;
+            Ok(Value::Array(jobs.query_block_jobs()))
+        }
+        "query-jobs" => {
+            super::block::no_arguments(into_map(args))?;
+            Ok(Value::Array(jobs.query_jobs()))
+        }
+        "block-job-set-speed" => {
+            let a: SetSpeedArgs = qapi::de::from_value(args)?;
+            jobs.block_job_set_speed(&a.device, a.speed)?;
+            Ok(json!({}))
+        }
+        "block-job-cancel" => {
+            let a: CancelArgs = qapi::de::from_value(args)?;
+            jobs.block_job_cancel(&a.device, a.force.unwrap_or(false))
+                .await?;
+            Ok(json!({}))
+        }
+        "block-job-pause" => {
+            let a: DeviceArgs = qapi::de::from_value(args)?;
+            jobs.block_job_pause(&a.device)?;
+            Ok(json!({}))
+        }
+        "block-job-resume" => {
+            let a: DeviceArgs = qapi::de::from_value(args)?;
+            jobs.block_job_resume(&a.device)?;
+            Ok(json!({}))
+        }
+        "block-job-complete" => {
+            let a: DeviceArgs = qapi::de::from_value(args)?;
+            jobs.block_job_complete(&a.device)?;
+            Ok(json!({}))
+        }
+        "block-job-dismiss" => {
+            let a: IdArgs = qapi::de::from_value(args)?;
+            jobs.block_job_dismiss(&a.id)?;
+            Ok(json!({}))
+        }
+        "block-job-finalize" => {
+            let a: IdArgs = qapi::de::from_value(args)?;
+            jobs.block_job_finalize(&a.id).await?;
+            Ok(json!({}))
+        }
+        "job-pause" | "job-resume" | "job-cancel" | "job-complete" | "job-dismiss"
+        | "job-finalize" => {
+            let a: IdArgs = qapi::de::from_value(args)?;
+            match command {
+                "job-pause" => jobs.job_pause(&a.id)?,
+                "job-resume" => jobs.job_resume(&a.id)?,
+                "job-cancel" => jobs.job_cancel(&a.id).await?,
+                "job-complete" => jobs.job_complete(&a.id)?,
+                "job-dismiss" => jobs.job_dismiss(&a.id)?,
+                _ => jobs.job_finalize(&a.id).await?,
+            }
+            Ok(json!({}))
+        }
+        _ => Err(QmpError::command_not_found(format!(
+            "The command {command} has not been found"
+        ))),
+    }
+}
+
+fn into_map(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}

@@ -1,0 +1,112 @@
+//! QMP command dispatch: one handler function per command, grouped by area.
+
+pub mod block;
+mod jobs;
+mod misc;
+
+pub use misc::version_json;
+
+use crate::daemon::Daemon;
+use crate::exports::Exports;
+use futures::future::LocalBoxFuture;
+use qapi::error::QmpError;
+use serde_json::{Map, Value};
+use std::rc::Rc;
+
+/// Every command blockd answers, as query-commands lists them.
+pub const COMMANDS: &[&str] = &[
+    "block-export-add",
+    "block-export-del",
+    "block-job-cancel",
+    "block-job-complete",
+    "block-job-dismiss",
+    "block-job-finalize",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-set-speed",
+    "blockdev-backup",
+    "blockdev-add",
+    "blockdev-del",
+    "drive-backup",
+    "job-cancel",
+    "job-complete",
+    "job-dismiss",
+    "job-finalize",
+    "job-pause",
+    "job-resume",
+    "nbd-server-add",
+    "nbd-server-remove",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "qmp_capabilities",
+    "query-block",
+    "query-block-exports",
+    "query-block-jobs",
+    "query-commands",
+    "query-jobs",
+    "query-named-block-nodes",
+    "query-qmp-schema",
+    "query-version",
+    "quit",
+    "x-blockdev-del",
+    "x-debug-query-block-graph",
+];
+
+pub struct Commands {
+    daemon: Rc<Daemon>,
+}
+
+impl Commands {
+    pub fn new(daemon: Rc<Daemon>) -> Commands {
+        Commands { daemon }
+    }
+}
+
+impl qmp::Dispatcher for Commands {
+    fn dispatch<'a>(
+        &'a self,
+        command: &'a str,
+        args: Map<String, Value>,
+    ) -> LocalBoxFuture<'a, Result<Value, QmpError>> {
+        let daemon = &self.daemon;
+        Box::pin(async move {
+            match command {
+                "blockdev-add" => block::blockdev_add(daemon, args).await,
+                "blockdev-del" | "x-blockdev-del" => block::blockdev_del(daemon, args).await,
+                "query-block" => block::query_block(args),
+                "nbd-server-start" => Exports::server_start(daemon, args),
+                "nbd-server-stop" => {
+                    block::no_arguments(args)?;
+                    Exports::server_stop(daemon)
+                }
+                "nbd-server-add" => Exports::nbd_server_add(daemon, args),
+                "nbd-server-remove" => Exports::nbd_server_remove(daemon, args),
+                "block-export-add" => Exports::block_export_add(daemon, args),
+                "block-export-del" => Exports::block_export_del(daemon, args),
+                "query-block-exports" => {
+                    block::no_arguments(args)?;
+                    Ok(Exports::query(daemon))
+                }
+                "query-named-block-nodes" => block::query_named_block_nodes(daemon, args),
+                "x-debug-query-block-graph" => block::query_block_graph(daemon, args),
+                "blockdev-backup" => jobs::blockdev_backup(daemon, args).await,
+                "drive-backup" => jobs::drive_backup(daemon, args).await,
+                "query-block-jobs" | "query-jobs" => jobs::job_command(daemon, command, args).await,
+                name if name.starts_with("block-job-") || name.starts_with("job-") => {
+                    jobs::job_command(daemon, command, args).await
+                }
+                "query-version" => misc::query_version(args),
+                "query-commands" => misc::query_commands(args),
+                "query-qmp-schema" => misc::query_qmp_schema(args),
+                "quit" => misc::quit(daemon, args),
+                _ => Err(QmpError::command_not_found(format!(
+                    "The command {command} has not been found"
+                ))),
+            }
+        })
+    }
+
+    fn has_command(&self, command: &str) -> bool {
+        COMMANDS.contains(&command)
+    }
+}

@@ -1,0 +1,676 @@
+//! NBD exports: the NBD server's lifetime, block-export-* and the legacy nbd-server-add,
+//! and the backend that serves a node's data to NBD clients.
+
+use crate::daemon::Daemon;
+use async_trait::async_trait;
+use block::node::{ChainExtent, WriteFlags};
+use block::{Child, Node, Parent, Perms};
+use nbd::backend::{Backend, Capabilities, Extent, MetaContext, ZeroFlags};
+use nbd::server::{ExportError, ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent};
+use qapi::error::QmpError;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Places each NBD connection on one of the I/O threads, round-robin.
+struct IoSpawner(Arc<block::IoThreads>);
+
+impl nbd::spawn::Spawner for IoSpawner {
+    fn spawn(&self, job: nbd::spawn::Job) {
+        self.0.spawn(job);
+    }
+}
+
+/// NBD flags of base:allocation and qemu:dirty-bitmap.
+const STATE_HOLE: u32 = 1;
+const STATE_ZERO: u32 = 2;
+
+/// Serves one node through its export's edge, so it follows the node when a job swaps it.
+struct NodeBackend {
+    edge: Arc<Child>,
+    writable: bool,
+}
+
+impl NodeBackend {
+    fn node(&self) -> Arc<Node> {
+        self.edge.node()
+    }
+}
+
+#[async_trait(?Send)]
+impl Backend for NodeBackend {
+    fn size(&self) -> u64 {
+        self.node().size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            read_only: !self.writable,
+            // Our zero writes may fall back to writing zeroes, so FAST_ZERO would be a lie.
+            fast_zero: false,
+            ..Capabilities::default()
+        }
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.edge.read(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+        let flags = WriteFlags {
+            fua,
+            ..WriteFlags::default()
+        };
+        self.edge.write(offset, buf, flags).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        let flags = WriteFlags {
+            fua: flags.fua,
+            may_unmap: flags.may_trim,
+            no_fallback: flags.fast,
+        };
+        self.edge.write_zeroes(offset, len, flags).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.edge.discard(offset, len).await?;
+        if fua {
+            self.edge.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.edge.flush().await
+    }
+
+    /// Prefetch: read the range so that it is in the host's cache when the client asks.
+    async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let mut scratch = vec![0u8; CHUNK.min(len) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = CHUNK.min(offset + len - pos) as usize;
+            self.edge.read(pos, &mut scratch[..n]).await?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    async fn block_status(
+        &self,
+        context: &MetaContext,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<Vec<Extent>> {
+        let node = self.node();
+        let ChainExtent {
+            len: run,
+            zero,
+            depth,
+            ..
+        } = node.block_status_above(None, offset, len).await?;
+        let flags = match context {
+            MetaContext::BaseAllocation if zero => STATE_HOLE | STATE_ZERO,
+            MetaContext::BaseAllocation => 0,
+            MetaContext::AllocationDepth => depth,
+            MetaContext::DirtyBitmap(_) => return Err(io::Error::from_raw_os_error(libc::ENOTSUP)),
+        };
+        Ok(vec![Extent { length: run, flags }])
+    }
+}
+
+struct Export {
+    id: String,
+    name: String,
+    node_name: String,
+    /// Holds the export's permissions on the node until the export is gone.
+    _edge: Arc<Child>,
+    shutting_down: bool,
+}
+
+#[derive(Default)]
+pub struct Exports {
+    server: RefCell<Option<NbdServer>>,
+    exports: RefCell<Vec<Export>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct NbdServerStartArgs {
+    addr: SocketAddressLegacy,
+    tls_creds: Option<String>,
+    tls_authz: Option<String>,
+    max_connections: Option<u32>,
+    handshake_max_seconds: Option<u32>,
+}
+
+/// nbd-server-start's address: the old `{type, data: {...}}` shape.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SocketAddressLegacy {
+    #[serde(rename = "type")]
+    kind: SocketKind,
+    data: Map<String, Value>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum SocketKind {
+    Unix,
+    Inet,
+    Vsock,
+    Fd,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct UnixSocketAddress {
+    path: String,
+    /// Linux abstract sockets are not offered; accepted when off.
+    #[serde(rename = "abstract")]
+    abstract_name: Option<bool>,
+    #[serde(rename = "tight")]
+    _tight: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct InetSocketAddress {
+    host: String,
+    port: String,
+    /// Resolution and socket tuning hints; a listener on the resolved address honours the
+    /// host and port, which is what these hints refine.
+    #[serde(rename = "numeric")]
+    _numeric: Option<bool>,
+    #[serde(rename = "to")]
+    _to: Option<u16>,
+    #[serde(rename = "ipv4")]
+    _ipv4: Option<bool>,
+    #[serde(rename = "ipv6")]
+    _ipv6: Option<bool>,
+    #[serde(rename = "keep-alive")]
+    _keep_alive: Option<bool>,
+    #[serde(rename = "mptcp")]
+    _mptcp: Option<bool>,
+}
+
+/// --nbd-server's options: the flat `addr.type=unix,addr.path=...` shape.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct NbdServerOptions {
+    addr: Map<String, Value>,
+    tls_creds: Option<String>,
+    tls_authz: Option<String>,
+    max_connections: Option<u32>,
+    handshake_max_seconds: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BlockExportAddArgs {
+    #[serde(rename = "type")]
+    kind: ExportType,
+    id: String,
+    node_name: String,
+    /// Connections are spread over all I/O threads; pinning requests are accepted.
+    #[serde(rename = "fixed-iothread")]
+    _fixed_iothread: Option<bool>,
+    #[serde(rename = "iothread")]
+    _iothread: Option<Value>,
+    writable: Option<bool>,
+    writethrough: Option<bool>,
+    #[serde(rename = "allow-inactive")]
+    _allow_inactive: Option<bool>,
+    name: Option<String>,
+    description: Option<String>,
+    #[serde(default)]
+    bitmaps: Vec<Value>,
+    allocation_depth: Option<bool>,
+}
+
+#[derive(Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum ExportType {
+    Nbd,
+    VhostUserBlk,
+    Fuse,
+    VduseBlk,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct NbdServerAddArgs {
+    device: String,
+    name: Option<String>,
+    description: Option<String>,
+    writable: Option<bool>,
+    bitmap: Option<String>,
+    allocation_depth: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct ExportDelArgs {
+    id: String,
+    mode: Option<RemoveMode>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct NbdServerRemoveArgs {
+    name: String,
+    mode: Option<RemoveMode>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum RemoveMode {
+    Safe,
+    Hard,
+}
+
+/// What every export shares with other users of its node: all but resizing.
+const EXPORT_SHARED: Perms = Perms::from_bits(
+    Perms::CONSISTENT_READ.bits() | Perms::WRITE.bits() | Perms::WRITE_UNCHANGED.bits(),
+);
+
+struct NewExport {
+    id: String,
+    name: String,
+    node_name: String,
+    description: Option<String>,
+    writable: bool,
+    bitmaps: Vec<String>,
+    allocation_depth: bool,
+}
+
+impl Exports {
+    pub fn server_start(daemon: &Rc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let args: NbdServerStartArgs = qapi::de::from_value(Value::Object(args))?;
+        refuse_tls(args.tls_creds.as_deref(), args.tls_authz.as_deref())?;
+        let addr = match args.addr.kind {
+            SocketKind::Unix => {
+                let unix: UnixSocketAddress = qapi::de::from_value(Value::Object(args.addr.data))?;
+                unix_addr(unix)?
+            }
+            SocketKind::Inet => inet_addr(args.addr.data)?,
+            SocketKind::Vsock | SocketKind::Fd => {
+                return Err(QmpError::generic(
+                    "blockd's NBD server listens on unix or inet sockets only",
+                ))
+            }
+        };
+        Self::start(
+            daemon,
+            addr,
+            args.max_connections,
+            args.handshake_max_seconds,
+        )?;
+        Ok(json!({}))
+    }
+
+    /// --nbd-server, with the flat address form.
+    pub fn server_start_cli(
+        daemon: &Rc<Daemon>,
+        options: Value,
+        keyval: bool,
+    ) -> Result<(), QmpError> {
+        let args: NbdServerOptions = if keyval {
+            qapi::de::from_keyval(options)?
+        } else {
+            qapi::de::from_value(options)?
+        };
+        refuse_tls(args.tls_creds.as_deref(), args.tls_authz.as_deref())?;
+        let mut addr = args.addr;
+        let kind = addr.remove("type");
+        let addr = match kind.as_ref().and_then(Value::as_str) {
+            Some("unix") => {
+                let unix: UnixSocketAddress = if keyval {
+                    qapi::de::from_keyval(Value::Object(addr))?
+                } else {
+                    qapi::de::from_value(Value::Object(addr))?
+                };
+                unix_addr(unix)?
+            }
+            Some("inet") => inet_addr(addr)?,
+            Some(other) => {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'addr.type' does not accept value '{other}'"
+                )))
+            }
+            None => return Err(QmpError::generic("Parameter 'addr.type' is missing")),
+        };
+        Self::start(
+            daemon,
+            addr,
+            args.max_connections,
+            args.handshake_max_seconds,
+        )
+    }
+
+    fn start(
+        daemon: &Rc<Daemon>,
+        addr: ListenAddr,
+        max_connections: Option<u32>,
+        handshake_max_seconds: Option<u32>,
+    ) -> Result<(), QmpError> {
+        let exports = &daemon.exports;
+        if exports.server.borrow().is_some() {
+            return Err(QmpError::generic("NBD server already running"));
+        }
+        let server = NbdServer::new(Arc::new(IoSpawner(daemon.io.clone())));
+        let mut config = ServerConfig::default();
+        if let Some(max) = max_connections {
+            config.max_connections = max;
+        }
+        if let Some(secs) = handshake_max_seconds {
+            config.handshake_max_seconds = secs;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        server.set_event_handler(move |event| {
+            let _ = tx.send(event);
+        });
+        server
+            .start(&addr, config)
+            .map_err(|e| QmpError::generic(format!("Failed to bind socket: {e}")))?;
+        *exports.server.borrow_mut() = Some(server);
+        tokio::task::spawn_local(Self::watch_deletions(daemon.clone(), rx));
+        Ok(())
+    }
+
+    /// Export records live until the server says their last client is gone; then the
+    /// node is released and BLOCK_EXPORT_DELETED goes out.
+    async fn watch_deletions(daemon: Rc<Daemon>, mut rx: mpsc::UnboundedReceiver<ServerEvent>) {
+        while let Some(event) = rx.recv().await {
+            let ServerEvent::ExportDeleted { name } = event;
+            let removed = {
+                let mut exports = daemon.exports.exports.borrow_mut();
+                exports
+                    .iter()
+                    .position(|e| e.name == name && e.shutting_down)
+                    .map(|i| exports.remove(i))
+            };
+            if let Some(export) = removed {
+                daemon
+                    .events
+                    .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": export.id})));
+            }
+        }
+    }
+
+    pub fn server_stop(daemon: &Rc<Daemon>) -> Result<Value, QmpError> {
+        let server = daemon
+            .exports
+            .server
+            .borrow_mut()
+            .take()
+            .ok_or_else(|| QmpError::generic("NBD server not running"))?;
+        for export in daemon.exports.exports.borrow_mut().iter_mut() {
+            export.shutting_down = true;
+        }
+        server.stop();
+        Ok(json!({}))
+    }
+
+    pub fn block_export_add(
+        daemon: &Rc<Daemon>,
+        args: Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        Self::block_export_add_value(daemon, Value::Object(args), false)
+    }
+
+    pub fn block_export_add_value(
+        daemon: &Rc<Daemon>,
+        args: Value,
+        keyval: bool,
+    ) -> Result<Value, QmpError> {
+        let args: BlockExportAddArgs = if keyval {
+            qapi::de::from_keyval(args)?
+        } else {
+            qapi::de::from_value(args)?
+        };
+        if args.kind != ExportType::Nbd {
+            return Err(QmpError::generic("blockd exports over NBD only"));
+        }
+        if args.writethrough == Some(true) {
+            return Err(QmpError::generic(
+                "blockd does not support writethrough exports",
+            ));
+        }
+        let bitmaps = args
+            .bitmaps
+            .into_iter()
+            .map(|b| match b {
+                Value::String(name) => Ok(name),
+                Value::Object(map) => Ok(map
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()),
+                _ => Err(QmpError::generic(
+                    "Invalid parameter type for 'bitmaps[0]', expected: BlockDirtyBitmapOrStr",
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let name = args.name.unwrap_or_else(|| args.node_name.clone());
+        Self::add(
+            daemon,
+            NewExport {
+                id: args.id,
+                name,
+                node_name: args.node_name,
+                description: args.description,
+                writable: args.writable.unwrap_or(false),
+                bitmaps,
+                allocation_depth: args.allocation_depth.unwrap_or(false),
+            },
+        )?;
+        Ok(json!({}))
+    }
+
+    /// The 2.x command: the export id is its name.
+    pub fn nbd_server_add(
+        daemon: &Rc<Daemon>,
+        args: Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        let args: NbdServerAddArgs = qapi::de::from_value(Value::Object(args))?;
+        let name = args.name.unwrap_or_else(|| args.device.clone());
+        Self::add(
+            daemon,
+            NewExport {
+                id: name.clone(),
+                name,
+                node_name: args.device,
+                description: args.description,
+                writable: args.writable.unwrap_or(false),
+                bitmaps: args.bitmap.into_iter().collect(),
+                allocation_depth: args.allocation_depth.unwrap_or(false),
+            },
+        )?;
+        Ok(json!({}))
+    }
+
+    fn add(daemon: &Rc<Daemon>, new: NewExport) -> Result<(), QmpError> {
+        let exports = &daemon.exports;
+        let server_guard = exports.server.borrow();
+        let server = server_guard
+            .as_ref()
+            .ok_or_else(|| QmpError::generic("NBD server not running"))?;
+        if exports.exports.borrow().iter().any(|e| e.id == new.id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{}' is already in use",
+                new.id
+            )));
+        }
+        let node = daemon.graph.find(&new.node_name).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='' nor node-name='{}'",
+                new.node_name
+            ))
+        })?;
+        if server.exports().contains(&new.name) {
+            return Err(QmpError::generic(format!(
+                "NBD server already has export named '{}'",
+                new.name
+            )));
+        }
+        if let Some(bitmap) = new.bitmaps.first() {
+            return Err(QmpError::generic(format!("Bitmap '{bitmap}' is not found")));
+        }
+        let perm = if new.writable {
+            Perms::CONSISTENT_READ | Perms::WRITE
+        } else {
+            Perms::CONSISTENT_READ
+        };
+        let edge = Node::attach(
+            &node,
+            "root",
+            Parent::User {
+                kind: "block-backend",
+                name: String::new(),
+            },
+            perm,
+            EXPORT_SHARED,
+        )
+        .map_err(QmpError::generic)?;
+        let backend = Arc::new(NodeBackend {
+            edge: edge.clone(),
+            writable: new.writable,
+        });
+        server
+            .add_export(
+                &new.name,
+                new.description.as_deref(),
+                backend,
+                ExportOptions {
+                    writable: new.writable,
+                    bitmaps: new.bitmaps,
+                    allocation_depth: new.allocation_depth,
+                },
+            )
+            .map_err(|e| export_error(&new.name, e))?;
+        exports.exports.borrow_mut().push(Export {
+            id: new.id,
+            name: new.name,
+            node_name: new.node_name,
+            _edge: edge,
+            shutting_down: false,
+        });
+        Ok(())
+    }
+
+    pub fn block_export_del(
+        daemon: &Rc<Daemon>,
+        args: Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        let args: ExportDelArgs = qapi::de::from_value(Value::Object(args))?;
+        Self::remove(daemon, &args.id, args.mode == Some(RemoveMode::Hard))
+    }
+
+    pub fn nbd_server_remove(
+        daemon: &Rc<Daemon>,
+        args: Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        let args: NbdServerRemoveArgs = qapi::de::from_value(Value::Object(args))?;
+        Self::remove(daemon, &args.name, args.mode == Some(RemoveMode::Hard))
+    }
+
+    fn remove(daemon: &Rc<Daemon>, id: &str, hard: bool) -> Result<Value, QmpError> {
+        let exports = &daemon.exports;
+        let name = exports
+            .exports
+            .borrow()
+            .iter()
+            .find(|e| e.id == id && !e.shutting_down)
+            .map(|e| e.name.clone())
+            .ok_or_else(|| QmpError::generic(format!("Export '{id}' is not found")))?;
+        let server_guard = exports.server.borrow();
+        let Some(server) = server_guard.as_ref() else {
+            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+        };
+        if !hard && server.export_clients(&name).unwrap_or(0) > 0 {
+            return Err(QmpError::generic(format!("export '{id}' still in use")));
+        }
+        if let Some(export) = exports.exports.borrow_mut().iter_mut().find(|e| e.id == id) {
+            export.shutting_down = true;
+        }
+        server
+            .remove_export(&name, hard)
+            .map_err(|e| export_error(&name, e))?;
+        Ok(json!({}))
+    }
+
+    pub fn query(daemon: &Rc<Daemon>) -> Value {
+        Value::Array(
+            daemon
+                .exports
+                .exports
+                .borrow()
+                .iter()
+                .rev()
+                .map(|e| {
+                    json!({
+                        "type": "nbd",
+                        "id": e.id,
+                        "node-name": e.node_name,
+                        "shutting-down": e.shutting_down,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// Disconnect every client and release every node (quit).
+    pub fn shutdown(daemon: &Rc<Daemon>) {
+        if let Some(server) = daemon.exports.server.borrow_mut().take() {
+            server.stop();
+        }
+        daemon.exports.exports.borrow_mut().clear();
+    }
+}
+
+fn refuse_tls(creds: Option<&str>, authz: Option<&str>) -> Result<(), QmpError> {
+    if creds.is_some() || authz.is_some() {
+        return Err(QmpError::generic(
+            "blockd's NBD server does not support TLS",
+        ));
+    }
+    Ok(())
+}
+
+fn unix_addr(unix: UnixSocketAddress) -> Result<ListenAddr, QmpError> {
+    if unix.abstract_name == Some(true) {
+        return Err(QmpError::generic(
+            "blockd does not listen on abstract unix sockets",
+        ));
+    }
+    Ok(ListenAddr::Unix(unix.path.into()))
+}
+
+fn inet_addr(data: Map<String, Value>) -> Result<ListenAddr, QmpError> {
+    let inet: InetSocketAddress = qapi::de::from_value(Value::Object(data))?;
+    let port = inet.port.parse().map_err(|_| {
+        QmpError::generic(format!("Port '{}' is not a valid port number", inet.port))
+    })?;
+    Ok(ListenAddr::Tcp {
+        host: inet.host,
+        port,
+    })
+}
+
+fn export_error(name: &str, e: ExportError) -> QmpError {
+    match e {
+        ExportError::Exists(_) => {
+            QmpError::generic(format!("NBD server already has export named '{name}'"))
+        }
+        ExportError::NotFound(_) => QmpError::generic(format!("Export '{name}' is not found")),
+        ExportError::InUse { .. } => QmpError::generic(format!("export '{name}' still in use")),
+        other => QmpError::generic(other.to_string()),
+    }
+}

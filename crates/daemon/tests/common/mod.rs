@@ -1,0 +1,245 @@
+//! Shared harness for end-to-end tests: start blockd (or qemu-storage-daemon, for
+//! differential tests) on a temp dir with the same command line and talk QMP to it.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BLOCKD: &str = env!("CARGO_BIN_EXE_blockd");
+pub const QSD: &str = "/usr/bin/qemu-storage-daemon";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Impl {
+    Blockd,
+    Qsd,
+}
+
+impl Impl {
+    pub fn binary(self) -> &'static str {
+        match self {
+            Impl::Blockd => BLOCKD,
+            Impl::Qsd => QSD,
+        }
+    }
+
+    /// Both, when qemu-storage-daemon is installed; a notice otherwise.
+    pub fn all() -> Vec<Impl> {
+        if Path::new(QSD).exists() {
+            vec![Impl::Blockd, Impl::Qsd]
+        } else {
+            eprintln!("notice: {QSD} is absent; differential half skipped");
+            vec![Impl::Blockd]
+        }
+    }
+}
+
+pub struct Daemon {
+    pub which: Impl,
+    child: Option<Child>,
+    pub qmp_path: PathBuf,
+    stderr_path: PathBuf,
+}
+
+/// How long any wait in a test may take before the test fails instead of hanging.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+impl Daemon {
+    /// Start with a QMP monitor on `dir/<name>.qmp` plus `extra` options.
+    pub fn start(which: Impl, dir: &Path, extra: &[String]) -> Daemon {
+        let tag = match which {
+            Impl::Blockd => "blockd",
+            Impl::Qsd => "qsd",
+        };
+        let qmp_path = dir.join(format!("{tag}.qmp"));
+        let stderr_path = dir.join(format!("{tag}.stderr"));
+        let mut args = vec![
+            "--chardev".to_string(),
+            format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                qmp_path.display()
+            ),
+            "--monitor".to_string(),
+            "chardev=m0".to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        let child = Command::new(which.binary())
+            .args(&args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .expect("spawn daemon");
+        let mut daemon = Daemon {
+            which,
+            child: Some(child),
+            qmp_path,
+            stderr_path,
+        };
+        daemon.wait_for_socket();
+        daemon.wait_for_greeting();
+        daemon
+    }
+
+    /// A monitor greets only once startup is complete (every option applied), so a
+    /// greeting means the NBD server and exports of the command line are up too.
+    fn wait_for_greeting(&self) {
+        use std::io::BufRead;
+        let stream = std::os::unix::net::UnixStream::connect(&self.qmp_path).expect("connect QMP");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut greeting = String::new();
+        std::io::BufReader::new(stream)
+            .read_line(&mut greeting)
+            .expect("QMP greeting");
+        assert!(greeting.contains("QMP"), "{greeting}");
+    }
+
+    fn wait_for_socket(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        while !self.qmp_path.exists() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "{:?} exited early ({status}): {}",
+                    self.which,
+                    self.stderr()
+                );
+            }
+            assert!(Instant::now() < deadline, "QMP socket never appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub async fn qmp(&self) -> qmp::Client {
+        qmp::Client::connect_unix(&self.qmp_path)
+            .await
+            .expect("QMP connect")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// `quit`, then wait for a clean exit: images are only complete on disk after it.
+    pub async fn quit(mut self, client: &mut qmp::Client) {
+        client.execute("quit", serde_json::json!({})).await.unwrap();
+        assert!(
+            self.wait_exit().success(),
+            "{:?} quit must exit 0",
+            self.which
+        );
+    }
+
+    /// Wait (bounded) for the daemon to exit by itself.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn run(cmd: &mut Command) -> std::process::Output {
+    cmd.output().expect("spawn helper command")
+}
+
+pub fn qemu_img(args: &[&str]) -> String {
+    let out = run(Command::new("qemu-img").args(args));
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn s(v: &str) -> String {
+    v.to_string()
+}
+
+/// Replace the parts that legitimately differ between implementations and runs.
+pub fn normalize(mut v: Value) -> Value {
+    fn walk(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                map.remove("timestamp");
+                if let Some(Value::String(p)) = map.get_mut("package") {
+                    *p = "<package>".into();
+                }
+                for (k, item) in map.iter_mut() {
+                    if k == "actual-size" {
+                        *item = Value::from(0);
+                    }
+                    walk(item);
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(walk),
+            Value::String(text) if text.starts_with("#block") => *text = "#block".into(),
+            _ => {}
+        }
+    }
+    walk(&mut v);
+    v
+}
+
+/// The first place two JSON values differ, as a path and both sides, for readable failures.
+pub fn first_difference(a: &Value, b: &Value) -> Option<String> {
+    fn walk(a: &Value, b: &Value, path: String) -> Option<String> {
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                for key in x.keys().chain(y.keys()) {
+                    let sub = format!("{path}.{key}");
+                    match (x.get(key), y.get(key)) {
+                        (Some(p), Some(q)) => {
+                            if let Some(d) = walk(p, q, sub) {
+                                return Some(d);
+                            }
+                        }
+                        (p, q) => return Some(format!("{sub}: {p:?} vs {q:?}")),
+                    }
+                }
+                None
+            }
+            (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+                .iter()
+                .zip(y)
+                .enumerate()
+                .find_map(|(i, (p, q))| walk(p, q, format!("{path}[{i}]"))),
+            _ if a == b => None,
+            _ => Some(format!("{path}: {a} vs {b}")),
+        }
+    }
+    walk(a, b, String::new())
+}
+
+/// A helper process (qemu-nbd, ...) that must not outlive a failing test.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

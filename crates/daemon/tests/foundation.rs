@@ -1,0 +1,371 @@
+//! The foundation seen from outside: QMP block commands, the command line, locking, quit —
+//! each run against blockd and, where it says so, against qemu-storage-daemon too.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+
+fn make_chain(dir: &Path) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &dir.join("base.qcow2").to_string_lossy(),
+        "64M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &dir.join("top.qcow2").to_string_lossy(),
+    ]);
+}
+
+fn chain_args() -> Vec<String> {
+    vec![
+        s("--blockdev"),
+        s("driver=file,node-name=f0,filename=top.qcow2"),
+        s("--blockdev"),
+        s("driver=qcow2,node-name=disk0,file=f0"),
+    ]
+}
+
+/// Run each command, collecting the normalized reply (return value or error).
+async fn exchange(client: &mut qmp::Client, script: &[Value]) -> Vec<Value> {
+    let mut replies = Vec::new();
+    for cmd in script {
+        let reply = client
+            .execute(
+                cmd["execute"].as_str().unwrap(),
+                cmd.get("arguments").cloned().unwrap_or(json!({})),
+            )
+            .await;
+        replies.push(normalize(match reply {
+            Ok(v) => json!({"return": v}),
+            Err(e) => json!({"error": {"class": e.class, "desc": e.desc}}),
+        }));
+    }
+    replies
+}
+
+fn graph_edges(graph: &Value) -> Vec<(String, String, String, Value, Value)> {
+    let names: std::collections::HashMap<u64, String> = graph["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_u64().unwrap(),
+                n["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut edges: Vec<_> = graph["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                normalize(json!(names[&e["parent"].as_u64().unwrap()])).to_string(),
+                normalize(json!(names[&e["child"].as_u64().unwrap()])).to_string(),
+                e["name"].as_str().unwrap().to_string(),
+                e["perm"].clone(),
+                e["shared-perm"].clone(),
+            )
+        })
+        .collect();
+    edges.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    edges
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_commands_answer_like_qsd() {
+    let script = vec![
+        json!({"execute": "query-named-block-nodes"}),
+        json!({"execute": "query-named-block-nodes", "arguments": {"flat": true}}),
+        json!({"execute": "query-block"}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n1"}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n1"}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "1bad"}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "a234567890123456789012345678901234"}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "null-co"}}),
+        json!({"execute": "blockdev-add", "arguments": {"node-name": "x"}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "nope", "node-name": "x"}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "x"}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "x", "file": 5}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "x", "file": "nosuch"}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "x", "file": {"driver": "file"}}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "x", "file": {"driver": "file", "filename": "top.qcow2", "bogus": 1}}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "x", "size": "big"}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "x", "filename": "missing.img"}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "d2", "file": "f0"}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r1", "file": "f0", "read-only": true}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "nz", "size": 1048576, "read-zeroes": true}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "blkdebug", "node-name": "bd", "image": "nz", "inject-error": [{"event": "none", "errno": 5}]}}),
+        json!({"execute": "query-named-block-nodes"}),
+        json!({"execute": "blockdev-del", "arguments": {"node-name": "f0"}}),
+        json!({"execute": "blockdev-del", "arguments": {"node-name": "zz"}}),
+        json!({"execute": "blockdev-del", "arguments": {}}),
+        json!({"execute": "blockdev-del", "arguments": {"node-name": "nz"}}),
+        json!({"execute": "blockdev-del", "arguments": {"node-name": "bd"}}),
+        json!({"execute": "blockdev-del", "arguments": {"node-name": "nz"}}),
+        json!({"execute": "blockdev-del", "arguments": {"node-name": "r1"}}),
+        json!({"execute": "blockdev-del", "arguments": {"node-name": "n1"}}),
+        json!({"execute": "query-named-block-nodes", "arguments": {"flat": true}}),
+        json!({"execute": "no-such-command"}),
+        json!({"execute": "query-version", "arguments": {"x": 1}}),
+    ];
+    let mut results = Vec::new();
+    let mut graphs = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        make_chain(dir.path());
+        let daemon = Daemon::start(which, dir.path(), &chain_args());
+        let mut client = daemon.qmp().await;
+        results.push((which, exchange(&mut client, &script).await));
+        graphs.push(graph_edges(
+            &client
+                .execute("x-debug-query-block-graph", json!({}))
+                .await
+                .unwrap(),
+        ));
+    }
+    let (_, ours) = &results[0];
+    // Sanity on our own answers, independent of qsd.
+    assert_eq!(
+        ours[4]["error"]["desc"],
+        "Duplicate nodes with node-name='n1'"
+    );
+    assert_eq!(ours[22]["error"]["desc"], "Block device f0 is in use");
+    let nodes = ours[0]["return"].as_array().unwrap();
+    assert_eq!(nodes.len(), 4, "top, its file, and the implicit base chain");
+    let disk0 = nodes.iter().find(|n| n["node-name"] == "disk0").unwrap();
+    assert_eq!(disk0["image"]["backing-image"]["filename"], "base.qcow2");
+    if let Some((_, theirs)) = results.get(1) {
+        for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+            assert!(
+                a == b,
+                "reply {i} to {} differs from qsd at {:?}",
+                script[i],
+                first_difference(a, b)
+            );
+        }
+        assert_eq!(graphs[0], graphs[1], "block graph differs from qsd");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listed_command_exists_and_schema_describes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
+    let mut client = daemon.qmp().await;
+    let commands = client.execute("query-commands", json!({})).await.unwrap();
+    let schema = client.execute("query-qmp-schema", json!({})).await.unwrap();
+    let in_schema: Vec<&str> = schema
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["meta-type"] == "command")
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    for cmd in commands.as_array().unwrap() {
+        let name = cmd["name"].as_str().unwrap();
+        assert!(
+            in_schema.contains(&name),
+            "{name} missing from query-qmp-schema"
+        );
+        if name == "quit" {
+            continue;
+        }
+        // Wrong arguments, so nothing happens; but never "command not found".
+        if let Err(e) = client.execute(name, json!({"no-such-argument": 1})).await {
+            assert_ne!(e.class, qapi::error::ErrorClass::CommandNotFound, "{name}");
+        }
+    }
+    for name in in_schema {
+        assert!(
+            commands
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == name),
+            "schema advertises {name} which query-commands does not list"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_flushes_and_releases_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    make_chain(dir.path());
+    let top = dir.path().join("top.qcow2").to_string_lossy().into_owned();
+    for which in Impl::all() {
+        let mut daemon = Daemon::start(which, dir.path(), &chain_args());
+        let locked = run(Command::new("qemu-img").args(["info", &top]));
+        assert!(
+            !locked.status.success(),
+            "{which:?}: qemu-img info must see the lock"
+        );
+        let stderr = String::from_utf8_lossy(&locked.stderr);
+        assert!(
+            stderr.contains("Failed to get shared \"write\" lock"),
+            "{which:?}: {stderr}"
+        );
+        assert!(run(Command::new("qemu-img").args(["info", "-U", &top]))
+            .status
+            .success());
+        let mut client = daemon.qmp().await;
+        assert_eq!(client.execute("quit", json!({})).await.unwrap(), json!({}));
+        assert!(daemon.wait_exit().success(), "{which:?} quit must exit 0");
+        assert!(run(Command::new("qemu-img").args(["info", &top]))
+            .status
+            .success());
+        qemu_img(&["check", &top]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_an_image_qemu_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    make_chain(dir.path());
+    let holder = Daemon::start(
+        Impl::Qsd,
+        dir.path(),
+        &[
+            s("--blockdev"),
+            s("driver=file,node-name=f0,filename=top.qcow2"),
+            s("--blockdev"),
+            s("driver=qcow2,node-name=q,file=f0"),
+        ],
+    );
+    let out = run(Command::new(BLOCKD).current_dir(dir.path()).args([
+        "--blockdev",
+        "driver=file,node-name=f0,filename=top.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=q,file=f0",
+    ]));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("lock"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    make_chain(dir.path());
+    let mut daemon = Daemon::start(Impl::Blockd, dir.path(), &chain_args());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(daemon.wait_exit().success());
+    qemu_img(&["info", &dir.path().join("top.qcow2").to_string_lossy()]);
+}
+
+#[test]
+fn bad_command_lines_fail_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["--blockdev", "driver=nope,node-name=a"],
+        vec!["--blockdev", "driver=null-co"],
+        vec!["--blockdev", "driver=null-co,node-name=a,size=abc"],
+        vec!["--blockdev", "driver=file,node-name=a,filename=missing.img"],
+        vec!["--monitor", "chardev=nowhere"],
+        vec!["--bogus"],
+        vec!["--blockdev"],
+    ] {
+        let ours = run(Command::new(BLOCKD).args(&args).current_dir(dir.path()));
+        assert!(!ours.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&ours.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        if Path::new(QSD).exists() {
+            let theirs = run(Command::new(QSD).args(&args).current_dir(dir.path()));
+            assert!(!theirs.status.success(), "qsd accepted {args:?}");
+            let their_err = String::from_utf8_lossy(&theirs.stderr);
+            // Each names itself first (qsd by its full path for getopt errors).
+            let strip = |t: &str| {
+                t.trim()
+                    .split_once(": ")
+                    .map(|(_, m)| m.to_string())
+                    .unwrap_or_default()
+            };
+            assert_eq!(strip(&err), strip(&their_err), "{args:?}");
+        }
+    }
+}
+
+#[test]
+fn help_and_version() {
+    let help = run(Command::new(BLOCKD).arg("-h"));
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for opt in [
+        "--blockdev",
+        "--chardev",
+        "--monitor",
+        "--pidfile",
+        "--daemonize",
+    ] {
+        assert!(text.contains(opt), "help lacks {opt}");
+    }
+    let version = run(Command::new(BLOCKD).arg("-V"));
+    assert!(version.status.success());
+    assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_blockdev_pidfile_and_daemonize() {
+    let dir = tempfile::tempdir().unwrap();
+    make_chain(dir.path());
+    let pidfile = dir.path().join("blockd.pid");
+    let qmp_path = dir.path().join("d.qmp");
+    let status = Command::new(BLOCKD)
+        .current_dir(dir.path())
+        .args([
+            "--chardev", &format!("socket,id=m0,path={},server=on,wait=off", qmp_path.display()),
+            "--monitor", "chardev=m0",
+            "--blockdev", r#"{"driver": "qcow2", "node-name": "disk0", "file": {"driver": "file", "filename": "top.qcow2"}}"#,
+            "--pidfile", &pidfile.to_string_lossy(),
+            "--daemonize",
+        ])
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the parent exits 0 once the daemon is ready"
+    );
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut client = qmp::Client::connect_unix(&qmp_path).await.unwrap();
+    let nodes = client
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    assert!(nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["node-name"] == "disk0"));
+    client.execute("quit", json!({})).await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "daemon did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(!pidfile.exists(), "pid file removed at exit");
+}
