@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use std::cell::RefCell;
 use std::io;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use tokio::sync::mpsc;
 
 /// Places each NBD connection on one of the I/O threads, round-robin.
@@ -30,21 +30,25 @@ const STATE_HOLE: u32 = 1;
 const STATE_ZERO: u32 = 2;
 
 /// Serves one node through its export's edge, so it follows the node when a job swaps it.
+/// The export record owns the edge: once the export is deleted the node is free at once,
+/// even while connection tasks still hold the backend.
 struct NodeBackend {
-    edge: Arc<Child>,
+    edge: Weak<Child>,
     writable: bool,
 }
 
 impl NodeBackend {
-    fn node(&self) -> Arc<Node> {
-        self.edge.node()
+    fn edge(&self) -> io::Result<Arc<Child>> {
+        self.edge
+            .upgrade()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESHUTDOWN))
     }
 }
 
 #[async_trait(?Send)]
 impl Backend for NodeBackend {
     fn size(&self) -> u64 {
-        self.node().size()
+        self.edge().map_or(0, |edge| edge.node().size())
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -57,7 +61,7 @@ impl Backend for NodeBackend {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.edge.read(offset, buf).await
+        self.edge()?.read(offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
@@ -65,7 +69,7 @@ impl Backend for NodeBackend {
             fua,
             ..WriteFlags::default()
         };
-        self.edge.write(offset, buf, flags).await
+        self.edge()?.write(offset, buf, flags).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
@@ -74,29 +78,31 @@ impl Backend for NodeBackend {
             may_unmap: flags.may_trim,
             no_fallback: flags.fast,
         };
-        self.edge.write_zeroes(offset, len, flags).await
+        self.edge()?.write_zeroes(offset, len, flags).await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.edge.discard(offset, len).await?;
+        let edge = self.edge()?;
+        edge.discard(offset, len).await?;
         if fua {
-            self.edge.flush().await?;
+            edge.flush().await?;
         }
         Ok(())
     }
 
     async fn flush(&self) -> io::Result<()> {
-        self.edge.flush().await
+        self.edge()?.flush().await
     }
 
     /// Prefetch: read the range so that it is in the host's cache when the client asks.
     async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
+        let edge = self.edge()?;
         let mut scratch = vec![0u8; CHUNK.min(len) as usize];
         let mut pos = offset;
         while pos < offset + len {
             let n = CHUNK.min(offset + len - pos) as usize;
-            self.edge.read(pos, &mut scratch[..n]).await?;
+            edge.read(pos, &mut scratch[..n]).await?;
             pos += n as u64;
         }
         Ok(())
@@ -108,7 +114,7 @@ impl Backend for NodeBackend {
         offset: u64,
         len: u64,
     ) -> io::Result<Vec<Extent>> {
-        let node = self.node();
+        let node = self.edge()?.node();
         let ChainExtent {
             len: run,
             zero,
@@ -540,7 +546,7 @@ impl Exports {
         )
         .map_err(QmpError::generic)?;
         let backend = Arc::new(NodeBackend {
-            edge: edge.clone(),
+            edge: Arc::downgrade(&edge),
             writable: new.writable,
         });
         server

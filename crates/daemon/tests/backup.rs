@@ -570,3 +570,157 @@ async fn backup_errors_answer_like_qsd() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleecing_exports_the_point_in_time_while_clients_write() {
+    let dir = tempfile::tempdir().unwrap();
+    make_chain(dir.path());
+    let reference = dir.path().join("before.raw").to_string_lossy().into_owned();
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        &dir.path().join("top.qcow2").to_string_lossy(),
+        &reference,
+    ]);
+    let fleece = dir
+        .path()
+        .join("fleece.qcow2")
+        .to_string_lossy()
+        .into_owned();
+    qemu_img(&["create", "-q", "-f", "qcow2", &fleece, "16M"]);
+    let sock = dir.path().join("nbd.sock");
+    let daemon = Daemon::start(
+        Impl::Blockd,
+        dir.path(),
+        &chain_args(&[
+            s("--blockdev"),
+            format!("driver=qcow2,node-name=fleece,file.driver=file,file.filename={fleece}"),
+            s("--nbd-server"),
+            format!("addr.type=unix,addr.path={}", sock.display()),
+        ]),
+    );
+    let mut client = daemon.qmp().await;
+    for (cmd, args) in [
+        (
+            "blockdev-add",
+            json!({"driver": "copy-before-write", "node-name": "cbw", "file": "disk0", "target": "fleece"}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}),
+        ),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "live", "node-name": "cbw", "writable": true}),
+        ),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "view", "node-name": "acc"}),
+        ),
+    ] {
+        client
+            .execute(cmd, args)
+            .await
+            .unwrap_or_else(|e| panic!("{cmd}: {}", e.desc));
+    }
+    let live = format!("nbd+unix:///cbw?socket={}", sock.display());
+    let view = format!("nbd+unix:///acc?socket={}", sock.display());
+    qemu_io(&[
+        "-f",
+        "raw",
+        &live,
+        "-c",
+        "write -P 0xcc 0 6M",
+        "-c",
+        "write -P 0xdd 12M 1M",
+    ]);
+    // The view still reads the disk as it was when the filter was added...
+    let pulled = dir.path().join("view.raw").to_string_lossy().into_owned();
+    qemu_img(&["convert", "-f", "raw", "-O", "raw", &view, &pulled]);
+    assert!(std::fs::read(&pulled).unwrap() == std::fs::read(&reference).unwrap());
+    // ...while the live export reads the new data.
+    qemu_io(&[
+        "-f",
+        "raw",
+        "-r",
+        &live,
+        "-c",
+        "read -P 0xcc 0 6M",
+        "-c",
+        "read -P 0xdd 12M 1M",
+    ]);
+    // Only what was overwritten went to the fleecing image.
+    let map: Vec<Value> =
+        serde_json::from_str(&qemu_img(&["map", "-U", "--output=json", &fleece])).unwrap();
+    let stored: u64 = map
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert!(stored <= 7 << 20, "fleecing image holds {stored} bytes");
+    daemon.quit(&mut client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_error_policies() {
+    for (policy, action) in [("report", "report"), ("stop", "stop"), ("ignore", "ignore")] {
+        let dir = tempfile::tempdir().unwrap();
+        make_chain(dir.path());
+        let tgt = dir.path().join("tgt.qcow2").to_string_lossy().into_owned();
+        qemu_img(&["create", "-q", "-f", "qcow2", &tgt, "16M"]);
+        let mut args = chain_args(&[]);
+        args.extend([
+            s("--blockdev"),
+            format!(r#"{{"driver":"qcow2","node-name":"tgt","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{tgt}"}},"inject-error":[{{"event":"write_aio","errno":5,"once":true}}]}}}}"#),
+        ]);
+        let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
+        let mut client = daemon.qmp().await;
+        client
+            .execute("blockdev-backup", json!({"job-id": "t", "device": "disk0", "target": "tgt", "sync": "full", "on-target-error": policy}))
+            .await
+            .unwrap();
+        let error = client
+            .wait_event("BLOCK_JOB_ERROR", WAIT)
+            .await
+            .expect("BLOCK_JOB_ERROR");
+        assert_eq!(
+            error["data"],
+            json!({"device": "t", "operation": "write", "action": action})
+        );
+        if policy == "stop" {
+            let deadline = std::time::Instant::now() + WAIT;
+            while client.execute("query-block-jobs", json!({})).await.unwrap()[0]["io-status"]
+                != "failed"
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "stop must pause with io-status failed"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            client
+                .execute("block-job-resume", json!({"device": "t"}))
+                .await
+                .unwrap();
+        }
+        let done = client
+            .wait_event("BLOCK_JOB_COMPLETED", WAIT)
+            .await
+            .unwrap();
+        if policy == "report" {
+            assert_eq!(done["data"]["error"], "Input/output error");
+        } else {
+            assert!(done["data"].get("error").is_none(), "{policy}: {done}");
+        }
+        daemon.quit(&mut client).await;
+        if policy != "report" {
+            qemu_img(&["check", &tgt]);
+            qemu_img(&[
+                "compare",
+                &dir.path().join("top.qcow2").to_string_lossy(),
+                &tgt,
+            ]);
+        }
+    }
+}

@@ -303,4 +303,9 @@ impl Driver for Blkdebug {
     fn filtered_child_role(&self) -> Option<&'static str> {
         Some("image")
     }
+
+    /// A filter over a growing file grows with it (qcow2 over blkdebug over file).
+    fn extends_on_write(&self) -> bool {
+        self.image().driver().extends_on_write()
+    }
 }
