@@ -42,8 +42,11 @@ impl Default for BackupPerf {
     }
 }
 
-/// Default request size: big enough for throughput, small enough for 64 in flight.
-const DEFAULT_CHUNK: u64 = 1 << 20;
+/// Default request size: large requests let a qcow2 target allocate many clusters at once.
+const DEFAULT_CHUNK: u64 = 4 << 20;
+
+/// Bound on the bytes of all requests in flight (QEMU's block-copy bound too).
+const MAX_IN_FLIGHT_BYTES: u64 = 128 << 20;
 
 pub struct BackupJob {
     graph: Arc<Graph>,
@@ -132,6 +135,10 @@ impl BackupJob {
     async fn copy_all(&self, ctx: &JobContext) -> Result<(), JobFailure> {
         let cluster = self.copy.cluster_size();
         let chunk = self.chunk();
+        let workers = self
+            .perf
+            .max_workers
+            .clamp(1, (MAX_IN_FLIGHT_BYTES / chunk).max(1) as usize);
         let mut reported = 0;
         let mut cursor = 0;
         let mut in_flight = FuturesUnordered::new();
@@ -144,7 +151,7 @@ impl BackupJob {
                 while in_flight.next().await.is_some() {}
                 return Err(JobFailure::cancelled());
             }
-            while in_flight.len() < self.perf.max_workers.max(1) {
+            while in_flight.len() < workers {
                 let Some(next) = self.copy.next_pending(cursor) else {
                     break;
                 };
