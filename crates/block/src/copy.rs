@@ -108,7 +108,7 @@ pub struct BlockCopy {
 }
 
 /// Largest run copied in one request.
-const MAX_RUN: u64 = 4 << 20;
+const MAX_RUN: u64 = 1 << 20;
 
 impl BlockCopy {
     pub fn new(

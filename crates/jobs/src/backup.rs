@@ -42,8 +42,11 @@ impl Default for BackupPerf {
     }
 }
 
-/// Default request size: large requests let a qcow2 target allocate many clusters at once.
-const DEFAULT_CHUNK: u64 = 4 << 20;
+/// Default request size. Larger requests make a qcow2 target allocate faster (4 MiB: about
+/// 10 % faster backups in bench/), but a client write that meets a cluster being copied
+/// waits for the whole request: 1 MiB kept the p99 write latency under load below qsd's,
+/// 4 MiB more than doubled it.
+const DEFAULT_CHUNK: u64 = 1 << 20;
 
 /// Bound on the bytes of all requests in flight (QEMU's block-copy bound too).
 const MAX_IN_FLIGHT_BYTES: u64 = 128 << 20;
