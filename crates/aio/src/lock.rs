@@ -31,6 +31,9 @@ impl Perms {
     /// Names as QEMU's lock errors spell them, by bit number.
     const NAMES: [&'static str; 4] = ["consistent read", "write", "write unchanged", "resize"];
 
+    /// Names as QMP spells them, by bit number.
+    const QMP_NAMES: [&'static str; 4] = ["consistent-read", "write", "write-unchanged", "resize"];
+
     pub const fn bits(self) -> u32 {
         self.0
     }
@@ -56,6 +59,28 @@ impl Perms {
         Perms(!self.0 & Self::ALL.0)
     }
 
+    pub const fn intersects(self, other: Perms) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// QMP's names (x-debug-query-block-graph), highest bit first as QEMU lists them.
+    pub fn names(self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self
+            .bit_numbers()
+            .map(|n| Self::QMP_NAMES[n as usize])
+            .collect();
+        names.reverse();
+        names
+    }
+
+    /// QMP's names lowest bit first, joined as QEMU's permission-conflict message lists them.
+    pub fn describe(self) -> String {
+        self.bit_numbers()
+            .map(|n| Self::QMP_NAMES[n as usize])
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     fn bit_numbers(self) -> impl Iterator<Item = u32> {
         (0..Self::NAMES.len() as u32).filter(move |n| self.0 & (1 << n) != 0)
     }
@@ -75,6 +100,32 @@ impl std::ops::BitOr for Perms {
     type Output = Perms;
     fn bitor(self, rhs: Perms) -> Perms {
         self.union(rhs)
+    }
+}
+
+impl std::ops::BitAnd for Perms {
+    type Output = Perms;
+    fn bitand(self, rhs: Perms) -> Perms {
+        Perms(self.0 & rhs.0)
+    }
+}
+
+impl std::ops::Not for Perms {
+    type Output = Perms;
+    fn not(self) -> Perms {
+        self.complement()
+    }
+}
+
+impl std::ops::BitOrAssign for Perms {
+    fn bitor_assign(&mut self, rhs: Perms) {
+        *self = self.union(rhs);
+    }
+}
+
+impl std::ops::BitAndAssign for Perms {
+    fn bitand_assign(&mut self, rhs: Perms) {
+        *self = Perms(self.0 & rhs.0);
     }
 }
 
@@ -281,6 +332,19 @@ pub(crate) fn apply(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn qmp_names_follow_qemu_order() {
+        assert_eq!(
+            Perms::ALL.names(),
+            ["resize", "write-unchanged", "write", "consistent-read"]
+        );
+        assert_eq!((Perms::WRITE | Perms::RESIZE).describe(), "write, resize");
+        assert_eq!(
+            !Perms::WRITE,
+            Perms::CONSISTENT_READ | Perms::WRITE_UNCHANGED | Perms::RESIZE
+        );
+    }
+
     use super::*;
     use std::os::fd::AsRawFd;
 

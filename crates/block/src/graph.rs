@@ -774,11 +774,12 @@ fn nbd_server_addr(
     let server_path = prefixed(path, "server");
     let kind = server.remove("type");
     match kind.as_ref().and_then(Value::as_str) {
-        Some("unix") => Ok(NbdDriver::unix_addr(parse_options(
+        Some("unix") => NbdDriver::unix_addr(parse_options(
             Value::Object(server),
             syntax,
             Some(&server_path),
-        )?)),
+        )?)
+        .map_err(QmpError::generic),
         Some("inet") => NbdDriver::inet_addr(parse_options(
             Value::Object(server),
             syntax,

@@ -3,6 +3,7 @@
 
 use crate::daemon::Daemon;
 use async_trait::async_trait;
+use block::drivers::nbd::{InetServer, UnixServer};
 use block::node::{ChainExtent, WriteFlags};
 use block::{Child, Node, Parent, Perms};
 use nbd::backend::{Backend, Capabilities, Extent, MetaContext, ZeroFlags};
@@ -174,38 +175,6 @@ enum SocketKind {
     Fd,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct UnixSocketAddress {
-    path: String,
-    /// Linux abstract sockets are not offered; accepted when off.
-    #[serde(rename = "abstract")]
-    abstract_name: Option<bool>,
-    #[serde(rename = "tight")]
-    _tight: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct InetSocketAddress {
-    host: String,
-    port: String,
-    /// Resolution and socket tuning hints; a listener on the resolved address honours the
-    /// host and port, which is what these hints refine.
-    #[serde(rename = "numeric")]
-    _numeric: Option<bool>,
-    #[serde(rename = "to")]
-    _to: Option<u16>,
-    #[serde(rename = "ipv4")]
-    _ipv4: Option<bool>,
-    #[serde(rename = "ipv6")]
-    _ipv6: Option<bool>,
-    #[serde(rename = "keep-alive")]
-    _keep_alive: Option<bool>,
-    #[serde(rename = "mptcp")]
-    _mptcp: Option<bool>,
-}
-
 /// --nbd-server's options: the flat `addr.type=unix,addr.path=...` shape.
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -302,7 +271,7 @@ impl Exports {
         refuse_tls(args.tls_creds.as_deref(), args.tls_authz.as_deref())?;
         let addr = match args.addr.kind {
             SocketKind::Unix => {
-                let unix: UnixSocketAddress = qapi::de::from_value(Value::Object(args.addr.data))?;
+                let unix: UnixServer = qapi::de::from_value(Value::Object(args.addr.data))?;
                 unix_addr(unix)?
             }
             SocketKind::Inet => inet_addr(args.addr.data)?,
@@ -337,7 +306,7 @@ impl Exports {
         let kind = addr.remove("type");
         let addr = match kind.as_ref().and_then(Value::as_str) {
             Some("unix") => {
-                let unix: UnixSocketAddress = if keyval {
+                let unix: UnixServer = if keyval {
                     qapi::de::from_keyval(Value::Object(addr))?
                 } else {
                     qapi::de::from_value(Value::Object(addr))?
@@ -650,20 +619,15 @@ fn refuse_tls(creds: Option<&str>, authz: Option<&str>) -> Result<(), QmpError> 
     Ok(())
 }
 
-fn unix_addr(unix: UnixSocketAddress) -> Result<ListenAddr, QmpError> {
-    if unix.abstract_name == Some(true) {
-        return Err(QmpError::generic(
-            "blockd does not listen on abstract unix sockets",
-        ));
-    }
-    Ok(ListenAddr::Unix(unix.path.into()))
+fn unix_addr(unix: UnixServer) -> Result<ListenAddr, QmpError> {
+    Ok(ListenAddr::Unix(
+        unix.path().map_err(QmpError::generic)?.into(),
+    ))
 }
 
 fn inet_addr(data: Map<String, Value>) -> Result<ListenAddr, QmpError> {
-    let inet: InetSocketAddress = qapi::de::from_value(Value::Object(data))?;
-    let port = inet.port.parse().map_err(|_| {
-        QmpError::generic(format!("Port '{}' is not a valid port number", inet.port))
-    })?;
+    let inet: InetServer = qapi::de::from_value(Value::Object(data))?;
+    let port = inet.port_number().map_err(QmpError::generic)?;
     Ok(ListenAddr::Tcp {
         host: inet.host,
         port,

@@ -168,10 +168,7 @@ impl Driver for FileDriver {
 
     fn apply_perms(&self, perm: Perms, shared: Perms) -> Result<(), String> {
         self.file
-            .set_perms(
-                aio::Perms::from_bits(perm.bits()),
-                aio::Perms::from_bits(shared.bits()),
-            )
+            .set_perms(perm, shared)
             .map_err(|e| match aio::LockConflict::from_io(&e) {
                 Some(conflict) => conflict.message().to_string(),
                 None => e.to_string(),

@@ -36,10 +36,29 @@ pub struct NbdOptions {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct UnixServer {
     pub path: String,
+    /// Linux abstract sockets are not offered; accepted when off.
     #[serde(rename = "abstract")]
-    _abstract: Option<bool>,
+    pub abstract_name: Option<bool>,
     #[serde(rename = "tight")]
     _tight: Option<bool>,
+}
+
+impl UnixServer {
+    pub fn path(self) -> Result<String, String> {
+        if self.abstract_name == Some(true) {
+            return Err("blockd does not use abstract unix sockets".into());
+        }
+        Ok(self.path)
+    }
+}
+
+/// The port of an inet address, which QAPI carries as a string.
+impl InetServer {
+    pub fn port_number(&self) -> Result<u16, String> {
+        self.port
+            .parse()
+            .map_err(|_| format!("Port '{}' is not a valid port number", self.port))
+    }
 }
 
 #[derive(Deserialize)]
@@ -190,16 +209,14 @@ fn is_disconnect(e: &io::Error) -> bool {
 
 impl NbdDriver {
     /// The address to connect to and the `nbd+unix://` / `nbd://` filename for reports.
-    pub fn unix_addr(server: UnixServer) -> (ConnectAddr, String) {
-        let filename = format!("nbd+unix://?socket={}", server.path);
-        (ConnectAddr::Unix(server.path.into()), filename)
+    pub fn unix_addr(server: UnixServer) -> Result<(ConnectAddr, String), String> {
+        let path = server.path()?;
+        let filename = format!("nbd+unix://?socket={path}");
+        Ok((ConnectAddr::Unix(path.into()), filename))
     }
 
     pub fn inet_addr(server: InetServer) -> Result<(ConnectAddr, String), String> {
-        let port: u16 = server
-            .port
-            .parse()
-            .map_err(|_| format!("Port '{}' is not a valid port number", server.port))?;
+        let port = server.port_number()?;
         let filename = format!("nbd://{}:{port}", server.host);
         Ok((
             ConnectAddr::Tcp {
