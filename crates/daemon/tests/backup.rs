@@ -326,6 +326,38 @@ async fn sync_none_keeps_the_point_in_time_until_cancelled() {
     assert!(saved[10 << 20..(10 << 20) + 65536] == before[10 << 20..(10 << 20) + 65536]);
 }
 
+/// Under policy stop the job pauses with `io_status`; then resume it.
+async fn resume_stopped_job(client: &mut qmp::Client, id: &str, io_status: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let jobs = client.execute("query-block-jobs", json!({})).await.unwrap();
+        if jobs[0]["status"] == "paused" {
+            assert_eq!(jobs[0]["io-status"], io_status, "{id}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{id} never paused");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client
+        .execute("block-job-resume", json!({"device": id}))
+        .await
+        .unwrap();
+}
+
+/// The job's BLOCK_JOB_COMPLETED: failed with EIO under `report`, clean otherwise.
+async fn expect_completion(client: &mut qmp::Client, policy: &str) -> Value {
+    let done = client
+        .wait_event("BLOCK_JOB_COMPLETED", WAIT)
+        .await
+        .expect("BLOCK_JOB_COMPLETED");
+    if policy == "report" {
+        assert_eq!(done["data"]["error"], "Input/output error");
+    } else {
+        assert!(done["data"].get("error").is_none(), "{policy}: {done}");
+    }
+    done
+}
+
 /// Source reads fail once at 1 MiB (sector 2048) through blkdebug.
 fn failing_source_args(errno: i32) -> Vec<String> {
     vec![
@@ -369,29 +401,10 @@ async fn source_error_policies() {
         };
         assert_eq!(error["data"]["action"], action, "{policy}");
         if let Some(io_status) = expect_status {
-            let deadline = std::time::Instant::now() + WAIT;
-            loop {
-                let jobs = client.execute("query-block-jobs", json!({})).await.unwrap();
-                if jobs[0]["status"] == "paused" {
-                    assert_eq!(jobs[0]["io-status"], io_status, "{policy}");
-                    break;
-                }
-                assert!(std::time::Instant::now() < deadline);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            client
-                .execute("block-job-resume", json!({"device": "e"}))
-                .await
-                .unwrap();
+            resume_stopped_job(&mut client, "e", io_status).await;
         }
-        let done = client
-            .wait_event("BLOCK_JOB_COMPLETED", WAIT)
-            .await
-            .unwrap();
-        if policy == "report" {
-            assert_eq!(done["data"]["error"], "Input/output error");
-        } else {
-            assert!(done["data"].get("error").is_none(), "{policy}: {done}");
+        let done = expect_completion(&mut client, policy).await;
+        if policy != "report" {
             assert_eq!(done["data"]["offset"], done["data"]["len"]);
         }
         daemon.quit(&mut client).await;
@@ -689,30 +702,9 @@ async fn target_error_policies() {
             json!({"device": "t", "operation": "write", "action": action})
         );
         if policy == "stop" {
-            let deadline = std::time::Instant::now() + WAIT;
-            while client.execute("query-block-jobs", json!({})).await.unwrap()[0]["io-status"]
-                != "failed"
-            {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "stop must pause with io-status failed"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            client
-                .execute("block-job-resume", json!({"device": "t"}))
-                .await
-                .unwrap();
+            resume_stopped_job(&mut client, "t", "failed").await;
         }
-        let done = client
-            .wait_event("BLOCK_JOB_COMPLETED", WAIT)
-            .await
-            .unwrap();
-        if policy == "report" {
-            assert_eq!(done["data"]["error"], "Input/output error");
-        } else {
-            assert!(done["data"].get("error").is_none(), "{policy}: {done}");
-        }
+        expect_completion(&mut client, policy).await;
         daemon.quit(&mut client).await;
         if policy != "report" {
             qemu_img(&["check", &tgt]);
