@@ -343,13 +343,15 @@ impl BlockCopy {
                         .map_err(CopyError::Write)?;
                 }
             } else {
-                let mut buf = vec![0u8; n as usize];
+                // Pooled: this runs for every chunk of a backup and every copy-before-write.
+                // A run is at most max(MAX_RUN, one cluster), within the pool's 8 MiB.
+                let mut buf = aio::pool::PoolBuf::new(n as usize, 1).map_err(CopyError::Read)?;
                 source
-                    .read(offset, &mut buf)
+                    .read(offset, buf.as_mut_slice())
                     .await
                     .map_err(CopyError::Read)?;
                 target
-                    .write(offset, &buf, WriteFlags::default())
+                    .write(offset, buf.as_slice(), WriteFlags::default())
                     .await
                     .map_err(CopyError::Write)?;
             }

@@ -99,11 +99,11 @@ impl Backend for NodeBackend {
     async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
         let edge = self.edge()?;
-        let mut scratch = vec![0u8; CHUNK.min(len) as usize];
+        let mut scratch = aio::pool::PoolBuf::new(CHUNK.min(len) as usize, 1)?;
         let mut pos = offset;
         while pos < offset + len {
             let n = CHUNK.min(offset + len - pos) as usize;
-            edge.read(pos, &mut scratch[..n]).await?;
+            edge.read(pos, &mut scratch.as_mut_slice()[..n]).await?;
             pos += n as u64;
         }
         Ok(())

@@ -114,24 +114,17 @@ pub async fn drive_backup(
             }),
             _ => None,
         };
-        let image = block::create::NewImage {
-            format: &format,
-            size: source.size(),
-            backing,
-        };
-        let size = image.size;
-        let backing = image.backing.clone();
-        let format_for_create = format.clone();
-        let path_for_create = path.clone();
+        let size = source.size();
+        let (format, path) = (format.clone(), path.clone());
         daemon
             .io
             .run(move || async move {
                 let image = block::create::NewImage {
-                    format: &format_for_create,
+                    format: &format,
                     size,
                     backing,
                 };
-                block::create::create_image(Path::new(&path_for_create), image).await
+                block::create::create_image(Path::new(&path), image).await
             })
             .await
             .map_err(QmpError::generic)?;
