@@ -527,6 +527,8 @@ async fn verbs_and_manual_finalize() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_errors_answer_like_qsd() {
     let script = vec![
+        json!({"execute": "drive-backup", "arguments": {"job-id": "d", "device": "nope", "target": "d.qcow2", "sync": "full"}}),
+        json!({"execute": "drive-backup", "arguments": {"job-id": "d", "device": "disk0", "target": "d.raw", "sync": "top", "format": "raw"}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "nope", "target": "tgt", "sync": "full"}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "nope", "sync": "full"}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "disk0", "sync": "full"}}),
@@ -574,7 +576,7 @@ async fn backup_errors_answer_like_qsd() {
         all.push(replies);
     }
     assert_eq!(
-        all[0][11]["error"],
+        all[0][13]["error"],
         "Node 'tgt' is busy: block device is in use by block job: backup"
     );
     if all.len() == 2 {
@@ -715,4 +717,112 @@ async fn target_error_policies() {
             ]);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_verbs_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    make_chain(dir.path());
+    let tgt = dir.path().join("tgt.qcow2").to_string_lossy().into_owned();
+    let tgt2 = dir.path().join("tgt2.qcow2").to_string_lossy().into_owned();
+    qemu_img(&["create", "-q", "-f", "qcow2", &tgt, "16M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", &tgt2, "16M"]);
+    let mut extra = target_args("tgt", "tgt.qcow2");
+    extra.extend(target_args("tgt2", "tgt2.qcow2"));
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &chain_args(&extra));
+    let mut client = daemon.qmp().await;
+    let status = |jobs: &Value, id: &str| {
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .map(|j| j["status"].as_str().unwrap().to_string())
+    };
+    client
+        .execute("blockdev-backup", json!({"job-id": "v", "device": "disk0", "target": "tgt", "sync": "full", "speed": 1, "auto-finalize": false, "auto-dismiss": false}))
+        .await
+        .unwrap();
+    let err = client
+        .execute("job-complete", json!({"id": "v"}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.desc,
+        "Job 'v' in state 'running' cannot accept command verb 'complete'"
+    );
+    client
+        .execute("job-pause", json!({"id": "v"}))
+        .await
+        .unwrap();
+    let jobs = client.execute("query-jobs", json!({})).await.unwrap();
+    assert_eq!(status(&jobs, "v").as_deref(), Some("paused"));
+    let err = client
+        .execute("job-resume", json!({"id": "nope"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.desc, "Job not found");
+    client
+        .execute("job-resume", json!({"id": "v"}))
+        .await
+        .unwrap();
+    client
+        .execute("block-job-set-speed", json!({"device": "v", "speed": 0}))
+        .await
+        .unwrap();
+    client
+        .wait_event("BLOCK_JOB_PENDING", WAIT)
+        .await
+        .expect("pending");
+    let err = client
+        .execute("block-job-finalize", json!({"id": "nope"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.desc, "Block job 'nope' not found");
+    client
+        .execute("block-job-finalize", json!({"id": "v"}))
+        .await
+        .unwrap();
+    let done = client
+        .wait_event("BLOCK_JOB_COMPLETED", WAIT)
+        .await
+        .unwrap();
+    assert!(done["data"].get("error").is_none(), "{done}");
+    client
+        .execute("block-job-dismiss", json!({"id": "v"}))
+        .await
+        .unwrap();
+    let jobs = client.execute("query-jobs", json!({})).await.unwrap();
+    assert_eq!(status(&jobs, "v"), None);
+
+    // job-cancel always cancels hard, even a paused job.
+    client
+        .execute("blockdev-backup", json!({"job-id": "w", "device": "disk0", "target": "tgt2", "sync": "full", "speed": 1, "auto-dismiss": false}))
+        .await
+        .unwrap();
+    client
+        .execute("job-pause", json!({"id": "w"}))
+        .await
+        .unwrap();
+    client
+        .execute("job-cancel", json!({"id": "w"}))
+        .await
+        .unwrap();
+    let cancelled = client
+        .wait_event("BLOCK_JOB_CANCELLED", WAIT)
+        .await
+        .unwrap();
+    assert!(cancelled["data"]["offset"].as_u64() < cancelled["data"]["len"].as_u64());
+    let jobs = client.execute("query-jobs", json!({})).await.unwrap();
+    assert_eq!(status(&jobs, "w").as_deref(), Some("concluded"));
+    client
+        .execute("job-dismiss", json!({"id": "w"}))
+        .await
+        .unwrap();
+    daemon.quit(&mut client).await;
+    qemu_img(&["check", &tgt]);
+    qemu_img(&[
+        "compare",
+        &dir.path().join("top.qcow2").to_string_lossy(),
+        &tgt,
+    ]);
 }

@@ -261,6 +261,52 @@ async fn refuses_an_image_qemu_holds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_node_releases_its_image() {
+    let dir = tempfile::tempdir().unwrap();
+    make_chain(dir.path());
+    let top = dir.path().join("top.qcow2").to_string_lossy().into_owned();
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
+    let mut client = daemon.qmp().await;
+    for (command, name) in [("blockdev-del", "d1"), ("x-blockdev-del", "d2")] {
+        client
+            .execute(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": name, "file": {"driver": "file", "filename": top}}),
+            )
+            .await
+            .unwrap();
+        let locked = run(Command::new("qemu-img").args(["info", &top]));
+        assert!(!locked.status.success(), "{name} holds the image");
+        client
+            .execute(command, json!({"node-name": name}))
+            .await
+            .unwrap();
+        qemu_img(&["info", &top]);
+        let err = client
+            .execute(command, json!({"node-name": name}))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.desc,
+            format!("Failed to find node with node-name='{name}'")
+        );
+        let err = client.execute(command, json!({})).await.unwrap_err();
+        assert_eq!(err.desc, "Parameter 'node-name' is missing");
+    }
+    let nodes = client
+        .execute("query-named-block-nodes", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes,
+        json!([]),
+        "the implicit file and backing nodes went too"
+    );
+    daemon.quit(&mut client).await;
+    qemu_img(&["check", &top]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     make_chain(dir.path());
