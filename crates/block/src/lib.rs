@@ -1,5 +1,6 @@
 //! The block layer: the node graph, the driver trait and drivers, permissions, I/O threads.
 
+pub mod bitmap;
 pub mod copy;
 pub mod create;
 pub mod drivers;

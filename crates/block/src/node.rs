@@ -3,6 +3,7 @@
 //! `Node` methods do the work common to all drivers once (bounds, read-only checks, request
 //! tracking for drain, detect-zeroes); drivers only do their own format or protocol work.
 
+use crate::bitmap::DirtyBitmap;
 use crate::perm::Perms;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -313,6 +314,8 @@ pub struct Node {
     parents: Mutex<Vec<Weak<Child>>>,
     inflight: Inflight,
     write_threshold: AtomicU64,
+    /// Swapped as a whole when bitmaps come and go, so the write path reads it lock-free.
+    dirty_bitmaps: ArcSwap<Vec<Arc<DirtyBitmap>>>,
 }
 
 impl Node {
@@ -334,6 +337,7 @@ impl Node {
             parents: Mutex::new(Vec::new()),
             inflight: Inflight::default(),
             write_threshold: AtomicU64::new(0),
+            dirty_bitmaps: ArcSwap::from_pointee(Vec::new()),
         })
     }
 
@@ -374,6 +378,42 @@ impl Node {
 
     pub fn write_threshold(&self) -> u64 {
         self.write_threshold.load(Ordering::Acquire)
+    }
+
+    /// The node's dirty bitmaps, named and anonymous, in creation order.
+    pub fn dirty_bitmaps(&self) -> Arc<Vec<Arc<DirtyBitmap>>> {
+        self.dirty_bitmaps.load_full()
+    }
+
+    pub fn dirty_bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
+        self.dirty_bitmaps
+            .load()
+            .iter()
+            .find(|b| b.name() == Some(name))
+            .cloned()
+    }
+
+    pub fn add_dirty_bitmap(&self, bitmap: Arc<DirtyBitmap>) {
+        self.dirty_bitmaps.rcu(|list| {
+            let mut list = Vec::clone(list);
+            list.push(bitmap.clone());
+            list
+        });
+    }
+
+    pub fn remove_dirty_bitmap(&self, bitmap: &Arc<DirtyBitmap>) {
+        self.dirty_bitmaps.rcu(|list| {
+            list.iter()
+                .filter(|b| !Arc::ptr_eq(b, bitmap))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+
+    fn record_write(&self, offset: u64, len: u64) {
+        for bitmap in self.dirty_bitmaps.load().iter() {
+            bitmap.record_write(offset, len);
+        }
     }
 
     pub fn children(&self) -> Vec<Arc<Child>> {
@@ -647,7 +687,11 @@ impl Node {
     pub async fn truncate(&self, size: u64) -> io::Result<()> {
         self.check_writable()?;
         let _guard = self.enter();
-        self.driver.truncate(self, size).await
+        self.driver.truncate(self, size).await?;
+        for bitmap in self.dirty_bitmaps.load().iter() {
+            bitmap.resize(size);
+        }
+        Ok(())
     }
 
     async fn read_entered(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -664,12 +708,18 @@ impl Node {
                     && self.options.discard_unmap,
                 ..flags
             };
-            return self
+            let result = self
                 .driver
                 .write_zeroes(self, offset, buf.len() as u64, zero_flags)
                 .await;
+            self.record_write(offset, buf.len() as u64);
+            return result;
         }
-        self.driver.write(self, offset, buf, flags).await
+        // Recorded after the write (even a failed one, which may have changed part of the
+        // range): a job that cleared the bits before reading then sees the range again.
+        let result = self.driver.write(self, offset, buf, flags).await;
+        self.record_write(offset, buf.len() as u64);
+        result
     }
 
     async fn write_zeroes_entered(
@@ -684,7 +734,9 @@ impl Node {
             may_unmap: flags.may_unmap && self.options.discard_unmap,
             ..flags
         };
-        self.driver.write_zeroes(self, offset, len, flags).await
+        let result = self.driver.write_zeroes(self, offset, len, flags).await;
+        self.record_write(offset, len);
+        result
     }
 
     async fn discard_entered(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -693,7 +745,9 @@ impl Node {
         if !self.options.discard_unmap {
             return Ok(());
         }
-        self.driver.discard(self, offset, len).await
+        let result = self.driver.discard(self, offset, len).await;
+        self.record_write(offset, len);
+        result
     }
 
     async fn flush_entered(&self) -> io::Result<()> {
