@@ -120,6 +120,11 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
         false
     }
 
+    /// Whether the format can keep persistent dirty bitmaps in the image (qcow2).
+    fn can_store_persistent_bitmaps(&self) -> bool {
+        false
+    }
+
     /// Whether this node is a filter whose `file`/`image` child is its data (raw, blkdebug).
     fn filtered_child_role(&self) -> Option<&'static str> {
         None
