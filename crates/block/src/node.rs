@@ -806,7 +806,10 @@ impl Node {
                     })
                 }
                 ExtentKind::Unallocated => {
+                    // A filter reports its data child's own layer: what that layer lacks
+                    // lies in the data child's backing.
                     let below = node
+                        .skip_filters()
                         .backing()
                         .filter(|b| base.is_none_or(|base| !Arc::ptr_eq(b, base)));
                     match below {

@@ -135,9 +135,9 @@ impl Backend for NodeBackend {
 struct Export {
     id: String,
     name: String,
-    node_name: String,
-    /// Holds the export's permissions on the node until the export is gone.
-    _edge: Arc<Child>,
+    /// Holds the export's permissions on the node until the export is gone; it follows
+    /// the node's replacement (mirror pivot, snapshot).
+    edge: Arc<Child>,
     shutting_down: bool,
 }
 
@@ -533,8 +533,7 @@ impl Exports {
         exports.exports.borrow_mut().push(Export {
             id: new.id,
             name: new.name,
-            node_name: new.node_name,
-            _edge: edge,
+            edge,
             shutting_down: false,
         });
         Ok(())
@@ -593,7 +592,7 @@ impl Exports {
                     json!({
                         "type": "nbd",
                         "id": e.id,
-                        "node-name": e.node_name,
+                        "node-name": exported_node_name(&e.edge),
                         "shutting-down": e.shutting_down,
                     })
                 })
@@ -608,6 +607,22 @@ impl Exports {
         }
         daemon.exports.exports.borrow_mut().clear();
     }
+}
+
+/// The node an export serves, looking through filters a job put above it.
+fn exported_node_name(edge: &Child) -> String {
+    let mut node = edge.node();
+    while node.is_implicit() {
+        match node
+            .driver()
+            .filtered_child_role()
+            .and_then(|r| node.child(r))
+        {
+            Some(child) => node = child.node(),
+            None => break,
+        }
+    }
+    node.name().to_string()
 }
 
 fn refuse_tls(creds: Option<&str>, authz: Option<&str>) -> Result<(), QmpError> {

@@ -749,6 +749,16 @@ impl JobContext {
     /// Sleep, cut short by any wake-up of the job, then pass a pause point (QEMU's
     /// `job_sleep_ns`).
     pub async fn sleep(&self, duration: Duration) {
+        self.sleep_until(std::future::pending::<()>(), duration)
+            .await
+    }
+
+    /// Like `sleep`, also cut short when `wake` resolves (new work for the job).
+    pub async fn sleep_until(
+        &self,
+        wake: impl std::future::Future<Output = ()>,
+        duration: Duration,
+    ) {
         let job = &self.job;
         let kicked = job.kick.notified();
         let skip = {
@@ -763,6 +773,7 @@ impl JobContext {
             tokio::select! {
                 _ = tokio::time::sleep(duration) => {}
                 _ = kicked => {}
+                _ = wake => {}
             }
             job.lock().busy = true;
         }

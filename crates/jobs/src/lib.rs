@@ -16,6 +16,7 @@ pub mod driver;
 pub mod events;
 pub mod job;
 pub mod manager;
+pub mod mirror;
 pub mod policy;
 pub mod ratelimit;
 pub mod status;

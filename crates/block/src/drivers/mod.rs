@@ -3,6 +3,7 @@
 pub mod blkdebug;
 pub mod cbw;
 pub mod file;
+pub mod mirror_top;
 pub mod nbd;
 pub mod null;
 pub mod qcow2;

@@ -2,6 +2,7 @@
 
 pub mod block;
 mod jobs;
+mod mirror;
 mod misc;
 
 pub use misc::version_json;
@@ -18,6 +19,7 @@ pub const COMMANDS: &[&str] = &[
     "block-export-add",
     "block-export-del",
     "block-job-cancel",
+    "block-job-change",
     "block-job-complete",
     "block-job-dismiss",
     "block-job-finalize",
@@ -27,7 +29,9 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-backup",
     "blockdev-add",
     "blockdev-del",
+    "blockdev-mirror",
     "drive-backup",
+    "drive-mirror",
     "job-cancel",
     "job-complete",
     "job-dismiss",
@@ -91,6 +95,9 @@ impl qmp::Dispatcher for Commands {
                 "x-debug-query-block-graph" => block::query_block_graph(daemon, args),
                 "blockdev-backup" => jobs::blockdev_backup(daemon, args).await,
                 "drive-backup" => jobs::drive_backup(daemon, args).await,
+                "blockdev-mirror" => mirror::blockdev_mirror(daemon, args).await,
+                "drive-mirror" => mirror::drive_mirror(daemon, args).await,
+                "block-job-change" => mirror::block_job_change(daemon, args),
                 "query-block-jobs" | "query-jobs" => jobs::job_command(daemon, command, args).await,
                 name if name.starts_with("block-job-") || name.starts_with("job-") => {
                     jobs::job_command(daemon, command, args).await

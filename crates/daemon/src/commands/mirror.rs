@@ -1,0 +1,404 @@
+//! Mirror commands: blockdev-mirror, drive-mirror and block-job-change.
+
+use crate::daemon::Daemon;
+use block::bitmap::DirtyBitmap;
+use block::drivers::mirror_top::{MirrorState, MirrorTop};
+use block::node::CommonOptions;
+use block::{Node, Parent, Perms};
+use jobs::mirror::{MirrorConfig, MirrorJob, MirrorSync};
+use jobs::{JobOptions, OnError};
+use qapi::error::QmpError;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "kebab-case")]
+enum SyncArg {
+    Top,
+    Full,
+    None,
+    Incremental,
+    Bitmap,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[serde(rename_all = "kebab-case")]
+enum CopyMode {
+    #[default]
+    Background,
+    WriteBlocking,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "kebab-case")]
+enum NewImageMode {
+    Existing,
+    AbsolutePaths,
+}
+
+/// The members of blockdev-mirror and drive-mirror; each command refuses the other's own.
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct MirrorArgs {
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    replaces: Option<String>,
+    sync: SyncArg,
+    speed: Option<i64>,
+    granularity: Option<u32>,
+    buf_size: Option<i64>,
+    on_source_error: Option<OnError>,
+    on_target_error: Option<OnError>,
+    copy_mode: Option<CopyMode>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+    /// blockdev-mirror only.
+    filter_node_name: Option<String>,
+    /// blockdev-mirror only: the user vouches the target reads as zeroes.
+    target_is_zero: Option<bool>,
+    /// drive-mirror only.
+    format: Option<String>,
+    /// drive-mirror only: the new target's node name.
+    node_name: Option<String>,
+    /// drive-mirror only.
+    mode: Option<NewImageMode>,
+    /// drive-mirror only.
+    unmap: Option<bool>,
+}
+
+const DEFAULT_BUF_SIZE: u64 = 16 << 20;
+
+fn refuse_members(args: &Map<String, Value>, members: &[&str]) -> Result<(), QmpError> {
+    for key in members {
+        if args.contains_key(*key) {
+            return Err(QmpError::generic(format!(
+                "Parameter '{key}' is unexpected"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The mirror source must be a root node: nothing else in the graph reads it.
+fn root_node(daemon: &Daemon, name: &str) -> Result<Arc<Node>, QmpError> {
+    let node = daemon.graph.lookup(name)?;
+    if node
+        .parents()
+        .iter()
+        .any(|e| matches!(e.parent(), Parent::Node(_)))
+    {
+        return Err(QmpError::generic("Need a root block node"));
+    }
+    Ok(node)
+}
+
+pub async fn blockdev_mirror(
+    daemon: &Rc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    refuse_members(&args, &["format", "node-name", "mode", "unmap"])?;
+    let args: MirrorArgs = qapi::de::from_value(Value::Object(args))?;
+    let source = root_node(daemon, &args.device)?;
+    let target = daemon.graph.lookup(&args.target)?;
+    let target_is_zero = args.target_is_zero.unwrap_or(false);
+    start_mirror(daemon, args, source, target, target_is_zero, None).await
+}
+
+pub async fn drive_mirror(
+    daemon: &Rc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    refuse_members(&args, &["filter-node-name", "target-is-zero"])?;
+    let args: MirrorArgs = qapi::de::from_value(Value::Object(args))?;
+    let source = root_node(daemon, &args.device)?;
+    check_sync(args.sync)?;
+    let format = args
+        .format
+        .clone()
+        .unwrap_or_else(|| source.driver().format_name().to_string());
+    let mode = args.mode.unwrap_or(NewImageMode::AbsolutePaths);
+    // sync=top keeps the source's backing under the new image, sync=none the source itself.
+    let backing_node = match args.sync {
+        SyncArg::Top => source.backing(),
+        SyncArg::None => Some(source.clone()),
+        _ => None,
+    };
+    if mode == NewImageMode::AbsolutePaths {
+        let backing = backing_node.as_ref().map(|b| {
+            let info = b.driver().info(b);
+            (info.filename, b.driver().format_name().to_string())
+        });
+        let size = source.size();
+        let (format, path) = (format.clone(), args.target.clone());
+        daemon
+            .io
+            .run(move || async move {
+                let image = block::create::NewImage {
+                    format: &format,
+                    size,
+                    backing,
+                };
+                block::create::create_image(Path::new(&path), image).await
+            })
+            .await
+            .map_err(QmpError::generic)?;
+    }
+    let mut options = Map::new();
+    if let Some(name) = &args.node_name {
+        options.insert("node-name".into(), json!(name));
+    }
+    options.insert("driver".into(), json!(format));
+    options.insert(
+        "file".into(),
+        json!({"driver": "file", "filename": args.target}),
+    );
+    if format == "qcow2" {
+        // The backing chain is already open under the source; the target shares it at
+        // completion instead of opening it a second time.
+        options.insert("backing".into(), Value::Null);
+    }
+    let graph = daemon.graph.clone();
+    let target = daemon
+        .io
+        .run(move || async move { graph.open_implicit(options).await })
+        .await?;
+    let target_is_zero = mode == NewImageMode::AbsolutePaths && backing_node.is_none();
+    start_mirror(daemon, args, source, target, target_is_zero, backing_node).await
+}
+
+fn check_sync(sync: SyncArg) -> Result<(), QmpError> {
+    match sync {
+        SyncArg::Incremental => Err(QmpError::generic("Sync mode 'incremental' not supported")),
+        SyncArg::Bitmap => Err(QmpError::generic("Sync mode 'bitmap' not supported")),
+        _ => Ok(()),
+    }
+}
+
+/// Checks and filter insertion shared by both commands.
+async fn start_mirror(
+    daemon: &Rc<Daemon>,
+    args: MirrorArgs,
+    source: Arc<Node>,
+    target: Arc<Node>,
+    target_is_zero: bool,
+    target_backing: Option<Arc<Node>>,
+) -> Result<Value, QmpError> {
+    let granularity = match args.granularity {
+        None | Some(0) => {
+            block::bitmap::default_granularity(target.driver().info(&target).cluster_size)
+        }
+        Some(g) => {
+            if !(512..=64 << 20).contains(&g) {
+                return Err(QmpError::generic(
+                    "Parameter 'granularity' expects a value in range [512B, 64MB]",
+                ));
+            }
+            if !g.is_power_of_two() {
+                return Err(QmpError::generic(
+                    "Parameter 'granularity' expects a power of 2",
+                ));
+            }
+            u64::from(g)
+        }
+    };
+    let buf_size = match args.buf_size {
+        None | Some(0) => DEFAULT_BUF_SIZE,
+        Some(n) if n > 0 => n as u64,
+        Some(_) => return Err(QmpError::generic("Invalid parameter 'buf-size'")),
+    };
+    check_sync(args.sync)?;
+    for node in [&source, &target] {
+        if let Some(job_type) = node.busy_with_job() {
+            return Err(QmpError::generic(format!(
+                "Node '{}' is busy: block device is in use by block job: {job_type}",
+                node.name()
+            )));
+        }
+    }
+    if Arc::ptr_eq(&source, &target) {
+        return Err(QmpError::generic("Can't mirror node into itself"));
+    }
+    let replaces = match &args.replaces {
+        Some(name) => Some(
+            daemon
+                .graph
+                .find(name)
+                .ok_or_else(|| QmpError::generic(format!("Can't find node {name}")))?,
+        ),
+        None => None,
+    };
+    let job_id = args
+        .job_id
+        .clone()
+        .unwrap_or_else(|| source.name().to_string());
+    if !jobs::manager::is_valid_id(&job_id) {
+        return Err(QmpError::generic(format!("Invalid job ID '{job_id}'")));
+    }
+    if daemon.jobs.get(&job_id).is_some() {
+        return Err(QmpError::generic(format!(
+            "Job ID '{job_id}' already in use"
+        )));
+    }
+    if let Some(name) = &args.filter_node_name {
+        if daemon.graph.find(name).is_some() {
+            return Err(QmpError::generic(format!(
+                "Duplicate nodes with node-name='{name}'"
+            )));
+        }
+    }
+    let sync = match args.sync {
+        SyncArg::Full => MirrorSync::Full,
+        SyncArg::Top => MirrorSync::Top,
+        _ => MirrorSync::None,
+    };
+    let filter_name = args
+        .filter_node_name
+        .clone()
+        .unwrap_or_else(|| daemon.graph.generate_name());
+    let write_blocking = args.copy_mode.unwrap_or_default() == CopyMode::WriteBlocking;
+    let setup = Setup {
+        graph: daemon.graph.clone(),
+        source: source.clone(),
+        target: target.clone(),
+        filter_name,
+        job_id: job_id.clone(),
+        job_type: "mirror",
+        granularity,
+        write_blocking,
+        target_perm: Perms::WRITE,
+    };
+    let (filter, job_edges) = daemon
+        .io
+        .run(move || async move { setup.insert_filter().await })
+        .await
+        .map_err(QmpError::generic)?;
+    let config = MirrorConfig {
+        sync,
+        buf_size,
+        unmap: args.unmap.unwrap_or(true),
+        replaces,
+        commit_base: false,
+        target_backing,
+        target_is_zero,
+    };
+    let driver = Arc::new(MirrorJob::new(
+        daemon.graph.clone(),
+        source.clone(),
+        target,
+        filter.clone(),
+        config,
+        job_edges,
+    ));
+    let mut options = JobOptions::new(job_id);
+    options.speed = args.speed.unwrap_or(0);
+    options.auto_finalize = args.auto_finalize.unwrap_or(true);
+    options.auto_dismiss = args.auto_dismiss.unwrap_or(true);
+    options.on_source_error = args.on_source_error.unwrap_or(OnError::Report);
+    options.on_target_error = args.on_target_error.unwrap_or(OnError::Report);
+    start_job(daemon, driver, options, filter, source).await
+}
+
+/// Create and start a job whose filter is in place; on failure the filter goes again.
+pub(super) async fn start_job(
+    daemon: &Rc<Daemon>,
+    driver: Arc<dyn jobs::JobDriver>,
+    options: JobOptions,
+    filter: Arc<Node>,
+    below: Arc<Node>,
+) -> Result<Value, QmpError> {
+    let job = match daemon.jobs.create(driver, options) {
+        Ok(job) => job,
+        Err(e) => {
+            let graph = daemon.graph.clone();
+            daemon
+                .io
+                .run(move || async move { graph.remove_filter(&filter, &below).await })
+                .await;
+            return Err(e);
+        }
+    };
+    let io = daemon.io.clone();
+    job.start_with(move |work| io.spawn(work));
+    Ok(json!({}))
+}
+
+/// Everything needed to put a mirror_top filter above a source.
+pub(super) struct Setup {
+    pub graph: Arc<block::Graph>,
+    pub source: Arc<Node>,
+    pub target: Arc<Node>,
+    pub filter_name: String,
+    pub job_id: String,
+    pub job_type: &'static str,
+    pub granularity: u64,
+    pub write_blocking: bool,
+    pub target_perm: Perms,
+}
+
+impl Setup {
+    /// Insert the filter with its dirty bitmap, and mark source and target as the job's.
+    pub async fn insert_filter(self) -> Result<(Arc<Node>, Vec<Arc<block::Child>>), String> {
+        let job_parent = || Parent::Job {
+            id: self.job_id.clone(),
+            job_type: self.job_type,
+        };
+        let target_edge = Node::attach(
+            &self.target,
+            "target",
+            job_parent(),
+            self.target_perm,
+            Perms::ALL & !(Perms::WRITE | Perms::RESIZE),
+        )?;
+        let job_edges = vec![Node::attach(
+            &self.source,
+            "main node",
+            job_parent(),
+            Perms::NONE,
+            Perms::ALL,
+        )?];
+        let source_edge = Node::attach(
+            &self.source,
+            "backing",
+            Parent::Node(self.filter_name.clone()),
+            Perms::CONSISTENT_READ,
+            Perms::ALL & !Perms::RESIZE,
+        )?;
+        let bitmap = Arc::new(DirtyBitmap::new(None, self.granularity, self.source.size()));
+        let state = Arc::new(MirrorState::new(
+            bitmap.clone(),
+            target_edge,
+            self.write_blocking,
+        ));
+        let filter = Node::new(
+            self.filter_name.clone(),
+            true,
+            Box::new(MirrorTop::new(state)),
+            CommonOptions::default(),
+            json!({"driver": "mirror_top", "backing": self.source.name()}),
+        );
+        filter.add_child(source_edge);
+        filter.add_dirty_bitmap(bitmap);
+        self.graph.insert_filter(&self.source, &filter).await;
+        Ok((filter, job_edges))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct ChangeArgs {
+    id: String,
+    #[serde(rename = "type")]
+    _job_type: String,
+    #[serde(rename = "copy-mode")]
+    _copy_mode: CopyMode,
+}
+
+pub fn block_job_change(daemon: &Rc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+    let parsed: ChangeArgs = qapi::de::from_value(Value::Object(args.clone()))?;
+    daemon.jobs.block_job_change(&parsed.id, &args)?;
+    Ok(json!({}))
+}

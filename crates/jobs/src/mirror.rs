@@ -1,0 +1,490 @@
+//! The mirror job (blockdev-mirror, drive-mirror, and active block-commit): keeps a target
+//! in sync with a source that clients keep writing, then on block-job-complete puts the
+//! target in the source's place for every user.
+//!
+//! A `mirror_top` filter above the source marks what clients write in the job's dirty
+//! bitmap; the job copies dirty ranges with many requests in flight until nothing is dirty
+//! (READY), and keeps copying after that. To finish it stops client I/O at the filter, copies
+//! what is left, and keeps the filter quiet until the graph change is done.
+//!
+//! Unlike QEMU's background mode, a mirror here always converges: when a whole pass over the
+//! bitmap leaves nearly as much dirty as the pass before, clients write faster than the job
+//! copies, and the filter switches to write-blocking (client writes reach the target before
+//! they complete), so the dirty set can only shrink.
+
+use crate::policy::ErrorAction;
+use crate::{JobContext, JobDriver, JobFailure, JobType};
+use aio::pool::PoolBuf;
+use async_trait::async_trait;
+use block::drivers::mirror_top::{MirrorState, MirrorTop};
+use block::node::WriteFlags;
+use block::{Child, Graph, Node};
+use futures::stream::{FuturesUnordered, StreamExt};
+use qapi::error::QmpError;
+use serde_json::{json, Map, Value};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorSync {
+    /// Everything the source reads.
+    Full,
+    /// What the source's top layer holds (the target has the same backing).
+    Top,
+    /// Only what clients write from now on.
+    None,
+}
+
+/// At most this many copy requests in flight (QEMU's limit too).
+const MAX_IN_FLIGHT: usize = 16;
+/// Largest single copy request.
+const MAX_CHUNK: u64 = 1 << 20;
+
+pub struct MirrorConfig {
+    pub sync: MirrorSync,
+    pub buf_size: u64,
+    /// Zero ranges may be deallocated on the target.
+    pub unmap: bool,
+    /// The node that leaves the graph at completion: the source (through its filter), or
+    /// the node `replaces` named.
+    pub replaces: Option<Arc<Node>>,
+    /// Active commit: the target is the base of the source's chain; only what lies above
+    /// it is copied, and sizes may differ (the base grows).
+    pub commit_base: bool,
+    /// Give the target this backing node when it takes the source's place (drive-mirror
+    /// sync=top/none on a new image).
+    pub target_backing: Option<Arc<Node>>,
+    /// The target reads as zeroes before the job: sync=full need not zero it first.
+    pub target_is_zero: bool,
+}
+
+pub struct MirrorJob {
+    graph: Arc<Graph>,
+    source: Arc<Node>,
+    target: Arc<Node>,
+    filter: Arc<Node>,
+    state: Arc<MirrorState>,
+    config: MirrorConfig,
+    /// The job's own edges on source and target: they mark both busy until the job ends.
+    job_edges: Mutex<Vec<Arc<Child>>>,
+    /// Run ended with the filter drained, to be released once the graph changed.
+    drained: AtomicBool,
+    pivot: AtomicBool,
+    actively_synced: AtomicBool,
+}
+
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl MirrorJob {
+    pub fn new(
+        graph: Arc<Graph>,
+        source: Arc<Node>,
+        target: Arc<Node>,
+        filter: Arc<Node>,
+        config: MirrorConfig,
+        job_edges: Vec<Arc<Child>>,
+    ) -> MirrorJob {
+        let state = filter
+            .driver_as::<MirrorTop>()
+            .expect("the filter is a mirror_top node")
+            .state()
+            .clone();
+        MirrorJob {
+            graph,
+            source,
+            target,
+            filter,
+            state,
+            config,
+            job_edges: Mutex::new(job_edges),
+            drained: AtomicBool::new(false),
+            pivot: AtomicBool::new(false),
+            actively_synced: AtomicBool::new(false),
+        }
+    }
+
+    fn source_edge(&self) -> io::Result<Arc<Child>> {
+        self.filter
+            .child("backing")
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
+    }
+
+    fn target_edge(&self) -> io::Result<Arc<Child>> {
+        self.state
+            .target()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
+    }
+
+    /// The bottom of what is copied: the base for active commit, else the whole chain.
+    fn base(&self) -> Option<&Arc<Node>> {
+        self.config.commit_base.then_some(&self.target)
+    }
+
+    /// Mark what the sync mode asks to copy.
+    async fn mark_initial(&self, ctx: &JobContext) -> Result<(), JobFailure> {
+        let bitmap = self.state.bitmap();
+        let len = self.source.size();
+        match (self.config.sync, self.config.commit_base) {
+            (MirrorSync::None, _) => return Ok(()),
+            (MirrorSync::Full, false) if !self.config.target_is_zero => {
+                bitmap.set(0, len);
+                return Ok(());
+            }
+            _ => {}
+        }
+        let mut offset = 0;
+        while offset < len {
+            ctx.pause_point().await;
+            if ctx.is_cancelled() {
+                return Err(JobFailure::cancelled());
+            }
+            let allocated = if self.config.sync == MirrorSync::Full {
+                let e = self
+                    .source
+                    .block_status_above(None, offset, len - offset)
+                    .await?;
+                (!e.zero, e.len)
+            } else if self.config.commit_base {
+                let e = self
+                    .source
+                    .block_status_above(self.base(), offset, len - offset)
+                    .await?;
+                (e.allocated, e.len)
+            } else {
+                let e = self.source.block_status(offset, len - offset).await?;
+                (e.kind != block::node::ExtentKind::Unallocated, e.len)
+            };
+            let run = allocated.1.max(1).min(len - offset);
+            if allocated.0 {
+                bitmap.set(offset, run);
+            }
+            offset += run;
+        }
+        Ok(())
+    }
+
+    /// Copy one range that was dirty; on failure the range is dirty again.
+    async fn copy_range(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        let (start, end) = self.state.granule_span(offset, len);
+        let _held = self.state.ranges().lock(start, end).await;
+        let result = self.copy_locked(offset, len).await;
+        if result.is_err() {
+            self.state.bitmap().set(offset, len);
+        }
+        result
+    }
+
+    async fn copy_locked(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        let source = self.source_edge().map_err(CopyError::Read)?;
+        let target = self.target_edge().map_err(CopyError::Write)?;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let extent = self
+                .source
+                .block_status_above(self.base(), pos, end - pos)
+                .await
+                .map_err(CopyError::Read)?;
+            let n = extent.len.clamp(1, end - pos);
+            if self.config.commit_base && !extent.allocated {
+                // Lies in the base already.
+            } else if extent.zero {
+                if !self.target_reads_zero(pos, n).await {
+                    let flags = WriteFlags {
+                        may_unmap: self.config.unmap && self.target.backing().is_none(),
+                        ..WriteFlags::default()
+                    };
+                    target
+                        .write_zeroes(pos, n, flags)
+                        .await
+                        .map_err(CopyError::Write)?;
+                }
+            } else {
+                let mut buf = PoolBuf::new(n as usize, 1).map_err(CopyError::Read)?;
+                source
+                    .read(pos, buf.as_mut_slice())
+                    .await
+                    .map_err(CopyError::Read)?;
+                target
+                    .write(pos, buf.as_slice(), WriteFlags::default())
+                    .await
+                    .map_err(CopyError::Write)?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    async fn target_reads_zero(&self, offset: u64, len: u64) -> bool {
+        match self.target.block_status_above(None, offset, len).await {
+            Ok(e) => e.zero && e.len >= len,
+            Err(_) => false,
+        }
+    }
+
+    fn dirty_bytes(&self) -> u64 {
+        self.state.bitmap().count()
+    }
+
+    /// Wait for new dirty data or a verb; the timeout only bounds a missed signal.
+    async fn idle(&self, ctx: &JobContext) {
+        ctx.sleep_until(self.state.dirtied(), Duration::from_millis(200))
+            .await
+    }
+
+    async fn copy_loop(&self, ctx: &JobContext) -> Result<(), JobFailure> {
+        let granularity = self.state.bitmap().granularity();
+        let chunk = MAX_CHUNK
+            .max(granularity)
+            .min(self.config.buf_size.max(granularity));
+        let mut cursor = 0;
+        let mut in_flight = FuturesUnordered::new();
+        let mut bytes_in_flight = 0u64;
+        let mut dirty_at_last_pass: Option<u64> = None;
+        loop {
+            if in_flight.is_empty() {
+                ctx.pause_point().await;
+            }
+            if ctx.is_cancelled() {
+                while in_flight.next().await.is_some() {}
+                return Err(JobFailure::cancelled());
+            }
+            if self.state.take_target_write_failure() {
+                let err = io::Error::from_raw_os_error(libc::EIO);
+                if let ErrorAction::Report = ctx.handle_error(&err, false).await {
+                    while in_flight.next().await.is_some() {}
+                    return Err(err.into());
+                }
+                self.actively_synced.store(false, Ordering::Release);
+            }
+            while in_flight.len() < MAX_IN_FLIGHT
+                && bytes_in_flight + chunk <= self.config.buf_size.max(chunk)
+            {
+                let next = match self.state.bitmap().next_dirty_range(cursor, chunk) {
+                    Some(range) => Some(range),
+                    None if cursor > 0 => {
+                        // A pass is over: clients outrunning it means background copying
+                        // cannot converge.
+                        let dirty = self.dirty_bytes();
+                        if let Some(previous) = dirty_at_last_pass {
+                            if dirty > 0
+                                && dirty * 4 > previous * 3
+                                && !self.state.is_write_blocking()
+                            {
+                                tracing::info!(
+                                    job = ctx.id(),
+                                    "mirror is not converging, switching to write-blocking"
+                                );
+                                self.state.set_write_blocking();
+                            }
+                        }
+                        dirty_at_last_pass = Some(dirty);
+                        cursor = 0;
+                        self.state.bitmap().next_dirty_range(0, chunk)
+                    }
+                    None => None,
+                };
+                let Some((offset, len)) = next else { break };
+                ctx.rate_limit(len).await;
+                if ctx.is_cancelled() {
+                    break;
+                }
+                // Cleared before the copy reads, so that a write landing meanwhile marks
+                // the range again and is copied once more.
+                self.state.bitmap().reset(offset, len);
+                cursor = offset + len;
+                bytes_in_flight += len;
+                in_flight.push(async move { (offset, len, self.copy_range(offset, len).await) });
+            }
+            self.update_len(ctx, bytes_in_flight);
+            let Some((_, len, result)) = in_flight.next().await else {
+                if self.dirty_bytes() > 0 {
+                    continue;
+                }
+                if self.finish_when_quiet(ctx).await? {
+                    return Ok(());
+                }
+                continue;
+            };
+            bytes_in_flight -= len;
+            match result {
+                Ok(()) => ctx.add_offset(len),
+                Err(e) => {
+                    let (err, is_read) = match &e {
+                        CopyError::Read(err) => (err, true),
+                        CopyError::Write(err) => (err, false),
+                    };
+                    if let ErrorAction::Report = ctx.handle_error(err, is_read).await {
+                        while in_flight.next().await.is_some() {}
+                        return Err(err.into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// QEMU's progress: what was copied, plus what is dirty or being copied.
+    fn update_len(&self, ctx: &JobContext, in_flight: u64) {
+        let (offset, _) = ctx.progress();
+        ctx.set_len(offset + self.dirty_bytes() + in_flight);
+    }
+
+    /// Nothing dirty, nothing in flight: become READY, and finish if asked to. Returns
+    /// whether the job's work is over (with the filter drained).
+    async fn finish_when_quiet(&self, ctx: &JobContext) -> Result<bool, JobFailure> {
+        if self.state.active_writes() > 0 {
+            self.idle(ctx).await;
+            return Ok(false);
+        }
+        if !ctx.is_ready() {
+            if let Err(e) = self.target.flush().await {
+                if let ErrorAction::Report = ctx.handle_error(&e, false).await {
+                    return Err(e.into());
+                }
+                return Ok(false);
+            }
+            if self.dirty_bytes() == 0 {
+                self.update_len(ctx, 0);
+                ctx.set_ready();
+            }
+            return Ok(false);
+        }
+        if self.state.is_write_blocking() {
+            self.actively_synced.store(true, Ordering::Release);
+        }
+        if !(ctx.should_complete() || ctx.cancel_requested()) {
+            self.idle(ctx).await;
+            return Ok(false);
+        }
+        self.filter.drain().await;
+        if self.dirty_bytes() > 0 {
+            self.filter.undrain();
+            return Ok(false);
+        }
+        if let Err(e) = self.target.flush().await {
+            self.filter.undrain();
+            if let ErrorAction::Report = ctx.handle_error(&e, false).await {
+                return Err(e.into());
+            }
+            return Ok(false);
+        }
+        self.drained.store(true, Ordering::Release);
+        self.pivot.store(!ctx.cancel_requested(), Ordering::Release);
+        Ok(true)
+    }
+
+    /// Put the target where the replaced node was, for every user.
+    async fn swap_in_target(&self) {
+        if let Some(backing) = &self.config.target_backing {
+            if let Some(qcow2) = self.target.driver_as::<block::drivers::qcow2::Qcow2>() {
+                let edge = Node::attach(
+                    backing,
+                    "backing",
+                    block::Parent::Node(self.target.name().to_string()),
+                    block::Perms::CONSISTENT_READ,
+                    block::Perms::ALL,
+                );
+                match edge {
+                    Ok(edge) => match qcow2.set_backing_edge(Some(edge.clone())).await {
+                        Ok(()) => {
+                            self.target.remove_child("backing");
+                            self.target.add_child(edge);
+                        }
+                        Err(e) => tracing::warn!("mirror target keeps no backing: {e}"),
+                    },
+                    Err(e) => tracing::warn!("mirror target keeps no backing: {e}"),
+                }
+            }
+        }
+        // The job's writing edge would otherwise refuse the users' own write permission.
+        drop(self.state.release_target());
+        match &self.config.replaces {
+            Some(node) if !Arc::ptr_eq(node, &self.source) => {
+                node.replace_in_parents(&self.target, None);
+            }
+            _ => self.filter.replace_in_parents(&self.target, None),
+        }
+    }
+}
+
+#[async_trait(?Send)]
+impl JobDriver for MirrorJob {
+    fn job_type(&self) -> JobType {
+        if self.config.commit_base {
+            JobType::Commit
+        } else {
+            JobType::Mirror
+        }
+    }
+
+    async fn run(&self, ctx: &JobContext) -> Result<(), JobFailure> {
+        if !self.config.commit_base && self.source.size() != self.target.size() {
+            return Err(JobFailure::new(
+                "Source and target image have different sizes",
+            ));
+        }
+        if self.config.commit_base && self.target.size() < self.source.size() {
+            self.target.truncate(self.source.size()).await?;
+        }
+        self.mark_initial(ctx).await?;
+        self.update_len(ctx, 0);
+        self.copy_loop(ctx).await
+    }
+
+    fn can_complete(&self) -> bool {
+        true
+    }
+
+    fn supports_soft_cancel(&self) -> bool {
+        true
+    }
+
+    fn change(&self, args: &Map<String, Value>) -> Result<(), QmpError> {
+        match args.get("copy-mode").and_then(Value::as_str) {
+            Some("write-blocking") => {
+                self.state.set_write_blocking();
+                Ok(())
+            }
+            Some("background") if self.state.is_write_blocking() => Err(QmpError::generic(
+                "Change to copy mode 'background' is not implemented",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    async fn commit(&self) {
+        if self.pivot.load(Ordering::Acquire) {
+            self.swap_in_target().await;
+        }
+    }
+
+    async fn clean(&self) {
+        drop(self.state.release_target());
+        if self.pivot.load(Ordering::Acquire) {
+            self.filter.detach_children();
+        } else {
+            self.graph.remove_filter(&self.filter, &self.source).await;
+        }
+        if self.drained.swap(false, Ordering::AcqRel) {
+            self.filter.undrain();
+        }
+        self.filter.remove_dirty_bitmap(self.state.bitmap());
+        self.job_edges.lock().unwrap().clear();
+    }
+
+    fn extra_info(&self) -> Map<String, Value> {
+        let mut extra = Map::new();
+        if !self.config.commit_base {
+            extra.insert(
+                "actively-synced".into(),
+                json!(self.actively_synced.load(Ordering::Acquire)),
+            );
+        }
+        extra
+    }
+}
