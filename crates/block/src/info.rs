@@ -108,7 +108,9 @@ fn dirty_info(bitmap: &DirtyBitmap) -> Value {
     if let Some(name) = bitmap.name() {
         info.insert("name".into(), json!(name));
     }
-    info.insert("recording".into(), json!(bitmap.is_recording()));
+    // QEMU counts a frozen bitmap as recording when its successor records in its place.
+    let recording = bitmap.is_recording() || bitmap.successor().is_some_and(|s| s.is_enabled());
+    info.insert("recording".into(), json!(recording));
     info.insert("persistent".into(), json!(bitmap.is_persistent()));
     info.insert("busy".into(), json!(bitmap.is_busy()));
     info.insert("granularity".into(), json!(bitmap.granularity()));
