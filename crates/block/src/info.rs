@@ -1,5 +1,6 @@
 //! What query-named-block-nodes and x-debug-query-block-graph report, in QEMU's shapes.
 
+use crate::bitmap::DirtyBitmap;
 use crate::node::{Node, Parent};
 use crate::Graph;
 use serde_json::{json, Map, Value};
@@ -94,7 +95,30 @@ pub fn block_device_info(node: &Arc<Node>, flat: bool) -> Value {
     if let Some(backing) = info.backing_filename {
         out["backing_file"] = json!(backing);
     }
+    let bitmaps = node.dirty_bitmaps();
+    if !bitmaps.is_empty() {
+        out["dirty-bitmaps"] = bitmaps.iter().rev().map(|b| dirty_info(b)).collect();
+    }
     out
+}
+
+/// BlockDirtyInfo; QEMU lists a node's bitmaps newest first.
+fn dirty_info(bitmap: &DirtyBitmap) -> Value {
+    let mut info = Map::new();
+    if let Some(name) = bitmap.name() {
+        info.insert("name".into(), json!(name));
+    }
+    // QEMU counts a frozen bitmap as recording when its successor records in its place.
+    let recording = bitmap.is_recording() || bitmap.successor().is_some_and(|s| s.is_enabled());
+    info.insert("recording".into(), json!(recording));
+    info.insert("persistent".into(), json!(bitmap.is_persistent()));
+    info.insert("busy".into(), json!(bitmap.is_busy()));
+    info.insert("granularity".into(), json!(bitmap.granularity()));
+    info.insert("count".into(), json!(bitmap.count()));
+    if bitmap.is_inconsistent() {
+        info.insert("inconsistent".into(), json!(true));
+    }
+    Value::Object(info)
 }
 
 pub fn named_block_nodes(graph: &Graph, flat: bool) -> Value {

@@ -1,8 +1,10 @@
 //! NBD exports: the NBD server's lifetime, block-export-* and the legacy nbd-server-add,
 //! and the backend that serves a node's data to NBD clients.
 
+use crate::commands::bitmaps::{self, BitmapRef, BusyBitmaps};
 use crate::daemon::Daemon;
 use async_trait::async_trait;
+use block::bitmap::DirtyBitmap;
 use block::drivers::nbd::{InetServer, UnixServer};
 use block::node::{ChainExtent, WriteFlags};
 use block::{Child, Node, Parent, Perms};
@@ -29,6 +31,11 @@ impl nbd::spawn::Spawner for IoSpawner {
 /// NBD flags of base:allocation and qemu:dirty-bitmap.
 const STATE_HOLE: u32 = 1;
 const STATE_ZERO: u32 = 2;
+const STATE_DIRTY: u32 = 1;
+
+/// Most runs of a dirty bitmap sent in one block status reply; the client asks again for
+/// the rest.
+const MAX_BITMAP_EXTENTS: usize = 1024;
 
 /// Serves one node through its export's edge, so it follows the node when a job swaps it.
 /// The export record owns the edge: once the export is deleted the node is free at once,
@@ -36,6 +43,8 @@ const STATE_ZERO: u32 = 2;
 struct NodeBackend {
     edge: Weak<Child>,
     writable: bool,
+    /// The exported bitmaps by context name; they may belong to other nodes.
+    bitmaps: Vec<(String, Arc<DirtyBitmap>)>,
 }
 
 impl NodeBackend {
@@ -115,6 +124,9 @@ impl Backend for NodeBackend {
         offset: u64,
         len: u64,
     ) -> io::Result<Vec<Extent>> {
+        if let MetaContext::DirtyBitmap(name) = context {
+            return self.bitmap_status(name, offset, len);
+        }
         let node = self.edge()?.node();
         let ChainExtent {
             len: run,
@@ -126,9 +138,40 @@ impl Backend for NodeBackend {
             MetaContext::BaseAllocation if zero => STATE_HOLE | STATE_ZERO,
             MetaContext::BaseAllocation => 0,
             MetaContext::AllocationDepth => depth,
-            MetaContext::DirtyBitmap(_) => return Err(io::Error::from_raw_os_error(libc::ENOTSUP)),
+            MetaContext::DirtyBitmap(_) => unreachable!("answered above"),
         };
         Ok(vec![Extent { length: run, flags }])
+    }
+}
+
+impl NodeBackend {
+    fn bitmap_status(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let bitmap = self
+            .bitmaps
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let end = offset.saturating_add(len);
+        let mut extents = Vec::new();
+        let mut pos = offset;
+        while pos < end && extents.len() < MAX_BITMAP_EXTENTS {
+            let (dirty, run) = bitmap.extent(pos, end - pos);
+            if run == 0 {
+                break;
+            }
+            let flags = if dirty { STATE_DIRTY } else { 0 };
+            extents.push(Extent { length: run, flags });
+            pos += run;
+        }
+        if extents.is_empty() {
+            // Past the bitmap's end (the node shrank): nothing there was written.
+            extents.push(Extent {
+                length: len,
+                flags: 0,
+            });
+        }
+        Ok(extents)
     }
 }
 
@@ -138,6 +181,8 @@ struct Export {
     /// Holds the export's permissions on the node until the export is gone; it follows
     /// the node's replacement (mirror pivot, snapshot).
     edge: Arc<Child>,
+    /// The exported bitmaps stay busy until the export is gone.
+    _bitmaps: BusyBitmaps,
     shutting_down: bool,
 }
 
@@ -205,7 +250,7 @@ struct BlockExportAddArgs {
     name: Option<String>,
     description: Option<String>,
     #[serde(default)]
-    bitmaps: Vec<Value>,
+    bitmaps: Vec<BitmapRef>,
     allocation_depth: Option<bool>,
 }
 
@@ -261,7 +306,7 @@ struct NewExport {
     node_name: String,
     description: Option<String>,
     writable: bool,
-    bitmaps: Vec<String>,
+    bitmaps: Vec<BitmapRef>,
     allocation_depth: bool,
 }
 
@@ -418,21 +463,7 @@ impl Exports {
                 "blockd does not support writethrough exports",
             ));
         }
-        let bitmaps = args
-            .bitmaps
-            .into_iter()
-            .map(|b| match b {
-                Value::String(name) => Ok(name),
-                Value::Object(map) => Ok(map
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string()),
-                _ => Err(QmpError::generic(
-                    "Invalid parameter type for 'bitmaps[0]', expected: BlockDirtyBitmapOrStr",
-                )),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let bitmaps = args.bitmaps;
         let name = args.name.unwrap_or_else(|| args.node_name.clone());
         Self::add(
             daemon,
@@ -464,7 +495,7 @@ impl Exports {
                 node_name: args.device,
                 description: args.description,
                 writable: args.writable.unwrap_or(false),
-                bitmaps: args.bitmap.into_iter().collect(),
+                bitmaps: args.bitmap.into_iter().map(BitmapRef::Name).collect(),
                 allocation_depth: args.allocation_depth.unwrap_or(false),
             },
         )?;
@@ -495,9 +526,6 @@ impl Exports {
                 new.name
             )));
         }
-        if let Some(bitmap) = new.bitmaps.first() {
-            return Err(QmpError::generic(format!("Bitmap '{bitmap}' is not found")));
-        }
         let perm = if new.writable {
             Perms::CONSISTENT_READ | Perms::WRITE
         } else {
@@ -514,9 +542,11 @@ impl Exports {
             EXPORT_SHARED,
         )
         .map_err(QmpError::generic)?;
+        let bitmaps = export_bitmaps(&daemon.graph, &node, &new.bitmaps, new.writable)?;
         let backend = Arc::new(NodeBackend {
             edge: Arc::downgrade(&edge),
             writable: new.writable,
+            bitmaps: bitmaps.clone(),
         });
         server
             .add_export(
@@ -525,7 +555,7 @@ impl Exports {
                 backend,
                 ExportOptions {
                     writable: new.writable,
-                    bitmaps: new.bitmaps,
+                    bitmaps: bitmaps.iter().map(|(name, _)| name.clone()).collect(),
                     allocation_depth: new.allocation_depth,
                 },
             )
@@ -534,6 +564,7 @@ impl Exports {
             id: new.id,
             name: new.name,
             edge,
+            _bitmaps: BusyBitmaps::hold(bitmaps.into_iter().map(|(_, b)| b).collect()),
             shutting_down: false,
         });
         Ok(())
@@ -623,6 +654,53 @@ fn exported_node_name(edge: &Child) -> String {
         }
     }
     node.name().to_string()
+}
+
+/// Find an export's bitmaps (a bare name on the node or down its backing chain) and check
+/// that they may be served: not in use elsewhere, consistent, and not still recording
+/// writes to a writable node behind a read-only export.
+fn export_bitmaps(
+    graph: &block::Graph,
+    node: &Arc<Node>,
+    refs: &[BitmapRef],
+    writable: bool,
+) -> Result<Vec<(String, Arc<DirtyBitmap>)>, QmpError> {
+    let mut found = Vec::with_capacity(refs.len());
+    for r in refs {
+        let (owner, bitmap) = match r {
+            BitmapRef::Name(name) => find_in_chain(node, name)
+                .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found")))?,
+            BitmapRef::Node(r) => bitmaps::lookup(graph, &r.node, &r.name)?,
+        };
+        bitmaps::check_usable(&bitmap)?;
+        let name = bitmap.name().unwrap_or_default().to_string();
+        if !writable && !owner.read_only() && bitmap.is_enabled() {
+            return Err(QmpError::generic(format!(
+                "Enabled bitmap '{name}' incompatible with readonly export"
+            )));
+        }
+        found.push((name, bitmap));
+    }
+    Ok(found)
+}
+
+/// QEMU looks for an export's bitmap on the node, then down through backing files and
+/// filters (but not through a raw format node).
+fn find_in_chain(node: &Arc<Node>, name: &str) -> Option<(Arc<Node>, Arc<DirtyBitmap>)> {
+    let mut next = Some(node.clone());
+    while let Some(n) = next {
+        if let Some(bitmap) = n.dirty_bitmap(name) {
+            return Some((n, bitmap));
+        }
+        next = n.backing().or_else(|| {
+            let role = n.driver().filtered_child_role()?;
+            if n.driver().format_name() == "raw" {
+                return None;
+            }
+            n.child(role).map(|c| c.node())
+        });
+    }
+    None
 }
 
 fn refuse_tls(creds: Option<&str>, authz: Option<&str>) -> Result<(), QmpError> {

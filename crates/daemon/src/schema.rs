@@ -1089,6 +1089,7 @@ mod tests {
             "block-dirty-bitmap-enable",
             "block-dirty-bitmap-disable",
             "block-dirty-bitmap-merge",
+            "x-debug-block-dirty-bitmap-sha256",
             "transaction",
             "blockdev-snapshot-sync",
             "blockdev-snapshot",

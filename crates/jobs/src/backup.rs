@@ -4,10 +4,14 @@
 //! [`BlockCopy`] with the job: the job walks the clusters still to copy with many requests
 //! in flight, and a client write to a cluster not copied yet first has the filter copy the
 //! old data. Either way each cluster is copied once, as it was when the job started.
+//!
+//! With a sync bitmap the job copies only what the bitmap marks, and the bitmap's point in
+//! time moves to the job's start when the job ends as its mode says (see [`SyncBitmap`]).
 
 use crate::policy::ErrorAction;
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use async_trait::async_trait;
+use block::bitmap::DirtyBitmap;
 use block::copy::{BlockCopy, CopyError};
 use block::node::ExtentKind;
 use block::{Child, Graph, Node};
@@ -23,6 +27,84 @@ pub enum SyncMode {
     Top,
     /// Nothing by itself: only what writes are about to overwrite (fleecing).
     None,
+    /// What the sync bitmap marks (the copy starts with exactly those clusters pending).
+    Bitmap,
+}
+
+/// What becomes of the sync bitmap when the job ends (QEMU's BitmapSyncMode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BitmapMode {
+    /// Success: the bitmap holds only writes made since the job started; failure: as before
+    /// plus those writes.
+    OnSuccess,
+    /// Always as before plus the writes made during the job.
+    Never,
+    /// Success as on-success; failure: what was not copied plus the writes made meanwhile.
+    Always,
+}
+
+/// A dirty bitmap whose point in time a backup holds: while the job runs, writes go to an
+/// anonymous successor (listed on the node, so queries show it and it sees every write),
+/// and the named bitmap is frozen and busy.
+pub struct SyncBitmap {
+    node: Arc<Node>,
+    bitmap: Arc<DirtyBitmap>,
+    successor: Arc<DirtyBitmap>,
+    mode: BitmapMode,
+}
+
+impl SyncBitmap {
+    /// Freeze `bitmap` (of `node`) as of now.
+    pub fn start(node: Arc<Node>, bitmap: Arc<DirtyBitmap>, mode: BitmapMode) -> SyncBitmap {
+        let successor = bitmap.create_successor();
+        node.add_dirty_bitmap(successor.clone());
+        SyncBitmap {
+            node,
+            bitmap,
+            successor,
+            mode,
+        }
+    }
+
+    pub fn bitmap(&self) -> &Arc<DirtyBitmap> {
+        &self.bitmap
+    }
+
+    /// Give the point in time back or move it, as the mode says for this outcome; a failed
+    /// job in mode always re-marks what `uncopied` (its copy) did not copy.
+    ///
+    /// The node is drained meanwhile: a write recorded in the successor after it was merged
+    /// would be lost. The successor stays in the node's list until the merge is done, so a
+    /// write landing in between is recorded in both.
+    pub async fn finish(&self, success: bool, uncopied: &BlockCopy) {
+        let sync = (success || self.mode == BitmapMode::Always) && self.mode != BitmapMode::Never;
+        let remark = (!success && self.mode == BitmapMode::Always).then_some(uncopied);
+        self.end(sync, remark).await;
+    }
+
+    /// The job never started: the bitmap is as before plus the writes made meanwhile.
+    pub async fn undo(&self) {
+        self.end(false, None).await;
+    }
+
+    async fn end(&self, abdicate: bool, uncopied: Option<&BlockCopy>) {
+        self.node.drain().await;
+        if abdicate {
+            self.bitmap.abdicate();
+        } else {
+            self.bitmap.reclaim();
+        }
+        if let Some(copy) = uncopied {
+            let cluster = copy.cluster_size();
+            let mut next = 0;
+            while let Some(c) = copy.next_pending(next) {
+                self.bitmap.set(c * cluster, cluster);
+                next = c + 1;
+            }
+        }
+        self.node.remove_dirty_bitmap(&self.successor);
+        self.node.undrain();
+    }
 }
 
 /// Parallelism of the copy loop (QEMU's x-perf options).
@@ -60,6 +142,7 @@ pub struct BackupJob {
     perf: BackupPerf,
     /// The job's own edges on source and target: they mark both busy until the job ends.
     job_edges: Mutex<Vec<Arc<Child>>>,
+    sync_bitmap: Option<Arc<SyncBitmap>>,
 }
 
 impl BackupJob {
@@ -80,7 +163,14 @@ impl BackupJob {
             sync,
             perf,
             job_edges: Mutex::new(job_edges),
+            sync_bitmap: None,
         }
+    }
+
+    /// Back up with `bitmap` (sync=bitmap reads the copy's pending clusters from it).
+    pub fn with_sync_bitmap(mut self, bitmap: Arc<SyncBitmap>) -> BackupJob {
+        self.sync_bitmap = Some(bitmap);
+        self
     }
 
     fn chunk(&self) -> u64 {
@@ -216,7 +306,23 @@ impl JobDriver for BackupJob {
                 ctx.set_len(self.copy.remaining_bytes());
                 self.copy_all(ctx).await
             }
+            SyncMode::Bitmap => {
+                ctx.set_len(self.copy.remaining_bytes());
+                self.copy_all(ctx).await
+            }
             SyncMode::Full => self.copy_all(ctx).await,
+        }
+    }
+
+    async fn commit(&self) {
+        if let Some(sync) = &self.sync_bitmap {
+            sync.finish(true, &self.copy).await;
+        }
+    }
+
+    async fn abort(&self) {
+        if let Some(sync) = &self.sync_bitmap {
+            sync.finish(false, &self.copy).await;
         }
     }
 

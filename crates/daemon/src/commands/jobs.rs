@@ -1,11 +1,12 @@
 //! Job commands: blockdev-backup / drive-backup, and the verbs and queries of every job.
 
 use crate::daemon::Daemon;
+use block::bitmap::DirtyBitmap;
 use block::copy::{BlockCopy, ClusterBitmap};
 use block::drivers::cbw::{CopyBeforeWrite, OnCbwError};
 use block::node::CommonOptions;
 use block::{Node, Parent, Perms};
-use jobs::backup::{BackupJob, BackupPerf, SyncMode};
+use jobs::backup::{BackupJob, BackupPerf, BitmapMode, SyncBitmap, SyncMode};
 use jobs::{JobOptions, OnError};
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -89,7 +90,8 @@ pub async fn blockdev_backup(
     let args: BackupArgs = qapi::de::from_value(Value::Object(std::mem::take(&mut args)))?;
     let source = daemon.graph.lookup(&args.device)?;
     let target = daemon.graph.lookup(&args.target)?;
-    start_backup(daemon, args, source, target, false).await
+    let bitmap = resolve_bitmap(&args, &source)?;
+    start_backup(daemon, args, source, target, bitmap, false).await
 }
 
 pub async fn drive_backup(
@@ -98,7 +100,7 @@ pub async fn drive_backup(
 ) -> Result<Value, QmpError> {
     let args: BackupArgs = qapi::de::from_value(Value::Object(args))?;
     let source = daemon.graph.lookup(&args.device)?;
-    check_bitmap_args(&args)?;
+    let bitmap = resolve_bitmap(&args, &source)?;
     let format = args
         .format
         .clone()
@@ -146,34 +148,77 @@ pub async fn drive_backup(
         args,
         source,
         target,
+        bitmap,
         mode == NewImageMode::AbsolutePaths,
     )
     .await
 }
 
-fn check_bitmap_args(args: &BackupArgs) -> Result<(), QmpError> {
-    if args.sync == MirrorSyncMode::Incremental && args.bitmap.is_none() {
-        return Err(QmpError::generic(
-            "must provide a valid bitmap name for 'incremental' sync mode",
-        ));
+fn sync_name(sync: MirrorSyncMode) -> &'static str {
+    match sync {
+        MirrorSyncMode::Top => "top",
+        MirrorSyncMode::Full => "full",
+        MirrorSyncMode::None => "none",
+        MirrorSyncMode::Incremental => "incremental",
+        MirrorSyncMode::Bitmap => "bitmap",
     }
-    if args.bitmap_mode.is_some() && args.bitmap.is_none() {
-        return Err(QmpError::generic(
-            "Cannot specify bitmap sync mode without a bitmap",
-        ));
-    }
-    if let Some(bitmap) = &args.bitmap {
-        // Dirty bitmaps do not exist in blockd yet, so no name can be found.
+}
+
+/// The backup's sync bitmap (on the source) and what becomes of it, checked in qsd's order.
+fn resolve_bitmap(
+    args: &BackupArgs,
+    source: &Node,
+) -> Result<Option<(Arc<DirtyBitmap>, BitmapMode)>, QmpError> {
+    let incremental = args.sync == MirrorSyncMode::Incremental;
+    if (incremental || args.sync == MirrorSyncMode::Bitmap) && args.bitmap.is_none() {
         return Err(QmpError::generic(format!(
-            "Bitmap '{bitmap}' could not be found"
+            "must provide a valid bitmap name for '{}' sync mode",
+            sync_name(args.sync)
         )));
     }
-    if args.sync == MirrorSyncMode::Bitmap {
+    if incremental
+        && args
+            .bitmap_mode
+            .is_some_and(|m| m != BitmapSyncMode::OnSuccess)
+    {
         return Err(QmpError::generic(
-            "must provide a valid bitmap name for 'bitmap' sync mode",
+            "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
         ));
     }
-    Ok(())
+    let Some(name) = &args.bitmap else {
+        if args.bitmap_mode.is_some() {
+            return Err(QmpError::generic(
+                "Cannot specify bitmap sync mode without a bitmap",
+            ));
+        }
+        return Ok(None);
+    };
+    let bitmap = source
+        .dirty_bitmap(name)
+        .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' could not be found")))?;
+    let mode = match (args.bitmap_mode, incremental) {
+        (_, true) | (Some(BitmapSyncMode::OnSuccess), _) => BitmapMode::OnSuccess,
+        (Some(BitmapSyncMode::Always), _) => BitmapMode::Always,
+        (Some(BitmapSyncMode::Never), _) => BitmapMode::Never,
+        (None, false) => {
+            return Err(QmpError::generic(
+                "Bitmap sync mode must be given when providing a bitmap",
+            ))
+        }
+    };
+    super::bitmaps::check_usable(&bitmap)?;
+    match args.sync {
+        MirrorSyncMode::None => Err(QmpError::generic(
+            "sync mode 'none' does not produce meaningful bitmap outputs",
+        )),
+        MirrorSyncMode::Full | MirrorSyncMode::Top if mode == BitmapMode::Never => {
+            Err(QmpError::generic(format!(
+                "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{}'",
+                sync_name(args.sync)
+            )))
+        }
+        _ => Ok(Some((bitmap, mode))),
+    }
 }
 
 async fn start_backup(
@@ -181,6 +226,7 @@ async fn start_backup(
     args: BackupArgs,
     source: Arc<Node>,
     target: Arc<Node>,
+    bitmap: Option<(Arc<DirtyBitmap>, BitmapMode)>,
     target_is_new: bool,
 ) -> Result<Value, QmpError> {
     if Arc::ptr_eq(&source, &target) {
@@ -221,7 +267,6 @@ async fn start_backup(
             target.name()
         )));
     }
-    check_bitmap_args(&args)?;
     if args.discard_source == Some(true) {
         return Err(QmpError::generic(
             "discard-source is not supported by blockd's backup",
@@ -238,9 +283,7 @@ async fn start_backup(
         MirrorSyncMode::Full => SyncMode::Full,
         MirrorSyncMode::Top => SyncMode::Top,
         MirrorSyncMode::None => SyncMode::None,
-        MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => {
-            unreachable!("refused by check_bitmap_args")
-        }
+        MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => SyncMode::Bitmap,
     };
     let perf_args = args.x_perf.unwrap_or_default();
     let perf = BackupPerf {
@@ -266,9 +309,15 @@ async fn start_backup(
         .filter_node_name
         .clone()
         .unwrap_or_else(|| daemon.graph.generate_name());
+    // The point in time of the bitmap moves to now before the copy reads it.
+    let sync_bitmap =
+        bitmap.map(|(bitmap, mode)| Arc::new(SyncBitmap::start(source.clone(), bitmap, mode)));
     let (setup_source, setup_target, id_for_edges) =
         (source.clone(), target.clone(), job_id.clone());
-    let (filter, copy, job_edges) = daemon
+    let only_dirty = (sync == SyncMode::Bitmap)
+        .then(|| sync_bitmap.as_ref().map(|s| s.bitmap().clone()))
+        .flatten();
+    let inserted = daemon
         .io
         .run(move || async move {
             insert_cbw(
@@ -278,14 +327,21 @@ async fn start_backup(
                 &filter_name,
                 min_cluster,
                 target_is_new && sync == SyncMode::Full,
+                only_dirty.as_deref(),
                 &id_for_edges,
             )
             .await
         })
-        .await
-        .map_err(QmpError::generic)?;
+        .await;
+    let (filter, copy, job_edges) = match inserted {
+        Ok(inserted) => inserted,
+        Err(e) => {
+            undo_sync_bitmap(daemon, sync_bitmap).await;
+            return Err(QmpError::generic(e));
+        }
+    };
 
-    let driver = Arc::new(BackupJob::new(
+    let mut driver = BackupJob::new(
         daemon.graph.clone(),
         source.clone(),
         filter.clone(),
@@ -293,7 +349,11 @@ async fn start_backup(
         sync,
         perf,
         job_edges,
-    ));
+    );
+    if let Some(sync_bitmap) = &sync_bitmap {
+        driver = driver.with_sync_bitmap(sync_bitmap.clone());
+    }
+    let driver = Arc::new(driver);
     let mut options = JobOptions::new(job_id);
     options.speed = args.speed.unwrap_or(0);
     options.auto_finalize = args.auto_finalize.unwrap_or(true);
@@ -308,6 +368,7 @@ async fn start_backup(
                 .io
                 .run(move || async move { graph.remove_filter(&filter, &source).await })
                 .await;
+            undo_sync_bitmap(daemon, sync_bitmap).await;
             return Err(e);
         }
     };
@@ -316,8 +377,31 @@ async fn start_backup(
     Ok(json!({}))
 }
 
+async fn undo_sync_bitmap(daemon: &Daemon, sync_bitmap: Option<Arc<SyncBitmap>>) {
+    if let Some(sync_bitmap) = sync_bitmap {
+        daemon
+            .io
+            .run(move || async move { sync_bitmap.undo().await })
+            .await;
+    }
+}
+
+/// The clusters of `cluster` bytes that hold a dirty byte of `bitmap` (any granularity).
+fn dirty_clusters(bitmap: &DirtyBitmap, cluster: u64, len: u64) -> ClusterBitmap {
+    let mut pending = ClusterBitmap::new(len.div_ceil(cluster));
+    let mut offset = 0;
+    while let Some((start, run)) = bitmap.next_dirty_range(offset, u64::MAX) {
+        let end = start + run;
+        pending.set_range(start / cluster..end.div_ceil(cluster), true);
+        offset = end;
+    }
+    pending
+}
+
 /// Put a copy-before-write filter above `source` whose point in time is now, and mark
-/// source and target as used by the job.
+/// source and target as used by the job. With `only_dirty`, only the clusters it marks are
+/// to be copied.
+#[allow(clippy::too_many_arguments)]
 async fn insert_cbw(
     graph: &Arc<block::Graph>,
     source: &Arc<Node>,
@@ -325,6 +409,7 @@ async fn insert_cbw(
     filter_name: &str,
     min_cluster: u64,
     target_is_zero: bool,
+    only_dirty: Option<&DirtyBitmap>,
     job_id: &str,
 ) -> Result<(Arc<Node>, Arc<BlockCopy>, Vec<Arc<block::Child>>), String> {
     let job_parent = || Parent::Job {
@@ -351,8 +436,14 @@ async fn insert_cbw(
         Perms::ALL & !Perms::RESIZE,
     )?;
     let cluster = CopyBeforeWrite::cluster_size_for(target).max(min_cluster);
-    let mut pending = ClusterBitmap::new(source.size().div_ceil(cluster));
-    pending.set_range(0..pending.len(), true);
+    let pending = match only_dirty {
+        Some(bitmap) => dirty_clusters(bitmap, cluster, source.size()),
+        None => {
+            let mut all = ClusterBitmap::new(source.size().div_ceil(cluster));
+            all.set_range(0..all.len(), true);
+            all
+        }
+    };
     let copy = Arc::new(BlockCopy::new(
         file.clone(),
         target_edge.clone(),

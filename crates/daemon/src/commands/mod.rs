@@ -1,5 +1,6 @@
 //! QMP command dispatch: one handler function per command, grouped by area.
 
+pub mod bitmaps;
 pub mod block;
 mod jobs;
 mod mirror;
@@ -11,11 +12,17 @@ use crate::daemon::Daemon;
 use crate::exports::Exports;
 use futures::future::LocalBoxFuture;
 use qapi::error::QmpError;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 use std::rc::Rc;
 
 /// Every command blockd answers, as query-commands lists them.
 pub const COMMANDS: &[&str] = &[
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-merge",
+    "block-dirty-bitmap-remove",
     "block-export-add",
     "block-export-del",
     "block-job-cancel",
@@ -53,6 +60,7 @@ pub const COMMANDS: &[&str] = &[
     "query-version",
     "quit",
     "x-blockdev-del",
+    "x-debug-block-dirty-bitmap-sha256",
     "x-debug-query-block-graph",
 ];
 
@@ -102,6 +110,15 @@ impl qmp::Dispatcher for Commands {
                 name if name.starts_with("block-job-") || name.starts_with("job-") => {
                     jobs::job_command(daemon, command, args).await
                 }
+                name if name.starts_with("block-dirty-bitmap-") => {
+                    match bitmaps::BitmapAction::parse(name, args)? {
+                        Some(action) => action.run(&daemon.graph).map(|()| json!({})),
+                        None => Err(QmpError::command_not_found(format!(
+                            "The command {command} has not been found"
+                        ))),
+                    }
+                }
+                "x-debug-block-dirty-bitmap-sha256" => bitmaps::sha256(&daemon.graph, args),
                 "query-version" => misc::query_version(args),
                 "query-commands" => misc::query_commands(args),
                 "query-qmp-schema" => misc::query_qmp_schema(args),
