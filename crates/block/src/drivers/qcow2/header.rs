@@ -2,6 +2,7 @@
 //! query-named-block-nodes reports and what we must refuse before imago sees the image.
 
 use serde_json::{json, Value};
+use std::io;
 
 /// Enough for the header, its extensions and a backing file name in all but odd images.
 pub const HEADER_READ_SIZE: usize = 64 * 1024;
@@ -9,6 +10,9 @@ pub const HEADER_READ_SIZE: usize = 64 * 1024;
 const MAGIC: &[u8; 4] = b"QFI\xfb";
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+
+/// QEMU refuses longer backing file names (and so do we, in both directions).
+const MAX_BACKING_NAME: usize = 1023;
 
 const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -168,6 +172,82 @@ impl Header {
     }
 }
 
+/// The first cluster of an image with its backing file name and backing-format extension
+/// replaced: the header fields stay, every other extension is kept in its order (a backing
+/// format, when given, goes first as QEMU writes it), then the end marker and the name.
+/// `cluster` is the whole first cluster as it is on disk; the result has the same length.
+/// `Some("")` keeps an empty name and a format, as QEMU does for an empty `backing-file`.
+pub fn with_backing(
+    cluster: &[u8],
+    file: Option<&str>,
+    format: Option<&str>,
+) -> io::Result<Vec<u8>> {
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    if cluster.len() < 104 || &cluster[0..4] != MAGIC {
+        return Err(einval());
+    }
+    if file.is_some_and(|f| f.len() > MAX_BACKING_NAME) || (file.is_none() && format.is_some()) {
+        return Err(einval());
+    }
+    let header_length = match be32(cluster, 4) {
+        2 => 72,
+        3 => be32(cluster, 100) as usize,
+        _ => return Err(einval()),
+    };
+    let old_name_offset = be64(cluster, 8) as usize;
+    let ext_limit = if old_name_offset != 0 && old_name_offset < cluster.len() {
+        old_name_offset
+    } else {
+        cluster.len()
+    };
+    if header_length < 72 || header_length > ext_limit {
+        return Err(einval());
+    }
+
+    let mut out = cluster[..header_length].to_vec();
+    out.resize(header_length.next_multiple_of(8), 0);
+    if let (Some(_), Some(format)) = (file, format) {
+        push_extension(&mut out, EXT_BACKING_FORMAT, format.as_bytes());
+    }
+    let mut at = header_length;
+    while at + 8 <= ext_limit {
+        let kind = be32(cluster, at);
+        let len = be32(cluster, at + 4) as usize;
+        if kind == EXT_END {
+            break;
+        }
+        let data = cluster.get(at + 8..at + 8 + len).ok_or_else(einval)?;
+        if kind != EXT_BACKING_FORMAT {
+            push_extension(&mut out, kind, data);
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+    out.extend_from_slice(&[0u8; 8]);
+
+    let (name_offset, name_len) = match file {
+        Some(name) => {
+            let offset = out.len() as u64;
+            out.extend_from_slice(name.as_bytes());
+            (offset, name.len() as u32)
+        }
+        None => (0, 0),
+    };
+    if out.len() > cluster.len() {
+        return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+    }
+    out[8..16].copy_from_slice(&name_offset.to_be_bytes());
+    out[16..20].copy_from_slice(&name_len.to_be_bytes());
+    out.resize(cluster.len(), 0);
+    Ok(out)
+}
+
+fn push_extension(out: &mut Vec<u8>, kind: u32, data: &[u8]) {
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(8), 0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +296,56 @@ mod tests {
         bad_ext[112..116].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
         bad_ext[116..120].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(Header::parse(&bad_ext).is_err());
+    }
+
+    #[test]
+    fn backing_rewrite_keeps_other_extensions() {
+        let mut cluster = v3_header(Some(("base.qcow2", "raw")));
+        cluster.truncate(4096);
+        // An unknown extension after the backing format must survive, byte for byte.
+        let unknown_at = 120 + 8;
+        cluster[unknown_at..unknown_at + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        cluster[unknown_at + 4..unknown_at + 8].copy_from_slice(&3u32.to_be_bytes());
+        cluster[unknown_at + 8..unknown_at + 11].copy_from_slice(b"xyz");
+
+        let new = with_backing(&cluster, Some("other/new.img"), Some("qcow2")).unwrap();
+        assert_eq!(new.len(), cluster.len());
+        let header = Header::parse(&new).unwrap();
+        assert_eq!(header.backing_file.as_deref(), Some("other/new.img"));
+        assert_eq!(header.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(&new[0..8], &cluster[0..8]);
+        assert_eq!(&new[20..112], &cluster[20..112]);
+        let unknown = new
+            .windows(4)
+            .position(|w| w == 0x1234_5678u32.to_be_bytes())
+            .unwrap();
+        assert_eq!(&new[unknown + 8..unknown + 11], b"xyz");
+
+        let removed = with_backing(&new, None, None).unwrap();
+        let header = Header::parse(&removed).unwrap();
+        assert_eq!(header.backing_file, None);
+        assert_eq!(header.backing_format, None);
+        assert_eq!(&removed[8..20], &[0u8; 12]);
+        assert!(removed
+            .windows(4)
+            .any(|w| w == 0x1234_5678u32.to_be_bytes()));
+    }
+
+    #[test]
+    fn backing_rewrite_refuses_what_does_not_fit() {
+        let cluster = v3_header(None);
+        let long = "a".repeat(1024);
+        let err = with_backing(&cluster, Some(&long), None).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        let err = with_backing(&cluster, None, Some("qcow2")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        let small = &cluster[..160];
+        let err = with_backing(small, Some(&"b".repeat(100)), Some("qcow2")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        let fits = with_backing(small, Some("b"), Some("raw")).unwrap();
+        assert_eq!(
+            Header::parse(&fits).unwrap().backing_file.as_deref(),
+            Some("b")
+        );
     }
 }

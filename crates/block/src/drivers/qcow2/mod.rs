@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::json;
 use std::io;
 use std::sync::Arc;
-use storage::NodeStorage;
+use storage::{HeaderPatch, NodeStorage};
 use tokio::sync::RwLock;
 
 #[derive(Deserialize, Debug, Default)]
@@ -54,6 +54,7 @@ pub struct Qcow2 {
     access: RwLock<FormatAccess<NodeStorage>>,
     file: Arc<Child>,
     header: std::sync::Mutex<Header>,
+    header_patch: Arc<HeaderPatch>,
 }
 
 impl Qcow2 {
@@ -81,7 +82,8 @@ impl Qcow2 {
         header: Header,
         writable: bool,
     ) -> Result<Qcow2, String> {
-        let storage = NodeStorage::new(file.clone());
+        let header_patch = Arc::new(HeaderPatch::default());
+        let storage = NodeStorage::with_header_patch(file.clone(), header_patch.clone());
         let mut image = ImagoImage::open_image(storage, writable)
             .await
             .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
@@ -96,6 +98,7 @@ impl Qcow2 {
             access: RwLock::new(access),
             file,
             header: std::sync::Mutex::new(header),
+            header_patch,
         })
     }
 
@@ -119,6 +122,40 @@ impl Qcow2 {
 
     pub fn header(&self) -> Header {
         self.header.lock().unwrap().clone()
+    }
+
+    /// Rewrite the backing file name and backing format recorded in the image (None: no
+    /// backing file). The whole first cluster is rebuilt in memory, refused with ENOSPC when
+    /// it does not fit, and written at once while no imago request runs; imago's later
+    /// writes of its header keep the new name (see [`HeaderPatch`]).
+    pub async fn set_backing_file(
+        &self,
+        node: &Node,
+        file: Option<&str>,
+        format: Option<&str>,
+    ) -> io::Result<()> {
+        let _quiet = self.access.write().await;
+        let cluster_size = self.header().cluster_size();
+        let file_node = self.file.node();
+        let mut cluster = vec![0u8; cluster_size as usize];
+        let on_disk = cluster_size.min(file_node.size()) as usize;
+        self.file.read(0, &mut cluster[..on_disk]).await?;
+        let new = header::with_backing(&cluster, file, format)?;
+        let mut pointer = [0u8; 12];
+        pointer.copy_from_slice(&new[8..20]);
+        self.file.write(0, &new, WriteFlags::default()).await?;
+        self.header_patch.set(pointer);
+        self.file.flush().await?;
+        let mut header = self.header.lock().unwrap();
+        header.backing_file = file.filter(|f| !f.is_empty()).map(str::to_string);
+        header.backing_format = file.and(format).map(str::to_string);
+        tracing::info!(
+            node = node.name(),
+            backing_file = file,
+            backing_format = format,
+            "changed the backing file recorded in the image"
+        );
+        Ok(())
     }
 
     /// Give imago another backing edge (or none) after the graph changed this node's

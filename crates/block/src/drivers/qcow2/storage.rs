@@ -1,4 +1,9 @@
 //! imago `Storage` over a graph edge, so imago's I/O goes through our `file` child node.
+//!
+//! imago keeps its own copy of the header and, when it moves the L1 or refcount table or
+//! resizes, writes the first 72 bytes back from it, backing file name pointer included.
+//! Once we have rewritten the backing file name ourselves, that pointer would be stale, so
+//! a [`HeaderPatch`] puts ours over any such write.
 
 use crate::node::{Child, WriteFlags};
 use imago::io_buffers::{IoVector, IoVectorMut};
@@ -6,11 +11,40 @@ use imago::storage::drivers::CommonStorageHelper;
 use imago::Storage;
 use std::fmt;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// Where the backing file name pointer (offset and length) lies in the header.
+const BACKING_POINTER: std::ops::Range<u64> = 8..20;
+
+/// The backing file name pointer imago must write, once we changed it under imago.
+#[derive(Default)]
+pub struct HeaderPatch(Mutex<Option<[u8; 12]>>);
+
+impl HeaderPatch {
+    pub fn set(&self, pointer: [u8; 12]) {
+        *self.0.lock().unwrap() = Some(pointer);
+    }
+
+    /// `buf`, to be written at `offset`, with our pointer over the bytes it covers; None
+    /// when it does not touch the pointer or we never changed it.
+    fn apply(&self, buf: &[u8], offset: u64) -> Option<Vec<u8>> {
+        let end = offset + buf.len() as u64;
+        if end <= BACKING_POINTER.start || offset >= BACKING_POINTER.end {
+            return None;
+        }
+        let pointer = (*self.0.lock().unwrap())?;
+        let mut patched = buf.to_vec();
+        for pos in offset.max(BACKING_POINTER.start)..end.min(BACKING_POINTER.end) {
+            patched[(pos - offset) as usize] = pointer[(pos - BACKING_POINTER.start) as usize];
+        }
+        Some(patched)
+    }
+}
 
 pub struct NodeStorage {
     child: Arc<Child>,
     helper: CommonStorageHelper,
+    patch: Option<Arc<HeaderPatch>>,
 }
 
 impl NodeStorage {
@@ -18,6 +52,15 @@ impl NodeStorage {
         NodeStorage {
             child,
             helper: CommonStorageHelper::default(),
+            patch: None,
+        }
+    }
+
+    /// Storage for an image's metadata file, whose header writes go through `patch`.
+    pub fn with_header_patch(child: Arc<Child>, patch: Arc<HeaderPatch>) -> NodeStorage {
+        NodeStorage {
+            patch: Some(patch),
+            ..NodeStorage::new(child)
         }
     }
 }
@@ -51,7 +94,9 @@ impl Storage for NodeStorage {
     async unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
         let mut pos = offset;
         for slice in bufv.into_inner() {
-            self.child.write(pos, &slice, WriteFlags::default()).await?;
+            let patched = self.patch.as_ref().and_then(|p| p.apply(&slice, pos));
+            let data = patched.as_deref().unwrap_or(&slice);
+            self.child.write(pos, data, WriteFlags::default()).await?;
             pos += slice.len() as u64;
         }
         Ok(())
@@ -102,5 +147,27 @@ impl Storage for NodeStorage {
         _prealloc: imago::storage::PreallocateMode,
     ) -> io::Result<()> {
         self.child.node().truncate(new_size).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeaderPatch;
+
+    #[test]
+    fn patch_covers_only_the_pointer() {
+        let patch = HeaderPatch::default();
+        let header = [0xaau8; 72];
+        assert_eq!(patch.apply(&header, 0), None);
+        patch.set([1; 12]);
+        let patched = patch.apply(&header, 0).unwrap();
+        assert_eq!(&patched[..8], &[0xaa; 8]);
+        assert_eq!(&patched[8..20], &[1; 12]);
+        assert_eq!(&patched[20..], &[0xaa; 52]);
+        let tail = patch.apply(&header[..6], 16).unwrap();
+        assert_eq!(&tail[..4], &[1; 4]);
+        assert_eq!(&tail[4..], &[0xaa; 2]);
+        assert_eq!(patch.apply(&header[..8], 20), None);
+        assert_eq!(patch.apply(&header[..8], 0), None);
     }
 }
