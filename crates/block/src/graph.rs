@@ -311,17 +311,17 @@ impl Graph {
                     "Node {name} is not owned by the monitor"
                 )));
             };
-            if let Some(job_type) = node.busy_with_job() {
-                return Err(QmpError::generic(format!(
-                    "Node '{name}' is busy: block device is in use by block job: {job_type}"
-                )));
-            }
             let users = node.parents();
             if users
                 .iter()
                 .any(|e| matches!(e.parent(), Parent::User { .. }))
             {
                 return Err(QmpError::generic(format!("Node {name} is in use")));
+            }
+            if let Some(job_type) = node.busy_with_job() {
+                return Err(QmpError::generic(format!(
+                    "Node '{name}' is busy: block device is in use by block job: {job_type}"
+                )));
             }
             if !users.is_empty() {
                 return Err(QmpError::generic(format!("Block device {name} is in use")));
@@ -378,7 +378,21 @@ impl Graph {
         filter.drain().await;
         filter.replace_in_parents(below, None);
         filter.undrain();
+        self.retire_filter(filter);
+    }
+
+    /// A filter that left the graph drops its children and is no longer listed, even while
+    /// its job still holds the node object.
+    pub fn retire_filter(&self, filter: &Arc<Node>) {
         filter.detach_children();
+        self.registry
+            .lock()
+            .unwrap()
+            .entries
+            .retain(|e| match &e.ownership {
+                Ownership::Parent(weak) => !std::ptr::eq(weak.as_ptr(), Arc::as_ptr(filter)),
+                Ownership::Monitor(_) => true,
+            });
     }
 
     /// QEMU's shape for a node the user did not name: a counter and two random digits.

@@ -120,6 +120,16 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
         false
     }
 
+    /// Switch between read-only and read-write (a job writing into a backing node). The
+    /// node is drained and `node.read_only()` still tells the old mode.
+    async fn reopen(&self, node: &Node, _writable: bool) -> Result<(), String> {
+        Err(format!(
+            "Node '{}' ({}) cannot be reopened",
+            node.name(),
+            self.format_name()
+        ))
+    }
+
     /// Whether the format can keep persistent dirty bitmaps in the image (qcow2).
     fn can_store_persistent_bitmaps(&self) -> bool {
         false
@@ -588,9 +598,14 @@ impl Node {
     }
 
     /// Point every parent edge of `self` at `new` instead (mirror pivot, snapshot overlay).
+    /// Jobs keep their edges: a job works on a node by identity, not on whatever takes its
+    /// place.
     pub fn replace_in_parents(self: &Arc<Node>, new: &Arc<Node>, except: Option<&str>) {
         for edge in self.parents() {
             if except.is_some() && edge.parent_node_name() == except {
+                continue;
+            }
+            if let Parent::Job { .. } = edge.parent() {
                 continue;
             }
             edge.target.store(new.clone());
@@ -614,6 +629,24 @@ impl Node {
             }
             notified.await;
         }
+    }
+
+    /// Make the node (and the nodes below it that it writes through) writable or read-only
+    /// again, keeping its users and data.
+    pub async fn set_writable(&self, writable: bool) -> Result<(), String> {
+        if self.read_only() != writable {
+            return Ok(());
+        }
+        self.drain().await;
+        let result = self.driver.reopen(self, writable).await;
+        if result.is_ok() {
+            self.read_only.store(!writable, Ordering::Release);
+            if let Err(e) = self.refresh_perms() {
+                tracing::warn!(node = self.name(), "permissions after reopen: {e}");
+            }
+        }
+        self.undrain();
+        result
     }
 
     /// Stop new requests and wait until those in flight are done. Pair with `undrain`.

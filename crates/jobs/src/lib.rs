@@ -12,6 +12,7 @@
 //! leave through the [`EventSink`] given to [`JobManager::new`].
 
 pub mod backup;
+pub mod commit;
 pub mod driver;
 pub mod events;
 pub mod job;
@@ -20,6 +21,7 @@ pub mod mirror;
 pub mod policy;
 pub mod ratelimit;
 pub mod status;
+pub mod stream;
 pub mod txn;
 
 pub use driver::{JobDriver, JobFailure, JobType};

@@ -58,6 +58,9 @@ pub struct MirrorConfig {
     pub target_backing: Option<Arc<Node>>,
     /// The target reads as zeroes before the job: sync=full need not zero it first.
     pub target_is_zero: bool,
+    /// Active commit made the read-only base writable: it goes back unless it took the
+    /// top's place.
+    pub target_reopened: bool,
 }
 
 pub struct MirrorJob {
@@ -143,18 +146,18 @@ impl MirrorJob {
             if ctx.is_cancelled() {
                 return Err(JobFailure::cancelled());
             }
-            let allocated = if self.config.sync == MirrorSync::Full {
-                let e = self
-                    .source
-                    .block_status_above(None, offset, len - offset)
-                    .await?;
-                (!e.zero, e.len)
-            } else if self.config.commit_base {
+            let allocated = if self.config.commit_base {
                 let e = self
                     .source
                     .block_status_above(self.base(), offset, len - offset)
                     .await?;
                 (e.allocated, e.len)
+            } else if self.config.sync == MirrorSync::Full {
+                let e = self
+                    .source
+                    .block_status_above(None, offset, len - offset)
+                    .await?;
+                (!e.zero, e.len)
             } else {
                 let e = self.source.block_status(offset, len - offset).await?;
                 (e.kind != block::node::ExtentKind::Unallocated, e.len)
@@ -466,7 +469,7 @@ impl JobDriver for MirrorJob {
     async fn clean(&self) {
         drop(self.state.release_target());
         if self.pivot.load(Ordering::Acquire) {
-            self.filter.detach_children();
+            self.graph.retire_filter(&self.filter);
         } else {
             self.graph.remove_filter(&self.filter, &self.source).await;
         }
@@ -475,6 +478,11 @@ impl JobDriver for MirrorJob {
         }
         self.filter.remove_dirty_bitmap(self.state.bitmap());
         self.job_edges.lock().unwrap().clear();
+        if self.config.target_reopened && !self.pivot.load(Ordering::Acquire) {
+            if let Err(e) = self.target.set_writable(false).await {
+                tracing::warn!(node = self.target.name(), "stays writable: {e}");
+            }
+        }
     }
 
     fn extra_info(&self) -> Map<String, Value> {

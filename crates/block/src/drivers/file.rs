@@ -5,10 +5,12 @@ use crate::node::{CommonOptions, DriverInfo, Extent, ExtentKind, Node, WriteFlag
 use crate::perm::Perms;
 use crate::Driver;
 use aio::{ImageFile, Locking, OpenOptions};
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::json;
 use std::io;
+use std::sync::Arc;
 
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -42,7 +44,10 @@ pub enum AioMode {
 pub struct FileDriver {
     driver_name: &'static str,
     filename: String,
-    file: ImageFile,
+    /// Replaced whole when the node is reopened read-write or read-only.
+    file: ArcSwap<ImageFile>,
+    direct: bool,
+    locking: Locking,
 }
 
 impl FileDriver {
@@ -85,7 +90,9 @@ impl FileDriver {
                 "file"
             },
             filename: opts.filename,
-            file,
+            file: ArcSwap::from_pointee(file),
+            direct: common.cache_direct,
+            locking,
         })
     }
 }
@@ -108,17 +115,17 @@ impl Driver for FileDriver {
     fn size(&self, _node: &Node) -> u64 {
         // The file keeps its length cached and current; no syscall here. Like QEMU, whole
         // 512-byte sectors: the tail of a partial last sector reads as zeroes.
-        self.file.size().unwrap_or(0).next_multiple_of(512)
+        self.file.load().size().unwrap_or(0).next_multiple_of(512)
     }
 
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.file.read_at(buf, offset).await
+        self.file.load_full().read_at(buf, offset).await
     }
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
-        self.file.write_at(buf, offset).await?;
+        self.file.load_full().write_at(buf, offset).await?;
         if flags.fua {
-            self.file.flush().await?;
+            self.file.load_full().flush().await?;
         }
         Ok(())
     }
@@ -130,23 +137,26 @@ impl Driver for FileDriver {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        self.file.write_zeroes(offset, len, flags.may_unmap).await?;
+        self.file
+            .load_full()
+            .write_zeroes(offset, len, flags.may_unmap)
+            .await?;
         if flags.fua {
-            self.file.flush().await?;
+            self.file.load_full().flush().await?;
         }
         Ok(())
     }
 
     async fn discard(&self, _: &Node, offset: u64, len: u64) -> io::Result<()> {
-        self.file.discard(offset, len).await
+        self.file.load_full().discard(offset, len).await
     }
 
     async fn flush(&self, _: &Node) -> io::Result<()> {
-        self.file.flush().await
+        self.file.load_full().flush().await
     }
 
     async fn block_status(&self, _: &Node, offset: u64, len: u64) -> io::Result<Extent> {
-        let (data, run) = self.file.block_status(offset, len)?;
+        let (data, run) = self.file.load().block_status(offset, len)?;
         let kind = if data {
             ExtentKind::Data
         } else {
@@ -159,7 +169,7 @@ impl Driver for FileDriver {
     }
 
     async fn truncate(&self, _: &Node, size: u64) -> io::Result<()> {
-        self.file.truncate(size).await
+        self.file.load_full().truncate(size).await
     }
 
     fn child_perms(&self, _: &str, _: Perms, _: Perms, _: bool) -> (Perms, Perms) {
@@ -168,6 +178,7 @@ impl Driver for FileDriver {
 
     fn apply_perms(&self, perm: Perms, shared: Perms) -> Result<(), String> {
         self.file
+            .load()
             .set_perms(perm, shared)
             .map_err(|e| match aio::LockConflict::from_io(&e) {
                 Some(conflict) => conflict.message().to_string(),
@@ -178,7 +189,7 @@ impl Driver for FileDriver {
     fn info(&self, _node: &Node) -> DriverInfo {
         DriverInfo {
             filename: self.filename.clone(),
-            actual_size: self.file.allocated_size().ok(),
+            actual_size: self.file.load().allocated_size().ok(),
             format_specific: Some(json!({"type": self.driver_name, "data": {}})),
             dirty_flag: Some(false),
             ..DriverInfo::default()
@@ -187,5 +198,38 @@ impl Driver for FileDriver {
 
     fn extends_on_write(&self) -> bool {
         true
+    }
+
+    /// A new descriptor in the new mode. The old one gives up its lock bytes first: OFD
+    /// locks of two descriptions conflict even within one process.
+    async fn reopen(&self, node: &Node, writable: bool) -> Result<(), String> {
+        let old = self.file.load_full();
+        old.flush().await.map_err(|e| e.to_string())?;
+        let (perm, shared) = node.cumulative_perms();
+        old.set_perms(Perms::NONE, Perms::ALL)
+            .map_err(|e| e.to_string())?;
+        let reopened = OpenOptions::new(&self.filename)
+            .writable(writable)
+            .direct(self.direct)
+            .locking(self.locking)
+            .open()
+            .await;
+        let new = match reopened {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = old.set_perms(perm, shared);
+                return Err(format!(
+                    "Could not reopen '{}': {}",
+                    self.filename,
+                    os_error_text(&e)
+                ));
+            }
+        };
+        if let Err(e) = new.set_perms(perm, shared) {
+            let _ = old.set_perms(perm, shared);
+            return Err(e.to_string());
+        }
+        self.file.store(Arc::new(new));
+        Ok(())
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod blkdebug;
 pub mod cbw;
+pub mod cor;
 pub mod file;
 pub mod mirror_top;
 pub mod nbd;

@@ -111,6 +111,10 @@ impl Driver for Raw {
         })
     }
 
+    async fn reopen(&self, _: &Node, writable: bool) -> Result<(), String> {
+        self.file().set_writable(writable).await
+    }
+
     async fn truncate(&self, _: &Node, size: u64) -> io::Result<()> {
         if self.fixed_size.is_some() || self.offset != 0 {
             return Err(io::Error::from_raw_os_error(libc::ENOTSUP));

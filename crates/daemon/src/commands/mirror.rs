@@ -284,6 +284,7 @@ async fn start_mirror(
         commit_base: false,
         target_backing,
         target_is_zero,
+        target_reopened: false,
     };
     let driver = Arc::new(MirrorJob::new(
         daemon.graph.clone(),

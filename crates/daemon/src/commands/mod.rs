@@ -2,9 +2,11 @@
 
 pub mod bitmaps;
 pub mod block;
+mod chain;
 mod jobs;
 mod mirror;
 mod misc;
+mod snapshot;
 
 pub use misc::version_json;
 
@@ -25,6 +27,7 @@ pub const COMMANDS: &[&str] = &[
     "block-dirty-bitmap-remove",
     "block-export-add",
     "block-export-del",
+    "block-commit",
     "block-job-cancel",
     "block-job-change",
     "block-job-complete",
@@ -33,10 +36,13 @@ pub const COMMANDS: &[&str] = &[
     "block-job-pause",
     "block-job-resume",
     "block-job-set-speed",
+    "block-stream",
     "blockdev-backup",
     "blockdev-add",
     "blockdev-del",
     "blockdev-mirror",
+    "blockdev-snapshot",
+    "blockdev-snapshot-sync",
     "drive-backup",
     "drive-mirror",
     "job-cancel",
@@ -104,6 +110,10 @@ impl qmp::Dispatcher for Commands {
                 "blockdev-backup" => jobs::blockdev_backup(daemon, args).await,
                 "drive-backup" => jobs::drive_backup(daemon, args).await,
                 "blockdev-mirror" => mirror::blockdev_mirror(daemon, args).await,
+                "block-stream" => chain::block_stream(daemon, args).await,
+                "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync(daemon, args).await,
+                "blockdev-snapshot" => snapshot::blockdev_snapshot(daemon, args).await,
+                "block-commit" => chain::block_commit(daemon, args).await,
                 "drive-mirror" => mirror::drive_mirror(daemon, args).await,
                 "block-job-change" => mirror::block_job_change(daemon, args),
                 "query-block-jobs" | "query-jobs" => jobs::job_command(daemon, command, args).await,

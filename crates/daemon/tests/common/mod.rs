@@ -130,7 +130,9 @@ impl Daemon {
 
     /// `quit`, then wait for a clean exit: images are only complete on disk after it.
     pub async fn quit(mut self, client: &mut qmp::Client) {
-        client.execute("quit", serde_json::json!({})).await.unwrap();
+        if let Err(e) = client.execute("quit", serde_json::json!({})).await {
+            panic!("{:?} quit: {e:?}; stderr:\n{}", self.which, self.stderr());
+        }
         assert!(
             self.wait_exit().success(),
             "{:?} quit must exit 0",

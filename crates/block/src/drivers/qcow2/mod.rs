@@ -83,17 +83,7 @@ impl Qcow2 {
         writable: bool,
     ) -> Result<Qcow2, String> {
         let header_patch = Arc::new(HeaderPatch::default());
-        let storage = NodeStorage::with_header_patch(file.clone(), header_patch.clone());
-        let mut image = ImagoImage::open_image(storage, writable)
-            .await
-            .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
-        image.set_backing(backing_layer(backing).await?);
-        // The data file is part of the image file; external data files are refused in
-        // `Header::parse`.
-        image.set_data_file(None);
-        let mut access = FormatAccess::new(image);
-        access.set_async_read_parallelization(4);
-        access.set_async_write_parallelization(4);
+        let access = open_access(&file, &header_patch, backing, writable).await?;
         Ok(Qcow2 {
             access: RwLock::new(access),
             file,
@@ -274,6 +264,33 @@ impl Driver for Qcow2 {
         }
     }
 
+    /// The file below changes mode first, then imago opens the image anew in that mode
+    /// (imago decides at open whether it may allocate and write metadata).
+    async fn reopen(&self, node: &Node, writable: bool) -> Result<(), String> {
+        let mut access = self.access.write().await;
+        if !writable {
+            persist(&access).await.map_err(|e| e.to_string())?;
+        }
+        self.file.node().set_writable(writable).await?;
+        match open_access(
+            &self.file,
+            &self.header_patch,
+            node.child("backing"),
+            writable,
+        )
+        .await
+        {
+            Ok(reopened) => {
+                *access = reopened;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.node().set_writable(!writable).await;
+                Err(e)
+            }
+        }
+    }
+
     fn info(&self, _node: &Node) -> DriverInfo {
         let header = self.header();
         let file = self.file.node();
@@ -291,6 +308,27 @@ impl Driver for Qcow2 {
             backing_format: header.backing_format.clone(),
         }
     }
+}
+
+/// An imago instance on `file` in the given mode, reading `backing` below it.
+async fn open_access(
+    file: &Arc<Child>,
+    header_patch: &Arc<HeaderPatch>,
+    backing: Option<Arc<Child>>,
+    writable: bool,
+) -> Result<FormatAccess<NodeStorage>, String> {
+    let storage = NodeStorage::with_header_patch(file.clone(), header_patch.clone());
+    let mut image = ImagoImage::open_image(storage, writable)
+        .await
+        .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
+    image.set_backing(backing_layer(backing).await?);
+    // The data file is part of the image file; external data files are refused in
+    // `Header::parse`.
+    image.set_data_file(None);
+    let mut access = FormatAccess::new(image);
+    access.set_async_read_parallelization(4);
+    access.set_async_write_parallelization(4);
+    Ok(access)
 }
 
 /// imago's view of a backing edge: a raw layer whose bytes are what the backing node reads.

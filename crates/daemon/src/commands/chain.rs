@@ -1,0 +1,484 @@
+//! Backing-chain jobs: block-stream and block-commit (intermediate, and active commit
+//! which runs as a mirror into the base).
+
+use super::mirror::{start_job, Setup};
+use crate::daemon::Daemon;
+use block::drivers::cor::CopyOnRead;
+use block::node::CommonOptions;
+use block::{Child, Node, Parent, Perms};
+use jobs::commit::{CommitJob, CommitSetup};
+use jobs::mirror::{MirrorConfig, MirrorJob, MirrorSync};
+use jobs::stream::{StreamJob, StreamSetup};
+use jobs::{JobOptions, OnError};
+use qapi::error::{ErrorClass, QmpError};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::rc::Rc;
+use std::sync::Arc;
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct StreamArgs {
+    job_id: Option<String>,
+    device: String,
+    base: Option<String>,
+    base_node: Option<String>,
+    backing_file: Option<String>,
+    /// Only matters for protocol-prefixed names, which blockd's files never carry.
+    #[serde(rename = "backing-mask-protocol")]
+    _backing_mask_protocol: Option<bool>,
+    bottom: Option<String>,
+    speed: Option<i64>,
+    on_error: Option<OnError>,
+    filter_node_name: Option<String>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct CommitArgs {
+    job_id: Option<String>,
+    device: String,
+    base_node: Option<String>,
+    base: Option<String>,
+    top_node: Option<String>,
+    top: Option<String>,
+    backing_file: Option<String>,
+    #[serde(rename = "backing-mask-protocol")]
+    _backing_mask_protocol: Option<bool>,
+    speed: Option<i64>,
+    on_error: Option<OnError>,
+    filter_node_name: Option<String>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+}
+
+/// `node` and the nodes below it through backing edges (looking through filters).
+fn chain_of(node: &Arc<Node>) -> Vec<Arc<Node>> {
+    let mut chain = vec![node.clone()];
+    let mut next = node.skip_filters().backing();
+    while let Some(n) = next {
+        next = n.skip_filters().backing();
+        chain.push(n);
+    }
+    chain
+}
+
+/// A node of the chain below `top` whose image is `filename`.
+fn find_by_filename(top: &Arc<Node>, filename: &str) -> Option<Arc<Node>> {
+    chain_of(top).into_iter().skip(1).find(|n| {
+        let info = n.driver().info(n);
+        info.filename == filename
+            || std::fs::canonicalize(&info.filename).ok()
+                == std::fs::canonicalize(filename)
+                    .ok()
+                    .filter(|_| std::path::Path::new(filename).exists())
+    })
+}
+
+fn busy_check(nodes: &[Arc<Node>]) -> Result<(), QmpError> {
+    for node in nodes {
+        if let Some(job_type) = node.busy_with_job() {
+            return Err(QmpError::generic(format!(
+                "Node '{}' is busy: block device is in use by block job: {job_type}",
+                node.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_job_id(daemon: &Daemon, job_id: &str) -> Result<(), QmpError> {
+    if !jobs::manager::is_valid_id(job_id) {
+        return Err(QmpError::generic(format!("Invalid job ID '{job_id}'")));
+    }
+    if daemon.jobs.get(job_id).is_some() {
+        return Err(QmpError::generic(format!(
+            "Job ID '{job_id}' already in use"
+        )));
+    }
+    Ok(())
+}
+
+fn check_filter_name(daemon: &Daemon, name: &Option<String>) -> Result<String, QmpError> {
+    match name {
+        Some(name) if daemon.graph.find(name).is_some() => Err(QmpError::generic(format!(
+            "Duplicate nodes with node-name='{name}'"
+        ))),
+        Some(name) => Ok(name.clone()),
+        None => Ok(daemon.graph.generate_name()),
+    }
+}
+
+fn job_options(
+    job_id: String,
+    speed: Option<i64>,
+    on_error: Option<OnError>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+) -> JobOptions {
+    let mut options = JobOptions::new(job_id);
+    options.speed = speed.unwrap_or(0);
+    options.auto_finalize = auto_finalize.unwrap_or(true);
+    options.auto_dismiss = auto_dismiss.unwrap_or(true);
+    let policy = on_error.unwrap_or(OnError::Report);
+    options.on_source_error = policy;
+    options.on_target_error = policy;
+    options
+}
+
+fn job_edge(node: &Arc<Node>, job_id: &str, job_type: &'static str) -> Result<Arc<Child>, String> {
+    Node::attach(
+        node,
+        "main node",
+        Parent::Job {
+            id: job_id.to_string(),
+            job_type,
+        },
+        Perms::NONE,
+        Perms::ALL,
+    )
+}
+
+pub async fn block_stream(
+    daemon: &Rc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let args: StreamArgs = qapi::de::from_value(Value::Object(args))?;
+    let device = daemon.graph.lookup(&args.device)?;
+    if args.base.is_some() && args.base_node.is_some() {
+        return Err(QmpError::generic(
+            "'base' and 'base-node' cannot be specified at the same time",
+        ));
+    }
+    if args.base.is_some() && args.bottom.is_some() {
+        return Err(QmpError::generic(
+            "'base' and 'bottom' cannot be specified at the same time",
+        ));
+    }
+    if args.base_node.is_some() && args.bottom.is_some() {
+        return Err(QmpError::generic(
+            "'base-node' and 'bottom' cannot be specified at the same time",
+        ));
+    }
+    let chain = chain_of(&device);
+    let base = if let Some(name) = &args.base {
+        Some(find_by_filename(&device, name).ok_or_else(|| {
+            QmpError::generic(format!("Can't find '{name}' in the backing chain"))
+        })?)
+    } else if let Some(name) = &args.base_node {
+        let base = daemon.graph.lookup(name)?;
+        if !chain.iter().skip(1).any(|n| Arc::ptr_eq(n, &base)) {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is not a backing image of '{}'",
+                args.device
+            )));
+        }
+        Some(base)
+    } else if let Some(name) = &args.bottom {
+        let bottom = daemon.graph.lookup(name)?;
+        if !chain.iter().skip(1).any(|n| Arc::ptr_eq(n, &bottom)) {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is not a backing image of '{}'",
+                args.device
+            )));
+        }
+        bottom.skip_filters().backing()
+    } else {
+        None
+    };
+    if base.is_none() && args.backing_file.is_some() {
+        return Err(QmpError::generic(
+            "backing file specified, but streaming the entire chain",
+        ));
+    }
+    // The device and every layer that leaves the chain belong to the job.
+    let streamed: Vec<Arc<Node>> = chain
+        .iter()
+        .take_while(|n| base.as_ref().is_none_or(|b| !Arc::ptr_eq(n, b)))
+        .cloned()
+        .collect();
+    busy_check(&streamed)?;
+    let job_id = args.job_id.clone().unwrap_or_else(|| args.device.clone());
+    check_job_id(daemon, &job_id)?;
+    let filter_name = check_filter_name(daemon, &args.filter_node_name)?;
+
+    let graph = daemon.graph.clone();
+    let (setup_device, setup_base, id) = (device.clone(), base.clone(), job_id.clone());
+    let backing_file = args.backing_file.clone();
+    let job = daemon
+        .io
+        .run(move || async move {
+            let device = setup_device;
+            let reopened = device.read_only();
+            if reopened {
+                device.set_writable(true).await?;
+            }
+            let mut job_edges = Vec::new();
+            for node in &streamed {
+                job_edges.push(job_edge(node, &id, "stream")?);
+            }
+            let write_edge = Node::attach(
+                &device,
+                "stream target",
+                Parent::Job {
+                    id: id.clone(),
+                    job_type: "stream",
+                },
+                Perms::WRITE | Perms::WRITE_UNCHANGED,
+                Perms::ALL & !Perms::RESIZE,
+            )?;
+            let file_edge = Node::attach(
+                &device,
+                "file",
+                Parent::Node(filter_name.clone()),
+                Perms::CONSISTENT_READ,
+                Perms::ALL & !Perms::RESIZE,
+            )?;
+            let filter = Node::new(
+                filter_name,
+                true,
+                Box::new(CopyOnRead::default()),
+                CommonOptions::default(),
+                json!({"driver": "copy-on-read", "file": device.name()}),
+            );
+            filter.add_child(file_edge);
+            graph.insert_filter(&device, &filter).await;
+            Ok::<_, String>(StreamJob::new(StreamSetup {
+                graph,
+                device,
+                base: setup_base,
+                filter,
+                backing_file,
+                write_edge,
+                job_edges,
+                reopened,
+            }))
+        })
+        .await
+        .map_err(QmpError::generic)?;
+    let options = job_options(
+        job_id,
+        args.speed,
+        args.on_error,
+        args.auto_finalize,
+        args.auto_dismiss,
+    );
+    start_plain_job(daemon, Arc::new(job), options)
+}
+
+fn start_plain_job(
+    daemon: &Rc<Daemon>,
+    driver: Arc<dyn jobs::JobDriver>,
+    options: JobOptions,
+) -> Result<Value, QmpError> {
+    let job = daemon.jobs.create(driver, options)?;
+    let io = daemon.io.clone();
+    job.start_with(move |work| io.spawn(work));
+    Ok(json!({}))
+}
+
+pub async fn block_commit(
+    daemon: &Rc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let args: CommitArgs = qapi::de::from_value(Value::Object(args))?;
+    let device = daemon.graph.find(&args.device).ok_or_else(|| QmpError {
+        class: ErrorClass::DeviceNotFound,
+        desc: format!("Device '{}' not found", args.device),
+    })?;
+    let chain = chain_of(&device);
+    let top = if let Some(name) = &args.top_node {
+        let top = daemon.graph.lookup(name)?;
+        if !chain.iter().any(|n| Arc::ptr_eq(n, &top)) {
+            return Err(QmpError::generic(format!(
+                "'{name}' is not in this backing file chain"
+            )));
+        }
+        top
+    } else if let Some(name) = &args.top {
+        if device.driver().info(&device).filename == *name {
+            device.clone()
+        } else {
+            find_by_filename(&device, name)
+                .ok_or_else(|| QmpError::generic(format!("Top image file {name} not found")))?
+        }
+    } else {
+        device.clone()
+    };
+    let base = if let Some(name) = &args.base_node {
+        let base = daemon.graph.lookup(name)?;
+        if !chain_of(&top).iter().any(|n| Arc::ptr_eq(n, &base)) {
+            return Err(QmpError::generic(format!(
+                "'{name}' is not in this backing file chain"
+            )));
+        }
+        base
+    } else if let Some(name) = &args.base {
+        find_by_filename(&top, name)
+            .ok_or_else(|| QmpError::generic(format!("Can't find '{name}' in the backing chain")))?
+    } else {
+        match chain_of(&top).last() {
+            Some(last) if !Arc::ptr_eq(last, &top) => last.clone(),
+            _ => {
+                return Err(QmpError::generic(format!(
+                    "Top image '{}' has no backing file",
+                    top.name()
+                )))
+            }
+        }
+    };
+    if Arc::ptr_eq(&top, &base) {
+        return Err(QmpError::generic("cannot commit an image into itself"));
+    }
+    let top_chain = chain_of(&top);
+    if !top_chain.iter().skip(1).any(|n| Arc::ptr_eq(n, &base)) {
+        return Err(QmpError::generic(format!(
+            "'{}' is not in this backing file chain",
+            base.name()
+        )));
+    }
+    let active = Arc::ptr_eq(&top, &device);
+    if active && args.backing_file.is_some() {
+        return Err(QmpError::generic(
+            "'backing-file' specified, but 'top' is the active layer",
+        ));
+    }
+    // The overlay of an intermediate top is the job's too: its backing changes.
+    let overlay = chain
+        .iter()
+        .find(|n| {
+            n.skip_filters()
+                .backing()
+                .is_some_and(|b| Arc::ptr_eq(&b, &top))
+        })
+        .cloned();
+    let committed: Vec<Arc<Node>> = overlay
+        .iter()
+        .cloned()
+        .chain(
+            top_chain
+                .iter()
+                .take_while(|n| !Arc::ptr_eq(n, &base))
+                .cloned(),
+        )
+        .chain(std::iter::once(base.clone()))
+        .collect();
+    busy_check(&committed)?;
+    let job_id = args.job_id.clone().unwrap_or_else(|| args.device.clone());
+    check_job_id(daemon, &job_id)?;
+    let options = job_options(
+        job_id.clone(),
+        args.speed,
+        args.on_error,
+        args.auto_finalize,
+        args.auto_dismiss,
+    );
+    if active {
+        return start_active_commit(daemon, args, top, base, committed, options).await;
+    }
+    let overlay = overlay.ok_or_else(|| QmpError::generic("Could not find overlay image"))?;
+    let backing_file = args.backing_file.clone();
+    let job = daemon
+        .io
+        .run(move || async move {
+            let base_reopened = base.read_only();
+            if base_reopened {
+                base.set_writable(true).await?;
+            }
+            let mut job_edges = Vec::new();
+            for node in &committed {
+                job_edges.push(job_edge(node, &job_id, "commit")?);
+            }
+            // QEMU writes the base through a block backend of the job: blockdev-del calls
+            // the base "in use" rather than busy.
+            let write_edge = Node::attach(
+                &base,
+                "base",
+                Parent::User {
+                    kind: "block-backend",
+                    name: String::new(),
+                },
+                Perms::WRITE | Perms::RESIZE,
+                Perms::ALL & !(Perms::WRITE | Perms::RESIZE),
+            )?;
+            Ok::<_, String>(CommitJob::new(CommitSetup {
+                top,
+                base,
+                overlay,
+                backing_file,
+                write_edge,
+                job_edges,
+                base_reopened,
+            }))
+        })
+        .await
+        .map_err(QmpError::generic)?;
+    start_plain_job(daemon, Arc::new(job), options)
+}
+
+async fn start_active_commit(
+    daemon: &Rc<Daemon>,
+    args: CommitArgs,
+    top: Arc<Node>,
+    base: Arc<Node>,
+    committed: Vec<Arc<Node>>,
+    options: JobOptions,
+) -> Result<Value, QmpError> {
+    let filter_name = check_filter_name(daemon, &args.filter_node_name)?;
+    let job_id = options.id.clone();
+    let granularity = block::bitmap::default_granularity(base.driver().info(&base).cluster_size);
+    let graph = daemon.graph.clone();
+    let (setup_top, setup_base) = (top.clone(), base.clone());
+    let (filter, job_edges, target_reopened) = daemon
+        .io
+        .run(move || async move {
+            let target_reopened = setup_base.read_only();
+            if target_reopened {
+                setup_base.set_writable(true).await?;
+            }
+            let mut extra_edges = Vec::new();
+            for node in committed
+                .iter()
+                .filter(|n| !Arc::ptr_eq(n, &setup_top) && !Arc::ptr_eq(n, &setup_base))
+            {
+                extra_edges.push(job_edge(node, &job_id, "commit")?);
+            }
+            let setup = Setup {
+                graph,
+                source: setup_top,
+                target: setup_base,
+                filter_name,
+                job_id,
+                job_type: "commit",
+                granularity,
+                write_blocking: false,
+                target_perm: Perms::WRITE | Perms::RESIZE,
+            };
+            let (filter, mut job_edges) = setup.insert_filter().await?;
+            job_edges.extend(extra_edges);
+            Ok::<_, String>((filter, job_edges, target_reopened))
+        })
+        .await
+        .map_err(QmpError::generic)?;
+    let config = MirrorConfig {
+        sync: MirrorSync::Full,
+        buf_size: 16 << 20,
+        unmap: false,
+        replaces: None,
+        commit_base: true,
+        target_backing: None,
+        target_is_zero: false,
+        target_reopened,
+    };
+    let driver = Arc::new(MirrorJob::new(
+        daemon.graph.clone(),
+        top.clone(),
+        base,
+        filter.clone(),
+        config,
+        job_edges,
+    ));
+    start_job(daemon, driver, options, filter, top).await
+}

@@ -1,0 +1,167 @@
+//! External snapshots: blockdev-snapshot-sync (create the overlay image) and
+//! blockdev-snapshot (an overlay node added before). The overlay takes the node's place for
+//! every user (an NBD export moves to it) and reads the node as its backing.
+
+use crate::daemon::Daemon;
+use block::{Node, OptionSyntax, Parent, Perms};
+use qapi::error::QmpError;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "kebab-case")]
+enum NewImageMode {
+    Existing,
+    AbsolutePaths,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SnapshotSyncArgs {
+    device: Option<String>,
+    node_name: Option<String>,
+    snapshot_file: String,
+    snapshot_node_name: Option<String>,
+    format: Option<String>,
+    mode: Option<NewImageMode>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SnapshotArgs {
+    node: String,
+    overlay: String,
+}
+
+/// Refuse a node that already has an overlay or is used by a job.
+fn check_snapshot_base(node: &Node) -> Result<(), QmpError> {
+    for edge in node.parents() {
+        if let (Parent::Node(parent), "backing") = (edge.parent(), edge.role()) {
+            return Err(QmpError::generic(format!(
+                "Node '{}' is busy: node is used as backing hd of '{parent}'",
+                node.name()
+            )));
+        }
+    }
+    if let Some(job_type) = node.busy_with_job() {
+        return Err(QmpError::generic(format!(
+            "Node '{}' is busy: block device is in use by block job: {job_type}",
+            node.name()
+        )));
+    }
+    Ok(())
+}
+
+pub async fn blockdev_snapshot_sync(
+    daemon: &Rc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let args: SnapshotSyncArgs = qapi::de::from_value(Value::Object(args))?;
+    // blockd has no devices (block backends): only node names find a node.
+    let node = match (&args.device, &args.node_name) {
+        (None, Some(name)) => daemon.graph.find(name),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='{}' nor node-name='{}'",
+            args.device.as_deref().unwrap_or(""),
+            args.node_name.as_deref().unwrap_or("")
+        ))
+    })?;
+    if let Some(name) = &args.snapshot_node_name {
+        if daemon.graph.find(name).is_some() {
+            return Err(QmpError::generic("New overlay node-name already in use"));
+        }
+    }
+    check_snapshot_base(&node)?;
+    let format = args.format.clone().unwrap_or_else(|| "qcow2".to_string());
+    if args.mode.unwrap_or(NewImageMode::AbsolutePaths) == NewImageMode::AbsolutePaths {
+        let info = node.driver().info(&node);
+        let backing = Some((info.filename, node.driver().format_name().to_string()));
+        let (size, format, path) = (node.size(), format.clone(), args.snapshot_file.clone());
+        daemon
+            .io
+            .run(move || async move {
+                let image = block::create::NewImage {
+                    format: &format,
+                    size,
+                    backing,
+                };
+                block::create::create_image(Path::new(&path), image).await
+            })
+            .await
+            .map_err(QmpError::generic)?;
+    }
+    let mut options = Map::new();
+    if let Some(name) = &args.snapshot_node_name {
+        options.insert("node-name".into(), json!(name));
+    }
+    options.insert("driver".into(), json!(format));
+    options.insert(
+        "file".into(),
+        json!({"driver": "file", "filename": args.snapshot_file}),
+    );
+    if format == "qcow2" {
+        options.insert("backing".into(), Value::Null);
+    }
+    let graph = daemon.graph.clone();
+    daemon
+        .io
+        .run(move || async move {
+            let overlay = graph
+                .add(options, OptionSyntax::Json)
+                .await
+                .map_err(|e| e.desc)?;
+            if let Err(e) = append_overlay(&node, &overlay).await {
+                let _ = graph.del(overlay.name()).await;
+                return Err(e);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(QmpError::generic)?;
+    Ok(json!({}))
+}
+
+pub async fn blockdev_snapshot(
+    daemon: &Rc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let args: SnapshotArgs = qapi::de::from_value(Value::Object(args))?;
+    let node = daemon.graph.lookup(&args.node)?;
+    let overlay = daemon.graph.lookup(&args.overlay)?;
+    check_snapshot_base(&node)?;
+    if overlay.backing().is_some() {
+        return Err(QmpError::generic("The overlay already has a backing image"));
+    }
+    daemon
+        .io
+        .run(move || async move { append_overlay(&node, &overlay).await })
+        .await
+        .map_err(QmpError::generic)?;
+    Ok(json!({}))
+}
+
+/// Give `overlay` the backing `node`, then put it in `node`'s place for all other users.
+async fn append_overlay(node: &Arc<Node>, overlay: &Arc<Node>) -> Result<(), String> {
+    let qcow2 = overlay
+        .driver_as::<block::drivers::qcow2::Qcow2>()
+        .ok_or("The overlay does not support backing images")?;
+    let edge = Node::attach(
+        node,
+        "backing",
+        Parent::Node(overlay.name().to_string()),
+        Perms::NONE,
+        Perms::ALL,
+    )?;
+    qcow2.set_backing_edge(Some(edge.clone())).await?;
+    overlay.add_child(edge);
+    node.drain().await;
+    node.replace_in_parents(overlay, Some(overlay.name()));
+    node.undrain();
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! The stream job (block-stream): copies into a node what its backing chain holds above a
+//! base, then makes the base its backing (or none), in the graph and in the image header.
+//!
+//! A `copy-on-read` filter above the node holds each range against client writes while
+//! the job checks that the node does not hold it yet and copies it, so a client write is
+//! never overwritten with older data from the backing chain.
+
+use crate::policy::ErrorAction;
+use crate::{JobContext, JobDriver, JobFailure, JobType};
+use aio::pool::PoolBuf;
+use async_trait::async_trait;
+use block::drivers::cor::CopyOnRead;
+use block::node::{ExtentKind, WriteFlags};
+use block::range_lock::RangeLock;
+use block::{Child, Graph, Node};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Bytes examined and copied per step.
+const STEP: u64 = 1 << 20;
+
+pub struct StreamJob {
+    graph: Arc<Graph>,
+    device: Arc<Node>,
+    base: Option<Arc<Node>>,
+    filter: Arc<Node>,
+    /// The name written into the header for the new backing (else the base's filename).
+    backing_file: Option<String>,
+    /// The job's writing edge on the device.
+    write_edge: Mutex<Option<Arc<Child>>>,
+    job_edges: Mutex<Vec<Arc<Child>>>,
+    /// The device was a read-only backing node made writable for the job.
+    reopened: bool,
+    /// Some range could not be copied under `ignore`: the chain must stay as it is.
+    incomplete: AtomicBool,
+}
+
+pub struct StreamSetup {
+    pub graph: Arc<Graph>,
+    pub device: Arc<Node>,
+    pub base: Option<Arc<Node>>,
+    pub filter: Arc<Node>,
+    pub backing_file: Option<String>,
+    pub write_edge: Arc<Child>,
+    pub job_edges: Vec<Arc<Child>>,
+    pub reopened: bool,
+}
+
+impl StreamJob {
+    pub fn new(setup: StreamSetup) -> StreamJob {
+        StreamJob {
+            graph: setup.graph,
+            device: setup.device,
+            base: setup.base,
+            filter: setup.filter,
+            backing_file: setup.backing_file,
+            write_edge: Mutex::new(Some(setup.write_edge)),
+            job_edges: Mutex::new(setup.job_edges),
+            reopened: setup.reopened,
+            incomplete: AtomicBool::new(false),
+        }
+    }
+
+    fn ranges(&self) -> Arc<RangeLock> {
+        self.filter
+            .driver_as::<CopyOnRead>()
+            .expect("the filter is a copy-on-read node")
+            .ranges()
+            .clone()
+    }
+
+    fn write_edge(&self) -> io::Result<Arc<Child>> {
+        self.write_edge
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
+    }
+
+    /// Copy what lies above the base into the device for one step. Errors say whether
+    /// they came from reading (true) or writing.
+    async fn copy_step(&self, offset: u64, len: u64) -> Result<(), (io::Error, bool)> {
+        let ranges = self.ranges();
+        let _held = ranges.lock(offset, offset + len).await;
+        let target = self.write_edge().map_err(|e| (e, false))?;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let own = self
+                .device
+                .block_status(pos, end - pos)
+                .await
+                .map_err(|e| (e, true))?;
+            let mut n = own.len.clamp(1, end - pos);
+            if own.kind == ExtentKind::Unallocated {
+                if let Some(backing) = self.device.backing() {
+                    let below = backing
+                        .block_status_above(self.base.as_ref(), pos, n)
+                        .await
+                        .map_err(|e| (e, true))?;
+                    n = below.len.clamp(1, n);
+                    if below.allocated {
+                        copy_into(&self.device, &target, pos, n, below.zero).await?;
+                    }
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+/// Read `len` bytes at `offset` through `from` (its whole chain) and write them through
+/// `to`; a zero range becomes an explicit zero write, never a hole, since a hole would let
+/// the new backing show through.
+pub(crate) async fn copy_into(
+    from: &Node,
+    to: &Child,
+    offset: u64,
+    len: u64,
+    zero: bool,
+) -> Result<(), (io::Error, bool)> {
+    if zero {
+        return to
+            .write_zeroes(offset, len, WriteFlags::default())
+            .await
+            .map_err(|e| (e, false));
+    }
+    let mut buf = PoolBuf::new(len as usize, 1).map_err(|e| (e, true))?;
+    from.read(offset, buf.as_mut_slice())
+        .await
+        .map_err(|e| (e, true))?;
+    to.write(offset, buf.as_slice(), WriteFlags::default())
+        .await
+        .map_err(|e| (e, false))
+}
+
+/// Point `node` at `backing` (or nothing) in its qcow2 header: `name` or the backing
+/// node's own filename, with its format.
+pub(crate) async fn rewrite_backing_header(
+    node: &Node,
+    backing: Option<&Arc<Node>>,
+    name: Option<&str>,
+) -> io::Result<()> {
+    let Some(qcow2) = node.driver_as::<block::drivers::qcow2::Qcow2>() else {
+        return Ok(());
+    };
+    let (file, format) = match backing {
+        Some(b) => (
+            Some(
+                name.map(str::to_string)
+                    .unwrap_or_else(|| b.driver().info(b).filename),
+            ),
+            Some(b.driver().format_name()),
+        ),
+        None => (None, None),
+    };
+    qcow2.set_backing_file(node, file.as_deref(), format).await
+}
+
+/// Replace `node`'s backing edge by one to `backing` (or none), in the graph and in imago.
+pub(crate) async fn relink_backing(node: &Arc<Node>, backing: Option<&Arc<Node>>) {
+    let edge = match backing {
+        Some(b) => match Node::attach(
+            b,
+            "backing",
+            block::Parent::Node(node.name().to_string()),
+            block::Perms::NONE,
+            block::Perms::ALL,
+        ) {
+            Ok(edge) => Some(edge),
+            Err(e) => {
+                tracing::error!(node = node.name(), "cannot attach the new backing: {e}");
+                return;
+            }
+        },
+        None => None,
+    };
+    if let Some(qcow2) = node.driver_as::<block::drivers::qcow2::Qcow2>() {
+        if let Err(e) = qcow2.set_backing_edge(edge.clone()).await {
+            tracing::error!(node = node.name(), "cannot switch the backing layer: {e}");
+            return;
+        }
+    }
+    node.remove_child("backing");
+    if let Some(edge) = edge {
+        node.add_child(edge);
+    }
+}
+
+#[async_trait(?Send)]
+impl JobDriver for StreamJob {
+    fn job_type(&self) -> JobType {
+        JobType::Stream
+    }
+
+    async fn run(&self, ctx: &JobContext) -> Result<(), JobFailure> {
+        let len = self.device.size();
+        ctx.set_len(len);
+        let mut offset = 0;
+        let mut first_error: Option<io::Error> = None;
+        while offset < len {
+            ctx.pause_point().await;
+            if ctx.is_cancelled() {
+                return Err(JobFailure::cancelled());
+            }
+            let n = STEP.min(len - offset);
+            ctx.rate_limit(n).await;
+            match self.copy_step(offset, n).await {
+                Ok(()) => {
+                    ctx.add_offset(n);
+                    offset += n;
+                }
+                Err((e, is_read)) => match ctx.handle_error(&e, is_read).await {
+                    ErrorAction::Report => return Err(e.into()),
+                    ErrorAction::Retry => {}
+                    ErrorAction::Ignore => {
+                        self.incomplete.store(true, Ordering::Release);
+                        first_error.get_or_insert(e);
+                        ctx.add_offset(n);
+                        offset += n;
+                    }
+                },
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// The header first: if it cannot be written, the graph stays as it was.
+    async fn prepare(&self) -> Result<(), JobFailure> {
+        if self.incomplete.load(Ordering::Acquire) {
+            return Err(JobFailure::from_errno(libc::EIO));
+        }
+        self.device.flush().await?;
+        rewrite_backing_header(
+            &self.device,
+            self.base.as_ref(),
+            self.backing_file.as_deref(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn commit(&self) {
+        relink_backing(&self.device, self.base.as_ref()).await;
+    }
+
+    async fn clean(&self) {
+        self.graph.remove_filter(&self.filter, &self.device).await;
+        self.write_edge.lock().unwrap().take();
+        self.job_edges.lock().unwrap().clear();
+        if self.reopened {
+            if let Err(e) = self.device.set_writable(false).await {
+                tracing::warn!(node = self.device.name(), "stays writable: {e}");
+            }
+        }
+    }
+}
