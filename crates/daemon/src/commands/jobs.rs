@@ -78,8 +78,35 @@ struct BackupArgs {
 
 pub async fn blockdev_backup(
     daemon: &Rc<Daemon>,
-    mut args: Map<String, Value>,
+    args: Map<String, Value>,
 ) -> Result<Value, QmpError> {
+    let job = create_blockdev_backup(daemon, args, None).await?;
+    start_job(daemon, &job);
+    Ok(json!({}))
+}
+
+pub async fn drive_backup(
+    daemon: &Rc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let job = create_drive_backup(daemon, args, None).await?;
+    start_job(daemon, &job);
+    Ok(json!({}))
+}
+
+/// Run a created job on an I/O thread.
+pub(super) fn start_job(daemon: &Daemon, job: &Arc<jobs::Job>) {
+    let io = daemon.io.clone();
+    job.start_with(move |work| io.spawn(work));
+}
+
+/// blockdev-backup up to a created, not yet started job (a transaction starts it once
+/// every action is prepared), in the job transaction `txn` if given.
+pub(super) async fn create_blockdev_backup(
+    daemon: &Rc<Daemon>,
+    mut args: Map<String, Value>,
+    txn: Option<Arc<jobs::JobTxn>>,
+) -> Result<Arc<jobs::Job>, QmpError> {
     for key in ["format", "mode"] {
         if args.contains_key(key) {
             return Err(QmpError::generic(format!(
@@ -91,13 +118,14 @@ pub async fn blockdev_backup(
     let source = daemon.graph.lookup(&args.device)?;
     let target = daemon.graph.lookup(&args.target)?;
     let bitmap = resolve_bitmap(&args, &source)?;
-    start_backup(daemon, args, source, target, bitmap, false).await
+    create_backup(daemon, args, source, target, bitmap, false, txn).await
 }
 
-pub async fn drive_backup(
+pub(super) async fn create_drive_backup(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
-) -> Result<Value, QmpError> {
+    txn: Option<Arc<jobs::JobTxn>>,
+) -> Result<Arc<jobs::Job>, QmpError> {
     let args: BackupArgs = qapi::de::from_value(Value::Object(args))?;
     let source = daemon.graph.lookup(&args.device)?;
     let bitmap = resolve_bitmap(&args, &source)?;
@@ -143,13 +171,14 @@ pub async fn drive_backup(
         .io
         .run(move || async move { graph.open_implicit(options).await })
         .await?;
-    start_backup(
+    create_backup(
         daemon,
         args,
         source,
         target,
         bitmap,
         mode == NewImageMode::AbsolutePaths,
+        txn,
     )
     .await
 }
@@ -221,14 +250,15 @@ fn resolve_bitmap(
     }
 }
 
-async fn start_backup(
+async fn create_backup(
     daemon: &Rc<Daemon>,
     args: BackupArgs,
     source: Arc<Node>,
     target: Arc<Node>,
     bitmap: Option<(Arc<DirtyBitmap>, BitmapMode)>,
     target_is_new: bool,
-) -> Result<Value, QmpError> {
+    txn: Option<Arc<jobs::JobTxn>>,
+) -> Result<Arc<jobs::Job>, QmpError> {
     if Arc::ptr_eq(&source, &target) {
         return Err(QmpError::generic("Source and target cannot be the same"));
     }
@@ -360,8 +390,9 @@ async fn start_backup(
     options.auto_dismiss = args.auto_dismiss.unwrap_or(true);
     options.on_source_error = args.on_source_error.unwrap_or(OnError::Report);
     options.on_target_error = args.on_target_error.unwrap_or(OnError::Report);
-    let job = match daemon.jobs.create(driver, options) {
-        Ok(job) => job,
+    options.txn = txn;
+    match daemon.jobs.create(driver, options) {
+        Ok(job) => Ok(job),
         Err(e) => {
             let graph = daemon.graph.clone();
             daemon
@@ -369,12 +400,9 @@ async fn start_backup(
                 .run(move || async move { graph.remove_filter(&filter, &source).await })
                 .await;
             undo_sync_bitmap(daemon, sync_bitmap).await;
-            return Err(e);
+            Err(e)
         }
-    };
-    let io = daemon.io.clone();
-    job.start_with(move |work| io.spawn(work));
-    Ok(json!({}))
+    }
 }
 
 async fn undo_sync_bitmap(daemon: &Daemon, sync_bitmap: Option<Arc<SyncBitmap>>) {

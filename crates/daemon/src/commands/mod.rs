@@ -7,6 +7,7 @@ mod jobs;
 mod mirror;
 mod misc;
 mod snapshot;
+mod transaction;
 
 pub use misc::version_json;
 
@@ -65,6 +66,7 @@ pub const COMMANDS: &[&str] = &[
     "query-qmp-schema",
     "query-version",
     "quit",
+    "transaction",
     "x-blockdev-del",
     "x-debug-block-dirty-bitmap-sha256",
     "x-debug-query-block-graph",
@@ -113,6 +115,7 @@ impl qmp::Dispatcher for Commands {
                 "block-stream" => chain::block_stream(daemon, args).await,
                 "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync(daemon, args).await,
                 "blockdev-snapshot" => snapshot::blockdev_snapshot(daemon, args).await,
+                "transaction" => transaction::transaction(daemon, args).await,
                 "block-commit" => chain::block_commit(daemon, args).await,
                 "drive-mirror" => mirror::drive_mirror(daemon, args).await,
                 "block-job-change" => mirror::block_job_change(daemon, args),

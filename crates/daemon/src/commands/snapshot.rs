@@ -59,6 +59,57 @@ pub async fn blockdev_snapshot_sync(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
 ) -> Result<Value, QmpError> {
+    prepare_snapshot_sync(daemon, args).await?;
+    Ok(json!({}))
+}
+
+pub async fn blockdev_snapshot(
+    daemon: &Rc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    prepare_snapshot(daemon, args).await?;
+    Ok(json!({}))
+}
+
+/// A snapshot in place, which a failing transaction can take back.
+pub(super) struct AppliedSnapshot {
+    node: Arc<Node>,
+    overlay: Arc<Node>,
+    /// blockdev-snapshot-sync added the overlay node: undoing removes it again.
+    created: bool,
+}
+
+impl AppliedSnapshot {
+    /// Users go back to the node and the overlay lets go of it.
+    pub async fn undo(self, daemon: &Daemon) {
+        let graph = daemon.graph.clone();
+        daemon
+            .io
+            .run(move || async move {
+                let overlay = self.overlay;
+                overlay.drain().await;
+                overlay.replace_in_parents(&self.node, None);
+                overlay.undrain();
+                if let Some(qcow2) = overlay.driver_as::<block::drivers::qcow2::Qcow2>() {
+                    if let Err(e) = qcow2.set_backing_edge(None).await {
+                        tracing::warn!("undoing a snapshot: {e}");
+                    }
+                }
+                overlay.remove_child("backing");
+                if self.created {
+                    if let Err(e) = graph.del(overlay.name()).await {
+                        tracing::warn!("undoing a snapshot: {}", e.desc);
+                    }
+                }
+            })
+            .await;
+    }
+}
+
+pub(super) async fn prepare_snapshot_sync(
+    daemon: &Rc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<AppliedSnapshot, QmpError> {
     let args: SnapshotSyncArgs = qapi::de::from_value(Value::Object(args))?;
     // blockd has no devices (block backends): only node names find a node.
     let node = match (&args.device, &args.node_name) {
@@ -109,28 +160,33 @@ pub async fn blockdev_snapshot_sync(
         options.insert("backing".into(), Value::Null);
     }
     let graph = daemon.graph.clone();
-    daemon
+    let base = node.clone();
+    let overlay = daemon
         .io
         .run(move || async move {
             let overlay = graph
                 .add(options, OptionSyntax::Json)
                 .await
                 .map_err(|e| e.desc)?;
-            if let Err(e) = append_overlay(&node, &overlay).await {
+            if let Err(e) = append_overlay(&base, &overlay).await {
                 let _ = graph.del(overlay.name()).await;
                 return Err(e);
             }
-            Ok(())
+            Ok(overlay)
         })
         .await
         .map_err(QmpError::generic)?;
-    Ok(json!({}))
+    Ok(AppliedSnapshot {
+        node,
+        overlay,
+        created: true,
+    })
 }
 
-pub async fn blockdev_snapshot(
+pub(super) async fn prepare_snapshot(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
-) -> Result<Value, QmpError> {
+) -> Result<AppliedSnapshot, QmpError> {
     let args: SnapshotArgs = qapi::de::from_value(Value::Object(args))?;
     let node = daemon.graph.lookup(&args.node)?;
     let overlay = daemon.graph.lookup(&args.overlay)?;
@@ -138,12 +194,17 @@ pub async fn blockdev_snapshot(
     if overlay.backing().is_some() {
         return Err(QmpError::generic("The overlay already has a backing image"));
     }
+    let (base, top) = (node.clone(), overlay.clone());
     daemon
         .io
-        .run(move || async move { append_overlay(&node, &overlay).await })
+        .run(move || async move { append_overlay(&base, &top).await })
         .await
         .map_err(QmpError::generic)?;
-    Ok(json!({}))
+    Ok(AppliedSnapshot {
+        node,
+        overlay,
+        created: false,
+    })
 }
 
 /// Give `overlay` the backing `node`, then put it in `node`'s place for all other users.
