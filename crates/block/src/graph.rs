@@ -529,6 +529,7 @@ impl Graph {
                         .await
                         .map_err(QmpError::generic)?;
                     pending.claim_position(&name);
+                    let implicit_backing = backing_ref.is_none();
                     let backing = match backing_ref {
                         Some(Value::Null) => None,
                         Some(reference) => Some(
@@ -560,7 +561,7 @@ impl Graph {
                         children.push(backing.clone());
                     }
                     Box::new(
-                        Qcow2::open(file, backing, header, !common.read_only)
+                        Qcow2::open(file, backing, implicit_backing, header, !common.read_only)
                             .await
                             .map_err(QmpError::generic)?,
                     )
@@ -866,11 +867,17 @@ pub fn json_filename(node: &Node, plain: &str) -> String {
     if own.keys().all(|k| k == "driver") {
         plain.to_string()
     } else {
-        format!(
-            "json:{}",
-            qapi::json::to_string(&Value::Object(full_options(node)))
-        )
+        full_json_filename(node)
     }
+}
+
+/// The `json:{...}` filename, for nodes a plain name cannot describe (an image whose backing
+/// node is not the one its header names).
+pub fn full_json_filename(node: &Node) -> String {
+    format!(
+        "json:{}",
+        qapi::json::to_string(&Value::Object(full_options(node)))
+    )
 }
 
 /// The options a node was opened with, less those every node takes and its children.

@@ -1097,6 +1097,7 @@ mod tests {
             "query-blockstats",
             "blockdev-create",
             "blockdev-reopen",
+            "change-backing-file",
             "object-add",
             "object-del",
             "qom-set",

@@ -1,6 +1,7 @@
 //! QMP command dispatch: one handler function per command, grouped by area.
 
 pub mod block;
+mod images;
 mod jobs;
 mod misc;
 
@@ -27,6 +28,7 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-backup",
     "blockdev-add",
     "blockdev-del",
+    "change-backing-file",
     "drive-backup",
     "job-cancel",
     "job-complete",
@@ -89,6 +91,7 @@ impl qmp::Dispatcher for Commands {
                 }
                 "query-named-block-nodes" => block::query_named_block_nodes(daemon, args),
                 "x-debug-query-block-graph" => block::query_block_graph(daemon, args),
+                "change-backing-file" => images::change_backing_file(daemon, args).await,
                 "blockdev-backup" => jobs::blockdev_backup(daemon, args).await,
                 "drive-backup" => jobs::drive_backup(daemon, args).await,
                 "query-block-jobs" | "query-jobs" => jobs::job_command(daemon, command, args).await,

@@ -55,6 +55,10 @@ pub struct Qcow2 {
     file: Arc<Child>,
     header: std::sync::Mutex<Header>,
     header_patch: Arc<HeaderPatch>,
+    /// The backing file a plain filename stands for (QEMU's `auto_backing_file`): the node
+    /// opened from the header, else the header's name. A backing node other than this one
+    /// makes the node's filename a `json:` description.
+    auto_backing_file: std::sync::Mutex<String>,
 }
 
 impl Qcow2 {
@@ -76,12 +80,23 @@ impl Qcow2 {
         Ok(header)
     }
 
+    /// `implicit_backing`: the graph opened `backing` from the name in the header, rather
+    /// than the user naming a backing node (or none).
     pub async fn open(
         file: Arc<Child>,
         backing: Option<Arc<Child>>,
+        implicit_backing: bool,
         header: Header,
         writable: bool,
     ) -> Result<Qcow2, String> {
+        let auto_backing_file = match &backing {
+            Some(edge) if implicit_backing => {
+                let node = edge.node();
+                let filename = node.driver().info(&node).filename;
+                filename
+            }
+            _ => header.backing_file.clone().unwrap_or_default(),
+        };
         let header_patch = Arc::new(HeaderPatch::default());
         let storage = NodeStorage::with_header_patch(file.clone(), header_patch.clone());
         let mut image = ImagoImage::open_image(storage, writable)
@@ -99,6 +114,7 @@ impl Qcow2 {
             file,
             header: std::sync::Mutex::new(header),
             header_patch,
+            auto_backing_file: std::sync::Mutex::new(auto_backing_file),
         })
     }
 
@@ -127,7 +143,9 @@ impl Qcow2 {
     /// Rewrite the backing file name and backing format recorded in the image (None: no
     /// backing file). The whole first cluster is rebuilt in memory, refused with ENOSPC when
     /// it does not fit, and written at once while no imago request runs; imago's later
-    /// writes of its header keep the new name (see [`HeaderPatch`]).
+    /// writes of its header keep the new name (see [`HeaderPatch`]). A read-only image (a
+    /// layer below the active one) is written through a short-lived writable handle, as
+    /// QEMU reopens it read-write for the change.
     pub async fn set_backing_file(
         &self,
         node: &Node,
@@ -143,12 +161,17 @@ impl Qcow2 {
         let new = header::with_backing(&cluster, file, format)?;
         let mut pointer = [0u8; 12];
         pointer.copy_from_slice(&new[8..20]);
-        self.file.write(0, &new, WriteFlags::default()).await?;
-        self.header_patch.set(pointer);
-        self.file.flush().await?;
+        if file_node.read_only() {
+            write_read_only_header(&file_node, &new).await?;
+        } else {
+            self.file.write(0, &new, WriteFlags::default()).await?;
+            self.header_patch.set(pointer);
+            self.file.flush().await?;
+        }
         let mut header = self.header.lock().unwrap();
         header.backing_file = file.filter(|f| !f.is_empty()).map(str::to_string);
         header.backing_format = file.and(format).map(str::to_string);
+        *self.auto_backing_file.lock().unwrap() = file.unwrap_or_default().to_string();
         tracing::info!(
             node = node.name(),
             backing_file = file,
@@ -274,12 +297,21 @@ impl Driver for Qcow2 {
         }
     }
 
-    fn info(&self, _node: &Node) -> DriverInfo {
+    fn info(&self, node: &Node) -> DriverInfo {
         let header = self.header();
         let file = self.file.node();
         let file_info = file.driver().info(&file);
+        let auto_backing_file = self.auto_backing_file.lock().unwrap().clone();
+        let backing_overridden = match node.backing() {
+            Some(backing) => backing.driver().info(&backing).filename != auto_backing_file,
+            None => !auto_backing_file.is_empty(),
+        };
         DriverInfo {
-            filename: file_info.filename,
+            filename: if backing_overridden {
+                crate::graph::full_json_filename(node)
+            } else {
+                file_info.filename
+            },
             actual_size: file_info.actual_size,
             cluster_size: Some(header.cluster_size()),
             dirty_flag: Some(header.is_dirty()),
@@ -304,6 +336,24 @@ async fn backing_layer(
         .await
         .map_err(|e| format!("Could not open backing layer: {e}"))?;
     Ok(Some(FormatAccess::new(raw)))
+}
+
+/// Write the first cluster of a read-only image file through a writable handle of its own.
+/// imago never writes a read-only image and the file node caches nothing, so nothing in
+/// this process can undo or miss the change. The handle takes no lock bytes: this process
+/// already holds the image's locks through the read-only node.
+async fn write_read_only_header(file_node: &Node, cluster: &[u8]) -> io::Result<()> {
+    if !matches!(file_node.driver().format_name(), "file" | "host_device") {
+        return Err(io::Error::from_raw_os_error(libc::EROFS));
+    }
+    let path = file_node.driver().info(file_node).filename;
+    let handle = aio::OpenOptions::new(&path)
+        .writable(true)
+        .locking(aio::Locking::Off)
+        .open()
+        .await?;
+    handle.write_at(cluster, 0).await?;
+    handle.flush().await
 }
 
 /// Write back imago's cached metadata, then make everything stable on disk.
