@@ -331,6 +331,9 @@ impl Graph {
             node
         };
         flush_subtree(&node).await;
+        if let Err(e) = node.driver().close(&node).await {
+            tracing::warn!(node = node.name(), "close failed: {e}");
+        }
         node.detach_children();
         Ok(())
     }
@@ -340,6 +343,15 @@ impl Graph {
         for node in self.nodes() {
             if let Err(e) = node.flush().await {
                 tracing::warn!(node = node.name(), "flush failed: {e}");
+            }
+        }
+    }
+
+    /// Let every driver write back what it keeps beside the data (quit, after `flush_all`).
+    pub async fn close_images(&self) {
+        for node in self.nodes() {
+            if let Err(e) = node.driver().close(&node).await {
+                tracing::warn!(node = node.name(), "close failed: {e}");
             }
         }
     }
@@ -641,6 +653,9 @@ impl Graph {
                 }
             };
             let node = Node::new(name, implicit, driver, common, open_options);
+            for bitmap in node.driver().take_loaded_bitmaps() {
+                node.add_dirty_bitmap(bitmap);
+            }
             for child in children {
                 node.add_child(child);
             }

@@ -7,12 +7,17 @@
 //! node (and its own chain) reads. imago's metadata and data I/O goes through the `file`
 //! child the same way, so filters such as blkdebug between qcow2 and the file work as in
 //! QEMU.
+//!
+//! Persistent dirty bitmaps live beside imago, which does not know them: see `bitmaps.rs`
+//! for how they are loaded before imago opens and stored when the node closes.
 
+mod bitmaps;
 mod header;
 mod storage;
 
 pub use header::Header;
 
+use crate::bitmap::DirtyBitmap;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::perm::Perms;
 use crate::Driver;
@@ -59,6 +64,20 @@ pub struct Qcow2 {
     /// opened from the header, else the header's name. A backing node other than this one
     /// makes the node's filename a `json:` description.
     auto_backing_file: std::sync::Mutex<String>,
+    writable: bool,
+    bitmaps: std::sync::Mutex<BitmapState>,
+}
+
+/// Persistent bitmaps between open and close.
+#[derive(Default)]
+struct BitmapState {
+    /// Loaded at open, until the graph attaches them to the node.
+    to_attach: Vec<Arc<DirtyBitmap>>,
+    /// The clusters the stored bitmaps occupy, freed when they are stored anew.
+    stored_clusters: Vec<u64>,
+    /// The image had a bitmaps extension, so closing must rewrite (or drop) it.
+    had_extension: bool,
+    closed: bool,
 }
 
 impl Qcow2 {
@@ -99,9 +118,32 @@ impl Qcow2 {
         };
         let header_patch = Arc::new(HeaderPatch::default());
         let storage = NodeStorage::with_header_patch(file.clone(), header_patch.clone());
+        // Before imago: its writable open makes the bitmaps extension inconsistent.
+        let loaded = match header.consistent_bitmaps() {
+            Some(ext) => Some(
+                bitmaps::load(&file, ext, header.cluster_size(), header.size)
+                    .await
+                    .map_err(|e| format!("Could not read qcow2 bitmaps: {e}"))?,
+            ),
+            None => None,
+        };
         let mut image = ImagoImage::open_image(storage, writable)
             .await
             .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
+        let mut bitmap_state = BitmapState::default();
+        if let Some(loaded) = loaded {
+            if writable {
+                bitmaps::mark_in_use(&file, &loaded)
+                    .await
+                    .map_err(|e| format!("Could not mark qcow2 bitmaps in use: {e}"))?;
+            }
+            bitmap_state = BitmapState {
+                to_attach: loaded.bitmaps,
+                stored_clusters: loaded.clusters,
+                had_extension: true,
+                closed: false,
+            };
+        }
         image.set_backing(backing_layer(backing).await?);
         // The data file is part of the image file; external data files are refused in
         // `Header::parse`.
@@ -115,6 +157,8 @@ impl Qcow2 {
             header: std::sync::Mutex::new(header),
             header_patch,
             auto_backing_file: std::sync::Mutex::new(auto_backing_file),
+            writable,
+            bitmaps: std::sync::Mutex::new(bitmap_state),
         })
     }
 
@@ -276,6 +320,46 @@ impl Driver for Qcow2 {
         let mut access = self.access.write().await;
         access.resize(size, PreallocateMode::None).await?;
         self.header.lock().unwrap().size = size;
+        Ok(())
+    }
+
+    fn can_store_persistent_bitmaps(&self) -> bool {
+        true
+    }
+
+    fn take_loaded_bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        std::mem::take(&mut self.bitmaps.lock().unwrap().to_attach)
+    }
+
+    /// Store the persistent bitmaps (see `bitmaps.rs`). imago stays idle from here on: the
+    /// access lock is held while refcounts change behind its back, and the node is going.
+    async fn close(&self, node: &Node) -> io::Result<()> {
+        let access = self.access.write().await;
+        let old_clusters = {
+            let mut state = self.bitmaps.lock().unwrap();
+            if state.closed || !self.writable {
+                return Ok(());
+            }
+            state.closed = true;
+            std::mem::take(&mut state.stored_clusters)
+        };
+        let persistent: Vec<Arc<DirtyBitmap>> = node
+            .dirty_bitmaps()
+            .iter()
+            .filter(|b| b.is_persistent() && b.name().is_some())
+            .cloned()
+            .collect();
+        let had_extension = self.bitmaps.lock().unwrap().had_extension;
+        if persistent.is_empty() && !had_extension {
+            return Ok(());
+        }
+        persist(&access).await?;
+        bitmaps::store(&self.file, &persistent, &old_clusters).await?;
+        tracing::info!(
+            node = node.name(),
+            count = persistent.len(),
+            "stored persistent dirty bitmaps"
+        );
         Ok(())
     }
 
