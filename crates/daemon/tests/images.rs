@@ -137,3 +137,127 @@ async fn change_backing_file_rewrites_headers_like_qsd() {
         panic!("query-named-block-nodes differs at {d}");
     }
 }
+
+/// 4 MiB image with enabled `b0` and disabled `b1`; b0 saw 192 KiB of writes.
+fn bitmap_image(dir: &Path) -> String {
+    let image = dir.join("disk.qcow2").to_string_lossy().into_owned();
+    qemu_img(&["create", "-q", "-f", "qcow2", &image, "4M"]);
+    qemu_img(&["bitmap", "--add", &image, "b0"]);
+    qemu_img(&["bitmap", "--add", "--disable", &image, "b1"]);
+    let out = run(std::process::Command::new("qemu-io").args([
+        "-c",
+        "write 0 64k",
+        "-c",
+        "write 1M 128k",
+        &image,
+    ]));
+    assert!(out.status.success());
+    image
+}
+
+/// One daemon of several run one after the other on `dir/disk.qcow2`.
+fn start_on_disk(which: Impl, dir: &Path) -> Daemon {
+    // A socket left by the previous run would look like this one's.
+    for socket in ["qsd.qmp", "blockd.qmp"] {
+        let _ = std::fs::remove_file(dir.join(socket));
+    }
+    Daemon::start(
+        which,
+        dir,
+        &[
+            s("--blockdev"),
+            s("driver=qcow2,node-name=disk,file.driver=file,file.filename=disk.qcow2"),
+        ],
+    )
+}
+
+/// (name, count, recording, inconsistent) of the bitmaps qsd lists for node `disk`, by name.
+async fn qsd_bitmaps(dir: &Path) -> Vec<(String, u64, bool, bool)> {
+    let qsd = start_on_disk(Impl::Qsd, dir);
+    let mut qmp = qsd.qmp().await;
+    let nodes = qmp
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    qsd.quit(&mut qmp).await;
+    let disk = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "disk")
+        .unwrap()
+        .clone();
+    let mut bitmaps: Vec<_> = disk["dirty-bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["count"].as_u64().unwrap(),
+                b["recording"].as_bool().unwrap(),
+                b.get("inconsistent")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            )
+        })
+        .collect();
+    // qsd lists the bitmaps it loaded newest first.
+    bitmaps.sort();
+    bitmaps
+}
+
+fn qemu_img_flags(image: &str) -> Vec<Value> {
+    let info: Value =
+        serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", image])).unwrap();
+    info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["flags"].clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmaps_survive_blockd_for_qsd_and_a_crash_leaves_them_in_use() {
+    if !Impl::all().contains(&Impl::Qsd) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = bitmap_image(dir.path());
+    let expected = vec![
+        (s("b0"), 192 << 10, true, false),
+        (s("b1"), 0, false, false),
+    ];
+    assert_eq!(qsd_bitmaps(dir.path()).await, expected);
+
+    // blockd takes them over and hands them back on quit.
+    let blockd = start_on_disk(Impl::Blockd, dir.path());
+    let mut qmp = blockd.qmp().await;
+    assert_eq!(
+        qemu_img_flags(&image),
+        vec![json!(["in-use", "auto"]), json!(["in-use"])]
+    );
+    blockd.quit(&mut qmp).await;
+    assert_eq!(qemu_img_flags(&image), vec![json!(["auto"]), json!([])]);
+    qemu_img(&["check", "-q", &image]);
+    assert_eq!(qsd_bitmaps(dir.path()).await, expected);
+
+    // Killed while holding them: nobody may trust them any more.
+    let mut blockd = start_on_disk(Impl::Blockd, dir.path());
+    let pid = blockd.pid().to_string();
+    assert!(run(std::process::Command::new("kill").args(["-9", &pid]))
+        .status
+        .success());
+    blockd.wait_exit();
+    assert_eq!(
+        qemu_img_flags(&image),
+        vec![json!(["in-use", "auto"]), json!(["in-use"])]
+    );
+    let inconsistent: Vec<bool> = qsd_bitmaps(dir.path())
+        .await
+        .into_iter()
+        .map(|b| b.3)
+        .collect();
+    assert_eq!(inconsistent, vec![true, true]);
+}
