@@ -331,6 +331,9 @@ impl Graph {
             node
         };
         flush_subtree(&node).await;
+        if let Err(e) = node.driver().close(&node).await {
+            tracing::warn!(node = node.name(), "close failed: {e}");
+        }
         node.detach_children();
         Ok(())
     }
@@ -340,6 +343,15 @@ impl Graph {
         for node in self.nodes() {
             if let Err(e) = node.flush().await {
                 tracing::warn!(node = node.name(), "flush failed: {e}");
+            }
+        }
+    }
+
+    /// Let every driver write back what it keeps beside the data (quit, after `flush_all`).
+    pub async fn close_images(&self) {
+        for node in self.nodes() {
+            if let Err(e) = node.driver().close(&node).await {
+                tracing::warn!(node = node.name(), "close failed: {e}");
             }
         }
     }
@@ -543,6 +555,7 @@ impl Graph {
                         .await
                         .map_err(QmpError::generic)?;
                     pending.claim_position(&name);
+                    let implicit_backing = backing_ref.is_none();
                     let backing = match backing_ref {
                         Some(Value::Null) => None,
                         Some(reference) => Some(
@@ -574,7 +587,7 @@ impl Graph {
                         children.push(backing.clone());
                     }
                     Box::new(
-                        Qcow2::open(file, backing, header, !common.read_only)
+                        Qcow2::open(file, backing, implicit_backing, header, !common.read_only)
                             .await
                             .map_err(QmpError::generic)?,
                     )
@@ -654,6 +667,9 @@ impl Graph {
                 }
             };
             let node = Node::new(name, implicit, driver, common, open_options);
+            for bitmap in node.driver().take_loaded_bitmaps() {
+                node.add_dirty_bitmap(bitmap);
+            }
             for child in children {
                 node.add_child(child);
             }
@@ -880,11 +896,17 @@ pub fn json_filename(node: &Node, plain: &str) -> String {
     if own.keys().all(|k| k == "driver") {
         plain.to_string()
     } else {
-        format!(
-            "json:{}",
-            qapi::json::to_string(&Value::Object(full_options(node)))
-        )
+        full_json_filename(node)
     }
+}
+
+/// The `json:{...}` filename, for nodes a plain name cannot describe (an image whose backing
+/// node is not the one its header names).
+pub fn full_json_filename(node: &Node) -> String {
+    format!(
+        "json:{}",
+        qapi::json::to_string(&Value::Object(full_options(node)))
+    )
 }
 
 /// The options a node was opened with, less those every node takes and its children.

@@ -52,10 +52,24 @@ fn data_below(node: &Arc<Node>) -> Option<Arc<Node>> {
     })
 }
 
+/// The header's backing file name made relative to the directory of the image's file, as
+/// QEMU resolves it (whichever node is actually the backing one).
 fn full_backing_filename(node: &Arc<Node>, backing: &str) -> String {
-    match node.backing() {
-        Some(b) => b.driver().info(&b).filename,
-        None => backing.to_string(),
+    let image_file = match node.child("file") {
+        Some(file) => {
+            let file = file.node();
+            file.driver().info(&file).filename
+        }
+        None => node.driver().info(node).filename,
+    };
+    if std::path::Path::new(backing).is_absolute() {
+        return backing.to_string();
+    }
+    match std::path::Path::new(&image_file).parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            dir.join(backing).to_string_lossy().into_owned()
+        }
+        _ => backing.to_string(),
     }
 }
 
@@ -92,7 +106,13 @@ pub fn block_device_info(node: &Arc<Node>, flat: bool) -> Value {
             "no-flush": opts.cache_no_flush,
         },
     });
-    if let Some(backing) = info.backing_filename {
+    // The file of the backing node in use, which may differ from the name in the header
+    // (change-backing-file, a backing node given by reference).
+    let backing_file = match node.backing() {
+        Some(backing) => Some(backing.driver().info(&backing).filename),
+        None => info.backing_filename,
+    };
+    if let Some(backing) = backing_file {
         out["backing_file"] = json!(backing);
     }
     let bitmaps = node.dirty_bitmaps();

@@ -135,6 +135,18 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
         false
     }
 
+    /// Persistent bitmaps the driver read from the image at open, handed over once for the
+    /// graph to attach to the node.
+    fn take_loaded_bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        Vec::new()
+    }
+
+    /// The node leaves the graph (blockdev-del, quit) after its last flush: write back what
+    /// the image keeps beside the data (persistent bitmaps). No I/O follows.
+    async fn close(&self, _node: &Node) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Whether this node is a filter whose `file`/`image` child is its data (raw, blkdebug).
     fn filtered_child_role(&self) -> Option<&'static str> {
         None

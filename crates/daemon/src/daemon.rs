@@ -147,7 +147,10 @@ impl Daemon {
         Exports::shutdown(self);
         let graph = self.graph.clone();
         self.io
-            .run(move || async move { graph.flush_all().await })
+            .run(move || async move {
+                graph.flush_all().await;
+                graph.close_images().await;
+            })
             .await;
         let graph = self.graph.clone();
         self.io.run(move || async move { graph.close_all() }).await;

@@ -1098,6 +1098,7 @@ mod tests {
             "query-blockstats",
             "blockdev-create",
             "blockdev-reopen",
+            "change-backing-file",
             "object-add",
             "object-del",
             "qom-set",

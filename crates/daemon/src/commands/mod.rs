@@ -3,6 +3,7 @@
 pub mod bitmaps;
 pub mod block;
 mod chain;
+mod images;
 mod jobs;
 mod mirror;
 mod misc;
@@ -44,6 +45,7 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-mirror",
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
+    "change-backing-file",
     "drive-backup",
     "drive-mirror",
     "job-cancel",
@@ -109,6 +111,7 @@ impl qmp::Dispatcher for Commands {
                 }
                 "query-named-block-nodes" => block::query_named_block_nodes(daemon, args),
                 "x-debug-query-block-graph" => block::query_block_graph(daemon, args),
+                "change-backing-file" => images::change_backing_file(daemon, args).await,
                 "blockdev-backup" => jobs::blockdev_backup(daemon, args).await,
                 "drive-backup" => jobs::drive_backup(daemon, args).await,
                 "blockdev-mirror" => mirror::blockdev_mirror(daemon, args).await,

@@ -10,6 +10,10 @@ pub const HEADER_READ_SIZE: usize = 64 * 1024;
 const MAGIC: &[u8; 4] = b"QFI\xfb";
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+const EXT_BITMAPS: u32 = 0x2385_2875;
+
+/// Autoclear bit 0: the bitmaps extension is consistent.
+const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 
 /// QEMU refuses longer backing file names (and so do we, in both directions).
 const MAX_BACKING_NAME: usize = 1023;
@@ -36,6 +40,36 @@ pub struct Header {
     pub backing_format: Option<String>,
     /// Where the name would have to be read from when it lies past the buffer given.
     pub backing_file_span: Option<(u64, u32)>,
+    pub bitmaps: Option<BitmapsExt>,
+}
+
+/// The bitmaps extension: where the bitmap directory lies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
+}
+
+impl BitmapsExt {
+    fn parse(data: &[u8]) -> Result<BitmapsExt, String> {
+        if data.len() < 24 {
+            return Err("qcow2: bitmaps extension is too short".into());
+        }
+        Ok(BitmapsExt {
+            nb_bitmaps: be32(data, 0),
+            directory_size: be64(data, 8),
+            directory_offset: be64(data, 16),
+        })
+    }
+
+    fn to_bytes(&self) -> [u8; 24] {
+        let mut out = [0u8; 24];
+        out[0..4].copy_from_slice(&self.nb_bitmaps.to_be_bytes());
+        out[8..16].copy_from_slice(&self.directory_size.to_be_bytes());
+        out[16..24].copy_from_slice(&self.directory_offset.to_be_bytes());
+        out
+    }
 }
 
 fn be32(buf: &[u8], at: usize) -> u32 {
@@ -133,6 +167,9 @@ impl Header {
                 self.backing_format =
                     Some(String::from_utf8_lossy(&buf[at..at + len]).into_owned());
             }
+            if kind == EXT_BITMAPS {
+                self.bitmaps = Some(BitmapsExt::parse(&buf[at..at + len])?);
+            }
             at += len.div_ceil(8) * 8;
         }
         Ok(())
@@ -140,6 +177,14 @@ impl Header {
 
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// The bitmaps extension, when the autoclear bit says a bitmap-aware program wrote it
+    /// last (otherwise its bitmaps cannot be trusted and are ignored, as QEMU does).
+    pub fn consistent_bitmaps(&self) -> Option<&BitmapsExt> {
+        self.bitmaps
+            .as_ref()
+            .filter(|_| self.autoclear & AUTOCLEAR_BITMAPS != 0)
     }
 
     pub fn is_dirty(&self) -> bool {
@@ -182,11 +227,43 @@ pub fn with_backing(
     file: Option<&str>,
     format: Option<&str>,
 ) -> io::Result<Vec<u8>> {
+    if file.is_some_and(|f| f.len() > MAX_BACKING_NAME) || (file.is_none() && format.is_some()) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    rebuild(cluster, Some((file, format)), None)
+}
+
+/// The first cluster with the bitmaps extension replaced (None: removed) and the bitmaps
+/// autoclear bit set to match; the backing file name and every other extension stay.
+pub fn with_bitmaps_extension(cluster: &[u8], ext: Option<&BitmapsExt>) -> io::Result<Vec<u8>> {
+    let data = ext.map(BitmapsExt::to_bytes);
+    let mut out = rebuild(
+        cluster,
+        None,
+        Some((EXT_BITMAPS, data.as_ref().map(|d| &d[..]))),
+    )?;
+    if be32(&out, 4) < 3 {
+        return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+    }
+    let mut autoclear = be64(&out, 88);
+    if ext.is_some() {
+        autoclear |= AUTOCLEAR_BITMAPS;
+    } else {
+        autoclear &= !AUTOCLEAR_BITMAPS;
+    }
+    out[88..96].copy_from_slice(&autoclear.to_be_bytes());
+    Ok(out)
+}
+
+/// Rebuild the first cluster. `backing`: the new name and format (None keeps the ones on
+/// disk); `replace`: an extension type whose data is replaced (None data: removed).
+fn rebuild(
+    cluster: &[u8],
+    backing: Option<(Option<&str>, Option<&str>)>,
+    replace: Option<(u32, Option<&[u8]>)>,
+) -> io::Result<Vec<u8>> {
     let einval = || io::Error::from_raw_os_error(libc::EINVAL);
     if cluster.len() < 104 || &cluster[0..4] != MAGIC {
-        return Err(einval());
-    }
-    if file.is_some_and(|f| f.len() > MAX_BACKING_NAME) || (file.is_none() && format.is_some()) {
         return Err(einval());
     }
     let header_length = match be32(cluster, 4) {
@@ -195,6 +272,7 @@ pub fn with_backing(
         _ => return Err(einval()),
     };
     let old_name_offset = be64(cluster, 8) as usize;
+    let old_name_len = be32(cluster, 16) as usize;
     let ext_limit = if old_name_offset != 0 && old_name_offset < cluster.len() {
         old_name_offset
     } else {
@@ -204,11 +282,8 @@ pub fn with_backing(
         return Err(einval());
     }
 
-    let mut out = cluster[..header_length].to_vec();
-    out.resize(header_length.next_multiple_of(8), 0);
-    if let (Some(_), Some(format)) = (file, format) {
-        push_extension(&mut out, EXT_BACKING_FORMAT, format.as_bytes());
-    }
+    let mut extensions = Vec::new();
+    let mut old_format = None;
     let mut at = header_length;
     while at + 8 <= ext_limit {
         let kind = be32(cluster, at);
@@ -217,17 +292,41 @@ pub fn with_backing(
             break;
         }
         let data = cluster.get(at + 8..at + 8 + len).ok_or_else(einval)?;
-        if kind != EXT_BACKING_FORMAT {
-            push_extension(&mut out, kind, data);
+        if kind == EXT_BACKING_FORMAT {
+            old_format = Some(data);
+        } else if replace.is_none_or(|(replaced, _)| replaced != kind) {
+            extensions.push((kind, data));
         }
         at += 8 + len.next_multiple_of(8);
     }
+    if let Some((kind, Some(data))) = replace {
+        extensions.push((kind, data));
+    }
+    let (name, format) = match backing {
+        Some((file, format)) => (file.map(str::as_bytes), format.map(str::as_bytes)),
+        None if old_name_offset != 0 => {
+            let name = cluster
+                .get(old_name_offset..old_name_offset + old_name_len)
+                .ok_or_else(einval)?;
+            (Some(name), old_format)
+        }
+        None => (None, None),
+    };
+
+    let mut out = cluster[..header_length].to_vec();
+    out.resize(header_length.next_multiple_of(8), 0);
+    if let (Some(_), Some(format)) = (name, format) {
+        push_extension(&mut out, EXT_BACKING_FORMAT, format);
+    }
+    for (kind, data) in extensions {
+        push_extension(&mut out, kind, data);
+    }
     out.extend_from_slice(&[0u8; 8]);
 
-    let (name_offset, name_len) = match file {
+    let (name_offset, name_len) = match name {
         Some(name) => {
             let offset = out.len() as u64;
-            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(name);
             (offset, name.len() as u32)
         }
         None => (0, 0),
@@ -329,6 +428,29 @@ mod tests {
         assert!(removed
             .windows(4)
             .any(|w| w == 0x1234_5678u32.to_be_bytes()));
+    }
+
+    #[test]
+    fn bitmaps_extension_is_replaced_with_the_autoclear_bit() {
+        let cluster = v3_header(Some(("base.qcow2", "qcow2")));
+        let ext = BitmapsExt {
+            nb_bitmaps: 2,
+            directory_size: 80,
+            directory_offset: 0x30000,
+        };
+        let with = with_bitmaps_extension(&cluster, Some(&ext)).unwrap();
+        let header = Header::parse(&with).unwrap();
+        assert_eq!(header.consistent_bitmaps(), Some(&ext));
+        assert_eq!(header.backing_file.as_deref(), Some("base.qcow2"));
+        assert_eq!(header.backing_format.as_deref(), Some("qcow2"));
+        let without = with_bitmaps_extension(&with, None).unwrap();
+        let header = Header::parse(&without).unwrap();
+        assert_eq!(header.bitmaps, None);
+        assert_eq!(header.autoclear, 0);
+        assert_eq!(header.backing_file.as_deref(), Some("base.qcow2"));
+        let mut v2 = cluster.clone();
+        v2[4..8].copy_from_slice(&2u32.to_be_bytes());
+        assert!(with_bitmaps_extension(&v2, Some(&ext)).is_err());
     }
 
     #[test]

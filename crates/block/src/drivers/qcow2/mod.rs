@@ -7,12 +7,17 @@
 //! node (and its own chain) reads. imago's metadata and data I/O goes through the `file`
 //! child the same way, so filters such as blkdebug between qcow2 and the file work as in
 //! QEMU.
+//!
+//! Persistent dirty bitmaps live beside imago, which does not know them: see `bitmaps.rs`
+//! for how they are loaded before imago opens and stored when the node closes.
 
+mod bitmaps;
 mod header;
 mod storage;
 
 pub use header::Header;
 
+use crate::bitmap::DirtyBitmap;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::perm::Perms;
 use crate::Driver;
@@ -26,6 +31,7 @@ use imago::FormatAccess;
 use serde::Deserialize;
 use serde_json::json;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use storage::{HeaderPatch, NodeStorage};
 use tokio::sync::RwLock;
@@ -55,6 +61,25 @@ pub struct Qcow2 {
     file: Arc<Child>,
     header: std::sync::Mutex<Header>,
     header_patch: Arc<HeaderPatch>,
+    /// The backing file a plain filename stands for (QEMU's `auto_backing_file`): the node
+    /// opened from the header, else the header's name. A backing node other than this one
+    /// makes the node's filename a `json:` description.
+    auto_backing_file: std::sync::Mutex<String>,
+    /// Follows reopening: only a writable node stores its bitmaps at close.
+    writable: AtomicBool,
+    bitmaps: std::sync::Mutex<BitmapState>,
+}
+
+/// Persistent bitmaps between open and close.
+#[derive(Default)]
+struct BitmapState {
+    /// Loaded at open, until the graph attaches them to the node.
+    to_attach: Vec<Arc<DirtyBitmap>>,
+    /// The clusters the stored bitmaps occupy, freed when they are stored anew.
+    stored_clusters: Vec<u64>,
+    /// The image had a bitmaps extension, so closing must rewrite (or drop) it.
+    had_extension: bool,
+    closed: bool,
 }
 
 impl Qcow2 {
@@ -76,19 +101,66 @@ impl Qcow2 {
         Ok(header)
     }
 
+    /// `implicit_backing`: the graph opened `backing` from the name in the header, rather
+    /// than the user naming a backing node (or none).
     pub async fn open(
         file: Arc<Child>,
         backing: Option<Arc<Child>>,
+        implicit_backing: bool,
         header: Header,
         writable: bool,
     ) -> Result<Qcow2, String> {
+        let auto_backing_file = match &backing {
+            Some(edge) if implicit_backing => {
+                let node = edge.node();
+                let filename = node.driver().info(&node).filename;
+                filename
+            }
+            _ => header.backing_file.clone().unwrap_or_default(),
+        };
         let header_patch = Arc::new(HeaderPatch::default());
-        let access = open_access(&file, &header_patch, backing, writable).await?;
+        let storage = NodeStorage::with_header_patch(file.clone(), header_patch.clone());
+        // Before imago: its writable open makes the bitmaps extension inconsistent.
+        let loaded = match header.consistent_bitmaps() {
+            Some(ext) => Some(
+                bitmaps::load(&file, ext, header.cluster_size(), header.size)
+                    .await
+                    .map_err(|e| format!("Could not read qcow2 bitmaps: {e}"))?,
+            ),
+            None => None,
+        };
+        let mut image = ImagoImage::open_image(storage, writable)
+            .await
+            .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
+        let mut bitmap_state = BitmapState::default();
+        if let Some(loaded) = loaded {
+            if writable {
+                bitmaps::mark_in_use(&file, &loaded)
+                    .await
+                    .map_err(|e| format!("Could not mark qcow2 bitmaps in use: {e}"))?;
+            }
+            bitmap_state = BitmapState {
+                to_attach: loaded.bitmaps,
+                stored_clusters: loaded.clusters,
+                had_extension: true,
+                closed: false,
+            };
+        }
+        image.set_backing(backing_layer(backing).await?);
+        // The data file is part of the image file; external data files are refused in
+        // `Header::parse`.
+        image.set_data_file(None);
+        let mut access = FormatAccess::new(image);
+        access.set_async_read_parallelization(4);
+        access.set_async_write_parallelization(4);
         Ok(Qcow2 {
             access: RwLock::new(access),
             file,
             header: std::sync::Mutex::new(header),
             header_patch,
+            auto_backing_file: std::sync::Mutex::new(auto_backing_file),
+            writable: AtomicBool::new(writable),
+            bitmaps: std::sync::Mutex::new(bitmap_state),
         })
     }
 
@@ -117,7 +189,9 @@ impl Qcow2 {
     /// Rewrite the backing file name and backing format recorded in the image (None: no
     /// backing file). The whole first cluster is rebuilt in memory, refused with ENOSPC when
     /// it does not fit, and written at once while no imago request runs; imago's later
-    /// writes of its header keep the new name (see [`HeaderPatch`]).
+    /// writes of its header keep the new name (see [`HeaderPatch`]). A read-only image (a
+    /// layer below the active one) is written through a short-lived writable handle, as
+    /// QEMU reopens it read-write for the change.
     pub async fn set_backing_file(
         &self,
         node: &Node,
@@ -133,12 +207,17 @@ impl Qcow2 {
         let new = header::with_backing(&cluster, file, format)?;
         let mut pointer = [0u8; 12];
         pointer.copy_from_slice(&new[8..20]);
-        self.file.write(0, &new, WriteFlags::default()).await?;
-        self.header_patch.set(pointer);
-        self.file.flush().await?;
+        if file_node.read_only() {
+            write_read_only_header(&file_node, &new).await?;
+        } else {
+            self.file.write(0, &new, WriteFlags::default()).await?;
+            self.header_patch.set(pointer);
+            self.file.flush().await?;
+        }
         let mut header = self.header.lock().unwrap();
         header.backing_file = file.filter(|f| !f.is_empty()).map(str::to_string);
         header.backing_format = file.and(format).map(str::to_string);
+        *self.auto_backing_file.lock().unwrap() = file.unwrap_or_default().to_string();
         tracing::info!(
             node = node.name(),
             backing_file = file,
@@ -246,6 +325,46 @@ impl Driver for Qcow2 {
         Ok(())
     }
 
+    fn can_store_persistent_bitmaps(&self) -> bool {
+        true
+    }
+
+    fn take_loaded_bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        std::mem::take(&mut self.bitmaps.lock().unwrap().to_attach)
+    }
+
+    /// Store the persistent bitmaps (see `bitmaps.rs`). imago stays idle from here on: the
+    /// access lock is held while refcounts change behind its back, and the node is going.
+    async fn close(&self, node: &Node) -> io::Result<()> {
+        let access = self.access.write().await;
+        let old_clusters = {
+            let mut state = self.bitmaps.lock().unwrap();
+            if state.closed || !self.writable.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            state.closed = true;
+            std::mem::take(&mut state.stored_clusters)
+        };
+        let persistent: Vec<Arc<DirtyBitmap>> = node
+            .dirty_bitmaps()
+            .iter()
+            .filter(|b| b.is_persistent() && b.name().is_some())
+            .cloned()
+            .collect();
+        let had_extension = self.bitmaps.lock().unwrap().had_extension;
+        if persistent.is_empty() && !had_extension {
+            return Ok(());
+        }
+        persist(&access).await?;
+        bitmaps::store(&self.file, &persistent, &old_clusters).await?;
+        tracing::info!(
+            node = node.name(),
+            count = persistent.len(),
+            "stored persistent dirty bitmaps"
+        );
+        Ok(())
+    }
+
     fn child_perms(
         &self,
         role: &str,
@@ -266,7 +385,17 @@ impl Driver for Qcow2 {
 
     /// The file below changes mode first, then imago opens the image anew in that mode
     /// (imago decides at open whether it may allocate and write metadata).
+    /// Persistent bitmaps are stored at close only by a writable node, and imago's writable
+    /// open invalidates them on disk: a node that has them is not reopened.
     async fn reopen(&self, node: &Node, writable: bool) -> Result<(), String> {
+        let has_bitmaps = self.bitmaps.lock().unwrap().had_extension
+            || node.dirty_bitmaps().iter().any(|b| b.is_persistent());
+        if has_bitmaps {
+            return Err(format!(
+                "Node '{}' has persistent dirty bitmaps and cannot be reopened",
+                node.name()
+            ));
+        }
         let mut access = self.access.write().await;
         if !writable {
             persist(&access).await.map_err(|e| e.to_string())?;
@@ -282,6 +411,7 @@ impl Driver for Qcow2 {
         {
             Ok(reopened) => {
                 *access = reopened;
+                self.writable.store(writable, Ordering::Release);
                 Ok(())
             }
             Err(e) => {
@@ -291,12 +421,21 @@ impl Driver for Qcow2 {
         }
     }
 
-    fn info(&self, _node: &Node) -> DriverInfo {
+    fn info(&self, node: &Node) -> DriverInfo {
         let header = self.header();
         let file = self.file.node();
         let file_info = file.driver().info(&file);
+        let auto_backing_file = self.auto_backing_file.lock().unwrap().clone();
+        let backing_overridden = match node.backing() {
+            Some(backing) => backing.driver().info(&backing).filename != auto_backing_file,
+            None => !auto_backing_file.is_empty(),
+        };
         DriverInfo {
-            filename: file_info.filename,
+            filename: if backing_overridden {
+                crate::graph::full_json_filename(node)
+            } else {
+                file_info.filename
+            },
             actual_size: file_info.actual_size,
             cluster_size: Some(header.cluster_size()),
             dirty_flag: Some(header.is_dirty()),
@@ -342,6 +481,24 @@ async fn backing_layer(
         .await
         .map_err(|e| format!("Could not open backing layer: {e}"))?;
     Ok(Some(FormatAccess::new(raw)))
+}
+
+/// Write the first cluster of a read-only image file through a writable handle of its own.
+/// imago never writes a read-only image and the file node caches nothing, so nothing in
+/// this process can undo or miss the change. The handle takes no lock bytes: this process
+/// already holds the image's locks through the read-only node.
+async fn write_read_only_header(file_node: &Node, cluster: &[u8]) -> io::Result<()> {
+    if !matches!(file_node.driver().format_name(), "file" | "host_device") {
+        return Err(io::Error::from_raw_os_error(libc::EROFS));
+    }
+    let path = file_node.driver().info(file_node).filename;
+    let handle = aio::OpenOptions::new(&path)
+        .writable(true)
+        .locking(aio::Locking::Off)
+        .open()
+        .await?;
+    handle.write_at(cluster, 0).await?;
+    handle.flush().await
 }
 
 /// Write back imago's cached metadata, then make everything stable on disk.

@@ -1,0 +1,107 @@
+//! QMP commands that change what an image file records about itself: change-backing-file.
+
+use crate::daemon::Daemon;
+use block::drivers::file::os_error_text;
+use block::drivers::qcow2::Qcow2;
+use block::{Node, Parent};
+use qapi::error::QmpError;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct ChangeBackingFileArgs {
+    device: String,
+    image_node_name: String,
+    backing_file: String,
+}
+
+/// change-backing-file: rewrite the backing file name in the header of `image-node-name`,
+/// a layer of `device`'s chain, without touching the graph. The backing format recorded is
+/// that of the node currently below the image.
+pub async fn change_backing_file(
+    daemon: &Daemon,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let args: ChangeBackingFileArgs = qapi::de::from_value(Value::Object(args))?;
+    let graph = &daemon.graph;
+    let device = graph.lookup(&args.device)?;
+    if !is_root(&device) {
+        return Err(QmpError::generic("Need a root block node"));
+    }
+    let image = graph.find(&args.image_node_name).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='' nor node-name='{}'",
+            args.image_node_name
+        ))
+    })?;
+    let Some(below) = data_below(&image) else {
+        return Err(QmpError::generic(
+            "not allowing backing file change on an image without a backing file",
+        ));
+    };
+    if !chain_contains(&device, &image) {
+        return Err(QmpError::generic(format!(
+            "'{}' and image file are not in the same chain",
+            args.device
+        )));
+    }
+    if let Some(job_type) = image.busy_with_job() {
+        return Err(QmpError::generic(format!(
+            "Node '{}' is busy: block device is in use by block job: {job_type}",
+            image.name()
+        )));
+    }
+    let format = below.driver().format_name();
+    let name = args.backing_file;
+    let result = {
+        let name = name.clone();
+        daemon
+            .io
+            .run(move || async move {
+                match image.driver_as::<Qcow2>() {
+                    Some(qcow2) => {
+                        qcow2
+                            .set_backing_file(&image, Some(&name), Some(format))
+                            .await
+                    }
+                    None => Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)),
+                }
+            })
+            .await
+    };
+    result.map_err(|e| {
+        QmpError::generic(format!(
+            "Could not change backing file to '{name}': {}",
+            os_error_text(&e)
+        ))
+    })?;
+    Ok(json!({}))
+}
+
+/// QEMU's root nodes: used by no other node and no job, only by users outside the graph.
+fn is_root(node: &Node) -> bool {
+    node.parents()
+        .iter()
+        .all(|edge| matches!(edge.parent(), Parent::User { .. }))
+}
+
+/// The next layer of a chain: the backing node, or the child a filter passes data from.
+fn data_below(node: &Arc<Node>) -> Option<Arc<Node>> {
+    node.backing().or_else(|| {
+        let role = node.driver().filtered_child_role()?;
+        node.child(role).map(|c| c.node())
+    })
+}
+
+fn chain_contains(top: &Arc<Node>, wanted: &Arc<Node>) -> bool {
+    let mut next = Some(top.clone());
+    while let Some(node) = next {
+        if Arc::ptr_eq(&node, wanted) {
+            return true;
+        }
+        next = data_below(&node);
+    }
+    false
+}
