@@ -5,11 +5,12 @@
 
 use crate::bitmap::DirtyBitmap;
 use crate::perm::Perms;
+use crate::threshold::{ThresholdHook, WriteThreshold};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use serde_json::Value;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use tokio::sync::Notify;
 
@@ -318,7 +319,7 @@ pub struct Node {
     children: RwLock<Vec<Arc<Child>>>,
     parents: Mutex<Vec<Weak<Child>>>,
     inflight: Inflight,
-    write_threshold: AtomicU64,
+    write_threshold: WriteThreshold,
     /// Swapped as a whole when bitmaps come and go, so the write path reads it lock-free.
     dirty_bitmaps: ArcSwap<Vec<Arc<DirtyBitmap>>>,
 }
@@ -341,7 +342,7 @@ impl Node {
             children: RwLock::new(Vec::new()),
             parents: Mutex::new(Vec::new()),
             inflight: Inflight::default(),
-            write_threshold: AtomicU64::new(0),
+            write_threshold: WriteThreshold::default(),
             dirty_bitmaps: ArcSwap::from_pointee(Vec::new()),
         })
     }
@@ -382,7 +383,12 @@ impl Node {
     }
 
     pub fn write_threshold(&self) -> u64 {
-        self.write_threshold.load(Ordering::Acquire)
+        self.write_threshold.get()
+    }
+
+    /// block-set-write-threshold: `hook` hears once when a write ends past `threshold`.
+    pub fn set_write_threshold(&self, threshold: u64, hook: ThresholdHook) {
+        self.write_threshold.set(threshold, hook);
     }
 
     /// The node's dirty bitmaps, named and anonymous, in creation order.
@@ -707,6 +713,8 @@ impl Node {
     async fn write_entered(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         self.check_writable()?;
         self.check_write_range(offset, buf.len() as u64)?;
+        self.write_threshold
+            .check(&self.name, offset, buf.len() as u64);
         if self.options.detect_zeroes != DetectZeroes::Off && is_zero(buf) {
             let zero_flags = WriteFlags {
                 may_unmap: self.options.detect_zeroes == DetectZeroes::Unmap
@@ -735,6 +743,7 @@ impl Node {
     ) -> io::Result<()> {
         self.check_writable()?;
         self.check_write_range(offset, len)?;
+        self.write_threshold.check(&self.name, offset, len);
         let flags = WriteFlags {
             may_unmap: flags.may_unmap && self.options.discard_unmap,
             ..flags

@@ -3,6 +3,7 @@
 pub mod block;
 mod jobs;
 mod misc;
+mod stats;
 
 pub use misc::version_json;
 
@@ -27,6 +28,7 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-backup",
     "blockdev-add",
     "blockdev-del",
+    "block-set-write-threshold",
     "drive-backup",
     "job-cancel",
     "job-complete",
@@ -95,6 +97,7 @@ impl qmp::Dispatcher for Commands {
                 name if name.starts_with("block-job-") || name.starts_with("job-") => {
                     jobs::job_command(daemon, command, args).await
                 }
+                "block-set-write-threshold" => stats::block_set_write_threshold(daemon, args),
                 "query-version" => misc::query_version(args),
                 "query-commands" => misc::query_commands(args),
                 "query-qmp-schema" => misc::query_qmp_schema(args),
