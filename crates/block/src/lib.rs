@@ -9,6 +9,7 @@ pub mod info;
 pub mod iothread;
 pub mod node;
 pub mod perm;
+pub mod stats;
 pub mod threshold;
 
 pub use graph::{Graph, OptionSyntax};

@@ -59,6 +59,14 @@ fn thresholds(nodes: &Value) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// blockd must exit cleanly on quit. qsd is just stopped: it may act on `quit` before the
+/// client's trailing newline is written, which then fails with EPIPE.
+async fn finish(daemon: Daemon, c: &mut qmp::Client) {
+    if daemon.which == Impl::Blockd {
+        daemon.quit(c).await;
+    }
+}
+
 /// Events of `name` received so far (a command round trip first, so none is in flight).
 async fn events_named(client: &mut qmp::Client, name: &str) -> Vec<Value> {
     client.execute("query-version", json!({})).await.unwrap();
@@ -129,7 +137,7 @@ async fn write_threshold_fires_once_like_qsd() {
         qemu_io_nbd(&uri, &["write -z 8M 64k"]);
         let after_zero = events_named(&mut c, "BLOCK_WRITE_THRESHOLD").await;
         seen.push((which, replies, armed, disarmed, after_discard, after_zero));
-        daemon.quit(&mut c).await;
+        finish(daemon, &mut c).await;
     }
     let (_, replies, armed, disarmed, after_discard, after_zero) = &seen[0];
     assert_eq!(replies[1], json!({}));
@@ -152,4 +160,134 @@ async fn write_threshold_fires_once_like_qsd() {
             other.0
         );
     }
+}
+
+/// The member names of a JSON value, recursively, with values dropped.
+fn shape(v: &Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(k, _)| k.as_str() != "idle_time_ns")
+                .map(|(k, v)| (k.clone(), shape(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(shape).collect()),
+        _ => Value::Null,
+    }
+}
+
+/// A raw node `d` over a file node `f`, exported writable as `d`.
+fn raw_export_args(dir: &Path, sock: &Path) -> Vec<String> {
+    let img = dir.join("d.raw");
+    qemu_img(&["create", "-q", "-f", "raw", img.to_str().unwrap(), "16M"]);
+    vec![
+        s("--blockdev"),
+        format!("file,node-name=f,filename={}", img.display()),
+        s("--blockdev"),
+        s("raw,node-name=d,file=f"),
+        s("--nbd-server"),
+        format!("addr.type=unix,addr.path={}", sock.display()),
+        s("--export"),
+        s("nbd,id=e,node-name=d,writable=on"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blockstats_have_qsd_fields() {
+    let mut seen = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let daemon = Daemon::start(which, dir.path(), &raw_export_args(dir.path(), &sock));
+        let mut c = daemon.qmp().await;
+        qemu_io_nbd(&nbd_uri(&sock, "d"), &["write 0 64k", "read 0 64k"]);
+        let default = c.execute("query-blockstats", json!({})).await.unwrap();
+        let off = c
+            .execute("query-blockstats", json!({"query-nodes": false}))
+            .await
+            .unwrap();
+        let nodes = c
+            .execute("query-blockstats", json!({"query-nodes": true}))
+            .await
+            .unwrap();
+        let bad = c
+            .execute("query-blockstats", json!({"query-nodes": true, "x": 1}))
+            .await
+            .unwrap_err()
+            .desc;
+        seen.push((which, default, off, shape(&nodes), bad));
+        finish(daemon, &mut c).await;
+    }
+    let first = &seen[0];
+    assert_eq!(first.1, json!([]));
+    assert_eq!(first.2, json!([]));
+    assert_eq!(first.3[0]["node-name"], Value::Null);
+    assert_eq!(first.3.as_array().unwrap().len(), 2);
+    for other in &seen[1..] {
+        assert_eq!(
+            (&other.1, &other.2, &other.4),
+            (&first.1, &first.2, &first.4),
+            "{:?}",
+            other.0
+        );
+        if let Some(d) = first_difference(&first.3, &other.3) {
+            panic!("blockd vs {:?}: {d}", other.0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blockstats_count_what_an_nbd_client_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let daemon = Daemon::start(
+        Impl::Blockd,
+        dir.path(),
+        &raw_export_args(dir.path(), &sock),
+    );
+    let mut c = daemon.qmp().await;
+    qemu_io_nbd(
+        &nbd_uri(&sock, "d"),
+        &[
+            "write -P 1 0 1M",
+            "write -P 2 2M 512k",
+            "write -z 4M 64k",
+            "read -P 1 0 1M",
+            "read -P 2 2M 512k",
+            "discard 8M 64k",
+            "flush",
+        ],
+    );
+    let rows = c
+        .execute("query-blockstats", json!({"query-nodes": true}))
+        .await
+        .unwrap();
+    let names: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node-name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["f", "d"], "oldest first");
+    let d = &rows[1]["stats"];
+    assert_eq!(d["wr_bytes"], (1 << 20) + (512 << 10) + (64 << 10));
+    assert_eq!(d["wr_operations"], 3);
+    assert_eq!(d["rd_bytes"], (1 << 20) + (512 << 10));
+    assert_eq!(d["rd_operations"], 2);
+    assert_eq!(d["unmap_operations"], 1);
+    assert_eq!(d["unmap_bytes"], 64 << 10);
+    assert!(d["flush_operations"].as_u64().unwrap() >= 1);
+    assert_eq!(d["wr_highest_offset"], (4 << 20) + (64 << 10));
+    assert!(d["wr_total_time_ns"].as_u64().unwrap() > 0);
+    assert!(d["idle_time_ns"].is_u64());
+    assert_eq!(d["failed_wr_operations"], 0);
+    // raw passes everything to its file; discard=ignore stops the discard at the top node.
+    assert_eq!(rows[1]["parent"]["node-name"], "f");
+    assert_eq!(rows[1]["parent"]["stats"]["wr_bytes"], d["wr_bytes"]);
+    let f = &rows[0]["stats"];
+    assert_eq!(f["wr_bytes"], d["wr_bytes"]);
+    assert_eq!(f["rd_bytes"], d["rd_bytes"]);
+    assert_eq!(f["unmap_operations"], 0);
+    assert_eq!(rows[0]["driver-specific"]["discard-nb-ok"], 0);
+    daemon.quit(&mut c).await;
 }

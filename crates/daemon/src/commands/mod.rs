@@ -44,6 +44,7 @@ pub const COMMANDS: &[&str] = &[
     "query-block",
     "query-block-exports",
     "query-block-jobs",
+    "query-blockstats",
     "query-commands",
     "query-jobs",
     "query-named-block-nodes",
@@ -98,6 +99,7 @@ impl qmp::Dispatcher for Commands {
                     jobs::job_command(daemon, command, args).await
                 }
                 "block-set-write-threshold" => stats::block_set_write_threshold(daemon, args),
+                "query-blockstats" => stats::query_blockstats(daemon, args),
                 "query-version" => misc::query_version(args),
                 "query-commands" => misc::query_commands(args),
                 "query-qmp-schema" => misc::query_qmp_schema(args),
