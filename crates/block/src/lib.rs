@@ -11,6 +11,7 @@ pub mod node;
 pub mod perm;
 pub mod stats;
 pub mod threshold;
+pub mod throttle;
 
 pub use graph::{Graph, OptionSyntax};
 pub use iothread::IoThreads;

@@ -7,3 +7,4 @@ pub mod nbd;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod throttle;

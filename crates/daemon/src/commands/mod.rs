@@ -3,6 +3,7 @@
 pub mod block;
 mod jobs;
 mod misc;
+pub mod objects;
 mod stats;
 
 pub use misc::version_json;
@@ -25,6 +26,7 @@ pub const COMMANDS: &[&str] = &[
     "block-job-pause",
     "block-job-resume",
     "block-job-set-speed",
+    "block_set_io_throttle",
     "blockdev-backup",
     "blockdev-add",
     "blockdev-del",
@@ -50,6 +52,10 @@ pub const COMMANDS: &[&str] = &[
     "query-named-block-nodes",
     "query-qmp-schema",
     "query-version",
+    "object-add",
+    "object-del",
+    "qom-get",
+    "qom-set",
     "quit",
     "x-blockdev-del",
     "x-debug-query-block-graph",
@@ -100,6 +106,11 @@ impl qmp::Dispatcher for Commands {
                 }
                 "block-set-write-threshold" => stats::block_set_write_threshold(daemon, args),
                 "query-blockstats" => stats::query_blockstats(daemon, args),
+                "object-add" => objects::object_add(daemon, args),
+                "object-del" => objects::object_del(daemon, args),
+                "qom-get" => objects::qom_get(daemon, args),
+                "qom-set" => objects::qom_set(daemon, args),
+                "block_set_io_throttle" => objects::block_set_io_throttle(daemon, args).await,
                 "query-version" => misc::query_version(args),
                 "query-commands" => misc::query_commands(args),
                 "query-qmp-schema" => misc::query_qmp_schema(args),
