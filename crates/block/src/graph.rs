@@ -8,8 +8,10 @@ use crate::drivers::nbd::{NbdDriver, NbdOptions};
 use crate::drivers::null::{Null, NullOptions};
 use crate::drivers::qcow2::{Qcow2, Qcow2Options};
 use crate::drivers::raw::{Raw, RawOptions};
+use crate::drivers::throttle::{Throttle, ThrottleOptions};
 use crate::node::{CommonOptions, DetectZeroes, Driver, Node, Parent};
 use crate::perm::Perms;
+use crate::throttle::ThrottleGroups;
 use futures::future::LocalBoxFuture;
 use qapi::error::QmpError;
 use serde::de::DeserializeOwned;
@@ -186,6 +188,8 @@ pub struct Graph {
     registry: Mutex<Registry>,
     /// Serialises graph changes; I/O keeps running meanwhile.
     change: tokio::sync::Mutex<()>,
+    /// Throttle groups by id, for throttle nodes to join.
+    pub throttle_groups: ThrottleGroups,
 }
 
 /// Nodes opened by one blockdev-add, registered together only if all of it succeeds.
@@ -650,6 +654,25 @@ impl Graph {
                         .await?;
                     children.push(file.clone());
                     Box::new(SnapshotAccess::new(file).map_err(QmpError::generic)?)
+                }
+                "throttle" => {
+                    let file_ref = take_child_ref(&mut options, "file", path)?;
+                    let opts: ThrottleOptions =
+                        parse_options(Value::Object(options), syntax, path)?;
+                    let group =
+                        self.throttle_groups
+                            .get(&opts.throttle_group)
+                            .ok_or_else(|| {
+                                QmpError::generic(format!(
+                                    "Throttle group '{}' does not exist",
+                                    opts.throttle_group
+                                ))
+                            })?;
+                    let file = self
+                        .open_child(&ctx, file_ref, "file", Perms::NONE, Perms::ALL, pending)
+                        .await?;
+                    children.push(file.clone());
+                    Box::new(Throttle::new(file, &group, false))
                 }
                 "nbd" => {
                     let opts: NbdOptions = parse_options(Value::Object(options), syntax, path)?;

@@ -10,6 +10,9 @@ pub mod iothread;
 pub mod node;
 pub mod perm;
 pub mod range_lock;
+pub mod stats;
+pub mod threshold;
+pub mod throttle;
 
 pub use graph::{Graph, OptionSyntax};
 pub use iothread::IoThreads;

@@ -5,11 +5,13 @@
 
 use crate::bitmap::DirtyBitmap;
 use crate::perm::Perms;
+use crate::stats::{IoKind, NodeStats};
+use crate::threshold::{ThresholdHook, WriteThreshold};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use serde_json::Value;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use tokio::sync::Notify;
 
@@ -340,7 +342,8 @@ pub struct Node {
     children: RwLock<Vec<Arc<Child>>>,
     parents: Mutex<Vec<Weak<Child>>>,
     inflight: Inflight,
-    write_threshold: AtomicU64,
+    write_threshold: WriteThreshold,
+    stats: NodeStats,
     /// Swapped as a whole when bitmaps come and go, so the write path reads it lock-free.
     dirty_bitmaps: ArcSwap<Vec<Arc<DirtyBitmap>>>,
 }
@@ -363,7 +366,8 @@ impl Node {
             children: RwLock::new(Vec::new()),
             parents: Mutex::new(Vec::new()),
             inflight: Inflight::default(),
-            write_threshold: AtomicU64::new(0),
+            write_threshold: WriteThreshold::default(),
+            stats: NodeStats::default(),
             dirty_bitmaps: ArcSwap::from_pointee(Vec::new()),
         })
     }
@@ -404,7 +408,17 @@ impl Node {
     }
 
     pub fn write_threshold(&self) -> u64 {
-        self.write_threshold.load(Ordering::Acquire)
+        self.write_threshold.get()
+    }
+
+    /// block-set-write-threshold: `hook` hears once when a write ends past `threshold`.
+    pub fn set_write_threshold(&self, threshold: u64, hook: ThresholdHook) {
+        self.write_threshold.set(threshold, hook);
+    }
+
+    /// What query-blockstats reports for this node.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
     }
 
     /// The node's dirty bitmaps, named and anonymous, in creation order.
@@ -745,13 +759,19 @@ impl Node {
     }
 
     async fn read_entered(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        self.driver.read(self, offset, buf).await
+        let len = buf.len() as u64;
+        let acct = self.stats.start(IoKind::Read);
+        self.check_range(offset, len).map_err(|e| acct.invalid(e))?;
+        acct.finish(len, self.driver.read(self, offset, buf).await)
     }
 
     async fn write_entered(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
-        self.check_writable()?;
-        self.check_write_range(offset, buf.len() as u64)?;
+        let acct = self.stats.start(IoKind::Write);
+        self.check_writable().map_err(|e| acct.invalid(e))?;
+        self.check_write_range(offset, buf.len() as u64)
+            .map_err(|e| acct.invalid(e))?;
+        self.write_threshold
+            .check(&self.name, offset, buf.len() as u64);
         if self.options.detect_zeroes != DetectZeroes::Off && is_zero(buf) {
             let zero_flags = WriteFlags {
                 may_unmap: self.options.detect_zeroes == DetectZeroes::Unmap
@@ -763,13 +783,13 @@ impl Node {
                 .write_zeroes(self, offset, buf.len() as u64, zero_flags)
                 .await;
             self.record_write(offset, buf.len() as u64);
-            return result;
+            return acct.finish_write(offset, buf.len() as u64, result);
         }
         // Recorded after the write (even a failed one, which may have changed part of the
         // range): a job that cleared the bits before reading then sees the range again.
         let result = self.driver.write(self, offset, buf, flags).await;
         self.record_write(offset, buf.len() as u64);
-        result
+        acct.finish_write(offset, buf.len() as u64, result)
     }
 
     async fn write_zeroes_entered(
@@ -778,33 +798,39 @@ impl Node {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        self.check_writable()?;
-        self.check_write_range(offset, len)?;
+        let acct = self.stats.start(IoKind::Write);
+        self.check_writable().map_err(|e| acct.invalid(e))?;
+        self.check_write_range(offset, len)
+            .map_err(|e| acct.invalid(e))?;
+        self.write_threshold.check(&self.name, offset, len);
         let flags = WriteFlags {
             may_unmap: flags.may_unmap && self.options.discard_unmap,
             ..flags
         };
         let result = self.driver.write_zeroes(self, offset, len, flags).await;
         self.record_write(offset, len);
-        result
+        acct.finish_write(offset, len, result)
     }
 
     async fn discard_entered(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_writable()?;
-        self.check_range(offset, len)?;
+        let acct = self.stats.start(IoKind::Unmap);
+        self.check_writable().map_err(|e| acct.invalid(e))?;
+        self.check_range(offset, len).map_err(|e| acct.invalid(e))?;
         if !self.options.discard_unmap {
-            return Ok(());
+            return acct.finish(len, Ok(()));
         }
         let result = self.driver.discard(self, offset, len).await;
+        self.stats.driver_discard(len, &result);
         self.record_write(offset, len);
-        result
+        acct.finish(len, result)
     }
 
     async fn flush_entered(&self) -> io::Result<()> {
+        let acct = self.stats.start(IoKind::Flush);
         if self.options.cache_no_flush {
-            return Ok(());
+            return acct.finish(0, Ok(()));
         }
-        self.driver.flush(self).await
+        acct.finish(0, self.driver.flush(self).await)
     }
 
     /// Status of this layer alone.

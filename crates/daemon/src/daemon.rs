@@ -90,7 +90,10 @@ impl Daemon {
                     .map(|_| ())
                     .map_err(|e| e.desc)
             }
-            CliItem::Object(_) => Err("no object types are available yet".into()),
+            CliItem::Object(QapiArgs { syntax, args }) => {
+                crate::commands::objects::object_add_cli(self, args, syntax == Syntax::Keyval)
+                    .map_err(|e| e.desc)
+            }
             CliItem::Chardev(chardev) => {
                 let mut chardevs = self.chardevs.borrow_mut();
                 if chardevs.contains_key(&chardev.id) {

@@ -9,3 +9,4 @@ pub mod nbd;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod throttle;

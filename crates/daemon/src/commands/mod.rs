@@ -7,7 +7,9 @@ mod images;
 mod jobs;
 mod mirror;
 mod misc;
+pub mod objects;
 mod snapshot;
+mod stats;
 mod transaction;
 
 pub use misc::version_json;
@@ -46,6 +48,8 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
     "change-backing-file",
+    "block_set_io_throttle",
+    "block-set-write-threshold",
     "drive-backup",
     "drive-mirror",
     "job-cancel",
@@ -62,11 +66,16 @@ pub const COMMANDS: &[&str] = &[
     "query-block",
     "query-block-exports",
     "query-block-jobs",
+    "query-blockstats",
     "query-commands",
     "query-jobs",
     "query-named-block-nodes",
     "query-qmp-schema",
     "query-version",
+    "object-add",
+    "object-del",
+    "qom-get",
+    "qom-set",
     "quit",
     "transaction",
     "x-blockdev-del",
@@ -135,6 +144,13 @@ impl qmp::Dispatcher for Commands {
                     }
                 }
                 "x-debug-block-dirty-bitmap-sha256" => bitmaps::sha256(&daemon.graph, args),
+                "block-set-write-threshold" => stats::block_set_write_threshold(daemon, args),
+                "query-blockstats" => stats::query_blockstats(daemon, args),
+                "object-add" => objects::object_add(daemon, args),
+                "object-del" => objects::object_del(daemon, args),
+                "qom-get" => objects::qom_get(daemon, args),
+                "qom-set" => objects::qom_set(daemon, args),
+                "block_set_io_throttle" => objects::block_set_io_throttle(daemon, args).await,
                 "query-version" => misc::query_version(args),
                 "query-commands" => misc::query_commands(args),
                 "query-qmp-schema" => misc::query_qmp_schema(args),

@@ -1,0 +1,311 @@
+//! QOM objects (object-add, object-del, qom-get, qom-set) — blockd has throttle groups —
+//! and the 2.8 block_set_io_throttle, which throttles one node without naming a group.
+
+use crate::daemon::Daemon;
+use block::throttle::{ThrottleConfig, ThrottleGroup, ThrottleLimits};
+use qapi::error::QmpError;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// object-add from QMP.
+pub fn object_add(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
+    add(daemon, args, false)?;
+    Ok(json!({}))
+}
+
+/// `--object` on the command line, in keyval or JSON syntax.
+pub fn object_add_cli(
+    daemon: &Daemon,
+    args: Map<String, Value>,
+    keyval: bool,
+) -> Result<(), QmpError> {
+    add(daemon, args, keyval)
+}
+
+fn add(daemon: &Daemon, mut args: Map<String, Value>, keyval: bool) -> Result<(), QmpError> {
+    let qom_type = match args.remove("qom-type") {
+        Some(Value::String(t)) => t,
+        Some(_) => {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'qom-type', expected: string",
+            ))
+        }
+        None => return Err(QmpError::generic("Parameter 'qom-type' is missing")),
+    };
+    let id = match args.remove("id") {
+        Some(Value::String(id)) => id,
+        Some(_) => {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'id', expected: string",
+            ))
+        }
+        None => return Err(QmpError::generic("Parameter 'id' is missing")),
+    };
+    match qom_type.as_str() {
+        "throttle-group" => {}
+        "iothread" => return Err(QmpError::generic(
+            "Object type 'iothread' is not supported by blockd: every I/O thread serves every node",
+        )),
+        other => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'qom-type' does not accept value '{other}'"
+            )))
+        }
+    }
+    if !is_identifier(&id) {
+        return Err(QmpError::generic("Parameter 'id' expects an identifier"));
+    }
+    let config = throttle_group_config(args, keyval)?;
+    if !daemon
+        .graph
+        .throttle_groups
+        .insert(ThrottleGroup::new(&id, config))
+    {
+        return Err(QmpError::generic(format!(
+            "attempt to add duplicate property '{id}' to object (type 'container')"
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ThrottleGroupProperties {
+    limits: Option<ThrottleLimits>,
+}
+
+/// ThrottleGroupProperties: `limits` and the same limits as flat unstable `x-` members,
+/// which are applied first.
+fn throttle_group_config(
+    mut args: Map<String, Value>,
+    keyval: bool,
+) -> Result<ThrottleConfig, QmpError> {
+    let flat_keys: Vec<String> = args
+        .keys()
+        .filter(|k| k.starts_with("x-"))
+        .cloned()
+        .collect();
+    let mut flat = Map::new();
+    for key in flat_keys {
+        let value = args.remove(&key).expect("key listed above");
+        flat.insert(key["x-".len()..].to_string(), value);
+    }
+    let props: ThrottleGroupProperties = parse(Value::Object(args), keyval)?;
+    let flat: ThrottleLimits = parse(Value::Object(flat), keyval).map_err(|e| QmpError {
+        desc: e.desc.replacen('\'', "'x-", 1),
+        ..e
+    })?;
+    if flat_values(&flat).iter().flatten().any(|&v| v < 0) {
+        return Err(QmpError::generic("Property values cannot be negative"));
+    }
+    let mut config = ThrottleConfig::default().merged(&flat);
+    if let Some(limits) = &props.limits {
+        config = config.merged(limits);
+    }
+    config.validate().map_err(QmpError::generic)?;
+    Ok(config)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(value: Value, keyval: bool) -> Result<T, QmpError> {
+    if keyval {
+        qapi::de::from_keyval(value)
+    } else {
+        qapi::de::from_value(value)
+    }
+}
+
+fn flat_values(l: &ThrottleLimits) -> Vec<Option<i64>> {
+    vec![
+        l.iops_total,
+        l.iops_total_max,
+        l.iops_total_max_length,
+        l.iops_read,
+        l.iops_read_max,
+        l.iops_read_max_length,
+        l.iops_write,
+        l.iops_write_max,
+        l.iops_write_max_length,
+        l.bps_total,
+        l.bps_total_max,
+        l.bps_total_max_length,
+        l.bps_read,
+        l.bps_read_max,
+        l.bps_read_max_length,
+        l.bps_write,
+        l.bps_write_max,
+        l.bps_write_max_length,
+        l.iops_size,
+    ]
+}
+
+/// QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.
+fn is_identifier(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObjectDelArgs {
+    id: String,
+}
+
+pub fn object_del(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
+    let args: ObjectDelArgs = qapi::de::from_value(Value::Object(args))?;
+    let groups = &daemon.graph.throttle_groups;
+    let group = groups
+        .get(&args.id)
+        .ok_or_else(|| QmpError::generic(format!("object '{}' not found", args.id)))?;
+    if group.member_count() > 0 {
+        return Err(QmpError::generic(format!(
+            "object '{}' is in use, can not be deleted",
+            args.id
+        )));
+    }
+    groups.remove(&args.id);
+    Ok(json!({}))
+}
+
+/// A QOM path to an object: `/objects/ID`, or just `ID` (QEMU's partial paths).
+fn resolve(daemon: &Daemon, path: &str) -> Result<Arc<ThrottleGroup>, QmpError> {
+    let id = path.strip_prefix("/objects/").unwrap_or(path);
+    daemon
+        .graph
+        .throttle_groups
+        .get(id)
+        .ok_or_else(|| QmpError::device_not_found(format!("Device '{path}' not found")))
+}
+
+fn no_property(name: &str) -> QmpError {
+    QmpError::generic(format!("Property 'throttle-group.{name}' not found"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QomGetArgs {
+    path: String,
+    property: String,
+}
+
+pub fn qom_get(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
+    let args: QomGetArgs = qapi::de::from_value(Value::Object(args))?;
+    let group = resolve(daemon, &args.path)?;
+    let limits = group.config().to_limits();
+    match args.property.as_str() {
+        "type" => Ok(json!("throttle-group")),
+        "limits" => Ok(limits),
+        name => name
+            .strip_prefix("x-")
+            .and_then(|member| limits.get(member).cloned())
+            .ok_or_else(|| no_property(name)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QomSetArgs {
+    path: String,
+    property: String,
+    value: Value,
+}
+
+/// qom-set: only `limits` may change once the group exists; members left out keep their
+/// values, and the new limits apply to requests already waiting.
+pub fn qom_set(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
+    let args: QomSetArgs = qapi::de::from_value(Value::Object(args))?;
+    let group = resolve(daemon, &args.path)?;
+    match args.property.as_str() {
+        "limits" => {
+            let limits: ThrottleLimits = qapi::de::from_value(args.value)?;
+            let config = group.config().merged(&limits);
+            config.validate().map_err(QmpError::generic)?;
+            group.set_config(config);
+            Ok(json!({}))
+        }
+        name if name.starts_with("x-") && group.config().to_limits().get(&name[2..]).is_some() => {
+            Err(QmpError::generic(
+                "Property cannot be set after initialization",
+            ))
+        }
+        name => Err(no_property(name)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockIoThrottle {
+    device: Option<String>,
+    id: Option<String>,
+    bps: i64,
+    bps_rd: i64,
+    bps_wr: i64,
+    iops: i64,
+    iops_rd: i64,
+    iops_wr: i64,
+    bps_max: Option<i64>,
+    bps_rd_max: Option<i64>,
+    bps_wr_max: Option<i64>,
+    iops_max: Option<i64>,
+    iops_rd_max: Option<i64>,
+    iops_wr_max: Option<i64>,
+    bps_max_length: Option<i64>,
+    bps_rd_max_length: Option<i64>,
+    bps_wr_max_length: Option<i64>,
+    iops_max_length: Option<i64>,
+    iops_rd_max_length: Option<i64>,
+    iops_wr_max_length: Option<i64>,
+    iops_size: Option<i64>,
+    group: Option<String>,
+}
+
+/// block_set_io_throttle (2.8; qsd dropped it): `device` or `id` names a node here. All
+/// limits 0 lifts the throttling; the group defaults to one of the node's own.
+pub async fn block_set_io_throttle(
+    daemon: &Daemon,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let a: BlockIoThrottle = qapi::de::from_value(Value::Object(args))?;
+    let name = match (&a.device, &a.id) {
+        (Some(name), None) | (None, Some(name)) => name.clone(),
+        _ => return Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
+    };
+    let node = daemon
+        .graph
+        .find(&name)
+        .ok_or_else(|| QmpError::device_not_found(format!("Device '{name}' not found")))?;
+    let limits = ThrottleLimits {
+        bps_total: Some(a.bps),
+        bps_read: Some(a.bps_rd),
+        bps_write: Some(a.bps_wr),
+        iops_total: Some(a.iops),
+        iops_read: Some(a.iops_rd),
+        iops_write: Some(a.iops_wr),
+        bps_total_max: a.bps_max,
+        bps_read_max: a.bps_rd_max,
+        bps_write_max: a.bps_wr_max,
+        iops_total_max: a.iops_max,
+        iops_read_max: a.iops_rd_max,
+        iops_write_max: a.iops_wr_max,
+        bps_total_max_length: a.bps_max_length,
+        bps_read_max_length: a.bps_rd_max_length,
+        bps_write_max_length: a.bps_wr_max_length,
+        iops_total_max_length: a.iops_max_length,
+        iops_read_max_length: a.iops_rd_max_length,
+        iops_write_max_length: a.iops_wr_max_length,
+        iops_size: a.iops_size,
+    };
+    let config = ThrottleConfig::default().merged(&limits);
+    config.validate().map_err(QmpError::generic)?;
+    let group = a.group.unwrap_or_else(|| name.clone());
+    let graph = daemon.graph.clone();
+    daemon
+        .io
+        .run(move || async move {
+            block::drivers::throttle::set_io_throttle(&graph, &node, &group, config).await
+        })
+        .await
+        .map_err(QmpError::generic)?;
+    Ok(json!({}))
+}
