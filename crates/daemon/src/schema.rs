@@ -1083,6 +1083,7 @@ mod tests {
             "drive-mirror",
             "block-stream",
             "block-commit",
+            "block-job-change",
             "block-dirty-bitmap-add",
             "block-dirty-bitmap-remove",
             "block-dirty-bitmap-clear",
