@@ -105,10 +105,16 @@ impl Client {
         }
     }
 
+    /// One write for the command and its newline: a server that quits on the command may
+    /// close before a second write, which would then fail with EPIPE.
     async fn exchange(&mut self, line: &[u8]) -> io::Result<Value> {
-        self.writer.write_all(line).await?;
-        if !line.ends_with(b"\n") {
-            self.writer.write_all(b"\n").await?;
+        if line.ends_with(b"\n") {
+            self.writer.write_all(line).await?;
+        } else {
+            let mut framed = Vec::with_capacity(line.len() + 1);
+            framed.extend_from_slice(line);
+            framed.push(b'\n');
+            self.writer.write_all(&framed).await?;
         }
         self.read_reply().await
     }
