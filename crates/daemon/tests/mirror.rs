@@ -618,3 +618,65 @@ async fn mirror_to_a_second_blockd_over_nbd() {
     ]);
     qemu_img(&["compare", &p(dir.path(), "top.qcow2"), &remote_img]);
 }
+
+/// Source reads fail once at 1 MiB into top.qcow2 through blkdebug.
+fn failing_source_args(dir: &Path) -> Vec<String> {
+    make_chain(dir);
+    qemu_img(&["create", "-q", "-f", "qcow2", &p(dir, "tgt.qcow2"), "16M"]);
+    let mut extra = vec![
+        s("--blockdev"),
+        s("driver=file,node-name=f0,filename=top.qcow2"),
+        s("--blockdev"),
+        s(
+            r#"{"driver":"qcow2","node-name":"disk0","file":{"driver":"blkdebug","image":"f0","inject-error":[{"event":"read_aio","errno":5,"sector":2048,"once":true}]}}"#,
+        ),
+    ];
+    extra.extend(target_args("tgt", "tgt.qcow2"));
+    extra.extend(nbd_args(dir, "disk0"));
+    extra
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_error_policies() {
+    for policy in ["report", "ignore", "stop"] {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = Daemon::start(Impl::Blockd, dir.path(), &failing_source_args(dir.path()));
+        let mut client = daemon.qmp().await;
+        client
+            .execute(
+                "blockdev-mirror",
+                json!({"job-id": "m", "device": "disk0", "target": "tgt", "sync": "full", "on-source-error": policy}),
+            )
+            .await
+            .unwrap();
+        let error = client
+            .wait_event("BLOCK_JOB_ERROR", WAIT)
+            .await
+            .expect("BLOCK_JOB_ERROR");
+        assert_eq!(error["data"]["operation"], "read", "{policy}");
+        if policy == "report" {
+            let done = client
+                .wait_event("BLOCK_JOB_COMPLETED", WAIT)
+                .await
+                .expect("BLOCK_JOB_COMPLETED");
+            assert_eq!(done["data"]["error"], "Input/output error");
+            daemon.quit(&mut client).await;
+            continue;
+        }
+        if policy == "stop" {
+            resume_stopped_job(&mut client, "m", "failed").await;
+        }
+        wait_ready(&mut client, "m").await;
+        client
+            .execute("block-job-complete", json!({"device": "m"}))
+            .await
+            .unwrap();
+        job_events(&mut client, "m", "null").await;
+        daemon.quit(&mut client).await;
+        qemu_img(&[
+            "compare",
+            &p(dir.path(), "top.qcow2"),
+            &p(dir.path(), "tgt.qcow2"),
+        ]);
+    }
+}
