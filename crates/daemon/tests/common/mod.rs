@@ -67,6 +67,8 @@ impl Daemon {
             "chardev=m0".to_string(),
         ];
         args.extend(extra.iter().cloned());
+        // A daemon started before in the same directory left its socket behind.
+        let _ = std::fs::remove_file(&qmp_path);
         let child = Command::new(which.binary())
             .args(&args)
             .current_dir(dir)
@@ -90,7 +92,17 @@ impl Daemon {
     /// greeting means the NBD server and exports of the command line are up too.
     fn wait_for_greeting(&self) {
         use std::io::BufRead;
-        let stream = std::os::unix::net::UnixStream::connect(&self.qmp_path).expect("connect QMP");
+        // The socket file exists from bind() on; connecting is refused until listen().
+        let deadline = Instant::now() + WAIT;
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(&self.qmp_path) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("connect QMP: {e}"),
+            }
+        };
         stream.set_read_timeout(Some(WAIT)).unwrap();
         let mut greeting = String::new();
         std::io::BufReader::new(stream)
