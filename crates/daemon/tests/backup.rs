@@ -624,8 +624,18 @@ async fn job_verbs_by_id() {
         .execute("job-pause", json!({"id": "v"}))
         .await
         .unwrap();
-    let jobs = client.execute("query-jobs", json!({})).await.unwrap();
-    assert_eq!(status(&jobs, "v").as_deref(), Some("paused"));
+    // The job pauses at its next pause point, on its own thread.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let jobs = client.execute("query-jobs", json!({})).await.unwrap();
+        match status(&jobs, "v").as_deref() {
+            Some("paused") => break,
+            Some("running") if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await
+            }
+            other => panic!("job-pause left the job {other:?}"),
+        }
+    }
     let err = client
         .execute("job-resume", json!({"id": "nope"}))
         .await
