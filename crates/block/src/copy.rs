@@ -18,6 +18,23 @@ pub struct ClusterBitmap {
 }
 
 impl ClusterBitmap {
+    /// The clusters of `cluster` bytes that hold a dirty byte of `bitmap` (any
+    /// granularity), over `len` bytes.
+    pub fn from_dirty(
+        bitmap: &crate::bitmap::DirtyBitmap,
+        cluster: u64,
+        len: u64,
+    ) -> ClusterBitmap {
+        let mut pending = ClusterBitmap::new(len.div_ceil(cluster));
+        let mut offset = 0;
+        while let Some((start, run)) = bitmap.next_dirty_range(offset, u64::MAX) {
+            let end = start + run;
+            pending.set_range(start / cluster..end.div_ceil(cluster), true);
+            offset = end;
+        }
+        pending
+    }
+
     pub fn new(clusters: u64) -> ClusterBitmap {
         ClusterBitmap {
             words: vec![0; clusters.div_ceil(64) as usize],

@@ -600,11 +600,23 @@ impl Graph {
                     let file_ref = take_child_ref(&mut options, "file", path)?;
                     let target_ref = take_child_ref(&mut options, "target", path)?;
                     let opts: CbwOptions = parse_options(Value::Object(options), syntax, path)?;
-                    if opts.bitmap.is_some() {
-                        return Err(QmpError::generic(
-                            "copy-before-write with a bitmap needs dirty bitmaps, which blockd does not have yet",
-                        ));
-                    }
+                    let bitmap = match &opts.bitmap {
+                        Some(r) => {
+                            let owner = self
+                                .find(&r.node)
+                                .or_else(|| pending.find(&r.node))
+                                .ok_or_else(|| {
+                                    QmpError::generic(format!(
+                                        "Cannot find device='' nor node-name='{}'",
+                                        r.node
+                                    ))
+                                })?;
+                            Some(owner.dirty_bitmap(&r.name).ok_or_else(|| {
+                                QmpError::generic(format!("Dirty bitmap '{}' not found", r.name))
+                            })?)
+                        }
+                        None => None,
+                    };
                     let file = self
                         .open_child(
                             &ctx,
@@ -633,6 +645,7 @@ impl Graph {
                         file,
                         target,
                         cluster,
+                        bitmap.as_deref(),
                         opts.on_cbw_error.unwrap_or_default(),
                         opts.cbw_timeout
                             .filter(|&s| s > 0)

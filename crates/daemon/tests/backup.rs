@@ -706,3 +706,95 @@ async fn job_verbs_by_id() {
         &tgt,
     ]);
 }
+
+/// A copy-before-write filter with a bitmap keeps the point in time only of the clusters
+/// the bitmap marks: the view reads those as they were and the others as they are now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleecing_with_a_bitmap_keeps_only_dirty_clusters() {
+    let mut views = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        make_chain(dir.path());
+        let fleece = dir
+            .path()
+            .join("fleece.qcow2")
+            .to_string_lossy()
+            .into_owned();
+        qemu_img(&["create", "-q", "-f", "qcow2", &fleece, "16M"]);
+        let sock = dir.path().join("nbd.sock");
+        let daemon = Daemon::start(
+            which,
+            dir.path(),
+            &chain_args(&[
+                s("--blockdev"),
+                format!("driver=qcow2,node-name=fleece,file.driver=file,file.filename={fleece}"),
+                s("--nbd-server"),
+                format!("addr.type=unix,addr.path={}", sock.display()),
+            ]),
+        );
+        let mut client = daemon.qmp().await;
+        let missing = client
+            .execute(
+                "blockdev-add",
+                json!({"driver": "copy-before-write", "node-name": "cbw", "file": "disk0", "target": "fleece", "bitmap": {"node": "disk0", "name": "nope"}}),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(missing.desc, "Dirty bitmap 'nope' not found");
+        for (cmd, args) in [
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "disk0", "name": "b"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "d", "node-name": "disk0", "writable": true}),
+            ),
+        ] {
+            client.execute(cmd, args).await.unwrap();
+        }
+        let disk = format!("nbd+unix:///disk0?socket={}", sock.display());
+        // Dirty: the first MiB; clean: the second.
+        qemu_io(&["-f", "raw", &disk, "-c", "write -P 0x51 0 1M"]);
+        client
+            .execute("block-export-del", json!({"id": "d"}))
+            .await
+            .unwrap();
+        job_events_settle(&mut client).await;
+        for (cmd, args) in [
+            (
+                "blockdev-add",
+                json!({"driver": "copy-before-write", "node-name": "cbw", "file": "disk0", "target": "fleece", "bitmap": {"node": "disk0", "name": "b"}}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "live", "node-name": "cbw", "writable": true}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "view", "node-name": "acc"}),
+            ),
+        ] {
+            client
+                .execute(cmd, args)
+                .await
+                .unwrap_or_else(|e| panic!("{which:?} {cmd}: {}", e.desc));
+        }
+        let live = format!("nbd+unix:///cbw?socket={}", sock.display());
+        let view = format!("nbd+unix:///acc?socket={}", sock.display());
+        qemu_io(&["-f", "raw", &live, "-c", "write -P 0x52 0 2M"]);
+        let dirty_kept = qemu_io(&["-f", "raw", "-r", &view, "-c", "read -P 0x51 0 1M"]);
+        views.push(dirty_kept.contains("read 1048576/1048576"));
+        daemon.quit(&mut client).await;
+    }
+    assert!(views.iter().all(|&kept| kept), "{views:?}");
+}
+
+/// Let an export deletion finish before the next graph change.
+async fn job_events_settle(client: &mut qmp::Client) {
+    client.wait_event("BLOCK_EXPORT_DELETED", WAIT).await;
+}

@@ -17,10 +17,19 @@ use std::time::Duration;
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct CbwOptions {
-    pub bitmap: Option<serde_json::Value>,
+    pub bitmap: Option<BitmapRef>,
     pub on_cbw_error: Option<OnCbwError>,
     pub cbw_timeout: Option<u64>,
     pub min_cluster_size: Option<u64>,
+}
+
+/// `BlockDirtyBitmap`: the bitmap whose dirty clusters are the only ones the filter
+/// copies (the others are not part of the point in time).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct BitmapRef {
+    pub node: String,
+    pub name: String,
 }
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,17 +54,25 @@ pub struct CopyBeforeWrite {
 }
 
 impl CopyBeforeWrite {
-    /// Every cluster starts as needing a copy: the point in time is "now".
+    /// Every cluster (or, with `only`, each one it marks dirty) starts as needing a copy:
+    /// the point in time is "now".
     pub fn new(
         file: Arc<Child>,
         target: Arc<Child>,
         cluster_size: u64,
+        only: Option<&crate::bitmap::DirtyBitmap>,
         on_error: OnCbwError,
         timeout: Option<Duration>,
     ) -> CopyBeforeWrite {
         let len = file.node().size();
-        let mut pending = ClusterBitmap::new(len.div_ceil(cluster_size));
-        pending.set_range(0..pending.len(), true);
+        let pending = match only {
+            Some(bitmap) => ClusterBitmap::from_dirty(bitmap, cluster_size, len),
+            None => {
+                let mut all = ClusterBitmap::new(len.div_ceil(cluster_size));
+                all.set_range(0..all.len(), true);
+                all
+            }
+        };
         CopyBeforeWrite::with_copy(
             Arc::new(BlockCopy::new(file, target, cluster_size, pending, false)),
             on_error,

@@ -414,18 +414,6 @@ async fn undo_sync_bitmap(daemon: &Daemon, sync_bitmap: Option<Arc<SyncBitmap>>)
     }
 }
 
-/// The clusters of `cluster` bytes that hold a dirty byte of `bitmap` (any granularity).
-fn dirty_clusters(bitmap: &DirtyBitmap, cluster: u64, len: u64) -> ClusterBitmap {
-    let mut pending = ClusterBitmap::new(len.div_ceil(cluster));
-    let mut offset = 0;
-    while let Some((start, run)) = bitmap.next_dirty_range(offset, u64::MAX) {
-        let end = start + run;
-        pending.set_range(start / cluster..end.div_ceil(cluster), true);
-        offset = end;
-    }
-    pending
-}
-
 /// Put a copy-before-write filter above `source` whose point in time is now, and mark
 /// source and target as used by the job. With `only_dirty`, only the clusters it marks are
 /// to be copied.
@@ -465,7 +453,7 @@ async fn insert_cbw(
     )?;
     let cluster = CopyBeforeWrite::cluster_size_for(target).max(min_cluster);
     let pending = match only_dirty {
-        Some(bitmap) => dirty_clusters(bitmap, cluster, source.size()),
+        Some(bitmap) => ClusterBitmap::from_dirty(bitmap, cluster, source.size()),
         None => {
             let mut all = ClusterBitmap::new(source.size().div_ceil(cluster));
             all.set_range(0..all.len(), true);
