@@ -9,13 +9,16 @@
 //! QEMU.
 //!
 //! Persistent dirty bitmaps live beside imago, which does not know them: see `bitmaps.rs`
-//! for how they are loaded before imago opens and stored when the node closes.
+//! for how they are loaded before imago opens and stored when the node closes. Internal
+//! snapshots are created and deleted beside imago too: see `snapshots.rs`.
 
 mod bitmaps;
 mod header;
+mod snapshots;
 mod storage;
 
 pub use header::Header;
+pub use snapshots::SnapshotInfo;
 
 use crate::bitmap::DirtyBitmap;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
