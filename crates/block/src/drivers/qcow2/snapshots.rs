@@ -517,7 +517,8 @@ impl Qcow2 {
         let max = refcounts.max();
         for (&cluster, &n) in &counts {
             if refcounts.get(cluster).await?.saturating_add(n) > max {
-                return Err(io::Error::from_raw_os_error(libc::ERANGE));
+                // The refcount would overflow: QEMU refuses with EINVAL as well.
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
         }
 
