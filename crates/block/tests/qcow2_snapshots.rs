@@ -166,13 +166,9 @@ impl Setup {
     }
 
     fn list(&self) -> Vec<SnapshotInfo> {
-        self.on_node(|node| async move {
-            node.driver_as::<Qcow2>()
-                .unwrap()
-                .snapshots()
-                .await
-                .unwrap()
-        })
+        let node = self.graph.find("disk").unwrap();
+        let list = node.driver_as::<Qcow2>().unwrap().snapshots();
+        list
     }
 
     fn close(self) {
@@ -301,6 +297,8 @@ fn deleting_snapshots_frees_their_clusters() {
     assert!(qemu_content(&image, dir.path()) == final_content);
 
     let setup = Setup::open(&image, false);
+    let reopened: Vec<_> = setup.list().into_iter().map(|s| (s.id, s.name)).collect();
+    assert_eq!(reopened, vec![("2".to_string(), "s2".to_string())]);
     assert_eq!(setup.delete(Some("2"), None).unwrap().name, "s2");
     assert!(setup.list().is_empty());
     // After the last one, ids start again at 1, as QEMU numbers them.

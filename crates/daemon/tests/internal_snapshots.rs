@@ -299,6 +299,31 @@ async fn replies_and_errors_match_qsd() {
             let reply = outcome(client.execute(&command, args.clone()).await);
             replies.push(json!({"command": command, "args": args, "outcome": reply}));
         }
+        // query-named-block-nodes lists each node's snapshots in its image info.
+        let nodes = client
+            .execute("query-named-block-nodes", json!({"flat": true}))
+            .await
+            .unwrap();
+        for node in nodes.as_array().unwrap() {
+            // qsd drops a snapshot from its list when deleting it fails (ro0's "old"), though
+            // the image keeps it; blockd keeps listing it.
+            if node["node-name"] == "ro0" && which == Impl::Blockd {
+                assert_eq!(node["image"]["snapshots"][0]["name"], "old", "{node}");
+            }
+            if node["node-name"] == "ro0" {
+                continue;
+            }
+            let snapshots: Vec<Value> = node["image"]["snapshots"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(without_times)
+                .collect();
+            replies.push(normalize(
+                json!({"node": node["node-name"], "snapshots": snapshots}),
+            ));
+        }
         daemon.quit(&mut client).await;
         let image = p(d, "disk.qcow2");
         check_clean(&image);
@@ -310,7 +335,19 @@ async fn replies_and_errors_match_qsd() {
         assert_eq!(listed(&ro), vec![(s("1"), s("old"))], "{which:?}");
         outcomes.push(replies);
     }
+    let disk0 = outcomes[0]
+        .iter()
+        .find(|r| r["node"] == "disk0")
+        .expect("disk0 listed");
+    let ids: Vec<&Value> = disk0["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["id"])
+        .collect();
+    assert_eq!(ids, [&json!("2"), &json!("3")]);
     if outcomes.len() == 2 {
+        assert_eq!(outcomes[0].len(), outcomes[1].len());
         for (ours, theirs) in outcomes[0].iter().zip(&outcomes[1]) {
             assert_eq!(ours, theirs, "blockd vs qsd");
         }

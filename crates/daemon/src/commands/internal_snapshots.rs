@@ -77,33 +77,12 @@ fn check_not_busy(node: &Node) -> Result<(), QmpError> {
     }
 }
 
-async fn list(daemon: &Daemon, node: &Arc<Node>) -> std::io::Result<Vec<SnapshotInfo>> {
-    let node = node.clone();
-    daemon
-        .io
-        .run(move || async move {
-            match node.driver_as::<Qcow2>() {
-                Some(qcow2) => qcow2.snapshots().await,
-                None => Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)),
-            }
-        })
-        .await
-}
-
-fn snapshot_info_json(info: &SnapshotInfo) -> Value {
-    let mut value = json!({
-        "id": info.id,
-        "name": info.name,
-        "vm-state-size": info.vm_state_size,
-        "date-sec": info.date_sec,
-        "date-nsec": info.date_nsec,
-        "vm-clock-sec": info.vm_clock_nsec / 1_000_000_000,
-        "vm-clock-nsec": info.vm_clock_nsec % 1_000_000_000,
-    });
-    if let Some(icount) = info.icount {
-        value["icount"] = json!(icount);
+/// The node's snapshots as it knows them (as QEMU, from the table read at open).
+fn list(node: &Node) -> std::io::Result<Vec<SnapshotInfo>> {
+    match node.driver_as::<Qcow2>() {
+        Some(qcow2) => Ok(qcow2.snapshots()),
+        None => Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)),
     }
-    value
 }
 
 pub(super) async fn prepare_internal_snapshot(
@@ -126,7 +105,7 @@ pub(super) async fn prepare_internal_snapshot(
     if args.name.is_empty() {
         return Err(QmpError::generic("Name is empty"));
     }
-    let existing = list(daemon, &node).await.map_err(|e| {
+    let existing = list(&node).map_err(|e| {
         QmpError::generic(format!(
             "Failed to get a snapshot list: {}",
             os_error_text(&e)
@@ -182,7 +161,7 @@ pub async fn blockdev_snapshot_delete_internal_sync(
         return Err(QmpError::generic("Name or id must be provided"));
     }
     check_not_busy(&node)?;
-    let existing = list(daemon, &node).await.map_err(|e| {
+    let existing = list(&node).map_err(|e| {
         QmpError::generic(format!(
             "Failed to get a snapshot list: {}",
             os_error_text(&e)
@@ -226,5 +205,5 @@ pub async fn blockdev_snapshot_delete_internal_sync(
     // Found just before, on this node; nothing else deletes snapshots in between.
     let deleted =
         deleted.ok_or_else(|| removal_failed(&std::io::Error::from_raw_os_error(libc::ENOENT)))?;
-    Ok(snapshot_info_json(&deleted))
+    Ok(deleted.to_json())
 }

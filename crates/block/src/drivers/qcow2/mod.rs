@@ -71,6 +71,9 @@ pub struct Qcow2 {
     /// Follows reopening: only a writable node stores its bitmaps at close.
     writable: AtomicBool,
     bitmaps: std::sync::Mutex<BitmapState>,
+    /// The internal snapshots, as read at open and changed by us since (QEMU reports them
+    /// the same way: another process changing the table goes unseen).
+    snapshot_list: std::sync::Mutex<Vec<SnapshotInfo>>,
 }
 
 /// Persistent bitmaps between open and close.
@@ -135,6 +138,9 @@ impl Qcow2 {
         let mut image = ImagoImage::open_image(storage, writable)
             .await
             .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
+        let snapshot_list = snapshots::load_list(&file)
+            .await
+            .map_err(|e| format!("Could not read qcow2 snapshot table: {e}"))?;
         let mut bitmap_state = BitmapState::default();
         if let Some(loaded) = loaded {
             if writable {
@@ -164,6 +170,7 @@ impl Qcow2 {
             auto_backing_file: std::sync::Mutex::new(auto_backing_file),
             writable: AtomicBool::new(writable),
             bitmaps: std::sync::Mutex::new(bitmap_state),
+            snapshot_list: std::sync::Mutex::new(snapshot_list),
         })
     }
 

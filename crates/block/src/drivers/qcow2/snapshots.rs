@@ -30,6 +30,7 @@
 use super::bitmaps::{self, Refcounts};
 use super::{open_access, persist, Qcow2};
 use crate::node::{Child, Node, WriteFlags};
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::Ordering;
@@ -430,13 +431,40 @@ fn now() -> (u32, u32) {
     (since.as_secs() as u32, since.subsec_micros() * 1000)
 }
 
+/// The snapshots an image holds, read from its table.
+pub(super) async fn load_list(file: &Child) -> io::Result<Vec<SnapshotInfo>> {
+    let (_, layout) = read_first_cluster(file).await?;
+    let entries = read_entries(file, &layout).await?;
+    Ok(entries.iter().map(Entry::info).collect())
+}
+
+impl SnapshotInfo {
+    /// SnapshotInfo as QMP reports it.
+    pub fn to_json(&self) -> Value {
+        let mut value = json!({
+            "id": self.id,
+            "name": self.name,
+            "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec,
+            "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec / 1_000_000_000,
+            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
+        });
+        if let Some(icount) = self.icount {
+            value["icount"] = json!(icount);
+        }
+        value
+    }
+}
+
 impl Qcow2 {
-    /// The snapshots the image holds.
-    pub async fn snapshots(&self) -> io::Result<Vec<SnapshotInfo>> {
-        let _quiet = self.access.read().await;
-        let (_, layout) = read_first_cluster(&self.file).await?;
-        let entries = read_entries(&self.file, &layout).await?;
-        Ok(entries.iter().map(Entry::info).collect())
+    /// The snapshots the image holds (as known since open: see `snapshot_list`).
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.snapshot_list.lock().unwrap().clone()
+    }
+
+    fn set_snapshot_list(&self, entries: &[Entry]) {
+        *self.snapshot_list.lock().unwrap() = entries.iter().map(Entry::info).collect();
     }
 
     /// Take an internal snapshot named `name` of the node's current content.
@@ -563,6 +591,7 @@ impl Qcow2 {
         entries.push(entry);
         let (table_offset, _) = write_new_table(file, &mut refcounts, &layout, &entries).await?;
         write_table_pointer(file, entries.len(), table_offset).await?;
+        self.set_snapshot_list(&entries);
         for cluster in old_table {
             refcounts.release(cluster).await?;
         }
@@ -588,6 +617,7 @@ impl Qcow2 {
 
         let (table_offset, _) = write_new_table(file, &mut refcounts, &layout, &entries).await?;
         write_table_pointer(file, entries.len(), table_offset).await?;
+        self.set_snapshot_list(&entries);
 
         for (&cluster, &n) in &counts {
             let value = refcounts.get(cluster).await?;
