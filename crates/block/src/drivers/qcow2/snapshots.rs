@@ -23,6 +23,9 @@
 //! The order of the writes is chosen so that a crash in between leaves refcounts too high
 //! (leaked clusters, which `qemu-img check -r` repairs), never lower than the references.
 //!
+//! The list of snapshots is read at open and kept current by create and delete; reports
+//! and lookups by name or id use it, as QEMU's do.
+//!
 //! Entries are written as QEMU 10 writes them: 24 bytes of extra data (the 64-bit VM state
 //! size, the disk size, and icount -1 for "none"), no VM state. Extra data of entries we
 //! did not write is kept as it is. Images with extended L2 entries are refused.
