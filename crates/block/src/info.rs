@@ -11,6 +11,13 @@ use std::sync::Arc;
 pub fn image_info(node: &Arc<Node>, recurse: bool) -> Value {
     let info = node.driver().info(node);
     let mut image = Map::new();
+    if let Some(qcow2) = node.driver_as::<crate::drivers::qcow2::Qcow2>() {
+        let snapshots = qcow2.snapshots();
+        if !snapshots.is_empty() {
+            let list: Vec<Value> = snapshots.iter().map(|s| s.to_json()).collect();
+            image.insert("snapshots".into(), Value::Array(list));
+        }
+    }
     image.insert("virtual-size".into(), json!(node.size()));
     image.insert("filename".into(), json!(info.filename));
     if let Some(cluster_size) = info.cluster_size {

@@ -1105,6 +1105,8 @@ mod tests {
             "qom-set",
             "qom-get",
             "block_set_io_throttle",
+            "blockdev-snapshot-internal-sync",
+            "blockdev-snapshot-delete-internal-sync",
         ];
         planned.sort_unstable();
         assert_eq!(commands, planned);

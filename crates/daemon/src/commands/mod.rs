@@ -4,6 +4,7 @@ pub mod bitmaps;
 pub mod block;
 mod chain;
 mod images;
+mod internal_snapshots;
 mod jobs;
 mod mirror;
 mod misc;
@@ -47,6 +48,8 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-mirror",
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
+    "blockdev-snapshot-internal-sync",
+    "blockdev-snapshot-delete-internal-sync",
     "change-backing-file",
     "block_set_io_throttle",
     "block-set-write-threshold",
@@ -127,6 +130,12 @@ impl qmp::Dispatcher for Commands {
                 "block-stream" => chain::block_stream(daemon, args).await,
                 "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync(daemon, args).await,
                 "blockdev-snapshot" => snapshot::blockdev_snapshot(daemon, args).await,
+                "blockdev-snapshot-internal-sync" => {
+                    internal_snapshots::blockdev_snapshot_internal_sync(daemon, args).await
+                }
+                "blockdev-snapshot-delete-internal-sync" => {
+                    internal_snapshots::blockdev_snapshot_delete_internal_sync(daemon, args).await
+                }
                 "transaction" => transaction::transaction(daemon, args).await,
                 "block-commit" => chain::block_commit(daemon, args).await,
                 "drive-mirror" => mirror::drive_mirror(daemon, args).await,

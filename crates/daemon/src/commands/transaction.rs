@@ -8,6 +8,7 @@
 //! fails, the others are cancelled, and each bitmap keeps its old point in time.
 
 use super::bitmaps::{BitmapAction, PreparedBitmapAction};
+use super::internal_snapshots::{prepare_internal_snapshot, TakenInternalSnapshot};
 use super::jobs::{create_blockdev_backup, create_drive_backup, start_job};
 use super::snapshot::{prepare_snapshot, prepare_snapshot_sync, AppliedSnapshot};
 use crate::daemon::Daemon;
@@ -65,6 +66,7 @@ enum Prepared {
     Bitmap(PreparedBitmapAction),
     Backup(Arc<Job>),
     Snapshot(AppliedSnapshot),
+    InternalSnapshot(TakenInternalSnapshot),
 }
 
 impl Prepared {
@@ -72,7 +74,7 @@ impl Prepared {
         match self {
             Prepared::Bitmap(action) => action.commit(),
             Prepared::Backup(job) => start_job(daemon, &job),
-            Prepared::Snapshot(_) => {}
+            Prepared::Snapshot(_) | Prepared::InternalSnapshot(_) => {}
         }
     }
 
@@ -87,6 +89,7 @@ impl Prepared {
                 }
             }
             Prepared::Snapshot(snapshot) => snapshot.undo(daemon).await,
+            Prepared::InternalSnapshot(snapshot) => snapshot.undo(daemon).await,
         }
     }
 }
@@ -166,8 +169,8 @@ async fn prepare(
         "blockdev-snapshot-sync" => Ok(Prepared::Snapshot(
             prepare_snapshot_sync(daemon, data).await?,
         )),
-        "blockdev-snapshot-internal-sync" => Err(QmpError::generic(
-            "Internal snapshots are not supported by blockd",
+        "blockdev-snapshot-internal-sync" => Ok(Prepared::InternalSnapshot(
+            prepare_internal_snapshot(daemon, data).await?,
         )),
         kind => match BitmapAction::parse(kind, data)? {
             Some(bitmap) => Ok(Prepared::Bitmap(bitmap.prepare(&daemon.graph)?)),

@@ -232,6 +232,12 @@ pub async fn mark_in_use(file: &Child, loaded: &Loaded) -> io::Result<()> {
     file.write(loaded.directory_offset, &directory, WriteFlags::default())
         .await?;
     file.flush().await?;
+    restore_autoclear(file).await
+}
+
+/// Set the bitmaps autoclear bit again after a writable imago open cleared it; the
+/// directory on disk is the one [`mark_in_use`] wrote.
+pub async fn restore_autoclear(file: &Child) -> io::Result<()> {
     let mut autoclear = [0u8; 8];
     file.read(88, &mut autoclear).await?;
     let autoclear = u64::from_be_bytes(autoclear) | 1;
@@ -367,7 +373,7 @@ pub async fn store(
 }
 
 /// The image's refcounts, read and changed directly: only while nothing else allocates.
-struct Refcounts<'a> {
+pub(super) struct Refcounts<'a> {
     file: &'a Child,
     cluster_size: u64,
     order: u32,
@@ -379,7 +385,7 @@ struct Refcounts<'a> {
 }
 
 impl<'a> Refcounts<'a> {
-    async fn load(file: &'a Child, first: &[u8]) -> io::Result<Refcounts<'a>> {
+    pub(super) async fn load(file: &'a Child, first: &[u8]) -> io::Result<Refcounts<'a>> {
         let cluster_size = 1u64 << be32(first, 20);
         let table_offset = be64(first, 48);
         let table_clusters = be32(first, 56) as u64;
@@ -403,6 +409,11 @@ impl<'a> Refcounts<'a> {
             blocks: BTreeMap::new(),
             dirty: Default::default(),
         })
+    }
+
+    /// The highest refcount an entry can hold.
+    pub(super) fn max(&self) -> u64 {
+        u64::MAX >> (64 - (1u32 << self.order))
     }
 
     fn block_entries(&self) -> u64 {
@@ -430,14 +441,14 @@ impl<'a> Refcounts<'a> {
         )))
     }
 
-    async fn get(&mut self, cluster: u64) -> io::Result<u64> {
+    pub(super) async fn get(&mut self, cluster: u64) -> io::Result<u64> {
         Ok(match self.block(cluster).await? {
             Some((block, index)) => read_refcount(&self.blocks[&block], index, self.order),
             None => 0,
         })
     }
 
-    async fn set(&mut self, cluster: u64, value: u64) -> io::Result<()> {
+    pub(super) async fn set(&mut self, cluster: u64, value: u64) -> io::Result<()> {
         let (block, index) = self
             .block(cluster)
             .await?
@@ -451,7 +462,7 @@ impl<'a> Refcounts<'a> {
     /// Take `count` consecutive free clusters past everything in use (and past the end of
     /// the file, `file_size`), with refcount 1; returns the first cluster's index. Refcount
     /// blocks they need are created right after them, refcounting themselves.
-    async fn allocate(&mut self, count: u64, file_size: u64) -> io::Result<u64> {
+    pub(super) async fn allocate(&mut self, count: u64, file_size: u64) -> io::Result<u64> {
         let mut start = file_size.div_ceil(self.cluster_size).max(1);
         let mut cluster = start;
         while cluster < start + count {
@@ -470,7 +481,7 @@ impl<'a> Refcounts<'a> {
                 .ok_or_else(|| {
                     io::Error::new(
                         io::ErrorKind::StorageFull,
-                        "qcow2 bitmaps: the refcount table would have to grow",
+                        "qcow2: the refcount table would have to grow",
                     )
                 })?;
             if entry & !0x1ff == 0 {
@@ -490,13 +501,10 @@ impl<'a> Refcounts<'a> {
         Ok(start)
     }
 
-    async fn release(&mut self, cluster: u64) -> io::Result<()> {
+    pub(super) async fn release(&mut self, cluster: u64) -> io::Result<()> {
         match self.get(cluster).await? {
             0 => {
-                tracing::warn!(
-                    cluster,
-                    "qcow2 bitmaps: freeing a cluster that is already free"
-                );
+                tracing::warn!(cluster, "qcow2: freeing a cluster that is already free");
                 Ok(())
             }
             n => self.set(cluster, n - 1).await,
@@ -504,7 +512,7 @@ impl<'a> Refcounts<'a> {
     }
 
     /// Write changed refcount blocks, then the refcount table entries that point at new ones.
-    async fn write_back(&mut self, file: &Child) -> io::Result<()> {
+    pub(super) async fn write_back(&mut self, file: &Child) -> io::Result<()> {
         for block in std::mem::take(&mut self.dirty) {
             let offset = self.table[block as usize] & !0x1ff;
             file.write(offset, &self.blocks[&block], WriteFlags::default())

@@ -9,13 +9,16 @@
 //! QEMU.
 //!
 //! Persistent dirty bitmaps live beside imago, which does not know them: see `bitmaps.rs`
-//! for how they are loaded before imago opens and stored when the node closes.
+//! for how they are loaded before imago opens and stored when the node closes. Internal
+//! snapshots are created and deleted beside imago too: see `snapshots.rs`.
 
 mod bitmaps;
 mod header;
+mod snapshots;
 mod storage;
 
 pub use header::Header;
+pub use snapshots::SnapshotInfo;
 
 use crate::bitmap::DirtyBitmap;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
@@ -68,6 +71,9 @@ pub struct Qcow2 {
     /// Follows reopening: only a writable node stores its bitmaps at close.
     writable: AtomicBool,
     bitmaps: std::sync::Mutex<BitmapState>,
+    /// The internal snapshots, as read at open and changed by us since (QEMU reports them
+    /// the same way: another process changing the table goes unseen).
+    snapshot_list: std::sync::Mutex<Vec<SnapshotInfo>>,
 }
 
 /// Persistent bitmaps between open and close.
@@ -132,6 +138,9 @@ impl Qcow2 {
         let mut image = ImagoImage::open_image(storage, writable)
             .await
             .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
+        let snapshot_list = snapshots::load_list(&file)
+            .await
+            .map_err(|e| format!("Could not read qcow2 snapshot table: {e}"))?;
         let mut bitmap_state = BitmapState::default();
         if let Some(loaded) = loaded {
             if writable {
@@ -161,6 +170,7 @@ impl Qcow2 {
             auto_backing_file: std::sync::Mutex::new(auto_backing_file),
             writable: AtomicBool::new(writable),
             bitmaps: std::sync::Mutex::new(bitmap_state),
+            snapshot_list: std::sync::Mutex::new(snapshot_list),
         })
     }
 

@@ -1,0 +1,732 @@
+//! qcow2 internal snapshots (docs/interop/qcow2.txt, "Snapshots"), written beside imago,
+//! which cannot create or delete them but serves images that have them.
+//!
+//! Every change happens with the node drained, imago flushed (its caches written back) and
+//! its access lock held for writing, so we are the only one touching the metadata; then a
+//! new imago instance replaces the old one, which had L1/L2 tables and refcounts cached that
+//! are no longer true. The refcount helpers are those the bitmaps use (`bitmaps.rs`).
+//!
+//! - **Create**: every cluster the active L1 table reaches gets one more reference: each L2
+//!   table, each data cluster (preallocated zero clusters too) and each cluster a compressed
+//!   cluster touches, counted per reference. Fresh clusters past the end of the file take
+//!   the copy of the active L1 table and the new snapshot table. The COPIED flag (bit 63) of
+//!   the active L1 and L2 entries is then cleared wherever the refcount is no longer 1: imago
+//!   writes in place only through entries with that flag, and otherwise copies the cluster
+//!   (and an L2 table it must change) first, so later writes never reach what the snapshot
+//!   holds. Only then is the L1 copy and table written and the header pointed at the table;
+//!   the old table's clusters are freed last.
+//! - **Delete**: the header first points at a table without the entry, then the snapshot's
+//!   references go (its L2 tables, their data clusters, its L1 copy) and the old table is
+//!   freed; COPIED is set again in the active tables where a refcount is back to 1 (imago
+//!   would otherwise copy clusters nobody else uses on every first write).
+//!
+//! The order of the writes is chosen so that a crash in between leaves refcounts too high
+//! (leaked clusters, which `qemu-img check -r` repairs), never lower than the references.
+//!
+//! The list of snapshots is read at open and kept current by create and delete; reports
+//! and lookups by name or id use it, as QEMU's do.
+//!
+//! Entries are written as QEMU 10 writes them: 24 bytes of extra data (the 64-bit VM state
+//! size, the disk size, and icount -1 for "none"), no VM state. Extra data of entries we
+//! did not write is kept as it is. Images with extended L2 entries are refused.
+
+use super::bitmaps::{self, Refcounts};
+use super::{open_access, persist, Qcow2};
+use crate::node::{Child, Node, WriteFlags};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Bits 9-55 of an L1 entry or a standard L2 entry: the host cluster offset.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+const ENTRY_FIXED: usize = 40;
+/// Extra data QEMU writes: 64-bit VM state size, disk size, icount.
+const EXTRA_DATA_SIZE: usize = 24;
+const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+/// QEMU's limits for the table, which we keep so QEMU can open what we write.
+const MAX_SNAPSHOTS: usize = 65536;
+const MAX_TABLE_SIZE: u64 = 64 << 20;
+
+/// One snapshot as the table records it (and as SnapshotInfo reports it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub vm_state_size: u64,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    /// Instructions counted when icount was on; None when it was not.
+    pub icount: Option<u64>,
+}
+
+/// A snapshot table entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    l1_offset: u64,
+    l1_size: u32,
+    id: String,
+    name: String,
+    date_sec: u32,
+    date_nsec: u32,
+    vm_clock_nsec: u64,
+    vm_state_size: u32,
+    extra: Vec<u8>,
+}
+
+impl Entry {
+    fn info(&self) -> SnapshotInfo {
+        let vm_state_size = match self.extra.get(0..8) {
+            Some(large) => be64(large, 0),
+            None => self.vm_state_size as u64,
+        };
+        let icount = self
+            .extra
+            .get(16..24)
+            .map(|b| be64(b, 0))
+            .filter(|&n| n != u64::MAX);
+        SnapshotInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            vm_state_size,
+            date_sec: self.date_sec,
+            date_nsec: self.date_nsec,
+            vm_clock_nsec: self.vm_clock_nsec,
+            icount,
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.l1_offset.to_be_bytes());
+        out.extend_from_slice(&self.l1_size.to_be_bytes());
+        out.extend_from_slice(&(self.id.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&self.date_sec.to_be_bytes());
+        out.extend_from_slice(&self.date_nsec.to_be_bytes());
+        out.extend_from_slice(&self.vm_clock_nsec.to_be_bytes());
+        out.extend_from_slice(&self.vm_state_size.to_be_bytes());
+        out.extend_from_slice(&(self.extra.len() as u32).to_be_bytes());
+        out.extend_from_slice(&self.extra);
+        out.extend_from_slice(self.id.as_bytes());
+        out.extend_from_slice(self.name.as_bytes());
+        out.resize(out.len().next_multiple_of(8), 0);
+    }
+}
+
+fn be32(buf: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(buf[at..at + 4].try_into().unwrap())
+}
+
+fn be64(buf: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(buf[at..at + 8].try_into().unwrap())
+}
+
+fn corrupt(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("qcow2 snapshots: {what}"),
+    )
+}
+
+/// Parse `count` entries from the start of `table`.
+fn parse_table(table: &[u8], count: u32) -> io::Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    let mut at = 0usize;
+    for _ in 0..count {
+        let fixed = table
+            .get(at..at + ENTRY_FIXED)
+            .ok_or_else(|| corrupt("table is shorter than its entries"))?;
+        let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as usize;
+        let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
+        let extra_len = be32(fixed, 36) as usize;
+        let extra_at = at + ENTRY_FIXED;
+        let id_at = extra_at + extra_len;
+        let name_at = id_at + id_len;
+        let end = name_at + name_len;
+        if end > table.len() {
+            return Err(corrupt("entry exceeds the table"));
+        }
+        entries.push(Entry {
+            l1_offset: be64(fixed, 0),
+            l1_size: be32(fixed, 8),
+            date_sec: be32(fixed, 16),
+            date_nsec: be32(fixed, 20),
+            vm_clock_nsec: be64(fixed, 24),
+            vm_state_size: be32(fixed, 32),
+            extra: table[extra_at..id_at].to_vec(),
+            id: String::from_utf8_lossy(&table[id_at..name_at]).into_owned(),
+            name: String::from_utf8_lossy(&table[name_at..end]).into_owned(),
+        });
+        at = end.next_multiple_of(8);
+    }
+    Ok(entries)
+}
+
+fn encode_table(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in entries {
+        entry.encode(&mut out);
+    }
+    out
+}
+
+/// The id a new snapshot gets: one past the highest numeric id, as QEMU numbers them.
+fn next_id(entries: &[Entry]) -> String {
+    let highest = entries
+        .iter()
+        .filter_map(|e| e.id.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    (highest + 1).to_string()
+}
+
+/// The entry `id` and `name` (those given) both match.
+fn find(entries: &[Entry], id: Option<&str>, name: Option<&str>) -> Option<usize> {
+    entries.iter().position(|e| {
+        id.is_none_or(|id| e.id == id)
+            && name.is_none_or(|name| e.name == name)
+            && (id.is_some() || name.is_some())
+    })
+}
+
+/// The header fields snapshots depend on.
+struct Layout {
+    cluster_bits: u32,
+    size: u64,
+    l1_size: u32,
+    l1_offset: u64,
+    nb_snapshots: u32,
+    snapshots_offset: u64,
+}
+
+impl Layout {
+    fn parse(first: &[u8]) -> io::Result<Layout> {
+        if first.len() < 104 {
+            return Err(corrupt("header is too short"));
+        }
+        if be32(first, 4) >= 3 && be64(first, 72) & INCOMPAT_EXTENDED_L2 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "internal snapshots of images with extended L2 entries are not supported",
+            ));
+        }
+        Ok(Layout {
+            cluster_bits: be32(first, 20),
+            size: be64(first, 24),
+            l1_size: be32(first, 36),
+            l1_offset: be64(first, 40),
+            nb_snapshots: be32(first, 60),
+            snapshots_offset: be64(first, 64),
+        })
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// The host clusters one L2 entry holds a reference to (None: unallocated, or zero
+    /// without preallocation).
+    fn referenced(&self, entry: u64) -> Option<std::ops::RangeInclusive<u64>> {
+        if entry & COMPRESSED != 0 {
+            let shift = 62 - (self.cluster_bits - 8);
+            let offset = entry & ((1u64 << shift) - 1) & !511;
+            let sectors = ((entry & !(COPIED | COMPRESSED)) >> shift) + 1;
+            Some(offset >> self.cluster_bits..=(offset + sectors * 512 - 1) >> self.cluster_bits)
+        } else {
+            match entry & OFFSET_MASK {
+                0 => None,
+                offset => Some(offset >> self.cluster_bits..=offset >> self.cluster_bits),
+            }
+        }
+    }
+}
+
+/// An L1 or L2 entry with COPIED set exactly when `refcount` is 1 (entries without a
+/// cluster of their own, and compressed ones, never have it).
+fn with_copied(entry: u64, standard: bool, refcount: u64) -> u64 {
+    if standard && entry & OFFSET_MASK != 0 && refcount == 1 {
+        entry | COPIED
+    } else {
+        entry & !COPIED
+    }
+}
+
+fn table_bytes(raw: &[u8]) -> Vec<u64> {
+    raw.chunks(8).map(|c| be64(c, 0)).collect()
+}
+
+fn raw_bytes(table: &[u64]) -> Vec<u8> {
+    table.iter().flat_map(|e| e.to_be_bytes()).collect()
+}
+
+async fn read_table(file: &Child, offset: u64, entries: u64) -> io::Result<Vec<u64>> {
+    let mut raw = vec![0u8; (entries * 8) as usize];
+    file.read(offset, &mut raw).await?;
+    Ok(table_bytes(&raw))
+}
+
+async fn read_first_cluster(file: &Child) -> io::Result<(Vec<u8>, Layout)> {
+    let mut head = vec![0u8; 512.min(file.node().size() as usize)];
+    file.read(0, &mut head).await?;
+    if head.len() < 24 {
+        return Err(corrupt("header is too short"));
+    }
+    let cluster_size = 1usize << be32(&head, 20).clamp(9, 21);
+    let mut first = vec![0u8; cluster_size.min(file.node().size() as usize)];
+    file.read(0, &mut first).await?;
+    let layout = Layout::parse(&first)?;
+    Ok((first, layout))
+}
+
+async fn read_entries(file: &Child, layout: &Layout) -> io::Result<Vec<Entry>> {
+    if layout.nb_snapshots == 0 {
+        return Ok(Vec::new());
+    }
+    if layout.nb_snapshots as usize > MAX_SNAPSHOTS
+        || !layout
+            .snapshots_offset
+            .is_multiple_of(layout.cluster_size())
+    {
+        return Err(corrupt("bad snapshot table location"));
+    }
+    // Entries are at least 40 bytes; read on until every entry fits.
+    let mut len = (layout.nb_snapshots as u64 * ENTRY_FIXED as u64).next_multiple_of(4096);
+    loop {
+        let available = file.node().size().saturating_sub(layout.snapshots_offset);
+        let mut table = vec![0u8; len.min(available) as usize];
+        file.read(layout.snapshots_offset, &mut table).await?;
+        match parse_table(&table, layout.nb_snapshots) {
+            Ok(entries) => return Ok(entries),
+            Err(_) if len < available.min(MAX_TABLE_SIZE) => len *= 2,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Point the header at a snapshot table: one write of both fields.
+async fn write_table_pointer(file: &Child, count: usize, offset: u64) -> io::Result<()> {
+    let mut fields = [0u8; 12];
+    fields[..4].copy_from_slice(&(count as u32).to_be_bytes());
+    fields[4..].copy_from_slice(&offset.to_be_bytes());
+    file.write(60, &fields, WriteFlags::default()).await?;
+    file.flush().await
+}
+
+/// Write `entries` as a table in fresh clusters; returns its offset (0 when empty) and the
+/// clusters it occupies.
+async fn write_new_table(
+    file: &Child,
+    refcounts: &mut Refcounts<'_>,
+    layout: &Layout,
+    entries: &[Entry],
+) -> io::Result<(u64, Vec<u64>)> {
+    let table = encode_table(entries);
+    if table.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    if table.len() as u64 > MAX_TABLE_SIZE {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    }
+    let clusters = (table.len() as u64).div_ceil(layout.cluster_size());
+    let first = refcounts.allocate(clusters, file.node().size()).await?;
+    refcounts.write_back(file).await?;
+    let offset = first << layout.cluster_bits;
+    file.write(offset, &table, WriteFlags::default()).await?;
+    file.flush().await?;
+    Ok((offset, (first..first + clusters).collect()))
+}
+
+fn table_clusters(offset: u64, len_bytes: u64, layout: &Layout) -> Vec<u64> {
+    let first = offset >> layout.cluster_bits;
+    (first..first + len_bytes.div_ceil(layout.cluster_size())).collect()
+}
+
+/// The current snapshot table's clusters (to free once it is replaced).
+fn current_table_clusters(entries: &[Entry], layout: &Layout) -> Vec<u64> {
+    if layout.nb_snapshots == 0 || layout.snapshots_offset == 0 {
+        return Vec::new();
+    }
+    table_clusters(
+        layout.snapshots_offset,
+        encode_table(entries).len() as u64,
+        layout,
+    )
+}
+
+/// Give COPIED to exactly the active L1 and L2 entries whose cluster has refcount 1.
+async fn sync_copied_flags(
+    file: &Child,
+    refcounts: &mut Refcounts<'_>,
+    layout: &Layout,
+) -> io::Result<()> {
+    let cluster_size = layout.cluster_size();
+    let mut l1 = read_table(file, layout.l1_offset, layout.l1_size as u64).await?;
+    let mut l1_changed = false;
+    for entry in l1.iter_mut() {
+        let l2_offset = *entry & OFFSET_MASK;
+        if l2_offset == 0 {
+            continue;
+        }
+        let mut l2 = read_table(file, l2_offset, cluster_size / 8).await?;
+        let mut l2_changed = false;
+        for l2_entry in l2.iter_mut() {
+            let standard = *l2_entry & COMPRESSED == 0;
+            let refcount = match layout.referenced(*l2_entry) {
+                Some(clusters) if standard => refcounts.get(*clusters.start()).await?,
+                _ => 0,
+            };
+            let new = with_copied(*l2_entry, standard, refcount);
+            l2_changed |= new != *l2_entry;
+            *l2_entry = new;
+        }
+        if l2_changed {
+            file.write(l2_offset, &raw_bytes(&l2), WriteFlags::default())
+                .await?;
+        }
+        let refcount = refcounts.get(l2_offset >> layout.cluster_bits).await?;
+        let new = with_copied(*entry, true, refcount);
+        l1_changed |= new != *entry;
+        *entry = new;
+    }
+    if l1_changed {
+        file.write(layout.l1_offset, &raw_bytes(&l1), WriteFlags::default())
+            .await?;
+    }
+    file.flush().await
+}
+
+/// One reference more (`add`) or less for everything an L1 table reaches: its L2 tables
+/// and the clusters their entries hold. Collected first, so a refcount that would overflow
+/// refuses the whole change before anything is written.
+async fn references(
+    file: &Child,
+    layout: &Layout,
+    l1_offset: u64,
+    l1_size: u32,
+) -> io::Result<BTreeMap<u64, u64>> {
+    let mut counts = BTreeMap::new();
+    let l1 = read_table(file, l1_offset, l1_size as u64).await?;
+    for entry in l1 {
+        let l2_offset = entry & OFFSET_MASK;
+        if l2_offset == 0 {
+            continue;
+        }
+        *counts.entry(l2_offset >> layout.cluster_bits).or_insert(0) += 1;
+        let l2 = read_table(file, l2_offset, layout.cluster_size() / 8).await?;
+        for l2_entry in l2 {
+            for cluster in layout.referenced(l2_entry).into_iter().flatten() {
+                *counts.entry(cluster).or_insert(0) += 1;
+            }
+        }
+    }
+    Ok(counts)
+}
+
+fn now() -> (u32, u32) {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    // Microseconds, as QEMU takes the time of day.
+    (since.as_secs() as u32, since.subsec_micros() * 1000)
+}
+
+/// The snapshots an image holds, read from its table.
+pub(super) async fn load_list(file: &Child) -> io::Result<Vec<SnapshotInfo>> {
+    let (_, layout) = read_first_cluster(file).await?;
+    let entries = read_entries(file, &layout).await?;
+    Ok(entries.iter().map(Entry::info).collect())
+}
+
+impl SnapshotInfo {
+    /// SnapshotInfo as QMP reports it.
+    pub fn to_json(&self) -> Value {
+        let mut value = json!({
+            "id": self.id,
+            "name": self.name,
+            "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec,
+            "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec / 1_000_000_000,
+            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
+        });
+        if let Some(icount) = self.icount {
+            value["icount"] = json!(icount);
+        }
+        value
+    }
+}
+
+impl Qcow2 {
+    /// The snapshots the image holds (as known since open: see `snapshot_list`).
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.snapshot_list.lock().unwrap().clone()
+    }
+
+    fn set_snapshot_list(&self, entries: &[Entry]) {
+        *self.snapshot_list.lock().unwrap() = entries.iter().map(Entry::info).collect();
+    }
+
+    /// Take an internal snapshot named `name` of the node's current content.
+    pub async fn create_snapshot(&self, node: &Node, name: &str) -> io::Result<SnapshotInfo> {
+        node.drain().await;
+        let result = self.with_imago_quiet(node, self.do_create(name)).await;
+        node.undrain();
+        let info = result?;
+        tracing::info!(
+            node = node.name(),
+            id = info.id,
+            name = info.name,
+            "created internal snapshot"
+        );
+        Ok(info)
+    }
+
+    /// Delete the snapshot that `id` and `name` (those given) both match; None when there
+    /// is none.
+    pub async fn delete_snapshot(
+        &self,
+        node: &Node,
+        id: Option<&str>,
+        name: Option<&str>,
+    ) -> io::Result<Option<SnapshotInfo>> {
+        node.drain().await;
+        let result = self.with_imago_quiet(node, self.do_delete(id, name)).await;
+        node.undrain();
+        let info = result?;
+        if let Some(info) = &info {
+            tracing::info!(
+                node = node.name(),
+                id = info.id,
+                name = info.name,
+                "deleted internal snapshot"
+            );
+        }
+        Ok(info)
+    }
+
+    /// Run `change` on the metadata while imago is flushed and idle, then open imago anew
+    /// (also when the change failed half way: its caches may be stale either way).
+    async fn with_imago_quiet<T>(
+        &self,
+        node: &Node,
+        change: impl std::future::Future<Output = io::Result<T>>,
+    ) -> io::Result<T> {
+        let mut access = self.access.write().await;
+        if !self.writable.load(Ordering::Acquire) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        persist(&access).await?;
+        let result = change.await;
+        let reopened = open_access(&self.file, &self.header_patch, node.child("backing"), true)
+            .await
+            .map_err(io::Error::other)?;
+        *access = reopened;
+        let bitmaps_open = {
+            let state = self.bitmaps.lock().unwrap();
+            state.had_extension && !state.closed
+        };
+        if bitmaps_open {
+            bitmaps::restore_autoclear(&self.file).await?;
+        }
+        result
+    }
+
+    async fn do_create(&self, name: &str) -> io::Result<SnapshotInfo> {
+        let file = &*self.file;
+        let (first, layout) = read_first_cluster(file).await?;
+        let mut entries = read_entries(file, &layout).await?;
+        if entries.len() >= MAX_SNAPSHOTS {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        let old_table = current_table_clusters(&entries, &layout);
+        let mut refcounts = Refcounts::load(file, &first).await?;
+        let counts = references(file, &layout, layout.l1_offset, layout.l1_size).await?;
+        let max = refcounts.max();
+        for (&cluster, &n) in &counts {
+            if refcounts.get(cluster).await?.saturating_add(n) > max {
+                // The refcount would overflow: QEMU refuses with EINVAL as well.
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+        }
+
+        let l1_bytes = layout.l1_size as u64 * 8;
+        let l1_clusters = l1_bytes.div_ceil(layout.cluster_size());
+        let l1_copy = if l1_clusters == 0 {
+            0
+        } else {
+            refcounts.allocate(l1_clusters, file.node().size()).await? << layout.cluster_bits
+        };
+        for (&cluster, &n) in &counts {
+            let value = refcounts.get(cluster).await? + n;
+            refcounts.set(cluster, value).await?;
+        }
+        refcounts.write_back(file).await?;
+        sync_copied_flags(file, &mut refcounts, &layout).await?;
+        if l1_copy != 0 {
+            let l1 = read_table(file, layout.l1_offset, layout.l1_size as u64).await?;
+            let copy: Vec<u64> = l1.iter().map(|e| e & !COPIED).collect();
+            file.write(l1_copy, &raw_bytes(&copy), WriteFlags::default())
+                .await?;
+        }
+
+        let (date_sec, date_nsec) = now();
+        let mut extra = Vec::with_capacity(EXTRA_DATA_SIZE);
+        extra.extend_from_slice(&0u64.to_be_bytes());
+        extra.extend_from_slice(&layout.size.to_be_bytes());
+        extra.extend_from_slice(&u64::MAX.to_be_bytes());
+        let entry = Entry {
+            l1_offset: l1_copy,
+            l1_size: layout.l1_size,
+            id: next_id(&entries),
+            name: name.to_string(),
+            date_sec,
+            date_nsec,
+            // Without a guest, QEMU's virtual clock is the time of day.
+            vm_clock_nsec: date_sec as u64 * 1_000_000_000 + date_nsec as u64,
+            vm_state_size: 0,
+            extra,
+        };
+        let info = entry.info();
+        entries.push(entry);
+        let (table_offset, _) = write_new_table(file, &mut refcounts, &layout, &entries).await?;
+        write_table_pointer(file, entries.len(), table_offset).await?;
+        self.set_snapshot_list(&entries);
+        for cluster in old_table {
+            refcounts.release(cluster).await?;
+        }
+        refcounts.write_back(file).await?;
+        Ok(info)
+    }
+
+    async fn do_delete(
+        &self,
+        id: Option<&str>,
+        name: Option<&str>,
+    ) -> io::Result<Option<SnapshotInfo>> {
+        let file = &*self.file;
+        let (first, layout) = read_first_cluster(file).await?;
+        let mut entries = read_entries(file, &layout).await?;
+        let Some(index) = find(&entries, id, name) else {
+            return Ok(None);
+        };
+        let old_table = current_table_clusters(&entries, &layout);
+        let mut refcounts = Refcounts::load(file, &first).await?;
+        let gone = entries.remove(index);
+        let counts = references(file, &layout, gone.l1_offset, gone.l1_size).await?;
+
+        let (table_offset, _) = write_new_table(file, &mut refcounts, &layout, &entries).await?;
+        write_table_pointer(file, entries.len(), table_offset).await?;
+        self.set_snapshot_list(&entries);
+
+        for (&cluster, &n) in &counts {
+            let value = refcounts.get(cluster).await?;
+            if value < n {
+                tracing::warn!(
+                    cluster,
+                    "qcow2: snapshot refcount lower than its references"
+                );
+            }
+            refcounts.set(cluster, value.saturating_sub(n)).await?;
+        }
+        let l1_copy = table_clusters(gone.l1_offset, gone.l1_size as u64 * 8, &layout);
+        for cluster in l1_copy.into_iter().chain(old_table) {
+            refcounts.release(cluster).await?;
+        }
+        refcounts.write_back(file).await?;
+        sync_copied_flags(file, &mut refcounts, &layout).await?;
+        Ok(Some(gone.info()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, name: &str) -> Entry {
+        Entry {
+            l1_offset: 0x40000,
+            l1_size: 1,
+            id: id.into(),
+            name: name.into(),
+            date_sec: 1_700_000_000,
+            date_nsec: 5000,
+            vm_clock_nsec: 7,
+            vm_state_size: 0,
+            extra: [0u64, 4 << 20, u64::MAX]
+                .iter()
+                .flat_map(|v| v.to_be_bytes())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn table_round_trip() {
+        let mut odd = entry("12", "odd extra");
+        odd.extra = vec![1, 2, 3];
+        let entries = vec![entry("1", "first"), odd, entry("3", "")];
+        let table = encode_table(&entries);
+        assert_eq!(table.len() % 8, 0);
+        // 40 fixed + 24 extra + 1 id + 5 name = 70, padded to 72.
+        assert_eq!(&table[72..80], &0x40000u64.to_be_bytes());
+        assert_eq!(parse_table(&table, 3).unwrap(), entries);
+        assert!(parse_table(&table, 4).is_err());
+        assert!(parse_table(&table[..60], 1).is_err());
+    }
+
+    #[test]
+    fn info_reads_extra_data() {
+        let mut e = entry("1", "a");
+        e.extra[0..8].copy_from_slice(&(1u64 << 33).to_be_bytes());
+        e.extra[16..24].copy_from_slice(&99u64.to_be_bytes());
+        let info = e.info();
+        assert_eq!(info.vm_state_size, 1 << 33);
+        assert_eq!(info.icount, Some(99));
+        assert_eq!(entry("1", "a").info().icount, None);
+        let mut old = entry("1", "a");
+        old.extra.clear();
+        old.vm_state_size = 512;
+        assert_eq!(old.info().vm_state_size, 512);
+    }
+
+    #[test]
+    fn ids_and_lookup() {
+        assert_eq!(next_id(&[]), "1");
+        let entries = vec![entry("1", "a"), entry("7", "b"), entry("x", "7")];
+        assert_eq!(next_id(&entries), "8");
+        assert_eq!(find(&entries, None, Some("7")), Some(2));
+        assert_eq!(find(&entries, Some("7"), None), Some(1));
+        assert_eq!(find(&entries, Some("7"), Some("b")), Some(1));
+        assert_eq!(find(&entries, Some("7"), Some("a")), None);
+        assert_eq!(find(&entries, None, None), None);
+    }
+
+    #[test]
+    fn l2_entry_references() {
+        let layout = Layout {
+            cluster_bits: 16,
+            size: 0,
+            l1_size: 0,
+            l1_offset: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+        };
+        assert_eq!(layout.referenced(0), None);
+        // Zero cluster without preallocation.
+        assert_eq!(layout.referenced(1), None);
+        assert_eq!(layout.referenced(COPIED | 0x30000), Some(3..=3));
+        assert_eq!(layout.referenced(0x50000 | 1), Some(5..=5));
+        // Compressed: offset bits below 54, additional sectors above; this one starts 512
+        // bytes before the end of cluster 2 and takes two more sectors.
+        let shift = 62 - 8;
+        let compressed = COMPRESSED | (2u64 << shift) | (0x30000 - 512);
+        assert_eq!(layout.referenced(compressed), Some(2..=3));
+        assert_eq!(with_copied(0x30000, true, 1), COPIED | 0x30000);
+        assert_eq!(with_copied(COPIED | 0x30000, true, 2), 0x30000);
+        assert_eq!(with_copied(COPIED | 1, true, 1), 1);
+        assert_eq!(with_copied(compressed, false, 1), compressed);
+    }
+}
