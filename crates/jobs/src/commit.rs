@@ -4,16 +4,13 @@
 //! chain. Nothing writes into those layers meanwhile (they are read-only backing nodes),
 //! so no filter is needed. Active commit runs as a mirror into the base (mirror.rs).
 
-use crate::policy::ErrorAction;
-use crate::stream::{copy_into, relink_backing, rewrite_backing_header};
+use crate::stream::{copy_in_steps, copy_into, relink_backing, rewrite_backing_header};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use async_trait::async_trait;
 use block::{Child, Node};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-
-const STEP: u64 = 1 << 20;
 
 pub struct CommitJob {
     top: Arc<Node>,
@@ -85,36 +82,10 @@ impl JobDriver for CommitJob {
         if self.base.size() < len {
             self.base.truncate(len).await?;
         }
-        ctx.set_len(len);
-        let mut offset = 0;
-        let mut first_error: Option<io::Error> = None;
-        while offset < len {
-            ctx.pause_point().await;
-            if ctx.is_cancelled() {
-                return Err(JobFailure::cancelled());
-            }
-            let n = STEP.min(len - offset);
-            ctx.rate_limit(n).await;
-            match self.copy_step(offset, n).await {
-                Ok(()) => {
-                    ctx.add_offset(n);
-                    offset += n;
-                }
-                Err((e, is_read)) => match ctx.handle_error(&e, is_read).await {
-                    ErrorAction::Report => return Err(e.into()),
-                    ErrorAction::Retry => {}
-                    ErrorAction::Ignore => {
-                        self.incomplete.store(true, Ordering::Release);
-                        first_error.get_or_insert(e);
-                        ctx.add_offset(n);
-                        offset += n;
-                    }
-                },
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e.into());
-        }
+        copy_in_steps(ctx, len, &self.incomplete, |offset, n| {
+            self.copy_step(offset, n)
+        })
+        .await?;
         self.base.flush().await?;
         Ok(())
     }

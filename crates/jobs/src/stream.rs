@@ -111,6 +111,52 @@ impl StreamJob {
     }
 }
 
+/// Walk `len` bytes in steps, pausing, honouring cancel and speed, and applying the error
+/// policy: under `ignore` a failed step is skipped, marked in `incomplete`, and the job
+/// fails at the end with the first error.
+pub(crate) async fn copy_in_steps<F, Fut>(
+    ctx: &JobContext,
+    len: u64,
+    incomplete: &AtomicBool,
+    step: F,
+) -> Result<(), JobFailure>
+where
+    F: Fn(u64, u64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), (io::Error, bool)>>,
+{
+    ctx.set_len(len);
+    let mut offset = 0;
+    let mut first_error: Option<io::Error> = None;
+    while offset < len {
+        ctx.pause_point().await;
+        if ctx.is_cancelled() {
+            return Err(JobFailure::cancelled());
+        }
+        let n = STEP.min(len - offset);
+        ctx.rate_limit(n).await;
+        match step(offset, n).await {
+            Ok(()) => {
+                ctx.add_offset(n);
+                offset += n;
+            }
+            Err((e, is_read)) => match ctx.handle_error(&e, is_read).await {
+                ErrorAction::Report => return Err(e.into()),
+                ErrorAction::Retry => {}
+                ErrorAction::Ignore => {
+                    incomplete.store(true, Ordering::Release);
+                    first_error.get_or_insert(e);
+                    ctx.add_offset(n);
+                    offset += n;
+                }
+            },
+        }
+    }
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
 /// Read `len` bytes at `offset` through `from` (its whole chain) and write them through
 /// `to`; a zero range becomes an explicit zero write, never a hole, since a hole would let
 /// the new backing show through.
@@ -196,38 +242,10 @@ impl JobDriver for StreamJob {
     }
 
     async fn run(&self, ctx: &JobContext) -> Result<(), JobFailure> {
-        let len = self.device.size();
-        ctx.set_len(len);
-        let mut offset = 0;
-        let mut first_error: Option<io::Error> = None;
-        while offset < len {
-            ctx.pause_point().await;
-            if ctx.is_cancelled() {
-                return Err(JobFailure::cancelled());
-            }
-            let n = STEP.min(len - offset);
-            ctx.rate_limit(n).await;
-            match self.copy_step(offset, n).await {
-                Ok(()) => {
-                    ctx.add_offset(n);
-                    offset += n;
-                }
-                Err((e, is_read)) => match ctx.handle_error(&e, is_read).await {
-                    ErrorAction::Report => return Err(e.into()),
-                    ErrorAction::Retry => {}
-                    ErrorAction::Ignore => {
-                        self.incomplete.store(true, Ordering::Release);
-                        first_error.get_or_insert(e);
-                        ctx.add_offset(n);
-                        offset += n;
-                    }
-                },
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e.into());
-        }
-        Ok(())
+        copy_in_steps(ctx, self.device.size(), &self.incomplete, |offset, n| {
+            self.copy_step(offset, n)
+        })
+        .await
     }
 
     /// The header first: if it cannot be written, the graph stays as it was.

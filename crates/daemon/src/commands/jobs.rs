@@ -11,7 +11,6 @@ use jobs::{JobOptions, OnError};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -138,26 +137,10 @@ pub(super) async fn create_drive_backup(
     if mode == NewImageMode::AbsolutePaths {
         // sync top/none copy only part of the disk: the rest comes from the source's backing.
         let backing = match args.sync {
-            MirrorSyncMode::Top | MirrorSyncMode::None => source.backing().map(|b| {
-                let info = b.driver().info(&b);
-                (info.filename, b.driver().format_name().to_string())
-            }),
+            MirrorSyncMode::Top | MirrorSyncMode::None => source.backing(),
             _ => None,
         };
-        let size = source.size();
-        let (format, path) = (format.clone(), path.clone());
-        daemon
-            .io
-            .run(move || async move {
-                let image = block::create::NewImage {
-                    format: &format,
-                    size,
-                    backing,
-                };
-                block::create::create_image(Path::new(&path), image).await
-            })
-            .await
-            .map_err(QmpError::generic)?;
+        super::create_image_file(daemon, &path, &format, source.size(), backing.as_ref()).await?;
     }
     let options = json!({
         "driver": format,

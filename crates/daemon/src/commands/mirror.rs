@@ -10,7 +10,6 @@ use jobs::{JobOptions, OnError};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -128,24 +127,14 @@ pub async fn drive_mirror(
         _ => None,
     };
     if mode == NewImageMode::AbsolutePaths {
-        let backing = backing_node.as_ref().map(|b| {
-            let info = b.driver().info(b);
-            (info.filename, b.driver().format_name().to_string())
-        });
-        let size = source.size();
-        let (format, path) = (format.clone(), args.target.clone());
-        daemon
-            .io
-            .run(move || async move {
-                let image = block::create::NewImage {
-                    format: &format,
-                    size,
-                    backing,
-                };
-                block::create::create_image(Path::new(&path), image).await
-            })
-            .await
-            .map_err(QmpError::generic)?;
+        super::create_image_file(
+            daemon,
+            &args.target,
+            &format,
+            source.size(),
+            backing_node.as_ref(),
+        )
+        .await?;
     }
     let mut options = Map::new();
     if let Some(name) = &args.node_name {

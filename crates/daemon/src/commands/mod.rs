@@ -175,3 +175,31 @@ impl qmp::Dispatcher for Commands {
         COMMANDS.contains(&command)
     }
 }
+
+/// Create an image file for drive-backup, drive-mirror and blockdev-snapshot-sync, with
+/// `backing` (a node) named in its header, on an I/O thread.
+async fn create_image_file(
+    daemon: &Daemon,
+    path: &str,
+    format: &str,
+    size: u64,
+    backing: Option<&std::sync::Arc<::block::Node>>,
+) -> Result<(), QmpError> {
+    let backing = backing.map(|b| {
+        let info = b.driver().info(b);
+        (info.filename, b.driver().format_name().to_string())
+    });
+    let (format, path) = (format.to_string(), path.to_string());
+    daemon
+        .io
+        .run(move || async move {
+            let image = ::block::create::NewImage {
+                format: &format,
+                size,
+                backing,
+            };
+            ::block::create::create_image(std::path::Path::new(&path), image).await
+        })
+        .await
+        .map_err(QmpError::generic)
+}

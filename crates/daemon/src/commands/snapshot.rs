@@ -7,7 +7,6 @@ use block::{Node, OptionSyntax, Parent, Perms};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -131,21 +130,14 @@ pub(super) async fn prepare_snapshot_sync(
     check_snapshot_base(&node)?;
     let format = args.format.clone().unwrap_or_else(|| "qcow2".to_string());
     if args.mode.unwrap_or(NewImageMode::AbsolutePaths) == NewImageMode::AbsolutePaths {
-        let info = node.driver().info(&node);
-        let backing = Some((info.filename, node.driver().format_name().to_string()));
-        let (size, format, path) = (node.size(), format.clone(), args.snapshot_file.clone());
-        daemon
-            .io
-            .run(move || async move {
-                let image = block::create::NewImage {
-                    format: &format,
-                    size,
-                    backing,
-                };
-                block::create::create_image(Path::new(&path), image).await
-            })
-            .await
-            .map_err(QmpError::generic)?;
+        super::create_image_file(
+            daemon,
+            &args.snapshot_file,
+            &format,
+            node.size(),
+            Some(&node),
+        )
+        .await?;
     }
     let mut options = Map::new();
     if let Some(name) = &args.snapshot_node_name {
