@@ -9,10 +9,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 
-fn p(dir: &Path, name: &str) -> String {
-    dir.join(name).to_string_lossy().into_owned()
-}
-
 /// base (0x11 at 0-4M) <- mid (0x22 at 2-6M) <- top (0x33 at 5-7M), 16 MiB each.
 fn make_three(dir: &Path) {
     qemu_img(&["create", "-q", "-f", "qcow2", &p(dir, "base.qcow2"), "16M"]);

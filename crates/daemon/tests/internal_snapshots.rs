@@ -10,10 +10,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 
-fn p(dir: &Path, name: &str) -> String {
-    dir.join(name).to_string_lossy().into_owned()
-}
-
 fn uri(dir: &Path) -> String {
     format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display())
 }

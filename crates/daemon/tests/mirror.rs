@@ -11,10 +11,6 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn p(dir: &Path, name: &str) -> String {
-    dir.join(name).to_string_lossy().into_owned()
-}
-
 fn nbd_args(dir: &Path, node: &str) -> Vec<String> {
     vec![
         s("--nbd-server"),

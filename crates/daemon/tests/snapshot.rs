@@ -9,10 +9,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 
-fn p(dir: &Path, name: &str) -> String {
-    dir.join(name).to_string_lossy().into_owned()
-}
-
 fn disk_args(dir: &Path) -> Vec<String> {
     vec![
         s("--blockdev"),

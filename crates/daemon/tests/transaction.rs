@@ -9,10 +9,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 
-fn p(dir: &Path, name: &str) -> String {
-    dir.join(name).to_string_lossy().into_owned()
-}
-
 /// Two 16 MiB disks d0/d1 with data, exported as e0/e1, and targets t0/t1. With
 /// `failing_t1`, writes to t1 fail (blkdebug).
 fn two_disks(dir: &Path, failing_t1: bool) -> Vec<String> {

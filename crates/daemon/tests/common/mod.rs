@@ -191,6 +191,11 @@ pub fn qemu_img(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The path of `name` in `dir`, as a string for command lines.
+pub fn p(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
+}
+
 pub fn s(v: &str) -> String {
     v.to_string()
 }
