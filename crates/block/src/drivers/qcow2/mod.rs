@@ -11,6 +11,7 @@
 //! Persistent dirty bitmaps live beside imago, which does not know them: see `bitmaps.rs`
 //! for how they are loaded before imago opens and stored when the node closes.
 
+mod batch;
 mod bitmaps;
 mod header;
 mod storage;
@@ -22,6 +23,7 @@ use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
+use batch::AllocBatcher;
 use imago::format::drivers::ShallowMapping;
 use imago::format::PreallocateMode;
 use imago::io_buffers::{IoVector, IoVectorMut};
@@ -68,6 +70,7 @@ pub struct Qcow2 {
     /// Follows reopening: only a writable node stores its bitmaps at close.
     writable: AtomicBool,
     bitmaps: std::sync::Mutex<BitmapState>,
+    batcher: AllocBatcher,
 }
 
 /// Persistent bitmaps between open and close.
@@ -161,6 +164,7 @@ impl Qcow2 {
             auto_backing_file: std::sync::Mutex::new(auto_backing_file),
             writable: AtomicBool::new(writable),
             bitmaps: std::sync::Mutex::new(bitmap_state),
+            batcher: AllocBatcher::default(),
         })
     }
 
@@ -264,9 +268,13 @@ impl Driver for Qcow2 {
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         let access = self.access.read().await;
-        let mut bufv = IoVector::new();
-        bufv.push(buf);
-        access.writev(bufv, offset).await?;
+        if is_allocated(&access, offset, buf.len() as u64).await {
+            let mut bufv = IoVector::new();
+            bufv.push(buf);
+            access.writev(bufv, offset).await?;
+        } else {
+            self.batcher.write(&access, offset, buf).await?;
+        }
         if flags.fua {
             persist(&access).await?;
         }
@@ -499,6 +507,15 @@ async fn write_read_only_header(file_node: &Node, cluster: &[u8]) -> io::Result<
         .await?;
     handle.write_at(cluster, 0).await?;
     handle.flush().await
+}
+
+/// Whether all of `[offset, offset+len)` is in clusters this image may overwrite in place,
+/// so writing there allocates nothing (and takes no L2 table lock in imago).
+async fn is_allocated(access: &FormatAccess<NodeStorage>, offset: u64, len: u64) -> bool {
+    matches!(
+        access.get_shallow_mapping(offset, len).await,
+        Ok((ShallowMapping::Raw { writable: true, .. }, mapped)) if mapped >= len
+    )
 }
 
 /// Write back imago's cached metadata, then make everything stable on disk.
