@@ -12,6 +12,7 @@
 //! for how they are loaded before imago opens and stored when the node closes. Internal
 //! snapshots are created and deleted beside imago too: see `snapshots.rs`.
 
+mod batch;
 mod bitmaps;
 mod header;
 mod snapshots;
@@ -25,6 +26,7 @@ use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
+use batch::AllocBatcher;
 use imago::format::drivers::ShallowMapping;
 use imago::format::PreallocateMode;
 use imago::io_buffers::{IoVector, IoVectorMut};
@@ -74,6 +76,7 @@ pub struct Qcow2 {
     /// The internal snapshots, as read at open and changed by us since (QEMU reports them
     /// the same way: another process changing the table goes unseen).
     snapshot_list: std::sync::Mutex<Vec<SnapshotInfo>>,
+    batcher: AllocBatcher,
 }
 
 /// Persistent bitmaps between open and close.
@@ -171,6 +174,7 @@ impl Qcow2 {
             writable: AtomicBool::new(writable),
             bitmaps: std::sync::Mutex::new(bitmap_state),
             snapshot_list: std::sync::Mutex::new(snapshot_list),
+            batcher: AllocBatcher::default(),
         })
     }
 
@@ -274,9 +278,13 @@ impl Driver for Qcow2 {
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         let access = self.access.read().await;
-        let mut bufv = IoVector::new();
-        bufv.push(buf);
-        access.writev(bufv, offset).await?;
+        if is_allocated(&access, offset, buf.len() as u64).await {
+            let mut bufv = IoVector::new();
+            bufv.push(buf);
+            access.writev(bufv, offset).await?;
+        } else {
+            self.batcher.write(&access, offset, buf).await?;
+        }
         if flags.fua {
             persist(&access).await?;
         }
@@ -509,6 +517,15 @@ async fn write_read_only_header(file_node: &Node, cluster: &[u8]) -> io::Result<
         .await?;
     handle.write_at(cluster, 0).await?;
     handle.flush().await
+}
+
+/// Whether all of `[offset, offset+len)` is in clusters this image may overwrite in place,
+/// so writing there allocates nothing (and takes no L2 table lock in imago).
+async fn is_allocated(access: &FormatAccess<NodeStorage>, offset: u64, len: u64) -> bool {
+    matches!(
+        access.get_shallow_mapping(offset, len).await,
+        Ok((ShallowMapping::Raw { writable: true, .. }, mapped)) if mapped >= len
+    )
 }
 
 /// Write back imago's cached metadata, then make everything stable on disk.

@@ -6,6 +6,7 @@
 //! a [`HeaderPatch`] puts ours over any such write.
 
 use crate::node::{Child, WriteFlags};
+use futures::future::try_join_all;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::storage::drivers::CommonStorageHelper;
 use imago::Storage;
@@ -91,15 +92,22 @@ impl Storage for NodeStorage {
         Ok(())
     }
 
+    /// The slices go out all at once: a vector here is a run of gathered writes (see
+    /// `batch.rs`), and its ranges do not overlap.
     async unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        let slices = bufv.into_inner();
         let mut pos = offset;
-        for slice in bufv.into_inner() {
-            let patched = self.patch.as_ref().and_then(|p| p.apply(&slice, pos));
-            let data = patched.as_deref().unwrap_or(&slice);
-            self.child.write(pos, data, WriteFlags::default()).await?;
+        let mut writes = Vec::with_capacity(slices.len());
+        for slice in &slices {
+            let at = pos;
             pos += slice.len() as u64;
+            writes.push(async move {
+                let patched = self.patch.as_ref().and_then(|p| p.apply(slice, at));
+                let data = patched.as_deref().unwrap_or(slice);
+                self.child.write(at, data, WriteFlags::default()).await
+            });
         }
-        Ok(())
+        try_join_all(writes).await.map(|_| ())
     }
 
     async unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
