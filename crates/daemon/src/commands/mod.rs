@@ -8,6 +8,7 @@ mod jobs;
 mod mirror;
 mod misc;
 pub mod objects;
+mod resize;
 mod snapshot;
 mod stats;
 mod transaction;
@@ -49,6 +50,7 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-snapshot-sync",
     "change-backing-file",
     "block_set_io_throttle",
+    "block_resize",
     "block-set-write-threshold",
     "drive-backup",
     "drive-mirror",
@@ -150,6 +152,7 @@ impl qmp::Dispatcher for Commands {
                 "object-del" => objects::object_del(daemon, args),
                 "qom-get" => objects::qom_get(daemon, args),
                 "qom-set" => objects::qom_set(daemon, args),
+                "block_resize" => resize::block_resize(daemon, args).await,
                 "block_set_io_throttle" => objects::block_set_io_throttle(daemon, args).await,
                 "query-version" => misc::query_version(args),
                 "query-commands" => misc::query_commands(args),
