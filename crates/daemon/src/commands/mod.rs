@@ -3,6 +3,7 @@
 pub mod bitmaps;
 pub mod block;
 mod chain;
+mod create;
 mod images;
 mod jobs;
 mod mirror;
@@ -44,6 +45,7 @@ pub const COMMANDS: &[&str] = &[
     "block-stream",
     "blockdev-backup",
     "blockdev-add",
+    "blockdev-create",
     "blockdev-del",
     "blockdev-mirror",
     "blockdev-snapshot",
@@ -105,6 +107,7 @@ impl qmp::Dispatcher for Commands {
         Box::pin(async move {
             match command {
                 "blockdev-add" => block::blockdev_add(daemon, args).await,
+                "blockdev-create" => create::blockdev_create(daemon, args).await,
                 "blockdev-del" | "x-blockdev-del" => block::blockdev_del(daemon, args).await,
                 "query-block" => block::query_block(args),
                 "nbd-server-start" => Exports::server_start(daemon, args),

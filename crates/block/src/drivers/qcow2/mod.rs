@@ -14,6 +14,7 @@
 mod bitmaps;
 mod header;
 mod storage;
+pub use storage::NodeStorage;
 
 pub use header::Header;
 
@@ -33,7 +34,7 @@ use serde_json::json;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use storage::{HeaderPatch, NodeStorage};
+use storage::HeaderPatch;
 use tokio::sync::RwLock;
 
 #[derive(Deserialize, Debug, Default)]
