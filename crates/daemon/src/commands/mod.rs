@@ -9,6 +9,7 @@ mod jobs;
 mod mirror;
 mod misc;
 pub mod objects;
+mod reopen;
 mod resize;
 mod snapshot;
 mod stats;
@@ -46,6 +47,7 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-backup",
     "blockdev-add",
     "blockdev-create",
+    "blockdev-reopen",
     "blockdev-del",
     "blockdev-mirror",
     "blockdev-snapshot",
@@ -108,6 +110,7 @@ impl qmp::Dispatcher for Commands {
             match command {
                 "blockdev-add" => block::blockdev_add(daemon, args).await,
                 "blockdev-create" => create::blockdev_create(daemon, args).await,
+                "blockdev-reopen" => reopen::blockdev_reopen(daemon, args).await,
                 "blockdev-del" | "x-blockdev-del" => block::blockdev_del(daemon, args).await,
                 "query-block" => block::query_block(args),
                 "nbd-server-start" => Exports::server_start(daemon, args),
