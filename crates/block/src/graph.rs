@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 /// Every driver name QEMU 10 knows, so that a known-but-unsupported driver gets a clearer
 /// error than an unknown one.
-const QEMU_DRIVERS: &[&str] = &[
+pub const QEMU_DRIVERS: &[&str] = &[
     "blkdebug",
     "blklogwrites",
     "blkreplay",

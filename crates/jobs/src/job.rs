@@ -508,7 +508,7 @@ impl Job {
     pub(crate) fn to_pending(&self) {
         let mut st = self.lock();
         self.transition(&mut st, JobStatus::Pending);
-        if !self.auto_finalize {
+        if !self.auto_finalize && self.job_type().is_block_job() {
             self.emit(
                 "BLOCK_JOB_PENDING",
                 json!({"type": self.job_type().as_str(), "id": self.id}),
@@ -542,7 +542,8 @@ impl Job {
         self.txn.remove(self);
         let dismiss = {
             let mut st = self.lock();
-            if st.started {
+            // QEMU's BLOCK_JOB_* events belong to block jobs; a create job only changes status.
+            if st.started && self.job_type().is_block_job() {
                 let mut data = json!({
                     "type": self.job_type().as_str(),
                     "device": self.id,

@@ -13,6 +13,7 @@
 
 pub mod backup;
 pub mod commit;
+pub mod create;
 pub mod driver;
 pub mod events;
 pub mod job;

@@ -3,12 +3,15 @@
 pub mod bitmaps;
 pub mod block;
 mod chain;
+mod create;
 mod images;
 mod internal_snapshots;
 mod jobs;
 mod mirror;
 mod misc;
 pub mod objects;
+mod reopen;
+mod resize;
 mod snapshot;
 mod stats;
 mod transaction;
@@ -44,6 +47,8 @@ pub const COMMANDS: &[&str] = &[
     "block-stream",
     "blockdev-backup",
     "blockdev-add",
+    "blockdev-create",
+    "blockdev-reopen",
     "blockdev-del",
     "blockdev-mirror",
     "blockdev-snapshot",
@@ -52,6 +57,7 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-snapshot-delete-internal-sync",
     "change-backing-file",
     "block_set_io_throttle",
+    "block_resize",
     "block-set-write-threshold",
     "drive-backup",
     "drive-mirror",
@@ -106,6 +112,8 @@ impl qmp::Dispatcher for Commands {
         Box::pin(async move {
             match command {
                 "blockdev-add" => block::blockdev_add(daemon, args).await,
+                "blockdev-create" => create::blockdev_create(daemon, args).await,
+                "blockdev-reopen" => reopen::blockdev_reopen(daemon, args).await,
                 "blockdev-del" | "x-blockdev-del" => block::blockdev_del(daemon, args).await,
                 "query-block" => block::query_block(args),
                 "nbd-server-start" => Exports::server_start(daemon, args),
@@ -159,6 +167,7 @@ impl qmp::Dispatcher for Commands {
                 "object-del" => objects::object_del(daemon, args),
                 "qom-get" => objects::qom_get(daemon, args),
                 "qom-set" => objects::qom_set(daemon, args),
+                "block_resize" => resize::block_resize(daemon, args).await,
                 "block_set_io_throttle" => objects::block_set_io_throttle(daemon, args).await,
                 "query-version" => misc::query_version(args),
                 "query-commands" => misc::query_commands(args),

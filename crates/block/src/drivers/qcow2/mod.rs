@@ -17,6 +17,7 @@ mod bitmaps;
 mod header;
 mod snapshots;
 mod storage;
+pub use storage::NodeStorage;
 
 pub use header::Header;
 pub use snapshots::SnapshotInfo;
@@ -38,7 +39,7 @@ use serde_json::json;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use storage::{HeaderPatch, NodeStorage};
+use storage::HeaderPatch;
 use tokio::sync::RwLock;
 
 #[derive(Deserialize, Debug, Default)]

@@ -1,0 +1,132 @@
+//! blockdev-create: a `create` job that writes a new `file` or a new `qcow2` image onto an
+//! open node (QEMU's two steps: create the file, blockdev-add it, create qcow2 on it).
+
+use crate::daemon::Daemon;
+use block::create::{FileCreate, Qcow2Create};
+use block::graph::QEMU_DRIVERS;
+use block::{Graph, Node, Parent, Perms};
+use jobs::create::{CreateJob, CreateWork};
+use jobs::JobOptions;
+use qapi::error::QmpError;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct CreateArgs {
+    job_id: String,
+    options: Map<String, Value>,
+}
+
+/// Drivers QEMU can create images with and blockd cannot.
+const QEMU_ONLY_CREATE: &[&str] = &[
+    "gluster",
+    "luks",
+    "nfs",
+    "parallels",
+    "qcow",
+    "qed",
+    "rbd",
+    "ssh",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+];
+
+/// `options` read as `T`, with member names in errors as QEMU spells them (`options.x`).
+fn parse_options<T: DeserializeOwned>(options: Map<String, Value>) -> Result<T, QmpError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Wrapped<T> {
+        options: T,
+    }
+    let wrapped: Wrapped<T> = qapi::de::from_value(json!({ "options": options }))?;
+    Ok(wrapped.options)
+}
+
+pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
+    let args: CreateArgs = qapi::de::from_value(Value::Object(args))?;
+    let mut options = args.options;
+    let driver = match options.remove("driver") {
+        Some(Value::String(driver)) => driver,
+        Some(_) => {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'options.driver', expected: string",
+            ))
+        }
+        None => return Err(QmpError::generic("Parameter 'options.driver' is missing")),
+    };
+    let work: CreateWork = match driver.as_str() {
+        "file" => {
+            let file: FileCreate = parse_options(options)?;
+            Box::new(move || Box::pin(async move { file.create().await }))
+        }
+        "qcow2" => {
+            let file_ref = options
+                .remove("file")
+                .ok_or_else(|| QmpError::generic("Parameter 'options.file' is missing"))?;
+            let qcow2: Qcow2Create = parse_options(options)?;
+            let graph = daemon.graph.clone();
+            Box::new(move || Box::pin(async move { create_qcow2(&graph, file_ref, qcow2).await }))
+        }
+        other if !QEMU_DRIVERS.contains(&other) => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'driver' does not accept value '{other}'"
+            )))
+        }
+        other if QEMU_ONLY_CREATE.contains(&other) => {
+            return Err(QmpError::generic(format!(
+                "blockd cannot create images of driver '{other}'"
+            )))
+        }
+        _ => {
+            if !options.is_empty() {
+                let first = options.keys().next().cloned().unwrap_or_default();
+                return Err(QmpError::generic(format!(
+                    "Parameter 'options.{first}' is unexpected"
+                )));
+            }
+            return Err(QmpError::generic("Driver does not support blockdev-create"));
+        }
+    };
+    let mut job_options = JobOptions::new(args.job_id);
+    // QEMU keeps a create job until job-dismiss, so its outcome can be read.
+    job_options.auto_dismiss = false;
+    let job = daemon
+        .jobs
+        .create(Arc::new(CreateJob::new(work)), job_options)?;
+    super::jobs::start_job(daemon, &job);
+    Ok(json!({}))
+}
+
+/// The qcow2 half of blockdev-create, on the job's thread: find (or open) the file node,
+/// check the options, take write and resize permissions on the node as QEMU's temporary
+/// user does, and write the image.
+async fn create_qcow2(
+    graph: &Arc<Graph>,
+    file_ref: Value,
+    qcow2: Qcow2Create,
+) -> Result<(), String> {
+    let node = match file_ref {
+        Value::String(name) => graph
+            .find(&name)
+            .ok_or_else(|| format!("Cannot find device='{name}' nor node-name='{name}'"))?,
+        Value::Object(definition) => graph.open_implicit(definition).await.map_err(|e| e.desc)?,
+        _ => return Err("Invalid parameter type for 'options.file', expected: object".into()),
+    };
+    qcow2.check()?;
+    let edge = Node::attach(
+        &node,
+        "root",
+        Parent::User {
+            kind: "block-backend",
+            name: String::new(),
+        },
+        Perms::WRITE | Perms::RESIZE,
+        Perms::ALL,
+    )?;
+    qcow2.create_on(edge).await
+}

@@ -1,0 +1,207 @@
+//! blockdev-create on the real daemon: QEMU's two-step qcow2 creation judged by qemu-img,
+//! and the job's status events, query-jobs rows and errors compared with
+//! qemu-storage-daemon.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// A command's reply as it appears on the wire, for comparing implementations.
+async fn reply(c: &mut qmp::Client, command: &str, args: Value) -> Value {
+    match c.execute(command, args).await {
+        Ok(v) => json!({ "return": v }),
+        Err(e) => json!({ "error": { "class": e.class.as_str(), "desc": e.desc } }),
+    }
+}
+
+/// Run one blockdev-create to its end: the reply, the job's statuses up to `concluded`
+/// (none when refused), its query-jobs row, and the status job-dismiss leads to.
+async fn create(c: &mut qmp::Client, id: &str, options: Value) -> Value {
+    let answer = reply(
+        c,
+        "blockdev-create",
+        json!({ "job-id": id, "options": options }),
+    )
+    .await;
+    if answer.get("error").is_some() {
+        return answer;
+    }
+    let mut statuses = Vec::new();
+    while statuses.last() != Some(&json!("concluded")) {
+        let event = c.next_event(WAIT).await.expect("job status change");
+        if event["event"] == "JOB_STATUS_CHANGE" && event["data"]["id"] == id {
+            statuses.push(event["data"]["status"].clone());
+        } else {
+            assert_ne!(event["event"], "BLOCK_JOB_COMPLETED", "not a block job");
+        }
+    }
+    let jobs = c.execute("query-jobs", json!({})).await.unwrap();
+    c.execute("job-dismiss", json!({ "id": id })).await.unwrap();
+    let gone = c.wait_event("JOB_STATUS_CHANGE", WAIT).await.unwrap();
+    json!({ "statuses": statuses, "jobs": jobs, "dismissed": gone["data"] })
+}
+
+fn qemu_img_json(args: &[&str]) -> Value {
+    serde_json::from_str(&qemu_img(args)).unwrap()
+}
+
+/// file, blockdev-add, qcow2 on the node, blockdev-add: the image carries the options
+/// asked for and passes qemu-img check; a preallocated file is fully allocated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_step_qcow2_creation_passes_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    qemu_img(&["create", "-q", "-f", "qcow2", &p("base.qcow2"), "32M"]);
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
+    let mut c = daemon.qmp().await;
+    let file = json!({ "driver": "file", "filename": p("new.qcow2"), "size": 0 });
+    assert_eq!(
+        create(&mut c, "c1", file).await["jobs"][0]["status"],
+        "concluded"
+    );
+    c.execute(
+        "blockdev-add",
+        json!({ "driver": "file", "node-name": "f", "filename": p("new.qcow2") }),
+    )
+    .await
+    .unwrap();
+    let qcow2 = json!({
+        "driver": "qcow2", "file": "f", "size": 64 << 20, "cluster-size": 4096,
+        "lazy-refcounts": true, "refcount-bits": 8, "backing-file": "base.qcow2",
+        "backing-fmt": "qcow2",
+    });
+    let outcome = create(&mut c, "c2", qcow2).await;
+    assert_eq!(
+        outcome["statuses"],
+        json!(["created", "running", "waiting", "pending", "concluded"]),
+        "{outcome}"
+    );
+    assert!(outcome["jobs"][0].get("error").is_none(), "{outcome}");
+    c.execute(
+        "blockdev-add",
+        json!({ "driver": "qcow2", "node-name": "q", "file": "f" }),
+    )
+    .await
+    .unwrap();
+    let prealloc = json!({ "driver": "file", "filename": p("full.raw"), "size": 1 << 20,
+                           "preallocation": "full" });
+    assert!(create(&mut c, "c3", prealloc).await["jobs"][0]
+        .get("error")
+        .is_none());
+    daemon.quit(&mut c).await;
+
+    qemu_img(&["check", "-q", &p("new.qcow2")]);
+    let info = qemu_img_json(&["info", "--output=json", &p("new.qcow2")]);
+    assert_eq!(info["virtual-size"], 64 << 20, "{info}");
+    assert_eq!(info["cluster-size"], 4096, "{info}");
+    assert_eq!(info["backing-filename"], "base.qcow2", "{info}");
+    assert_eq!(info["backing-filename-format"], "qcow2", "{info}");
+    let specific = &info["format-specific"]["data"];
+    assert_eq!(specific["lazy-refcounts"], true, "{info}");
+    assert_eq!(specific["refcount-bits"], 8, "{info}");
+    assert_eq!(specific["compat"], "1.1", "{info}");
+    let raw = qemu_img_json(&["info", "--output=json", &p("full.raw")]);
+    assert_eq!(raw["virtual-size"], 1 << 20);
+    assert!(raw["actual-size"].as_u64().unwrap() >= 1 << 20, "{raw}");
+}
+
+fn created_image_is_qcow2(path: &Path) -> bool {
+    qemu_img_json(&["info", "--output=json", "-U", path.to_str().unwrap()])["format"] == "qcow2"
+}
+
+/// The same creations and refusals on both daemons give the same replies, job statuses,
+/// query-jobs rows (with QEMU's error texts) and dismissals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_jobs_and_errors_match_qsd() {
+    let mut transcripts = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = Daemon::start(which, dir.path(), &[]);
+        let mut c = daemon.qmp().await;
+        let mut seen = Vec::new();
+        let file = json!({ "driver": "file", "filename": "x.qcow2", "size": 0 });
+        seen.push(create(&mut c, "f", file).await);
+        c.execute(
+            "blockdev-add",
+            json!({ "driver": "file", "node-name": "f", "filename": "x.qcow2" }),
+        )
+        .await
+        .unwrap();
+        let qcow2 = |extra: Value| {
+            let mut options = json!({ "driver": "qcow2", "file": "f", "size": 16 << 20 });
+            options
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            options
+        };
+        for options in [
+            json!({ "driver": "raw" }),
+            json!({ "driver": "null-co" }),
+            json!({ "driver": "raw", "size": 1 }),
+            json!({ "driver": "nope" }),
+            json!({ "driver": "file", "filename": "none/x", "size": 0 }),
+            json!({ "driver": "file", "filename": "m.raw", "size": 0,
+                    "preallocation": "metadata" }),
+            json!({ "driver": "file", "filename": "n.raw", "size": -1 }),
+            qcow2(json!({ "file": "nonode" })),
+            qcow2(json!({ "size": 1000 })),
+            qcow2(json!({ "cluster-size": 1000 })),
+            qcow2(json!({ "refcount-bits": 3 })),
+            qcow2(json!({ "version": "v2", "refcount-bits": 8 })),
+            qcow2(json!({ "version": "v2", "lazy-refcounts": true })),
+            qcow2(json!({ "backing-fmt": "qcow2" })),
+            qcow2(json!({ "backing-file": "b", "backing-fmt": "raw",
+                          "preallocation": "metadata" })),
+            qcow2(json!({ "extended-l2": true, "cluster-size": 4096 })),
+            qcow2(json!({})),
+        ] {
+            seen.push(create(&mut c, "j", options).await);
+        }
+        assert!(created_image_is_qcow2(&dir.path().join("x.qcow2")));
+        c.execute(
+            "blockdev-add",
+            json!({ "driver": "qcow2", "node-name": "q", "file": "f" }),
+        )
+        .await
+        .unwrap();
+        seen.push(create(&mut c, "j", qcow2(json!({}))).await);
+        seen.push(
+            reply(
+                &mut c,
+                "blockdev-create",
+                json!({ "job-id": "a b",
+                    "options": qcow2(json!({})) }),
+            )
+            .await,
+        );
+        if which == Impl::Blockd {
+            daemon.quit(&mut c).await;
+        }
+        transcripts.push(normalize(Value::Array(seen)));
+    }
+    let blockd = &transcripts[0];
+    assert_eq!(
+        blockd[0]["statuses"],
+        json!(["created", "running", "waiting", "pending", "concluded"])
+    );
+    assert_eq!(
+        blockd[8]["jobs"][0]["error"],
+        "Cannot find device='nonode' nor node-name='nonode'"
+    );
+    assert_eq!(
+        blockd[8]["statuses"],
+        json!(["created", "running", "aborting", "concluded"])
+    );
+    assert!(
+        blockd[18]["jobs"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("Permission conflict on node 'f'")),
+        "{blockd:#}"
+    );
+    if let Some(qsd) = transcripts.get(1) {
+        assert_eq!(first_difference(blockd, qsd), None, "{blockd:#}\n{qsd:#}");
+    }
+}
