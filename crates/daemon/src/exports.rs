@@ -74,6 +74,21 @@ impl Backend for NodeBackend {
         self.edge()?.read(offset, buf).await
     }
 
+    /// Holes go through the node path too, so that throttle filters hold them and the
+    /// read counters count them; reading an unallocated range costs no disk I/O.
+    async fn read_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let edge = self.edge()?;
+        let mut buf = aio::pool::PoolBuf::new(len.min(CHUNK) as usize, 1)?;
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(CHUNK) as usize;
+            edge.read(pos, &mut buf.as_mut_slice()[..n]).await?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
     async fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
         let flags = WriteFlags {
             fua,

@@ -1084,6 +1084,7 @@ mod tests {
             "block-stream",
             "block-commit",
             "block-job-change",
+            "x-blockdev-amend",
             "block-dirty-bitmap-add",
             "block-dirty-bitmap-remove",
             "block-dirty-bitmap-clear",

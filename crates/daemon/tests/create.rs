@@ -205,3 +205,80 @@ async fn create_jobs_and_errors_match_qsd() {
         assert_eq!(first_difference(blockd, qsd), None, "{blockd:#}\n{qsd:#}");
     }
 }
+
+/// x-blockdev-amend: a qcow2 node amends nothing successfully, encryption fails the job,
+/// other drivers and unknown nodes are refused, all as in qsd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amend_answers_like_qsd() {
+    let mut all = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &p(dir.path(), "a.qcow2"),
+            "1M",
+        ]);
+        let daemon = Daemon::start(
+            which,
+            dir.path(),
+            &[
+                s("--blockdev"),
+                s("driver=qcow2,node-name=q,file.driver=file,file.filename=a.qcow2,file.node-name=qf"),
+            ],
+        );
+        let mut client = daemon.qmp().await;
+        let calls = [
+            json!({"job-id": "a", "node-name": "q", "options": {"driver": "qcow2"}}),
+            json!({"job-id": "b", "node-name": "qf", "options": {"driver": "qcow2"}}),
+            json!({"job-id": "c", "node-name": "nope", "options": {"driver": "qcow2"}}),
+            json!({"job-id": "d", "node-name": "q", "options": {"driver": "raw"}}),
+            json!({"job-id": "e", "node-name": "qf", "options": {"driver": "file"}}),
+            json!({"job-id": "f", "node-name": "q", "options": {"driver": "qcow2", "lazy-refcounts": true}}),
+            json!({"job-id": "g", "node-name": "q", "options": {"driver": "qcow2", "encrypt": {"format": "luks", "state": "active", "new-secret": "x"}}}),
+        ];
+        let mut replies = Vec::new();
+        for call in calls {
+            replies.push(match client.execute("x-blockdev-amend", call).await {
+                Ok(v) => json!({"return": v}),
+                Err(e) => json!({"error": e.desc}),
+            });
+        }
+        for id in ["a", "g"] {
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                let jobs = client.execute("query-jobs", json!({})).await.unwrap();
+                let job = jobs
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|j| j["id"] == id)
+                    .cloned();
+                if let Some(job) = job.filter(|j| j["status"] == "concluded") {
+                    replies.push(job);
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{which:?}: {id} never concluded"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            client
+                .execute("job-dismiss", json!({"id": id}))
+                .await
+                .unwrap();
+        }
+        daemon.quit(&mut client).await;
+        all.push(replies);
+    }
+    assert_eq!(all[0][0], json!({"return": {}}));
+    assert_eq!(all[0][8]["error"], "image is not encrypted, can't amend");
+    if all.len() == 2 {
+        for (i, (ours, theirs)) in all[0].iter().zip(&all[1]).enumerate() {
+            assert_eq!(ours, theirs, "step {i}");
+        }
+    }
+}

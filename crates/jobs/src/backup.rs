@@ -141,8 +141,10 @@ const MAX_IN_FLIGHT_BYTES: u64 = 128 << 20;
 pub struct BackupJob {
     graph: Arc<Graph>,
     source: Arc<Node>,
-    filter: Arc<Node>,
-    copy: Arc<BlockCopy>,
+    /// The filter and the copy state hold edges on source and target: `clean` lets go of
+    /// them, so the nodes are free as soon as the job ends, not when the job is dropped.
+    filter: Mutex<Option<Arc<Node>>>,
+    copy: Mutex<Option<Arc<BlockCopy>>>,
     sync: SyncMode,
     perf: BackupPerf,
     /// The job's own edges on source and target: they mark both busy until the job ends.
@@ -163,13 +165,22 @@ impl BackupJob {
         BackupJob {
             graph,
             source,
-            filter,
-            copy,
+            filter: Mutex::new(Some(filter)),
+            copy: Mutex::new(Some(copy)),
             sync,
             perf,
             job_edges: Mutex::new(job_edges),
             sync_bitmap: None,
         }
+    }
+
+    /// The copy state, present from creation until `clean`.
+    fn copy(&self) -> Arc<BlockCopy> {
+        self.copy
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the copy state lives until clean, the job's last step")
     }
 
     /// Back up with `bitmap` (sync=bitmap reads the copy's pending clusters from it).
@@ -179,7 +190,7 @@ impl BackupJob {
     }
 
     fn chunk(&self) -> u64 {
-        let cluster = self.copy.cluster_size();
+        let cluster = self.copy().cluster_size();
         let chunk = match self.perf.max_chunk {
             0 => DEFAULT_CHUNK,
             n => n,
@@ -189,8 +200,8 @@ impl BackupJob {
 
     /// sync=top: forget the clusters the source's top layer does not hold.
     async fn skip_unallocated(&self, ctx: &JobContext) -> Result<(), JobFailure> {
-        let cluster = self.copy.cluster_size();
-        let len = self.copy.len();
+        let cluster = self.copy().cluster_size();
+        let len = self.copy().len();
         let mut offset = 0;
         while offset < len {
             ctx.pause_point().await;
@@ -203,7 +214,7 @@ impl BackupJob {
                 let first = offset.div_ceil(cluster);
                 let end = (offset + run) / cluster + u64::from(offset + run >= len);
                 if first < end {
-                    self.copy.skip(first..end);
+                    self.copy().skip(first..end);
                 }
             }
             offset += run;
@@ -220,7 +231,7 @@ impl BackupJob {
                 return Err(JobFailure::cancelled());
             }
             ctx.pause_point().await;
-            let copied = self.copy.copied_bytes();
+            let copied = self.copy().copied_bytes();
             ctx.add_offset(copied - reported);
             reported = copied;
             tokio::select! {
@@ -231,7 +242,7 @@ impl BackupJob {
     }
 
     async fn copy_all(&self, ctx: &JobContext) -> Result<(), JobFailure> {
-        let cluster = self.copy.cluster_size();
+        let cluster = self.copy().cluster_size();
         let chunk = self.chunk();
         let workers = self
             .perf
@@ -250,7 +261,7 @@ impl BackupJob {
                 return Err(JobFailure::cancelled());
             }
             while in_flight.len() < workers {
-                let Some(next) = self.copy.next_pending(cursor) else {
+                let Some(next) = self.copy().next_pending(cursor) else {
                     break;
                 };
                 // The speed limit applies when a request starts, so that many requests in
@@ -261,11 +272,11 @@ impl BackupJob {
                 }
                 let offset = next * cluster;
                 cursor = (offset + chunk) / cluster;
-                let copy = self.copy.clone();
+                let copy = self.copy();
                 in_flight.push(async move { (offset, copy.copy_range(offset, chunk).await) });
             }
             let Some((offset, result)) = in_flight.next().await else {
-                if self.copy.remaining_bytes() == 0 {
+                if self.copy().remaining_bytes() == 0 {
                     break;
                 }
                 // What is left is being copied by client writes, or failed and awaits a
@@ -274,7 +285,7 @@ impl BackupJob {
                 ctx.sleep(Duration::from_millis(1)).await;
                 continue;
             };
-            let copied = self.copy.copied_bytes();
+            let copied = self.copy().copied_bytes();
             ctx.add_offset(copied.saturating_sub(reported));
             reported = copied;
             if let Err(e) = result {
@@ -291,7 +302,7 @@ impl BackupJob {
                 }
             }
         }
-        self.copy.target().flush().await?;
+        self.copy().target().flush().await?;
         Ok(())
     }
 }
@@ -303,16 +314,16 @@ impl JobDriver for BackupJob {
     }
 
     async fn run(&self, ctx: &JobContext) -> Result<(), JobFailure> {
-        ctx.set_len(self.copy.len());
+        ctx.set_len(self.copy().len());
         match self.sync {
             SyncMode::None => self.hold_point_in_time(ctx).await,
             SyncMode::Top => {
                 self.skip_unallocated(ctx).await?;
-                ctx.set_len(self.copy.remaining_bytes());
+                ctx.set_len(self.copy().remaining_bytes());
                 self.copy_all(ctx).await
             }
             SyncMode::Bitmap => {
-                ctx.set_len(self.copy.remaining_bytes());
+                ctx.set_len(self.copy().remaining_bytes());
                 self.copy_all(ctx).await
             }
             SyncMode::Full => self.copy_all(ctx).await,
@@ -321,19 +332,23 @@ impl JobDriver for BackupJob {
 
     async fn commit(&self) {
         if let Some(sync) = &self.sync_bitmap {
-            sync.finish(true, &self.copy).await;
+            sync.finish(true, &self.copy()).await;
         }
     }
 
     async fn abort(&self) {
         if let Some(sync) = &self.sync_bitmap {
-            sync.finish(false, &self.copy).await;
+            sync.finish(false, &self.copy()).await;
         }
     }
 
     /// The filter leaves the graph whatever the outcome; the graph is as before the job.
     async fn clean(&self) {
-        self.graph.remove_filter(&self.filter, &self.source).await;
+        let filter = self.filter.lock().unwrap().take();
+        if let Some(filter) = filter {
+            self.graph.remove_filter(&filter, &self.source).await;
+        }
+        self.copy.lock().unwrap().take();
         self.job_edges.lock().unwrap().clear();
     }
 }

@@ -1,5 +1,6 @@
-//! blockdev-create's job (type `create`): one step of work the daemon hands over, run on
-//! the job's I/O thread, with QEMU's progress of 0 of 1 then 1 of 1 whatever the outcome.
+//! The one-step jobs of blockdev-create (type `create`) and x-blockdev-amend (`amend`):
+//! work the daemon hands over, run on the job's I/O thread, with QEMU's progress of 0 of 1
+//! then 1 of 1 whatever the outcome.
 
 use crate::driver::{JobDriver, JobFailure, JobType};
 use crate::job::JobContext;
@@ -7,25 +8,27 @@ use async_trait::async_trait;
 use futures::future::LocalBoxFuture;
 use std::sync::Mutex;
 
-/// The creation itself: built on the monitor thread, polled on the job's thread.
-pub type CreateWork = Box<dyn FnOnce() -> LocalBoxFuture<'static, Result<(), String>> + Send>;
+/// The work itself: built on the monitor thread, polled on the job's thread.
+pub type StepWork = Box<dyn FnOnce() -> LocalBoxFuture<'static, Result<(), String>> + Send>;
 
-pub struct CreateJob {
-    work: Mutex<Option<CreateWork>>,
+pub struct OneStepJob {
+    job_type: JobType,
+    work: Mutex<Option<StepWork>>,
 }
 
-impl CreateJob {
-    pub fn new(work: CreateWork) -> CreateJob {
-        CreateJob {
+impl OneStepJob {
+    pub fn new(job_type: JobType, work: StepWork) -> OneStepJob {
+        OneStepJob {
+            job_type,
             work: Mutex::new(Some(work)),
         }
     }
 }
 
 #[async_trait(?Send)]
-impl JobDriver for CreateJob {
+impl JobDriver for OneStepJob {
     fn job_type(&self) -> JobType {
-        JobType::Create
+        self.job_type
     }
 
     async fn run(&self, ctx: &JobContext) -> Result<(), JobFailure> {
@@ -33,7 +36,7 @@ impl JobDriver for CreateJob {
         let work = self.work.lock().unwrap().take();
         let result = match work {
             Some(work) => work().await,
-            None => Err("The image was already created".to_string()),
+            None => Err("The job's work was already done".to_string()),
         };
         ctx.add_offset(1);
         result.map_err(JobFailure::new)

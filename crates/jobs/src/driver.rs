@@ -19,6 +19,7 @@ pub enum JobType {
     Stream,
     Commit,
     Create,
+    Amend,
 }
 
 impl JobType {
@@ -29,13 +30,14 @@ impl JobType {
             JobType::Stream => "stream",
             JobType::Commit => "commit",
             JobType::Create => "create",
+            JobType::Amend => "amend",
         }
     }
 
     /// Block jobs are listed by query-block-jobs and reached by `block-job-*`; `create`
-    /// (blockdev-create) is a job but not a block job.
+    /// (blockdev-create) and `amend` are jobs but not block jobs.
     pub fn is_block_job(self) -> bool {
-        self != JobType::Create
+        !matches!(self, JobType::Create | JobType::Amend)
     }
 }
 

@@ -112,6 +112,12 @@ pub trait Backend: Send + Sync + 'static {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
+    /// A read the server answers with a hole chunk, without the data: a backend that
+    /// accounts or throttles reads still sees it.
+    async fn read_hole(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
     async fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()>;

@@ -87,6 +87,7 @@ pub const COMMANDS: &[&str] = &[
     "qom-set",
     "quit",
     "transaction",
+    "x-blockdev-amend",
     "x-blockdev-del",
     "x-debug-block-dirty-bitmap-sha256",
     "x-debug-query-block-graph",
@@ -145,6 +146,7 @@ impl qmp::Dispatcher for Commands {
                     internal_snapshots::blockdev_snapshot_delete_internal_sync(daemon, args).await
                 }
                 "transaction" => transaction::transaction(daemon, args).await,
+                "x-blockdev-amend" => create::x_blockdev_amend(daemon, args),
                 "block-commit" => chain::block_commit(daemon, args).await,
                 "drive-mirror" => mirror::drive_mirror(daemon, args).await,
                 "block-job-change" => mirror::block_job_change(daemon, args),

@@ -345,6 +345,11 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
         for (i, (run_len, zero)) in runs.into_iter().enumerate() {
             let flags = if i + 1 == count { REPLY_FLAG_DONE } else { 0 };
             if zero {
+                if let Err(e) = self.backend.read_hole(pos, run_len).await {
+                    return self
+                        .send_error(req.cookie, errno_of(&e), &e.to_string())
+                        .await;
+                }
                 let mut buf = self.pool.get(STRUCTURED_HEADER_LEN + 12);
                 encode_chunk_header(&mut buf, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
                 buf.extend_from_slice(&pos.to_be_bytes());
