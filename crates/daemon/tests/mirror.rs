@@ -639,3 +639,88 @@ async fn error_policies() {
         }
     }
 }
+
+/// block-job-change switches a READY background mirror to write-blocking: it becomes
+/// actively synced and the target matches the source while the job runs. Bad changes
+/// answer as in qsd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_job_change_switches_to_write_blocking() {
+    let mut all = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = start_with_target(which, dir.path());
+        let mut client = daemon.qmp().await;
+        client
+            .execute(
+                "blockdev-mirror",
+                json!({"job-id": "m", "device": "disk0", "target": "tgt", "sync": "full"}),
+            )
+            .await
+            .unwrap();
+        wait_ready(&mut client, "m").await;
+        let mut replies = Vec::new();
+        for args in [
+            json!({"id": "nope", "type": "mirror", "copy-mode": "write-blocking"}),
+            json!({"id": "m", "type": "backup", "copy-mode": "write-blocking"}),
+            json!({"id": "m", "type": "mirror", "copy-mode": "sideways"}),
+            json!({"id": "m", "type": "mirror", "copy-mode": "background"}),
+            json!({"id": "m", "type": "mirror", "copy-mode": "write-blocking"}),
+            json!({"id": "m", "type": "mirror", "copy-mode": "background"}),
+        ] {
+            replies.push(match client.execute("block-job-change", args).await {
+                Ok(v) => json!({"return": v}),
+                Err(e) => json!({"error": e.desc}),
+            });
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let jobs = client.execute("query-block-jobs", json!({})).await.unwrap();
+            if jobs[0]["actively-synced"] == true {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{which:?} never actively synced: {jobs}"
+            );
+            qemu_io(&[
+                "-f",
+                "raw",
+                &nbd_uri(dir.path()),
+                "-c",
+                "write -P 0x61 1M 64k",
+            ]);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        qemu_io(&[
+            "-f",
+            "raw",
+            &nbd_uri(dir.path()),
+            "-c",
+            "write -P 0x62 9M 1M",
+        ]);
+        client
+            .execute("block-job-cancel", json!({"device": "m", "force": true}))
+            .await
+            .unwrap();
+        job_events(&mut client, "m", "null").await;
+        daemon.quit(&mut client).await;
+        // Force-cancelled right after the write: only write-blocking put it on the target.
+        qemu_io(&[
+            "-f",
+            "qcow2",
+            "-r",
+            &p(dir.path(), "tgt.qcow2"),
+            "-c",
+            "read -P 0x62 9M 1M",
+        ]);
+        all.push(replies);
+    }
+    assert_eq!(all[0][4], json!({"return": {}}));
+    assert_eq!(
+        all[0][5]["error"],
+        "Change to copy mode 'background' is not implemented"
+    );
+    if all.len() == 2 {
+        assert_eq!(all[0], all[1]);
+    }
+}

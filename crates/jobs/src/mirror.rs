@@ -448,6 +448,9 @@ impl JobDriver for MirrorJob {
     }
 
     fn change(&self, args: &Map<String, Value>) -> Result<(), QmpError> {
+        if self.config.commit_base || args.get("type").and_then(Value::as_str) != Some("mirror") {
+            return Ok(());
+        }
         match args.get("copy-mode").and_then(Value::as_str) {
             Some("write-blocking") => {
                 self.state.set_write_blocking();

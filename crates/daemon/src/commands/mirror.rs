@@ -377,9 +377,10 @@ impl Setup {
     }
 }
 
+/// BlockJobChangeOptions: a union on the job type where only `mirror` has members.
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct ChangeArgs {
+struct MirrorChangeArgs {
     id: String,
     #[serde(rename = "type")]
     _job_type: String,
@@ -387,8 +388,41 @@ struct ChangeArgs {
     _copy_mode: CopyMode,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OtherChangeArgs {
+    id: String,
+    #[serde(rename = "type")]
+    _job_type: String,
+}
+
+/// QEMU's JobType values, all valid in block-job-change's `type`.
+const JOB_TYPES: &[&str] = &[
+    "commit",
+    "stream",
+    "mirror",
+    "backup",
+    "create",
+    "amend",
+    "snapshot-load",
+    "snapshot-save",
+    "snapshot-delete",
+];
+
+/// A change whose type is not the job's own changes nothing, as in qsd.
 pub fn block_job_change(daemon: &Rc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
-    let parsed: ChangeArgs = qapi::de::from_value(Value::Object(args.clone()))?;
-    daemon.jobs.block_job_change(&parsed.id, &args)?;
+    let id = match args.get("type") {
+        None => return Err(QmpError::generic("Parameter 'type' is missing")),
+        Some(Value::String(t)) if !JOB_TYPES.contains(&t.as_str()) => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'type' does not accept value '{t}'"
+            )))
+        }
+        Some(Value::String(t)) if t == "mirror" => {
+            qapi::de::from_value::<MirrorChangeArgs>(Value::Object(args.clone()))?.id
+        }
+        _ => qapi::de::from_value::<OtherChangeArgs>(Value::Object(args.clone()))?.id,
+    };
+    daemon.jobs.block_job_change(&id, &args)?;
     Ok(json!({}))
 }
