@@ -7,6 +7,7 @@ mod common;
 use common::jobs::*;
 use common::*;
 use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_backup_equals_source_on_both_daemons() {
@@ -456,28 +457,15 @@ async fn backup_errors_answer_like_qsd() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fleecing_exports_the_point_in_time_while_clients_write() {
-    let dir = tempfile::tempdir().unwrap();
-    make_chain(dir.path());
-    let reference = dir.path().join("before.raw").to_string_lossy().into_owned();
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        &dir.path().join("top.qcow2").to_string_lossy(),
-        &reference,
-    ]);
-    let fleece = dir
-        .path()
-        .join("fleece.qcow2")
-        .to_string_lossy()
-        .into_owned();
+/// The chain of `make_chain` (already in `dir`) with an empty 16 MiB `fleece` node and an
+/// NBD server; returns the daemon and the server's socket.
+fn start_fleecing(which: Impl, dir: &Path) -> (Daemon, PathBuf) {
+    let fleece = p(dir, "fleece.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &fleece, "16M"]);
-    let sock = dir.path().join("nbd.sock");
+    let sock = dir.join("nbd.sock");
     let daemon = Daemon::start(
-        Impl::Blockd,
-        dir.path(),
+        which,
+        dir,
         &chain_args(&[
             s("--blockdev"),
             format!("driver=qcow2,node-name=fleece,file.driver=file,file.filename={fleece}"),
@@ -485,12 +473,14 @@ async fn fleecing_exports_the_point_in_time_while_clients_write() {
             format!("addr.type=unix,addr.path={}", sock.display()),
         ]),
     );
-    let mut client = daemon.qmp().await;
+    (daemon, sock)
+}
+
+/// Add the copy-before-write node `cbw` (`options`) with its snapshot-access view `acc`,
+/// exported as `cbw` (writable, the live disk) and `acc` (the point in time).
+async fn add_fleecing(client: &mut qmp::Client, options: Value) {
     for (cmd, args) in [
-        (
-            "blockdev-add",
-            json!({"driver": "copy-before-write", "node-name": "cbw", "file": "disk0", "target": "fleece"}),
-        ),
+        ("blockdev-add", options),
         (
             "blockdev-add",
             json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}),
@@ -509,6 +499,28 @@ async fn fleecing_exports_the_point_in_time_while_clients_write() {
             .await
             .unwrap_or_else(|e| panic!("{cmd}: {}", e.desc));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleecing_exports_the_point_in_time_while_clients_write() {
+    let dir = tempfile::tempdir().unwrap();
+    make_chain(dir.path());
+    let reference = dir.path().join("before.raw").to_string_lossy().into_owned();
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        &dir.path().join("top.qcow2").to_string_lossy(),
+        &reference,
+    ]);
+    let (daemon, sock) = start_fleecing(Impl::Blockd, dir.path());
+    let fleece = p(dir.path(), "fleece.qcow2");
+    let mut client = daemon.qmp().await;
+    add_fleecing(
+        &mut client,
+        json!({"driver": "copy-before-write", "node-name": "cbw", "file": "disk0", "target": "fleece"}),
+    )
+    .await;
     let live = format!("nbd+unix:///cbw?socket={}", sock.display());
     let view = format!("nbd+unix:///acc?socket={}", sock.display());
     qemu_io(&[
@@ -715,23 +727,7 @@ async fn fleecing_with_a_bitmap_keeps_only_dirty_clusters() {
     for which in Impl::all() {
         let dir = tempfile::tempdir().unwrap();
         make_chain(dir.path());
-        let fleece = dir
-            .path()
-            .join("fleece.qcow2")
-            .to_string_lossy()
-            .into_owned();
-        qemu_img(&["create", "-q", "-f", "qcow2", &fleece, "16M"]);
-        let sock = dir.path().join("nbd.sock");
-        let daemon = Daemon::start(
-            which,
-            dir.path(),
-            &chain_args(&[
-                s("--blockdev"),
-                format!("driver=qcow2,node-name=fleece,file.driver=file,file.filename={fleece}"),
-                s("--nbd-server"),
-                format!("addr.type=unix,addr.path={}", sock.display()),
-            ]),
-        );
+        let (daemon, sock) = start_fleecing(which, dir.path());
         let mut client = daemon.qmp().await;
         let missing = client
             .execute(
@@ -760,30 +756,12 @@ async fn fleecing_with_a_bitmap_keeps_only_dirty_clusters() {
             .execute("block-export-del", json!({"id": "d"}))
             .await
             .unwrap();
-        job_events_settle(&mut client).await;
-        for (cmd, args) in [
-            (
-                "blockdev-add",
-                json!({"driver": "copy-before-write", "node-name": "cbw", "file": "disk0", "target": "fleece", "bitmap": {"node": "disk0", "name": "b"}}),
-            ),
-            (
-                "blockdev-add",
-                json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}),
-            ),
-            (
-                "block-export-add",
-                json!({"type": "nbd", "id": "live", "node-name": "cbw", "writable": true}),
-            ),
-            (
-                "block-export-add",
-                json!({"type": "nbd", "id": "view", "node-name": "acc"}),
-            ),
-        ] {
-            client
-                .execute(cmd, args)
-                .await
-                .unwrap_or_else(|e| panic!("{which:?} {cmd}: {}", e.desc));
-        }
+        client.wait_event("BLOCK_EXPORT_DELETED", WAIT).await;
+        add_fleecing(
+            &mut client,
+            json!({"driver": "copy-before-write", "node-name": "cbw", "file": "disk0", "target": "fleece", "bitmap": {"node": "disk0", "name": "b"}}),
+        )
+        .await;
         let live = format!("nbd+unix:///cbw?socket={}", sock.display());
         let view = format!("nbd+unix:///acc?socket={}", sock.display());
         qemu_io(&["-f", "raw", &live, "-c", "write -P 0x52 0 2M"]);
@@ -792,9 +770,4 @@ async fn fleecing_with_a_bitmap_keeps_only_dirty_clusters() {
         daemon.quit(&mut client).await;
     }
     assert!(views.iter().all(|&kept| kept), "{views:?}");
-}
-
-/// Let an export deletion finish before the next graph change.
-async fn job_events_settle(client: &mut qmp::Client) {
-    client.wait_event("BLOCK_EXPORT_DELETED", WAIT).await;
 }

@@ -69,11 +69,12 @@ fn chain_of(node: &Arc<Node>) -> Vec<Arc<Node>> {
 fn find_by_filename(top: &Arc<Node>, filename: &str) -> Option<Arc<Node>> {
     chain_of(top).into_iter().skip(1).find(|n| {
         let info = n.driver().info(n);
+        // The same file under another spelling (relative path, symlink) counts too.
         info.filename == filename
-            || std::fs::canonicalize(&info.filename).ok()
-                == std::fs::canonicalize(filename)
-                    .ok()
-                    .filter(|_| std::path::Path::new(filename).exists())
+            || matches!(
+                (std::fs::canonicalize(&info.filename), std::fs::canonicalize(filename)),
+                (Ok(a), Ok(b)) if a == b
+            )
     })
 }
 
