@@ -213,8 +213,13 @@ impl MirrorJob {
                     .read(pos, buf.as_mut_slice())
                     .await
                     .map_err(CopyError::Read)?;
+                // A commit's base is a live image below the active layer, not a job target.
+                let flags = WriteFlags {
+                    job_target: !self.config.commit_base,
+                    ..WriteFlags::default()
+                };
                 target
-                    .write(pos, buf.as_slice(), WriteFlags::default())
+                    .write(pos, buf.as_slice(), flags)
                     .await
                     .map_err(CopyError::Write)?;
             }

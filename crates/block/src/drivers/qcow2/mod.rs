@@ -33,6 +33,7 @@ use imago::format::PreallocateMode;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2 as ImagoQcow2;
 use imago::raw::Raw as ImagoRaw;
+use imago::storage::ext::StorageExt;
 use imago::FormatAccess;
 use serde::Deserialize;
 use serde_json::json;
@@ -283,6 +284,8 @@ impl Driver for Qcow2 {
             let mut bufv = IoVector::new();
             bufv.push(buf);
             access.writev(bufv, offset).await?;
+        } else if flags.job_target {
+            write_mapped_first(&access, offset, buf).await?;
         } else {
             self.batcher.write(&access, offset, buf).await?;
         }
@@ -530,6 +533,27 @@ async fn is_allocated(access: &FormatAccess<NodeStorage>, offset: u64, len: u64)
 }
 
 /// Write back imago's cached metadata, then make everything stable on disk.
+/// Map the clusters, then write the data there. Unlike imago's write, which keeps the L2
+/// table locked from allocation until the data is written, this lets any number of such
+/// writes run at once; the price is that a crash or a reader in between sees the new clusters
+/// before their data, which only a job target may accept (see `WriteFlags::job_target`).
+async fn write_mapped_first(
+    access: &FormatAccess<NodeStorage>,
+    mut offset: u64,
+    mut buf: &[u8],
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        let (storage, host_offset, mapped) = access
+            .ensure_data_mapping(offset, buf.len() as u64, true)
+            .await?;
+        let (head, rest) = buf.split_at(mapped as usize);
+        storage.write(head, host_offset).await?;
+        buf = rest;
+        offset += mapped;
+    }
+    Ok(())
+}
+
 async fn persist(access: &FormatAccess<NodeStorage>) -> io::Result<()> {
     access.flush().await?;
     access.sync().await
