@@ -752,10 +752,7 @@ async fn fleecing_with_a_bitmap_keeps_only_dirty_clusters() {
         let disk = format!("nbd+unix:///disk0?socket={}", sock.display());
         // Dirty: the first MiB; clean: the second.
         qemu_io(&["-f", "raw", &disk, "-c", "write -P 0x51 0 1M"]);
-        client
-            .execute("block-export-del", json!({"id": "d"}))
-            .await
-            .unwrap();
+        delete_export_when_unused(&mut client, "d").await;
         client.wait_event("BLOCK_EXPORT_DELETED", WAIT).await;
         add_fleecing(
             &mut client,

@@ -307,7 +307,7 @@ async fn commands_transcript(which: Impl) -> Vec<String> {
         )
         .await,
     );
-    t.push(step(&mut c, "block-export-del", json!({"id": "e0"})).await);
+    delete_export_when_unused(&mut c, "e0").await;
     c.wait_event("BLOCK_EXPORT_DELETED", WAIT).await.unwrap();
     t.push(
         step(

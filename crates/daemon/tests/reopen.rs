@@ -95,9 +95,7 @@ async fn reopen_read_write_for_an_nbd_writer_and_back() {
         dir.path().join("nbd.sock").display()
     );
     jobs::qemu_io(&["-f", "raw", &uri, "-c", "write -P 0x77 1M 2M"]);
-    c.execute("block-export-del", json!({ "id": "e" }))
-        .await
-        .unwrap();
+    delete_export_when_unused(&mut c, "e").await;
     c.wait_event("BLOCK_EXPORT_DELETED", WAIT).await.unwrap();
     c.execute("blockdev-reopen", reopen(json!([qcow2(true), file(true)])))
         .await

@@ -103,13 +103,7 @@ async fn resize_is_seen_on_reconnect_and_by_qemu_img() {
         .await
         .unwrap();
         assert_eq!(nbd_size(&sock, node), size as u64, "{node} after resize");
-        // The server notices nbdinfo's disconnect on its own time; until then the export
-        // is still in use.
-        let deadline = std::time::Instant::now() + WAIT;
-        while let Err(e) = c.execute("block-export-del", json!({ "id": "e" })).await {
-            assert!(std::time::Instant::now() < deadline, "{}", e.desc);
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        delete_export_when_unused(&mut c, "e").await;
         c.wait_event("BLOCK_EXPORT_DELETED", WAIT).await.unwrap();
     }
     daemon.quit(&mut c).await;

@@ -176,6 +176,23 @@ impl Drop for Daemon {
     }
 }
 
+/// Delete export `id` once its clients are gone. The server notices a client's disconnect on
+/// its own time (qsd too), so right after a client exits the export may still be in use.
+pub async fn delete_export_when_unused(client: &mut qmp::Client, id: &str) {
+    let deadline = Instant::now() + WAIT;
+    while let Err(e) = client
+        .execute("block-export-del", serde_json::json!({ "id": id }))
+        .await
+    {
+        assert!(
+            e.desc.ends_with("still in use") && Instant::now() < deadline,
+            "{}",
+            e.desc
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub fn run(cmd: &mut Command) -> std::process::Output {
     cmd.output().expect("spawn helper command")
 }
