@@ -342,6 +342,21 @@ impl ImageFile {
         }
     }
 
+    /// Like [`write_zeroes`](Self::write_zeroes), but fail with `Unsupported` instead of
+    /// writing zeroes where the file system can neither punch nor zero a range.
+    pub async fn write_zeroes_no_fallback(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> io::Result<()> {
+        if may_unmap {
+            self.zero_unmap(offset, len).await
+        } else {
+            self.zero_allocated(offset, len).await
+        }
+    }
+
     /// Deallocate whole file-system blocks inside the range (advisory: where that is not
     /// supported nothing happens). Never changes the file size.
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

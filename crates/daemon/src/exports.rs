@@ -64,8 +64,6 @@ impl Backend for NodeBackend {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             read_only: !self.writable,
-            // Our zero writes may fall back to writing zeroes, so FAST_ZERO would be a lie.
-            fast_zero: false,
             ..Capabilities::default()
         }
     }

@@ -534,3 +534,79 @@ fn serve_creates_an_image_and_exports_it() {
     assert!(stdout.contains("blockd.qmp"), "{stdout}");
     qemu_img(&["check", &dir.path().join("disk.qcow2").to_string_lossy()]);
 }
+
+/// FAST_ZERO is advertised and kept: zeroing that whole (zero) clusters cover succeeds, and a
+/// partial cluster succeeds only where it reads as zeroes already; otherwise the request fails
+/// with ENOTSUP and the data stays. qsd answers the same requests the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_zero_fails_rather_than_writing_zeroes() {
+    const K: u64 = 1 << 10;
+    const M: u64 = 1 << 20;
+    let fast = |may_trim| nbd::ZeroFlags {
+        fast: true,
+        may_trim,
+        fua: false,
+    };
+    // (offset, length, may_trim); make_image's layout says what each range holds.
+    let requests = [
+        (2 * M, 128 * K, false), // whole clusters of the top layer's data
+        (2 * M + 128 * K + 512, 4 * K, false), // part of a top-layer data cluster
+        (5 * M + 512, 4 * K, false), // part of a cluster no layer holds
+        (M + 512, 4 * K, false), // part of a cluster only the backing holds
+        (8 * M, M, true),        // whole unallocated clusters, trimming allowed
+        (30 * M, 64 * K, true),  // a whole data cluster, trimming allowed
+    ];
+    let expected: Vec<Option<i32>> = vec![
+        None,
+        Some(libc::ENOTSUP),
+        None,
+        Some(libc::ENOTSUP),
+        None,
+        None,
+    ];
+    let mut answers = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = make_image(dir.path());
+        let sock = dir.path().join("nbd.sock");
+        let daemon = Daemon::start(which, dir.path(), &serve_args(&sock, true));
+        let addr = nbd::ConnectAddr::Unix(sock.clone());
+        let results = tokio::task::LocalSet::new()
+            .run_until(async move {
+                let client = nbd::Client::connect(&addr, "disk0", &Default::default())
+                    .await
+                    .unwrap();
+                assert_ne!(client.flags() & nbd::proto::FLAG_SEND_FAST_ZERO, 0);
+                let mut results = Vec::new();
+                for (offset, len, may_trim) in requests {
+                    let r = client.write_zeroes(offset, len, fast(may_trim)).await;
+                    results.push(r.err().map(|e| e.raw_os_error().unwrap_or(-1)));
+                }
+                client.disconnect().await.unwrap();
+                results
+            })
+            .await;
+        let mut client = daemon.qmp().await;
+        daemon.quit(&mut client).await;
+        qemu_img(&["check", &top]);
+        let reads = run(Command::new("qemu-io").args([
+            "-f",
+            "qcow2",
+            &top,
+            "-c",
+            "read -P 0 2M 128k",
+            "-c",
+            "read -P 0x33 2176k 64k",
+            "-c",
+            "read -P 0x11 1M 64k",
+            "-c",
+            "read -P 0 30M 64k",
+        ]));
+        let out = String::from_utf8_lossy(&reads.stdout).into_owned();
+        assert!(!out.contains("failed"), "{which:?}: {out}");
+        answers.push((which, results));
+    }
+    for (which, results) in answers {
+        assert_eq!(results, expected, "{which:?}");
+    }
+}

@@ -137,10 +137,13 @@ impl Driver for FileDriver {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        self.file
-            .load_full()
-            .write_zeroes(offset, len, flags.may_unmap)
-            .await?;
+        let file = self.file.load_full();
+        if flags.no_fallback {
+            file.write_zeroes_no_fallback(offset, len, flags.may_unmap)
+                .await?;
+        } else {
+            file.write_zeroes(offset, len, flags.may_unmap).await?;
+        }
         if flags.fua {
             self.file.load_full().flush().await?;
         }

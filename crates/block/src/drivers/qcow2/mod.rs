@@ -202,6 +202,58 @@ impl Qcow2 {
         self.header.lock().unwrap().clone()
     }
 
+    /// The part of a zero write that zero clusters cover, for a write that must not fall back
+    /// to writing zeroes: the partial clusters at either end must read as zeroes already (they
+    /// are left alone), else the write fails with `Unsupported` before anything changed.
+    async fn zero_clusters_only(
+        &self,
+        node: &Node,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<(u64, u64)> {
+        let header = self.header();
+        if header.version < 3 {
+            // Zero clusters came with version 3.
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let cluster_size = header.cluster_size();
+        let end = offset + len;
+        let first = offset.next_multiple_of(cluster_size).min(end);
+        // The image's last cluster may be partial: it ends with the disk.
+        let last = if end == node.size() {
+            end
+        } else {
+            (end - end % cluster_size).max(first)
+        };
+        for (from, to) in [(offset, first), (last, end)] {
+            if !self.reads_zero(node, from, to).await? {
+                return Err(io::ErrorKind::Unsupported.into());
+            }
+        }
+        Ok((first, last - first))
+    }
+
+    /// Whether `from..to` reads as zeroes, this layer or the backing chain below.
+    async fn reads_zero(&self, node: &Node, mut from: u64, to: u64) -> io::Result<bool> {
+        while from < to {
+            let extent = self.block_status(node, from, to - from).await?;
+            let (zero, len) = match (extent.kind, node.backing()) {
+                (ExtentKind::Data, _) => (false, extent.len),
+                (ExtentKind::Unallocated, Some(backing)) if from < backing.size() => {
+                    let len = extent.len.min(backing.size() - from);
+                    let below = backing.block_status_above(None, from, len).await?;
+                    (below.zero, below.len)
+                }
+                _ => (true, extent.len),
+            };
+            if !zero || len == 0 {
+                return Ok(false);
+            }
+            from += len;
+        }
+        Ok(true)
+    }
+
     /// Rewrite the backing file name and backing format recorded in the image (None: no
     /// backing file). The whole first cluster is rebuilt in memory, refused with ENOSPC when
     /// it does not fit, and written at once while no imago request runs; imago's later
@@ -297,18 +349,23 @@ impl Driver for Qcow2 {
 
     async fn write_zeroes(
         &self,
-        _: &Node,
+        node: &Node,
         offset: u64,
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        if flags.may_unmap {
+        let (offset, len) = if flags.no_fallback {
+            self.zero_clusters_only(node, offset, len).await?
+        } else {
+            (offset, len)
+        };
+        if len > 0 && flags.may_unmap {
             self.access
                 .write()
                 .await
                 .discard_to_zero(offset, len)
                 .await?;
-        } else {
+        } else if len > 0 {
             self.access.read().await.write_zeroes(offset, len).await?;
         }
         if flags.fua {
