@@ -1,13 +1,16 @@
 //! `ImageFile`: a host file or block device whose I/O never blocks the calling I/O thread.
 //!
-//! Data goes through pooled bounce buffers owned by each in-flight request (see `op`), on the
-//! thread's io_uring or the blocking pool. Reads past the end of file return zeroes. With
-//! `direct` the file is opened O_DIRECT and requests are aligned to the probed logical block
-//! size; the bounce buffers satisfy any memory alignment, so callers' buffers need none.
+//! On an I/O thread's io_uring, data moves straight into or out of the caller's buffers when
+//! they suit the file (aligned for O_DIRECT). Otherwise it goes through pooled bounce buffers
+//! owned by each in-flight request (see `op`), on the ring or the blocking pool; those
+//! satisfy any alignment, so callers' buffers need none. Reads past the end of file return
+//! zeroes. With `direct` the file is opened O_DIRECT and requests are aligned to the probed
+//! logical block size.
 
 use crate::lock::{self, LockState, Locking, Perms};
-use crate::op::{self, check, Core, Kind, Request};
+use crate::op::{self, check, Core, InPlace, Kind, Request};
 use crate::pool::{PoolBuf, MAX_BUF};
+use crate::ring::{self, Ring};
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::storage::drivers::CommonStorageHelper;
 use imago::storage::PreallocateMode;
@@ -18,9 +21,13 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tracing::debug;
+
+/// Most buffers one in-place transfer takes (the kernel's IOV_MAX).
+const MAX_IN_PLACE_BUFFERS: usize = 1024;
 
 /// Request alignment assumed for O_DIRECT when the kernel does not tell.
 const DEFAULT_DIRECT_ALIGN: usize = 4096;
@@ -491,11 +498,32 @@ impl ImageFile {
         Ok(())
     }
 
+    /// The thread's ring, if a transfer of these buffers at `offset` can use them in place.
+    fn in_place_ring(&self, offset: u64, count: usize, aligned: bool) -> Option<Rc<Ring>> {
+        let suits = !self.direct || (aligned && offset.is_multiple_of(self.req_align as u64));
+        (suits && (1..=MAX_IN_PLACE_BUFFERS).contains(&count))
+            .then(ring::current)
+            .flatten()
+    }
+
     pub(crate) async fn readv_inner(
         &self,
         mut bufv: IoVectorMut<'_>,
         mut offset: u64,
     ) -> io::Result<()> {
+        let aligned = bufv.is_aligned(self.req_align, self.req_align);
+        if let Some(ring) = self.in_place_ring(offset, bufv.buffer_count(), aligned) {
+            // Safety: `bufv` lives until this function returns, and the `Op` holding the
+            // request waits for the kernel if it is dropped before completion.
+            let iov = unsafe { InPlace::new(bufv.as_iovec()) };
+            let req = Request::in_place(&self.core, Kind::Read { offset }, iov);
+            let (res, _req) = ring::Op::new(ring, req).await;
+            // A short read (end of file) leaves the rest to the bounce path, which fills
+            // zeroes from the end of file on.
+            let n = (check(res)? as u64).min(bufv.len());
+            bufv = bufv.split_at(n).1;
+            offset = offset.checked_add(n).ok_or_else(overflow)?;
+        }
         while !bufv.is_empty() {
             let chunk = bufv.len().min(MAX_BUF as u64);
             let (mut head, tail) = bufv.split_at(chunk);
@@ -512,6 +540,21 @@ impl ImageFile {
         mut bufv: IoVector<'_>,
         mut offset: u64,
     ) -> io::Result<()> {
+        let aligned = bufv.is_aligned(self.req_align, self.req_align);
+        if let Some(ring) = self.in_place_ring(offset, bufv.buffer_count(), aligned) {
+            // Safety: as for reads.
+            let iov = unsafe { InPlace::new(bufv.as_iovec()) };
+            let req = Request::in_place(&self.core, Kind::Write { offset }, iov);
+            let (res, _req) = ring::Op::new(ring, req).await;
+            let n = (check(res)? as u64).min(bufv.len());
+            if n == 0 && !bufv.is_empty() {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.size.fetch_max(offset + n, Ordering::Relaxed);
+            // A short write goes on through the bounce path.
+            bufv = bufv.split_at(n).1;
+            offset = offset.checked_add(n).ok_or_else(overflow)?;
+        }
         while !bufv.is_empty() {
             let chunk = bufv.len().min(MAX_BUF as u64);
             let (head, tail) = bufv.split_at(chunk);
