@@ -137,6 +137,9 @@ impl Slots {
     }
 }
 
+/// io_uring worker threads per ring for requests that block (see `Ring::new`).
+const MAX_BLOCKING_WORKERS: u32 = 64;
+
 pub(crate) struct Ring {
     uring: RefCell<IoUring>,
     fd: RawFd,
@@ -154,6 +157,16 @@ impl Ring {
         let uring = IoUring::builder().setup_clamp().build(entries)?;
         let mut probe = Probe::new();
         uring.submitter().register_probe(&mut probe)?;
+        // Requests the file system cannot start without blocking (ext4 takes the inode lock
+        // exclusively for allocating or file-extending direct writes) go to io_uring's
+        // worker threads. With its default of 4 per CPU they queue up for a few workers that
+        // spin on that lock: a 2 GiB qcow2 backup took 1.2 CPU s with 8 workers and 0.65 CPU s
+        // (and less time) with one worker per request a job keeps in flight. 0 keeps the
+        // default for unbounded (socket) work, which we do not use.
+        let mut max_workers = [MAX_BLOCKING_WORKERS, 0];
+        if let Err(e) = uring.submitter().register_iowq_max_workers(&mut max_workers) {
+            debug!("io_uring worker limit not raised: {e}");
+        }
         for (code, name) in [
             (opcode::Read::CODE, "read"),
             (opcode::Write::CODE, "write"),
