@@ -164,7 +164,10 @@ impl Ring {
         // (and less time) with one worker per request a job keeps in flight. 0 keeps the
         // default for unbounded (socket) work, which we do not use.
         let mut max_workers = [MAX_BLOCKING_WORKERS, 0];
-        if let Err(e) = uring.submitter().register_iowq_max_workers(&mut max_workers) {
+        if let Err(e) = uring
+            .submitter()
+            .register_iowq_max_workers(&mut max_workers)
+        {
             debug!("io_uring worker limit not raised: {e}");
         }
         for (code, name) in [

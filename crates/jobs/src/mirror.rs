@@ -7,10 +7,11 @@
 //! (READY), and keeps copying after that. To finish it stops client I/O at the filter, copies
 //! what is left, and keeps the filter quiet until the graph change is done.
 //!
-//! Unlike QEMU's background mode, a mirror here always converges: when a whole pass over the
-//! bitmap leaves nearly as much dirty as the pass before, clients write faster than the job
-//! copies, and the filter switches to write-blocking (client writes reach the target before
-//! they complete), so the dirty set can only shrink.
+//! Unlike QEMU's background mode, a mirror here always converges: when passes over the bitmap
+//! have stopped shrinking the dirty set for a while, clients write faster than the job copies,
+//! and the filter switches to write-blocking (client writes reach the target before they
+//! complete), so the dirty set can only shrink. Not sooner: write-blocking makes every client
+//! write wait for the target, so a mirror that still converges stays in the background.
 
 use crate::policy::ErrorAction;
 use crate::{JobContext, JobDriver, JobFailure, JobType};
@@ -26,6 +27,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MirrorSync {
@@ -41,6 +43,32 @@ pub enum MirrorSync {
 const MAX_IN_FLIGHT: usize = 16;
 /// Largest single copy request.
 const MAX_CHUNK: u64 = 1 << 20;
+/// How long passes may fail to shrink the dirty set before the mirror stops relying on
+/// background copying (see the module comment).
+const STALL: Duration = Duration::from_secs(2);
+
+/// Watches the dirty bytes each pass over the bitmap leaves behind.
+#[derive(Default)]
+struct ConvergenceWatch {
+    /// The last pass that left at most 3/4 of the one before it, and when it ended.
+    best: Option<(u64, Instant)>,
+}
+
+impl ConvergenceWatch {
+    /// A pass ended with `dirty` bytes left; true when no pass has shrunk the dirty set by a
+    /// quarter for `STALL`.
+    fn pass_ended(&mut self, dirty: u64, now: Instant) -> bool {
+        match self.best {
+            Some((best, since)) if dirty * 4 > best * 3 => {
+                dirty > 0 && now.duration_since(since) >= STALL
+            }
+            _ => {
+                self.best = Some((dirty, now));
+                false
+            }
+        }
+    }
+}
 
 pub struct MirrorConfig {
     pub sync: MirrorSync,
@@ -253,7 +281,7 @@ impl MirrorJob {
         let mut cursor = 0;
         let mut in_flight = FuturesUnordered::new();
         let mut bytes_in_flight = 0u64;
-        let mut dirty_at_last_pass: Option<u64> = None;
+        let mut convergence = ConvergenceWatch::default();
         loop {
             if in_flight.is_empty() {
                 ctx.pause_point().await;
@@ -279,19 +307,14 @@ impl MirrorJob {
                         // A pass is over: clients outrunning it means background copying
                         // cannot converge.
                         let dirty = self.dirty_bytes();
-                        if let Some(previous) = dirty_at_last_pass {
-                            if dirty > 0
-                                && dirty * 4 > previous * 3
-                                && !self.state.is_write_blocking()
-                            {
-                                tracing::info!(
-                                    job = ctx.id(),
-                                    "mirror is not converging, switching to write-blocking"
-                                );
-                                self.state.set_write_blocking();
-                            }
+                        let stalled = convergence.pass_ended(dirty, Instant::now());
+                        if stalled && !self.state.is_write_blocking() {
+                            tracing::info!(
+                                job = ctx.id(),
+                                "mirror is not converging, switching to write-blocking"
+                            );
+                            self.state.set_write_blocking();
                         }
-                        dirty_at_last_pass = Some(dirty);
                         cursor = 0;
                         self.state.bitmap().next_dirty_range(0, chunk)
                     }
@@ -502,5 +525,50 @@ impl JobDriver for MirrorJob {
             );
         }
         extra
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ConvergenceWatch, STALL};
+    use tokio::time::Instant;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn shrinking_passes_never_stall() {
+        let mut watch = ConvergenceWatch::default();
+        let start = Instant::now();
+        let mut dirty = 1024 * MIB;
+        for pass in 0..20 {
+            assert!(!watch.pass_ended(dirty, start + STALL * pass));
+            dirty = dirty * 6 / 10;
+        }
+    }
+
+    #[test]
+    fn a_dirty_set_that_stops_shrinking_stalls_after_the_grace_time() {
+        let mut watch = ConvergenceWatch::default();
+        let start = Instant::now();
+        assert!(!watch.pass_ended(1500 * MIB, start));
+        assert!(!watch.pass_ended(1400 * MIB, start + STALL / 2));
+        assert!(watch.pass_ended(1450 * MIB, start + STALL));
+    }
+
+    #[test]
+    fn a_small_steady_dirty_set_stalls_too_until_a_pass_empties_it() {
+        let mut watch = ConvergenceWatch::default();
+        let start = Instant::now();
+        assert!(!watch.pass_ended(2 * MIB, start));
+        let tick = STALL / 400;
+        let mut now = start;
+        for _ in 0..399 {
+            now += tick;
+            assert!(!watch.pass_ended(2 * MIB, now));
+        }
+        now += tick;
+        assert!(watch.pass_ended(2 * MIB, now));
+        assert!(!watch.pass_ended(0, now + tick));
+        assert!(!watch.pass_ended(2 * MIB, now + STALL / 2));
     }
 }
