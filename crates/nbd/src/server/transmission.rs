@@ -21,8 +21,11 @@ use crate::proto::*;
 /// bounds memory per connection while leaving room for one maximum-sized request.
 const BUDGET_UNIT: usize = 64 * 1024;
 const BUDGET_UNITS: usize = 2 * (MAX_PAYLOAD as usize / BUDGET_UNIT) + 64;
+/// Data in read replies and write payloads starts at this alignment, so that the I/O layer
+/// can transfer it in place (O_DIRECT wants block-aligned memory; a page suits any device).
+const DATA_ALIGN: usize = 4096;
 /// Buffers above this size are not kept in the pool.
-const POOL_MAX_BUF: usize = 4 * 1024 * 1024 + 64;
+const POOL_MAX_BUF: usize = 4 * 1024 * 1024 + DATA_ALIGN + 64;
 const POOL_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 /// Runs one connection from greeting to close. `on_kill` must make pending socket I/O
@@ -150,12 +153,12 @@ async fn transmit<R, W>(
                 );
                 break;
             }
-            let mut buf = conn.pool.get(req.length as usize);
-            buf.resize(req.length as usize, 0);
-            if reader.read_exact(&mut buf).await.is_err() {
+            let (mut buf, start) = conn.pool.get_aligned(0, req.length as usize);
+            buf.resize(start + req.length as usize, 0);
+            if reader.read_exact(&mut buf[start..]).await.is_err() {
                 break;
             }
-            payload = Some(buf);
+            payload = Some((buf, start));
         }
         let size = conn.backend.size();
         let caps = conn.backend.capabilities();
@@ -168,8 +171,8 @@ async fn transmit<R, W>(
                 });
             }
             Err((errno, msg)) => {
-                if let Some(p) = payload {
-                    conn.pool.put(p);
+                if let Some((buf, _)) = payload {
+                    conn.pool.put(buf);
                 }
                 tasks.spawn_local(async move {
                     conn2.send_error(req.cookie, errno, msg).await;
@@ -239,7 +242,12 @@ fn check<W>(
     Ok(())
 }
 
-async fn handle<W: AsyncWrite + Unpin>(conn: &Conn<W>, req: Request, payload: Option<Vec<u8>>) {
+/// `payload`: a write's data, from the given offset of the buffer on.
+async fn handle<W: AsyncWrite + Unpin>(
+    conn: &Conn<W>,
+    req: Request,
+    payload: Option<(Vec<u8>, usize)>,
+) {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let len = req.length as u64;
     let b = &conn.backend;
@@ -247,8 +255,8 @@ async fn handle<W: AsyncWrite + Unpin>(conn: &Conn<W>, req: Request, payload: Op
         CMD_READ => return conn.read(req).await,
         CMD_BLOCK_STATUS => return conn.block_status(req).await,
         CMD_WRITE => {
-            let buf = payload.unwrap_or_default();
-            let r = b.write(req.offset, &buf, fua).await;
+            let (buf, start) = payload.unwrap_or_default();
+            let r = b.write(req.offset, &buf[start..], fua).await;
             conn.pool.put(buf);
             r
         }
@@ -312,15 +320,15 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
     async fn read(&self, req: Request) {
         let len = req.length as usize;
         if !self.structured {
-            let mut buf = self.pool.get(SIMPLE_REPLY_LEN + len);
+            let (mut buf, start) = self.pool.get_aligned(SIMPLE_REPLY_LEN, len);
             encode_simple_reply(&mut buf, 0, req.cookie);
-            buf.resize(SIMPLE_REPLY_LEN + len, 0);
+            buf.resize(start + SIMPLE_REPLY_LEN + len, 0);
             match self
                 .backend
-                .read(req.offset, &mut buf[SIMPLE_REPLY_LEN..])
+                .read(req.offset, &mut buf[start + SIMPLE_REPLY_LEN..])
                 .await
             {
-                Ok(()) => self.write(&buf).await,
+                Ok(()) => self.write(&buf[start..]).await,
                 Err(e) => {
                     self.send_error(req.cookie, errno_of(&e), &e.to_string())
                         .await
@@ -358,7 +366,8 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
                 self.pool.put(buf);
             } else {
                 let n = run_len as usize;
-                let mut buf = self.pool.get(STRUCTURED_HEADER_LEN + 8 + n);
+                let head = STRUCTURED_HEADER_LEN + 8;
+                let (mut buf, start) = self.pool.get_aligned(head, n);
                 encode_chunk_header(
                     &mut buf,
                     flags,
@@ -367,13 +376,10 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
                     8 + n as u32,
                 );
                 buf.extend_from_slice(&pos.to_be_bytes());
-                buf.resize(STRUCTURED_HEADER_LEN + 8 + n, 0);
-                let r = self
-                    .backend
-                    .read(pos, &mut buf[STRUCTURED_HEADER_LEN + 8..])
-                    .await;
+                buf.resize(start + head + n, 0);
+                let r = self.backend.read(pos, &mut buf[start + head..]).await;
                 match r {
-                    Ok(()) => self.write(&buf).await,
+                    Ok(()) => self.write(&buf[start..]).await,
                     Err(e) => {
                         self.pool.put(buf);
                         return self
@@ -496,6 +502,17 @@ impl BufPool {
         }
     }
 
+    /// A buffer holding `pad` bytes of padding, then room for `head` bytes and `len` bytes of
+    /// data that starts `DATA_ALIGN`-aligned; returns it with `pad`, where the head goes.
+    fn get_aligned(&self, head: usize, len: usize) -> (Vec<u8>, usize) {
+        let mut buf = self.get(DATA_ALIGN + head + len);
+        let data = buf.as_ptr() as usize + head;
+        let pad = data.next_multiple_of(DATA_ALIGN) - data;
+        // Within the capacity, so the buffer does not move.
+        buf.resize(pad, 0);
+        (buf, pad)
+    }
+
     fn put(&self, mut buf: Vec<u8>) {
         if buf.capacity() > POOL_MAX_BUF {
             return;
@@ -539,5 +556,23 @@ mod tests {
         assert_eq!(again.capacity(), cap);
         p.put(Vec::with_capacity(POOL_MAX_BUF + 1));
         assert!(p.bufs.borrow().is_empty());
+    }
+
+    #[test]
+    fn aligned_buffers_put_the_data_on_a_page_boundary_and_stay_pooled() {
+        let p = BufPool::default();
+        for (head, len) in [(0, 4096), (16, 1 << 20), (28, 512), (28, 4 << 20)] {
+            for _ in 0..2 {
+                let (mut buf, pad) = p.get_aligned(head, len);
+                assert_eq!(buf.len(), pad);
+                let cap = buf.capacity();
+                buf.extend_from_slice(&vec![1; head]);
+                buf.resize(pad + head + len, 0);
+                assert_eq!(buf.capacity(), cap, "the buffer moved");
+                assert_eq!((buf.as_ptr() as usize + pad + head) % DATA_ALIGN, 0);
+                p.put(buf);
+            }
+        }
+        assert!(!p.bufs.borrow().is_empty());
     }
 }
