@@ -573,9 +573,15 @@ async fn fast_zero_fails_rather_than_writing_zeroes() {
         let addr = nbd::ConnectAddr::Unix(sock.clone());
         let results = tokio::task::LocalSet::new()
             .run_until(async move {
-                let client = nbd::Client::connect(&addr, "disk0", &Default::default())
-                    .await
-                    .unwrap();
+                // The NBD socket may appear a moment after the monitor's.
+                let deadline = std::time::Instant::now() + WAIT;
+                let client = loop {
+                    match nbd::Client::connect(&addr, "disk0", &Default::default()).await {
+                        Ok(client) => break client,
+                        Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                };
                 assert_ne!(client.flags() & nbd::proto::FLAG_SEND_FAST_ZERO, 0);
                 let mut results = Vec::new();
                 for (offset, len, may_trim) in requests {
