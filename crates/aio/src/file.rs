@@ -10,7 +10,7 @@
 use crate::lock::{self, LockState, Locking, Perms};
 use crate::op::{self, check, Core, InPlace, Kind, Request};
 use crate::pool::{PoolBuf, MAX_BUF};
-use crate::ring::{self, Ring};
+use crate::ring;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::storage::drivers::CommonStorageHelper;
 use imago::storage::PreallocateMode;
@@ -21,7 +21,6 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tracing::debug;
@@ -498,12 +497,33 @@ impl ImageFile {
         Ok(())
     }
 
-    /// The thread's ring, if a transfer of these buffers at `offset` can use them in place.
-    fn in_place_ring(&self, offset: u64, count: usize, aligned: bool) -> Option<Rc<Ring>> {
+    /// Read or write (`kind`) the buffers `iov` describes, `len` bytes in all, straight from
+    /// or into them, when the thread has a ring and the buffers suit the file (`aligned`);
+    /// returns how many bytes moved, or None when the bounce path has to do it all.
+    ///
+    /// # Safety
+    /// The memory `iov` describes must stay valid while the returned future exists; the
+    /// `Op` inside waits for the kernel if that future is dropped before completion.
+    async unsafe fn transfer_in_place(
+        &self,
+        kind: Kind,
+        iov: &[libc::iovec],
+        len: u64,
+        aligned: bool,
+    ) -> Option<io::Result<u64>> {
+        let offset = match kind {
+            Kind::Read { offset } | Kind::Write { offset } => offset,
+            _ => return None,
+        };
         let suits = !self.direct || (aligned && offset.is_multiple_of(self.req_align as u64));
-        (suits && (1..=MAX_IN_PLACE_BUFFERS).contains(&count))
-            .then(ring::current)
-            .flatten()
+        if !suits || !(1..=MAX_IN_PLACE_BUFFERS).contains(&iov.len()) {
+            return None;
+        }
+        let ring = ring::current()?;
+        // Safety: passed on to our caller.
+        let req = Request::in_place(&self.core, kind, unsafe { InPlace::new(iov) });
+        let (res, _req) = ring::Op::new(ring, req).await;
+        Some(check(res).map(|n| (n as u64).min(len)))
     }
 
     pub(crate) async fn readv_inner(
@@ -512,15 +532,13 @@ impl ImageFile {
         mut offset: u64,
     ) -> io::Result<()> {
         let aligned = bufv.is_aligned(self.req_align, self.req_align);
-        if let Some(ring) = self.in_place_ring(offset, bufv.buffer_count(), aligned) {
-            // Safety: `bufv` lives until this function returns, and the `Op` holding the
-            // request waits for the kernel if it is dropped before completion.
-            let iov = unsafe { InPlace::new(bufv.as_iovec()) };
-            let req = Request::in_place(&self.core, Kind::Read { offset }, iov);
-            let (res, _req) = ring::Op::new(ring, req).await;
+        let kind = Kind::Read { offset };
+        // Safety: `bufv` outlives the transfer's future.
+        let moved = unsafe { self.transfer_in_place(kind, bufv.as_iovec(), bufv.len(), aligned) };
+        if let Some(moved) = moved.await {
             // A short read (end of file) leaves the rest to the bounce path, which fills
             // zeroes from the end of file on.
-            let n = (check(res)? as u64).min(bufv.len());
+            let n = moved?;
             bufv = bufv.split_at(n).1;
             offset = offset.checked_add(n).ok_or_else(overflow)?;
         }
@@ -541,12 +559,11 @@ impl ImageFile {
         mut offset: u64,
     ) -> io::Result<()> {
         let aligned = bufv.is_aligned(self.req_align, self.req_align);
-        if let Some(ring) = self.in_place_ring(offset, bufv.buffer_count(), aligned) {
-            // Safety: as for reads.
-            let iov = unsafe { InPlace::new(bufv.as_iovec()) };
-            let req = Request::in_place(&self.core, Kind::Write { offset }, iov);
-            let (res, _req) = ring::Op::new(ring, req).await;
-            let n = (check(res)? as u64).min(bufv.len());
+        let kind = Kind::Write { offset };
+        // Safety: `bufv` outlives the transfer's future.
+        let moved = unsafe { self.transfer_in_place(kind, bufv.as_iovec(), bufv.len(), aligned) };
+        if let Some(moved) = moved.await {
+            let n = moved?;
             if n == 0 && !bufv.is_empty() {
                 return Err(io::ErrorKind::WriteZero.into());
             }
