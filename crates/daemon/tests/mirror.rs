@@ -373,14 +373,14 @@ async fn write_blocking_mode_stays_in_sync_under_continuous_writes() {
 }
 
 /// Target writes fail once through blkdebug.
-fn failing_target_args(dir: &Path) -> Vec<String> {
+fn failing_target_args(dir: &Path, errno: i32) -> Vec<String> {
     make_chain(dir);
     let tgt = p(dir, "tgt.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &tgt, "16M"]);
     let mut extra = vec![
         s("--blockdev"),
         format!(
-            r#"{{"driver":"qcow2","node-name":"tgt","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{tgt}"}},"inject-error":[{{"event":"write_aio","errno":5,"once":true}}]}}}}"#
+            r#"{{"driver":"qcow2","node-name":"tgt","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{tgt}"}},"inject-error":[{{"event":"write_aio","errno":{errno},"once":true}}]}}}}"#
         ),
     ];
     extra.extend(nbd_args(dir, "disk0"));
@@ -583,20 +583,23 @@ fn failing_source_args(dir: &Path) -> Vec<String> {
 }
 
 /// Each policy for target writes and source reads failing once: report fails the job;
-/// ignore and stop (after resume) copy the failed range again and complete.
+/// ignore and stop (after resume) copy the failed range again and complete; enospc stops
+/// on ENOSPC (io-status nospace) and reports anything else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_policies() {
-    for (operation, policy) in [
-        ("write", "report"),
-        ("write", "ignore"),
-        ("write", "stop"),
-        ("read", "report"),
-        ("read", "ignore"),
-        ("read", "stop"),
+    for (operation, policy, errno) in [
+        ("write", "report", libc::EIO),
+        ("write", "ignore", libc::EIO),
+        ("write", "stop", libc::EIO),
+        ("write", "enospc", libc::ENOSPC),
+        ("write", "enospc", libc::EIO),
+        ("read", "report", libc::EIO),
+        ("read", "ignore", libc::EIO),
+        ("read", "stop", libc::EIO),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let (args, option) = match operation {
-            "write" => (failing_target_args(dir.path()), "on-target-error"),
+            "write" => (failing_target_args(dir.path(), errno), "on-target-error"),
             _ => (failing_source_args(dir.path()), "on-source-error"),
         };
         let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
@@ -609,10 +612,23 @@ async fn error_policies() {
             .await
             .expect("BLOCK_JOB_ERROR");
         assert_eq!(error["data"]["operation"], operation, "{policy}");
-        if policy == "stop" {
-            resume_stopped_job(&mut client, "m", "failed").await;
+        let stops = policy == "stop" || (policy == "enospc" && errno == libc::ENOSPC);
+        let reports = policy == "report" || (policy == "enospc" && !stops);
+        let action = match (stops, reports) {
+            (true, _) => "stop",
+            (_, true) => "report",
+            _ => policy,
+        };
+        assert_eq!(error["data"]["action"], action, "{policy} {errno}");
+        if stops {
+            let io_status = if errno == libc::ENOSPC {
+                "nospace"
+            } else {
+                "failed"
+            };
+            resume_stopped_job(&mut client, "m", io_status).await;
         }
-        if policy != "report" {
+        if !reports {
             wait_ready(&mut client, "m").await;
             client
                 .execute("block-job-complete", json!({"device": "m"}))
@@ -624,7 +640,7 @@ async fn error_policies() {
             .await
             .expect("BLOCK_JOB_COMPLETED");
         daemon.quit(&mut client).await;
-        if policy == "report" {
+        if reports {
             assert_eq!(done["data"]["error"], "Input/output error", "{operation}");
         } else {
             assert!(
