@@ -2,24 +2,14 @@
 //! bitmaps we store are what qemu-img reads, the image stays clean for qemu-img check, a
 //! crash leaves them in use, and read-only opens change nothing.
 
-use block::bitmap::DirtyBitmap;
-use block::{Graph, IoThreads, Node, OptionSyntax, WriteFlags};
-use serde_json::{json, Value};
-use std::future::Future;
-use std::path::Path;
-use std::process::Command;
-use std::sync::Arc;
+mod common;
 
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use block::bitmap::DirtyBitmap;
+use block::WriteFlags;
+use common::{check_clean, run, Setup};
+use serde_json::Value;
+use std::path::Path;
+use std::sync::Arc;
 
 /// The bitmaps qemu-img lists, as (name, granularity, flags).
 fn qemu_bitmaps(image: &str) -> Vec<(String, u64, Vec<String>)> {
@@ -47,62 +37,7 @@ fn qemu_bitmaps(image: &str) -> Vec<(String, u64, Vec<String>)> {
         .unwrap_or_default()
 }
 
-fn check_clean(image: &str) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json", image])
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    assert!(
-        out.status.success(),
-        "qemu-img check {image}: {report} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for key in ["corruptions", "leaks", "check-errors"] {
-        assert_eq!(
-            report.get(key).and_then(Value::as_u64).unwrap_or(0),
-            0,
-            "{report}"
-        );
-    }
-}
-
-struct Setup {
-    io: Arc<IoThreads>,
-    graph: Arc<Graph>,
-}
-
 impl Setup {
-    fn open(image: &str, read_only: bool) -> Setup {
-        let setup = Setup {
-            io: Arc::new(IoThreads::start(1).unwrap()),
-            graph: Arc::new(Graph::new()),
-        };
-        let graph = setup.graph.clone();
-        let Value::Object(opts) = json!({"driver": "qcow2", "node-name": "disk",
-            "read-only": read_only, "file": {"driver": "file", "filename": image}})
-        else {
-            unreachable!()
-        };
-        block_on(
-            setup
-                .io
-                .run(move || async move { graph.add(opts, OptionSyntax::Json).await.map(|_| ()) }),
-        )
-        .unwrap();
-        setup
-    }
-
-    fn on_node<T, F, Fut>(&self, f: F) -> T
-    where
-        T: Send + 'static,
-        F: FnOnce(Arc<Node>) -> Fut + Send + 'static,
-        Fut: Future<Output = T> + 'static,
-    {
-        let node = self.graph.find("disk").unwrap();
-        block_on(self.io.run(move || f(node)))
-    }
-
     /// (name, granularity, count, enabled, persistent, inconsistent) of every bitmap.
     fn bitmaps(&self) -> Vec<(String, u64, u64, bool, bool, bool)> {
         let node = self.graph.find("disk").unwrap();
@@ -120,32 +55,6 @@ impl Setup {
             })
             .collect()
     }
-
-    /// quit: flush, store what the drivers keep, release the images.
-    fn close(self) {
-        let graph = self.graph.clone();
-        block_on(self.io.run(move || async move {
-            graph.flush_all().await;
-            graph.close_images().await;
-            graph.close_all();
-        }));
-        self.io.shutdown();
-    }
-
-    /// A crash, as far as the image can tell: the images are let go without closing.
-    fn abandon(self) {
-        let graph = self.graph.clone();
-        block_on(self.io.run(move || async move { graph.close_all() }));
-        self.io.shutdown();
-    }
-}
-
-fn block_on<T>(f: impl Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
 }
 
 /// 4 MiB image with enabled `b0` (64 KiB) and disabled `b1` (128 KiB), written by qemu-io

@@ -1,22 +1,17 @@
 //! qcow2 header rewrites done by us in a live image (backing file name and format) stay
 //! intact while imago keeps writing, and qemu-img agrees with the result.
 
+mod common;
+
 use block::drivers::qcow2::Qcow2;
-use block::{Graph, IoThreads, Node, OptionSyntax, WriteFlags};
+use block::{Node, WriteFlags};
+use common::{check_clean, run, Setup};
 use serde_json::{json, Value};
-use std::future::Future;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run("qemu-img", args)
 }
 
 fn info_json(image: &str) -> Value {
@@ -24,78 +19,8 @@ fn info_json(image: &str) -> Value {
     serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", image])).unwrap()
 }
 
-fn check_clean(image: &str) {
-    let out = Command::new("qemu-img")
-        .args(["check", "-U", "--output=json", image])
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(out.status.success(), "qemu-img check {image}: {report}");
-    for key in ["corruptions", "leaks", "check-errors"] {
-        assert_eq!(
-            report.get(key).and_then(Value::as_u64).unwrap_or(0),
-            0,
-            "{report}"
-        );
-    }
-}
-
 fn path(dir: &Path, name: &str) -> String {
     dir.join(name).to_string_lossy().into_owned()
-}
-
-struct Setup {
-    io: Arc<IoThreads>,
-    graph: Arc<Graph>,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        Setup {
-            io: Arc::new(IoThreads::start(1).unwrap()),
-            graph: Arc::new(Graph::new()),
-        }
-    }
-
-    fn add(&self, opts: Value) {
-        let graph = self.graph.clone();
-        let Value::Object(opts) = opts else {
-            panic!("options must be an object")
-        };
-        block_on(
-            self.io
-                .run(move || async move { graph.add(opts, OptionSyntax::Json).await.map(|_| ()) }),
-        )
-        .unwrap();
-    }
-
-    /// Run `f` on an I/O thread with the node and its qcow2 driver.
-    fn on_node<T, F, Fut>(&self, name: &str, f: F) -> T
-    where
-        T: Send + 'static,
-        F: FnOnce(Arc<Node>) -> Fut + Send + 'static,
-        Fut: Future<Output = T> + 'static,
-    {
-        let node = self.graph.find(name).unwrap();
-        block_on(self.io.run(move || f(node)))
-    }
-
-    fn close(self) {
-        let graph = self.graph.clone();
-        block_on(self.io.run(move || async move {
-            graph.flush_all().await;
-            graph.close_all();
-        }));
-        self.io.shutdown();
-    }
-}
-
-fn block_on<T>(f: impl Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
 }
 
 async fn set_backing(node: &Node, file: Option<&str>, format: Option<&str>) -> std::io::Result<()> {
@@ -130,7 +55,7 @@ fn new_backing_name_survives_imago_header_writes() {
     let setup = Setup::new();
     setup.add(json!({"driver": "qcow2", "node-name": "top",
                      "file": {"driver": "file", "filename": top}}));
-    let reported = setup.on_node("top", |node| async move {
+    let reported = setup.on("top", |node| async move {
         set_backing(&node, Some(OTHER), Some("raw")).await.unwrap();
         let reported = backing_of(&node);
         // Growing the image makes imago write its header copy again (size, L1 pointer).
@@ -171,7 +96,7 @@ fn backing_file_can_be_dropped_and_replaced() {
     let setup = Setup::new();
     setup.add(json!({"driver": "qcow2", "node-name": "top",
                      "file": {"driver": "file", "filename": top}}));
-    let reported = setup.on_node("top", |node| async move {
+    let reported = setup.on("top", |node| async move {
         set_backing(&node, None, None).await.unwrap();
         backing_of(&node)
     });
@@ -181,7 +106,7 @@ fn backing_file_can_be_dropped_and_replaced() {
     assert!(info.get("backing-filename-format").is_none(), "{info}");
     check_clean(&top);
 
-    setup.on_node("top", |node| async move {
+    setup.on("top", |node| async move {
         set_backing(&node, Some("base.qcow2"), Some("qcow2"))
             .await
             .unwrap();
@@ -221,7 +146,7 @@ fn names_that_do_not_fit_are_refused_and_change_nothing() {
     let setup = Setup::new();
     setup.add(json!({"driver": "qcow2", "node-name": "top",
                      "file": {"driver": "file", "filename": top}}));
-    let errors = setup.on_node("top", |node| async move {
+    let errors = setup.on("top", |node| async move {
         let too_big = set_backing(&node, Some(&"x".repeat(600)), Some("qcow2")).await;
         let too_long = set_backing(&node, Some(&"y".repeat(1024)), None).await;
         let format_alone = set_backing(&node, None, Some("qcow2")).await;

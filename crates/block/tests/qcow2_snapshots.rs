@@ -3,44 +3,13 @@
 //! (`snapshot -a` on a copy brings the old content back), and deleting gives the clusters
 //! back.
 
+mod common;
+
 use block::drivers::qcow2::{Qcow2, SnapshotInfo};
-use block::{Graph, IoThreads, Node, OptionSyntax, WriteFlags};
+use block::WriteFlags;
+use common::{check_clean, run, Setup};
 use serde_json::{json, Value};
-use std::future::Future;
 use std::path::Path;
-use std::process::Command;
-use std::sync::Arc;
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn check_clean(image: &str) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json", image])
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    assert!(
-        out.status.success(),
-        "qemu-img check {image}: {report} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for key in ["corruptions", "leaks", "check-errors"] {
-        assert_eq!(
-            report.get(key).and_then(Value::as_u64).unwrap_or(0),
-            0,
-            "{report}"
-        );
-    }
-}
 
 /// (id, name) of every snapshot qemu-img lists.
 fn qemu_snapshots(image: &str) -> Vec<(String, String)> {
@@ -84,42 +53,7 @@ fn snapshot_content(image: &str, name: &str, dir: &Path) -> Vec<u8> {
     data
 }
 
-struct Setup {
-    io: Arc<IoThreads>,
-    graph: Arc<Graph>,
-}
-
 impl Setup {
-    fn open(image: &str, read_only: bool) -> Setup {
-        let setup = Setup {
-            io: Arc::new(IoThreads::start(1).unwrap()),
-            graph: Arc::new(Graph::new()),
-        };
-        let graph = setup.graph.clone();
-        let Value::Object(opts) = json!({"driver": "qcow2", "node-name": "disk",
-            "read-only": read_only, "file": {"driver": "file", "filename": image}})
-        else {
-            unreachable!()
-        };
-        block_on(
-            setup
-                .io
-                .run(move || async move { graph.add(opts, OptionSyntax::Json).await.map(|_| ()) }),
-        )
-        .unwrap();
-        setup
-    }
-
-    fn on_node<T, F, Fut>(&self, f: F) -> T
-    where
-        T: Send + 'static,
-        F: FnOnce(Arc<Node>) -> Fut + Send + 'static,
-        Fut: Future<Output = T> + 'static,
-    {
-        let node = self.graph.find("disk").unwrap();
-        block_on(self.io.run(move || f(node)))
-    }
-
     fn write(&self, offset: u64, len: usize, byte: u8) {
         self.on_node(move |node| async move {
             node.write(offset, &vec![byte; len], WriteFlags::default())
@@ -170,24 +104,6 @@ impl Setup {
         let list = node.driver_as::<Qcow2>().unwrap().snapshots();
         list
     }
-
-    fn close(self) {
-        let graph = self.graph.clone();
-        block_on(self.io.run(move || async move {
-            graph.flush_all().await;
-            graph.close_images().await;
-            graph.close_all();
-        }));
-        self.io.shutdown();
-    }
-}
-
-fn block_on<T>(f: impl Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
 }
 
 /// A 4 MiB image qemu-io wrote a few clusters of (one partly), with `create_options`.
