@@ -306,23 +306,7 @@ async fn active_commit_pivots_the_export_to_base() {
         qemu_img(&["check", &base]);
         qemu_img(&["compare", "-F", "raw", &base, &reference]);
     }
-    assert_eq!(
-        sequences[0],
-        [
-            "created",
-            "running",
-            "ready",
-            "BLOCK_JOB_READY",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
-    );
-    if sequences.len() == 2 {
-        assert_eq!(sequences[0], sequences[1]);
-    }
+    assert_ready_job_events(&sequences);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -85,29 +85,9 @@ async fn full_mirror_completes_and_the_export_moves_to_the_target() {
         qemu_io(&["-f", "raw", &uri, "-c", "read -P 0x66 5M 1M"]);
         daemon.quit(&mut client).await;
         qemu_img(&["check", &p(dir.path(), "tgt.qcow2")]);
-        qemu_img(&[
-            "compare",
-            &p(dir.path(), "top.qcow2"),
-            &p(dir.path(), "tgt.qcow2"),
-        ]);
+        target_matches_top(dir.path());
     }
-    assert_eq!(
-        sequences[0],
-        [
-            "created",
-            "running",
-            "ready",
-            "BLOCK_JOB_READY",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
-    );
-    if sequences.len() == 2 {
-        assert_eq!(sequences[0], sequences[1], "event order differs from qsd");
-    }
+    assert_ready_job_events(&sequences);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,11 +188,7 @@ async fn soft_cancel_after_ready_keeps_a_consistent_copy_and_the_source() {
         sequences.push(without_drain_pairs(&events));
         assert_eq!(exported_node(&mut client).await, "disk0");
         daemon.quit(&mut client).await;
-        qemu_img(&[
-            "compare",
-            &p(dir.path(), "top.qcow2"),
-            &p(dir.path(), "tgt.qcow2"),
-        ]);
+        target_matches_top(dir.path());
     }
     assert!(
         sequences[0].contains(&s("BLOCK_JOB_COMPLETED")),
@@ -306,11 +282,7 @@ async fn pause_in_ready_is_standby() {
         .unwrap();
     job_events(&mut client, "m", "null").await;
     daemon.quit(&mut client).await;
-    qemu_img(&[
-        "compare",
-        &p(dir.path(), "top.qcow2"),
-        &p(dir.path(), "tgt.qcow2"),
-    ]);
+    target_matches_top(dir.path());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,11 +337,7 @@ async fn write_blocking_mode_stays_in_sync_under_continuous_writes() {
         .unwrap();
     job_events(&mut client, "m", "null").await;
     daemon.quit(&mut client).await;
-    qemu_img(&[
-        "compare",
-        &p(dir.path(), "top.qcow2"),
-        &p(dir.path(), "tgt.qcow2"),
-    ]);
+    target_matches_top(dir.path());
 }
 
 /// Target writes fail once through blkdebug.
@@ -647,11 +615,7 @@ async fn error_policies() {
                 done["data"].get("error").is_none(),
                 "{operation} {policy}: {done}"
             );
-            qemu_img(&[
-                "compare",
-                &p(dir.path(), "top.qcow2"),
-                &p(dir.path(), "tgt.qcow2"),
-            ]);
+            target_matches_top(dir.path());
         }
     }
 }

@@ -133,3 +133,31 @@ pub async fn resume_stopped_job(client: &mut qmp::Client, id: &str, io_status: &
         .await
         .unwrap();
 }
+
+/// `tgt.qcow2` reads the same as `top.qcow2` (qemu-img compare).
+pub fn target_matches_top(dir: &Path) {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    qemu_img(&["compare", &path("top.qcow2"), &path("tgt.qcow2")]);
+}
+
+/// The status and event sequence of a job that became ready and was completed, the first
+/// of `sequences` (blockd's), equal to the second (qsd's) when there is one.
+pub fn assert_ready_job_events(sequences: &[Vec<String>]) {
+    assert_eq!(
+        sequences[0],
+        [
+            "created",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+    if let [blockd, qsd] = sequences {
+        assert_eq!(blockd, qsd, "event order differs from qsd");
+    }
+}
