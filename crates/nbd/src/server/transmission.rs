@@ -1,15 +1,16 @@
 //! Transmission phase of one server connection: reads requests, runs each one as its
-//! own local task so that many are in flight, and writes replies (out of order) through
-//! one writer lock. Reply buffers come from a per-connection pool.
+//! own local task so that many are in flight, and queues their replies (out of order) for
+//! one writer task. Reply buffers come from a per-connection pool.
 
-use std::cell::RefCell;
-use std::io;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::handshake::{self, Negotiated};
@@ -27,6 +28,8 @@ const DATA_ALIGN: usize = 4096;
 /// Buffers above this size are not kept in the pool.
 const POOL_MAX_BUF: usize = 4 * 1024 * 1024 + DATA_ALIGN + 64;
 const POOL_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Replies the writer hands to one vectored write.
+const REPLIES_PER_WRITE: usize = 64;
 
 /// Runs one connection from greeting to close. `on_kill` must make pending socket I/O
 /// fail (shut the socket down) so that a killed connection ends promptly.
@@ -78,9 +81,9 @@ pub(super) async fn serve<R, W>(
     drop(guard);
 }
 
-struct Conn<W> {
+struct Conn {
     backend: Arc<dyn Backend>,
-    writer: Mutex<W>,
+    replies: ReplyQueue,
     pool: BufPool,
     structured: bool,
     contexts: Vec<(u32, MetaContext)>,
@@ -101,11 +104,12 @@ async fn transmit<R, W>(
     let read_only = export.read_only();
     let conn = Rc::new(Conn {
         backend,
-        writer: Mutex::new(writer),
+        replies: ReplyQueue::default(),
         pool: BufPool::default(),
         structured: n.structured,
         contexts: n.contexts,
     });
+    let writer = tokio::task::spawn_local(write_replies(conn.clone(), writer));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS));
     let mut tasks = JoinSet::new();
     let mut hdr = [0u8; REQUEST_HEADER_LEN];
@@ -167,35 +171,119 @@ async fn transmit<R, W>(
             Ok(()) => {
                 tasks.spawn_local(async move {
                     handle(&conn2, req, payload).await;
-                    drop(permit);
+                    conn2.release_after_replies(permit);
                 });
             }
             Err((errno, msg)) => {
                 if let Some((buf, _)) = payload {
                     conn.pool.put(buf);
                 }
-                tasks.spawn_local(async move {
-                    conn2.send_error(req.cookie, errno, msg).await;
-                    drop(permit);
-                });
+                conn.send_error(req.cookie, errno, msg);
+                conn.release_after_replies(permit);
             }
         }
     }
     // The spec asks in-flight requests to be answered before closing; after a kill the
     // socket is already shut down, so their replies fail fast.
     while tasks.join_next().await.is_some() {}
-    let _ = conn.writer.lock().await.shutdown().await;
+    conn.replies.close();
+    let _ = writer.await;
+}
+
+/// Replies waiting for the connection's writer task. The writer sends everything queued
+/// in one vectored write, so the replies of requests that complete together (one ring
+/// reap) cost one system call and one wake-up of the client instead of one each.
+#[derive(Default)]
+struct ReplyQueue {
+    entries: RefCell<VecDeque<Queued>>,
+    wake: Notify,
+    closed: Cell<bool>,
+    /// The socket failed: the client is gone, and replies are dropped unsent.
+    broken: Cell<bool>,
+}
+
+enum Queued {
+    /// A buffer whose bytes from the given offset on are one reply (or chunk).
+    Reply(Vec<u8>, usize),
+    /// A request's share of the connection's budget, released once every reply queued
+    /// before it is written, so that replies a slow client leaves unread still count.
+    Release { _budget: OwnedSemaphorePermit },
+}
+
+impl ReplyQueue {
+    fn push(&self, entry: Queued) {
+        self.entries.borrow_mut().push_back(entry);
+        self.wake.notify_one();
+    }
+
+    fn close(&self) {
+        self.closed.set(true);
+        self.wake.notify_one();
+    }
+}
+
+/// The connection's writer: sends queued replies in batches until the queue is closed and
+/// empty, then shuts the socket down.
+async fn write_replies<W: AsyncWrite + Unpin>(conn: Rc<Conn>, mut writer: W) {
+    let queue = &conn.replies;
+    let mut batch = Vec::with_capacity(REPLIES_PER_WRITE);
+    loop {
+        {
+            let mut entries = queue.entries.borrow_mut();
+            let n = entries.len().min(REPLIES_PER_WRITE);
+            batch.extend(entries.drain(..n));
+        }
+        if batch.is_empty() {
+            if queue.closed.get() {
+                break;
+            }
+            queue.wake.notified().await;
+            continue;
+        }
+        // A failed write means the client is gone; the reader sees it too and ends the
+        // connection, so the error needs no further handling here.
+        if !queue.broken.get() && send_batch(&mut writer, &batch).await.is_err() {
+            queue.broken.set(true);
+        }
+        for entry in batch.drain(..) {
+            if let Queued::Reply(buf, _) = entry {
+                conn.pool.put(buf);
+            }
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+async fn send_batch<W: AsyncWrite + Unpin>(writer: &mut W, batch: &[Queued]) -> io::Result<()> {
+    let mut slices = [IoSlice::new(&[]); REPLIES_PER_WRITE];
+    let mut count = 0;
+    for entry in batch {
+        if let Queued::Reply(buf, start) = entry {
+            slices[count] = IoSlice::new(&buf[*start..]);
+            count += 1;
+        }
+    }
+    let mut pending = &mut slices[..count];
+    IoSlice::advance_slices(&mut pending, 0);
+    while !pending.is_empty() {
+        let n = writer.write_vectored(pending).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut pending, n);
+    }
+    writer.flush().await
 }
 
 /// Validates a request against the negotiated features, in the order the NBD spec
 /// gives: unknown command and flags, unsupported features, read-only, size limits,
 /// bounds.
-fn check<W>(
+fn check(
     req: &Request,
     size: u64,
     caps: &Capabilities,
     read_only: bool,
-    conn: &Conn<W>,
+    conn: &Conn,
 ) -> Result<(), (u32, &'static str)> {
     let allowed = CMD_FLAG_FUA
         | match req.kind {
@@ -243,11 +331,7 @@ fn check<W>(
 }
 
 /// `payload`: a write's data, from the given offset of the buffer on.
-async fn handle<W: AsyncWrite + Unpin>(
-    conn: &Conn<W>,
-    req: Request,
-    payload: Option<(Vec<u8>, usize)>,
-) {
+async fn handle(conn: &Conn, req: Request, payload: Option<(Vec<u8>, usize)>) {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let len = req.length as u64;
     let b = &conn.backend;
@@ -274,7 +358,7 @@ async fn handle<W: AsyncWrite + Unpin>(
         _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
     };
     match result {
-        Ok(()) => conn.send_ok(req.cookie).await,
+        Ok(()) => conn.send_ok(req.cookie),
         Err(e) => {
             let errno = errno_of(&e);
             tracing::debug!(
@@ -283,38 +367,38 @@ async fn handle<W: AsyncWrite + Unpin>(
                 len,
                 "NBD request failed: {e}"
             );
-            conn.send_error(req.cookie, errno, &e.to_string()).await
+            conn.send_error(req.cookie, errno, &e.to_string())
         }
     }
 }
 
-impl<W: AsyncWrite + Unpin> Conn<W> {
-    async fn write(&self, bytes: &[u8]) {
-        let mut w = self.writer.lock().await;
-        // A failed write means the client is gone; the reader sees it too and ends the
-        // connection, so the error needs no further handling here.
-        if w.write_all(bytes).await.is_err() {
-            return;
+impl Conn {
+    /// Queues the reply in `buf[start..]`; the buffer returns to the pool once sent.
+    fn send(&self, buf: Vec<u8>, start: usize) {
+        if self.replies.broken.get() {
+            return self.pool.put(buf);
         }
-        let _ = w.flush().await;
+        self.replies.push(Queued::Reply(buf, start));
     }
 
-    async fn send_ok(&self, cookie: u64) {
-        let mut b = [0u8; SIMPLE_REPLY_LEN];
-        b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        b[8..16].copy_from_slice(&cookie.to_be_bytes());
-        self.write(&b).await
+    fn release_after_replies(&self, permit: OwnedSemaphorePermit) {
+        self.replies.push(Queued::Release { _budget: permit });
     }
 
-    async fn send_error(&self, cookie: u64, errno: u32, msg: &str) {
+    fn send_ok(&self, cookie: u64) {
+        let mut buf = self.pool.get(SIMPLE_REPLY_LEN);
+        encode_simple_reply(&mut buf, 0, cookie);
+        self.send(buf, 0)
+    }
+
+    fn send_error(&self, cookie: u64, errno: u32, msg: &str) {
         let mut buf = self.pool.get(64 + msg.len());
         if self.structured {
             encode_error_chunk(&mut buf, cookie, errno, msg);
         } else {
             encode_simple_reply(&mut buf, errno, cookie);
         }
-        self.write(&buf).await;
-        self.pool.put(buf);
+        self.send(buf, 0)
     }
 
     async fn read(&self, req: Request) {
@@ -328,20 +412,18 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
                 .read(req.offset, &mut buf[start + SIMPLE_REPLY_LEN..])
                 .await
             {
-                Ok(()) => self.write(&buf[start..]).await,
+                Ok(()) => self.send(buf, start),
                 Err(e) => {
+                    self.pool.put(buf);
                     self.send_error(req.cookie, errno_of(&e), &e.to_string())
-                        .await
                 }
             }
-            self.pool.put(buf);
             return;
         }
         if len == 0 {
             let mut buf = self.pool.get(STRUCTURED_HEADER_LEN);
             encode_chunk_header(&mut buf, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
-            self.write(&buf).await;
-            return self.pool.put(buf);
+            return self.send(buf, 0);
         }
         let runs = if req.flags & CMD_FLAG_DF != 0 {
             vec![(len as u64, false)]
@@ -354,16 +436,13 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
             let flags = if i + 1 == count { REPLY_FLAG_DONE } else { 0 };
             if zero {
                 if let Err(e) = self.backend.read_hole(pos, run_len).await {
-                    return self
-                        .send_error(req.cookie, errno_of(&e), &e.to_string())
-                        .await;
+                    return self.send_error(req.cookie, errno_of(&e), &e.to_string());
                 }
                 let mut buf = self.pool.get(STRUCTURED_HEADER_LEN + 12);
                 encode_chunk_header(&mut buf, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
                 buf.extend_from_slice(&pos.to_be_bytes());
                 buf.extend_from_slice(&(run_len as u32).to_be_bytes());
-                self.write(&buf).await;
-                self.pool.put(buf);
+                self.send(buf, 0);
             } else {
                 let n = run_len as usize;
                 let head = STRUCTURED_HEADER_LEN + 8;
@@ -377,17 +456,11 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
                 );
                 buf.extend_from_slice(&pos.to_be_bytes());
                 buf.resize(start + head + n, 0);
-                let r = self.backend.read(pos, &mut buf[start + head..]).await;
-                match r {
-                    Ok(()) => self.write(&buf[start..]).await,
-                    Err(e) => {
-                        self.pool.put(buf);
-                        return self
-                            .send_error(req.cookie, errno_of(&e), &e.to_string())
-                            .await;
-                    }
+                if let Err(e) = self.backend.read(pos, &mut buf[start + head..]).await {
+                    self.pool.put(buf);
+                    return self.send_error(req.cookie, errno_of(&e), &e.to_string());
                 }
-                self.pool.put(buf);
+                self.send(buf, start);
             }
             pos += run_len;
         }
@@ -438,16 +511,12 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
                 Err(e) => {
                     buf.clear();
                     self.pool.put(buf);
-                    return self
-                        .send_error(req.cookie, errno_of(&e), &e.to_string())
-                        .await;
+                    return self.send_error(req.cookie, errno_of(&e), &e.to_string());
                 }
             };
             if extents.is_empty() {
                 self.pool.put(buf);
-                return self
-                    .send_error(req.cookie, EIO, "block status returned no extent")
-                    .await;
+                return self.send_error(req.cookie, EIO, "block status returned no extent");
             }
             let flags = if i + 1 == count { REPLY_FLAG_DONE } else { 0 };
             let plen = 4 + 8 * extents.len() as u32;
@@ -458,8 +527,7 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
                 buf.extend_from_slice(&f.to_be_bytes());
             }
         }
-        self.write(&buf).await;
-        self.pool.put(buf);
+        self.send(buf, 0);
     }
 }
 
@@ -544,6 +612,90 @@ mod tests {
             wire_extents(&[ext(u64::MAX, 3)], u32::MAX, false),
             vec![(u32::MAX, 3)]
         );
+    }
+
+    /// Accepts at most `step` bytes per call, as a full socket buffer does.
+    struct Trickle {
+        out: Vec<u8>,
+        step: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            let n = buf.len().min(this.step);
+            this.out.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            let mut left = this.step;
+            for b in bufs {
+                let n = b.len().min(left);
+                this.out.extend_from_slice(&b[..n]);
+                left -= n;
+            }
+            std::task::Poll::Ready(Ok(this.step - left))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn batches_survive_partial_writes_in_order() {
+        let replies: Vec<(Vec<u8>, usize)> = vec![
+            (b"xxABC".to_vec(), 2),
+            (b"".to_vec(), 0),
+            (b"DEFGHIJ".to_vec(), 0),
+            (b"yK".to_vec(), 1),
+        ];
+        let permits = Arc::new(Semaphore::new(1));
+        for step in [1, 2, 3, 5, 100] {
+            let mut batch: Vec<Queued> = replies
+                .iter()
+                .map(|(b, s)| Queued::Reply(b.clone(), *s))
+                .collect();
+            batch.insert(
+                2,
+                Queued::Release {
+                    _budget: permits.clone().try_acquire_owned().unwrap(),
+                },
+            );
+            let mut w = Trickle {
+                out: Vec::new(),
+                step,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(send_batch(&mut w, &batch)).unwrap();
+            assert_eq!(w.out, b"ABCDEFGHIJK", "step {step}");
+        }
     }
 
     #[test]
