@@ -34,7 +34,7 @@ use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2 as ImagoQcow2;
 use imago::raw::Raw as ImagoRaw;
 use imago::storage::ext::StorageExt;
-use imago::FormatAccess;
+use imago::{FormatAccess, Mapping};
 use serde::Deserialize;
 use serde_json::json;
 use std::io;
@@ -325,6 +325,23 @@ impl Driver for Qcow2 {
 
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let access = self.access.read().await;
+        // Most reads lie within one mapping. Serving those here skips imago's general read
+        // loop, which sets up a set of parallel chunk workers on every call.
+        let (mapping, mapped) = access.get_mapping(offset, buf.len() as u64).await?;
+        if mapped >= buf.len() as u64 {
+            match mapping {
+                Mapping::Raw {
+                    storage,
+                    offset: host,
+                    ..
+                } => return storage.read(&mut *buf, host).await,
+                Mapping::Zero { .. } | Mapping::Eof { .. } => {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
         let mut bufv = IoVectorMut::new();
         bufv.push(buf);
         access.readv(bufv, offset).await

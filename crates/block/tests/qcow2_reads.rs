@@ -1,0 +1,74 @@
+//! Reads through the qcow2 driver return what qemu-img reads from the same image, for every
+//! kind of cluster (data in this layer or the backing file, zero, unallocated, compressed,
+//! partial) and for requests inside one cluster or spanning several kinds.
+
+mod common;
+
+use common::{run, Setup};
+
+const KIB: u64 = 1024;
+const SIZE: u64 = 4096 * KIB;
+
+#[test]
+fn reads_match_qemu_for_every_kind_of_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (base, top, flat) = (path("base.qcow2"), path("top.qcow2"), path("flat.raw"));
+
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &base, &SIZE.to_string()],
+    );
+    run("qemu-io", &["-c", "write -P 0x11 0 256k", &base]);
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
+        ],
+    );
+    for cmd in [
+        "write -P 0x22 64k 64k",
+        "write -z 128k 64k",
+        "write -P 0x33 200k 4k",
+        "write -c -P 0x44 512k 64k",
+        "write -P 0x55 1020k 8k",
+    ] {
+        run("qemu-io", &["-c", cmd, &top]);
+    }
+    run("qemu-img", &["convert", "-O", "raw", &top, &flat]);
+    let expected = std::fs::read(&flat).unwrap();
+
+    let requests: Vec<(u64, u64)> = vec![
+        (0, 4 * KIB),              // backing data
+        (64 * KIB + 100, 3000),    // top data, unaligned
+        (60 * KIB, 8 * KIB),       // backing into top
+        (128 * KIB, 64 * KIB),     // zero cluster
+        (130 * KIB, 4 * KIB),      // inside the zero cluster
+        (200 * KIB, 4 * KIB),      // partial cluster over backing data
+        (196 * KIB, 16 * KIB),     // around it
+        (516 * KIB, 4 * KIB),      // compressed
+        (300 * KIB, 8 * KIB),      // unallocated everywhere
+        (1016 * KIB, 16 * KIB),    // a write across two clusters
+        (0, 1024 * KIB),           // everything at once
+        (SIZE - 4 * KIB, 4 * KIB), // the last block
+    ];
+    let setup = Setup::open(&top, true);
+    let got = setup.on_node(move |node| async move {
+        let mut out = Vec::new();
+        for (offset, len) in requests {
+            let mut buf = vec![0xeeu8; len as usize];
+            node.read(offset, &mut buf).await.unwrap();
+            out.push((offset, buf));
+        }
+        out
+    });
+    setup.close();
+    for (offset, buf) in got {
+        let want = &expected[offset as usize..offset as usize + buf.len()];
+        assert!(
+            buf == want,
+            "read of {} bytes at {offset} differs from qemu-img's",
+            buf.len()
+        );
+    }
+}
