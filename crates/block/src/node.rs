@@ -84,6 +84,19 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
     fn size(&self, node: &Node) -> u64;
 
     async fn read(&self, node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// A read that also tells whether the range reads as zeroes, for a driver that learns
+    /// it in the lookup that serves the read (an NBD server then answers with a hole and
+    /// needs no separate block status): `Some(true)` zeroes (`buf` is zero-filled),
+    /// `Some(false)` data. `None`: the driver cannot tell cheaply and read nothing.
+    async fn read_or_zero(
+        &self,
+        _node: &Node,
+        _offset: u64,
+        _buf: &mut [u8],
+    ) -> io::Result<Option<bool>> {
+        Ok(None)
+    }
     async fn write(
         &self,
         node: &Node,
@@ -232,6 +245,11 @@ impl Child {
 
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.enter().await.read_entered(offset, buf).await
+    }
+
+    /// [`Driver::read_or_zero`] through this edge; a `None` is not counted as a read.
+    pub async fn read_or_zero(&self, offset: u64, buf: &mut [u8]) -> io::Result<Option<bool>> {
+        self.enter().await.read_or_zero_entered(offset, buf).await
     }
 
     pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
@@ -729,6 +747,13 @@ impl Node {
         self.read_entered(offset, buf).await
     }
 
+    /// [`Driver::read_or_zero`]; a `None` is not counted as a read.
+    pub async fn read_or_zero(&self, offset: u64, buf: &mut [u8]) -> io::Result<Option<bool>> {
+        self.wait_unquiesced().await;
+        let _guard = self.enter();
+        self.read_or_zero_entered(offset, buf).await
+    }
+
     pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         self.wait_unquiesced().await;
         let _guard = self.enter();
@@ -768,6 +793,16 @@ impl Node {
         let acct = self.stats.start(IoKind::Read);
         self.check_range(offset, len).map_err(|e| acct.invalid(e))?;
         acct.finish(len, self.driver.read(self, offset, buf).await)
+    }
+
+    async fn read_or_zero_entered(&self, offset: u64, buf: &mut [u8]) -> io::Result<Option<bool>> {
+        let len = buf.len() as u64;
+        let acct = self.stats.start(IoKind::Read);
+        self.check_range(offset, len).map_err(|e| acct.invalid(e))?;
+        match self.driver.read_or_zero(self, offset, buf).await {
+            Ok(None) => Ok(None),
+            result => acct.finish(len, result),
+        }
     }
 
     async fn write_entered(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {

@@ -58,17 +58,41 @@ fn reads_match_qemu_for_every_kind_of_cluster() {
         for (offset, len) in requests {
             let mut buf = vec![0xeeu8; len as usize];
             node.read(offset, &mut buf).await.unwrap();
-            out.push((offset, buf));
+            let mut told = vec![0xeeu8; len as usize];
+            let zero = node.read_or_zero(offset, &mut told).await.unwrap();
+            out.push((offset, buf, zero.map(|z| (z, told))));
         }
         out
     });
     setup.close();
-    for (offset, buf) in got {
+    let mut told_count = 0;
+    for (offset, buf, told) in got {
         let want = &expected[offset as usize..offset as usize + buf.len()];
         assert!(
             buf == want,
             "read of {} bytes at {offset} differs from qemu-img's",
             buf.len()
         );
+        if let Some((zero, told)) = told {
+            told_count += 1;
+            assert!(
+                told == want,
+                "read_or_zero at {offset} differs from qemu-img's"
+            );
+            assert_eq!(zero, want.iter().all(|&b| b == 0), "zero flag at {offset}");
+        }
     }
+    // Reads within one mapping of the top layer tell (its data, its zero cluster); those
+    // that reach the backing file, span mappings or hit a compressed cluster do not.
+    assert!(told_count >= 4, "only {told_count} reads told their zeroes");
+
+    // Without a backing file, an unallocated cluster tells that it reads as zeroes.
+    let setup = Setup::open(&base, true);
+    let told = setup.on_node(|node| async move {
+        let mut buf = vec![0xeeu8; 4096];
+        let zero = node.read_or_zero(300 * KIB, &mut buf).await.unwrap();
+        (zero, buf.iter().all(|&b| b == 0))
+    });
+    setup.close();
+    assert_eq!(told, (Some(true), true));
 }

@@ -72,6 +72,10 @@ impl Backend for NodeBackend {
         self.edge()?.read(offset, buf).await
     }
 
+    async fn read_or_zero(&self, offset: u64, buf: &mut [u8]) -> io::Result<Option<bool>> {
+        self.edge()?.read_or_zero(offset, buf).await
+    }
+
     /// Holes go through the node path too, so that throttle filters hold them and the
     /// read counters count them; reading an unallocated range costs no disk I/O.
     async fn read_hole(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -112,6 +112,14 @@ pub trait Backend: Send + Sync + 'static {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
+    /// A read that also tells whether the range reads as zeroes, when the backend learns
+    /// that in the same lookup: `Some(true)` zeroes, `Some(false)` data in `buf`. `None`:
+    /// the backend cannot tell cheaply and read nothing; the server then asks
+    /// [`Backend::block_status`] and reads the data runs.
+    async fn read_or_zero(&self, _offset: u64, _buf: &mut [u8]) -> io::Result<Option<bool>> {
+        Ok(None)
+    }
+
     /// A read the server answers with a hole chunk, without the data: a backend that
     /// accounts or throttles reads still sees it.
     async fn read_hole(&self, _offset: u64, _len: u64) -> io::Result<()> {

@@ -363,6 +363,23 @@ fn reads_use_simple_replies_or_hole_chunks_as_negotiated() {
     assert_eq!(be_u64(&p[0..8]), 65536);
     assert!(p[8..].iter().all(|&b| b == 7) && p.len() == 8 + 65536);
 
+    // A read the backend answers in one lookup: one chunk, hole or data, flagged done.
+    r.request(CMD_READ, 0, 8, 4096, 8192);
+    let (flags, kind, cookie, p) = r.chunk();
+    assert_eq!(
+        (flags, kind, cookie),
+        (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, 8)
+    );
+    assert_eq!((be_u64(&p[0..8]), be_u32(&p[8..12])), (4096, 8192));
+    r.request(CMD_READ, 0, 9, 65536 + 512, 4096);
+    let (flags, kind, cookie, p) = r.chunk();
+    assert_eq!(
+        (flags, kind, cookie),
+        (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 9)
+    );
+    assert_eq!(be_u64(&p[0..8]), 65536 + 512);
+    assert!(p[8..].iter().all(|&b| b == 7) && p.len() == 8 + 4096);
+
     // DF asks for a single data chunk.
     r.request(CMD_READ, CMD_FLAG_DF, 7, 0, 131072);
     let (flags, kind, _, p) = r.chunk();

@@ -425,6 +425,9 @@ impl Conn {
             encode_chunk_header(&mut buf, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
             return self.send(buf, 0);
         }
+        if req.flags & CMD_FLAG_DF == 0 && self.read_in_one_chunk(req).await {
+            return;
+        }
         let runs = if req.flags & CMD_FLAG_DF != 0 {
             vec![(len as u64, false)]
         } else {
@@ -464,6 +467,54 @@ impl Conn {
             }
             pos += run_len;
         }
+    }
+
+    /// Answers a structured read with one data or hole chunk when the backend can tell,
+    /// while reading, whether the range reads as zeroes; false if it cannot (nothing sent).
+    async fn read_in_one_chunk(&self, req: Request) -> bool {
+        let len = req.length as usize;
+        let head = STRUCTURED_HEADER_LEN + 8;
+        let (mut buf, start) = self.pool.get_aligned(head, len);
+        let payload = 8 + req.length;
+        encode_chunk_header(
+            &mut buf,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            req.cookie,
+            payload,
+        );
+        buf.extend_from_slice(&req.offset.to_be_bytes());
+        buf.resize(start + head + len, 0);
+        match self
+            .backend
+            .read_or_zero(req.offset, &mut buf[start + head..])
+            .await
+        {
+            Ok(None) => {
+                self.pool.put(buf);
+                return false;
+            }
+            Ok(Some(false)) => self.send(buf, start),
+            Ok(Some(true)) => {
+                self.pool.put(buf);
+                let mut hole = self.pool.get(STRUCTURED_HEADER_LEN + 12);
+                encode_chunk_header(
+                    &mut hole,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_HOLE,
+                    req.cookie,
+                    12,
+                );
+                hole.extend_from_slice(&req.offset.to_be_bytes());
+                hole.extend_from_slice(&req.length.to_be_bytes());
+                self.send(hole, 0);
+            }
+            Err(e) => {
+                self.pool.put(buf);
+                self.send_error(req.cookie, errno_of(&e), &e.to_string());
+            }
+        }
+        true
     }
 
     /// Splits a read into runs of data and zeroes using the backend's `base:allocation`

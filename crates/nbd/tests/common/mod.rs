@@ -192,6 +192,19 @@ impl Backend for MemBackend {
         Ok(())
     }
 
+    /// Like a qcow2 node: tells only for a range within one chunk.
+    async fn read_or_zero(&self, offset: u64, buf: &mut [u8]) -> io::Result<Option<bool>> {
+        let idx = offset / CHUNK;
+        if (offset + buf.len() as u64).div_ceil(CHUNK) > idx + 1 {
+            return Ok(None);
+        }
+        tokio::task::yield_now().await;
+        self.read_sync(offset, buf);
+        let st = self.state.lock().unwrap();
+        let flags = self.chunk_status(&st, idx, &MetaContext::BaseAllocation);
+        Ok(Some(flags & STATE_ZERO != 0))
+    }
+
     async fn write(&self, offset: u64, buf: &[u8], _fua: bool) -> io::Result<()> {
         tokio::task::yield_now().await;
         let mut st = self.state.lock().unwrap();

@@ -325,26 +325,39 @@ impl Driver for Qcow2 {
 
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let access = self.access.read().await;
-        // Most reads lie within one mapping. Serving those here skips imago's general read
-        // loop, which sets up a set of parallel chunk workers on every call.
-        let (mapping, mapped) = access.get_mapping(offset, buf.len() as u64).await?;
-        if mapped >= buf.len() as u64 {
-            match mapping {
-                Mapping::Raw {
-                    storage,
-                    offset: host,
-                    ..
-                } => return storage.read(&mut *buf, host).await,
-                Mapping::Zero { .. } | Mapping::Eof { .. } => {
-                    buf.fill(0);
-                    return Ok(());
-                }
-                _ => {}
-            }
+        if read_one_mapping(&access, offset, buf).await? {
+            return Ok(());
         }
         let mut bufv = IoVectorMut::new();
         bufv.push(buf);
         access.readv(bufv, offset).await
+    }
+
+    /// Tells from this layer's own mapping only: imago sees the backing node as raw data, so
+    /// below this layer it cannot tell zeroes from data.
+    async fn read_or_zero(
+        &self,
+        _: &Node,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<Option<bool>> {
+        let access = self.access.read().await;
+        let (mapping, mapped) = access.get_shallow_mapping(offset, buf.len() as u64).await?;
+        if mapped < buf.len() as u64 {
+            return Ok(None);
+        }
+        match mapping {
+            ShallowMapping::Raw {
+                storage,
+                offset: host,
+                ..
+            } => storage.read(&mut *buf, host).await.map(|()| Some(false)),
+            ShallowMapping::Zero { .. } | ShallowMapping::Eof { .. } => {
+                buf.fill(0);
+                Ok(Some(true))
+            }
+            _ => Ok(None),
+        }
     }
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
@@ -595,6 +608,32 @@ async fn write_read_only_header(file_node: &Node, cluster: &[u8]) -> io::Result<
         .await?;
     handle.write_at(cluster, 0).await?;
     handle.flush().await
+}
+
+/// Serves a read that lies within one mapping, which most do; that skips imago's general
+/// read loop, which sets up a set of parallel chunk workers on every call. False if nothing
+/// was read, because the range spans mappings or is compressed.
+async fn read_one_mapping(
+    access: &FormatAccess<NodeStorage>,
+    offset: u64,
+    buf: &mut [u8],
+) -> io::Result<bool> {
+    let (mapping, mapped) = access.get_mapping(offset, buf.len() as u64).await?;
+    if mapped < buf.len() as u64 {
+        return Ok(false);
+    }
+    match mapping {
+        Mapping::Raw {
+            storage,
+            offset: host,
+            ..
+        } => storage.read(&mut *buf, host).await.map(|()| true),
+        Mapping::Zero { .. } | Mapping::Eof { .. } => {
+            buf.fill(0);
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }
 
 /// Whether all of `[offset, offset+len)` is in clusters this image may overwrite in place,
