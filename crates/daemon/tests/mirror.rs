@@ -75,6 +75,18 @@ async fn full_mirror_completes_and_the_export_moves_to_the_target() {
             "-c",
             "write -z 2M 64k",
         ]);
+        // Small reads through the job's filter, answered in one lookup as data or hole.
+        qemu_io(&[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "read -P 0x66 5M 4k",
+            "-c",
+            "read -P 0 2M 4k",
+            "-c",
+            "read -P 0x55 1M 4k",
+        ]);
         client
             .execute("block-job-complete", json!({"device": "m"}))
             .await

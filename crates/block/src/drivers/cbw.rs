@@ -161,6 +161,15 @@ impl Driver for CopyBeforeWrite {
         self.copy.source().read(offset, buf).await
     }
 
+    async fn read_or_zero(
+        &self,
+        _: &Node,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<Option<bool>> {
+        self.copy.source().read_or_zero(offset, buf).await
+    }
+
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         self.before_write(offset, buf.len() as u64).await?;
         self.copy.source().write(offset, buf, flags).await

@@ -200,6 +200,15 @@ impl Driver for MirrorTop {
         Self::source(node)?.read(offset, buf).await
     }
 
+    async fn read_or_zero(
+        &self,
+        node: &Node,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<Option<bool>> {
+        Self::source(node)?.read_or_zero(offset, buf).await
+    }
+
     async fn write(
         &self,
         node: &Node,
