@@ -169,20 +169,39 @@ impl Request {
     }
 }
 
+/// A simple reply header.
+pub fn simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
+    let mut h = [0; SIMPLE_REPLY_LEN];
+    h[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    h[4..8].copy_from_slice(&error.to_be_bytes());
+    h[8..].copy_from_slice(&cookie.to_be_bytes());
+    h
+}
+
 /// Appends a simple reply header.
 pub fn encode_simple_reply(out: &mut Vec<u8>, error: u32, cookie: u64) {
-    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&simple_reply(error, cookie));
+}
+
+/// A structured reply chunk header announcing `length` payload bytes.
+pub fn chunk_header(
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    length: u32,
+) -> [u8; STRUCTURED_HEADER_LEN] {
+    let mut h = [0; STRUCTURED_HEADER_LEN];
+    h[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    h[4..6].copy_from_slice(&flags.to_be_bytes());
+    h[6..8].copy_from_slice(&kind.to_be_bytes());
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h[16..].copy_from_slice(&length.to_be_bytes());
+    h
 }
 
 /// Appends a structured reply chunk header announcing `length` payload bytes.
 pub fn encode_chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, length: u32) {
-    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&flags.to_be_bytes());
-    out.extend_from_slice(&kind.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&length.to_be_bytes());
+    out.extend_from_slice(&chunk_header(flags, kind, cookie, length));
 }
 
 /// Appends a complete `NBD_REPLY_TYPE_ERROR` chunk (flagged done) with a message.
