@@ -141,6 +141,7 @@ impl Client {
         match addr {
             ConnectAddr::Unix(p) => {
                 let mut s = tokio::net::UnixStream::connect(p).await?;
+                crate::socket::enlarge_send_buffer(&s);
                 let neg = handshake(&mut s, export, opts).await?;
                 let (r, w) = s.into_split();
                 Ok(Self::start(neg, r, w))

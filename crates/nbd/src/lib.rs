@@ -8,6 +8,7 @@ pub mod backend;
 pub mod client;
 pub mod proto;
 pub mod server;
+mod socket;
 pub mod spawn;
 
 pub use backend::{Backend, BlockSize, Capabilities, Extent, MetaContext, ZeroFlags};

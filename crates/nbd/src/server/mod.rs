@@ -525,7 +525,10 @@ async fn accept_loop(
         let accepted = tokio::select! {
             r = async {
                 match &listener {
-                    Tokio::Unix(l, _) => l.accept().await.and_then(|(s, _)| s.into_std()).map(StdStream::Unix),
+                    Tokio::Unix(l, _) => l.accept().await.and_then(|(s, _)| {
+                        crate::socket::enlarge_send_buffer(&s);
+                        s.into_std()
+                    }).map(StdStream::Unix),
                     Tokio::Tcp(l) => l.accept().await.and_then(|(s, _)| {
                         s.set_nodelay(true)?;
                         s.into_std()
