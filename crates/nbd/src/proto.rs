@@ -178,11 +178,6 @@ pub fn simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
     h
 }
 
-/// Appends a simple reply header.
-pub fn encode_simple_reply(out: &mut Vec<u8>, error: u32, cookie: u64) {
-    out.extend_from_slice(&simple_reply(error, cookie));
-}
-
 /// A structured reply chunk header announcing `length` payload bytes.
 pub fn chunk_header(
     flags: u16,

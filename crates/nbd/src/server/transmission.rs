@@ -392,10 +392,15 @@ impl Conn {
         self.replies.push(Queued::Release { _budget: permit });
     }
 
-    fn send_ok(&self, cookie: u64) {
-        let mut buf = self.pool.get(SIMPLE_REPLY_LEN);
-        encode_simple_reply(&mut buf, 0, cookie);
+    /// Queues a reply built on the stack, copied into a pooled buffer.
+    fn send_bytes(&self, reply: &[u8]) {
+        let mut buf = self.pool.get(reply.len());
+        buf.extend_from_slice(reply);
         self.send(buf)
+    }
+
+    fn send_ok(&self, cookie: u64) {
+        self.send_bytes(&simple_reply(0, cookie))
     }
 
     fn send_error(&self, cookie: u64, errno: u32, msg: &str) {
@@ -403,7 +408,7 @@ impl Conn {
         if self.structured {
             encode_error_chunk(&mut buf, cookie, errno, msg);
         } else {
-            encode_simple_reply(&mut buf, errno, cookie);
+            buf.extend_from_slice(&simple_reply(errno, cookie));
         }
         self.send(buf)
     }
@@ -448,11 +453,7 @@ impl Conn {
                 if let Err(e) = self.backend.read_hole(pos, run_len).await {
                     return self.send_error(req.cookie, errno_of(&e), &e.to_string());
                 }
-                let mut buf = self.pool.get(STRUCTURED_HEADER_LEN + 12);
-                encode_chunk_header(&mut buf, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
-                buf.extend_from_slice(&pos.to_be_bytes());
-                buf.extend_from_slice(&(run_len as u32).to_be_bytes());
-                self.send(buf);
+                self.send_bytes(&hole_chunk(flags, req.cookie, pos, run_len as u32));
             } else {
                 let n = run_len as usize;
                 let head = DATA_CHUNK_HEAD_LEN;
@@ -493,17 +494,12 @@ impl Conn {
             Ok(Some(false)) => self.send_part(buf, start..data + len),
             Ok(Some(true)) => {
                 self.pool.put(buf);
-                let mut hole = self.pool.get(STRUCTURED_HEADER_LEN + 12);
-                encode_chunk_header(
-                    &mut hole,
+                self.send_bytes(&hole_chunk(
                     REPLY_FLAG_DONE,
-                    REPLY_TYPE_OFFSET_HOLE,
                     req.cookie,
-                    12,
-                );
-                hole.extend_from_slice(&req.offset.to_be_bytes());
-                hole.extend_from_slice(&req.length.to_be_bytes());
-                self.send(hole);
+                    req.offset,
+                    req.length,
+                ));
             }
             Err(e) => {
                 self.pool.put(buf);
@@ -592,6 +588,23 @@ fn data_chunk_head(flags: u16, cookie: u64, offset: u64, len: usize) -> [u8; DAT
     ));
     h[STRUCTURED_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
     h
+}
+
+/// Length of an `OFFSET_HOLE` chunk: header, offset and length.
+const HOLE_CHUNK_LEN: usize = STRUCTURED_HEADER_LEN + 12;
+
+/// An `OFFSET_HOLE` chunk for the `len` bytes at `offset`.
+fn hole_chunk(flags: u16, cookie: u64, offset: u64, len: u32) -> [u8; HOLE_CHUNK_LEN] {
+    let mut c = [0; HOLE_CHUNK_LEN];
+    c[..STRUCTURED_HEADER_LEN].copy_from_slice(&chunk_header(
+        flags,
+        REPLY_TYPE_OFFSET_HOLE,
+        cookie,
+        12,
+    ));
+    c[STRUCTURED_HEADER_LEN..STRUCTURED_HEADER_LEN + 8].copy_from_slice(&offset.to_be_bytes());
+    c[STRUCTURED_HEADER_LEN + 8..].copy_from_slice(&len.to_be_bytes());
+    c
 }
 
 /// Clips backend extents to the request, merges equal neighbours and drops empty ones.
