@@ -27,14 +27,11 @@ impl Impl {
         }
     }
 
-    /// Both, when qemu-storage-daemon is installed; a notice otherwise.
+    /// Both: qemu-storage-daemon is a test peer like the others, so a machine without it
+    /// fails the test with the package to install instead of skipping half of it.
     pub fn all() -> Vec<Impl> {
-        if Path::new(QSD).exists() {
-            vec![Impl::Blockd, Impl::Qsd]
-        } else {
-            eprintln!("notice: {QSD} is absent; differential half skipped");
-            vec![Impl::Blockd]
-        }
+        assert!(Path::new(QSD).exists(), "{}", missing_peer(QSD));
+        vec![Impl::Blockd, Impl::Qsd]
     }
 }
 
@@ -194,7 +191,27 @@ pub async fn delete_export_when_unused(client: &mut qmp::Client, id: &str) {
 }
 
 pub fn run(cmd: &mut Command) -> std::process::Output {
-    cmd.output().expect("spawn helper command")
+    match cmd.output() {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("{}", missing_peer(&cmd.get_program().to_string_lossy()))
+        }
+        Err(e) => panic!("spawn {:?}: {e}", cmd.get_program()),
+    }
+}
+
+/// The failure for a test peer that is not installed, naming the Debian package that
+/// brings it (`.ci/run`, the README's test command, installs them all).
+pub fn missing_peer(program: &str) -> String {
+    let name = Path::new(program)
+        .file_name()
+        .map_or(program.into(), |n| n.to_string_lossy());
+    let package = match &*name {
+        "nbdinfo" | "nbdcopy" => "libnbd-bin",
+        "socat" => "socat",
+        _ => "qemu-utils",
+    };
+    format!("test peer {name} is not installed: install the Debian package {package} (.ci/run installs every test peer)")
 }
 
 pub fn qemu_img(args: &[&str]) -> String {
