@@ -384,7 +384,7 @@ impl Graph {
     /// meanwhile go to the filter.
     pub async fn insert_filter(&self, below: &Arc<Node>, filter: &Arc<Node>) {
         below.drain().await;
-        below.replace_in_parents(filter, Some(filter.name()));
+        below.replace_in_parents(filter);
         below.undrain();
         self.register_implicit(filter);
     }
@@ -392,7 +392,7 @@ impl Graph {
     /// Undo `insert_filter`: the filter's users go back to `below` and the filter lets go.
     pub async fn remove_filter(&self, filter: &Arc<Node>, below: &Arc<Node>) {
         filter.drain().await;
-        filter.replace_in_parents(below, None);
+        filter.replace_in_parents(below);
         filter.undrain();
         self.retire_filter(filter);
     }
@@ -805,12 +805,10 @@ struct OpenContext<'a> {
 }
 
 async fn flush_subtree(node: &Arc<Node>) {
-    let mut stack = vec![node.clone()];
-    while let Some(n) = stack.pop() {
+    for n in node.subtree() {
         if let Err(e) = n.flush().await {
             tracing::warn!(node = n.name(), "flush failed: {e}");
         }
-        stack.extend(n.children().iter().map(|c| c.node()));
     }
 }
 
@@ -941,7 +939,7 @@ pub fn json_filename(node: &Node, plain: &str) -> String {
 pub fn full_json_filename(node: &Node) -> String {
     format!(
         "json:{}",
-        qapi::json::to_string(&Value::Object(full_options(node)))
+        qapi::json::to_string(&Value::Object(full_options(node, &mut Vec::new())))
     )
 }
 
@@ -964,8 +962,9 @@ fn own_options(node: &Node) -> Map<String, Value> {
 }
 
 /// What QEMU puts in a `json:` filename: the own options flattened to dotted keys, and
-/// every child by its own full options.
-fn full_options(node: &Node) -> Map<String, Value> {
+/// every child by its own full options. `path` holds the nodes above: a child already on it
+/// (a cycle, which `Node::attach` prevents) is named instead of described again.
+fn full_options(node: &Node, path: &mut Vec<*const Node>) -> Map<String, Value> {
     // QEMU flattens the options when it opens the node and copies them again when it
     // builds the filename, each time walking its dictionaries in their own order: that
     // decides the order of members that share a hash bucket, so do the same two walks.
@@ -978,12 +977,17 @@ fn full_options(node: &Node) -> Map<String, Value> {
         .into_iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    path.push(node);
     for child in node.children() {
-        out.insert(
-            child.role().to_string(),
-            Value::Object(full_options(&child.node())),
-        );
+        let child_node = child.node();
+        let value = if path.contains(&Arc::as_ptr(&child_node)) {
+            json!(child_node.name())
+        } else {
+            Value::Object(full_options(&child_node, path))
+        };
+        out.insert(child.role().to_string(), value);
     }
+    path.pop();
     out
 }
 

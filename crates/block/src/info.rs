@@ -7,8 +7,8 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// ImageInfo; with `recurse`, the backing chain as nested `backing-image`.
-pub fn image_info(node: &Arc<Node>, recurse: bool) -> Value {
+/// ImageInfo of one layer; `chain_image_info` nests the layers below.
+fn image_info(node: &Arc<Node>) -> Value {
     let info = node.driver().info(node);
     let mut image = Map::new();
     if let Some(qcow2) = node.driver_as::<crate::drivers::qcow2::Qcow2>() {
@@ -41,22 +41,21 @@ pub fn image_info(node: &Arc<Node>, recurse: bool) -> Value {
             image.insert("backing-filename-format".into(), json!(format));
         }
     }
-    if recurse {
-        if let Some(below) = data_below(node) {
-            image.insert("backing-image".into(), image_info(&below, true));
-        }
-    }
     Value::Object(image)
 }
 
-/// The node QEMU treats as "backing" for reports: the backing child, or a filter's child.
-fn data_below(node: &Arc<Node>) -> Option<Arc<Node>> {
-    node.backing().or_else(|| {
-        node.driver()
-            .filtered_child_role()
-            .and_then(|role| node.child(role))
-            .map(|c| c.node())
-    })
+/// ImageInfo of `node` with the layers below it nested as `backing-image`, built from the
+/// bottom up so that a deep chain needs no deep recursion.
+fn chain_image_info(node: &Arc<Node>) -> Value {
+    let mut below: Option<Value> = None;
+    for layer in node.chain().iter().rev() {
+        let mut info = image_info(layer);
+        if let Some(b) = below {
+            info["backing-image"] = b;
+        }
+        below = Some(info);
+    }
+    below.unwrap_or_default()
 }
 
 /// The header's backing file name made relative to the directory of the image's file, as
@@ -80,16 +79,6 @@ fn full_backing_filename(node: &Arc<Node>, backing: &str) -> String {
     }
 }
 
-fn chain_depth(node: &Arc<Node>) -> u64 {
-    let mut depth = 0;
-    let mut next = data_below(node);
-    while let Some(n) = next {
-        depth += 1;
-        next = data_below(&n);
-    }
-    depth
-}
-
 /// BlockDeviceInfo for one node.
 pub fn block_device_info(node: &Arc<Node>, flat: bool) -> Value {
     let opts = node.options();
@@ -103,8 +92,8 @@ pub fn block_device_info(node: &Arc<Node>, flat: bool) -> Value {
         "detect_zeroes": opts.detect_zeroes.as_str(),
         "bps": 0, "bps_rd": 0, "bps_wr": 0,
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
-        "image": image_info(node, !flat),
-        "backing_file_depth": if flat { 0 } else { chain_depth(node) },
+        "image": if flat { image_info(node) } else { chain_image_info(node) },
+        "backing_file_depth": if flat { 0 } else { node.chain().len() - 1 },
         "active": true,
         "write_threshold": node.write_threshold(),
         "cache": {

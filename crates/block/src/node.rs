@@ -150,6 +150,23 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
         ))
     }
 
+    /// Whether the format has a backing file (qcow2), so that the node can take a backing
+    /// child.
+    fn supports_backing(&self) -> bool {
+        false
+    }
+
+    /// Read through `backing` (or nothing) below this node's own layer from now on, after
+    /// the graph changed the node's backing child. Requests in flight finish first. Only
+    /// called where `supports_backing`.
+    async fn set_backing_edge(
+        &self,
+        _node: &Node,
+        _backing: Option<Arc<Child>>,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Whether the format can keep persistent dirty bitmaps in the image (qcow2).
     fn can_store_persistent_bitmaps(&self) -> bool {
         false
@@ -542,6 +559,11 @@ impl Node {
         perm: Perms,
         shared: Perms,
     ) -> Result<Arc<Child>, String> {
+        if let Parent::Node(parent_name) = &parent {
+            if target.subtree().iter().any(|n| n.name == *parent_name) {
+                return Err(would_cycle_message(&target.name, role, parent_name));
+            }
+        }
         target.check_new_user(perm, shared, &role_description(&parent, target, role))?;
         let child = Arc::new(Child {
             role: role.to_string(),
@@ -607,6 +629,24 @@ impl Node {
     /// Recompute the permissions this node takes on its children from what its users need,
     /// down the whole subgraph, and apply file locks.
     pub fn refresh_perms(&self) -> Result<(), String> {
+        self.refresh_perms_on_path(&mut Vec::new())
+    }
+
+    /// `refresh_perms` for a node reached through the nodes on `path`. The graph has no
+    /// cycles (`attach` and `replace_in_parents` refuse them); should a bug make one, the
+    /// walk fails instead of recursing until the stack overflows.
+    fn refresh_perms_on_path(&self, path: &mut Vec<*const Node>) -> Result<(), String> {
+        let me: *const Node = self;
+        if path.contains(&me) {
+            return Err(cycle_message(&self.name));
+        }
+        path.push(me);
+        let result = self.refresh_own_perms(path);
+        path.pop();
+        result
+    }
+
+    fn refresh_own_perms(&self, path: &mut Vec<*const Node>) -> Result<(), String> {
         let (perm, shared) = self.cumulative_perms();
         self.driver.apply_perms(perm, shared)?;
         for child in self.children() {
@@ -641,20 +681,28 @@ impl Node {
                 }
             }
             child.set_perms(cperm, cshared);
-            target.refresh_perms()?;
+            target.refresh_perms_on_path(path)?;
         }
         Ok(())
     }
 
-    /// Point every parent edge of `self` at `new` instead (mirror pivot, snapshot overlay).
-    /// Jobs keep their edges: a job works on a node by identity, not on whatever takes its
-    /// place.
-    pub fn replace_in_parents(self: &Arc<Node>, new: &Arc<Node>, except: Option<&str>) {
+    /// Point every parent edge of `self` at `new` instead (mirror pivot, snapshot overlay,
+    /// filter insertion). Jobs keep their edges: a job works on a node by identity, not on
+    /// whatever takes its place. Edges that `new` reaches through its own children stay too
+    /// (QEMU's should_update_child): the new node's own edge to `self`, and in image
+    /// fleecing the backing edge of the backup target, which would otherwise close a cycle.
+    pub fn replace_in_parents(self: &Arc<Node>, new: &Arc<Node>) {
+        let below_new = new.subtree();
+        let reached_by_new = |edge: &Arc<Child>| {
+            below_new
+                .iter()
+                .any(|n| n.children().iter().any(|c| Arc::ptr_eq(c, edge)))
+        };
         for edge in self.parents() {
-            if except.is_some() && edge.parent_node_name() == except {
+            if let Parent::Job { .. } = edge.parent() {
                 continue;
             }
-            if let Parent::Job { .. } = edge.parent() {
+            if reached_by_new(&edge) {
                 continue;
             }
             edge.target.store(new.clone());
@@ -663,6 +711,36 @@ impl Node {
         }
         let _ = self.refresh_perms();
         let _ = new.refresh_perms();
+    }
+
+    /// Make `backing` this node's backing child, or leave it with none, in place of the one
+    /// it has (QEMU's bdrv_set_backing_hd). The driver takes the new layer before the graph
+    /// changes, so a format without backing files refuses and nothing changes. The new edge
+    /// takes no permissions until the next refresh, as QEMU's does before its update.
+    pub async fn set_backing(self: &Arc<Node>, backing: Option<&Arc<Node>>) -> Result<(), String> {
+        if !self.driver.supports_backing() {
+            return Err(format!(
+                "Driver '{}' of node '{}' does not support backing files",
+                self.driver.format_name(),
+                self.name
+            ));
+        }
+        let edge = match backing {
+            Some(b) => Some(Node::attach(
+                b,
+                "backing",
+                Parent::Node(self.name.clone()),
+                Perms::NONE,
+                Perms::ALL,
+            )?),
+            None => None,
+        };
+        self.driver.set_backing_edge(self, edge.clone()).await?;
+        self.remove_child("backing");
+        if let Some(edge) = edge {
+            self.add_child(edge);
+        }
+        Ok(())
     }
 
     fn enter(&self) -> InflightGuard<'_> {
@@ -923,6 +1001,9 @@ impl Node {
                         .skip_filters()
                         .backing()
                         .filter(|b| base.is_none_or(|base| !Arc::ptr_eq(b, base)));
+                    if depth as usize > MAX_WALK {
+                        return Err(io::Error::other(cycle_message(node.name())));
+                    }
                     match below {
                         Some(b) if offset < b.size() => {
                             len = len.min(b.size() - offset);
@@ -946,25 +1027,72 @@ impl Node {
     /// The node whose data this one passes through unchanged (filters), else itself.
     pub fn skip_filters(self: &Arc<Self>) -> Arc<Node> {
         let mut node = self.clone();
-        while let Some(role) = node.driver.filtered_child_role() {
-            match node.child(role) {
-                Some(c) => node = c.node(),
-                None => break,
-            }
+        for _ in 0..MAX_WALK {
+            let Some(c) = node
+                .driver
+                .filtered_child_role()
+                .and_then(|r| node.child(r))
+            else {
+                break;
+            };
+            node = c.node();
         }
         node
     }
 
-    /// Length of the backing chain below this node.
-    pub fn backing_depth(&self) -> u64 {
-        let mut depth = 0;
-        let mut next = self.backing();
-        while let Some(n) = next {
-            depth += 1;
-            next = n.backing();
-        }
-        depth
+    /// The next layer of this node's data: its backing child, or the child a filter passes
+    /// its data from (QEMU's bdrv_filter_or_cow_bs).
+    pub fn data_below(&self) -> Option<Arc<Node>> {
+        self.backing().or_else(|| {
+            let role = self.driver.filtered_child_role()?;
+            self.child(role).map(|c| c.node())
+        })
     }
+
+    /// This node and the layers below it, top first, through `data_below`. Should a bug
+    /// make a cycle, the walk stops where it would repeat instead of looping.
+    pub fn chain(self: &Arc<Self>) -> Vec<Arc<Node>> {
+        let mut chain = vec![self.clone()];
+        while let Some(next) = chain.last().and_then(|n| n.data_below()) {
+            if chain.iter().any(|n| Arc::ptr_eq(n, &next)) {
+                break;
+            }
+            chain.push(next);
+        }
+        chain
+    }
+
+    /// Every node reachable from this one through child edges, this one first, each once
+    /// (so a cycle, were there one, is walked once too).
+    pub fn subtree(self: &Arc<Self>) -> Vec<Arc<Node>> {
+        let mut seen = vec![self.clone()];
+        let mut next = 0;
+        while let Some(node) = seen.get(next).cloned() {
+            for child in node.children() {
+                let child = child.node();
+                if !seen.iter().any(|n| Arc::ptr_eq(n, &child)) {
+                    seen.push(child);
+                }
+            }
+            next += 1;
+        }
+        seen
+    }
+}
+
+/// How far the loops of the request path (filter skipping, status down the chain) follow
+/// edges before they give up: far beyond any real chain, and a bound should a bug make a
+/// cycle.
+const MAX_WALK: usize = 1 << 16;
+
+/// QEMU's refusal of an edge that would close a cycle.
+pub fn would_cycle_message(child: &str, role: &str, parent: &str) -> String {
+    format!("Making '{child}' a {role} child of '{parent}' would create a cycle")
+}
+
+/// The error a walk gives when it finds the graph cyclic, which `attach` prevents.
+pub fn cycle_message(node: &str) -> String {
+    format!("The block graph has a cycle through node '{node}'")
 }
 
 fn role_description(parent: &Parent, target: &Node, role: &str) -> String {
@@ -1003,7 +1131,68 @@ pub fn is_zero(buf: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_zero;
+    use super::*;
+    use crate::drivers::null::{Null, NullOptions};
+
+    fn null_node(name: &str) -> Arc<Node> {
+        let options = NullOptions {
+            size: Some(1 << 20),
+            latency_ns: None,
+            read_zeroes: Some(true),
+        };
+        Node::new(
+            name.to_string(),
+            false,
+            Box::new(Null::new("null-co", options)),
+            CommonOptions::default(),
+            serde_json::json!({"driver": "null-co"}),
+        )
+    }
+
+    fn backing_edge(target: &Arc<Node>, parent: &str) -> Result<Arc<Child>, String> {
+        Node::attach(
+            target,
+            "backing",
+            Parent::Node(parent.to_string()),
+            Perms::CONSISTENT_READ,
+            Perms::ALL,
+        )
+    }
+
+    #[test]
+    fn an_edge_that_would_close_a_cycle_is_refused() {
+        let (a, b) = (null_node("a"), null_node("b"));
+        a.add_child(backing_edge(&b, "a").unwrap());
+        let refused = backing_edge(&a, "b").err();
+        assert_eq!(
+            refused.as_deref(),
+            Some("Making 'a' a backing child of 'b' would create a cycle")
+        );
+        assert!(b.parents().len() == 1 && a.parents().is_empty());
+    }
+
+    /// A cycle made behind `attach`'s back (as a bug elsewhere could) leaves every walk
+    /// finite: the daemon answers instead of overflowing its stack.
+    #[test]
+    fn walks_survive_a_cycle() {
+        let (a, b) = (null_node("a"), null_node("b"));
+        a.add_child(backing_edge(&b, "a").unwrap());
+        b.add_child(backing_edge(&a, "not-b").unwrap());
+        assert_eq!(a.subtree().len(), 2);
+        assert_eq!(a.chain().len(), 2);
+        assert_eq!(a.skip_filters().name(), "a");
+        let first = a.children()[0].clone();
+        first.set_perms(Perms::NONE, Perms::NONE);
+        assert_eq!(a.refresh_perms(), Err(cycle_message("a")));
+        let filename = crate::graph::full_json_filename(&a);
+        assert!(filename.contains(r#""backing": "a""#), "{filename}");
+        let info = crate::info::block_device_info(&a, false);
+        assert_eq!(info["backing_file_depth"], 1);
+        let status = futures::executor::block_on(a.block_status_above(None, 0, 4096));
+        assert!(status.is_ok());
+        // Break the cycle so that the nodes can be dropped.
+        b.detach_children();
+    }
 
     #[test]
     fn zero_detection() {

@@ -705,18 +705,13 @@ fn export_bitmaps(
 /// QEMU looks for an export's bitmap on the node, then down through backing files and
 /// filters (but not through a raw format node).
 fn find_in_chain(node: &Arc<Node>, name: &str) -> Option<(Arc<Node>, Arc<DirtyBitmap>)> {
-    let mut next = Some(node.clone());
-    while let Some(n) = next {
+    for n in node.chain() {
         if let Some(bitmap) = n.dirty_bitmap(name) {
             return Some((n, bitmap));
         }
-        next = n.backing().or_else(|| {
-            let role = n.driver().filtered_child_role()?;
-            if n.driver().format_name() == "raw" {
-                return None;
-            }
-            n.child(role).map(|c| c.node())
-        });
+        if n.driver().format_name() == "raw" {
+            return None;
+        }
     }
     None
 }

@@ -152,67 +152,78 @@ async fn point_in_time_survives_concurrent_writes() {
     qemu_img(&["compare", "-F", "raw", &tgt, &reference]);
 }
 
+/// drive-backup sync=none creates its target over the source image (QEMU's rule), so the
+/// target is the overlay it is meant to be: with the source's chain below it, it reads the
+/// point in time once the job ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_none_keeps_the_point_in_time_until_cancelled() {
-    let dir = tempfile::tempdir().unwrap();
-    make_chain(dir.path());
-    let reference = dir.path().join("before.raw").to_string_lossy().into_owned();
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        &dir.path().join("top.qcow2").to_string_lossy(),
-        &reference,
-    ]);
-    let sock = dir.path().join("nbd.sock");
-    let daemon = Daemon::start(
-        Impl::Blockd,
-        dir.path(),
-        &chain_args(&[
-            s("--nbd-server"),
-            format!("addr.type=unix,addr.path={}", sock.display()),
-            s("--export"),
-            s("type=nbd,id=e0,node-name=disk0,writable=on"),
-        ]),
-    );
-    let mut client = daemon.qmp().await;
-    let tgt = dir
-        .path()
-        .join("fleece.qcow2")
-        .to_string_lossy()
-        .into_owned();
-    client
-        .execute(
-            "drive-backup",
-            json!({"job-id": "n", "device": "disk0", "target": tgt, "sync": "none"}),
-        )
-        .await
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        make_chain(dir.path());
+        let reference = p(dir.path(), "before.raw");
+        qemu_img(&[
+            "convert",
+            "-O",
+            "raw",
+            &p(dir.path(), "top.qcow2"),
+            &reference,
+        ]);
+        let sock = dir.path().join("nbd.sock");
+        let daemon = Daemon::start(
+            which,
+            dir.path(),
+            &chain_args(&[
+                s("--nbd-server"),
+                format!("addr.type=unix,addr.path={}", sock.display()),
+                s("--export"),
+                s("type=nbd,id=e0,node-name=disk0,writable=on"),
+            ]),
+        );
+        let mut client = daemon.qmp().await;
+        let tgt = p(dir.path(), "fleece.qcow2");
+        client
+            .execute(
+                "drive-backup",
+                json!({"job-id": "n", "device": "disk0", "target": tgt, "sync": "none"}),
+            )
+            .await
+            .unwrap();
+        let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
+        qemu_io(&[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0xaa 1M 3M",
+            "-c",
+            "write -P 0xbb 10M 64k",
+        ]);
+        client
+            .execute("block-job-cancel", json!({"device": "n"}))
+            .await
+            .unwrap();
+        let events = job_events(&mut client, "n", "null").await;
+        assert!(events.contains(&s("BLOCK_JOB_CANCELLED")), "{events:?}");
+        daemon.quit(&mut client).await;
+        qemu_img(&["check", &tgt]);
+        let chain: Vec<Value> = serde_json::from_str(&qemu_img(&[
+            "info",
+            "--backing-chain",
+            "--output=json",
+            &tgt,
+        ]))
         .unwrap();
-    let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
-    qemu_io(&[
-        "-f",
-        "raw",
-        &uri,
-        "-c",
-        "write -P 0xaa 1M 3M",
-        "-c",
-        "write -P 0xbb 10M 64k",
-    ]);
-    client
-        .execute("block-job-cancel", json!({"device": "n"}))
-        .await
-        .unwrap();
-    let events = job_events(&mut client, "n", "null").await;
-    assert!(events.contains(&s("BLOCK_JOB_CANCELLED")), "{events:?}");
-    daemon.quit(&mut client).await;
-    // The target only holds what the writes overwrote; with the source's old backing
-    // under it that is not enough, so compare just the rewritten ranges.
-    let pulled = dir.path().join("pulled.raw").to_string_lossy().into_owned();
-    qemu_img(&["convert", "-O", "raw", &tgt, &pulled]);
-    let before = std::fs::read(&reference).unwrap();
-    let saved = std::fs::read(&pulled).unwrap();
-    assert!(saved[1 << 20..4 << 20] == before[1 << 20..4 << 20]);
-    assert!(saved[10 << 20..(10 << 20) + 65536] == before[10 << 20..(10 << 20) + 65536]);
+        let files: Vec<&str> = chain
+            .iter()
+            .map(|i| i["filename"].as_str().unwrap())
+            .collect();
+        assert!(
+            files.len() == 3 && files[1].ends_with("top.qcow2") && files[2].ends_with("base.qcow2"),
+            "{which:?}: {files:?}"
+        );
+        assert_eq!(chain[0]["backing-filename-format"], "qcow2", "{which:?}");
+        qemu_img(&["compare", "-F", "raw", &tgt, &reference]);
+    }
 }
 
 /// The job's BLOCK_JOB_COMPLETED: failed with EIO under `report`, clean otherwise.
@@ -767,4 +778,123 @@ async fn fleecing_with_a_bitmap_keeps_only_dirty_clusters() {
         daemon.quit(&mut client).await;
     }
     assert!(views.iter().all(|&kept| kept), "{views:?}");
+}
+
+/// Image fleecing as tools did it before copy-before-write nodes (QEMU's iotest 222): an
+/// overlay over the live disk is the target of a sync=none backup and is exported as the
+/// point in time. The job's filter must not take the overlay's backing edge along, or the
+/// graph gets a cycle (filter -> target -> backing -> filter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_fleecing_serves_the_point_in_time_on_both_daemons() {
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        make_chain(dir.path());
+        let reference = p(dir.path(), "before.raw");
+        let top = p(dir.path(), "top.qcow2");
+        qemu_img(&["convert", "-O", "raw", &top, &reference]);
+        let fleece = p(dir.path(), "fleece.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", &fleece, "16M"]);
+        let sock = dir.path().join("nbd.sock");
+        let daemon = Daemon::start(
+            which,
+            dir.path(),
+            &chain_args(&[
+                s("--nbd-server"),
+                format!("addr.type=unix,addr.path={}", sock.display()),
+                s("--export"),
+                s("type=nbd,id=live,node-name=disk0,writable=on"),
+            ]),
+        );
+        let mut client = daemon.qmp().await;
+        for (cmd, args) in [
+            (
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "fleece", "backing": "disk0",
+                       "file": {"driver": "file", "filename": fleece}}),
+            ),
+            (
+                "blockdev-backup",
+                json!({"job-id": "fl", "device": "disk0", "target": "fleece", "sync": "none"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "view", "node-name": "fleece"}),
+            ),
+        ] {
+            client
+                .execute(cmd, args)
+                .await
+                .unwrap_or_else(|e| panic!("{which:?} {cmd}: {}", e.desc));
+        }
+        let nodes = client
+            .execute("query-named-block-nodes", json!({}))
+            .await
+            .unwrap();
+        let fleece_info = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == "fleece")
+            .unwrap();
+        // The overlay still sits on the disk's own chain: fleece -> top -> base.
+        assert_eq!(fleece_info["backing_file_depth"], 2, "{which:?}");
+        assert_eq!(
+            fleece_info["image"]["backing-image"]["filename"], "top.qcow2",
+            "{which:?}"
+        );
+        let live = format!("nbd+unix:///disk0?socket={}", sock.display());
+        let view = format!("nbd+unix:///fleece?socket={}", sock.display());
+        qemu_io(&[
+            "-f",
+            "raw",
+            &live,
+            "-c",
+            "write -P 0xcc 1M 64k",
+            "-c",
+            "write -P 0xcd 2M 128k",
+        ]);
+        let pulled = p(dir.path(), "view.raw");
+        qemu_img(&["convert", "-f", "raw", "-O", "raw", &view, &pulled]);
+        assert!(
+            std::fs::read(&pulled).unwrap() == std::fs::read(&reference).unwrap(),
+            "{which:?}: the fleecing export moved from the point in time"
+        );
+        qemu_io(&["-f", "raw", "-r", &live, "-c", "read -P 0xcd 2M 128k"]);
+        client
+            .execute("block-job-cancel", json!({"device": "fl"}))
+            .await
+            .unwrap();
+        let events = job_events(&mut client, "fl", "null").await;
+        assert!(events.contains(&s("BLOCK_JOB_CANCELLED")), "{events:?}");
+        for (cmd, args) in [
+            ("block-export-del", json!({"id": "view"})),
+            ("blockdev-del", json!({"node-name": "fleece"})),
+        ] {
+            client
+                .execute(cmd, args)
+                .await
+                .unwrap_or_else(|e| panic!("{which:?} {cmd}: {}", e.desc));
+        }
+        daemon.quit(&mut client).await;
+        qemu_img(&["check", &fleece]);
+        qemu_img(&["check", &top]);
+        // Only the three clusters the client overwrote were copied, with their old data.
+        let map: Vec<Value> =
+            serde_json::from_str(&qemu_img(&["map", "--output=json", &fleece])).unwrap();
+        let copied: Vec<(u64, u64)> = map
+            .iter()
+            .filter(|e| e["data"] == true)
+            .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(
+            copied,
+            [(1 << 20, 64 << 10), (2 << 20, 128 << 10)],
+            "{which:?}"
+        );
+        let before = std::fs::read(&reference).unwrap();
+        let saved = std::fs::read(&pulled).unwrap();
+        assert!(
+            saved[2 << 20..(2 << 20) + (128 << 10)] == before[2 << 20..(2 << 20) + (128 << 10)]
+        );
+    }
 }

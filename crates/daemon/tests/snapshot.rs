@@ -178,3 +178,67 @@ async fn snapshot_errors_answer_like_qsd() {
         assert_eq!(all[0], all[1]);
     }
 }
+
+/// A snapshot or reopen that would put a node below itself is refused with QEMU's text and
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_that_would_close_a_cycle_are_refused_like_qsd() {
+    let mut all = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["lower.qcow2", "upper.qcow2"] {
+            qemu_img(&["create", "-q", "-f", "qcow2", &p(dir.path(), name), "16M"]);
+        }
+        let daemon = Daemon::start(which, dir.path(), &[]);
+        let mut client = daemon.qmp().await;
+        let script = [
+            (
+                "blockdev-add",
+                json!({"driver": "file", "node-name": "lf", "filename": p(dir.path(), "lower.qcow2")}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "lower", "file": "lf"}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "upper", "backing": "lower",
+                       "file": {"driver": "file", "filename": p(dir.path(), "upper.qcow2")}}),
+            ),
+            (
+                "blockdev-snapshot",
+                json!({"node": "upper", "overlay": "lower"}),
+            ),
+            (
+                "blockdev-reopen",
+                json!({"options": [{"driver": "qcow2", "node-name": "lower", "file": "lf",
+                                    "backing": "upper"}]}),
+            ),
+        ];
+        let mut replies = Vec::new();
+        for (command, args) in &script {
+            replies.push(match client.execute(command, args.clone()).await {
+                Ok(v) => json!({"return": v}),
+                Err(e) => json!({"error": e.desc}),
+            });
+        }
+        let nodes = client
+            .execute("query-named-block-nodes", json!({}))
+            .await
+            .unwrap();
+        for node in nodes.as_array().unwrap() {
+            if node["drv"] == "qcow2" {
+                let name = node["node-name"].as_str().unwrap();
+                replies.push(json!([name, node["backing_file_depth"]]));
+            }
+        }
+        daemon.quit(&mut client).await;
+        all.push(replies);
+    }
+    let cycle = json!({"error": "Making 'upper' a backing child of 'lower' would create a cycle"});
+    assert_eq!(all[0][3], cycle);
+    assert_eq!(all[0][4], cycle);
+    if all.len() == 2 {
+        assert_eq!(all[0], all[1]);
+    }
+}

@@ -447,23 +447,9 @@ impl MirrorJob {
     /// Put the target where the replaced node was, for every user.
     async fn swap_in_target(&self) {
         if let Some(backing) = &self.config.target_backing {
-            if let Some(qcow2) = self.target.driver_as::<block::drivers::qcow2::Qcow2>() {
-                let edge = Node::attach(
-                    backing,
-                    "backing",
-                    block::Parent::Node(self.target.name().to_string()),
-                    block::Perms::CONSISTENT_READ,
-                    block::Perms::ALL,
-                );
-                match edge {
-                    Ok(edge) => match qcow2.set_backing_edge(Some(edge.clone())).await {
-                        Ok(()) => {
-                            self.target.remove_child("backing");
-                            self.target.add_child(edge);
-                        }
-                        Err(e) => tracing::warn!("mirror target keeps no backing: {e}"),
-                    },
-                    Err(e) => tracing::warn!("mirror target keeps no backing: {e}"),
+            if self.target.driver().supports_backing() {
+                if let Err(e) = self.target.set_backing(Some(backing)).await {
+                    tracing::warn!("mirror target keeps no backing: {e}");
                 }
             }
         }
@@ -471,9 +457,9 @@ impl MirrorJob {
         drop(self.state.release_target());
         match &self.config.replaces {
             Some(node) if !Arc::ptr_eq(node, &self.source) => {
-                node.replace_in_parents(&self.target, None);
+                node.replace_in_parents(&self.target);
             }
-            _ => self.filter.replace_in_parents(&self.target, None),
+            _ => self.filter.replace_in_parents(&self.target),
         }
     }
 }

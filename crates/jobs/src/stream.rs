@@ -207,31 +207,8 @@ pub(crate) async fn rewrite_backing_header(
 
 /// Replace `node`'s backing edge by one to `backing` (or none), in the graph and in imago.
 pub(crate) async fn relink_backing(node: &Arc<Node>, backing: Option<&Arc<Node>>) {
-    let edge = match backing {
-        Some(b) => match Node::attach(
-            b,
-            "backing",
-            block::Parent::Node(node.name().to_string()),
-            block::Perms::NONE,
-            block::Perms::ALL,
-        ) {
-            Ok(edge) => Some(edge),
-            Err(e) => {
-                tracing::error!(node = node.name(), "cannot attach the new backing: {e}");
-                return;
-            }
-        },
-        None => None,
-    };
-    if let Some(qcow2) = node.driver_as::<block::drivers::qcow2::Qcow2>() {
-        if let Err(e) = qcow2.set_backing_edge(edge.clone()).await {
-            tracing::error!(node = node.name(), "cannot switch the backing layer: {e}");
-            return;
-        }
-    }
-    node.remove_child("backing");
-    if let Some(edge) = edge {
-        node.add_child(edge);
+    if let Err(e) = node.set_backing(backing).await {
+        tracing::error!(node = node.name(), "cannot switch the backing layer: {e}");
     }
 }
 

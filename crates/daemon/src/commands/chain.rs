@@ -54,13 +54,15 @@ struct CommitArgs {
     auto_dismiss: Option<bool>,
 }
 
-/// `node` and the nodes below it through backing edges (looking through filters).
+/// `node` and the nodes below it through backing edges (looking through filters), each
+/// once.
 fn chain_of(node: &Arc<Node>) -> Vec<Arc<Node>> {
     let mut chain = vec![node.clone()];
-    let mut next = node.skip_filters().backing();
-    while let Some(n) = next {
-        next = n.skip_filters().backing();
-        chain.push(n);
+    while let Some(next) = chain.last().and_then(|n| n.skip_filters().backing()) {
+        if chain.iter().any(|n| Arc::ptr_eq(n, &next)) {
+            break;
+        }
+        chain.push(next);
     }
     chain
 }

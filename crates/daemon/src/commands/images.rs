@@ -36,12 +36,12 @@ pub async fn change_backing_file(
             args.image_node_name
         ))
     })?;
-    let Some(below) = data_below(&image) else {
+    let Some(below) = image.data_below() else {
         return Err(QmpError::generic(
             "not allowing backing file change on an image without a backing file",
         ));
     };
-    if !chain_contains(&device, &image) {
+    if !device.chain().iter().any(|n| Arc::ptr_eq(n, &image)) {
         return Err(QmpError::generic(format!(
             "'{}' and image file are not in the same chain",
             args.device
@@ -85,23 +85,4 @@ fn is_root(node: &Node) -> bool {
     node.parents()
         .iter()
         .all(|edge| matches!(edge.parent(), Parent::User { .. }))
-}
-
-/// The next layer of a chain: the backing node, or the child a filter passes data from.
-fn data_below(node: &Arc<Node>) -> Option<Arc<Node>> {
-    node.backing().or_else(|| {
-        let role = node.driver().filtered_child_role()?;
-        node.child(role).map(|c| c.node())
-    })
-}
-
-fn chain_contains(top: &Arc<Node>, wanted: &Arc<Node>) -> bool {
-    let mut next = Some(top.clone());
-    while let Some(node) = next {
-        if Arc::ptr_eq(&node, wanted) {
-            return true;
-        }
-        next = data_below(&node);
-    }
-    false
 }

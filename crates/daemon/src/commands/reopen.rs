@@ -35,6 +35,9 @@ pub async fn blockdev_reopen(daemon: &Daemon, args: Map<String, Value>) -> Resul
         let node = graph.find(name).ok_or_else(|| {
             QmpError::generic(format!("Failed to find node with node-name='{name}'"))
         })?;
+        if let Some(Value::String(backing)) = options.get("backing") {
+            refuse_cycle(graph, &node, backing)?;
+        }
         check_unchanged(&node, options, index)?;
         let writable = match options.get("read-only") {
             Some(Value::Bool(read_only)) => !read_only,
@@ -111,6 +114,22 @@ async fn apply(mut changes: Vec<(Arc<Node>, bool)>) -> Result<(), String> {
             return Err(e);
         }
         done.push((node, was_writable));
+    }
+    Ok(())
+}
+
+/// A new backing node that has `node` below it would close a cycle: QEMU checks that
+/// before any other option.
+fn refuse_cycle(graph: &block::Graph, node: &Arc<Node>, backing: &str) -> Result<(), QmpError> {
+    let Some(new_backing) = graph.find(backing) else {
+        return Ok(());
+    };
+    if new_backing.subtree().iter().any(|n| Arc::ptr_eq(n, node)) {
+        return Err(QmpError::generic(block::node::would_cycle_message(
+            backing,
+            "backing",
+            node.name(),
+        )));
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! every user (an NBD export moves to it) and reads the node as its backing.
 
 use crate::daemon::Daemon;
-use block::{Node, OptionSyntax, Parent, Perms};
+use block::{Node, OptionSyntax, Parent};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -87,14 +87,11 @@ impl AppliedSnapshot {
             .run(move || async move {
                 let overlay = self.overlay;
                 overlay.drain().await;
-                overlay.replace_in_parents(&self.node, None);
+                overlay.replace_in_parents(&self.node);
                 overlay.undrain();
-                if let Some(qcow2) = overlay.driver_as::<block::drivers::qcow2::Qcow2>() {
-                    if let Err(e) = qcow2.set_backing_edge(None).await {
-                        tracing::warn!("undoing a snapshot: {e}");
-                    }
+                if let Err(e) = overlay.set_backing(None).await {
+                    tracing::warn!("undoing a snapshot: {e}");
                 }
-                overlay.remove_child("backing");
                 if self.created {
                     if let Err(e) = graph.del(overlay.name()).await {
                         tracing::warn!("undoing a snapshot: {}", e.desc);
@@ -201,20 +198,12 @@ pub(super) async fn prepare_snapshot(
 
 /// Give `overlay` the backing `node`, then put it in `node`'s place for all other users.
 async fn append_overlay(node: &Arc<Node>, overlay: &Arc<Node>) -> Result<(), String> {
-    let qcow2 = overlay
-        .driver_as::<block::drivers::qcow2::Qcow2>()
-        .ok_or("The overlay does not support backing images")?;
-    let edge = Node::attach(
-        node,
-        "backing",
-        Parent::Node(overlay.name().to_string()),
-        Perms::NONE,
-        Perms::ALL,
-    )?;
-    qcow2.set_backing_edge(Some(edge.clone())).await?;
-    overlay.add_child(edge);
+    if !overlay.driver().supports_backing() {
+        return Err("The overlay does not support backing images".into());
+    }
+    overlay.set_backing(Some(node)).await?;
     node.drain().await;
-    node.replace_in_parents(overlay, Some(overlay.name()));
+    node.replace_in_parents(overlay);
     node.undrain();
     Ok(())
 }

@@ -294,10 +294,25 @@ impl Qcow2 {
         );
         Ok(())
     }
+}
+
+#[async_trait(?Send)]
+impl Driver for Qcow2 {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
 
     /// Give imago another backing edge (or none) after the graph changed this node's
     /// backing; waits for requests in flight.
-    pub async fn set_backing_edge(&self, backing: Option<Arc<Child>>) -> Result<(), String> {
+    async fn set_backing_edge(
+        &self,
+        _node: &Node,
+        backing: Option<Arc<Child>>,
+    ) -> Result<(), String> {
         let layer = backing_layer(backing).await?;
         let mut access = self.access.write().await;
         let inner: &mut dyn std::any::Any = access.inner_mut();
@@ -306,13 +321,6 @@ impl Qcow2 {
             .ok_or("qcow2 driver holds an unexpected imago image type")?;
         image.set_backing(layer);
         Ok(())
-    }
-}
-
-#[async_trait(?Send)]
-impl Driver for Qcow2 {
-    fn format_name(&self) -> &'static str {
-        "qcow2"
     }
 
     fn size(&self, _node: &Node) -> u64 {
