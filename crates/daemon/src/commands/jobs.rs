@@ -134,25 +134,42 @@ pub(super) async fn create_drive_backup(
         .unwrap_or_else(|| source.driver().format_name().to_string());
     let mode = args.mode.unwrap_or(NewImageMode::AbsolutePaths);
     let path = args.target.clone();
+    // As QEMU's drive-backup: a sync=top copy holds the top layer and reads the rest from
+    // the source's backing image, named in its header and opened from there; a sync=none
+    // copy holds only what the source overwrote and reads the rest from the live source
+    // node, which becomes its backing once it is open.
+    let sync_none = matches!(args.sync, MirrorSyncMode::None);
     if mode == NewImageMode::AbsolutePaths {
-        // sync top/none copy only part of the disk: the rest comes from the source's backing.
         let backing = match args.sync {
-            MirrorSyncMode::Top | MirrorSyncMode::None => source.backing(),
+            MirrorSyncMode::Top => source.skip_filters().backing(),
+            MirrorSyncMode::None => Some(source.clone()),
             _ => None,
         };
         super::create_image_file(daemon, &path, &format, source.size(), backing.as_ref()).await?;
     }
-    let options = json!({
-        "driver": format,
-        "file": {"driver": "file", "filename": path},
-    });
-    let Value::Object(options) = options else {
-        unreachable!("object literal")
-    };
+    let mut options = Map::new();
+    options.insert("driver".into(), json!(format));
+    options.insert("file".into(), json!({"driver": "file", "filename": path}));
+    options.insert("discard".into(), json!("unmap"));
+    options.insert("detect-zeroes".into(), json!("unmap"));
+    if sync_none && format == "qcow2" {
+        // Not the backing its header names: the live node is set below.
+        options.insert("backing".into(), Value::Null);
+    }
     let graph = daemon.graph.clone();
+    let live_source = sync_none.then(|| source.clone());
     let target = daemon
         .io
-        .run(move || async move { graph.open_implicit(options).await })
+        .run(move || async move {
+            let target = graph.open_implicit(options).await?;
+            if let Some(source) = live_source {
+                target
+                    .set_backing(Some(&source))
+                    .await
+                    .map_err(QmpError::generic)?;
+            }
+            Ok::<_, QmpError>(target)
+        })
         .await?;
     create_backup(
         daemon,

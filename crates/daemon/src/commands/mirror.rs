@@ -122,7 +122,7 @@ pub async fn drive_mirror(
     let mode = args.mode.unwrap_or(NewImageMode::AbsolutePaths);
     // sync=top keeps the source's backing under the new image, sync=none the source itself.
     let backing_node = match args.sync {
-        SyncArg::Top => source.backing(),
+        SyncArg::Top => source.skip_filters().backing(),
         SyncArg::None => Some(source.clone()),
         _ => None,
     };
