@@ -558,8 +558,9 @@ async fn incremental_chain_restores_each_point_in_time() {
 }
 
 /// A bitmap backup whose target fails at 4 MiB (or not), with one write made while the
-/// job runs: what the bitmap holds afterwards for each bitmap-mode.
-async fn bitmap_after_backup(which: Impl, mode: &str, fail: bool) -> (u64, String) {
+/// job runs: what the bitmap holds afterwards for each bitmap-mode, the listing while the
+/// job runs, and the job's final `[offset, len]`.
+async fn bitmap_after_backup(which: Impl, mode: &str, fail: bool) -> (u64, String, Value) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let disk = path(d, "disk.qcow2");
@@ -611,7 +612,8 @@ async fn bitmap_after_backup(which: Impl, mode: &str, fail: bool) -> (u64, Strin
     let listing = bitmap_listing(&mut c).await;
     assert!(!listing.contains("\"busy\":true"), "{which:?}: {listing}");
     daemon.quit(&mut c).await;
-    (after, during)
+    let progress = json!([done["data"]["offset"], done["data"]["len"]]);
+    (after, during, progress)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -625,9 +627,11 @@ async fn bitmap_modes_on_success_and_failure() {
         ("always", false, C),
         ("always", true, 4 * C),
     ];
+    let mut progress = Vec::new();
     for which in Impl::all() {
         for (mode, fail, expected) in cases {
-            let (after, during) = bitmap_after_backup(which, mode, fail).await;
+            let (after, during, done) = bitmap_after_backup(which, mode, fail).await;
+            progress.push(done);
             assert_eq!(after, expected, "{which:?} mode {mode}, failing {fail}");
             let disk0 = during.lines().find(|l| l.starts_with("disk0")).unwrap();
             assert_eq!(
@@ -638,6 +642,10 @@ async fn bitmap_modes_on_success_and_failure() {
             );
         }
     }
+    // len - offset is what was left undone: of the 5 dirty clusters, the 3 at 4 MiB.
+    let (blockd, qsd) = progress.split_at(cases.len());
+    assert_eq!(blockd, qsd, "offset and len of BLOCK_JOB_COMPLETED");
+    assert_eq!(blockd[5], json!([2 * C, 5 * C]));
 }
 
 async fn backup_errors_transcript(which: Impl) -> Vec<String> {
@@ -713,4 +721,49 @@ async fn backup_bitmap_errors_match_qsd() {
     Impl::all();
     let qsd = backup_errors_transcript(Impl::Qsd).await;
     assert_eq!(blockd, qsd);
+}
+
+/// With parallel workers too, a failed job's offset counts every range that was copied
+/// (QEMU's rule: len - offset is what was left undone), in the event and in query-jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_backup_reports_the_work_done() {
+    const M: u64 = 1 << 20;
+    let mut reports = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let disk = path(d, "disk.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", &disk, "16M"]);
+        qemu_img(&["create", "-q", "-f", "raw", &path(d, "t.raw"), "16M"]);
+        let target = json!({"driver": "raw", "node-name": "tgt", "file": {
+            "driver": "blkdebug", "image": {"driver": "file", "filename": path(d, "t.raw")},
+            "inject-error": [{"event": "none", "iotype": "write", "sector": 8192, "errno": 5}]}});
+        let mut args = chain_daemon_args(d);
+        args.extend([s("--blockdev"), target.to_string()]);
+        let daemon = Daemon::start(which, d, &args);
+        let mut c = daemon.qmp().await;
+        c.execute(
+            "block-dirty-bitmap-add",
+            json!({"node": "disk0", "name": "b0"}),
+        )
+        .await
+        .unwrap();
+        nbd_writes(d, "disk0", &["write -P 1 0 8M"]);
+        c.execute("blockdev-backup", json!({"job-id": "j", "device": "disk0", "target": "tgt", "sync": "bitmap", "bitmap": "b0", "bitmap-mode": "always", "auto-dismiss": false}))
+            .await
+            .unwrap();
+        let done = c.wait_event("BLOCK_JOB_COMPLETED", WAIT).await.unwrap();
+        let jobs = c.execute("query-jobs", json!({})).await.unwrap();
+        let left = count(&mut c, "disk0", "b0").await;
+        daemon.quit(&mut c).await;
+        let (offset, len) = (&done["data"]["offset"], &done["data"]["len"]);
+        assert_eq!(jobs[0]["current-progress"], *offset, "{which:?}");
+        assert_eq!(jobs[0]["total-progress"], *len, "{which:?}");
+        assert_eq!(*len, json!(8 * M), "{which:?}");
+        // The failed write's range stays dirty, and is all that is undone.
+        let undone = len.as_u64().unwrap() - offset.as_u64().unwrap();
+        assert_eq!(undone, left, "{which:?}: {done}");
+        reports.push(undone);
+    }
+    assert_eq!(reports[0], reports[1], "undone bytes differ from qsd");
 }

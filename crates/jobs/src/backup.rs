@@ -231,14 +231,20 @@ impl BackupJob {
                 return Err(JobFailure::cancelled());
             }
             ctx.pause_point().await;
-            let copied = self.copy().copied_bytes();
-            ctx.add_offset(copied - reported);
-            reported = copied;
+            self.report_progress(ctx, &mut reported);
             tokio::select! {
                 _ = kicked => {}
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
+    }
+
+    /// Bring the job's offset up to what block-copy has copied; `reported` is what the
+    /// offset already holds.
+    fn report_progress(&self, ctx: &JobContext, reported: &mut u64) {
+        let copied = self.copy().copied_bytes();
+        ctx.add_offset(copied.saturating_sub(*reported));
+        *reported = copied;
     }
 
     async fn copy_all(&self, ctx: &JobContext) -> Result<(), JobFailure> {
@@ -258,6 +264,7 @@ impl BackupJob {
             if ctx.is_cancelled() {
                 // Requests already sent finish so no buffer is dropped mid-write.
                 while in_flight.next().await.is_some() {}
+                self.report_progress(ctx, &mut reported);
                 return Err(JobFailure::cancelled());
             }
             while in_flight.len() < workers {
@@ -285,14 +292,15 @@ impl BackupJob {
                 ctx.sleep(Duration::from_millis(1)).await;
                 continue;
             };
-            let copied = self.copy().copied_bytes();
-            ctx.add_offset(copied.saturating_sub(reported));
-            reported = copied;
+            self.report_progress(ctx, &mut reported);
             if let Err(e) = result {
                 let is_read = matches!(e, CopyError::Read(_));
                 match ctx.handle_error(e.io(), is_read).await {
                     ErrorAction::Report => {
+                        // What the other workers still copy counts as done: len - offset
+                        // is what the job left undone.
                         while in_flight.next().await.is_some() {}
+                        self.report_progress(ctx, &mut reported);
                         return Err(e.io().into());
                     }
                     // The range stays pending: go back and copy it again.

@@ -320,13 +320,13 @@ impl MirrorJob {
                 ctx.pause_point().await;
             }
             if ctx.is_cancelled() {
-                while in_flight.next().await.is_some() {}
+                finish_in_flight(ctx, &mut in_flight).await;
                 return Err(JobFailure::cancelled());
             }
             if self.state.take_target_write_failure() {
                 let err = io::Error::from_raw_os_error(libc::EIO);
                 if let ErrorAction::Report = ctx.handle_error(&err, false).await {
-                    while in_flight.next().await.is_some() {}
+                    finish_in_flight(ctx, &mut in_flight).await;
                     return Err(err.into());
                 }
                 self.actively_synced.store(false, Ordering::Release);
@@ -386,7 +386,7 @@ impl MirrorJob {
                         CopyError::Write(err) => (err, false),
                     };
                     if let ErrorAction::Report = ctx.handle_error(err, is_read).await {
-                        while in_flight.next().await.is_some() {}
+                        finish_in_flight(ctx, &mut in_flight).await;
                         return Err(err.into());
                     }
                 }
@@ -460,6 +460,19 @@ impl MirrorJob {
                 node.replace_in_parents(&self.target);
             }
             _ => self.filter.replace_in_parents(&self.target),
+        }
+    }
+}
+
+/// Let the copies in flight finish (no buffer is dropped mid-write) and count those that
+/// succeeded as done: len - offset is what the job left undone.
+async fn finish_in_flight<F>(ctx: &JobContext, in_flight: &mut FuturesUnordered<F>)
+where
+    F: std::future::Future<Output = (u64, u64, Result<(), CopyError>)>,
+{
+    while let Some((_, len, result)) = in_flight.next().await {
+        if result.is_ok() {
+            ctx.add_offset(len);
         }
     }
 }
