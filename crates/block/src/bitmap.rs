@@ -45,6 +45,9 @@ pub struct DirtyBitmap {
     /// Left in use by a process that did not close the image cleanly: its bits cannot be
     /// trusted, so it may only be removed.
     inconsistent: AtomicBool,
+    /// Loaded from an image opened read-only: the image cannot take the change, so its
+    /// bits and its presence may not change (it may still be enabled, disabled and read).
+    readonly: AtomicBool,
     /// Records writes in this bitmap's place while an operation holds its point in time.
     successor: ArcSwapOption<DirtyBitmap>,
 }
@@ -62,6 +65,7 @@ impl DirtyBitmap {
             busy: AtomicBool::new(false),
             persistent: AtomicBool::new(false),
             inconsistent: AtomicBool::new(false),
+            readonly: AtomicBool::new(false),
             successor: ArcSwapOption::empty(),
         }
     }
@@ -125,6 +129,14 @@ impl DirtyBitmap {
 
     pub fn set_inconsistent(&self, inconsistent: bool) {
         self.inconsistent.store(inconsistent, Ordering::Release);
+    }
+
+    pub fn is_readonly(&self) -> bool {
+        self.readonly.load(Ordering::Acquire)
+    }
+
+    pub fn set_readonly(&self, readonly: bool) {
+        self.readonly.store(readonly, Ordering::Release);
     }
 
     fn unit_is_set(&self, bits: &Bits, unit: u64) -> bool {

@@ -690,7 +690,7 @@ fn export_bitmaps(
                 .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found")))?,
             BitmapRef::Node(r) => bitmaps::lookup(graph, &r.node, &r.name)?,
         };
-        bitmaps::check_usable(&bitmap)?;
+        bitmaps::check_bitmap(&bitmap, bitmaps::BitmapUse::Read)?;
         let name = bitmap.name().unwrap_or_default().to_string();
         if !writable && !owner.read_only() && bitmap.is_enabled() {
             return Err(QmpError::generic(format!(

@@ -108,3 +108,139 @@ async fn persistent_bitmap_round_trips_blockd_qemu_img_qsd_blockd() {
     blockd.quit(&mut client).await;
     qemu_img(&["check", &disk]);
 }
+
+/// What a daemon answers, in order, for the bitmaps of an image it opened with `read_only`:
+/// each command's reply, then `format-specific` of query-named-block-nodes.
+async fn bitmaps_of_an_image(which: Impl, read_only: bool) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.qcow2").to_string_lossy().into_owned();
+    qemu_img(&["create", "-q", "-f", "qcow2", &disk, "16M"]);
+    qemu_img(&["bitmap", "--add", &disk, "b0"]);
+    qemu_img(&["bitmap", "--add", "--disable", "-g", "128k", &disk, "b1"]);
+    let ro = if read_only { "on" } else { "off" };
+    let daemon = Daemon::start(
+        which,
+        dir.path(),
+        &[
+            s("--blockdev"),
+            format!("driver=qcow2,node-name=disk0,read-only={ro},file.driver=file,file.filename=disk.qcow2"),
+        ],
+    );
+    let mut client = daemon.qmp().await;
+    let mut replies = Vec::new();
+    for (command, args) in [
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "disk0", "name": "n1"}),
+        ),
+        (
+            "block-dirty-bitmap-clear",
+            json!({"node": "disk0", "name": "b0"}),
+        ),
+        (
+            "block-dirty-bitmap-disable",
+            json!({"node": "disk0", "name": "b0"}),
+        ),
+        (
+            "block-dirty-bitmap-enable",
+            json!({"node": "disk0", "name": "b1"}),
+        ),
+        (
+            "block-dirty-bitmap-merge",
+            json!({"node": "disk0", "target": "b0", "bitmaps": ["n1"]}),
+        ),
+        (
+            "block-dirty-bitmap-merge",
+            json!({"node": "disk0", "target": "n1", "bitmaps": ["b0"]}),
+        ),
+        (
+            "block-dirty-bitmap-remove",
+            json!({"node": "disk0", "name": "b1"}),
+        ),
+    ] {
+        replies.push(match client.execute(command, args).await {
+            Ok(v) => json!({"return": v}),
+            Err(e) => json!({"error": e.desc}),
+        });
+    }
+    let nodes = client
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    let disk0 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "disk0")
+        .unwrap();
+    replies.push(disk0["image"]["format-specific"]["data"]["bitmaps"].clone());
+    daemon.quit(&mut client).await;
+    replies
+}
+
+/// A read-only image's bitmaps may be read, enabled and disabled, never changed or removed
+/// (the image could not take it), and the image's own list of bitmaps is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmaps_of_read_only_images_and_their_listing_match_qsd() {
+    for read_only in [true, false] {
+        let mut all = Vec::new();
+        for which in Impl::all() {
+            all.push(bitmaps_of_an_image(which, read_only).await);
+        }
+        assert_eq!(all[0], all[1], "read-only {read_only}: blockd vs qsd");
+        let readonly = json!({"error": "Bitmap 'b0' is readonly and cannot be modified"});
+        assert_eq!(all[0][1] == readonly, read_only);
+    }
+}
+
+/// The offset of the first bitmap directory entry's table size in a qcow2 v3 image.
+fn first_table_size_field(image: &[u8]) -> usize {
+    let be32 = |at: usize| u32::from_be_bytes(image[at..at + 4].try_into().unwrap());
+    let be64 = |at: usize| u64::from_be_bytes(image[at..at + 8].try_into().unwrap());
+    let mut at = be32(100) as usize;
+    loop {
+        let (magic, len) = (be32(at), be32(at + 4) as usize);
+        assert_ne!(magic, 0, "no bitmaps extension");
+        if magic == 0x2385_2875 {
+            return be64(at + 8 + 16) as usize + 8;
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
+/// A directory entry claiming a 32 GiB bitmap table is refused before anything is
+/// allocated or written, and the daemon goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crafted_bitmap_table_size_is_refused_without_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.qcow2");
+    let disk_s = disk.to_string_lossy().into_owned();
+    qemu_img(&["create", "-q", "-f", "qcow2", &disk_s, "16M"]);
+    qemu_img(&["bitmap", "--add", &disk_s, "b0"]);
+    let mut image = std::fs::read(&disk).unwrap();
+    let field = first_table_size_field(&image);
+    image[field..field + 4].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    std::fs::write(&disk, &image).unwrap();
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
+    let mut client = daemon.qmp().await;
+    let err = client
+        .execute(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "disk0",
+                   "file": {"driver": "file", "filename": disk_s}}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.desc
+            .contains("bitmap table does not match the disk size"),
+        "{}",
+        err.desc
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == image,
+        "a refused open changed the image"
+    );
+    client.execute("query-version", json!({})).await.unwrap();
+    daemon.quit(&mut client).await;
+}

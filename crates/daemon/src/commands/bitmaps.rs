@@ -122,20 +122,20 @@ impl BitmapAction {
             BitmapAction::Add(args) => prepare_add(graph, args)?,
             BitmapAction::Remove(args) => {
                 let (node, bitmap) = lookup(graph, &args.node, &args.name)?;
-                check_busy(&bitmap)?;
+                check_bitmap(&bitmap, BitmapUse::Remove)?;
                 bitmap.set_busy(true);
                 Pending::Removing { node, bitmap }
             }
             BitmapAction::Clear(args) => {
                 let (_, bitmap) = lookup(graph, &args.node, &args.name)?;
-                check_usable(&bitmap)?;
+                check_bitmap(&bitmap, BitmapUse::Modify)?;
                 let words = bitmap.to_words();
                 bitmap.clear();
                 Pending::Bits { bitmap, words }
             }
             BitmapAction::Enable(args) | BitmapAction::Disable(args) => {
                 let (_, bitmap) = lookup(graph, &args.node, &args.name)?;
-                check_usable(&bitmap)?;
+                check_bitmap(&bitmap, BitmapUse::Read)?;
                 let was = bitmap.is_enabled();
                 bitmap.set_enabled(matches!(self, BitmapAction::Enable(_)));
                 Pending::Enabled { bitmap, was }
@@ -225,8 +225,7 @@ fn prepare_merge(graph: &Graph, args: &MergeArgs) -> Result<Pending, QmpError> {
             BitmapRef::Name(name) => find_on(&node, name)?,
             BitmapRef::Node(r) => lookup(graph, &r.node, &r.name)?.1,
         };
-        check_busy(&bitmap)?;
-        check_consistent(&bitmap)?;
+        check_bitmap(&bitmap, BitmapUse::Read)?;
         if bitmap.size() != target.size() {
             return Err(QmpError::generic(format!(
                 "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
@@ -236,7 +235,7 @@ fn prepare_merge(graph: &Graph, args: &MergeArgs) -> Result<Pending, QmpError> {
         }
         sources.push(bitmap);
     }
-    check_usable(&target)?;
+    check_bitmap(&target, BitmapUse::Modify)?;
     let words = target.to_words();
     for source in sources {
         if !Arc::ptr_eq(&source, &target) {
@@ -271,32 +270,40 @@ fn display_name(bitmap: &DirtyBitmap) -> &str {
     bitmap.name().unwrap_or("")
 }
 
-/// Refuse a bitmap an operation (a backup, an export) holds.
-pub fn check_busy(bitmap: &DirtyBitmap) -> Result<(), QmpError> {
+/// What an operation does with a bitmap, which decides what it refuses (QEMU's
+/// bdrv_dirty_bitmap_check flags). Every operation refuses a bitmap that another one
+/// holds (a backup, an export).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum BitmapUse {
+    /// Reads the bits or switches recording (enable, disable, a merge source, a backup
+    /// that leaves the bitmap as it is, an export): a read-only bitmap will do.
+    Read,
+    /// Changes the bits (clear, a merge target, a backup that updates the bitmap).
+    Modify,
+    /// Removes the bitmap: the bits do not matter, the image must be able to drop it.
+    Remove,
+}
+
+/// Refuse `bitmap` for `usage` with QEMU's text: busy first, then read-only, then
+/// inconsistent.
+pub fn check_bitmap(bitmap: &DirtyBitmap, usage: BitmapUse) -> Result<(), QmpError> {
+    let name = display_name(bitmap);
     if bitmap.is_busy() {
         return Err(QmpError::generic(format!(
-            "Bitmap '{}' is currently in use by another operation and cannot be used",
-            display_name(bitmap)
+            "Bitmap '{name}' is currently in use by another operation and cannot be used"
         )));
     }
-    Ok(())
-}
-
-/// Refuse a bitmap whose bits cannot be trusted.
-pub fn check_consistent(bitmap: &DirtyBitmap) -> Result<(), QmpError> {
-    if bitmap.is_inconsistent() {
+    if usage != BitmapUse::Read && bitmap.is_readonly() {
         return Err(QmpError::generic(format!(
-            "Bitmap '{}' is inconsistent and cannot be used",
-            display_name(bitmap)
+            "Bitmap '{name}' is readonly and cannot be modified"
+        )));
+    }
+    if usage != BitmapUse::Remove && bitmap.is_inconsistent() {
+        return Err(QmpError::generic(format!(
+            "Bitmap '{name}' is inconsistent and cannot be used"
         )));
     }
     Ok(())
-}
-
-/// The checks before a bitmap is changed or used: neither busy nor inconsistent.
-pub fn check_usable(bitmap: &DirtyBitmap) -> Result<(), QmpError> {
-    check_busy(bitmap)?;
-    check_consistent(bitmap)
 }
 
 /// x-debug-block-dirty-bitmap-sha256: the hash of the bits as QEMU lays them out.

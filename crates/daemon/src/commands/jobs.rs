@@ -1,5 +1,6 @@
 //! Job commands: blockdev-backup / drive-backup, and the verbs and queries of every job.
 
+use super::bitmaps::{check_bitmap, BitmapUse};
 use crate::daemon::Daemon;
 use block::bitmap::DirtyBitmap;
 use block::copy::{BlockCopy, ClusterBitmap};
@@ -235,7 +236,12 @@ fn resolve_bitmap(
             ))
         }
     };
-    super::bitmaps::check_usable(&bitmap)?;
+    // A backup that updates the bitmap at its end needs to be able to change it.
+    let usage = match mode {
+        BitmapMode::Never => BitmapUse::Read,
+        BitmapMode::OnSuccess | BitmapMode::Always => BitmapUse::Modify,
+    };
+    check_bitmap(&bitmap, usage)?;
     match args.sync {
         MirrorSyncMode::None => Err(QmpError::generic(
             "sync mode 'none' does not produce meaningful bitmap outputs",

@@ -124,11 +124,37 @@ fn parse_directory(dir: &[u8], count: u32) -> io::Result<Vec<(usize, DirEntry)>>
 #[derive(Default)]
 pub struct Loaded {
     pub bitmaps: Vec<Arc<DirtyBitmap>>,
+    /// The directory's entries as the image lists them.
+    pub listed: Vec<Listed>,
     /// Every cluster the stored bitmaps occupy (directory, tables, data), by offset.
     pub clusters: Vec<u64>,
     directory_offset: u64,
     directory: Vec<u8>,
     entry_starts: Vec<usize>,
+}
+
+/// A bitmap as the image's directory lists it: what query-named-block-nodes reports in
+/// `format-specific` (QEMU reads it from the image, not from the bitmaps in memory).
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub name: String,
+    pub granularity: u64,
+    pub in_use: bool,
+    pub auto: bool,
+}
+
+impl Listed {
+    /// Qcow2BitmapInfo.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut flags = Vec::new();
+        if self.in_use {
+            flags.push("in-use");
+        }
+        if self.auto {
+            flags.push("auto");
+        }
+        serde_json::json!({"name": self.name, "granularity": self.granularity, "flags": flags})
+    }
 }
 
 /// Read the bitmaps of an image whose extension is `ext` (only a consistent one).
@@ -152,6 +178,12 @@ pub async fn load(
         ..Loaded::default()
     };
     for (_, entry) in entries {
+        loaded.listed.push(Listed {
+            name: entry.name.clone(),
+            granularity: 1u64 << entry.granularity_bits.min(63),
+            in_use: entry.flags & FLAG_IN_USE != 0,
+            auto: entry.flags & FLAG_AUTO != 0,
+        });
         loaded
             .bitmaps
             .push(load_one(file, &entry, cluster_size, disk_size, &mut loaded.clusters).await?);
@@ -173,6 +205,11 @@ async fn load_one(
     let bitmap = DirtyBitmap::new(Some(entry.name.clone()), granularity, disk_size);
     bitmap.set_persistent(true);
     bitmap.set_enabled(entry.flags & FLAG_AUTO != 0);
+    // Checked before anything is allocated: a crafted size could ask for gigabytes.
+    let data_len = data_len(disk_size, granularity);
+    if u64::from(entry.table_size) != data_len.div_ceil(cluster_size) {
+        return Err(corrupt("bitmap table does not match the disk size"));
+    }
     let table_bytes = entry.table_size as u64 * 8;
     if table_bytes > 0 && !entry.table_offset.is_multiple_of(cluster_size) {
         return Err(corrupt("unaligned bitmap table"));
@@ -188,10 +225,6 @@ async fn load_one(
     {
         bitmap.set_inconsistent(true);
         return Ok(Arc::new(bitmap));
-    }
-    let data_len = data_len(disk_size, granularity);
-    if table.len() as u64 != data_len.div_ceil(cluster_size) {
-        return Err(corrupt("bitmap table does not match the disk size"));
     }
     let mut data = vec![0u8; (table.len() as u64 * cluster_size) as usize];
     for (chunk, entry) in data.chunks_mut(cluster_size as usize).zip(&table) {

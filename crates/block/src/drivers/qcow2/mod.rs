@@ -36,7 +36,7 @@ use imago::raw::Raw as ImagoRaw;
 use imago::storage::ext::StorageExt;
 use imago::{FormatAccess, Mapping};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -90,6 +90,8 @@ struct BitmapState {
     stored_clusters: Vec<u64>,
     /// The image had a bitmaps extension, so closing must rewrite (or drop) it.
     had_extension: bool,
+    /// The directory as the image holds it (with `in_use` once a writable open set it).
+    listed: Vec<bitmaps::Listed>,
     closed: bool,
 }
 
@@ -147,16 +149,21 @@ impl Qcow2 {
             .await
             .map_err(|e| format!("Could not read qcow2 snapshot table: {e}"))?;
         let mut bitmap_state = BitmapState::default();
-        if let Some(loaded) = loaded {
+        if let Some(mut loaded) = loaded {
             if writable {
                 bitmaps::mark_in_use(&file, &loaded)
                     .await
                     .map_err(|e| format!("Could not mark qcow2 bitmaps in use: {e}"))?;
+                loaded.listed.iter_mut().for_each(|l| l.in_use = true);
+            } else {
+                // Nothing could store a change: QEMU's read-only bitmaps.
+                loaded.bitmaps.iter().for_each(|b| b.set_readonly(true));
             }
             bitmap_state = BitmapState {
                 to_attach: loaded.bitmaps,
                 stored_clusters: loaded.clusters,
                 had_extension: true,
+                listed: loaded.listed,
                 closed: false,
             };
         }
@@ -539,6 +546,34 @@ impl Driver for Qcow2 {
     }
 
     fn info(&self, node: &Node) -> DriverInfo {
+        self.driver_info(node)
+    }
+}
+
+impl Qcow2 {
+    /// ImageInfoSpecificQCow2: the header's facts and the bitmaps the image lists, less
+    /// those removed since (QEMU removes them from the image at once; we do at close).
+    fn format_specific(&self, node: &Node, header: &Header) -> Value {
+        let mut data = header.format_specific();
+        let listed: Vec<Value> = self
+            .bitmaps
+            .lock()
+            .unwrap()
+            .listed
+            .iter()
+            .filter(|l| {
+                node.dirty_bitmap(&l.name)
+                    .is_some_and(|b| b.is_persistent())
+            })
+            .map(bitmaps::Listed::to_json)
+            .collect();
+        if !listed.is_empty() {
+            data["bitmaps"] = Value::Array(listed);
+        }
+        data
+    }
+
+    fn driver_info(&self, node: &Node) -> DriverInfo {
         let header = self.header();
         let file = self.file.node();
         let file_info = file.driver().info(&file);
@@ -558,7 +593,7 @@ impl Driver for Qcow2 {
             dirty_flag: Some(header.is_dirty()),
             format_specific: Some(json!({
                 "type": "qcow2",
-                "data": header.format_specific(),
+                "data": self.format_specific(node, &header),
             })),
             backing_filename: header.backing_file.clone(),
             backing_format: header.backing_format.clone(),
