@@ -234,11 +234,23 @@ impl Graph {
 
     /// Find a node for commands that take "device or node-name"; blockd has no devices.
     pub fn lookup(&self, name: &str) -> Result<Arc<Node>, QmpError> {
-        self.find(name).ok_or_else(|| {
-            QmpError::generic(format!(
-                "Cannot find device='{name}' nor node-name='{name}'"
-            ))
-        })
+        self.find(name).ok_or_else(|| not_found(name, name))
+    }
+
+    /// Find a node for arguments that name a node only (`base-node`, `top-node`, an
+    /// export's `node-name`): QEMU's text then leaves the device empty.
+    pub fn lookup_node(&self, name: &str) -> Result<Arc<Node>, QmpError> {
+        self.find(name).ok_or_else(|| not_found("", name))
+    }
+
+    /// A node that commands needing a whole disk take (QEMU's qmp_get_root_bs): one that
+    /// no other node and no job uses.
+    pub fn lookup_root(&self, name: &str) -> Result<Arc<Node>, QmpError> {
+        let node = self.lookup(name)?;
+        if !node.is_root() {
+            return Err(QmpError::generic("Need a root block node"));
+        }
+        Ok(node)
     }
 
     /// All live nodes, newest first (QEMU's listing order).
@@ -315,6 +327,8 @@ impl Graph {
                     "Node {name} is not owned by the monitor"
                 )));
             };
+            // QEMU's order: a block backend (an export, a job's own backend), then the
+            // newest operation blocker (a job, an overlay's backing edge), then any user.
             let users = node.parents();
             if users
                 .iter()
@@ -322,10 +336,8 @@ impl Graph {
             {
                 return Err(QmpError::generic(format!("Node {name} is in use")));
             }
-            if let Some(job_type) = node.busy_with_job() {
-                return Err(QmpError::generic(format!(
-                    "Node '{name}' is busy: block device is in use by block job: {job_type}"
-                )));
+            if let Some(busy) = op_blocker(&registry, node) {
+                return Err(busy);
             }
             if !users.is_empty() {
                 return Err(QmpError::generic(format!("Block device {name} is in use")));
@@ -340,6 +352,14 @@ impl Graph {
         }
         node.detach_children();
         Ok(())
+    }
+
+    /// Why QEMU would refuse to remove or replace `node` (its newest operation blocker),
+    /// with QEMU's text: a job working on it, or an overlay that reads it as its backing.
+    pub fn op_blocker(&self, node: &Node) -> Option<QmpError> {
+        let mut registry = self.registry.lock().unwrap();
+        registry.prune();
+        op_blocker(&registry, node)
     }
 
     /// Flush every node (quit, SIGTERM).
@@ -810,6 +830,36 @@ async fn flush_subtree(node: &Arc<Node>) {
             tracing::warn!(node = n.name(), "flush failed: {e}");
         }
     }
+}
+
+fn op_blocker(registry: &Registry, node: &Node) -> Option<QmpError> {
+    let reason = node
+        .parents()
+        .iter()
+        .rev()
+        .find_map(|edge| match edge.parent() {
+            Parent::Job { job_type, .. } => {
+                Some(format!("block device is in use by block job: {job_type}"))
+            }
+            // A filter's data child is no backing file (a job's mirror_top reads `backing`).
+            Parent::Node(parent) if edge.role() == "backing" => {
+                let filter = registry
+                    .find(parent)
+                    .is_some_and(|p| p.driver().filtered_child_role() == Some("backing"));
+                (!filter).then(|| format!("node is used as backing hd of '{parent}'"))
+            }
+            _ => None,
+        })?;
+    Some(QmpError::generic(format!(
+        "Node '{}' is busy: {reason}",
+        node.name()
+    )))
+}
+
+fn not_found(device: &str, node_name: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Cannot find device='{device}' nor node-name='{node_name}'"
+    ))
 }
 
 fn prefixed(path: Option<&str>, key: &str) -> String {

@@ -522,6 +522,31 @@ impl Node {
         })
     }
 
+    /// QEMU's root node: only users outside the graph (exports, the monitor) use it; a
+    /// parent node or a job's edge makes it part of something bigger.
+    pub fn is_root(&self) -> bool {
+        self.parents()
+            .iter()
+            .all(|edge| matches!(edge.parent(), Parent::User { .. }))
+    }
+
+    /// An edge through which a job holds `target` as QEMU's jobs do with a block backend of
+    /// their own (a mirror's target, a commit's top and base): it takes no permissions, and
+    /// makes blockdev-del call the node "in use" and conflicts name "an unnamed block
+    /// device", as QEMU's texts do.
+    pub fn attach_job_backend(target: &Arc<Node>) -> Result<Arc<Child>, String> {
+        Node::attach(
+            target,
+            "root",
+            Parent::User {
+                kind: "block-backend",
+                name: String::new(),
+            },
+            Perms::NONE,
+            Perms::ALL,
+        )
+    }
+
     /// The live edges that point at this node.
     pub fn parents(&self) -> Vec<Arc<Child>> {
         self.parents

@@ -326,6 +326,8 @@ struct NewExport {
     writable: bool,
     bitmaps: Vec<BitmapRef>,
     allocation_depth: bool,
+    /// `node_name` came as nbd-server-add's `device` (a device or a node name).
+    by_device: bool,
 }
 
 impl Exports {
@@ -493,6 +495,7 @@ impl Exports {
                 writable: args.writable.unwrap_or(false),
                 bitmaps,
                 allocation_depth: args.allocation_depth.unwrap_or(false),
+                by_device: false,
             },
         )?;
         Ok(json!({}))
@@ -515,6 +518,7 @@ impl Exports {
                 writable: args.writable.unwrap_or(false),
                 bitmaps: args.bitmap.into_iter().map(BitmapRef::Name).collect(),
                 allocation_depth: args.allocation_depth.unwrap_or(false),
+                by_device: true,
             },
         )?;
         Ok(json!({}))
@@ -532,12 +536,11 @@ impl Exports {
                 new.id
             )));
         }
-        let node = daemon.graph.find(&new.node_name).ok_or_else(|| {
-            QmpError::generic(format!(
-                "Cannot find device='' nor node-name='{}'",
-                new.node_name
-            ))
-        })?;
+        let node = if new.by_device {
+            daemon.graph.lookup(&new.node_name)?
+        } else {
+            daemon.graph.lookup_node(&new.node_name)?
+        };
         if server.exports().contains(&new.name) {
             return Err(QmpError::generic(format!(
                 "NBD server already has export named '{}'",

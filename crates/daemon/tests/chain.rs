@@ -374,6 +374,49 @@ async fn chain_job_errors_and_conflicts_answer_like_qsd() {
             "block-stream",
             json!({"device": "top", "backing-file": "x"}),
         ),
+        // Node-only arguments name no device; chain, root and exclusivity checks.
+        (
+            "block-stream",
+            json!({"device": "top", "base-node": "nonode"}),
+        ),
+        ("block-stream", json!({"device": "top", "bottom": "nonode"})),
+        ("block-stream", json!({"device": "mid", "bottom": "top"})),
+        (
+            "block-stream",
+            json!({"device": "top", "base-node": "base", "bottom": "mid"}),
+        ),
+        (
+            "block-commit",
+            json!({"device": "top", "top-node": "nonode"}),
+        ),
+        (
+            "block-commit",
+            json!({"device": "top", "base-node": "nonode"}),
+        ),
+        ("block-commit", json!({"device": "mid", "top-node": "top"})),
+        ("block-commit", json!({"device": "base"})),
+        (
+            "block-commit",
+            json!({"device": "top", "top-node": "mid", "top": "mid.qcow2"}),
+        ),
+        (
+            "block-commit",
+            json!({"device": "top", "base-node": "base", "base": "base.qcow2"}),
+        ),
+        ("nbd-server-add", json!({"device": "nonode"})),
+        (
+            "drive-mirror",
+            json!({"device": "top", "target": "x.qcow2", "sync": "full", "replaces": "mid"}),
+        ),
+        ("blockdev-del", json!({"node-name": "mid"})),
+        (
+            "blockdev-reopen",
+            json!({"options": [{"driver": "qcow2", "node-name": "top", "file": "f"}]}),
+        ),
+        (
+            "blockdev-reopen",
+            json!({"options": [{"driver": "qcow2", "node-name": "top", "file": "f", "backing": "nonode"}]}),
+        ),
         // A commit running on mid..base refuses a stream over the same layers.
         (
             "block-commit",
@@ -381,6 +424,12 @@ async fn chain_job_errors_and_conflicts_answer_like_qsd() {
         ),
         ("block-stream", json!({"job-id": "s", "device": "top"})),
         ("blockdev-del", json!({"node-name": "base"})),
+        ("blockdev-del", json!({"node-name": "mid"})),
+        ("block-commit", json!({"job-id": "c2", "device": "top"})),
+        (
+            "blockdev-reopen",
+            json!({"options": [{"driver": "qcow2", "node-name": "mid", "file": "f", "backing": null}]}),
+        ),
         ("block-job-cancel", json!({"device": "c", "force": true})),
     ];
     let mut all = Vec::new();
@@ -401,11 +450,12 @@ async fn chain_job_errors_and_conflicts_answer_like_qsd() {
         all.push(replies);
     }
     assert_eq!(all[0][0]["class"], "DeviceNotFound");
-    assert!(
-        all[0][9]["error"].as_str().unwrap().contains("is busy"),
-        "{}",
-        all[0][9]
-    );
+    let stream_on_busy = script
+        .iter()
+        .position(|(_, args)| args["job-id"] == "s")
+        .unwrap();
+    let busy = &all[0][stream_on_busy]["error"];
+    assert!(busy.as_str().unwrap().contains("is busy"), "{busy}");
     if all.len() == 2 {
         for (i, (ours, theirs)) in all[0].iter().zip(&all[1]).enumerate() {
             assert_eq!(ours, theirs, "step {i}: {:?}", script[i]);

@@ -432,6 +432,7 @@ async fn mirror_errors_answer_like_qsd() {
         json!({"device": "disk0", "target": "tgt", "sync": "full", "job-id": "bad id"}),
         json!({"device": "disk0", "target": "tgt", "sync": "full", "unmap": true}),
         json!({"device": "disk0", "target": "tgt", "sync": "sideways"}),
+        json!({"device": "disk0", "target": "tgt", "sync": "full", "job-id": "r", "replaces": "nonode"}),
     ];
     let mut answers: Vec<Vec<Value>> = Vec::new();
     for which in Impl::all() {
@@ -458,6 +459,12 @@ async fn mirror_errors_answer_like_qsd() {
                     "blockdev-mirror",
                     json!({"job-id": "m2", "device": "disk0", "target": "tgt", "sync": "full"}),
                 )
+                .await,
+        ));
+        // The job holds its target through a block backend of its own: "in use".
+        got.push(outcome(
+            client
+                .execute("blockdev-del", json!({"node-name": "tgt"}))
                 .await,
         ));
         answers.push(got);

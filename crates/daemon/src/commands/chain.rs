@@ -162,7 +162,7 @@ pub async fn block_stream(
     }
     if args.base_node.is_some() && args.bottom.is_some() {
         return Err(QmpError::generic(
-            "'base-node' and 'bottom' cannot be specified at the same time",
+            "'bottom' and 'base-node' cannot be specified at the same time",
         ));
     }
     let chain = chain_of(&device);
@@ -171,7 +171,7 @@ pub async fn block_stream(
             QmpError::generic(format!("Can't find '{name}' in the backing chain"))
         })?)
     } else if let Some(name) = &args.base_node {
-        let base = daemon.graph.lookup(name)?;
+        let base = daemon.graph.lookup_node(name)?;
         if !chain.iter().skip(1).any(|n| Arc::ptr_eq(n, &base)) {
             return Err(QmpError::generic(format!(
                 "Node '{name}' is not a backing image of '{}'",
@@ -180,10 +180,10 @@ pub async fn block_stream(
         }
         Some(base)
     } else if let Some(name) = &args.bottom {
-        let bottom = daemon.graph.lookup(name)?;
+        let bottom = daemon.graph.lookup_node(name)?;
         if !chain.iter().skip(1).any(|n| Arc::ptr_eq(n, &bottom)) {
             return Err(QmpError::generic(format!(
-                "Node '{name}' is not a backing image of '{}'",
+                "Node '{name}' is not in a chain starting from '{}'",
                 args.device
             )));
         }
@@ -291,9 +291,17 @@ pub async fn block_commit(
         class: ErrorClass::DeviceNotFound,
         desc: format!("Device '{}' not found", args.device),
     })?;
+    if !device.is_root() {
+        return Err(QmpError::generic("Need a root block node"));
+    }
+    if args.top_node.is_some() && args.top.is_some() {
+        return Err(QmpError::generic(
+            "'top-node' and 'top' are mutually exclusive",
+        ));
+    }
     let chain = chain_of(&device);
     let top = if let Some(name) = &args.top_node {
-        let top = daemon.graph.lookup(name)?;
+        let top = daemon.graph.lookup_node(name)?;
         if !chain.iter().any(|n| Arc::ptr_eq(n, &top)) {
             return Err(QmpError::generic(format!(
                 "'{name}' is not in this backing file chain"
@@ -310,8 +318,13 @@ pub async fn block_commit(
     } else {
         device.clone()
     };
+    if args.base_node.is_some() && args.base.is_some() {
+        return Err(QmpError::generic(
+            "'base-node' and 'base' are mutually exclusive",
+        ));
+    }
     let base = if let Some(name) = &args.base_node {
-        let base = daemon.graph.lookup(name)?;
+        let base = daemon.graph.lookup_node(name)?;
         if !chain_of(&top).iter().any(|n| Arc::ptr_eq(n, &base)) {
             return Err(QmpError::generic(format!(
                 "'{name}' is not in this backing file chain"
@@ -322,15 +335,8 @@ pub async fn block_commit(
         find_by_filename(&top, name)
             .ok_or_else(|| QmpError::generic(format!("Can't find '{name}' in the backing chain")))?
     } else {
-        match chain_of(&top).last() {
-            Some(last) if !Arc::ptr_eq(last, &top) => last.clone(),
-            _ => {
-                return Err(QmpError::generic(format!(
-                    "Top image '{}' has no backing file",
-                    top.name()
-                )))
-            }
-        }
+        // The bottom of the chain, which is `top` itself when it has no backing.
+        chain_of(&top).last().unwrap_or(&top).clone()
     };
     if Arc::ptr_eq(&top, &base) {
         return Err(QmpError::generic("cannot commit an image into itself"));
@@ -390,7 +396,7 @@ pub async fn block_commit(
             if base_reopened {
                 base.set_writable(true).await?;
             }
-            let mut job_edges = Vec::new();
+            let mut job_edges = vec![Node::attach_job_backend(&top)?];
             for node in &committed {
                 job_edges.push(job_edge(node, &job_id, "commit")?);
             }

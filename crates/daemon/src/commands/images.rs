@@ -3,7 +3,7 @@
 use crate::daemon::Daemon;
 use block::drivers::file::os_error_text;
 use block::drivers::qcow2::Qcow2;
-use block::{Node, Parent};
+
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -27,7 +27,7 @@ pub async fn change_backing_file(
     let args: ChangeBackingFileArgs = qapi::de::from_value(Value::Object(args))?;
     let graph = &daemon.graph;
     let device = graph.lookup(&args.device)?;
-    if !is_root(&device) {
+    if !device.is_root() {
         return Err(QmpError::generic("Need a root block node"));
     }
     let image = graph.find(&args.image_node_name).ok_or_else(|| {
@@ -78,11 +78,4 @@ pub async fn change_backing_file(
         ))
     })?;
     Ok(json!({}))
-}
-
-/// QEMU's root nodes: used by no other node and no job, only by users outside the graph.
-fn is_root(node: &Node) -> bool {
-    node.parents()
-        .iter()
-        .all(|edge| matches!(edge.parent(), Parent::User { .. }))
 }

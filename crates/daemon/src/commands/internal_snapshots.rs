@@ -6,7 +6,7 @@
 use crate::daemon::Daemon;
 use block::drivers::file::os_error_text;
 use block::drivers::qcow2::{Qcow2, SnapshotInfo};
-use block::{Node, Parent};
+use block::Node;
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -54,19 +54,6 @@ impl TakenInternalSnapshot {
     }
 }
 
-/// The node `device` names, when it is a root node.
-fn root_node(daemon: &Daemon, device: &str) -> Result<Arc<Node>, QmpError> {
-    let node = daemon.graph.lookup(device)?;
-    let has_node_parent = node
-        .parents()
-        .iter()
-        .any(|edge| matches!(edge.parent(), Parent::Node(_)));
-    if has_node_parent {
-        return Err(QmpError::generic("Need a root block node"));
-    }
-    Ok(node)
-}
-
 fn check_not_busy(node: &Node) -> Result<(), QmpError> {
     match node.busy_with_job() {
         Some(job_type) => Err(QmpError::generic(format!(
@@ -91,7 +78,7 @@ pub(super) async fn prepare_internal_snapshot(
 ) -> Result<TakenInternalSnapshot, QmpError> {
     let args: CreateArgs = qapi::de::from_value(Value::Object(args))?;
     let device = args.device;
-    let node = root_node(daemon, &device)?;
+    let node = daemon.graph.lookup_root(&device)?;
     check_not_busy(&node)?;
     if node.read_only() {
         return Err(QmpError::generic(format!("Device '{device}' is read only")));
@@ -156,7 +143,7 @@ pub async fn blockdev_snapshot_delete_internal_sync(
 ) -> Result<Value, QmpError> {
     let args: DeleteArgs = qapi::de::from_value(Value::Object(args))?;
     let device = args.device;
-    let node = root_node(daemon, &device)?;
+    let node = daemon.graph.lookup_root(&device)?;
     if args.id.is_none() && args.name.is_none() {
         return Err(QmpError::generic("Name or id must be provided"));
     }

@@ -82,26 +82,13 @@ fn refuse_members(args: &Map<String, Value>, members: &[&str]) -> Result<(), Qmp
     Ok(())
 }
 
-/// The mirror source must be a root node: nothing else in the graph reads it.
-fn root_node(daemon: &Daemon, name: &str) -> Result<Arc<Node>, QmpError> {
-    let node = daemon.graph.lookup(name)?;
-    if node
-        .parents()
-        .iter()
-        .any(|e| matches!(e.parent(), Parent::Node(_)))
-    {
-        return Err(QmpError::generic("Need a root block node"));
-    }
-    Ok(node)
-}
-
 pub async fn blockdev_mirror(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
 ) -> Result<Value, QmpError> {
     refuse_members(&args, &["format", "node-name", "mode", "unmap"])?;
     let args: MirrorArgs = qapi::de::from_value(Value::Object(args))?;
-    let source = root_node(daemon, &args.device)?;
+    let source = daemon.graph.lookup_root(&args.device)?;
     let target = daemon.graph.lookup(&args.target)?;
     let target_is_zero = args.target_is_zero.unwrap_or(false);
     start_mirror(daemon, args, source, target, target_is_zero, None).await
@@ -113,7 +100,12 @@ pub async fn drive_mirror(
 ) -> Result<Value, QmpError> {
     refuse_members(&args, &["filter-node-name", "target-is-zero"])?;
     let args: MirrorArgs = qapi::de::from_value(Value::Object(args))?;
-    let source = root_node(daemon, &args.device)?;
+    let source = daemon.graph.lookup_root(&args.device)?;
+    if args.replaces.is_some() && args.node_name.is_none() {
+        return Err(QmpError::generic(
+            "a node-name must be provided when replacing a named node of the graph",
+        ));
+    }
     check_sync(args.sync)?;
     let format = args
         .format
@@ -212,12 +204,9 @@ async fn start_mirror(
         return Err(QmpError::generic("Can't mirror node into itself"));
     }
     let replaces = match &args.replaces {
-        Some(name) => Some(
-            daemon
-                .graph
-                .find(name)
-                .ok_or_else(|| QmpError::generic(format!("Can't find node {name}")))?,
-        ),
+        Some(name) => Some(daemon.graph.find(name).ok_or_else(|| {
+            QmpError::generic(format!("Failed to find node with node-name='{name}'"))
+        })?),
         None => None,
     };
     let job_id = args
@@ -343,13 +332,16 @@ impl Setup {
             self.target_perm,
             Perms::ALL & !(Perms::WRITE | Perms::RESIZE),
         )?;
-        let job_edges = vec![Node::attach(
-            &self.source,
-            "main node",
-            job_parent(),
-            Perms::NONE,
-            Perms::ALL,
-        )?];
+        let job_edges = vec![
+            Node::attach(
+                &self.source,
+                "main node",
+                job_parent(),
+                Perms::NONE,
+                Perms::ALL,
+            )?,
+            Node::attach_job_backend(&self.target)?,
+        ];
         let source_edge = Node::attach(
             &self.source,
             "backing",

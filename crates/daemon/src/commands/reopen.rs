@@ -35,9 +35,7 @@ pub async fn blockdev_reopen(daemon: &Daemon, args: Map<String, Value>) -> Resul
         let node = graph.find(name).ok_or_else(|| {
             QmpError::generic(format!("Failed to find node with node-name='{name}'"))
         })?;
-        if let Some(Value::String(backing)) = options.get("backing") {
-            refuse_cycle(graph, &node, backing)?;
-        }
+        check_backing(graph, &node, options)?;
         check_unchanged(&node, options, index)?;
         let writable = match options.get("read-only") {
             Some(Value::Bool(read_only)) => !read_only,
@@ -118,17 +116,48 @@ async fn apply(mut changes: Vec<(Arc<Node>, bool)>) -> Result<(), String> {
     Ok(())
 }
 
-/// A new backing node that has `node` below it would close a cycle: QEMU checks that
-/// before any other option.
-fn refuse_cycle(graph: &block::Graph, node: &Arc<Node>, backing: &str) -> Result<(), QmpError> {
-    let Some(new_backing) = graph.find(backing) else {
-        return Ok(());
+/// QEMU checks the `backing` option before any other: a node that has a backing child
+/// must name it (or another one), the new one must exist, must not close a cycle, and a
+/// job's frozen chain keeps its link. blockd does not switch backing nodes here; the
+/// other options' check refuses a change that passes these.
+fn check_backing(
+    graph: &block::Graph,
+    node: &Arc<Node>,
+    options: &Map<String, Value>,
+) -> Result<(), QmpError> {
+    let current = node.backing();
+    let wanted = match options.get("backing") {
+        None if current.is_some() => {
+            return Err(QmpError::generic(format!(
+                "backing is missing for '{}'",
+                node.name()
+            )))
+        }
+        Some(Value::String(name)) => Some(graph.lookup_node(name)?),
+        _ => None,
     };
-    if new_backing.subtree().iter().any(|n| Arc::ptr_eq(n, node)) {
-        return Err(QmpError::generic(block::node::would_cycle_message(
-            backing,
-            "backing",
+    let unchanged = match (&wanted, &current) {
+        (Some(w), Some(c)) => Arc::ptr_eq(w, c),
+        (None, None) => true,
+        _ => false,
+    };
+    if unchanged {
+        return Ok(());
+    }
+    if let Some(new_backing) = &wanted {
+        if new_backing.subtree().iter().any(|n| Arc::ptr_eq(n, node)) {
+            return Err(QmpError::generic(block::node::would_cycle_message(
+                new_backing.name(),
+                "backing",
+                node.name(),
+            )));
+        }
+    }
+    if let (Some(current), Some(_)) = (&current, node.busy_with_job()) {
+        return Err(QmpError::generic(format!(
+            "Cannot change frozen 'backing' link from '{}' to '{}'",
             node.name(),
+            current.name()
         )));
     }
     Ok(())

@@ -3,7 +3,7 @@
 //! every user (an NBD export moves to it) and reads the node as its backing.
 
 use crate::daemon::Daemon;
-use block::{Node, OptionSyntax, Parent};
+use block::{Graph, Node, OptionSyntax};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -36,22 +36,11 @@ struct SnapshotArgs {
 }
 
 /// Refuse a node that already has an overlay or is used by a job.
-fn check_snapshot_base(node: &Node) -> Result<(), QmpError> {
-    for edge in node.parents() {
-        if let (Parent::Node(parent), "backing") = (edge.parent(), edge.role()) {
-            return Err(QmpError::generic(format!(
-                "Node '{}' is busy: node is used as backing hd of '{parent}'",
-                node.name()
-            )));
-        }
+fn check_snapshot_base(graph: &Graph, node: &Node) -> Result<(), QmpError> {
+    match graph.op_blocker(node) {
+        Some(busy) => Err(busy),
+        None => Ok(()),
     }
-    if let Some(job_type) = node.busy_with_job() {
-        return Err(QmpError::generic(format!(
-            "Node '{}' is busy: block device is in use by block job: {job_type}",
-            node.name()
-        )));
-    }
-    Ok(())
 }
 
 pub async fn blockdev_snapshot_sync(
@@ -124,7 +113,7 @@ pub(super) async fn prepare_snapshot_sync(
             return Err(QmpError::generic("New overlay node-name already in use"));
         }
     }
-    check_snapshot_base(&node)?;
+    check_snapshot_base(&daemon.graph, &node)?;
     let format = args.format.clone().unwrap_or_else(|| "qcow2".to_string());
     if args.mode.unwrap_or(NewImageMode::AbsolutePaths) == NewImageMode::AbsolutePaths {
         super::create_image_file(
@@ -179,7 +168,7 @@ pub(super) async fn prepare_snapshot(
     let args: SnapshotArgs = qapi::de::from_value(Value::Object(args))?;
     let node = daemon.graph.lookup(&args.node)?;
     let overlay = daemon.graph.lookup(&args.overlay)?;
-    check_snapshot_base(&node)?;
+    check_snapshot_base(&daemon.graph, &node)?;
     if overlay.backing().is_some() {
         return Err(QmpError::generic("The overlay already has a backing image"));
     }
