@@ -244,3 +244,63 @@ async fn a_crafted_bitmap_table_size_is_refused_without_allocating() {
     client.execute("query-version", json!({})).await.unwrap();
     daemon.quit(&mut client).await;
 }
+
+/// Storing bitmaps at quit may need more refcount blocks than the refcount table can
+/// point at: the table grows (a larger one, then the header, then the old one freed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storing_bitmaps_grows_a_full_refcount_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.qcow2");
+    let disk_s = disk.to_string_lossy().into_owned();
+    // One 512-byte table cluster of 64-bit refcounts reaches 2 MiB of file: after 1980 KiB
+    // of data, 6 clusters are left, and 7 bitmap tables and a directory need 8.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512,refcount_bits=64",
+        &disk_s,
+        "4M",
+    ]);
+    qemu_io(&["-f", "qcow2", &disk_s, "-c", "write -P 1 0 1980k"]);
+    let table_clusters = |image: &Path| {
+        let bytes = std::fs::read(image).unwrap();
+        u32::from_be_bytes(bytes[56..60].try_into().unwrap())
+    };
+    assert_eq!(table_clusters(&disk), 1);
+    let daemon = Daemon::start(
+        Impl::Blockd,
+        dir.path(),
+        &[
+            s("--blockdev"),
+            s("driver=qcow2,node-name=disk0,file.driver=file,file.filename=disk.qcow2"),
+        ],
+    );
+    let mut client = daemon.qmp().await;
+    let names: Vec<String> = (0..7).map(|i| format!("b{i}")).collect();
+    for name in &names {
+        client
+            .execute(
+                "block-dirty-bitmap-add",
+                json!({"node": "disk0", "name": name, "persistent": true, "granularity": 512}),
+            )
+            .await
+            .unwrap();
+    }
+    daemon.quit(&mut client).await;
+    let check: Value =
+        serde_json::from_str(&qemu_img(&["check", "--output=json", &disk_s])).unwrap();
+    assert_eq!(check["leaks"], Value::Null, "{check}");
+    assert!(table_clusters(&disk) > 1, "the refcount table did not grow");
+    let info: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", &disk_s])).unwrap();
+    let stored: Vec<&str> = info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no bitmaps: {info}"))
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(stored, names);
+    qemu_io(&["-f", "qcow2", "-r", &disk_s, "-c", "read -P 1 0 1980k"]);
+}

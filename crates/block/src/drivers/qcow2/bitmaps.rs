@@ -394,6 +394,10 @@ pub async fn store(
         })
     };
 
+    // The header as it is now: the refcount table may have moved.
+    let (table_offset, table_clusters) = refcounts.table_location();
+    first[48..56].copy_from_slice(&table_offset.to_be_bytes());
+    first[56..60].copy_from_slice(&table_clusters.to_be_bytes());
     let header = super::header::with_bitmaps_extension(&first, ext.as_ref())?;
     file.write(0, &header, WriteFlags::default()).await?;
     file.flush().await?;
@@ -413,6 +417,9 @@ pub(super) struct Refcounts<'a> {
     table_offset: u64,
     table: Vec<u64>,
     table_dirty: bool,
+    /// Where the table was before `allocate` moved it to a larger one: freed once the
+    /// header points at the new table.
+    moved_from: Option<(u64, u64)>,
     blocks: BTreeMap<u64, Vec<u8>>,
     dirty: std::collections::BTreeSet<u64>,
 }
@@ -439,6 +446,7 @@ impl<'a> Refcounts<'a> {
             table_offset,
             table: raw.chunks(8).map(|c| be64(c, 0)).collect(),
             table_dirty: false,
+            moved_from: None,
             blocks: BTreeMap::new(),
             dirty: Default::default(),
         })
@@ -493,8 +501,10 @@ impl<'a> Refcounts<'a> {
     }
 
     /// Take `count` consecutive free clusters past everything in use (and past the end of
-    /// the file, `file_size`), with refcount 1; returns the first cluster's index. Refcount
-    /// blocks they need are created right after them, refcounting themselves.
+    /// the file, `file_size`), with refcount 1; returns the first cluster's index. The
+    /// refcount blocks they need follow them, refcounting themselves, and so does a larger
+    /// refcount table when the current one cannot reach them all (QEMU grows it the same
+    /// way); `write_back` then switches the header to it.
     pub(super) async fn allocate(&mut self, count: u64, file_size: u64) -> io::Result<u64> {
         let mut start = file_size.div_ceil(self.cluster_size).max(1);
         let mut cluster = start;
@@ -504,34 +514,55 @@ impl<'a> Refcounts<'a> {
             }
             cluster += 1;
         }
-        let mut end = start + count;
-        let mut table_index = start / self.block_entries();
-        while table_index <= (end - 1) / self.block_entries() {
-            let entry = self
-                .table
-                .get(table_index as usize)
-                .copied()
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::StorageFull,
-                        "qcow2: the refcount table would have to grow",
-                    )
-                })?;
-            if entry & !0x1ff == 0 {
-                let block_at = end * self.cluster_size;
-                end += 1;
-                self.table[table_index as usize] = block_at;
-                self.table_dirty = true;
-                self.blocks
-                    .insert(table_index, vec![0u8; self.cluster_size as usize]);
-                self.dirty.insert(table_index);
+        // The run, its new refcount blocks and a new table each may need more of the
+        // others: grow the plan until it covers itself.
+        let entries = self.block_entries();
+        let entry_bytes = 8;
+        let (mut new_blocks, mut table_clusters) = (Vec::new(), 0u64);
+        loop {
+            let end = start + count + new_blocks.len() as u64 + table_clusters;
+            let last_index = (end - 1) / entries;
+            let missing: Vec<u64> = (start / entries..=last_index)
+                .filter(|&i| self.table.get(i as usize).is_none_or(|e| e & !0x1ff == 0))
+                .collect();
+            let needed = if last_index as usize >= self.table.len() {
+                ((last_index + 1) * entry_bytes).div_ceil(self.cluster_size)
+            } else {
+                0
+            };
+            if missing == new_blocks && needed == table_clusters {
+                break;
             }
-            table_index += 1;
+            (new_blocks, table_clusters) = (missing, needed);
         }
-        for cluster in start..end {
+        let blocks_at = start + count;
+        let table_at = blocks_at + new_blocks.len() as u64;
+        if table_clusters > 0 {
+            let old_clusters = (self.table.len() as u64 * entry_bytes).div_ceil(self.cluster_size);
+            self.moved_from = Some((self.table_offset, old_clusters));
+            self.table_offset = table_at * self.cluster_size;
+            self.table.resize(
+                (table_clusters * self.cluster_size / entry_bytes) as usize,
+                0,
+            );
+        }
+        for (n, &index) in new_blocks.iter().enumerate() {
+            self.table[index as usize] = (blocks_at + n as u64) * self.cluster_size;
+            self.table_dirty = true;
+            self.blocks
+                .insert(index, vec![0u8; self.cluster_size as usize]);
+            self.dirty.insert(index);
+        }
+        for cluster in start..table_at + table_clusters {
             self.set(cluster, 1).await?;
         }
         Ok(start)
+    }
+
+    /// Where the refcount table is now, and its length in clusters (for the header).
+    pub(super) fn table_location(&self) -> (u64, u32) {
+        let clusters = (self.table.len() as u64 * 8).div_ceil(self.cluster_size);
+        (self.table_offset, clusters as u32)
     }
 
     pub(super) async fn release(&mut self, cluster: u64) -> io::Result<()> {
@@ -556,6 +587,26 @@ impl<'a> Refcounts<'a> {
             let raw: Vec<u8> = self.table.iter().flat_map(|e| e.to_be_bytes()).collect();
             file.write(self.table_offset, &raw, WriteFlags::default())
                 .await?;
+        }
+        if let Some((old_offset, old_clusters)) = self.moved_from.take() {
+            // The new table is complete on disk before the header points at it; a crash
+            // before the switch leaks the new clusters at worst.
+            file.flush().await?;
+            let (offset, clusters) = self.table_location();
+            let mut fields = [0u8; 12];
+            fields[..8].copy_from_slice(&offset.to_be_bytes());
+            fields[8..].copy_from_slice(&clusters.to_be_bytes());
+            file.write(48, &fields, WriteFlags::default()).await?;
+            file.flush().await?;
+            let first = old_offset / self.cluster_size;
+            for cluster in first..first + old_clusters {
+                self.release(cluster).await?;
+            }
+            for block in std::mem::take(&mut self.dirty) {
+                let offset = self.table[block as usize] & !0x1ff;
+                file.write(offset, &self.blocks[&block], WriteFlags::default())
+                    .await?;
+            }
         }
         file.flush().await
     }
