@@ -4,6 +4,7 @@
 //! tracking for drain, detect-zeroes); drivers only do their own format or protocol work.
 
 use crate::bitmap::DirtyBitmap;
+use crate::drivers::blkdebug::BlkdebugEvent;
 use crate::perm::Perms;
 use crate::stats::{IoKind, NodeStats};
 use crate::threshold::{ThresholdHook, WriteThreshold};
@@ -167,6 +168,16 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether `debug_event` does anything (blkdebug), so that a parent tells its kinds of
+    /// I/O apart only where someone listens.
+    fn takes_debug_events(&self) -> bool {
+        false
+    }
+
+    /// A blkdebug event fired at this node by its parent or the node layer (QEMU's
+    /// bdrv_debug_event).
+    fn debug_event(&self, _event: BlkdebugEvent) {}
+
     /// Whether the format can keep persistent dirty bitmaps in the image (qcow2).
     fn can_store_persistent_bitmaps(&self) -> bool {
         false
@@ -240,6 +251,19 @@ impl Child {
     }
 
     /// How QEMU's permission-conflict message names this user.
+    /// Fire a blkdebug event at the node this edge points to, before the I/O it announces.
+    pub fn debug_event(&self, event: BlkdebugEvent) {
+        let node = self.target.load();
+        if node.driver.takes_debug_events() {
+            node.driver.debug_event(event);
+        }
+    }
+
+    /// Whether the node this edge points to listens to blkdebug events.
+    pub fn takes_debug_events(&self) -> bool {
+        self.target.load().driver.takes_debug_events()
+    }
+
     pub fn describe_user(&self) -> String {
         role_description(&self.parent, &self.node(), &self.role)
     }
@@ -973,6 +997,11 @@ impl Node {
         if self.options.cache_no_flush {
             return acct.finish(0, Ok(()));
         }
+        // QEMU's bdrv_co_flush announces both steps to the node below.
+        if let Some(primary) = self.primary_child() {
+            primary.debug_event(BlkdebugEvent::FlushToOs);
+            primary.debug_event(BlkdebugEvent::FlushToDisk);
+        }
         acct.finish(0, self.driver.flush(self).await)
     }
 
@@ -1063,6 +1092,12 @@ impl Node {
             node = c.node();
         }
         node
+    }
+
+    /// The child holding this node's own data or metadata (QEMU's primary child): a
+    /// format's `file`, a filter's data child.
+    fn primary_child(&self) -> Option<Arc<Child>> {
+        self.child(self.driver.filtered_child_role().unwrap_or("file"))
     }
 
     /// The next layer of this node's data: its backing child, or the child a filter passes

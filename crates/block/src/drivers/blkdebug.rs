@@ -1,11 +1,14 @@
 //! `blkdebug`: a filter over `image` that fails requests on command, for error-path tests.
 //!
-//! QEMU's format drivers fire named events (l2_load, read_aio, ...) deep inside their code;
-//! imago does not, so this node fires events for the requests that reach it: `read_aio` for
-//! reads, `write_aio` and `pwritev` for writes, `pwritev_zero` for zero writes, `flush_to_disk`
-//! for flushes. A rule becomes armed when its event fires in its state (`none` arms it at
-//! open) and then fails every request matching its `iotype` and `sector` until `once`
-//! disarms it after the first failure.
+//! As in QEMU, events come from outside: the format driver above fires them on its file
+//! child where it does each kind of I/O (qcow2's `read_aio` before guest data, `l2_load`
+//! before an L2 table, ...; see the qcow2 and raw drivers for which they fire), the node
+//! layer fires `flush_to_os` and `flush_to_disk` on a node's primary child before a flush,
+//! and this node fires `pwritev`, `pwritev_zero` and `pwritev_done` for the writes it gets.
+//! An event that has inject-error rules in the current state makes those rules the active
+//! ones, in place of the earlier ones (rules for `none` are active from the open); an active
+//! rule fails every request that matches its `iotype` and `sector` until `once` retires it.
+//! set-state rules for the event then change the state.
 
 use crate::node::{Child, DriverInfo, Extent, Node, WriteFlags};
 use crate::perm::Perms;
@@ -69,7 +72,7 @@ pub enum IoType {
 #[derive(Deserialize, Debug, Clone)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct InjectError {
-    pub event: Event,
+    pub event: BlkdebugEvent,
     pub state: Option<i64>,
     pub iotype: Option<IoType>,
     pub errno: Option<i32>,
@@ -81,15 +84,16 @@ pub struct InjectError {
 #[derive(Deserialize, Debug, Clone)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct SetState {
-    pub event: Event,
+    pub event: BlkdebugEvent,
     pub state: Option<i64>,
     pub new_state: i64,
 }
 
-/// QEMU's BlkdebugEvent names; all are accepted, the ones this node fires are listed above.
+/// QEMU's BlkdebugEvent names; all are accepted, and the drivers fire those with a
+/// meaning for them (see the module doc).
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum Event {
+pub enum BlkdebugEvent {
     L1Update,
     L1GrowAllocTable,
     L1GrowWriteTable,
@@ -140,14 +144,12 @@ pub enum Event {
     None,
 }
 
-struct Rule {
-    spec: InjectError,
-    armed: bool,
-}
-
 struct State {
     current: i64,
-    rules: Vec<Rule>,
+    /// The inject-error rules; `once` retires one (None) after its first error, for good.
+    rules: Vec<Option<InjectError>>,
+    /// Indices into `rules` of the active ones.
+    active: Vec<usize>,
 }
 
 pub struct Blkdebug {
@@ -167,13 +169,12 @@ impl Blkdebug {
                 "blkdebug config files are not supported; use inject-error and set-state".into(),
             );
         }
-        let rules = opts
+        let active = opts
             .inject_error
-            .into_iter()
-            .map(|spec| Rule {
-                armed: spec.event == Event::None && spec.state.is_none_or(|s| s == 1),
-                spec,
-            })
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.event == BlkdebugEvent::None && r.state.is_none_or(|s| s == 1))
+            .map(|(i, _)| i)
             .collect();
         Ok(Blkdebug {
             image,
@@ -186,7 +187,11 @@ impl Blkdebug {
                 .unshare_child_perms
                 .iter()
                 .fold(Perms::NONE, |acc, p| acc | p.perm()),
-            state: Mutex::new(State { current: 1, rules }),
+            state: Mutex::new(State {
+                current: 1,
+                rules: opts.inject_error.into_iter().map(Some).collect(),
+                active,
+            }),
         })
     }
 
@@ -194,43 +199,83 @@ impl Blkdebug {
         self.image.node()
     }
 
-    /// Fire `events`, then fail the request if an armed rule matches it.
-    fn check(&self, events: &[Event], iotype: IoType, offset: u64, len: u64) -> io::Result<()> {
+    /// QEMU's blkdebug_debug_event: the event's inject-error rules for the current state
+    /// become the active ones, then its set-state rule (if any) changes the state.
+    fn fire(&self, event: BlkdebugEvent) {
         let mut state = self.state.lock().unwrap();
-        for &event in events {
-            let current = state.current;
-            for rule in state.rules.iter_mut() {
-                if rule.spec.event == event && rule.spec.state.is_none_or(|s| s == current) {
-                    rule.armed = true;
-                }
-            }
-            if let Some(transition) = self
-                .set_state
-                .iter()
-                .find(|t| t.event == event && t.state.is_none_or(|s| s == current))
-            {
-                state.current = transition.new_state;
-            }
+        let current = state.current;
+        let matching: Vec<usize> = state
+            .rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| Some((i, r.as_ref()?)))
+            .filter(|(_, r)| r.event == event && r.state.is_none_or(|s| s == current))
+            .map(|(i, _)| i)
+            .collect();
+        if !matching.is_empty() {
+            state.active = matching;
         }
-        let hit = state.rules.iter().position(|rule| {
-            rule.armed
-                && rule.spec.iotype.is_none_or(|t| t == iotype)
-                && rule.spec.sector.is_none_or(|sector| {
-                    sector < 0 || {
-                        let start = sector as u64 * SECTOR;
-                        start < offset + len.max(1) && offset < start + SECTOR
-                    }
-                })
+        if let Some(transition) = self
+            .set_state
+            .iter()
+            .find(|t| t.event == event && t.state.is_none_or(|s| s == current))
+        {
+            state.current = transition.new_state;
+        }
+    }
+
+    /// Fail the request if an active rule matches it (QEMU's rule_check): a rule without
+    /// an iotype takes every kind but block status; one with a sector only requests that
+    /// cover it.
+    fn check(&self, iotype: IoType, offset: u64, len: u64) -> io::Result<()> {
+        let mut state = self.state.lock().unwrap();
+        let hit = state.active.iter().position(|&i| {
+            let Some(rule) = &state.rules[i] else {
+                return false;
+            };
+            let kind = match rule.iotype {
+                Some(t) => t == iotype,
+                None => iotype != IoType::BlockStatus,
+            };
+            kind && rule.sector.is_none_or(|sector| {
+                sector < 0 || {
+                    let at = sector as u64 * SECTOR;
+                    len > 0 && offset <= at && at < offset + len
+                }
+            })
         });
-        let Some(index) = hit else {
+        let Some(position) = hit else {
             return Ok(());
         };
-        let errno = state.rules[index].spec.errno.unwrap_or(libc::EIO);
-        if state.rules[index].spec.once.unwrap_or(false) {
-            state.rules.remove(index);
+        let index = state.active[position];
+        let rule = state.rules[index].as_ref().expect("active rules are live");
+        let errno = rule.errno.unwrap_or(libc::EIO);
+        if rule.once.unwrap_or(false) {
+            state.active.remove(position);
+            state.rules[index] = None;
         }
         tracing::debug!(errno, offset, len, ?iotype, "blkdebug injects an error");
         Err(io::Error::from_raw_os_error(errno))
+    }
+
+    /// A write as QEMU's block layer does it at this node: `pwritev` (or `pwritev_zero`)
+    /// first, the rules, the write, then `pwritev_done`.
+    async fn write_through<F>(
+        &self,
+        event: BlkdebugEvent,
+        iotype: IoType,
+        offset: u64,
+        len: u64,
+        write: F,
+    ) -> io::Result<()>
+    where
+        F: std::future::Future<Output = io::Result<()>>,
+    {
+        self.fire(event);
+        self.check(iotype, offset, len)?;
+        let result = write.await;
+        self.fire(BlkdebugEvent::PwritevDone);
+        result
     }
 }
 
@@ -245,18 +290,15 @@ impl Driver for Blkdebug {
     }
 
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.check(&[Event::ReadAio], IoType::Read, offset, buf.len() as u64)?;
+        self.check(IoType::Read, offset, buf.len() as u64)?;
         self.image.read(offset, buf).await
     }
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
-        self.check(
-            &[Event::WriteAio, Event::Pwritev],
-            IoType::Write,
-            offset,
-            buf.len() as u64,
-        )?;
-        self.image.write(offset, buf, flags).await
+        let len = buf.len() as u64;
+        let write = self.image.write(offset, buf, flags);
+        self.write_through(BlkdebugEvent::Pwritev, IoType::Write, offset, len, write)
+            .await
     }
 
     async fn write_zeroes(
@@ -266,22 +308,29 @@ impl Driver for Blkdebug {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        self.check(&[Event::PwritevZero], IoType::WriteZeroes, offset, len)?;
-        self.image.write_zeroes(offset, len, flags).await
+        let write = self.image.write_zeroes(offset, len, flags);
+        self.write_through(
+            BlkdebugEvent::PwritevZero,
+            IoType::WriteZeroes,
+            offset,
+            len,
+            write,
+        )
+        .await
     }
 
     async fn discard(&self, _: &Node, offset: u64, len: u64) -> io::Result<()> {
-        self.check(&[], IoType::Discard, offset, len)?;
+        self.check(IoType::Discard, offset, len)?;
         self.image.discard(offset, len).await
     }
 
     async fn flush(&self, _: &Node) -> io::Result<()> {
-        self.check(&[Event::FlushToDisk], IoType::Flush, 0, 0)?;
+        self.check(IoType::Flush, 0, 0)?;
         self.image.flush().await
     }
 
     async fn block_status(&self, _: &Node, offset: u64, len: u64) -> io::Result<Extent> {
-        self.check(&[], IoType::BlockStatus, offset, len)?;
+        self.check(IoType::BlockStatus, offset, len)?;
         self.image().block_status(offset, len).await
     }
 
@@ -302,6 +351,14 @@ impl Driver for Blkdebug {
 
     fn filtered_child_role(&self) -> Option<&'static str> {
         Some("image")
+    }
+
+    fn takes_debug_events(&self) -> bool {
+        true
+    }
+
+    fn debug_event(&self, event: BlkdebugEvent) {
+        self.fire(event);
     }
 
     /// A filter over a growing file grows with it (qcow2 over blkdebug over file).

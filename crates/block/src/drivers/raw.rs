@@ -1,5 +1,9 @@
 //! `raw`: the image is the bytes of its `file` child, optionally a window of it.
+//!
+//! Like QEMU's raw driver it fires `read_aio` and `write_aio` on its file before guest
+//! reads and writes, and no other blkdebug event.
 
+use crate::drivers::blkdebug::BlkdebugEvent;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::perm::Perms;
 use crate::Driver;
@@ -71,10 +75,12 @@ impl Driver for Raw {
     }
 
     async fn read(&self, _node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.debug_event(BlkdebugEvent::ReadAio);
         self.file.read(self.offset + offset, buf).await
     }
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
+        self.file.debug_event(BlkdebugEvent::WriteAio);
         self.file.write(self.offset + offset, buf, flags).await
     }
 

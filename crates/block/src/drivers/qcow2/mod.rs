@@ -6,7 +6,10 @@
 //! layer over a [`NodeStorage`] of our `backing` edge: its bytes are whatever the backing
 //! node (and its own chain) reads. imago's metadata and data I/O goes through the `file`
 //! child the same way, so filters such as blkdebug between qcow2 and the file work as in
-//! QEMU.
+//! QEMU, and `storage.rs` announces each request to blkdebug with the event QEMU's qcow2
+//! fires there (and says which events cannot happen here). Our own reads and writes of
+//! the header, snapshot table and bitmaps go to the file directly and fire none, as QEMU's
+//! header and bitmap code fires none.
 //!
 //! Persistent dirty bitmaps live beside imago, which does not know them: see `bitmaps.rs`
 //! for how they are loaded before imago opens and stored when the node closes. Internal
