@@ -657,8 +657,11 @@ impl Graph {
                             pending,
                         )
                         .await?;
-                    let cluster = CopyBeforeWrite::cluster_size_for(&target.node())
-                        .max(opts.min_cluster_size.unwrap_or(0));
+                    let min_cluster = opts.min_cluster_size.unwrap_or(0);
+                    crate::drivers::cbw::check_min_cluster_size(min_cluster)
+                        .map_err(QmpError::generic)?;
+                    let cluster =
+                        CopyBeforeWrite::cluster_size_for(&target.node()).max(min_cluster);
                     children.push(file.clone());
                     children.push(target.clone());
                     Box::new(CopyBeforeWrite::new(

@@ -420,6 +420,9 @@ async fn backup_errors_answer_like_qsd() {
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "tgt", "sync": "full", "bitmap": "bm"}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "1j", "device": "disk0", "target": "tgt", "sync": "full"}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "tgt", "sync": "bogus"}}),
+        json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "tgt", "sync": "full", "x-perf": {"min-cluster-size": -1}}}),
+        json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "tgt", "sync": "full", "x-perf": {"min-cluster-size": 3}}}),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "copy-before-write", "node-name": "c", "file": "disk0", "target": "tgt", "min-cluster-size": 3}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "tgt", "sync": "none", "speed": 1}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "k", "device": "disk0", "target": "tgt", "sync": "full"}}),
         json!({"execute": "blockdev-del", "arguments": {"node-name": "tgt"}}),
@@ -457,8 +460,12 @@ async fn backup_errors_answer_like_qsd() {
         }
         all.push(replies);
     }
+    let second_job = script
+        .iter()
+        .position(|c| c["arguments"]["job-id"] == "k")
+        .unwrap();
     assert_eq!(
-        all[0][13]["error"],
+        all[0][second_job]["error"],
         "Node 'tgt' is busy: block device is in use by block job: backup"
     );
     if all.len() == 2 {

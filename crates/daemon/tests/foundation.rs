@@ -415,3 +415,34 @@ async fn json_blockdev_pidfile_and_daemonize() {
     }
     assert!(!pidfile.exists(), "pid file removed at exit");
 }
+
+/// The NBD client's numbers come from the user: reconnect-delay is a uint32 as in QEMU
+/// (a huge or negative one is refused, not a deadline past the clock's end), and a server
+/// that is not there is named by its socket address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_client_arguments_answer_like_qsd() {
+    let mut all = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = dir.path().join("absent.sock");
+        let daemon = Daemon::start(which, dir.path(), &[]);
+        let mut client = daemon.qmp().await;
+        let script: Vec<Value> = [json!(-1), json!(4_294_967_295u64), json!(1u64 << 40)]
+            .into_iter()
+            .map(|delay| {
+                json!({"execute": "blockdev-add", "arguments": {"driver": "nbd", "node-name": "n",
+                    "server": {"type": "unix", "path": absent}, "reconnect-delay": delay}})
+            })
+            .collect();
+        let replies = exchange(&mut client, &script).await;
+        daemon.quit(&mut client).await;
+        let text = serde_json::to_string(&replies).unwrap();
+        all.push(text.replace(&absent.to_string_lossy().into_owned(), "ABSENT"));
+    }
+    assert!(
+        all[0].contains("Failed to connect to 'ABSENT'"),
+        "{}",
+        all[0]
+    );
+    assert_eq!(all[0], all[1], "blockd vs qsd");
+}

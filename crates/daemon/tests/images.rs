@@ -1,5 +1,6 @@
-//! Commands that rewrite image metadata (change-backing-file) end to end: the replies and
-//! node listings compared with qemu-storage-daemon, the files judged with qemu-img.
+//! Image metadata end to end: commands that rewrite it (change-backing-file) and crafted
+//! headers that must be refused, the replies and node listings compared with
+//! qemu-storage-daemon, the files judged with qemu-img.
 
 mod common;
 
@@ -256,4 +257,55 @@ async fn bitmaps_survive_blockd_for_qsd_and_a_crash_leaves_them_in_use() {
         .map(|b| b.3)
         .collect();
     assert_eq!(inconsistent, vec![true, true]);
+}
+
+/// Headers a crafted image could carry: each is refused with QEMU's text, the daemon
+/// answers the next command, and the file is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_qcow2_headers_are_refused_like_qsd() {
+    // (byte offset, big-endian bytes) written over a valid image's header.
+    let crafts: [(usize, Vec<u8>); 3] = [
+        (8, 0xffff_ffff_ffff_fff0u64.to_be_bytes().to_vec()),
+        (16, 4000u32.to_be_bytes().to_vec()),
+        (20, 40u32.to_be_bytes().to_vec()),
+    ];
+    let mut all = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = p(dir.path(), "base.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", &base, "16M"]);
+        let daemon = Daemon::start(which, dir.path(), &[]);
+        let mut client = daemon.qmp().await;
+        let mut replies = Vec::new();
+        for (i, (at, bytes)) in crafts.iter().enumerate() {
+            let image = dir.path().join(format!("c{i}.qcow2"));
+            let image_s = image.to_string_lossy().into_owned();
+            qemu_img(&[
+                "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &image_s, "16M",
+            ]);
+            let mut header = std::fs::read(&image).unwrap();
+            header[*at..at + bytes.len()].copy_from_slice(bytes);
+            std::fs::write(&image, &header).unwrap();
+            let reply = client
+                .execute(
+                    "blockdev-add",
+                    json!({"driver": "qcow2", "node-name": format!("c{i}"),
+                           "file": {"driver": "file", "filename": image_s}}),
+                )
+                .await;
+            replies.push(match reply {
+                Ok(v) => json!({"return": v}),
+                Err(e) => json!({"error": e.desc}),
+            });
+            assert!(
+                std::fs::read(&image).unwrap() == header,
+                "{which:?}: image changed"
+            );
+        }
+        client.execute("query-version", json!({})).await.unwrap();
+        daemon.quit(&mut client).await;
+        all.push(replies);
+    }
+    assert_eq!(all[0][0], json!({"error": "Invalid backing file offset"}));
+    assert_eq!(all[0], all[1], "blockd vs qsd");
 }

@@ -533,6 +533,14 @@ async fn read_reply<R: AsyncRead + Unpin>(inner: &Inner, r: &mut R) -> io::Resul
     }
 }
 
+/// Where a read chunk for `n` bytes at `off` lands in the buffer of a read of `len` bytes
+/// at `start`; None when any of it falls outside, whatever values the server sent.
+fn chunk_range(start: u64, len: usize, off: u64, n: u64) -> Option<std::ops::Range<usize>> {
+    let rel = off.checked_sub(start)?;
+    let end = rel.checked_add(n).filter(|&end| end <= len as u64)?;
+    Some(rel as usize..end as usize)
+}
+
 async fn read_chunk<R: AsyncRead + Unpin>(
     inner: &Inner,
     r: &mut R,
@@ -577,11 +585,10 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             } else {
                 r.read_u32().await? as u64
             };
-            let rel = off.checked_sub(start).filter(|rel| rel + n <= len as u64);
-            let Some(rel) = rel else {
+            let Some(range) = chunk_range(start, len, off, n) else {
                 return Err(protocol_error("read chunk outside the request"));
             };
-            let dst = &mut data[rel as usize..(rel + n) as usize];
+            let dst = &mut data[range];
             if h.kind == REPLY_TYPE_OFFSET_DATA {
                 r.read_exact(dst).await?;
             } else {
@@ -811,4 +818,21 @@ async fn export_name_fallback<S: AsyncRead + AsyncWrite + Unpin>(
         block_size: None,
         contexts,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_range;
+
+    /// A server's chunk offset and length come off the wire: near u64::MAX they must be
+    /// refused, not wrap around into a slice out of range.
+    #[test]
+    fn read_chunks_outside_the_request_are_refused() {
+        assert_eq!(chunk_range(4096, 8192, 4096, 8192), Some(0..8192));
+        assert_eq!(chunk_range(4096, 8192, 8192, 4096), Some(4096..8192));
+        assert_eq!(chunk_range(4096, 8192, 8192, 4097), None);
+        assert_eq!(chunk_range(4096, 8192, 0, 10), None);
+        assert_eq!(chunk_range(4096, 8192, 4097, u64::MAX), None);
+        assert_eq!(chunk_range(0, 8192, u64::MAX, 2), None);
+    }
 }

@@ -53,6 +53,20 @@ pub struct CopyBeforeWrite {
     snapshot_broken: AtomicBool,
 }
 
+/// QEMU's bounds on `min-cluster-size` (a `size`, so -1 arrives as u64::MAX): at most
+/// i64::MAX, and a power of two unless 0 (the target's own cluster size then).
+pub fn check_min_cluster_size(size: u64) -> Result<(), String> {
+    if size > i64::MAX as u64 {
+        return Err(format!("min-cluster-size too large: {size} > {}", i64::MAX));
+    }
+    if size != 0 && !size.is_power_of_two() {
+        return Err(
+            "Cannot create block-copy-state: min-cluster-size needs to be a power of 2".into(),
+        );
+    }
+    Ok(())
+}
+
 impl CopyBeforeWrite {
     /// Every cluster (or, with `only`, each one it marks dirty) starts as needing a copy:
     /// the point in time is "now".

@@ -28,7 +28,7 @@ pub struct NbdOptions {
     pub tls_creds: Option<String>,
     pub tls_hostname: Option<String>,
     pub x_dirty_bitmap: Option<String>,
-    pub reconnect_delay: Option<u64>,
+    pub reconnect_delay: Option<u32>,
     pub open_timeout: Option<u64>,
 }
 
@@ -244,7 +244,17 @@ impl NbdDriver {
         let export = opts.export.clone().unwrap_or_default();
         let client = Client::connect(&addr, &export, &ClientOptions::default())
             .await
-            .map_err(|e| format!("Failed to connect to '{filename}': {e}"))?;
+            .map_err(|e| {
+                // QEMU names the socket address, not the URI.
+                let to = match &addr {
+                    ConnectAddr::Unix(path) => path.display().to_string(),
+                    ConnectAddr::Tcp { host, port } => format!("{host}:{port}"),
+                };
+                format!(
+                    "Failed to connect to '{to}': {}",
+                    crate::drivers::file::os_error_text(&e)
+                )
+            })?;
         if !read_only && client.is_read_only() {
             return Err(
                 "An export that is read-only on the server cannot be opened read-write".into(),
@@ -259,7 +269,7 @@ impl NbdDriver {
         let connection = Rc::new(Connection {
             addr,
             export,
-            reconnect_delay: Duration::from_secs(opts.reconnect_delay.unwrap_or(0)),
+            reconnect_delay: Duration::from_secs(opts.reconnect_delay.map_or(0, u64::from)),
             client: RefCell::new(Some(Rc::new(client))),
         });
         let (requests, mut incoming) = mpsc::unbounded_channel::<Request>();

@@ -339,6 +339,14 @@ async fn create_backup(
         },
     };
     let min_cluster = perf_args.min_cluster_size.unwrap_or(0);
+    // QEMU creates the filter node here, so its error comes wrapped.
+    block::drivers::cbw::check_min_cluster_size(min_cluster).map_err(|e| {
+        QmpError::generic(if min_cluster > i64::MAX as u64 {
+            e
+        } else {
+            format!("Could not create node: {e}")
+        })
+    })?;
 
     let graph = daemon.graph.clone();
     let filter_name = args

@@ -137,6 +137,11 @@ impl Header {
 
         let backing_offset = be64(buf, 8);
         let backing_size = be32(buf, 16);
+        // QEMU's bounds: the name starts within the first cluster, so the arithmetic
+        // below cannot overflow whatever a crafted header says.
+        if backing_offset > header.cluster_size() {
+            return Err("Invalid backing file offset".into());
+        }
         if backing_offset != 0 && backing_size != 0 {
             if backing_size > 1023 {
                 return Err("Backing file name too long".into());
