@@ -641,7 +641,7 @@ async fn error_policies() {
 
 /// block-job-change switches a READY background mirror to write-blocking: it becomes
 /// actively synced and the target matches the source while the job runs. Bad changes
-/// answer as in qsd.
+/// answer as in qsd; switching back to background works in blockd only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_job_change_switches_to_write_blocking() {
     let mut all = Vec::new();
@@ -664,7 +664,6 @@ async fn block_job_change_switches_to_write_blocking() {
             json!({"id": "m", "type": "mirror", "copy-mode": "sideways"}),
             json!({"id": "m", "type": "mirror", "copy-mode": "background"}),
             json!({"id": "m", "type": "mirror", "copy-mode": "write-blocking"}),
-            json!({"id": "m", "type": "mirror", "copy-mode": "background"}),
         ] {
             replies.push(match client.execute("block-job-change", args).await {
                 Ok(v) => json!({"return": v}),
@@ -697,6 +696,25 @@ async fn block_job_change_switches_to_write_blocking() {
             "-c",
             "write -P 0x62 9M 1M",
         ]);
+        // Back to background: QEMU refuses, blockd switches (client writes go to the
+        // source only again, and the job is no longer actively synced).
+        let back = client
+            .execute(
+                "block-job-change",
+                json!({"id": "m", "type": "mirror", "copy-mode": "background"}),
+            )
+            .await;
+        match which {
+            Impl::Blockd => {
+                back.unwrap();
+                let jobs = client.execute("query-block-jobs", json!({})).await.unwrap();
+                assert_eq!(jobs[0]["actively-synced"], false, "{jobs}");
+            }
+            Impl::Qsd => assert_eq!(
+                back.unwrap_err().desc,
+                "Change to copy mode 'background' is not implemented"
+            ),
+        }
         client
             .execute("block-job-cancel", json!({"device": "m", "force": true}))
             .await
@@ -715,11 +733,43 @@ async fn block_job_change_switches_to_write_blocking() {
         all.push(replies);
     }
     assert_eq!(all[0][4], json!({"return": {}}));
+    assert_eq!(all[0], all[1]);
+}
+
+/// blockd's x-auto-write-blocking is taken and type-checked like every member; without it a
+/// background mirror stays background (the rule that switches is unit-tested in the jobs
+/// crate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_write_blocking_is_an_explicit_choice() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_with_target(Impl::Blockd, dir.path());
+    let mut client = daemon.qmp().await;
+    let err = client
+        .execute(
+            "blockdev-mirror",
+            json!({"job-id": "m", "device": "disk0", "target": "tgt", "sync": "full",
+                   "x-auto-write-blocking": "yes"}),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(
-        all[0][5]["error"],
-        "Change to copy mode 'background' is not implemented"
+        err.desc,
+        "Invalid parameter type for 'x-auto-write-blocking', expected: boolean"
     );
-    if all.len() == 2 {
-        assert_eq!(all[0], all[1]);
-    }
+    client
+        .execute(
+            "blockdev-mirror",
+            json!({"job-id": "m", "device": "disk0", "target": "tgt", "sync": "full",
+                   "x-auto-write-blocking": true}),
+        )
+        .await
+        .unwrap();
+    wait_ready(&mut client, "m").await;
+    client
+        .execute("block-job-complete", json!({"device": "m"}))
+        .await
+        .unwrap();
+    job_events(&mut client, "m", "null").await;
+    daemon.quit(&mut client).await;
+    target_matches_top(dir.path());
 }

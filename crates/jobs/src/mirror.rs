@@ -111,6 +111,10 @@ pub struct MirrorConfig {
     /// Active commit made the read-only base writable: it goes back unless it took the
     /// top's place.
     pub target_reopened: bool,
+    /// blockd's `x-auto-write-blocking`: a background mirror whose passes stop shrinking
+    /// the dirty set switches to write-blocking by itself, so that it converges under any
+    /// write load. Off unless asked for: QEMU never changes the copy mode on its own.
+    pub auto_write_blocking: bool,
 }
 
 pub struct MirrorJob {
@@ -341,7 +345,10 @@ impl MirrorJob {
                         // cannot converge.
                         let dirty = self.dirty_bytes();
                         let stalled = convergence.pass_ended(dirty, Instant::now());
-                        if stalled && !self.state.is_write_blocking() {
+                        if stalled
+                            && self.config.auto_write_blocking
+                            && !self.state.is_write_blocking()
+                        {
                             tracing::info!(
                                 job = ctx.id(),
                                 "mirror is not converging, switching to write-blocking"
@@ -518,9 +525,13 @@ impl JobDriver for MirrorJob {
                 self.state.set_write_blocking();
                 Ok(())
             }
-            Some("background") if self.state.is_write_blocking() => Err(QmpError::generic(
-                "Change to copy mode 'background' is not implemented",
-            )),
+            // QEMU refuses this change; blockd allows it (client writes only mark the
+            // bitmap again, the copy loop takes them), so a switch is never one-way.
+            Some("background") => {
+                self.state.set_background();
+                self.actively_synced.store(false, Ordering::Release);
+                Ok(())
+            }
             _ => Ok(()),
         }
     }

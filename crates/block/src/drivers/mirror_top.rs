@@ -78,6 +78,12 @@ impl MirrorState {
         self.write_blocking.store(true, Ordering::Release);
     }
 
+    /// Client writes go to the source only again and mark what the job must copy; a
+    /// write-blocking write already under way finishes on both sides.
+    pub fn set_background(&self) {
+        self.write_blocking.store(false, Ordering::Release);
+    }
+
     pub fn active_writes(&self) -> usize {
         self.active_writes.load(Ordering::Acquire)
     }

@@ -480,6 +480,7 @@ async fn start_active_commit(
         target_backing: None,
         target_is_zero: false,
         target_reopened,
+        auto_write_blocking: false,
     };
     let driver = Arc::new(MirrorJob::new(
         daemon.graph.clone(),

@@ -53,6 +53,8 @@ struct MirrorArgs {
     on_source_error: Option<OnError>,
     on_target_error: Option<OnError>,
     copy_mode: Option<CopyMode>,
+    /// blockd's own: switch to write-blocking when background copying cannot converge.
+    x_auto_write_blocking: Option<bool>,
     auto_finalize: Option<bool>,
     auto_dismiss: Option<bool>,
     /// blockdev-mirror only.
@@ -263,6 +265,7 @@ async fn start_mirror(
         target_backing,
         target_is_zero,
         target_reopened: false,
+        auto_write_blocking: args.x_auto_write_blocking.unwrap_or(false),
     };
     let driver = Arc::new(MirrorJob::new(
         daemon.graph.clone(),
