@@ -286,7 +286,7 @@ impl Qcow2 {
         let mut pointer = [0u8; 12];
         pointer.copy_from_slice(&new[8..20]);
         if file_node.read_only() {
-            write_read_only_header(&file_node, &new).await?;
+            write_read_only_header(&self.file, &new).await?;
         } else {
             self.file.write(0, &new, WriteFlags::default()).await?;
             self.header_patch.set(pointer);
@@ -638,22 +638,26 @@ async fn backing_layer(
     Ok(Some(FormatAccess::new(raw)))
 }
 
-/// Write the first cluster of a read-only image file through a writable handle of its own.
-/// imago never writes a read-only image and the file node caches nothing, so nothing in
-/// this process can undo or miss the change. The handle takes no lock bytes: this process
-/// already holds the image's locks through the read-only node.
-async fn write_read_only_header(file_node: &Node, cluster: &[u8]) -> io::Result<()> {
-    if !matches!(file_node.driver().format_name(), "file" | "host_device") {
-        return Err(io::Error::from_raw_os_error(libc::EROFS));
+/// Write the first cluster of an image whose file node is read-only: as QEMU, the file is
+/// reopened read-write for the change, which takes the write lock (so another process
+/// that holds the image refuses it), then read-only again.
+async fn write_read_only_header(file: &Child, cluster: &[u8]) -> io::Result<()> {
+    let file_node = file.node();
+    file_node
+        .set_writable(true)
+        .await
+        .map_err(io::Error::other)?;
+    let written = match file.write(0, cluster, WriteFlags::default()).await {
+        Ok(()) => file.flush().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = file_node.set_writable(false).await {
+        tracing::warn!(
+            node = file_node.name(),
+            "back to read-only after the header: {e}"
+        );
     }
-    let path = file_node.driver().info(file_node).filename;
-    let handle = aio::OpenOptions::new(&path)
-        .writable(true)
-        .locking(aio::Locking::Off)
-        .open()
-        .await?;
-    handle.write_at(cluster, 0).await?;
-    handle.flush().await
+    written
 }
 
 /// Serves a read that lies within one mapping, which most do; that skips imago's general
