@@ -309,3 +309,94 @@ async fn crafted_qcow2_headers_are_refused_like_qsd() {
     assert_eq!(all[0][0], json!({"error": "Invalid backing file offset"}));
     assert_eq!(all[0], all[1], "blockd vs qsd");
 }
+
+/// Makes a file immutable (`chattr +i`: writable opens fail with EPERM, even for root)
+/// until dropped.
+struct Immutable(String);
+
+impl Immutable {
+    fn new(path: &str) -> Immutable {
+        let out = run(std::process::Command::new("chattr").args(["+i", path]));
+        assert!(
+            out.status.success(),
+            "chattr +i {path} (package e2fsprogs, on a filesystem with attributes): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Immutable(path.to_string())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .args(["-i", &self.0])
+            .status();
+    }
+}
+
+/// auto-read-only falls back to a read-only open when the file cannot be written; as in
+/// qsd the node is still reported writable, and a writer is refused up front with the
+/// error of opening the file read-write (never left to fail its writes later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_read_only_makes_a_read_only_node() {
+    let mut all = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = p(dir.path(), "locked.raw");
+        qemu_img(&["create", "-q", "-f", "raw", &image, "1M"]);
+        let _immutable = Immutable::new(&image);
+        let sock = dir.path().join("nbd.sock");
+        let daemon = Daemon::start(
+            which,
+            dir.path(),
+            &[
+                s("--nbd-server"),
+                format!("addr.type=unix,addr.path={}", sock.display()),
+            ],
+        );
+        let mut client = daemon.qmp().await;
+        let mut replies = Vec::new();
+        for (command, args) in [
+            (
+                "blockdev-add",
+                json!({"driver": "file", "node-name": "f", "filename": image, "auto-read-only": true}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "file", "node-name": "g", "filename": image}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "w", "node-name": "f", "writable": true}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "r", "node-name": "f"}),
+            ),
+        ] {
+            replies.push(match client.execute(command, args).await {
+                Ok(v) => json!({"return": v}),
+                Err(e) => json!({"error": e.desc}),
+            });
+        }
+        let nodes = client
+            .execute("query-named-block-nodes", json!({"flat": true}))
+            .await
+            .unwrap();
+        replies.push(nodes[0]["ro"].clone());
+        daemon.quit(&mut client).await;
+        all.push(
+            serde_json::to_string(&replies)
+                .unwrap()
+                .replace(&image, "IMAGE"),
+        );
+    }
+    assert!(
+        all[0].contains(
+            r#"{"error":"Could not open 'IMAGE': Operation not permitted"},{"return":{}},false]"#
+        ),
+        "{}",
+        all[0]
+    );
+    assert_eq!(all[0], all[1], "blockd vs qsd");
+}

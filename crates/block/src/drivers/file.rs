@@ -48,6 +48,9 @@ pub struct FileDriver {
     file: ArcSwap<ImageFile>,
     direct: bool,
     locking: Locking,
+    /// auto-read-only fell back to a read-only open. As in QEMU the node still counts as
+    /// writable, and a writer is refused when it attaches (see `apply_perms`).
+    fell_back_read_only: bool,
 }
 
 impl FileDriver {
@@ -70,6 +73,7 @@ impl FileDriver {
                 .locking(locking)
                 .open()
         };
+        let mut fell_back_read_only = false;
         let file = match open(!common.read_only).await {
             Err(e)
                 if common.auto_read_only
@@ -78,6 +82,7 @@ impl FileDriver {
                         Some(libc::EACCES | libc::EROFS | libc::EPERM)
                     ) =>
             {
+                fell_back_read_only = true;
                 open(false).await
             }
             other => other,
@@ -93,6 +98,7 @@ impl FileDriver {
             file: ArcSwap::from_pointee(file),
             direct: common.cache_direct,
             locking,
+            fell_back_read_only,
         })
     }
 }
@@ -180,6 +186,22 @@ impl Driver for FileDriver {
     }
 
     fn apply_perms(&self, perm: Perms, shared: Perms) -> Result<(), String> {
+        if self.fell_back_read_only && perm.intersects(Perms::WRITE | Perms::RESIZE) {
+            // QEMU reopens the file read-write for its first writer and refuses the writer
+            // with the open's error. The descriptor here stays read-only, so a writer is
+            // refused in any case (never left to fail with EBADF); the probe gives QEMU's
+            // text. A one-off open on a graph change, not on the request path.
+            let probe = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.filename);
+            let reason = match probe {
+                Err(e) => os_error_text(&e),
+                Ok(_) => "the node fell back to read-only at open; reopen it read-write first"
+                    .to_string(),
+            };
+            return Err(format!("Could not open '{}': {reason}", self.filename));
+        }
         self.file
             .load()
             .set_perms(perm, shared)
