@@ -304,3 +304,48 @@ async fn storing_bitmaps_grows_a_full_refcount_table() {
     assert_eq!(stored, names);
     qemu_io(&["-f", "qcow2", "-r", &disk_s, "-c", "read -P 1 0 1980k"]);
 }
+
+/// Images blockd cannot open yet (dirty lazy refcounts, zstd, extended L2) are refused
+/// before anything is written: their bytes, and so their persistent bitmaps, stay as they
+/// were (imago alone would clear the bitmaps' autoclear bit before refusing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_opens_change_nothing_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let make = |name: &str, options: &str| {
+        let path = dir.path().join(name).to_string_lossy().into_owned();
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, &path, "16M"]);
+        qemu_img(&["bitmap", "--add", &path, "b0"]);
+        path
+    };
+    let dirty = make("dirty.qcow2", "lazy_refcounts=on");
+    // A process that crashed with lazy refcounts leaves the dirty bit (incompatible bit 0).
+    let mut bytes = std::fs::read(&dirty).unwrap();
+    bytes[79] |= 1;
+    std::fs::write(&dirty, &bytes).unwrap();
+    let images = [
+        (dirty, "refcounts are dirty"),
+        (make("zstd.qcow2", "compression_type=zstd"), "zstd"),
+        (make("l2.qcow2", "extended_l2=on"), "extended L2"),
+    ];
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
+    let mut client = daemon.qmp().await;
+    for (i, (path, why)) in images.iter().enumerate() {
+        let before = std::fs::read(path).unwrap();
+        let err = client
+            .execute(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": format!("n{i}"),
+                       "file": {"driver": "file", "filename": path}}),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.desc.contains(why), "{path}: {}", err.desc);
+        assert!(std::fs::read(path).unwrap() == before, "{path} changed");
+    }
+    daemon.quit(&mut client).await;
+    for (path, _) in &images {
+        let info = run(std::process::Command::new("qemu-img").args(["info", path]));
+        let warnings = String::from_utf8_lossy(&info.stderr);
+        assert!(!warnings.contains("inconsistent"), "{path}: {warnings}");
+    }
+}

@@ -180,6 +180,36 @@ impl Header {
         Ok(())
     }
 
+    /// Refuse, before anything is written, the incompatible features imago cannot serve.
+    /// imago refuses them too, but only after its writable open has cleared the autoclear
+    /// bits, which leaves QEMU's persistent bitmaps inconsistent: a refused open must leave
+    /// the image as it was.
+    pub fn check_supported(&self) -> Result<(), String> {
+        if self.incompatible & INCOMPAT_DIRTY != 0 {
+            return Err("qcow2 images whose refcounts are dirty (lazy refcounts of a process that did not close the image) are not supported yet; 'qemu-img check -r all' repairs them".into());
+        }
+        if self.incompatible & INCOMPAT_COMPRESSION != 0 && self.compression_type != 0 {
+            return Err("qcow2 images with zstd compression are not supported yet".into());
+        }
+        if self.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
+            return Err(
+                "qcow2 images with extended L2 entries (subclusters) are not supported yet".into(),
+            );
+        }
+        let known = INCOMPAT_DIRTY
+            | INCOMPAT_CORRUPT
+            | INCOMPAT_EXTERNAL_DATA
+            | INCOMPAT_COMPRESSION
+            | INCOMPAT_EXTENDED_L2;
+        let unknown = self.incompatible & !known;
+        if unknown != 0 {
+            return Err(format!(
+                "Unsupported qcow2 feature(s): Unknown incompatible feature: {unknown:x}"
+            ));
+        }
+        Ok(())
+    }
+
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }

@@ -107,6 +107,7 @@ impl Qcow2 {
             .await
             .map_err(|e| format!("Could not read qcow2 header: {e}"))?;
         let mut header = Header::parse(&buf)?;
+        header.check_supported()?;
         if let Some((offset, len)) = header.backing_file_span.take() {
             let mut name = vec![0u8; len as usize];
             node.read(offset, &mut name)
