@@ -2,10 +2,18 @@
 //!
 //! imago's futures (and ours) are not `Send`, so work is sent to a thread as a `Send` closure
 //! that builds its future there; the future never leaves that thread.
+//!
+//! A panic is a bug, and it fails the unit of work it happened in, never the daemon: work
+//! run here (`run`, what a QMP command does on an I/O thread) answers [`Panicked`], as
+//! an NBD request answers EIO and a job fails. Locks are std locks on purpose: one that a
+//! panic left poisoned makes the later users of the same state fail too, rather than work
+//! on state the panic may have left half changed.
 
 use futures::future::LocalBoxFuture;
+use futures::FutureExt;
 use std::future::Future;
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -20,6 +28,57 @@ pub struct IoThreads {
     count: usize,
     next: AtomicUsize,
     handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Work on an I/O thread panicked (or the thread stopped under it).
+#[derive(Debug)]
+pub struct Panicked(pub String);
+
+impl Panicked {
+    /// The panic's own message, where it has one.
+    pub fn from_payload(payload: Box<dyn std::any::Any + Send>) -> Panicked {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        tracing::error!("internal error (a bug): {message}");
+        Panicked(message)
+    }
+}
+
+impl From<Panicked> for String {
+    fn from(p: Panicked) -> String {
+        format!("internal error: {}", p.0)
+    }
+}
+
+impl From<Panicked> for io::Error {
+    fn from(p: Panicked) -> io::Error {
+        io::Error::other(String::from(p))
+    }
+}
+
+impl From<Panicked> for qapi::error::QmpError {
+    fn from(p: Panicked) -> qapi::error::QmpError {
+        qapi::error::QmpError::generic(String::from(p))
+    }
+}
+
+/// What work run on an I/O thread answers when it panicked: its error.
+pub trait FromPanic {
+    fn from_panic(panicked: Panicked) -> Self;
+}
+
+impl<T, E: From<Panicked>> FromPanic for Result<T, E> {
+    fn from_panic(panicked: Panicked) -> Self {
+        Err(panicked.into())
+    }
+}
+
+/// Work with no answer (cleanup): the panic is logged, nothing else to tell.
+impl FromPanic for () {
+    fn from_panic(_: Panicked) -> Self {}
 }
 
 /// Ring entries per thread: enough for a deep NBD queue plus a job's parallel copies.
@@ -73,7 +132,7 @@ impl IoThreads {
     /// Run `make()`'s future on an I/O thread and hand its output back to the caller.
     pub async fn run<T, F, Fut>(&self, make: F) -> T
     where
-        T: Send + 'static,
+        T: FromPanic + Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
@@ -82,7 +141,7 @@ impl IoThreads {
 
     pub async fn run_on<T, F, Fut>(&self, thread: usize, make: F) -> T
     where
-        T: Send + 'static,
+        T: FromPanic + Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
@@ -91,12 +150,20 @@ impl IoThreads {
             thread,
             Box::new(move || {
                 Box::pin(async move {
-                    let _ = tx.send(make().await);
+                    let work = async move { make().await };
+                    let output = AssertUnwindSafe(work)
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|payload| T::from_panic(Panicked::from_payload(payload)));
+                    let _ = tx.send(output);
                 })
             }),
         );
-        rx.await
-            .expect("I/O thread stopped while running a request")
+        rx.await.unwrap_or_else(|_| {
+            T::from_panic(Panicked(
+                "I/O thread stopped while running a request".into(),
+            ))
+        })
     }
 
     /// Stop accepting work and join the threads; work still queued is dropped.
@@ -129,7 +196,46 @@ fn run_thread(
         }
         let _ = ready.send(Ok(()));
         while let Some(job) = rx.recv().await {
-            tokio::task::spawn_local(job());
+            // Building the work may panic too; the thread goes on serving the others.
+            match std::panic::catch_unwind(AssertUnwindSafe(job)) {
+                Ok(work) => {
+                    tokio::task::spawn_local(work);
+                }
+                Err(payload) => {
+                    Panicked::from_payload(payload);
+                }
+            }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Work that panics answers its error; a job that panics while it is built is
+    /// dropped; the thread serves what comes next either way.
+    #[test]
+    fn a_panic_fails_its_work_and_the_thread_goes_on() {
+        let io = IoThreads::start(1).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let failed: Result<(), String> = io
+                .run(|| async {
+                    if std::hint::black_box(true) {
+                        panic!("boom");
+                    }
+                    Ok(())
+                })
+                .await;
+            assert_eq!(failed, Err("internal error: boom".to_string()));
+            io.spawn(Box::new(|| panic!("while building")));
+            let next: Result<u32, String> = io.run(|| async { Ok(7) }).await;
+            assert_eq!(next, Ok(7));
+        });
+        io.shutdown();
+    }
 }

@@ -71,10 +71,11 @@ impl Setup {
             let size = node.size() as usize;
             let mut data = vec![0u8; size];
             for (i, chunk) in data.chunks_mut(1 << 20).enumerate() {
-                node.read((i << 20) as u64, chunk).await.unwrap();
+                node.read((i << 20) as u64, chunk).await?;
             }
-            data
+            Ok::<_, std::io::Error>(data)
         }))
+        .unwrap()
     }
 
     fn write(&self, name: &str, offset: u64, data: Vec<u8>) {

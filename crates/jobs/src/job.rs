@@ -9,9 +9,11 @@ use crate::ratelimit::RateLimit;
 use crate::status::{verb_refusal, JobStatus, JobVerb};
 use crate::txn::{self, JobTxn};
 use futures::future::LocalBoxFuture;
+use futures::FutureExt;
 use qapi::error::QmpError;
 use serde_json::{json, Map, Value};
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::sync::futures::Notified;
@@ -279,7 +281,14 @@ impl Job {
             job: Arc::clone(&self),
         };
         ctx.pause_point().await;
-        let result = self.driver.run(&ctx).await;
+        // A panic (a bug) fails this job, as an I/O error would, and nothing else.
+        let result = AssertUnwindSafe(self.driver.run(&ctx))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|payload| {
+                let panicked = block::iothread::Panicked::from_payload(payload);
+                Err(JobFailure::new(String::from(panicked)))
+            });
         {
             let mut st = self.lock();
             st.deferred = true;

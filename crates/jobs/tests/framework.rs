@@ -1169,3 +1169,37 @@ async fn persistent_error_under_ignore_backs_off() {
     })
     .await;
 }
+
+/// A driver that panics (a bug) fails its job like an error would: the job ends, aborts
+/// and reports the panic; the manager and the runtime go on.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_driver_fails_its_job() {
+    local(async {
+        let (mgr, rec) = manager();
+        let mut k = knobs(MIB);
+        k.panic_at_chunk = Some(2);
+        let (job, fake) = spawn(&mgr, k, opts("j1"));
+        job.wait_concluded().await;
+        assert_eq!(
+            rec.seq("j1"),
+            strs(&[
+                "created",
+                "running",
+                "aborting",
+                "COMPLETED",
+                "concluded",
+                "null"
+            ])
+        );
+        assert_eq!(
+            rec.payload("j1", "BLOCK_JOB_COMPLETED"),
+            json!({"type": "backup", "device": "j1", "len": MIB, "offset": 2 * CHUNK,
+                   "speed": 0, "error": "internal error: driver bug at chunk 2"})
+        );
+        assert_eq!(fake.calls(), strs(&["abort", "clean"]));
+        let (next, _) = spawn(&mgr, knobs(MIB), opts("j2"));
+        next.wait_concluded().await;
+        assert!(rec.seq("j2").contains(&"COMPLETED".to_string()));
+    })
+    .await;
+}

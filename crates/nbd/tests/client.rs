@@ -277,3 +277,30 @@ fn dropped_request_futures_do_not_break_the_connection() {
         assert!(buf.iter().all(|&b| b == 0));
     });
 }
+
+/// A request whose backend panics (a bug) fails with EIO; the connection, and the other
+/// requests on it, go on.
+#[test]
+fn a_panicking_request_fails_alone() {
+    let fx = Fixture::new(0);
+    let backend = Arc::new(MemBackend::new(4 * MIB));
+    fx.export("disk", backend.clone());
+    local(async {
+        let addr = ConnectAddr::Unix(fx.socket.clone());
+        let c = Client::connect(&addr, "disk", &ClientOptions::default())
+            .await
+            .unwrap();
+        c.write(0, &vec![7u8; 2 * CHUNK as usize], false)
+            .await
+            .unwrap();
+        backend.panic_on_read_at(CHUNK / 2);
+        // Across two chunks, so the server reads the data runs from the backend.
+        let mut buf = vec![0u8; CHUNK as usize];
+        let err = c.read(CHUNK / 2, &mut buf).await.unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        let mut buf = vec![0u8; 4096];
+        c.read(0, &mut buf).await.unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        c.disconnect().await.unwrap();
+    });
+}

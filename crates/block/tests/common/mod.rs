@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+use block::iothread::Panicked;
 use block::{Graph, IoThreads, Node, OptionSyntax};
 use serde_json::{json, Value};
 use std::future::Future;
@@ -93,7 +94,9 @@ impl Setup {
         Fut: Future<Output = T> + 'static,
     {
         let node = self.graph.find(name).unwrap();
-        block_on(self.io.run(move || f(node)))
+        let ran: Result<T, Panicked> =
+            block_on(self.io.run(move || async move { Ok(f(node).await) }));
+        ran.unwrap()
     }
 
     /// Run `f` with the node `open` made.

@@ -35,6 +35,8 @@ pub struct Knobs {
     /// Wait for a permit before returning from `run`.
     pub hold: Option<Arc<Semaphore>>,
     pub faults: Vec<Fault>,
+    /// Panic (a bug in a driver) when the copy reaches this chunk.
+    pub panic_at_chunk: Option<usize>,
 }
 
 pub struct Fake {
@@ -112,6 +114,9 @@ impl JobDriver for Fake {
         let mut index = 0;
         let mut skipped = None;
         while index * CHUNK < len && !ctx.is_cancelled() {
+            if self.knobs.panic_at_chunk == Some(index) {
+                panic!("driver bug at chunk {index}");
+            }
             match self.copy_chunk(index) {
                 Ok(n) => {
                     ctx.add_offset(n as u64);

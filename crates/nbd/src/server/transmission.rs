@@ -6,10 +6,12 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::ops::Range;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -171,7 +173,21 @@ async fn transmit<R, W>(
         match check(&req, size, &caps, read_only, &conn) {
             Ok(()) => {
                 tasks.spawn_local(async move {
-                    handle(&conn2, req, payload).await;
+                    let cookie = req.cookie;
+                    // A panic (a bug) fails this request with EIO; the connection and the
+                    // daemon go on.
+                    let handled = AssertUnwindSafe(handle(&conn2, req, payload))
+                        .catch_unwind()
+                        .await;
+                    if let Err(payload) = handled {
+                        let message = payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(cookie, "NBD request panicked (a bug): {message}");
+                        conn2.send_error(cookie, EIO, "internal error");
+                    }
                     conn2.release_after_replies(permit);
                 });
             }

@@ -39,6 +39,8 @@ pub struct MemBackend {
     backing: BTreeSet<u64>,
     state: Mutex<State>,
     caps: Capabilities,
+    /// A read at this offset panics (a bug, for the server's panic boundary); MAX: none.
+    panic_at: std::sync::atomic::AtomicU64,
 }
 
 pub const BACKING_BYTE: u8 = 0x11;
@@ -54,7 +56,14 @@ impl MemBackend {
             backing,
             state: Mutex::new(State::default()),
             caps,
+            panic_at: std::sync::atomic::AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Make reads at `offset` panic.
+    pub fn panic_on_read_at(&self, offset: u64) {
+        self.panic_at
+            .store(offset, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn flushes(&self) -> u64 {
@@ -188,6 +197,9 @@ impl Backend for MemBackend {
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         // Yield so that requests really overlap on the connection.
         tokio::task::yield_now().await;
+        if offset == self.panic_at.load(std::sync::atomic::Ordering::Relaxed) {
+            panic!("MemBackend asked to panic at {offset}");
+        }
         self.read_sync(offset, buf);
         Ok(())
     }
