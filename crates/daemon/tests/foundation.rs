@@ -7,6 +7,7 @@ use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 fn make_chain(dir: &Path) {
     qemu_img(&[
@@ -445,4 +446,78 @@ async fn nbd_client_arguments_answer_like_qsd() {
         all[0]
     );
     assert_eq!(all[0], all[1], "blockd vs qsd");
+}
+
+/// A server that accepts and never greets: open-timeout gives up with QEMU's text, and
+/// meanwhile the daemon answers other monitors (qsd's monitor hangs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_nbd_server_times_out_and_the_daemon_answers_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
+    let mut adder = daemon.qmp().await;
+    let mut other = daemon.qmp().await;
+    let started = Instant::now();
+    let add = async {
+        let reply = adder
+            .execute(
+                "blockdev-add",
+                json!({"driver": "nbd", "node-name": "n", "open-timeout": 2,
+                       "server": {"type": "unix", "path": silent}}),
+            )
+            .await;
+        (reply, Instant::now())
+    };
+    let query = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        other.execute("query-version", json!({})).await.unwrap();
+        Instant::now()
+    };
+    let ((added, added_at), answered_at) = tokio::join!(add, query);
+    assert_eq!(
+        added.unwrap_err().desc,
+        "Connection attempt cancelled by timeout"
+    );
+    assert!(
+        added_at - started >= Duration::from_secs(2),
+        "gave up early"
+    );
+    assert!(answered_at < added_at, "the monitor waited for the open");
+    drop(listener);
+    daemon.quit(&mut other).await;
+}
+
+/// With open-timeout, a server that is not there yet is tried again until it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_timeout_waits_for_a_server_that_starts_late() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("late.raw");
+    qemu_img(&["create", "-q", "-f", "raw", &image.to_string_lossy(), "1M"]);
+    let sock = dir.path().join("late.sock");
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
+    let mut client = daemon.qmp().await;
+    let add = client.execute(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "n", "open-timeout": 10,
+               "server": {"type": "unix", "path": sock}}),
+    );
+    let server = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        KillOnDrop(
+            Command::new("qemu-nbd")
+                .args([
+                    "-f",
+                    "raw",
+                    "-k",
+                    &sock.to_string_lossy(),
+                    &image.to_string_lossy(),
+                ])
+                .spawn()
+                .unwrap_or_else(|e| panic!("{}: {e}", missing_peer("qemu-nbd"))),
+        )
+    };
+    let (added, _server) = tokio::join!(add, server);
+    added.unwrap();
+    daemon.quit(&mut client).await;
 }

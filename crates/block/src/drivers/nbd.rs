@@ -29,7 +29,7 @@ pub struct NbdOptions {
     pub tls_hostname: Option<String>,
     pub x_dirty_bitmap: Option<String>,
     pub reconnect_delay: Option<u32>,
-    pub open_timeout: Option<u64>,
+    pub open_timeout: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -207,6 +207,47 @@ fn is_disconnect(e: &io::Error) -> bool {
     ) || e.raw_os_error() == Some(libc::ESHUTDOWN)
 }
 
+/// How long blockd waits for a server to answer when `open-timeout` is 0: QEMU then waits
+/// forever (its monitor hangs with a server that accepts and never greets); blockd gives
+/// up with QEMU's timeout text instead.
+const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pause between connection attempts within `open-timeout`.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Connect and negotiate within `open_timeout` seconds (QEMU's open-timeout): a server
+/// that refuses or is not there yet is tried again until then (with 0, once, as QEMU); one
+/// that does not finish the handshake in time is given up with QEMU's text. The outer
+/// error is the timeout, the inner one the connection's own.
+async fn establish(
+    addr: &ConnectAddr,
+    export: &str,
+    open_timeout: u32,
+) -> Result<io::Result<Client>, String> {
+    let retry = open_timeout > 0;
+    let bound = if retry {
+        Duration::from_secs(u64::from(open_timeout))
+    } else {
+        DEFAULT_OPEN_TIMEOUT
+    };
+    let attempts = async {
+        loop {
+            match Client::connect(addr, export, &ClientOptions::default()).await {
+                // The socket's own errors (absent, refused, reset); an NBD server's
+                // refusal has no OS error and is final.
+                Err(e) if retry && e.raw_os_error().is_some() => {
+                    tracing::debug!("NBD server not there yet: {e}");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                result => return result,
+            }
+        }
+    };
+    tokio::time::timeout(bound, attempts)
+        .await
+        .map_err(|_| "Connection attempt cancelled by timeout".to_string())
+}
+
 impl NbdDriver {
     /// The address to connect to and the `nbd+unix://` / `nbd://` filename for reports.
     pub fn unix_addr(server: UnixServer) -> Result<(ConnectAddr, String), String> {
@@ -242,8 +283,8 @@ impl NbdDriver {
             return Err("x-dirty-bitmap is not supported by blockd's NBD client".into());
         }
         let export = opts.export.clone().unwrap_or_default();
-        let client = Client::connect(&addr, &export, &ClientOptions::default())
-            .await
+        let client = establish(&addr, &export, opts.open_timeout.unwrap_or(0))
+            .await?
             .map_err(|e| {
                 // QEMU names the socket address, not the URI.
                 let to = match &addr {
