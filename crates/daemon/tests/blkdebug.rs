@@ -44,18 +44,14 @@ async fn run_rule(which: Impl, rule: Value, commands: &[&str]) -> (Value, Vec<St
         ],
     );
     let mut client = daemon.qmp().await;
-    let added = match client
-        .execute(
-            "blockdev-add",
-            json!({"driver": "qcow2", "node-name": "disk0", "file": {
-                "driver": "blkdebug", "image": {"driver": "file", "filename": disk},
-                "inject-error": [rule]}}),
-        )
-        .await
-    {
-        Ok(v) => json!({"return": v}),
-        Err(e) => json!({"error": e.desc}),
-    };
+    let added = reply(
+        &mut client,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "disk0", "file": {
+            "driver": "blkdebug", "image": {"driver": "file", "filename": disk},
+            "inject-error": [rule]}}),
+    )
+    .await;
     let mut outcomes = Vec::new();
     if added.get("return").is_some() {
         client

@@ -8,14 +8,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 
-/// A command's reply as it appears on the wire, for comparing implementations.
-async fn reply(c: &mut qmp::Client, command: &str, args: Value) -> Value {
-    match c.execute(command, args).await {
-        Ok(v) => json!({ "return": v }),
-        Err(e) => json!({ "error": { "class": e.class.as_str(), "desc": e.desc } }),
-    }
-}
-
 /// Run one blockdev-create to its end: the reply, the job's statuses up to `concluded`
 /// (none when refused), its query-jobs row, and the status job-dismiss leads to.
 async fn create(c: &mut qmp::Client, id: &str, options: Value) -> Value {

@@ -286,17 +286,15 @@ async fn crafted_qcow2_headers_are_refused_like_qsd() {
             let mut header = std::fs::read(&image).unwrap();
             header[*at..at + bytes.len()].copy_from_slice(bytes);
             std::fs::write(&image, &header).unwrap();
-            let reply = client
-                .execute(
+            replies.push(
+                reply(
+                    &mut client,
                     "blockdev-add",
                     json!({"driver": "qcow2", "node-name": format!("c{i}"),
                            "file": {"driver": "file", "filename": image_s}}),
                 )
-                .await;
-            replies.push(match reply {
-                Ok(v) => json!({"return": v}),
-                Err(e) => json!({"error": e.desc}),
-            });
+                .await,
+            );
             assert!(
                 std::fs::read(&image).unwrap() == header,
                 "{which:?}: image changed"
@@ -306,7 +304,7 @@ async fn crafted_qcow2_headers_are_refused_like_qsd() {
         daemon.quit(&mut client).await;
         all.push(replies);
     }
-    assert_eq!(all[0][0], json!({"error": "Invalid backing file offset"}));
+    assert_eq!(all[0][0]["error"]["desc"], "Invalid backing file offset");
     assert_eq!(all[0], all[1], "blockd vs qsd");
 }
 
@@ -374,10 +372,7 @@ async fn auto_read_only_makes_a_read_only_node() {
                 json!({"type": "nbd", "id": "r", "node-name": "f"}),
             ),
         ] {
-            replies.push(match client.execute(command, args).await {
-                Ok(v) => json!({"return": v}),
-                Err(e) => json!({"error": e.desc}),
-            });
+            replies.push(reply(&mut client, command, args).await);
         }
         let nodes = client
             .execute("query-named-block-nodes", json!({"flat": true}))
@@ -393,7 +388,7 @@ async fn auto_read_only_makes_a_read_only_node() {
     }
     assert!(
         all[0].contains(
-            r#"{"error":"Could not open 'IMAGE': Operation not permitted"},{"return":{}},false]"#
+            r#""desc":"Could not open 'IMAGE': Operation not permitted"}},{"return":{}},false]"#
         ),
         "{}",
         all[0]

@@ -8,13 +8,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 
-async fn reply(c: &mut qmp::Client, command: &str, args: Value) -> Value {
-    match c.execute(command, args).await {
-        Ok(v) => json!({ "return": v }),
-        Err(e) => json!({ "error": { "class": e.class.as_str(), "desc": e.desc } }),
-    }
-}
-
 fn reopen(options: Value) -> Value {
     json!({ "options": options })
 }

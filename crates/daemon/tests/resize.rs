@@ -9,14 +9,6 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
 
-/// A command's reply as it appears on the wire, for comparing implementations.
-async fn reply(c: &mut qmp::Client, command: &str, args: Value) -> Value {
-    match c.execute(command, args).await {
-        Ok(v) => json!({ "return": v }),
-        Err(e) => json!({ "error": { "class": e.class.as_str(), "desc": e.desc } }),
-    }
-}
-
 fn resize(node: &str, size: i64) -> Value {
     json!({ "node-name": node, "size": size })
 }

@@ -190,6 +190,14 @@ pub async fn delete_export_when_unused(client: &mut qmp::Client, id: &str) {
     }
 }
 
+/// A command's reply as it appears on the wire, for comparing implementations.
+pub async fn reply(c: &mut qmp::Client, command: &str, args: Value) -> Value {
+    match c.execute(command, args).await {
+        Ok(v) => serde_json::json!({ "return": v }),
+        Err(e) => serde_json::json!({ "error": { "class": e.class.as_str(), "desc": e.desc } }),
+    }
+}
+
 pub fn run(cmd: &mut Command) -> std::process::Output {
     match cmd.output() {
         Ok(output) => output,
