@@ -252,6 +252,7 @@ fn failing_source_args(errno: i32) -> Vec<String> {
     ]
 }
 
+/// Each source error policy, on both daemons: the same BLOCK_JOB_ERROR, the same end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_error_policies() {
     for (policy, errno, expect_status) in [
@@ -260,43 +261,48 @@ async fn source_error_policies() {
         ("enospc", 28, Some("nospace")),
         ("ignore", 5, None),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        make_chain(dir.path());
-        let tgt = dir.path().join("tgt.qcow2").to_string_lossy().into_owned();
-        qemu_img(&["create", "-q", "-f", "qcow2", &tgt, "16M"]);
-        let mut args = failing_source_args(errno);
-        args.extend(target_args("tgt", "tgt.qcow2"));
-        let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
-        let mut client = daemon.qmp().await;
-        client
-            .execute("blockdev-backup", json!({"job-id": "e", "device": "disk0", "target": "tgt", "sync": "full", "on-source-error": policy}))
-            .await
-            .unwrap();
-        let error = client
-            .wait_event("BLOCK_JOB_ERROR", WAIT)
-            .await
-            .expect("BLOCK_JOB_ERROR");
-        assert_eq!(error["data"]["operation"], "read", "{policy}");
-        let action = match policy {
-            "stop" | "enospc" => "stop",
-            other => other,
-        };
-        assert_eq!(error["data"]["action"], action, "{policy}");
-        if let Some(io_status) = expect_status {
-            resume_stopped_job(&mut client, "e", io_status).await;
+        let mut outcomes = Vec::new();
+        for which in Impl::all() {
+            let dir = tempfile::tempdir().unwrap();
+            make_chain(dir.path());
+            let tgt = dir.path().join("tgt.qcow2").to_string_lossy().into_owned();
+            qemu_img(&["create", "-q", "-f", "qcow2", &tgt, "16M"]);
+            let mut args = failing_source_args(errno);
+            args.extend(target_args("tgt", "tgt.qcow2"));
+            let daemon = Daemon::start(which, dir.path(), &args);
+            let mut client = daemon.qmp().await;
+            client
+                .execute("blockdev-backup", json!({"job-id": "e", "device": "disk0", "target": "tgt", "sync": "full", "on-source-error": policy}))
+                .await
+                .unwrap();
+            let error = client
+                .wait_event("BLOCK_JOB_ERROR", WAIT)
+                .await
+                .expect("BLOCK_JOB_ERROR");
+            assert_eq!(error["data"]["operation"], "read", "{which:?} {policy}");
+            let action = match policy {
+                "stop" | "enospc" => "stop",
+                other => other,
+            };
+            assert_eq!(error["data"]["action"], action, "{which:?} {policy}");
+            if let Some(io_status) = expect_status {
+                resume_stopped_job(&mut client, "e", io_status).await;
+            }
+            let done = expect_completion(&mut client, policy).await;
+            if policy != "report" {
+                assert_eq!(done["data"]["offset"], done["data"]["len"]);
+            }
+            daemon.quit(&mut client).await;
+            if policy != "report" {
+                qemu_img(&[
+                    "compare",
+                    &dir.path().join("top.qcow2").to_string_lossy(),
+                    &tgt,
+                ]);
+            }
+            outcomes.push((error["data"].clone(), done["data"]["error"].clone()));
         }
-        let done = expect_completion(&mut client, policy).await;
-        if policy != "report" {
-            assert_eq!(done["data"]["offset"], done["data"]["len"]);
-        }
-        daemon.quit(&mut client).await;
-        if policy != "report" {
-            qemu_img(&[
-                "compare",
-                &dir.path().join("top.qcow2").to_string_lossy(),
-                &tgt,
-            ]);
-        }
+        assert_eq!(outcomes[0], outcomes[1], "{policy}: blockd vs qsd");
     }
 }
 

@@ -571,7 +571,7 @@ fn failing_source_args(dir: &Path) -> Vec<String> {
 
 /// Each policy for target writes and source reads failing once: report fails the job;
 /// ignore and stop (after resume) copy the failed range again and complete; enospc stops
-/// on ENOSPC (io-status nospace) and reports anything else.
+/// on ENOSPC (io-status nospace) and reports anything else; both daemons alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_policies() {
     for (operation, policy, errno) in [
@@ -584,58 +584,67 @@ async fn error_policies() {
         ("read", "ignore", libc::EIO),
         ("read", "stop", libc::EIO),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let (args, option) = match operation {
-            "write" => (failing_target_args(dir.path(), errno), "on-target-error"),
-            _ => (failing_source_args(dir.path()), "on-source-error"),
-        };
-        let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
-        let mut client = daemon.qmp().await;
-        let mut job = json!({"job-id": "m", "device": "disk0", "target": "tgt", "sync": "full"});
-        job[option] = json!(policy);
-        client.execute("blockdev-mirror", job).await.unwrap();
-        let error = client
-            .wait_event("BLOCK_JOB_ERROR", WAIT)
-            .await
-            .expect("BLOCK_JOB_ERROR");
-        assert_eq!(error["data"]["operation"], operation, "{policy}");
-        let stops = policy == "stop" || (policy == "enospc" && errno == libc::ENOSPC);
-        let reports = policy == "report" || (policy == "enospc" && !stops);
-        let action = match (stops, reports) {
-            (true, _) => "stop",
-            (_, true) => "report",
-            _ => policy,
-        };
-        assert_eq!(error["data"]["action"], action, "{policy} {errno}");
-        if stops {
-            let io_status = if errno == libc::ENOSPC {
-                "nospace"
-            } else {
-                "failed"
+        let mut outcomes = Vec::new();
+        for which in Impl::all() {
+            let dir = tempfile::tempdir().unwrap();
+            let (args, option) = match operation {
+                "write" => (failing_target_args(dir.path(), errno), "on-target-error"),
+                _ => (failing_source_args(dir.path()), "on-source-error"),
             };
-            resume_stopped_job(&mut client, "m", io_status).await;
-        }
-        if !reports {
-            wait_ready(&mut client, "m").await;
-            client
-                .execute("block-job-complete", json!({"device": "m"}))
+            let daemon = Daemon::start(which, dir.path(), &args);
+            let mut client = daemon.qmp().await;
+            let mut job =
+                json!({"job-id": "m", "device": "disk0", "target": "tgt", "sync": "full"});
+            job[option] = json!(policy);
+            client.execute("blockdev-mirror", job).await.unwrap();
+            let error = client
+                .wait_event("BLOCK_JOB_ERROR", WAIT)
                 .await
-                .unwrap();
+                .expect("BLOCK_JOB_ERROR");
+            assert_eq!(error["data"]["operation"], operation, "{policy}");
+            let stops = policy == "stop" || (policy == "enospc" && errno == libc::ENOSPC);
+            let reports = policy == "report" || (policy == "enospc" && !stops);
+            let action = match (stops, reports) {
+                (true, _) => "stop",
+                (_, true) => "report",
+                _ => policy,
+            };
+            assert_eq!(error["data"]["action"], action, "{policy} {errno}");
+            if stops {
+                let io_status = if errno == libc::ENOSPC {
+                    "nospace"
+                } else {
+                    "failed"
+                };
+                resume_stopped_job(&mut client, "m", io_status).await;
+            }
+            if !reports {
+                wait_ready(&mut client, "m").await;
+                client
+                    .execute("block-job-complete", json!({"device": "m"}))
+                    .await
+                    .unwrap();
+            }
+            let done = client
+                .wait_event("BLOCK_JOB_COMPLETED", WAIT)
+                .await
+                .expect("BLOCK_JOB_COMPLETED");
+            daemon.quit(&mut client).await;
+            if reports {
+                assert_eq!(done["data"]["error"], "Input/output error", "{operation}");
+            } else {
+                assert!(
+                    done["data"].get("error").is_none(),
+                    "{operation} {policy}: {done}"
+                );
+                target_matches_top(dir.path());
+            }
+            outcomes.push((error["data"].clone(), done["data"]["error"].clone()));
         }
-        let done = client
-            .wait_event("BLOCK_JOB_COMPLETED", WAIT)
-            .await
-            .expect("BLOCK_JOB_COMPLETED");
-        daemon.quit(&mut client).await;
-        if reports {
-            assert_eq!(done["data"]["error"], "Input/output error", "{operation}");
-        } else {
-            assert!(
-                done["data"].get("error").is_none(),
-                "{operation} {policy}: {done}"
-            );
-            target_matches_top(dir.path());
-        }
+        assert_eq!(
+            outcomes[0], outcomes[1],
+            "{operation} {policy} {errno}: blockd vs qsd"
+        );
     }
 }
 
