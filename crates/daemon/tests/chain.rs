@@ -475,43 +475,52 @@ fn failing_mid_nodes(dir: &Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_error_policies() {
     for policy in ["report", "ignore", "stop"] {
-        let dir = tempfile::tempdir().unwrap();
-        make_three(dir.path());
-        let reference = snapshot(dir.path(), "ref.raw");
-        let daemon = Daemon::start(Impl::Blockd, dir.path(), &failing_mid_nodes(dir.path()));
-        let mut client = daemon.qmp().await;
-        client
-            .execute(
-                "block-stream",
-                json!({"job-id": "s", "device": "top", "on-error": policy}),
-            )
-            .await
-            .unwrap();
-        let error = client
-            .wait_event("BLOCK_JOB_ERROR", WAIT)
-            .await
-            .expect("BLOCK_JOB_ERROR");
-        assert_eq!(error["data"]["operation"], "read", "{policy}");
-        if policy == "stop" {
-            resume_stopped_job(&mut client, "s", "failed").await;
+        let mut outcomes = Vec::new();
+        for which in Impl::all() {
+            let dir = tempfile::tempdir().unwrap();
+            make_three(dir.path());
+            let reference = snapshot(dir.path(), "ref.raw");
+            let daemon = Daemon::start(which, dir.path(), &failing_mid_nodes(dir.path()));
+            let mut client = daemon.qmp().await;
+            client
+                .execute(
+                    "block-stream",
+                    json!({"job-id": "s", "device": "top", "on-error": policy}),
+                )
+                .await
+                .unwrap();
+            let error = client
+                .wait_event("BLOCK_JOB_ERROR", WAIT)
+                .await
+                .expect("BLOCK_JOB_ERROR");
+            assert_eq!(error["data"]["operation"], "read", "{policy}");
+            if policy == "stop" {
+                resume_stopped_job(&mut client, "s", "failed").await;
+            }
+            let done = client
+                .wait_event("BLOCK_JOB_COMPLETED", WAIT)
+                .await
+                .expect("BLOCK_JOB_COMPLETED");
+            daemon.quit(&mut client).await;
+            let top = p(dir.path(), "top.qcow2");
+            let backing = backing_of(&top);
+            if policy == "stop" {
+                // Resumed, the failed step is retried and the stream completes.
+                assert!(done["data"].get("error").is_none(), "{done}");
+                assert_eq!(backing, None);
+            } else {
+                // report fails at once; ignore copies the rest but keeps the chain.
+                assert_eq!(done["data"]["error"], "Input/output error", "{policy}");
+                assert!(backing.as_ref().unwrap().ends_with("mid.qcow2"), "{policy}");
+            }
+            qemu_img(&["check", &top]);
+            qemu_img(&["compare", "-F", "raw", &top, &reference]);
+            outcomes.push((
+                error["data"].clone(),
+                done["data"]["error"].clone(),
+                backing,
+            ));
         }
-        let done = client
-            .wait_event("BLOCK_JOB_COMPLETED", WAIT)
-            .await
-            .expect("BLOCK_JOB_COMPLETED");
-        daemon.quit(&mut client).await;
-        let top = p(dir.path(), "top.qcow2");
-        let backing = backing_of(&top);
-        if policy == "stop" {
-            // Resumed, the failed step is retried and the stream completes.
-            assert!(done["data"].get("error").is_none(), "{done}");
-            assert_eq!(backing, None);
-        } else {
-            // report fails at once; ignore copies the rest but keeps the chain.
-            assert_eq!(done["data"]["error"], "Input/output error", "{policy}");
-            assert!(backing.unwrap().ends_with("mid.qcow2"), "{policy}");
-        }
-        qemu_img(&["check", &top]);
-        qemu_img(&["compare", "-F", "raw", &top, &reference]);
+        assert_eq!(outcomes[0], outcomes[1], "{policy}: blockd vs qsd");
     }
 }
