@@ -264,10 +264,12 @@ async fn bitmaps_survive_blockd_for_qsd_and_a_crash_leaves_them_in_use() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crafted_qcow2_headers_are_refused_like_qsd() {
     // (byte offset, big-endian bytes) written over a valid image's header.
-    let crafts: [(usize, Vec<u8>); 3] = [
+    let crafts: [(usize, Vec<u8>); 4] = [
         (8, 0xffff_ffff_ffff_fff0u64.to_be_bytes().to_vec()),
         (16, 4000u32.to_be_bytes().to_vec()),
         (20, 40u32.to_be_bytes().to_vec()),
+        // Found by the qcow2_header fuzz target: a shift by the refcount order overflowed.
+        (96, 64u32.to_be_bytes().to_vec()),
     ];
     let mut all = Vec::new();
     for which in Impl::all() {

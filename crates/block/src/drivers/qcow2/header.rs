@@ -116,6 +116,9 @@ impl Header {
             header.compatible = be64(buf, 80);
             header.autoclear = be64(buf, 88);
             header.refcount_order = be32(buf, 96);
+            if header.refcount_order > 6 {
+                return Err("Reference count entry width too large; may not exceed 64 bits".into());
+            }
             header_length = be32(buf, 100) as usize;
             if header_length < 104 || header_length > buf.len() {
                 return Err("qcow2 header exceeds cluster size".into());
@@ -403,6 +406,21 @@ mod tests {
             buf[512..512 + name.len()].copy_from_slice(name.as_bytes());
         }
         buf
+    }
+
+    /// Found by the qcow2_header fuzz target: 1 << refcount_order overflowed in the
+    /// report of an image that claims 2^64-bit refcounts.
+    #[test]
+    fn refcount_order_is_bounded() {
+        let mut buf = v3_header(None);
+        buf[96..100].copy_from_slice(&64u32.to_be_bytes());
+        assert_eq!(
+            Header::parse(&buf).unwrap_err(),
+            "Reference count entry width too large; may not exceed 64 bits"
+        );
+        buf[96..100].copy_from_slice(&6u32.to_be_bytes());
+        let header = Header::parse(&buf).unwrap();
+        assert_eq!(header.format_specific()["refcount-bits"], 64);
     }
 
     #[test]
