@@ -71,6 +71,8 @@ enum Outcome {
 struct Pending {
     expect: Expect,
     data: Vec<u8>,
+    /// Bytes of a structured read that data and hole chunks have filled.
+    covered: u64,
     extents: Vec<(u32, Vec<Extent>)>,
     error: Option<io::Error>,
     tx: oneshot::Sender<io::Result<Outcome>>,
@@ -252,6 +254,7 @@ impl Client {
             Pending {
                 expect,
                 data: Vec::new(),
+                covered: 0,
                 extents: Vec::new(),
                 error: None,
                 tx,
@@ -567,6 +570,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
     }
     let mut status = None;
     let mut error = None;
+    let mut filled = 0;
     match h.kind {
         REPLY_TYPE_NONE => {
             if h.length != 0 {
@@ -594,6 +598,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             } else {
                 dst.fill(0);
             }
+            filled = n;
         }
         REPLY_TYPE_BLOCK_STATUS => {
             if h.length < 12 || !(h.length - 4).is_multiple_of(8) || h.length > MAX_STATUS_PAYLOAD {
@@ -634,6 +639,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
         return Ok(());
     };
     p.data = data;
+    p.covered = p.covered.saturating_add(filled);
     if let Some(s) = status {
         p.extents.push(s);
     }
@@ -644,6 +650,11 @@ async fn read_chunk<R: AsyncRead + Unpin>(
         let p = pending.remove(&h.cookie).expect("entry checked above");
         let result = match (p.error, p.expect) {
             (Some(e), _) => Err(e),
+            // The spec has a successful read's chunks cover the request (without
+            // overlapping): a server that says less has not answered it.
+            (None, Expect::Read { len, .. }) if p.covered != len as u64 => {
+                Err(protocol_error("read reply does not cover the request"))
+            }
             (None, Expect::Read { .. }) => Ok(Outcome::Data(p.data)),
             (None, Expect::Status) => Ok(Outcome::Status(p.extents)),
             (None, Expect::Plain) => Ok(Outcome::Done),

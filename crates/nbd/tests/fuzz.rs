@@ -201,3 +201,63 @@ proptest! {
         });
     }
 }
+
+/// Found with the nbd_client fuzz target: a structured read answered by a lone NONE chunk
+/// flagged DONE came back as a successful read of zeroes. Its chunks must cover it.
+#[test]
+fn a_read_reply_that_covers_nothing_is_an_error() {
+    local(async {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (mut sr, mut sw) = tokio::io::split(theirs);
+        let mut handshake = Vec::new();
+        handshake.extend_from_slice(&NBD_MAGIC.to_be_bytes());
+        handshake.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        handshake.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        encode_option_reply(&mut handshake, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
+        encode_option_reply(&mut handshake, OPT_SET_META_CONTEXT, REP_ACK, &[]);
+        let mut export = Vec::new();
+        export.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+        export.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        export.extend_from_slice(&(FLAG_HAS_FLAGS | FLAG_SEND_DF).to_be_bytes());
+        encode_option_reply(&mut handshake, OPT_GO, REP_INFO, &export);
+        encode_option_reply(&mut handshake, OPT_GO, REP_ACK, &[]);
+        let server = async move {
+            sw.write_all(&handshake).await.unwrap();
+            // Skip the client's options up to its read request, then answer it with a
+            // NONE chunk alone.
+            let mut seen = Vec::new();
+            let cookie = loop {
+                let mut byte = [0u8; 1];
+                sr.read_exact(&mut byte).await.unwrap();
+                seen.push(byte[0]);
+                let n = seen.len();
+                if n >= 28 && seen[n - 28..n - 24] == REQUEST_MAGIC.to_be_bytes() {
+                    break u64::from_be_bytes(seen[n - 20..n - 12].try_into().unwrap());
+                }
+            };
+            let mut chunk = Vec::new();
+            chunk.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+            chunk.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+            chunk.extend_from_slice(&REPLY_TYPE_NONE.to_be_bytes());
+            chunk.extend_from_slice(&cookie.to_be_bytes());
+            chunk.extend_from_slice(&0u32.to_be_bytes());
+            sw.write_all(&chunk).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = sr.read_to_end(&mut rest).await;
+        };
+        let client = async move {
+            let c = Client::connect_stream(ours, "", &ClientOptions::default())
+                .await
+                .unwrap();
+            let mut buf = [0xaau8; 512];
+            let err = c.read(0, &mut buf).await.unwrap_err();
+            assert!(err.to_string().contains("does not cover"), "{err}");
+            drop(c);
+        };
+        tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(server, client)
+        })
+        .await
+        .expect("the exchange finished");
+    });
+}
