@@ -1151,7 +1151,7 @@ pub fn would_cycle_message(child: &str, role: &str, parent: &str) -> String {
 }
 
 /// The error a walk gives when it finds the graph cyclic, which `attach` prevents.
-pub fn cycle_message(node: &str) -> String {
+fn cycle_message(node: &str) -> String {
     format!("The block graph has a cycle through node '{node}'")
 }
 
