@@ -841,9 +841,7 @@ fn op_blocker(registry: &Registry, node: &Node) -> Option<QmpError> {
         .iter()
         .rev()
         .find_map(|edge| match edge.parent() {
-            Parent::Job { job_type, .. } => {
-                Some(format!("block device is in use by block job: {job_type}"))
-            }
+            Parent::Job { job_type, .. } => Some(crate::node::job_blocker(job_type)),
             // A filter's data child is no backing file (a job's mirror_top reads `backing`).
             Parent::Node(parent) if edge.role() == "backing" => {
                 let filter = registry
@@ -853,10 +851,7 @@ fn op_blocker(registry: &Registry, node: &Node) -> Option<QmpError> {
             }
             _ => None,
         })?;
-    Some(QmpError::generic(format!(
-        "Node '{}' is busy: {reason}",
-        node.name()
-    )))
+    Some(crate::node::busy_error(node.name(), &reason))
 }
 
 fn not_found(device: &str, node_name: &str) -> QmpError {

@@ -10,6 +10,7 @@ use crate::stats::{IoKind, NodeStats};
 use crate::threshold::{ThresholdHook, WriteThreshold};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use qapi::error::QmpError;
 use serde_json::Value;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -569,6 +570,14 @@ impl Node {
             Perms::NONE,
             Perms::ALL,
         )
+    }
+
+    /// Refuse a node a block job works on, with QEMU's text.
+    pub fn check_no_job(&self) -> Result<(), QmpError> {
+        match self.busy_with_job() {
+            Some(job_type) => Err(busy_error(&self.name, &job_blocker(job_type))),
+            None => Ok(()),
+        }
     }
 
     /// The live edges that point at this node.
@@ -1144,6 +1153,16 @@ impl Node {
 /// edges before they give up: far beyond any real chain, and a bound should a bug make a
 /// cycle.
 const MAX_WALK: usize = 1 << 16;
+
+/// QEMU's text for a node an operation blocker holds (`reason`: a job, an overlay).
+pub fn busy_error(node: &str, reason: &str) -> QmpError {
+    QmpError::generic(format!("Node '{node}' is busy: {reason}"))
+}
+
+/// The blocker reason of a block job of `job_type`.
+pub fn job_blocker(job_type: &str) -> String {
+    format!("block device is in use by block job: {job_type}")
+}
 
 /// QEMU's refusal of an edge that would close a cycle.
 pub fn would_cycle_message(child: &str, role: &str, parent: &str) -> String {

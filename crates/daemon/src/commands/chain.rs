@@ -81,15 +81,7 @@ fn find_by_filename(top: &Arc<Node>, filename: &str) -> Option<Arc<Node>> {
 }
 
 fn busy_check(nodes: &[Arc<Node>]) -> Result<(), QmpError> {
-    for node in nodes {
-        if let Some(job_type) = node.busy_with_job() {
-            return Err(QmpError::generic(format!(
-                "Node '{}' is busy: block device is in use by block job: {job_type}",
-                node.name()
-            )));
-        }
-    }
-    Ok(())
+    nodes.iter().try_for_each(|node| node.check_no_job())
 }
 
 fn check_job_id(daemon: &Daemon, job_id: &str) -> Result<(), QmpError> {

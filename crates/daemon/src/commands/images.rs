@@ -47,12 +47,7 @@ pub async fn change_backing_file(
             args.device
         )));
     }
-    if let Some(job_type) = image.busy_with_job() {
-        return Err(QmpError::generic(format!(
-            "Node '{}' is busy: block device is in use by block job: {job_type}",
-            image.name()
-        )));
-    }
+    image.check_no_job()?;
     let format = below.driver().format_name();
     let name = args.backing_file;
     let result = {

@@ -54,16 +54,6 @@ impl TakenInternalSnapshot {
     }
 }
 
-fn check_not_busy(node: &Node) -> Result<(), QmpError> {
-    match node.busy_with_job() {
-        Some(job_type) => Err(QmpError::generic(format!(
-            "Node '{}' is busy: block device is in use by block job: {job_type}",
-            node.name()
-        ))),
-        None => Ok(()),
-    }
-}
-
 /// The node's snapshots as it knows them (as QEMU, from the table read at open).
 fn list(node: &Node) -> std::io::Result<Vec<SnapshotInfo>> {
     match node.driver_as::<Qcow2>() {
@@ -79,7 +69,7 @@ pub(super) async fn prepare_internal_snapshot(
     let args: CreateArgs = qapi::de::from_value(Value::Object(args))?;
     let device = args.device;
     let node = daemon.graph.lookup_root(&device)?;
-    check_not_busy(&node)?;
+    node.check_no_job()?;
     if node.read_only() {
         return Err(QmpError::generic(format!("Device '{device}' is read only")));
     }
@@ -147,7 +137,7 @@ pub async fn blockdev_snapshot_delete_internal_sync(
     if args.id.is_none() && args.name.is_none() {
         return Err(QmpError::generic("Name or id must be provided"));
     }
-    check_not_busy(&node)?;
+    node.check_no_job()?;
     let existing = list(&node).map_err(|e| {
         QmpError::generic(format!(
             "Failed to get a snapshot list: {}",

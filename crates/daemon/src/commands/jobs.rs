@@ -268,18 +268,8 @@ async fn create_backup(
     if Arc::ptr_eq(&source, &target) {
         return Err(QmpError::generic("Source and target cannot be the same"));
     }
-    if let Some(job_type) = target.busy_with_job() {
-        return Err(QmpError::generic(format!(
-            "Node '{}' is busy: block device is in use by block job: {job_type}",
-            target.name()
-        )));
-    }
-    if let Some(job_type) = source.busy_with_job() {
-        return Err(QmpError::generic(format!(
-            "Node '{}' is busy: block device is in use by block job: {job_type}",
-            source.name()
-        )));
-    }
+    target.check_no_job()?;
+    source.check_no_job()?;
     let job_id = args
         .job_id
         .clone()

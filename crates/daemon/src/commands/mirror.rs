@@ -194,14 +194,8 @@ async fn start_mirror(
         Some(_) => return Err(QmpError::generic("Invalid parameter 'buf-size'")),
     };
     check_sync(args.sync)?;
-    for node in [&source, &target] {
-        if let Some(job_type) = node.busy_with_job() {
-            return Err(QmpError::generic(format!(
-                "Node '{}' is busy: block device is in use by block job: {job_type}",
-                node.name()
-            )));
-        }
-    }
+    source.check_no_job()?;
+    target.check_no_job()?;
     if Arc::ptr_eq(&source, &target) {
         return Err(QmpError::generic("Can't mirror node into itself"));
     }

@@ -37,10 +37,10 @@ pub async fn block_resize(daemon: &Daemon, args: Map<String, Value>) -> Result<V
             ))
         })?;
     if let Some(job_type) = blocking_job(&node) {
-        return Err(QmpError::generic(format!(
-            "Node '{}' is busy: block device is in use by block job: {job_type}",
-            node.name()
-        )));
+        return Err(block::node::busy_error(
+            node.name(),
+            &block::node::job_blocker(job_type),
+        ));
     }
     let size = u64::try_from(args.size)
         .map_err(|_| QmpError::generic("Parameter 'size' expects a >0 size"))?;
