@@ -3,6 +3,7 @@
 pub mod bitmap;
 pub mod copy;
 pub mod create;
+pub mod drain;
 pub mod drivers;
 pub mod graph;
 pub mod info;
@@ -14,6 +15,7 @@ pub mod stats;
 pub mod threshold;
 pub mod throttle;
 
+pub use drain::DrainedSection;
 pub use graph::{Graph, OptionSyntax};
 pub use iothread::IoThreads;
 pub use node::{Child, Driver, Node, Parent, WriteFlags};

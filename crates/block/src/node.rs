@@ -836,7 +836,19 @@ impl Node {
 
     /// Stop new requests and wait until those in flight are done. Pair with `undrain`.
     pub async fn drain(&self) {
+        self.quiesce();
+        self.wait_idle().await;
+    }
+
+    /// The first half of `drain`: new requests wait from now on. Pair with `undrain`.
+    /// Apart from `wait_idle` so that a caller can record the drain before it awaits, and
+    /// undrain exactly once even if the wait is cancelled.
+    pub fn quiesce(&self) {
         self.inflight.quiesced.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Wait until no request is in flight on the node.
+    pub async fn wait_idle(&self) {
         loop {
             let idle = self.inflight.idle.notified();
             if self.inflight.count.load(Ordering::Acquire) == 0 {

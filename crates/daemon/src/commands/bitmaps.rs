@@ -116,6 +116,18 @@ impl BitmapAction {
         }))
     }
 
+    /// The node whose bitmap the action changes.
+    pub fn node_name(&self) -> &str {
+        match self {
+            BitmapAction::Add(args) => &args.node,
+            BitmapAction::Remove(args)
+            | BitmapAction::Clear(args)
+            | BitmapAction::Enable(args)
+            | BitmapAction::Disable(args) => &args.node,
+            BitmapAction::Merge(args) => &args.node,
+        }
+    }
+
     /// Check the action and apply it so that it can still be undone.
     pub fn prepare(&self, graph: &Graph) -> Result<PreparedBitmapAction, QmpError> {
         let pending = match self {

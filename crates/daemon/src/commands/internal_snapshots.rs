@@ -6,7 +6,7 @@
 use crate::daemon::Daemon;
 use block::drivers::file::os_error_text;
 use block::drivers::qcow2::{Qcow2, SnapshotInfo};
-use block::Node;
+use block::{DrainedSection, Node};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -65,10 +65,12 @@ fn list(node: &Node) -> std::io::Result<Vec<SnapshotInfo>> {
 pub(super) async fn prepare_internal_snapshot(
     daemon: &Daemon,
     args: Map<String, Value>,
+    drained: &Arc<DrainedSection>,
 ) -> Result<TakenInternalSnapshot, QmpError> {
     let args: CreateArgs = qapi::de::from_value(Value::Object(args))?;
     let device = args.device;
     let node = daemon.graph.lookup_root(&device)?;
+    drained.add(&node).await;
     node.check_no_job()?;
     if node.read_only() {
         return Err(QmpError::generic(format!("Device '{device}' is read only")));
@@ -123,7 +125,7 @@ pub async fn blockdev_snapshot_internal_sync(
     daemon: &Daemon,
     args: Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    prepare_internal_snapshot(daemon, args).await?;
+    prepare_internal_snapshot(daemon, args, &DrainedSection::new(&daemon.graph)).await?;
     Ok(json!({}))
 }
 

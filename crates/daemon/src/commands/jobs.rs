@@ -6,7 +6,7 @@ use block::bitmap::DirtyBitmap;
 use block::copy::{BlockCopy, ClusterBitmap};
 use block::drivers::cbw::{CopyBeforeWrite, OnCbwError};
 use block::node::CommonOptions;
-use block::{Node, Parent, Perms};
+use block::{DrainedSection, Node, Parent, Perms};
 use jobs::backup::{BackupJob, BackupPerf, BitmapMode, SyncBitmap, SyncMode};
 use jobs::{JobOptions, OnError};
 use qapi::error::QmpError;
@@ -80,7 +80,8 @@ pub async fn blockdev_backup(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    let job = create_blockdev_backup(daemon, args, None).await?;
+    let drained = DrainedSection::new(&daemon.graph);
+    let job = create_blockdev_backup(daemon, args, None, &drained).await?;
     start_job(daemon, &job);
     Ok(json!({}))
 }
@@ -89,7 +90,8 @@ pub async fn drive_backup(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    let job = create_drive_backup(daemon, args, None).await?;
+    let drained = DrainedSection::new(&daemon.graph);
+    let job = create_drive_backup(daemon, args, None, &drained).await?;
     start_job(daemon, &job);
     Ok(json!({}))
 }
@@ -101,11 +103,14 @@ pub(super) fn start_job(daemon: &Daemon, job: &Arc<jobs::Job>) {
 }
 
 /// blockdev-backup up to a created, not yet started job (a transaction starts it once
-/// every action is prepared), in the job transaction `txn` if given.
+/// every action is prepared), in the job transaction `txn` if given. The source and the
+/// filter put above it join `drained`, so the point in time holds until the caller ends
+/// the section.
 pub(super) async fn create_blockdev_backup(
     daemon: &Rc<Daemon>,
     mut args: Map<String, Value>,
     txn: Option<Arc<jobs::JobTxn>>,
+    drained: &Arc<DrainedSection>,
 ) -> Result<Arc<jobs::Job>, QmpError> {
     for key in ["format", "mode"] {
         if args.contains_key(key) {
@@ -117,17 +122,20 @@ pub(super) async fn create_blockdev_backup(
     let args: BackupArgs = qapi::de::from_value(Value::Object(std::mem::take(&mut args)))?;
     let source = daemon.graph.lookup(&args.device)?;
     let target = daemon.graph.lookup(&args.target)?;
+    drained.add(&source).await;
     let bitmap = resolve_bitmap(&args, &source)?;
-    create_backup(daemon, args, source, target, bitmap, false, txn).await
+    create_backup(daemon, args, source, target, bitmap, false, txn, drained).await
 }
 
 pub(super) async fn create_drive_backup(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
     txn: Option<Arc<jobs::JobTxn>>,
+    drained: &Arc<DrainedSection>,
 ) -> Result<Arc<jobs::Job>, QmpError> {
     let args: BackupArgs = qapi::de::from_value(Value::Object(args))?;
     let source = daemon.graph.lookup(&args.device)?;
+    drained.add(&source).await;
     let bitmap = resolve_bitmap(&args, &source)?;
     let format = args
         .format
@@ -180,6 +188,7 @@ pub(super) async fn create_drive_backup(
         bitmap,
         mode == NewImageMode::AbsolutePaths,
         txn,
+        drained,
     )
     .await
 }
@@ -256,6 +265,7 @@ fn resolve_bitmap(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn create_backup(
     daemon: &Rc<Daemon>,
     args: BackupArgs,
@@ -264,6 +274,7 @@ async fn create_backup(
     bitmap: Option<(Arc<DirtyBitmap>, BitmapMode)>,
     target_is_new: bool,
     txn: Option<Arc<jobs::JobTxn>>,
+    drained: &Arc<DrainedSection>,
 ) -> Result<Arc<jobs::Job>, QmpError> {
     if Arc::ptr_eq(&source, &target) {
         return Err(QmpError::generic("Source and target cannot be the same"));
@@ -346,8 +357,12 @@ async fn create_backup(
     // The point in time of the bitmap moves to now before the copy reads it.
     let sync_bitmap =
         bitmap.map(|(bitmap, mode)| Arc::new(SyncBitmap::start(source.clone(), bitmap, mode)));
-    let (setup_source, setup_target, id_for_edges) =
-        (source.clone(), target.clone(), job_id.clone());
+    let (setup_source, setup_target, id_for_edges, drained) = (
+        source.clone(),
+        target.clone(),
+        job_id.clone(),
+        drained.clone(),
+    );
     let only_dirty = (sync == SyncMode::Bitmap)
         .then(|| sync_bitmap.as_ref().map(|s| s.bitmap().clone()))
         .flatten();
@@ -363,6 +378,7 @@ async fn create_backup(
                 target_is_new && sync == SyncMode::Full,
                 only_dirty.as_deref(),
                 &id_for_edges,
+                &drained,
             )
             .await
         })
@@ -431,6 +447,7 @@ async fn insert_cbw(
     target_is_zero: bool,
     only_dirty: Option<&DirtyBitmap>,
     job_id: &str,
+    drained: &DrainedSection,
 ) -> Result<(Arc<Node>, Arc<BlockCopy>, Vec<Arc<block::Child>>), String> {
     let job_parent = || Parent::Job {
         id: job_id.to_string(),
@@ -481,6 +498,7 @@ async fn insert_cbw(
     );
     filter.add_child(file);
     filter.add_child(target_edge);
+    drained.add(&filter).await;
     graph.insert_filter(source, &filter).await;
     Ok((filter, copy, job_edges))
 }

@@ -3,7 +3,7 @@
 //! every user (an NBD export moves to it) and reads the node as its backing.
 
 use crate::daemon::Daemon;
-use block::{Graph, Node, OptionSyntax};
+use block::{DrainedSection, Graph, Node, OptionSyntax};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -47,7 +47,7 @@ pub async fn blockdev_snapshot_sync(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    prepare_snapshot_sync(daemon, args).await?;
+    prepare_snapshot_sync(daemon, args, &DrainedSection::new(&daemon.graph)).await?;
     Ok(json!({}))
 }
 
@@ -55,11 +55,13 @@ pub async fn blockdev_snapshot(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    prepare_snapshot(daemon, args).await?;
+    prepare_snapshot(daemon, args, &DrainedSection::new(&daemon.graph)).await?;
     Ok(json!({}))
 }
 
-/// A snapshot in place, which a failing transaction can take back.
+/// A snapshot in place, which a failing transaction can take back. Node and overlay stay
+/// in the caller's drained section, so no write reaches the overlay before the transaction
+/// is decided.
 pub(super) struct AppliedSnapshot {
     node: Arc<Node>,
     overlay: Arc<Node>,
@@ -94,6 +96,7 @@ impl AppliedSnapshot {
 pub(super) async fn prepare_snapshot_sync(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
+    drained: &Arc<DrainedSection>,
 ) -> Result<AppliedSnapshot, QmpError> {
     let args: SnapshotSyncArgs = qapi::de::from_value(Value::Object(args))?;
     // blockd has no devices (block backends): only node names find a node.
@@ -113,6 +116,7 @@ pub(super) async fn prepare_snapshot_sync(
             return Err(QmpError::generic("New overlay node-name already in use"));
         }
     }
+    drained.add(&node).await;
     check_snapshot_base(&daemon.graph, &node)?;
     let format = args.format.clone().unwrap_or_else(|| "qcow2".to_string());
     if args.mode.unwrap_or(NewImageMode::AbsolutePaths) == NewImageMode::AbsolutePaths {
@@ -139,6 +143,7 @@ pub(super) async fn prepare_snapshot_sync(
     }
     let graph = daemon.graph.clone();
     let base = node.clone();
+    let drained = drained.clone();
     let overlay = daemon
         .io
         .run(move || async move {
@@ -146,7 +151,7 @@ pub(super) async fn prepare_snapshot_sync(
                 .add(options, OptionSyntax::Json)
                 .await
                 .map_err(|e| e.desc)?;
-            if let Err(e) = append_overlay(&base, &overlay).await {
+            if let Err(e) = append_overlay(&base, &overlay, &drained).await {
                 let _ = graph.del(overlay.name()).await;
                 return Err(e);
             }
@@ -164,18 +169,20 @@ pub(super) async fn prepare_snapshot_sync(
 pub(super) async fn prepare_snapshot(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
+    drained: &Arc<DrainedSection>,
 ) -> Result<AppliedSnapshot, QmpError> {
     let args: SnapshotArgs = qapi::de::from_value(Value::Object(args))?;
     let node = daemon.graph.lookup(&args.node)?;
     let overlay = daemon.graph.lookup(&args.overlay)?;
+    drained.add(&node).await;
     check_snapshot_base(&daemon.graph, &node)?;
     if overlay.backing().is_some() {
         return Err(QmpError::generic("The overlay already has a backing image"));
     }
-    let (base, top) = (node.clone(), overlay.clone());
+    let (base, top, drained) = (node.clone(), overlay.clone(), drained.clone());
     daemon
         .io
-        .run(move || async move { append_overlay(&base, &top).await })
+        .run(move || async move { append_overlay(&base, &top, &drained).await })
         .await
         .map_err(QmpError::generic)?;
     Ok(AppliedSnapshot {
@@ -186,13 +193,17 @@ pub(super) async fn prepare_snapshot(
 }
 
 /// Give `overlay` the backing `node`, then put it in `node`'s place for all other users.
-async fn append_overlay(node: &Arc<Node>, overlay: &Arc<Node>) -> Result<(), String> {
+/// `node` is in `drained` already; the overlay joins it before it takes any user.
+async fn append_overlay(
+    node: &Arc<Node>,
+    overlay: &Arc<Node>,
+    drained: &DrainedSection,
+) -> Result<(), String> {
     if !overlay.driver().supports_backing() {
         return Err("The overlay does not support backing images".into());
     }
     overlay.set_backing(Some(node)).await?;
-    node.drain().await;
+    drained.add(overlay).await;
     node.replace_in_parents(overlay);
-    node.undrain();
     Ok(())
 }

@@ -4,6 +4,10 @@
 //! while preparing and only started once every action is in place, so a rolled-back
 //! transaction leaves no job, bitmap or overlay behind.
 //!
+//! The nodes of every action stay drained from that action's prepare until the last
+//! commit or abort (a `DrainedSection`): no client write reaches an overlay or filter that
+//! may still be taken back, and the backups of several disks share one point in time.
+//!
 //! With `completion-mode: grouped` the backup jobs share one job transaction: if one
 //! fails, the others are cancelled, and each bitmap keeps its old point in time.
 
@@ -12,6 +16,7 @@ use super::internal_snapshots::{prepare_internal_snapshot, TakenInternalSnapshot
 use super::jobs::{create_blockdev_backup, create_drive_backup, start_job};
 use super::snapshot::{prepare_snapshot, prepare_snapshot_sync, AppliedSnapshot};
 use crate::daemon::Daemon;
+use block::DrainedSection;
 use jobs::{Job, JobTxn};
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -148,6 +153,7 @@ async fn prepare(
     daemon: &Rc<Daemon>,
     action: &Action,
     job_txn: &Option<Arc<JobTxn>>,
+    drained: &Arc<DrainedSection>,
 ) -> Result<Prepared, QmpError> {
     let data = action.data.clone();
     match action.kind.as_str() {
@@ -160,20 +166,29 @@ async fn prepare(
             Err(QmpError::generic("Transaction aborted using Abort action"))
         }
         "blockdev-backup" => Ok(Prepared::Backup(
-            create_blockdev_backup(daemon, data, job_txn.clone()).await?,
+            create_blockdev_backup(daemon, data, job_txn.clone(), drained).await?,
         )),
         "drive-backup" => Ok(Prepared::Backup(
-            create_drive_backup(daemon, data, job_txn.clone()).await?,
+            create_drive_backup(daemon, data, job_txn.clone(), drained).await?,
         )),
-        "blockdev-snapshot" => Ok(Prepared::Snapshot(prepare_snapshot(daemon, data).await?)),
+        "blockdev-snapshot" => Ok(Prepared::Snapshot(
+            prepare_snapshot(daemon, data, drained).await?,
+        )),
         "blockdev-snapshot-sync" => Ok(Prepared::Snapshot(
-            prepare_snapshot_sync(daemon, data).await?,
+            prepare_snapshot_sync(daemon, data, drained).await?,
         )),
         "blockdev-snapshot-internal-sync" => Ok(Prepared::InternalSnapshot(
-            prepare_internal_snapshot(daemon, data).await?,
+            prepare_internal_snapshot(daemon, data, drained).await?,
         )),
         kind => match BitmapAction::parse(kind, data)? {
-            Some(bitmap) => Ok(Prepared::Bitmap(bitmap.prepare(&daemon.graph)?)),
+            Some(bitmap) => {
+                // A bitmap changed here must not miss a write that reaches the node
+                // before the rest of the transaction is in place.
+                if let Some(node) = daemon.graph.find(bitmap.node_name()) {
+                    drained.add(&node).await;
+                }
+                Ok(Prepared::Bitmap(bitmap.prepare(&daemon.graph)?))
+            }
             None => Err(QmpError::generic(format!(
                 "Parameter 'type' does not accept value '{kind}'"
             ))),
@@ -201,9 +216,10 @@ pub async fn transaction(daemon: &Rc<Daemon>, args: Map<String, Value>) -> Resul
         }
     }
     let job_txn = (mode == CompletionMode::Grouped).then(JobTxn::new);
+    let drained = DrainedSection::new(&daemon.graph);
     let mut prepared = Vec::with_capacity(actions.len());
     for action in &actions {
-        match prepare(daemon, action, &job_txn).await {
+        match prepare(daemon, action, &job_txn, &drained).await {
             Ok(done) => prepared.push(done),
             Err(e) => {
                 while let Some(done) = prepared.pop() {
