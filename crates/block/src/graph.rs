@@ -271,17 +271,24 @@ impl Graph {
     }
 
     /// blockdev-add. Must run on an I/O thread: opening reads image headers.
+    ///
+    /// Opening waits on disks and servers (an NBD server may take its open-timeout to
+    /// answer), so other graph changes go on meanwhile: only the steps that touch nodes
+    /// others can see (an edge to an existing node, the registration) take the change
+    /// lock, and the names are checked again when the new nodes are registered.
     pub async fn add(
         &self,
         options: Map<String, Value>,
         syntax: OptionSyntax,
     ) -> Result<Arc<Node>, QmpError> {
-        let _changing = self.change.lock().await;
         let mut pending = Pending::default();
         let node = self
             .open_node(options, syntax, true, None, &mut pending)
             .await?;
+        let _changing = self.change.lock().await;
         let mut registry = self.registry.lock().unwrap();
+        registry.prune();
+        check_names_free(&registry, &pending)?;
         for opened in &pending.in_order() {
             let ownership = if Arc::ptr_eq(opened, &node) {
                 Ownership::Monitor(opened.clone())
@@ -298,21 +305,29 @@ impl Graph {
 
     /// Open a node for a job's own use (drive-backup's target): listed like other implicit
     /// nodes, gone when the job lets go of it.
+    /// Like `add`, not holding the change lock while it opens.
     pub async fn open_implicit(&self, options: Map<String, Value>) -> Result<Arc<Node>, QmpError> {
-        let _changing = self.change.lock().await;
         let mut pending = Pending::default();
         let node = self
             .open_node(options, OptionSyntax::Json, false, None, &mut pending)
             .await?;
+        let _changing = self.change.lock().await;
+        {
+            let mut registry = self.registry.lock().unwrap();
+            registry.prune();
+            check_names_free(&registry, &pending)?;
+        }
         for opened in &pending.in_order() {
             self.register_implicit(opened);
         }
         Ok(node)
     }
 
-    /// blockdev-del: only monitor-owned nodes nobody uses. Flushes before letting go.
+    /// blockdev-del: only monitor-owned nodes nobody uses. Flushes before letting go, after
+    /// the node left the registry and without the change lock: nobody can find it any
+    /// more, and a flush may wait on a slow disk or server.
     pub async fn del(&self, name: &str) -> Result<(), QmpError> {
-        let _changing = self.change.lock().await;
+        let changing = self.change.lock().await;
         let node = {
             let mut registry = self.registry.lock().unwrap();
             registry.prune();
@@ -346,6 +361,7 @@ impl Graph {
             registry.entries.remove(index);
             node
         };
+        drop(changing);
         flush_subtree(&node).await;
         if let Err(e) = node.driver().close(&node).await {
             tracing::warn!(node = node.name(), "close failed: {e}");
@@ -747,15 +763,21 @@ impl Graph {
         shared: Perms,
         pending: &mut Pending,
     ) -> Result<Arc<crate::node::Child>, QmpError> {
+        // An edge to a node others can see is a graph change: no blockdev-del or reopen
+        // may come between finding the node and attaching to it.
+        let mut changing = None;
         let target = match reference {
-            Value::String(name) => self
-                .find(&name)
-                .or_else(|| pending.find(&name))
-                .ok_or_else(|| {
-                    QmpError::generic(format!(
-                        "Cannot find device='{name}' nor node-name='{name}'"
-                    ))
-                })?,
+            Value::String(name) => match pending.find(&name) {
+                Some(node) => node,
+                None => {
+                    changing = Some(self.change.lock().await);
+                    self.find(&name).ok_or_else(|| {
+                        QmpError::generic(format!(
+                            "Cannot find device='{name}' nor node-name='{name}'"
+                        ))
+                    })?
+                }
+            },
             Value::Object(mut child_options) => {
                 for (key, value) in ctx.inherited {
                     child_options.entry(key.clone()).or_insert(value.clone());
@@ -771,14 +793,16 @@ impl Graph {
                 )))
             }
         };
-        crate::node::Node::attach(
+        let edge = crate::node::Node::attach(
             &target,
             role,
             Parent::Node(ctx.name.to_string()),
             perm,
             shared,
         )
-        .map_err(QmpError::generic)
+        .map_err(QmpError::generic);
+        drop(changing);
+        edge
     }
 
     /// Open the backing file named in an image header as read-only implicit nodes.
@@ -816,6 +840,21 @@ impl Graph {
             Perms::ALL,
         )
         .map_err(QmpError::generic)
+    }
+}
+
+/// Refuse to register nodes whose names another open registered meanwhile.
+fn check_names_free(registry: &Registry, pending: &Pending) -> Result<(), QmpError> {
+    match pending
+        .nodes
+        .iter()
+        .find(|n| !n.is_implicit() && registry.find(n.name()).is_some())
+    {
+        Some(taken) => Err(QmpError::generic(format!(
+            "Duplicate nodes with node-name='{}'",
+            taken.name()
+        ))),
+        None => Ok(()),
     }
 }
 

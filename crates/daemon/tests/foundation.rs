@@ -449,7 +449,8 @@ async fn nbd_client_arguments_answer_like_qsd() {
 }
 
 /// A server that accepts and never greets: open-timeout gives up with QEMU's text, and
-/// meanwhile the daemon answers other monitors (qsd's monitor hangs).
+/// meanwhile the daemon answers other monitors and changes the graph for them (qsd's
+/// monitor hangs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_nbd_server_times_out_and_the_daemon_answers_meanwhile() {
     let dir = tempfile::tempdir().unwrap();
@@ -472,6 +473,17 @@ async fn a_silent_nbd_server_times_out_and_the_daemon_answers_meanwhile() {
     let query = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         other.execute("query-version", json!({})).await.unwrap();
+        other
+            .execute(
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "meanwhile"}),
+            )
+            .await
+            .unwrap();
+        other
+            .execute("blockdev-del", json!({"node-name": "meanwhile"}))
+            .await
+            .unwrap();
         Instant::now()
     };
     let ((added, added_at), answered_at) = tokio::join!(add, query);
@@ -520,4 +532,62 @@ async fn open_timeout_waits_for_a_server_that_starts_late() {
     let (added, _server) = tokio::join!(add, server);
     added.unwrap();
     daemon.quit(&mut client).await;
+}
+
+/// Opening does not hold the graph: while an NBD node waits for its server, another
+/// monitor takes its node name, and the open then fails with QEMU's duplicate-name text
+/// instead of registering a second node of that name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_taken_while_a_node_opens_is_refused_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("late.raw");
+    qemu_img(&["create", "-q", "-f", "raw", &image.to_string_lossy(), "1M"]);
+    let sock = dir.path().join("late.sock");
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
+    let mut adder = daemon.qmp().await;
+    let mut other = daemon.qmp().await;
+    let add = adder.execute(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "n", "open-timeout": 10,
+               "server": {"type": "unix", "path": sock}}),
+    );
+    let meanwhile = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        other
+            .execute(
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "n"}),
+            )
+            .await
+            .unwrap();
+        KillOnDrop(
+            Command::new("qemu-nbd")
+                .args([
+                    "-f",
+                    "raw",
+                    "-k",
+                    &sock.to_string_lossy(),
+                    &image.to_string_lossy(),
+                ])
+                .spawn()
+                .unwrap_or_else(|e| panic!("{}: {e}", missing_peer("qemu-nbd"))),
+        )
+    };
+    let (added, _server) = tokio::join!(add, meanwhile);
+    assert_eq!(
+        added.unwrap_err().desc,
+        "Duplicate nodes with node-name='n'"
+    );
+    let nodes = other
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    let drivers: Vec<&Value> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| &n["drv"])
+        .collect();
+    assert_eq!(drivers, [&json!("null-co")]);
+    daemon.quit(&mut other).await;
 }
