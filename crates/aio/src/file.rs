@@ -1,16 +1,16 @@
 //! `ImageFile`: a host file or block device whose I/O never blocks the calling I/O thread.
 //!
-//! On an I/O thread's io_uring, data moves straight into or out of the caller's buffers when
-//! they suit the file (aligned for O_DIRECT). Otherwise it goes through pooled bounce buffers
-//! owned by each in-flight request (see `op`), on the ring or the blocking pool; those
+//! Data goes through pooled buffers owned by each in-flight request (see `op`), on the
+//! thread's io_uring or the blocking pool, never straight into or out of the caller's
+//! memory: a caller may leak a future it polled (mem::forget is safe), and the kernel
+//! would then write into memory freed under it. Owned buffers make that impossible, and
 //! satisfy any alignment, so callers' buffers need none. Reads past the end of file return
 //! zeroes. With `direct` the file is opened O_DIRECT and requests are aligned to the probed
 //! logical block size.
 
 use crate::lock::{self, LockState, Locking, Perms};
-use crate::op::{self, check, Core, InPlace, Kind, Request};
+use crate::op::{self, check, Core, Kind, Request};
 use crate::pool::{PoolBuf, MAX_BUF};
-use crate::ring;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::storage::drivers::CommonStorageHelper;
 use imago::storage::PreallocateMode;
@@ -24,9 +24,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tracing::debug;
-
-/// Most buffers one in-place transfer takes (the kernel's IOV_MAX).
-const MAX_IN_PLACE_BUFFERS: usize = 1024;
 
 /// Request alignment assumed for O_DIRECT when the kernel does not tell.
 const DEFAULT_DIRECT_ALIGN: usize = 4096;
@@ -497,51 +494,11 @@ impl ImageFile {
         Ok(())
     }
 
-    /// Read or write (`kind`) the buffers `iov` describes, `len` bytes in all, straight from
-    /// or into them, when the thread has a ring and the buffers suit the file (`aligned`);
-    /// returns how many bytes moved, or None when the bounce path has to do it all.
-    ///
-    /// # Safety
-    /// The memory `iov` describes must stay valid while the returned future exists; the
-    /// `Op` inside waits for the kernel if that future is dropped before completion.
-    async unsafe fn transfer_in_place(
-        &self,
-        kind: Kind,
-        iov: &[libc::iovec],
-        len: u64,
-        aligned: bool,
-    ) -> Option<io::Result<u64>> {
-        let offset = match kind {
-            Kind::Read { offset } | Kind::Write { offset } => offset,
-            _ => return None,
-        };
-        let suits = !self.direct || (aligned && offset.is_multiple_of(self.req_align as u64));
-        if !suits || !(1..=MAX_IN_PLACE_BUFFERS).contains(&iov.len()) {
-            return None;
-        }
-        let ring = ring::current()?;
-        // Safety: passed on to our caller.
-        let req = Request::in_place(&self.core, kind, unsafe { InPlace::new(iov) });
-        let (res, _req) = ring::Op::new(ring, req).await;
-        Some(check(res).map(|n| (n as u64).min(len)))
-    }
-
     pub(crate) async fn readv_inner(
         &self,
         mut bufv: IoVectorMut<'_>,
         mut offset: u64,
     ) -> io::Result<()> {
-        let aligned = bufv.is_aligned(self.req_align, self.req_align);
-        let kind = Kind::Read { offset };
-        // Safety: `bufv` outlives the transfer's future.
-        let moved = unsafe { self.transfer_in_place(kind, bufv.as_iovec(), bufv.len(), aligned) };
-        if let Some(moved) = moved.await {
-            // A short read (end of file) leaves the rest to the bounce path, which fills
-            // zeroes from the end of file on.
-            let n = moved?;
-            bufv = bufv.split_at(n).1;
-            offset = offset.checked_add(n).ok_or_else(overflow)?;
-        }
         while !bufv.is_empty() {
             let chunk = bufv.len().min(MAX_BUF as u64);
             let (mut head, tail) = bufv.split_at(chunk);
@@ -558,20 +515,6 @@ impl ImageFile {
         mut bufv: IoVector<'_>,
         mut offset: u64,
     ) -> io::Result<()> {
-        let aligned = bufv.is_aligned(self.req_align, self.req_align);
-        let kind = Kind::Write { offset };
-        // Safety: `bufv` outlives the transfer's future.
-        let moved = unsafe { self.transfer_in_place(kind, bufv.as_iovec(), bufv.len(), aligned) };
-        if let Some(moved) = moved.await {
-            let n = moved?;
-            if n == 0 && !bufv.is_empty() {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            self.size.fetch_max(offset + n, Ordering::Relaxed);
-            // A short write goes on through the bounce path.
-            bufv = bufv.split_at(n).1;
-            offset = offset.checked_add(n).ok_or_else(overflow)?;
-        }
         while !bufv.is_empty() {
             let chunk = bufv.len().min(MAX_BUF as u64);
             let (head, tail) = bufv.split_at(chunk);

@@ -64,26 +64,6 @@ impl Kind {
     }
 }
 
-/// The caller's own memory, as an iovec array, that a read or write transfers in place.
-///
-/// Such a request runs only on the ring of the thread that issued it, whose [`ring::Op`]
-/// waits for the kernel when dropped early, so the memory outlives the transfer.
-#[derive(Debug)]
-pub(crate) struct InPlace(Vec<libc::iovec>);
-
-// Safety: an in-place request never leaves its thread (see above); the type is Send only
-// because `Request`, which the thread pool runs in the other cases, holds it.
-unsafe impl Send for InPlace {}
-
-impl InPlace {
-    /// # Safety
-    /// The memory `iov` describes must stay valid until the request carrying it has
-    /// completed, which the request's `ring::Op` guarantees by waiting on drop.
-    pub(crate) unsafe fn new(iov: &[libc::iovec]) -> InPlace {
-        InPlace(iov.to_vec())
-    }
-}
-
 /// An operation plus the resources the kernel may touch until its completion.
 #[derive(Debug)]
 pub(crate) struct Request {
@@ -92,7 +72,6 @@ pub(crate) struct Request {
     /// Data buffer for reads and writes; `buf[start..]` is transferred.
     buf: Option<PoolBuf>,
     start: usize,
-    in_place: Option<InPlace>,
 }
 
 impl Request {
@@ -106,19 +85,7 @@ impl Request {
             kind,
             buf,
             start,
-            in_place: None,
         }
-    }
-
-    /// A read or write straight into or out of the caller's memory.
-    pub(crate) fn in_place(core: &Arc<Core>, kind: Kind, iov: InPlace) -> Request {
-        let mut req = Request::new(core, kind, None, 0);
-        req.in_place = Some(iov);
-        req
-    }
-
-    pub(crate) fn is_in_place(&self) -> bool {
-        self.in_place.is_some()
     }
 
     pub(crate) fn take_buf(&mut self) -> Option<PoolBuf> {
@@ -140,19 +107,6 @@ impl Request {
     /// The submission entry for this request; the buffer it points to lives in `self`.
     pub(crate) fn build_sqe(&mut self) -> io::Result<squeue::Entry> {
         let fd = types::Fd(self.core.raw_fd());
-        if let Some(InPlace(iov)) = &self.in_place {
-            let count =
-                u32::try_from(iov.len()).map_err(|_| io::Error::other("too many buffers"))?;
-            return match self.kind {
-                Kind::Read { offset } => Ok(opcode::Readv::new(fd, iov.as_ptr(), count)
-                    .offset(offset)
-                    .build()),
-                Kind::Write { offset } => Ok(opcode::Writev::new(fd, iov.as_ptr(), count)
-                    .offset(offset)
-                    .build()),
-                _ => Err(no_data()),
-            };
-        }
         let (ptr, len) = self.buf_ptr_len();
         let len32 = u32::try_from(len).map_err(|_| io::Error::other("request too large"))?;
         Ok(match self.kind {
@@ -173,30 +127,19 @@ impl Request {
     pub(crate) fn execute_sync(&mut self) -> i32 {
         let fd = self.core.raw_fd();
         let (ptr, len) = self.buf_ptr_len();
-        let iov = self.in_place.as_ref().map(|InPlace(iov)| iov);
         loop {
-            // Safety: the buffer pointer and length describe memory owned by `self.buf`, the
-            // iovecs memory the issuer keeps valid until completion (`InPlace::new`); the
+            // Safety: the buffer pointer and length describe memory owned by `self.buf`; the
             // other calls take plain integers and a descriptor `self.core` keeps open.
             let ret: i64 = unsafe {
-                match (self.kind, iov) {
-                    (Kind::Read { offset }, Some(iov)) => {
-                        libc::preadv(fd, iov.as_ptr(), iov.len() as i32, offset as libc::off_t)
-                            as i64
-                    }
-                    (Kind::Write { offset }, Some(iov)) => {
-                        libc::pwritev(fd, iov.as_ptr(), iov.len() as i32, offset as libc::off_t)
-                            as i64
-                    }
-                    (_, Some(_)) => return -libc::EINVAL,
-                    (Kind::Read { offset }, None) => {
+                match self.kind {
+                    Kind::Read { offset } => {
                         libc::pread(fd, ptr.cast(), len, offset as libc::off_t) as i64
                     }
-                    (Kind::Write { offset }, None) => {
+                    Kind::Write { offset } => {
                         libc::pwrite(fd, ptr.cast(), len, offset as libc::off_t) as i64
                     }
-                    (Kind::DataSync, None) => libc::fdatasync(fd) as i64,
-                    (Kind::Fallocate { mode, offset, len }, None) => {
+                    Kind::DataSync => libc::fdatasync(fd) as i64,
+                    Kind::Fallocate { mode, offset, len } => {
                         libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) as i64
                     }
                 }
@@ -220,13 +163,6 @@ impl Drop for Request {
             self.core.writes_settled.notify_waiters();
         }
     }
-}
-
-fn no_data() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        "in-place memory on a request that transfers no data",
-    )
 }
 
 /// Turn a CQE-style result into an `io::Result` of the transferred byte count.

@@ -319,31 +319,6 @@ impl Ring {
         }
     }
 
-    /// Block the thread until the request in slot `idx` has completed, reaping (and waking)
-    /// whatever else completes meanwhile. For an in-place request whose future is being
-    /// dropped: its memory must stay valid until the kernel is done with it.
-    fn wait_blocking_for(&self, idx: usize) {
-        while matches!(self.slots.borrow().slots[idx], Slot::Waiting(..)) {
-            self.unsubmitted.set(false);
-            let res = self.uring.borrow().submit_and_wait(1);
-            match res.map_err(|e| e.raw_os_error()) {
-                Ok(_) | Err(Some(libc::EINTR)) => {}
-                Err(Some(libc::EAGAIN | libc::EBUSY)) => {
-                    std::thread::sleep(std::time::Duration::from_millis(1))
-                }
-                Err(errno) => {
-                    // Returning would let the caller free memory the kernel may still write.
-                    error!(
-                        ?errno,
-                        "io_uring wait failed with a transfer in flight; aborting"
-                    );
-                    std::process::abort();
-                }
-            }
-            self.reap();
-        }
-    }
-
     fn poll_reaper(&self, cx: &mut Context<'_>, afd: &AsyncFd<RingFd>) -> Poll<()> {
         {
             let mut reaper = self.reaper.borrow_mut();
@@ -495,13 +470,6 @@ impl Future for Op {
 impl Drop for Op {
     fn drop(&mut self) {
         if let OpState::InFlight(idx) = self.state {
-            let in_place = matches!(
-                &self.ring.slots.borrow().slots[idx],
-                Slot::Waiting(req, _) if req.is_in_place()
-            );
-            if in_place {
-                self.ring.wait_blocking_for(idx);
-            }
             let mut slots = self.ring.slots.borrow_mut();
             match std::mem::replace(&mut slots.slots[idx], Slot::Free) {
                 Slot::Waiting(req, _) => slots.slots[idx] = Slot::Orphaned(req),

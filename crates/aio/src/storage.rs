@@ -88,22 +88,38 @@ impl Storage for ImageFile {
         Some(self.path().to_path_buf())
     }
 
+    /// # Safety
+    /// imago marks this `unsafe` because a storage may need aligned requests and may not
+    /// guard concurrent overlapping ones. Here any offset, length and alignment works (the
+    /// data moves through request-owned buffers, so a leaked future cannot have the kernel
+    /// write into `bufv` later), and an overlapping write only makes the data read
+    /// unspecified: the caller has nothing to uphold for memory safety.
     async unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
         self.readv_inner(bufv, offset).await
     }
 
+    /// # Safety
+    /// As `pure_readv`: no alignment is required, `bufv` is copied into request-owned
+    /// buffers before the kernel sees it, and overlapping requests only race on the data.
     async unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
         self.writev_inner(bufv, offset).await
     }
 
+    /// # Safety
+    /// No memory is handed over; any range works (past the end of file grows it). Nothing
+    /// to uphold.
     async unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
         self.zero_unmap(offset, length).await
     }
 
+    /// # Safety
+    /// As `pure_write_zeroes`.
     async unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
         self.zero_allocated(offset, length).await
     }
 
+    /// # Safety
+    /// No memory is handed over; any range works. Nothing to uphold.
     async unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
         self.discard_inner(offset, length).await
     }
@@ -123,6 +139,9 @@ impl Storage for ImageFile {
     }
 
     /// Nothing is cached above the kernel.
+    ///
+    /// # Safety
+    /// Does nothing, so nothing to uphold.
     async unsafe fn invalidate_cache(&self) -> io::Result<()> {
         Ok(())
     }

@@ -1,5 +1,5 @@
-//! ImageFile I/O on an I/O-thread-like runtime: with a ring (in place or bounced), O_DIRECT,
-//! the thread-pool fallback, cancelled futures, and the sparse-file operations.
+//! ImageFile I/O on an I/O-thread-like runtime: with a ring, O_DIRECT,
+//! the thread-pool fallback, cancelled and leaked futures, and the sparse-file operations.
 
 mod common;
 
@@ -349,10 +349,9 @@ fn open_errors_are_reported() {
     });
 }
 
-/// Reads go straight into the caller's buffer when they can; a read whose future is dropped
-/// while the kernel transfers must be finished by the time the drop returns, or the kernel
-/// would write into memory the caller has reused (here: refilled with a marker). O_DIRECT,
-/// because buffered reads of cached data complete within the submission.
+/// A read whose future is dropped while the kernel transfers never writes into the
+/// caller's memory afterwards (here refilled with a marker). O_DIRECT, because buffered
+/// reads of cached data complete within the submission.
 #[test]
 fn dropped_reads_never_write_later() {
     let dir = tempfile::tempdir().unwrap();
@@ -381,5 +380,43 @@ fn dropped_reads_never_write_later() {
             assert!(buf.as_slice().iter().all(|&b| b == 0xab), "late write");
         }
         assert!(dropped >= 50, "only {dropped} reads dropped in flight");
+    });
+}
+
+/// A read future polled and then leaked (`mem::forget` is safe code) never lets the kernel
+/// write into the caller's memory later: the request owns the memory the kernel fills.
+/// The buffer here outlives the leak, so a late write shows as a changed marker instead of
+/// a use after free. A leaked request keeps its ring slot (leaking is safe, not free), so
+/// the ring here has room for every leak.
+#[test]
+fn leaked_reads_never_write_later() {
+    let dir = tempfile::tempdir().unwrap();
+    run_local(Some(64), || async {
+        let file = new_file(&dir, "img", 8 << 20, true).await;
+        let mut rng = Rng::new(6);
+        let mut data = vec![0u8; 8 << 20];
+        rng.fill(&mut data);
+        file.write_at(&data, 0).await.unwrap();
+        let mut leaked = 0;
+        for _ in 0..32 {
+            let off = rng.below(1000) * 4096;
+            let len = (1 + rng.below(256)) as usize * 4096;
+            let mut buf = aio::pool::PoolBuf::new(len, 4096).unwrap();
+            buf.as_mut_slice().fill(0xab);
+            {
+                let mut read = Box::pin(file.read_at(buf.as_mut_slice(), off));
+                let polled = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+                if polled.is_pending() {
+                    leaked += 1;
+                    std::mem::forget(read);
+                }
+            }
+            file.settle_writes().await;
+            let mut other = vec![0u8; len];
+            file.read_at(&mut other, off).await.unwrap();
+            tokio::task::yield_now().await;
+            assert!(buf.as_slice().iter().all(|&b| b == 0xab), "late write");
+        }
+        assert!(leaked >= 16, "only {leaked} reads leaked in flight");
     });
 }

@@ -194,6 +194,11 @@ impl Storage for NodeStorage {
         Ok(self.child.node().size())
     }
 
+    /// # Safety
+    /// imago marks this `unsafe` because a storage may need aligned requests and may not
+    /// guard concurrent overlapping ones. Here each slice is an ordinary read through the
+    /// file child (bounds checked by the node, any alignment), so the caller has nothing to
+    /// uphold for memory safety; overlapping writes only make the data read unspecified.
     async unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
         let announce = self.child.takes_debug_events();
         if announce {
@@ -212,6 +217,9 @@ impl Storage for NodeStorage {
 
     /// The slices go out all at once: a vector here is a run of gathered writes (see
     /// `batch.rs`), and its ranges do not overlap.
+    ///
+    /// # Safety
+    /// As `pure_readv`: ordinary writes through the file child, nothing to uphold.
     async unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
         let slices = bufv.into_inner();
         let mut pos = offset;
@@ -232,6 +240,8 @@ impl Storage for NodeStorage {
         try_join_all(writes).await.map(|_| ())
     }
 
+    /// # Safety
+    /// No memory is handed over; the node checks the range. Nothing to uphold.
     async unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
         let flags = WriteFlags {
             may_unmap: true,
@@ -240,12 +250,16 @@ impl Storage for NodeStorage {
         self.child.write_zeroes(offset, length, flags).await
     }
 
+    /// # Safety
+    /// As `pure_write_zeroes`.
     async unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
         self.child
             .write_zeroes(offset, length, WriteFlags::default())
             .await
     }
 
+    /// # Safety
+    /// No memory is handed over; the range is clipped to the node. Nothing to uphold.
     async unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
         let end = (offset + length).min(self.child.node().size());
         if end <= offset {
@@ -263,6 +277,8 @@ impl Storage for NodeStorage {
         self.child.flush().await
     }
 
+    /// # Safety
+    /// Does nothing, so nothing to uphold.
     async unsafe fn invalidate_cache(&self) -> io::Result<()> {
         Ok(())
     }
