@@ -416,9 +416,17 @@ impl Exports {
         server.set_event_handler(move |event| {
             let _ = tx.send(event);
         });
-        server
-            .start(&addr, config)
-            .map_err(|e| QmpError::generic(format!("Failed to bind socket: {e}")))?;
+        server.start(&addr, config).map_err(|e| {
+            QmpError::generic(match &addr {
+                // The inet errors are worded as QEMU's already.
+                ListenAddr::Tcp { .. } => e.to_string(),
+                ListenAddr::Unix(path) => format!(
+                    "Failed to bind socket to {}: {}",
+                    path.display(),
+                    block::drivers::file::os_error_text(&e)
+                ),
+            })
+        })?;
         *exports.server.borrow_mut() = Some(server);
         tokio::task::spawn_local(Self::watch_deletions(daemon.clone(), rx));
         Ok(())
@@ -737,9 +745,11 @@ fn unix_addr(unix: UnixServer) -> Result<ListenAddr, QmpError> {
 fn inet_addr(data: Map<String, Value>) -> Result<ListenAddr, QmpError> {
     let inet: InetServer = qapi::de::from_value(Value::Object(data))?;
     let port = inet.port_number().map_err(QmpError::generic)?;
+    let options = inet.options().map_err(QmpError::generic)?;
     Ok(ListenAddr::Tcp {
         host: inet.host,
         port,
+        inet: options,
     })
 }
 

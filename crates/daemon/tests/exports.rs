@@ -616,3 +616,80 @@ async fn fast_zero_fails_rather_than_writing_zeroes() {
         assert_eq!(results, expected, "{which:?}");
     }
 }
+
+/// nbd-server-start's inet options do what qsd's do: `to` takes the next free port,
+/// `numeric` refuses a name, one address family only, both families off refused;
+/// keep-alive and mptcp listeners serve clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inet_listener_options_match_qsd() {
+    let mut answers = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = Daemon::start(
+            which,
+            dir.path(),
+            &[
+                s("--blockdev"),
+                s("driver=null-co,node-name=z,size=1048576"),
+            ],
+        );
+        let mut client = daemon.qmp().await;
+        // A port held here, and `to` one past it.
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let inet = |extra: Value| {
+            let mut data = json!({"host": "127.0.0.1", "port": port.to_string()});
+            data.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            json!({"addr": {"type": "inet", "data": data}})
+        };
+        let mut replies = Vec::new();
+        for extra in [
+            json!({}),
+            json!({"to": port}),
+            json!({"host": "localhost", "numeric": true}),
+            json!({"ipv6": true}),
+            json!({"ipv4": false}),
+            json!({"ipv4": false, "ipv6": false}),
+        ] {
+            let answer = reply(&mut client, "nbd-server-start", inet(extra)).await;
+            // Each run holds its own port.
+            let text = answer.to_string().replace(&port.to_string(), "PORT");
+            replies.push(serde_json::from_str::<Value>(&text).unwrap());
+        }
+        // Served on the next port, with keep-alive and MPTCP asked for.
+        let started = reply(
+            &mut client,
+            "nbd-server-start",
+            inet(json!({"to": port + 1, "keep-alive": true, "mptcp": true})),
+        )
+        .await;
+        replies.push(started.clone());
+        if started.get("return").is_some() {
+            client
+                .execute(
+                    "block-export-add",
+                    json!({"type": "nbd", "id": "e", "node-name": "z"}),
+                )
+                .await
+                .unwrap();
+            let out = run(Command::new("nbdinfo")
+                .args(["--size", &format!("nbd://127.0.0.1:{}/z", port + 1)]));
+            assert!(out.status.success(), "{which:?}: {out:?}");
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1048576");
+        }
+        drop(held);
+        daemon.quit(&mut client).await;
+        answers.push((which, replies));
+    }
+    let (_, blockd) = &answers[0];
+    assert_eq!(
+        blockd[5]["error"]["desc"],
+        "Cannot disable IPv4 and IPv6 at same time"
+    );
+    assert!(blockd[6].get("return").is_some(), "{blockd:?}");
+    for (which, replies) in &answers[1..] {
+        assert_eq!(replies, blockd, "{which:?}");
+    }
+}

@@ -428,18 +428,50 @@ async fn nbd_client_arguments_answer_like_qsd() {
         let absent = dir.path().join("absent.sock");
         let daemon = Daemon::start(which, dir.path(), &[]);
         let mut client = daemon.qmp().await;
-        let script: Vec<Value> = [json!(-1), json!(4_294_967_295u64), json!(1u64 << 40)]
+        let mut script: Vec<Value> = [json!(-1), json!(4_294_967_295u64), json!(1u64 << 40)]
             .into_iter()
             .map(|delay| {
                 json!({"execute": "blockdev-add", "arguments": {"driver": "nbd", "node-name": "n",
                     "server": {"type": "unix", "path": absent}, "reconnect-delay": delay}})
             })
             .collect();
+        // A TCP port nobody listens on, reached with each inet option.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        for extra in [
+            json!({"keep-alive": true}),
+            json!({"mptcp": true}),
+            json!({"ipv6": true}),
+            json!({"ipv4": true, "numeric": true, "to": 9}),
+            json!({"ipv4": false, "ipv6": false}),
+        ] {
+            let mut server =
+                json!({"type": "inet", "host": "127.0.0.1", "port": closed.to_string()});
+            server
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            script.push(
+                json!({"execute": "blockdev-add", "arguments": {"driver": "nbd",
+                "node-name": "n", "server": server}}),
+            );
+        }
         let replies = exchange(&mut client, &script).await;
         daemon.quit(&mut client).await;
         let text = serde_json::to_string(&replies).unwrap();
-        all.push(text.replace(&absent.to_string_lossy().into_owned(), "ABSENT"));
+        all.push(
+            text.replace(&absent.to_string_lossy().into_owned(), "ABSENT")
+                .replace(&closed.to_string(), "PORT"),
+        );
     }
+    assert!(
+        all[0].contains("Failed to connect to '127.0.0.1:PORT': Connection refused"),
+        "{}",
+        all[0]
+    );
     assert!(
         all[0].contains("Failed to connect to 'ABSENT'"),
         "{}",

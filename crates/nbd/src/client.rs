@@ -5,6 +5,7 @@
 //! writes requests and one reads replies, so any number of requests may be awaited at
 //! once from that thread. Dropping a request future is safe (its reply is discarded).
 
+use crate::inet::InetOptions;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
@@ -23,7 +24,11 @@ use crate::proto::*;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConnectAddr {
     Unix(PathBuf),
-    Tcp { host: String, port: u16 },
+    Tcp {
+        host: String,
+        port: u16,
+        inet: InetOptions,
+    },
 }
 
 /// Negotiation choices.
@@ -148,8 +153,8 @@ impl Client {
                 let (r, w) = s.into_split();
                 Ok(Self::start(neg, r, w))
             }
-            ConnectAddr::Tcp { host, port } => {
-                let mut s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            ConnectAddr::Tcp { host, port, inet } => {
+                let mut s = crate::inet::connect(host, *port, inet).await?;
                 s.set_nodelay(true)?;
                 let neg = handshake(&mut s, export, opts).await?;
                 let (r, w) = s.into_split();

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod inet;
 pub mod proto;
 pub mod server;
 mod socket;
@@ -13,5 +14,6 @@ pub mod spawn;
 
 pub use backend::{Backend, BlockSize, Capabilities, Extent, MetaContext, ZeroFlags};
 pub use client::{Client, ClientOptions, ConnectAddr};
+pub use inet::InetOptions;
 pub use server::{ExportError, ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent};
 pub use spawn::{Job, LocalSpawner, Spawner, ThreadSpawner};

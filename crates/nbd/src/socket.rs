@@ -30,6 +30,15 @@ pub(crate) fn enlarge_send_buffer(stream: &tokio::net::UnixStream) {
     }
 }
 
+/// An OS error's text without Rust's "(os error N)" suffix, as QEMU words it.
+pub(crate) fn os_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(cut) => text[..cut].to_string(),
+        None => text,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

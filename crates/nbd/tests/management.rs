@@ -197,6 +197,7 @@ fn tcp_listener_serves_clients() {
             &nbd::ListenAddr::Tcp {
                 host: "127.0.0.1".into(),
                 port: 0,
+                inet: nbd::InetOptions::default(),
             },
             nbd::ServerConfig::default(),
         )
@@ -222,6 +223,7 @@ fn tcp_listener_serves_clients() {
             &ConnectAddr::Tcp {
                 host: "127.0.0.1".into(),
                 port,
+                inet: nbd::InetOptions::default(),
             },
             "t",
             &ClientOptions::default(),

@@ -12,6 +12,7 @@ use crate::Driver;
 use async_trait::async_trait;
 use nbd::backend::ZeroFlags;
 use nbd::client::{Client, ClientOptions, ConnectAddr};
+use nbd::InetOptions;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::cell::RefCell;
@@ -59,6 +60,20 @@ impl InetServer {
             .parse()
             .map_err(|_| format!("Port '{}' is not a valid port number", self.port))
     }
+
+    /// The socket options, checked: both address families off is refused up front.
+    pub fn options(&self) -> Result<InetOptions, String> {
+        let options = InetOptions {
+            numeric: self.numeric.unwrap_or(false),
+            to: self.to,
+            ipv4: self.ipv4,
+            ipv6: self.ipv6,
+            keep_alive: self.keep_alive.unwrap_or(false),
+            mptcp: self.mptcp.unwrap_or(false),
+        };
+        options.validate().map_err(|e| e.to_string())?;
+        Ok(options)
+    }
 }
 
 #[derive(Deserialize)]
@@ -66,18 +81,12 @@ impl InetServer {
 pub struct InetServer {
     pub host: String,
     pub port: String,
-    #[serde(rename = "numeric")]
-    _numeric: Option<bool>,
-    #[serde(rename = "to")]
-    _to: Option<u16>,
-    #[serde(rename = "ipv4")]
-    _ipv4: Option<bool>,
-    #[serde(rename = "ipv6")]
-    _ipv6: Option<bool>,
-    #[serde(rename = "keep-alive")]
-    _keep_alive: Option<bool>,
-    #[serde(rename = "mptcp")]
-    _mptcp: Option<bool>,
+    numeric: Option<bool>,
+    to: Option<u16>,
+    ipv4: Option<bool>,
+    ipv6: Option<bool>,
+    keep_alive: Option<bool>,
+    mptcp: Option<bool>,
 }
 
 /// NBD base:allocation flags.
@@ -258,11 +267,13 @@ impl NbdDriver {
 
     pub fn inet_addr(server: InetServer) -> Result<(ConnectAddr, String), String> {
         let port = server.port_number()?;
+        let inet = server.options()?;
         let filename = format!("nbd://{}:{port}", server.host);
         Ok((
             ConnectAddr::Tcp {
                 host: server.host,
                 port,
+                inet,
             },
             filename,
         ))
@@ -289,7 +300,7 @@ impl NbdDriver {
                 // QEMU names the socket address, not the URI.
                 let to = match &addr {
                     ConnectAddr::Unix(path) => path.display().to_string(),
-                    ConnectAddr::Tcp { host, port } => format!("{host}:{port}"),
+                    ConnectAddr::Tcp { host, port, .. } => format!("{host}:{port}"),
                 };
                 format!(
                     "Failed to connect to '{to}': {}",

@@ -10,7 +10,7 @@ mod transmission;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Notify};
 
 use crate::backend::{Backend, MetaContext};
+use crate::inet::InetOptions;
 use crate::proto;
 use crate::spawn::Spawner;
 
@@ -27,14 +28,18 @@ use crate::spawn::Spawner;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
     Unix(PathBuf),
-    Tcp { host: String, port: u16 },
+    Tcp {
+        host: String,
+        port: u16,
+        inet: InetOptions,
+    },
 }
 
 impl fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            ListenAddr::Tcp { host, port } => write!(f, "{host}:{port}"),
+            ListenAddr::Tcp { host, port, .. } => write!(f, "{host}:{port}"),
         }
     }
 }
@@ -460,25 +465,16 @@ fn bind(addr: &ListenAddr) -> io::Result<(StdListener, ListenAddr)> {
             l.set_nonblocking(true)?;
             Ok((StdListener::Unix(l, path.clone()), addr.clone()))
         }
-        ListenAddr::Tcp { host, port } => {
-            let mut last = io::Error::new(io::ErrorKind::NotFound, "address resolved to nothing");
-            for sa in (host.as_str(), *port).to_socket_addrs()? {
-                match TcpListener::bind(sa) {
-                    Ok(l) => {
-                        l.set_nonblocking(true)?;
-                        let port = l.local_addr()?.port();
-                        return Ok((
-                            StdListener::Tcp(l),
-                            ListenAddr::Tcp {
-                                host: host.clone(),
-                                port,
-                            },
-                        ));
-                    }
-                    Err(e) => last = e,
-                }
-            }
-            Err(last)
+        ListenAddr::Tcp { host, port, inet } => {
+            let l = crate::inet::listen(host, *port, inet)?;
+            l.set_nonblocking(true)?;
+            let port = l.local_addr()?.port();
+            let bound = ListenAddr::Tcp {
+                host: host.clone(),
+                port,
+                inet: *inet,
+            };
+            Ok((StdListener::Tcp(l), bound))
         }
     }
 }
