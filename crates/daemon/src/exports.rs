@@ -256,13 +256,16 @@ struct BlockExportAddArgs {
     kind: ExportType,
     id: String,
     node_name: String,
-    /// Connections are spread over all I/O threads; pinning requests are accepted.
+    /// Only means something with `iothread` (in QEMU too), which blockd refuses.
     #[serde(rename = "fixed-iothread")]
     _fixed_iothread: Option<bool>,
-    #[serde(rename = "iothread")]
-    _iothread: Option<Value>,
+    /// blockd has no iothread objects (every I/O thread serves every node), so no name
+    /// can be found: refused with QEMU's text for an unknown iothread.
+    iothread: Option<String>,
     writable: Option<bool>,
     writethrough: Option<bool>,
+    /// blockd's nodes are always active (it never hands an image over to a migration
+    /// target), so an export works the same with either value, as qsd's of an active node.
     #[serde(rename = "allow-inactive")]
     _allow_inactive: Option<bool>,
     name: Option<String>,
@@ -485,6 +488,13 @@ impl Exports {
         };
         if args.kind != ExportType::Nbd {
             return Err(QmpError::generic("blockd exports over NBD only"));
+        }
+        if let Some(iothread) = &args.iothread {
+            // QEMU finds the node before the iothread.
+            daemon.graph.lookup_node(&args.node_name)?;
+            return Err(QmpError::generic(format!(
+                "iothread \"{iothread}\" not found"
+            )));
         }
         if args.writethrough == Some(true) {
             return Err(QmpError::generic(

@@ -297,6 +297,10 @@ async fn export_commands_answer_like_qsd() {
             json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e1", "node-name": "disk0", "name": "disk0"}}),
             json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e2", "node-name": "disk0", "name": "x", "bitmaps": ["b"]}}),
             json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e3", "node-name": "disk0", "name": "ro"}}),
+            json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e4", "node-name": "disk0", "iothread": "io0"}}),
+            json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e4", "node-name": "nope", "iothread": "io0"}}),
+            json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e4", "node-name": "disk0", "name": "opts", "fixed-iothread": true, "allow-inactive": true}}),
+            json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e5", "node-name": "disk0", "name": "opts2", "allow-inactive": false}}),
             json!({"execute": "query-block-exports"}),
             json!({"execute": "nbd-server-add", "arguments": {"device": "disk0", "name": "legacy"}}),
             json!({"execute": "nbd-server-add", "arguments": {"device": "disk0"}}),
@@ -353,7 +357,17 @@ async fn export_commands_answer_like_qsd() {
         deleted.sort_by_key(|v| v.to_string());
         all.push((replies, deleted));
     }
-    assert_eq!(all[0].1, vec![json!("e0"), json!("e3"), json!("legacy")]);
+    assert_eq!(
+        all[0].1,
+        vec![
+            json!("e0"),
+            json!("e3"),
+            json!("e4"),
+            json!("e5"),
+            json!("legacy")
+        ]
+    );
+    assert_eq!(all[0].0[10]["error"], "iothread \"io0\" not found");
     if all.len() == 2 {
         for (i, (a, b)) in all[0].0.iter().zip(&all[1].0).enumerate() {
             assert_eq!(a, b, "reply {i} differs from qsd");
