@@ -28,6 +28,16 @@ use tracing::debug;
 /// Request alignment assumed for O_DIRECT when the kernel does not tell.
 const DEFAULT_DIRECT_ALIGN: usize = 4096;
 
+/// Where a file's requests run (QEMU's `aio` of the file driver).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// The I/O thread's io_uring when it has one, else the blocking pool.
+    #[default]
+    Ring,
+    /// Always the blocking pool (QEMU's aio=threads).
+    Threads,
+}
+
 /// How to open an [`ImageFile`].
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
@@ -37,6 +47,8 @@ pub struct OpenOptions {
     create: bool,
     truncate: bool,
     locking: Locking,
+    engine: Engine,
+    max_batch: usize,
 }
 
 impl OpenOptions {
@@ -49,6 +61,8 @@ impl OpenOptions {
             create: false,
             truncate: false,
             locking: Locking::Auto,
+            engine: Engine::Ring,
+            max_batch: 0,
         }
     }
 
@@ -77,6 +91,18 @@ impl OpenOptions {
 
     pub fn locking(mut self, locking: Locking) -> Self {
         self.locking = locking;
+        self
+    }
+
+    pub fn engine(mut self, engine: Engine) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// Submit the ring's queued requests once this many are waiting, instead of at the end
+    /// of the I/O thread's turn (QEMU's aio-max-batch); 0 for no limit.
+    pub fn max_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = max_batch;
         self
     }
 
@@ -264,7 +290,7 @@ impl ImageFile {
             "opened image file"
         );
         Ok(ImageFile {
-            core: Core::new(fd),
+            core: Core::new(fd, opts.engine, opts.max_batch),
             path: opts.path,
             writable,
             direct: opts.direct,

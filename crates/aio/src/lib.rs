@@ -8,6 +8,6 @@ pub mod pool;
 mod ring;
 mod storage;
 
-pub use file::{ImageFile, OpenOptions};
+pub use file::{Engine, ImageFile, OpenOptions};
 pub use lock::{LockConflict, Locking, Perms};
-pub use ring::{init_thread, thread_has_ring, uring_available};
+pub use ring::{init_thread, thread_has_ring, thread_ring_counters, uring_available, RingCounters};

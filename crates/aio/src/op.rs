@@ -5,6 +5,7 @@
 //! was dropped. [`run`] picks the current thread's ring when there is one, else the blocking
 //! pool, else (outside any runtime) performs the call inline.
 
+use crate::file::Engine;
 use crate::pool::PoolBuf;
 use crate::ring;
 use io_uring::{opcode, squeue, types};
@@ -18,14 +19,18 @@ use tokio::sync::Notify;
 #[derive(Debug)]
 pub(crate) struct Core {
     fd: OwnedFd,
+    engine: Engine,
+    max_batch: usize,
     writes_in_flight: AtomicUsize,
     writes_settled: Notify,
 }
 
 impl Core {
-    pub(crate) fn new(fd: OwnedFd) -> Arc<Core> {
+    pub(crate) fn new(fd: OwnedFd, engine: Engine, max_batch: usize) -> Arc<Core> {
         Arc::new(Core {
             fd,
+            engine,
+            max_batch,
             writes_in_flight: AtomicUsize::new(0),
             writes_settled: Notify::new(),
         })
@@ -86,6 +91,11 @@ impl Request {
             buf,
             start,
         }
+    }
+
+    /// See `OpenOptions::max_batch`.
+    pub(crate) fn max_batch(&self) -> usize {
+        self.core.max_batch
     }
 
     pub(crate) fn take_buf(&mut self) -> Option<PoolBuf> {
@@ -177,8 +187,10 @@ pub(crate) fn check(res: i32) -> io::Result<usize> {
 /// Run `req` to completion without blocking the calling async thread; returns the raw
 /// result and the request (with its buffer) back.
 pub(crate) async fn run(req: Request) -> io::Result<(i32, Request)> {
-    if let Some(ring) = ring::current() {
-        return Ok(ring::Op::new(ring, req).await);
+    if req.core.engine == Engine::Ring {
+        if let Some(ring) = ring::current() {
+            return Ok(ring::Op::new(ring, req).await);
+        }
     }
     match tokio::runtime::Handle::try_current() {
         Ok(handle) => handle

@@ -45,6 +45,21 @@ pub fn thread_has_ring() -> bool {
     current().is_some()
 }
 
+/// What the calling thread's ring has done so far: requests it took and submission calls
+/// it made (their ratio is the batching). None without a ring.
+pub fn thread_ring_counters() -> Option<RingCounters> {
+    current().map(|ring| RingCounters {
+        requests: ring.requests.get(),
+        submissions: ring.submissions.get(),
+    })
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingCounters {
+    pub requests: u64,
+    pub submissions: u64,
+}
+
 /// Set up the calling thread's ring with `entries` submission slots (also the cap on
 /// operations in flight on this thread) and spawn its reaper task.
 ///
@@ -146,6 +161,10 @@ pub(crate) struct Ring {
     slots: RefCell<Slots>,
     capacity: usize,
     unsubmitted: Cell<bool>,
+    /// Requests queued since the last submission, for files with a batch limit.
+    queued: Cell<usize>,
+    requests: Cell<u64>,
+    submissions: Cell<u64>,
     reaper: RefCell<Option<Waker>>,
     space_waiters: RefCell<VecDeque<Waker>>,
     /// Set when the reaper task is gone (its runtime or `LocalSet` ended).
@@ -193,6 +212,9 @@ impl Ring {
             slots: RefCell::default(),
             capacity,
             unsubmitted: Cell::new(false),
+            queued: Cell::new(0),
+            requests: Cell::new(0),
+            submissions: Cell::new(0),
             reaper: RefCell::new(None),
             space_waiters: RefCell::default(),
             dead: Cell::new(false),
@@ -204,6 +226,7 @@ impl Ring {
         if self.slots.borrow().in_use() >= self.capacity {
             return Push::Full(req);
         }
+        let max_batch = req.max_batch();
         let sqe = match req.build_sqe() {
             Ok(sqe) => sqe,
             Err(e) => return Push::Failed(req, e),
@@ -226,7 +249,11 @@ impl Ring {
         }
         self.slots.borrow_mut().pending += 1;
         self.unsubmitted.set(true);
-        if let Some(w) = self.reaper.borrow().as_ref() {
+        self.queued.set(self.queued.get() + 1);
+        self.requests.set(self.requests.get() + 1);
+        if max_batch > 0 && self.queued.get() >= max_batch {
+            self.submit();
+        } else if let Some(w) = self.reaper.borrow().as_ref() {
             w.wake_by_ref();
         }
         Push::Queued(idx)
@@ -236,6 +263,8 @@ impl Ring {
         if !self.unsubmitted.replace(false) {
             return;
         }
+        self.queued.set(0);
+        self.submissions.set(self.submissions.get() + 1);
         let uring = self.uring.borrow();
         loop {
             match uring.submit() {

@@ -420,3 +420,53 @@ fn leaked_reads_never_write_later() {
         assert!(leaked >= 16, "only {leaked} reads leaked in flight");
     });
 }
+
+/// Engine::Threads keeps a file's requests off the thread's ring (QEMU's aio=threads), and
+/// max_batch submits the ring's queue as soon as that many requests wait in it.
+#[test]
+fn engine_and_batch_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    run_local(Some(64), || async {
+        if !aio::thread_has_ring() {
+            panic!("io_uring is not available on this machine");
+        }
+        let counters = || aio::thread_ring_counters().unwrap();
+        // Eight reads issued together, so that they meet in one turn of the thread.
+        async fn eight_reads(file: &ImageFile) {
+            let reads = (0..8u64).map(|i| async move {
+                let mut buf = vec![0u8; 4096];
+                file.read_at(&mut buf, i * 4096).await.unwrap();
+            });
+            futures::future::join_all(reads).await;
+        }
+        let open = |engine, batch| {
+            OpenOptions::new(&path)
+                .engine(engine)
+                .max_batch(batch)
+                .open()
+        };
+        let threads = open(aio::Engine::Threads, 0).await.unwrap();
+        let before = counters();
+        eight_reads(&threads).await;
+        assert_eq!(counters(), before, "aio=threads used the ring");
+
+        let ring = open(aio::Engine::Ring, 0).await.unwrap();
+        let before = counters();
+        eight_reads(&ring).await;
+        let after = counters();
+        assert_eq!(after.requests - before.requests, 8);
+        assert_eq!(after.submissions - before.submissions, 1, "one batch");
+
+        let one_by_one = open(aio::Engine::Ring, 1).await.unwrap();
+        let before = counters();
+        eight_reads(&one_by_one).await;
+        let after = counters();
+        assert_eq!(after.requests - before.requests, 8);
+        assert_eq!(after.submissions - before.submissions, 8, "batches of one");
+    });
+}

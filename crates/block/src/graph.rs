@@ -581,6 +581,12 @@ impl Graph {
                     let file_ref = take_child_ref(&mut options, "file", path)?;
                     let backing_ref = options.remove("backing");
                     let opts: Qcow2Options = parse_options(Value::Object(options), syntax, path)?;
+                    opts.validate().map_err(|e| {
+                        QmpError::generic(match path {
+                            Some(path) => qualify_member(&e, path),
+                            None => e,
+                        })
+                    })?;
                     if opts.data_file.is_some() || opts.encrypt.is_some() {
                         return Err(QmpError::generic(
                             "qcow2 external data files and encryption are not supported",
@@ -594,6 +600,7 @@ impl Graph {
                     let header = Qcow2::probe_header(&file)
                         .await
                         .map_err(QmpError::generic)?;
+                    opts.check(&header).map_err(QmpError::generic)?;
                     pending.claim_position(&name);
                     let implicit_backing = backing_ref.is_none();
                     let backing = match backing_ref {

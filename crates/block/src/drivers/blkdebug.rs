@@ -162,6 +162,56 @@ pub struct Blkdebug {
 
 const SECTOR: u64 = 512;
 
+impl BlkdebugOptions {
+    /// The request limits, checked as QEMU checks them (each a multiple of what it builds
+    /// on, below 2 GiB), and then refused: blockd's blkdebug passes requests on as they
+    /// come, without the splitting and alignment QEMU's block layer would do for them.
+    fn check_limits(&self) -> Result<(), String> {
+        let fits = |value: u64, unit: u64| value < i32::MAX as u64 && value.is_multiple_of(unit);
+        let align = self.align.unwrap_or(0);
+        if align != 0 && (align >= i32::MAX as u64 || !align.is_power_of_two()) {
+            return Err(format!("Cannot meet constraints with align {align}"));
+        }
+        // QEMU's unit is the larger of `align` and the image's own request alignment, which
+        // is 1 for the files blockd opens through blkdebug's image without O_DIRECT.
+        let unit = align.max(1);
+        let opt_write_zero = self.opt_write_zero.unwrap_or(0);
+        let opt_discard = self.opt_discard.unwrap_or(0);
+        for (name, value, unit) in [
+            ("max-transfer", self.max_transfer, unit),
+            ("opt-write-zero", self.opt_write_zero, unit),
+            (
+                "max-write-zero",
+                self.max_write_zero,
+                unit.max(opt_write_zero),
+            ),
+            ("opt-discard", self.opt_discard, unit),
+            ("max-discard", self.max_discard, unit.max(opt_discard)),
+        ] {
+            if let Some(value) = value.filter(|&v| v != 0) {
+                if !fits(value, unit) {
+                    return Err(format!("Cannot meet constraints with {name} {value}"));
+                }
+            }
+        }
+        for (name, value) in [
+            ("align", self.align),
+            ("max-transfer", self.max_transfer),
+            ("opt-write-zero", self.opt_write_zero),
+            ("max-write-zero", self.max_write_zero),
+            ("opt-discard", self.opt_discard),
+            ("max-discard", self.max_discard),
+        ] {
+            if value.is_some_and(|v| v != 0) {
+                return Err(format!(
+                    "blockd's blkdebug does not support {name}: it passes requests on without splitting or aligning them"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Blkdebug {
     pub fn new(image: Arc<Child>, opts: BlkdebugOptions) -> Result<Blkdebug, String> {
         if opts.config.is_some() {
@@ -169,6 +219,7 @@ impl Blkdebug {
                 "blkdebug config files are not supported; use inject-error and set-state".into(),
             );
         }
+        opts.check_limits()?;
         let active = opts
             .inject_error
             .iter()

@@ -4,7 +4,7 @@
 use crate::node::{CommonOptions, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::perm::Perms;
 use crate::Driver;
-use aio::{ImageFile, Locking, OpenOptions};
+use aio::{Engine, ImageFile, Locking, OpenOptions};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -16,11 +16,18 @@ use std::sync::Arc;
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct FileOptions {
     pub filename: String,
+    /// blockd has no pr-manager objects, so any id is refused with QEMU's text for an
+    /// unknown one.
     pub pr_manager: Option<String>,
     pub locking: Option<OnOffAuto>,
     pub aio: Option<AioMode>,
-    pub aio_max_batch: Option<u64>,
+    /// 0 or less: no limit, as in QEMU.
+    pub aio_max_batch: Option<i64>,
+    /// QEMU drops the page cache when it activates an inactive node (migration hand-over);
+    /// blockd's nodes are never inactive, so as in qsd for an active node there is never
+    /// a cache to drop and both values behave alike.
     pub drop_cache: Option<bool>,
+    /// QEMU's debug check after that drop; never reached for the same reason.
     pub x_check_cache_dropped: Option<bool>,
 }
 
@@ -32,7 +39,10 @@ pub enum OnOffAuto {
     Auto,
 }
 
-/// Accepted for compatibility; blockd always uses io_uring where the kernel offers it.
+/// Where requests run. `threads`: the blocking pool, as in QEMU. `native` asks for the
+/// kernel's asynchronous I/O, which is io_uring here (Linux AIO in QEMU), and like QEMU
+/// needs cache.direct=on. `io_uring`: the I/O thread's ring, refused where the kernel has
+/// none. Unset: the ring where there is one, else the pool.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AioMode {
@@ -48,6 +58,8 @@ pub struct FileDriver {
     file: ArcSwap<ImageFile>,
     direct: bool,
     locking: Locking,
+    engine: Engine,
+    max_batch: usize,
     /// auto-read-only fell back to a read-only open. As in QEMU the node still counts as
     /// writable, and a writer is refused when it attaches (see `apply_perms`).
     fell_back_read_only: bool,
@@ -59,6 +71,23 @@ impl FileDriver {
         opts: FileOptions,
         common: &CommonOptions,
     ) -> Result<FileDriver, String> {
+        if let Some(id) = &opts.pr_manager {
+            return Err(format!("No persistent reservation manager with id '{id}'"));
+        }
+        let engine = match opts.aio {
+            Some(AioMode::Threads) => Engine::Threads,
+            Some(AioMode::Native) if !common.cache_direct => {
+                return Err("aio=native was specified, but it requires cache.direct=on, which was not specified.".into());
+            }
+            Some(AioMode::IoUring) if !aio::uring_available() => {
+                return Err("Unable to use io_uring: the kernel does not offer it".into());
+            }
+            Some(AioMode::Native | AioMode::IoUring) | None => Engine::Ring,
+        };
+        let max_batch = opts
+            .aio_max_batch
+            .filter(|&n| n > 0)
+            .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
         let locking = match (opts.locking, common.force_share) {
             (Some(OnOffAuto::Off), _) => Locking::Off,
             // force-share asks for no exclusion at all: take no lock bytes that could refuse others.
@@ -71,6 +100,8 @@ impl FileDriver {
                 .writable(writable)
                 .direct(common.cache_direct)
                 .locking(locking)
+                .engine(engine)
+                .max_batch(max_batch)
                 .open()
         };
         let mut fell_back_read_only = false;
@@ -98,6 +129,8 @@ impl FileDriver {
             file: ArcSwap::from_pointee(file),
             direct: common.cache_direct,
             locking,
+            engine,
+            max_batch,
             fell_back_read_only,
         })
     }
@@ -237,6 +270,8 @@ impl Driver for FileDriver {
             .writable(writable)
             .direct(self.direct)
             .locking(self.locking)
+            .engine(self.engine)
+            .max_batch(self.max_batch)
             .open()
             .await;
         let new = match reopened {

@@ -18,6 +18,7 @@
 mod batch;
 mod bitmaps;
 mod header;
+mod options;
 mod snapshots;
 mod storage;
 pub use storage::NodeStorage;
@@ -46,6 +47,7 @@ use std::sync::Arc;
 use storage::HeaderPatch;
 use tokio::sync::RwLock;
 
+/// The runtime options (see `options.rs` for which ones this driver honours).
 #[derive(Deserialize, Debug, Default)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Qcow2Options {
@@ -59,7 +61,7 @@ pub struct Qcow2Options {
     pub l2_cache_size: Option<u64>,
     pub l2_cache_entry_size: Option<u64>,
     pub refcount_cache_size: Option<u64>,
-    pub cache_clean_interval: Option<u64>,
+    pub cache_clean_interval: Option<i64>,
     pub encrypt: Option<serde_json::Value>,
     pub data_file: Option<serde_json::Value>,
 }
