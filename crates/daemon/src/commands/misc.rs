@@ -6,6 +6,11 @@ use crate::daemon::Daemon;
 use qapi::error::QmpError;
 use serde_json::{json, Map, Value};
 
+/// The version in the QMP greeting and query-version. The `qemu` numbers are those of the
+/// qemu-storage-daemon whose commands and behaviour blockd matches (10.0.2, the one its
+/// differential tests run against): management tools pick features and work-arounds from
+/// them, and a blockd version there would make them take blockd for an ancient QEMU.
+/// `package` names blockd and its own version, so that whoever looks can tell the two apart.
 pub fn version_json() -> Value {
     json!({
         "qemu": {"major": 10, "minor": 0, "micro": 2},
