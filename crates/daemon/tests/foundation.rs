@@ -532,6 +532,22 @@ async fn a_silent_nbd_server_times_out_and_the_daemon_answers_meanwhile() {
     daemon.quit(&mut other).await;
 }
 
+/// qemu-nbd serving the raw `image` on the unix socket `sock`.
+fn serve_raw_image(sock: &Path, image: &Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "-k",
+                &sock.to_string_lossy(),
+                &image.to_string_lossy(),
+            ])
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", missing_peer("qemu-nbd"))),
+    )
+}
+
 /// With open-timeout, a server that is not there yet is tried again until it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_timeout_waits_for_a_server_that_starts_late() {
@@ -548,18 +564,7 @@ async fn open_timeout_waits_for_a_server_that_starts_late() {
     );
     let server = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        KillOnDrop(
-            Command::new("qemu-nbd")
-                .args([
-                    "-f",
-                    "raw",
-                    "-k",
-                    &sock.to_string_lossy(),
-                    &image.to_string_lossy(),
-                ])
-                .spawn()
-                .unwrap_or_else(|e| panic!("{}: {e}", missing_peer("qemu-nbd"))),
-        )
+        serve_raw_image(&sock, &image)
     };
     let (added, _server) = tokio::join!(add, server);
     added.unwrap();
@@ -592,18 +597,7 @@ async fn a_name_taken_while_a_node_opens_is_refused_at_the_end() {
             )
             .await
             .unwrap();
-        KillOnDrop(
-            Command::new("qemu-nbd")
-                .args([
-                    "-f",
-                    "raw",
-                    "-k",
-                    &sock.to_string_lossy(),
-                    &image.to_string_lossy(),
-                ])
-                .spawn()
-                .unwrap_or_else(|e| panic!("{}: {e}", missing_peer("qemu-nbd"))),
-        )
+        serve_raw_image(&sock, &image)
     };
     let (added, _server) = tokio::join!(add, meanwhile);
     assert_eq!(

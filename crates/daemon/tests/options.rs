@@ -20,27 +20,19 @@ fn cases(dir: &std::path::Path) -> Vec<(&'static str, Value, Expect)> {
     let image = p(dir, "v3.qcow2");
     let file = json!({"driver": "file", "filename": image});
     let v2 = json!({"driver": "file", "filename": p(dir, "v2.qcow2")});
-    let file_with = |extra: Value| {
-        let mut node = json!({"driver": "file", "node-name": "n", "filename": image});
+    let with = |base: &Value, extra: Value| {
+        let mut node = base.clone();
         node.as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
         node
     };
-    let qcow2_with = |extra: Value| {
-        let mut node = json!({"driver": "qcow2", "node-name": "n", "file": file});
-        node.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        node
-    };
-    let blkdebug_with = |extra: Value| {
-        let mut node = json!({"driver": "blkdebug", "node-name": "n", "image": file});
-        node.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        node
-    };
+    let file_node = json!({"driver": "file", "node-name": "n", "filename": image});
+    let qcow2_node = json!({"driver": "qcow2", "node-name": "n", "file": file});
+    let blkdebug_node = json!({"driver": "blkdebug", "node-name": "n", "image": file});
+    let file_with = |extra| with(&file_node, extra);
+    let qcow2_with = |extra| with(&qcow2_node, extra);
+    let blkdebug_with = |extra| with(&blkdebug_node, extra);
     vec![
         (
             "aio native, cached",
