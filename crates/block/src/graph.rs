@@ -1,23 +1,13 @@
 //! The block graph: which nodes exist, who owns them, and how blockdev-add options become
 //! nodes (children inline or by reference, implicit backing chains, generated names).
 
-use crate::drivers::blkdebug::{Blkdebug, BlkdebugOptions};
-use crate::drivers::cbw::{CbwOptions, CopyBeforeWrite, SnapshotAccess};
-use crate::drivers::file::{FileDriver, FileOptions};
-use crate::drivers::nbd::{NbdDriver, NbdOptions};
-use crate::drivers::null::{Null, NullOptions};
-use crate::drivers::qcow2::{Qcow2, Qcow2Options};
-use crate::drivers::raw::{Raw, RawOptions};
-use crate::drivers::throttle::{Throttle, ThrottleOptions};
-use crate::node::{CommonOptions, DetectZeroes, Driver, Node, Parent};
-use crate::perm::Perms;
+use crate::node::{CommonOptions, DetectZeroes, Node, Parent};
+use crate::open::{parse_options, prefixed, Opener};
 use crate::throttle::ThrottleGroups;
 use futures::future::LocalBoxFuture;
 use qapi::error::QmpError;
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 
 /// Every driver name QEMU 10 knows, so that a known-but-unsupported driver gets a clearer
@@ -121,11 +111,6 @@ enum DetectZeroesOption {
     Unmap,
 }
 
-/// Drivers whose only option is their child.
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct NoDriverOptions {}
-
 #[derive(Deserialize, Debug, Default)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct CacheOptions {
@@ -194,7 +179,7 @@ pub struct Graph {
 
 /// Nodes opened by one blockdev-add, registered together only if all of it succeeds.
 #[derive(Default)]
-struct Pending {
+pub(crate) struct Pending {
     nodes: Vec<Arc<Node>>,
     /// Names in QEMU's listing order: a node counts from when its driver opened, which for
     /// a format is after its file and before its backing chain.
@@ -202,11 +187,11 @@ struct Pending {
 }
 
 impl Pending {
-    fn find(&self, name: &str) -> Option<Arc<Node>> {
+    pub(crate) fn find(&self, name: &str) -> Option<Arc<Node>> {
         self.nodes.iter().find(|n| n.name() == name).cloned()
     }
 
-    fn claim_position(&mut self, name: &str) {
+    pub(crate) fn claim_position(&mut self, name: &str) {
         if !self.order.iter().any(|n| n == name) {
             self.order.push(name.to_string());
         }
@@ -459,7 +444,7 @@ impl Graph {
         format!("#block{counter}{salt:02}")
     }
 
-    fn open_node<'a>(
+    pub(crate) fn open_node<'a>(
         &'a self,
         mut options: Map<String, Value>,
         syntax: OptionSyntax,
@@ -531,223 +516,22 @@ impl Graph {
                 .iter()
                 .filter_map(|k| open_options.get(*k).map(|v| (k.to_string(), v.clone())))
                 .collect();
-            let ctx = OpenContext {
+            let entry = crate::open::lookup(&driver_name).ok_or_else(|| {
+                QmpError::generic(format!("Driver '{driver_name}' is not supported by blockd"))
+            })?;
+            let mut opener = Opener {
+                graph: self,
+                pending,
                 name: &name,
+                driver_name: &driver_name,
                 syntax,
                 path,
                 inherited: &inherited,
+                common: &common,
+                children: Vec::new(),
             };
-
-            let mut children = Vec::new();
-            let driver: Box<dyn Driver> = match driver_name.as_str() {
-                "file" | "host_device" => {
-                    let opts: FileOptions = parse_options(Value::Object(options), syntax, path)?;
-                    Box::new(
-                        FileDriver::open(&driver_name, opts, &common)
-                            .await
-                            .map_err(QmpError::generic)?,
-                    )
-                }
-                "null-co" | "null-aio" => {
-                    let opts: NullOptions = parse_options(Value::Object(options), syntax, path)?;
-                    let driver_name = if driver_name == "null-co" {
-                        "null-co"
-                    } else {
-                        "null-aio"
-                    };
-                    Box::new(Null::new(driver_name, opts))
-                }
-                "raw" => {
-                    let file_ref = take_child_ref(&mut options, "file", path)?;
-                    let opts: RawOptions = parse_options(Value::Object(options), syntax, path)?;
-                    let (perm, shared) = Raw::default_child_perms();
-                    let file = self
-                        .open_child(&ctx, file_ref, "file", perm, shared, pending)
-                        .await?;
-                    children.push(file.clone());
-                    Box::new(Raw::new(file, opts).map_err(QmpError::generic)?)
-                }
-                "blkdebug" => {
-                    let image_ref = take_child_ref(&mut options, "image", path)?;
-                    let opts: BlkdebugOptions =
-                        parse_options(Value::Object(options), syntax, path)?;
-                    let image = self
-                        .open_child(&ctx, image_ref, "image", Perms::NONE, Perms::ALL, pending)
-                        .await?;
-                    children.push(image.clone());
-                    Box::new(Blkdebug::new(image, opts).map_err(QmpError::generic)?)
-                }
-                "qcow2" => {
-                    let file_ref = take_child_ref(&mut options, "file", path)?;
-                    let backing_ref = options.remove("backing");
-                    let opts: Qcow2Options = parse_options(Value::Object(options), syntax, path)?;
-                    opts.validate().map_err(|e| {
-                        QmpError::generic(match path {
-                            Some(path) => qualify_member(&e, path),
-                            None => e,
-                        })
-                    })?;
-                    if opts.data_file.is_some() || opts.encrypt.is_some() {
-                        return Err(QmpError::generic(
-                            "qcow2 external data files and encryption are not supported",
-                        ));
-                    }
-                    let (perm, shared) = Qcow2::default_child_perms("file", common.read_only);
-                    let file = self
-                        .open_child(&ctx, file_ref, "file", perm, shared, pending)
-                        .await?;
-                    children.push(file.clone());
-                    let header = Qcow2::probe_header(&file)
-                        .await
-                        .map_err(QmpError::generic)?;
-                    opts.check(&header).map_err(QmpError::generic)?;
-                    pending.claim_position(&name);
-                    let implicit_backing = backing_ref.is_none();
-                    let backing = match backing_ref {
-                        Some(Value::Null) => None,
-                        Some(reference) => Some(
-                            self.open_child(
-                                &ctx,
-                                reference,
-                                "backing",
-                                Perms::NONE,
-                                Perms::ALL,
-                                pending,
-                            )
-                            .await?,
-                        ),
-                        None => match &header.backing_file {
-                            Some(backing_file) => Some(
-                                self.open_implicit_backing(
-                                    &ctx,
-                                    &file.node(),
-                                    backing_file,
-                                    header.backing_format.as_deref(),
-                                    pending,
-                                )
-                                .await?,
-                            ),
-                            None => None,
-                        },
-                    };
-                    if let Some(backing) = &backing {
-                        children.push(backing.clone());
-                    }
-                    Box::new(
-                        Qcow2::open(file, backing, implicit_backing, header, !common.read_only)
-                            .await
-                            .map_err(QmpError::generic)?,
-                    )
-                }
-                "copy-before-write" => {
-                    let file_ref = take_child_ref(&mut options, "file", path)?;
-                    let target_ref = take_child_ref(&mut options, "target", path)?;
-                    let opts: CbwOptions = parse_options(Value::Object(options), syntax, path)?;
-                    let bitmap = match &opts.bitmap {
-                        Some(r) => {
-                            let owner = self
-                                .find(&r.node)
-                                .or_else(|| pending.find(&r.node))
-                                .ok_or_else(|| {
-                                    QmpError::generic(format!(
-                                        "Cannot find device='' nor node-name='{}'",
-                                        r.node
-                                    ))
-                                })?;
-                            Some(owner.dirty_bitmap(&r.name).ok_or_else(|| {
-                                QmpError::generic(format!("Dirty bitmap '{}' not found", r.name))
-                            })?)
-                        }
-                        None => None,
-                    };
-                    let file = self
-                        .open_child(
-                            &ctx,
-                            file_ref,
-                            "file",
-                            Perms::CONSISTENT_READ,
-                            Perms::ALL & !Perms::RESIZE,
-                            pending,
-                        )
-                        .await?;
-                    let target = self
-                        .open_child(
-                            &ctx,
-                            target_ref,
-                            "target",
-                            Perms::WRITE,
-                            Perms::ALL & !Perms::RESIZE,
-                            pending,
-                        )
-                        .await?;
-                    let min_cluster = opts.min_cluster_size.unwrap_or(0);
-                    crate::drivers::cbw::check_min_cluster_size(min_cluster)
-                        .map_err(QmpError::generic)?;
-                    let cluster =
-                        CopyBeforeWrite::cluster_size_for(&target.node()).max(min_cluster);
-                    children.push(file.clone());
-                    children.push(target.clone());
-                    Box::new(CopyBeforeWrite::new(
-                        file,
-                        target,
-                        cluster,
-                        bitmap.as_deref(),
-                        opts.on_cbw_error.unwrap_or_default(),
-                        opts.cbw_timeout
-                            .filter(|&s| s > 0)
-                            .map(std::time::Duration::from_secs),
-                    ))
-                }
-                "snapshot-access" => {
-                    let file_ref = take_child_ref(&mut options, "file", path)?;
-                    parse_options::<NoDriverOptions>(Value::Object(options), syntax, path)?;
-                    let file = self
-                        .open_child(
-                            &ctx,
-                            file_ref,
-                            "file",
-                            Perms::CONSISTENT_READ,
-                            Perms::ALL,
-                            pending,
-                        )
-                        .await?;
-                    children.push(file.clone());
-                    Box::new(SnapshotAccess::new(file).map_err(QmpError::generic)?)
-                }
-                "throttle" => {
-                    let file_ref = take_child_ref(&mut options, "file", path)?;
-                    let opts: ThrottleOptions =
-                        parse_options(Value::Object(options), syntax, path)?;
-                    let group =
-                        self.throttle_groups
-                            .get(&opts.throttle_group)
-                            .ok_or_else(|| {
-                                QmpError::generic(format!(
-                                    "Throttle group '{}' does not exist",
-                                    opts.throttle_group
-                                ))
-                            })?;
-                    let file = self
-                        .open_child(&ctx, file_ref, "file", Perms::NONE, Perms::ALL, pending)
-                        .await?;
-                    children.push(file.clone());
-                    Box::new(Throttle::new(file, &group, false))
-                }
-                "nbd" => {
-                    let opts: NbdOptions = parse_options(Value::Object(options), syntax, path)?;
-                    let (addr, filename) = nbd_server_addr(opts.server.clone(), syntax, path)?;
-                    Box::new(
-                        NbdDriver::open(addr, filename, &opts, common.read_only)
-                            .await
-                            .map_err(QmpError::generic)?,
-                    )
-                }
-                other => {
-                    return Err(QmpError::generic(format!(
-                        "Driver '{other}' is not supported by blockd"
-                    )))
-                }
-            };
+            let driver = (entry.open)(&mut opener, options).await?;
+            let children = std::mem::take(&mut opener.children);
             let node = Node::new(name, implicit, driver, common, open_options);
             for bitmap in node.driver().take_loaded_bitmaps() {
                 node.add_dirty_bitmap(bitmap);
@@ -759,94 +543,6 @@ impl Graph {
             pending.nodes.push(node.clone());
             Ok(node)
         })
-    }
-
-    async fn open_child(
-        &self,
-        ctx: &OpenContext<'_>,
-        reference: Value,
-        role: &str,
-        perm: Perms,
-        shared: Perms,
-        pending: &mut Pending,
-    ) -> Result<Arc<crate::node::Child>, QmpError> {
-        // An edge to a node others can see is a graph change: no blockdev-del or reopen
-        // may come between finding the node and attaching to it.
-        let mut changing = None;
-        let target = match reference {
-            Value::String(name) => match pending.find(&name) {
-                Some(node) => node,
-                None => {
-                    changing = Some(self.change.lock().await);
-                    self.find(&name).ok_or_else(|| {
-                        QmpError::generic(format!(
-                            "Cannot find device='{name}' nor node-name='{name}'"
-                        ))
-                    })?
-                }
-            },
-            Value::Object(mut child_options) => {
-                for (key, value) in ctx.inherited {
-                    child_options.entry(key.clone()).or_insert(value.clone());
-                }
-                let child_path = prefixed(ctx.path, role);
-                self.open_node(child_options, ctx.syntax, false, Some(&child_path), pending)
-                    .await?
-            }
-            _ => {
-                return Err(QmpError::generic(format!(
-                    "Invalid parameter type for '{}', expected: BlockdevRef",
-                    prefixed(ctx.path, role)
-                )))
-            }
-        };
-        let edge = crate::node::Node::attach(
-            &target,
-            role,
-            Parent::Node(ctx.name.to_string()),
-            perm,
-            shared,
-        )
-        .map_err(QmpError::generic);
-        drop(changing);
-        edge
-    }
-
-    /// Open the backing file named in an image header as read-only implicit nodes.
-    async fn open_implicit_backing(
-        &self,
-        ctx: &OpenContext<'_>,
-        overlay_file: &Arc<Node>,
-        backing_file: &str,
-        backing_format: Option<&str>,
-        pending: &mut Pending,
-    ) -> Result<Arc<crate::node::Child>, QmpError> {
-        let overlay_filename = overlay_file.driver().info(overlay_file).filename;
-        let path = resolve_backing_path(&overlay_filename, backing_file);
-        let format = match backing_format {
-            Some(format) => format.to_string(),
-            None => probe_format(&path),
-        };
-        let options = json!({
-            "driver": format,
-            "read-only": true,
-            "file": {"driver": "file", "filename": path},
-        });
-        let Value::Object(options) = options else {
-            unreachable!("json! object literal")
-        };
-        let target = self
-            .open_node(options, OptionSyntax::Json, false, None, pending)
-            .await
-            .map_err(|e| QmpError::generic(format!("Could not open backing file: {}", e.desc)))?;
-        crate::node::Node::attach(
-            &target,
-            "backing",
-            Parent::Node(ctx.name.to_string()),
-            Perms::NONE,
-            Perms::ALL,
-        )
-        .map_err(QmpError::generic)
     }
 }
 
@@ -863,14 +559,6 @@ fn check_names_free(registry: &Registry, pending: &Pending) -> Result<(), QmpErr
         ))),
         None => Ok(()),
     }
-}
-
-#[derive(Clone, Copy)]
-struct OpenContext<'a> {
-    name: &'a str,
-    syntax: OptionSyntax,
-    path: Option<&'a str>,
-    inherited: &'a Map<String, Value>,
 }
 
 async fn flush_subtree(node: &Arc<Node>) {
@@ -906,80 +594,6 @@ fn not_found(device: &str, node_name: &str) -> QmpError {
     ))
 }
 
-fn prefixed(path: Option<&str>, key: &str) -> String {
-    match path {
-        Some(path) => format!("{path}.{key}"),
-        None => key.to_string(),
-    }
-}
-
-fn take_child_ref(
-    options: &mut Map<String, Value>,
-    role: &str,
-    path: Option<&str>,
-) -> Result<Value, QmpError> {
-    options.remove(role).ok_or_else(|| {
-        QmpError::generic(format!("Parameter '{}' is missing", prefixed(path, role)))
-    })
-}
-
-/// The nbd driver's `server`: a flat SocketAddress keyed by `type`.
-fn nbd_server_addr(
-    mut server: Map<String, Value>,
-    syntax: OptionSyntax,
-    path: Option<&str>,
-) -> Result<(nbd::client::ConnectAddr, String), QmpError> {
-    let server_path = prefixed(path, "server");
-    let kind = server.remove("type");
-    match kind.as_ref().and_then(Value::as_str) {
-        Some("unix") => NbdDriver::unix_addr(parse_options(
-            Value::Object(server),
-            syntax,
-            Some(&server_path),
-        )?)
-        .map_err(QmpError::generic),
-        Some("inet") => NbdDriver::inet_addr(parse_options(
-            Value::Object(server),
-            syntax,
-            Some(&server_path),
-        )?)
-        .map_err(QmpError::generic),
-        Some(other) => Err(QmpError::generic(format!(
-            "Parameter '{server_path}.type' does not accept value '{other}'"
-        ))),
-        None => Err(QmpError::generic(format!(
-            "Parameter '{server_path}.type' is missing"
-        ))),
-    }
-}
-
-/// Deserialize driver options with QEMU's error texts, naming nested members by their path.
-fn parse_options<T: DeserializeOwned>(
-    value: Value,
-    syntax: OptionSyntax,
-    path: Option<&str>,
-) -> Result<T, QmpError> {
-    let result = match syntax {
-        OptionSyntax::Json => qapi::de::from_value(value),
-        OptionSyntax::Keyval => qapi::de::from_keyval(value),
-    };
-    result.map_err(|e| match path {
-        Some(path) => QmpError {
-            desc: qualify_member(&e.desc, path),
-            ..e
-        },
-        None => e,
-    })
-}
-
-/// Turn "Parameter 'x' ..." into "Parameter 'path.x' ..." for members of an inline child.
-fn qualify_member(desc: &str, path: &str) -> String {
-    match desc.find('\'') {
-        Some(start) => format!("{}{path}.{}", &desc[..=start], &desc[start + 1..]),
-        None => desc.to_string(),
-    }
-}
-
 /// QEMU's rules: a letter first, then letters, digits, '-', '.', '_'; at most 31 bytes.
 fn check_node_name(name: &str) -> Result<(), QmpError> {
     let mut chars = name.chars();
@@ -992,30 +606,6 @@ fn check_node_name(name: &str) -> Result<(), QmpError> {
         return Err(QmpError::generic("Node name too long"));
     }
     Ok(())
-}
-
-/// A relative backing name is relative to the directory of the overlay's file.
-fn resolve_backing_path(overlay_filename: &str, backing: &str) -> String {
-    if Path::new(backing).is_absolute() {
-        return backing.to_string();
-    }
-    match Path::new(overlay_filename).parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => {
-            dir.join(backing).to_string_lossy().into_owned()
-        }
-        _ => backing.to_string(),
-    }
-}
-
-/// The format of a backing file whose overlay does not name it: qcow2 by its magic, else raw.
-fn probe_format(path: &str) -> String {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let is_qcow2 = std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"QFI\xfb";
-    if is_qcow2 { "qcow2" } else { "raw" }.to_string()
 }
 
 /// QEMU's `json:{...}` filename for nodes whose own options say more than a plain name.
@@ -1128,33 +718,5 @@ mod tests {
             "Node name too long"
         );
         assert!(check_node_name(&"a".repeat(31)).is_ok());
-    }
-
-    #[test]
-    fn backing_paths_are_relative_to_the_overlay() {
-        assert_eq!(
-            resolve_backing_path("top.qcow2", "base.qcow2"),
-            "base.qcow2"
-        );
-        assert_eq!(
-            resolve_backing_path("/d/top.qcow2", "base.qcow2"),
-            "/d/base.qcow2"
-        );
-        assert_eq!(resolve_backing_path("/d/top.qcow2", "/e/base"), "/e/base");
-    }
-
-    #[test]
-    fn nested_members_are_qualified() {
-        assert_eq!(
-            qualify_member("Parameter 'filename' is missing", "file"),
-            "Parameter 'file.filename' is missing"
-        );
-        assert_eq!(
-            qualify_member(
-                "Invalid parameter type for 'size', expected: integer",
-                "file"
-            ),
-            "Invalid parameter type for 'file.size', expected: integer"
-        );
     }
 }

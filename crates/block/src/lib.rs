@@ -9,6 +9,7 @@ pub mod graph;
 pub mod info;
 pub mod iothread;
 pub mod node;
+pub mod open;
 pub mod perm;
 pub mod range_lock;
 pub mod stats;

@@ -11,10 +11,13 @@
 //! set-state rules for the event then change the state.
 
 use crate::node::{Child, DriverInfo, Extent, Node, WriteFlags};
+use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
+use qapi::error::QmpError;
 use serde::Deserialize;
+use serde_json::{Map, Value};
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -416,4 +419,23 @@ impl Driver for Blkdebug {
     fn extends_on_write(&self) -> bool {
         self.image().driver().extends_on_write()
     }
+}
+
+pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    names: &["blkdebug"],
+    open: |o, options| Box::pin(open(o, options)),
+};
+
+async fn open(
+    o: &mut Opener<'_>,
+    mut options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let image_ref = o.take_child_ref(&mut options, "image")?;
+    let opts: BlkdebugOptions = o.parse(options)?;
+    let image = o
+        .open_child(image_ref, "image", Perms::NONE, Perms::ALL)
+        .await?;
+    Ok(Box::new(
+        Blkdebug::new(image, opts).map_err(QmpError::generic)?,
+    ))
 }

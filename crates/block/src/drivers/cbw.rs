@@ -5,10 +5,13 @@
 
 use crate::copy::{BlockCopy, ClusterBitmap};
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
+use qapi::error::QmpError;
 use serde::Deserialize;
+use serde_json::{Map, Value};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -348,4 +351,81 @@ impl Driver for SnapshotAccess {
             ..DriverInfo::default()
         }
     }
+}
+
+pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    names: &["copy-before-write"],
+    open: |o, options| Box::pin(open_cbw(o, options)),
+};
+
+pub(crate) const SNAPSHOT_ACCESS: DriverEntry = DriverEntry {
+    names: &["snapshot-access"],
+    open: |o, options| Box::pin(open_snapshot_access(o, options)),
+};
+
+async fn open_cbw(
+    o: &mut Opener<'_>,
+    mut options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let file_ref = o.take_child_ref(&mut options, "file")?;
+    let target_ref = o.take_child_ref(&mut options, "target")?;
+    let opts: CbwOptions = o.parse(options)?;
+    let bitmap =
+        match &opts.bitmap {
+            Some(r) => {
+                let owner = o.find_node(&r.node).ok_or_else(|| {
+                    QmpError::generic(format!("Cannot find device='' nor node-name='{}'", r.node))
+                })?;
+                Some(owner.dirty_bitmap(&r.name).ok_or_else(|| {
+                    QmpError::generic(format!("Dirty bitmap '{}' not found", r.name))
+                })?)
+            }
+            None => None,
+        };
+    let file = o
+        .open_child(
+            file_ref,
+            "file",
+            Perms::CONSISTENT_READ,
+            Perms::ALL & !Perms::RESIZE,
+        )
+        .await?;
+    let target = o
+        .open_child(
+            target_ref,
+            "target",
+            Perms::WRITE,
+            Perms::ALL & !Perms::RESIZE,
+        )
+        .await?;
+    let min_cluster = opts.min_cluster_size.unwrap_or(0);
+    check_min_cluster_size(min_cluster).map_err(QmpError::generic)?;
+    let cluster = CopyBeforeWrite::cluster_size_for(&target.node()).max(min_cluster);
+    Ok(Box::new(CopyBeforeWrite::new(
+        file,
+        target,
+        cluster,
+        bitmap.as_deref(),
+        opts.on_cbw_error.unwrap_or_default(),
+        opts.cbw_timeout.filter(|&s| s > 0).map(Duration::from_secs),
+    )))
+}
+
+/// snapshot-access takes no options of its own.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotAccessOptions {}
+
+async fn open_snapshot_access(
+    o: &mut Opener<'_>,
+    mut options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let file_ref = o.take_child_ref(&mut options, "file")?;
+    o.parse::<SnapshotAccessOptions>(options)?;
+    let file = o
+        .open_child(file_ref, "file", Perms::CONSISTENT_READ, Perms::ALL)
+        .await?;
+    Ok(Box::new(
+        SnapshotAccess::new(file).map_err(QmpError::generic)?,
+    ))
 }

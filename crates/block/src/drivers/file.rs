@@ -2,13 +2,16 @@
 //! with a thread-pool fallback), locked like QEMU locks its images.
 
 use crate::node::{CommonOptions, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
 use aio::{Engine, ImageFile, Locking, OpenOptions};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::json;
+use serde_json::{Map, Value};
 use std::io;
 use std::sync::Arc;
 
@@ -292,4 +295,20 @@ impl Driver for FileDriver {
         self.file.store(Arc::new(new));
         Ok(())
     }
+}
+
+pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    names: &["file", "host_device"],
+    open: |o, options| Box::pin(open(o, options)),
+};
+
+async fn open(
+    o: &mut Opener<'_>,
+    options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let opts: FileOptions = o.parse(options)?;
+    let driver = FileDriver::open(o.driver_name(), opts, o.common())
+        .await
+        .map_err(QmpError::generic)?;
+    Ok(Box::new(driver))
 }

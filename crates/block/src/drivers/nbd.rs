@@ -7,12 +7,14 @@
 //! reconnects, retrying for up to `reconnect-delay` seconds.
 
 use crate::node::{DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
 use nbd::backend::ZeroFlags;
 use nbd::client::{Client, ClientOptions, ConnectAddr};
 use nbd::InetOptions;
+use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::cell::RefCell;
@@ -429,5 +431,46 @@ impl Driver for NbdDriver {
             filename: self.filename.clone(),
             ..DriverInfo::default()
         }
+    }
+}
+
+pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    names: &["nbd"],
+    open: |o, options| Box::pin(open(o, options)),
+};
+
+async fn open(
+    o: &mut Opener<'_>,
+    options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let opts: NbdOptions = o.parse(options)?;
+    let (addr, filename) = server_addr(o, opts.server.clone())?;
+    let driver = NbdDriver::open(addr, filename, &opts, o.common().read_only)
+        .await
+        .map_err(QmpError::generic)?;
+    Ok(Box::new(driver))
+}
+
+/// The driver's `server`: a flat SocketAddress keyed by `type`.
+fn server_addr(
+    o: &Opener<'_>,
+    mut server: Map<String, Value>,
+) -> Result<(ConnectAddr, String), QmpError> {
+    let kind = server.remove("type");
+    match kind.as_ref().and_then(Value::as_str) {
+        Some("unix") => {
+            NbdDriver::unix_addr(o.parse_member(server, "server")?).map_err(QmpError::generic)
+        }
+        Some("inet") => {
+            NbdDriver::inet_addr(o.parse_member(server, "server")?).map_err(QmpError::generic)
+        }
+        Some(other) => Err(QmpError::generic(format!(
+            "Parameter '{}.type' does not accept value '{other}'",
+            o.member_path("server")
+        ))),
+        None => Err(QmpError::generic(format!(
+            "Parameter '{}.type' is missing",
+            o.member_path("server")
+        ))),
     }
 }

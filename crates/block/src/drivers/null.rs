@@ -1,10 +1,13 @@
 //! `null-co` / `null-aio`: a disk of a given size that stores nothing (for tests and benches).
 
 use crate::node::{DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
+use qapi::error::QmpError;
 use serde::Deserialize;
+use serde_json::{Map, Value};
 use std::io;
 use std::time::Duration;
 
@@ -107,4 +110,22 @@ impl Driver for Null {
             ..DriverInfo::default()
         }
     }
+}
+
+pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    names: &["null-co", "null-aio"],
+    open: |o, options| Box::pin(open(o, options)),
+};
+
+async fn open(
+    o: &mut Opener<'_>,
+    options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let opts: NullOptions = o.parse(options)?;
+    let name = if o.driver_name() == "null-co" {
+        "null-co"
+    } else {
+        "null-aio"
+    };
+    Ok(Box::new(Null::new(name, opts)))
 }

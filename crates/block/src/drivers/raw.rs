@@ -5,10 +5,13 @@
 
 use crate::drivers::blkdebug::BlkdebugEvent;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
+use qapi::error::QmpError;
 use serde::Deserialize;
+use serde_json::{Map, Value};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -146,4 +149,20 @@ impl Driver for Raw {
             ..DriverInfo::default()
         }
     }
+}
+
+pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    names: &["raw"],
+    open: |o, options| Box::pin(open(o, options)),
+};
+
+async fn open(
+    o: &mut Opener<'_>,
+    mut options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let file_ref = o.take_child_ref(&mut options, "file")?;
+    let opts: RawOptions = o.parse(options)?;
+    let (perm, shared) = Raw::default_child_perms();
+    let file = o.open_child(file_ref, "file", perm, shared).await?;
+    Ok(Box::new(Raw::new(file, opts).map_err(QmpError::generic)?))
 }

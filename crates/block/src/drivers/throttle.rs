@@ -2,12 +2,15 @@
 //! child to the limits of a throttle group, shared with the group's other throttle nodes.
 
 use crate::node::{Child, CommonOptions, DriverInfo, Extent, ExtentKind, Node, Parent, WriteFlags};
+use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::throttle::{Direction, Membership, ThrottleConfig, ThrottleGroup};
 use crate::{Driver, Graph};
 use async_trait::async_trait;
+use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::json;
+use serde_json::{Map, Value};
 use std::io;
 use std::sync::Arc;
 
@@ -203,4 +206,27 @@ pub async fn set_io_throttle(
     graph.insert_filter(node, &filter).await;
     filter.refresh_perms()?;
     Ok(())
+}
+
+pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    names: &["throttle"],
+    open: |o, options| Box::pin(open(o, options)),
+};
+
+async fn open(
+    o: &mut Opener<'_>,
+    mut options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let file_ref = o.take_child_ref(&mut options, "file")?;
+    let opts: ThrottleOptions = o.parse(options)?;
+    let group = o.throttle_group(&opts.throttle_group).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Throttle group '{}' does not exist",
+            opts.throttle_group
+        ))
+    })?;
+    let file = o
+        .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
+        .await?;
+    Ok(Box::new(Throttle::new(file, &group, false)))
 }

@@ -28,6 +28,7 @@ pub use snapshots::SnapshotInfo;
 
 use crate::bitmap::DirtyBitmap;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
@@ -39,7 +40,9 @@ use imago::qcow2::Qcow2 as ImagoQcow2;
 use imago::raw::Raw as ImagoRaw;
 use imago::storage::ext::StorageExt;
 use imago::{FormatAccess, Mapping};
+use qapi::error::QmpError;
 use serde::Deserialize;
+use serde_json::Map;
 use serde_json::{json, Value};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -723,4 +726,57 @@ async fn write_mapped_first(
 async fn persist(access: &FormatAccess<NodeStorage>) -> io::Result<()> {
     access.flush().await?;
     access.sync().await
+}
+
+pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    names: &["qcow2"],
+    open: |o, options| Box::pin(open(o, options)),
+};
+
+/// The file, then the header, then the backing chain: given, none (`null`), or the one the
+/// header names.
+async fn open(
+    o: &mut Opener<'_>,
+    mut options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let file_ref = o.take_child_ref(&mut options, "file")?;
+    let backing_ref = options.remove("backing");
+    let opts: Qcow2Options = o.parse(options)?;
+    opts.validate().map_err(|e| o.qualify(e))?;
+    if opts.data_file.is_some() || opts.encrypt.is_some() {
+        return Err(QmpError::generic(
+            "qcow2 external data files and encryption are not supported",
+        ));
+    }
+    let read_only = o.common().read_only;
+    let (perm, shared) = Qcow2::default_child_perms("file", read_only);
+    let file = o.open_child(file_ref, "file", perm, shared).await?;
+    let header = Qcow2::probe_header(&file)
+        .await
+        .map_err(QmpError::generic)?;
+    opts.check(&header).map_err(QmpError::generic)?;
+    o.claim_position();
+    let implicit_backing = backing_ref.is_none();
+    let backing = match backing_ref {
+        Some(Value::Null) => None,
+        Some(reference) => Some(
+            o.open_child(reference, "backing", Perms::NONE, Perms::ALL)
+                .await?,
+        ),
+        None => match &header.backing_file {
+            Some(backing_file) => Some(
+                o.open_backing_from_header(
+                    &file.node(),
+                    backing_file,
+                    header.backing_format.as_deref(),
+                )
+                .await?,
+            ),
+            None => None,
+        },
+    };
+    let driver = Qcow2::open(file, backing, implicit_backing, header, !read_only)
+        .await
+        .map_err(QmpError::generic)?;
+    Ok(Box::new(driver))
 }

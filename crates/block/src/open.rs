@@ -1,0 +1,343 @@
+//! Opening a node: the registry of drivers, and the [`Opener`] a driver's open function is
+//! handed to parse its options and open its own children, as QEMU's drivers call
+//! bdrv_open_child.
+//!
+//! Adding a driver is one module with an open function and one line in [`DRIVERS`].
+//! Everything an open creates is recorded in the graph's pending set and registered only
+//! if the whole blockdev-add succeeds; a failure drops it all.
+
+use crate::drivers::{blkdebug, cbw, file, nbd, null, qcow2, raw, throttle};
+use crate::graph::{Graph, OptionSyntax, Pending};
+use crate::node::{Child, CommonOptions, Driver, Node, Parent};
+use crate::perm::Perms;
+use crate::throttle::ThrottleGroup;
+use futures::future::LocalBoxFuture;
+use qapi::error::QmpError;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Map, Value};
+use std::path::Path;
+use std::sync::Arc;
+
+/// How a driver opens: it gets its own options (the common ones taken out) and returns the
+/// driver, its children opened through the `Opener`.
+pub type OpenFn = for<'a, 'b> fn(
+    &'a mut Opener<'b>,
+    Map<String, Value>,
+) -> LocalBoxFuture<'a, Result<Box<dyn Driver>, QmpError>>;
+
+/// One registered driver.
+pub struct DriverEntry {
+    /// The `driver` values it serves (`file` and `host_device` share one).
+    pub names: &'static [&'static str],
+    pub open: OpenFn,
+}
+
+/// Every driver blockd has. The schema's BlockdevDriver lists exactly these (a test in the
+/// daemon checks it).
+pub const DRIVERS: &[DriverEntry] = &[
+    file::DRIVER,
+    null::DRIVER,
+    raw::DRIVER,
+    qcow2::DRIVER,
+    blkdebug::DRIVER,
+    nbd::DRIVER,
+    cbw::DRIVER,
+    cbw::SNAPSHOT_ACCESS,
+    throttle::DRIVER,
+];
+
+/// The names of all registered drivers.
+pub fn driver_names() -> impl Iterator<Item = &'static str> {
+    DRIVERS.iter().flat_map(|d| d.names.iter().copied())
+}
+
+pub(crate) fn lookup(name: &str) -> Option<&'static DriverEntry> {
+    DRIVERS.iter().find(|d| d.names.contains(&name))
+}
+
+/// What a driver's open function works with: its node's name and common options, the
+/// option syntax, and the graph to open children in.
+pub struct Opener<'b> {
+    pub(crate) graph: &'b Graph,
+    pub(crate) pending: &'b mut Pending,
+    pub(crate) name: &'b str,
+    pub(crate) driver_name: &'b str,
+    pub(crate) syntax: OptionSyntax,
+    /// Where this node's options sit inside the blockdev-add (`file`, `backing.file`), for
+    /// error texts; None for the root.
+    pub(crate) path: Option<&'b str>,
+    /// Options a child inherits when it does not set them (QEMU's inherited options).
+    pub(crate) inherited: &'b Map<String, Value>,
+    pub(crate) common: &'b CommonOptions,
+    pub(crate) children: Vec<Arc<Child>>,
+}
+
+impl Opener<'_> {
+    /// The `driver` value this node was opened with.
+    pub fn driver_name(&self) -> &str {
+        self.driver_name
+    }
+
+    pub fn common(&self) -> &CommonOptions {
+        self.common
+    }
+
+    /// Deserialize the driver's options with QEMU's texts, members named by their path.
+    pub fn parse<T: DeserializeOwned>(&self, options: Map<String, Value>) -> Result<T, QmpError> {
+        parse_options(Value::Object(options), self.syntax, self.path)
+    }
+
+    /// Like `parse`, for the options of a member (`server` of nbd).
+    pub fn parse_member<T: DeserializeOwned>(
+        &self,
+        options: Map<String, Value>,
+        member: &str,
+    ) -> Result<T, QmpError> {
+        parse_options(
+            Value::Object(options),
+            self.syntax,
+            Some(&prefixed(self.path, member)),
+        )
+    }
+
+    /// `member` with this node's path in front, as QEMU names it in texts.
+    pub fn member_path(&self, member: &str) -> String {
+        prefixed(self.path, member)
+    }
+
+    /// A "Parameter 'x' ..." text about one of this node's members, its path put in.
+    pub fn qualify(&self, desc: String) -> QmpError {
+        QmpError::generic(match self.path {
+            Some(path) => qualify_member(&desc, path),
+            None => desc,
+        })
+    }
+
+    /// Take the reference of a child the driver requires.
+    pub fn take_child_ref(
+        &self,
+        options: &mut Map<String, Value>,
+        role: &str,
+    ) -> Result<Value, QmpError> {
+        options.remove(role).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Parameter '{}' is missing",
+                prefixed(self.path, role)
+            ))
+        })
+    }
+
+    /// A node by name: one the graph has, or one this blockdev-add opened already.
+    pub fn find_node(&self, name: &str) -> Option<Arc<Node>> {
+        self.pending.find(name).or_else(|| self.graph.find(name))
+    }
+
+    pub fn throttle_group(&self, name: &str) -> Option<Arc<ThrottleGroup>> {
+        self.graph.throttle_groups.get(name)
+    }
+
+    /// The node counts from now in QEMU's listing order (a format after its file, before
+    /// its backing chain).
+    pub fn claim_position(&mut self) {
+        self.pending.claim_position(self.name);
+    }
+
+    /// Open (inline options) or find (a node name) the child in `role` and attach it with
+    /// these permissions; it becomes one of the node's children.
+    pub async fn open_child(
+        &mut self,
+        reference: Value,
+        role: &str,
+        perm: Perms,
+        shared: Perms,
+    ) -> Result<Arc<Child>, QmpError> {
+        // An edge to a node others can see is a graph change: no blockdev-del or reopen
+        // may come between finding the node and attaching to it.
+        let mut changing = None;
+        let target = match reference {
+            Value::String(name) => match self.pending.find(&name) {
+                Some(node) => node,
+                None => {
+                    changing = Some(self.graph.lock_changes().await);
+                    self.graph.find(&name).ok_or_else(|| {
+                        QmpError::generic(format!(
+                            "Cannot find device='{name}' nor node-name='{name}'"
+                        ))
+                    })?
+                }
+            },
+            Value::Object(mut child_options) => {
+                for (key, value) in self.inherited {
+                    child_options.entry(key.clone()).or_insert(value.clone());
+                }
+                let child_path = prefixed(self.path, role);
+                self.graph
+                    .open_node(
+                        child_options,
+                        self.syntax,
+                        false,
+                        Some(&child_path),
+                        self.pending,
+                    )
+                    .await?
+            }
+            _ => {
+                return Err(QmpError::generic(format!(
+                    "Invalid parameter type for '{}', expected: BlockdevRef",
+                    prefixed(self.path, role)
+                )))
+            }
+        };
+        let edge = Node::attach(
+            &target,
+            role,
+            Parent::Node(self.name.to_string()),
+            perm,
+            shared,
+        )
+        .map_err(QmpError::generic)?;
+        drop(changing);
+        self.children.push(edge.clone());
+        Ok(edge)
+    }
+
+    /// Open the backing file an image header names, read-only and implicit, relative to
+    /// the overlay's file, in the format the header names (else probed), and make it the
+    /// node's backing child.
+    pub async fn open_backing_from_header(
+        &mut self,
+        overlay_file: &Arc<Node>,
+        backing_file: &str,
+        backing_format: Option<&str>,
+    ) -> Result<Arc<Child>, QmpError> {
+        let overlay_filename = overlay_file.driver().info(overlay_file).filename;
+        let path = resolve_backing_path(&overlay_filename, backing_file);
+        let format = match backing_format {
+            Some(format) => format.to_string(),
+            None => probe_format(&path),
+        };
+        let options = json!({
+            "driver": format,
+            "read-only": true,
+            "file": {"driver": "file", "filename": path},
+        });
+        let Value::Object(options) = options else {
+            unreachable!("json! object literal")
+        };
+        let target = self
+            .graph
+            .open_node(options, OptionSyntax::Json, false, None, self.pending)
+            .await
+            .map_err(|e| QmpError::generic(format!("Could not open backing file: {}", e.desc)))?;
+        let edge = Node::attach(
+            &target,
+            "backing",
+            Parent::Node(self.name.to_string()),
+            Perms::NONE,
+            Perms::ALL,
+        )
+        .map_err(QmpError::generic)?;
+        self.children.push(edge.clone());
+        Ok(edge)
+    }
+}
+
+pub(crate) fn prefixed(path: Option<&str>, key: &str) -> String {
+    match path {
+        Some(path) => format!("{path}.{key}"),
+        None => key.to_string(),
+    }
+}
+
+/// Deserialize driver options with QEMU's error texts, naming nested members by their path.
+pub(crate) fn parse_options<T: DeserializeOwned>(
+    value: Value,
+    syntax: OptionSyntax,
+    path: Option<&str>,
+) -> Result<T, QmpError> {
+    let result = match syntax {
+        OptionSyntax::Json => qapi::de::from_value(value),
+        OptionSyntax::Keyval => qapi::de::from_keyval(value),
+    };
+    result.map_err(|e| match path {
+        Some(path) => QmpError {
+            desc: qualify_member(&e.desc, path),
+            ..e
+        },
+        None => e,
+    })
+}
+
+/// Turn "Parameter 'x' ..." into "Parameter 'path.x' ..." for members of an inline child.
+fn qualify_member(desc: &str, path: &str) -> String {
+    match desc.find('\'') {
+        Some(start) => format!("{}{path}.{}", &desc[..=start], &desc[start + 1..]),
+        None => desc.to_string(),
+    }
+}
+
+/// A relative backing name is relative to the directory of the overlay's file.
+fn resolve_backing_path(overlay_filename: &str, backing: &str) -> String {
+    if Path::new(backing).is_absolute() {
+        return backing.to_string();
+    }
+    match Path::new(overlay_filename).parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            dir.join(backing).to_string_lossy().into_owned()
+        }
+        _ => backing.to_string(),
+    }
+}
+
+/// The format of a backing file whose overlay does not name it: qcow2 by its magic, else raw.
+fn probe_format(path: &str) -> String {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let is_qcow2 = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"QFI\xfb";
+    if is_qcow2 { "qcow2" } else { "raw" }.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backing_paths_are_relative_to_the_overlay() {
+        assert_eq!(
+            resolve_backing_path("top.qcow2", "base.qcow2"),
+            "base.qcow2"
+        );
+        assert_eq!(
+            resolve_backing_path("/d/top.qcow2", "base.qcow2"),
+            "/d/base.qcow2"
+        );
+        assert_eq!(resolve_backing_path("/d/top.qcow2", "/e/base"), "/e/base");
+    }
+
+    #[test]
+    fn nested_members_are_qualified() {
+        assert_eq!(
+            qualify_member("Parameter 'filename' is missing", "file"),
+            "Parameter 'file.filename' is missing"
+        );
+        assert_eq!(
+            qualify_member(
+                "Invalid parameter type for 'size', expected: integer",
+                "file"
+            ),
+            "Invalid parameter type for 'file.size', expected: integer"
+        );
+    }
+
+    #[test]
+    fn every_name_is_registered_once() {
+        let mut names: Vec<&str> = driver_names().collect();
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count);
+    }
+}
