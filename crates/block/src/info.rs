@@ -11,8 +11,7 @@ use std::sync::Arc;
 fn image_info(node: &Arc<Node>) -> Value {
     let info = node.driver().info(node);
     let mut image = Map::new();
-    if let Some(qcow2) = node.driver_as::<crate::drivers::qcow2::Qcow2>() {
-        let snapshots = qcow2.snapshots();
+    if let Ok(snapshots) = node.driver().internal_snapshots() {
         if !snapshots.is_empty() {
             let list: Vec<Value> = snapshots.iter().map(|s| s.to_json()).collect();
             image.insert("snapshots".into(), Value::Array(list));

@@ -11,7 +11,7 @@ use crate::threshold::{ThresholdHook, WriteThreshold};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use qapi::error::QmpError;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -72,6 +72,38 @@ pub struct DriverInfo {
     pub format_specific: Option<Value>,
     pub backing_filename: Option<String>,
     pub backing_format: Option<String>,
+}
+
+/// One internal snapshot of an image (QEMU's SnapshotInfo).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub vm_state_size: u64,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    /// Instructions counted when icount was on; None when it was not.
+    pub icount: Option<u64>,
+}
+
+impl SnapshotInfo {
+    /// SnapshotInfo as QMP reports it.
+    pub fn to_json(&self) -> Value {
+        let mut value = json!({
+            "id": self.id,
+            "name": self.name,
+            "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec,
+            "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec / 1_000_000_000,
+            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
+        });
+        if let Some(icount) = self.icount {
+            value["icount"] = json!(icount);
+        }
+        value
+    }
 }
 
 /// The format- or protocol-specific part of a node.
@@ -178,6 +210,48 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
     /// A blkdebug event fired at this node by its parent or the node layer (QEMU's
     /// bdrv_debug_event).
     fn debug_event(&self, _event: BlkdebugEvent) {}
+
+    /// Record `file` (a name, or none) and its `format` as the backing file in the image's
+    /// own metadata (qcow2's header), without touching the graph. ENOTSUP where the format
+    /// records none.
+    async fn change_backing_file(
+        &self,
+        _node: &Node,
+        _file: Option<&str>,
+        _format: Option<&str>,
+    ) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    /// Whether the format keeps internal snapshots (qcow2).
+    fn supports_internal_snapshots(&self) -> bool {
+        false
+    }
+
+    /// The image's internal snapshots. ENOTSUP without `supports_internal_snapshots`.
+    fn internal_snapshots(&self) -> io::Result<Vec<SnapshotInfo>> {
+        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    /// Take an internal snapshot named `name` of the node's current content.
+    async fn create_internal_snapshot(
+        &self,
+        _node: &Node,
+        _name: &str,
+    ) -> io::Result<SnapshotInfo> {
+        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    /// Delete the internal snapshot that `id` and `name` (those given) both match; None
+    /// when there is none.
+    async fn delete_internal_snapshot(
+        &self,
+        _node: &Node,
+        _id: Option<&str>,
+        _name: Option<&str>,
+    ) -> io::Result<Option<SnapshotInfo>> {
+        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
 
     /// Whether the format can keep persistent dirty bitmaps in the image (qcow2).
     fn can_store_persistent_bitmaps(&self) -> bool {

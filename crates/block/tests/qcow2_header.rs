@@ -3,7 +3,6 @@
 
 mod common;
 
-use block::drivers::qcow2::Qcow2;
 use block::{Node, WriteFlags};
 use common::{check_clean, run, Setup};
 use serde_json::{json, Value};
@@ -24,10 +23,8 @@ fn path(dir: &Path, name: &str) -> String {
 }
 
 async fn set_backing(node: &Node, file: Option<&str>, format: Option<&str>) -> std::io::Result<()> {
-    node.driver_as::<Qcow2>()
-        .expect("a qcow2 node")
-        .set_backing_file(node, file, format)
-        .await
+    assert_eq!(node.driver().format_name(), "qcow2");
+    node.driver().change_backing_file(node, file, format).await
 }
 
 fn backing_of(node: &Arc<Node>) -> (Option<String>, Option<String>) {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use block::drivers::qcow2::{Qcow2, SnapshotInfo};
+use block::node::SnapshotInfo;
 use block::WriteFlags;
 use common::{check_clean, run, Setup};
 use serde_json::{json, Value};
@@ -83,17 +83,15 @@ impl Setup {
     fn create(&self, name: &str) -> std::io::Result<SnapshotInfo> {
         let name = name.to_string();
         self.on_node(move |node| async move {
-            let qcow2 = node.driver_as::<Qcow2>().unwrap();
-            qcow2.create_snapshot(&node, &name).await
+            node.driver().create_internal_snapshot(&node, &name).await
         })
     }
 
     fn delete(&self, id: Option<&str>, name: Option<&str>) -> Option<SnapshotInfo> {
         let (id, name) = (id.map(str::to_string), name.map(str::to_string));
         self.on_node(move |node| async move {
-            let qcow2 = node.driver_as::<Qcow2>().unwrap();
-            qcow2
-                .delete_snapshot(&node, id.as_deref(), name.as_deref())
+            node.driver()
+                .delete_internal_snapshot(&node, id.as_deref(), name.as_deref())
                 .await
                 .unwrap()
         })
@@ -101,7 +99,7 @@ impl Setup {
 
     fn list(&self) -> Vec<SnapshotInfo> {
         let node = self.graph.find("disk").unwrap();
-        let list = node.driver_as::<Qcow2>().unwrap().snapshots();
+        let list = node.driver().internal_snapshots().unwrap();
         list
     }
 }

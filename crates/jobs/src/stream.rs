@@ -189,9 +189,10 @@ pub(crate) async fn rewrite_backing_header(
     backing: Option<&Arc<Node>>,
     name: Option<&str>,
 ) -> io::Result<()> {
-    let Some(qcow2) = node.driver_as::<block::drivers::qcow2::Qcow2>() else {
+    // A format without a backing file has no name to record.
+    if !node.driver().supports_backing() {
         return Ok(());
-    };
+    }
     let (file, format) = match backing {
         Some(b) => (
             Some(
@@ -202,7 +203,9 @@ pub(crate) async fn rewrite_backing_header(
         ),
         None => (None, None),
     };
-    qcow2.set_backing_file(node, file.as_deref(), format).await
+    node.driver()
+        .change_backing_file(node, file.as_deref(), format)
+        .await
 }
 
 /// Replace `node`'s backing edge by one to `backing` (or none), in the graph and in imago.

@@ -2,7 +2,6 @@
 
 use crate::daemon::Daemon;
 use block::drivers::file::os_error_text;
-use block::drivers::qcow2::Qcow2;
 
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -55,14 +54,10 @@ pub async fn change_backing_file(
         daemon
             .io
             .run(move || async move {
-                match image.driver_as::<Qcow2>() {
-                    Some(qcow2) => {
-                        qcow2
-                            .set_backing_file(&image, Some(&name), Some(format))
-                            .await
-                    }
-                    None => Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)),
-                }
+                image
+                    .driver()
+                    .change_backing_file(&image, Some(&name), Some(format))
+                    .await
             })
             .await
     };

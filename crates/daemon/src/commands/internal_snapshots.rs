@@ -5,7 +5,7 @@
 
 use crate::daemon::Daemon;
 use block::drivers::file::os_error_text;
-use block::drivers::qcow2::{Qcow2, SnapshotInfo};
+use block::node::SnapshotInfo;
 use block::{DrainedSection, Node};
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -39,12 +39,9 @@ impl TakenInternalSnapshot {
         let result = daemon
             .io
             .run(move || async move {
-                let qcow2 = self
-                    .node
-                    .driver_as::<Qcow2>()
-                    .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOTSUP))?;
-                qcow2
-                    .delete_snapshot(&self.node, Some(&self.id), Some(&self.name))
+                self.node
+                    .driver()
+                    .delete_internal_snapshot(&self.node, Some(&self.id), Some(&self.name))
                     .await
             })
             .await;
@@ -56,10 +53,7 @@ impl TakenInternalSnapshot {
 
 /// The node's snapshots as it knows them (as QEMU, from the table read at open).
 fn list(node: &Node) -> std::io::Result<Vec<SnapshotInfo>> {
-    match node.driver_as::<Qcow2>() {
-        Some(qcow2) => Ok(qcow2.snapshots()),
-        None => Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)),
-    }
+    node.driver().internal_snapshots()
 }
 
 pub(super) async fn prepare_internal_snapshot(
@@ -75,7 +69,7 @@ pub(super) async fn prepare_internal_snapshot(
     if node.read_only() {
         return Err(QmpError::generic(format!("Device '{device}' is read only")));
     }
-    if node.driver_as::<Qcow2>().is_none() {
+    if !node.driver().supports_internal_snapshots() {
         return Err(QmpError::generic(format!(
             "Block format '{}' used by device '{device}' does not support internal snapshots",
             node.driver().format_name()
@@ -101,10 +95,10 @@ pub(super) async fn prepare_internal_snapshot(
     let created = daemon
         .io
         .run(move || async move {
-            let qcow2 = target
-                .driver_as::<Qcow2>()
-                .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOTSUP))?;
-            qcow2.create_snapshot(&target, &name).await
+            target
+                .driver()
+                .create_internal_snapshot(&target, &name)
+                .await
         })
         .await
         .map_err(|e| {
@@ -172,11 +166,8 @@ pub async fn blockdev_snapshot_delete_internal_sync(
     let deleted = daemon
         .io
         .run(move || async move {
-            let qcow2 = node
-                .driver_as::<Qcow2>()
-                .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOTSUP))?;
-            qcow2
-                .delete_snapshot(&node, id.as_deref(), name.as_deref())
+            node.driver()
+                .delete_internal_snapshot(&node, id.as_deref(), name.as_deref())
                 .await
         })
         .await

@@ -24,10 +24,9 @@ mod storage;
 pub use storage::NodeStorage;
 
 pub use header::Header;
-pub use snapshots::SnapshotInfo;
 
 use crate::bitmap::DirtyBitmap;
-use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, SnapshotInfo, WriteFlags};
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
@@ -276,7 +275,7 @@ impl Qcow2 {
     /// writes of its header keep the new name (see [`HeaderPatch`]). A read-only image (a
     /// layer below the active one) is written through a short-lived writable handle, as
     /// QEMU reopens it read-write for the change.
-    pub async fn set_backing_file(
+    async fn set_backing_file(
         &self,
         node: &Node,
         file: Option<&str>,
@@ -314,6 +313,36 @@ impl Qcow2 {
 
 #[async_trait(?Send)]
 impl Driver for Qcow2 {
+    async fn change_backing_file(
+        &self,
+        node: &Node,
+        file: Option<&str>,
+        format: Option<&str>,
+    ) -> io::Result<()> {
+        self.set_backing_file(node, file, format).await
+    }
+
+    fn supports_internal_snapshots(&self) -> bool {
+        true
+    }
+
+    fn internal_snapshots(&self) -> io::Result<Vec<SnapshotInfo>> {
+        Ok(self.snapshots())
+    }
+
+    async fn create_internal_snapshot(&self, node: &Node, name: &str) -> io::Result<SnapshotInfo> {
+        self.create_snapshot(node, name).await
+    }
+
+    async fn delete_internal_snapshot(
+        &self,
+        node: &Node,
+        id: Option<&str>,
+        name: Option<&str>,
+    ) -> io::Result<Option<SnapshotInfo>> {
+        self.delete_snapshot(node, id, name).await
+    }
+
     fn format_name(&self) -> &'static str {
         "qcow2"
     }

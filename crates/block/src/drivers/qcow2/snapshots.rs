@@ -32,8 +32,7 @@
 
 use super::bitmaps::{self, Refcounts};
 use super::{open_access, persist, Qcow2};
-use crate::node::{Child, Node, WriteFlags};
-use serde_json::{json, Value};
+use crate::node::{Child, Node, SnapshotInfo, WriteFlags};
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::Ordering;
@@ -50,19 +49,6 @@ const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// QEMU's limits for the table, which we keep so QEMU can open what we write.
 const MAX_SNAPSHOTS: usize = 65536;
 const MAX_TABLE_SIZE: u64 = 64 << 20;
-
-/// One snapshot as the table records it (and as SnapshotInfo reports it).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SnapshotInfo {
-    pub id: String,
-    pub name: String,
-    pub vm_state_size: u64,
-    pub date_sec: u32,
-    pub date_nsec: u32,
-    pub vm_clock_nsec: u64,
-    /// Instructions counted when icount was on; None when it was not.
-    pub icount: Option<u64>,
-}
 
 /// A snapshot table entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -441,28 +427,9 @@ pub(super) async fn load_list(file: &Child) -> io::Result<Vec<SnapshotInfo>> {
     Ok(entries.iter().map(Entry::info).collect())
 }
 
-impl SnapshotInfo {
-    /// SnapshotInfo as QMP reports it.
-    pub fn to_json(&self) -> Value {
-        let mut value = json!({
-            "id": self.id,
-            "name": self.name,
-            "vm-state-size": self.vm_state_size,
-            "date-sec": self.date_sec,
-            "date-nsec": self.date_nsec,
-            "vm-clock-sec": self.vm_clock_nsec / 1_000_000_000,
-            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
-        });
-        if let Some(icount) = self.icount {
-            value["icount"] = json!(icount);
-        }
-        value
-    }
-}
-
 impl Qcow2 {
     /// The snapshots the image holds (as known since open: see `snapshot_list`).
-    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+    pub(super) fn snapshots(&self) -> Vec<SnapshotInfo> {
         self.snapshot_list.lock().unwrap().clone()
     }
 
@@ -471,7 +438,11 @@ impl Qcow2 {
     }
 
     /// Take an internal snapshot named `name` of the node's current content.
-    pub async fn create_snapshot(&self, node: &Node, name: &str) -> io::Result<SnapshotInfo> {
+    pub(super) async fn create_snapshot(
+        &self,
+        node: &Node,
+        name: &str,
+    ) -> io::Result<SnapshotInfo> {
         node.drain().await;
         let result = self.with_imago_quiet(node, self.do_create(name)).await;
         node.undrain();
@@ -487,7 +458,7 @@ impl Qcow2 {
 
     /// Delete the snapshot that `id` and `name` (those given) both match; None when there
     /// is none.
-    pub async fn delete_snapshot(
+    pub(super) async fn delete_snapshot(
         &self,
         node: &Node,
         id: Option<&str>,
