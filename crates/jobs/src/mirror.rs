@@ -17,7 +17,7 @@ use crate::policy::ErrorAction;
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use aio::pool::PoolBuf;
 use async_trait::async_trait;
-use block::drivers::mirror_top::{MirrorState, MirrorTop};
+use block::drivers::mirror_top::MirrorState;
 use block::node::WriteFlags;
 use block::{Child, Graph, Node};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -137,20 +137,26 @@ enum CopyError {
     Write(io::Error),
 }
 
+/// The mirror_top node the job's setup inserted above the source, and the state it shares
+/// with the job (its dirty bitmap, the target edge, the copy mode).
+pub struct MirrorFilter {
+    pub node: Arc<Node>,
+    pub state: Arc<MirrorState>,
+}
+
 impl MirrorJob {
     pub fn new(
         graph: Arc<Graph>,
         source: Arc<Node>,
         target: Arc<Node>,
-        filter: Arc<Node>,
+        filter: MirrorFilter,
         config: MirrorConfig,
         job_edges: Vec<Arc<Child>>,
     ) -> MirrorJob {
-        let state = filter
-            .driver_as::<MirrorTop>()
-            .expect("the filter is a mirror_top node")
-            .state()
-            .clone();
+        let MirrorFilter {
+            node: filter,
+            state,
+        } = filter;
         MirrorJob {
             graph,
             source,

@@ -9,7 +9,6 @@ use crate::policy::ErrorAction;
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use aio::pool::PoolBuf;
 use async_trait::async_trait;
-use block::drivers::cor::CopyOnRead;
 use block::node::{ExtentKind, WriteFlags};
 use block::range_lock::RangeLock;
 use block::{Child, Graph, Node};
@@ -25,6 +24,8 @@ pub struct StreamJob {
     device: Arc<Node>,
     base: Option<Arc<Node>>,
     filter: Arc<Node>,
+    /// The filter's locks on ranges being copied, which guest writes wait for.
+    ranges: Arc<RangeLock>,
     /// The name written into the header for the new backing (else the base's filename).
     backing_file: Option<String>,
     /// The job's writing edge on the device.
@@ -41,6 +42,8 @@ pub struct StreamSetup {
     pub device: Arc<Node>,
     pub base: Option<Arc<Node>>,
     pub filter: Arc<Node>,
+    /// The copy-on-read filter's range locks (`CopyOnRead::ranges`).
+    pub ranges: Arc<RangeLock>,
     pub backing_file: Option<String>,
     pub write_edge: Arc<Child>,
     pub job_edges: Vec<Arc<Child>>,
@@ -54,20 +57,13 @@ impl StreamJob {
             device: setup.device,
             base: setup.base,
             filter: setup.filter,
+            ranges: setup.ranges,
             backing_file: setup.backing_file,
             write_edge: Mutex::new(Some(setup.write_edge)),
             job_edges: Mutex::new(setup.job_edges),
             reopened: setup.reopened,
             incomplete: AtomicBool::new(false),
         }
-    }
-
-    fn ranges(&self) -> Arc<RangeLock> {
-        self.filter
-            .driver_as::<CopyOnRead>()
-            .expect("the filter is a copy-on-read node")
-            .ranges()
-            .clone()
     }
 
     fn write_edge(&self) -> io::Result<Arc<Child>> {
@@ -81,7 +77,7 @@ impl StreamJob {
     /// Copy what lies above the base into the device for one step. Errors say whether
     /// they came from reading (true) or writing.
     async fn copy_step(&self, offset: u64, len: u64) -> Result<(), (io::Error, bool)> {
-        let ranges = self.ranges();
+        let ranges = self.ranges.clone();
         let _held = ranges.lock(offset, offset + len).await;
         let target = self.write_edge().map_err(|e| (e, false))?;
         let end = offset + len;

@@ -231,10 +231,12 @@ pub async fn block_stream(
                 Perms::CONSISTENT_READ,
                 Perms::ALL & !Perms::RESIZE,
             )?;
+            let cor = CopyOnRead::default();
+            let ranges = cor.ranges().clone();
             let filter = Node::new(
                 filter_name,
                 true,
-                Box::new(CopyOnRead::default()),
+                Box::new(cor),
                 CommonOptions::default(),
                 json!({"driver": "copy-on-read", "file": device.name()}),
             );
@@ -245,6 +247,7 @@ pub async fn block_stream(
                 device,
                 base: setup_base,
                 filter,
+                ranges,
                 backing_file,
                 write_edge,
                 job_edges,
@@ -432,7 +435,7 @@ async fn start_active_commit(
     let granularity = block::bitmap::default_granularity(base.driver().info(&base).cluster_size);
     let graph = daemon.graph.clone();
     let (setup_top, setup_base) = (top.clone(), base.clone());
-    let (filter, job_edges, target_reopened) = daemon
+    let (mirror_filter, job_edges, target_reopened) = daemon
         .io
         .run(move || async move {
             let target_reopened = setup_base.read_only();
@@ -457,9 +460,9 @@ async fn start_active_commit(
                 write_blocking: false,
                 target_perm: Perms::WRITE | Perms::RESIZE,
             };
-            let (filter, mut job_edges) = setup.insert_filter().await?;
+            let (mirror_filter, mut job_edges) = setup.insert_filter().await?;
             job_edges.extend(extra_edges);
-            Ok::<_, String>((filter, job_edges, target_reopened))
+            Ok::<_, String>((mirror_filter, job_edges, target_reopened))
         })
         .await
         .map_err(QmpError::generic)?;
@@ -474,11 +477,12 @@ async fn start_active_commit(
         target_reopened,
         auto_write_blocking: false,
     };
+    let filter = mirror_filter.node.clone();
     let driver = Arc::new(MirrorJob::new(
         daemon.graph.clone(),
         top.clone(),
         base,
-        filter.clone(),
+        mirror_filter,
         config,
         job_edges,
     ));

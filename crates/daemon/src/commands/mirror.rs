@@ -5,7 +5,7 @@ use block::bitmap::DirtyBitmap;
 use block::drivers::mirror_top::{MirrorState, MirrorTop};
 use block::node::CommonOptions;
 use block::{Node, Parent, Perms};
-use jobs::mirror::{MirrorConfig, MirrorJob, MirrorSync};
+use jobs::mirror::{MirrorConfig, MirrorFilter, MirrorJob, MirrorSync};
 use jobs::{JobOptions, OnError};
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -245,11 +245,12 @@ async fn start_mirror(
         write_blocking,
         target_perm: Perms::WRITE,
     };
-    let (filter, job_edges) = daemon
+    let (mirror_filter, job_edges) = daemon
         .io
         .run(move || async move { setup.insert_filter().await })
         .await
         .map_err(QmpError::generic)?;
+    let filter = mirror_filter.node.clone();
     let config = MirrorConfig {
         sync,
         buf_size,
@@ -265,7 +266,7 @@ async fn start_mirror(
         daemon.graph.clone(),
         source.clone(),
         target,
-        filter.clone(),
+        mirror_filter,
         config,
         job_edges,
     ));
@@ -317,7 +318,7 @@ pub(super) struct Setup {
 
 impl Setup {
     /// Insert the filter with its dirty bitmap, and mark source and target as the job's.
-    pub async fn insert_filter(self) -> Result<(Arc<Node>, Vec<Arc<block::Child>>), String> {
+    pub async fn insert_filter(self) -> Result<(MirrorFilter, Vec<Arc<block::Child>>), String> {
         let job_parent = || Parent::Job {
             id: self.job_id.clone(),
             job_type: self.job_type,
@@ -355,14 +356,20 @@ impl Setup {
         let filter = Node::new(
             self.filter_name.clone(),
             true,
-            Box::new(MirrorTop::new(state)),
+            Box::new(MirrorTop::new(state.clone())),
             CommonOptions::default(),
             json!({"driver": "mirror_top", "backing": self.source.name()}),
         );
         filter.add_child(source_edge);
         filter.add_dirty_bitmap(bitmap);
         self.graph.insert_filter(&self.source, &filter).await;
-        Ok((filter, job_edges))
+        Ok((
+            MirrorFilter {
+                node: filter,
+                state,
+            },
+            job_edges,
+        ))
     }
 }
 
