@@ -9,7 +9,6 @@
 //! panic left poisoned makes the later users of the same state fail too, rather than work
 //! on state the panic may have left half changed.
 
-use futures::future::LocalBoxFuture;
 use futures::FutureExt;
 use std::future::Future;
 use std::io;
@@ -19,12 +18,11 @@ use std::sync::{Mutex, RwLock};
 use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
-/// Work for an I/O thread: a closure, run there, that makes the future to spawn locally.
-pub type IoJob = Box<dyn FnOnce() -> LocalBoxFuture<'static, ()> + Send>;
+pub use nbd::Work;
 
 pub struct IoThreads {
     /// Emptied on shutdown, which ends each thread's receive loop.
-    senders: RwLock<Vec<mpsc::UnboundedSender<IoJob>>>,
+    senders: RwLock<Vec<mpsc::UnboundedSender<Work>>>,
     count: usize,
     next: AtomicUsize,
     handles: Mutex<Vec<JoinHandle<()>>>,
@@ -90,7 +88,7 @@ impl IoThreads {
         let mut senders = Vec::with_capacity(count);
         let mut handles = Vec::with_capacity(count);
         for index in 0..count {
-            let (tx, rx) = mpsc::unbounded_channel::<IoJob>();
+            let (tx, rx) = mpsc::unbounded_channel::<Work>();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let handle = std::thread::Builder::new()
                 .name(format!("blockd-io{index}"))
@@ -118,14 +116,14 @@ impl IoThreads {
         self.next.fetch_add(1, Ordering::Relaxed) % self.count
     }
 
-    pub fn spawn_on(&self, thread: usize, job: IoJob) {
+    pub fn spawn_on(&self, thread: usize, job: Work) {
         // No sender means the daemon is shutting down; the job is moot then.
         if let Some(tx) = self.senders.read().unwrap().get(thread % self.count) {
             let _ = tx.send(job);
         }
     }
 
-    pub fn spawn(&self, job: IoJob) {
+    pub fn spawn(&self, job: Work) {
         self.spawn_on(self.pick(), job);
     }
 
@@ -176,7 +174,7 @@ impl IoThreads {
 }
 
 fn run_thread(
-    mut rx: mpsc::UnboundedReceiver<IoJob>,
+    mut rx: mpsc::UnboundedReceiver<Work>,
     ready: std::sync::mpsc::Sender<io::Result<()>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -164,7 +164,7 @@ impl Daemon {
 /// Job events leave through the QMP event sink.
 struct JobEvents(qmp::EventSink);
 
-impl jobs::EventSink for JobEvents {
+impl jobs::JobEventSink for JobEvents {
     fn emit(&self, name: &str, data: Value) {
         self.0.emit(name, Some(data));
     }

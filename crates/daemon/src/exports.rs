@@ -8,7 +8,8 @@ use block::bitmap::DirtyBitmap;
 use block::drivers::nbd::{InetServer, UnixServer};
 use block::node::{ChainExtent, WriteFlags};
 use block::{Child, Node, Parent, Perms};
-use nbd::backend::{Backend, Capabilities, Extent, MetaContext, ZeroFlags};
+use nbd::backend::{Backend, Capabilities, MetaContext, StatusExtent, ZeroFlags};
+use nbd::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use nbd::server::{ExportError, ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent};
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -23,15 +24,10 @@ use tokio::sync::mpsc;
 struct IoSpawner(Arc<block::IoThreads>);
 
 impl nbd::spawn::Spawner for IoSpawner {
-    fn spawn(&self, job: nbd::spawn::Job) {
+    fn spawn(&self, job: nbd::Work) {
         self.0.spawn(job);
     }
 }
-
-/// NBD flags of base:allocation and qemu:dirty-bitmap.
-const STATE_HOLE: u32 = 1;
-const STATE_ZERO: u32 = 2;
-const STATE_DIRTY: u32 = 1;
 
 /// Most runs of a dirty bitmap sent in one block status reply; the client asks again for
 /// the rest.
@@ -141,7 +137,7 @@ impl Backend for NodeBackend {
         context: &MetaContext,
         offset: u64,
         len: u64,
-    ) -> io::Result<Vec<Extent>> {
+    ) -> io::Result<Vec<StatusExtent>> {
         if let MetaContext::DirtyBitmap(name) = context {
             return self.bitmap_status(name, offset, len);
         }
@@ -158,12 +154,12 @@ impl Backend for NodeBackend {
             MetaContext::AllocationDepth => depth,
             MetaContext::DirtyBitmap(_) => unreachable!("answered above"),
         };
-        Ok(vec![Extent { length: run, flags }])
+        Ok(vec![StatusExtent { length: run, flags }])
     }
 }
 
 impl NodeBackend {
-    fn bitmap_status(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    fn bitmap_status(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<StatusExtent>> {
         let bitmap = self
             .bitmaps
             .iter()
@@ -179,12 +175,12 @@ impl NodeBackend {
                 break;
             }
             let flags = if dirty { STATE_DIRTY } else { 0 };
-            extents.push(Extent { length: run, flags });
+            extents.push(StatusExtent { length: run, flags });
             pos += run;
         }
         if extents.is_empty() {
             // Past the bitmap's end (the node shrank): nothing there was written.
-            extents.push(Extent {
+            extents.push(StatusExtent {
                 length: len,
                 flags: 0,
             });

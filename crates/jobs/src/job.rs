@@ -2,13 +2,13 @@
 //! verbs applied to it, the events it emits, and the [`JobContext`] its driver works with.
 
 use crate::driver::{JobDriver, JobFailure, JobType};
-use crate::events::EventSink;
+use crate::events::JobEventSink;
 use crate::manager::JobManager;
 use crate::policy::{self, ErrorAction, IgnoreBackoff, IoStatus, OnError, PolicyAction};
 use crate::ratelimit::RateLimit;
 use crate::status::{verb_refusal, JobStatus, JobVerb};
 use crate::txn::{self, JobTxn};
-use futures::future::LocalBoxFuture;
+use block::iothread::Work;
 use futures::FutureExt;
 use qapi::error::QmpError;
 use serde_json::{json, Map, Value};
@@ -19,10 +19,6 @@ use std::time::Duration;
 use tokio::sync::futures::Notified;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-
-/// Work for an I/O thread: the same shape as `block::iothread::IoJob`, so the daemon starts
-/// a job with `job.start_with(|work| io_threads.spawn(work))`.
-pub type IoWork = Box<dyn FnOnce() -> LocalBoxFuture<'static, ()> + Send>;
 
 /// The options every job command shares.
 #[derive(Clone)]
@@ -96,7 +92,7 @@ pub(crate) struct Phase {
 pub struct Job {
     id: String,
     driver: Arc<dyn JobDriver>,
-    events: Arc<dyn EventSink>,
+    events: Arc<dyn JobEventSink>,
     manager: Weak<JobManager>,
     txn: Arc<JobTxn>,
     auto_finalize: bool,
@@ -113,7 +109,7 @@ pub struct Job {
 impl Job {
     pub(crate) fn new(
         driver: Arc<dyn JobDriver>,
-        events: Arc<dyn EventSink>,
+        events: Arc<dyn JobEventSink>,
         manager: Weak<JobManager>,
         txn: Arc<JobTxn>,
         opts: &JobOptions,
@@ -259,7 +255,7 @@ impl Job {
 
     /// Start the work: `created -> running`, then hand the future's maker to `spawn`,
     /// which runs it on an I/O thread (or, in tests, on a local task).
-    pub fn start_with(self: &Arc<Self>, spawn: impl FnOnce(IoWork)) {
+    pub fn start_with(self: &Arc<Self>, spawn: impl FnOnce(Work)) {
         {
             let mut st = self.lock();
             if st.status != JobStatus::Created || st.started {

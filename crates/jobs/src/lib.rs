@@ -9,7 +9,7 @@
 //! driver's `run`, and finalisation (prepare, commit/abort, clean, the final events)
 //! happens on whichever thread completes the transaction's step: the job's thread, or the
 //! monitor thread for job-finalize and for cancelling a job whose work is over. Events
-//! leave through the [`EventSink`] given to [`JobManager::new`].
+//! leave through the [`JobEventSink`] given to [`JobManager::new`].
 
 pub mod backup;
 pub mod commit;
@@ -26,8 +26,8 @@ pub mod stream;
 pub mod txn;
 
 pub use driver::{JobDriver, JobFailure, JobType};
-pub use events::EventSink;
-pub use job::{IoWork, Job, JobContext, JobOptions};
+pub use events::JobEventSink;
+pub use job::{Job, JobContext, JobOptions};
 pub use manager::JobManager;
 pub use policy::{ErrorAction, IoStatus, OnError};
 pub use status::{JobStatus, JobVerb};

@@ -2,14 +2,14 @@
 //! (`block-job-*`, `job-*`, the queries, cancel-all on quit) with QEMU's lookups and texts.
 
 use crate::driver::JobDriver;
-use crate::events::EventSink;
+use crate::events::JobEventSink;
 use crate::job::{Job, JobOptions};
 use qapi::error::QmpError;
 use serde_json::{Map, Value};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 pub struct JobManager {
-    events: Arc<dyn EventSink>,
+    events: Arc<dyn JobEventSink>,
     /// Newest first, the order QEMU lists jobs in.
     jobs: Mutex<Vec<Arc<Job>>>,
     this: Weak<JobManager>,
@@ -24,7 +24,7 @@ pub fn is_valid_id(id: &str) -> bool {
 }
 
 impl JobManager {
-    pub fn new(events: Arc<dyn EventSink>) -> Arc<JobManager> {
+    pub fn new(events: Arc<dyn JobEventSink>) -> Arc<JobManager> {
         Arc::new_cyclic(|this| JobManager {
             events,
             jobs: Mutex::new(Vec::new()),

@@ -17,6 +17,7 @@ use crate::policy::ErrorAction;
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use aio::pool::PoolBuf;
 use async_trait::async_trait;
+use block::copy::CopyError;
 use block::drivers::mirror_top::MirrorState;
 use block::node::WriteFlags;
 use block::{Child, Graph, Node};
@@ -130,11 +131,6 @@ pub struct MirrorJob {
     drained: AtomicBool,
     pivot: AtomicBool,
     actively_synced: AtomicBool,
-}
-
-enum CopyError {
-    Read(io::Error),
-    Write(io::Error),
 }
 
 /// The mirror_top node the job's setup inserted above the source, and the state it shares

@@ -82,7 +82,7 @@ impl MetaContext {
 
 /// One run of equal status, as returned by [`Backend::block_status`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Extent {
+pub struct StatusExtent {
     pub length: u64,
     pub flags: u32,
 }
@@ -145,5 +145,5 @@ pub trait Backend: Send + Sync + 'static {
         context: &MetaContext,
         offset: u64,
         len: u64,
-    ) -> io::Result<Vec<Extent>>;
+    ) -> io::Result<Vec<StatusExtent>>;
 }

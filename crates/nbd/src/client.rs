@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::backend::{BlockSize, Extent, ZeroFlags};
+use crate::backend::{BlockSize, StatusExtent, ZeroFlags};
 use crate::proto::*;
 
 /// Where to connect.
@@ -70,7 +70,7 @@ enum Expect {
 enum Outcome {
     Done,
     Data(Vec<u8>),
-    Status(Vec<(u32, Vec<Extent>)>),
+    Status(Vec<(u32, Vec<StatusExtent>)>),
 }
 
 struct Pending {
@@ -78,7 +78,7 @@ struct Pending {
     data: Vec<u8>,
     /// Bytes of a structured read that data and hole chunks have filled.
     covered: u64,
-    extents: Vec<(u32, Vec<Extent>)>,
+    extents: Vec<(u32, Vec<StatusExtent>)>,
     error: Option<io::Error>,
     tx: oneshot::Sender<io::Result<Outcome>>,
 }
@@ -419,7 +419,7 @@ impl Client {
         offset: u64,
         len: u64,
         req_one: bool,
-    ) -> io::Result<Vec<(u32, Vec<Extent>)>> {
+    ) -> io::Result<Vec<(u32, Vec<StatusExtent>)>> {
         if self.neg.contexts.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -614,7 +614,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             let id = be_u32(&p[0..4]);
             let ext = p[4..]
                 .chunks_exact(8)
-                .map(|c| Extent {
+                .map(|c| StatusExtent {
                     length: be_u32(&c[0..4]) as u64,
                     flags: be_u32(&c[4..8]),
                 })

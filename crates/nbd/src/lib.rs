@@ -12,8 +12,8 @@ pub mod server;
 mod socket;
 pub mod spawn;
 
-pub use backend::{Backend, BlockSize, Capabilities, Extent, MetaContext, ZeroFlags};
+pub use backend::{Backend, BlockSize, Capabilities, MetaContext, StatusExtent, ZeroFlags};
 pub use client::{Client, ClientOptions, ConnectAddr};
 pub use inet::InetOptions;
 pub use server::{ExportError, ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent};
-pub use spawn::{Job, LocalSpawner, Spawner, ThreadSpawner};
+pub use spawn::{LocalSpawner, Spawner, ThreadSpawner, Work};

@@ -9,19 +9,20 @@ use std::thread;
 use futures::future::LocalBoxFuture;
 use tokio::sync::mpsc;
 
-/// A unit of work: a `Send` closure run on the target thread, where it builds the
-/// thread-local future to poll. Jobs may call `tokio::task::spawn_local`.
-pub type Job = Box<dyn FnOnce() -> LocalBoxFuture<'static, ()> + Send>;
+/// A unit of work for an I/O thread: a `Send` closure run on the target thread, where it
+/// builds the thread-local future to poll (it may call `tokio::task::spawn_local`). The
+/// one type for this across blockd: the block layer's I/O threads and the jobs take it too.
+pub type Work = Box<dyn FnOnce() -> LocalBoxFuture<'static, ()> + Send>;
 
 /// Runs jobs on some I/O thread, inside a tokio current-thread runtime and a `LocalSet`.
 pub trait Spawner: Send + Sync + 'static {
-    fn spawn(&self, job: Job);
+    fn spawn(&self, job: Work);
 }
 
 /// Hands jobs to a driver future that spawns them on the `LocalSet` it runs in.
 #[derive(Clone)]
 pub struct LocalSpawner {
-    tx: mpsc::UnboundedSender<Job>,
+    tx: mpsc::UnboundedSender<Work>,
 }
 
 impl LocalSpawner {
@@ -34,7 +35,7 @@ impl LocalSpawner {
 }
 
 impl Spawner for LocalSpawner {
-    fn spawn(&self, job: Job) {
+    fn spawn(&self, job: Work) {
         if self.tx.send(job).is_err() {
             tracing::warn!("NBD job dropped: its I/O thread has stopped");
         }
@@ -75,7 +76,7 @@ impl ThreadSpawner {
 }
 
 impl Spawner for ThreadSpawner {
-    fn spawn(&self, job: Job) {
+    fn spawn(&self, job: Work) {
         self.inner.spawn(job)
     }
 }
@@ -93,7 +94,7 @@ impl Drop for ThreadSpawner {
 
 /// The driver of a [`LocalSpawner`] in a form that can cross threads before it starts.
 struct SendableDriver {
-    rx: mpsc::UnboundedReceiver<Job>,
+    rx: mpsc::UnboundedReceiver<Work>,
 }
 
 impl SendableDriver {
@@ -106,7 +107,7 @@ impl SendableDriver {
 
 impl LocalSpawner {
     fn new_sendable() -> (LocalSpawner, SendableDriver) {
-        let (tx, rx) = mpsc::unbounded_channel::<Job>();
+        let (tx, rx) = mpsc::unbounded_channel::<Work>();
         (LocalSpawner { tx }, SendableDriver { rx })
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use common::*;
 use futures::future::try_join_all;
 use nbd::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
-use nbd::{Capabilities, Client, ClientOptions, ConnectAddr, Extent, MetaContext, ZeroFlags};
+use nbd::{Capabilities, Client, ClientOptions, ConnectAddr, MetaContext, StatusExtent, ZeroFlags};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -34,7 +34,7 @@ fn all_contexts() -> ClientOptions {
 }
 
 /// Flags per byte range, expanded from extents starting at `offset`.
-fn flags_at(extents: &[Extent], offset: u64, at: u64) -> u32 {
+fn flags_at(extents: &[StatusExtent], offset: u64, at: u64) -> u32 {
     let mut pos = offset;
     for e in extents {
         if at < pos + e.length {
@@ -45,7 +45,7 @@ fn flags_at(extents: &[Extent], offset: u64, at: u64) -> u32 {
     panic!("{at} not covered by {extents:?}")
 }
 
-fn status_of(st: &[(u32, Vec<Extent>)], id: u32) -> &[Extent] {
+fn status_of(st: &[(u32, Vec<StatusExtent>)], id: u32) -> &[StatusExtent] {
     &st.iter()
         .find(|(i, _)| *i == id)
         .expect("context replied")
@@ -242,7 +242,7 @@ fn client_against_own_server() {
         let base = status_of(&st, c.meta_context_id("base:allocation").unwrap());
         assert_eq!(
             base,
-            [Extent {
+            [StatusExtent {
                 length: 128 * 1024,
                 flags: STATE_HOLE | STATE_ZERO
             }]

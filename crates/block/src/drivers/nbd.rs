@@ -13,6 +13,7 @@ use crate::Driver;
 use async_trait::async_trait;
 use nbd::backend::ZeroFlags;
 use nbd::client::{Client, ClientOptions, ConnectAddr};
+use nbd::proto::{STATE_HOLE, STATE_ZERO};
 use nbd::InetOptions;
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -91,10 +92,6 @@ pub struct InetServer {
     mptcp: Option<bool>,
 }
 
-/// NBD base:allocation flags.
-const STATE_HOLE: u32 = 1;
-const STATE_ZERO: u32 = 2;
-
 type Reply<T> = oneshot::Sender<io::Result<T>>;
 
 /// A request for the connection's task; buffers are owned because they cross threads.
@@ -104,7 +101,7 @@ enum Request {
     Zeroes(u64, u64, ZeroFlags, Reply<()>),
     Trim(u64, u64, Reply<()>),
     Flush(Reply<()>),
-    Status(u64, u64, Reply<Option<nbd::backend::Extent>>),
+    Status(u64, u64, Reply<Option<nbd::backend::StatusExtent>>),
 }
 
 pub struct NbdDriver {

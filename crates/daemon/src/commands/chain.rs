@@ -1,7 +1,7 @@
 //! Backing-chain jobs: block-stream and block-commit (intermediate, and active commit
 //! which runs as a mirror into the base).
 
-use super::mirror::{start_job, Setup};
+use super::mirror::{start_filtered_job, Setup};
 use crate::daemon::Daemon;
 use block::drivers::cor::CopyOnRead;
 use block::node::CommonOptions;
@@ -272,8 +272,7 @@ fn start_plain_job(
     options: JobOptions,
 ) -> Result<Value, QmpError> {
     let job = daemon.jobs.create(driver, options)?;
-    let io = daemon.io.clone();
-    job.start_with(move |work| io.spawn(work));
+    super::jobs::start_job(daemon, &job);
     Ok(json!({}))
 }
 
@@ -486,5 +485,5 @@ async fn start_active_commit(
         config,
         job_edges,
     ));
-    start_job(daemon, driver, options, filter, top).await
+    start_filtered_job(daemon, driver, options, filter, top).await
 }

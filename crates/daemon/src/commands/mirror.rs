@@ -276,11 +276,11 @@ async fn start_mirror(
     options.auto_dismiss = args.auto_dismiss.unwrap_or(true);
     options.on_source_error = args.on_source_error.unwrap_or(OnError::Report);
     options.on_target_error = args.on_target_error.unwrap_or(OnError::Report);
-    start_job(daemon, driver, options, filter, source).await
+    start_filtered_job(daemon, driver, options, filter, source).await
 }
 
 /// Create and start a job whose filter is in place; on failure the filter goes again.
-pub(super) async fn start_job(
+pub(super) async fn start_filtered_job(
     daemon: &Rc<Daemon>,
     driver: Arc<dyn jobs::JobDriver>,
     options: JobOptions,
@@ -298,8 +298,7 @@ pub(super) async fn start_job(
             return Err(e);
         }
     };
-    let io = daemon.io.clone();
-    job.start_with(move |work| io.spawn(work));
+    super::jobs::start_job(daemon, &job);
     Ok(json!({}))
 }
 

@@ -3,7 +3,8 @@
 
 use async_trait::async_trait;
 use jobs::{
-    ErrorAction, EventSink, Job, JobContext, JobDriver, JobFailure, JobManager, JobOptions, JobType,
+    ErrorAction, Job, JobContext, JobDriver, JobEventSink, JobFailure, JobManager, JobOptions,
+    JobType,
 };
 use qapi::error::QmpError;
 use serde_json::{json, Map, Value};
@@ -216,7 +217,7 @@ pub struct Recorder {
     notify: Notify,
 }
 
-impl EventSink for Recorder {
+impl JobEventSink for Recorder {
     fn emit(&self, name: &str, data: Value) {
         self.events.lock().unwrap().push((name.to_string(), data));
         self.notify.notify_waiters();

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 
 use super::handshake::{self, Negotiated};
 use super::ConnectionGuard;
-use crate::backend::{Backend, Capabilities, Extent, MetaContext, ZeroFlags};
+use crate::backend::{Backend, Capabilities, MetaContext, StatusExtent, ZeroFlags};
 use crate::proto::*;
 
 /// Payload bytes a connection may hold in flight, in units of [`BUDGET_UNIT`] bytes; it
@@ -624,7 +624,7 @@ fn hole_chunk(flags: u16, cookie: u64, offset: u64, len: u32) -> [u8; HOLE_CHUNK
 }
 
 /// Clips backend extents to the request, merges equal neighbours and drops empty ones.
-fn wire_extents(extents: &[Extent], len: u32, req_one: bool) -> Vec<(u32, u32)> {
+fn wire_extents(extents: &[StatusExtent], len: u32, req_one: bool) -> Vec<(u32, u32)> {
     let mut out: Vec<(u32, u32)> = Vec::new();
     let mut left = len;
     for e in extents {
@@ -721,8 +721,8 @@ impl BufPool {
 mod tests {
     use super::*;
 
-    fn ext(length: u64, flags: u32) -> Extent {
-        Extent { length, flags }
+    fn ext(length: u64, flags: u32) -> StatusExtent {
+        StatusExtent { length, flags }
     }
 
     #[test]

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use nbd::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use nbd::{
-    Backend, Capabilities, ExportOptions, Extent, ListenAddr, MetaContext, NbdServer, ServerConfig,
-    ServerEvent, ThreadSpawner, ZeroFlags,
+    Backend, Capabilities, ExportOptions, ListenAddr, MetaContext, NbdServer, ServerConfig,
+    ServerEvent, StatusExtent, ThreadSpawner, ZeroFlags,
 };
 
 pub const CHUNK: u64 = 64 * 1024;
@@ -270,9 +270,9 @@ impl Backend for MemBackend {
         context: &MetaContext,
         offset: u64,
         len: u64,
-    ) -> io::Result<Vec<Extent>> {
+    ) -> io::Result<Vec<StatusExtent>> {
         let st = self.state.lock().unwrap();
-        let mut out: Vec<Extent> = Vec::new();
+        let mut out: Vec<StatusExtent> = Vec::new();
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -281,7 +281,7 @@ impl Backend for MemBackend {
             let flags = self.chunk_status(&st, idx, context);
             match out.last_mut() {
                 Some(e) if e.flags == flags => e.length += n,
-                _ => out.push(Extent { length: n, flags }),
+                _ => out.push(StatusExtent { length: n, flags }),
             }
             pos += n;
         }
