@@ -1,6 +1,7 @@
 //! The block layer: the node graph, the driver trait and drivers, permissions, I/O threads.
 
 pub mod bitmap;
+pub mod change;
 pub mod copy;
 pub mod create;
 pub mod drain;

@@ -524,3 +524,62 @@ async fn stream_error_policies() {
         assert_eq!(outcomes[0], outcomes[1], "{policy}: blockd vs qsd");
     }
 }
+
+/// Stream and commit jobs that fail to start after their setup made a read-only layer
+/// writable and put a filter in (here: a negative speed, which job creation refuses)
+/// take it all back: every layer as read-only as before, no filter left, as in qsd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_that_cannot_start_leave_the_chain_as_it_was() {
+    let mut outcomes = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        make_three(dir.path());
+        let daemon = Daemon::start(which, dir.path(), &chain_nodes(dir.path()));
+        let mut client = daemon.qmp().await;
+        let mut replies = Vec::new();
+        for (command, args) in [
+            (
+                "block-stream",
+                json!({"job-id": "s", "device": "mid", "base-node": "base"}),
+            ),
+            (
+                "block-commit",
+                json!({"job-id": "c", "device": "top", "top-node": "mid", "base-node": "base"}),
+            ),
+            (
+                "block-commit",
+                json!({"job-id": "a", "device": "top", "base-node": "mid"}),
+            ),
+        ] {
+            let mut args = args;
+            args["speed"] = json!(-1);
+            replies.push(reply(&mut client, command, args).await);
+        }
+        let nodes = client
+            .execute("query-named-block-nodes", json!({"flat": true}))
+            .await
+            .unwrap();
+        let state: Vec<(Value, Value, Value)> = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| !n["node-name"].as_str().unwrap().starts_with('#') || n["drv"] != "file")
+            .map(|n| (n["node-name"].clone(), n["drv"].clone(), n["ro"].clone()))
+            .collect();
+        daemon.quit(&mut client).await;
+        outcomes.push((replies, state));
+    }
+    let (replies, state) = &outcomes[0];
+    assert!(replies
+        .iter()
+        .all(|r| r["error"]["desc"] == "Parameter 'speed' expects a non-negative value"));
+    assert_eq!(
+        state,
+        &[
+            (json!("top"), json!("qcow2"), json!(false)),
+            (json!("mid"), json!("qcow2"), json!(true)),
+            (json!("base"), json!("qcow2"), json!(true)),
+        ]
+    );
+    assert_eq!(outcomes[0], outcomes[1], "blockd vs qsd");
+}

@@ -1,8 +1,9 @@
 //! Backing-chain jobs: block-stream and block-commit (intermediate, and active commit
 //! which runs as a mirror into the base).
 
-use super::mirror::{start_filtered_job, Setup};
+use super::mirror::{create_and_start_job, Setup};
 use crate::daemon::Daemon;
+use block::change::GraphChange;
 use block::drivers::cor::CopyOnRead;
 use block::node::CommonOptions;
 use block::{Child, Node, Parent, Perms};
@@ -202,57 +203,58 @@ pub async fn block_stream(
     let graph = daemon.graph.clone();
     let (setup_device, setup_base, id) = (device.clone(), base.clone(), job_id.clone());
     let backing_file = args.backing_file.clone();
-    let job = daemon
+    let (change, job) = daemon
         .io
         .run(move || async move {
-            let device = setup_device;
-            let reopened = device.read_only();
-            if reopened {
-                device.set_writable(true).await?;
-            }
-            let mut job_edges = Vec::new();
-            for node in &streamed {
-                job_edges.push(job_edge(node, &id, "stream")?);
-            }
-            let write_edge = Node::attach(
-                &device,
-                "stream target",
-                Parent::Job {
-                    id: id.clone(),
-                    job_type: "stream",
-                },
-                Perms::WRITE | Perms::WRITE_UNCHANGED,
-                Perms::ALL & !Perms::RESIZE,
-            )?;
-            let file_edge = Node::attach(
-                &device,
-                "file",
-                Parent::Node(filter_name.clone()),
-                Perms::CONSISTENT_READ,
-                Perms::ALL & !Perms::RESIZE,
-            )?;
-            let cor = CopyOnRead::default();
-            let ranges = cor.ranges().clone();
-            let filter = Node::new(
-                filter_name,
-                true,
-                Box::new(cor),
-                CommonOptions::default(),
-                json!({"driver": "copy-on-read", "file": device.name()}),
-            );
-            filter.add_child(file_edge);
-            graph.insert_filter(&device, &filter).await;
-            Ok::<_, String>(StreamJob::new(StreamSetup {
-                graph,
-                device,
-                base: setup_base,
-                filter,
-                ranges,
-                backing_file,
-                write_edge,
-                job_edges,
-                reopened,
-            }))
+            GraphChange::apply(&graph.clone(), async |change: &mut GraphChange| {
+                let device = setup_device;
+                let reopened = device.read_only();
+                change.set_writable(&device, true).await?;
+                let mut job_edges = Vec::new();
+                for node in &streamed {
+                    job_edges.push(job_edge(node, &id, "stream")?);
+                }
+                let write_edge = Node::attach(
+                    &device,
+                    "stream target",
+                    Parent::Job {
+                        id: id.clone(),
+                        job_type: "stream",
+                    },
+                    Perms::WRITE | Perms::WRITE_UNCHANGED,
+                    Perms::ALL & !Perms::RESIZE,
+                )?;
+                let file_edge = Node::attach(
+                    &device,
+                    "file",
+                    Parent::Node(filter_name.clone()),
+                    Perms::CONSISTENT_READ,
+                    Perms::ALL & !Perms::RESIZE,
+                )?;
+                let cor = CopyOnRead::default();
+                let ranges = cor.ranges().clone();
+                let filter = Node::new(
+                    filter_name,
+                    true,
+                    Box::new(cor),
+                    CommonOptions::default(),
+                    json!({"driver": "copy-on-read", "file": device.name()}),
+                );
+                filter.add_child(file_edge);
+                change.insert_filter(&device, &filter).await;
+                Ok::<_, String>(StreamJob::new(StreamSetup {
+                    graph,
+                    device,
+                    base: setup_base,
+                    filter,
+                    ranges,
+                    backing_file,
+                    write_edge,
+                    job_edges,
+                    reopened,
+                }))
+            })
+            .await
         })
         .await
         .map_err(QmpError::generic)?;
@@ -263,17 +265,7 @@ pub async fn block_stream(
         args.auto_finalize,
         args.auto_dismiss,
     );
-    start_plain_job(daemon, Arc::new(job), options)
-}
-
-fn start_plain_job(
-    daemon: &Rc<Daemon>,
-    driver: Arc<dyn jobs::JobDriver>,
-    options: JobOptions,
-) -> Result<Value, QmpError> {
-    let job = daemon.jobs.create(driver, options)?;
-    super::jobs::start_job(daemon, &job);
-    Ok(json!({}))
+    create_and_start_job(daemon, Arc::new(job), options, change).await
 }
 
 pub async fn block_commit(
@@ -383,42 +375,44 @@ pub async fn block_commit(
     }
     let overlay = overlay.ok_or_else(|| QmpError::generic("Could not find overlay image"))?;
     let backing_file = args.backing_file.clone();
-    let job = daemon
+    let graph = daemon.graph.clone();
+    let (change, job) = daemon
         .io
         .run(move || async move {
-            let base_reopened = base.read_only();
-            if base_reopened {
-                base.set_writable(true).await?;
-            }
-            let mut job_edges = vec![Node::attach_job_backend(&top)?];
-            for node in &committed {
-                job_edges.push(job_edge(node, &job_id, "commit")?);
-            }
-            // QEMU writes the base through a block backend of the job: blockdev-del calls
-            // the base "in use" rather than busy.
-            let write_edge = Node::attach(
-                &base,
-                "base",
-                Parent::User {
-                    kind: "block-backend",
-                    name: String::new(),
-                },
-                Perms::WRITE | Perms::RESIZE,
-                Perms::ALL & !(Perms::WRITE | Perms::RESIZE),
-            )?;
-            Ok::<_, String>(CommitJob::new(CommitSetup {
-                top,
-                base,
-                overlay,
-                backing_file,
-                write_edge,
-                job_edges,
-                base_reopened,
-            }))
+            GraphChange::apply(&graph, async |change: &mut GraphChange| {
+                let base_reopened = base.read_only();
+                change.set_writable(&base, true).await?;
+                let mut job_edges = vec![Node::attach_job_backend(&top)?];
+                for node in &committed {
+                    job_edges.push(job_edge(node, &job_id, "commit")?);
+                }
+                // QEMU writes the base through a block backend of the job: blockdev-del calls
+                // the base "in use" rather than busy.
+                let write_edge = Node::attach(
+                    &base,
+                    "base",
+                    Parent::User {
+                        kind: "block-backend",
+                        name: String::new(),
+                    },
+                    Perms::WRITE | Perms::RESIZE,
+                    Perms::ALL & !(Perms::WRITE | Perms::RESIZE),
+                )?;
+                Ok::<_, String>(CommitJob::new(CommitSetup {
+                    top,
+                    base,
+                    overlay,
+                    backing_file,
+                    write_edge,
+                    job_edges,
+                    base_reopened,
+                }))
+            })
+            .await
         })
         .await
         .map_err(QmpError::generic)?;
-    start_plain_job(daemon, Arc::new(job), options)
+    create_and_start_job(daemon, Arc::new(job), options, change).await
 }
 
 async fn start_active_commit(
@@ -434,34 +428,34 @@ async fn start_active_commit(
     let granularity = block::bitmap::default_granularity(base.driver().info(&base).cluster_size);
     let graph = daemon.graph.clone();
     let (setup_top, setup_base) = (top.clone(), base.clone());
-    let (mirror_filter, job_edges, target_reopened) = daemon
+    let (change, (mirror_filter, job_edges, target_reopened)) = daemon
         .io
         .run(move || async move {
-            let target_reopened = setup_base.read_only();
-            if target_reopened {
-                setup_base.set_writable(true).await?;
-            }
-            let mut extra_edges = Vec::new();
-            for node in committed
-                .iter()
-                .filter(|n| !Arc::ptr_eq(n, &setup_top) && !Arc::ptr_eq(n, &setup_base))
-            {
-                extra_edges.push(job_edge(node, &job_id, "commit")?);
-            }
-            let setup = Setup {
-                graph,
-                source: setup_top,
-                target: setup_base,
-                filter_name,
-                job_id,
-                job_type: "commit",
-                granularity,
-                write_blocking: false,
-                target_perm: Perms::WRITE | Perms::RESIZE,
-            };
-            let (mirror_filter, mut job_edges) = setup.insert_filter().await?;
-            job_edges.extend(extra_edges);
-            Ok::<_, String>((mirror_filter, job_edges, target_reopened))
+            GraphChange::apply(&graph, async |change: &mut GraphChange| {
+                let target_reopened = setup_base.read_only();
+                change.set_writable(&setup_base, true).await?;
+                let mut extra_edges = Vec::new();
+                for node in committed
+                    .iter()
+                    .filter(|n| !Arc::ptr_eq(n, &setup_top) && !Arc::ptr_eq(n, &setup_base))
+                {
+                    extra_edges.push(job_edge(node, &job_id, "commit")?);
+                }
+                let setup = Setup {
+                    source: setup_top,
+                    target: setup_base,
+                    filter_name,
+                    job_id,
+                    job_type: "commit",
+                    granularity,
+                    write_blocking: false,
+                    target_perm: Perms::WRITE | Perms::RESIZE,
+                };
+                let (mirror_filter, mut job_edges) = setup.insert_filter(change).await?;
+                job_edges.extend(extra_edges);
+                Ok::<_, String>((mirror_filter, job_edges, target_reopened))
+            })
+            .await
         })
         .await
         .map_err(QmpError::generic)?;
@@ -476,7 +470,6 @@ async fn start_active_commit(
         target_reopened,
         auto_write_blocking: false,
     };
-    let filter = mirror_filter.node.clone();
     let driver = Arc::new(MirrorJob::new(
         daemon.graph.clone(),
         top.clone(),
@@ -485,5 +478,5 @@ async fn start_active_commit(
         config,
         job_edges,
     ));
-    start_filtered_job(daemon, driver, options, filter, top).await
+    create_and_start_job(daemon, driver, options, change).await
 }

@@ -3,6 +3,7 @@
 use super::bitmaps::{check_bitmap, BitmapUse};
 use crate::daemon::Daemon;
 use block::bitmap::DirtyBitmap;
+use block::change::GraphChange;
 use block::copy::{BlockCopy, ClusterBitmap};
 use block::drivers::cbw::{CopyBeforeWrite, OnCbwError};
 use block::node::CommonOptions;
@@ -369,8 +370,9 @@ async fn create_backup(
     let inserted = daemon
         .io
         .run(move || async move {
+            let mut change = GraphChange::new(&graph);
             insert_cbw(
-                &graph,
+                &mut change,
                 &setup_source,
                 &setup_target,
                 &filter_name,
@@ -381,9 +383,10 @@ async fn create_backup(
                 &drained,
             )
             .await
+            .map(|inserted| (change, inserted))
         })
         .await;
-    let (filter, copy, job_edges) = match inserted {
+    let (change, (filter, copy, job_edges)) = match inserted {
         Ok(inserted) => inserted,
         Err(e) => {
             undo_sync_bitmap(daemon, sync_bitmap).await;
@@ -411,14 +414,14 @@ async fn create_backup(
     options.on_source_error = args.on_source_error.unwrap_or(OnError::Report);
     options.on_target_error = args.on_target_error.unwrap_or(OnError::Report);
     options.txn = txn;
+    // From here the job owns its filter and takes it out when it ends.
     match daemon.jobs.create(driver, options) {
-        Ok(job) => Ok(job),
+        Ok(job) => {
+            change.commit();
+            Ok(job)
+        }
         Err(e) => {
-            let graph = daemon.graph.clone();
-            daemon
-                .io
-                .run(move || async move { graph.remove_filter(&filter, &source).await })
-                .await;
+            daemon.io.run(move || change.abort()).await;
             undo_sync_bitmap(daemon, sync_bitmap).await;
             Err(e)
         }
@@ -439,7 +442,7 @@ async fn undo_sync_bitmap(daemon: &Daemon, sync_bitmap: Option<Arc<SyncBitmap>>)
 /// to be copied.
 #[allow(clippy::too_many_arguments)]
 async fn insert_cbw(
-    graph: &Arc<block::Graph>,
+    change: &mut GraphChange,
     source: &Arc<Node>,
     target: &Arc<Node>,
     filter_name: &str,
@@ -499,7 +502,7 @@ async fn insert_cbw(
     filter.add_child(file);
     filter.add_child(target_edge);
     drained.add(&filter).await;
-    graph.insert_filter(source, &filter).await;
+    change.insert_filter(source, &filter).await;
     Ok((filter, copy, job_edges))
 }
 

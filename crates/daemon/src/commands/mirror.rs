@@ -2,6 +2,7 @@
 
 use crate::daemon::Daemon;
 use block::bitmap::DirtyBitmap;
+use block::change::GraphChange;
 use block::drivers::mirror_top::{MirrorState, MirrorTop};
 use block::node::CommonOptions;
 use block::{Node, Parent, Perms};
@@ -235,7 +236,6 @@ async fn start_mirror(
         .unwrap_or_else(|| daemon.graph.generate_name());
     let write_blocking = args.copy_mode.unwrap_or_default() == CopyMode::WriteBlocking;
     let setup = Setup {
-        graph: daemon.graph.clone(),
         source: source.clone(),
         target: target.clone(),
         filter_name,
@@ -245,12 +245,17 @@ async fn start_mirror(
         write_blocking,
         target_perm: Perms::WRITE,
     };
-    let (mirror_filter, job_edges) = daemon
+    let graph = daemon.graph.clone();
+    let (change, (mirror_filter, job_edges)) = daemon
         .io
-        .run(move || async move { setup.insert_filter().await })
+        .run(move || async move {
+            GraphChange::apply(&graph, async |change: &mut GraphChange| {
+                setup.insert_filter(change).await
+            })
+            .await
+        })
         .await
         .map_err(QmpError::generic)?;
-    let filter = mirror_filter.node.clone();
     let config = MirrorConfig {
         sync,
         buf_size,
@@ -276,35 +281,33 @@ async fn start_mirror(
     options.auto_dismiss = args.auto_dismiss.unwrap_or(true);
     options.on_source_error = args.on_source_error.unwrap_or(OnError::Report);
     options.on_target_error = args.on_target_error.unwrap_or(OnError::Report);
-    start_filtered_job(daemon, driver, options, filter, source).await
+    create_and_start_job(daemon, driver, options, change).await
 }
 
-/// Create and start a job whose filter is in place; on failure the filter goes again.
-pub(super) async fn start_filtered_job(
+/// Create and start a job whose setup `change` put in place: from then on the job owns
+/// what the change did (its filter, a reopen) and undoes it when it ends. When the job
+/// cannot be created, the change is taken back.
+pub(super) async fn create_and_start_job(
     daemon: &Rc<Daemon>,
     driver: Arc<dyn jobs::JobDriver>,
     options: JobOptions,
-    filter: Arc<Node>,
-    below: Arc<Node>,
+    change: GraphChange,
 ) -> Result<Value, QmpError> {
-    let job = match daemon.jobs.create(driver, options) {
-        Ok(job) => job,
-        Err(e) => {
-            let graph = daemon.graph.clone();
-            daemon
-                .io
-                .run(move || async move { graph.remove_filter(&filter, &below).await })
-                .await;
-            return Err(e);
+    match daemon.jobs.create(driver, options) {
+        Ok(job) => {
+            change.commit();
+            super::jobs::start_job(daemon, &job);
+            Ok(json!({}))
         }
-    };
-    super::jobs::start_job(daemon, &job);
-    Ok(json!({}))
+        Err(e) => {
+            daemon.io.run(move || change.abort()).await;
+            Err(e)
+        }
+    }
 }
 
 /// Everything needed to put a mirror_top filter above a source.
 pub(super) struct Setup {
-    pub graph: Arc<block::Graph>,
     pub source: Arc<Node>,
     pub target: Arc<Node>,
     pub filter_name: String,
@@ -317,7 +320,10 @@ pub(super) struct Setup {
 
 impl Setup {
     /// Insert the filter with its dirty bitmap, and mark source and target as the job's.
-    pub async fn insert_filter(self) -> Result<(MirrorFilter, Vec<Arc<block::Child>>), String> {
+    pub async fn insert_filter(
+        self,
+        change: &mut GraphChange,
+    ) -> Result<(MirrorFilter, Vec<Arc<block::Child>>), String> {
         let job_parent = || Parent::Job {
             id: self.job_id.clone(),
             job_type: self.job_type,
@@ -361,7 +367,7 @@ impl Setup {
         );
         filter.add_child(source_edge);
         filter.add_dirty_bitmap(bitmap);
-        self.graph.insert_filter(&self.source, &filter).await;
+        change.insert_filter(&self.source, &filter).await;
         Ok((
             MirrorFilter {
                 node: filter,

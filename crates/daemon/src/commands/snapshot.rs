@@ -3,6 +3,7 @@
 //! every user (an NBD export moves to it) and reads the node as its backing.
 
 use crate::daemon::Daemon;
+use block::change::GraphChange;
 use block::{DrainedSection, Graph, Node, OptionSyntax};
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -47,7 +48,9 @@ pub async fn blockdev_snapshot_sync(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    prepare_snapshot_sync(daemon, args, &DrainedSection::new(&daemon.graph)).await?;
+    prepare_snapshot_sync(daemon, args, &DrainedSection::new(&daemon.graph))
+        .await?
+        .commit();
     Ok(json!({}))
 }
 
@@ -55,41 +58,26 @@ pub async fn blockdev_snapshot(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    prepare_snapshot(daemon, args, &DrainedSection::new(&daemon.graph)).await?;
+    prepare_snapshot(daemon, args, &DrainedSection::new(&daemon.graph))
+        .await?
+        .commit();
     Ok(json!({}))
 }
 
 /// A snapshot in place, which a failing transaction can take back. Node and overlay stay
 /// in the caller's drained section, so no write reaches the overlay before the transaction
 /// is decided.
-pub(super) struct AppliedSnapshot {
-    node: Arc<Node>,
-    overlay: Arc<Node>,
-    /// blockdev-snapshot-sync added the overlay node: undoing removes it again.
-    created: bool,
-}
+pub(super) struct AppliedSnapshot(GraphChange);
 
 impl AppliedSnapshot {
-    /// Users go back to the node and the overlay lets go of it.
+    pub fn commit(self) {
+        self.0.commit();
+    }
+
+    /// Users go back to the node, the overlay lets go of it, and an overlay the snapshot
+    /// created is deleted.
     pub async fn undo(self, daemon: &Daemon) {
-        let graph = daemon.graph.clone();
-        daemon
-            .io
-            .run(move || async move {
-                let overlay = self.overlay;
-                overlay.drain().await;
-                overlay.replace_in_parents(&self.node);
-                overlay.undrain();
-                if let Err(e) = overlay.set_backing(None).await {
-                    tracing::warn!("undoing a snapshot: {e}");
-                }
-                if self.created {
-                    if let Err(e) = graph.del(overlay.name()).await {
-                        tracing::warn!("undoing a snapshot: {}", e.desc);
-                    }
-                }
-            })
-            .await;
+        daemon.io.run(move || self.0.abort()).await;
     }
 }
 
@@ -141,29 +129,25 @@ pub(super) async fn prepare_snapshot_sync(
     if format == "qcow2" {
         options.insert("backing".into(), Value::Null);
     }
-    let graph = daemon.graph.clone();
-    let base = node.clone();
+    let mut change = GraphChange::new(&daemon.graph);
     let drained = drained.clone();
-    let overlay = daemon
+    daemon
         .io
         .run(move || async move {
-            let overlay = graph
-                .add(options, OptionSyntax::Json)
-                .await
-                .map_err(|e| e.desc)?;
-            if let Err(e) = append_overlay(&base, &overlay, &drained).await {
-                let _ = graph.del(overlay.name()).await;
-                return Err(e);
+            let added = change.add(options, OptionSyntax::Json).await;
+            let appended = match added {
+                Ok(overlay) => append_overlay(&mut change, &node, &overlay, &drained).await,
+                Err(e) => Err(e.desc),
+            };
+            match appended {
+                Ok(()) => Ok(AppliedSnapshot(change)),
+                Err(e) => {
+                    change.abort().await;
+                    Err(QmpError::generic(e))
+                }
             }
-            Ok(overlay)
         })
         .await
-        .map_err(QmpError::generic)?;
-    Ok(AppliedSnapshot {
-        node,
-        overlay,
-        created: true,
-    })
 }
 
 pub(super) async fn prepare_snapshot(
@@ -179,22 +163,26 @@ pub(super) async fn prepare_snapshot(
     if overlay.backing().is_some() {
         return Err(QmpError::generic("The overlay already has a backing image"));
     }
-    let (base, top, drained) = (node.clone(), overlay.clone(), drained.clone());
+    let mut change = GraphChange::new(&daemon.graph);
+    let drained = drained.clone();
     daemon
         .io
-        .run(move || async move { append_overlay(&base, &top, &drained).await })
+        .run(move || async move {
+            match append_overlay(&mut change, &node, &overlay, &drained).await {
+                Ok(()) => Ok(AppliedSnapshot(change)),
+                Err(e) => {
+                    change.abort().await;
+                    Err(QmpError::generic(e))
+                }
+            }
+        })
         .await
-        .map_err(QmpError::generic)?;
-    Ok(AppliedSnapshot {
-        node,
-        overlay,
-        created: false,
-    })
 }
 
 /// Give `overlay` the backing `node`, then put it in `node`'s place for all other users.
 /// `node` is in `drained` already; the overlay joins it before it takes any user.
 async fn append_overlay(
+    change: &mut GraphChange,
     node: &Arc<Node>,
     overlay: &Arc<Node>,
     drained: &DrainedSection,
@@ -202,8 +190,8 @@ async fn append_overlay(
     if !overlay.driver().supports_backing() {
         return Err("The overlay does not support backing images".into());
     }
-    overlay.set_backing(Some(node)).await?;
+    change.set_backing(overlay, Some(node)).await?;
     drained.add(overlay).await;
-    node.replace_in_parents(overlay);
+    change.replace(node, overlay).await;
     Ok(())
 }

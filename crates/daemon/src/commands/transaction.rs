@@ -79,7 +79,8 @@ impl Prepared {
         match self {
             Prepared::Bitmap(action) => action.commit(),
             Prepared::Backup(job) => start_job(daemon, &job),
-            Prepared::Snapshot(_) | Prepared::InternalSnapshot(_) => {}
+            Prepared::Snapshot(snapshot) => snapshot.commit(),
+            Prepared::InternalSnapshot(_) => {}
         }
     }
 
