@@ -9,13 +9,18 @@
 //! time moves to the job's start when the job ends as its mode says (see [`SyncBitmap`]).
 
 use crate::policy::ErrorAction;
+use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use async_trait::async_trait;
 use block::bitmap::DirtyBitmap;
-use block::copy::{BlockCopy, CopyError};
-use block::node::ExtentKind;
-use block::{Child, Graph, Node};
+use block::change::GraphChange;
+use block::copy::{BlockCopy, ClusterBitmap, CopyError};
+use block::drivers::cbw::{CopyBeforeWrite, OnCbwError};
+use block::node::{CommonOptions, ExtentKind};
+use block::{Child, DrainedSection, Graph, Node, Parent, Perms};
 use futures::stream::{FuturesUnordered, StreamExt};
+use qapi::error::QmpError;
+use serde_json::json;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -359,4 +364,163 @@ impl JobDriver for BackupJob {
         self.copy.lock().unwrap().take();
         self.job_edges.lock().unwrap().clear();
     }
+}
+
+/// Everything a backup job is made of, checked and looked up by the caller (the QMP
+/// handler parses arguments, finds the nodes and the bitmap, and gives QEMU's texts).
+pub struct BackupSetup {
+    pub graph: Arc<Graph>,
+    pub source: Arc<Node>,
+    pub target: Arc<Node>,
+    /// The copy-before-write filter's node name.
+    pub filter_name: String,
+    pub sync: SyncMode,
+    /// The sync bitmap and what becomes of it.
+    pub bitmap: Option<(Arc<DirtyBitmap>, BitmapMode)>,
+    pub perf: BackupPerf,
+    /// The smallest copy unit asked for (x-perf.min-cluster-size), 0 for the target's.
+    pub min_cluster: u64,
+    /// The target reads as zeroes already (a new image): zero clusters need no write.
+    pub target_is_zero: bool,
+    pub options: JobOptions,
+}
+
+/// QEMU's backup_job_create: the sync bitmap's point in time moves to now, a
+/// copy-before-write filter goes above the source (joining `drained`, so that the point in
+/// time holds until the caller ends its drained section), and the job is created in
+/// `manager`, not started. Any failure takes all of it back. Runs on an I/O thread.
+pub async fn create(
+    setup: BackupSetup,
+    manager: &JobManager,
+    drained: &DrainedSection,
+) -> Result<Arc<Job>, QmpError> {
+    let BackupSetup {
+        graph,
+        source,
+        target,
+        filter_name,
+        sync,
+        bitmap,
+        perf,
+        min_cluster,
+        target_is_zero,
+        options,
+    } = setup;
+    let sync_bitmap =
+        bitmap.map(|(bitmap, mode)| Arc::new(SyncBitmap::start(source.clone(), bitmap, mode)));
+    let only_dirty = (sync == SyncMode::Bitmap)
+        .then(|| sync_bitmap.as_ref().map(|s| s.bitmap().clone()))
+        .flatten();
+    let job_id = options.id.clone();
+    let inserted = GraphChange::apply(&graph, async |change: &mut GraphChange| {
+        insert_cbw(
+            change,
+            &source,
+            &target,
+            &filter_name,
+            min_cluster,
+            target_is_zero,
+            only_dirty.as_deref(),
+            &job_id,
+            drained,
+        )
+        .await
+    })
+    .await;
+    let (change, (filter, copy, job_edges)) = match inserted {
+        Ok(inserted) => inserted,
+        Err(e) => {
+            if let Some(sync_bitmap) = sync_bitmap {
+                sync_bitmap.undo().await;
+            }
+            return Err(QmpError::generic(e));
+        }
+    };
+    let mut driver = BackupJob::new(graph, source, filter, copy, sync, perf, job_edges);
+    if let Some(sync_bitmap) = &sync_bitmap {
+        driver = driver.with_sync_bitmap(sync_bitmap.clone());
+    }
+    // From here the job owns its filter and takes it out when it ends.
+    match manager.create(Arc::new(driver), options) {
+        Ok(job) => {
+            change.commit();
+            Ok(job)
+        }
+        Err(e) => {
+            change.abort().await;
+            if let Some(sync_bitmap) = sync_bitmap {
+                sync_bitmap.undo().await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Put a copy-before-write filter above `source` whose point in time is now, and mark
+/// source and target as used by the job. With `only_dirty`, only the clusters it marks are
+/// to be copied.
+#[allow(clippy::too_many_arguments)]
+async fn insert_cbw(
+    change: &mut GraphChange,
+    source: &Arc<Node>,
+    target: &Arc<Node>,
+    filter_name: &str,
+    min_cluster: u64,
+    target_is_zero: bool,
+    only_dirty: Option<&DirtyBitmap>,
+    job_id: &str,
+    drained: &DrainedSection,
+) -> Result<(Arc<Node>, Arc<BlockCopy>, Vec<Arc<block::Child>>), String> {
+    let job_parent = || Parent::Job {
+        id: job_id.to_string(),
+        job_type: "backup",
+    };
+    let job_edges = vec![
+        Node::attach(source, "main node", job_parent(), Perms::NONE, Perms::ALL)?,
+        Node::attach(target, "target", job_parent(), Perms::NONE, Perms::ALL)?,
+    ];
+    let filter_parent = || Parent::Node(filter_name.to_string());
+    let file = Node::attach(
+        source,
+        "file",
+        filter_parent(),
+        Perms::CONSISTENT_READ,
+        Perms::ALL & !Perms::RESIZE,
+    )?;
+    let target_edge = Node::attach(
+        target,
+        "target",
+        filter_parent(),
+        Perms::WRITE,
+        Perms::ALL & !Perms::RESIZE,
+    )?;
+    let cluster = CopyBeforeWrite::cluster_size_for(target).max(min_cluster);
+    let pending = match only_dirty {
+        Some(bitmap) => ClusterBitmap::from_dirty(bitmap, cluster, source.size()),
+        None => {
+            let mut all = ClusterBitmap::new(source.size().div_ceil(cluster));
+            all.set_range(0..all.len(), true);
+            all
+        }
+    };
+    let copy = Arc::new(BlockCopy::new(
+        file.clone(),
+        target_edge.clone(),
+        cluster,
+        pending,
+        target_is_zero,
+    ));
+    let cbw = CopyBeforeWrite::with_copy(copy.clone(), OnCbwError::BreakGuestWrite, None);
+    let filter = Node::new(
+        filter_name.to_string(),
+        true,
+        Box::new(cbw),
+        CommonOptions::default(),
+        json!({"driver": "copy-before-write", "file": source.name(), "target": target.name()}),
+    );
+    filter.add_child(file);
+    filter.add_child(target_edge);
+    drained.add(&filter).await;
+    change.insert_filter(source, &filter).await;
+    Ok((filter, copy, job_edges))
 }

@@ -3,12 +3,8 @@
 use super::bitmaps::{check_bitmap, BitmapUse};
 use crate::daemon::Daemon;
 use block::bitmap::DirtyBitmap;
-use block::change::GraphChange;
-use block::copy::{BlockCopy, ClusterBitmap};
-use block::drivers::cbw::{CopyBeforeWrite, OnCbwError};
-use block::node::CommonOptions;
-use block::{DrainedSection, Node, Parent, Perms};
-use jobs::backup::{BackupJob, BackupPerf, BitmapMode, SyncBitmap, SyncMode};
+use block::{DrainedSection, Node};
+use jobs::backup::{BackupPerf, BackupSetup, BitmapMode, SyncMode};
 use jobs::{JobOptions, OnError};
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -350,63 +346,10 @@ async fn create_backup(
         })
     })?;
 
-    let graph = daemon.graph.clone();
     let filter_name = args
         .filter_node_name
         .clone()
         .unwrap_or_else(|| daemon.graph.generate_name());
-    // The point in time of the bitmap moves to now before the copy reads it.
-    let sync_bitmap =
-        bitmap.map(|(bitmap, mode)| Arc::new(SyncBitmap::start(source.clone(), bitmap, mode)));
-    let (setup_source, setup_target, id_for_edges, drained) = (
-        source.clone(),
-        target.clone(),
-        job_id.clone(),
-        drained.clone(),
-    );
-    let only_dirty = (sync == SyncMode::Bitmap)
-        .then(|| sync_bitmap.as_ref().map(|s| s.bitmap().clone()))
-        .flatten();
-    let inserted = daemon
-        .io
-        .run(move || async move {
-            let mut change = GraphChange::new(&graph);
-            insert_cbw(
-                &mut change,
-                &setup_source,
-                &setup_target,
-                &filter_name,
-                min_cluster,
-                target_is_new && sync == SyncMode::Full,
-                only_dirty.as_deref(),
-                &id_for_edges,
-                &drained,
-            )
-            .await
-            .map(|inserted| (change, inserted))
-        })
-        .await;
-    let (change, (filter, copy, job_edges)) = match inserted {
-        Ok(inserted) => inserted,
-        Err(e) => {
-            undo_sync_bitmap(daemon, sync_bitmap).await;
-            return Err(QmpError::generic(e));
-        }
-    };
-
-    let mut driver = BackupJob::new(
-        daemon.graph.clone(),
-        source.clone(),
-        filter.clone(),
-        copy,
-        sync,
-        perf,
-        job_edges,
-    );
-    if let Some(sync_bitmap) = &sync_bitmap {
-        driver = driver.with_sync_bitmap(sync_bitmap.clone());
-    }
-    let driver = Arc::new(driver);
     let mut options = JobOptions::new(job_id);
     options.speed = args.speed.unwrap_or(0);
     options.auto_finalize = args.auto_finalize.unwrap_or(true);
@@ -414,96 +357,23 @@ async fn create_backup(
     options.on_source_error = args.on_source_error.unwrap_or(OnError::Report);
     options.on_target_error = args.on_target_error.unwrap_or(OnError::Report);
     options.txn = txn;
-    // From here the job owns its filter and takes it out when it ends.
-    match daemon.jobs.create(driver, options) {
-        Ok(job) => {
-            change.commit();
-            Ok(job)
-        }
-        Err(e) => {
-            daemon.io.run(move || change.abort()).await;
-            undo_sync_bitmap(daemon, sync_bitmap).await;
-            Err(e)
-        }
-    }
-}
-
-async fn undo_sync_bitmap(daemon: &Daemon, sync_bitmap: Option<Arc<SyncBitmap>>) {
-    if let Some(sync_bitmap) = sync_bitmap {
-        daemon
-            .io
-            .run(move || async move { sync_bitmap.undo().await })
-            .await;
-    }
-}
-
-/// Put a copy-before-write filter above `source` whose point in time is now, and mark
-/// source and target as used by the job. With `only_dirty`, only the clusters it marks are
-/// to be copied.
-#[allow(clippy::too_many_arguments)]
-async fn insert_cbw(
-    change: &mut GraphChange,
-    source: &Arc<Node>,
-    target: &Arc<Node>,
-    filter_name: &str,
-    min_cluster: u64,
-    target_is_zero: bool,
-    only_dirty: Option<&DirtyBitmap>,
-    job_id: &str,
-    drained: &DrainedSection,
-) -> Result<(Arc<Node>, Arc<BlockCopy>, Vec<Arc<block::Child>>), String> {
-    let job_parent = || Parent::Job {
-        id: job_id.to_string(),
-        job_type: "backup",
-    };
-    let job_edges = vec![
-        Node::attach(source, "main node", job_parent(), Perms::NONE, Perms::ALL)?,
-        Node::attach(target, "target", job_parent(), Perms::NONE, Perms::ALL)?,
-    ];
-    let filter_parent = || Parent::Node(filter_name.to_string());
-    let file = Node::attach(
+    let setup = BackupSetup {
+        graph: daemon.graph.clone(),
         source,
-        "file",
-        filter_parent(),
-        Perms::CONSISTENT_READ,
-        Perms::ALL & !Perms::RESIZE,
-    )?;
-    let target_edge = Node::attach(
         target,
-        "target",
-        filter_parent(),
-        Perms::WRITE,
-        Perms::ALL & !Perms::RESIZE,
-    )?;
-    let cluster = CopyBeforeWrite::cluster_size_for(target).max(min_cluster);
-    let pending = match only_dirty {
-        Some(bitmap) => ClusterBitmap::from_dirty(bitmap, cluster, source.size()),
-        None => {
-            let mut all = ClusterBitmap::new(source.size().div_ceil(cluster));
-            all.set_range(0..all.len(), true);
-            all
-        }
+        filter_name,
+        sync,
+        bitmap,
+        perf,
+        min_cluster,
+        target_is_zero: target_is_new && sync == SyncMode::Full,
+        options,
     };
-    let copy = Arc::new(BlockCopy::new(
-        file.clone(),
-        target_edge.clone(),
-        cluster,
-        pending,
-        target_is_zero,
-    ));
-    let cbw = CopyBeforeWrite::with_copy(copy.clone(), OnCbwError::BreakGuestWrite, None);
-    let filter = Node::new(
-        filter_name.to_string(),
-        true,
-        Box::new(cbw),
-        CommonOptions::default(),
-        json!({"driver": "copy-before-write", "file": source.name(), "target": target.name()}),
-    );
-    filter.add_child(file);
-    filter.add_child(target_edge);
-    drained.add(&filter).await;
-    change.insert_filter(source, &filter).await;
-    Ok((filter, copy, job_edges))
+    let (manager, drained) = (daemon.jobs.clone(), drained.clone());
+    daemon
+        .io
+        .run(move || async move { jobs::backup::create(setup, &manager, &drained).await })
+        .await
 }
 
 #[derive(Deserialize)]
