@@ -108,7 +108,7 @@ impl SnapshotInfo {
 
 /// The format- or protocol-specific part of a node.
 ///
-/// Futures are not `Send`: they run on the I/O thread that issued them (see DESIGN.md).
+/// Futures are not `Send`: they run on the I/O thread that issued them (see docs/DESIGN.md).
 #[async_trait(?Send)]
 pub trait Driver: std::any::Any + Send + Sync + 'static {
     /// QEMU's driver name (`drv` in query-named-block-nodes).

@@ -25,8 +25,8 @@ use crate::proto::*;
 /// bounds memory per connection while leaving room for one maximum-sized request.
 const BUDGET_UNIT: usize = 64 * 1024;
 const BUDGET_UNITS: usize = 2 * (MAX_PAYLOAD as usize / BUDGET_UNIT) + 64;
-/// Data in read replies and write payloads starts at this alignment, so that the I/O layer
-/// can transfer it in place (O_DIRECT wants block-aligned memory; a page suits any device).
+/// Data in read replies and write payloads starts at this alignment, so that copying it to
+/// and from the I/O layer's page-aligned buffers runs on aligned memory.
 const DATA_ALIGN: usize = 4096;
 /// Buffers above this size are not kept in the pool.
 const POOL_MAX_BUF: usize = 4 * 1024 * 1024 + DATA_ALIGN + 64;
