@@ -9,6 +9,7 @@
 //! time moves to the job's start when the job ends as its mode says (see [`SyncBitmap`]).
 
 use crate::policy::ErrorAction;
+use crate::setup::create_job;
 use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use async_trait::async_trait;
@@ -412,48 +413,38 @@ pub async fn create(
         .then(|| sync_bitmap.as_ref().map(|s| s.bitmap().clone()))
         .flatten();
     let job_id = options.id.clone();
-    let inserted = GraphChange::apply(&graph, async |change: &mut GraphChange| {
-        insert_cbw(
-            change,
-            &source,
-            &target,
-            &filter_name,
-            min_cluster,
-            target_is_zero,
-            only_dirty.as_deref(),
-            &job_id,
-            drained,
-        )
-        .await
-    })
+    let job_graph = graph.clone();
+    let created = create_job(
+        &graph,
+        manager,
+        options,
+        async |change: &mut GraphChange| {
+            let (filter, copy, job_edges) = insert_cbw(
+                change,
+                &source,
+                &target,
+                &filter_name,
+                min_cluster,
+                target_is_zero,
+                only_dirty.as_deref(),
+                &job_id,
+                drained,
+            )
+            .await?;
+            let driver = BackupJob::new(job_graph, source, filter, copy, sync, perf, job_edges);
+            Ok(match &sync_bitmap {
+                Some(sync_bitmap) => driver.with_sync_bitmap(sync_bitmap.clone()),
+                None => driver,
+            })
+        },
+    )
     .await;
-    let (change, (filter, copy, job_edges)) = match inserted {
-        Ok(inserted) => inserted,
-        Err(e) => {
-            if let Some(sync_bitmap) = sync_bitmap {
-                sync_bitmap.undo().await;
-            }
-            return Err(QmpError::generic(e));
-        }
-    };
-    let mut driver = BackupJob::new(graph, source, filter, copy, sync, perf, job_edges);
-    if let Some(sync_bitmap) = &sync_bitmap {
-        driver = driver.with_sync_bitmap(sync_bitmap.clone());
-    }
-    // From here the job owns its filter and takes it out when it ends.
-    match manager.create(Arc::new(driver), options) {
-        Ok(job) => {
-            change.commit();
-            Ok(job)
-        }
-        Err(e) => {
-            change.abort().await;
-            if let Some(sync_bitmap) = sync_bitmap {
-                sync_bitmap.undo().await;
-            }
-            Err(e)
+    if created.is_err() {
+        if let Some(sync_bitmap) = sync_bitmap {
+            sync_bitmap.undo().await;
         }
     }
+    created
 }
 
 /// Put a copy-before-write filter above `source` whose point in time is now, and mark

@@ -4,10 +4,14 @@
 //! chain. Nothing writes into those layers meanwhile (they are read-only backing nodes),
 //! so no filter is needed. Active commit runs as a mirror into the base (mirror.rs).
 
+use crate::setup::{create_job, job_edge};
 use crate::stream::{copy_in_steps, copy_into, relink_backing, rewrite_backing_header};
+use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use async_trait::async_trait;
-use block::{Child, Node};
+use block::change::GraphChange;
+use block::{Child, Graph, Node, Parent, Perms};
+use qapi::error::QmpError;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +37,72 @@ pub struct CommitSetup {
     pub write_edge: Arc<Child>,
     pub job_edges: Vec<Arc<Child>>,
     pub base_reopened: bool,
+}
+
+/// What block-commit asked for (a top that is not the active layer), checked and looked up
+/// by the caller.
+pub struct CommitStart {
+    pub graph: Arc<Graph>,
+    pub top: Arc<Node>,
+    pub base: Arc<Node>,
+    /// The node whose backing is `top`.
+    pub overlay: Arc<Node>,
+    /// The overlay, top and every layer down to base: the job's while it runs.
+    pub committed: Vec<Arc<Node>>,
+    pub backing_file: Option<String>,
+}
+
+/// QEMU's commit_start: make a read-only base writable, claim the layers, and create the
+/// job (not started). Any failure takes all of it back. Runs on an I/O thread.
+pub async fn create(
+    start: CommitStart,
+    manager: &JobManager,
+    options: JobOptions,
+) -> Result<Arc<Job>, QmpError> {
+    let CommitStart {
+        graph,
+        top,
+        base,
+        overlay,
+        committed,
+        backing_file,
+    } = start;
+    let id = options.id.clone();
+    create_job(
+        &graph,
+        manager,
+        options,
+        async |change: &mut GraphChange| {
+            let base_reopened = base.read_only();
+            change.set_writable(&base, true).await?;
+            let mut job_edges = vec![Node::attach_job_backend(&top)?];
+            for node in &committed {
+                job_edges.push(job_edge(node, &id, "commit")?);
+            }
+            // QEMU writes the base through a block backend of the job: blockdev-del calls the
+            // base "in use" rather than busy.
+            let write_edge = Node::attach(
+                &base,
+                "base",
+                Parent::User {
+                    kind: "block-backend",
+                    name: String::new(),
+                },
+                Perms::WRITE | Perms::RESIZE,
+                Perms::ALL & !(Perms::WRITE | Perms::RESIZE),
+            )?;
+            Ok(CommitJob::new(CommitSetup {
+                top,
+                base,
+                overlay,
+                backing_file,
+                write_edge,
+                job_edges,
+                base_reopened,
+            }))
+        },
+    )
+    .await
 }
 
 impl CommitJob {

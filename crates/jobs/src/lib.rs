@@ -21,6 +21,7 @@ pub mod manager;
 pub mod mirror;
 pub mod policy;
 pub mod ratelimit;
+pub mod setup;
 pub mod status;
 pub mod stream;
 pub mod txn;

@@ -14,13 +14,17 @@
 //! write wait for the target, so a mirror that still converges stays in the background.
 
 use crate::policy::ErrorAction;
+use crate::setup::{create_job, job_edge};
+use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use aio::pool::PoolBuf;
 use async_trait::async_trait;
+use block::bitmap::DirtyBitmap;
+use block::change::GraphChange;
 use block::copy::CopyError;
-use block::drivers::mirror_top::MirrorState;
-use block::node::WriteFlags;
-use block::{Child, Graph, Node};
+use block::drivers::mirror_top::{MirrorState, MirrorTop};
+use block::node::{CommonOptions, WriteFlags};
+use block::{Child, Graph, Node, Parent, Perms};
 use futures::stream::{FuturesUnordered, StreamExt};
 use qapi::error::QmpError;
 use serde_json::{json, Map, Value};
@@ -131,6 +135,123 @@ pub struct MirrorJob {
     drained: AtomicBool,
     pivot: AtomicBool,
     actively_synced: AtomicBool,
+}
+
+/// What a mirror (blockdev-mirror, drive-mirror, or active block-commit) asked for,
+/// checked and looked up by the caller.
+pub struct MirrorStart {
+    pub graph: Arc<Graph>,
+    pub source: Arc<Node>,
+    pub target: Arc<Node>,
+    pub filter_name: String,
+    /// "mirror" or "commit", as the job's edges report it.
+    pub job_type: &'static str,
+    pub granularity: u64,
+    pub write_blocking: bool,
+    /// What the job takes on the target (commit also resizes the base).
+    pub target_perm: Perms,
+    /// Make a read-only target writable for the job (active commit into a backing node).
+    pub reopen_target: bool,
+    /// More nodes the job claims (the layers an active commit removes).
+    pub busy: Vec<Arc<Node>>,
+    pub config: MirrorConfig,
+}
+
+/// QEMU's mirror_start_job: claim source, target and `busy`, reopen the target if asked,
+/// put a mirror_top filter with the job's dirty bitmap above the source, and create the
+/// job (not started). Any failure takes all of it back. Runs on an I/O thread.
+pub async fn create(
+    start: MirrorStart,
+    manager: &JobManager,
+    options: JobOptions,
+) -> Result<Arc<Job>, QmpError> {
+    let MirrorStart {
+        graph,
+        source,
+        target,
+        filter_name,
+        job_type,
+        granularity,
+        write_blocking,
+        target_perm,
+        reopen_target,
+        busy,
+        mut config,
+    } = start;
+    let id = options.id.clone();
+    let job_graph = graph.clone();
+    create_job(
+        &graph,
+        manager,
+        options,
+        async |change: &mut GraphChange| {
+            if reopen_target {
+                config.target_reopened = target.read_only();
+                change.set_writable(&target, true).await?;
+            }
+            let mut job_edges = Vec::new();
+            for node in busy
+                .iter()
+                .filter(|n| !Arc::ptr_eq(n, &source) && !Arc::ptr_eq(n, &target))
+            {
+                job_edges.push(job_edge(node, &id, job_type)?);
+            }
+            let job_parent = || Parent::Job {
+                id: id.clone(),
+                job_type,
+            };
+            let target_edge = Node::attach(
+                &target,
+                "target",
+                job_parent(),
+                target_perm,
+                Perms::ALL & !(Perms::WRITE | Perms::RESIZE),
+            )?;
+            job_edges.push(Node::attach(
+                &source,
+                "main node",
+                job_parent(),
+                Perms::NONE,
+                Perms::ALL,
+            )?);
+            job_edges.push(Node::attach_job_backend(&target)?);
+            let source_edge = Node::attach(
+                &source,
+                "backing",
+                Parent::Node(filter_name.clone()),
+                Perms::CONSISTENT_READ,
+                Perms::ALL & !Perms::RESIZE,
+            )?;
+            let bitmap = Arc::new(DirtyBitmap::new(None, granularity, source.size()));
+            let state = Arc::new(MirrorState::new(
+                bitmap.clone(),
+                target_edge,
+                write_blocking,
+            ));
+            let filter = Node::new(
+                filter_name,
+                true,
+                Box::new(MirrorTop::new(state.clone())),
+                CommonOptions::default(),
+                json!({"driver": "mirror_top", "backing": source.name()}),
+            );
+            filter.add_child(source_edge);
+            filter.add_dirty_bitmap(bitmap);
+            change.insert_filter(&source, &filter).await;
+            Ok(MirrorJob::new(
+                job_graph,
+                source,
+                target,
+                MirrorFilter {
+                    node: filter,
+                    state,
+                },
+                config,
+                job_edges,
+            ))
+        },
+    )
+    .await
 }
 
 /// The mirror_top node the job's setup inserted above the source, and the state it shares

@@ -6,12 +6,19 @@
 //! never overwritten with older data from the backing chain.
 
 use crate::policy::ErrorAction;
+use crate::setup::{create_job, job_edge};
+use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use aio::pool::PoolBuf;
 use async_trait::async_trait;
+use block::change::GraphChange;
+use block::drivers::cor::CopyOnRead;
+use block::node::CommonOptions;
 use block::node::{ExtentKind, WriteFlags};
 use block::range_lock::RangeLock;
-use block::{Child, Graph, Node};
+use block::{Child, Graph, Node, Parent, Perms};
+use qapi::error::QmpError;
+use serde_json::json;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,6 +55,91 @@ pub struct StreamSetup {
     pub write_edge: Arc<Child>,
     pub job_edges: Vec<Arc<Child>>,
     pub reopened: bool,
+}
+
+/// What block-stream asked for, checked and looked up by the caller.
+pub struct StreamStart {
+    pub graph: Arc<Graph>,
+    /// The node streamed into.
+    pub device: Arc<Node>,
+    /// The node that stays below (None: the whole chain is copied).
+    pub base: Option<Arc<Node>>,
+    /// The device and every layer that leaves the chain: the job's while it runs.
+    pub streamed: Vec<Arc<Node>>,
+    pub filter_name: String,
+    pub backing_file: Option<String>,
+}
+
+/// QEMU's stream_start: make a read-only device writable, claim the streamed layers, put a
+/// copy-on-read filter above the device, and create the job (not started). Any failure
+/// takes all of it back. Runs on an I/O thread.
+pub async fn create(
+    start: StreamStart,
+    manager: &JobManager,
+    options: JobOptions,
+) -> Result<Arc<Job>, QmpError> {
+    let StreamStart {
+        graph,
+        device,
+        base,
+        streamed,
+        filter_name,
+        backing_file,
+    } = start;
+    let id = options.id.clone();
+    create_job(
+        &graph.clone(),
+        manager,
+        options,
+        async |change: &mut GraphChange| {
+            let reopened = device.read_only();
+            change.set_writable(&device, true).await?;
+            let mut job_edges = Vec::new();
+            for node in &streamed {
+                job_edges.push(job_edge(node, &id, "stream")?);
+            }
+            let write_edge = Node::attach(
+                &device,
+                "stream target",
+                Parent::Job {
+                    id: id.clone(),
+                    job_type: "stream",
+                },
+                Perms::WRITE | Perms::WRITE_UNCHANGED,
+                Perms::ALL & !Perms::RESIZE,
+            )?;
+            let file_edge = Node::attach(
+                &device,
+                "file",
+                Parent::Node(filter_name.clone()),
+                Perms::CONSISTENT_READ,
+                Perms::ALL & !Perms::RESIZE,
+            )?;
+            let cor = CopyOnRead::default();
+            let ranges = cor.ranges().clone();
+            let filter = Node::new(
+                filter_name,
+                true,
+                Box::new(cor),
+                CommonOptions::default(),
+                json!({"driver": "copy-on-read", "file": device.name()}),
+            );
+            filter.add_child(file_edge);
+            change.insert_filter(&device, &filter).await;
+            Ok(StreamJob::new(StreamSetup {
+                graph,
+                device,
+                base,
+                filter,
+                ranges,
+                backing_file,
+                write_edge,
+                job_edges,
+                reopened,
+            }))
+        },
+    )
+    .await
 }
 
 impl StreamJob {

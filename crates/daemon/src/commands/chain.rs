@@ -1,19 +1,16 @@
 //! Backing-chain jobs: block-stream and block-commit (intermediate, and active commit
 //! which runs as a mirror into the base).
 
-use super::mirror::{create_and_start_job, Setup};
+use super::mirror::create_and_start_job;
 use crate::daemon::Daemon;
-use block::change::GraphChange;
-use block::drivers::cor::CopyOnRead;
-use block::node::CommonOptions;
-use block::{Child, Node, Parent, Perms};
-use jobs::commit::{CommitJob, CommitSetup};
-use jobs::mirror::{MirrorConfig, MirrorJob, MirrorSync};
-use jobs::stream::{StreamJob, StreamSetup};
+use block::{Node, Perms};
+use jobs::commit::CommitStart;
+use jobs::mirror::{MirrorConfig, MirrorStart, MirrorSync};
+use jobs::stream::StreamStart;
 use jobs::{JobOptions, OnError};
 use qapi::error::{ErrorClass, QmpError};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -124,19 +121,6 @@ fn job_options(
     options
 }
 
-fn job_edge(node: &Arc<Node>, job_id: &str, job_type: &'static str) -> Result<Arc<Child>, String> {
-    Node::attach(
-        node,
-        "main node",
-        Parent::Job {
-            id: job_id.to_string(),
-            job_type,
-        },
-        Perms::NONE,
-        Perms::ALL,
-    )
-}
-
 pub async fn block_stream(
     daemon: &Rc<Daemon>,
     args: Map<String, Value>,
@@ -200,64 +184,6 @@ pub async fn block_stream(
     check_job_id(daemon, &job_id)?;
     let filter_name = check_filter_name(daemon, &args.filter_node_name)?;
 
-    let graph = daemon.graph.clone();
-    let (setup_device, setup_base, id) = (device.clone(), base.clone(), job_id.clone());
-    let backing_file = args.backing_file.clone();
-    let (change, job) = daemon
-        .io
-        .run(move || async move {
-            GraphChange::apply(&graph.clone(), async |change: &mut GraphChange| {
-                let device = setup_device;
-                let reopened = device.read_only();
-                change.set_writable(&device, true).await?;
-                let mut job_edges = Vec::new();
-                for node in &streamed {
-                    job_edges.push(job_edge(node, &id, "stream")?);
-                }
-                let write_edge = Node::attach(
-                    &device,
-                    "stream target",
-                    Parent::Job {
-                        id: id.clone(),
-                        job_type: "stream",
-                    },
-                    Perms::WRITE | Perms::WRITE_UNCHANGED,
-                    Perms::ALL & !Perms::RESIZE,
-                )?;
-                let file_edge = Node::attach(
-                    &device,
-                    "file",
-                    Parent::Node(filter_name.clone()),
-                    Perms::CONSISTENT_READ,
-                    Perms::ALL & !Perms::RESIZE,
-                )?;
-                let cor = CopyOnRead::default();
-                let ranges = cor.ranges().clone();
-                let filter = Node::new(
-                    filter_name,
-                    true,
-                    Box::new(cor),
-                    CommonOptions::default(),
-                    json!({"driver": "copy-on-read", "file": device.name()}),
-                );
-                filter.add_child(file_edge);
-                change.insert_filter(&device, &filter).await;
-                Ok::<_, String>(StreamJob::new(StreamSetup {
-                    graph,
-                    device,
-                    base: setup_base,
-                    filter,
-                    ranges,
-                    backing_file,
-                    write_edge,
-                    job_edges,
-                    reopened,
-                }))
-            })
-            .await
-        })
-        .await
-        .map_err(QmpError::generic)?;
     let options = job_options(
         job_id,
         args.speed,
@@ -265,7 +191,18 @@ pub async fn block_stream(
         args.auto_finalize,
         args.auto_dismiss,
     );
-    create_and_start_job(daemon, Arc::new(job), options, change).await
+    let start = StreamStart {
+        graph: daemon.graph.clone(),
+        device,
+        base,
+        streamed,
+        filter_name,
+        backing_file: args.backing_file.clone(),
+    };
+    create_and_start_job(daemon, move |manager| async move {
+        jobs::stream::create(start, &manager, options).await
+    })
+    .await
 }
 
 pub async fn block_commit(
@@ -374,45 +311,18 @@ pub async fn block_commit(
         return start_active_commit(daemon, args, top, base, committed, options).await;
     }
     let overlay = overlay.ok_or_else(|| QmpError::generic("Could not find overlay image"))?;
-    let backing_file = args.backing_file.clone();
-    let graph = daemon.graph.clone();
-    let (change, job) = daemon
-        .io
-        .run(move || async move {
-            GraphChange::apply(&graph, async |change: &mut GraphChange| {
-                let base_reopened = base.read_only();
-                change.set_writable(&base, true).await?;
-                let mut job_edges = vec![Node::attach_job_backend(&top)?];
-                for node in &committed {
-                    job_edges.push(job_edge(node, &job_id, "commit")?);
-                }
-                // QEMU writes the base through a block backend of the job: blockdev-del calls
-                // the base "in use" rather than busy.
-                let write_edge = Node::attach(
-                    &base,
-                    "base",
-                    Parent::User {
-                        kind: "block-backend",
-                        name: String::new(),
-                    },
-                    Perms::WRITE | Perms::RESIZE,
-                    Perms::ALL & !(Perms::WRITE | Perms::RESIZE),
-                )?;
-                Ok::<_, String>(CommitJob::new(CommitSetup {
-                    top,
-                    base,
-                    overlay,
-                    backing_file,
-                    write_edge,
-                    job_edges,
-                    base_reopened,
-                }))
-            })
-            .await
-        })
-        .await
-        .map_err(QmpError::generic)?;
-    create_and_start_job(daemon, Arc::new(job), options, change).await
+    let start = CommitStart {
+        graph: daemon.graph.clone(),
+        top,
+        base,
+        overlay,
+        committed,
+        backing_file: args.backing_file.clone(),
+    };
+    create_and_start_job(daemon, move |manager| async move {
+        jobs::commit::create(start, &manager, options).await
+    })
+    .await
 }
 
 async fn start_active_commit(
@@ -424,41 +334,7 @@ async fn start_active_commit(
     options: JobOptions,
 ) -> Result<Value, QmpError> {
     let filter_name = check_filter_name(daemon, &args.filter_node_name)?;
-    let job_id = options.id.clone();
     let granularity = block::bitmap::default_granularity(base.driver().info(&base).cluster_size);
-    let graph = daemon.graph.clone();
-    let (setup_top, setup_base) = (top.clone(), base.clone());
-    let (change, (mirror_filter, job_edges, target_reopened)) = daemon
-        .io
-        .run(move || async move {
-            GraphChange::apply(&graph, async |change: &mut GraphChange| {
-                let target_reopened = setup_base.read_only();
-                change.set_writable(&setup_base, true).await?;
-                let mut extra_edges = Vec::new();
-                for node in committed
-                    .iter()
-                    .filter(|n| !Arc::ptr_eq(n, &setup_top) && !Arc::ptr_eq(n, &setup_base))
-                {
-                    extra_edges.push(job_edge(node, &job_id, "commit")?);
-                }
-                let setup = Setup {
-                    source: setup_top,
-                    target: setup_base,
-                    filter_name,
-                    job_id,
-                    job_type: "commit",
-                    granularity,
-                    write_blocking: false,
-                    target_perm: Perms::WRITE | Perms::RESIZE,
-                };
-                let (mirror_filter, mut job_edges) = setup.insert_filter(change).await?;
-                job_edges.extend(extra_edges);
-                Ok::<_, String>((mirror_filter, job_edges, target_reopened))
-            })
-            .await
-        })
-        .await
-        .map_err(QmpError::generic)?;
     let config = MirrorConfig {
         sync: MirrorSync::Full,
         buf_size: 16 << 20,
@@ -467,16 +343,25 @@ async fn start_active_commit(
         commit_base: true,
         target_backing: None,
         target_is_zero: false,
-        target_reopened,
+        // Set by the setup when it reopens the base.
+        target_reopened: false,
         auto_write_blocking: false,
     };
-    let driver = Arc::new(MirrorJob::new(
-        daemon.graph.clone(),
-        top.clone(),
-        base,
-        mirror_filter,
+    let start = MirrorStart {
+        graph: daemon.graph.clone(),
+        source: top,
+        target: base,
+        filter_name,
+        job_type: "commit",
+        granularity,
+        write_blocking: false,
+        target_perm: Perms::WRITE | Perms::RESIZE,
+        reopen_target: true,
+        busy: committed,
         config,
-        job_edges,
-    ));
-    create_and_start_job(daemon, driver, options, change).await
+    };
+    create_and_start_job(daemon, move |manager| async move {
+        jobs::mirror::create(start, &manager, options).await
+    })
+    .await
 }

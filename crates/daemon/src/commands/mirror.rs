@@ -1,13 +1,9 @@
 //! Mirror commands: blockdev-mirror, drive-mirror and block-job-change.
 
 use crate::daemon::Daemon;
-use block::bitmap::DirtyBitmap;
-use block::change::GraphChange;
-use block::drivers::mirror_top::{MirrorState, MirrorTop};
-use block::node::CommonOptions;
-use block::{Node, Parent, Perms};
-use jobs::mirror::{MirrorConfig, MirrorFilter, MirrorJob, MirrorSync};
-use jobs::{JobOptions, OnError};
+use block::{Node, Perms};
+use jobs::mirror::{MirrorConfig, MirrorStart, MirrorSync};
+use jobs::{Job, JobManager, JobOptions, OnError};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -235,27 +231,6 @@ async fn start_mirror(
         .clone()
         .unwrap_or_else(|| daemon.graph.generate_name());
     let write_blocking = args.copy_mode.unwrap_or_default() == CopyMode::WriteBlocking;
-    let setup = Setup {
-        source: source.clone(),
-        target: target.clone(),
-        filter_name,
-        job_id: job_id.clone(),
-        job_type: "mirror",
-        granularity,
-        write_blocking,
-        target_perm: Perms::WRITE,
-    };
-    let graph = daemon.graph.clone();
-    let (change, (mirror_filter, job_edges)) = daemon
-        .io
-        .run(move || async move {
-            GraphChange::apply(&graph, async |change: &mut GraphChange| {
-                setup.insert_filter(change).await
-            })
-            .await
-        })
-        .await
-        .map_err(QmpError::generic)?;
     let config = MirrorConfig {
         sync,
         buf_size,
@@ -267,115 +242,45 @@ async fn start_mirror(
         target_reopened: false,
         auto_write_blocking: args.x_auto_write_blocking.unwrap_or(false),
     };
-    let driver = Arc::new(MirrorJob::new(
-        daemon.graph.clone(),
-        source.clone(),
-        target,
-        mirror_filter,
-        config,
-        job_edges,
-    ));
     let mut options = JobOptions::new(job_id);
     options.speed = args.speed.unwrap_or(0);
     options.auto_finalize = args.auto_finalize.unwrap_or(true);
     options.auto_dismiss = args.auto_dismiss.unwrap_or(true);
     options.on_source_error = args.on_source_error.unwrap_or(OnError::Report);
     options.on_target_error = args.on_target_error.unwrap_or(OnError::Report);
-    create_and_start_job(daemon, driver, options, change).await
+    let start = MirrorStart {
+        graph: daemon.graph.clone(),
+        source,
+        target,
+        filter_name,
+        job_type: "mirror",
+        granularity,
+        write_blocking,
+        target_perm: Perms::WRITE,
+        reopen_target: false,
+        busy: Vec::new(),
+        config,
+    };
+    create_and_start_job(daemon, move |manager| async move {
+        jobs::mirror::create(start, &manager, options).await
+    })
+    .await
 }
 
-/// Create and start a job whose setup `change` put in place: from then on the job owns
-/// what the change did (its filter, a reopen) and undoes it when it ends. When the job
-/// cannot be created, the change is taken back.
-pub(super) async fn create_and_start_job(
+/// Create a job on an I/O thread with `create` (one of the jobs crate's `create`
+/// functions, which take back their setup when they fail) and start it.
+pub(super) async fn create_and_start_job<F, Fut>(
     daemon: &Rc<Daemon>,
-    driver: Arc<dyn jobs::JobDriver>,
-    options: JobOptions,
-    change: GraphChange,
-) -> Result<Value, QmpError> {
-    match daemon.jobs.create(driver, options) {
-        Ok(job) => {
-            change.commit();
-            super::jobs::start_job(daemon, &job);
-            Ok(json!({}))
-        }
-        Err(e) => {
-            daemon.io.run(move || change.abort()).await;
-            Err(e)
-        }
-    }
-}
-
-/// Everything needed to put a mirror_top filter above a source.
-pub(super) struct Setup {
-    pub source: Arc<Node>,
-    pub target: Arc<Node>,
-    pub filter_name: String,
-    pub job_id: String,
-    pub job_type: &'static str,
-    pub granularity: u64,
-    pub write_blocking: bool,
-    pub target_perm: Perms,
-}
-
-impl Setup {
-    /// Insert the filter with its dirty bitmap, and mark source and target as the job's.
-    pub async fn insert_filter(
-        self,
-        change: &mut GraphChange,
-    ) -> Result<(MirrorFilter, Vec<Arc<block::Child>>), String> {
-        let job_parent = || Parent::Job {
-            id: self.job_id.clone(),
-            job_type: self.job_type,
-        };
-        let target_edge = Node::attach(
-            &self.target,
-            "target",
-            job_parent(),
-            self.target_perm,
-            Perms::ALL & !(Perms::WRITE | Perms::RESIZE),
-        )?;
-        let job_edges = vec![
-            Node::attach(
-                &self.source,
-                "main node",
-                job_parent(),
-                Perms::NONE,
-                Perms::ALL,
-            )?,
-            Node::attach_job_backend(&self.target)?,
-        ];
-        let source_edge = Node::attach(
-            &self.source,
-            "backing",
-            Parent::Node(self.filter_name.clone()),
-            Perms::CONSISTENT_READ,
-            Perms::ALL & !Perms::RESIZE,
-        )?;
-        let bitmap = Arc::new(DirtyBitmap::new(None, self.granularity, self.source.size()));
-        let state = Arc::new(MirrorState::new(
-            bitmap.clone(),
-            target_edge,
-            self.write_blocking,
-        ));
-        let filter = Node::new(
-            self.filter_name.clone(),
-            true,
-            Box::new(MirrorTop::new(state.clone())),
-            CommonOptions::default(),
-            json!({"driver": "mirror_top", "backing": self.source.name()}),
-        );
-        filter.add_child(source_edge);
-        filter.add_dirty_bitmap(bitmap);
-        change.insert_filter(&self.source, &filter).await;
-        Ok((
-            MirrorFilter {
-                node: filter,
-                state,
-            },
-            job_edges,
-        ))
-    }
+    create: F,
+) -> Result<Value, QmpError>
+where
+    F: FnOnce(Arc<JobManager>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Arc<Job>, QmpError>> + 'static,
+{
+    let manager = daemon.jobs.clone();
+    let job = daemon.io.run(move || create(manager)).await?;
+    super::jobs::start_job(daemon, &job);
+    Ok(json!({}))
 }
 
 /// BlockJobChangeOptions: a union on the job type where only `mirror` has members.
