@@ -2,7 +2,8 @@
 //! nothing. The other options must keep their values (QEMU's "Cannot change the option").
 
 use crate::daemon::Daemon;
-use block::{Node, Parent, Perms};
+use block::change::GraphChange;
+use block::{Graph, Node, Parent, Perms};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -88,31 +89,28 @@ pub async fn blockdev_reopen(daemon: &Daemon, args: Map<String, Value>) -> Resul
         .filter(|c| c.node.read_only() == c.writable)
         .map(|c| (c.node, c.writable))
         .collect();
+    let graph = graph.clone();
     daemon
         .io
-        .run(move || async move { apply(changes).await })
+        .run(move || async move { apply(&graph, changes).await })
         .await
         .map_err(QmpError::generic)?;
     Ok(json!({}))
 }
 
 /// Nodes becoming read-only first (a parent before the nodes below it, as listed), then
-/// those becoming writable; on a failure, every node already switched goes back.
-async fn apply(mut changes: Vec<(Arc<Node>, bool)>) -> Result<(), String> {
+/// those becoming writable, as one graph change: on a failure, every node already switched
+/// goes back.
+async fn apply(graph: &Arc<Graph>, mut changes: Vec<(Arc<Node>, bool)>) -> Result<(), String> {
     changes.sort_by_key(|(_, writable)| *writable);
-    let mut done: Vec<(Arc<Node>, bool)> = Vec::new();
-    for (node, writable) in changes {
-        let was_writable = !node.read_only();
-        if let Err(e) = node.set_writable(writable).await {
-            for (node, old) in done.into_iter().rev() {
-                if let Err(undo) = node.set_writable(old).await {
-                    tracing::warn!(node = node.name(), "undoing blockdev-reopen: {undo}");
-                }
-            }
-            return Err(e);
+    let (change, ()) = GraphChange::apply(graph, async |change: &mut GraphChange| {
+        for (node, writable) in &changes {
+            change.set_writable(node, *writable).await?;
         }
-        done.push((node, was_writable));
-    }
+        Ok::<_, String>(())
+    })
+    .await?;
+    change.commit();
     Ok(())
 }
 
