@@ -280,8 +280,22 @@ impl Blkdebug {
 
     /// Fail the request if an active rule matches it (QEMU's rule_check): a rule without
     /// an iotype takes every kind but block status; one with a sector only requests that
-    /// cover it.
-    fn check(&self, iotype: IoType, offset: u64, len: u64) -> io::Result<()> {
+    /// cover it. As in QEMU, the error comes back after a yield to the I/O thread's other
+    /// work unless the rule says `immediately`.
+    async fn check(&self, iotype: IoType, offset: u64, len: u64) -> io::Result<()> {
+        let Some((errno, immediately)) = self.match_rule(iotype, offset, len) else {
+            return Ok(());
+        };
+        tracing::debug!(errno, offset, len, ?iotype, "blkdebug injects an error");
+        if !immediately {
+            tokio::task::yield_now().await;
+        }
+        Err(io::Error::from_raw_os_error(errno))
+    }
+
+    /// The errno and `immediately` of the first active rule that matches, if one does;
+    /// retires a `once` rule.
+    fn match_rule(&self, iotype: IoType, offset: u64, len: u64) -> Option<(i32, bool)> {
         let mut state = self.state.lock().unwrap();
         let hit = state.active.iter().position(|&i| {
             let Some(rule) = &state.rules[i] else {
@@ -298,18 +312,16 @@ impl Blkdebug {
                 }
             })
         });
-        let Some(position) = hit else {
-            return Ok(());
-        };
+        let position = hit?;
         let index = state.active[position];
         let rule = state.rules[index].as_ref().expect("active rules are live");
         let errno = rule.errno.unwrap_or(libc::EIO);
+        let immediately = rule.immediately.unwrap_or(false);
         if rule.once.unwrap_or(false) {
             state.active.remove(position);
             state.rules[index] = None;
         }
-        tracing::debug!(errno, offset, len, ?iotype, "blkdebug injects an error");
-        Err(io::Error::from_raw_os_error(errno))
+        Some((errno, immediately))
     }
 
     /// A write as QEMU's block layer does it at this node: `pwritev` (or `pwritev_zero`)
@@ -326,7 +338,7 @@ impl Blkdebug {
         F: std::future::Future<Output = io::Result<()>>,
     {
         self.fire(event);
-        self.check(iotype, offset, len)?;
+        self.check(iotype, offset, len).await?;
         let result = write.await;
         self.fire(BlkdebugEvent::PwritevDone);
         result
@@ -344,7 +356,7 @@ impl Driver for Blkdebug {
     }
 
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.check(IoType::Read, offset, buf.len() as u64)?;
+        self.check(IoType::Read, offset, buf.len() as u64).await?;
         self.image.read(offset, buf).await
     }
 
@@ -374,17 +386,17 @@ impl Driver for Blkdebug {
     }
 
     async fn discard(&self, _: &Node, offset: u64, len: u64) -> io::Result<()> {
-        self.check(IoType::Discard, offset, len)?;
+        self.check(IoType::Discard, offset, len).await?;
         self.image.discard(offset, len).await
     }
 
     async fn flush(&self, _: &Node) -> io::Result<()> {
-        self.check(IoType::Flush, 0, 0)?;
+        self.check(IoType::Flush, 0, 0).await?;
         self.image.flush().await
     }
 
     async fn block_status(&self, _: &Node, offset: u64, len: u64) -> io::Result<Extent> {
-        self.check(IoType::BlockStatus, offset, len)?;
+        self.check(IoType::BlockStatus, offset, len).await?;
         self.image().block_status(offset, len).await
     }
 
