@@ -1,11 +1,11 @@
-//! Feeds arbitrary bytes to `block::drivers::qcow2::Header::parse`, as an image file's first 64 KiB are untrusted, then calls every method that computes from the parsed fields (crafted values may overflow there).
+//! Feeds arbitrary bytes to `block::Qcow2Header::parse`, as an image file's first 64 KiB are untrusted, then calls every method that computes from the parsed fields (crafted values may overflow there).
 #![no_main]
 
-use block::drivers::qcow2::Header;
+use block::Qcow2Header;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(header) = Header::parse(data) else {
+    let Ok(header) = Qcow2Header::parse(data) else {
         return;
     };
     // What the parser promises about a successful result.

@@ -1,24 +1,43 @@
 //! The block layer: the node graph, the driver trait and drivers, permissions, I/O threads.
 
-pub mod bitmap;
-pub mod change;
-pub mod copy;
-pub mod create;
-pub mod drain;
-pub mod drivers;
-pub mod graph;
-pub mod info;
-pub mod iothread;
-pub mod node;
-pub mod open;
-pub mod perm;
-pub mod range_lock;
-pub mod stats;
-pub mod threshold;
-pub mod throttle;
+mod bitmap;
+mod change;
+mod copy;
+mod create;
+mod drain;
+mod drivers;
+mod graph;
+mod info;
+mod iothread;
+mod node;
+mod open;
+mod perm;
+mod range_lock;
+mod stats;
+mod threshold;
+mod throttle;
 
+pub use bitmap::{default_granularity, DirtyBitmap};
+pub use change::GraphChange;
+pub use copy::{BlockCopy, ClusterBitmap, CopyError};
+pub use create::{create_image, FileCreate, NewImage, Qcow2Create};
 pub use drain::DrainedSection;
-pub use graph::{Graph, OptionSyntax};
-pub use iothread::IoThreads;
-pub use node::{Child, Driver, Node, Parent, WriteFlags};
+pub use drivers::cbw::{check_min_cluster_size, CopyBeforeWrite, OnCbwError};
+pub use drivers::cor::CopyOnRead;
+pub use drivers::file::os_error_text;
+pub use drivers::mirror_top::{MirrorState, MirrorTop};
+pub use drivers::nbd::{InetServer, UnixServer};
+pub use drivers::qcow2::Qcow2Header;
+pub use drivers::throttle::set_io_throttle;
+pub use graph::{Graph, OptionSyntax, QEMU_DRIVERS};
+pub use info::{block_graph, named_block_nodes};
+pub use iothread::{IoThreads, Panicked, Work};
+pub use node::{
+    busy_error, job_blocker, would_cycle_message, ChainExtent, Child, CommonOptions, Driver,
+    ExtentKind, Node, Parent, SnapshotInfo, WriteFlags,
+};
+pub use open::driver_names;
 pub use perm::Perms;
+pub use range_lock::RangeLock;
+pub use stats::block_stats;
+pub use throttle::{ThrottleConfig, ThrottleGroup, ThrottleLimits};

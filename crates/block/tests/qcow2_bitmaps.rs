@@ -4,7 +4,7 @@
 
 mod common;
 
-use block::bitmap::DirtyBitmap;
+use block::DirtyBitmap;
 use block::WriteFlags;
 use common::{check_clean, run, Setup};
 use serde_json::Value;

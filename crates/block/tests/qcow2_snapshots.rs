@@ -5,7 +5,7 @@
 
 mod common;
 
-use block::node::SnapshotInfo;
+use block::SnapshotInfo;
 use block::WriteFlags;
 use common::{check_clean, run, Setup};
 use serde_json::{json, Value};

@@ -4,10 +4,10 @@
 use crate::commands::bitmaps::{self, BitmapRef, BusyBitmaps};
 use crate::daemon::Daemon;
 use async_trait::async_trait;
-use block::bitmap::DirtyBitmap;
-use block::drivers::nbd::{InetServer, UnixServer};
-use block::node::{ChainExtent, WriteFlags};
+use block::DirtyBitmap;
+use block::{ChainExtent, WriteFlags};
 use block::{Child, Node, Parent, Perms};
+use block::{InetServer, UnixServer};
 use nbd::backend::{Backend, Capabilities, MetaContext, StatusExtent, ZeroFlags};
 use nbd::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use nbd::server::{ExportError, ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent};
@@ -422,7 +422,7 @@ impl Exports {
                 ListenAddr::Unix(path) => format!(
                     "Failed to bind socket to {}: {}",
                     path.display(),
-                    block::drivers::file::os_error_text(&e)
+                    block::os_error_text(&e)
                 ),
             })
         })?;

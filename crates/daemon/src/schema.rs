@@ -975,7 +975,7 @@ mod tests {
         assert_eq!(opts["tag"], "driver");
         let variants = opts["variants"].as_array().unwrap();
         // The drivers are those of the block layer's registry, each described.
-        for d in block::open::driver_names() {
+        for d in block::driver_names() {
             let v = variants
                 .iter()
                 .find(|v| v["case"] == d)
@@ -988,7 +988,7 @@ mod tests {
             .iter()
             .map(|v| v.as_str().unwrap())
             .collect();
-        let mut registered: Vec<&str> = block::open::driver_names().collect();
+        let mut registered: Vec<&str> = block::driver_names().collect();
         listed.sort_unstable();
         registered.sort_unstable();
         assert_eq!(

@@ -93,12 +93,12 @@ fn create_image(path: &Path) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let image = block::create::NewImage {
+    let image = block::NewImage {
         format: "qcow2",
         size: NEW_IMAGE_SIZE,
         backing: None,
     };
-    runtime.block_on(block::create::create_image(path, image))
+    runtime.block_on(block::create_image(path, image))
 }
 
 fn probe_format(path: &Path) -> Result<&'static str, String> {

@@ -13,12 +13,12 @@ use crate::setup::create_job;
 use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use async_trait::async_trait;
-use block::bitmap::DirtyBitmap;
-use block::change::GraphChange;
-use block::copy::{BlockCopy, ClusterBitmap, CopyError};
-use block::drivers::cbw::{CopyBeforeWrite, OnCbwError};
-use block::node::{CommonOptions, ExtentKind};
+use block::DirtyBitmap;
+use block::GraphChange;
+use block::{BlockCopy, ClusterBitmap, CopyError};
 use block::{Child, DrainedSection, Graph, Node, Parent, Perms};
+use block::{CommonOptions, ExtentKind};
+use block::{CopyBeforeWrite, OnCbwError};
 use futures::stream::{FuturesUnordered, StreamExt};
 use qapi::error::QmpError;
 use serde_json::json;
@@ -390,7 +390,7 @@ pub struct BackupSetup {
 /// copy-before-write filter goes above the source (joining `drained`, so that the point in
 /// time holds until the caller ends its drained section), and the job is created in
 /// `manager`, not started. Any failure takes all of it back. Runs on an I/O thread.
-pub async fn create(
+pub async fn create_backup(
     setup: BackupSetup,
     manager: &JobManager,
     drained: &DrainedSection,

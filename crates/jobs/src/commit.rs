@@ -9,7 +9,7 @@ use crate::stream::{copy_in_steps, copy_into, relink_backing, rewrite_backing_he
 use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use async_trait::async_trait;
-use block::change::GraphChange;
+use block::GraphChange;
 use block::{Child, Graph, Node, Parent, Perms};
 use qapi::error::QmpError;
 use std::io;
@@ -54,7 +54,7 @@ pub struct CommitStart {
 
 /// QEMU's commit_start: make a read-only base writable, claim the layers, and create the
 /// job (not started). Any failure takes all of it back. Runs on an I/O thread.
-pub async fn create(
+pub async fn create_commit(
     start: CommitStart,
     manager: &JobManager,
     options: JobOptions,

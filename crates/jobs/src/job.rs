@@ -8,7 +8,7 @@ use crate::policy::{self, ErrorAction, IgnoreBackoff, IoStatus, OnError, PolicyA
 use crate::ratelimit::RateLimit;
 use crate::status::{verb_refusal, JobStatus, JobVerb};
 use crate::txn::{self, JobTxn};
-use block::iothread::Work;
+use block::Work;
 use futures::FutureExt;
 use qapi::error::QmpError;
 use serde_json::{json, Map, Value};
@@ -282,7 +282,7 @@ impl Job {
             .catch_unwind()
             .await
             .unwrap_or_else(|payload| {
-                let panicked = block::iothread::Panicked::from_payload(payload);
+                let panicked = block::Panicked::from_payload(payload);
                 Err(JobFailure::new(String::from(panicked)))
             });
         {

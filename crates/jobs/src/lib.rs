@@ -11,27 +11,32 @@
 //! monitor thread for job-finalize and for cancelling a job whose work is over. Events
 //! leave through the [`JobEventSink`] given to [`JobManager::new`].
 
-pub mod backup;
-pub mod commit;
-pub mod create;
-pub mod driver;
-pub mod events;
-pub mod job;
-pub mod manager;
-pub mod mirror;
-pub mod policy;
-pub mod ratelimit;
-pub mod setup;
-pub mod status;
-pub mod stream;
-pub mod txn;
+mod backup;
+mod commit;
+mod create;
+mod driver;
+mod events;
+mod job;
+mod manager;
+mod mirror;
+mod policy;
+mod ratelimit;
+mod setup;
+mod status;
+mod stream;
+mod txn;
 
+pub use backup::{create_backup, BackupPerf, BackupSetup, BitmapMode, SyncMode};
+pub use commit::{create_commit, CommitStart};
+pub use create::{OneStepJob, StepWork};
 pub use driver::{JobDriver, JobFailure, JobType};
 pub use events::JobEventSink;
 pub use job::{Job, JobContext, JobOptions};
-pub use manager::JobManager;
+pub use manager::{is_valid_id, JobManager};
+pub use mirror::{create_mirror, MirrorConfig, MirrorStart, MirrorSync};
 pub use policy::{ErrorAction, IoStatus, OnError};
 pub use status::{JobStatus, JobVerb};
+pub use stream::{create_stream, StreamStart};
 pub use txn::JobTxn;
 
 #[cfg(test)]

@@ -19,12 +19,12 @@ use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use aio::pool::PoolBuf;
 use async_trait::async_trait;
-use block::bitmap::DirtyBitmap;
-use block::change::GraphChange;
-use block::copy::CopyError;
-use block::drivers::mirror_top::{MirrorState, MirrorTop};
-use block::node::{CommonOptions, WriteFlags};
+use block::CopyError;
+use block::DirtyBitmap;
+use block::GraphChange;
 use block::{Child, Graph, Node, Parent, Perms};
+use block::{CommonOptions, WriteFlags};
+use block::{MirrorState, MirrorTop};
 use futures::stream::{FuturesUnordered, StreamExt};
 use qapi::error::QmpError;
 use serde_json::{json, Map, Value};
@@ -160,7 +160,7 @@ pub struct MirrorStart {
 /// QEMU's mirror_start_job: claim source, target and `busy`, reopen the target if asked,
 /// put a mirror_top filter with the job's dirty bitmap above the source, and create the
 /// job (not started). Any failure takes all of it back. Runs on an I/O thread.
-pub async fn create(
+pub async fn create_mirror(
     start: MirrorStart,
     manager: &JobManager,
     options: JobOptions,
@@ -337,7 +337,7 @@ impl MirrorJob {
                 (!e.zero, e.len)
             } else {
                 let e = self.source.block_status(offset, len - offset).await?;
-                (e.kind != block::node::ExtentKind::Unallocated, e.len)
+                (e.kind != block::ExtentKind::Unallocated, e.len)
             };
             let run = allocated.1.max(1).min(len - offset);
             if allocated.0 {

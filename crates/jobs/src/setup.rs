@@ -4,7 +4,7 @@
 //! it when it ends) and taken back when the setup or the creation fails.
 
 use crate::{Job, JobDriver, JobManager, JobOptions};
-use block::change::GraphChange;
+use block::GraphChange;
 use block::{Child, Graph, Node, Parent, Perms};
 use qapi::error::QmpError;
 use std::sync::Arc;

@@ -11,12 +11,12 @@ use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use aio::pool::PoolBuf;
 use async_trait::async_trait;
-use block::change::GraphChange;
-use block::drivers::cor::CopyOnRead;
-use block::node::CommonOptions;
-use block::node::{ExtentKind, WriteFlags};
-use block::range_lock::RangeLock;
+use block::CommonOptions;
+use block::CopyOnRead;
+use block::GraphChange;
+use block::RangeLock;
 use block::{Child, Graph, Node, Parent, Perms};
+use block::{ExtentKind, WriteFlags};
 use qapi::error::QmpError;
 use serde_json::json;
 use std::io;
@@ -73,7 +73,7 @@ pub struct StreamStart {
 /// QEMU's stream_start: make a read-only device writable, claim the streamed layers, put a
 /// copy-on-read filter above the device, and create the job (not started). Any failure
 /// takes all of it back. Runs on an I/O thread.
-pub async fn create(
+pub async fn create_stream(
     start: StreamStart,
     manager: &JobManager,
     options: JobOptions,

@@ -28,9 +28,11 @@ pub struct FileOptions {
     pub aio_max_batch: Option<i64>,
     /// QEMU drops the page cache when it activates an inactive node (migration hand-over);
     /// blockd's nodes are never inactive, so as in qsd for an active node there is never
-    /// a cache to drop and both values behave alike.
+    /// a cache to drop and both values behave alike. Parsed only to check its type.
+    #[allow(dead_code)]
     pub drop_cache: Option<bool>,
     /// QEMU's debug check after that drop; never reached for the same reason.
+    #[allow(dead_code)]
     pub x_check_cache_dropped: Option<bool>,
 }
 

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
-use block::iothread::Panicked;
+use block::Panicked;
 use block::{Graph, IoThreads, Node, OptionSyntax};
 use serde_json::{json, Value};
 use std::future::Future;

@@ -6,7 +6,7 @@
 //! in a way that can still be undone, and the [`PreparedBitmapAction`] it returns is then
 //! either committed or aborted. A plain command is prepare followed by commit.
 
-use block::bitmap::{default_granularity, DirtyBitmap};
+use block::{default_granularity, DirtyBitmap};
 use block::{Graph, Node};
 use qapi::de::JsonType;
 use qapi::error::QmpError;

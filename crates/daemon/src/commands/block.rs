@@ -48,7 +48,7 @@ pub fn query_named_block_nodes(
     args: Map<String, Value>,
 ) -> Result<Value, QmpError> {
     let args: QueryNamedBlockNodesArgs = qapi::de::from_value(Value::Object(args))?;
-    Ok(block::info::named_block_nodes(
+    Ok(block::named_block_nodes(
         &daemon.graph,
         args.flat.unwrap_or(false),
     ))
@@ -56,7 +56,7 @@ pub fn query_named_block_nodes(
 
 pub fn query_block_graph(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
     no_arguments(args)?;
-    Ok(block::info::block_graph(&daemon.graph))
+    Ok(block::block_graph(&daemon.graph))
 }
 
 /// qsd has no guest devices, so there are no BlockBackends with a name to list.

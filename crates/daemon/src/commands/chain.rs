@@ -4,10 +4,10 @@
 use super::mirror::create_and_start_job;
 use crate::daemon::Daemon;
 use block::{Node, Perms};
-use jobs::commit::CommitStart;
-use jobs::mirror::{MirrorConfig, MirrorStart, MirrorSync};
-use jobs::stream::StreamStart;
+use jobs::CommitStart;
+use jobs::StreamStart;
 use jobs::{JobOptions, OnError};
+use jobs::{MirrorConfig, MirrorStart, MirrorSync};
 use qapi::error::{ErrorClass, QmpError};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -83,7 +83,7 @@ fn busy_check(nodes: &[Arc<Node>]) -> Result<(), QmpError> {
 }
 
 fn check_job_id(daemon: &Daemon, job_id: &str) -> Result<(), QmpError> {
-    if !jobs::manager::is_valid_id(job_id) {
+    if !jobs::is_valid_id(job_id) {
         return Err(QmpError::generic(format!("Invalid job ID '{job_id}'")));
     }
     if daemon.jobs.get(job_id).is_some() {
@@ -200,7 +200,7 @@ pub async fn block_stream(
         backing_file: args.backing_file.clone(),
     };
     create_and_start_job(daemon, move |manager| async move {
-        jobs::stream::create(start, &manager, options).await
+        jobs::create_stream(start, &manager, options).await
     })
     .await
 }
@@ -320,7 +320,7 @@ pub async fn block_commit(
         backing_file: args.backing_file.clone(),
     };
     create_and_start_job(daemon, move |manager| async move {
-        jobs::commit::create(start, &manager, options).await
+        jobs::create_commit(start, &manager, options).await
     })
     .await
 }
@@ -334,7 +334,7 @@ async fn start_active_commit(
     options: JobOptions,
 ) -> Result<Value, QmpError> {
     let filter_name = check_filter_name(daemon, &args.filter_node_name)?;
-    let granularity = block::bitmap::default_granularity(base.driver().info(&base).cluster_size);
+    let granularity = block::default_granularity(base.driver().info(&base).cluster_size);
     let config = MirrorConfig {
         sync: MirrorSync::Full,
         buf_size: 16 << 20,
@@ -361,7 +361,7 @@ async fn start_active_commit(
         config,
     };
     create_and_start_job(daemon, move |manager| async move {
-        jobs::mirror::create(start, &manager, options).await
+        jobs::create_mirror(start, &manager, options).await
     })
     .await
 }

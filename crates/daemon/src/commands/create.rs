@@ -2,11 +2,11 @@
 //! open node (QEMU's two steps: create the file, blockdev-add it, create qcow2 on it).
 
 use crate::daemon::Daemon;
-use block::create::{FileCreate, Qcow2Create};
-use block::graph::QEMU_DRIVERS;
+use block::QEMU_DRIVERS;
+use block::{FileCreate, Qcow2Create};
 use block::{Graph, Node, Parent, Perms};
-use jobs::create::{OneStepJob, StepWork};
 use jobs::JobOptions;
+use jobs::{OneStepJob, StepWork};
 use qapi::error::QmpError;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -164,7 +164,7 @@ pub fn x_blockdev_amend(daemon: &Daemon, args: Map<String, Value>) -> Result<Val
         }
         None => return Err(QmpError::generic("Parameter 'options.driver' is missing")),
     };
-    if !::block::graph::QEMU_DRIVERS.contains(&driver.as_str()) {
+    if !::block::QEMU_DRIVERS.contains(&driver.as_str()) {
         return Err(QmpError::generic(format!(
             "Parameter 'options.driver' does not accept value '{driver}'"
         )));

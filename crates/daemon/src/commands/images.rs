@@ -1,7 +1,7 @@
 //! QMP commands that change what an image file records about itself: change-backing-file.
 
 use crate::daemon::Daemon;
-use block::drivers::file::os_error_text;
+use block::os_error_text;
 
 use qapi::error::QmpError;
 use serde::Deserialize;

@@ -4,8 +4,8 @@
 //! a root (used by no other node), as qsd requires of a node given as `device`.
 
 use crate::daemon::Daemon;
-use block::drivers::file::os_error_text;
-use block::node::SnapshotInfo;
+use block::os_error_text;
+use block::SnapshotInfo;
 use block::{DrainedSection, Node};
 use qapi::error::QmpError;
 use serde::Deserialize;

@@ -2,9 +2,9 @@
 
 use super::bitmaps::{check_bitmap, BitmapUse};
 use crate::daemon::Daemon;
-use block::bitmap::DirtyBitmap;
+use block::DirtyBitmap;
 use block::{DrainedSection, Node};
-use jobs::backup::{BackupPerf, BackupSetup, BitmapMode, SyncMode};
+use jobs::{BackupPerf, BackupSetup, BitmapMode, SyncMode};
 use jobs::{JobOptions, OnError};
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -282,7 +282,7 @@ async fn create_backup(
         .job_id
         .clone()
         .unwrap_or_else(|| source.name().to_string());
-    if !jobs::manager::is_valid_id(&job_id) {
+    if !jobs::is_valid_id(&job_id) {
         return Err(QmpError::generic(format!("Invalid job ID '{job_id}'")));
     }
     if daemon.jobs.get(&job_id).is_some() {
@@ -338,7 +338,7 @@ async fn create_backup(
     };
     let min_cluster = perf_args.min_cluster_size.unwrap_or(0);
     // QEMU creates the filter node here, so its error comes wrapped.
-    block::drivers::cbw::check_min_cluster_size(min_cluster).map_err(|e| {
+    block::check_min_cluster_size(min_cluster).map_err(|e| {
         QmpError::generic(if min_cluster > i64::MAX as u64 {
             e
         } else {
@@ -372,7 +372,7 @@ async fn create_backup(
     let (manager, drained) = (daemon.jobs.clone(), drained.clone());
     daemon
         .io
-        .run(move || async move { jobs::backup::create(setup, &manager, &drained).await })
+        .run(move || async move { jobs::create_backup(setup, &manager, &drained).await })
         .await
 }
 

@@ -2,8 +2,8 @@
 
 use crate::daemon::Daemon;
 use block::{Node, Perms};
-use jobs::mirror::{MirrorConfig, MirrorStart, MirrorSync};
 use jobs::{Job, JobManager, JobOptions, OnError};
+use jobs::{MirrorConfig, MirrorStart, MirrorSync};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -168,9 +168,7 @@ async fn start_mirror(
     target_backing: Option<Arc<Node>>,
 ) -> Result<Value, QmpError> {
     let granularity = match args.granularity {
-        None | Some(0) => {
-            block::bitmap::default_granularity(target.driver().info(&target).cluster_size)
-        }
+        None | Some(0) => block::default_granularity(target.driver().info(&target).cluster_size),
         Some(g) => {
             if !(512..=64 << 20).contains(&g) {
                 return Err(QmpError::generic(
@@ -206,7 +204,7 @@ async fn start_mirror(
         .job_id
         .clone()
         .unwrap_or_else(|| source.name().to_string());
-    if !jobs::manager::is_valid_id(&job_id) {
+    if !jobs::is_valid_id(&job_id) {
         return Err(QmpError::generic(format!("Invalid job ID '{job_id}'")));
     }
     if daemon.jobs.get(&job_id).is_some() {
@@ -262,7 +260,7 @@ async fn start_mirror(
         config,
     };
     create_and_start_job(daemon, move |manager| async move {
-        jobs::mirror::create(start, &manager, options).await
+        jobs::create_mirror(start, &manager, options).await
     })
     .await
 }

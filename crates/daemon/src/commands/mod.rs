@@ -204,12 +204,12 @@ async fn create_image_file(
     daemon
         .io
         .run(move || async move {
-            let image = ::block::create::NewImage {
+            let image = ::block::NewImage {
                 format: &format,
                 size,
                 backing,
             };
-            ::block::create::create_image(std::path::Path::new(&path), image).await
+            ::block::create_image(std::path::Path::new(&path), image).await
         })
         .await
         .map_err(QmpError::generic)

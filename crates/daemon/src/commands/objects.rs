@@ -2,7 +2,7 @@
 //! and the 2.8 block_set_io_throttle, which throttles one node without naming a group.
 
 use crate::daemon::Daemon;
-use block::throttle::{ThrottleConfig, ThrottleGroup, ThrottleLimits};
+use block::{ThrottleConfig, ThrottleGroup, ThrottleLimits};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -302,9 +302,7 @@ pub async fn block_set_io_throttle(
     let graph = daemon.graph.clone();
     daemon
         .io
-        .run(move || async move {
-            block::drivers::throttle::set_io_throttle(&graph, &node, &group, config).await
-        })
+        .run(move || async move { block::set_io_throttle(&graph, &node, &group, config).await })
         .await
         .map_err(QmpError::generic)?;
     Ok(json!({}))

@@ -2,7 +2,7 @@
 //! nothing. The other options must keep their values (QEMU's "Cannot change the option").
 
 use crate::daemon::Daemon;
-use block::change::GraphChange;
+use block::GraphChange;
 use block::{Graph, Node, Parent, Perms};
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -144,7 +144,7 @@ fn check_backing(
     }
     if let Some(new_backing) = &wanted {
         if new_backing.subtree().iter().any(|n| Arc::ptr_eq(n, node)) {
-            return Err(QmpError::generic(block::node::would_cycle_message(
+            return Err(QmpError::generic(block::would_cycle_message(
                 new_backing.name(),
                 "backing",
                 node.name(),

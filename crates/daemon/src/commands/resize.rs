@@ -1,7 +1,7 @@
 //! block_resize: grow or shrink the image of a node, under QEMU's checks and permissions.
 
 use crate::daemon::Daemon;
-use block::drivers::file::os_error_text;
+use block::os_error_text;
 use block::{Node, Parent, Perms};
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -37,9 +37,9 @@ pub async fn block_resize(daemon: &Daemon, args: Map<String, Value>) -> Result<V
             ))
         })?;
     if let Some(job_type) = blocking_job(&node) {
-        return Err(block::node::busy_error(
+        return Err(block::busy_error(
             node.name(),
-            &block::node::job_blocker(job_type),
+            &block::job_blocker(job_type),
         ));
     }
     let size = u64::try_from(args.size)

@@ -3,7 +3,7 @@
 //! every user (an NBD export moves to it) and reads the node as its backing.
 
 use crate::daemon::Daemon;
-use block::change::GraphChange;
+use block::GraphChange;
 use block::{DrainedSection, Graph, Node, OptionSyntax};
 use qapi::error::QmpError;
 use serde::Deserialize;

@@ -59,7 +59,7 @@ pub fn query_blockstats(daemon: &Daemon, args: Map<String, Value>) -> Result<Val
             .nodes()
             .iter()
             .rev()
-            .map(block::stats::block_stats)
+            .map(block::block_stats)
             .collect(),
     ))
 }

@@ -26,7 +26,7 @@ const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Header {
+pub struct Qcow2Header {
     pub version: u32,
     pub cluster_bits: u32,
     pub size: u64,
@@ -80,9 +80,9 @@ fn be64(buf: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(buf[at..at + 8].try_into().unwrap())
 }
 
-impl Header {
+impl Qcow2Header {
     /// Parse the start of an image file. Refuses what we cannot serve with QEMU's wording.
-    pub fn parse(buf: &[u8]) -> Result<Header, String> {
+    pub fn parse(buf: &[u8]) -> Result<Qcow2Header, String> {
         if buf.len() < 72 || &buf[0..4] != MAGIC {
             return Err("Image is not in qcow2 format".into());
         }
@@ -90,13 +90,13 @@ impl Header {
         if !(2..=3).contains(&version) {
             return Err(format!("Unsupported qcow2 version {version}"));
         }
-        let mut header = Header {
+        let mut header = Qcow2Header {
             version,
             cluster_bits: be32(buf, 20),
             size: be64(buf, 24),
             crypt_method: be32(buf, 32),
             refcount_order: 4,
-            ..Header::default()
+            ..Qcow2Header::default()
         };
         if !(9..=21).contains(&header.cluster_bits) {
             return Err(format!(
@@ -415,17 +415,17 @@ mod tests {
         let mut buf = v3_header(None);
         buf[96..100].copy_from_slice(&64u32.to_be_bytes());
         assert_eq!(
-            Header::parse(&buf).unwrap_err(),
+            Qcow2Header::parse(&buf).unwrap_err(),
             "Reference count entry width too large; may not exceed 64 bits"
         );
         buf[96..100].copy_from_slice(&6u32.to_be_bytes());
-        let header = Header::parse(&buf).unwrap();
+        let header = Qcow2Header::parse(&buf).unwrap();
         assert_eq!(header.format_specific()["refcount-bits"], 64);
     }
 
     #[test]
     fn parses_backing_and_format() {
-        let header = Header::parse(&v3_header(Some(("base.qcow2", "qcow2")))).unwrap();
+        let header = Qcow2Header::parse(&v3_header(Some(("base.qcow2", "qcow2")))).unwrap();
         assert_eq!(header.backing_file.as_deref(), Some("base.qcow2"));
         assert_eq!(header.backing_format.as_deref(), Some("qcow2"));
         assert_eq!(header.cluster_size(), 65536);
@@ -436,18 +436,18 @@ mod tests {
     #[test]
     fn refuses_garbage_and_truncation() {
         assert_eq!(
-            Header::parse(b"not an image at all, not at all, no"),
+            Qcow2Header::parse(b"not an image at all, not at all, no"),
             Err("Image is not in qcow2 format".to_string())
         );
         let header = v3_header(None);
-        assert!(Header::parse(&header[..80]).is_err());
+        assert!(Qcow2Header::parse(&header[..80]).is_err());
         let mut bad_cluster = header.clone();
         bad_cluster[20..24].copy_from_slice(&40u32.to_be_bytes());
-        assert!(Header::parse(&bad_cluster).is_err());
+        assert!(Qcow2Header::parse(&bad_cluster).is_err());
         let mut bad_ext = header;
         bad_ext[112..116].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
         bad_ext[116..120].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(Header::parse(&bad_ext).is_err());
+        assert!(Qcow2Header::parse(&bad_ext).is_err());
     }
 
     #[test]
@@ -462,7 +462,7 @@ mod tests {
 
         let new = with_backing(&cluster, Some("other/new.img"), Some("qcow2")).unwrap();
         assert_eq!(new.len(), cluster.len());
-        let header = Header::parse(&new).unwrap();
+        let header = Qcow2Header::parse(&new).unwrap();
         assert_eq!(header.backing_file.as_deref(), Some("other/new.img"));
         assert_eq!(header.backing_format.as_deref(), Some("qcow2"));
         assert_eq!(&new[0..8], &cluster[0..8]);
@@ -474,7 +474,7 @@ mod tests {
         assert_eq!(&new[unknown + 8..unknown + 11], b"xyz");
 
         let removed = with_backing(&new, None, None).unwrap();
-        let header = Header::parse(&removed).unwrap();
+        let header = Qcow2Header::parse(&removed).unwrap();
         assert_eq!(header.backing_file, None);
         assert_eq!(header.backing_format, None);
         assert_eq!(&removed[8..20], &[0u8; 12]);
@@ -492,12 +492,12 @@ mod tests {
             directory_offset: 0x30000,
         };
         let with = with_bitmaps_extension(&cluster, Some(&ext)).unwrap();
-        let header = Header::parse(&with).unwrap();
+        let header = Qcow2Header::parse(&with).unwrap();
         assert_eq!(header.consistent_bitmaps(), Some(&ext));
         assert_eq!(header.backing_file.as_deref(), Some("base.qcow2"));
         assert_eq!(header.backing_format.as_deref(), Some("qcow2"));
         let without = with_bitmaps_extension(&with, None).unwrap();
-        let header = Header::parse(&without).unwrap();
+        let header = Qcow2Header::parse(&without).unwrap();
         assert_eq!(header.bitmaps, None);
         assert_eq!(header.autoclear, 0);
         assert_eq!(header.backing_file.as_deref(), Some("base.qcow2"));
@@ -519,7 +519,7 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
         let fits = with_backing(small, Some("b"), Some("raw")).unwrap();
         assert_eq!(
-            Header::parse(&fits).unwrap().backing_file.as_deref(),
+            Qcow2Header::parse(&fits).unwrap().backing_file.as_deref(),
             Some("b")
         );
     }

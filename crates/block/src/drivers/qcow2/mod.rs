@@ -23,7 +23,7 @@ mod snapshots;
 mod storage;
 pub use storage::NodeStorage;
 
-pub use header::Header;
+pub use header::Qcow2Header;
 
 use crate::bitmap::DirtyBitmap;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, SnapshotInfo, WriteFlags};
@@ -73,7 +73,7 @@ type ImagoImage = ImagoQcow2<NodeStorage>;
 pub struct Qcow2 {
     access: RwLock<FormatAccess<NodeStorage>>,
     file: Arc<Child>,
-    header: std::sync::Mutex<Header>,
+    header: std::sync::Mutex<Qcow2Header>,
     header_patch: Arc<HeaderPatch>,
     /// The backing file a plain filename stands for (QEMU's `auto_backing_file`): the node
     /// opened from the header, else the header's name. A backing node other than this one
@@ -104,13 +104,13 @@ struct BitmapState {
 
 impl Qcow2 {
     /// Read the header, refusing what imago or we cannot serve, before the real open.
-    pub async fn probe_header(file: &Arc<Child>) -> Result<Header, String> {
+    pub async fn probe_header(file: &Arc<Child>) -> Result<Qcow2Header, String> {
         let node = file.node();
         let mut buf = vec![0u8; header::HEADER_READ_SIZE.min(node.size() as usize)];
         node.read(0, &mut buf)
             .await
             .map_err(|e| format!("Could not read qcow2 header: {e}"))?;
-        let mut header = Header::parse(&buf)?;
+        let mut header = Qcow2Header::parse(&buf)?;
         header.check_supported()?;
         if let Some((offset, len)) = header.backing_file_span.take() {
             let mut name = vec![0u8; len as usize];
@@ -128,7 +128,7 @@ impl Qcow2 {
         file: Arc<Child>,
         backing: Option<Arc<Child>>,
         implicit_backing: bool,
-        header: Header,
+        header: Qcow2Header,
         writable: bool,
     ) -> Result<Qcow2, String> {
         let auto_backing_file = match &backing {
@@ -213,7 +213,7 @@ impl Qcow2 {
         }
     }
 
-    pub fn header(&self) -> Header {
+    pub fn header(&self) -> Qcow2Header {
         self.header.lock().unwrap().clone()
     }
 
@@ -591,7 +591,7 @@ impl Driver for Qcow2 {
 impl Qcow2 {
     /// ImageInfoSpecificQCow2: the header's facts and the bitmaps the image lists, less
     /// those removed since (QEMU removes them from the image at once; we do at close).
-    fn format_specific(&self, node: &Node, header: &Header) -> Value {
+    fn format_specific(&self, node: &Node, header: &Qcow2Header) -> Value {
         let mut data = header.format_specific();
         let listed: Vec<Value> = self
             .bitmaps

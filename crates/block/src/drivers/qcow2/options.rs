@@ -7,7 +7,7 @@
 //! the image file. Options asking for anything else cannot be honoured until blockd has
 //! its own qcow2 driver, so they are refused rather than accepted and ignored.
 
-use super::header::Header;
+use super::header::Qcow2Header;
 use super::Qcow2Options;
 use serde_json::Value;
 
@@ -101,7 +101,7 @@ impl Qcow2Options {
 
     /// QEMU's checks that need the image header, in QEMU's order, then refuse what this
     /// driver cannot do.
-    pub fn check(&self, header: &Header) -> Result<(), String> {
+    pub fn check(&self, header: &Qcow2Header) -> Result<(), String> {
         let sizes = [
             self.cache_size,
             self.l2_cache_size,
