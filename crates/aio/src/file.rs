@@ -66,6 +66,8 @@ impl OpenOptions {
         }
     }
 
+    /// Open for writing too (O_RDWR); without it the descriptor is read-only and the kernel
+    /// refuses writes.
     pub fn writable(mut self, writable: bool) -> Self {
         self.writable = writable;
         self
@@ -89,11 +91,15 @@ impl OpenOptions {
         self
     }
 
+    /// Whether to take QEMU-compatible lock bytes (the file driver's `locking` option);
+    /// `On` fails the open where OFD locks do not work. The locks themselves are taken by
+    /// [`ImageFile::set_perms`], not by opening.
     pub fn locking(mut self, locking: Locking) -> Self {
         self.locking = locking;
         self
     }
 
+    /// Where the file's requests run (the file driver's `aio` option).
     pub fn engine(mut self, engine: Engine) -> Self {
         self.engine = engine;
         self
@@ -306,18 +312,24 @@ impl ImageFile {
         })
     }
 
+    /// The path the file was opened with (used in lock conflict hints and `Display`).
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Whether the descriptor is open for writing (asked for, or implied by create or
+    /// truncate).
     pub fn is_writable(&self) -> bool {
         self.writable
     }
 
+    /// Whether the file was opened with O_DIRECT, bypassing the host page cache.
     pub fn is_direct(&self) -> bool {
         self.direct
     }
 
+    /// Whether this is a host block device rather than a regular file: its size is fixed
+    /// (growing fails, shrinking is ignored) and zeroing keeps the size.
     pub fn is_block_device(&self) -> bool {
         self.block_device
     }

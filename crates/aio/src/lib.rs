@@ -1,6 +1,8 @@
 //! File I/O for blockd's block layer: io_uring per I/O thread, thread-pool fallback, bounce
 //! buffers owned by in-flight requests, QEMU-compatible image locking, imago `Storage`.
 
+#![warn(missing_docs)]
+
 mod file;
 pub mod lock;
 mod op;

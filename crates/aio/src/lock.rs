@@ -21,11 +21,20 @@ const UNSHARED_BASE: i64 = 200;
 pub struct Perms(u32);
 
 impl Perms {
+    /// No permission.
     pub const NONE: Perms = Perms(0);
+    /// QEMU's BLK_PERM_CONSISTENT_READ: the holder sees complete, self-consistent contents
+    /// (not true of, e.g., the intermediate nodes of a running commit).
     pub const CONSISTENT_READ: Perms = Perms(1 << 0);
+    /// QEMU's BLK_PERM_WRITE: the holder may change the visible contents.
     pub const WRITE: Perms = Perms(1 << 1);
+    /// QEMU's BLK_PERM_WRITE_UNCHANGED: the holder may write data that leaves the visible
+    /// contents as they were (copy-on-read, a backup's copy-before-write); weaker than
+    /// `WRITE`.
     pub const WRITE_UNCHANGED: Perms = Perms(1 << 2);
+    /// QEMU's BLK_PERM_RESIZE: the holder may change the size.
     pub const RESIZE: Perms = Perms(1 << 3);
+    /// QEMU's BLK_PERM_ALL: every permission above.
     pub const ALL: Perms = Perms(0xf);
 
     /// Names as QEMU's lock errors spell them, by bit number.
@@ -34,6 +43,8 @@ impl Perms {
     /// Names as QMP spells them, by bit number.
     const QMP_NAMES: [&'static str; 4] = ["consistent-read", "write", "write-unchanged", "resize"];
 
+    /// The bits as QEMU numbers them; with [`from_bits`](Self::from_bits) this builds sets
+    /// in `const` items, where `|` is not available.
     pub const fn bits(self) -> u32 {
         self.0
     }
@@ -43,22 +54,27 @@ impl Perms {
         Perms(bits & Self::ALL.0)
     }
 
+    /// Whether every permission in `other` is in `self`.
     pub const fn contains(self, other: Perms) -> bool {
         self.0 & other.0 == other.0
     }
 
+    /// The permissions in either set (also `|`).
     pub const fn union(self, other: Perms) -> Perms {
         Perms(self.0 | other.0)
     }
 
+    /// The permissions in `self` but not in `other`.
     pub const fn minus(self, other: Perms) -> Perms {
         Perms(self.0 & !other.0)
     }
 
+    /// The permissions of [`ALL`](Self::ALL) not in `self` (also `!`).
     pub const fn complement(self) -> Perms {
         Perms(!self.0 & Self::ALL.0)
     }
 
+    /// Whether the sets have a permission in common.
     pub const fn intersects(self, other: Perms) -> bool {
         self.0 & other.0 != 0
     }
@@ -174,10 +190,13 @@ impl LockConflict {
         }
     }
 
+    /// QEMU's error text, e.g. `Failed to get "write" lock` (also what `Display` gives).
     pub fn message(&self) -> &str {
         &self.message
     }
 
+    /// QEMU's follow-up line, `Is another process using the image [PATH]?`, printed after the
+    /// message on the command line; QMP replies leave it out.
     pub fn hint(&self) -> &str {
         &self.hint
     }

@@ -159,10 +159,13 @@ impl PoolBuf {
         })
     }
 
+    /// Bytes in use, as asked for or set by [`set_len`](Self::set_len); at most
+    /// [`capacity`](Self::capacity).
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether no bytes are in use.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -179,24 +182,31 @@ impl PoolBuf {
         Ok(())
     }
 
+    /// Bytes allocated: `len` rounded up to the size class, at least one page.
     pub fn capacity(&self) -> usize {
         self.raw.as_ref().map_or(0, |r| 1 << r.shift)
     }
 
+    /// Start of the buffer, for handing to the kernel; stays valid and fixed until the
+    /// `PoolBuf` is dropped, however the value moves.
     pub fn as_ptr(&self) -> *const u8 {
         self.raw_ref().ptr.as_ptr()
     }
 
+    /// Writable start of the buffer, for the kernel to read into; valid like
+    /// [`as_ptr`](Self::as_ptr).
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.raw_ref().ptr.as_ptr()
     }
 
+    /// The `len` bytes in use.
     pub fn as_slice(&self) -> &[u8] {
         // Safety: the allocation holds at least `len` initialised bytes (zeroed at allocation,
         // later only written with u8 values) and lives as long as `self`.
         unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
     }
 
+    /// The `len` bytes in use, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // Safety: as in `as_slice`, plus `&mut self` guarantees exclusivity.
         unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), self.len) }

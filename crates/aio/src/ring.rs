@@ -54,9 +54,14 @@ pub fn thread_ring_counters() -> Option<RingCounters> {
     })
 }
 
+/// Totals of one thread's ring since [`init_thread`], from [`thread_ring_counters`]; tests
+/// compare two snapshots to see how requests were batched.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RingCounters {
+    /// Requests queued on the ring (one SQE each).
     pub requests: u64,
+    /// Times the queued SQEs were handed to the kernel (`io_uring_enter` calls that had
+    /// something new to submit).
     pub submissions: u64,
 }
 

@@ -30,6 +30,9 @@ impl Bits {
     }
 }
 
+/// A dirty bitmap of a node (QEMU's BdrvDirtyBitmap): named ones are the user's
+/// (block-dirty-bitmap-add), anonymous ones a job's. The node marks it on every write while
+/// it is attached ([`crate::Node::add_dirty_bitmap`]); lock-free, usable from any thread.
 pub struct DirtyBitmap {
     /// None for the anonymous bitmaps jobs keep for themselves.
     name: Option<String>,
@@ -70,14 +73,17 @@ impl DirtyBitmap {
         }
     }
 
+    /// The bitmap's name (BlockDirtyInfo `name`); None for a job's anonymous bitmap.
     pub fn name(&self) -> Option<&str> {
         self.name.as_deref()
     }
 
+    /// Bytes per bit, a power of two (BlockDirtyInfo `granularity`).
     pub fn granularity(&self) -> u64 {
         self.granularity
     }
 
+    /// Bytes covered: the node's size when created or last resized.
     pub fn size(&self) -> u64 {
         self.bits.read().unwrap().size
     }
@@ -94,10 +100,13 @@ impl DirtyBitmap {
         bytes
     }
 
+    /// Whether the bitmap takes writes (block-dirty-bitmap-enable/-disable). While a
+    /// successor records in its place, see [`DirtyBitmap::is_recording`].
     pub fn is_enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
     }
 
+    /// block-dirty-bitmap-enable (true) or -disable (false).
     pub fn set_enabled(&self, enabled: bool) {
         self.enabled.store(enabled, Ordering::Release);
     }
@@ -107,34 +116,49 @@ impl DirtyBitmap {
         self.is_enabled() && self.successor.load().is_none()
     }
 
+    /// Whether an operation holds the bitmap, so the user may neither change nor remove it
+    /// (BlockDirtyInfo `busy`).
     pub fn is_busy(&self) -> bool {
         self.busy.load(Ordering::Acquire)
     }
 
+    /// Mark the bitmap held by an operation (an export, a transaction removing it), or free
+    /// again. `create_successor` sets it and `abdicate`/`reclaim` clear it themselves.
     pub fn set_busy(&self, busy: bool) {
         self.busy.store(busy, Ordering::Release);
     }
 
+    /// Whether the image keeps the bitmap when the node closes (BlockDirtyInfo
+    /// `persistent`).
     pub fn is_persistent(&self) -> bool {
         self.persistent.load(Ordering::Acquire)
     }
 
+    /// Make the image keep the bitmap on close (block-dirty-bitmap-add `persistent`), or
+    /// not; the caller checks that the format can (`Driver::can_store_persistent_bitmaps`).
     pub fn set_persistent(&self, persistent: bool) {
         self.persistent.store(persistent, Ordering::Release);
     }
 
+    /// Whether the image says a process left the bitmap in use without closing it, so its
+    /// bits cannot be trusted and it may only be removed (BlockDirtyInfo `inconsistent`).
     pub fn is_inconsistent(&self) -> bool {
         self.inconsistent.load(Ordering::Acquire)
     }
 
+    /// Mark a bitmap loaded from an image as unusable: qcow2's in-use flag was set, or the
+    /// bitmap is of a kind blockd does not know.
     pub fn set_inconsistent(&self, inconsistent: bool) {
         self.inconsistent.store(inconsistent, Ordering::Release);
     }
 
+    /// Whether the bitmap came from an image opened read-only: its bits and its presence
+    /// may not change, but it may be enabled, disabled and read.
     pub fn is_readonly(&self) -> bool {
         self.readonly.load(Ordering::Acquire)
     }
 
+    /// Mark a bitmap loaded from a read-only image (see [`DirtyBitmap::is_readonly`]).
     pub fn set_readonly(&self, readonly: bool) {
         self.readonly.store(readonly, Ordering::Release);
     }
@@ -190,6 +214,7 @@ impl DirtyBitmap {
         }
     }
 
+    /// Mark the whole bitmap clean (block-dirty-bitmap-clear).
     pub fn clear(&self) {
         let bits = self.bits.read().unwrap();
         for word in &bits.words {
@@ -363,12 +388,15 @@ impl DirtyBitmap {
         successor
     }
 
+    /// The bitmap recording writes in this one's place, while an operation holds its point
+    /// in time (`create_successor` until `abdicate` or `reclaim`).
     pub fn successor(&self) -> Option<Arc<DirtyBitmap>> {
         self.successor.load_full()
     }
 
     /// The operation consumed the point in time: the bitmap now holds only what was written
-    /// since it started.
+    /// since it started. The node must be drained: a write racing with the swap could be
+    /// lost.
     pub fn abdicate(&self) {
         if let Some(successor) = self.successor.swap(None) {
             self.clear();
@@ -377,7 +405,8 @@ impl DirtyBitmap {
         self.set_busy(false);
     }
 
-    /// The operation gave the point in time back: writes made meanwhile are added.
+    /// The operation gave the point in time back: writes made meanwhile are added. The node
+    /// must be drained, as for `abdicate`.
     pub fn reclaim(&self) {
         if let Some(successor) = self.successor.swap(None) {
             self.merge_from(&successor);

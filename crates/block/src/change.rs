@@ -37,6 +37,8 @@ pub struct GraphChange {
 }
 
 impl GraphChange {
+    /// An empty change on `graph`, for a caller that records steps one by one and ends
+    /// with `commit` or `abort` itself; [`GraphChange::apply`] does both for a closure.
     pub fn new(graph: &Arc<Graph>) -> GraphChange {
         GraphChange {
             graph: graph.clone(),

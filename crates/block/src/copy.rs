@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
-/// One bit per cluster.
+/// One bit per cluster: a set bit is a cluster that still needs copying. Indexes past the
+/// end read as clear and ignore writes.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterBitmap {
     words: Vec<u64>,
@@ -35,6 +36,7 @@ impl ClusterBitmap {
         pending
     }
 
+    /// `clusters` bits, all clear.
     pub fn new(clusters: u64) -> ClusterBitmap {
         ClusterBitmap {
             words: vec![0; clusters.div_ceil(64) as usize],
@@ -42,18 +44,22 @@ impl ClusterBitmap {
         }
     }
 
+    /// How many clusters the bitmap covers (set or not; `count` gives the set ones).
     pub fn len(&self) -> u64 {
         self.clusters
     }
 
+    /// Covers no cluster at all (a zero-length source), whatever is set.
     pub fn is_empty(&self) -> bool {
         self.clusters == 0
     }
 
+    /// Whether `cluster` is set.
     pub fn get(&self, cluster: u64) -> bool {
         cluster < self.clusters && self.words[(cluster / 64) as usize] & (1 << (cluster % 64)) != 0
     }
 
+    /// Set (`value` true) or clear one cluster.
     pub fn set(&mut self, cluster: u64, value: bool) {
         if cluster >= self.clusters {
             return;
@@ -66,12 +72,14 @@ impl ClusterBitmap {
         }
     }
 
+    /// Set or clear every cluster of `clusters` (cluster indexes, not bytes).
     pub fn set_range(&mut self, clusters: Range<u64>, value: bool) {
         for cluster in clusters {
             self.set(cluster, value);
         }
     }
 
+    /// How many clusters are set.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
@@ -101,11 +109,15 @@ struct CopyState {
 /// What a copy of one run found, for the caller's error policy.
 #[derive(Debug)]
 pub enum CopyError {
+    /// Reading the source failed (or no buffer for it could be had): a job applies its
+    /// `on-source-error`.
     Read(io::Error),
+    /// Writing the target failed: a job applies its `on-target-error`.
     Write(io::Error),
 }
 
 impl CopyError {
+    /// The error itself, whichever side it came from.
     pub fn io(&self) -> &io::Error {
         match self {
             CopyError::Read(e) | CopyError::Write(e) => e,
@@ -113,6 +125,10 @@ impl CopyError {
     }
 }
 
+/// QEMU's block-copy state: which clusters of `source` the `target` still needs, and who
+/// is copying which right now. A backup job and its copy-before-write filter share one
+/// (`Arc`), as do a copy-before-write node and the snapshot-access node reading its
+/// point-in-time view; all methods may be called from any thread.
 pub struct BlockCopy {
     source: Arc<Child>,
     target: Arc<Child>,
@@ -128,6 +144,9 @@ pub struct BlockCopy {
 const MAX_RUN: u64 = 1 << 20;
 
 impl BlockCopy {
+    /// Copy the clusters set in `pending`, of `cluster_size` bytes each, from `source` to
+    /// `target`, over the source's size at this moment. `target_is_zero`: the target
+    /// already reads as zeroes (a new image), so zero runs of the source are not written.
     pub fn new(
         source: Arc<Child>,
         target: Arc<Child>,
@@ -150,22 +169,27 @@ impl BlockCopy {
         }
     }
 
+    /// The unit of copying and tracking, in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.cluster_size
     }
 
+    /// Bytes covered: the source's size when the copy state was made.
     pub fn len(&self) -> u64 {
         self.len
     }
 
+    /// The source was empty: there is nothing to copy.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// The edge the old data is read from (the filter's `file`).
     pub fn source(&self) -> &Arc<Child> {
         &self.source
     }
 
+    /// The edge copies are written to.
     pub fn target(&self) -> &Arc<Child> {
         &self.target
     }
@@ -176,11 +200,15 @@ impl BlockCopy {
         (state.pending.count() * self.cluster_size).min(self.len)
     }
 
+    /// Bytes copied so far, by the job and the filter together, zero runs included: the
+    /// backup job's progress offset.
     pub fn copied_bytes(&self) -> u64 {
         self.copied_bytes.load(Ordering::Relaxed)
     }
 
-    pub fn is_pending(&self, offset: u64) -> bool {
+    /// Whether the cluster holding byte `offset` still needs copying (being copied
+    /// counts as pending until the copy succeeded).
+    pub(crate) fn is_pending(&self, offset: u64) -> bool {
         self.state
             .lock()
             .unwrap()
@@ -238,7 +266,7 @@ impl BlockCopy {
 
     /// Read the point-in-time view: clusters still pending come from the source (writes to
     /// them wait meanwhile), copied ones from the target.
-    pub async fn read_point_in_time(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    pub(crate) async fn read_point_in_time(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         while pos < end {
@@ -264,7 +292,7 @@ impl BlockCopy {
 
     /// The reader of the view no longer needs `[offset, offset+len)`: whole clusters in it
     /// are neither copied any more nor kept on the target.
-    pub async fn forget_point_in_time(&self, offset: u64, len: u64) -> io::Result<()> {
+    pub(crate) async fn forget_point_in_time(&self, offset: u64, len: u64) -> io::Result<()> {
         let first = offset.div_ceil(self.cluster_size);
         let last = (offset + len).min(self.len) / self.cluster_size;
         if first >= last {

@@ -13,14 +13,16 @@ use std::sync::Arc;
 
 /// What a new image looks like.
 pub struct NewImage<'a> {
+    /// `"raw"` or `"qcow2"`; any other format is refused.
     pub format: &'a str,
+    /// Virtual disk size in bytes.
     pub size: u64,
     /// Backing file name and format written into a qcow2 header.
     pub backing: Option<(String, String)>,
 }
 
 /// Create (or overwrite) an image file. Runs on an I/O thread: the file I/O goes through
-/// the aio crate, never blocking the thread.
+/// the aio crate, never blocking the thread. Err is the text for the client.
 pub async fn create_image(path: &Path, image: NewImage<'_>) -> Result<(), String> {
     let fail = |e: io::Error| format!("Could not create '{}': {e}", path.display());
     match image.format {
@@ -79,12 +81,20 @@ impl Prealloc {
 #[derive(Debug, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct FileCreate {
+    /// Path of the file to create, or to empty if it exists (QMP `filename`).
     pub filename: String,
+    /// Size of the new file in bytes (QMP `size`).
     pub size: i64,
+    /// QMP `preallocation`: `off`, `falloc` or `full`; `metadata` is refused, as QEMU's
+    /// file driver does.
     #[serde(default)]
     pub preallocation: Prealloc,
+    /// Turn off copy-on-write for the file's data where the file system has it (btrfs's
+    /// `FS_NOCOW_FL`; QMP `nocow`).
     #[serde(default)]
     pub nocow: bool,
+    /// XFS extent size hint in bytes, 1 MiB when absent, 0 for none (QMP
+    /// `extent-size-hint`); at most `u32::MAX`.
     pub extent_size_hint: Option<i64>,
 }
 
@@ -188,6 +198,7 @@ pub enum Qcow2Version {
     V3,
 }
 
+/// QEMU's `Qcow2CompressionType`, for compressed clusters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CompressionType {
@@ -200,21 +211,39 @@ pub enum CompressionType {
 #[derive(Debug, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Qcow2Create {
+    /// Virtual disk size in bytes, a multiple of 512 (QMP `size`).
     pub size: i64,
+    /// QMP `version`: v3 when absent; `check` refuses v2, which imago cannot write.
     pub version: Option<Qcow2Version>,
+    /// Backing file name written into the header, not opened (QMP `backing-file`).
     pub backing_file: Option<String>,
+    /// Backing format written beside the name; required with a backing file here, since
+    /// imago always records one (QMP `backing-fmt`).
     pub backing_fmt: Option<String>,
+    /// Cluster size in bytes, a power of two from 512 to 2 MiB, 64 KiB when absent (QMP
+    /// `cluster-size`).
     pub cluster_size: Option<i64>,
+    /// QMP `preallocation`: `metadata` allocates the metadata, `falloc` and `full` the
+    /// data clusters too.
     #[serde(default)]
     pub preallocation: Prealloc,
+    /// Set the lazy refcounts compatible feature bit in the new header (QMP
+    /// `lazy-refcounts`; v3 only).
     #[serde(default)]
     pub lazy_refcounts: bool,
+    /// Refcount entry width in bits, a power of two up to 64, 16 when absent (QMP
+    /// `refcount-bits`).
     pub refcount_bits: Option<i64>,
+    /// QMP `extended-l2` (subclusters): checked as QEMU does, then refused.
     #[serde(default)]
     pub extended_l2: bool,
+    /// QMP `data-file` (an external data file): refused, so kept unparsed.
     pub data_file: Option<serde_json::Value>,
+    /// QMP `data-file-raw`: only checked to come with `data-file`.
     pub data_file_raw: Option<bool>,
+    /// QMP `encrypt`: refused, so kept unparsed.
     pub encrypt: Option<serde_json::Value>,
+    /// QMP `compression-type`: zlib when absent; zstd is refused.
     pub compression_type: Option<CompressionType>,
 }
 

@@ -18,6 +18,8 @@ pub struct DrainedSection {
 }
 
 impl DrainedSection {
+    /// An empty section on `graph`; nodes join it with [`DrainedSection::add`]. Shared
+    /// (`Arc`) so each action of a transaction can hold it until the last one ends.
     pub fn new(graph: &Arc<Graph>) -> Arc<DrainedSection> {
         Arc::new(DrainedSection {
             graph: graph.clone(),

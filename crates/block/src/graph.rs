@@ -121,7 +121,10 @@ struct CacheOptions {
 /// How option values arrive: typed JSON (QMP) or strings (command-line keyval).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OptionSyntax {
+    /// QMP blockdev-add, or `--blockdev` given as a JSON object: values have their types.
     Json,
+    /// `--blockdev driver=file,filename=...`: every scalar is a string, converted to the
+    /// member's type as QEMU's keyval visitor does (`read-only=on`).
     Keyval,
 }
 
@@ -168,6 +171,8 @@ impl Registry {
     }
 }
 
+/// The daemon's block graph: every node by name with who keeps it alive, the lock that
+/// serialises graph changes, and the throttle groups. One per daemon, shared by `Arc`.
 #[derive(Default)]
 pub struct Graph {
     registry: Mutex<Registry>,
@@ -207,10 +212,13 @@ impl Pending {
 }
 
 impl Graph {
+    /// An empty graph.
     pub fn new() -> Graph {
         Graph::default()
     }
 
+    /// The live node named `name`, None when there is none (or it is still being opened).
+    /// [`Graph::lookup`] and [`Graph::lookup_node`] give QEMU's error instead.
     pub fn find(&self, name: &str) -> Option<Arc<Node>> {
         let mut registry = self.registry.lock().unwrap();
         registry.prune();

@@ -136,6 +136,8 @@ fn dirty_info(bitmap: &DirtyBitmap) -> Value {
     Value::Object(info)
 }
 
+/// query-named-block-nodes: a BlockDeviceInfo per node. With `flat` (QMP `flat`), `image`
+/// has no nested `backing-image` and `backing_file_depth` is 0.
 pub fn named_block_nodes(graph: &Graph, flat: bool) -> Value {
     Value::Array(
         graph

@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use nbd::Work;
 
+/// The daemon's I/O threads (`blockd-io0`, `blockd-io1`, ...), each with its own io_uring.
+/// Every thread serves every node; shared by `Arc` and usable from any thread.
 pub struct IoThreads {
     /// Emptied on shutdown, which ends each thread's receive loop.
     senders: RwLock<Vec<mpsc::UnboundedSender<Work>>>,
@@ -83,6 +85,9 @@ impl FromPanic for () {
 const RING_ENTRIES: u32 = 256;
 
 impl IoThreads {
+    /// Start `count` threads (at least one) and wait until each has its runtime; Err when a
+    /// thread or its runtime could not be created. A thread without io_uring still starts
+    /// (its file I/O falls back to the blocking pool).
     pub fn start(count: usize) -> io::Result<IoThreads> {
         let count = count.max(1);
         let mut senders = Vec::with_capacity(count);
@@ -107,6 +112,7 @@ impl IoThreads {
         })
     }
 
+    /// How many threads there are; thread indexes for `spawn_on` and `run_on` wrap around it.
     pub fn count(&self) -> usize {
         self.count
     }
@@ -116,6 +122,8 @@ impl IoThreads {
         self.next.fetch_add(1, Ordering::Relaxed) % self.count
     }
 
+    /// Send `job` to thread `thread` (modulo the count), fire and forget: its future is
+    /// spawned there as a local task. Dropped silently after [`IoThreads::shutdown`].
     pub fn spawn_on(&self, thread: usize, job: Work) {
         // No sender means the daemon is shutting down; the job is moot then.
         if let Some(tx) = self.senders.read().unwrap().get(thread % self.count) {
@@ -123,6 +131,7 @@ impl IoThreads {
         }
     }
 
+    /// [`IoThreads::spawn_on`] the next thread round-robin (NBD connections, jobs).
     pub fn spawn(&self, job: Work) {
         self.spawn_on(self.pick(), job);
     }
@@ -137,6 +146,8 @@ impl IoThreads {
         self.run_on(self.pick(), make).await
     }
 
+    /// [`IoThreads::run`] on thread `thread` (modulo the count). A panic in the work, or the
+    /// thread stopping before it answered, comes back as `T::from_panic`.
     pub async fn run_on<T, F, Fut>(&self, thread: usize, make: F) -> T
     where
         T: FromPanic + Send + 'static,

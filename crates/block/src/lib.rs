@@ -1,5 +1,7 @@
 //! The block layer: the node graph, the driver trait and drivers, permissions, I/O threads.
 
+#![warn(missing_docs)]
+
 mod bitmap;
 mod change;
 mod copy;

@@ -20,17 +20,23 @@ use tokio::sync::Notify;
 /// What one layer knows about a range, starting at the queried offset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
+    /// Bytes from the queried offset that share `kind`; 0 only at or past the end.
     pub len: u64,
+    /// What the layer holds there.
     pub kind: ExtentKind,
 }
 
+/// What one layer holds for a range (`Driver::block_status`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExtentKind {
     /// This layer holds data for the range.
     Data,
     /// The range reads as zeroes; `allocated` says whether this layer decides that (a zero
     /// cluster, a hole in a file) or the range is merely absent here and nothing lies below.
-    Zero { allocated: bool },
+    Zero {
+        /// This layer decides the zeroes (QEMU's BDRV_BLOCK_ALLOCATED).
+        allocated: bool,
+    },
     /// This layer does not hold the range: reads fall through to the backing node.
     Unallocated,
 }
@@ -38,6 +44,7 @@ pub enum ExtentKind {
 /// Block status resolved down a backing chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChainExtent {
+    /// Bytes from the queried offset that share this status; 0 only at or past the end.
     pub len: u64,
     /// Reads as zeroes.
     pub zero: bool,
@@ -47,6 +54,8 @@ pub struct ChainExtent {
     pub depth: u32,
 }
 
+/// How a write or zero write is to be done (QEMU's BdrvRequestFlags), passed down to the
+/// driver; the default is a plain write.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriteFlags {
     /// Force unit access: the data is stable when the request completes.
@@ -77,11 +86,18 @@ pub struct DriverInfo {
 /// One internal snapshot of an image (QEMU's SnapshotInfo).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotInfo {
+    /// QMP `id`: the ID the image gave the snapshot (qcow2 numbers them "1", "2", ...).
     pub id: String,
+    /// QMP `name`: the name it was taken with.
     pub name: String,
+    /// QMP `vm-state-size`: bytes of VM state saved with it; 0 for a disk-only snapshot.
     pub vm_state_size: u64,
+    /// QMP `date-sec`: when it was taken, in seconds since the Unix epoch.
     pub date_sec: u32,
+    /// QMP `date-nsec`: the nanoseconds within `date_sec`.
     pub date_nsec: u32,
+    /// The guest clock when it was taken, in ns; QMP splits it into `vm-clock-sec` and
+    /// `vm-clock-nsec`.
     pub vm_clock_nsec: u64,
     /// Instructions counted when icount was on; None when it was not.
     pub icount: Option<u64>,
@@ -117,6 +133,8 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
     /// Virtual size in bytes.
     fn size(&self, node: &Node) -> u64;
 
+    /// Fill `buf` from byte `offset`. The node has checked that the range lies within
+    /// `size`.
     async fn read(&self, node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
     /// A read that also tells whether the range reads as zeroes, for a driver that learns
@@ -131,6 +149,10 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
     ) -> io::Result<Option<bool>> {
         Ok(None)
     }
+
+    /// Write `buf` at byte `offset`. The node has checked that it is writable and that the
+    /// range lies within `size` (or that `extends_on_write`), and marks the range in its
+    /// dirty bitmaps afterwards.
     async fn write(
         &self,
         node: &Node,
@@ -138,6 +160,9 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
         buf: &[u8],
         flags: WriteFlags,
     ) -> io::Result<()>;
+
+    /// Make `len` bytes at `offset` read as zeroes, checked as for `write`. `may_unmap` is
+    /// already cleared unless the node has `discard=unmap`.
     async fn write_zeroes(
         &self,
         node: &Node,
@@ -145,10 +170,21 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()>;
+
+    /// Let the storage drop `len` bytes at `offset`, whose content is then unspecified (a
+    /// hole, a freed cluster). Only called with `discard=unmap`, for a range within `size`.
     async fn discard(&self, node: &Node, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Make completed writes durable, down through the children the driver writes to (a
+    /// format its metadata and `file`). Not called with `cache.no-flush`.
     async fn flush(&self, node: &Node) -> io::Result<()>;
+
     /// Status of this layer only, from `offset`, for at most `len` bytes.
     async fn block_status(&self, node: &Node, offset: u64, len: u64) -> io::Result<Extent>;
+
+    /// Resize to `size` bytes (block_resize, a job matching its target to the source); the
+    /// node has checked that it is writable and resizes its bitmaps after. ENOTSUP where
+    /// the driver cannot.
     async fn truncate(&self, node: &Node, size: u64) -> io::Result<()>;
 
     /// The permissions this node needs on its child `role`, given what its own parents need
@@ -166,6 +202,8 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
         Ok(())
     }
 
+    /// What query-named-block-nodes reports of this driver (file name, sizes, backing
+    /// file, format-specific data).
     fn info(&self, node: &Node) -> DriverInfo;
 
     /// Protocol drivers whose storage grows when written past its end (a file under qcow2,
@@ -283,9 +321,21 @@ pub enum Parent {
     /// while its children are attached during open).
     Node(String),
     /// A user outside the graph: an export, the monitor.
-    User { kind: &'static str, name: String },
+    User {
+        /// What kind of user, as x-debug-query-block-graph's `type` and QEMU's messages
+        /// name it: "block-backend" (an export, a job's own backend, a command's handle).
+        kind: &'static str,
+        /// The user's name; an empty "block-backend" is QEMU's "an unnamed block device".
+        name: String,
+    },
     /// A block job working on the node: it blocks deletion and conflicting jobs.
-    Job { id: String, job_type: &'static str },
+    Job {
+        /// The job's QMP `id`.
+        id: String,
+        /// The job's QMP `type` ("backup", "mirror", "commit", "stream"), named in QEMU's
+        /// "in use by block job" text.
+        job_type: &'static str,
+    },
 }
 
 /// An edge from a parent to a node, carrying the parent's permissions on it.
@@ -300,22 +350,29 @@ pub struct Child {
 }
 
 impl Child {
+    /// The child's role in its parent (QEMU's child name: "file", "backing", "root",
+    /// "main node"), as x-debug-query-block-graph's edge `name` and QEMU's messages give it.
     pub fn role(&self) -> &str {
         &self.role
     }
 
+    /// Who holds this edge.
     pub fn parent(&self) -> &Parent {
         &self.parent
     }
 
+    /// The node the edge points at now. A pivot or filter insertion may repoint it at any
+    /// time; I/O should go through the edge, which follows it.
     pub fn node(&self) -> Arc<Node> {
         self.target.load_full()
     }
 
+    /// What the parent does with the node (QEMU's BdrvChild.perm).
     pub fn perm(&self) -> Perms {
         Perms::from_bits(self.perm.load(Ordering::Acquire))
     }
 
+    /// What the parent lets other users do with the node (QEMU's BdrvChild.shared_perm).
     pub fn shared(&self) -> Perms {
         Perms::from_bits(self.shared.load(Ordering::Acquire))
     }
@@ -325,7 +382,6 @@ impl Child {
         self.shared.store(shared.bits(), Ordering::Release);
     }
 
-    /// How QEMU's permission-conflict message names this user.
     /// Fire a blkdebug event at the node this edge points to, before the I/O it announces.
     pub fn debug_event(&self, event: BlkdebugEvent) {
         let node = self.target.load();
@@ -339,6 +395,7 @@ impl Child {
         self.target.load().driver.takes_debug_events()
     }
 
+    /// How QEMU's permission-conflict message names this user.
     pub fn describe_user(&self) -> String {
         role_description(&self.parent, &self.node(), &self.role)
     }
@@ -359,6 +416,7 @@ impl Child {
         }
     }
 
+    /// [`Node::read`] on the current target, through [`Child::enter`].
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.enter().await.read_entered(offset, buf).await
     }
@@ -368,10 +426,12 @@ impl Child {
         self.enter().await.read_or_zero_entered(offset, buf).await
     }
 
+    /// [`Node::write`] on the current target, through [`Child::enter`].
     pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         self.enter().await.write_entered(offset, buf, flags).await
     }
 
+    /// [`Node::write_zeroes`] on the current target, through [`Child::enter`].
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
         self.enter()
             .await
@@ -379,14 +439,18 @@ impl Child {
             .await
     }
 
+    /// [`Node::discard`] on the current target, through [`Child::enter`].
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.enter().await.discard_entered(offset, len).await
     }
 
+    /// [`Node::flush`] on the current target, through [`Child::enter`] (so, unlike
+    /// `Node::flush`, it waits while the target is drained).
     pub async fn flush(&self) -> io::Result<()> {
         self.enter().await.flush_entered().await
     }
 
+    /// The parent node's name; None when the parent is a user or a job.
     pub fn parent_node_name(&self) -> Option<&str> {
         match &self.parent {
             Parent::Node(name) => Some(name),
@@ -408,12 +472,23 @@ impl Drop for Child {
 /// Options every node takes, whatever its driver.
 #[derive(Clone, Debug, Default)]
 pub struct CommonOptions {
+    /// `read-only` as opened; [`Node::read_only`] is the current mode, which a reopen
+    /// changes.
     pub read_only: bool,
+    /// `auto-read-only`: open read-only when read-write is refused (EACCES, EROFS, EPERM).
     pub auto_read_only: bool,
+    /// `cache.direct`: open files with O_DIRECT.
     pub cache_direct: bool,
+    /// `cache.no-flush`: flushes succeed without reaching the driver.
     pub cache_no_flush: bool,
+    /// `discard=unmap` (not the default `ignore`): discards reach the driver and zero
+    /// writes may deallocate.
     pub discard_unmap: bool,
+    /// `detect-zeroes`: all-zero writes become zero writes (with `unmap`, that may
+    /// deallocate).
     pub detect_zeroes: DetectZeroes,
+    /// `force-share`: take no image locks, so other processes may write the image; only
+    /// allowed read-only.
     pub force_share: bool,
 }
 
@@ -470,6 +545,9 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
+/// One node of the block graph: its driver, options, child edges, weak links to the edges
+/// that point at it, requests in flight (for drain), stats, write threshold and dirty
+/// bitmaps. Shared by `Arc`; usable from any thread.
 pub struct Node {
     name: String,
     implicit: bool,
@@ -488,6 +566,10 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node around an opened `driver`, with no edges yet and not in the graph: the graph's
+    /// open adds the children the driver opened, a job builds its filter. `implicit` marks
+    /// a generated name; `open_options` are the options as given, kept for `json:`
+    /// filenames and blockdev-reopen.
     pub fn new(
         name: String,
         implicit: bool,
@@ -511,6 +593,7 @@ impl Node {
         })
     }
 
+    /// The node-name, given or generated (`#block<N>`), unique in the graph.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -520,6 +603,7 @@ impl Node {
         self.implicit
     }
 
+    /// The node's driver, for its capabilities and what it reports.
     pub fn driver(&self) -> &dyn Driver {
         self.driver.as_ref()
     }
@@ -530,22 +614,29 @@ impl Node {
         any.downcast_ref::<T>()
     }
 
+    /// The options every node takes, as opened.
     pub fn options(&self) -> &CommonOptions {
         &self.options
     }
 
+    /// The options the node was opened with, as given (blockdev-add's arguments, or a
+    /// child's inline options).
     pub fn open_options(&self) -> &Value {
         &self.open_options
     }
 
+    /// Whether the node is read-only now; [`Node::set_writable`] changes it.
     pub fn read_only(&self) -> bool {
         self.read_only.load(Ordering::Acquire)
     }
 
+    /// Virtual size in bytes.
     pub fn size(&self) -> u64 {
         self.driver.size(self)
     }
 
+    /// The armed write threshold in bytes (QMP `write_threshold`); 0 when none is armed,
+    /// or it has tripped.
     pub fn write_threshold(&self) -> u64 {
         self.write_threshold.get()
     }
@@ -565,6 +656,7 @@ impl Node {
         self.dirty_bitmaps.load_full()
     }
 
+    /// The node's dirty bitmap named `name`; None when it has none by that name.
     pub fn dirty_bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
         self.dirty_bitmaps
             .load()
@@ -573,6 +665,8 @@ impl Node {
             .cloned()
     }
 
+    /// Attach `bitmap`: from now on the node's writes mark it (while it is enabled). The
+    /// caller checks that its name is free.
     pub fn add_dirty_bitmap(&self, bitmap: Arc<DirtyBitmap>) {
         self.dirty_bitmaps.rcu(|list| {
             let mut list = Vec::clone(list);
@@ -581,6 +675,7 @@ impl Node {
         });
     }
 
+    /// Detach `bitmap` (by identity); nothing happens when it is not attached.
     pub fn remove_dirty_bitmap(&self, bitmap: &Arc<DirtyBitmap>) {
         self.dirty_bitmaps.rcu(|list| {
             list.iter()
@@ -596,10 +691,12 @@ impl Node {
         }
     }
 
+    /// The node's child edges, in the order they were added.
     pub fn children(&self) -> Vec<Arc<Child>> {
         self.children.read().unwrap().clone()
     }
 
+    /// The child edge with role `role` ("file", "backing", ...), if the node has one.
     pub fn child(&self, role: &str) -> Option<Arc<Child>> {
         self.children
             .read()
@@ -609,6 +706,7 @@ impl Node {
             .cloned()
     }
 
+    /// The node the `backing` child points at, if there is one.
     pub fn backing(&self) -> Option<Arc<Node>> {
         self.child("backing").map(|c| c.node())
     }
@@ -932,6 +1030,7 @@ impl Node {
         }
     }
 
+    /// End one `drain` or `quiesce`; when the last ends, the requests held back go on.
     pub fn undrain(&self) {
         if self.inflight.quiesced.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.inflight.resumed.notify_waiters();
@@ -963,6 +1062,8 @@ impl Node {
         }
     }
 
+    /// Read `buf.len()` bytes at byte `offset` from this node itself, waiting while it is
+    /// drained. EINVAL past the end. Counted in the node's stats.
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.wait_unquiesced().await;
         let _guard = self.enter();
@@ -976,12 +1077,18 @@ impl Node {
         self.read_or_zero_entered(offset, buf).await
     }
 
+    /// Write `buf` at byte `offset`, waiting while the node is drained. EPERM when
+    /// read-only, EINVAL past the end (unless the driver `extends_on_write`). Trips the
+    /// write threshold, turns an all-zero buffer into a zero write under `detect-zeroes`,
+    /// and marks the range in the dirty bitmaps, even when the write fails.
     pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         self.wait_unquiesced().await;
         let _guard = self.enter();
         self.write_entered(offset, buf, flags).await
     }
 
+    /// Make `len` bytes at `offset` read as zeroes; checked, counted and marked as
+    /// [`Node::write`]. `may_unmap` only holds with `discard=unmap`.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
         self.wait_unquiesced().await;
         let _guard = self.enter();
@@ -995,11 +1102,16 @@ impl Node {
         self.discard_entered(offset, len).await
     }
 
+    /// Make completed writes durable ([`Driver::flush`]); succeeds at once with
+    /// `cache.no-flush`. Unlike the other requests it does not wait while the node is
+    /// drained.
     pub async fn flush(&self) -> io::Result<()> {
         let _guard = self.enter();
         self.flush_entered().await
     }
 
+    /// Resize the node to `size` bytes and its dirty bitmaps with it. EPERM when read-only.
+    /// Does not wait while the node is drained, and is not counted in the stats.
     pub async fn truncate(&self, size: u64) -> io::Result<()> {
         self.check_writable()?;
         let _guard = self.enter();
@@ -1290,6 +1402,8 @@ fn conflict_message(node: &str, perms: Perms, required_by: &str, unshared_by: &s
 
 /// Whether a buffer holds only zero bytes, comparing word-sized chunks where aligned.
 pub fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u64, and `align_to` hands out only the
+    // correctly aligned middle as words.
     let (head, words, tail) = unsafe { buf.align_to::<u64>() };
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }

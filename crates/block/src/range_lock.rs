@@ -5,6 +5,7 @@
 use std::sync::Mutex;
 use tokio::sync::Notify;
 
+/// Byte ranges held by requests in flight; [`RangeLock::lock`] waits for overlapping ones.
 #[derive(Default)]
 pub struct RangeLock {
     held: Mutex<Vec<(u64, u64)>>,

@@ -82,8 +82,12 @@ impl Default for BucketLimit {
     }
 }
 
+/// A throttle group's limits (QEMU's ThrottleConfig); the default limits nothing. Built
+/// from [`ThrottleLimits`] with `merged`, then checked with `validate`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ThrottleConfig {
+    /// One limit per bucket, in QEMU's order: bps-total, bps-read, bps-write (bytes per
+    /// second), iops-total, iops-read, iops-write (operations per second).
     pub buckets: [BucketLimit; 6],
     /// Requests larger than this count as several operations in the iops buckets.
     pub iops_size: u64,
@@ -93,24 +97,44 @@ pub struct ThrottleConfig {
 #[derive(Deserialize, Debug, Default, Clone)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ThrottleLimits {
+    /// `iops-total`: operations per second, reads and writes together; 0 unlimited.
     pub iops_total: Option<i64>,
+    /// `iops-total-max`: the burst rate for `iops-total`; 0 for no bursts.
     pub iops_total_max: Option<i64>,
+    /// `iops-total-max-length`: seconds a burst at `iops-total-max` may last.
     pub iops_total_max_length: Option<i64>,
+    /// `iops-read`: read operations per second; 0 unlimited.
     pub iops_read: Option<i64>,
+    /// `iops-read-max`: the burst rate for `iops-read`; 0 for no bursts.
     pub iops_read_max: Option<i64>,
+    /// `iops-read-max-length`: seconds a burst at `iops-read-max` may last.
     pub iops_read_max_length: Option<i64>,
+    /// `iops-write`: write operations per second; 0 unlimited.
     pub iops_write: Option<i64>,
+    /// `iops-write-max`: the burst rate for `iops-write`; 0 for no bursts.
     pub iops_write_max: Option<i64>,
+    /// `iops-write-max-length`: seconds a burst at `iops-write-max` may last.
     pub iops_write_max_length: Option<i64>,
+    /// `bps-total`: bytes per second, read and written together; 0 unlimited.
     pub bps_total: Option<i64>,
+    /// `bps-total-max`: the burst rate for `bps-total`; 0 for no bursts.
     pub bps_total_max: Option<i64>,
+    /// `bps-total-max-length`: seconds a burst at `bps-total-max` may last.
     pub bps_total_max_length: Option<i64>,
+    /// `bps-read`: bytes read per second; 0 unlimited.
     pub bps_read: Option<i64>,
+    /// `bps-read-max`: the burst rate for `bps-read`; 0 for no bursts.
     pub bps_read_max: Option<i64>,
+    /// `bps-read-max-length`: seconds a burst at `bps-read-max` may last.
     pub bps_read_max_length: Option<i64>,
+    /// `bps-write`: bytes written per second; 0 unlimited.
     pub bps_write: Option<i64>,
+    /// `bps-write-max`: the burst rate for `bps-write`; 0 for no bursts.
     pub bps_write_max: Option<i64>,
+    /// `bps-write-max-length`: seconds a burst at `bps-write-max` may last.
     pub bps_write_max_length: Option<i64>,
+    /// `iops-size`: bytes one operation stands for in the iops buckets; a larger
+    /// request counts as several. 0 counts every request as one.
     pub iops_size: Option<i64>,
 }
 
@@ -363,6 +387,8 @@ pub struct Membership {
 }
 
 impl ThrottleGroup {
+    /// A group with no members, limited by `config` (already validated). The caller adds
+    /// it to [`crate::Graph`]'s `throttle_groups`.
     pub fn new(name: &str, config: ThrottleConfig) -> Arc<ThrottleGroup> {
         Arc::new(ThrottleGroup {
             name: name.to_string(),
@@ -378,6 +404,8 @@ impl ThrottleGroup {
         })
     }
 
+    /// The group's id: the throttle-group object's `id`, or the group block_set_io_throttle
+    /// named.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -386,6 +414,7 @@ impl ThrottleGroup {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The limits in force now (qom-get `limits`).
     pub fn config(&self) -> ThrottleConfig {
         self.lock().config.clone()
     }
@@ -402,10 +431,13 @@ impl ThrottleGroup {
         self.run_queue(&mut st, Direction::Write);
     }
 
+    /// How many throttle nodes belong to the group; object-del refuses a group in use.
     pub fn member_count(&self) -> usize {
         self.lock().members.len()
     }
 
+    /// Add a member (a throttle node); its requests wait their turn through the handle,
+    /// and dropping the handle leaves the group.
     pub fn join(self: &Arc<Self>) -> Membership {
         let mut st = self.lock();
         let id = st.next_id;

@@ -25,6 +25,7 @@ use serde_json::json;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// What a backup copies (QMP `sync`; `incremental` and `bitmap` both become `Bitmap`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
     /// Everything the source reads.
@@ -116,6 +117,8 @@ impl SyncBitmap {
 /// Parallelism of the copy loop (QEMU's x-perf options).
 #[derive(Clone, Copy, Debug)]
 pub struct BackupPerf {
+    /// Most copy requests in flight (x-perf `max-workers`); fewer if they would hold more
+    /// than 128 MiB.
     pub max_workers: usize,
     /// Largest request, in bytes; 0 picks the default.
     pub max_chunk: u64,
@@ -370,19 +373,25 @@ impl JobDriver for BackupJob {
 /// Everything a backup job is made of, checked and looked up by the caller (the QMP
 /// handler parses arguments, finds the nodes and the bitmap, and gives QEMU's texts).
 pub struct BackupSetup {
+    /// The graph the copy-before-write filter goes into.
     pub graph: Arc<Graph>,
+    /// The node backed up (QMP `device`).
     pub source: Arc<Node>,
+    /// The node written (QMP `target`).
     pub target: Arc<Node>,
     /// The copy-before-write filter's node name.
     pub filter_name: String,
+    /// What to copy (QMP `sync`).
     pub sync: SyncMode,
     /// The sync bitmap and what becomes of it.
     pub bitmap: Option<(Arc<DirtyBitmap>, BitmapMode)>,
+    /// The copy loop's parallelism and request size (QMP `x-perf`).
     pub perf: BackupPerf,
     /// The smallest copy unit asked for (x-perf.min-cluster-size), 0 for the target's.
     pub min_cluster: u64,
     /// The target reads as zeroes already (a new image): zero clusters need no write.
     pub target_is_zero: bool,
+    /// Id, speed, error policies and transaction of the job.
     pub options: JobOptions,
 }
 

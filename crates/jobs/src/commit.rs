@@ -42,13 +42,19 @@ pub struct CommitSetup {
 /// What block-commit asked for (a top that is not the active layer), checked and looked up
 /// by the caller.
 pub struct CommitStart {
+    /// The graph the job's changes go through.
     pub graph: Arc<Graph>,
+    /// The top layer committed (QMP `top-node` or `top`).
     pub top: Arc<Node>,
+    /// The layer committed into (QMP `base-node` or `base`); made writable for the job if
+    /// it is read-only.
     pub base: Arc<Node>,
     /// The node whose backing is `top`.
     pub overlay: Arc<Node>,
     /// The overlay, top and every layer down to base: the job's while it runs.
     pub committed: Vec<Arc<Node>>,
+    /// The name the overlay's header gets for base (QMP `backing-file`); `None`: base's
+    /// own filename.
     pub backing_file: Option<String>,
 }
 

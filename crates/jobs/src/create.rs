@@ -11,12 +11,16 @@ use std::sync::Mutex;
 /// The work itself: built on the monitor thread, polled on the job's thread.
 pub type StepWork = Box<dyn FnOnce() -> LocalBoxFuture<'static, Result<(), String>> + Send>;
 
+/// The driver of a `create` or `amend` job: runs its [`StepWork`] once, and fails with
+/// the text the work returns.
 pub struct OneStepJob {
     job_type: JobType,
     work: Mutex<Option<StepWork>>,
 }
 
 impl OneStepJob {
+    /// `job_type` is [`JobType::Create`] or [`JobType::Amend`]; `work` runs when the job
+    /// starts.
     pub fn new(job_type: JobType, work: StepWork) -> OneStepJob {
         OneStepJob {
             job_type,

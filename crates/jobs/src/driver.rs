@@ -14,15 +14,22 @@ use std::io;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobType {
+    /// `backup`: blockdev-backup, drive-backup, and backups in a `transaction`.
     Backup,
+    /// `mirror`: blockdev-mirror, drive-mirror.
     Mirror,
+    /// `stream`: block-stream.
     Stream,
+    /// `commit`: block-commit, active (a mirror into the base) or not.
     Commit,
+    /// `create`: blockdev-create; a job but not a block job.
     Create,
+    /// `amend`: x-blockdev-amend; a job but not a block job.
     Amend,
 }
 
 impl JobType {
+    /// The QMP name, as in the `type` of the queries and the events.
     pub fn as_str(self) -> &'static str {
         match self {
             JobType::Backup => "backup",
@@ -54,6 +61,7 @@ pub struct JobFailure {
 }
 
 impl JobFailure {
+    /// A failure with this text, shown as it is.
     pub fn new(message: impl Into<String>) -> JobFailure {
         JobFailure {
             message: message.into(),
@@ -65,10 +73,13 @@ impl JobFailure {
         JobFailure::from_errno(libc::ECANCELED)
     }
 
+    /// The failure QEMU shows for a job that returned `-errno`: the strerror text (EIO:
+    /// "Input/output error").
     pub fn from_errno(errno: i32) -> JobFailure {
         JobFailure::from(&io::Error::from_raw_os_error(errno))
     }
 
+    /// The text QMP shows as `error`.
     pub fn message(&self) -> &str {
         &self.message
     }
@@ -113,6 +124,8 @@ impl From<io::Error> for JobFailure {
 /// `abort` and `clean` cannot fail.
 #[async_trait(?Send)]
 pub trait JobDriver: Send + Sync + 'static {
+    /// The kind, shown as `type` in the queries and the events; `block-job-*` commands
+    /// reach only block jobs ([`JobType::is_block_job`]).
     fn job_type(&self) -> JobType;
 
     /// The job's work. Call `ctx.pause_point()` between steps, check `ctx.is_cancelled()`,
@@ -143,6 +156,9 @@ pub trait JobDriver: Send + Sync + 'static {
         Err(QmpError::generic("Job type does not support change"))
     }
 
+    /// QEMU's `.prepare`: the work of every job of the transaction succeeded; do what may
+    /// still fail before anything is committed (e.g. rewrite an image header). An `Err`
+    /// fails the job and aborts the whole transaction.
     async fn prepare(&self) -> Result<(), JobFailure> {
         Ok(())
     }
@@ -150,6 +166,8 @@ pub trait JobDriver: Send + Sync + 'static {
     /// Graph changes of a successful job (mirror pivot, stream and commit's new backing).
     async fn commit(&self) {}
 
+    /// QEMU's `.abort`, instead of `commit`: the job failed or was force-cancelled, or
+    /// another job of its transaction did (also for a job that never started).
     async fn abort(&self) {}
 
     /// Undo what the job put in place (filters, its claims on nodes), whatever the outcome.

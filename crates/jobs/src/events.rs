@@ -6,5 +6,6 @@ use serde_json::Value;
 /// each job. Called with the job's state lock held, so it must not call back into the job
 /// framework; queueing the event for the monitor is what it is for.
 pub trait JobEventSink: Send + Sync {
+    /// One event: its QMP name (`BLOCK_JOB_READY`) and its `data` object.
     fn emit(&self, name: &str, data: Value);
 }

@@ -23,18 +23,28 @@ use tokio::time::Instant;
 /// The options every job command shares.
 #[derive(Clone)]
 pub struct JobOptions {
+    /// QMP `job-id`: a letter, then letters, digits, `-`, `.`, `_` ([`crate::is_valid_id`]);
+    /// also the `device` of the BLOCK_JOB_* events.
     pub id: String,
+    /// QMP `auto-finalize`: when false the transaction stops in `pending` (with
+    /// BLOCK_JOB_PENDING) until job-finalize.
     pub auto_finalize: bool,
+    /// QMP `auto-dismiss`: when false the job stays `concluded` until job-dismiss.
     pub auto_dismiss: bool,
-    /// Bytes per second, 0 = unlimited; negative is refused as QEMU does.
+    /// QMP `speed`: bytes per second, 0 = unlimited; negative is refused as QEMU does.
     pub speed: i64,
+    /// QMP `on-source-error`: the policy for read errors (block-stream and block-commit
+    /// set both policies from `on-error`).
     pub on_source_error: OnError,
+    /// QMP `on-target-error`: the policy for write errors.
     pub on_target_error: OnError,
     /// The transaction the job fails together with; `None` gives the job its own.
     pub txn: Option<Arc<JobTxn>>,
 }
 
 impl JobOptions {
+    /// QEMU's defaults: auto-finalize and auto-dismiss on, no speed limit, `report` on
+    /// errors, a transaction of its own.
     pub fn new(id: impl Into<String>) -> JobOptions {
         JobOptions {
             id: id.into(),
@@ -89,6 +99,8 @@ pub(crate) struct Phase {
     pub(crate) deferred: bool,
 }
 
+/// One job, made by [`JobManager::create`] and shared through `Arc` by the manager, its
+/// transaction, its work on an I/O thread and the monitor thread's verbs.
 pub struct Job {
     id: String,
     driver: Arc<dyn JobDriver>,
@@ -151,27 +163,33 @@ impl Job {
         }
     }
 
+    /// The job's id: QMP `id`, and `device` for block jobs.
     pub fn id(&self) -> &str {
         &self.id
     }
 
+    /// The driver's kind.
     pub fn job_type(&self) -> JobType {
         self.driver.job_type()
     }
 
+    /// The driver that does the job's work.
     pub fn driver(&self) -> &Arc<dyn JobDriver> {
         &self.driver
     }
 
-    pub fn txn(&self) -> &Arc<JobTxn> {
+    /// The transaction the job is finalised and fails with.
+    pub(crate) fn txn(&self) -> &Arc<JobTxn> {
         &self.txn
     }
 
+    /// The status now; other threads may move it on at any time.
     pub fn status(&self) -> JobStatus {
         self.lock().status
     }
 
-    pub fn auto_finalize(&self) -> bool {
+    /// QMP `auto-finalize`, as created.
+    pub(crate) fn auto_finalize(&self) -> bool {
         self.auto_finalize
     }
 
@@ -180,6 +198,7 @@ impl Job {
         self.lock().user_paused
     }
 
+    /// QMP `io-status`: what error stopped the job under the `stop` or `enospc` policy.
     pub fn io_status(&self) -> IoStatus {
         self.lock().io_status
     }
@@ -354,12 +373,15 @@ impl Job {
         Ok(())
     }
 
-    /// An internal pause (graph drains), counted apart from the user's.
+    /// An internal pause (QEMU's `job_pause`), counted apart from the user's and undone by
+    /// [`Job::resume`]; no verb check, no refusal.
     pub fn pause(&self) {
         self.lock().pause_count += 1;
         self.kick();
     }
 
+    /// Lift one internal pause taken by [`Job::pause`]. Without one it is a bug: logged,
+    /// and a panic in debug builds.
     pub fn resume(&self) {
         {
             let mut st = self.lock();
@@ -634,10 +656,12 @@ pub struct JobContext {
 }
 
 impl JobContext {
+    /// The job's id, for logs.
     pub fn id(&self) -> &str {
         &self.job.id
     }
 
+    /// The job this context runs.
     pub fn job(&self) -> &Arc<Job> {
         &self.job
     }
@@ -647,6 +671,7 @@ impl JobContext {
         self.job.lock().len = len;
     }
 
+    /// Grow `len` by `delta` (more to copy than first counted).
     pub fn add_len(&self, delta: u64) {
         let mut st = self.job.lock();
         st.len = st.len.saturating_add(delta);
@@ -667,6 +692,7 @@ impl JobContext {
         (st.offset, st.len)
     }
 
+    /// The `speed` limit now, in bytes per second; 0 = unlimited.
     pub fn speed(&self) -> u64 {
         self.job.lock().speed
     }
@@ -692,6 +718,7 @@ impl JobContext {
         self.job.lock().complete_requested
     }
 
+    /// The job has been READY: status `ready`, or `standby` while paused.
     pub fn is_ready(&self) -> bool {
         self.job.lock().is_ready()
     }

@@ -11,6 +11,8 @@
 //! monitor thread for job-finalize and for cancelling a job whose work is over. Events
 //! leave through the [`JobEventSink`] given to [`JobManager::new`].
 
+#![warn(missing_docs)]
+
 mod backup;
 mod commit;
 mod create;

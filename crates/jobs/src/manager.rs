@@ -8,6 +8,8 @@ use qapi::error::QmpError;
 use serde_json::{Map, Value};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+/// The daemon's jobs by id. One per daemon, shared through `Arc` by the monitor thread
+/// and the jobs, which leave it when they go `null`.
 pub struct JobManager {
     events: Arc<dyn JobEventSink>,
     /// Newest first, the order QEMU lists jobs in.
@@ -24,6 +26,7 @@ pub fn is_valid_id(id: &str) -> bool {
 }
 
 impl JobManager {
+    /// A manager whose jobs send their events to `events`.
     pub fn new(events: Arc<dyn JobEventSink>) -> Arc<JobManager> {
         Arc::new_cyclic(|this| JobManager {
             events,
@@ -79,10 +82,13 @@ impl JobManager {
         self.list().retain(|j| !std::ptr::eq(Arc::as_ptr(j), job));
     }
 
+    /// Every job not yet `null`, newest first.
     pub fn jobs(&self) -> Vec<Arc<Job>> {
         self.list().clone()
     }
 
+    /// The job with this id, of any type; `None` if there is none. The commands use
+    /// `find_block_job` or `find_job`, which give QEMU's error.
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {
         self.list().iter().find(|j| j.id() == id).cloned()
     }
@@ -100,6 +106,7 @@ impl JobManager {
             .ok_or_else(|| QmpError::generic("Job not found"))
     }
 
+    /// query-block-jobs: a `BlockJobInfo` row per block job, newest first.
     pub fn query_block_jobs(&self) -> Vec<Value> {
         self.jobs()
             .iter()
@@ -108,16 +115,18 @@ impl JobManager {
             .collect()
     }
 
+    /// query-jobs: a `JobInfo` row per job of any type, newest first.
     pub fn query_jobs(&self) -> Vec<Value> {
         self.jobs().iter().map(|j| j.job_info()).collect()
     }
 
+    /// block-job-set-speed: `speed` in bytes per second, 0 = unlimited.
     pub fn block_job_set_speed(&self, device: &str, speed: i64) -> Result<(), QmpError> {
         self.find_block_job(device)?.set_speed(speed)
     }
 
-    /// A soft cancel of a user-paused job is refused (QEMU would wait forever); a force
-    /// cancel resumes it first.
+    /// block-job-cancel. A soft cancel of a user-paused job is refused (QEMU would wait
+    /// forever); a force cancel resumes it first.
     pub async fn block_job_cancel(&self, device: &str, force: bool) -> Result<(), QmpError> {
         let job = self.find_block_job(device)?;
         if !force && job.is_user_paused() {
@@ -128,34 +137,43 @@ impl JobManager {
         job.cancel(force).await
     }
 
+    /// block-job-pause: the job pauses at its next pause point.
     pub fn block_job_pause(&self, device: &str) -> Result<(), QmpError> {
         self.find_block_job(device)?.user_pause()
     }
 
+    /// block-job-resume: lifts the user's pause, or the one the `stop` policy took.
     pub fn block_job_resume(&self, device: &str) -> Result<(), QmpError> {
         self.find_block_job(device)?.user_resume()
     }
 
+    /// block-job-complete: a READY mirror or active commit finishes and pivots.
     pub fn block_job_complete(&self, device: &str) -> Result<(), QmpError> {
         self.find_block_job(device)?.complete()
     }
 
+    /// block-job-finalize: finalises the job's whole transaction, which is `pending`.
     pub async fn block_job_finalize(&self, id: &str) -> Result<(), QmpError> {
         self.find_block_job(id)?.finalize().await
     }
 
+    /// block-job-dismiss: a `concluded` job goes `null` and leaves the manager.
     pub fn block_job_dismiss(&self, id: &str) -> Result<(), QmpError> {
         self.find_block_job(id)?.dismiss()
     }
 
+    /// block-job-change with the command's arguments (`id`, `type`, a mirror's
+    /// `copy-mode`), passed to the driver.
     pub fn block_job_change(&self, id: &str, args: &Map<String, Value>) -> Result<(), QmpError> {
         self.find_block_job(id)?.change(args)
     }
 
+    /// job-pause: as block-job-pause, for a job of any type.
     pub fn job_pause(&self, id: &str) -> Result<(), QmpError> {
         self.find_job(id)?.user_pause()
     }
 
+    /// job-resume: as block-job-resume, for a job of any type.
     pub fn job_resume(&self, id: &str) -> Result<(), QmpError> {
         self.find_job(id)?.user_resume()
     }
@@ -165,14 +183,17 @@ impl JobManager {
         self.find_job(id)?.cancel(true).await
     }
 
+    /// job-complete: as block-job-complete, for a job of any type.
     pub fn job_complete(&self, id: &str) -> Result<(), QmpError> {
         self.find_job(id)?.complete()
     }
 
+    /// job-finalize: as block-job-finalize, for a job of any type.
     pub async fn job_finalize(&self, id: &str) -> Result<(), QmpError> {
         self.find_job(id)?.finalize().await
     }
 
+    /// job-dismiss: as block-job-dismiss, for a job of any type.
     pub fn job_dismiss(&self, id: &str) -> Result<(), QmpError> {
         self.find_job(id)?.dismiss()
     }

@@ -7,11 +7,12 @@
 //! (READY), and keeps copying after that. To finish it stops client I/O at the filter, copies
 //! what is left, and keeps the filter quiet until the graph change is done.
 //!
-//! Unlike QEMU's background mode, a mirror here always converges: when passes over the bitmap
-//! have stopped shrinking the dirty set for a while, clients write faster than the job copies,
-//! and the filter switches to write-blocking (client writes reach the target before they
-//! complete), so the dirty set can only shrink. Not sooner: write-blocking makes every client
-//! write wait for the target, so a mirror that still converges stays in the background.
+//! With blockd's `x-auto-write-blocking`, unlike QEMU's background mode, a mirror always
+//! converges: when passes over the bitmap have stopped shrinking the dirty set for a while,
+//! clients write faster than the job copies, and the filter switches to write-blocking
+//! (client writes reach the target before they complete), so the dirty set can only shrink.
+//! Not sooner: write-blocking makes every client write wait for the target, so a mirror that
+//! still converges stays in the background.
 
 use crate::policy::ErrorAction;
 use crate::setup::{create_job, job_edge};
@@ -34,6 +35,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// What a mirror copies besides new writes (QMP `sync`; the caller refuses `incremental`
+/// and `bitmap`). Active commit uses `Full`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MirrorSync {
     /// Everything the source reads.
@@ -97,8 +100,12 @@ impl ConvergenceWatch {
     }
 }
 
+/// How a mirror job copies and what completion does, kept by the job after its setup.
 pub struct MirrorConfig {
+    /// What to copy (QMP `sync`).
     pub sync: MirrorSync,
+    /// Most bytes of copy requests in flight (QMP `buf-size`, defaulted by the caller);
+    /// one request always may go.
     pub buf_size: u64,
     /// Zero ranges may be deallocated on the target.
     pub unmap: bool,
@@ -140,13 +147,21 @@ pub struct MirrorJob {
 /// What a mirror (blockdev-mirror, drive-mirror, or active block-commit) asked for,
 /// checked and looked up by the caller.
 pub struct MirrorStart {
+    /// The graph the mirror_top filter goes into.
     pub graph: Arc<Graph>,
+    /// The node mirrored (QMP `device`), or the top of an active commit.
     pub source: Arc<Node>,
+    /// The node written (QMP `target`), or the base of an active commit.
     pub target: Arc<Node>,
+    /// The mirror_top filter's node name (QMP `filter-node-name`, or a generated one).
     pub filter_name: String,
     /// "mirror" or "commit", as the job's edges report it.
     pub job_type: &'static str,
+    /// Bytes per bit of the job's dirty bitmap (QMP `granularity`): a power of 2 in
+    /// [512 B, 64 MiB], checked by the caller.
     pub granularity: u64,
+    /// Start in copy-mode write-blocking (QMP `copy-mode`): client writes reach the target
+    /// before they complete.
     pub write_blocking: bool,
     /// What the job takes on the target (commit also resizes the base).
     pub target_perm: Perms,
@@ -154,6 +169,7 @@ pub struct MirrorStart {
     pub reopen_target: bool,
     /// More nodes the job claims (the layers an active commit removes).
     pub busy: Vec<Arc<Node>>,
+    /// How the job copies and completes.
     pub config: MirrorConfig,
 }
 

@@ -7,29 +7,40 @@ use std::io;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// `BlockdevOnError`.
+/// What a job does on an I/O error (`BlockdevOnError`, the QMP `on-source-error`,
+/// `on-target-error` and `on-error` arguments).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
+    /// `report`: fail the job (the default).
     #[default]
     Report,
+    /// `ignore`: go on after a back-off; the driver retries or skips the range.
     Ignore,
+    /// `enospc`: `stop` on ENOSPC, `report` on any other error.
     Enospc,
+    /// `stop`: pause the job until the user resumes it, then retry.
     Stop,
+    /// `auto`: for jobs the same as `enospc`, as in QEMU.
     Auto,
 }
 
-/// `BlockDeviceIoStatus`.
+/// A job's `io-status` in query-block-jobs (`BlockDeviceIoStatus`): set when the `stop`
+/// or `enospc` policy pauses the job, `ok` again when it resumes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IoStatus {
+    /// `ok`: no error stopped the job.
     #[default]
     Ok,
+    /// `failed`: an error other than ENOSPC stopped the job.
     Failed,
+    /// `nospace`: ENOSPC stopped the job.
     Nospace,
 }
 
 impl IoStatus {
+    /// The QMP name (`ok`, `failed`, `nospace`).
     pub fn as_str(self) -> &'static str {
         match self {
             IoStatus::Ok => "ok",
@@ -90,6 +101,7 @@ pub fn decide(policy: OnError, err: &io::Error) -> PolicyAction {
     }
 }
 
+/// The io-status a stopped job shows for `err`.
 pub fn io_status_for(err: &io::Error) -> IoStatus {
     if is_enospc(err) {
         IoStatus::Nospace
@@ -118,6 +130,7 @@ pub struct IgnoreBackoff {
 /// The verdict for one ignored error.
 #[derive(Debug, PartialEq, Eq)]
 pub struct IgnoreStep {
+    /// How long the job sleeps before going on.
     pub delay: Duration,
     /// Emit BLOCK_JOB_ERROR for this error.
     pub emit: bool,
@@ -140,6 +153,7 @@ impl IgnoreBackoff {
         self.streak = 0;
     }
 
+    /// One more error under `ignore`, at `now`.
     pub fn on_error(&mut self, now: Instant) -> IgnoreStep {
         self.streak = self.streak.saturating_add(1);
         let doublings = (self.streak - 1).min(16);

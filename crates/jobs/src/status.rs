@@ -9,19 +9,34 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
+    /// `created`: made by `JobManager::create`, not started yet.
     Created,
+    /// `running`: the driver's work runs.
     Running,
+    /// `paused`: the work waits at a pause point (a user pause, the `stop` policy, or an
+    /// internal pause).
     Paused,
+    /// `ready`: a mirror or active commit has caught up and accepts complete; it keeps
+    /// copying.
     Ready,
+    /// `standby`: a `ready` job that is paused; resuming brings it back to `ready`.
     Standby,
+    /// `waiting`: the work is over; the job waits for the rest of its transaction.
     Waiting,
+    /// `pending`: the whole transaction's work is over; finalisation is next, or
+    /// job-finalize when auto-finalize is off.
     Pending,
+    /// `aborting`: the job failed or was cancelled and is being finalised with an error.
     Aborting,
+    /// `concluded`: finalised; kept for query and job-dismiss when auto-dismiss is off.
     Concluded,
+    /// `null`: gone from the manager (dismissed, or failed before it started); seen only in
+    /// JOB_STATUS_CHANGE.
     Null,
 }
 
 impl JobStatus {
+    /// Every status, in QEMU's order (for tables and tests).
     pub const ALL: [JobStatus; 10] = [
         JobStatus::Created,
         JobStatus::Running,
@@ -35,6 +50,7 @@ impl JobStatus {
         JobStatus::Null,
     ];
 
+    /// The QMP name, as in JOB_STATUS_CHANGE and the queries' `status`.
     pub fn as_str(self) -> &'static str {
         match self {
             JobStatus::Created => "created",
@@ -80,6 +96,8 @@ impl JobStatus {
         )
     }
 
+    /// Whether a job in this status accepts `verb`: QEMU's `JobVerbTable`. A refused verb
+    /// fails with the text of `verb_refusal`.
     pub fn accepts(self, verb: JobVerb) -> bool {
         use JobStatus::*;
         match verb {
@@ -103,20 +121,30 @@ impl fmt::Display for JobStatus {
     }
 }
 
-/// The commands a user may apply to a job (`JobVerb`).
+/// The commands a user may apply to a job (`JobVerb`); [`JobStatus::accepts`] says in
+/// which statuses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum JobVerb {
+    /// `cancel`: job-cancel, block-job-cancel.
     Cancel,
+    /// `pause`: job-pause, block-job-pause.
     Pause,
+    /// `resume`: job-resume, block-job-resume.
     Resume,
+    /// `set-speed`: block-job-set-speed.
     SetSpeed,
+    /// `complete`: job-complete, block-job-complete.
     Complete,
+    /// `finalize`: job-finalize, block-job-finalize.
     Finalize,
+    /// `dismiss`: job-dismiss, block-job-dismiss.
     Dismiss,
+    /// `change`: block-job-change.
     Change,
 }
 
 impl JobVerb {
+    /// Every verb, in QEMU's order (for tables and tests).
     pub const ALL: [JobVerb; 8] = [
         JobVerb::Cancel,
         JobVerb::Pause,
@@ -128,6 +156,7 @@ impl JobVerb {
         JobVerb::Change,
     ];
 
+    /// The QMP name, as in the refusal text.
     pub fn as_str(self) -> &'static str {
         match self {
             JobVerb::Cancel => "cancel",

@@ -59,6 +59,7 @@ pub struct StreamSetup {
 
 /// What block-stream asked for, checked and looked up by the caller.
 pub struct StreamStart {
+    /// The graph the copy-on-read filter goes into.
     pub graph: Arc<Graph>,
     /// The node streamed into.
     pub device: Arc<Node>,
@@ -66,7 +67,10 @@ pub struct StreamStart {
     pub base: Option<Arc<Node>>,
     /// The device and every layer that leaves the chain: the job's while it runs.
     pub streamed: Vec<Arc<Node>>,
+    /// The copy-on-read filter's node name (QMP `filter-node-name`, or a generated one).
     pub filter_name: String,
+    /// The name the device's header gets for base (QMP `backing-file`); `None`: base's own
+    /// filename.
     pub backing_file: Option<String>,
 }
 

@@ -9,6 +9,8 @@
 use crate::job::Job;
 use std::sync::{Arc, Mutex};
 
+/// QEMU's `JobTxn`: the jobs of one grouped `transaction`. A job created without one gets
+/// a transaction of its own.
 #[derive(Default)]
 pub struct JobTxn {
     /// Newest first, like QEMU: that is the order jobs are finalised in.
@@ -17,6 +19,8 @@ pub struct JobTxn {
 }
 
 impl JobTxn {
+    /// An empty transaction, to give to each job of the group through
+    /// [`JobOptions::txn`](crate::JobOptions::txn).
     pub fn new() -> Arc<JobTxn> {
         Arc::new(JobTxn::default())
     }
@@ -46,6 +50,7 @@ impl JobTxn {
         self.list().len()
     }
 
+    /// Every job is finalised (or none was added).
     pub fn is_empty(&self) -> bool {
         self.list().is_empty()
     }

@@ -5,11 +5,19 @@ use std::io;
 
 use async_trait::async_trait;
 
-/// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
+/// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`, in bytes. The server
+/// sends them but does not enforce them, beyond refusing payloads over
+/// [`crate::proto::MAX_PAYLOAD`]; the client reports what the server sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockSize {
+    /// Smallest alignment of offsets and lengths that the export handles (the server
+    /// sends at least 1).
     pub minimum: u32,
+    /// Alignment and size that avoid read-modify-write or other slow paths (the server
+    /// sends at least `minimum`).
     pub preferred: u32,
+    /// Largest READ/WRITE payload (the server sends at most
+    /// [`crate::proto::MAX_PAYLOAD`]).
     pub maximum: u32,
 }
 
@@ -27,16 +35,26 @@ impl Default for BlockSize {
 /// they tell the truth.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capabilities {
+    /// The data cannot be written, whatever the export options say
+    /// (`NBD_FLAG_READ_ONLY`; also withdraws the write-side flags).
     pub read_only: bool,
+    /// [`Backend::flush`] does something (`NBD_FLAG_SEND_FLUSH`).
     pub flush: bool,
+    /// Writes honour `fua` (`NBD_FLAG_SEND_FUA`).
     pub fua: bool,
+    /// [`Backend::trim`] is offered (`NBD_FLAG_SEND_TRIM`).
     pub trim: bool,
+    /// [`Backend::write_zeroes`] is offered (`NBD_FLAG_SEND_WRITE_ZEROES`).
     pub write_zeroes: bool,
     /// `write_zeroes` honours `fast` (fails with `ENOTSUP` quickly when it cannot be fast).
     pub fast_zero: bool,
+    /// [`Backend::cache`] is offered (`NBD_FLAG_SEND_CACHE`).
     pub cache: bool,
-    /// Flushes and FUA writes are visible through every connection once answered.
+    /// Flushes and FUA writes are visible through every connection once answered
+    /// (`NBD_FLAG_CAN_MULTI_CONN`, withdrawn anyway when the server allows one
+    /// connection).
     pub multi_conn: bool,
+    /// Sent in every answer to `NBD_OPT_GO` and `NBD_OPT_INFO`, asked for or not.
     pub block_size: BlockSize,
 }
 
@@ -83,7 +101,11 @@ impl MetaContext {
 /// One run of equal status, as returned by [`Backend::block_status`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatusExtent {
+    /// Bytes the extent covers; not 0. The server cuts it to fit the request (whose
+    /// length is 32 bits on the wire).
     pub length: u64,
+    /// The context's flags for the extent: `STATE_*` bits, or the depth for
+    /// `qemu:allocation-depth`.
     pub flags: u32,
 }
 
@@ -108,8 +130,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Current size in bytes.
     fn size(&self) -> u64;
 
+    /// What the export can do. Called at negotiation and again for every request's
+    /// checks, so it must be cheap.
     fn capabilities(&self) -> Capabilities;
 
+    /// Fills `buf` with the bytes at `offset`.
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
     /// A read that also tells whether the range reads as zeroes, when the backend learns
@@ -126,12 +151,18 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Writes `buf` at `offset`; with `fua`, the data is durable before this returns.
     async fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
 
+    /// Makes `[offset, offset + len)` read as zeroes (`NBD_CMD_WRITE_ZEROES`), as
+    /// `flags` allow.
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()>;
 
+    /// Discards `[offset, offset + len)` (`NBD_CMD_TRIM`): a hint, after which the range
+    /// may read as anything; with `fua`, durable before this returns.
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
 
+    /// Makes every write completed so far durable (`NBD_CMD_FLUSH`).
     async fn flush(&self) -> io::Result<()>;
 
     /// Prefetch hint (`NBD_CMD_CACHE`).

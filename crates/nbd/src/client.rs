@@ -23,10 +23,15 @@ use crate::proto::*;
 /// Where to connect.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConnectAddr {
+    /// A Unix socket path.
     Unix(PathBuf),
+    /// A TCP address (QEMU's InetSocketAddress).
     Tcp {
+        /// Host name or address literal, looked up at connect time.
         host: String,
+        /// TCP port (10809 is NBD's).
         port: u16,
+        /// How to connect: address family, keep-alive, MPTCP.
         inet: InetOptions,
     },
 }
@@ -211,14 +216,20 @@ impl Client {
         self.neg.flags
     }
 
+    /// The server sent `NBD_FLAG_READ_ONLY`: it will refuse writes, trims and
+    /// write-zeroes.
     pub fn is_read_only(&self) -> bool {
         self.neg.flags & FLAG_READ_ONLY != 0
     }
 
+    /// The server accepted `NBD_OPT_STRUCTURED_REPLY`; without it no metadata context is
+    /// selected and [`Client::block_status`] fails.
     pub fn structured_replies(&self) -> bool {
         self.neg.structured
     }
 
+    /// The server's `NBD_INFO_BLOCK_SIZE`, if it sent one. Its maximum bounds the size
+    /// of each READ/WRITE request this client sends.
     pub fn block_size(&self) -> Option<BlockSize> {
         self.neg.block_size
     }

@@ -16,7 +16,11 @@ pub struct InetOptions {
     pub numeric: bool,
     /// A listener takes the first free port from `port` up to this one.
     pub to: Option<u16>,
+    /// QEMU's `ipv4`: `Some(true)` asks for IPv4 (alone, unless `ipv6` is on too),
+    /// `Some(false)` rules it out; `None` leaves it to `ipv6`. Both off is an error.
     pub ipv4: Option<bool>,
+    /// QEMU's `ipv6`, read like `ipv4`. A connection limited to IPv6 reaches an IPv4
+    /// address as IPv4-mapped IPv6.
     pub ipv6: Option<bool>,
     /// SO_KEEPALIVE on the connection; on a listener, Linux passes it on to the
     /// connections it accepts.

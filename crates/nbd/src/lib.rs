@@ -4,6 +4,8 @@
 //! The crate knows nothing of the block layer: the daemon plugs nodes in as backends and
 //! places connections on its I/O threads through a [`Spawner`].
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod client;
 pub mod inet;

@@ -16,6 +16,8 @@ pub type Work = Box<dyn FnOnce() -> LocalBoxFuture<'static, ()> + Send>;
 
 /// Runs jobs on some I/O thread, inside a tokio current-thread runtime and a `LocalSet`.
 pub trait Spawner: Send + Sync + 'static {
+    /// Runs `job` on some I/O thread: it is called there and its future is spawned on
+    /// that thread's `LocalSet`. May be called from any thread; does not wait.
     fn spawn(&self, job: Work);
 }
 
@@ -51,6 +53,8 @@ pub struct ThreadSpawner {
 }
 
 impl ThreadSpawner {
+    /// Starts the thread, named `name`; fails if its runtime or the thread cannot be
+    /// created.
     pub fn start(name: &str) -> std::io::Result<ThreadSpawner> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -688,11 +688,17 @@ where
 /// scalar is a string).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JsonType {
+    /// `null` (QEMU's QTYPE_QNULL).
     Null,
+    /// `true` or `false` (QTYPE_QBOOL); never on the command line.
     Bool,
+    /// Any number (QTYPE_QNUM); never on the command line.
     Number,
+    /// A string (QTYPE_QSTRING); on the command line, every scalar.
     String,
+    /// An array (QTYPE_QLIST).
     Array,
+    /// An object (QTYPE_QDICT).
     Object,
 }
 
@@ -703,6 +709,7 @@ pub struct Branch {
 }
 
 impl Branch {
+    /// The value's JSON type, which picks the branch.
     pub fn json_type(&self) -> JsonType {
         match self.value {
             Value::Null => JsonType::Null,

@@ -22,15 +22,32 @@ const MAX_FRAGMENT_LEN: usize = 127;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyvalError {
     /// An element other than the first (or with no implied key) has no `=`.
-    ExpectedEquals { key: String },
+    ExpectedEquals {
+        /// The element as written, up to the next `,`.
+        key: String,
+    },
     /// The key is empty or has a fragment that is neither a QAPI name nor a number.
-    InvalidParameter { key: String },
-    /// A fragment is longer than 127 characters; `in_path` when the key has other fragments.
-    TooLong { fragment: String, in_path: bool },
+    InvalidParameter {
+        /// The whole dotted key as written.
+        key: String,
+    },
+    /// A fragment is longer than 127 characters.
+    TooLong {
+        /// The fragment that is too long.
+        fragment: String,
+        /// Whether the key has other fragments (QEMU then says `Parameter fragment`).
+        in_path: bool,
+    },
     /// `prefix` is used both as a value and as an object, or as both an object and an array.
-    Inconsistent { prefix: String },
-    /// An array is missing element `key` (the full dotted key, e.g. `a.0`).
-    Missing { key: String },
+    Inconsistent {
+        /// The dotted key prefix used both ways.
+        prefix: String,
+    },
+    /// An array is missing an element.
+    Missing {
+        /// The full dotted key of the missing element, e.g. `a.0`.
+        key: String,
+    },
     /// A `help` or `?` element; help is not offered for keyval options.
     Help,
 }

@@ -17,6 +17,7 @@ pub struct EventSink {
 }
 
 impl EventSink {
+    /// A sink with no subscribers yet; events emitted before anyone subscribes are lost.
     pub fn new() -> Self {
         Self::default()
     }
@@ -72,7 +73,8 @@ pub struct EventStream {
 }
 
 impl EventStream {
-    /// The next event; `None` once this subscriber was dropped for falling too far behind.
+    /// The next event; `None` once this subscriber was dropped for falling too far behind,
+    /// or every clone of the sink is gone.
     pub async fn recv(&mut self) -> Option<Value> {
         self.rx.recv().await.map(Arc::unwrap_or_clone)
     }

@@ -3,6 +3,8 @@
 //! (same error texts, same recovery after garbage, same output bytes). Commands themselves
 //! are the [`Dispatcher`]'s business; this crate knows nothing of block devices.
 
+#![warn(missing_docs)]
+
 mod client;
 mod events;
 mod json;

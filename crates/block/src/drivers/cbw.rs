@@ -35,19 +35,26 @@ pub struct BitmapRef {
     pub name: String,
 }
 
+/// What a failed copy does (QMP `on-cbw-error`, QEMU's `OnCbwError`). A copy that
+/// outlasts `cbw-timeout` counts as failed.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnCbwError {
-    /// A failed copy fails the client's write: the point in time stays intact.
+    /// `break-guest-write`, the default: a failed copy fails the client's write, so the
+    /// point in time stays intact.
     #[default]
     BreakGuestWrite,
-    /// A failed copy lets the client's write through and invalidates the point in time.
+    /// `break-snapshot`: a failed copy lets the client's write through and invalidates the
+    /// point in time; reads of the snapshot-access view fail with EACCES from then on.
     BreakSnapshot,
 }
 
 /// Copy granularity: at least 64 KiB, and never below the target's cluster.
 pub const MIN_CLUSTER: u64 = 64 * 1024;
 
+/// The `copy-before-write` driver: its `file` child is the source, its `target` child
+/// receives the old data. Opened from blockdev-add, or built by a backup job's setup
+/// around the job's own [`BlockCopy`] (`with_copy`).
 pub struct CopyBeforeWrite {
     copy: Arc<BlockCopy>,
     on_error: OnCbwError,
@@ -97,6 +104,9 @@ impl CopyBeforeWrite {
         )
     }
 
+    /// A filter over an existing copy state, shared with whoever made it (the backup job,
+    /// which copies the same clusters in the background). `timeout`: QMP `cbw-timeout`,
+    /// the longest a client write waits for its copy; None waits as long as it takes.
     pub fn with_copy(
         copy: Arc<BlockCopy>,
         on_error: OnCbwError,
@@ -110,11 +120,13 @@ impl CopyBeforeWrite {
         }
     }
 
-    pub fn block_copy(&self) -> &Arc<BlockCopy> {
+    /// The copy state, for the snapshot-access node reading its point in time.
+    pub(crate) fn block_copy(&self) -> &Arc<BlockCopy> {
         &self.copy
     }
 
-    pub fn snapshot_broken(&self) -> bool {
+    /// A copy failed under `break-snapshot`: the target no longer holds the point in time.
+    pub(crate) fn snapshot_broken(&self) -> bool {
         self.snapshot_broken.load(Ordering::Acquire)
     }
 

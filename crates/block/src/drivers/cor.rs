@@ -11,6 +11,10 @@ use async_trait::async_trait;
 use std::io;
 use std::sync::Arc;
 
+/// The filter block-stream's setup inserts, with its `file` child the node being filled.
+/// Only the stream job creates it (blockdev-add does not offer it), and it copies nothing
+/// itself: reads pass through, and client writes, write-zeroes and discards hold their
+/// range in `ranges` against the job's copies.
 #[derive(Default)]
 pub struct CopyOnRead {
     ranges: Arc<RangeLock>,

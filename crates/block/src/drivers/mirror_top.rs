@@ -38,6 +38,9 @@ pub struct MirrorState {
 }
 
 impl MirrorState {
+    /// The state of a new mirror. `bitmap`, the job's dirty bitmap, stops recording on its
+    /// own (the filter marks it from now on); `target` is the job's writing edge on the
+    /// target; `write_blocking` is QMP `copy-mode: write-blocking`.
     pub fn new(bitmap: Arc<DirtyBitmap>, target: Arc<Child>, write_blocking: bool) -> MirrorState {
         bitmap.set_enabled(false);
         MirrorState {
@@ -52,14 +55,18 @@ impl MirrorState {
         }
     }
 
+    /// The dirty bitmap: what the job still has to copy.
     pub fn bitmap(&self) -> &Arc<DirtyBitmap> {
         &self.bitmap
     }
 
+    /// Locks on whole granules (see `granule_span`): the job holds one around each copy, so
+    /// a write-blocking client write and a copy of the same granule never overlap.
     pub fn ranges(&self) -> &RangeLock {
         &self.ranges
     }
 
+    /// The job's writing edge on the target; None once `release_target` ran.
     pub fn target(&self) -> Option<Arc<Child>> {
         self.target.load_full()
     }
@@ -70,10 +77,14 @@ impl MirrorState {
         self.target.swap(None)
     }
 
+    /// Whether client writes go to the target too before they complete.
     pub fn is_write_blocking(&self) -> bool {
         self.write_blocking.load(Ordering::Acquire)
     }
 
+    /// From the next client write on, copy client writes to the target before they
+    /// complete (block-job-change to `write-blocking`, or the job's own switch when
+    /// background copying does not converge).
     pub fn set_write_blocking(&self) {
         self.write_blocking.store(true, Ordering::Release);
     }
@@ -84,6 +95,8 @@ impl MirrorState {
         self.write_blocking.store(false, Ordering::Release);
     }
 
+    /// Write-blocking client writes under way; while there are any, the job neither
+    /// becomes READY nor finishes.
     pub fn active_writes(&self) -> usize {
         self.active_writes.load(Ordering::Acquire)
     }
@@ -103,6 +116,8 @@ impl MirrorState {
         self.client_writes.load(Ordering::Relaxed)
     }
 
+    /// Whether a write-blocking client write failed on the target since the last call
+    /// (and forget it): the job treats it as a target error, under `on-target-error`.
     pub fn take_target_write_failure(&self) -> bool {
         self.target_write_failed.swap(false, Ordering::AcqRel)
     }
@@ -137,15 +152,19 @@ impl WriteOp<'_> {
     }
 }
 
+/// The `mirror_top` driver, with the mirror's source as its `backing` child. Only a mirror
+/// job's setup creates it (`jobs::create_mirror`); blockdev-add does not offer it.
 pub struct MirrorTop {
     state: Arc<MirrorState>,
 }
 
 impl MirrorTop {
+    /// The filter of the mirror whose job holds `state` too.
     pub fn new(state: Arc<MirrorState>) -> MirrorTop {
         MirrorTop { state }
     }
 
+    /// What the filter shares with its job.
     pub fn state(&self) -> &Arc<MirrorState> {
         &self.state
     }

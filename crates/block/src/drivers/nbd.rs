@@ -36,9 +36,12 @@ pub struct NbdOptions {
     pub open_timeout: Option<u32>,
 }
 
+/// QAPI's `UnixSocketAddress`: the `server` of an nbd node and the address of
+/// nbd-server-start and `--nbd-server`, when `type` is `unix`.
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct UnixServer {
+    /// The socket's file system path (QMP `path`).
     pub path: String,
     /// Linux abstract sockets are not offered; accepted when off.
     #[serde(rename = "abstract")]
@@ -48,6 +51,8 @@ pub struct UnixServer {
 }
 
 impl UnixServer {
+    /// The socket path; Err (a text for the client) if the address asks for an abstract
+    /// socket (`abstract: true`), which blockd does not offer.
     pub fn path(self) -> Result<String, String> {
         if self.abstract_name == Some(true) {
             return Err("blockd does not use abstract unix sockets".into());
@@ -56,8 +61,9 @@ impl UnixServer {
     }
 }
 
-/// The port of an inet address, which QAPI carries as a string.
 impl InetServer {
+    /// The port of an inet address, which QAPI carries as a string. Only a number is
+    /// accepted, no service name; Err is the text for the client.
     pub fn port_number(&self) -> Result<u16, String> {
         self.port
             .parse()
@@ -79,10 +85,14 @@ impl InetServer {
     }
 }
 
+/// QAPI's `InetSocketAddress`: the `server` of an nbd node and the address of
+/// nbd-server-start and `--nbd-server`, when `type` is `inet`.
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct InetServer {
+    /// Host name or IP address (QMP `host`).
     pub host: String,
+    /// Port, as a decimal string (QMP `port`); `port_number` parses it.
     pub port: String,
     numeric: Option<bool>,
     to: Option<u16>,

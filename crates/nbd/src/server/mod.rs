@@ -27,10 +27,16 @@ use crate::spawn::Spawner;
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
+    /// A Unix socket path; a stale socket file there is replaced, and the file is
+    /// removed when the server stops listening.
     Unix(PathBuf),
+    /// A TCP address (QEMU's InetSocketAddress).
     Tcp {
+        /// Host name or address literal to bind.
         host: String,
+        /// TCP port; 0 picks a free one, and [`NbdServer::start`] returns the real one.
         port: u16,
+        /// How to bind: port range, address family, keep-alive, MPTCP.
         inet: InetOptions,
     },
 }
@@ -85,8 +91,14 @@ pub enum ExportError {
     /// No export with this name.
     NotFound(String),
     /// Safe removal refused: clients are connected.
-    InUse { name: String, clients: usize },
-    /// The name is longer than the protocol allows.
+    InUse {
+        /// The export's name.
+        name: String,
+        /// Clients connected to it.
+        clients: usize,
+    },
+    /// The name (or the description) is longer than the protocol allows
+    /// ([`proto::MAX_STRING`] bytes).
     InvalidName(String),
 }
 
@@ -107,7 +119,10 @@ impl std::error::Error for ExportError {}
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServerEvent {
     /// A removed export has no clients left (QEMU's BLOCK_EXPORT_DELETED moment).
-    ExportDeleted { name: String },
+    ExportDeleted {
+        /// The export's name.
+        name: String,
+    },
 }
 
 type EventHandler = Arc<dyn Fn(ServerEvent) + Send + Sync>;
@@ -354,6 +369,9 @@ impl NbdServer {
         }
     }
 
+    /// Adds an export that clients can open by `name` from now on. `description` is sent
+    /// with `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`. Fails if the name is taken or the
+    /// name or description is too long.
     pub fn add_export(
         &self,
         name: &str,

@@ -25,29 +25,58 @@ const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
+/// What [`Qcow2Header::parse`] read from the start of a qcow2 image: the header fields and
+/// extensions we need and imago does not expose. Each field names its field in the spec
+/// (docs/interop/qcow2.txt); those a version 2 header lacks hold what the spec assumes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Qcow2Header {
+    /// `version` (bytes 4-7): 2 or 3, as `parse` refuses others.
     pub version: u32,
+    /// `cluster_bits` (bytes 20-23): the cluster size is `1 << cluster_bits`; 9 to 21
+    /// (512 bytes to 2 MiB, QEMU's limits), as `parse` refuses others.
     pub cluster_bits: u32,
+    /// `size` (bytes 24-31): the virtual disk size in bytes.
     pub size: u64,
+    /// `crypt_method` (bytes 32-35): 0 none, 1 AES, 2 LUKS. Always 0 here: `parse`
+    /// refuses encrypted images.
     pub crypt_method: u32,
+    /// `incompatible_features` (bytes 72-79; 0 in version 2): bit 0 dirty, 1 corrupt,
+    /// 2 external data file, 3 compression type, 4 extended L2 entries. `parse` refuses
+    /// corrupt and external data file images, `check_supported` the rest.
     pub incompatible: u64,
+    /// `compatible_features` (bytes 80-87; 0 in version 2): bit 0 lazy refcounts.
     pub compatible: u64,
+    /// `autoclear_features` (bytes 88-95; 0 in version 2): bit 0 says the bitmaps
+    /// extension is consistent, bit 1 the external data file is raw.
     pub autoclear: u64,
+    /// `refcount_order` (bytes 96-99): refcounts are `1 << refcount_order` bits wide; at
+    /// most 6, and 4 in version 2.
     pub refcount_order: u32,
+    /// `compression_type` (byte 104, 0 when `header_length` does not reach it): 0 zlib,
+    /// 1 zstd. Only counts when incompatible bit 3 is set.
     pub compression_type: u8,
+    /// The backing file name, stored at `backing_file_offset` (bytes 8-15) for
+    /// `backing_file_size` bytes (16-19). None without one, or while it lies past the
+    /// buffer parsed (then `backing_file_span` says where).
     pub backing_file: Option<String>,
+    /// The backing file format name header extension (type 0xe2792aca).
     pub backing_format: Option<String>,
-    /// Where the name would have to be read from when it lies past the buffer given.
+    /// `backing_file_offset` and `backing_file_size` when the name lies past the buffer
+    /// given to `parse`: the caller reads it from there and fills `backing_file`.
     pub backing_file_span: Option<(u64, u32)>,
+    /// The bitmaps extension (type 0x23852875), consistent or not: `consistent_bitmaps`
+    /// looks at the autoclear bit too.
     pub bitmaps: Option<BitmapsExt>,
 }
 
 /// The bitmaps extension: where the bitmap directory lies.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BitmapsExt {
+    /// `nb_bitmaps` (bytes 0-3): how many bitmaps the directory lists.
     pub nb_bitmaps: u32,
+    /// `bitmap_directory_size` (bytes 8-15): the directory's size in bytes.
     pub directory_size: u64,
+    /// `bitmap_directory_offset` (bytes 16-23): where the directory starts in the file.
     pub directory_offset: u64,
 }
 
@@ -213,6 +242,7 @@ impl Qcow2Header {
         Ok(())
     }
 
+    /// The cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
@@ -225,6 +255,8 @@ impl Qcow2Header {
             .filter(|_| self.autoclear & AUTOCLEAR_BITMAPS != 0)
     }
 
+    /// The dirty bit (incompatible bit 0): refcounts may be wrong, as a lazy-refcounts
+    /// writer did not close the image. QMP `dirty-flag`.
     pub fn is_dirty(&self) -> bool {
         self.incompatible & INCOMPAT_DIRTY != 0
     }
