@@ -112,11 +112,6 @@ impl IoThreads {
         })
     }
 
-    /// How many threads there are; thread indexes for `spawn_on` and `run_on` wrap around it.
-    pub fn count(&self) -> usize {
-        self.count
-    }
-
     /// Pick threads round-robin so connections and jobs spread over the cores.
     pub fn pick(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % self.count

@@ -68,8 +68,8 @@ pub(crate) struct State {
     cancelled: bool,
     force_cancel: bool,
     complete_requested: bool,
-    /// User pause (at most one) plus internal pauses; the job starts with one, which
-    /// `start` takes away.
+    /// The user's pause (at most one) plus the one a created job holds until `start`
+    /// takes it away.
     pause_count: u32,
     user_paused: bool,
     busy: bool,
@@ -201,11 +201,6 @@ impl Job {
     /// QMP `io-status`: what error stopped the job under the `stop` or `enospc` policy.
     pub fn io_status(&self) -> IoStatus {
         self.lock().io_status
-    }
-
-    /// The error the job failed with (shown as `error` in the queries).
-    pub fn failure(&self) -> Option<JobFailure> {
-        self.lock().failure.clone()
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -371,29 +366,6 @@ impl Job {
         }
         self.kick();
         Ok(())
-    }
-
-    /// An internal pause (QEMU's `job_pause`), counted apart from the user's and undone by
-    /// [`Job::resume`]; no verb check, no refusal.
-    pub fn pause(&self) {
-        self.lock().pause_count += 1;
-        self.kick();
-    }
-
-    /// Lift one internal pause taken by [`Job::pause`]. Without one it is a bug: logged,
-    /// and a panic in debug builds.
-    pub fn resume(&self) {
-        {
-            let mut st = self.lock();
-            let internal = st.pause_count - u32::from(st.user_paused);
-            if internal == 0 {
-                tracing::error!(job = %self.id, "resume without a pause");
-                debug_assert!(false, "job '{}': resume without pause", self.id);
-                return;
-            }
-            st.pause_count -= 1;
-        }
-        self.kick();
     }
 
     /// block-job-set-speed. A sleeping job wakes when the limit is lifted or raised.
@@ -661,20 +633,9 @@ impl JobContext {
         &self.job.id
     }
 
-    /// The job this context runs.
-    pub fn job(&self) -> &Arc<Job> {
-        &self.job
-    }
-
     /// `len` may grow while the job runs (new writes to copy).
     pub fn set_len(&self, len: u64) {
         self.job.lock().len = len;
-    }
-
-    /// Grow `len` by `delta` (more to copy than first counted).
-    pub fn add_len(&self, delta: u64) {
-        let mut st = self.job.lock();
-        st.len = st.len.saturating_add(delta);
     }
 
     /// Progress also ends an error streak under `ignore`.
@@ -692,11 +653,6 @@ impl JobContext {
         (st.offset, st.len)
     }
 
-    /// The `speed` limit now, in bytes per second; 0 = unlimited.
-    pub fn speed(&self) -> u64 {
-        self.job.lock().speed
-    }
-
     /// Force-cancelled (or any cancel of a job that cannot soft-cancel): stop the work.
     pub fn is_cancelled(&self) -> bool {
         self.job.is_cancelled()
@@ -705,12 +661,6 @@ impl JobContext {
     /// Any cancel, soft or force.
     pub fn cancel_requested(&self) -> bool {
         self.job.lock().cancelled
-    }
-
-    /// A soft cancel of a READY mirror/active commit: finish normally without pivot.
-    pub fn is_soft_cancelled(&self) -> bool {
-        let st = self.job.lock();
-        st.cancelled && !st.force_cancel
     }
 
     /// block-job-complete was accepted.

@@ -13,8 +13,7 @@ pub enum JobStatus {
     Created,
     /// `running`: the driver's work runs.
     Running,
-    /// `paused`: the work waits at a pause point (a user pause, the `stop` policy, or an
-    /// internal pause).
+    /// `paused`: the work waits at a pause point (a user pause or the `stop` policy).
     Paused,
     /// `ready`: a mirror or active commit has caught up and accepts complete; it keeps
     /// copying.

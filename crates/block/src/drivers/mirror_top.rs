@@ -164,11 +164,6 @@ impl MirrorTop {
         MirrorTop { state }
     }
 
-    /// What the filter shares with its job.
-    pub fn state(&self) -> &Arc<MirrorState> {
-        &self.state
-    }
-
     fn source(node: &Node) -> io::Result<Arc<Child>> {
         node.child("backing")
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
