@@ -540,18 +540,20 @@ pub fn encode_meta_context_request(out: &mut Vec<u8>, export: &str, queries: &[&
     }
 }
 
-/// Maps an I/O error to the NBD error value sent on the wire.
+/// Maps an I/O error to the NBD error value sent on the wire. An errno the protocol has
+/// no value for becomes EINVAL, as in QEMU's server (a cbw-timeout's ETIMEDOUT, a
+/// broken snapshot's EACCES reach the client as qsd sends them).
 pub fn errno_of(err: &io::Error) -> u32 {
     if let Some(code) = err.raw_os_error() {
         return match code {
-            libc::EPERM | libc::EROFS | libc::EACCES => EPERM,
+            libc::EPERM | libc::EROFS => EPERM,
+            libc::EIO => EIO,
             libc::ENOMEM => ENOMEM,
-            libc::EINVAL => EINVAL,
             libc::ENOSPC | libc::EDQUOT | libc::EFBIG => ENOSPC,
             libc::EOVERFLOW => EOVERFLOW,
             libc::ENOTSUP => ENOTSUP,
             libc::ESHUTDOWN => ESHUTDOWN,
-            _ => EIO,
+            _ => EINVAL,
         };
     }
     match err.kind() {
@@ -674,6 +676,9 @@ mod tests {
             ENOSPC
         );
         assert_eq!(errno_of(&io::Error::from_raw_os_error(libc::EROFS)), EPERM);
+        for unmapped in [libc::ETIMEDOUT, libc::EACCES, libc::ENOENT] {
+            assert_eq!(errno_of(&io::Error::from_raw_os_error(unmapped)), EINVAL);
+        }
         assert_eq!(
             errno_of(&io::Error::from(io::ErrorKind::Unsupported)),
             ENOTSUP
