@@ -10,7 +10,7 @@ use block::{Child, Node, Parent, Perms};
 use block::{InetServer, UnixServer};
 use nbd::backend::{Backend, Capabilities, MetaContext, StatusExtent, ZeroFlags};
 use nbd::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
-use nbd::server::{ExportError, ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent};
+use nbd::server::{ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -594,7 +594,7 @@ impl Exports {
                     allocation_depth: new.allocation_depth,
                 },
             )
-            .map_err(|e| export_error(&new.name, e))?;
+            .map_err(|e| QmpError::generic(e.to_string()))?;
         exports.exports.borrow_mut().push(Export {
             id: new.id,
             name: new.name,
@@ -642,7 +642,7 @@ impl Exports {
         }
         server
             .remove_export(&name, hard)
-            .map_err(|e| export_error(&name, e))?;
+            .map_err(|e| QmpError::generic(e.to_string()))?;
         Ok(json!({}))
     }
 
@@ -757,15 +757,4 @@ fn inet_addr(data: Map<String, Value>) -> Result<ListenAddr, QmpError> {
         port,
         inet: options,
     })
-}
-
-fn export_error(name: &str, e: ExportError) -> QmpError {
-    match e {
-        ExportError::Exists(_) => {
-            QmpError::generic(format!("NBD server already has export named '{name}'"))
-        }
-        ExportError::NotFound(_) => QmpError::generic(format!("Export '{name}' is not found")),
-        ExportError::InUse { .. } => QmpError::generic(format!("export '{name}' still in use")),
-        other => QmpError::generic(other.to_string()),
-    }
 }

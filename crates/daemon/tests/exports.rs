@@ -297,6 +297,8 @@ async fn export_commands_answer_like_qsd() {
             json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e1", "node-name": "disk0", "name": "disk0"}}),
             json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e2", "node-name": "disk0", "name": "x", "bitmaps": ["b"]}}),
             json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e3", "node-name": "disk0", "name": "ro"}}),
+            json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e6", "node-name": "disk0", "name": "n".repeat(4097)}}),
+            json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e6", "node-name": "disk0", "name": "d", "description": "d".repeat(4097)}}),
             json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e4", "node-name": "disk0", "iothread": "io0"}}),
             json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e4", "node-name": "nope", "iothread": "io0"}}),
             json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e4", "node-name": "disk0", "name": "opts", "fixed-iothread": true, "allow-inactive": true}}),
@@ -367,7 +369,7 @@ async fn export_commands_answer_like_qsd() {
             json!("legacy")
         ]
     );
-    assert_eq!(all[0].0[10]["error"], "iothread \"io0\" not found");
+    assert_eq!(all[0].0[12]["error"], "iothread \"io0\" not found");
     if all.len() == 2 {
         for (i, (a, b)) in all[0].0.iter().zip(&all[1].0).enumerate() {
             assert_eq!(a, b, "reply {i} differs from qsd");

@@ -97,9 +97,10 @@ pub enum ExportError {
         /// Clients connected to it.
         clients: usize,
     },
-    /// The name (or the description) is longer than the protocol allows
-    /// ([`proto::MAX_STRING`] bytes).
+    /// The name is longer than the protocol allows ([`proto::MAX_STRING`] bytes).
     InvalidName(String),
+    /// The description is longer than the protocol allows ([`proto::MAX_STRING`] bytes).
+    DescriptionTooLong(String),
 }
 
 impl fmt::Display for ExportError {
@@ -109,6 +110,7 @@ impl fmt::Display for ExportError {
             ExportError::NotFound(n) => write!(f, "Export '{n}' is not found"),
             ExportError::InUse { name, .. } => write!(f, "export '{name}' still in use"),
             ExportError::InvalidName(n) => write!(f, "export name '{n}' too long"),
+            ExportError::DescriptionTooLong(d) => write!(f, "description '{d}' too long"),
         }
     }
 }
@@ -379,10 +381,11 @@ impl NbdServer {
         backend: Arc<dyn Backend>,
         options: ExportOptions,
     ) -> Result<(), ExportError> {
-        if name.len() > proto::MAX_STRING
-            || description.is_some_and(|d| d.len() > proto::MAX_STRING)
-        {
+        if name.len() > proto::MAX_STRING {
             return Err(ExportError::InvalidName(name.to_string()));
+        }
+        if let Some(d) = description.filter(|d| d.len() > proto::MAX_STRING) {
+            return Err(ExportError::DescriptionTooLong(d.to_string()));
         }
         let mut exports = lock(&self.shared.exports);
         if exports.contains_key(name) {
