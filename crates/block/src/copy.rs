@@ -254,8 +254,10 @@ impl BlockCopy {
                 // The same cluster is looked at again afterwards: that copy may have failed.
                 Claim::Wait(notify) => self.wait_for(cluster, &notify).await,
                 Claim::Copy(run) => {
+                    let mut claimed = ClaimedRun::new(self, run.clone());
                     let result = self.copy_run(run.clone()).await;
-                    self.release(run.clone(), result.is_ok());
+                    claimed.copied = result.is_ok();
+                    drop(claimed);
                     result?;
                     cluster = run.end;
                 }
@@ -280,8 +282,9 @@ impl BlockCopy {
                     continue;
                 }
                 Claim::Copy(run) => {
+                    let claimed = ClaimedRun::new(self, run);
                     let result = self.source.node().read(pos, slice).await;
-                    self.release(run, false);
+                    drop(claimed);
                     result?;
                 }
             }
@@ -351,7 +354,8 @@ impl BlockCopy {
     }
 
     fn release(&self, run: Range<u64>, copied: bool) {
-        let mut state = self.state.lock().unwrap();
+        // Runs in `ClaimedRun::drop`, maybe while unwinding: a second panic would abort.
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut notify = None;
         for c in run {
             notify = state.in_flight.remove(&c).or(notify);
@@ -415,6 +419,32 @@ enum Claim {
     Done,
     Wait(Arc<Notify>),
     Copy(Range<u64>),
+}
+
+/// A claimed run, released when dropped: also when the future working on it is dropped
+/// half-way (a `cbw-timeout` that fires, a request whose connection went away), so that
+/// no cluster stays claimed for ever and every later copy of it waits in vain.
+struct ClaimedRun<'a> {
+    copy: &'a BlockCopy,
+    run: Range<u64>,
+    /// The run reached the target: its clusters are no longer pending.
+    copied: bool,
+}
+
+impl<'a> ClaimedRun<'a> {
+    fn new(copy: &'a BlockCopy, run: Range<u64>) -> ClaimedRun<'a> {
+        ClaimedRun {
+            copy,
+            run,
+            copied: false,
+        }
+    }
+}
+
+impl Drop for ClaimedRun<'_> {
+    fn drop(&mut self) {
+        self.copy.release(self.run.clone(), self.copied);
+    }
 }
 
 #[cfg(test)]

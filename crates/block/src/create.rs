@@ -24,7 +24,7 @@ pub struct NewImage<'a> {
 /// Create (or overwrite) an image file. Runs on an I/O thread: the file I/O goes through
 /// the aio crate, never blocking the thread. Err is the text for the client.
 pub async fn create_image(path: &Path, image: NewImage<'_>) -> Result<(), String> {
-    let fail = |e: io::Error| format!("Could not create '{}': {e}", path.display());
+    let fail = |e: io::Error| format!("Could not create '{}': {}", path.display(), os_text(&e));
     match image.format {
         "raw" => {
             if image.backing.is_some() {

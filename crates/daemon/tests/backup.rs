@@ -8,6 +8,7 @@ use common::jobs::*;
 use common::*;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_backup_equals_source_on_both_daemons() {
@@ -417,6 +418,8 @@ async fn backup_errors_answer_like_qsd() {
     let script = vec![
         json!({"execute": "drive-backup", "arguments": {"job-id": "d", "device": "nope", "target": "d.qcow2", "sync": "full"}}),
         json!({"execute": "drive-backup", "arguments": {"job-id": "d", "device": "disk0", "target": "d.raw", "sync": "top", "format": "raw"}}),
+        json!({"execute": "drive-backup", "arguments": {"job-id": "d", "device": "disk0", "target": "/nonexistent/d.qcow2", "sync": "full"}}),
+        json!({"execute": "drive-backup", "arguments": {"job-id": "d", "device": "disk0", "target": "/nonexistent/d.raw", "sync": "full", "format": "raw"}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "nope", "target": "tgt", "sync": "full"}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "nope", "sync": "full"}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "disk0", "sync": "full"}}),
@@ -910,4 +913,60 @@ async fn classic_fleecing_serves_the_point_in_time_on_both_daemons() {
             saved[2 << 20..(2 << 20) + (128 << 10)] == before[2 << 20..(2 << 20) + (128 << 10)]
         );
     }
+}
+
+/// A copy-before-write copy that times out (`cbw-timeout`, `on-cbw-error=break-guest-write`)
+/// fails that guest write (EINVAL on the wire, as qsd sends ETIMEDOUT) and leaves its
+/// clusters to be copied again: once the target is fast again, the next write to them
+/// copies the old data and succeeds. blockd used to keep the timed-out clusters claimed for
+/// ever, so every later write to them timed out too. qsd lets the timed-out copy run on in
+/// the background and makes the next write wait for it (16 s here, so that write times out
+/// as well); blockd drops it, hence no side-by-side run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_copy_before_write_leaves_its_clusters_copyable() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = p(dir.path(), "src.raw");
+    let tgt = p(dir.path(), "tgt.raw");
+    qemu_img(&["create", "-q", "-f", "raw", &src, "4M"]);
+    qemu_io(&["-f", "raw", &src, "-c", "write -P 0x11 0 4M"]);
+    qemu_img(&["create", "-q", "-f", "raw", &tgt, "4M"]);
+    let sock = dir.path().join("nbd.sock");
+    let daemon = Daemon::start(
+        Impl::Blockd,
+        dir.path(),
+        &[
+            s("--object"),
+            s("throttle-group,id=g0,x-bps-write=4096"),
+            s("--blockdev"),
+            format!("file,node-name=src,filename={src}"),
+            s("--blockdev"),
+            format!("file,node-name=tf,filename={tgt}"),
+            s("--blockdev"),
+            s("throttle,node-name=tgt,file=tf,throttle-group=g0"),
+            s("--blockdev"),
+            s("copy-before-write,node-name=cbw,file=src,target=tgt,on-cbw-error=break-guest-write,cbw-timeout=1"),
+            s("--nbd-server"),
+            format!("addr.type=unix,addr.path={}", sock.display()),
+            s("--export"),
+            s("type=nbd,id=e0,node-name=cbw,writable=on"),
+        ],
+    );
+    let mut client = daemon.qmp().await;
+    let uri = format!("nbd+unix:///cbw?socket={}", sock.display());
+    // The throttle lets the first copy through at once; the next one would take 16 s.
+    qemu_io(&["-f", "raw", &uri, "-c", "write -P 0x22 64k 64k"]);
+    let out = run(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 0x22 0 64k"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("write failed: Invalid argument"), "{text}");
+    client
+        .execute(
+            "qom-set",
+            json!({"path": "g0", "property": "limits", "value": {}}),
+        )
+        .await
+        .unwrap();
+    qemu_io(&["-f", "raw", &uri, "-c", "write -P 0x22 0 64k"]);
+    daemon.quit(&mut client).await;
+    qemu_io(&["-f", "raw", &tgt, "-c", "read -P 0x11 0 128k"]);
+    qemu_io(&["-f", "raw", &src, "-c", "read -P 0x22 0 128k"]);
 }
