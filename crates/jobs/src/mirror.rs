@@ -590,23 +590,27 @@ impl MirrorJob {
         Ok(true)
     }
 
-    /// Put the target where the replaced node was, for every user.
+    /// Put the target where the replaced node was, for every user: the pivot, as one
+    /// [`GraphChange`]. A backing the target cannot take is logged and the pivot goes on,
+    /// as QEMU's mirror_exit_common does; the replace itself cannot fail, so the change
+    /// is always kept.
     async fn swap_in_target(&self) {
+        let mut change = GraphChange::new(&self.graph);
         if let Some(backing) = &self.config.target_backing {
             if self.target.driver().supports_backing() {
-                if let Err(e) = self.target.set_backing(Some(backing)).await {
+                if let Err(e) = change.set_backing(&self.target, Some(backing)).await {
                     tracing::warn!("mirror target keeps no backing: {e}");
                 }
             }
         }
         // The job's writing edge would otherwise refuse the users' own write permission.
         drop(self.state.release_target());
-        match &self.config.replaces {
-            Some(node) if !Arc::ptr_eq(node, &self.source) => {
-                node.replace_in_parents(&self.target);
-            }
-            _ => self.filter.replace_in_parents(&self.target),
-        }
+        let replaced = match &self.config.replaces {
+            Some(node) if !Arc::ptr_eq(node, &self.source) => node,
+            _ => &self.filter,
+        };
+        change.replace(replaced, &self.target).await;
+        change.commit();
     }
 }
 
