@@ -470,3 +470,40 @@ fn engine_and_batch_limit() {
         assert_eq!(after.submissions - before.submissions, 8, "batches of one");
     });
 }
+
+/// On tmpfs, Engine::Auto (the default) sends large writes through the blocking pool,
+/// where io_uring would run the writes to one file one at a time, and keeps small writes
+/// and reads on the ring; an explicit Engine::Ring keeps every write on the ring.
+#[test]
+fn auto_engine_writes_tmpfs_files_on_the_pool() {
+    let dir = tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) is needed for this test");
+    let path = dir.path().join("img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    run_local(Some(64), || async {
+        if !aio::thread_has_ring() {
+            panic!("io_uring is not available on this machine");
+        }
+        let counters = || aio::thread_ring_counters().unwrap();
+        let on_ring = |before: aio::RingCounters| counters().requests - before.requests;
+        let open = |engine| OpenOptions::new(&path).writable(true).engine(engine).open();
+        let auto = open(aio::Engine::Auto).await.unwrap();
+        let before = counters();
+        auto.write_at(&[7u8; 65536], 0).await.unwrap();
+        assert_eq!(on_ring(before), 0, "a large tmpfs write went to the ring");
+        let mut buf = vec![0u8; 65536];
+        auto.read_at(&mut buf, 0).await.unwrap();
+        assert_eq!(buf, vec![7u8; 65536]);
+        assert_eq!(on_ring(before), 1, "the read left the ring");
+        let before = counters();
+        auto.write_at(&[8u8; 4096], 0).await.unwrap();
+        assert_eq!(on_ring(before), 1, "a small write left the ring");
+
+        let ring = open(aio::Engine::Ring).await.unwrap();
+        let before = counters();
+        ring.write_at(&[9u8; 65536], 0).await.unwrap();
+        assert_eq!(on_ring(before), 1, "aio=io_uring left the ring");
+    });
+}

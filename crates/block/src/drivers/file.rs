@@ -47,7 +47,7 @@ pub enum OnOffAuto {
 /// Where requests run. `threads`: the blocking pool, as in QEMU. `native` asks for the
 /// kernel's asynchronous I/O, which is io_uring here (Linux AIO in QEMU), and like QEMU
 /// needs cache.direct=on. `io_uring`: the I/O thread's ring, refused where the kernel has
-/// none. Unset: the ring where there is one, else the pool.
+/// none. Unset: `Engine::Auto` (the ring, but large writes to a tmpfs file on the pool).
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AioMode {
@@ -87,7 +87,8 @@ impl FileDriver {
             Some(AioMode::IoUring) if !aio::uring_available() => {
                 return Err("Unable to use io_uring: the kernel does not offer it".into());
             }
-            Some(AioMode::Native | AioMode::IoUring) | None => Engine::Ring,
+            Some(AioMode::Native | AioMode::IoUring) => Engine::Ring,
+            None => Engine::Auto,
         };
         let max_batch = opts
             .aio_max_batch
