@@ -399,12 +399,8 @@ impl BlockCopy {
                     .read(offset, buf.as_mut_slice())
                     .await
                     .map_err(CopyError::Read)?;
-                let flags = WriteFlags {
-                    job_target: true,
-                    ..WriteFlags::default()
-                };
                 target
-                    .write(offset, buf.as_slice(), flags)
+                    .write(offset, buf.as_slice(), WriteFlags::default())
                     .await
                     .map_err(CopyError::Write)?;
             }

@@ -1,6 +1,6 @@
 //! I/O threads: one current-thread tokio runtime with a `LocalSet` per thread.
 //!
-//! imago's futures (and ours) are not `Send`, so work is sent to a thread as a `Send` closure
+//! Our drivers' futures are not `Send`, so work is sent to a thread as a `Send` closure
 //! that builds its future there; the future never leaves that thread.
 //!
 //! A panic is a bug, and it fails the unit of work it happened in, never the daemon: work

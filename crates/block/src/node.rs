@@ -64,11 +64,6 @@ pub struct WriteFlags {
     pub may_unmap: bool,
     /// A zero write must fail with ENOTSUP rather than fall back to slow explicit zeroes.
     pub no_fallback: bool,
-    /// The write fills the target of a backup or mirror, whose contents mean nothing until
-    /// the job has written them all and which nobody reads meanwhile: a format may map new
-    /// clusters before their data has landed, so allocating writes need not wait for each
-    /// other. The parts of a cluster the write leaves are still filled from the backing file.
-    pub job_target: bool,
 }
 
 /// Information a driver reports for query-named-block-nodes.

@@ -259,25 +259,11 @@ fn refuses_what_qemu_refuses() {
     setup.close();
 }
 
-/// Concurrent allocating writes are gathered into runs (`qcow2/batch.rs`): contiguous ones
-/// issued out of order, partial clusters copying from the backing file, and overlapping
-/// ones must all land where they belong, with consistent metadata.
+/// Concurrent allocating writes: contiguous ones issued out of order, partial clusters
+/// copying from the backing file, and overlapping ones must all land where they belong,
+/// with consistent metadata.
 #[test]
 fn concurrent_allocating_writes_land_in_place() {
-    concurrent_allocating_writes(WriteFlags::default());
-}
-
-/// A job target's clusters are mapped before their data is written, each write on its own;
-/// partial clusters still keep the backing data around them.
-#[test]
-fn concurrent_job_target_writes_land_in_place() {
-    concurrent_allocating_writes(WriteFlags {
-        job_target: true,
-        ..WriteFlags::default()
-    });
-}
-
-fn concurrent_allocating_writes(flags: WriteFlags) {
     let dir = tempfile::tempdir().unwrap();
     let base = path(dir.path(), "base.qcow2");
     let top = path(dir.path(), "top.qcow2");
@@ -311,7 +297,7 @@ fn concurrent_allocating_writes(flags: WriteFlags) {
     block_on(setup.io.run(move || async move {
         let all = to_write
             .iter()
-            .map(|(offset, data)| node.write(*offset, data, flags));
+            .map(|(offset, data)| node.write(*offset, data, WriteFlags::default()));
         for result in futures::future::join_all(all).await {
             result.unwrap();
         }

@@ -1,5 +1,5 @@
 //! qcow2 header rewrites done by us in a live image (backing file name and format) stay
-//! intact while imago keeps writing, and qemu-img agrees with the result.
+//! intact while the data path keeps writing, and qemu-img agrees with the result.
 
 mod common;
 
@@ -35,7 +35,7 @@ fn backing_of(node: &Arc<Node>) -> (Option<String>, Option<String>) {
 const OTHER: &str = "other-backing-file-with-a-name-longer-than-the-first-one.raw";
 
 #[test]
-fn new_backing_name_survives_imago_header_writes() {
+fn new_backing_name_survives_header_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (base, other, top) = (
         path(dir.path(), "base.qcow2"),
@@ -55,7 +55,7 @@ fn new_backing_name_survives_imago_header_writes() {
     let reported = setup.on("top", |node| async move {
         set_backing(&node, Some(OTHER), Some("raw")).await.unwrap();
         let reported = backing_of(&node);
-        // Growing the image makes imago write its header copy again (size, L1 pointer).
+        // Growing the image writes header fields again (size, L1 pointer).
         node.truncate(64 << 20).await.unwrap();
         node.write(40 << 20, &[0x5a; 65536], WriteFlags::default())
             .await

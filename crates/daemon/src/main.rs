@@ -11,8 +11,7 @@ use cli::{DaemonArgs, Invocation};
 use daemon::Daemon;
 use std::process::ExitCode;
 
-/// Every I/O request allocates a few small futures (async trait methods, imago's recursive
-/// lookups); mimalloc's per-thread free lists serve them at a fraction of glibc's cost.
+/// Every I/O request allocates a few small futures (async trait methods); mimalloc's per-thread free lists serve them at a fraction of glibc's cost.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

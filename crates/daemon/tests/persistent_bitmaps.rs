@@ -304,7 +304,8 @@ async fn storing_bitmaps_grows_a_full_refcount_table() {
 
 /// Images blockd cannot open yet (dirty lazy refcounts, zstd, extended L2) are refused
 /// before anything is written: their bytes, and so their persistent bitmaps, stay as they
-/// were (imago alone would clear the bitmaps' autoclear bit before refusing).
+/// were (a writable open clears autoclear bits it does not know, so a late refusal could
+/// cost the bitmaps their consistency).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_opens_change_nothing_on_disk() {
     let dir = tempfile::tempdir().unwrap();

@@ -121,6 +121,18 @@ async fn resize_errors_match_qsd() {
         qemu_img(&["create", "-q", "-f", "qcow2", &p("a.qcow2"), "64M"]);
         qemu_img(&["create", "-q", "-f", "qcow2", &p("t.qcow2"), "64M"]);
         qemu_img(&["create", "-q", "-f", "raw", &p("b.raw"), "64M"]);
+        let v2 = p("v2.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            &v2,
+            "1M",
+        ]);
+        qemu_img(&["snapshot", "-c", "s", &v2]);
         let daemon = Daemon::start(
             which,
             dir.path(),
@@ -137,6 +149,10 @@ async fn resize_errors_match_qsd() {
                 format!("file,node-name=f1,filename={}", p("b.raw")),
                 s("--blockdev"),
                 s("raw,node-name=r1,file=f1"),
+                s("--blockdev"),
+                format!("file,node-name=fv2,filename={v2}"),
+                s("--blockdev"),
+                s("qcow2,node-name=v2,file=fv2"),
                 s("--blockdev"),
                 format!(
                     "file,node-name=ro,filename={},read-only=on,locking=off",
@@ -158,6 +174,7 @@ async fn resize_errors_match_qsd() {
             resize("r1", 64 << 20),
             resize("ro", 1 << 20),
             resize("f0", 1 << 20),
+            resize("v2", 2 << 20),
         ] {
             seen.push(reply(&mut c, "block_resize", args).await);
         }
@@ -197,11 +214,15 @@ async fn resize_errors_match_qsd() {
         .unwrap()
         .contains("expects a >0 size"));
     assert!(errors[7]["error"]["desc"] == "Image is read-only");
-    assert!(errors[10]["error"]["desc"]
+    assert_eq!(
+        errors[9]["error"]["desc"],
+        "Can't resize a v2 image which has snapshots"
+    );
+    assert!(errors[11]["error"]["desc"]
         .as_str()
         .unwrap()
         .starts_with("Node 'qt' is busy"));
-    assert!(errors[13]["error"]["desc"]
+    assert!(errors[14]["error"]["desc"]
         .as_str()
         .unwrap()
         .starts_with("Permission conflict on node 'r1'"));

@@ -55,28 +55,6 @@ const MAX_CHUNK: u64 = 1 << 20;
 /// background copying (see the module comment).
 const STALL: Duration = Duration::from_secs(2);
 
-/// Clients count as busy for this long after their last write the job noticed.
-const CLIENTS_QUIET_AFTER: Duration = Duration::from_secs(1);
-
-/// Whether clients have written to the source lately, judged each time the job copies.
-#[derive(Default)]
-struct ClientActivity {
-    writes: u64,
-    last_seen: Option<Instant>,
-}
-
-impl ClientActivity {
-    /// `writes`: the filter's count of client writes so far.
-    fn busy(&mut self, writes: u64, now: Instant) -> bool {
-        if writes != self.writes {
-            self.writes = writes;
-            self.last_seen = Some(now);
-        }
-        self.last_seen
-            .is_some_and(|seen| now.duration_since(seen) < CLIENTS_QUIET_AFTER)
-    }
-}
-
 /// Watches the dirty bytes each pass over the bitmap leaves behind.
 #[derive(Default)]
 struct ConvergenceWatch {
@@ -364,24 +342,18 @@ impl MirrorJob {
         Ok(())
     }
 
-    /// Copy one range that was dirty; on failure the range is dirty again. `clients_busy`:
-    /// clients are writing to the source (see `ClientActivity`).
-    async fn copy_range(&self, offset: u64, len: u64, clients_busy: bool) -> Result<(), CopyError> {
+    /// Copy one range that was dirty; on failure the range is dirty again.
+    async fn copy_range(&self, offset: u64, len: u64) -> Result<(), CopyError> {
         let (start, end) = self.state.granule_span(offset, len);
         let _held = self.state.ranges().lock(start, end).await;
-        let result = self.copy_locked(offset, len, clients_busy).await;
+        let result = self.copy_locked(offset, len).await;
         if result.is_err() {
             self.state.bitmap().set(offset, len);
         }
         result
     }
 
-    async fn copy_locked(
-        &self,
-        offset: u64,
-        len: u64,
-        clients_busy: bool,
-    ) -> Result<(), CopyError> {
+    async fn copy_locked(&self, offset: u64, len: u64) -> Result<(), CopyError> {
         let source = self.source_edge().map_err(CopyError::Read)?;
         let target = self.target_edge().map_err(CopyError::Write)?;
         let end = offset + len;
@@ -412,17 +384,8 @@ impl MirrorJob {
                     .read(pos, buf.as_mut_slice())
                     .await
                     .map_err(CopyError::Read)?;
-                // A commit's base is a live image below the active layer, not a job target.
-                // While clients write, new target clusters are allocated one gathered batch at
-                // a time, which leaves them the disk: under 4000 IOPS of 4K writes their p99
-                // was 41 ms with every copy's allocation in flight at once, 13 ms this way
-                // (qsd: 26 ms), and READY still came sooner than qsd's.
-                let flags = WriteFlags {
-                    job_target: !self.config.commit_base && !clients_busy,
-                    ..WriteFlags::default()
-                };
                 target
-                    .write(pos, buf.as_slice(), flags)
+                    .write(pos, buf.as_slice(), WriteFlags::default())
                     .await
                     .map_err(CopyError::Write)?;
             }
@@ -457,7 +420,6 @@ impl MirrorJob {
         let mut in_flight = FuturesUnordered::new();
         let mut bytes_in_flight = 0u64;
         let mut convergence = ConvergenceWatch::default();
-        let mut clients = ClientActivity::default();
         loop {
             if in_flight.is_empty() {
                 ctx.pause_point().await;
@@ -509,9 +471,7 @@ impl MirrorJob {
                 self.state.bitmap().reset(offset, len);
                 cursor = offset + len;
                 bytes_in_flight += len;
-                let busy = clients.busy(self.state.client_writes(), Instant::now());
-                in_flight
-                    .push(async move { (offset, len, self.copy_range(offset, len, busy).await) });
+                in_flight.push(async move { (offset, len, self.copy_range(offset, len).await) });
             }
             self.update_len(ctx, bytes_in_flight);
             let Some((_, len, result)) = in_flight.next().await else {
@@ -718,21 +678,10 @@ impl JobDriver for MirrorJob {
 
 #[cfg(test)]
 mod tests {
-    use super::{ClientActivity, ConvergenceWatch, CLIENTS_QUIET_AFTER, STALL};
+    use super::{ConvergenceWatch, STALL};
     use tokio::time::Instant;
 
     const MIB: u64 = 1 << 20;
-
-    #[test]
-    fn clients_are_busy_until_a_quiet_second_has_passed() {
-        let mut clients = ClientActivity::default();
-        let start = Instant::now();
-        assert!(!clients.busy(0, start));
-        assert!(clients.busy(3, start));
-        assert!(clients.busy(3, start + CLIENTS_QUIET_AFTER / 2));
-        assert!(!clients.busy(3, start + CLIENTS_QUIET_AFTER));
-        assert!(clients.busy(4, start + CLIENTS_QUIET_AFTER * 2));
-    }
 
     #[test]
     fn shrinking_passes_never_stall() {

@@ -300,7 +300,8 @@ pub(crate) async fn rewrite_backing_header(
         .await
 }
 
-/// Replace `node`'s backing edge by one to `backing` (or none), in the graph and in imago.
+/// Replace `node`'s backing edge by one to `backing` (or none), in the graph and in its
+/// driver.
 pub(crate) async fn relink_backing(node: &Arc<Node>, backing: Option<&Arc<Node>>) {
     if let Err(e) = node.set_backing(backing).await {
         tracing::error!(node = node.name(), "cannot switch the backing layer: {e}");

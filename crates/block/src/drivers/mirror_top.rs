@@ -15,7 +15,7 @@ use crate::Driver;
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -33,8 +33,6 @@ pub struct MirrorState {
     target_write_failed: AtomicBool,
     /// Signalled when a client write made something dirty.
     dirtied: Notify,
-    /// Client writes so far, so the job can tell whether clients are busy.
-    client_writes: AtomicU64,
 }
 
 impl MirrorState {
@@ -51,7 +49,6 @@ impl MirrorState {
             active_writes: AtomicUsize::new(0),
             target_write_failed: AtomicBool::new(false),
             dirtied: Notify::new(),
-            client_writes: AtomicU64::new(0),
         }
     }
 
@@ -111,11 +108,6 @@ impl MirrorState {
         self.dirtied.notify_one();
     }
 
-    /// How many client writes (of any kind) have passed the filter so far.
-    pub fn client_writes(&self) -> u64 {
-        self.client_writes.load(Ordering::Relaxed)
-    }
-
     /// Whether a write-blocking client write failed on the target since the last call
     /// (and forget it): the job treats it as a target error, under `on-target-error`.
     pub fn take_target_write_failure(&self) -> bool {
@@ -172,7 +164,6 @@ impl MirrorTop {
     async fn write_op(&self, node: &Node, offset: u64, op: WriteOp<'_>) -> io::Result<()> {
         let source = Self::source(node)?;
         let len = op.len();
-        self.state.client_writes.fetch_add(1, Ordering::Relaxed);
         let target = match self.state.is_write_blocking() {
             true => self.state.target(),
             false => None,

@@ -1,5 +1,5 @@
-//! The qcow2 header fields imago does not expose (docs/interop/qcow2.txt): what
-//! query-named-block-nodes reports and what we must refuse before imago sees the image.
+//! The qcow2 header (docs/interop/qcow2.txt): what query-named-block-nodes reports, where
+//! the tables lie, and what we must refuse before anything is written.
 
 use serde_json::{json, Value};
 use std::io;
@@ -26,7 +26,7 @@ const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
 /// What [`Qcow2Header::parse`] read from the start of a qcow2 image: the header fields and
-/// extensions we need and imago does not expose. Each field names its field in the spec
+/// extensions we need. Each field names its field in the spec
 /// (docs/interop/qcow2.txt); those a version 2 header lacks hold what the spec assumes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Qcow2Header {
@@ -37,6 +37,14 @@ pub struct Qcow2Header {
     pub cluster_bits: u32,
     /// `size` (bytes 24-31): the virtual disk size in bytes.
     pub size: u64,
+    /// `l1_size` (bytes 36-39): entries in the active L1 table.
+    pub l1_size: u32,
+    /// `l1_table_offset` (bytes 40-47): where the active L1 table starts.
+    pub l1_table_offset: u64,
+    /// `refcount_table_offset` (bytes 48-55): where the refcount table starts.
+    pub refcount_table_offset: u64,
+    /// `refcount_table_clusters` (bytes 56-59): the refcount table's length in clusters.
+    pub refcount_table_clusters: u32,
     /// `crypt_method` (bytes 32-35): 0 none, 1 AES, 2 LUKS. Always 0 here: `parse`
     /// refuses encrypted images.
     pub crypt_method: u32,
@@ -101,11 +109,11 @@ impl BitmapsExt {
     }
 }
 
-fn be32(buf: &[u8], at: usize) -> u32 {
+pub(super) fn be32(buf: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(buf[at..at + 4].try_into().unwrap())
 }
 
-fn be64(buf: &[u8], at: usize) -> u64 {
+pub(super) fn be64(buf: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(buf[at..at + 8].try_into().unwrap())
 }
 
@@ -124,6 +132,10 @@ impl Qcow2Header {
             cluster_bits: be32(buf, 20),
             size: be64(buf, 24),
             crypt_method: be32(buf, 32),
+            l1_size: be32(buf, 36),
+            l1_table_offset: be64(buf, 40),
+            refcount_table_offset: be64(buf, 48),
+            refcount_table_clusters: be32(buf, 56),
             refcount_order: 4,
             ..Qcow2Header::default()
         };
@@ -212,10 +224,8 @@ impl Qcow2Header {
         Ok(())
     }
 
-    /// Refuse, before anything is written, the incompatible features imago cannot serve.
-    /// imago refuses them too, but only after its writable open has cleared the autoclear
-    /// bits, which leaves QEMU's persistent bitmaps inconsistent: a refused open must leave
-    /// the image as it was.
+    /// Refuse, before anything is written, the incompatible features the driver cannot
+    /// serve yet: a refused open must leave the image (and its bitmaps) as it was.
     pub fn check_supported(&self) -> Result<(), String> {
         if self.incompatible & INCOMPAT_DIRTY != 0 {
             return Err("qcow2 images whose refcounts are dirty (lazy refcounts of a process that did not close the image) are not supported yet; 'qemu-img check -r all' repairs them".into());

@@ -1,24 +1,22 @@
-//! `qcow2` through imago, opened without imago's own backing chain.
+//! `qcow2`: our own driver (`image.rs` the data path, `refcount.rs` the refcounts), opened
+//! without a backing chain of its own.
 //!
 //! The backing chain is the graph's job (each layer its own node, so stream, commit and
-//! snapshots are graph operations). imago still needs a backing layer to copy from when a
-//! partial write allocates a cluster, and to read unallocated ranges from, so it gets a raw
-//! layer over a [`NodeStorage`] of our `backing` edge: its bytes are whatever the backing
-//! node (and its own chain) reads. imago's metadata and data I/O goes through the `file`
-//! child the same way, so filters such as blkdebug between qcow2 and the file work as in
-//! QEMU, and `storage.rs` announces each request to blkdebug with the event QEMU's qcow2
-//! fires there (and says which events cannot happen here). Our own reads and writes of
-//! the header, snapshot table and bitmaps go to the file directly and fire none, as QEMU's
-//! header and bitmap code fires none.
+//! snapshots are graph operations): unallocated clusters read from the `backing` edge, and
+//! partial writes to them copy from it. Metadata and data go through the `file` child, so
+//! filters such as blkdebug between qcow2 and the file work as in QEMU, and each request
+//! fires the blkdebug event QEMU's qcow2 fires there. Our own reads and writes of the
+//! header, snapshot table and bitmaps fire none, as QEMU's header and bitmap code fires none.
 //!
-//! Persistent dirty bitmaps live beside imago, which does not know them: see `bitmaps.rs`
-//! for how they are loaded before imago opens and stored when the node closes. Internal
-//! snapshots are created and deleted beside imago too: see `snapshots.rs`.
+//! Persistent dirty bitmaps are loaded at open and stored when the node closes: see
+//! `bitmaps.rs`. Internal snapshots are created and deleted with the data path quiet and
+//! its caches written back, then the data path opens anew: see `snapshots.rs`.
 
-mod batch;
 mod bitmaps;
 mod header;
+mod image;
 mod options;
+mod refcount;
 mod snapshots;
 mod storage;
 pub use storage::NodeStorage;
@@ -26,19 +24,12 @@ pub use storage::NodeStorage;
 pub use header::Qcow2Header;
 
 use crate::bitmap::DirtyBitmap;
-use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, SnapshotInfo, WriteFlags};
+use crate::node::{Child, DriverInfo, Extent, Node, SnapshotInfo, WriteFlags};
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
-use batch::AllocBatcher;
-use imago::format::drivers::ShallowMapping;
-use imago::format::PreallocateMode;
-use imago::io_buffers::{IoVector, IoVectorMut};
-use imago::qcow2::Qcow2 as ImagoQcow2;
-use imago::raw::Raw as ImagoRaw;
-use imago::storage::ext::StorageExt;
-use imago::{FormatAccess, Mapping};
+use image::Image;
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::Map;
@@ -46,7 +37,6 @@ use serde_json::{json, Value};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use storage::HeaderPatch;
 use tokio::sync::RwLock;
 
 /// The runtime options (see `options.rs` for which ones this driver honours).
@@ -68,13 +58,12 @@ pub struct Qcow2Options {
     pub data_file: Option<serde_json::Value>,
 }
 
-type ImagoImage = ImagoQcow2<NodeStorage>;
-
 pub struct Qcow2 {
-    access: RwLock<FormatAccess<NodeStorage>>,
+    /// Operations that free clusters, resize or take snapshots hold it for writing, so
+    /// nothing else runs meanwhile (see `image.rs`); the rest for reading.
+    image: RwLock<Image>,
     file: Arc<Child>,
     header: std::sync::Mutex<Qcow2Header>,
-    header_patch: Arc<HeaderPatch>,
     /// The backing file a plain filename stands for (QEMU's `auto_backing_file`): the node
     /// opened from the header, else the header's name. A backing node other than this one
     /// makes the node's filename a `json:` description.
@@ -85,7 +74,6 @@ pub struct Qcow2 {
     /// The internal snapshots, as read at open and changed by us since (QEMU reports them
     /// the same way: another process changing the table goes unseen).
     snapshot_list: std::sync::Mutex<Vec<SnapshotInfo>>,
-    batcher: AllocBatcher,
 }
 
 /// Persistent bitmaps between open and close.
@@ -103,7 +91,7 @@ struct BitmapState {
 }
 
 impl Qcow2 {
-    /// Read the header, refusing what imago or we cannot serve, before the real open.
+    /// Read the header, refusing what we cannot serve, before the real open.
     pub async fn probe_header(file: &Arc<Child>) -> Result<Qcow2Header, String> {
         let node = file.node();
         let mut buf = vec![0u8; header::HEADER_READ_SIZE.min(node.size() as usize)];
@@ -139,9 +127,6 @@ impl Qcow2 {
             }
             _ => header.backing_file.clone().unwrap_or_default(),
         };
-        let header_patch = Arc::new(HeaderPatch::default());
-        let storage = NodeStorage::with_header_patch(file.clone(), header_patch.clone());
-        // Before imago: its writable open makes the bitmaps extension inconsistent.
         let loaded = match header.consistent_bitmaps() {
             Some(ext) => Some(
                 bitmaps::load(&file, ext, header.cluster_size(), header.size)
@@ -150,7 +135,7 @@ impl Qcow2 {
             ),
             None => None,
         };
-        let mut image = ImagoImage::open_image(storage, writable)
+        let image = Image::open(file.clone(), backing, writable)
             .await
             .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
         let snapshot_list = snapshots::load_list(&file)
@@ -175,23 +160,14 @@ impl Qcow2 {
                 closed: false,
             };
         }
-        image.set_backing(backing_layer(backing).await?);
-        // The data file is part of the image file; external data files are refused in
-        // `Header::parse`.
-        image.set_data_file(None);
-        let mut access = FormatAccess::new(image);
-        access.set_async_read_parallelization(4);
-        access.set_async_write_parallelization(4);
         Ok(Qcow2 {
-            access: RwLock::new(access),
+            image: RwLock::new(image),
             file,
             header: std::sync::Mutex::new(header),
-            header_patch,
             auto_backing_file: std::sync::Mutex::new(auto_backing_file),
             writable: AtomicBool::new(writable),
             bitmaps: std::sync::Mutex::new(bitmap_state),
             snapshot_list: std::sync::Mutex::new(snapshot_list),
-            batcher: AllocBatcher::default(),
         })
     }
 
@@ -240,39 +216,18 @@ impl Qcow2 {
         } else {
             (end - end % cluster_size).max(first)
         };
+        let image = self.image.read().await;
         for (from, to) in [(offset, first), (last, end)] {
-            if !self.reads_zero(node, from, to).await? {
+            if !image.reads_zero(from, to).await? {
                 return Err(io::ErrorKind::Unsupported.into());
             }
         }
         Ok((first, last - first))
     }
 
-    /// Whether `from..to` reads as zeroes, this layer or the backing chain below.
-    async fn reads_zero(&self, node: &Node, mut from: u64, to: u64) -> io::Result<bool> {
-        while from < to {
-            let extent = self.block_status(node, from, to - from).await?;
-            let (zero, len) = match (extent.kind, node.backing()) {
-                (ExtentKind::Data, _) => (false, extent.len),
-                (ExtentKind::Unallocated, Some(backing)) if from < backing.size() => {
-                    let len = extent.len.min(backing.size() - from);
-                    let below = backing.block_status_above(None, from, len).await?;
-                    (below.zero, below.len)
-                }
-                _ => (true, extent.len),
-            };
-            if !zero || len == 0 {
-                return Ok(false);
-            }
-            from += len;
-        }
-        Ok(true)
-    }
-
     /// Rewrite the backing file name and backing format recorded in the image (None: no
     /// backing file). The whole first cluster is rebuilt in memory, refused with ENOSPC when
-    /// it does not fit, and written at once while no imago request runs; imago's later
-    /// writes of its header keep the new name (see [`HeaderPatch`]). A read-only image (a
+    /// it does not fit, and written at once while no other request runs. A read-only image (a
     /// layer below the active one) is written through a short-lived writable handle, as
     /// QEMU reopens it read-write for the change.
     async fn set_backing_file(
@@ -281,20 +236,17 @@ impl Qcow2 {
         file: Option<&str>,
         format: Option<&str>,
     ) -> io::Result<()> {
-        let _quiet = self.access.write().await;
+        let _quiet = self.image.write().await;
         let cluster_size = self.header().cluster_size();
         let file_node = self.file.node();
         let mut cluster = vec![0u8; cluster_size as usize];
         let on_disk = cluster_size.min(file_node.size()) as usize;
         self.file.read(0, &mut cluster[..on_disk]).await?;
         let new = header::with_backing(&cluster, file, format)?;
-        let mut pointer = [0u8; 12];
-        pointer.copy_from_slice(&new[8..20]);
         if file_node.read_only() {
             write_read_only_header(&self.file, &new).await?;
         } else {
             self.file.write(0, &new, WriteFlags::default()).await?;
-            self.header_patch.set(pointer);
             self.file.flush().await?;
         }
         let mut header = self.header.lock().unwrap();
@@ -351,83 +303,42 @@ impl Driver for Qcow2 {
         true
     }
 
-    /// Give imago another backing edge (or none) after the graph changed this node's
-    /// backing; waits for requests in flight.
+    /// Read unallocated clusters from another backing edge (or none) after the graph
+    /// changed this node's backing; waits for requests in flight.
     async fn set_backing_edge(
         &self,
         _node: &Node,
         backing: Option<Arc<Child>>,
     ) -> Result<(), String> {
-        let layer = backing_layer(backing).await?;
-        let mut access = self.access.write().await;
-        let inner: &mut dyn std::any::Any = access.inner_mut();
-        let image = inner
-            .downcast_mut::<ImagoImage>()
-            .ok_or("qcow2 driver holds an unexpected imago image type")?;
-        image.set_backing(layer);
+        self.image.write().await.set_backing(backing);
         Ok(())
     }
 
     fn size(&self, _node: &Node) -> u64 {
         // try_read only fails while a resize or discard holds the lock; the header knows then.
-        match self.access.try_read() {
-            Ok(access) => access.size(),
+        match self.image.try_read() {
+            Ok(image) => image.size(),
             Err(_) => self.header.lock().unwrap().size,
         }
     }
 
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let access = self.access.read().await;
-        if read_one_mapping(&access, offset, buf).await? {
-            return Ok(());
-        }
-        let mut bufv = IoVectorMut::new();
-        bufv.push(buf);
-        access.readv(bufv, offset).await
+        self.image.read().await.read(offset, buf).await
     }
 
-    /// Tells from this layer's own mapping only: imago sees the backing node as raw data, so
-    /// below this layer it cannot tell zeroes from data.
+    /// Tells from this layer's own mapping only; what the backing chain holds is the
+    /// caller's to find out.
     async fn read_or_zero(
         &self,
         _: &Node,
         offset: u64,
         buf: &mut [u8],
     ) -> io::Result<Option<bool>> {
-        let access = self.access.read().await;
-        let (mapping, mapped) = access.get_shallow_mapping(offset, buf.len() as u64).await?;
-        if mapped < buf.len() as u64 {
-            return Ok(None);
-        }
-        match mapping {
-            ShallowMapping::Raw {
-                storage,
-                offset: host,
-                ..
-            } => storage.read(&mut *buf, host).await.map(|()| Some(false)),
-            ShallowMapping::Zero { .. } | ShallowMapping::Eof { .. } => {
-                buf.fill(0);
-                Ok(Some(true))
-            }
-            _ => Ok(None),
-        }
+        self.image.read().await.read_or_zero(offset, buf).await
     }
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
-        let access = self.access.read().await;
-        if is_allocated(&access, offset, buf.len() as u64).await {
-            let mut bufv = IoVector::new();
-            bufv.push(buf);
-            access.writev(bufv, offset).await?;
-        } else if flags.job_target {
-            write_mapped_first(&access, offset, buf).await?;
-        } else {
-            self.batcher.write(&access, offset, buf).await?;
-        }
-        if flags.fua {
-            persist(&access).await?;
-        }
-        Ok(())
+        self.image.read().await.write(offset, buf, flags).await
     }
 
     async fn write_zeroes(
@@ -443,46 +354,39 @@ impl Driver for Qcow2 {
             (offset, len)
         };
         if len > 0 && flags.may_unmap {
-            self.access
-                .write()
-                .await
-                .discard_to_zero(offset, len)
-                .await?;
+            let image = self.image.write().await;
+            image.write_zeroes(offset, len, true).await?;
         } else if len > 0 {
-            self.access.read().await.write_zeroes(offset, len).await?;
+            let image = self.image.read().await;
+            image.write_zeroes(offset, len, false).await?;
         }
         if flags.fua {
-            persist(&*self.access.read().await).await?;
+            self.image.read().await.flush().await?;
         }
         Ok(())
     }
 
     async fn discard(&self, _: &Node, offset: u64, len: u64) -> io::Result<()> {
-        self.access.write().await.discard_to_any(offset, len).await
+        self.image.write().await.discard(offset, len).await
     }
 
     async fn flush(&self, _: &Node) -> io::Result<()> {
-        persist(&*self.access.read().await).await
+        self.image.read().await.flush().await
     }
 
     async fn block_status(&self, _: &Node, offset: u64, len: u64) -> io::Result<Extent> {
-        let access = self.access.read().await;
-        let (mapping, len) = access.get_shallow_mapping(offset, len).await?;
-        let kind = match mapping {
-            ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => ExtentKind::Data,
-            ShallowMapping::Zero { explicit: true, .. } => ExtentKind::Zero { allocated: true },
-            ShallowMapping::Zero { .. } | ShallowMapping::Indirect { .. } => {
-                ExtentKind::Unallocated
-            }
-            ShallowMapping::Eof { .. } => ExtentKind::Zero { allocated: false },
-            _ => ExtentKind::Data,
-        };
-        Ok(Extent { len, kind })
+        self.image.read().await.block_status(offset, len).await
     }
 
     async fn truncate(&self, _: &Node, size: u64) -> io::Result<()> {
-        let mut access = self.access.write().await;
-        access.resize(size, PreallocateMode::None).await?;
+        // A version 2 snapshot table entry has no room for the disk size it was taken at.
+        if self.header().version < 3 && !self.snapshot_list.lock().unwrap().is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "Can't resize a v2 image which has snapshots",
+            ));
+        }
+        self.image.write().await.resize(size).await?;
         self.header.lock().unwrap().size = size;
         Ok(())
     }
@@ -495,10 +399,10 @@ impl Driver for Qcow2 {
         std::mem::take(&mut self.bitmaps.lock().unwrap().to_attach)
     }
 
-    /// Store the persistent bitmaps (see `bitmaps.rs`). imago stays idle from here on: the
-    /// access lock is held while refcounts change behind its back, and the node is going.
+    /// Store the persistent bitmaps (see `bitmaps.rs`). The data path stays idle from here
+    /// on: its lock is held while refcounts change behind its back, and the node is going.
     async fn close(&self, node: &Node) -> io::Result<()> {
-        let access = self.access.write().await;
+        let image = self.image.write().await;
         let old_clusters = {
             let mut state = self.bitmaps.lock().unwrap();
             if state.closed || !self.writable.load(Ordering::Acquire) {
@@ -517,7 +421,7 @@ impl Driver for Qcow2 {
         if persistent.is_empty() && !had_extension {
             return Ok(());
         }
-        persist(&access).await?;
+        image.flush().await?;
         bitmaps::store(&self.file, &persistent, &old_clusters).await?;
         tracing::info!(
             node = node.name(),
@@ -545,10 +449,9 @@ impl Driver for Qcow2 {
         }
     }
 
-    /// The file below changes mode first, then imago opens the image anew in that mode
-    /// (imago decides at open whether it may allocate and write metadata).
-    /// Persistent bitmaps are stored at close only by a writable node, and imago's writable
-    /// open invalidates them on disk: a node that has them is not reopened.
+    /// The file below changes mode first, then the data path opens anew in that mode.
+    /// Persistent bitmaps are stored at close only by a writable node: a node that has them
+    /// is not reopened.
     async fn reopen(&self, node: &Node, writable: bool) -> Result<(), String> {
         let has_bitmaps = self.bitmaps.lock().unwrap().had_extension
             || node.dirty_bitmaps().iter().any(|b| b.is_persistent());
@@ -558,27 +461,18 @@ impl Driver for Qcow2 {
                 node.name()
             ));
         }
-        let mut access = self.access.write().await;
-        if !writable {
-            persist(&access).await.map_err(|e| e.to_string())?;
-        }
+        let mut image = self.image.write().await;
+        image.flush().await.map_err(|e| e.to_string())?;
         self.file.node().set_writable(writable).await?;
-        match open_access(
-            &self.file,
-            &self.header_patch,
-            node.child("backing"),
-            writable,
-        )
-        .await
-        {
+        match Image::open(self.file.clone(), node.child("backing"), writable).await {
             Ok(reopened) => {
-                *access = reopened;
+                *image = reopened;
                 self.writable.store(writable, Ordering::Release);
                 Ok(())
             }
             Err(e) => {
                 let _ = self.file.node().set_writable(!writable).await;
-                Err(e)
+                Err(format!("Could not reopen qcow2 image: {e}"))
             }
         }
     }
@@ -639,40 +533,6 @@ impl Qcow2 {
     }
 }
 
-/// An imago instance on `file` in the given mode, reading `backing` below it.
-async fn open_access(
-    file: &Arc<Child>,
-    header_patch: &Arc<HeaderPatch>,
-    backing: Option<Arc<Child>>,
-    writable: bool,
-) -> Result<FormatAccess<NodeStorage>, String> {
-    let storage = NodeStorage::with_header_patch(file.clone(), header_patch.clone());
-    let mut image = ImagoImage::open_image(storage, writable)
-        .await
-        .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
-    image.set_backing(backing_layer(backing).await?);
-    // The data file is part of the image file; external data files are refused in
-    // `Header::parse`.
-    image.set_data_file(None);
-    let mut access = FormatAccess::new(image);
-    access.set_async_read_parallelization(4);
-    access.set_async_write_parallelization(4);
-    Ok(access)
-}
-
-/// imago's view of a backing edge: a raw layer whose bytes are what the backing node reads.
-async fn backing_layer(
-    backing: Option<Arc<Child>>,
-) -> Result<Option<FormatAccess<NodeStorage>>, String> {
-    let Some(edge) = backing else {
-        return Ok(None);
-    };
-    let raw = ImagoRaw::open_image(NodeStorage::new(edge), false)
-        .await
-        .map_err(|e| format!("Could not open backing layer: {e}"))?;
-    Ok(Some(FormatAccess::new(raw)))
-}
-
 /// Write the first cluster of an image whose file node is read-only: as QEMU, the file is
 /// reopened read-write for the change, which takes the write lock (so another process
 /// that holds the image refuses it), then read-only again.
@@ -693,68 +553,6 @@ async fn write_read_only_header(file: &Child, cluster: &[u8]) -> io::Result<()> 
         );
     }
     written
-}
-
-/// Serves a read that lies within one mapping, which most do; that skips imago's general
-/// read loop, which sets up a set of parallel chunk workers on every call. False if nothing
-/// was read, because the range spans mappings or is compressed.
-async fn read_one_mapping(
-    access: &FormatAccess<NodeStorage>,
-    offset: u64,
-    buf: &mut [u8],
-) -> io::Result<bool> {
-    let (mapping, mapped) = access.get_mapping(offset, buf.len() as u64).await?;
-    if mapped < buf.len() as u64 {
-        return Ok(false);
-    }
-    match mapping {
-        Mapping::Raw {
-            storage,
-            offset: host,
-            ..
-        } => storage.read(&mut *buf, host).await.map(|()| true),
-        Mapping::Zero { .. } | Mapping::Eof { .. } => {
-            buf.fill(0);
-            Ok(true)
-        }
-        _ => Ok(false),
-    }
-}
-
-/// Whether all of `[offset, offset+len)` is in clusters this image may overwrite in place,
-/// so writing there allocates nothing (and takes no L2 table lock in imago).
-async fn is_allocated(access: &FormatAccess<NodeStorage>, offset: u64, len: u64) -> bool {
-    matches!(
-        access.get_shallow_mapping(offset, len).await,
-        Ok((ShallowMapping::Raw { writable: true, .. }, mapped)) if mapped >= len
-    )
-}
-
-/// Write back imago's cached metadata, then make everything stable on disk.
-/// Map the clusters, then write the data there. Unlike imago's write, which keeps the L2
-/// table locked from allocation until the data is written, this lets any number of such
-/// writes run at once; the price is that a crash or a reader in between sees the new clusters
-/// before their data, which only a job target may accept (see `WriteFlags::job_target`).
-async fn write_mapped_first(
-    access: &FormatAccess<NodeStorage>,
-    mut offset: u64,
-    mut buf: &[u8],
-) -> io::Result<()> {
-    while !buf.is_empty() {
-        let (storage, host_offset, mapped) = access
-            .ensure_data_mapping(offset, buf.len() as u64, true)
-            .await?;
-        let (head, rest) = buf.split_at(mapped as usize);
-        storage.write(head, host_offset).await?;
-        buf = rest;
-        offset += mapped;
-    }
-    Ok(())
-}
-
-async fn persist(access: &FormatAccess<NodeStorage>) -> io::Result<()> {
-    access.flush().await?;
-    access.sync().await
 }
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {

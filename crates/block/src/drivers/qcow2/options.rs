@@ -1,11 +1,11 @@
 //! The qcow2 runtime options: checked as QEMU checks them (with its texts), then each one
 //! either matches what this driver does or is refused with a text that says why.
 //!
-//! The driver runs on imago, which keeps a fixed metadata cache (128 L2 tables and 32
-//! refcount blocks, never cleaned), keeps refcounts up to date on every allocation, makes
-//! no metadata overlap checks, and frees discarded clusters without discarding them in
-//! the image file. Options asking for anything else cannot be honoured until blockd has
-//! its own qcow2 driver, so they are refused rather than accepted and ignored.
+//! The driver (`image.rs`) keeps a metadata cache of a fixed size (up to 32 MiB of L2
+//! tables and 64 refcount blocks, never cleaned by time), writes refcounts back before any
+//! table that needs them so the image is never left dirty, makes no metadata overlap
+//! checks, and frees discarded clusters without discarding them in the image file.
+//! Options asking for anything else are refused rather than accepted and ignored.
 
 use super::header::Qcow2Header;
 use super::Qcow2Options;
@@ -141,7 +141,7 @@ impl Qcow2Options {
             if set {
                 return Err(unsupported(
                     option,
-                    "its metadata cache has a fixed size (128 L2 tables, 32 refcount blocks)",
+                    "its metadata cache has a fixed size (32 MiB of L2 tables, 64 refcount blocks)",
                 ));
             }
         }
@@ -162,7 +162,7 @@ impl Qcow2Options {
         if self.lazy_refcounts == Some(true) {
             return Err(unsupported(
                 "lazy-refcounts=on",
-                "it writes refcounts with every allocation, so the image is never left dirty",
+                "it writes refcounts back before the tables that need them, so the image is never left dirty",
             ));
         }
         for (option, value) in [

@@ -1,24 +1,24 @@
-//! qcow2 internal snapshots (docs/interop/qcow2.txt, "Snapshots"), written beside imago,
-//! which cannot create or delete them but serves images that have them.
+//! qcow2 internal snapshots (docs/interop/qcow2.txt, "Snapshots"): created and deleted
+//! beside the data path (`image.rs`), which serves images that have them.
 //!
-//! Every change happens with the node drained, imago flushed (its caches written back) and
-//! its access lock held for writing, so we are the only one touching the metadata; then a
-//! new imago instance replaces the old one, which had L1/L2 tables and refcounts cached that
-//! are no longer true. The refcount helpers are those the bitmaps use (`bitmaps.rs`).
+//! Every change happens with the node drained, the data path flushed (its caches written
+//! back) and its lock held for writing, so we are the only one touching the metadata; then
+//! the data path opens anew, as its cached L1/L2 tables and refcounts are no longer true.
+//! Refcounts change through `refcount.rs`, as everywhere else.
 //!
 //! - **Create**: every cluster the active L1 table reaches gets one more reference: each L2
 //!   table, each data cluster (preallocated zero clusters too) and each cluster a compressed
 //!   cluster touches, counted per reference. Fresh clusters past the end of the file take
 //!   the copy of the active L1 table and the new snapshot table. The COPIED flag (bit 63) of
-//!   the active L1 and L2 entries is then cleared wherever the refcount is no longer 1: imago
+//!   the active L1 and L2 entries is then cleared wherever the refcount is no longer 1: the data path
 //!   writes in place only through entries with that flag, and otherwise copies the cluster
 //!   (and an L2 table it must change) first, so later writes never reach what the snapshot
 //!   holds. Only then is the L1 copy and table written and the header pointed at the table;
 //!   the old table's clusters are freed last.
 //! - **Delete**: the header first points at a table without the entry, then the snapshot's
 //!   references go (its L2 tables, their data clusters, its L1 copy) and the old table is
-//!   freed; COPIED is set again in the active tables where a refcount is back to 1 (imago
-//!   would otherwise copy clusters nobody else uses on every first write).
+//!   freed; COPIED is set again in the active tables where a refcount is back to 1 (the data
+//!   path would otherwise copy clusters nobody else uses on every first write).
 //!
 //! The order of the writes is chosen so that a crash in between leaves refcounts too high
 //! (leaked clusters, which `qemu-img check -r` repairs), never lower than the references.
@@ -30,8 +30,10 @@
 //! size, the disk size, and icount -1 for "none"), no VM state. Extra data of entries we
 //! did not write is kept as it is. Images with extended L2 entries are refused.
 
-use super::bitmaps::{self, Refcounts};
-use super::{open_access, persist, Qcow2};
+use super::header::{be32, be64};
+use super::image::Image;
+use super::refcount::Refcounts;
+use super::Qcow2;
 use crate::node::{Child, Node, SnapshotInfo, WriteFlags};
 use std::collections::BTreeMap;
 use std::io;
@@ -101,14 +103,6 @@ impl Entry {
         out.extend_from_slice(self.name.as_bytes());
         out.resize(out.len().next_multiple_of(8), 0);
     }
-}
-
-fn be32(buf: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(buf[at..at + 4].try_into().unwrap())
-}
-
-fn be64(buf: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(buf[at..at + 8].try_into().unwrap())
 }
 
 fn corrupt(what: &str) -> io::Error {
@@ -306,7 +300,7 @@ async fn write_table_pointer(file: &Child, count: usize, offset: u64) -> io::Res
 /// clusters it occupies.
 async fn write_new_table(
     file: &Child,
-    refcounts: &mut Refcounts<'_>,
+    refcounts: &mut Refcounts,
     layout: &Layout,
     entries: &[Entry],
 ) -> io::Result<(u64, Vec<u64>)> {
@@ -318,8 +312,8 @@ async fn write_new_table(
         return Err(io::Error::from_raw_os_error(libc::EFBIG));
     }
     let clusters = (table.len() as u64).div_ceil(layout.cluster_size());
-    let first = refcounts.allocate(clusters, file.node().size()).await?;
-    refcounts.write_back(file).await?;
+    let first = refcounts.allocate(clusters).await?;
+    refcounts.write_back().await?;
     let offset = first << layout.cluster_bits;
     file.write(offset, &table, WriteFlags::default()).await?;
     file.flush().await?;
@@ -346,7 +340,7 @@ fn current_table_clusters(entries: &[Entry], layout: &Layout) -> Vec<u64> {
 /// Give COPIED to exactly the active L1 and L2 entries whose cluster has refcount 1.
 async fn sync_copied_flags(
     file: &Child,
-    refcounts: &mut Refcounts<'_>,
+    refcounts: &mut Refcounts,
     layout: &Layout,
 ) -> io::Result<()> {
     let cluster_size = layout.cluster_size();
@@ -444,7 +438,7 @@ impl Qcow2 {
         name: &str,
     ) -> io::Result<SnapshotInfo> {
         node.drain().await;
-        let result = self.with_imago_quiet(node, self.do_create(name)).await;
+        let result = self.with_image_quiet(node, self.do_create(name)).await;
         node.undrain();
         let info = result?;
         tracing::info!(
@@ -465,7 +459,7 @@ impl Qcow2 {
         name: Option<&str>,
     ) -> io::Result<Option<SnapshotInfo>> {
         node.drain().await;
-        let result = self.with_imago_quiet(node, self.do_delete(id, name)).await;
+        let result = self.with_image_quiet(node, self.do_delete(id, name)).await;
         node.undrain();
         let info = result?;
         if let Some(info) = &info {
@@ -479,30 +473,20 @@ impl Qcow2 {
         Ok(info)
     }
 
-    /// Run `change` on the metadata while imago is flushed and idle, then open imago anew
-    /// (also when the change failed half way: its caches may be stale either way).
-    async fn with_imago_quiet<T>(
+    /// Run `change` on the metadata while the data path is flushed and idle, then open it
+    /// anew (also when the change failed half way: its caches may be stale either way).
+    async fn with_image_quiet<T>(
         &self,
         node: &Node,
         change: impl std::future::Future<Output = io::Result<T>>,
     ) -> io::Result<T> {
-        let mut access = self.access.write().await;
+        let mut image = self.image.write().await;
         if !self.writable.load(Ordering::Acquire) {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        persist(&access).await?;
+        image.flush().await?;
         let result = change.await;
-        let reopened = open_access(&self.file, &self.header_patch, node.child("backing"), true)
-            .await
-            .map_err(io::Error::other)?;
-        *access = reopened;
-        let bitmaps_open = {
-            let state = self.bitmaps.lock().unwrap();
-            state.had_extension && !state.closed
-        };
-        if bitmaps_open {
-            bitmaps::restore_autoclear(&self.file).await?;
-        }
+        *image = Image::open(self.file.clone(), node.child("backing"), true).await?;
         result
     }
 
@@ -514,7 +498,7 @@ impl Qcow2 {
             return Err(io::Error::from_raw_os_error(libc::EFBIG));
         }
         let old_table = current_table_clusters(&entries, &layout);
-        let mut refcounts = Refcounts::load(file, &first).await?;
+        let mut refcounts = Refcounts::load(self.file.clone(), &first).await?;
         let counts = references(file, &layout, layout.l1_offset, layout.l1_size).await?;
         let max = refcounts.max();
         for (&cluster, &n) in &counts {
@@ -529,13 +513,13 @@ impl Qcow2 {
         let l1_copy = if l1_clusters == 0 {
             0
         } else {
-            refcounts.allocate(l1_clusters, file.node().size()).await? << layout.cluster_bits
+            refcounts.allocate(l1_clusters).await? << layout.cluster_bits
         };
         for (&cluster, &n) in &counts {
             let value = refcounts.get(cluster).await? + n;
             refcounts.set(cluster, value).await?;
         }
-        refcounts.write_back(file).await?;
+        refcounts.write_back().await?;
         sync_copied_flags(file, &mut refcounts, &layout).await?;
         if l1_copy != 0 {
             let l1 = read_table(file, layout.l1_offset, layout.l1_size as u64).await?;
@@ -569,7 +553,7 @@ impl Qcow2 {
         for cluster in old_table {
             refcounts.release(cluster).await?;
         }
-        refcounts.write_back(file).await?;
+        refcounts.write_back().await?;
         Ok(info)
     }
 
@@ -585,7 +569,7 @@ impl Qcow2 {
             return Ok(None);
         };
         let old_table = current_table_clusters(&entries, &layout);
-        let mut refcounts = Refcounts::load(file, &first).await?;
+        let mut refcounts = Refcounts::load(self.file.clone(), &first).await?;
         let gone = entries.remove(index);
         let counts = references(file, &layout, gone.l1_offset, gone.l1_size).await?;
 
@@ -607,7 +591,7 @@ impl Qcow2 {
         for cluster in l1_copy.into_iter().chain(old_table) {
             refcounts.release(cluster).await?;
         }
-        refcounts.write_back(file).await?;
+        refcounts.write_back().await?;
         sync_copied_flags(file, &mut refcounts, &layout).await?;
         Ok(Some(gone.info()))
     }

@@ -1,0 +1,1021 @@
+//! The qcow2 data path (docs/interop/qcow2.txt): guest offsets mapped through the L1 and L2
+//! tables, clusters allocated, copied on write and freed, with QEMU's ordering rules for
+//! what reaches the disk first.
+//!
+//! **Locking.** The tables, the L2 cache and the refcounts sit behind one mutex ([`Meta`]),
+//! held to look a mapping up or change one, never while guest data moves. An allocating
+//! write takes its clusters under the mutex, marks its guest clusters as in flight and lets
+//! go; it writes the data (merged with what the partial clusters at either end held) and
+//! only then points the L2 entries at it. Writes that meet a cluster in flight wait for it;
+//! reads meet the old mapping, which is what they would have read a moment earlier. The
+//! driver runs operations that free clusters a write may still be writing (discard, zero
+//! writes that unmap, resize) and snapshots with nothing else running.
+//!
+//! **Ordering.** L2 tables are a write-back cache, as QEMU's; refcount increments too. Before
+//! any L2 table is written, the refcount blocks are written and flushed, so a table on disk
+//! never points at a cluster whose refcount says free. Decrements are kept aside until the
+//! L2 tables that dropped the reference are written and flushed, and only then reach the
+//! refcounts, so a freed cluster is never reused while a table on disk still points at it.
+//! A new L2 table is written (after its refcount) before the L1 entry points at it, and the
+//! L1 table is written through at once, as QEMU writes it. `flush` writes everything back
+//! in that order and then flushes the file: a crash leaves leaked clusters at worst.
+//!
+//! Not here yet: extended L2 entries, zstd, external data files, encryption, lazy
+//! refcounts and dirty-image repair, overlap checks, `pass-discard-*` (all refused at open
+//! by `header.rs` and `options.rs`), and compressed writes.
+
+use super::header::{be32, be64};
+use super::refcount::Refcounts;
+use crate::drivers::blkdebug::BlkdebugEvent;
+use crate::node::{Child, Extent, ExtentKind, WriteFlags};
+use std::collections::HashMap;
+use std::io;
+use std::ops::Range;
+use std::sync::Arc;
+use tokio::sync::{Mutex, Notify};
+
+/// Bits 9-55 of an L1 entry or a standard L2 entry: the host cluster offset.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bit 63: the cluster's refcount is exactly 1, so it may be written in place.
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+/// Bit 0 of a standard L2 entry (version 3): the cluster reads as zeroes.
+const ZERO: u64 = 1;
+/// QEMU's limit for the L1 table (QCOW_MAX_L1_SIZE): 32 MiB.
+const MAX_L1_BYTES: u64 = 32 << 20;
+/// The most L2 table memory cached, as QEMU's default maximum on Linux.
+const L2_CACHE_BYTES: u64 = 32 << 20;
+/// The most one allocating step takes at once, so a huge write does not hold its whole
+/// range in flight.
+const MAX_ALLOCATION: u64 = 32 << 20;
+
+fn corrupt(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("qcow2: {what}"))
+}
+
+/// What a run of guest clusters maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mapping {
+    /// Data at `host` (the byte the run starts at); `copied`: writable in place.
+    Data { host: u64, copied: bool },
+    /// Reads as zeroes (a zero cluster, preallocated or not).
+    Zero,
+    /// Not in this image: the backing file's data, or zeroes without one.
+    Unallocated,
+    /// One compressed cluster, as its L2 entry says.
+    Compressed { entry: u64 },
+}
+
+/// An L2 table in the cache.
+struct CachedL2 {
+    entries: Vec<u64>,
+    dirty: bool,
+    used: u64,
+}
+
+/// Everything the mutex guards.
+struct Meta {
+    l1: Vec<u64>,
+    l1_offset: u64,
+    l2: HashMap<u64, CachedL2>,
+    tick: u64,
+    refcounts: Refcounts,
+    /// Host clusters that lost a reference, released once the tables are written.
+    pending_free: Vec<u64>,
+    /// Guest cluster ranges being allocated.
+    in_flight: Vec<Range<u64>>,
+}
+
+/// An open qcow2 image's data path.
+pub(super) struct Image {
+    file: Arc<Child>,
+    backing: Option<Arc<Child>>,
+    cluster_bits: u32,
+    version: u32,
+    size: u64,
+    l2_capacity: usize,
+    meta: Mutex<Meta>,
+    /// Woken whenever an allocation in flight completes.
+    allocated: Notify,
+}
+
+fn to_bytes(entries: &[u64]) -> Vec<u8> {
+    entries.iter().flat_map(|e| e.to_be_bytes()).collect()
+}
+
+impl Image {
+    /// Open the image in `file` (its header already checked by `Qcow2Header`), reading
+    /// unallocated clusters from `backing`. A writable open clears autoclear bits we do
+    /// not know, as the specification asks of a program that may change the image.
+    pub(super) async fn open(
+        file: Arc<Child>,
+        backing: Option<Arc<Child>>,
+        writable: bool,
+    ) -> io::Result<Image> {
+        let mut first = vec![0u8; 512.min(file.node().size() as usize)];
+        file.read(0, &mut first).await?;
+        if first.len() < 104 {
+            first.resize(104, 0);
+        }
+        let version = be32(&first, 4);
+        let cluster_bits = be32(&first, 20);
+        if !(9..=21).contains(&cluster_bits) {
+            return Err(corrupt(format!(
+                "unsupported cluster size 2^{cluster_bits}"
+            )));
+        }
+        let size = be64(&first, 24);
+        let l1_size = be32(&first, 36) as u64;
+        let l1_offset = be64(&first, 40);
+        let cluster_size = 1u64 << cluster_bits;
+        if l1_size * 8 > MAX_L1_BYTES {
+            return Err(corrupt("Active L1 table too large".into()));
+        }
+        let l2_coverage = cluster_size << (cluster_bits - 3);
+        if l1_size < size.div_ceil(l2_coverage) {
+            return Err(corrupt("L1 table is too small".into()));
+        }
+        if l1_size > 0 && l1_offset & (cluster_size - 1) != 0 {
+            return Err(corrupt("L1 table is not aligned to a cluster".into()));
+        }
+        let mut raw = vec![0u8; (l1_size * 8) as usize];
+        if l1_size > 0 {
+            file.read(l1_offset, &mut raw).await?;
+        }
+        let l1 = raw.chunks(8).map(|c| be64(c, 0)).collect();
+        let mut header_cluster = vec![0u8; cluster_size.min(file.node().size()) as usize];
+        file.read(0, &mut header_cluster).await?;
+        let refcounts = Refcounts::load(file.clone(), &header_cluster).await?;
+        if writable && version >= 3 {
+            let autoclear = be64(&first, 88);
+            // Bit 0: the bitmaps extension, which `bitmaps.rs` keeps consistent.
+            let known = autoclear & 1;
+            if autoclear != known {
+                file.write(88, &known.to_be_bytes(), WriteFlags::default())
+                    .await?;
+                file.flush().await?;
+            }
+        }
+        let l2_capacity = (L2_CACHE_BYTES >> cluster_bits).max(16) as usize;
+        Ok(Image {
+            file,
+            backing,
+            cluster_bits,
+            version,
+            size,
+            l2_capacity,
+            meta: Mutex::new(Meta {
+                l1,
+                l1_offset,
+                l2: HashMap::new(),
+                tick: 0,
+                refcounts,
+                pending_free: Vec::new(),
+                in_flight: Vec::new(),
+            }),
+            allocated: Notify::new(),
+        })
+    }
+
+    pub(super) fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub(super) fn set_backing(&mut self, backing: Option<Arc<Child>>) {
+        self.backing = backing;
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Guest bytes one L2 table maps.
+    fn l2_coverage(&self) -> u64 {
+        self.cluster_size() << (self.cluster_bits - 3)
+    }
+
+    fn l2_entries(&self) -> usize {
+        1 << (self.cluster_bits - 3)
+    }
+
+    /// The L2 table at `offset`, loaded into the cache if it is not there.
+    async fn l2_table<'m>(&self, meta: &'m mut Meta, offset: u64) -> io::Result<&'m mut CachedL2> {
+        meta.tick += 1;
+        let tick = meta.tick;
+        if !meta.l2.contains_key(&offset) {
+            if offset & (self.cluster_size() - 1) != 0 {
+                return Err(corrupt(format!(
+                    "L2 table offset {offset:#x} unaligned (image is corrupt)"
+                )));
+            }
+            self.make_room(meta).await?;
+            let mut raw = vec![0u8; self.cluster_size() as usize];
+            self.file.debug_event(BlkdebugEvent::L2Load);
+            self.file.read(offset, &mut raw).await?;
+            let entries = raw.chunks(8).map(|c| be64(c, 0)).collect();
+            meta.l2.insert(
+                offset,
+                CachedL2 {
+                    entries,
+                    dirty: false,
+                    used: tick,
+                },
+            );
+        }
+        let table = meta.l2.get_mut(&offset).expect("inserted above");
+        table.used = tick;
+        Ok(table)
+    }
+
+    /// Evict the least recently used table when the cache is full, writing the dirty ones
+    /// back first when only dirty ones are left.
+    async fn make_room(&self, meta: &mut Meta) -> io::Result<()> {
+        while meta.l2.len() >= self.l2_capacity {
+            let clean = meta
+                .l2
+                .iter()
+                .filter(|(_, t)| !t.dirty)
+                .min_by_key(|(_, t)| t.used)
+                .map(|(&offset, _)| offset);
+            match clean {
+                Some(offset) => {
+                    meta.l2.remove(&offset);
+                }
+                None => self.write_tables(meta).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The mapping at guest offset `pos` and how many bytes from there, up to `len`, map
+    /// the same way (contiguous on the host, for data).
+    async fn lookup(&self, meta: &mut Meta, pos: u64, len: u64) -> io::Result<(Mapping, u64)> {
+        let cluster_mask = self.cluster_size() - 1;
+        let end = pos + len;
+        let mut at = pos;
+        let mut first: Option<Mapping> = None;
+        while at < end {
+            let l1_index = (at / self.l2_coverage()) as usize;
+            let table_end = ((l1_index as u64 + 1) * self.l2_coverage()).min(end);
+            let l2_offset = meta.l1.get(l1_index).map_or(0, |e| e & OFFSET_MASK);
+            if l2_offset == 0 {
+                match first {
+                    None => first = Some(Mapping::Unallocated),
+                    Some(Mapping::Unallocated) => {}
+                    Some(_) => break,
+                }
+                at = table_end;
+                continue;
+            }
+            let cluster_bits = self.cluster_bits;
+            let version = self.version;
+            let table = self.l2_table(meta, l2_offset).await?;
+            while at < table_end {
+                let index = ((at >> cluster_bits) as usize) & (table.entries.len() - 1);
+                let entry = table.entries[index];
+                let mapping = classify(entry, cluster_bits, version)?;
+                let next = ((at | cluster_mask) + 1).min(table_end);
+                match (first, mapping) {
+                    (None, Mapping::Data { host, copied }) => {
+                        first = Some(Mapping::Data {
+                            host: host + (at & cluster_mask),
+                            copied,
+                        })
+                    }
+                    (None, mapping) => first = Some(mapping),
+                    (
+                        Some(Mapping::Data {
+                            host: start,
+                            copied,
+                        }),
+                        Mapping::Data {
+                            host,
+                            copied: copied_here,
+                        },
+                    ) if copied == copied_here && host == start + (at - pos) => {}
+                    (Some(Mapping::Zero), Mapping::Zero)
+                    | (Some(Mapping::Unallocated), Mapping::Unallocated) => {}
+                    _ => return Ok((first.expect("set"), at - pos)),
+                }
+                at = next;
+                if matches!(mapping, Mapping::Compressed { .. }) {
+                    return Ok((mapping, at - pos));
+                }
+            }
+        }
+        Ok((first.unwrap_or(Mapping::Unallocated), at.min(end) - pos))
+    }
+
+    /// Read guest bytes at `offset`.
+    pub(super) async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let rest = (buf.len() - done) as u64;
+            let (mapping, len) = {
+                let mut meta = self.meta.lock().await;
+                self.lookup(&mut meta, pos, rest).await?
+            };
+            let chunk = &mut buf[done..done + len as usize];
+            match mapping {
+                Mapping::Data { host, .. } => {
+                    self.file.debug_event(BlkdebugEvent::ReadAio);
+                    self.file.read(host, chunk).await?;
+                }
+                Mapping::Zero => chunk.fill(0),
+                Mapping::Unallocated => self.read_backing(pos, chunk).await?,
+                Mapping::Compressed { entry } => {
+                    let cluster = self.decompress(entry).await?;
+                    let at = (pos & (self.cluster_size() - 1)) as usize;
+                    chunk.copy_from_slice(&cluster[at..at + chunk.len()]);
+                }
+            }
+            done += len as usize;
+        }
+        Ok(())
+    }
+
+    /// What the backing chain holds at `pos` (zeroes past its end, or without one).
+    async fn read_backing(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        let Some(backing) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let backing_size = backing.node().size();
+        let inside = backing_size.saturating_sub(pos).min(buf.len() as u64) as usize;
+        if inside > 0 {
+            self.file.debug_event(BlkdebugEvent::ReadBackingAio);
+            backing.read(pos, &mut buf[..inside]).await?;
+        }
+        buf[inside..].fill(0);
+        Ok(())
+    }
+
+    /// The whole guest cluster a compressed L2 entry holds.
+    async fn decompress(&self, entry: u64) -> io::Result<Vec<u8>> {
+        let (offset, len) = compressed_span(entry, self.cluster_bits);
+        let file_size = self.file.node().size();
+        let len = len.min(file_size.saturating_sub(offset));
+        let mut input = vec![0u8; len as usize];
+        self.file.debug_event(BlkdebugEvent::ReadCompressed);
+        self.file.read(offset, &mut input).await?;
+        let mut out = vec![0u8; self.cluster_size() as usize];
+        match miniz_oxide::inflate::decompress_slice_iter_to_slice(
+            &mut out,
+            std::iter::once(&input[..]),
+            false,
+            true,
+        ) {
+            Ok(n) if n == out.len() => Ok(out),
+            // The output is full and the stream goes on: QEMU takes the cluster too.
+            Err(miniz_oxide::inflate::TINFLStatus::HasMoreOutput) => Ok(out),
+            _ => Err(corrupt(format!(
+                "compressed cluster at {offset:#x} does not decompress"
+            ))),
+        }
+    }
+
+    /// Whether `from..to` reads as zeroes, this layer or the backing chain below.
+    pub(super) async fn reads_zero(&self, mut from: u64, to: u64) -> io::Result<bool> {
+        while from < to {
+            let (mapping, len) = {
+                let mut meta = self.meta.lock().await;
+                self.lookup(&mut meta, from, to - from).await?
+            };
+            let zero = match (mapping, &self.backing) {
+                (Mapping::Zero, _) | (Mapping::Unallocated, None) => true,
+                (Mapping::Unallocated, Some(backing)) => {
+                    let backing = backing.node();
+                    if from >= backing.size() {
+                        true
+                    } else {
+                        let len = len.min(backing.size() - from);
+                        let below = backing.block_status_above(None, from, len).await?;
+                        if !below.zero {
+                            return Ok(false);
+                        }
+                        from += below.len.max(1);
+                        continue;
+                    }
+                }
+                _ => false,
+            };
+            if !zero {
+                return Ok(false);
+            }
+            from += len;
+        }
+        Ok(true)
+    }
+
+    /// Read `buf` from this layer's own mapping only: Some(true) for zeroes, Some(false)
+    /// for data, None when it is not one mapping or the backing chain holds it.
+    pub(super) async fn read_or_zero(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<Option<bool>> {
+        let (mapping, len) = {
+            let mut meta = self.meta.lock().await;
+            self.lookup(&mut meta, offset, buf.len() as u64).await?
+        };
+        if len < buf.len() as u64 {
+            return Ok(None);
+        }
+        match mapping {
+            Mapping::Data { host, .. } => {
+                self.file.debug_event(BlkdebugEvent::ReadAio);
+                self.file.read(host, buf).await?;
+                Ok(Some(false))
+            }
+            Mapping::Zero => {
+                buf.fill(0);
+                Ok(Some(true))
+            }
+            Mapping::Unallocated if self.backing.is_none() => {
+                buf.fill(0);
+                Ok(Some(true))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub(super) async fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let (mapping, len) = {
+            let mut meta = self.meta.lock().await;
+            self.lookup(&mut meta, offset, len).await?
+        };
+        let kind = match mapping {
+            Mapping::Data { .. } | Mapping::Compressed { .. } => ExtentKind::Data,
+            Mapping::Zero => ExtentKind::Zero { allocated: true },
+            Mapping::Unallocated => ExtentKind::Unallocated,
+        };
+        Ok(Extent { len, kind })
+    }
+
+    /// Wait until no allocation in flight touches guest clusters `clusters`; returns with
+    /// the mutex held.
+    async fn settled<'a>(&'a self, clusters: Range<u64>) -> tokio::sync::MutexGuard<'a, Meta> {
+        loop {
+            let meta = self.meta.lock().await;
+            if !meta
+                .in_flight
+                .iter()
+                .any(|r| r.start < clusters.end && clusters.start < r.end)
+            {
+                return meta;
+            }
+            let notified = self.allocated.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            drop(meta);
+            notified.await;
+        }
+    }
+
+    /// Write guest bytes at `offset`.
+    pub(super) async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            done += self.write_step(offset + done as u64, &buf[done..]).await?;
+        }
+        if flags.fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Write a first part of `data` at `pos`: in place where the clusters are this image's
+    /// alone, else into new clusters. Returns how much was written.
+    async fn write_step(&self, pos: u64, data: &[u8]) -> io::Result<usize> {
+        let cluster_size = self.cluster_size();
+        let end = pos + data.len() as u64;
+        let clusters = pos >> self.cluster_bits..end.div_ceil(cluster_size);
+        let mut meta = self.settled(clusters).await;
+        let (mapping, len) = self.lookup(&mut meta, pos, data.len() as u64).await?;
+        if let Mapping::Data { host, copied: true } = mapping {
+            drop(meta);
+            self.file.debug_event(BlkdebugEvent::WriteAio);
+            self.file
+                .write(host, &data[..len as usize], WriteFlags::default())
+                .await?;
+            return Ok(len as usize);
+        }
+        // One allocation within one L2 table, of clusters that all map the same way.
+        let table_end = (pos / self.l2_coverage() + 1) * self.l2_coverage();
+        let step_end = (pos + len).min(table_end).min(pos + MAX_ALLOCATION);
+        let first = pos & !(cluster_size - 1);
+        let last = step_end.next_multiple_of(cluster_size);
+        let count = (last - first) >> self.cluster_bits;
+        let l1_index = (pos / self.l2_coverage()) as usize;
+        let l2_offset = self.writable_l2(&mut meta, l1_index).await?;
+        self.file.debug_event(BlkdebugEvent::ClusterAlloc);
+        let host = meta.refcounts.allocate(count).await? << self.cluster_bits;
+        let guest_clusters = first >> self.cluster_bits..last >> self.cluster_bits;
+        meta.in_flight.push(guest_clusters.clone());
+        drop(meta);
+
+        let written = self
+            .fill_clusters(host, first..last, pos, &data[..(step_end - pos) as usize])
+            .await;
+
+        let mut meta = self.meta.lock().await;
+        meta.in_flight.retain(|r| *r != guest_clusters);
+        let result = match written {
+            Ok(()) => {
+                self.map_clusters(&mut meta, l2_offset, first, host, count)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            // Nothing points at the new clusters: they are free again at once.
+            for cluster in host >> self.cluster_bits..(host >> self.cluster_bits) + count {
+                meta.refcounts.release(cluster).await?;
+            }
+        }
+        drop(meta);
+        self.allocated.notify_waiters();
+        result.map(|()| (step_end - pos) as usize)
+    }
+
+    /// Write `data` (guest bytes at `pos`) into new clusters at `host` that stand for the
+    /// guest range `guest`; what the write leaves of them is copied from what the guest
+    /// reads there now.
+    async fn fill_clusters(
+        &self,
+        host: u64,
+        guest: Range<u64>,
+        pos: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let head = (pos - guest.start) as usize;
+        let tail = (guest.end - pos - data.len() as u64) as usize;
+        if head == 0 && tail == 0 {
+            self.file.debug_event(BlkdebugEvent::WriteAio);
+            return self.file.write(host, data, WriteFlags::default()).await;
+        }
+        let mut merged = vec![0u8; (guest.end - guest.start) as usize];
+        let data_end = head + data.len();
+        self.file.debug_event(BlkdebugEvent::CowRead);
+        if head > 0 {
+            self.read(guest.start, &mut merged[..head]).await?;
+        }
+        if tail > 0 {
+            self.read(pos + data.len() as u64, &mut merged[data_end..])
+                .await?;
+        }
+        merged[head..data_end].copy_from_slice(data);
+        self.file.debug_event(BlkdebugEvent::CowWrite);
+        self.file.write(host, &merged, WriteFlags::default()).await
+    }
+
+    /// Point the L2 entries of `count` guest clusters from `guest` at the new host clusters
+    /// from `host`; the references the old entries held go at the next write-back.
+    async fn map_clusters(
+        &self,
+        meta: &mut Meta,
+        l2_offset: u64,
+        guest: u64,
+        host: u64,
+        count: u64,
+    ) -> io::Result<()> {
+        let cluster_bits = self.cluster_bits;
+        let start = ((guest >> cluster_bits) as usize) & (self.l2_entries() - 1);
+        let table = self.l2_table(meta, l2_offset).await?;
+        let mut released = Vec::new();
+        for n in 0..count as usize {
+            let old = table.entries[start + n];
+            released.extend(referenced(old, cluster_bits));
+            table.entries[start + n] = (host + ((n as u64) << cluster_bits)) | COPIED;
+        }
+        table.dirty = true;
+        meta.pending_free.extend(released);
+        Ok(())
+    }
+
+    /// The L2 table for L1 entry `l1_index`, which this image alone uses: a new one if there
+    /// is none, or a copy of one a snapshot shares. Its refcount is made stable first, then
+    /// the table is written, then the L1 entry points at it.
+    async fn writable_l2(&self, meta: &mut Meta, l1_index: usize) -> io::Result<u64> {
+        let entry = *meta
+            .l1
+            .get(l1_index)
+            .ok_or_else(|| corrupt("write past the L1 table".into()))?;
+        let old = entry & OFFSET_MASK;
+        if old != 0 && entry & COPIED != 0 {
+            return Ok(old);
+        }
+        let entries = if old == 0 {
+            vec![0u64; self.l2_entries()]
+        } else {
+            self.l2_table(meta, old).await?.entries.clone()
+        };
+        let new = meta.refcounts.allocate(1).await? << self.cluster_bits;
+        let result = async {
+            meta.refcounts.write_back().await?;
+            self.file.flush().await?;
+            self.file.debug_event(BlkdebugEvent::L2AllocWrite);
+            self.file
+                .write(new, &to_bytes(&entries), WriteFlags::default())
+                .await?;
+            self.file.flush().await?;
+            meta.l1[l1_index] = new | COPIED;
+            self.write_l1_entry(meta, l1_index).await
+        }
+        .await;
+        if let Err(e) = result {
+            meta.l1[l1_index] = entry;
+            meta.refcounts.release(new >> self.cluster_bits).await?;
+            return Err(e);
+        }
+        if old != 0 {
+            meta.l2.remove(&old);
+            meta.pending_free.push(old >> self.cluster_bits);
+        }
+        self.make_room(meta).await?;
+        meta.tick += 1;
+        let used = meta.tick;
+        meta.l2.insert(
+            new,
+            CachedL2 {
+                entries,
+                dirty: false,
+                used,
+            },
+        );
+        Ok(new)
+    }
+
+    /// Write the L1 entry at `index`, with the others of its 512-byte sector, as QEMU does.
+    async fn write_l1_entry(&self, meta: &Meta, index: usize) -> io::Result<()> {
+        let start = index - index % 64;
+        let end = (start + 64).min(meta.l1.len());
+        self.file.debug_event(BlkdebugEvent::L1Update);
+        self.file
+            .write(
+                meta.l1_offset + start as u64 * 8,
+                &to_bytes(&meta.l1[start..end]),
+                WriteFlags::default(),
+            )
+            .await
+    }
+
+    /// Write the refcount blocks back, then (after a flush) the dirty L2 tables.
+    async fn write_tables(&self, meta: &mut Meta) -> io::Result<()> {
+        if meta.refcounts.is_dirty() {
+            meta.refcounts.write_back().await?;
+        }
+        let dirty: Vec<u64> = meta
+            .l2
+            .iter()
+            .filter(|(_, t)| t.dirty)
+            .map(|(&offset, _)| offset)
+            .collect();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        self.file.flush().await?;
+        for offset in dirty {
+            let table = meta.l2.get_mut(&offset).expect("listed above");
+            self.file.debug_event(BlkdebugEvent::L2Update);
+            self.file
+                .write(offset, &to_bytes(&table.entries), WriteFlags::default())
+                .await?;
+            table.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Write all metadata back (see the module documentation for the order), release the
+    /// references dropped since the last flush, and flush the file.
+    pub(super) async fn flush(&self) -> io::Result<()> {
+        let mut meta = self.meta.lock().await;
+        self.write_tables(&mut meta).await?;
+        if !meta.pending_free.is_empty() {
+            self.file.flush().await?;
+            while let Some(&cluster) = meta.pending_free.last() {
+                meta.refcounts.release(cluster).await?;
+                meta.pending_free.pop();
+            }
+            meta.refcounts.write_back().await?;
+        }
+        drop(meta);
+        self.file.flush().await
+    }
+
+    /// Make `offset..offset+len` read as zeroes. Whole clusters become zero clusters (in
+    /// version 3): with `unmap` they drop their host clusters, else clusters this image
+    /// alone owns keep theirs. Partial clusters that do not read as zeroes already, and
+    /// everything in version 2 images, get zeroes written.
+    /// With `unmap`, the caller must keep every other request out.
+    pub(super) async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let cluster_size = self.cluster_size();
+        let end = offset + len;
+        let first = offset.next_multiple_of(cluster_size).min(end);
+        // The image's last cluster may be partial: it ends with the disk.
+        let last = if end == self.size {
+            end
+        } else {
+            (end - end % cluster_size).max(first)
+        };
+        if self.version < 3 {
+            // No zero clusters: QEMU falls back to writing zeroes, and so do we.
+            return self.write_literal_zeroes(offset, len).await;
+        }
+        for (from, to) in [(offset, first), (last, end)] {
+            if from < to && !self.reads_zero(from, to).await? {
+                self.write_literal_zeroes(from, to - from).await?;
+            }
+        }
+        for (from, to) in table_steps(self.l2_coverage(), first, last) {
+            self.zero_clusters(from, to, unmap).await?;
+        }
+        Ok(())
+    }
+
+    /// Turn the whole clusters of `from..to` (within one L2 table) into zero clusters.
+    async fn zero_clusters(&self, from: u64, to: u64, unmap: bool) -> io::Result<()> {
+        let cluster_bits = self.cluster_bits;
+        let clusters = from >> cluster_bits..to.div_ceil(self.cluster_size());
+        let mut meta = self.settled(clusters.clone()).await;
+        let l1_index = (from / self.l2_coverage()) as usize;
+        let l2_offset = self.writable_l2(&mut meta, l1_index).await?;
+        let mask = self.l2_entries() - 1;
+        let table = self.l2_table(&mut meta, l2_offset).await?;
+        let mut released = Vec::new();
+        for cluster in clusters {
+            let index = cluster as usize & mask;
+            let old = table.entries[index];
+            let keep =
+                !unmap && old & COMPRESSED == 0 && old & COPIED != 0 && old & OFFSET_MASK != 0;
+            let new = if keep {
+                (old & OFFSET_MASK) | COPIED | ZERO
+            } else {
+                ZERO
+            };
+            if !keep {
+                released.extend(referenced(old, cluster_bits));
+            }
+            table.entries[index] = new;
+        }
+        table.dirty = true;
+        meta.pending_free.extend(released);
+        Ok(())
+    }
+
+    async fn write_literal_zeroes(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        let zeroes = vec![0u8; len.min(1 << 20) as usize];
+        while offset < end {
+            let n = (end - offset).min(zeroes.len() as u64) as usize;
+            self.write(offset, &zeroes[..n], WriteFlags::default())
+                .await?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Drop the whole clusters of `offset..offset+len`: they read as zeroes afterwards
+    /// (QEMU's discard: a zero cluster where a backing file or data showed through, version
+    /// 3; unallocated in version 2 without a backing file; left alone otherwise). The
+    /// caller must keep every other request out.
+    pub(super) async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let cluster_size = self.cluster_size();
+        let end = offset + len;
+        let first = offset.next_multiple_of(cluster_size);
+        let last = if end == self.size {
+            end.next_multiple_of(cluster_size)
+        } else {
+            end - end % cluster_size
+        };
+        if self.version < 3 && self.backing.is_some() {
+            return Ok(());
+        }
+        for (from, to) in table_steps(self.l2_coverage(), first, last) {
+            self.discard_clusters(from, to).await?;
+        }
+        Ok(())
+    }
+
+    async fn discard_clusters(&self, from: u64, to: u64) -> io::Result<()> {
+        let cluster_bits = self.cluster_bits;
+        let mut meta = self.meta.lock().await;
+        let l1_index = (from / self.l2_coverage()) as usize;
+        if meta.l1.get(l1_index).is_none_or(|e| e & OFFSET_MASK == 0) {
+            return Ok(());
+        }
+        let l2_offset = self.writable_l2(&mut meta, l1_index).await?;
+        let (version, has_backing) = (self.version, self.backing.is_some());
+        let mask = self.l2_entries() - 1;
+        let table = self.l2_table(&mut meta, l2_offset).await?;
+        let mut released = Vec::new();
+        for cluster in from >> cluster_bits..to >> cluster_bits {
+            let index = cluster as usize & mask;
+            let old = table.entries[index];
+            let allocated = referenced(old, cluster_bits).next().is_some();
+            let new = if version >= 3 && (has_backing || allocated) {
+                ZERO
+            } else if version < 3 {
+                0
+            } else {
+                continue;
+            };
+            released.extend(referenced(old, cluster_bits));
+            if table.entries[index] != new {
+                table.entries[index] = new;
+                table.dirty = true;
+            }
+        }
+        meta.pending_free.extend(released);
+        Ok(())
+    }
+
+    /// Change the disk size. Growing may move the L1 table to a larger one; shrinking
+    /// drops the clusters past the new end. The caller must keep every other request out.
+    pub(super) async fn resize(&mut self, size: u64) -> io::Result<()> {
+        let needed = size.div_ceil(self.l2_coverage());
+        if needed * 8 > MAX_L1_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "qcow2: the image would need too large an L1 table",
+            ));
+        }
+        if size < self.size {
+            let from = size.next_multiple_of(self.cluster_size());
+            let to = self.size.next_multiple_of(self.cluster_size());
+            for (from, to) in table_steps(self.l2_coverage(), from, to) {
+                self.unmap_clusters(from, to).await?;
+            }
+            self.flush().await?;
+        }
+        let grow_l1 = needed as usize > self.meta.lock().await.l1.len();
+        if grow_l1 {
+            self.grow_l1(needed as usize).await?;
+        }
+        self.file
+            .write(24, &size.to_be_bytes(), WriteFlags::default())
+            .await?;
+        self.file.flush().await?;
+        self.size = size;
+        Ok(())
+    }
+
+    /// Make the clusters of `from..to` (within one L2 table) unallocated.
+    async fn unmap_clusters(&self, from: u64, to: u64) -> io::Result<()> {
+        let cluster_bits = self.cluster_bits;
+        let mut meta = self.meta.lock().await;
+        let l1_index = (from / self.l2_coverage()) as usize;
+        if meta.l1.get(l1_index).is_none_or(|e| e & OFFSET_MASK == 0) {
+            return Ok(());
+        }
+        let l2_offset = self.writable_l2(&mut meta, l1_index).await?;
+        let mask = self.l2_entries() - 1;
+        let table = self.l2_table(&mut meta, l2_offset).await?;
+        let mut released = Vec::new();
+        for cluster in from >> cluster_bits..to >> cluster_bits {
+            let index = cluster as usize & mask;
+            released.extend(referenced(table.entries[index], cluster_bits));
+            table.entries[index] = 0;
+        }
+        table.dirty = true;
+        meta.pending_free.extend(released);
+        Ok(())
+    }
+
+    /// Move the L1 table to new clusters with room for `entries`: the new table is written
+    /// and flushed before the header points at it, and the old one is freed after.
+    async fn grow_l1(&self, entries: usize) -> io::Result<()> {
+        let mut meta = self.meta.lock().await;
+        let mut l1 = meta.l1.clone();
+        l1.resize(entries, 0);
+        let bytes = to_bytes(&l1);
+        let clusters = (bytes.len() as u64).div_ceil(self.cluster_size());
+        self.file.debug_event(BlkdebugEvent::L1GrowAllocTable);
+        let new = meta.refcounts.allocate(clusters).await? << self.cluster_bits;
+        meta.refcounts.write_back().await?;
+        self.file.flush().await?;
+        self.file.debug_event(BlkdebugEvent::L1GrowWriteTable);
+        self.file.write(new, &bytes, WriteFlags::default()).await?;
+        self.file.flush().await?;
+        let mut fields = [0u8; 12];
+        fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+        fields[4..].copy_from_slice(&new.to_be_bytes());
+        self.file.debug_event(BlkdebugEvent::L1GrowActivateTable);
+        self.file.write(36, &fields, WriteFlags::default()).await?;
+        self.file.flush().await?;
+        let old = meta.l1_offset;
+        let old_clusters = (meta.l1.len() as u64 * 8).div_ceil(self.cluster_size());
+        meta.l1 = l1;
+        meta.l1_offset = new;
+        if old != 0 {
+            for cluster in old >> self.cluster_bits..(old >> self.cluster_bits) + old_clusters {
+                meta.refcounts.release(cluster).await?;
+            }
+        }
+        meta.refcounts.write_back().await
+    }
+}
+
+/// `from..to` cut where the guest ranges of L2 tables (`coverage` bytes each) end.
+fn table_steps(coverage: u64, from: u64, to: u64) -> impl Iterator<Item = (u64, u64)> {
+    let mut at = from;
+    std::iter::from_fn(move || {
+        (at < to).then(|| {
+            let end = ((at / coverage + 1) * coverage).min(to);
+            let step = (at, end);
+            at = end;
+            step
+        })
+    })
+}
+
+/// What an L2 entry maps its cluster to.
+fn classify(entry: u64, cluster_bits: u32, version: u32) -> io::Result<Mapping> {
+    if entry & COMPRESSED != 0 {
+        return Ok(Mapping::Compressed { entry });
+    }
+    let host = entry & OFFSET_MASK;
+    if entry & ZERO != 0 && version >= 3 {
+        return Ok(Mapping::Zero);
+    }
+    if host == 0 {
+        return Ok(Mapping::Unallocated);
+    }
+    if host & ((1 << cluster_bits) - 1) != 0 {
+        return Err(corrupt(format!(
+            "cluster allocation offset {host:#x} unaligned (image is corrupt)"
+        )));
+    }
+    Ok(Mapping::Data {
+        host,
+        copied: entry & COPIED != 0,
+    })
+}
+
+/// Where a compressed cluster's data lies in the file: its offset and the bytes its
+/// sector count covers from there.
+fn compressed_span(entry: u64, cluster_bits: u32) -> (u64, u64) {
+    let shift = 62 - (cluster_bits - 8);
+    let offset = entry & ((1u64 << shift) - 1);
+    let sectors = ((entry & !(COPIED | COMPRESSED)) >> shift) + 1;
+    (offset, sectors * 512 - (offset & 511))
+}
+
+/// The host clusters an L2 entry holds a reference to.
+fn referenced(entry: u64, cluster_bits: u32) -> impl Iterator<Item = u64> {
+    if entry & COMPRESSED != 0 {
+        let (offset, len) = compressed_span(entry, cluster_bits);
+        let start = offset & !511;
+        let end = offset + len;
+        start >> cluster_bits..((end - 1) >> cluster_bits) + 1
+    } else {
+        match entry & OFFSET_MASK {
+            0 => 0..0,
+            host => host >> cluster_bits..(host >> cluster_bits) + 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_classify_as_the_specification_says() {
+        let bits = 16;
+        assert_eq!(classify(0, bits, 3).unwrap(), Mapping::Unallocated);
+        assert_eq!(classify(ZERO, bits, 3).unwrap(), Mapping::Zero);
+        assert_eq!(
+            classify(0x5_0000 | ZERO | COPIED, bits, 3).unwrap(),
+            Mapping::Zero
+        );
+        assert_eq!(
+            classify(0x5_0000 | COPIED, bits, 3).unwrap(),
+            Mapping::Data {
+                host: 0x5_0000,
+                copied: true
+            }
+        );
+        assert!(classify(0x5_0200, bits, 3).is_err());
+        let compressed = COMPRESSED | (3 << (62 - 8)) | 0x12_3400;
+        assert_eq!(
+            classify(compressed, bits, 3).unwrap(),
+            Mapping::Compressed { entry: compressed }
+        );
+    }
+
+    #[test]
+    fn compressed_entries_reference_the_clusters_their_sectors_touch() {
+        let bits = 16;
+        // Four sectors from 0x1ff00: the last cluster's first bytes are touched too.
+        let entry = COMPRESSED | (3 << (62 - 8)) | 0x1_ff00;
+        assert_eq!(compressed_span(entry, bits), (0x1_ff00, 4 * 512 - 0x100));
+        assert_eq!(referenced(entry, bits).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            referenced(0x3_0000 | COPIED, bits).collect::<Vec<_>>(),
+            vec![3]
+        );
+        assert_eq!(referenced(ZERO, bits).count(), 0);
+    }
+}
