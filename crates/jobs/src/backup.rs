@@ -280,6 +280,10 @@ impl BackupJob {
                 let Some(next) = self.copy().next_pending(cursor) else {
                     break;
                 };
+                if let Some(end) = self.copy().skip_zeroes(next).await {
+                    cursor = end;
+                    continue;
+                }
                 // The speed limit applies when a request starts, so that many requests in
                 // flight cannot run ahead of it.
                 ctx.rate_limit(chunk).await;
