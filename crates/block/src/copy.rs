@@ -265,15 +265,17 @@ impl BlockCopy {
             .set_range(clusters, false);
     }
 
-    /// When the target reads as zeroes and the source holds zeroes from `cluster` on (its
-    /// metadata says so, so a whole unallocated stretch is one answer), those clusters need
-    /// no copy: they are no longer pending, and the first cluster past them is returned.
+    /// When the source holds zeroes from `cluster` on (its metadata says so, so a whole
+    /// unallocated stretch is one answer) and the target reads as zeroes there too, those
+    /// clusters need no copy: they are no longer pending, and the first cluster past them is
+    /// returned. The target reads as zeroes when it was created empty, or, for a copy of
+    /// the whole disk (`whole_disk`) into a target without a backing file, when its own
+    /// metadata says so; that answer holds until the copy ends, as only the copy writes the
+    /// clusters still pending there. (An incremental target must get explicit zeroes: it
+    /// will be rebased onto the previous backup, which its unallocated clusters would show.)
     /// Clusters a copy-before-write is copying right now are left to it. None when nothing
     /// can be skipped (or the source could not tell: the copy will meet the error).
-    pub async fn skip_zeroes(&self, cluster: u64) -> Option<u64> {
-        if !self.target_is_zero {
-            return None;
-        }
+    pub async fn skip_zeroes(&self, cluster: u64, whole_disk: bool) -> Option<u64> {
         let offset = cluster * self.cluster_size;
         if offset >= self.len {
             return None;
@@ -287,7 +289,22 @@ impl BlockCopy {
         if !status.zero {
             return None;
         }
-        let zero_end = offset + status.len;
+        let mut zero_len = status.len;
+        if !self.target_is_zero {
+            let target = self.target.node();
+            if !whole_disk || target.backing().is_some() {
+                return None;
+            }
+            let target = target
+                .block_status_above(None, offset, zero_len)
+                .await
+                .ok()?;
+            if !target.zero {
+                return None;
+            }
+            zero_len = zero_len.min(target.len);
+        }
+        let zero_end = offset + zero_len;
         let end = if zero_end >= self.len {
             self.len.div_ceil(self.cluster_size)
         } else {

@@ -18,6 +18,9 @@ async fn full_backup_equals_source_on_both_daemons() {
         make_chain(dir.path());
         let tgt = dir.path().join("tgt.qcow2").to_string_lossy().into_owned();
         qemu_img(&["create", "-q", "-f", "qcow2", &tgt, "16M"]);
+        // Old data in half the target: where the source reads zeroes, those clusters must
+        // get zeroes; the empty half may stay unallocated.
+        qemu_io(&["-f", "qcow2", &tgt, "-c", "write -P 0x77 0 8M"]);
         let daemon = Daemon::start(
             which,
             dir.path(),

@@ -280,7 +280,10 @@ impl BackupJob {
                 let Some(next) = self.copy().next_pending(cursor) else {
                     break;
                 };
-                if let Some(end) = self.copy().skip_zeroes(next).await {
+                let whole_disk = self.sync == SyncMode::Full;
+                if let Some(end) = self.copy().skip_zeroes(next, whole_disk).await {
+                    // Counted against the speed limit as QEMU counts its zero writes.
+                    ctx.rate_limit((end - next) * cluster).await;
                     cursor = end;
                     continue;
                 }
