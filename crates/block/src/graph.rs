@@ -8,7 +8,7 @@ use futures::future::LocalBoxFuture;
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// Every driver name QEMU 10 knows, so that a known-but-unsupported driver gets a clearer
 /// error than an unknown one.
@@ -180,7 +180,12 @@ pub struct Graph {
     change: tokio::sync::Mutex<()>,
     /// Throttle groups by id, for throttle nodes to join.
     pub throttle_groups: ThrottleGroups,
+    /// Where drivers send the events they raise themselves (BLOCK_IMAGE_CORRUPTED).
+    events: OnceLock<EventHook>,
 }
+
+/// Told `(event name, data)` for an event a driver raises.
+pub type EventHook = Arc<dyn Fn(&str, Value) + Send + Sync>;
 
 /// Nodes opened by one blockdev-add, registered together only if all of it succeeds.
 #[derive(Default)]
@@ -215,6 +220,16 @@ impl Graph {
     /// An empty graph.
     pub fn new() -> Graph {
         Graph::default()
+    }
+
+    /// Where events the drivers raise go from now on; set once, before nodes open.
+    pub fn set_event_hook(&self, hook: EventHook) {
+        let _ = self.events.set(hook);
+    }
+
+    /// The hook set by [`Graph::set_event_hook`], for a driver to keep; None without one.
+    pub fn event_hook(&self) -> Option<EventHook> {
+        self.events.get().cloned()
     }
 
     /// The live node named `name`, None when there is none (or it is still being opened).

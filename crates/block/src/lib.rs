@@ -31,7 +31,7 @@ pub use drivers::mirror_top::{MirrorState, MirrorTop};
 pub use drivers::nbd::{InetServer, UnixServer};
 pub use drivers::qcow2::Qcow2Header;
 pub use drivers::throttle::set_io_throttle;
-pub use graph::{Graph, OptionSyntax, QEMU_DRIVERS};
+pub use graph::{EventHook, Graph, OptionSyntax, QEMU_DRIVERS};
 pub use info::{block_graph, named_block_nodes};
 pub use iothread::{IoThreads, Panicked, Work};
 pub use node::{

@@ -82,6 +82,16 @@ impl Opener<'_> {
         self.common
     }
 
+    /// The syntax the options came in, for a driver that types an untyped member itself.
+    pub fn syntax(&self) -> OptionSyntax {
+        self.syntax
+    }
+
+    /// Where events this node's driver raises go (see [`crate::Graph::set_event_hook`]).
+    pub fn event_hook(&self) -> Option<crate::EventHook> {
+        self.graph.event_hook()
+    }
+
     /// Deserialize the driver's options with QEMU's texts, members named by their path.
     pub fn parse<T: DeserializeOwned>(&self, options: Map<String, Value>) -> Result<T, QmpError> {
         parse_options(Value::Object(options), self.syntax, self.path)

@@ -29,8 +29,11 @@ pub struct Daemon {
 impl Daemon {
     pub fn new(io_threads: usize) -> std::io::Result<Rc<Daemon>> {
         let events = qmp::EventSink::new();
+        let graph = Arc::new(Graph::new());
+        let sink = events.clone();
+        graph.set_event_hook(Arc::new(move |name, data| sink.emit(name, Some(data))));
         Ok(Rc::new(Daemon {
-            graph: Arc::new(Graph::new()),
+            graph,
             io: Arc::new(IoThreads::start(io_threads)?),
             jobs: jobs::JobManager::new(Arc::new(JobEvents(events.clone()))),
             events,

@@ -100,12 +100,22 @@ fn cases(dir: &std::path::Path) -> Vec<(&'static str, Value, Expect)> {
         (
             "overlap-check all",
             qcow2_with(json!({"overlap-check": "all"})),
-            Refused("overlap checks"),
+            Same,
         ),
         (
             "overlap-check flags",
             qcow2_with(json!({"overlap-check": {"template": "none", "active-l2": true}})),
-            Refused("overlap checks"),
+            Same,
+        ),
+        (
+            "overlap-check constant, no header",
+            qcow2_with(json!({"overlap-check": {"template": "constant", "main-header": "off"}})),
+            Same,
+        ),
+        (
+            "overlap-check cached, no L1",
+            qcow2_with(json!({"overlap-check": {"template": "cached", "active-l1": false}})),
+            Same,
         ),
         (
             "three cache sizes",

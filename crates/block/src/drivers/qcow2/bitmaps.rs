@@ -24,6 +24,7 @@
 
 use super::header::BitmapsExt;
 use super::header::{be32, be64};
+use super::overlap::{Checks, MetadataMap};
 use super::refcount::Refcounts;
 use crate::bitmap::DirtyBitmap;
 use crate::node::{Child, WriteFlags};
@@ -261,6 +262,7 @@ pub async fn store(
     file: &Arc<Child>,
     bitmaps: &[Arc<DirtyBitmap>],
     old_clusters: &[u64],
+    checks: Checks,
 ) -> io::Result<()> {
     let mut cluster0 = vec![0u8; 512];
     file.read(0, &mut cluster0).await?;
@@ -268,6 +270,7 @@ pub async fn store(
     let mut first = vec![0u8; cluster_size as usize];
     file.read(0, &mut first).await?;
     let mut refcounts = Refcounts::load(file.clone(), &first).await?;
+    let map = MetadataMap::load(file, &first, None, checks).await?;
 
     // Lay everything out in one run of fresh clusters: each bitmap's nonzero data
     // clusters, then its table; the directory last.
@@ -337,7 +340,9 @@ pub async fn store(
         None
     } else {
         let base = refcounts.allocate(next).await?;
-        refcounts.write_back().await?;
+        refcounts.write_back(&map).await?;
+        // The old bitmaps are still allocated, so the whole run is new to the image.
+        map.check(base * cluster_size, next * cluster_size, None, &refcounts)?;
         let at = |index: u64| (base + index) * cluster_size;
         let mut directory = Vec::new();
         for p in &mut planned {
@@ -381,7 +386,7 @@ pub async fn store(
     for &offset in old_clusters {
         refcounts.release(offset / cluster_size).await?;
     }
-    refcounts.write_back().await?;
+    refcounts.write_back(&map).await?;
     file.flush().await
 }
 

@@ -19,7 +19,7 @@ const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 const MAX_BACKING_NAME: usize = 1023;
 
 const INCOMPAT_DIRTY: u64 = 1 << 0;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
+pub(super) const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
@@ -50,7 +50,8 @@ pub struct Qcow2Header {
     pub crypt_method: u32,
     /// `incompatible_features` (bytes 72-79; 0 in version 2): bit 0 dirty, 1 corrupt,
     /// 2 external data file, 3 compression type, 4 extended L2 entries. `parse` refuses
-    /// corrupt and external data file images, `check_supported` the rest.
+    /// external data file images, `check_supported` what else we cannot serve; a corrupt
+    /// image opens read-only only (`mod.rs`).
     pub incompatible: u64,
     /// `compatible_features` (bytes 80-87; 0 in version 2): bit 0 lazy refcounts.
     pub compatible: u64,
@@ -171,12 +172,6 @@ impl Qcow2Header {
         if header.incompatible & INCOMPAT_EXTERNAL_DATA != 0 {
             return Err("qcow2 images with an external data file are not supported".into());
         }
-        if header.incompatible & INCOMPAT_CORRUPT != 0 {
-            return Err(
-                "qcow2: Image is corrupt; cannot be opened read/write (repair it with qemu-img check -r all)"
-                    .into(),
-            );
-        }
         header.parse_extensions(buf, header_length)?;
 
         let backing_offset = be64(buf, 8);
@@ -255,6 +250,16 @@ impl Qcow2Header {
     /// The cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// The corrupt bit (incompatible bit 1): the image may only be opened read-only.
+    pub fn is_corrupt(&self) -> bool {
+        self.incompatible & INCOMPAT_CORRUPT != 0
+    }
+
+    /// Set the corrupt bit, as `mod.rs` does on disk.
+    pub(super) fn mark_corrupt(&mut self) {
+        self.incompatible |= INCOMPAT_CORRUPT;
     }
 
     /// The bitmaps extension, when the autoclear bit says a bitmap-aware program wrote it

@@ -20,11 +20,16 @@
 //! L1 table is written through at once, as QEMU writes it. `flush` writes everything back
 //! in that order and then flushes the file: a crash leaves leaked clusters at worst.
 //!
+//! **Overlap checks.** Every write, of guest data or of a table, is first checked against
+//! where the other metadata lies (`overlap.rs`); table entries no valid image holds are
+//! reported the same way, as a [`Corruption`] the node acts on (`mod.rs`).
+//!
 //! Not here yet: extended L2 entries, zstd, external data files, encryption, lazy
-//! refcounts and dirty-image repair, overlap checks, `pass-discard-*` (all refused at open
-//! by `header.rs` and `options.rs`), and compressed writes.
+//! refcounts and dirty-image repair, `pass-discard-*` (all refused at open by `header.rs`
+//! and `options.rs`), and compressed writes.
 
 use super::header::{be32, be64};
+use super::overlap::{hex, Checks, Corruption, Metadata, MetadataMap};
 use super::refcount::Refcounts;
 use crate::drivers::blkdebug::BlkdebugEvent;
 use crate::node::{Child, Extent, ExtentKind, WriteFlags};
@@ -49,6 +54,7 @@ const L2_CACHE_BYTES: u64 = 32 << 20;
 /// range in flight.
 const MAX_ALLOCATION: u64 = 32 << 20;
 
+/// An image we refuse to open (a table that cannot be right): no event, as in QEMU.
 fn corrupt(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("qcow2: {what}"))
 }
@@ -80,6 +86,7 @@ struct Meta {
     l2: HashMap<u64, CachedL2>,
     tick: u64,
     refcounts: Refcounts,
+    map: MetadataMap,
     /// Host clusters that lost a reference, released once the tables are written.
     pending_free: Vec<u64>,
     /// Guest cluster ranges being allocated.
@@ -111,6 +118,7 @@ impl Image {
         file: Arc<Child>,
         backing: Option<Arc<Child>>,
         writable: bool,
+        checks: Checks,
     ) -> io::Result<Image> {
         let mut first = vec![0u8; 512.min(file.node().size() as usize)];
         file.read(0, &mut first).await?;
@@ -142,10 +150,11 @@ impl Image {
         if l1_size > 0 {
             file.read(l1_offset, &mut raw).await?;
         }
-        let l1 = raw.chunks(8).map(|c| be64(c, 0)).collect();
+        let l1: Vec<u64> = raw.chunks(8).map(|c| be64(c, 0)).collect();
         let mut header_cluster = vec![0u8; cluster_size.min(file.node().size()) as usize];
         file.read(0, &mut header_cluster).await?;
         let refcounts = Refcounts::load(file.clone(), &header_cluster).await?;
+        let map = MetadataMap::load(&file, &header_cluster, Some(&l1), checks).await?;
         if writable && version >= 3 {
             let autoclear = be64(&first, 88);
             // Bit 0: the bitmaps extension, which `bitmaps.rs` keeps consistent.
@@ -170,6 +179,7 @@ impl Image {
                 l2: HashMap::new(),
                 tick: 0,
                 refcounts,
+                map,
                 pending_free: Vec::new(),
                 in_flight: Vec::new(),
             }),
@@ -198,16 +208,25 @@ impl Image {
         1 << (self.cluster_bits - 3)
     }
 
-    /// The L2 table at `offset`, loaded into the cache if it is not there.
+    /// Where L1 entry `entry` (at `l1_index`) says its L2 table lies; 0 for none.
+    fn l2_offset(&self, entry: u64, l1_index: usize) -> io::Result<u64> {
+        let offset = entry & OFFSET_MASK;
+        if offset & (self.cluster_size() - 1) != 0 {
+            return Err(Corruption::found(format!(
+                "L2 table offset {} unaligned (L1 index: {})",
+                hex(offset),
+                hex(l1_index as u64)
+            )));
+        }
+        Ok(offset)
+    }
+
+    /// The L2 table at `offset` (cluster-aligned, as `l2_offset` checks), loaded into the
+    /// cache if it is not there.
     async fn l2_table<'m>(&self, meta: &'m mut Meta, offset: u64) -> io::Result<&'m mut CachedL2> {
         meta.tick += 1;
         let tick = meta.tick;
         if !meta.l2.contains_key(&offset) {
-            if offset & (self.cluster_size() - 1) != 0 {
-                return Err(corrupt(format!(
-                    "L2 table offset {offset:#x} unaligned (image is corrupt)"
-                )));
-            }
             self.make_room(meta).await?;
             let mut raw = vec![0u8; self.cluster_size() as usize];
             self.file.debug_event(BlkdebugEvent::L2Load);
@@ -257,7 +276,10 @@ impl Image {
         while at < end {
             let l1_index = (at / self.l2_coverage()) as usize;
             let table_end = ((l1_index as u64 + 1) * self.l2_coverage()).min(end);
-            let l2_offset = meta.l1.get(l1_index).map_or(0, |e| e & OFFSET_MASK);
+            let l2_offset = match meta.l1.get(l1_index) {
+                Some(&entry) => self.l2_offset(entry, l1_index)?,
+                None => 0,
+            };
             if l2_offset == 0 {
                 match first {
                     None => first = Some(Mapping::Unallocated),
@@ -273,7 +295,14 @@ impl Image {
             while at < table_end {
                 let index = ((at >> cluster_bits) as usize) & (table.entries.len() - 1);
                 let entry = table.entries[index];
-                let mapping = classify(entry, cluster_bits, version)?;
+                let mapping = classify(entry, cluster_bits, version).map_err(|host| {
+                    Corruption::found(format!(
+                        "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
+                        hex(host),
+                        hex(l2_offset),
+                        hex(index as u64)
+                    ))
+                })?;
                 let next = ((at | cluster_mask) + 1).min(table_end);
                 match (first, mapping) {
                     (None, Mapping::Data { host, copied }) => {
@@ -494,6 +523,7 @@ impl Image {
         let mut meta = self.settled(clusters).await;
         let (mapping, len) = self.lookup(&mut meta, pos, data.len() as u64).await?;
         if let Mapping::Data { host, copied: true } = mapping {
+            meta.map.check(host, len, None, &meta.refcounts)?;
             drop(meta);
             self.file.debug_event(BlkdebugEvent::WriteAio);
             self.file
@@ -511,6 +541,21 @@ impl Image {
         let l2_offset = self.writable_l2(&mut meta, l1_index).await?;
         self.file.debug_event(BlkdebugEvent::ClusterAlloc);
         let host = meta.refcounts.allocate(count).await? << self.cluster_bits;
+        // The guest data first, then what is copied around it, as QEMU checks them.
+        let data_at = host + (pos - first);
+        let checked = [
+            (data_at, step_end - pos),
+            (host, pos - first),
+            (host + (step_end - first), last - step_end),
+        ]
+        .into_iter()
+        .try_for_each(|(at, len)| meta.map.check(at, len, None, &meta.refcounts));
+        if let Err(e) = checked {
+            for cluster in host >> self.cluster_bits..(host >> self.cluster_bits) + count {
+                meta.refcounts.release(cluster).await?;
+            }
+            return Err(e);
+        }
         let guest_clusters = first >> self.cluster_bits..last >> self.cluster_bits;
         meta.in_flight.push(guest_clusters.clone());
         drop(meta);
@@ -602,8 +647,16 @@ impl Image {
             .l1
             .get(l1_index)
             .ok_or_else(|| corrupt("write past the L1 table".into()))?;
-        let old = entry & OFFSET_MASK;
+        let old = self.l2_offset(entry, l1_index)?;
         if old != 0 && entry & COPIED != 0 {
+            // Its write-back will be refused if it lies on other metadata: refuse the
+            // change now, before guest data is written for it.
+            meta.map.check(
+                old,
+                self.cluster_size(),
+                Some(Metadata::ActiveL2),
+                &meta.refcounts,
+            )?;
             return Ok(old);
         }
         let entries = if old == 0 {
@@ -613,7 +666,13 @@ impl Image {
         };
         let new = meta.refcounts.allocate(1).await? << self.cluster_bits;
         let result = async {
-            meta.refcounts.write_back().await?;
+            meta.refcounts.write_back(&meta.map).await?;
+            meta.map.check(
+                new,
+                self.cluster_size(),
+                Some(Metadata::ActiveL2),
+                &meta.refcounts,
+            )?;
             self.file.flush().await?;
             self.file.debug_event(BlkdebugEvent::L2AllocWrite);
             self.file
@@ -631,8 +690,10 @@ impl Image {
         }
         if old != 0 {
             meta.l2.remove(&old);
+            meta.map.remove_active_l2(old);
             meta.pending_free.push(old >> self.cluster_bits);
         }
+        meta.map.add_active_l2(new);
         self.make_room(meta).await?;
         meta.tick += 1;
         let used = meta.tick;
@@ -651,6 +712,10 @@ impl Image {
     async fn write_l1_entry(&self, meta: &Meta, index: usize) -> io::Result<()> {
         let start = index - index % 64;
         let end = (start + 64).min(meta.l1.len());
+        let at = meta.l1_offset + start as u64 * 8;
+        let len = (end - start) as u64 * 8;
+        meta.map
+            .check(at, len, Some(Metadata::ActiveL1), &meta.refcounts)?;
         self.file.debug_event(BlkdebugEvent::L1Update);
         self.file
             .write(
@@ -664,7 +729,7 @@ impl Image {
     /// Write the refcount blocks back, then (after a flush) the dirty L2 tables.
     async fn write_tables(&self, meta: &mut Meta) -> io::Result<()> {
         if meta.refcounts.is_dirty() {
-            meta.refcounts.write_back().await?;
+            meta.refcounts.write_back(&meta.map).await?;
         }
         let dirty: Vec<u64> = meta
             .l2
@@ -677,6 +742,12 @@ impl Image {
         }
         self.file.flush().await?;
         for offset in dirty {
+            meta.map.check(
+                offset,
+                self.cluster_size(),
+                Some(Metadata::ActiveL2),
+                &meta.refcounts,
+            )?;
             let table = meta.l2.get_mut(&offset).expect("listed above");
             self.file.debug_event(BlkdebugEvent::L2Update);
             self.file
@@ -690,17 +761,18 @@ impl Image {
     /// Write all metadata back (see the module documentation for the order), release the
     /// references dropped since the last flush, and flush the file.
     pub(super) async fn flush(&self) -> io::Result<()> {
-        let mut meta = self.meta.lock().await;
-        self.write_tables(&mut meta).await?;
+        let mut guard = self.meta.lock().await;
+        let meta = &mut *guard;
+        self.write_tables(meta).await?;
         if !meta.pending_free.is_empty() {
             self.file.flush().await?;
             while let Some(&cluster) = meta.pending_free.last() {
                 meta.refcounts.release(cluster).await?;
                 meta.pending_free.pop();
             }
-            meta.refcounts.write_back().await?;
+            meta.refcounts.write_back(&meta.map).await?;
         }
-        drop(meta);
+        drop(guard);
         self.file.flush().await
     }
 
@@ -886,14 +958,17 @@ impl Image {
     /// Move the L1 table to new clusters with room for `entries`: the new table is written
     /// and flushed before the header points at it, and the old one is freed after.
     async fn grow_l1(&self, entries: usize) -> io::Result<()> {
-        let mut meta = self.meta.lock().await;
+        let mut guard = self.meta.lock().await;
+        let meta = &mut *guard;
         let mut l1 = meta.l1.clone();
         l1.resize(entries, 0);
         let bytes = to_bytes(&l1);
         let clusters = (bytes.len() as u64).div_ceil(self.cluster_size());
         self.file.debug_event(BlkdebugEvent::L1GrowAllocTable);
         let new = meta.refcounts.allocate(clusters).await? << self.cluster_bits;
-        meta.refcounts.write_back().await?;
+        meta.refcounts.write_back(&meta.map).await?;
+        meta.map
+            .check(new, bytes.len() as u64, None, &meta.refcounts)?;
         self.file.flush().await?;
         self.file.debug_event(BlkdebugEvent::L1GrowWriteTable);
         self.file.write(new, &bytes, WriteFlags::default()).await?;
@@ -908,12 +983,13 @@ impl Image {
         let old_clusters = (meta.l1.len() as u64 * 8).div_ceil(self.cluster_size());
         meta.l1 = l1;
         meta.l1_offset = new;
+        meta.map.set_active_l1(new, entries);
         if old != 0 {
             for cluster in old >> self.cluster_bits..(old >> self.cluster_bits) + old_clusters {
                 meta.refcounts.release(cluster).await?;
             }
         }
-        meta.refcounts.write_back().await
+        meta.refcounts.write_back(&meta.map).await
     }
 }
 
@@ -930,8 +1006,8 @@ fn table_steps(coverage: u64, from: u64, to: u64) -> impl Iterator<Item = (u64, 
     })
 }
 
-/// What an L2 entry maps its cluster to.
-fn classify(entry: u64, cluster_bits: u32, version: u32) -> io::Result<Mapping> {
+/// What an L2 entry maps its cluster to; Err(host offset) when that is not aligned.
+fn classify(entry: u64, cluster_bits: u32, version: u32) -> Result<Mapping, u64> {
     if entry & COMPRESSED != 0 {
         return Ok(Mapping::Compressed { entry });
     }
@@ -943,9 +1019,7 @@ fn classify(entry: u64, cluster_bits: u32, version: u32) -> io::Result<Mapping> 
         return Ok(Mapping::Unallocated);
     }
     if host & ((1 << cluster_bits) - 1) != 0 {
-        return Err(corrupt(format!(
-            "cluster allocation offset {host:#x} unaligned (image is corrupt)"
-        )));
+        return Err(host);
     }
     Ok(Mapping::Data {
         host,
@@ -997,7 +1071,7 @@ mod tests {
                 copied: true
             }
         );
-        assert!(classify(0x5_0200, bits, 3).is_err());
+        assert_eq!(classify(0x5_0200, bits, 3), Err(0x5_0200));
         let compressed = COMPRESSED | (3 << (62 - 8)) | 0x12_3400;
         assert_eq!(
             classify(compressed, bits, 3).unwrap(),

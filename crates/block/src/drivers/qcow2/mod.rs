@@ -8,6 +8,11 @@
 //! fires the blkdebug event QEMU's qcow2 fires there. Our own reads and writes of the
 //! header, snapshot table and bitmaps fire none, as QEMU's header and bitmap code fires none.
 //!
+//! Corrupt metadata met by a request (`overlap.rs`) is reported as QEMU reports it: the
+//! BLOCK_IMAGE_CORRUPTED event, once; on a writable node the image is marked corrupt
+//! (incompatible bit 1, so it opens read-only only until repaired) and the node takes no
+//! further I/O, as QEMU takes the driver away.
+//!
 //! Persistent dirty bitmaps are loaded at open and stored when the node closes: see
 //! `bitmaps.rs`. Internal snapshots are created and deleted with the data path quiet and
 //! its caches written back, then the data path opens anew: see `snapshots.rs`.
@@ -16,6 +21,7 @@ mod bitmaps;
 mod header;
 mod image;
 mod options;
+mod overlap;
 mod refcount;
 mod snapshots;
 mod storage;
@@ -27,13 +33,15 @@ use crate::bitmap::DirtyBitmap;
 use crate::node::{Child, DriverInfo, Extent, Node, SnapshotInfo, WriteFlags};
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
-use crate::Driver;
+use crate::{Driver, EventHook};
 use async_trait::async_trait;
 use image::Image;
+use overlap::{Checks, Corruption};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::Map;
 use serde_json::{json, Value};
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -74,6 +82,14 @@ pub struct Qcow2 {
     /// The internal snapshots, as read at open and changed by us since (QEMU reports them
     /// the same way: another process changing the table goes unseen).
     snapshot_list: std::sync::Mutex<Vec<SnapshotInfo>>,
+    /// The metadata writes are checked against (`overlap-check`).
+    checks: Checks,
+    /// Where BLOCK_IMAGE_CORRUPTED goes.
+    events: Option<EventHook>,
+    /// A corruption was reported (later ones are not, as in QEMU).
+    signaled: AtomicBool,
+    /// A corruption met while writable: the node refuses all I/O from then on.
+    broken: AtomicBool,
 }
 
 /// Persistent bitmaps between open and close.
@@ -112,12 +128,14 @@ impl Qcow2 {
 
     /// `implicit_backing`: the graph opened `backing` from the name in the header, rather
     /// than the user naming a backing node (or none).
-    pub async fn open(
+    async fn open(
         file: Arc<Child>,
         backing: Option<Arc<Child>>,
         implicit_backing: bool,
         header: Qcow2Header,
         writable: bool,
+        checks: Checks,
+        events: Option<EventHook>,
     ) -> Result<Qcow2, String> {
         let auto_backing_file = match &backing {
             Some(edge) if implicit_backing => {
@@ -135,7 +153,7 @@ impl Qcow2 {
             ),
             None => None,
         };
-        let image = Image::open(file.clone(), backing, writable)
+        let image = Image::open(file.clone(), backing, writable, checks)
             .await
             .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
         let snapshot_list = snapshots::load_list(&file)
@@ -168,7 +186,90 @@ impl Qcow2 {
             writable: AtomicBool::new(writable),
             bitmaps: std::sync::Mutex::new(bitmap_state),
             snapshot_list: std::sync::Mutex::new(snapshot_list),
+            checks,
+            events,
+            signaled: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
         })
+    }
+
+    /// Run one request: refused once a corruption stopped the node, and a corruption it
+    /// meets is reported.
+    async fn guarded<T>(
+        &self,
+        node: &Node,
+        request: impl Future<Output = io::Result<T>>,
+    ) -> io::Result<T> {
+        if self.broken.load(Ordering::Acquire) {
+            // QEMU's driver is gone: ENOMEDIUM, which NBD clients see as EINVAL.
+            return Err(io::Error::from_raw_os_error(libc::ENOMEDIUM));
+        }
+        let result = request.await;
+        if let Some(corruption) = result.as_ref().err().and_then(Corruption::of) {
+            self.signal_corruption(node, corruption.clone()).await;
+        }
+        result
+    }
+
+    /// Report `corruption` (QEMU's qcow2_signal_corruption): fatal on a writable node,
+    /// which then stops and marks the image corrupt; after the first report only a fatal
+    /// one on an image not yet marked is reported.
+    async fn signal_corruption(&self, node: &Node, corruption: Corruption) {
+        let fatal = self.writable.load(Ordering::Acquire);
+        if self.signaled.load(Ordering::Acquire) && (!fatal || self.header().is_corrupt()) {
+            return;
+        }
+        if fatal {
+            self.broken.store(true, Ordering::Release);
+            tracing::error!(
+                node = node.name(),
+                "qcow2: Marking image as corrupt: {}; further corruption events will be suppressed",
+                corruption.msg
+            );
+        } else {
+            tracing::error!(
+                node = node.name(),
+                "qcow2: Image is corrupt: {}; further non-fatal corruption events will be suppressed",
+                corruption.msg
+            );
+        }
+        if let Some(events) = &self.events {
+            let mut data = json!({
+                "device": "",
+                "node-name": node.name(),
+                "msg": corruption.msg,
+                "fatal": fatal,
+            });
+            if let Some((offset, size)) = corruption.range {
+                data["offset"] = json!(offset);
+                data["size"] = json!(size);
+            }
+            events("BLOCK_IMAGE_CORRUPTED", data);
+        }
+        if fatal {
+            self.header.lock().unwrap().mark_corrupt();
+            if let Err(e) = self.mark_corrupt_on_disk().await {
+                tracing::error!(
+                    node = node.name(),
+                    "qcow2: could not mark the image corrupt: {e}"
+                );
+            }
+        }
+        self.signaled.store(true, Ordering::Release);
+    }
+
+    /// Set the corrupt bit in the image (version 3: version 2 has no feature bits).
+    async fn mark_corrupt_on_disk(&self) -> io::Result<()> {
+        if self.header().version < 3 {
+            return Ok(());
+        }
+        let mut field = [0u8; 8];
+        self.file.read(72, &mut field).await?;
+        let marked = u64::from_be_bytes(field) | header::INCOMPAT_CORRUPT;
+        self.file
+            .write(72, &marked.to_be_bytes(), WriteFlags::default())
+            .await?;
+        self.file.flush().await
     }
 
     /// What a qcow2 node takes on its children when it has no users of its own.
@@ -322,23 +423,38 @@ impl Driver for Qcow2 {
         }
     }
 
-    async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.image.read().await.read(offset, buf).await
+    async fn read(&self, node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.guarded(node, async {
+            self.image.read().await.read(offset, buf).await
+        })
+        .await
     }
 
     /// Tells from this layer's own mapping only; what the backing chain holds is the
     /// caller's to find out.
     async fn read_or_zero(
         &self,
-        _: &Node,
+        node: &Node,
         offset: u64,
         buf: &mut [u8],
     ) -> io::Result<Option<bool>> {
-        self.image.read().await.read_or_zero(offset, buf).await
+        self.guarded(node, async {
+            self.image.read().await.read_or_zero(offset, buf).await
+        })
+        .await
     }
 
-    async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
-        self.image.read().await.write(offset, buf, flags).await
+    async fn write(
+        &self,
+        node: &Node,
+        offset: u64,
+        buf: &[u8],
+        flags: WriteFlags,
+    ) -> io::Result<()> {
+        self.guarded(node, async {
+            self.image.read().await.write(offset, buf, flags).await
+        })
+        .await
     }
 
     async fn write_zeroes(
@@ -348,37 +464,47 @@ impl Driver for Qcow2 {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        let (offset, len) = if flags.no_fallback {
-            self.zero_clusters_only(node, offset, len).await?
-        } else {
-            (offset, len)
-        };
-        if len > 0 && flags.may_unmap {
-            let image = self.image.write().await;
-            image.write_zeroes(offset, len, true).await?;
-        } else if len > 0 {
-            let image = self.image.read().await;
-            image.write_zeroes(offset, len, false).await?;
-        }
-        if flags.fua {
-            self.image.read().await.flush().await?;
-        }
-        Ok(())
+        self.guarded(node, async {
+            let (offset, len) = if flags.no_fallback {
+                self.zero_clusters_only(node, offset, len).await?
+            } else {
+                (offset, len)
+            };
+            if len > 0 && flags.may_unmap {
+                let image = self.image.write().await;
+                image.write_zeroes(offset, len, true).await?;
+            } else if len > 0 {
+                let image = self.image.read().await;
+                image.write_zeroes(offset, len, false).await?;
+            }
+            if flags.fua {
+                self.image.read().await.flush().await?;
+            }
+            Ok(())
+        })
+        .await
     }
 
-    async fn discard(&self, _: &Node, offset: u64, len: u64) -> io::Result<()> {
-        self.image.write().await.discard(offset, len).await
+    async fn discard(&self, node: &Node, offset: u64, len: u64) -> io::Result<()> {
+        self.guarded(node, async {
+            self.image.write().await.discard(offset, len).await
+        })
+        .await
     }
 
-    async fn flush(&self, _: &Node) -> io::Result<()> {
-        self.image.read().await.flush().await
+    async fn flush(&self, node: &Node) -> io::Result<()> {
+        self.guarded(node, async { self.image.read().await.flush().await })
+            .await
     }
 
-    async fn block_status(&self, _: &Node, offset: u64, len: u64) -> io::Result<Extent> {
-        self.image.read().await.block_status(offset, len).await
+    async fn block_status(&self, node: &Node, offset: u64, len: u64) -> io::Result<Extent> {
+        self.guarded(node, async {
+            self.image.read().await.block_status(offset, len).await
+        })
+        .await
     }
 
-    async fn truncate(&self, _: &Node, size: u64) -> io::Result<()> {
+    async fn truncate(&self, node: &Node, size: u64) -> io::Result<()> {
         // A version 2 snapshot table entry has no room for the disk size it was taken at.
         if self.header().version < 3 && !self.snapshot_list.lock().unwrap().is_empty() {
             return Err(io::Error::new(
@@ -386,9 +512,12 @@ impl Driver for Qcow2 {
                 "Can't resize a v2 image which has snapshots",
             ));
         }
-        self.image.write().await.resize(size).await?;
-        self.header.lock().unwrap().size = size;
-        Ok(())
+        self.guarded(node, async {
+            self.image.write().await.resize(size).await?;
+            self.header.lock().unwrap().size = size;
+            Ok(())
+        })
+        .await
     }
 
     fn can_store_persistent_bitmaps(&self) -> bool {
@@ -401,8 +530,12 @@ impl Driver for Qcow2 {
 
     /// Store the persistent bitmaps (see `bitmaps.rs`). The data path stays idle from here
     /// on: its lock is held while refcounts change behind its back, and the node is going.
+    /// An image found corrupt is left as it is.
     async fn close(&self, node: &Node) -> io::Result<()> {
         let image = self.image.write().await;
+        if self.broken.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let old_clusters = {
             let mut state = self.bitmaps.lock().unwrap();
             if state.closed || !self.writable.load(Ordering::Acquire) {
@@ -421,8 +554,8 @@ impl Driver for Qcow2 {
         if persistent.is_empty() && !had_extension {
             return Ok(());
         }
-        image.flush().await?;
-        bitmaps::store(&self.file, &persistent, &old_clusters).await?;
+        self.guarded(node, image.flush()).await?;
+        bitmaps::store(&self.file, &persistent, &old_clusters, self.checks).await?;
         tracing::info!(
             node = node.name(),
             count = persistent.len(),
@@ -461,10 +594,22 @@ impl Driver for Qcow2 {
                 node.name()
             ));
         }
+        if writable && self.header().is_corrupt() {
+            return Err(CORRUPT_READ_WRITE.into());
+        }
         let mut image = self.image.write().await;
-        image.flush().await.map_err(|e| e.to_string())?;
+        self.guarded(node, image.flush())
+            .await
+            .map_err(|e| e.to_string())?;
         self.file.node().set_writable(writable).await?;
-        match Image::open(self.file.clone(), node.child("backing"), writable).await {
+        match Image::open(
+            self.file.clone(),
+            node.child("backing"),
+            writable,
+            self.checks,
+        )
+        .await
+        {
             Ok(reopened) => {
                 *image = reopened;
                 self.writable.store(writable, Ordering::Release);
@@ -555,6 +700,9 @@ async fn write_read_only_header(file: &Child, cluster: &[u8]) -> io::Result<()> 
     written
 }
 
+/// QEMU's refusal of a writable open of an image marked corrupt.
+const CORRUPT_READ_WRITE: &str = "qcow2: Image is corrupt; cannot be opened read/write";
+
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     names: &["qcow2"],
     open: |o, options| Box::pin(open(o, options)),
@@ -569,7 +717,8 @@ async fn open(
     let file_ref = o.take_child_ref(&mut options, "file")?;
     let backing_ref = options.remove("backing");
     let opts: Qcow2Options = o.parse(options)?;
-    opts.validate().map_err(|e| o.qualify(e))?;
+    let keyval = o.syntax() == crate::OptionSyntax::Keyval;
+    let checks = opts.validate(keyval).map_err(|e| o.qualify(e))?;
     if opts.data_file.is_some() || opts.encrypt.is_some() {
         return Err(QmpError::generic(
             "qcow2 external data files and encryption are not supported",
@@ -581,6 +730,9 @@ async fn open(
     let header = Qcow2::probe_header(&file)
         .await
         .map_err(QmpError::generic)?;
+    if !read_only && header.is_corrupt() {
+        return Err(QmpError::generic(CORRUPT_READ_WRITE));
+    }
     opts.check(&header).map_err(QmpError::generic)?;
     o.claim_position();
     let implicit_backing = backing_ref.is_none();
@@ -602,8 +754,16 @@ async fn open(
             None => None,
         },
     };
-    let driver = Qcow2::open(file, backing, implicit_backing, header, !read_only)
-        .await
-        .map_err(QmpError::generic)?;
+    let driver = Qcow2::open(
+        file,
+        backing,
+        implicit_backing,
+        header,
+        !read_only,
+        checks,
+        o.event_hook(),
+    )
+    .await
+    .map_err(QmpError::generic)?;
     Ok(Box::new(driver))
 }

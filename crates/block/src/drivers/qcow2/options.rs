@@ -3,53 +3,45 @@
 //!
 //! The driver (`image.rs`) keeps a metadata cache of a fixed size (up to 32 MiB of L2
 //! tables and 64 refcount blocks, never cleaned by time), writes refcounts back before any
-//! table that needs them so the image is never left dirty, makes no metadata overlap
-//! checks, and frees discarded clusters without discarding them in the image file.
+//! table that needs them so the image is never left dirty, makes the metadata overlap
+//! checks `overlap-check` asks for (`overlap.rs`), and frees discarded clusters without
+//! discarding them in the image file.
 //! Options asking for anything else are refused rather than accepted and ignored.
 
 use super::header::Qcow2Header;
+use super::overlap::{Checks, Metadata};
 use super::Qcow2Options;
 use serde_json::Value;
 
 /// QEMU's Qcow2OverlapCheckMode values.
 const OVERLAP_MODES: &[&str] = &["none", "constant", "cached", "all"];
 
-/// The members of QEMU's Qcow2OverlapCheckFlags besides `template`.
-const OVERLAP_FLAGS: &[&str] = &[
-    "main-header",
-    "active-l1",
-    "active-l2",
-    "refcount-table",
-    "refcount-block",
-    "snapshot-table",
-    "inactive-l1",
-    "inactive-l2",
-    "bitmap-directory",
-];
-
-fn flag_value(value: &Value) -> Option<bool> {
+/// A boolean member: typed in JSON, `on` or `off` in keyval syntax.
+fn flag_value(value: &Value, keyval: bool) -> Option<bool> {
     match value {
-        Value::Bool(b) => Some(*b),
-        Value::String(s) if s == "on" => Some(true),
-        Value::String(s) if s == "off" => Some(false),
+        Value::Bool(b) if !keyval => Some(*b),
+        Value::String(s) if keyval && s == "on" => Some(true),
+        Value::String(s) if keyval && s == "off" => Some(false),
         _ => None,
     }
 }
 
-/// Whether `overlap-check` asks for any check, after QEMU's type checks of the value.
-fn overlap_checks_asked(value: &Value) -> Result<bool, String> {
+/// The checks `overlap-check` asks for, after QEMU's type checks of the value.
+fn overlap_checks(value: &Value, keyval: bool) -> Result<Checks, String> {
     match value {
-        Value::String(mode) if OVERLAP_MODES.contains(&mode.as_str()) => Ok(mode != "none"),
+        Value::String(mode) if OVERLAP_MODES.contains(&mode.as_str()) => {
+            Ok(Checks::mode(mode).expect("a listed mode"))
+        }
         Value::String(mode) => Err(format!(
             "Parameter 'overlap-check' does not accept value '{mode}'"
         )),
         Value::Object(flags) => {
-            // QEMU's default template is `cached`: only an explicit `none` starts empty.
-            let mut asked = true;
+            // QEMU's default template is `cached`.
+            let mut checks = Checks::CACHED;
             if let Some(template) = flags.get("template") {
                 match template {
                     Value::String(mode) if OVERLAP_MODES.contains(&mode.as_str()) => {
-                        asked = mode != "none";
+                        checks = Checks::mode(mode).expect("a listed mode");
                     }
                     Value::String(mode) => {
                         return Err(format!(
@@ -68,11 +60,11 @@ fn overlap_checks_asked(value: &Value) -> Result<bool, String> {
                 if key == "template" {
                     continue;
                 }
-                if !OVERLAP_FLAGS.contains(&key.as_str()) {
+                let Some(kind) = Metadata::ALL.into_iter().find(|k| k.flag() == key) else {
                     return Err(format!("Parameter 'overlap-check.{key}' is unexpected"));
-                }
-                match flag_value(value) {
-                    Some(on) => asked |= on,
+                };
+                match flag_value(value, keyval) {
+                    Some(on) => checks = checks.with(kind, on),
                     None => {
                         return Err(format!(
                             "Invalid parameter type for 'overlap-check.{key}', expected: boolean"
@@ -80,7 +72,7 @@ fn overlap_checks_asked(value: &Value) -> Result<bool, String> {
                     }
                 }
             }
-            Ok(asked)
+            Ok(checks)
         }
         _ => Err("Invalid parameter type for 'overlap-check', expected: Qcow2OverlapChecks".into()),
     }
@@ -91,12 +83,13 @@ fn unsupported(option: &str, why: &str) -> String {
 }
 
 impl Qcow2Options {
-    /// What QEMU's option parser refuses, before anything is opened.
-    pub fn validate(&self) -> Result<(), String> {
-        if let Some(value) = &self.overlap_check {
-            overlap_checks_asked(value)?;
+    /// What QEMU's option parser refuses, before anything is opened; the overlap checks
+    /// asked for.
+    pub(super) fn validate(&self, keyval: bool) -> Result<Checks, String> {
+        match &self.overlap_check {
+            Some(value) => overlap_checks(value, keyval),
+            None => Ok(Checks::CACHED),
         }
-        Ok(())
     }
 
     /// QEMU's checks that need the image header, in QEMU's order, then refuse what this
@@ -183,14 +176,6 @@ impl Qcow2Options {
                 "a discard always frees the clusters",
             ));
         }
-        if let Some(value) = &self.overlap_check {
-            if overlap_checks_asked(value)? {
-                return Err(unsupported(
-                    "metadata overlap checks",
-                    "it makes none (only overlap-check=none matches)",
-                ));
-            }
-        }
         Ok(())
     }
 }
@@ -202,30 +187,30 @@ mod tests {
 
     #[test]
     fn overlap_check_values_as_qemu_types_them() {
-        assert_eq!(overlap_checks_asked(&json!("none")), Ok(false));
-        assert_eq!(overlap_checks_asked(&json!("all")), Ok(true));
+        assert_eq!(overlap_checks(&json!("none"), false), Ok(Checks::NONE));
+        assert_eq!(overlap_checks(&json!("all"), false), Ok(Checks::ALL));
         assert_eq!(
-            overlap_checks_asked(&json!({"template": "none"})),
-            Ok(false)
+            overlap_checks(&json!({"template": "none"}), false),
+            Ok(Checks::NONE)
         );
         assert_eq!(
-            overlap_checks_asked(&json!({"template": "none", "active-l1": true})),
-            Ok(true)
+            overlap_checks(&json!({"template": "none", "active-l1": true}), false),
+            Ok(Checks::NONE.with(Metadata::ActiveL1, true))
         );
         assert_eq!(
-            overlap_checks_asked(&json!({"main-header": false})),
-            Ok(true)
+            overlap_checks(&json!({"main-header": "off"}), true),
+            Ok(Checks::CACHED.with(Metadata::Header, false))
         );
         assert_eq!(
-            overlap_checks_asked(&json!("bogus")),
+            overlap_checks(&json!("bogus"), false),
             Err("Parameter 'overlap-check' does not accept value 'bogus'".into())
         );
         assert_eq!(
-            overlap_checks_asked(&json!(5)),
+            overlap_checks(&json!(5), false),
             Err("Invalid parameter type for 'overlap-check', expected: Qcow2OverlapChecks".into())
         );
         assert_eq!(
-            overlap_checks_asked(&json!({"nope": true})),
+            overlap_checks(&json!({"nope": true}), false),
             Err("Parameter 'overlap-check.nope' is unexpected".into())
         );
     }

@@ -14,10 +14,12 @@
 //! that the new blocks count themselves and the table.
 
 use super::header::{be32, be64};
+use super::overlap::{hex, Corruption, Metadata, MetadataMap};
 use crate::drivers::blkdebug::BlkdebugEvent;
 use crate::node::{Child, WriteFlags};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// The low 9 bits of a refcount table entry are reserved.
@@ -47,6 +49,8 @@ pub(super) struct Refcounts {
     moved_from: Option<(u64, u64)>,
     /// Cached blocks by table index, with the tick they were last used at.
     blocks: BTreeMap<u64, (Vec<u8>, u64)>,
+    /// Where the blocks the table points at lie, for the overlap checks.
+    block_offsets: BTreeSet<u64>,
     dirty: BTreeSet<u64>,
     tick: u64,
     /// No cluster below this one is free.
@@ -83,15 +87,22 @@ impl Refcounts {
         file.debug_event(BlkdebugEvent::ReftableLoad);
         file.read(table_offset, &mut raw).await?;
         let end = file.node().size().div_ceil(1 << cluster_bits).max(1);
+        let table: Vec<u64> = raw.chunks(8).map(|c| be64(c, 0)).collect();
+        let block_offsets = table
+            .iter()
+            .map(|e| e & TABLE_OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
         Ok(Refcounts {
             file,
             cluster_bits,
             order,
             table_offset,
-            table: raw.chunks(8).map(|c| be64(c, 0)).collect(),
+            table,
             table_dirty: false,
             moved_from: None,
             blocks: BTreeMap::new(),
+            block_offsets,
             dirty: BTreeSet::new(),
             tick: 0,
             free_cursor: 0,
@@ -133,7 +144,11 @@ impl Refcounts {
             cached.1 = tick;
         } else {
             if offset & (self.cluster_size() - 1) != 0 {
-                return Err(corrupt("refcount block offset is not aligned to a cluster"));
+                return Err(Corruption::found(format!(
+                    "Refblock offset {} unaligned (reftable index: {})",
+                    hex(offset),
+                    hex(table_index)
+                )));
             }
             let mut buf = vec![0u8; self.cluster_size() as usize];
             self.file.debug_event(BlkdebugEvent::RefblockLoad);
@@ -285,6 +300,8 @@ impl Refcounts {
         self.tick += 1;
         for (n, &index) in new_blocks.iter().enumerate() {
             self.table[index as usize] = (blocks_at + n as u64) << self.cluster_bits;
+            self.block_offsets
+                .insert((blocks_at + n as u64) << self.cluster_bits);
             self.table_dirty = true;
             self.blocks
                 .insert(index, (vec![0u8; self.cluster_size() as usize], self.tick));
@@ -295,6 +312,19 @@ impl Refcounts {
             self.set(cluster, 1).await?;
         }
         Ok(start)
+    }
+
+    /// The bytes the refcount table covers now.
+    pub(super) fn table_range(&self) -> Range<u64> {
+        self.table_offset..self.table_offset + self.table.len() as u64 * 8
+    }
+
+    /// Whether a refcount block lies within `range`.
+    pub(super) fn has_block_in(&self, range: &Range<u64>) -> bool {
+        let below = range.start.saturating_sub(self.cluster_size() - 1);
+        self.block_offsets
+            .range(below..range.end)
+            .any(|&b| range.start < b + self.cluster_size())
     }
 
     /// Where the refcount table is now, and its length in clusters (for the header).
@@ -314,9 +344,15 @@ impl Refcounts {
         }
     }
 
-    async fn write_blocks(&mut self) -> io::Result<()> {
+    async fn write_blocks(&mut self, map: &MetadataMap) -> io::Result<()> {
         while let Some(&block) = self.dirty.first() {
             let offset = self.table[block as usize] & TABLE_OFFSET_MASK;
+            map.check(
+                offset,
+                self.cluster_size(),
+                Some(Metadata::RefcountBlock),
+                self,
+            )?;
             // QEMU announces a refcount cache write-back so, whether or not the block is new.
             self.file.debug_event(BlkdebugEvent::RefblockUpdatePart);
             self.file
@@ -329,12 +365,19 @@ impl Refcounts {
 
     /// Write changed refcount blocks, then the table entries that point at new ones, then
     /// (when the table moved) the header, then free the old table. Only the last step's
-    /// blocks are left unflushed; what is not written stays dirty for the next call.
-    pub(super) async fn write_back(&mut self) -> io::Result<()> {
-        self.write_blocks().await?;
+    /// blocks are left unflushed; what is not written stays dirty for the next call. Each
+    /// write is checked against the other metadata in `map` first.
+    pub(super) async fn write_back(&mut self, map: &MetadataMap) -> io::Result<()> {
+        self.write_blocks(map).await?;
         if self.table_dirty {
             self.file.flush().await?;
             let raw: Vec<u8> = self.table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            map.check(
+                self.table_offset,
+                raw.len() as u64,
+                Some(Metadata::RefcountTable),
+                self,
+            )?;
             self.file.debug_event(BlkdebugEvent::ReftableUpdate);
             self.file
                 .write(self.table_offset, &raw, WriteFlags::default())
@@ -356,7 +399,7 @@ impl Refcounts {
             for cluster in first..first + old_clusters {
                 self.release(cluster).await?;
             }
-            self.write_blocks().await?;
+            self.write_blocks(map).await?;
         }
         Ok(())
     }

@@ -32,6 +32,7 @@
 
 use super::header::{be32, be64};
 use super::image::Image;
+use super::overlap::{Metadata, MetadataMap};
 use super::refcount::Refcounts;
 use super::Qcow2;
 use crate::node::{Child, Node, SnapshotInfo, WriteFlags};
@@ -301,6 +302,7 @@ async fn write_table_pointer(file: &Child, count: usize, offset: u64) -> io::Res
 async fn write_new_table(
     file: &Child,
     refcounts: &mut Refcounts,
+    map: &MetadataMap,
     layout: &Layout,
     entries: &[Entry],
 ) -> io::Result<(u64, Vec<u64>)> {
@@ -313,8 +315,9 @@ async fn write_new_table(
     }
     let clusters = (table.len() as u64).div_ceil(layout.cluster_size());
     let first = refcounts.allocate(clusters).await?;
-    refcounts.write_back().await?;
+    refcounts.write_back(map).await?;
     let offset = first << layout.cluster_bits;
+    map.check(offset, table.len() as u64, None, refcounts)?;
     file.write(offset, &table, WriteFlags::default()).await?;
     file.flush().await?;
     Ok((offset, (first..first + clusters).collect()))
@@ -341,6 +344,7 @@ fn current_table_clusters(entries: &[Entry], layout: &Layout) -> Vec<u64> {
 async fn sync_copied_flags(
     file: &Child,
     refcounts: &mut Refcounts,
+    map: &MetadataMap,
     layout: &Layout,
 ) -> io::Result<()> {
     let cluster_size = layout.cluster_size();
@@ -364,6 +368,7 @@ async fn sync_copied_flags(
             *l2_entry = new;
         }
         if l2_changed {
+            map.check(l2_offset, cluster_size, Some(Metadata::ActiveL2), refcounts)?;
             file.write(l2_offset, &raw_bytes(&l2), WriteFlags::default())
                 .await?;
         }
@@ -373,6 +378,8 @@ async fn sync_copied_flags(
         *entry = new;
     }
     if l1_changed {
+        let len = layout.l1_size as u64 * 8;
+        map.check(layout.l1_offset, len, Some(Metadata::ActiveL1), refcounts)?;
         file.write(layout.l1_offset, &raw_bytes(&l1), WriteFlags::default())
             .await?;
     }
@@ -412,6 +419,23 @@ fn now() -> (u32, u32) {
         .unwrap_or_default();
     // Microseconds, as QEMU takes the time of day.
     (since.as_secs() as u32, since.subsec_micros() * 1000)
+}
+
+/// Where the snapshot table lies (bytes) and each snapshot's L1 table (offset, entries), for
+/// the overlap checks.
+pub(super) async fn table_extents(
+    file: &Child,
+    first: &[u8],
+) -> io::Result<(std::ops::Range<u64>, Vec<(u64, u64)>)> {
+    let layout = Layout::parse(first)?;
+    let entries = read_entries(file, &layout).await?;
+    let table =
+        layout.snapshots_offset..layout.snapshots_offset + encode_table(&entries).len() as u64;
+    let l1s = entries
+        .iter()
+        .map(|e| (e.l1_offset, e.l1_size as u64))
+        .collect();
+    Ok((table, l1s))
 }
 
 /// The snapshots an image holds, read from its table.
@@ -486,7 +510,7 @@ impl Qcow2 {
         }
         image.flush().await?;
         let result = change.await;
-        *image = Image::open(self.file.clone(), node.child("backing"), true).await?;
+        *image = Image::open(self.file.clone(), node.child("backing"), true, self.checks).await?;
         result
     }
 
@@ -499,6 +523,7 @@ impl Qcow2 {
         }
         let old_table = current_table_clusters(&entries, &layout);
         let mut refcounts = Refcounts::load(self.file.clone(), &first).await?;
+        let map = MetadataMap::load(file, &first, None, self.checks).await?;
         let counts = references(file, &layout, layout.l1_offset, layout.l1_size).await?;
         let max = refcounts.max();
         for (&cluster, &n) in &counts {
@@ -519,11 +544,12 @@ impl Qcow2 {
             let value = refcounts.get(cluster).await? + n;
             refcounts.set(cluster, value).await?;
         }
-        refcounts.write_back().await?;
-        sync_copied_flags(file, &mut refcounts, &layout).await?;
+        refcounts.write_back(&map).await?;
+        sync_copied_flags(file, &mut refcounts, &map, &layout).await?;
         if l1_copy != 0 {
             let l1 = read_table(file, layout.l1_offset, layout.l1_size as u64).await?;
             let copy: Vec<u64> = l1.iter().map(|e| e & !COPIED).collect();
+            map.check(l1_copy, l1_bytes, None, &refcounts)?;
             file.write(l1_copy, &raw_bytes(&copy), WriteFlags::default())
                 .await?;
         }
@@ -547,13 +573,14 @@ impl Qcow2 {
         };
         let info = entry.info();
         entries.push(entry);
-        let (table_offset, _) = write_new_table(file, &mut refcounts, &layout, &entries).await?;
+        let (table_offset, _) =
+            write_new_table(file, &mut refcounts, &map, &layout, &entries).await?;
         write_table_pointer(file, entries.len(), table_offset).await?;
         self.set_snapshot_list(&entries);
         for cluster in old_table {
             refcounts.release(cluster).await?;
         }
-        refcounts.write_back().await?;
+        refcounts.write_back(&map).await?;
         Ok(info)
     }
 
@@ -570,10 +597,12 @@ impl Qcow2 {
         };
         let old_table = current_table_clusters(&entries, &layout);
         let mut refcounts = Refcounts::load(self.file.clone(), &first).await?;
+        let map = MetadataMap::load(file, &first, None, self.checks).await?;
         let gone = entries.remove(index);
         let counts = references(file, &layout, gone.l1_offset, gone.l1_size).await?;
 
-        let (table_offset, _) = write_new_table(file, &mut refcounts, &layout, &entries).await?;
+        let (table_offset, _) =
+            write_new_table(file, &mut refcounts, &map, &layout, &entries).await?;
         write_table_pointer(file, entries.len(), table_offset).await?;
         self.set_snapshot_list(&entries);
 
@@ -591,8 +620,8 @@ impl Qcow2 {
         for cluster in l1_copy.into_iter().chain(old_table) {
             refcounts.release(cluster).await?;
         }
-        refcounts.write_back().await?;
-        sync_copied_flags(file, &mut refcounts, &layout).await?;
+        refcounts.write_back(&map).await?;
+        sync_copied_flags(file, &mut refcounts, &map, &layout).await?;
         Ok(Some(gone.info()))
     }
 }
