@@ -35,14 +35,7 @@ async fn run_rule(which: Impl, rule: Value, commands: &[&str]) -> (Value, Vec<St
         "write -P 2 4M 64k",
     ]);
     let sock = dir.path().join("nbd.sock");
-    let daemon = Daemon::start(
-        which,
-        dir.path(),
-        &[
-            s("--nbd-server"),
-            format!("addr.type=unix,addr.path={}", sock.display()),
-        ],
-    );
+    let daemon = Daemon::start(which, dir.path(), &nbd_server_args(&sock));
     let mut client = daemon.qmp().await;
     let added = reply(
         &mut client,
@@ -63,12 +56,7 @@ async fn run_rule(which: Impl, rule: Value, commands: &[&str]) -> (Value, Vec<St
             .unwrap();
         let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
         for command in commands {
-            let out = run(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", command]));
-            let text = String::from_utf8_lossy(&out.stdout);
-            outcomes.push(match text.lines().find(|l| l.contains("failed")) {
-                Some(line) => line.to_string(),
-                None => "ok".to_string(),
-            });
+            outcomes.push(qemu_io_outcome(&["-f", "raw", &uri, "-c", command]));
         }
     }
     daemon.quit(&mut client).await;

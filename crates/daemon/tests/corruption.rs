@@ -8,7 +8,6 @@ mod common;
 use common::jobs::qemu_io;
 use common::*;
 use serde_json::{json, Value};
-use std::process::Command;
 
 /// Where qemu-img lays out a 1 MiB image of 64 KiB clusters with its first cluster
 /// written (checked by `base_image`).
@@ -132,14 +131,7 @@ async fn run_case(which: Impl, case: &Case) -> Outcome {
     let (at, len) = case.protected;
     let before = std::fs::read(&disk).unwrap()[at as usize..(at + len) as usize].to_vec();
     let sock = dir.path().join("nbd.sock");
-    let daemon = Daemon::start(
-        which,
-        dir.path(),
-        &[
-            s("--nbd-server"),
-            format!("addr.type=unix,addr.path={}", sock.display()),
-        ],
-    );
+    let daemon = Daemon::start(which, dir.path(), &nbd_server_args(&sock));
     let mut client = daemon.qmp().await;
     let added = reply(
         &mut client,
@@ -158,19 +150,18 @@ async fn run_case(which: Impl, case: &Case) -> Outcome {
         .await
         .unwrap();
     let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
-    let mut io = Vec::new();
-    for command in case.io {
-        let mut qemu_io = Command::new("qemu-io");
-        if case.read_only {
-            qemu_io.arg("-r");
-        }
-        let out = run(qemu_io.args(["-f", "raw", &uri, "-c", command]));
-        let text = String::from_utf8_lossy(&out.stdout);
-        io.push(match text.lines().find(|l| l.contains("failed")) {
-            Some(line) => line.to_string(),
-            None => "ok".to_string(),
-        });
-    }
+    let read_only = case.read_only.then_some("-r");
+    let io = case
+        .io
+        .iter()
+        .map(|command| {
+            let args: Vec<&str> = read_only
+                .into_iter()
+                .chain(["-f", "raw", &uri, "-c", command])
+                .collect();
+            qemu_io_outcome(&args)
+        })
+        .collect();
     client.execute("query-version", json!({})).await.unwrap();
     let events = client
         .drain_events()

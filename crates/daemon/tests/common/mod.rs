@@ -233,6 +233,24 @@ pub fn qemu_img(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The arguments that start the daemon's NBD server on the unix socket `sock`.
+pub fn nbd_server_args(sock: &Path) -> Vec<String> {
+    vec![
+        s("--nbd-server"),
+        format!("addr.type=unix,addr.path={}", sock.display()),
+    ]
+}
+
+/// Run one qemu-io command (`args` ends with it): "ok", or the line saying it failed.
+pub fn qemu_io_outcome(args: &[&str]) -> String {
+    let out = run(Command::new("qemu-io").args(args));
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.lines().find(|l| l.contains("failed")) {
+        Some(line) => line.to_string(),
+        None => "ok".to_string(),
+    }
+}
+
 /// The path of `name` in `dir`, as a string for command lines.
 pub fn p(dir: &Path, name: &str) -> String {
     dir.join(name).to_string_lossy().into_owned()
