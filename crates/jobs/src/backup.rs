@@ -10,6 +10,7 @@
 
 use crate::policy::ErrorAction;
 use crate::setup::create_job;
+use crate::workers::Workers;
 use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use async_trait::async_trait;
@@ -19,7 +20,6 @@ use block::{BlockCopy, ClusterBitmap, CopyError};
 use block::{Child, DrainedSection, Graph, Node, Parent, Perms};
 use block::{CommonOptions, ExtentKind};
 use block::{CopyBeforeWrite, OnCbwError};
-use futures::stream::{FuturesUnordered, StreamExt};
 use qapi::error::QmpError;
 use serde_json::json;
 use std::sync::{Arc, Mutex};
@@ -265,9 +265,9 @@ impl BackupJob {
             .clamp(1, (MAX_IN_FLIGHT_BYTES / chunk).max(1) as usize);
         let mut reported = 0;
         let mut cursor = 0;
-        let mut in_flight = FuturesUnordered::new();
+        let mut in_flight = Workers::new();
         loop {
-            if in_flight.is_empty() {
+            if in_flight.is_idle() {
                 ctx.pause_point().await;
             }
             if ctx.is_cancelled() {
@@ -276,20 +276,25 @@ impl BackupJob {
                 self.report_progress(ctx, &mut reported);
                 return Err(JobFailure::cancelled());
             }
-            while in_flight.len() < workers {
+            while in_flight.running() < workers {
                 let Some(next) = self.copy().next_pending(cursor) else {
                     break;
                 };
                 let whole_disk = self.sync == SyncMode::Full;
-                if let Some(end) = self.copy().skip_zeroes(next, whole_disk).await {
+                let skipped = in_flight
+                    .alongside(self.copy().skip_zeroes(next, whole_disk))
+                    .await;
+                if let Some(end) = skipped {
                     // Counted against the speed limit as QEMU counts its zero writes.
-                    ctx.rate_limit((end - next) * cluster).await;
+                    in_flight
+                        .alongside(ctx.rate_limit((end - next) * cluster))
+                        .await;
                     cursor = end;
                     continue;
                 }
                 // The speed limit applies when a request starts, so that many requests in
                 // flight cannot run ahead of it.
-                ctx.rate_limit(chunk).await;
+                in_flight.alongside(ctx.rate_limit(chunk)).await;
                 if ctx.is_cancelled() {
                     break;
                 }
@@ -311,7 +316,9 @@ impl BackupJob {
             self.report_progress(ctx, &mut reported);
             if let Err(e) = result {
                 let is_read = matches!(e, CopyError::Read(_));
-                match ctx.handle_error(e.io(), is_read).await {
+                // The other requests go on meanwhile, also while the policy pauses the job:
+                // a client write may wait for a cluster one of them copies.
+                match in_flight.alongside(ctx.handle_error(e.io(), is_read)).await {
                     ErrorAction::Report => {
                         // What the other workers still copy counts as done: len - offset
                         // is what the job left undone.

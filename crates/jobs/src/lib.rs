@@ -27,6 +27,7 @@ mod setup;
 mod status;
 mod stream;
 mod txn;
+mod workers;
 
 pub use backup::{create_backup, BackupPerf, BackupSetup, BitmapMode, SyncMode};
 pub use commit::{create_commit, CommitStart};

@@ -16,6 +16,7 @@
 
 use crate::policy::ErrorAction;
 use crate::setup::{create_job, job_edge};
+use crate::workers::Workers;
 use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use aio::pool::PoolBuf;
@@ -26,7 +27,6 @@ use block::GraphChange;
 use block::{Child, Graph, Node, Parent, Perms};
 use block::{CommonOptions, WriteFlags};
 use block::{MirrorState, MirrorTop};
-use futures::stream::{FuturesUnordered, StreamExt};
 use qapi::error::QmpError;
 use serde_json::{json, Map, Value};
 use std::io;
@@ -417,11 +417,11 @@ impl MirrorJob {
             .max(granularity)
             .min(self.config.buf_size.max(granularity));
         let mut cursor = 0;
-        let mut in_flight = FuturesUnordered::new();
+        let mut in_flight = Workers::new();
         let mut bytes_in_flight = 0u64;
         let mut convergence = ConvergenceWatch::default();
         loop {
-            if in_flight.is_empty() {
+            if in_flight.is_idle() {
                 ctx.pause_point().await;
             }
             if ctx.is_cancelled() {
@@ -430,13 +430,14 @@ impl MirrorJob {
             }
             if self.state.take_target_write_failure() {
                 let err = io::Error::from_raw_os_error(libc::EIO);
-                if let ErrorAction::Report = ctx.handle_error(&err, false).await {
+                let action = in_flight.alongside(ctx.handle_error(&err, false)).await;
+                if let ErrorAction::Report = action {
                     finish_in_flight(ctx, &mut in_flight).await;
                     return Err(err.into());
                 }
                 self.actively_synced.store(false, Ordering::Release);
             }
-            while in_flight.len() < MAX_IN_FLIGHT
+            while in_flight.running() < MAX_IN_FLIGHT
                 && bytes_in_flight + chunk <= self.config.buf_size.max(chunk)
             {
                 let next = match self.state.bitmap().next_dirty_range(cursor, chunk) {
@@ -462,7 +463,7 @@ impl MirrorJob {
                     None => None,
                 };
                 let Some((offset, len)) = next else { break };
-                ctx.rate_limit(len).await;
+                in_flight.alongside(ctx.rate_limit(len)).await;
                 if ctx.is_cancelled() {
                     break;
                 }
@@ -491,7 +492,10 @@ impl MirrorJob {
                         CopyError::Read(err) => (err, true),
                         CopyError::Write(err) => (err, false),
                     };
-                    if let ErrorAction::Report = ctx.handle_error(err, is_read).await {
+                    // The other copies go on meanwhile, also while the policy pauses the
+                    // job: a client write may wait for a range one of them holds.
+                    let action = in_flight.alongside(ctx.handle_error(err, is_read)).await;
+                    if let ErrorAction::Report = action {
                         finish_in_flight(ctx, &mut in_flight).await;
                         return Err(err.into());
                     }
@@ -576,7 +580,7 @@ impl MirrorJob {
 
 /// Let the copies in flight finish (no buffer is dropped mid-write) and count those that
 /// succeeded as done: len - offset is what the job left undone.
-async fn finish_in_flight<F>(ctx: &JobContext, in_flight: &mut FuturesUnordered<F>)
+async fn finish_in_flight<F>(ctx: &JobContext, in_flight: &mut Workers<F>)
 where
     F: std::future::Future<Output = (u64, u64, Result<(), CopyError>)>,
 {
