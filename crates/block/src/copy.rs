@@ -2,6 +2,7 @@
 //! copy-before-write filter so that each cluster is copied exactly once: whoever reaches a
 //! cluster first copies it, the other waits for that copy and then skips it.
 
+use crate::foreground::Foreground;
 use crate::node::{Child, WriteFlags};
 use std::collections::HashMap;
 use std::io;
@@ -165,6 +166,8 @@ pub struct BlockCopy {
     target_is_zero: bool,
     state: Mutex<CopyState>,
     copied_bytes: AtomicU64,
+    /// Client requests through the copy-before-write filter, which the job makes room for.
+    foreground: Foreground,
 }
 
 /// Largest run copied in one request.
@@ -193,6 +196,7 @@ impl BlockCopy {
                 in_flight: HashMap::new(),
             }),
             copied_bytes: AtomicU64::new(0),
+            foreground: Foreground::default(),
         }
     }
 
@@ -219,6 +223,11 @@ impl BlockCopy {
     /// The edge copies are written to.
     pub fn target(&self) -> &Arc<Child> {
         &self.target
+    }
+
+    /// When clients last wrote or read through the copy-before-write filter.
+    pub fn foreground(&self) -> &Foreground {
+        &self.foreground
     }
 
     /// Bytes still to copy.

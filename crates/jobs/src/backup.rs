@@ -276,7 +276,8 @@ impl BackupJob {
                 self.report_progress(ctx, &mut reported);
                 return Err(JobFailure::cancelled());
             }
-            while in_flight.running() < workers {
+            // Clients writing through the filter meanwhile come first.
+            while in_flight.running() < self.copy().foreground().job_share(workers) {
                 let Some(next) = self.copy().next_pending(cursor) else {
                     break;
                 };

@@ -437,7 +437,8 @@ impl MirrorJob {
                 }
                 self.actively_synced.store(false, Ordering::Release);
             }
-            while in_flight.running() < MAX_IN_FLIGHT
+            // Clients writing through the filter meanwhile come first.
+            while in_flight.running() < self.state.foreground().job_share(MAX_IN_FLIGHT)
                 && bytes_in_flight + chunk <= self.config.buf_size.max(chunk)
             {
                 let next = match self.state.bitmap().next_dirty_range(cursor, chunk) {

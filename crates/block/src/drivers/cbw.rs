@@ -142,6 +142,7 @@ impl CopyBeforeWrite {
 
     /// Before a write: save the old data of `[offset, offset+len)` to the target.
     async fn before_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.copy.foreground().note();
         if self.snapshot_broken() {
             return Ok(());
         }
@@ -187,6 +188,7 @@ impl Driver for CopyBeforeWrite {
     }
 
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.copy.foreground().note();
         self.copy.source().read(offset, buf).await
     }
 
@@ -196,6 +198,7 @@ impl Driver for CopyBeforeWrite {
         offset: u64,
         buf: &mut [u8],
     ) -> io::Result<Option<bool>> {
+        self.copy.foreground().note();
         self.copy.source().read_or_zero(offset, buf).await
     }
 

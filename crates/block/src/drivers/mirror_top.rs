@@ -8,6 +8,7 @@
 //! happen while the range is held against the job's copies.
 
 use crate::bitmap::DirtyBitmap;
+use crate::foreground::Foreground;
 use crate::node::{Child, DriverInfo, Extent, Node, WriteFlags};
 use crate::perm::Perms;
 use crate::range_lock::RangeLock;
@@ -33,6 +34,8 @@ pub struct MirrorState {
     target_write_failed: AtomicBool,
     /// Signalled when a client write made something dirty.
     dirtied: Notify,
+    /// Client requests through the filter, which the job makes room for.
+    foreground: Foreground,
 }
 
 impl MirrorState {
@@ -49,7 +52,13 @@ impl MirrorState {
             active_writes: AtomicUsize::new(0),
             target_write_failed: AtomicBool::new(false),
             dirtied: Notify::new(),
+            foreground: Foreground::default(),
         }
+    }
+
+    /// When clients last wrote or read through the filter.
+    pub fn foreground(&self) -> &Foreground {
+        &self.foreground
     }
 
     /// The dirty bitmap: what the job still has to copy.
@@ -162,6 +171,7 @@ impl MirrorTop {
     }
 
     async fn write_op(&self, node: &Node, offset: u64, op: WriteOp<'_>) -> io::Result<()> {
+        self.state.foreground.note();
         let source = Self::source(node)?;
         let len = op.len();
         let target = match self.state.is_write_blocking() {
@@ -208,6 +218,7 @@ impl Driver for MirrorTop {
     }
 
     async fn read(&self, node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.state.foreground.note();
         Self::source(node)?.read(offset, buf).await
     }
 
@@ -217,6 +228,7 @@ impl Driver for MirrorTop {
         offset: u64,
         buf: &mut [u8],
     ) -> io::Result<Option<bool>> {
+        self.state.foreground.note();
         Self::source(node)?.read_or_zero(offset, buf).await
     }
 
