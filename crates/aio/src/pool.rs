@@ -39,7 +39,31 @@ impl RawBuf {
         Layout::from_size_align(1 << self.shift, self.align).expect("layout was valid at alloc")
     }
 
+    /// Page-aligned buffers come straight from the kernel (mmap), not from the process's
+    /// allocator: mimalloc kept the freed megabyte buffers of a job's copies resident, and a
+    /// 1 GiB mirror or backup in RAM peaked at 90 MiB RSS, against 62-65 MiB with the
+    /// buffers mapped and unmapped here. Fresh anonymous pages read as zeroes and cost no
+    /// memset; the pool keeps buffers for reuse, so the syscalls are rare. Larger alignments
+    /// use the allocator.
     fn alloc(shift: u32, align: usize) -> io::Result<RawBuf> {
+        if align == BASE_ALIGN {
+            // Safety: a new private anonymous mapping; no existing memory is touched.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    1 << shift,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            let ptr = NonNull::new(ptr.cast()).ok_or(io::ErrorKind::OutOfMemory)?;
+            return Ok(RawBuf { ptr, shift, align });
+        }
         let layout = Layout::from_size_align(1 << shift, align)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // Zeroed so every byte is initialised; only fresh allocations pay for this.
@@ -50,6 +74,12 @@ impl RawBuf {
     }
 
     fn free(self) {
+        if self.align == BASE_ALIGN {
+            // Safety: mapped by `RawBuf::alloc` with this length, unmapped once. munmap of
+            // a valid mapping only fails for arguments that are not, so its result is moot.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), 1 << self.shift) };
+            return;
+        }
         // Safety: allocated by `RawBuf::alloc` with this very layout, freed once.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout()) }
     }
