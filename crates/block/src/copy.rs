@@ -162,8 +162,7 @@ pub struct BlockCopy {
     target: Arc<Child>,
     cluster_size: u64,
     len: u64,
-    /// The target reads as zeroes already (a fresh image): zero runs need no write.
-    target_is_zero: bool,
+    target_mode: TargetMode,
     state: Mutex<CopyState>,
     copied_bytes: AtomicU64,
     /// Client requests through the copy-before-write filter, which the job makes room for.
@@ -173,16 +172,25 @@ pub struct BlockCopy {
 /// Largest run copied in one request.
 const MAX_RUN: u64 = 1 << 20;
 
+/// How a copy writes its target.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TargetMode {
+    /// The target reads as zeroes already (a new image): zero runs of the source are not
+    /// written.
+    pub is_zero: bool,
+    /// Data goes out compressed (backup's `compress`; the target must support it).
+    pub compress: bool,
+}
+
 impl BlockCopy {
     /// Copy the clusters set in `pending`, of `cluster_size` bytes each, from `source` to
-    /// `target`, over the source's size at this moment. `target_is_zero`: the target
-    /// already reads as zeroes (a new image), so zero runs of the source are not written.
+    /// `target`, over the source's size at this moment, writing as `target_mode` says.
     pub fn new(
         source: Arc<Child>,
         target: Arc<Child>,
         cluster_size: u64,
         pending: ClusterBitmap,
-        target_is_zero: bool,
+        target_mode: TargetMode,
     ) -> BlockCopy {
         let len = source.node().size();
         BlockCopy {
@@ -190,7 +198,7 @@ impl BlockCopy {
             target,
             cluster_size,
             len,
-            target_is_zero,
+            target_mode,
             state: Mutex::new(CopyState {
                 pending,
                 in_flight: HashMap::new(),
@@ -299,7 +307,7 @@ impl BlockCopy {
             return None;
         }
         let mut zero_len = status.len;
-        if !self.target_is_zero {
+        if !self.target_mode.is_zero {
             let target = self.target.node();
             if !whole_disk || target.backing().is_some() {
                 return None;
@@ -483,7 +491,7 @@ impl BlockCopy {
                 .map_err(CopyError::Read)?;
             let n = status.len.max(1).min(end - offset);
             if status.zero {
-                if !self.target_is_zero {
+                if !self.target_mode.is_zero {
                     let flags = WriteFlags {
                         may_unmap: true,
                         ..WriteFlags::default()
@@ -501,8 +509,12 @@ impl BlockCopy {
                     .read(offset, buf.as_mut_slice())
                     .await
                     .map_err(CopyError::Read)?;
+                let flags = WriteFlags {
+                    compressed: self.target_mode.compress,
+                    ..WriteFlags::default()
+                };
                 target
-                    .write(offset, buf.as_slice(), WriteFlags::default())
+                    .write(offset, buf.as_slice(), flags)
                     .await
                     .map_err(CopyError::Write)?;
             }

@@ -64,6 +64,10 @@ pub struct WriteFlags {
     pub may_unmap: bool,
     /// A zero write must fail with ENOTSUP rather than fall back to slow explicit zeroes.
     pub no_fallback: bool,
+    /// Store the data compressed (QEMU's BDRV_REQ_WRITE_COMPRESSED): whole clusters, into
+    /// clusters not allocated yet. ENOTSUP where the driver cannot
+    /// ([`Driver::supports_compressed_writes`]).
+    pub compressed: bool,
 }
 
 /// Information a driver reports for query-named-block-nodes.
@@ -215,6 +219,11 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
             node.name(),
             self.format_name()
         ))
+    }
+
+    /// Whether writes with [`WriteFlags::compressed`] work (qcow2).
+    fn supports_compressed_writes(&self) -> bool {
+        false
     }
 
     /// Whether the format has a backing file (qcow2), so that the node can take a backing
@@ -1139,6 +1148,9 @@ impl Node {
         self.check_writable().map_err(|e| acct.invalid(e))?;
         self.check_write_range(offset, buf.len() as u64)
             .map_err(|e| acct.invalid(e))?;
+        if flags.compressed && !self.driver.supports_compressed_writes() {
+            return Err(acct.invalid(io::Error::from_raw_os_error(libc::ENOTSUP)));
+        }
         self.write_threshold
             .check(&self.name, offset, buf.len() as u64);
         if self.options.detect_zeroes != DetectZeroes::Off && is_zero(buf) {

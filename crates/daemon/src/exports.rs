@@ -100,6 +100,7 @@ impl Backend for NodeBackend {
             fua: flags.fua,
             may_unmap: flags.may_trim,
             no_fallback: flags.fast,
+            ..WriteFlags::default()
         };
         self.edge()?.write_zeroes(offset, len, flags).await
     }

@@ -16,7 +16,7 @@ use crate::{JobContext, JobDriver, JobFailure, JobType};
 use async_trait::async_trait;
 use block::DirtyBitmap;
 use block::GraphChange;
-use block::{BlockCopy, ClusterBitmap, CopyError};
+use block::{BlockCopy, ClusterBitmap, CopyError, TargetMode};
 use block::{Child, DrainedSection, Graph, Node, Parent, Perms};
 use block::{CommonOptions, ExtentKind};
 use block::{CopyBeforeWrite, OnCbwError};
@@ -404,8 +404,9 @@ pub struct BackupSetup {
     pub perf: BackupPerf,
     /// The smallest copy unit asked for (x-perf.min-cluster-size), 0 for the target's.
     pub min_cluster: u64,
-    /// The target reads as zeroes already (a new image): zero clusters need no write.
-    pub target_is_zero: bool,
+    /// The target reads as zeroes already (a new image), and whether data goes out
+    /// compressed (QMP `compress`).
+    pub target_mode: TargetMode,
     /// Id, speed, error policies and transaction of the job.
     pub options: JobOptions,
 }
@@ -428,7 +429,7 @@ pub async fn create_backup(
         bitmap,
         perf,
         min_cluster,
-        target_is_zero,
+        target_mode,
         options,
     } = setup;
     let sync_bitmap =
@@ -449,7 +450,7 @@ pub async fn create_backup(
                 &target,
                 &filter_name,
                 min_cluster,
-                target_is_zero,
+                target_mode,
                 only_dirty.as_deref(),
                 &job_id,
                 drained,
@@ -481,7 +482,7 @@ async fn insert_cbw(
     target: &Arc<Node>,
     filter_name: &str,
     min_cluster: u64,
-    target_is_zero: bool,
+    target_mode: TargetMode,
     only_dirty: Option<&DirtyBitmap>,
     job_id: &str,
     drained: &DrainedSection,
@@ -523,7 +524,7 @@ async fn insert_cbw(
         target_edge.clone(),
         cluster,
         pending,
-        target_is_zero,
+        target_mode,
     ));
     let cbw = CopyBeforeWrite::with_copy(copy.clone(), OnCbwError::BreakGuestWrite, None);
     let filter = Node::new(

@@ -3,7 +3,7 @@
 //! as it was when the filter was inserted (a backup's point in time, or a fleecing image),
 //! whatever writes arrive meanwhile. `snapshot-access` reads that point-in-time view.
 
-use crate::copy::{BlockCopy, ClusterBitmap};
+use crate::copy::{BlockCopy, ClusterBitmap, TargetMode};
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
@@ -98,7 +98,13 @@ impl CopyBeforeWrite {
             }
         };
         CopyBeforeWrite::with_copy(
-            Arc::new(BlockCopy::new(file, target, cluster_size, pending, false)),
+            Arc::new(BlockCopy::new(
+                file,
+                target,
+                cluster_size,
+                pending,
+                TargetMode::default(),
+            )),
             on_error,
             timeout,
         )

@@ -3,7 +3,7 @@
 use super::bitmaps::{check_bitmap, BitmapUse};
 use crate::daemon::Daemon;
 use block::DirtyBitmap;
-use block::{DrainedSection, Node};
+use block::{DrainedSection, Node, TargetMode};
 use jobs::{BackupPerf, BackupSetup, BitmapMode, SyncMode};
 use jobs::{JobOptions, OnError};
 use qapi::error::QmpError;
@@ -295,7 +295,7 @@ async fn create_backup(
             "Source and target image have different sizes",
         ));
     }
-    if args.compress == Some(true) {
+    if args.compress == Some(true) && !target.driver().supports_compressed_writes() {
         return Err(QmpError::generic(format!(
             "Compression is not supported for this drive {}",
             target.name()
@@ -366,7 +366,10 @@ async fn create_backup(
         bitmap,
         perf,
         min_cluster,
-        target_is_zero: target_is_new && sync == SyncMode::Full,
+        target_mode: TargetMode {
+            is_zero: target_is_new && sync == SyncMode::Full,
+            compress: args.compress == Some(true),
+        },
         options,
     };
     let (manager, drained) = (daemon.jobs.clone(), drained.clone());

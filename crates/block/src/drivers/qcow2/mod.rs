@@ -404,6 +404,10 @@ impl Driver for Qcow2 {
         true
     }
 
+    fn supports_compressed_writes(&self) -> bool {
+        true
+    }
+
     /// Read unallocated clusters from another backing edge (or none) after the graph
     /// changed this node's backing; waits for requests in flight.
     async fn set_backing_edge(
@@ -452,7 +456,15 @@ impl Driver for Qcow2 {
         flags: WriteFlags,
     ) -> io::Result<()> {
         self.guarded(node, async {
-            self.image.read().await.write(offset, buf, flags).await
+            let image = self.image.read().await;
+            if !flags.compressed {
+                return image.write(offset, buf, flags).await;
+            }
+            image.write_compressed(offset, buf).await?;
+            match flags.fua {
+                true => image.flush().await,
+                false => Ok(()),
+            }
         })
         .await
     }

@@ -57,6 +57,10 @@ pub(super) struct Refcounts {
     free_cursor: u64,
     /// The first cluster past everything allocated and past the end of the file.
     end: u64,
+    /// Where the next compressed cluster's bytes may go: the free tail of the cluster the
+    /// last one went into (0: none). Forgotten when that cluster's refcount drops to 0,
+    /// since it may then be handed out whole to someone else.
+    free_byte_offset: u64,
 }
 
 impl Refcounts {
@@ -107,6 +111,7 @@ impl Refcounts {
             tick: 0,
             free_cursor: 0,
             end,
+            free_byte_offset: 0,
         })
     }
 
@@ -196,8 +201,43 @@ impl Refcounts {
         self.dirty.insert(block);
         if value == 0 {
             self.free_cursor = self.free_cursor.min(cluster);
+            if self.free_byte_offset != 0 && self.free_byte_offset >> self.cluster_bits == cluster {
+                self.free_byte_offset = 0;
+            }
         }
         Ok(())
+    }
+
+    /// Take `len` bytes (less than a cluster) for a compressed cluster; returns their file
+    /// offset. Compressed clusters are packed one after the other as QEMU packs them: each
+    /// adds a reference to every host cluster its bytes touch, so one that does not fit in
+    /// the rest of the current cluster starts a new one (QEMU would continue into the next
+    /// cluster when it happens to be free; starting afresh only leaves a tail unused).
+    pub(super) async fn allocate_bytes(&mut self, len: u64) -> io::Result<u64> {
+        let cluster_size = self.cluster_size();
+        debug_assert!(len > 0 && len < cluster_size);
+        let at = self.free_byte_offset;
+        let fits = at != 0 && (at & (cluster_size - 1)) + len <= cluster_size;
+        let offset = match fits {
+            true => {
+                let cluster = at >> self.cluster_bits;
+                match self.get(cluster).await? {
+                    // Shared by as many compressed clusters as the refcount can count.
+                    n if n > 0 && n < self.max() => {
+                        self.set(cluster, n + 1).await?;
+                        at
+                    }
+                    _ => self.allocate(1).await? << self.cluster_bits,
+                }
+            }
+            false => self.allocate(1).await? << self.cluster_bits,
+        };
+        let end = offset + len;
+        self.free_byte_offset = match end & (cluster_size - 1) {
+            0 => 0,
+            _ => end,
+        };
+        Ok(offset)
     }
 
     /// Take `count` consecutive free clusters with refcount 1; returns the first one's
