@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 const ACTIVE_WINDOW: Duration = Duration::from_millis(50);
 
 /// The job's requests in flight while clients are active.
-pub const JOB_REQUESTS_WHILE_CLIENTS_ACTIVE: usize = 2;
+const JOB_REQUESTS_WHILE_CLIENTS_ACTIVE: usize = 2;
 
 /// The time of the last client request through one filter.
 #[derive(Debug, Default)]

@@ -32,7 +32,7 @@ pub use drivers::mirror_top::{MirrorState, MirrorTop};
 pub use drivers::nbd::{InetServer, UnixServer};
 pub use drivers::qcow2::Qcow2Header;
 pub use drivers::throttle::set_io_throttle;
-pub use foreground::{Foreground, JOB_REQUESTS_WHILE_CLIENTS_ACTIVE};
+pub use foreground::Foreground;
 pub use graph::{EventHook, Graph, OptionSyntax, QEMU_DRIVERS};
 pub use info::{block_graph, named_block_nodes};
 pub use iothread::{IoThreads, Panicked, Work};

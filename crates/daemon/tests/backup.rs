@@ -440,6 +440,8 @@ async fn backup_errors_answer_like_qsd() {
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "tgt", "sync": "full", "x-perf": {"min-cluster-size": -1}}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "tgt", "sync": "full", "x-perf": {"min-cluster-size": 3}}}),
         json!({"execute": "blockdev-add", "arguments": {"driver": "copy-before-write", "node-name": "c", "file": "disk0", "target": "tgt", "min-cluster-size": 3}}),
+        json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "rawtgt", "sync": "full", "compress": true}}),
+        json!({"execute": "drive-backup", "arguments": {"job-id": "d", "device": "disk0", "target": "d.raw", "sync": "full", "format": "raw", "compress": true}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "disk0", "target": "tgt", "sync": "none", "speed": 1}}),
         json!({"execute": "blockdev-backup", "arguments": {"job-id": "k", "device": "disk0", "target": "tgt", "sync": "full"}}),
         json!({"execute": "blockdev-del", "arguments": {"node-name": "tgt"}}),
@@ -463,6 +465,13 @@ async fn backup_errors_answer_like_qsd() {
         let mut extra = target_args("tgt", "tgt.qcow2");
         extra.extend(target_args("small", "small.qcow2"));
         extra.extend(target_args("small2", "small2.qcow2"));
+        // Raw cannot store compressed clusters: `compress` is refused up front.
+        let raw = p(dir.path(), "rawtgt.raw");
+        qemu_img(&["create", "-q", "-f", "raw", &raw, "16M"]);
+        extra.extend([
+            s("--blockdev"),
+            s("driver=raw,node-name=rawtgt,file.driver=file,file.filename=rawtgt.raw"),
+        ]);
         let daemon = Daemon::start(which, dir.path(), &chain_args(&extra));
         let mut client = daemon.qmp().await;
         let mut replies = Vec::new();

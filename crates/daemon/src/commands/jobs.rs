@@ -296,10 +296,10 @@ async fn create_backup(
         ));
     }
     if args.compress == Some(true) && !target.driver().supports_compressed_writes() {
-        return Err(QmpError::generic(format!(
-            "Compression is not supported for this drive {}",
-            target.name()
-        )));
+        // QEMU names the target's device here, and a daemon's nodes have none.
+        return Err(QmpError::generic(
+            "Compression is not supported for this drive ",
+        ));
     }
     if args.discard_source == Some(true) {
         return Err(QmpError::generic(

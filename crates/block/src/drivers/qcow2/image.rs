@@ -572,9 +572,8 @@ impl Image {
             }
         };
         if let Err(e) = written {
-            for cluster in host >> self.cluster_bits..=(host + len - 1) >> self.cluster_bits {
-                meta.refcounts.release(cluster).await?;
-            }
+            // `allocate_bytes` keeps the bytes within one host cluster.
+            meta.refcounts.release(host >> self.cluster_bits).await?;
             return Err(e);
         }
         let sectors = ((host + len - 1) >> 9) - (host >> 9);
