@@ -2,11 +2,11 @@
 //! blockdev-create's `file` and `qcow2` drivers (qcow2 written onto an open node, QEMU's
 //! two-step flow).
 
-use crate::drivers::qcow2::NodeStorage;
-use crate::node::{Child, WriteFlags};
-use imago::format::PreallocateMode;
-use imago::qcow2::Qcow2;
-use imago::{FormatCreateBuilder, Storage};
+use crate::drivers::file::{FileDriver, FileOptions};
+use crate::drivers::qcow2::{Compression, NewQcow2};
+use crate::node::{Child, CommonOptions, Node, Parent};
+use crate::perm::Perms;
+use imago::Storage;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -45,14 +45,58 @@ pub async fn create_image(path: &Path, image: NewImage<'_>) -> Result<(), String
                 .open()
                 .await
                 .map_err(fail)?;
-            let mut builder = Qcow2::<aio::ImageFile>::create_builder(file).size(image.size);
-            if let Some((name, format)) = image.backing {
-                builder = builder.backing(name, format);
-            }
-            builder.create().await.map_err(fail)
+            drop(file);
+            let edge = file_edge(path).await?;
+            let new = NewQcow2 {
+                size: image.size,
+                version: 3,
+                cluster_bits: 16,
+                refcount_order: 4,
+                lazy_refcounts: false,
+                compression: Compression::Zlib,
+                backing: image
+                    .backing
+                    .as_ref()
+                    .map(|(name, format)| (name.as_str(), Some(format.as_str()))),
+                preallocate: Prealloc::Off,
+            };
+            new.write(&edge).await.map_err(fail)
         }
         other => Err(format!("Driver '{other}' does not support image creation")),
     }
+}
+
+/// A writable edge to the file at `path`, outside the graph: what a new qcow2 image is
+/// written through.
+async fn file_edge(path: &Path) -> Result<Arc<Child>, String> {
+    let options = FileOptions {
+        filename: path.to_string_lossy().into_owned(),
+        pr_manager: None,
+        locking: None,
+        aio: None,
+        aio_max_batch: None,
+        drop_cache: None,
+        x_check_cache_dropped: None,
+    };
+    let common = CommonOptions::default();
+    let driver = FileDriver::open("file", options, &common).await?;
+    let node = Node::new(
+        "#create".into(),
+        true,
+        Box::new(driver),
+        common,
+        serde_json::Value::Null,
+    );
+    Node::attach(
+        &node,
+        "file",
+        Parent::User {
+            kind: "block-backend",
+            name: String::new(),
+        },
+        Perms::WRITE | Perms::RESIZE,
+        Perms::ALL,
+    )
 }
 
 /// QEMU's `PreallocMode`.
@@ -213,12 +257,11 @@ pub enum CompressionType {
 pub struct Qcow2Create {
     /// Virtual disk size in bytes, a multiple of 512 (QMP `size`).
     pub size: i64,
-    /// QMP `version`: v3 when absent; `check` refuses v2, which imago cannot write.
+    /// QMP `version`: v3 when absent.
     pub version: Option<Qcow2Version>,
     /// Backing file name written into the header, not opened (QMP `backing-file`).
     pub backing_file: Option<String>,
-    /// Backing format written beside the name; required with a backing file here, since
-    /// imago always records one (QMP `backing-fmt`).
+    /// Backing format written beside the name, none when absent (QMP `backing-fmt`).
     pub backing_fmt: Option<String>,
     /// Cluster size in bytes, a power of two from 512 to 2 MiB, 64 KiB when absent (QMP
     /// `cluster-size`).
@@ -243,17 +286,13 @@ pub struct Qcow2Create {
     pub data_file_raw: Option<bool>,
     /// QMP `encrypt`: refused, so kept unparsed.
     pub encrypt: Option<serde_json::Value>,
-    /// QMP `compression-type`: zlib when absent; zstd is refused.
+    /// QMP `compression-type`: zlib when absent.
     pub compression_type: Option<CompressionType>,
 }
 
-/// Where the compatible feature bits lie in a version 3 header, and lazy refcounts' bit.
-const COMPATIBLE_FEATURES_OFFSET: u64 = 80;
-const LAZY_REFCOUNTS: u64 = 1;
-
 impl Qcow2Create {
-    /// QEMU's checks of the options, in QEMU's order and words, then what imago cannot
-    /// write (version 2, extended L2, external data files, encryption, zstd).
+    /// QEMU's checks of the options, in QEMU's order and words, then what the qcow2 driver
+    /// cannot write yet (extended L2, external data files, encryption).
     pub fn check(&self) -> Result<(), String> {
         if self.size % 512 != 0 {
             return Err("Image size must be a multiple of 512 bytes".into());
@@ -296,19 +335,12 @@ impl Qcow2Create {
         if !v3 && self.compression_type == Some(CompressionType::Zstd) {
             return Err("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)".into());
         }
-        let unsupported = if self.backing_file.is_some() && self.backing_fmt.is_none() {
-            // imago always records a backing format; guessing one could misread the backing.
-            Some("a backing file but no backing-fmt")
-        } else if !v3 {
-            Some("version 2 images")
-        } else if self.extended_l2 {
+        let unsupported = if self.extended_l2 {
             Some("extended L2 entries")
         } else if self.data_file.is_some() {
             Some("external data files")
         } else if self.encrypt.is_some() {
             Some("encryption")
-        } else if self.compression_type == Some(CompressionType::Zstd) {
-            Some("zstd compression")
         } else {
             None
         };
@@ -321,34 +353,37 @@ impl Qcow2Create {
     /// Write a new image onto the node `file` leads to (what was there is lost), through
     /// `file`, an edge that may write and resize. Runs on an I/O thread; `check` first.
     pub async fn create_on(&self, file: Arc<Child>) -> Result<(), String> {
-        let fail = |e: io::Error| os_text(&e);
-        file.node().truncate(0).await.map_err(fail)?;
-        let storage = NodeStorage::new(file.clone());
         let size = u64::try_from(self.size).map_err(|_| "Invalid image size".to_string())?;
-        let mut builder = Qcow2::<NodeStorage>::create_builder(storage)
-            .size(size)
-            .cluster_size(self.cluster_size.unwrap_or(65536) as usize)
-            .refcount_width(self.refcount_bits.unwrap_or(16) as usize)
-            .preallocate(match self.preallocation {
-                Prealloc::Off => PreallocateMode::None,
-                Prealloc::Metadata => PreallocateMode::FormatAllocate,
-                Prealloc::Falloc => PreallocateMode::FullAllocate,
-                Prealloc::Full => PreallocateMode::WriteData,
-            });
-        if let (Some(name), Some(format)) = (&self.backing_file, &self.backing_fmt) {
-            builder = builder.backing(name.clone(), format.clone());
-        }
-        builder.create().await.map_err(fail)?;
-        if self.lazy_refcounts {
-            file.write(
-                COMPATIBLE_FEATURES_OFFSET,
-                &LAZY_REFCOUNTS.to_be_bytes(),
-                WriteFlags::default(),
-            )
+        let image = NewQcow2 {
+            size,
+            version: match self.version {
+                Some(Qcow2Version::V2) => 2,
+                _ => 3,
+            },
+            cluster_bits: self.cluster_size.unwrap_or(65536).trailing_zeros(),
+            refcount_order: self.refcount_bits.unwrap_or(16).trailing_zeros(),
+            lazy_refcounts: self.lazy_refcounts,
+            compression: match self.compression_type {
+                Some(CompressionType::Zstd) => Compression::Zstd,
+                _ => Compression::Zlib,
+            },
+            backing: self
+                .backing_file
+                .as_deref()
+                .map(|name| (name, self.backing_fmt.as_deref())),
+            preallocate: self.preallocation,
+        };
+        image
+            .write(&file)
             .await
-            .map_err(fail)?;
-        }
-        file.flush().await.map_err(fail)
+            .map_err(|e| match (&e.raw_os_error(), &self.backing_file) {
+                (Some(libc::ENOSPC | libc::EINVAL), Some(name)) => format!(
+                    "Could not assign backing file '{name}' with format '{}': {}",
+                    self.backing_fmt.as_deref().unwrap_or(""),
+                    os_text(&e)
+                ),
+                _ => os_text(&e),
+            })
     }
 }
 

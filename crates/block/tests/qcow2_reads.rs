@@ -1,6 +1,7 @@
 //! Reads through the qcow2 driver return what qemu-img reads from the same image, for every
 //! kind of cluster (data in this layer or the backing file, zero, unallocated, compressed,
-//! partial) and for requests inside one cluster or spanning several kinds.
+//! partial) and for requests inside one cluster or spanning several kinds, with zlib and
+//! with zstd compressed clusters.
 
 mod common;
 
@@ -11,6 +12,16 @@ const SIZE: u64 = 4096 * KIB;
 
 #[test]
 fn reads_match_qemu_for_every_kind_of_cluster() {
+    reads_match_qemu("zlib");
+}
+
+/// The same with the compressed cluster stored as a zstd frame.
+#[test]
+fn reads_match_qemu_with_zstd_compressed_clusters() {
+    reads_match_qemu("zstd");
+}
+
+fn reads_match_qemu(compression: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let (base, top, flat) = (path("base.qcow2"), path("top.qcow2"), path("flat.raw"));
@@ -23,7 +34,17 @@ fn reads_match_qemu_for_every_kind_of_cluster() {
     run(
         "qemu-img",
         &[
-            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("compression_type={compression}"),
+            "-b",
+            &base,
+            "-F",
+            "qcow2",
+            &top,
         ],
     );
     for cmd in [

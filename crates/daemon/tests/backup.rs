@@ -1043,7 +1043,8 @@ async fn full_backup_skipping_holes_while_copies_load_tables() {
 /// `compress: true` on both daemons: repetitive data lands in compressed clusters, random
 /// data (which does not compress) in plain ones, the disk's partial last cluster too; the
 /// target checks clean (every packed cluster's refcount right, nothing leaked) and reads as
-/// the source. Into a target that already holds data the job fails with EIO, as qsd's.
+/// the source, with zlib and with zstd targets. Into a target that already holds data the
+/// job fails with EIO, as qsd's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_backup_on_both_daemons() {
     for which in Impl::all() {
@@ -1074,9 +1075,23 @@ async fn compressed_backup_on_both_daemons() {
             "-c",
             "write -P 0x22 8M 20K",
         ]);
-        for (target_data, expect_error) in [(false, None), (true, Some("Input/output error"))] {
+        for (target_data, expect_error, compression) in [
+            (false, None, "zlib"),
+            (false, None, "zstd"),
+            (true, Some("Input/output error"), "zlib"),
+        ] {
             let tgt = p(dir.path(), "tgt.qcow2");
-            qemu_img(&["create", "-q", "-f", "qcow2", &tgt, &size.to_string()]);
+            let options = format!("compression_type={compression}");
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &options,
+                &tgt,
+                &size.to_string(),
+            ]);
             if target_data {
                 qemu_io(&["-f", "qcow2", &tgt, "-c", "write -P 0x33 0 64K"]);
             }

@@ -169,6 +169,7 @@ impl Qcow2Header {
                 header.compression_type = buf[104];
             }
         }
+        header.check_compression_type()?;
         if header.incompatible & INCOMPAT_EXTERNAL_DATA != 0 {
             return Err("qcow2 images with an external data file are not supported".into());
         }
@@ -219,14 +220,23 @@ impl Qcow2Header {
         Ok(())
     }
 
+    /// QEMU's rules: zlib (0) or zstd (1), and the incompatible bit set exactly when the
+    /// type is not zlib, since an older reader would misread the clusters.
+    fn check_compression_type(&self) -> Result<(), String> {
+        let flagged = self.incompatible & INCOMPAT_COMPRESSION != 0;
+        match self.compression_type {
+            0 | 1 if flagged == (self.compression_type != 0) => Ok(()),
+            0 => Err("qcow2: Compression type incompatible feature bit must not be set".into()),
+            1 => Err("qcow2: Compression type incompatible feature bit must be set".into()),
+            other => Err(format!("qcow2: unknown compression type: {other}")),
+        }
+    }
+
     /// Refuse, before anything is written, the incompatible features the driver cannot
     /// serve yet: a refused open must leave the image (and its bitmaps) as it was.
     pub fn check_supported(&self) -> Result<(), String> {
         if self.incompatible & INCOMPAT_DIRTY != 0 {
             return Err("qcow2 images whose refcounts are dirty (lazy refcounts of a process that did not close the image) are not supported yet; 'qemu-img check -r all' repairs them".into());
-        }
-        if self.incompatible & INCOMPAT_COMPRESSION != 0 && self.compression_type != 0 {
-            return Err("qcow2 images with zstd compression are not supported yet".into());
         }
         if self.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
             return Err(
@@ -468,6 +478,32 @@ mod tests {
         buf[96..100].copy_from_slice(&6u32.to_be_bytes());
         let header = Qcow2Header::parse(&buf).unwrap();
         assert_eq!(header.format_specific()["refcount-bits"], 64);
+    }
+
+    #[test]
+    fn compression_type_and_its_bit_agree_as_qemu_requires() {
+        let mut buf = v3_header(None);
+        let incompatible = |buf: &mut Vec<u8>, bits: u64| {
+            buf[72..80].copy_from_slice(&bits.to_be_bytes());
+        };
+        buf[104] = 1;
+        assert_eq!(
+            Qcow2Header::parse(&buf).unwrap_err(),
+            "qcow2: Compression type incompatible feature bit must be set"
+        );
+        incompatible(&mut buf, INCOMPAT_COMPRESSION);
+        let header = Qcow2Header::parse(&buf).unwrap();
+        assert_eq!(header.format_specific()["compression-type"], "zstd");
+        buf[104] = 0;
+        assert_eq!(
+            Qcow2Header::parse(&buf).unwrap_err(),
+            "qcow2: Compression type incompatible feature bit must not be set"
+        );
+        buf[104] = 7;
+        assert_eq!(
+            Qcow2Header::parse(&buf).unwrap_err(),
+            "qcow2: unknown compression type: 7"
+        );
     }
 
     #[test]

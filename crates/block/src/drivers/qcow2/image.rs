@@ -24,10 +24,11 @@
 //! where the other metadata lies (`overlap.rs`); table entries no valid image holds are
 //! reported the same way, as a [`Corruption`] the node acts on (`mod.rs`).
 //!
-//! Not here yet: extended L2 entries, zstd, external data files, encryption, lazy
-//! refcounts and dirty-image repair, `pass-discard-*` (all refused at open by `header.rs`
-//! and `options.rs`), and compressed writes.
+//! Not here yet: extended L2 entries, external data files, encryption, lazy refcounts and
+//! dirty-image repair, `pass-discard-*` (all refused at open by `header.rs` and
+//! `options.rs`).
 
+use super::compression::Compression;
 use super::header::{be32, be64};
 use super::overlap::{hex, Checks, Corruption, Metadata, MetadataMap};
 use super::refcount::Refcounts;
@@ -42,12 +43,12 @@ use tokio::sync::{Mutex, Notify};
 /// Bits 9-55 of an L1 entry or a standard L2 entry: the host cluster offset.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bit 63: the cluster's refcount is exactly 1, so it may be written in place.
-const COPIED: u64 = 1 << 63;
+pub(super) const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
 /// Bit 0 of a standard L2 entry (version 3): the cluster reads as zeroes.
 const ZERO: u64 = 1;
 /// QEMU's limit for the L1 table (QCOW_MAX_L1_SIZE): 32 MiB.
-const MAX_L1_BYTES: u64 = 32 << 20;
+pub(super) const MAX_L1_BYTES: u64 = 32 << 20;
 /// The most L2 table memory cached, as QEMU's default maximum on Linux.
 const L2_CACHE_BYTES: u64 = 32 << 20;
 /// The most one allocating step takes at once, so a huge write does not hold its whole
@@ -101,6 +102,7 @@ pub(super) struct Image {
     version: u32,
     size: u64,
     l2_capacity: usize,
+    compression: Compression,
     meta: Mutex<Meta>,
     /// Woken whenever an allocation in flight completes.
     allocated: Notify,
@@ -119,6 +121,7 @@ impl Image {
         backing: Option<Arc<Child>>,
         writable: bool,
         checks: Checks,
+        compression: Compression,
     ) -> io::Result<Image> {
         let mut first = vec![0u8; 512.min(file.node().size() as usize)];
         file.read(0, &mut first).await?;
@@ -173,6 +176,7 @@ impl Image {
             version,
             size,
             l2_capacity,
+            compression,
             meta: Mutex::new(Meta {
                 l1,
                 l1_offset,
@@ -389,19 +393,14 @@ impl Image {
         self.file.debug_event(BlkdebugEvent::ReadCompressed);
         self.file.read(offset, &mut input).await?;
         let mut out = vec![0u8; self.cluster_size() as usize];
-        match miniz_oxide::inflate::decompress_slice_iter_to_slice(
-            &mut out,
-            std::iter::once(&input[..]),
-            false,
-            true,
-        ) {
-            Ok(n) if n == out.len() => Ok(out),
-            // The output is full and the stream goes on: QEMU takes the cluster too.
-            Err(miniz_oxide::inflate::TINFLStatus::HasMoreOutput) => Ok(out),
-            _ => Err(corrupt(format!(
-                "compressed cluster at {offset:#x} does not decompress"
-            ))),
-        }
+        self.compression
+            .decompress(&input, &mut out)
+            .map_err(|()| {
+                corrupt(format!(
+                    "compressed cluster at {offset:#x} does not decompress"
+                ))
+            })?;
+        Ok(out)
     }
 
     /// Whether `from..to` reads as zeroes, this layer or the backing chain below.
@@ -538,8 +537,9 @@ impl Image {
         // The disk's last cluster may be partial: it is compressed padded with zeroes.
         let mut whole = vec![0u8; cluster_size];
         whole[..data.len()].copy_from_slice(data);
-        // Deflating a cluster takes about a millisecond: not on the I/O thread.
-        let compressed = tokio::task::spawn_blocking(move || deflate_cluster(&whole))
+        // Compressing a cluster takes about a millisecond: not on the I/O thread.
+        let compression = self.compression;
+        let compressed = tokio::task::spawn_blocking(move || compression.compress(&whole))
             .await
             .map_err(|e| io::Error::other(format!("compression failed: {e}")))?;
         let Some(compressed) = compressed else {
@@ -1096,19 +1096,6 @@ fn classify(entry: u64, cluster_bits: u32, version: u32) -> Result<Mapping, u64>
         host,
         copied: entry & COPIED != 0,
     })
-}
-
-/// A cluster deflated as qcow2's zlib compression type stores it (a raw stream with a
-/// 4 KiB window, which every qcow2 reader accepts); None when that does not save at least
-/// a byte.
-fn deflate_cluster(data: &[u8]) -> Option<Vec<u8>> {
-    let mut stream =
-        flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
-    let mut out = Vec::with_capacity(data.len() - 1);
-    match stream.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
-        Ok(flate2::Status::StreamEnd) => Some(out),
-        _ => None,
-    }
 }
 
 /// Where a compressed cluster's data lies in the file: its offset and the bytes its

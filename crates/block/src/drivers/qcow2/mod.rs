@@ -18,15 +18,17 @@
 //! its caches written back, then the data path opens anew: see `snapshots.rs`.
 
 mod bitmaps;
+mod compression;
+mod create;
 mod header;
 mod image;
 mod options;
 mod overlap;
 mod refcount;
 mod snapshots;
-mod storage;
-pub use storage::NodeStorage;
 
+pub use compression::Compression;
+pub use create::NewQcow2;
 pub use header::Qcow2Header;
 
 use crate::bitmap::DirtyBitmap;
@@ -153,9 +155,15 @@ impl Qcow2 {
             ),
             None => None,
         };
-        let image = Image::open(file.clone(), backing, writable, checks)
-            .await
-            .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
+        let image = Image::open(
+            file.clone(),
+            backing,
+            writable,
+            checks,
+            compression::Compression::of(&header),
+        )
+        .await
+        .map_err(|e| format!("Could not open qcow2 image: {e}"))?;
         let snapshot_list = snapshots::load_list(&file)
             .await
             .map_err(|e| format!("Could not read qcow2 snapshot table: {e}"))?;
@@ -619,6 +627,7 @@ impl Driver for Qcow2 {
             node.child("backing"),
             writable,
             self.checks,
+            compression::Compression::of(&self.header()),
         )
         .await
         {

@@ -510,7 +510,14 @@ impl Qcow2 {
         }
         image.flush().await?;
         let result = change.await;
-        *image = Image::open(self.file.clone(), node.child("backing"), true, self.checks).await?;
+        *image = Image::open(
+            self.file.clone(),
+            node.child("backing"),
+            true,
+            self.checks,
+            super::compression::Compression::of(&self.header()),
+        )
+        .await?;
         result
     }
 
