@@ -550,6 +550,7 @@ impl Graph {
                 syntax,
                 path,
                 inherited: &inherited,
+                format: entry.format,
                 common: &common,
                 children: Vec::new(),
             };

@@ -29,6 +29,9 @@ pub type OpenFn = for<'a, 'b> fn(
 pub struct DriverEntry {
     /// The `driver` values it serves (`file` and `host_device` share one).
     pub names: &'static [&'static str],
+    /// An image format (QEMU's `is_format`): its data children default to
+    /// `discard=unmap`, since the format itself decides which discards reach them.
+    pub format: bool,
     pub open: OpenFn,
 }
 
@@ -68,6 +71,8 @@ pub struct Opener<'b> {
     pub(crate) path: Option<&'b str>,
     /// Options a child inherits when it does not set them (QEMU's inherited options).
     pub(crate) inherited: &'b Map<String, Value>,
+    /// This node's driver is an image format ([`DriverEntry::format`]).
+    pub(crate) format: bool,
     pub(crate) common: &'b CommonOptions,
     pub(crate) children: Vec<Arc<Child>>,
 }
@@ -177,6 +182,13 @@ impl Opener<'_> {
                 }
             },
             Value::Object(mut child_options) => {
+                if self.format && role != "backing" {
+                    // QEMU's rule: not the parent's discard mode but unmap, as the format
+                    // passes on only the discards it means (qcow2's pass-discard-*).
+                    child_options
+                        .entry("discard".to_string())
+                        .or_insert(json!("unmap"));
+                }
                 for (key, value) in self.inherited {
                     child_options.entry(key.clone()).or_insert(value.clone());
                 }

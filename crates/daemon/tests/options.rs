@@ -171,12 +171,17 @@ fn cases(dir: &std::path::Path) -> Vec<(&'static str, Value, Expect)> {
         (
             "pass-discard-request on",
             qcow2_with(json!({"pass-discard-request": true})),
-            Refused("pass-discard-request=on"),
+            Same,
         ),
         (
             "pass-discard-snapshot on",
             qcow2_with(json!({"pass-discard-snapshot": true})),
-            Refused("pass-discard-snapshot=on"),
+            Same,
+        ),
+        (
+            "pass-discard-other on",
+            qcow2_with(json!({"pass-discard-other": true})),
+            Same,
         ),
         (
             "discard-no-unref on",

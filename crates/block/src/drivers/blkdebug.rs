@@ -434,6 +434,7 @@ impl Driver for Blkdebug {
 }
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    format: false,
     names: &["blkdebug"],
     open: |o, options| Box::pin(open(o, options)),
 };

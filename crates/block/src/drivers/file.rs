@@ -301,6 +301,7 @@ impl Driver for FileDriver {
 }
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    format: false,
     names: &["file", "host_device"],
     open: |o, options| Box::pin(open(o, options)),
 };

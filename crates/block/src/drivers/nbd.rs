@@ -442,6 +442,7 @@ impl Driver for NbdDriver {
 }
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    format: false,
     names: &["nbd"],
     open: |o, options| Box::pin(open(o, options)),
 };

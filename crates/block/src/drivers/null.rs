@@ -113,6 +113,7 @@ impl Driver for Null {
 }
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    format: false,
     names: &["null-co", "null-aio"],
     open: |o, options| Box::pin(open(o, options)),
 };

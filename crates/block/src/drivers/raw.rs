@@ -152,6 +152,7 @@ impl Driver for Raw {
 }
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    format: true,
     names: &["raw"],
     open: |o, options| Box::pin(open(o, options)),
 };

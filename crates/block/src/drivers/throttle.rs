@@ -209,6 +209,7 @@ pub async fn set_io_throttle(
 }
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    format: false,
     names: &["throttle"],
     open: |o, options| Box::pin(open(o, options)),
 };

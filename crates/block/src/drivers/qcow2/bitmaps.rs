@@ -25,7 +25,7 @@
 use super::header::BitmapsExt;
 use super::header::{be32, be64};
 use super::overlap::{Checks, MetadataMap};
-use super::refcount::Refcounts;
+use super::refcount::{Freed, Refcounts};
 use crate::bitmap::DirtyBitmap;
 use crate::node::{Child, WriteFlags};
 use std::io;
@@ -384,7 +384,9 @@ pub async fn store(
     file.flush().await?;
 
     for &offset in old_clusters {
-        refcounts.release(offset / cluster_size).await?;
+        refcounts
+            .release(offset / cluster_size, Freed::Always)
+            .await?;
     }
     refcounts.write_back(&map).await?;
     file.flush().await

@@ -31,7 +31,7 @@
 use super::compression::Compression;
 use super::header::{be32, be64};
 use super::overlap::{hex, Checks, Corruption, Metadata, MetadataMap};
-use super::refcount::Refcounts;
+use super::refcount::{Freed, PassDiscard, Refcounts};
 use crate::drivers::blkdebug::BlkdebugEvent;
 use crate::node::{Child, Extent, ExtentKind, WriteFlags};
 use std::collections::HashMap;
@@ -88,10 +88,19 @@ struct Meta {
     tick: u64,
     refcounts: Refcounts,
     map: MetadataMap,
-    /// Host clusters that lost a reference, released once the tables are written.
-    pending_free: Vec<u64>,
+    /// Host clusters that lost a reference, and why: released once the tables are written.
+    pending_free: Vec<(u64, Freed)>,
     /// Guest cluster ranges being allocated.
     in_flight: Vec<Range<u64>>,
+}
+
+/// What the runtime options choose about an image's data path.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Settings {
+    /// The metadata overlap checks (`overlap-check`).
+    pub checks: Checks,
+    /// Which freed clusters are discarded in the file (`pass-discard-*`).
+    pub pass_discard: PassDiscard,
 }
 
 /// An open qcow2 image's data path.
@@ -120,9 +129,10 @@ impl Image {
         file: Arc<Child>,
         backing: Option<Arc<Child>>,
         writable: bool,
-        checks: Checks,
+        settings: Settings,
         compression: Compression,
     ) -> io::Result<Image> {
+        let checks = settings.checks;
         let mut first = vec![0u8; 512.min(file.node().size() as usize)];
         file.read(0, &mut first).await?;
         if first.len() < 104 {
@@ -156,7 +166,9 @@ impl Image {
         let l1: Vec<u64> = raw.chunks(8).map(|c| be64(c, 0)).collect();
         let mut header_cluster = vec![0u8; cluster_size.min(file.node().size()) as usize];
         file.read(0, &mut header_cluster).await?;
-        let refcounts = Refcounts::load(file.clone(), &header_cluster).await?;
+        let refcounts = Refcounts::load(file.clone(), &header_cluster)
+            .await?
+            .with_pass_discard(settings.pass_discard);
         let map = MetadataMap::load(&file, &header_cluster, Some(&l1), checks).await?;
         if writable && version >= 3 {
             let autoclear = be64(&first, 88);
@@ -573,7 +585,9 @@ impl Image {
         };
         if let Err(e) = written {
             // `allocate_bytes` keeps the bytes within one host cluster.
-            meta.refcounts.release(host >> self.cluster_bits).await?;
+            meta.refcounts
+                .release(host >> self.cluster_bits, Freed::Never)
+                .await?;
             return Err(e);
         }
         let sectors = ((host + len - 1) >> 9) - (host >> 9);
@@ -623,7 +637,7 @@ impl Image {
         .try_for_each(|(at, len)| meta.map.check(at, len, None, &meta.refcounts));
         if let Err(e) = checked {
             for cluster in host >> self.cluster_bits..(host >> self.cluster_bits) + count {
-                meta.refcounts.release(cluster).await?;
+                meta.refcounts.release(cluster, Freed::Never).await?;
             }
             return Err(e);
         }
@@ -647,7 +661,7 @@ impl Image {
         if result.is_err() {
             // Nothing points at the new clusters: they are free again at once.
             for cluster in host >> self.cluster_bits..(host >> self.cluster_bits) + count {
-                meta.refcounts.release(cluster).await?;
+                meta.refcounts.release(cluster, Freed::Never).await?;
             }
         }
         drop(meta);
@@ -706,7 +720,8 @@ impl Image {
             table.entries[start + n] = (host + ((n as u64) << cluster_bits)) | COPIED;
         }
         table.dirty = true;
-        meta.pending_free.extend(released);
+        meta.pending_free
+            .extend(released.into_iter().map(|c| (c, Freed::Never)));
         Ok(())
     }
 
@@ -756,13 +771,16 @@ impl Image {
         .await;
         if let Err(e) = result {
             meta.l1[l1_index] = entry;
-            meta.refcounts.release(new >> self.cluster_bits).await?;
+            meta.refcounts
+                .release(new >> self.cluster_bits, Freed::Never)
+                .await?;
             return Err(e);
         }
         if old != 0 {
             meta.l2.remove(&old);
             meta.map.remove_active_l2(old);
-            meta.pending_free.push(old >> self.cluster_bits);
+            meta.pending_free
+                .push((old >> self.cluster_bits, Freed::Other));
         }
         meta.map.add_active_l2(new);
         self.make_room(meta).await?;
@@ -837,8 +855,8 @@ impl Image {
         self.write_tables(meta).await?;
         if !meta.pending_free.is_empty() {
             self.file.flush().await?;
-            while let Some(&cluster) = meta.pending_free.last() {
-                meta.refcounts.release(cluster).await?;
+            while let Some(&(cluster, reason)) = meta.pending_free.last() {
+                meta.refcounts.release(cluster, reason).await?;
                 meta.pending_free.pop();
             }
             meta.refcounts.write_back(&meta.map).await?;
@@ -903,7 +921,8 @@ impl Image {
             table.entries[index] = new;
         }
         table.dirty = true;
-        meta.pending_free.extend(released);
+        meta.pending_free
+            .extend(released.into_iter().map(|c| (c, Freed::Request)));
         Ok(())
     }
 
@@ -970,7 +989,8 @@ impl Image {
                 table.dirty = true;
             }
         }
-        meta.pending_free.extend(released);
+        meta.pending_free
+            .extend(released.into_iter().map(|c| (c, Freed::Request)));
         Ok(())
     }
 
@@ -1022,7 +1042,8 @@ impl Image {
             table.entries[index] = 0;
         }
         table.dirty = true;
-        meta.pending_free.extend(released);
+        meta.pending_free
+            .extend(released.into_iter().map(|c| (c, Freed::Always)));
         Ok(())
     }
 
@@ -1057,7 +1078,7 @@ impl Image {
         meta.map.set_active_l1(new, entries);
         if old != 0 {
             for cluster in old >> self.cluster_bits..(old >> self.cluster_bits) + old_clusters {
-                meta.refcounts.release(cluster).await?;
+                meta.refcounts.release(cluster, Freed::Other).await?;
             }
         }
         meta.refcounts.write_back(&meta.map).await

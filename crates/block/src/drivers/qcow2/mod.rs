@@ -37,8 +37,8 @@ use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::{Driver, EventHook};
 use async_trait::async_trait;
-use image::Image;
-use overlap::{Checks, Corruption};
+use image::{Image, Settings};
+use overlap::Corruption;
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::Map;
@@ -85,7 +85,7 @@ pub struct Qcow2 {
     /// the same way: another process changing the table goes unseen).
     snapshot_list: std::sync::Mutex<Vec<SnapshotInfo>>,
     /// The metadata writes are checked against (`overlap-check`).
-    checks: Checks,
+    settings: Settings,
     /// Where BLOCK_IMAGE_CORRUPTED goes.
     events: Option<EventHook>,
     /// A corruption was reported (later ones are not, as in QEMU).
@@ -136,7 +136,7 @@ impl Qcow2 {
         implicit_backing: bool,
         header: Qcow2Header,
         writable: bool,
-        checks: Checks,
+        settings: Settings,
         events: Option<EventHook>,
     ) -> Result<Qcow2, String> {
         let auto_backing_file = match &backing {
@@ -159,7 +159,7 @@ impl Qcow2 {
             file.clone(),
             backing,
             writable,
-            checks,
+            settings,
             compression::Compression::of(&header),
         )
         .await
@@ -194,7 +194,7 @@ impl Qcow2 {
             writable: AtomicBool::new(writable),
             bitmaps: std::sync::Mutex::new(bitmap_state),
             snapshot_list: std::sync::Mutex::new(snapshot_list),
-            checks,
+            settings,
             events,
             signaled: AtomicBool::new(false),
             broken: AtomicBool::new(false),
@@ -575,7 +575,7 @@ impl Driver for Qcow2 {
             return Ok(());
         }
         self.guarded(node, image.flush()).await?;
-        bitmaps::store(&self.file, &persistent, &old_clusters, self.checks).await?;
+        bitmaps::store(&self.file, &persistent, &old_clusters, self.settings.checks).await?;
         tracing::info!(
             node = node.name(),
             count = persistent.len(),
@@ -626,7 +626,7 @@ impl Driver for Qcow2 {
             self.file.clone(),
             node.child("backing"),
             writable,
-            self.checks,
+            self.settings,
             compression::Compression::of(&self.header()),
         )
         .await
@@ -725,6 +725,7 @@ async fn write_read_only_header(file: &Child, cluster: &[u8]) -> io::Result<()> 
 const CORRUPT_READ_WRITE: &str = "qcow2: Image is corrupt; cannot be opened read/write";
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    format: true,
     names: &["qcow2"],
     open: |o, options| Box::pin(open(o, options)),
 };
@@ -781,7 +782,10 @@ async fn open(
         implicit_backing,
         header,
         !read_only,
-        checks,
+        Settings {
+            checks,
+            pass_discard: opts.pass_discard(o.common().discard_unmap),
+        },
         o.event_hook(),
     )
     .await

@@ -4,12 +4,13 @@
 //! The driver (`image.rs`) keeps a metadata cache of a fixed size (up to 32 MiB of L2
 //! tables and 64 refcount blocks, never cleaned by time), writes refcounts back before any
 //! table that needs them so the image is never left dirty, makes the metadata overlap
-//! checks `overlap-check` asks for (`overlap.rs`), and frees discarded clusters without
-//! discarding them in the image file.
+//! checks `overlap-check` asks for (`overlap.rs`), and discards freed clusters in the image
+//! file as the `pass-discard-*` options say (`refcount.rs`).
 //! Options asking for anything else are refused rather than accepted and ignored.
 
 use super::header::Qcow2Header;
 use super::overlap::{Checks, Metadata};
+use super::refcount::PassDiscard;
 use super::Qcow2Options;
 use serde_json::Value;
 
@@ -158,25 +159,27 @@ impl Qcow2Options {
                 "it writes refcounts back before the tables that need them, so the image is never left dirty",
             ));
         }
-        for (option, value) in [
-            ("pass-discard-request=on", self.pass_discard_request),
-            ("pass-discard-snapshot=on", self.pass_discard_snapshot),
-            ("pass-discard-other=on", self.pass_discard_other),
-        ] {
-            if value == Some(true) {
-                return Err(unsupported(
-                    option,
-                    "clusters it frees stay allocated in the image file",
-                ));
-            }
+        if self.discard_no_unref == Some(true) && header.version < 3 {
+            return Err("discard-no-unref is only supported since qcow2 version 3".into());
         }
         if self.discard_no_unref == Some(true) {
             return Err(unsupported(
                 "discard-no-unref=on",
-                "a discard always frees the clusters",
+                "a discard always frees the clusters (a write would not reuse them in place)",
             ));
         }
         Ok(())
+    }
+
+    /// Which freed clusters reach the file as discards, with QEMU's defaults: guest
+    /// requests when the node has `discard=unmap`, snapshots' clusters always, other
+    /// metadata never.
+    pub(super) fn pass_discard(&self, discard_unmap: bool) -> PassDiscard {
+        PassDiscard {
+            request: self.pass_discard_request.unwrap_or(discard_unmap),
+            snapshot: self.pass_discard_snapshot.unwrap_or(true),
+            other: self.pass_discard_other.unwrap_or(false),
+        }
     }
 }
 

@@ -7,6 +7,11 @@
 //! references the cluster is written, and a decrement only after the last table that
 //! referenced it no longer does (see `image.rs`, which defers frees to its flush).
 //!
+//! A cluster whose refcount drops to 0 is also discarded in the image file when the
+//! reason it was freed is one the `pass-discard-*` options pass on ([`Freed`],
+//! [`PassDiscard`]): at the end of the next write-back, and only if nothing took it again
+//! in between.
+//!
 //! Allocation takes the first run of free clusters from a cursor that only moves back when
 //! a cluster is freed (QEMU's `free_cluster_index`), within the clusters that have a
 //! refcount block; past those it appends at the end of the file, followed by the refcount
@@ -36,6 +41,42 @@ fn corrupt(what: &str) -> io::Error {
     )
 }
 
+/// Why a cluster lost a reference (QEMU's discard types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Freed {
+    /// A guest discard or a zero write that may unmap.
+    Request,
+    /// A snapshot's clusters, its L1 copy or an old snapshot table.
+    Snapshot,
+    /// Old metadata moved elsewhere (an L1 or refcount table that grew, a copied L2 table).
+    Other,
+    /// Clusters no guest or snapshot could have seen in use: their discard is always passed.
+    Always,
+    /// An allocation undone after a failure, or a shared cluster copied on write: never.
+    Never,
+}
+
+/// Which freed clusters are discarded in the image file (QEMU's `pass-discard-request`,
+/// `-snapshot` and `-other`); the file node's own `discard` option still decides.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct PassDiscard {
+    pub request: bool,
+    pub snapshot: bool,
+    pub other: bool,
+}
+
+impl PassDiscard {
+    fn passes(self, reason: Freed) -> bool {
+        match reason {
+            Freed::Request => self.request,
+            Freed::Snapshot => self.snapshot,
+            Freed::Other => self.other,
+            Freed::Always => true,
+            Freed::Never => false,
+        }
+    }
+}
+
 /// The image's refcounts.
 pub(super) struct Refcounts {
     file: Arc<Child>,
@@ -61,6 +102,10 @@ pub(super) struct Refcounts {
     /// last one went into (0: none). Forgotten when that cluster's refcount drops to 0,
     /// since it may then be handed out whole to someone else.
     free_byte_offset: u64,
+    pass_discard: PassDiscard,
+    /// Freed clusters to discard in the file at the next write-back; one taken again
+    /// leaves the set.
+    to_discard: BTreeSet<u64>,
 }
 
 impl Refcounts {
@@ -112,7 +157,15 @@ impl Refcounts {
             free_cursor: 0,
             end,
             free_byte_offset: 0,
+            pass_discard: PassDiscard::default(),
+            to_discard: BTreeSet::new(),
         })
+    }
+
+    /// Discard clusters freed for the reasons `pass` names.
+    pub(super) fn with_pass_discard(mut self, pass: PassDiscard) -> Refcounts {
+        self.pass_discard = pass;
+        self
     }
 
     /// The highest refcount an entry can hold.
@@ -199,6 +252,9 @@ impl Refcounts {
         let cached = self.blocks.get_mut(&block).expect("block() loaded it");
         write_refcount(&mut cached.0, index, order, value);
         self.dirty.insert(block);
+        if value != 0 && !self.to_discard.is_empty() {
+            self.to_discard.remove(&cluster);
+        }
         if value == 0 {
             self.free_cursor = self.free_cursor.min(cluster);
             if self.free_byte_offset != 0 && self.free_byte_offset >> self.cluster_bits == cluster {
@@ -329,7 +385,7 @@ impl Refcounts {
                 // disk, so only its clusters' refcounts go.
                 let first = self.table_offset >> self.cluster_bits;
                 for cluster in first..first + old_clusters {
-                    self.release(cluster).await?;
+                    self.release(cluster, Freed::Never).await?;
                 }
             }
             self.table_offset = table_at << self.cluster_bits;
@@ -373,14 +429,39 @@ impl Refcounts {
         (self.table_offset, clusters as u32)
     }
 
-    /// One reference less to `cluster`.
-    pub(super) async fn release(&mut self, cluster: u64) -> io::Result<()> {
+    /// One reference less to `cluster`, which lost it for `reason`.
+    pub(super) async fn release(&mut self, cluster: u64, reason: Freed) -> io::Result<()> {
         match self.get(cluster).await? {
             0 => {
                 tracing::warn!(cluster, "qcow2: freeing a cluster that is already free");
                 Ok(())
             }
-            n => self.set(cluster, n - 1).await,
+            n => {
+                self.set(cluster, n - 1).await?;
+                if n == 1 && self.pass_discard.passes(reason) {
+                    self.to_discard.insert(cluster);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Discard the freed clusters waiting for it, in runs. Discards are advisory, as in
+    /// QEMU: a failed one leaves the data in place and is not an error.
+    async fn discard_freed(&mut self) {
+        let mut clusters = std::mem::take(&mut self.to_discard).into_iter().peekable();
+        while let Some(first) = clusters.next() {
+            let mut end = first + 1;
+            while clusters.next_if_eq(&end).is_some() {
+                end += 1;
+            }
+            let (offset, len) = (
+                first << self.cluster_bits,
+                (end - first) << self.cluster_bits,
+            );
+            if let Err(e) = self.file.discard(offset, len).await {
+                tracing::debug!(offset, len, "qcow2: discard of freed clusters failed: {e}");
+            }
         }
     }
 
@@ -404,9 +485,10 @@ impl Refcounts {
     }
 
     /// Write changed refcount blocks, then the table entries that point at new ones, then
-    /// (when the table moved) the header, then free the old table. Only the last step's
-    /// blocks are left unflushed; what is not written stays dirty for the next call. Each
-    /// write is checked against the other metadata in `map` first.
+    /// (when the table moved) the header, then free the old table, then discard the freed
+    /// clusters the options pass on. Only the last step's blocks are left unflushed; what
+    /// is not written stays dirty for the next call. Each write is checked against the
+    /// other metadata in `map` first.
     pub(super) async fn write_back(&mut self, map: &MetadataMap) -> io::Result<()> {
         self.write_blocks(map).await?;
         if self.table_dirty {
@@ -437,9 +519,12 @@ impl Refcounts {
             self.moved_from = None;
             let first = old_offset >> self.cluster_bits;
             for cluster in first..first + old_clusters {
-                self.release(cluster).await?;
+                self.release(cluster, Freed::Other).await?;
             }
             self.write_blocks(map).await?;
+        }
+        if !self.to_discard.is_empty() {
+            self.discard_freed().await;
         }
         Ok(())
     }

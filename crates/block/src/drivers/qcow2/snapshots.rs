@@ -33,7 +33,7 @@
 use super::header::{be32, be64};
 use super::image::Image;
 use super::overlap::{Metadata, MetadataMap};
-use super::refcount::Refcounts;
+use super::refcount::{Freed, Refcounts};
 use super::Qcow2;
 use crate::node::{Child, Node, SnapshotInfo, WriteFlags};
 use std::collections::BTreeMap;
@@ -514,7 +514,7 @@ impl Qcow2 {
             self.file.clone(),
             node.child("backing"),
             true,
-            self.checks,
+            self.settings,
             super::compression::Compression::of(&self.header()),
         )
         .await?;
@@ -529,8 +529,10 @@ impl Qcow2 {
             return Err(io::Error::from_raw_os_error(libc::EFBIG));
         }
         let old_table = current_table_clusters(&entries, &layout);
-        let mut refcounts = Refcounts::load(self.file.clone(), &first).await?;
-        let map = MetadataMap::load(file, &first, None, self.checks).await?;
+        let mut refcounts = Refcounts::load(self.file.clone(), &first)
+            .await?
+            .with_pass_discard(self.settings.pass_discard);
+        let map = MetadataMap::load(file, &first, None, self.settings.checks).await?;
         let counts = references(file, &layout, layout.l1_offset, layout.l1_size).await?;
         let max = refcounts.max();
         for (&cluster, &n) in &counts {
@@ -585,7 +587,7 @@ impl Qcow2 {
         write_table_pointer(file, entries.len(), table_offset).await?;
         self.set_snapshot_list(&entries);
         for cluster in old_table {
-            refcounts.release(cluster).await?;
+            refcounts.release(cluster, Freed::Snapshot).await?;
         }
         refcounts.write_back(&map).await?;
         Ok(info)
@@ -603,8 +605,10 @@ impl Qcow2 {
             return Ok(None);
         };
         let old_table = current_table_clusters(&entries, &layout);
-        let mut refcounts = Refcounts::load(self.file.clone(), &first).await?;
-        let map = MetadataMap::load(file, &first, None, self.checks).await?;
+        let mut refcounts = Refcounts::load(self.file.clone(), &first)
+            .await?
+            .with_pass_discard(self.settings.pass_discard);
+        let map = MetadataMap::load(file, &first, None, self.settings.checks).await?;
         let gone = entries.remove(index);
         let counts = references(file, &layout, gone.l1_offset, gone.l1_size).await?;
 
@@ -621,11 +625,13 @@ impl Qcow2 {
                     "qcow2: snapshot refcount lower than its references"
                 );
             }
-            refcounts.set(cluster, value.saturating_sub(n)).await?;
+            for _ in 0..n.min(value) {
+                refcounts.release(cluster, Freed::Snapshot).await?;
+            }
         }
         let l1_copy = table_clusters(gone.l1_offset, gone.l1_size as u64 * 8, &layout);
         for cluster in l1_copy.into_iter().chain(old_table) {
-            refcounts.release(cluster).await?;
+            refcounts.release(cluster, Freed::Snapshot).await?;
         }
         refcounts.write_back(&map).await?;
         sync_copied_flags(file, &mut refcounts, &map, &layout).await?;
