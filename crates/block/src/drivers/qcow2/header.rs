@@ -18,7 +18,7 @@ const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// QEMU refuses longer backing file names (and so do we, in both directions).
 const MAX_BACKING_NAME: usize = 1023;
 
-const INCOMPAT_DIRTY: u64 = 1 << 0;
+pub(super) const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub(super) const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
@@ -235,9 +235,6 @@ impl Qcow2Header {
     /// Refuse, before anything is written, the incompatible features the driver cannot
     /// serve yet: a refused open must leave the image (and its bitmaps) as it was.
     pub fn check_supported(&self) -> Result<(), String> {
-        if self.incompatible & INCOMPAT_DIRTY != 0 {
-            return Err("qcow2 images whose refcounts are dirty (lazy refcounts of a process that did not close the image) are not supported yet; 'qemu-img check -r all' repairs them".into());
-        }
         if self.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
             return Err(
                 "qcow2 images with extended L2 entries (subclusters) are not supported yet".into(),

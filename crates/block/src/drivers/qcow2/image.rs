@@ -24,9 +24,10 @@
 //! where the other metadata lies (`overlap.rs`); table entries no valid image holds are
 //! reported the same way, as a [`Corruption`] the node acts on (`mod.rs`).
 //!
-//! Not here yet: extended L2 entries, external data files, encryption, lazy refcounts and
-//! dirty-image repair, `pass-discard-*` (all refused at open by `header.rs` and
-//! `options.rs`).
+//! Not here yet: extended L2 entries, external data files, encryption and the
+//! `lazy-refcounts` write mode (all refused at open by `header.rs` and `options.rs`). An
+//! image a lazy-refcounts writer left dirty is repaired before it is opened writable
+//! (`repair.rs`).
 
 use super::compression::Compression;
 use super::header::{be32, be64};

@@ -25,6 +25,7 @@ mod image;
 mod options;
 mod overlap;
 mod refcount;
+mod repair;
 mod snapshots;
 
 pub use compression::Compression;
@@ -38,7 +39,7 @@ use crate::perm::Perms;
 use crate::{Driver, EventHook};
 use async_trait::async_trait;
 use image::{Image, Settings};
-use overlap::Corruption;
+use overlap::{Checks, Corruption};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::Map;
@@ -126,6 +127,19 @@ impl Qcow2 {
             header.backing_file = Some(String::from_utf8_lossy(&name).into_owned());
         }
         Ok(header)
+    }
+
+    /// Repair a dirty image (see `repair.rs`), as QEMU does before writing to one; the
+    /// header as it is afterwards.
+    async fn repair(
+        file: &Arc<Child>,
+        header: &Qcow2Header,
+        checks: Checks,
+    ) -> Result<Qcow2Header, String> {
+        repair::repair_dirty(file, header, checks)
+            .await
+            .map_err(|e| format!("Could not repair dirty image: {e}"))?;
+        Qcow2::probe_header(file).await
     }
 
     /// `implicit_backing`: the graph opened `backing` from the name in the header, rather
@@ -622,6 +636,15 @@ impl Driver for Qcow2 {
             .await
             .map_err(|e| e.to_string())?;
         self.file.node().set_writable(writable).await?;
+        if writable && self.header().is_dirty() {
+            match Qcow2::repair(&self.file, &self.header(), self.settings.checks).await {
+                Ok(repaired) => *self.header.lock().unwrap() = repaired,
+                Err(e) => {
+                    let _ = self.file.node().set_writable(false).await;
+                    return Err(e);
+                }
+            }
+        }
         match Image::open(
             self.file.clone(),
             node.child("backing"),
@@ -749,11 +772,16 @@ async fn open(
     let read_only = o.common().read_only;
     let (perm, shared) = Qcow2::default_child_perms("file", read_only);
     let file = o.open_child(file_ref, "file", perm, shared).await?;
-    let header = Qcow2::probe_header(&file)
+    let mut header = Qcow2::probe_header(&file)
         .await
         .map_err(QmpError::generic)?;
     if !read_only && header.is_corrupt() {
         return Err(QmpError::generic(CORRUPT_READ_WRITE));
+    }
+    if !read_only && header.is_dirty() {
+        header = Qcow2::repair(&file, &header, checks)
+            .await
+            .map_err(QmpError::generic)?;
     }
     opts.check(&header).map_err(QmpError::generic)?;
     o.claim_position();

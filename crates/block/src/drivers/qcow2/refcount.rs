@@ -30,7 +30,7 @@ use std::sync::Arc;
 /// The low 9 bits of a refcount table entry are reserved.
 const TABLE_OFFSET_MASK: u64 = !0x1ff;
 /// QEMU's limit for the refcount table (QCOW_MAX_REFTABLE_SIZE): 8 MiB.
-const MAX_TABLE_BYTES: u64 = 8 << 20;
+pub(super) const MAX_TABLE_BYTES: u64 = 8 << 20;
 /// Clean blocks kept in memory beyond this many are dropped, least recently used first.
 const CACHED_BLOCKS: usize = 64;
 

@@ -31,7 +31,7 @@
 //! did not write is kept as it is. Images with extended L2 entries are refused.
 
 use super::header::{be32, be64};
-use super::image::Image;
+use super::image::{Image, MAX_L1_BYTES};
 use super::overlap::{Metadata, MetadataMap};
 use super::refcount::{Freed, Refcounts};
 use super::Qcow2;
@@ -411,6 +411,51 @@ async fn references(
         }
     }
     Ok(counts)
+}
+
+/// What the refcounts should be, for the references L1 tables hold: the header cluster, the
+/// active L1 table, the snapshot table, each snapshot's L1 copy, and what each L1 table
+/// reaches (counted per table, as snapshots count them). Bitmaps are not counted here.
+pub(super) async fn count_references(file: &Child) -> io::Result<BTreeMap<u64, u64>> {
+    let (_, layout) = read_first_cluster(file).await?;
+    let entries = read_entries(file, &layout).await?;
+    let mut counts = BTreeMap::new();
+    let add = |counts: &mut BTreeMap<u64, u64>, clusters: Vec<u64>| {
+        for cluster in clusters {
+            *counts.entry(cluster).or_insert(0) += 1;
+        }
+    };
+    add(&mut counts, vec![0]);
+    add(&mut counts, current_table_clusters(&entries, &layout));
+    let tables = std::iter::once((layout.l1_offset, layout.l1_size))
+        .chain(entries.iter().map(|e| (e.l1_offset, e.l1_size)));
+    for (offset, size) in tables {
+        if size == 0 {
+            continue;
+        }
+        if size as u64 * 8 > MAX_L1_BYTES {
+            return Err(corrupt("L1 table too large"));
+        }
+        add(
+            &mut counts,
+            table_clusters(offset, size as u64 * 8, &layout),
+        );
+        for (cluster, n) in references(file, &layout, offset, size).await? {
+            *counts.entry(cluster).or_insert(0) += n;
+        }
+    }
+    Ok(counts)
+}
+
+/// Give COPIED to exactly the active L1 and L2 entries whose cluster has refcount 1, after
+/// the refcounts were rebuilt.
+pub(super) async fn sync_copied(
+    file: &Child,
+    refcounts: &mut Refcounts,
+    map: &MetadataMap,
+) -> io::Result<()> {
+    let (_, layout) = read_first_cluster(file).await?;
+    sync_copied_flags(file, refcounts, map, &layout).await
 }
 
 fn now() -> (u32, u32) {
