@@ -315,6 +315,23 @@ fn cases() -> Vec<Case> {
             backing: false,
             compressed: true,
         },
+        Case {
+            name: "zstd compressed clusters, 32-bit refcounts",
+            create: &["-o", "compression_type=zstd,refcount_bits=32"],
+            cluster: 65536,
+            size: 8 << 20,
+            backing: false,
+            compressed: true,
+        },
+        Case {
+            // The header allows lazy refcounts; ours are always written back in order.
+            name: "lazy refcounts allowed, 1k clusters, backing file",
+            create: &["-o", "lazy_refcounts=on,cluster_size=1024"],
+            cluster: 1024,
+            size: 1 << 20,
+            backing: true,
+            compressed: false,
+        },
     ]
 }
 
