@@ -109,13 +109,17 @@ fn batches(rng: &mut Rng, size: u64, cluster: u64, count: usize) -> Vec<Vec<Op>>
     out
 }
 
-/// Our driver on `image`, each batch issued at once.
-fn apply_ours(image: &str, batches: &[Vec<Op>], resize_to: Option<u64>) {
+/// Our driver on `image`, each batch issued at once; with `small_caches`, the fewest L2
+/// tables and refcount blocks cached that the options allow (2 and 4).
+fn apply_ours(image: &str, batches: &[Vec<Op>], resize_to: Option<u64>, small_caches: bool) {
     let setup = Setup::new();
-    setup.add(
-        json!({"driver": "qcow2", "node-name": "disk", "discard": "unmap",
-                     "file": {"driver": "file", "filename": image}}),
-    );
+    let mut options = json!({"driver": "qcow2", "node-name": "disk", "discard": "unmap",
+                             "file": {"driver": "file", "filename": image}});
+    if small_caches {
+        options["l2-cache-size"] = json!(0);
+        options["refcount-cache-size"] = json!(0);
+    }
+    setup.add(options);
     let batches = batches.to_vec();
     let result = setup.on_node(move |node| async move {
         for batch in &batches {
@@ -182,6 +186,7 @@ struct Case {
     size: u64,
     backing: bool,
     compressed: bool,
+    small_caches: bool,
 }
 
 fn run_case(case: &Case, seed: u64) {
@@ -230,7 +235,7 @@ fn run_case(case: &Case, seed: u64) {
 
     let mut rng = Rng(seed);
     let first = batches(&mut rng, case.size, case.cluster, 60);
-    apply_ours(&ours, &first, None);
+    apply_ours(&ours, &first, None, case.small_caches);
     apply_qemu(&theirs, &first, None);
     qemu_img(&["check", "-q", &ours]);
     for image in [&ours, &theirs] {
@@ -241,7 +246,7 @@ fn run_case(case: &Case, seed: u64) {
     // `resize_errors_match_qsd`).
     let grown =
         (!case.create.iter().any(|o| o.contains("compat=0.10"))).then_some(case.size * 3 + 512);
-    apply_ours(&ours, &second, grown);
+    apply_ours(&ours, &second, grown, case.small_caches);
     apply_qemu(&theirs, &second, grown);
 
     qemu_img(&["check", "-q", &ours]);
@@ -273,6 +278,7 @@ fn cases() -> Vec<Case> {
             size: 8 << 20,
             backing: false,
             compressed: false,
+            small_caches: false,
         },
         Case {
             // 2-bit refcounts: 1-bit ones cannot count a snapshot's references.
@@ -282,6 +288,7 @@ fn cases() -> Vec<Case> {
             size: 256 << 10,
             backing: false,
             compressed: false,
+            small_caches: true,
         },
         Case {
             name: "4k clusters, 64-bit refcounts, backing file",
@@ -290,6 +297,7 @@ fn cases() -> Vec<Case> {
             size: 2 << 20,
             backing: true,
             compressed: false,
+            small_caches: false,
         },
         Case {
             name: "2M clusters, version 2",
@@ -298,6 +306,7 @@ fn cases() -> Vec<Case> {
             size: 32 << 20,
             backing: false,
             compressed: false,
+            small_caches: false,
         },
         Case {
             name: "version 2, backing file",
@@ -306,6 +315,7 @@ fn cases() -> Vec<Case> {
             size: 8 << 20,
             backing: true,
             compressed: false,
+            small_caches: false,
         },
         Case {
             name: "compressed clusters, 8-bit refcounts",
@@ -314,6 +324,7 @@ fn cases() -> Vec<Case> {
             size: 4 << 20,
             backing: false,
             compressed: true,
+            small_caches: false,
         },
         Case {
             name: "zstd compressed clusters, 32-bit refcounts",
@@ -322,6 +333,7 @@ fn cases() -> Vec<Case> {
             size: 8 << 20,
             backing: false,
             compressed: true,
+            small_caches: false,
         },
         Case {
             // The header allows lazy refcounts; ours are always written back in order.
@@ -331,6 +343,7 @@ fn cases() -> Vec<Case> {
             size: 1 << 20,
             backing: true,
             compressed: false,
+            small_caches: true,
         },
     ]
 }

@@ -126,12 +126,32 @@ fn cases(dir: &std::path::Path) -> Vec<(&'static str, Value, Expect)> {
         (
             "cache-size",
             qcow2_with(json!({"cache-size": 1048576})),
-            Refused("cache-size"),
+            Same,
         ),
         (
             "l2-cache-size",
             qcow2_with(json!({"l2-cache-size": 1048576})),
-            Refused("l2-cache-size"),
+            Same,
+        ),
+        (
+            "refcount-cache-size",
+            qcow2_with(json!({"refcount-cache-size": 0})),
+            Same,
+        ),
+        (
+            "l2-cache-size above cache-size",
+            qcow2_with(json!({"cache-size": 1048576, "l2-cache-size": 2097152})),
+            Same,
+        ),
+        (
+            "refcount-cache-size above cache-size",
+            qcow2_with(json!({"cache-size": 1048576, "refcount-cache-size": 2097152})),
+            Same,
+        ),
+        (
+            "cache-size and refcount-cache-size",
+            qcow2_with(json!({"cache-size": 1048576, "refcount-cache-size": 65536})),
+            Same,
         ),
         (
             "l2 entry 1000",

@@ -50,8 +50,6 @@ const COMPRESSED: u64 = 1 << 62;
 const ZERO: u64 = 1;
 /// QEMU's limit for the L1 table (QCOW_MAX_L1_SIZE): 32 MiB.
 pub(super) const MAX_L1_BYTES: u64 = 32 << 20;
-/// The most L2 table memory cached, as QEMU's default maximum on Linux.
-const L2_CACHE_BYTES: u64 = 32 << 20;
 /// The most one allocating step takes at once, so a huge write does not hold its whole
 /// range in flight.
 const MAX_ALLOCATION: u64 = 32 << 20;
@@ -102,6 +100,9 @@ pub(super) struct Settings {
     pub checks: Checks,
     /// Which freed clusters are discarded in the file (`pass-discard-*`).
     pub pass_discard: PassDiscard,
+    /// How many L2 tables and refcount blocks the caches hold (the cache-size options).
+    pub l2_tables: usize,
+    pub refcount_blocks: usize,
 }
 
 /// An open qcow2 image's data path.
@@ -169,7 +170,8 @@ impl Image {
         file.read(0, &mut header_cluster).await?;
         let refcounts = Refcounts::load(file.clone(), &header_cluster)
             .await?
-            .with_pass_discard(settings.pass_discard);
+            .with_pass_discard(settings.pass_discard)
+            .with_capacity(settings.refcount_blocks);
         let map = MetadataMap::load(&file, &header_cluster, Some(&l1), checks).await?;
         if writable && version >= 3 {
             let autoclear = be64(&first, 88);
@@ -181,7 +183,7 @@ impl Image {
                 file.flush().await?;
             }
         }
-        let l2_capacity = (L2_CACHE_BYTES >> cluster_bits).max(16) as usize;
+        let l2_capacity = settings.l2_tables;
         Ok(Image {
             file,
             backing,

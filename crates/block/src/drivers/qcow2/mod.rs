@@ -784,6 +784,7 @@ async fn open(
             .map_err(QmpError::generic)?;
     }
     opts.check(&header).map_err(QmpError::generic)?;
+    let (l2_tables, refcount_blocks) = opts.cache_sizes(&header).map_err(QmpError::generic)?;
     o.claim_position();
     let implicit_backing = backing_ref.is_none();
     let backing = match backing_ref {
@@ -813,6 +814,8 @@ async fn open(
         Settings {
             checks,
             pass_discard: opts.pass_discard(o.common().discard_unmap),
+            l2_tables,
+            refcount_blocks,
         },
         o.event_hook(),
     )

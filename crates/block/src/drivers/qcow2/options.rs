@@ -1,8 +1,8 @@
 //! The qcow2 runtime options: checked as QEMU checks them (with its texts), then each one
 //! either matches what this driver does or is refused with a text that says why.
 //!
-//! The driver (`image.rs`) keeps a metadata cache of a fixed size (up to 32 MiB of L2
-//! tables and 64 refcount blocks, never cleaned by time), writes refcounts back before any
+//! The driver (`image.rs`) keeps metadata caches of the sizes the cache options give
+//! (whole L2 tables, never cleaned by time), writes refcounts back before any
 //! table that needs them so the image is never left dirty, makes the metadata overlap
 //! checks `overlap-check` asks for (`overlap.rs`), and discards freed clusters in the image
 //! file as the `pass-discard-*` options say (`refcount.rs`).
@@ -13,6 +13,12 @@ use super::overlap::{Checks, Metadata};
 use super::refcount::PassDiscard;
 use super::Qcow2Options;
 use serde_json::Value;
+
+/// QEMU's cache defaults and minimums (DEFAULT_L2_CACHE_MAX_SIZE, MIN_L2_CACHE_SIZE,
+/// MIN_REFCOUNT_CACHE_SIZE).
+const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+const MIN_L2_TABLES: u64 = 2;
+const MIN_REFCOUNT_BLOCKS: u64 = 4;
 
 /// QEMU's Qcow2OverlapCheckMode values.
 const OVERLAP_MODES: &[&str] = &["none", "constant", "cached", "all"];
@@ -127,18 +133,7 @@ impl Qcow2Options {
                     .into(),
             );
         }
-        for (option, set) in [
-            ("cache-size", self.cache_size.is_some()),
-            ("l2-cache-size", self.l2_cache_size.is_some()),
-            ("refcount-cache-size", self.refcount_cache_size.is_some()),
-        ] {
-            if set {
-                return Err(unsupported(
-                    option,
-                    "its metadata cache has a fixed size (32 MiB of L2 tables, 64 refcount blocks)",
-                ));
-            }
-        }
+        self.cache_sizes(header)?;
         if let Some(entry) = self.l2_cache_entry_size {
             if entry != header.cluster_size() {
                 return Err(unsupported(
@@ -171,6 +166,51 @@ impl Qcow2Options {
         Ok(())
     }
 
+    /// How many L2 tables and refcount blocks the caches hold, from `cache-size`,
+    /// `l2-cache-size` and `refcount-cache-size` as QEMU divides them: by default L2 tables
+    /// for the whole disk up to 32 MiB and four refcount blocks; a total is given to the L2
+    /// cache first. At least two tables and four blocks. The L2 cache holds whole tables
+    /// (QEMU's `l2-cache-entry-size` slices are not taken), so a size that is not a
+    /// multiple of the cluster size is rounded down.
+    pub(super) fn cache_sizes(&self, header: &Qcow2Header) -> Result<(usize, usize), String> {
+        let cluster = header.cluster_size();
+        let min_refcount = MIN_REFCOUNT_BLOCKS * cluster;
+        let max_l2 = (header.size.div_ceil(cluster) * 8).next_multiple_of(cluster);
+        let mut l2 = self
+            .l2_cache_size
+            .unwrap_or(DEFAULT_L2_CACHE_BYTES)
+            .min(max_l2);
+        let mut refcount = self.refcount_cache_size.unwrap_or(0);
+        if let Some(total) = self.cache_size {
+            if self.l2_cache_size.is_some_and(|l2| l2 > total) {
+                return Err("l2-cache-size may not exceed cache-size".into());
+            }
+            if refcount > total {
+                return Err("refcount-cache-size may not exceed cache-size".into());
+            }
+            if self.l2_cache_size.is_some() {
+                refcount = total - l2;
+            } else if self.refcount_cache_size.is_some() {
+                l2 = total - refcount;
+            } else if total >= max_l2 + min_refcount {
+                l2 = max_l2;
+                refcount = total - l2;
+            } else {
+                refcount = total.min(min_refcount);
+                l2 = total - refcount;
+            }
+        }
+        let tables = (l2 / cluster).max(MIN_L2_TABLES);
+        let blocks = (refcount / cluster).max(MIN_REFCOUNT_BLOCKS);
+        if tables > i32::MAX as u64 {
+            return Err("L2 cache size too big".into());
+        }
+        if blocks > i32::MAX as u64 {
+            return Err("Refcount cache size too big".into());
+        }
+        Ok((tables as usize, blocks as usize))
+    }
+
     /// Which freed clusters reach the file as discards, with QEMU's defaults: guest
     /// requests when the node has `discard=unmap`, snapshots' clusters always, other
     /// metadata never.
@@ -187,6 +227,38 @@ impl Qcow2Options {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn cache_sizes_are_divided_as_qemu_divides_them() {
+        let header = Qcow2Header {
+            cluster_bits: 16,
+            size: 1 << 30,
+            ..Qcow2Header::default()
+        };
+        let sizes = |options: Value| {
+            serde_json::from_value::<Qcow2Options>(options)
+                .unwrap()
+                .cache_sizes(&header)
+        };
+        // 1 GiB needs 128 KiB of L2 tables: two of them, and four refcount blocks.
+        assert_eq!(sizes(json!({})), Ok((2, 4)));
+        assert_eq!(sizes(json!({"cache-size": 1 << 20})), Ok((2, 14)));
+        // Too small for both: the refcount cache first, at least the minimums.
+        assert_eq!(sizes(json!({"cache-size": 200 << 10})), Ok((2, 4)));
+        assert_eq!(
+            sizes(json!({"cache-size": 1 << 20, "refcount-cache-size": 512 << 10})),
+            Ok((8, 8))
+        );
+        assert_eq!(
+            sizes(json!({"cache-size": 1 << 20, "l2-cache-size": 1 << 20})),
+            Ok((2, 14))
+        );
+        assert_eq!(
+            sizes(json!({"cache-size": 1 << 20, "l2-cache-size": 2 << 20})),
+            Err("l2-cache-size may not exceed cache-size".into())
+        );
+        assert_eq!(sizes(json!({"refcount-cache-size": 1 << 20})), Ok((2, 16)));
+    }
 
     #[test]
     fn overlap_check_values_as_qemu_types_them() {

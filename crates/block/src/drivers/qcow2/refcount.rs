@@ -31,7 +31,8 @@ use std::sync::Arc;
 const TABLE_OFFSET_MASK: u64 = !0x1ff;
 /// QEMU's limit for the refcount table (QCOW_MAX_REFTABLE_SIZE): 8 MiB.
 pub(super) const MAX_TABLE_BYTES: u64 = 8 << 20;
-/// Clean blocks kept in memory beyond this many are dropped, least recently used first.
+/// Clean blocks kept in memory beyond this many are dropped, least recently used first,
+/// unless the open image's `refcount-cache-size` says otherwise.
 const CACHED_BLOCKS: usize = 64;
 
 fn corrupt(what: &str) -> io::Error {
@@ -103,6 +104,8 @@ pub(super) struct Refcounts {
     /// since it may then be handed out whole to someone else.
     free_byte_offset: u64,
     pass_discard: PassDiscard,
+    /// How many blocks the cache keeps; dirty ones stay until written back.
+    capacity: usize,
     /// Freed clusters to discard in the file at the next write-back; one taken again
     /// leaves the set.
     to_discard: BTreeSet<u64>,
@@ -158,6 +161,7 @@ impl Refcounts {
             end,
             free_byte_offset: 0,
             pass_discard: PassDiscard::default(),
+            capacity: CACHED_BLOCKS,
             to_discard: BTreeSet::new(),
         })
     }
@@ -165,6 +169,12 @@ impl Refcounts {
     /// Discard clusters freed for the reasons `pass` names.
     pub(super) fn with_pass_discard(mut self, pass: PassDiscard) -> Refcounts {
         self.pass_discard = pass;
+        self
+    }
+
+    /// Keep at most `blocks` clean blocks cached.
+    pub(super) fn with_capacity(mut self, blocks: usize) -> Refcounts {
+        self.capacity = blocks;
         self
     }
 
@@ -222,7 +232,7 @@ impl Refcounts {
 
     /// Drop the least recently used clean block while too many are cached.
     fn evict(&mut self) {
-        while self.blocks.len() >= CACHED_BLOCKS {
+        while self.blocks.len() >= self.capacity {
             let oldest = self
                 .blocks
                 .iter()
