@@ -54,6 +54,7 @@ pub async fn create_image(path: &Path, image: NewImage<'_>) -> Result<(), String
                 refcount_order: 4,
                 lazy_refcounts: false,
                 compression: Compression::Zlib,
+                extended_l2: false,
                 backing: image
                     .backing
                     .as_ref()
@@ -277,7 +278,7 @@ pub struct Qcow2Create {
     /// Refcount entry width in bits, a power of two up to 64, 16 when absent (QMP
     /// `refcount-bits`).
     pub refcount_bits: Option<i64>,
-    /// QMP `extended-l2` (subclusters): checked as QEMU does, then refused.
+    /// QMP `extended-l2`: 32 subclusters per cluster (v3, clusters of at least 16 KiB).
     #[serde(default)]
     pub extended_l2: bool,
     /// QMP `data-file` (an external data file): refused, so kept unparsed.
@@ -292,7 +293,7 @@ pub struct Qcow2Create {
 
 impl Qcow2Create {
     /// QEMU's checks of the options, in QEMU's order and words, then what the qcow2 driver
-    /// cannot write yet (extended L2, external data files, encryption).
+    /// cannot write yet (external data files, encryption).
     pub fn check(&self) -> Result<(), String> {
         if self.size % 512 != 0 {
             return Err("Image size must be a multiple of 512 bytes".into());
@@ -335,9 +336,7 @@ impl Qcow2Create {
         if !v3 && self.compression_type == Some(CompressionType::Zstd) {
             return Err("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)".into());
         }
-        let unsupported = if self.extended_l2 {
-            Some("extended L2 entries")
-        } else if self.data_file.is_some() {
+        let unsupported = if self.data_file.is_some() {
             Some("external data files")
         } else if self.encrypt.is_some() {
             Some("encryption")
@@ -367,6 +366,7 @@ impl Qcow2Create {
                 Some(CompressionType::Zstd) => Compression::Zstd,
                 _ => Compression::Zlib,
             },
+            extended_l2: self.extended_l2,
             backing: self
                 .backing_file
                 .as_deref()

@@ -345,6 +345,38 @@ fn cases() -> Vec<Case> {
             compressed: false,
             small_caches: true,
         },
+        Case {
+            // 2 KiB subclusters: partial writes allocate only what they touch.
+            name: "extended L2, backing file",
+            create: &["-o", "extended_l2=on"],
+            cluster: 65536,
+            size: 8 << 20,
+            backing: true,
+            compressed: false,
+            small_caches: false,
+        },
+        Case {
+            // 512-byte subclusters.
+            name: "extended L2, 16k clusters, smallest caches",
+            create: &["-o", "extended_l2=on,cluster_size=16384"],
+            cluster: 16384,
+            size: 2 << 20,
+            backing: false,
+            compressed: false,
+            small_caches: true,
+        },
+        Case {
+            name: "extended L2, zstd compressed clusters, backing file",
+            create: &[
+                "-o",
+                "extended_l2=on,cluster_size=32768,compression_type=zstd",
+            ],
+            cluster: 32768,
+            size: 4 << 20,
+            backing: true,
+            compressed: true,
+            small_caches: false,
+        },
     ]
 }
 

@@ -15,6 +15,14 @@ fn reads_match_qemu_for_every_kind_of_cluster() {
     reads_match_qemu("zlib");
 }
 
+/// The same on an image with extended L2 entries (32 subclusters per cluster): the
+/// partial writes and zero writes leave clusters whose subclusters are allocated, zero and
+/// unallocated side by side.
+#[test]
+fn reads_match_qemu_with_subclusters() {
+    reads_match_qemu("zlib,extended_l2=on");
+}
+
 /// The same with the compressed cluster stored as a zstd frame.
 #[test]
 fn reads_match_qemu_with_zstd_compressed_clusters() {

@@ -146,8 +146,19 @@ fn write_after(setup: &Setup) {
 
 #[test]
 fn writes_after_a_snapshot_leave_it_intact() {
+    writes_after_a_snapshot("cluster_size=65536");
+}
+
+/// The same with extended L2 entries: the partial write after a snapshot copies the shared
+/// cluster whole, subclusters and all.
+#[test]
+fn writes_after_a_snapshot_with_subclusters() {
+    writes_after_a_snapshot("cluster_size=65536,extended_l2=on");
+}
+
+fn writes_after_a_snapshot(options: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let image = image(dir.path(), "cluster_size=65536");
+    let image = image(dir.path(), options);
     // A snapshot QEMU took stays listed and usable beside ours.
     run("qemu-img", &["snapshot", "-c", "by-qemu", &image]);
     let at_qemu_snapshot = qemu_content(&image, dir.path());
@@ -187,8 +198,17 @@ fn writes_after_a_snapshot_leave_it_intact() {
 
 #[test]
 fn deleting_snapshots_frees_their_clusters() {
+    deleting_snapshots("cluster_size=65536");
+}
+
+#[test]
+fn deleting_snapshots_with_subclusters() {
+    deleting_snapshots("cluster_size=65536,extended_l2=on");
+}
+
+fn deleting_snapshots(options: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let image = image(dir.path(), "cluster_size=65536");
+    let image = image(dir.path(), options);
     let setup = Setup::open(&image, false);
     let s1 = setup.create("s1").unwrap();
     write_after(&setup);

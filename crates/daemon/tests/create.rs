@@ -295,6 +295,10 @@ async fn qcow2_creation_matches_qsd_for_every_shape() {
                 "preallocation": "metadata" }),
         json!({ "size": 5 << 20, "preallocation": "falloc", "lazy-refcounts": true }),
         json!({ "size": 5 << 20, "preallocation": "full", "refcount-bits": 32 }),
+        json!({ "size": 5 << 20, "extended-l2": true }),
+        json!({ "size": 5 << 20, "extended-l2": true, "cluster-size": 16384,
+                "preallocation": "metadata", "backing-file": "base.qcow2",
+                "backing-fmt": "qcow2" }),
     ];
     let mut seen: Vec<Vec<Value>> = Vec::new();
     for which in Impl::all() {

@@ -709,3 +709,77 @@ async fn inet_listener_options_match_qsd() {
         assert_eq!(replies, blockd, "{which:?}");
     }
 }
+
+/// Extents of an `nbdinfo --map --json` answer, one type per `granule` bytes, so that two
+/// servers that cut the same map differently compare equal.
+fn types_per_granule(extents: &[Value], granule: u64) -> Vec<u64> {
+    let mut types = Vec::new();
+    for e in extents {
+        let len = e["length"].as_u64().unwrap();
+        types.extend(std::iter::repeat_n(
+            e["type"].as_u64().unwrap(),
+            (len / granule) as usize,
+        ));
+    }
+    types
+}
+
+/// An image with extended L2 entries whose clusters hold allocated, zero and unallocated
+/// subclusters side by side, over a backing file: both maps (allocation and depth) are
+/// the same from both daemons, 2 KiB subcluster by subcluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subcluster_maps_match_qsd() {
+    let mut maps = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, top) = (p(dir.path(), "base.qcow2"), p(dir.path(), "top.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", &base, "4M"]);
+        common::jobs::qemu_io(&["-f", "qcow2", &base, "-c", "write -P 0x11 0 1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "-b",
+            &base,
+            "-F",
+            "qcow2",
+            &top,
+        ]);
+        for write in [
+            "write -P 0x22 6k 4k",
+            "write -z 64k 8k",
+            "write -z 128k 64k",
+            "write -P 0x33 1022k 4k",
+            "write -z -u 2M 64k",
+            "write -P 0x44 3M 2k",
+        ] {
+            common::jobs::qemu_io(&["-f", "qcow2", &top, "-c", write]);
+        }
+        let sock = dir.path().join("nbd.sock");
+        let mut args = serve_args(&sock, false);
+        args.last_mut().unwrap().push_str(",allocation-depth=on");
+        let _daemon = Daemon::start(which, dir.path(), &args);
+        let uri = nbd_uri(&sock, "disk0");
+        let mut both = Vec::new();
+        for context in ["--map=qemu:allocation-depth", "--map"] {
+            let out = run(Command::new("nbdinfo").args([context, "--json", &uri]));
+            assert!(
+                out.status.success(),
+                "{which:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let extents: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+            both.push(types_per_granule(&extents, 2048));
+        }
+        maps.push(both);
+    }
+    let depth = &maps[0][0];
+    assert_eq!(depth[3], 1, "the written subcluster is the top's");
+    assert_eq!(depth[2], 2, "its neighbour is the backing file's");
+    if let [blockd, qsd] = &maps[..] {
+        assert_eq!(blockd, qsd);
+    }
+}

@@ -302,10 +302,10 @@ async fn storing_bitmaps_grows_a_full_refcount_table() {
     qemu_io(&["-f", "qcow2", "-r", &disk_s, "-c", "read -P 1 0 1980k"]);
 }
 
-/// Images blockd cannot open yet (extended L2) are refused before anything is written:
-/// their bytes, and so their persistent bitmaps, stay as they were (a writable open clears
-/// autoclear bits it does not know, so a late refusal could cost the bitmaps their
-/// consistency).
+/// Images blockd cannot open yet (an external data file) are refused before anything is
+/// written: their bytes, and so their persistent bitmaps, stay as they were (a writable
+/// open clears autoclear bits it does not know, so a late refusal could cost the bitmaps
+/// their consistency).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_opens_change_nothing_on_disk() {
     let dir = tempfile::tempdir().unwrap();
@@ -315,7 +315,11 @@ async fn refused_opens_change_nothing_on_disk() {
         qemu_img(&["bitmap", "--add", &path, "b0"]);
         path
     };
-    let images = [(make("l2.qcow2", "extended_l2=on"), "extended L2")];
+    let data_file = dir.path().join("data.raw").to_string_lossy().into_owned();
+    let images = [(
+        make("external.qcow2", &format!("data_file={data_file}")),
+        "external data file",
+    )];
     let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
     let mut client = daemon.qmp().await;
     for (i, (path, why)) in images.iter().enumerate() {

@@ -19,6 +19,8 @@ use std::sync::Arc;
 
 /// Incompatible bit 3: `compression_type` is not zlib.
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+/// Incompatible bit 4: extended L2 entries.
+const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Compatible bit 0: lazy refcounts.
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// A version 3 header with the compression type byte, padded to 8 as QEMU writes it.
@@ -49,6 +51,8 @@ pub struct NewQcow2<'a> {
     pub refcount_order: u32,
     pub lazy_refcounts: bool,
     pub compression: Compression,
+    /// Extended L2 entries (32 subclusters per cluster; at least 16 KiB clusters).
+    pub extended_l2: bool,
     /// The backing file name and its format, written into the header, not opened.
     pub backing: Option<(&'a str, Option<&'a str>)>,
     /// `metadata`: every L2 table and data cluster allocated, the data left sparse in the
@@ -78,9 +82,14 @@ impl NewQcow2<'_> {
         1 << self.cluster_bits
     }
 
+    /// 64-bit words per L2 entry: 2 with extended L2 entries (the subcluster bitmap).
+    fn entry_words(&self) -> u64 {
+        1 + u64::from(self.extended_l2)
+    }
+
     fn layout(&self) -> io::Result<Layout> {
         let cluster_size = self.cluster_size();
-        let l2_entries = cluster_size / 8;
+        let l2_entries = cluster_size / 8 / self.entry_words();
         let l1_entries = self.size.div_ceil(cluster_size * l2_entries);
         if l1_entries * 8 > MAX_L1_BYTES {
             return Err(io::Error::new(
@@ -147,7 +156,10 @@ impl NewQcow2<'_> {
         fields[56..60].copy_from_slice(&(layout.refcount_table_clusters as u32).to_be_bytes());
         if self.version >= 3 {
             let zstd = self.compression == Compression::Zstd;
-            let incompatible = if zstd { INCOMPAT_COMPRESSION } else { 0 };
+            let mut incompatible = if zstd { INCOMPAT_COMPRESSION } else { 0 };
+            if self.extended_l2 {
+                incompatible |= INCOMPAT_EXTENDED_L2;
+            }
             let compatible = if self.lazy_refcounts {
                 COMPAT_LAZY_REFCOUNTS
             } else {
@@ -230,7 +242,7 @@ impl NewQcow2<'_> {
             file.write(at, &block, plain).await?;
         }
 
-        let l2_entries = cluster_size / 8;
+        let l2_entries = cluster_size / 8 / self.entry_words();
         if layout.l1_entries > 0 {
             let l1: Vec<u8> = (0..layout.l1_entries)
                 .flat_map(|i| {
@@ -248,9 +260,16 @@ impl NewQcow2<'_> {
             block.fill(0);
             let first = table * l2_entries;
             let count = layout.data_clusters.saturating_sub(first).min(l2_entries);
-            for (j, entry) in block.chunks_exact_mut(8).take(count as usize).enumerate() {
+            // With extended L2 entries the bitmaps stay 0: the subclusters read from the
+            // backing file, or as zeroes (what QEMU writes).
+            let entry_bytes = 8 * self.entry_words() as usize;
+            for (j, entry) in block
+                .chunks_exact_mut(entry_bytes)
+                .take(count as usize)
+                .enumerate()
+            {
                 let host = (layout.data + first + j as u64) << self.cluster_bits;
-                entry.copy_from_slice(&(COPIED | host).to_be_bytes());
+                entry[..8].copy_from_slice(&(COPIED | host).to_be_bytes());
             }
             file.write(
                 (layout.l2_tables + table) << self.cluster_bits,
@@ -291,6 +310,7 @@ mod tests {
             refcount_order: 4,
             lazy_refcounts: false,
             compression: Compression::Zlib,
+            extended_l2: false,
             backing: None,
             preallocate,
         }

@@ -50,7 +50,7 @@ pub struct Qcow2Header {
     pub crypt_method: u32,
     /// `incompatible_features` (bytes 72-79; 0 in version 2): bit 0 dirty, 1 corrupt,
     /// 2 external data file, 3 compression type, 4 extended L2 entries. `parse` refuses
-    /// external data file images, `check_supported` what else we cannot serve; a corrupt
+    /// external data file images, `check_supported` unknown bits; a corrupt
     /// image opens read-only only (`mod.rs`).
     pub incompatible: u64,
     /// `compatible_features` (bytes 80-87; 0 in version 2): bit 0 lazy refcounts.
@@ -235,11 +235,6 @@ impl Qcow2Header {
     /// Refuse, before anything is written, the incompatible features the driver cannot
     /// serve yet: a refused open must leave the image (and its bitmaps) as it was.
     pub fn check_supported(&self) -> Result<(), String> {
-        if self.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
-            return Err(
-                "qcow2 images with extended L2 entries (subclusters) are not supported yet".into(),
-            );
-        }
         let known = INCOMPAT_DIRTY
             | INCOMPAT_CORRUPT
             | INCOMPAT_EXTERNAL_DATA

@@ -24,8 +24,14 @@
 //! where the other metadata lies (`overlap.rs`); table entries no valid image holds are
 //! reported the same way, as a [`Corruption`] the node acts on (`mod.rs`).
 //!
-//! Not here yet: extended L2 entries, external data files, encryption and the
-//! `lazy-refcounts` write mode (all refused at open by `header.rs` and `options.rs`). An
+//! **Extended L2 entries.** Each cluster has 32 subclusters, each allocated, zero or
+//! unallocated on its own (a bitmap beside the entry); mappings change at subcluster
+//! boundaries. A write into a cluster without data allocates a new cluster but fills only
+//! the subclusters it touches (copy-on-write to subcluster boundaries); one into a cluster
+//! this image owns fills its unallocated subclusters in place; a compressed or shared
+//! cluster is copied whole. Zero writes and discards of whole clusters set every zero bit.
+//!
+//! Not here yet: external data files, encryption and the `lazy-refcounts` write mode (all refused at open by `header.rs` and `options.rs`). An
 //! image a lazy-refcounts writer left dirty is repaired before it is opened writable
 //! (`repair.rs`).
 
@@ -46,8 +52,15 @@ const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bit 63: the cluster's refcount is exactly 1, so it may be written in place.
 pub(super) const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
-/// Bit 0 of a standard L2 entry (version 3): the cluster reads as zeroes.
+/// Bit 0 of a standard L2 entry (version 3, without extended L2 entries): the cluster
+/// reads as zeroes.
 const ZERO: u64 = 1;
+/// The subcluster bitmap of an extended L2 entry: bits 0-31 say a subcluster is allocated
+/// (its data in the host cluster), bits 32-63 that it reads as zeroes.
+const ALL_ALLOCATED: u64 = 0xffff_ffff;
+const ALL_ZERO: u64 = 0xffff_ffff << 32;
+/// Incompatible bit 4: L2 entries are 128 bits, the standard entry and a subcluster bitmap.
+const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// QEMU's limit for the L1 table (QCOW_MAX_L1_SIZE): 32 MiB.
 pub(super) const MAX_L1_BYTES: u64 = 32 << 20;
 /// The most one allocating step takes at once, so a huge write does not hold its whole
@@ -72,11 +85,34 @@ enum Mapping {
     Compressed { entry: u64 },
 }
 
-/// An L2 table in the cache.
+/// An L2 table in the cache: its 64-bit words as on disk (with extended L2 entries, each
+/// entry's standard word is followed by its subcluster bitmap).
 struct CachedL2 {
     entries: Vec<u64>,
     dirty: bool,
     used: u64,
+}
+
+impl CachedL2 {
+    /// Entry `index` and its subcluster bitmap (0 without extended L2 entries).
+    fn get(&self, index: usize, extended: bool) -> (u64, u64) {
+        if extended {
+            (self.entries[2 * index], self.entries[2 * index + 1])
+        } else {
+            (self.entries[index], 0)
+        }
+    }
+
+    /// Change entry `index` (and, with extended L2 entries, its bitmap).
+    fn set(&mut self, index: usize, extended: bool, entry: u64, bitmap: u64) {
+        if extended {
+            self.entries[2 * index] = entry;
+            self.entries[2 * index + 1] = bitmap;
+        } else {
+            self.entries[index] = entry;
+        }
+        self.dirty = true;
+    }
 }
 
 /// Everything the mutex guards.
@@ -111,6 +147,8 @@ pub(super) struct Image {
     backing: Option<Arc<Child>>,
     cluster_bits: u32,
     version: u32,
+    /// Extended L2 entries: 32 subclusters per cluster, each allocated or zero on its own.
+    extended: bool,
     size: u64,
     l2_capacity: usize,
     compression: Compression,
@@ -141,8 +179,9 @@ impl Image {
             first.resize(104, 0);
         }
         let version = be32(&first, 4);
+        let extended = version >= 3 && be64(&first, 72) & INCOMPAT_EXTENDED_L2 != 0;
         let cluster_bits = be32(&first, 20);
-        if !(9..=21).contains(&cluster_bits) {
+        if !(9..=21).contains(&cluster_bits) || (extended && cluster_bits < 14) {
             return Err(corrupt(format!(
                 "unsupported cluster size 2^{cluster_bits}"
             )));
@@ -154,7 +193,7 @@ impl Image {
         if l1_size * 8 > MAX_L1_BYTES {
             return Err(corrupt("Active L1 table too large".into()));
         }
-        let l2_coverage = cluster_size << (cluster_bits - 3);
+        let l2_coverage = cluster_size << (cluster_bits - 3 - u32::from(extended));
         if l1_size < size.div_ceil(l2_coverage) {
             return Err(corrupt("L1 table is too small".into()));
         }
@@ -189,6 +228,7 @@ impl Image {
             backing,
             cluster_bits,
             version,
+            extended,
             size,
             l2_capacity,
             compression,
@@ -220,11 +260,22 @@ impl Image {
 
     /// Guest bytes one L2 table maps.
     fn l2_coverage(&self) -> u64 {
-        self.cluster_size() << (self.cluster_bits - 3)
+        self.cluster_size() * self.l2_entries() as u64
     }
 
+    /// Entries in one L2 table: 8 bytes each, 16 with extended L2 entries.
     fn l2_entries(&self) -> usize {
-        1 << (self.cluster_bits - 3)
+        1 << (self.cluster_bits - 3 - u32::from(self.extended))
+    }
+
+    /// The unit a mapping can change at: a subcluster with extended L2 entries, else a
+    /// cluster.
+    fn granule_bits(&self) -> u32 {
+        if self.extended {
+            self.cluster_bits - 5
+        } else {
+            self.cluster_bits
+        }
     }
 
     /// Where L1 entry `entry` (at `l1_index`) says its L2 table lies; 0 for none.
@@ -309,20 +360,38 @@ impl Image {
                 continue;
             }
             let cluster_bits = self.cluster_bits;
-            let version = self.version;
+            let (version, extended) = (self.version, self.extended);
+            let granule_bits = self.granule_bits();
+            let index_mask = self.l2_entries() - 1;
             let table = self.l2_table(meta, l2_offset).await?;
             while at < table_end {
-                let index = ((at >> cluster_bits) as usize) & (table.entries.len() - 1);
-                let entry = table.entries[index];
-                let mapping = classify(entry, cluster_bits, version).map_err(|host| {
-                    Corruption::found(format!(
+                let index = ((at >> cluster_bits) as usize) & index_mask;
+                let (entry, bitmap) = table.get(index, extended);
+                let sub = ((at & cluster_mask) >> granule_bits) as u32;
+                let layout = EntryLayout {
+                    cluster_bits,
+                    version,
+                    extended,
+                };
+                let mapping = classify(entry, bitmap, sub, layout).map_err(|bad| match bad {
+                    BadEntry::Unaligned(host) => Corruption::found(format!(
                         "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
                         hex(host),
                         hex(l2_offset),
                         hex(index as u64)
-                    ))
+                    )),
+                    BadEntry::Invalid => Corruption::found(format!(
+                        "Invalid cluster entry found (L2 offset: {}, L2 index: {})",
+                        hex(l2_offset),
+                        hex(index as u64)
+                    )),
                 })?;
-                let next = ((at | cluster_mask) + 1).min(table_end);
+                // A compressed cluster has no subclusters.
+                let granule_mask = match mapping {
+                    Mapping::Compressed { .. } => cluster_mask,
+                    _ => (1 << granule_bits) - 1,
+                };
+                let next = ((at | granule_mask) + 1).min(table_end);
                 match (first, mapping) {
                     (None, Mapping::Data { host, copied }) => {
                         first = Some(Mapping::Data {
@@ -340,7 +409,8 @@ impl Image {
                             host,
                             copied: copied_here,
                         },
-                    ) if copied == copied_here && host == start + (at - pos) => {}
+                    ) if copied == copied_here
+                        && host + (at & cluster_mask) == start + (at - pos) => {}
                     (Some(Mapping::Zero), Mapping::Zero)
                     | (Some(Mapping::Unallocated), Mapping::Unallocated) => {}
                     _ => return Ok((first.expect("set"), at - pos)),
@@ -566,7 +636,11 @@ impl Image {
         let l1_index = (pos / self.l2_coverage()) as usize;
         let l2_offset = self.writable_l2(&mut meta, l1_index).await?;
         let index = (guest_cluster as usize) & (self.l2_entries() - 1);
-        let old = self.l2_table(&mut meta, l2_offset).await?.entries[index];
+        let extended = self.extended;
+        let (old, _) = self
+            .l2_table(&mut meta, l2_offset)
+            .await?
+            .get(index, extended);
         if old & (OFFSET_MASK | COMPRESSED) != 0 {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
@@ -595,8 +669,7 @@ impl Image {
         }
         let sectors = ((host + len - 1) >> 9) - (host >> 9);
         let table = self.l2_table(&mut meta, l2_offset).await?;
-        table.entries[index] = COMPRESSED | (sectors << shift) | host;
-        table.dirty = true;
+        table.set(index, extended, COMPRESSED | (sectors << shift) | host, 0);
         drop(meta);
         self.allocated.notify_waiters();
         Ok(())
@@ -621,20 +694,56 @@ impl Image {
         }
         // One allocation within one L2 table, of clusters that all map the same way.
         let table_end = (pos / self.l2_coverage() + 1) * self.l2_coverage();
-        let step_end = (pos + len).min(table_end).min(pos + MAX_ALLOCATION);
+        let mut step_end = (pos + len).min(table_end).min(pos + MAX_ALLOCATION);
         let first = pos & !(cluster_size - 1);
-        let last = step_end.next_multiple_of(cluster_size);
-        let count = (last - first) >> self.cluster_bits;
         let l1_index = (pos / self.l2_coverage()) as usize;
         let l2_offset = self.writable_l2(&mut meta, l1_index).await?;
+        // What the new clusters hold of the guest range: all of it, or with extended L2
+        // entries over clusters without data, only the subclusters the write touches.
+        let mut fill = first..step_end.next_multiple_of(cluster_size);
+        if self.extended {
+            let granule = 1u64 << self.granule_bits();
+            let index_mask = self.l2_entries() - 1;
+            let index = (pos >> self.cluster_bits) as usize & index_mask;
+            let table = self.l2_table(&mut meta, l2_offset).await?;
+            let (entry, _) = table.get(index, true);
+            let cluster_end = first + cluster_size;
+            if entry & COMPRESSED == 0 && entry & COPIED != 0 && entry & OFFSET_MASK != 0 {
+                let step_end = step_end.min(cluster_end);
+                let fill = pos & !(granule - 1)..step_end.next_multiple_of(granule);
+                return self
+                    .fill_in_place(meta, l2_offset, index, entry & OFFSET_MASK, fill, pos, data)
+                    .await;
+            }
+            if entry & (COMPRESSED | OFFSET_MASK) == 0 {
+                // New clusters for the run of clusters without one, which only take the
+                // subclusters written.
+                let mut run_end = cluster_end;
+                while run_end < step_end {
+                    let next = (run_end >> self.cluster_bits) as usize & index_mask;
+                    if table.get(next, true).0 & (COMPRESSED | OFFSET_MASK) != 0 {
+                        break;
+                    }
+                    run_end += cluster_size;
+                }
+                step_end = step_end.min(run_end);
+                fill = pos & !(granule - 1)..step_end.next_multiple_of(granule);
+            } else {
+                // A compressed cluster, or one a snapshot shares: copied whole.
+                step_end = step_end.min(cluster_end);
+                fill = first..cluster_end;
+            }
+        }
+        let last = fill.end.next_multiple_of(cluster_size);
+        let count = (last - first) >> self.cluster_bits;
         self.file.debug_event(BlkdebugEvent::ClusterAlloc);
         let host = meta.refcounts.allocate(count).await? << self.cluster_bits;
         // The guest data first, then what is copied around it, as QEMU checks them.
         let data_at = host + (pos - first);
         let checked = [
             (data_at, step_end - pos),
-            (host, pos - first),
-            (host + (step_end - first), last - step_end),
+            (host + (fill.start - first), pos - fill.start),
+            (host + (step_end - first), fill.end - step_end),
         ]
         .into_iter()
         .try_for_each(|(at, len)| meta.map.check(at, len, None, &meta.refcounts));
@@ -649,14 +758,19 @@ impl Image {
         drop(meta);
 
         let written = self
-            .fill_clusters(host, first..last, pos, &data[..(step_end - pos) as usize])
+            .fill_clusters(
+                host + (fill.start - first),
+                fill.clone(),
+                pos,
+                &data[..(step_end - pos) as usize],
+            )
             .await;
 
         let mut meta = self.meta.lock().await;
         meta.in_flight.retain(|r| *r != guest_clusters);
         let result = match written {
             Ok(()) => {
-                self.map_clusters(&mut meta, l2_offset, first, host, count)
+                self.map_clusters(&mut meta, l2_offset, first, host, count, fill)
                     .await
             }
             Err(e) => Err(e),
@@ -670,6 +784,53 @@ impl Image {
         drop(meta);
         self.allocated.notify_waiters();
         result.map(|()| (step_end - pos) as usize)
+    }
+
+    /// With extended L2 entries: write `data` at `pos` into the subclusters `fill` (within
+    /// one cluster this image alone owns at `host`, none of them allocated yet), merged with
+    /// what the guest reads around it, then mark them allocated. Other requests to the
+    /// cluster wait while it is in flight; writes in place to its allocated subclusters
+    /// that started before touch other bytes.
+    #[allow(clippy::too_many_arguments)]
+    async fn fill_in_place(
+        &self,
+        mut meta: tokio::sync::MutexGuard<'_, Meta>,
+        l2_offset: u64,
+        index: usize,
+        host: u64,
+        fill: Range<u64>,
+        pos: u64,
+        data: &[u8],
+    ) -> io::Result<usize> {
+        let cluster_mask = self.cluster_size() - 1;
+        let step_end = fill.end.min(pos + data.len() as u64);
+        let at = host + (fill.start & cluster_mask);
+        meta.map
+            .check(at, fill.end - fill.start, None, &meta.refcounts)?;
+        let guest_cluster = pos >> self.cluster_bits;
+        let in_flight = guest_cluster..guest_cluster + 1;
+        meta.in_flight.push(in_flight.clone());
+        drop(meta);
+        let written = self
+            .fill_clusters(at, fill.clone(), pos, &data[..(step_end - pos) as usize])
+            .await;
+        let mut meta = self.meta.lock().await;
+        meta.in_flight.retain(|r| *r != in_flight);
+        let result = match written {
+            Ok(()) => {
+                let subclusters = subcluster_mask(fill, self.cluster_bits, self.granule_bits());
+                let table = self.l2_table(&mut meta, l2_offset).await?;
+                let (entry, bitmap) = table.get(index, true);
+                let allocated = (bitmap & ALL_ALLOCATED) | subclusters;
+                let zero = (bitmap >> 32) & !subclusters;
+                table.set(index, true, entry, allocated | zero << 32);
+                Ok((step_end - pos) as usize)
+            }
+            Err(e) => Err(e),
+        };
+        drop(meta);
+        self.allocated.notify_waiters();
+        result
     }
 
     /// Write `data` (guest bytes at `pos`) into new clusters at `host` that stand for the
@@ -704,7 +865,9 @@ impl Image {
     }
 
     /// Point the L2 entries of `count` guest clusters from `guest` at the new host clusters
-    /// from `host`; the references the old entries held go at the next write-back.
+    /// from `host`; the references the old entries held go at the next write-back. With
+    /// extended L2 entries only the subclusters of `fill` are allocated: the others keep
+    /// reading as they did (from the backing file, or zeroes).
     async fn map_clusters(
         &self,
         meta: &mut Meta,
@@ -712,17 +875,23 @@ impl Image {
         guest: u64,
         host: u64,
         count: u64,
+        fill: Range<u64>,
     ) -> io::Result<()> {
         let cluster_bits = self.cluster_bits;
+        let (extended, granule_bits) = (self.extended, self.granule_bits());
         let start = ((guest >> cluster_bits) as usize) & (self.l2_entries() - 1);
         let table = self.l2_table(meta, l2_offset).await?;
         let mut released = Vec::new();
         for n in 0..count as usize {
-            let old = table.entries[start + n];
+            let (old, old_bitmap) = table.get(start + n, extended);
             released.extend(referenced(old, cluster_bits));
-            table.entries[start + n] = (host + ((n as u64) << cluster_bits)) | COPIED;
+            let cluster = guest + ((n as u64) << cluster_bits);
+            let within = fill.start.max(cluster)..fill.end.min(cluster + (1 << cluster_bits));
+            let allocated = subcluster_mask(within, cluster_bits, granule_bits);
+            let zero = (old_bitmap >> 32) & !allocated;
+            let entry = (host + ((n as u64) << cluster_bits)) | COPIED;
+            table.set(start + n, extended, entry, allocated | zero << 32);
         }
-        table.dirty = true;
         meta.pending_free
             .extend(released.into_iter().map(|c| (c, Freed::Never)));
         Ok(())
@@ -749,7 +918,7 @@ impl Image {
             return Ok(old);
         }
         let entries = if old == 0 {
-            vec![0u64; self.l2_entries()]
+            vec![0u64; (self.cluster_size() / 8) as usize]
         } else {
             self.l2_table(meta, old).await?.entries.clone()
         };
@@ -906,24 +1075,25 @@ impl Image {
         let l1_index = (from / self.l2_coverage()) as usize;
         let l2_offset = self.writable_l2(&mut meta, l1_index).await?;
         let mask = self.l2_entries() - 1;
+        let extended = self.extended;
         let table = self.l2_table(&mut meta, l2_offset).await?;
         let mut released = Vec::new();
         for cluster in clusters {
             let index = cluster as usize & mask;
-            let old = table.entries[index];
+            let (old, _) = table.get(index, extended);
             let keep =
                 !unmap && old & COMPRESSED == 0 && old & COPIED != 0 && old & OFFSET_MASK != 0;
-            let new = if keep {
-                (old & OFFSET_MASK) | COPIED | ZERO
+            let kept = if keep {
+                (old & OFFSET_MASK) | COPIED
             } else {
-                ZERO
-            };
-            if !keep {
                 released.extend(referenced(old, cluster_bits));
+                0
+            };
+            match extended {
+                true => table.set(index, true, kept, ALL_ZERO),
+                false => table.set(index, false, kept | ZERO, 0),
             }
-            table.entries[index] = new;
         }
-        table.dirty = true;
         meta.pending_free
             .extend(released.into_iter().map(|c| (c, Freed::Request)));
         Ok(())
@@ -972,24 +1142,27 @@ impl Image {
         }
         let l2_offset = self.writable_l2(&mut meta, l1_index).await?;
         let (version, has_backing) = (self.version, self.backing.is_some());
+        let extended = self.extended;
         let mask = self.l2_entries() - 1;
         let table = self.l2_table(&mut meta, l2_offset).await?;
         let mut released = Vec::new();
         for cluster in from >> cluster_bits..to >> cluster_bits {
             let index = cluster as usize & mask;
-            let old = table.entries[index];
-            let allocated = referenced(old, cluster_bits).next().is_some();
+            let old = table.get(index, extended);
+            let allocated = referenced(old.0, cluster_bits).next().is_some();
             let new = if version >= 3 && (has_backing || allocated) {
-                ZERO
+                match extended {
+                    true => (0, ALL_ZERO),
+                    false => (ZERO, 0),
+                }
             } else if version < 3 {
-                0
+                (0, 0)
             } else {
                 continue;
             };
-            released.extend(referenced(old, cluster_bits));
-            if table.entries[index] != new {
-                table.entries[index] = new;
-                table.dirty = true;
+            released.extend(referenced(old.0, cluster_bits));
+            if old != new {
+                table.set(index, extended, new.0, new.1);
             }
         }
         meta.pending_free
@@ -1039,12 +1212,12 @@ impl Image {
         let mask = self.l2_entries() - 1;
         let table = self.l2_table(&mut meta, l2_offset).await?;
         let mut released = Vec::new();
+        let extended = self.extended;
         for cluster in from >> cluster_bits..to >> cluster_bits {
             let index = cluster as usize & mask;
-            released.extend(referenced(table.entries[index], cluster_bits));
-            table.entries[index] = 0;
+            released.extend(referenced(table.get(index, extended).0, cluster_bits));
+            table.set(index, extended, 0, 0);
         }
-        table.dirty = true;
         meta.pending_free
             .extend(released.into_iter().map(|c| (c, Freed::Always)));
         Ok(())
@@ -1101,25 +1274,77 @@ fn table_steps(coverage: u64, from: u64, to: u64) -> impl Iterator<Item = (u64, 
     })
 }
 
-/// What an L2 entry maps its cluster to; Err(host offset) when that is not aligned.
-fn classify(entry: u64, cluster_bits: u32, version: u32) -> Result<Mapping, u64> {
+/// How an image's L2 entries are read.
+#[derive(Clone, Copy, Debug)]
+struct EntryLayout {
+    cluster_bits: u32,
+    version: u32,
+    extended: bool,
+}
+
+/// An L2 entry no valid image holds.
+#[derive(Debug, PartialEq, Eq)]
+enum BadEntry {
+    /// The host offset is not aligned to a cluster.
+    Unaligned(u64),
+    /// A subcluster bitmap that contradicts itself or its entry.
+    Invalid,
+}
+
+/// What an L2 entry (and, with extended L2 entries, its bitmap) maps subcluster `sub` of
+/// its cluster to; without extended L2 entries the whole cluster maps one way.
+fn classify(entry: u64, bitmap: u64, sub: u32, layout: EntryLayout) -> Result<Mapping, BadEntry> {
     if entry & COMPRESSED != 0 {
-        return Ok(Mapping::Compressed { entry });
+        return match layout.extended && bitmap != 0 {
+            true => Err(BadEntry::Invalid),
+            false => Ok(Mapping::Compressed { entry }),
+        };
     }
     let host = entry & OFFSET_MASK;
-    if entry & ZERO != 0 && version >= 3 {
+    let data = Mapping::Data {
+        host,
+        copied: entry & COPIED != 0,
+    };
+    let unaligned = host & ((1 << layout.cluster_bits) - 1) != 0;
+    if layout.extended {
+        let allocated = bitmap & ALL_ALLOCATED;
+        let zero = bitmap >> 32;
+        if (host == 0 && allocated != 0) || allocated & zero != 0 {
+            return Err(BadEntry::Invalid);
+        }
+        if host != 0 && unaligned {
+            return Err(BadEntry::Unaligned(host));
+        }
+        return Ok(if allocated >> sub & 1 != 0 {
+            data
+        } else if zero >> sub & 1 != 0 {
+            Mapping::Zero
+        } else {
+            Mapping::Unallocated
+        });
+    }
+    if entry & ZERO != 0 && layout.version >= 3 {
         return Ok(Mapping::Zero);
     }
     if host == 0 {
         return Ok(Mapping::Unallocated);
     }
-    if host & ((1 << cluster_bits) - 1) != 0 {
-        return Err(host);
+    if unaligned {
+        return Err(BadEntry::Unaligned(host));
     }
-    Ok(Mapping::Data {
-        host,
-        copied: entry & COPIED != 0,
-    })
+    Ok(data)
+}
+
+/// The subclusters (bits 0-31 of an extended L2 bitmap) that `range`, within one cluster
+/// and aligned to subclusters, covers.
+fn subcluster_mask(range: Range<u64>, cluster_bits: u32, granule_bits: u32) -> u64 {
+    if range.is_empty() {
+        return 0;
+    }
+    let cluster_mask = (1u64 << cluster_bits) - 1;
+    let first = (range.start & cluster_mask) >> granule_bits;
+    let count = (range.end - range.start).div_ceil(1 << granule_bits);
+    (((1u64 << count) - 1) << first) & ALL_ALLOCATED
 }
 
 /// Where a compressed cluster's data lies in the file: its offset and the bytes its
@@ -1150,28 +1375,80 @@ fn referenced(entry: u64, cluster_bits: u32) -> impl Iterator<Item = u64> {
 mod tests {
     use super::*;
 
+    const STANDARD: EntryLayout = EntryLayout {
+        cluster_bits: 16,
+        version: 3,
+        extended: false,
+    };
+    const EXTENDED: EntryLayout = EntryLayout {
+        extended: true,
+        ..STANDARD
+    };
+
     #[test]
     fn entries_classify_as_the_specification_says() {
-        let bits = 16;
-        assert_eq!(classify(0, bits, 3).unwrap(), Mapping::Unallocated);
-        assert_eq!(classify(ZERO, bits, 3).unwrap(), Mapping::Zero);
+        let classify = |entry| classify(entry, 0, 0, STANDARD);
+        assert_eq!(classify(0).unwrap(), Mapping::Unallocated);
+        assert_eq!(classify(ZERO).unwrap(), Mapping::Zero);
+        assert_eq!(classify(0x5_0000 | ZERO | COPIED).unwrap(), Mapping::Zero);
         assert_eq!(
-            classify(0x5_0000 | ZERO | COPIED, bits, 3).unwrap(),
-            Mapping::Zero
-        );
-        assert_eq!(
-            classify(0x5_0000 | COPIED, bits, 3).unwrap(),
+            classify(0x5_0000 | COPIED).unwrap(),
             Mapping::Data {
                 host: 0x5_0000,
                 copied: true
             }
         );
-        assert_eq!(classify(0x5_0200, bits, 3), Err(0x5_0200));
+        assert_eq!(classify(0x5_0200), Err(BadEntry::Unaligned(0x5_0200)));
         let compressed = COMPRESSED | (3 << (62 - 8)) | 0x12_3400;
         assert_eq!(
-            classify(compressed, bits, 3).unwrap(),
+            classify(compressed).unwrap(),
             Mapping::Compressed { entry: compressed }
         );
+    }
+
+    #[test]
+    fn subclusters_classify_by_their_bits() {
+        let data = Mapping::Data {
+            host: 0x5_0000,
+            copied: true,
+        };
+        // Subcluster 0 allocated, 1 zero, 2 neither.
+        let bitmap = 1 | 1 << 33;
+        let entry = 0x5_0000 | COPIED;
+        assert_eq!(classify(entry, bitmap, 0, EXTENDED), Ok(data));
+        assert_eq!(classify(entry, bitmap, 1, EXTENDED), Ok(Mapping::Zero));
+        assert_eq!(
+            classify(entry, bitmap, 2, EXTENDED),
+            Ok(Mapping::Unallocated)
+        );
+        // Bit 0 of the entry is not the zero flag here.
+        assert_eq!(classify(entry | ZERO, bitmap, 0, EXTENDED), Ok(data));
+        assert_eq!(classify(0, ALL_ZERO, 5, EXTENDED), Ok(Mapping::Zero));
+        assert_eq!(classify(0, 1, 0, EXTENDED), Err(BadEntry::Invalid));
+        assert_eq!(
+            classify(entry, 1 | 1 << 32, 3, EXTENDED),
+            Err(BadEntry::Invalid)
+        );
+        let compressed = COMPRESSED | 0x12_3400;
+        assert_eq!(classify(compressed, 1, 0, EXTENDED), Err(BadEntry::Invalid));
+    }
+
+    #[test]
+    fn subcluster_masks_cover_the_range() {
+        let (cluster_bits, granule_bits) = (16, 11);
+        assert_eq!(
+            subcluster_mask(0..65536, cluster_bits, granule_bits),
+            ALL_ALLOCATED
+        );
+        assert_eq!(
+            subcluster_mask(2048..6144, cluster_bits, granule_bits),
+            0b110
+        );
+        assert_eq!(
+            subcluster_mask(0x1_f800..0x2_0000, cluster_bits, granule_bits),
+            1 << 31
+        );
+        assert_eq!(subcluster_mask(4096..4096, cluster_bits, granule_bits), 0);
     }
 
     #[test]

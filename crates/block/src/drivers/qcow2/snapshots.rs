@@ -28,7 +28,8 @@
 //!
 //! Entries are written as QEMU 10 writes them: 24 bytes of extra data (the 64-bit VM state
 //! size, the disk size, and icount -1 for "none"), no VM state. Extra data of entries we
-//! did not write is kept as it is. Images with extended L2 entries are refused.
+//! did not write is kept as it is. With extended L2 entries, each entry's subcluster bitmap
+//! is left as it is: the references and COPIED live in the entry.
 
 use super::header::{be32, be64};
 use super::image::{Image, MAX_L1_BYTES};
@@ -176,6 +177,8 @@ fn find(entries: &[Entry], id: Option<&str>, name: Option<&str>) -> Option<usize
 
 /// The header fields snapshots depend on.
 struct Layout {
+    /// Extended L2 entries (incompatible bit 4).
+    extended: bool,
     cluster_bits: u32,
     size: u64,
     l1_size: u32,
@@ -189,13 +192,8 @@ impl Layout {
         if first.len() < 104 {
             return Err(corrupt("header is too short"));
         }
-        if be32(first, 4) >= 3 && be64(first, 72) & INCOMPAT_EXTENDED_L2 != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "internal snapshots of images with extended L2 entries are not supported",
-            ));
-        }
         Ok(Layout {
+            extended: be32(first, 4) >= 3 && be64(first, 72) & INCOMPAT_EXTENDED_L2 != 0,
             cluster_bits: be32(first, 20),
             size: be64(first, 24),
             l1_size: be32(first, 36),
@@ -207,6 +205,12 @@ impl Layout {
 
     fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// 64-bit words per L2 entry: the entry, and with extended L2 entries its subcluster
+    /// bitmap, which snapshots leave as it is.
+    fn entry_words(&self) -> usize {
+        1 + usize::from(self.extended)
     }
 
     /// The host clusters one L2 entry holds a reference to (None: unallocated, or zero
@@ -357,7 +361,7 @@ async fn sync_copied_flags(
         }
         let mut l2 = read_table(file, l2_offset, cluster_size / 8).await?;
         let mut l2_changed = false;
-        for l2_entry in l2.iter_mut() {
+        for l2_entry in l2.iter_mut().step_by(layout.entry_words()) {
             let standard = *l2_entry & COMPRESSED == 0;
             let refcount = match layout.referenced(*l2_entry) {
                 Some(clusters) if standard => refcounts.get(*clusters.start()).await?,
@@ -404,7 +408,7 @@ async fn references(
         }
         *counts.entry(l2_offset >> layout.cluster_bits).or_insert(0) += 1;
         let l2 = read_table(file, l2_offset, layout.cluster_size() / 8).await?;
-        for l2_entry in l2 {
+        for l2_entry in l2.into_iter().step_by(layout.entry_words()) {
             for cluster in layout.referenced(l2_entry).into_iter().flatten() {
                 *counts.entry(cluster).or_insert(0) += 1;
             }
@@ -749,6 +753,7 @@ mod tests {
     #[test]
     fn l2_entry_references() {
         let layout = Layout {
+            extended: false,
             cluster_bits: 16,
             size: 0,
             l1_size: 0,
