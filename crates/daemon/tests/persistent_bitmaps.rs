@@ -302,24 +302,39 @@ async fn storing_bitmaps_grows_a_full_refcount_table() {
     qemu_io(&["-f", "qcow2", "-r", &disk_s, "-c", "read -P 1 0 1980k"]);
 }
 
-/// Images blockd cannot open yet (an external data file) are refused before anything is
-/// written: their bytes, and so their persistent bitmaps, stay as they were (a writable
-/// open clears autoclear bits it does not know, so a late refusal could cost the bitmaps
-/// their consistency).
+/// Images blockd cannot open yet (encrypted ones) are refused before anything is written:
+/// their bytes, and so their persistent bitmaps, stay as they were (a writable open clears
+/// autoclear bits it does not know, so a late refusal could cost the bitmaps their
+/// consistency).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_opens_change_nothing_on_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let make = |name: &str, options: &str| {
-        let path = dir.path().join(name).to_string_lossy().into_owned();
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, &path, "16M"]);
-        qemu_img(&["bitmap", "--add", &path, "b0"]);
-        path
-    };
-    let data_file = dir.path().join("data.raw").to_string_lossy().into_owned();
-    let images = [(
-        make("external.qcow2", &format!("data_file={data_file}")),
-        "external data file",
-    )];
+    let path = dir.path().join("luks.qcow2").to_string_lossy().into_owned();
+    let secret = "secret,id=sec0,data=abc";
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        secret,
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        &path,
+        "16M",
+    ]);
+    let image_opts =
+        format!("driver=qcow2,file.driver=file,file.filename={path},encrypt.key-secret=sec0");
+    qemu_img(&[
+        "bitmap",
+        "--object",
+        secret,
+        "--add",
+        "--image-opts",
+        &image_opts,
+        "b0",
+    ]);
+    let images = [(path, "Encrypted")];
     let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
     let mut client = daemon.qmp().await;
     for (i, (path, why)) in images.iter().enumerate() {

@@ -11,16 +11,20 @@ const MAGIC: &[u8; 4] = b"QFI\xfb";
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_BITMAPS: u32 = 0x2385_2875;
+/// The external data file's name.
+const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// Autoclear bit 0: the bitmaps extension is consistent.
 const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// Autoclear bit 1: the external data file is a valid raw image of the disk.
+pub(super) const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
 /// QEMU refuses longer backing file names (and so do we, in both directions).
 const MAX_BACKING_NAME: usize = 1023;
 
 pub(super) const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub(super) const INCOMPAT_CORRUPT: u64 = 1 << 1;
-const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
+pub(super) const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
@@ -49,9 +53,8 @@ pub struct Qcow2Header {
     /// refuses encrypted images.
     pub crypt_method: u32,
     /// `incompatible_features` (bytes 72-79; 0 in version 2): bit 0 dirty, 1 corrupt,
-    /// 2 external data file, 3 compression type, 4 extended L2 entries. `parse` refuses
-    /// external data file images, `check_supported` unknown bits; a corrupt
-    /// image opens read-only only (`mod.rs`).
+    /// 2 external data file, 3 compression type, 4 extended L2 entries. `check_supported`
+    /// refuses unknown bits; a corrupt image opens read-only only (`mod.rs`).
     pub incompatible: u64,
     /// `compatible_features` (bytes 80-87; 0 in version 2): bit 0 lazy refcounts.
     pub compatible: u64,
@@ -76,6 +79,9 @@ pub struct Qcow2Header {
     /// The bitmaps extension (type 0x23852875), consistent or not: `consistent_bitmaps`
     /// looks at the autoclear bit too.
     pub bitmaps: Option<BitmapsExt>,
+    /// The external data file name extension (type 0x44415441): where the data clusters
+    /// are, when the `data-file` option does not say.
+    pub data_file: Option<String>,
 }
 
 /// The bitmaps extension: where the bitmap directory lies.
@@ -170,9 +176,6 @@ impl Qcow2Header {
             }
         }
         header.check_compression_type()?;
-        if header.incompatible & INCOMPAT_EXTERNAL_DATA != 0 {
-            return Err("qcow2 images with an external data file are not supported".into());
-        }
         header.parse_extensions(buf, header_length)?;
 
         let backing_offset = be64(buf, 8);
@@ -211,6 +214,9 @@ impl Qcow2Header {
             if kind == EXT_BACKING_FORMAT {
                 self.backing_format =
                     Some(String::from_utf8_lossy(&buf[at..at + len]).into_owned());
+            }
+            if kind == EXT_DATA_FILE {
+                self.data_file = Some(String::from_utf8_lossy(&buf[at..at + len]).into_owned());
             }
             if kind == EXT_BITMAPS {
                 self.bitmaps = Some(BitmapsExt::parse(&buf[at..at + len])?);
@@ -278,6 +284,17 @@ impl Qcow2Header {
         self.incompatible & INCOMPAT_DIRTY != 0
     }
 
+    /// Guest data lives in an external data file (incompatible bit 2), at the same offsets
+    /// as in the disk.
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible & INCOMPAT_EXTERNAL_DATA != 0
+    }
+
+    /// The external data file is kept a raw image of the disk (autoclear bit 1).
+    pub fn data_file_raw(&self) -> bool {
+        self.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0
+    }
+
     /// ImageInfoSpecificQCow2 as QEMU reports it.
     pub fn format_specific(&self) -> Value {
         let compression =
@@ -293,14 +310,28 @@ impl Qcow2Header {
                 "refcount-bits": 1u64 << self.refcount_order,
             });
         }
-        json!({
+        let mut specific = json!({
             "compat": "1.1",
             "compression-type": compression,
             "lazy-refcounts": self.compatible & COMPAT_LAZY_REFCOUNTS != 0,
             "refcount-bits": 1u64 << self.refcount_order,
-            "corrupt": self.incompatible & INCOMPAT_CORRUPT != 0,
-            "extended-l2": self.incompatible & INCOMPAT_EXTENDED_L2 != 0,
-        })
+        });
+        let fields = specific.as_object_mut().expect("an object");
+        if let Some(name) = &self.data_file {
+            fields.insert("data-file".into(), json!(name));
+        }
+        if self.has_data_file() {
+            fields.insert("data-file-raw".into(), json!(self.data_file_raw()));
+        }
+        fields.insert(
+            "corrupt".into(),
+            json!(self.incompatible & INCOMPAT_CORRUPT != 0),
+        );
+        fields.insert(
+            "extended-l2".into(),
+            json!(self.incompatible & INCOMPAT_EXTENDED_L2 != 0),
+        );
+        specific
     }
 }
 

@@ -31,12 +31,16 @@
 //! this image owns fills its unallocated subclusters in place; a compressed or shared
 //! cluster is copied whole. Zero writes and discards of whole clusters set every zero bit.
 //!
-//! Not here yet: external data files, encryption and the `lazy-refcounts` write mode (all refused at open by `header.rs` and `options.rs`). An
-//! image a lazy-refcounts writer left dirty is repaired before it is opened writable
-//! (`repair.rs`).
+//! **External data file.** Guest data may live in a second file at its own guest offsets
+//! (`data`), unrefcounted and without overlap checks; with `data-file-raw` zero writes and
+//! discards zero it too, so it stays a raw image of the disk.
+//!
+//! Not here yet: encryption and the `lazy-refcounts` write mode (refused at open by
+//! `header.rs` and `options.rs`). An image a lazy-refcounts writer left dirty is repaired
+//! before it is opened writable (`repair.rs`).
 
 use super::compression::Compression;
-use super::header::{be32, be64};
+use super::header::{be32, be64, AUTOCLEAR_DATA_FILE_RAW};
 use super::overlap::{hex, Checks, Corruption, Metadata, MetadataMap};
 use super::refcount::{Freed, PassDiscard, Refcounts};
 use crate::drivers::blkdebug::BlkdebugEvent;
@@ -144,6 +148,13 @@ pub(super) struct Settings {
 /// An open qcow2 image's data path.
 pub(super) struct Image {
     file: Arc<Child>,
+    /// Where guest data clusters are: `file`, or an external data file, in which a guest
+    /// cluster's data sits at its own guest offset and is not refcounted.
+    data: Arc<Child>,
+    external: bool,
+    /// The external data file is kept a raw image of the disk (`data-file-raw`): zero
+    /// writes and discards zero it too.
+    raw: bool,
     backing: Option<Arc<Child>>,
     cluster_bits: u32,
     version: u32,
@@ -167,6 +178,7 @@ impl Image {
     /// not know, as the specification asks of a program that may change the image.
     pub(super) async fn open(
         file: Arc<Child>,
+        data: Option<Arc<Child>>,
         backing: Option<Arc<Child>>,
         writable: bool,
         settings: Settings,
@@ -214,8 +226,9 @@ impl Image {
         let map = MetadataMap::load(&file, &header_cluster, Some(&l1), checks).await?;
         if writable && version >= 3 {
             let autoclear = be64(&first, 88);
-            // Bit 0: the bitmaps extension, which `bitmaps.rs` keeps consistent.
-            let known = autoclear & 1;
+            // Bit 0: the bitmaps extension, which `bitmaps.rs` keeps consistent; bit 1: a
+            // raw external data file, which this driver keeps raw.
+            let known = autoclear & if data.is_some() { 3 } else { 1 };
             if autoclear != known {
                 file.write(88, &known.to_be_bytes(), WriteFlags::default())
                     .await?;
@@ -223,7 +236,11 @@ impl Image {
             }
         }
         let l2_capacity = settings.l2_tables;
+        let raw = data.is_some() && be64(&first, 88) & AUTOCLEAR_DATA_FILE_RAW != 0;
         Ok(Image {
+            external: data.is_some(),
+            raw,
+            data: data.unwrap_or_else(|| file.clone()),
             file,
             backing,
             cluster_bits,
@@ -266,6 +283,57 @@ impl Image {
     /// Entries in one L2 table: 8 bytes each, 16 with extended L2 entries.
     fn l2_entries(&self) -> usize {
         1 << (self.cluster_bits - 3 - u32::from(self.extended))
+    }
+
+    /// The host clusters of the image file an L2 entry holds a reference to: none for data
+    /// in an external data file, which is not refcounted.
+    fn owned(&self, entry: u64) -> Range<u64> {
+        if self.external && entry & COMPRESSED == 0 {
+            return 0..0;
+        }
+        referenced(entry, self.cluster_bits)
+    }
+
+    /// Where `count` new data clusters for the guest clusters from `guest` go: taken from
+    /// the refcounts, or with an external data file the guest offset itself.
+    async fn allocate_data(&self, meta: &mut Meta, guest: u64, count: u64) -> io::Result<u64> {
+        if self.external {
+            return Ok(guest);
+        }
+        Ok(meta.refcounts.allocate(count).await? << self.cluster_bits)
+    }
+
+    /// Undo `allocate_data`.
+    async fn release_data(&self, meta: &mut Meta, host: u64, count: u64) -> io::Result<()> {
+        if !self.external {
+            for cluster in host >> self.cluster_bits..(host >> self.cluster_bits) + count {
+                meta.refcounts.release(cluster, Freed::Never).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The overlap checks for data about to be written at `host`: only data in the image
+    /// file can land on its metadata.
+    fn check_data(&self, meta: &Meta, host: u64, len: u64) -> io::Result<()> {
+        if self.external {
+            return Ok(());
+        }
+        meta.map.check(host, len, None, &meta.refcounts)
+    }
+
+    /// With a raw external data file, make `offset..offset+len` of it read as zeroes too,
+    /// as the guest now reads there (past the disk's end there is nothing to keep).
+    async fn zero_raw_data(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let len = len.min(self.size.saturating_sub(offset));
+        if !self.raw || len == 0 {
+            return Ok(());
+        }
+        let flags = WriteFlags {
+            may_unmap: unmap,
+            ..WriteFlags::default()
+        };
+        self.data.write_zeroes(offset, len, flags).await
     }
 
     /// The unit a mapping can change at: a subcluster with extended L2 entries, else a
@@ -438,7 +506,7 @@ impl Image {
             match mapping {
                 Mapping::Data { host, .. } => {
                     self.file.debug_event(BlkdebugEvent::ReadAio);
-                    self.file.read(host, chunk).await?;
+                    self.data.read(host, chunk).await?;
                 }
                 Mapping::Zero => chunk.fill(0),
                 Mapping::Unallocated => self.read_backing(pos, chunk).await?,
@@ -538,7 +606,7 @@ impl Image {
         match mapping {
             Mapping::Data { host, .. } => {
                 self.file.debug_event(BlkdebugEvent::ReadAio);
-                self.file.read(host, buf).await?;
+                self.data.read(host, buf).await?;
                 Ok(Some(false))
             }
             Mapping::Zero => {
@@ -684,10 +752,10 @@ impl Image {
         let mut meta = self.settled(clusters).await;
         let (mapping, len) = self.lookup(&mut meta, pos, data.len() as u64).await?;
         if let Mapping::Data { host, copied: true } = mapping {
-            meta.map.check(host, len, None, &meta.refcounts)?;
+            self.check_data(&meta, host, len)?;
             drop(meta);
             self.file.debug_event(BlkdebugEvent::WriteAio);
-            self.file
+            self.data
                 .write(host, &data[..len as usize], WriteFlags::default())
                 .await?;
             return Ok(len as usize);
@@ -737,7 +805,7 @@ impl Image {
         let last = fill.end.next_multiple_of(cluster_size);
         let count = (last - first) >> self.cluster_bits;
         self.file.debug_event(BlkdebugEvent::ClusterAlloc);
-        let host = meta.refcounts.allocate(count).await? << self.cluster_bits;
+        let host = self.allocate_data(&mut meta, first, count).await?;
         // The guest data first, then what is copied around it, as QEMU checks them.
         let data_at = host + (pos - first);
         let checked = [
@@ -746,11 +814,9 @@ impl Image {
             (host + (step_end - first), fill.end - step_end),
         ]
         .into_iter()
-        .try_for_each(|(at, len)| meta.map.check(at, len, None, &meta.refcounts));
+        .try_for_each(|(at, len)| self.check_data(&meta, at, len));
         if let Err(e) = checked {
-            for cluster in host >> self.cluster_bits..(host >> self.cluster_bits) + count {
-                meta.refcounts.release(cluster, Freed::Never).await?;
-            }
+            self.release_data(&mut meta, host, count).await?;
             return Err(e);
         }
         let guest_clusters = first >> self.cluster_bits..last >> self.cluster_bits;
@@ -777,9 +843,7 @@ impl Image {
         };
         if result.is_err() {
             // Nothing points at the new clusters: they are free again at once.
-            for cluster in host >> self.cluster_bits..(host >> self.cluster_bits) + count {
-                meta.refcounts.release(cluster, Freed::Never).await?;
-            }
+            self.release_data(&mut meta, host, count).await?;
         }
         drop(meta);
         self.allocated.notify_waiters();
@@ -805,8 +869,7 @@ impl Image {
         let cluster_mask = self.cluster_size() - 1;
         let step_end = fill.end.min(pos + data.len() as u64);
         let at = host + (fill.start & cluster_mask);
-        meta.map
-            .check(at, fill.end - fill.start, None, &meta.refcounts)?;
+        self.check_data(&meta, at, fill.end - fill.start)?;
         let guest_cluster = pos >> self.cluster_bits;
         let in_flight = guest_cluster..guest_cluster + 1;
         meta.in_flight.push(in_flight.clone());
@@ -847,7 +910,7 @@ impl Image {
         let tail = (guest.end - pos - data.len() as u64) as usize;
         if head == 0 && tail == 0 {
             self.file.debug_event(BlkdebugEvent::WriteAio);
-            return self.file.write(host, data, WriteFlags::default()).await;
+            return self.data.write(host, data, WriteFlags::default()).await;
         }
         let mut merged = vec![0u8; (guest.end - guest.start) as usize];
         let data_end = head + data.len();
@@ -861,7 +924,7 @@ impl Image {
         }
         merged[head..data_end].copy_from_slice(data);
         self.file.debug_event(BlkdebugEvent::CowWrite);
-        self.file.write(host, &merged, WriteFlags::default()).await
+        self.data.write(host, &merged, WriteFlags::default()).await
     }
 
     /// Point the L2 entries of `count` guest clusters from `guest` at the new host clusters
@@ -884,7 +947,7 @@ impl Image {
         let mut released = Vec::new();
         for n in 0..count as usize {
             let (old, old_bitmap) = table.get(start + n, extended);
-            released.extend(referenced(old, cluster_bits));
+            released.extend(self.owned(old));
             let cluster = guest + ((n as u64) << cluster_bits);
             let within = fill.start.max(cluster)..fill.end.min(cluster + (1 << cluster_bits));
             let allocated = subcluster_mask(within, cluster_bits, granule_bits);
@@ -1064,7 +1127,8 @@ impl Image {
         for (from, to) in table_steps(self.l2_coverage(), first, last) {
             self.zero_clusters(from, to, unmap).await?;
         }
-        Ok(())
+        self.zero_raw_data(first, last.saturating_sub(first), unmap)
+            .await
     }
 
     /// Turn the whole clusters of `from..to` (within one L2 table) into zero clusters.
@@ -1086,7 +1150,7 @@ impl Image {
             let kept = if keep {
                 (old & OFFSET_MASK) | COPIED
             } else {
-                released.extend(referenced(old, cluster_bits));
+                released.extend(self.owned(old));
                 0
             };
             match extended {
@@ -1130,7 +1194,8 @@ impl Image {
         for (from, to) in table_steps(self.l2_coverage(), first, last) {
             self.discard_clusters(from, to).await?;
         }
-        Ok(())
+        self.zero_raw_data(first, last.saturating_sub(first), true)
+            .await
     }
 
     async fn discard_clusters(&self, from: u64, to: u64) -> io::Result<()> {
@@ -1160,7 +1225,7 @@ impl Image {
             } else {
                 continue;
             };
-            released.extend(referenced(old.0, cluster_bits));
+            released.extend(self.owned(old.0));
             if old != new {
                 table.set(index, extended, new.0, new.1);
             }
@@ -1187,6 +1252,10 @@ impl Image {
                 self.unmap_clusters(from, to).await?;
             }
             self.flush().await?;
+        }
+        if self.external {
+            // The data file holds the disk at its own offsets: it takes the new size too.
+            self.data.node().truncate(size).await?;
         }
         let grow_l1 = needed as usize > self.meta.lock().await.l1.len();
         if grow_l1 {
@@ -1215,7 +1284,7 @@ impl Image {
         let extended = self.extended;
         for cluster in from >> cluster_bits..to >> cluster_bits {
             let index = cluster as usize & mask;
-            released.extend(referenced(table.get(index, extended).0, cluster_bits));
+            released.extend(self.owned(table.get(index, extended).0));
             table.set(index, extended, 0, 0);
         }
         meta.pending_free
@@ -1357,7 +1426,7 @@ fn compressed_span(entry: u64, cluster_bits: u32) -> (u64, u64) {
 }
 
 /// The host clusters an L2 entry holds a reference to.
-fn referenced(entry: u64, cluster_bits: u32) -> impl Iterator<Item = u64> {
+fn referenced(entry: u64, cluster_bits: u32) -> Range<u64> {
     if entry & COMPRESSED != 0 {
         let (offset, len) = compressed_span(entry, cluster_bits);
         let start = offset & !511;

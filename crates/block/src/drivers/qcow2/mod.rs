@@ -50,6 +50,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::RwLock;
 
+/// The children a qcow2 node opens with.
+struct Edges {
+    file: Arc<Child>,
+    /// The external data file, for images that have one.
+    data: Option<Arc<Child>>,
+    backing: Option<Arc<Child>>,
+    /// The graph opened `backing` from the name in the header, rather than the user naming
+    /// a backing node (or none).
+    implicit_backing: bool,
+}
+
 /// The runtime options (see `options.rs` for which ones this driver honours).
 #[derive(Deserialize, Debug, Default)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -66,7 +77,6 @@ pub struct Qcow2Options {
     pub refcount_cache_size: Option<u64>,
     pub cache_clean_interval: Option<i64>,
     pub encrypt: Option<serde_json::Value>,
-    pub data_file: Option<serde_json::Value>,
 }
 
 pub struct Qcow2 {
@@ -142,17 +152,19 @@ impl Qcow2 {
         Qcow2::probe_header(file).await
     }
 
-    /// `implicit_backing`: the graph opened `backing` from the name in the header, rather
-    /// than the user naming a backing node (or none).
     async fn open(
-        file: Arc<Child>,
-        backing: Option<Arc<Child>>,
-        implicit_backing: bool,
+        edges: Edges,
         header: Qcow2Header,
         writable: bool,
         settings: Settings,
         events: Option<EventHook>,
     ) -> Result<Qcow2, String> {
+        let Edges {
+            file,
+            data,
+            backing,
+            implicit_backing,
+        } = edges;
         let auto_backing_file = match &backing {
             Some(edge) if implicit_backing => {
                 let node = edge.node();
@@ -171,6 +183,7 @@ impl Qcow2 {
         };
         let image = Image::open(
             file.clone(),
+            data,
             backing,
             writable,
             settings,
@@ -308,6 +321,11 @@ impl Qcow2 {
                     Perms::CONSISTENT_READ | Perms::WRITE_UNCHANGED,
                 )
             }
+            // Guest data only: what the parents ask for is passed on.
+            "data-file" => (
+                Perms::NONE,
+                Perms::CONSISTENT_READ | Perms::WRITE | Perms::WRITE_UNCHANGED,
+            ),
             _ => (Perms::NONE, Perms::ALL),
         }
     }
@@ -401,7 +419,12 @@ impl Driver for Qcow2 {
         true
     }
 
+    /// None with an external data file, whose clusters snapshots could not count: QEMU
+    /// answers ENOTSUP for the list, and so for any snapshot command.
     fn internal_snapshots(&self) -> io::Result<Vec<SnapshotInfo>> {
+        if self.header().has_data_file() {
+            return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+        }
         Ok(self.snapshots())
     }
 
@@ -426,8 +449,9 @@ impl Driver for Qcow2 {
         true
     }
 
+    /// Not with an external data file, as in QEMU.
     fn supports_compressed_writes(&self) -> bool {
-        true
+        !self.header().has_data_file()
     }
 
     /// Read unallocated clusters from another backing edge (or none) after the graph
@@ -608,6 +632,13 @@ impl Driver for Qcow2 {
         let (base_perm, base_shared) = Self::default_child_perms(role, read_only);
         match role {
             "file" => (base_perm, base_shared),
+            "data-file" => (
+                perm & (Perms::CONSISTENT_READ
+                    | Perms::WRITE
+                    | Perms::WRITE_UNCHANGED
+                    | Perms::RESIZE),
+                shared & base_shared,
+            ),
             // Reading the overlay reads the backing; nothing writes through it.
             _ => (
                 perm & Perms::CONSISTENT_READ,
@@ -636,6 +667,9 @@ impl Driver for Qcow2 {
             .await
             .map_err(|e| e.to_string())?;
         self.file.node().set_writable(writable).await?;
+        if let Some(data) = node.child("data-file") {
+            data.node().set_writable(writable).await?;
+        }
         if writable && self.header().is_dirty() {
             match Qcow2::repair(&self.file, &self.header(), self.settings.checks).await {
                 Ok(repaired) => *self.header.lock().unwrap() = repaired,
@@ -647,6 +681,7 @@ impl Driver for Qcow2 {
         }
         match Image::open(
             self.file.clone(),
+            node.child("data-file"),
             node.child("backing"),
             writable,
             self.settings,
@@ -761,13 +796,12 @@ async fn open(
 ) -> Result<Box<dyn Driver>, QmpError> {
     let file_ref = o.take_child_ref(&mut options, "file")?;
     let backing_ref = options.remove("backing");
+    let data_ref = options.remove("data-file");
     let opts: Qcow2Options = o.parse(options)?;
     let keyval = o.syntax() == crate::OptionSyntax::Keyval;
     let checks = opts.validate(keyval).map_err(|e| o.qualify(e))?;
-    if opts.data_file.is_some() || opts.encrypt.is_some() {
-        return Err(QmpError::generic(
-            "qcow2 external data files and encryption are not supported",
-        ));
+    if opts.encrypt.is_some() {
+        return Err(QmpError::generic("qcow2 encryption is not supported"));
     }
     let read_only = o.common().read_only;
     let (perm, shared) = Qcow2::default_child_perms("file", read_only);
@@ -786,6 +820,29 @@ async fn open(
     opts.check(&header).map_err(QmpError::generic)?;
     let (l2_tables, refcount_blocks) = opts.cache_sizes(&header).map_err(QmpError::generic)?;
     o.claim_position();
+    let (perm, shared) = Qcow2::default_child_perms("data-file", read_only);
+    let data = match (data_ref, header.has_data_file(), &header.data_file) {
+        (Some(reference), true, _) => {
+            Some(o.open_child(reference, "data-file", perm, shared).await?)
+        }
+        (Some(_), false, _) => {
+            return Err(QmpError::generic(
+                "'data-file' can only be set for images with an external data file",
+            ))
+        }
+        // QEMU opens the name as it stands, relative to its working directory.
+        (None, true, Some(name)) => {
+            let reference = json!({"driver": "file", "filename": name});
+            Some(o.open_child(reference, "data-file", perm, shared).await?)
+        }
+        (None, true, None) => {
+            return Err(QmpError::generic("'data-file' is required for this image"))
+        }
+        (None, false, _) if header.data_file_raw() => {
+            return Err(QmpError::generic("data-file-raw requires a data file"))
+        }
+        (None, false, _) => None,
+    };
     let implicit_backing = backing_ref.is_none();
     let backing = match backing_ref {
         Some(Value::Null) => None,
@@ -805,10 +862,14 @@ async fn open(
             None => None,
         },
     };
-    let driver = Qcow2::open(
+    let edges = Edges {
         file,
+        data,
         backing,
         implicit_backing,
+    };
+    let driver = Qcow2::open(
+        edges,
         header,
         !read_only,
         Settings {

@@ -50,6 +50,7 @@ const ENTRY_FIXED: usize = 40;
 /// Extra data QEMU writes: 64-bit VM state size, disk size, icount.
 const EXTRA_DATA_SIZE: usize = 24;
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
 /// QEMU's limits for the table, which we keep so QEMU can open what we write.
 const MAX_SNAPSHOTS: usize = 65536;
 const MAX_TABLE_SIZE: u64 = 64 << 20;
@@ -179,6 +180,8 @@ fn find(entries: &[Entry], id: Option<&str>, name: Option<&str>) -> Option<usize
 struct Layout {
     /// Extended L2 entries (incompatible bit 4).
     extended: bool,
+    /// Data clusters live in an external data file (incompatible bit 2), unrefcounted.
+    external: bool,
     cluster_bits: u32,
     size: u64,
     l1_size: u32,
@@ -194,6 +197,7 @@ impl Layout {
         }
         Ok(Layout {
             extended: be32(first, 4) >= 3 && be64(first, 72) & INCOMPAT_EXTENDED_L2 != 0,
+            external: be32(first, 4) >= 3 && be64(first, 72) & INCOMPAT_EXTERNAL_DATA != 0,
             cluster_bits: be32(first, 20),
             size: be64(first, 24),
             l1_size: be32(first, 36),
@@ -361,7 +365,13 @@ async fn sync_copied_flags(
         }
         let mut l2 = read_table(file, l2_offset, cluster_size / 8).await?;
         let mut l2_changed = false;
-        for l2_entry in l2.iter_mut().step_by(layout.entry_words()) {
+        // Data in an external file is not refcounted: its entries keep COPIED.
+        let data_entries = if layout.external { 0 } else { l2.len() };
+        for l2_entry in l2
+            .iter_mut()
+            .take(data_entries)
+            .step_by(layout.entry_words())
+        {
             let standard = *l2_entry & COMPRESSED == 0;
             let refcount = match layout.referenced(*l2_entry) {
                 Some(clusters) if standard => refcounts.get(*clusters.start()).await?,
@@ -407,6 +417,10 @@ async fn references(
             continue;
         }
         *counts.entry(l2_offset >> layout.cluster_bits).or_insert(0) += 1;
+        if layout.external {
+            // Data in an external file is not refcounted.
+            continue;
+        }
         let l2 = read_table(file, l2_offset, layout.cluster_size() / 8).await?;
         for l2_entry in l2.into_iter().step_by(layout.entry_words()) {
             for cluster in layout.referenced(l2_entry).into_iter().flatten() {
@@ -510,6 +524,10 @@ impl Qcow2 {
         node: &Node,
         name: &str,
     ) -> io::Result<SnapshotInfo> {
+        if self.header().has_data_file() {
+            // As QEMU: snapshots would need the data file's clusters refcounted.
+            return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+        }
         node.drain().await;
         let result = self.with_image_quiet(node, self.do_create(name)).await;
         node.undrain();
@@ -561,6 +579,7 @@ impl Qcow2 {
         let result = change.await;
         *image = Image::open(
             self.file.clone(),
+            node.child("data-file"),
             node.child("backing"),
             true,
             self.settings,
@@ -754,6 +773,7 @@ mod tests {
     fn l2_entry_references() {
         let layout = Layout {
             extended: false,
+            external: false,
             cluster_bits: 16,
             size: 0,
             l1_size: 0,
