@@ -55,6 +55,8 @@ pub async fn create_image(path: &Path, image: NewImage<'_>) -> Result<(), String
                 lazy_refcounts: false,
                 compression: Compression::Zlib,
                 extended_l2: false,
+                data_file: None,
+                data_file_raw: false,
                 backing: image
                     .backing
                     .as_ref()
@@ -281,9 +283,11 @@ pub struct Qcow2Create {
     /// QMP `extended-l2`: 32 subclusters per cluster (v3, clusters of at least 16 KiB).
     #[serde(default)]
     pub extended_l2: bool,
-    /// QMP `data-file` (an external data file): refused, so kept unparsed.
+    /// QMP `data-file`: the node guest data goes to (a node name or a definition), which
+    /// the caller resolves and hands to `create_on`.
     pub data_file: Option<serde_json::Value>,
-    /// QMP `data-file-raw`: only checked to come with `data-file`.
+    /// QMP `data-file-raw`: keep the data file a raw image of the disk (every cluster
+    /// mapped from the start, so `preallocation` is at least `metadata`).
     pub data_file_raw: Option<bool>,
     /// QMP `encrypt`: refused, so kept unparsed.
     pub encrypt: Option<serde_json::Value>,
@@ -293,7 +297,7 @@ pub struct Qcow2Create {
 
 impl Qcow2Create {
     /// QEMU's checks of the options, in QEMU's order and words, then what the qcow2 driver
-    /// cannot write yet (external data files, encryption).
+    /// cannot write yet (encryption).
     pub fn check(&self) -> Result<(), String> {
         if self.size % 512 != 0 {
             return Err("Image size must be a multiple of 512 bytes".into());
@@ -330,28 +334,32 @@ impl Qcow2Create {
         if self.backing_fmt.is_some() && self.backing_file.is_none() {
             return Err("Backing format cannot be used without backing file".into());
         }
+        if !v3 && self.data_file.is_some() {
+            return Err("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)".into());
+        }
         if self.data_file_raw.is_some() && self.data_file.is_none() {
             return Err("'data-file-raw' requires 'data-file'".into());
+        }
+        if self.data_file_raw == Some(true) && self.backing_file.is_some() {
+            return Err("Backing file and data-file-raw cannot be used at the same time".into());
         }
         if !v3 && self.compression_type == Some(CompressionType::Zstd) {
             return Err("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)".into());
         }
-        let unsupported = if self.data_file.is_some() {
-            Some("external data files")
-        } else if self.encrypt.is_some() {
-            Some("encryption")
-        } else {
-            None
-        };
-        match unsupported {
-            Some(what) => Err(format!("blockd cannot create qcow2 images with {what}")),
-            None => Ok(()),
+        match self.encrypt.is_some() {
+            true => Err("blockd cannot create qcow2 images with encryption".into()),
+            false => Ok(()),
         }
     }
 
     /// Write a new image onto the node `file` leads to (what was there is lost), through
-    /// `file`, an edge that may write and resize. Runs on an I/O thread; `check` first.
-    pub async fn create_on(&self, file: Arc<Child>) -> Result<(), String> {
+    /// `file`, an edge that may write and resize; with `data_file`, its name for the header
+    /// and an edge that may write and resize it. Runs on an I/O thread; `check` first.
+    pub async fn create_on(
+        &self,
+        file: Arc<Child>,
+        data_file: Option<(String, Arc<Child>)>,
+    ) -> Result<(), String> {
         let size = u64::try_from(self.size).map_err(|_| "Invalid image size".to_string())?;
         let image = NewQcow2 {
             size,
@@ -367,11 +375,19 @@ impl Qcow2Create {
                 _ => Compression::Zlib,
             },
             extended_l2: self.extended_l2,
+            data_file: data_file
+                .as_ref()
+                .map(|(name, edge)| (name.as_str(), edge.clone())),
+            data_file_raw: self.data_file_raw == Some(true),
             backing: self
                 .backing_file
                 .as_deref()
                 .map(|name| (name, self.backing_fmt.as_deref())),
-            preallocate: self.preallocation,
+            preallocate: match self.preallocation {
+                // A raw data file needs every cluster mapped, as QEMU makes it.
+                Prealloc::Off if self.data_file_raw == Some(true) => Prealloc::Metadata,
+                other => other,
+            },
         };
         image
             .write(&file)

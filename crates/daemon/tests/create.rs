@@ -299,6 +299,11 @@ async fn qcow2_creation_matches_qsd_for_every_shape() {
         json!({ "size": 5 << 20, "extended-l2": true, "cluster-size": 16384,
                 "preallocation": "metadata", "backing-file": "base.qcow2",
                 "backing-fmt": "qcow2" }),
+        // `data-file: true` stands for a data file node made for the image.
+        json!({ "size": 5 << 20, "data-file": true }),
+        json!({ "size": 5 << 20, "data-file": true, "data-file-raw": true }),
+        json!({ "size": 5 << 20, "data-file": true, "extended-l2": true,
+                "preallocation": "falloc" }),
     ];
     let mut seen: Vec<Vec<Value>> = Vec::new();
     for which in Impl::all() {
@@ -324,6 +329,20 @@ async fn qcow2_creation_matches_qsd_for_every_shape() {
                 .as_object_mut()
                 .unwrap()
                 .extend(shape.as_object().unwrap().clone());
+            if shape.get("data-file").is_some() {
+                let data = p(&format!("data{i}.raw"));
+                let file = json!({ "driver": "file", "filename": data, "size": 0 });
+                assert!(create(&mut c, "d", file).await["jobs"][0]
+                    .get("error")
+                    .is_none());
+                c.execute(
+                    "blockdev-add",
+                    json!({ "driver": "file", "node-name": format!("d{i}"), "filename": data }),
+                )
+                .await
+                .unwrap();
+                options["data-file"] = json!(format!("d{i}"));
+            }
             let outcome = create(&mut c, "q", options).await;
             assert!(
                 outcome["jobs"][0].get("error").is_none(),
@@ -332,6 +351,11 @@ async fn qcow2_creation_matches_qsd_for_every_shape() {
             c.execute("blockdev-del", json!({ "node-name": format!("f{i}") }))
                 .await
                 .unwrap();
+            if shape.get("data-file").is_some() {
+                c.execute("blockdev-del", json!({ "node-name": format!("d{i}") }))
+                    .await
+                    .unwrap();
+            }
         }
         daemon.quit(&mut c).await;
         let mut images = Vec::new();
@@ -339,8 +363,22 @@ async fn qcow2_creation_matches_qsd_for_every_shape() {
             let path = p(&format!("img{i}.qcow2"));
             qemu_img(&["check", "-q", &path]);
             let mut info = qemu_img_json(&["info", "--output=json", &path]);
-            let actual = info["actual-size"].as_u64().unwrap();
             let size = shape["size"].as_u64().unwrap();
+            // Guest data goes to the data file, where there is one.
+            let actual = match shape.get("data-file") {
+                Some(_) => {
+                    let data = p(&format!("data{i}.raw"));
+                    assert_eq!(
+                        std::fs::metadata(&data).unwrap().len(),
+                        size,
+                        "{which:?} {shape}"
+                    );
+                    qemu_img_json(&["info", "--output=json", "-f", "raw", &data])["actual-size"]
+                        .as_u64()
+                        .unwrap()
+                }
+                None => info["actual-size"].as_u64().unwrap(),
+            };
             let as_asked = match shape["preallocation"].as_str() {
                 Some("falloc" | "full") => actual >= size,
                 Some(_) => actual < size,
@@ -364,11 +402,16 @@ async fn qcow2_creation_matches_qsd_for_every_shape() {
             ] {
                 info.as_object_mut().unwrap().remove(key);
             }
+            let specific = &mut info["format-specific"]["data"];
+            if let Some(name) = specific["data-file"].as_str() {
+                specific["data-file"] = json!(name.trim_start_matches(&p("")));
+            }
             images.push(json!({ "info": info, "data": data }));
             if size > 0 {
                 let cluster = info["cluster-size"].as_u64().unwrap();
                 let mut writes = vec![s("write -P 0x5a 4096 70000")];
-                if shape.get("preallocation").is_none() {
+                // Compressed writes: not with a data file.
+                if shape.get("preallocation").is_none() && shape.get("data-file").is_none() {
                     // Into clusters nothing allocated yet, as compressed writes need.
                     let at = (1u64 << 20).next_multiple_of(cluster);
                     writes.push(format!("write -c -P 0x6b {at} {cluster}"));

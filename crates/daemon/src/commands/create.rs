@@ -103,24 +103,44 @@ pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Resul
     Ok(json!({}))
 }
 
-/// The qcow2 half of blockdev-create, on the job's thread: find (or open) the file node,
-/// check the options, take write and resize permissions on the node as QEMU's temporary
-/// user does, and write the image.
+/// The qcow2 half of blockdev-create, on the job's thread: find (or open) the file node
+/// and the data file's, check the options, take write and resize permissions on the nodes
+/// as QEMU's temporary users do, and write the image.
 async fn create_qcow2(
     graph: &Arc<Graph>,
     file_ref: Value,
     qcow2: Qcow2Create,
 ) -> Result<(), String> {
-    let node = match file_ref {
+    let node = resolve(graph, file_ref, "file").await?;
+    qcow2.check()?;
+    let data_file = match qcow2.data_file.clone() {
+        Some(data_ref) => {
+            let data = resolve(graph, data_ref, "data-file").await?;
+            let name = data.driver().info(&data).filename;
+            Some((name, writer(&data)?))
+        }
+        None => None,
+    };
+    qcow2.create_on(writer(&node)?, data_file).await
+}
+
+/// The node a BlockdevRef names (`options.<member>`): found by name or opened.
+async fn resolve(graph: &Arc<Graph>, reference: Value, member: &str) -> Result<Arc<Node>, String> {
+    match reference {
         Value::String(name) => graph
             .find(&name)
-            .ok_or_else(|| format!("Cannot find device='{name}' nor node-name='{name}'"))?,
-        Value::Object(definition) => graph.open_implicit(definition).await.map_err(|e| e.desc)?,
-        _ => return Err("Invalid parameter type for 'options.file', expected: object".into()),
-    };
-    qcow2.check()?;
-    let edge = Node::attach(
-        &node,
+            .ok_or_else(|| format!("Cannot find device='{name}' nor node-name='{name}'")),
+        Value::Object(definition) => graph.open_implicit(definition).await.map_err(|e| e.desc),
+        _ => Err(format!(
+            "Invalid parameter type for 'options.{member}', expected: object"
+        )),
+    }
+}
+
+/// An unnamed user's edge to `node` that writes and resizes it.
+fn writer(node: &Arc<Node>) -> Result<Arc<block::Child>, String> {
+    Node::attach(
+        node,
         "root",
         Parent::User {
             kind: "block-backend",
@@ -128,8 +148,7 @@ async fn create_qcow2(
         },
         Perms::WRITE | Perms::RESIZE,
         Perms::ALL,
-    )?;
-    qcow2.create_on(edge).await
+    )
 }
 
 #[derive(Deserialize)]

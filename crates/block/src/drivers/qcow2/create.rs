@@ -21,6 +21,10 @@ use std::sync::Arc;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 /// Incompatible bit 4: extended L2 entries.
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+/// Incompatible bit 2: an external data file; autoclear bit 1: it is kept raw.
+const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
+const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
+const EXT_DATA_FILE: u32 = 0x4441_5441;
 /// Compatible bit 0: lazy refcounts.
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// A version 3 header with the compression type byte, padded to 8 as QEMU writes it.
@@ -43,7 +47,7 @@ const FEATURE_NAMES: &[(u8, u8, &str)] = &[
 const ZERO_CHUNK: u64 = 1 << 20;
 
 /// What the new image looks like; `check` of blockdev-create's options came first.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NewQcow2<'a> {
     pub size: u64,
     pub version: u32,
@@ -53,6 +57,12 @@ pub struct NewQcow2<'a> {
     pub compression: Compression,
     /// Extended L2 entries (32 subclusters per cluster; at least 16 KiB clusters).
     pub extended_l2: bool,
+    /// An external data file: its name for the header and an edge to it. Guest data goes
+    /// there at its own offsets, so preallocation maps clusters to their guest offsets and
+    /// allocates the data there, not in the image file.
+    pub data_file: Option<(&'a str, Arc<Child>)>,
+    /// Mark the data file as a raw image of the disk (`preallocate` must map it all).
+    pub data_file_raw: bool,
     /// The backing file name and its format, written into the header, not opened.
     pub backing: Option<(&'a str, Option<&'a str>)>,
     /// `metadata`: every L2 table and data cluster allocated, the data left sparse in the
@@ -100,6 +110,7 @@ impl NewQcow2<'_> {
         let l1_clusters = (l1_entries * 8).div_ceil(cluster_size);
         let (l2_table_count, data_clusters) = match self.preallocate {
             Prealloc::Off => (0, 0),
+            _ if self.data_file.is_some() => (l1_entries, 0),
             _ => (l1_entries, self.size.div_ceil(cluster_size)),
         };
         let per_block = (cluster_size * 8) >> self.refcount_order;
@@ -160,6 +171,12 @@ impl NewQcow2<'_> {
             if self.extended_l2 {
                 incompatible |= INCOMPAT_EXTENDED_L2;
             }
+            if self.data_file.is_some() {
+                incompatible |= INCOMPAT_EXTERNAL_DATA;
+            }
+            if self.data_file_raw {
+                fields[88..96].copy_from_slice(&AUTOCLEAR_DATA_FILE_RAW.to_be_bytes());
+            }
             let compatible = if self.lazy_refcounts {
                 COMPAT_LAZY_REFCOUNTS
             } else {
@@ -189,6 +206,12 @@ impl NewQcow2<'_> {
         cluster_size: usize,
     ) -> io::Result<Vec<u8>> {
         let mut cluster = fields.to_vec();
+        if let Some((name, _)) = &self.data_file {
+            cluster.extend_from_slice(&EXT_DATA_FILE.to_be_bytes());
+            cluster.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            cluster.extend_from_slice(name.as_bytes());
+            cluster.resize(cluster.len().next_multiple_of(8), 0);
+        }
         if with_names {
             cluster.extend_from_slice(&EXT_FEATURE_TABLE.to_be_bytes());
             cluster.extend_from_slice(&((FEATURE_NAMES.len() * 48) as u32).to_be_bytes());
@@ -259,7 +282,8 @@ impl NewQcow2<'_> {
         for table in 0..layout.l2_table_count {
             block.fill(0);
             let first = table * l2_entries;
-            let count = layout.data_clusters.saturating_sub(first).min(l2_entries);
+            let guest_clusters = self.size.div_ceil(cluster_size);
+            let count = guest_clusters.saturating_sub(first).min(l2_entries);
             // With extended L2 entries the bitmaps stay 0: the subclusters read from the
             // backing file, or as zeroes (what QEMU writes).
             let entry_bytes = 8 * self.entry_words() as usize;
@@ -268,7 +292,12 @@ impl NewQcow2<'_> {
                 .take(count as usize)
                 .enumerate()
             {
-                let host = (layout.data + first + j as u64) << self.cluster_bits;
+                // In a data file a cluster's data sits at its guest offset.
+                let at = match self.data_file {
+                    Some(_) => first + j as u64,
+                    None => layout.data + first + j as u64,
+                };
+                let host = at << self.cluster_bits;
                 entry[..8].copy_from_slice(&(COPIED | host).to_be_bytes());
             }
             file.write(
@@ -279,20 +308,38 @@ impl NewQcow2<'_> {
             .await?;
         }
 
-        let data = layout.data << self.cluster_bits;
-        let data_len = layout.data_clusters << self.cluster_bits;
+        let (target, data, data_len) = match &self.data_file {
+            // The data file keeps what it holds (a raw disk being given metadata keeps its
+            // data); it only grows to the disk size, and only what it grows by is
+            // preallocated.
+            Some((_, edge)) => {
+                let held = edge.node().size();
+                if held < self.size {
+                    edge.node().truncate(self.size).await?;
+                }
+                (edge, held, self.size.saturating_sub(held))
+            }
+            None => (
+                file,
+                layout.data << self.cluster_bits,
+                layout.data_clusters << self.cluster_bits,
+            ),
+        };
         match self.preallocate {
             Prealloc::Off | Prealloc::Metadata => {}
-            Prealloc::Falloc => file.write_zeroes(data, data_len, plain).await?,
+            Prealloc::Falloc => target.write_zeroes(data, data_len, plain).await?,
             Prealloc::Full => {
                 let zeroes = vec![0u8; ZERO_CHUNK.min(data_len) as usize];
                 let mut at = data;
                 while at < data + data_len {
                     let len = ZERO_CHUNK.min(data + data_len - at);
-                    file.write(at, &zeroes[..len as usize], plain).await?;
+                    target.write(at, &zeroes[..len as usize], plain).await?;
                     at += len;
                 }
             }
+        }
+        if let Some((_, edge)) = &self.data_file {
+            edge.flush().await?;
         }
         file.flush().await
     }
@@ -311,6 +358,8 @@ mod tests {
             lazy_refcounts: false,
             compression: Compression::Zlib,
             extended_l2: false,
+            data_file: None,
+            data_file_raw: false,
             backing: None,
             preallocate,
         }
