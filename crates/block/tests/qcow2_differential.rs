@@ -110,14 +110,18 @@ fn batches(rng: &mut Rng, size: u64, cluster: u64, count: usize) -> Vec<Vec<Op>>
 }
 
 /// Our driver on `image`, each batch issued at once; with `small_caches`, the fewest L2
-/// tables and refcount blocks cached that the options allow (2 and 4).
-fn apply_ours(image: &str, batches: &[Vec<Op>], resize_to: Option<u64>, small_caches: bool) {
+/// tables and refcount blocks cached that the options allow (2 and 4); with `no_unref`,
+/// discards keep the clusters (discard-no-unref).
+fn apply_ours(image: &str, batches: &[Vec<Op>], resize_to: Option<u64>, case: &Case) {
     let setup = Setup::new();
     let mut options = json!({"driver": "qcow2", "node-name": "disk", "discard": "unmap",
                              "file": {"driver": "file", "filename": image}});
-    if small_caches {
+    if case.small_caches {
         options["l2-cache-size"] = json!(0);
         options["refcount-cache-size"] = json!(0);
+    }
+    if case.no_unref {
+        options["discard-no-unref"] = json!(true);
     }
     setup.add(options);
     let batches = batches.to_vec();
@@ -187,6 +191,7 @@ struct Case {
     backing: bool,
     compressed: bool,
     small_caches: bool,
+    no_unref: bool,
 }
 
 fn run_case(case: &Case, seed: u64) {
@@ -235,7 +240,7 @@ fn run_case(case: &Case, seed: u64) {
 
     let mut rng = Rng(seed);
     let first = batches(&mut rng, case.size, case.cluster, 60);
-    apply_ours(&ours, &first, None, case.small_caches);
+    apply_ours(&ours, &first, None, case);
     apply_qemu(&theirs, &first, None);
     qemu_img(&["check", "-q", &ours]);
     for image in [&ours, &theirs] {
@@ -246,7 +251,7 @@ fn run_case(case: &Case, seed: u64) {
     // `resize_errors_match_qsd`).
     let grown =
         (!case.create.iter().any(|o| o.contains("compat=0.10"))).then_some(case.size * 3 + 512);
-    apply_ours(&ours, &second, grown, case.small_caches);
+    apply_ours(&ours, &second, grown, case);
     apply_qemu(&theirs, &second, grown);
 
     qemu_img(&["check", "-q", &ours]);
@@ -279,6 +284,7 @@ fn cases() -> Vec<Case> {
             backing: false,
             compressed: false,
             small_caches: false,
+            no_unref: true,
         },
         Case {
             // 2-bit refcounts: 1-bit ones cannot count a snapshot's references.
@@ -289,6 +295,7 @@ fn cases() -> Vec<Case> {
             backing: false,
             compressed: false,
             small_caches: true,
+            no_unref: false,
         },
         Case {
             name: "4k clusters, 64-bit refcounts, backing file",
@@ -298,6 +305,7 @@ fn cases() -> Vec<Case> {
             backing: true,
             compressed: false,
             small_caches: false,
+            no_unref: false,
         },
         Case {
             name: "2M clusters, version 2",
@@ -307,6 +315,7 @@ fn cases() -> Vec<Case> {
             backing: false,
             compressed: false,
             small_caches: false,
+            no_unref: false,
         },
         Case {
             name: "version 2, backing file",
@@ -316,6 +325,7 @@ fn cases() -> Vec<Case> {
             backing: true,
             compressed: false,
             small_caches: false,
+            no_unref: false,
         },
         Case {
             name: "compressed clusters, 8-bit refcounts",
@@ -325,6 +335,7 @@ fn cases() -> Vec<Case> {
             backing: false,
             compressed: true,
             small_caches: false,
+            no_unref: false,
         },
         Case {
             name: "zstd compressed clusters, 32-bit refcounts",
@@ -334,6 +345,7 @@ fn cases() -> Vec<Case> {
             backing: false,
             compressed: true,
             small_caches: false,
+            no_unref: false,
         },
         Case {
             // The header allows lazy refcounts; ours are always written back in order.
@@ -344,6 +356,7 @@ fn cases() -> Vec<Case> {
             backing: true,
             compressed: false,
             small_caches: true,
+            no_unref: false,
         },
         Case {
             // 2 KiB subclusters: partial writes allocate only what they touch.
@@ -354,6 +367,7 @@ fn cases() -> Vec<Case> {
             backing: true,
             compressed: false,
             small_caches: false,
+            no_unref: true,
         },
         Case {
             // 512-byte subclusters.
@@ -364,6 +378,7 @@ fn cases() -> Vec<Case> {
             backing: false,
             compressed: false,
             small_caches: true,
+            no_unref: false,
         },
         Case {
             name: "extended L2, zstd compressed clusters, backing file",
@@ -376,6 +391,7 @@ fn cases() -> Vec<Case> {
             backing: true,
             compressed: true,
             small_caches: false,
+            no_unref: false,
         },
     ]
 }

@@ -104,3 +104,60 @@ async fn freed_clusters_reach_the_file_as_the_options_say() {
         }
     }
 }
+
+/// The host offset qemu-img map gives guest offset 0.
+fn offset_of_zero(path: &str) -> Option<u64> {
+    let map: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["map", "--output=json", path])).unwrap();
+    map[0]["offset"].as_u64()
+}
+
+/// discard-no-unref: a discarded range reads as zeroes, its data is discarded in the file,
+/// and its clusters stay the image's: written again, the data lands where it was, on both
+/// daemons.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discard_no_unref_keeps_the_clusters() {
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.qcow2");
+        let path = image.to_str().unwrap();
+        qemu_img(&["create", "-q", "-f", "qcow2", path, "16M"]);
+        qemu_io(&["-f", "qcow2", path, "-c", "write -P 0x11 0 4M"]);
+        let before = offset_of_zero(path).expect("allocated");
+        let sock = dir.path().join("nbd.sock");
+        let mut args = nbd_server_args(&sock);
+        args.extend([
+            s("--blockdev"),
+            format!("driver=qcow2,node-name=disk0,discard=unmap,discard-no-unref=on,file.driver=file,file.filename={path}"),
+            s("--export"),
+            s("type=nbd,id=e0,node-name=disk0,name=disk0,writable=on"),
+        ]);
+        let daemon = Daemon::start(which, dir.path(), &args);
+        let mut client = daemon.qmp().await;
+        let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
+        let full = allocated(&image);
+        qemu_io(&["-f", "raw", &uri, "-c", "discard 0 4M", "-c", "flush"]);
+        let discarded = allocated(&image);
+        qemu_io(&[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "read -P 0 0 4M",
+            "-c",
+            "write -P 0x22 0 4M",
+        ]);
+        daemon.quit(&mut client).await;
+        assert!(
+            full.saturating_sub(discarded) >= 3 * MIB,
+            "{which:?}: the file kept the data ({full} -> {discarded} bytes)"
+        );
+        qemu_img(&["check", "-q", path]);
+        qemu_io(&["-f", "qcow2", path, "-c", "read -P 0x22 0 4M"]);
+        assert_eq!(
+            offset_of_zero(path),
+            Some(before),
+            "{which:?}: the cluster moved"
+        );
+    }
+}

@@ -206,7 +206,7 @@ fn cases(dir: &std::path::Path) -> Vec<(&'static str, Value, Expect)> {
         (
             "discard-no-unref on",
             qcow2_with(json!({"discard-no-unref": true})),
-            Refused("discard-no-unref=on"),
+            Same,
         ),
         ("blkdebug align 3", blkdebug_with(json!({"align": 3})), Same),
         (

@@ -143,6 +143,9 @@ pub(super) struct Settings {
     /// How many L2 tables and refcount blocks the caches hold (the cache-size options).
     pub l2_tables: usize,
     pub refcount_blocks: usize,
+    /// `discard-no-unref`: guest discards and unmapping zero writes keep the clusters this
+    /// image owns, as zero clusters later writes fill in place.
+    pub discard_no_unref: bool,
 }
 
 /// An open qcow2 image's data path.
@@ -155,6 +158,9 @@ pub(super) struct Image {
     /// The external data file is kept a raw image of the disk (`data-file-raw`): zero
     /// writes and discards zero it too.
     raw: bool,
+    /// `discard-no-unref` and `pass-discard-request`, for the clusters guest discards keep.
+    no_unref: bool,
+    pass_request: bool,
     backing: Option<Arc<Child>>,
     cluster_bits: u32,
     version: u32,
@@ -238,6 +244,8 @@ impl Image {
         let l2_capacity = settings.l2_tables;
         let raw = data.is_some() && be64(&first, 88) & AUTOCLEAR_DATA_FILE_RAW != 0;
         Ok(Image {
+            no_unref: settings.discard_no_unref,
+            pass_request: settings.pass_discard.request,
             external: data.is_some(),
             raw,
             data: data.unwrap_or_else(|| file.clone()),
@@ -801,6 +809,30 @@ impl Image {
                 step_end = step_end.min(cluster_end);
                 fill = first..cluster_end;
             }
+        } else if self.version >= 3 {
+            // A zero cluster that keeps its host cluster (a zero write without unmap, or a
+            // discard with discard-no-unref) and this image alone owns: written in place,
+            // its zeroes around the data, so it is not reallocated elsewhere.
+            let index = (pos >> self.cluster_bits) as usize & (self.l2_entries() - 1);
+            let table = self.l2_table(&mut meta, l2_offset).await?;
+            let (entry, _) = table.get(index, false);
+            let zero_owned = entry & (ZERO | COPIED) == ZERO | COPIED
+                && entry & COMPRESSED == 0
+                && entry & OFFSET_MASK != 0;
+            if zero_owned {
+                let cluster_end = first + cluster_size;
+                return self
+                    .fill_in_place(
+                        meta,
+                        l2_offset,
+                        index,
+                        entry & OFFSET_MASK,
+                        first..cluster_end,
+                        pos,
+                        data,
+                    )
+                    .await;
+            }
         }
         let last = fill.end.next_multiple_of(cluster_size);
         let count = (last - first) >> self.cluster_bits;
@@ -850,11 +882,12 @@ impl Image {
         result.map(|()| (step_end - pos) as usize)
     }
 
-    /// With extended L2 entries: write `data` at `pos` into the subclusters `fill` (within
-    /// one cluster this image alone owns at `host`, none of them allocated yet), merged with
-    /// what the guest reads around it, then mark them allocated. Other requests to the
-    /// cluster wait while it is in flight; writes in place to its allocated subclusters
-    /// that started before touch other bytes.
+    /// Write `data` at `pos` into `fill` of a cluster this image alone owns at `host`
+    /// whose `fill` part holds no data yet (with extended L2 entries, unallocated or zero
+    /// subclusters; else a zero cluster, `fill` all of it), merged with what the guest
+    /// reads around it, then mark it allocated. Other requests to the cluster wait while it
+    /// is in flight; writes in place to its allocated subclusters that started before touch
+    /// other bytes.
     #[allow(clippy::too_many_arguments)]
     async fn fill_in_place(
         &self,
@@ -882,11 +915,16 @@ impl Image {
         let result = match written {
             Ok(()) => {
                 let subclusters = subcluster_mask(fill, self.cluster_bits, self.granule_bits());
+                let extended = self.extended;
                 let table = self.l2_table(&mut meta, l2_offset).await?;
-                let (entry, bitmap) = table.get(index, true);
-                let allocated = (bitmap & ALL_ALLOCATED) | subclusters;
-                let zero = (bitmap >> 32) & !subclusters;
-                table.set(index, true, entry, allocated | zero << 32);
+                let (entry, bitmap) = table.get(index, extended);
+                if extended {
+                    let allocated = (bitmap & ALL_ALLOCATED) | subclusters;
+                    let zero = (bitmap >> 32) & !subclusters;
+                    table.set(index, true, entry, allocated | zero << 32);
+                } else {
+                    table.set(index, false, entry & !ZERO, 0);
+                }
                 Ok((step_end - pos) as usize)
             }
             Err(e) => Err(e),
@@ -1145,8 +1183,10 @@ impl Image {
         for cluster in clusters {
             let index = cluster as usize & mask;
             let (old, _) = table.get(index, extended);
-            let keep =
-                !unmap && old & COMPRESSED == 0 && old & COPIED != 0 && old & OFFSET_MASK != 0;
+            let keep = (!unmap || self.no_unref)
+                && old & COMPRESSED == 0
+                && old & COPIED != 0
+                && old & OFFSET_MASK != 0;
             let kept = if keep {
                 (old & OFFSET_MASK) | COPIED
             } else {
@@ -1211,10 +1251,22 @@ impl Image {
         let mask = self.l2_entries() - 1;
         let table = self.l2_table(&mut meta, l2_offset).await?;
         let mut released = Vec::new();
+        let mut kept = Vec::new();
         for cluster in from >> cluster_bits..to >> cluster_bits {
             let index = cluster as usize & mask;
             let old = table.get(index, extended);
             let allocated = referenced(old.0, cluster_bits).next().is_some();
+            let host = old.0 & OFFSET_MASK;
+            if self.no_unref && old.0 & (COMPRESSED | COPIED) == COPIED && host != 0 {
+                // discard-no-unref: the cluster stays this image's, reading as zeroes.
+                let new = match extended {
+                    true => (host | COPIED, ALL_ZERO),
+                    false => (host | COPIED | ZERO, 0),
+                };
+                table.set(index, extended, new.0, new.1);
+                kept.push(host);
+                continue;
+            }
             let new = if version >= 3 && (has_backing || allocated) {
                 match extended {
                     true => (0, ALL_ZERO),
@@ -1232,6 +1284,15 @@ impl Image {
         }
         meta.pending_free
             .extend(released.into_iter().map(|c| (c, Freed::Request)));
+        drop(meta);
+        if self.pass_request {
+            // Kept clusters still give their data up, as the options ask (advisory).
+            for host in kept {
+                if let Err(e) = self.data.discard(host, self.cluster_size()).await {
+                    tracing::debug!(host, "qcow2: discard of a kept cluster failed: {e}");
+                }
+            }
+        }
         Ok(())
     }
 

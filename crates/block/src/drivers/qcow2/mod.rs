@@ -877,6 +877,7 @@ async fn open(
             pass_discard: opts.pass_discard(o.common().discard_unmap),
             l2_tables,
             refcount_blocks,
+            discard_no_unref: opts.discard_no_unref == Some(true),
         },
         o.event_hook(),
     )

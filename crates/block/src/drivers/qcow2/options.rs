@@ -157,12 +157,6 @@ impl Qcow2Options {
         if self.discard_no_unref == Some(true) && header.version < 3 {
             return Err("discard-no-unref is only supported since qcow2 version 3".into());
         }
-        if self.discard_no_unref == Some(true) {
-            return Err(unsupported(
-                "discard-no-unref=on",
-                "a discard always frees the clusters (a write would not reuse them in place)",
-            ));
-        }
         Ok(())
     }
 
