@@ -179,3 +179,28 @@ async fn a_dirty_image_reopened_writable_is_repaired_first() {
     qemu_img(&["check", "-q", &disk]);
     assert_eq!(info(&disk)["dirty-flag"], false);
 }
+
+/// An open refused for its options or its data file repairs nothing: the dirty image stays
+/// byte for byte as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_opens_leave_a_dirty_image_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = p(dir.path(), "disk.qcow2");
+    killed_writer_image(&disk, false);
+    let before = std::fs::read(&disk).unwrap();
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
+    let mut client = daemon.qmp().await;
+    let file = json!({"driver": "file", "filename": disk});
+    for refused in [
+        json!({"driver": "qcow2", "node-name": "a", "file": file, "l2-cache-entry-size": 4096}),
+        json!({"driver": "qcow2", "node-name": "b", "file": file,
+               "data-file": {"driver": "file", "filename": p(dir.path(), "none.raw")}}),
+    ] {
+        client.execute("blockdev-add", refused).await.unwrap_err();
+    }
+    daemon.quit(&mut client).await;
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "a refused open wrote to the image"
+    );
+}

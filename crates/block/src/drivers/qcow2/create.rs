@@ -9,7 +9,10 @@
 //! one (its L1 table aside, at most 32 MiB by the format's limit).
 
 use super::compression::Compression;
-use super::header;
+use super::header::{
+    self, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, EXT_DATA_FILE, INCOMPAT_COMPRESSION,
+    INCOMPAT_EXTENDED_L2, INCOMPAT_EXTERNAL_DATA, MAGIC,
+};
 use super::image::{COPIED, MAX_L1_BYTES};
 use super::refcount::write_refcount;
 use crate::create::Prealloc;
@@ -17,16 +20,6 @@ use crate::node::{Child, WriteFlags};
 use std::io;
 use std::sync::Arc;
 
-/// Incompatible bit 3: `compression_type` is not zlib.
-const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-/// Incompatible bit 4: extended L2 entries.
-const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
-/// Incompatible bit 2: an external data file; autoclear bit 1: it is kept raw.
-const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
-const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
-const EXT_DATA_FILE: u32 = 0x4441_5441;
-/// Compatible bit 0: lazy refcounts.
-const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// A version 3 header with the compression type byte, padded to 8 as QEMU writes it.
 const V3_HEADER_LENGTH: usize = 112;
 const V2_HEADER_LENGTH: usize = 72;
@@ -152,7 +145,7 @@ impl NewQcow2<'_> {
             V2_HEADER_LENGTH
         };
         let mut fields = vec![0u8; header_length];
-        fields[0..4].copy_from_slice(b"QFI\xfb");
+        fields[0..4].copy_from_slice(MAGIC);
         fields[4..8].copy_from_slice(&self.version.to_be_bytes());
         fields[20..24].copy_from_slice(&self.cluster_bits.to_be_bytes());
         fields[24..32].copy_from_slice(&self.size.to_be_bytes());

@@ -7,12 +7,12 @@ use std::io;
 /// Enough for the header, its extensions and a backing file name in all but odd images.
 pub const HEADER_READ_SIZE: usize = 64 * 1024;
 
-const MAGIC: &[u8; 4] = b"QFI\xfb";
+pub(super) const MAGIC: &[u8; 4] = b"QFI\xfb";
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_BITMAPS: u32 = 0x2385_2875;
 /// The external data file's name.
-const EXT_DATA_FILE: u32 = 0x4441_5441;
+pub(super) const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// Autoclear bit 0: the bitmaps extension is consistent.
 const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
@@ -25,9 +25,9 @@ const MAX_BACKING_NAME: usize = 1023;
 pub(super) const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub(super) const INCOMPAT_CORRUPT: u64 = 1 << 1;
 pub(super) const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
-const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
-const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+pub(super) const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+pub(super) const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+pub(super) const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
 /// What [`Qcow2Header::parse`] read from the start of a qcow2 image: the header fields and
 /// extensions we need. Each field names its field in the spec

@@ -40,7 +40,7 @@
 //! before it is opened writable (`repair.rs`).
 
 use super::compression::Compression;
-use super::header::{be32, be64, AUTOCLEAR_DATA_FILE_RAW};
+use super::header::{be32, be64, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_EXTENDED_L2};
 use super::overlap::{hex, Checks, Corruption, Metadata, MetadataMap};
 use super::refcount::{Freed, PassDiscard, Refcounts};
 use crate::drivers::blkdebug::BlkdebugEvent;
@@ -63,8 +63,6 @@ const ZERO: u64 = 1;
 /// (its data in the host cluster), bits 32-63 that it reads as zeroes.
 const ALL_ALLOCATED: u64 = 0xffff_ffff;
 const ALL_ZERO: u64 = 0xffff_ffff << 32;
-/// Incompatible bit 4: L2 entries are 128 bits, the standard entry and a subcluster bitmap.
-const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// QEMU's limit for the L1 table (QCOW_MAX_L1_SIZE): 32 MiB.
 pub(super) const MAX_L1_BYTES: u64 = 32 << 20;
 /// The most one allocating step takes at once, so a huge write does not hold its whole
@@ -158,16 +156,13 @@ pub(super) struct Image {
     /// The external data file is kept a raw image of the disk (`data-file-raw`): zero
     /// writes and discards zero it too.
     raw: bool,
-    /// `discard-no-unref` and `pass-discard-request`, for the clusters guest discards keep.
-    no_unref: bool,
-    pass_request: bool,
     backing: Option<Arc<Child>>,
     cluster_bits: u32,
     version: u32,
     /// Extended L2 entries: 32 subclusters per cluster, each allocated or zero on its own.
     extended: bool,
     size: u64,
-    l2_capacity: usize,
+    settings: Settings,
     compression: Compression,
     meta: Mutex<Meta>,
     /// Woken whenever an allocation in flight completes.
@@ -241,11 +236,8 @@ impl Image {
                 file.flush().await?;
             }
         }
-        let l2_capacity = settings.l2_tables;
         let raw = data.is_some() && be64(&first, 88) & AUTOCLEAR_DATA_FILE_RAW != 0;
         Ok(Image {
-            no_unref: settings.discard_no_unref,
-            pass_request: settings.pass_discard.request,
             external: data.is_some(),
             raw,
             data: data.unwrap_or_else(|| file.clone()),
@@ -255,7 +247,7 @@ impl Image {
             version,
             extended,
             size,
-            l2_capacity,
+            settings,
             compression,
             meta: Mutex::new(Meta {
                 l1,
@@ -395,7 +387,7 @@ impl Image {
     /// Evict the least recently used table when the cache is full, writing the dirty ones
     /// back first when only dirty ones are left.
     async fn make_room(&self, meta: &mut Meta) -> io::Result<()> {
-        while meta.l2.len() >= self.l2_capacity {
+        while meta.l2.len() >= self.settings.l2_tables {
             let clean = meta
                 .l2
                 .iter()
@@ -1183,7 +1175,7 @@ impl Image {
         for cluster in clusters {
             let index = cluster as usize & mask;
             let (old, _) = table.get(index, extended);
-            let keep = (!unmap || self.no_unref)
+            let keep = (!unmap || self.settings.discard_no_unref)
                 && old & COMPRESSED == 0
                 && old & COPIED != 0
                 && old & OFFSET_MASK != 0;
@@ -1257,7 +1249,10 @@ impl Image {
             let old = table.get(index, extended);
             let allocated = referenced(old.0, cluster_bits).next().is_some();
             let host = old.0 & OFFSET_MASK;
-            if self.no_unref && old.0 & (COMPRESSED | COPIED) == COPIED && host != 0 {
+            if self.settings.discard_no_unref
+                && old.0 & (COMPRESSED | COPIED) == COPIED
+                && host != 0
+            {
                 // discard-no-unref: the cluster stays this image's, reading as zeroes.
                 let new = match extended {
                     true => (host | COPIED, ALL_ZERO),
@@ -1285,7 +1280,7 @@ impl Image {
         meta.pending_free
             .extend(released.into_iter().map(|c| (c, Freed::Request)));
         drop(meta);
-        if self.pass_request {
+        if self.settings.pass_discard.request {
             // Kept clusters still give their data up, as the options ask (advisory).
             for host in kept {
                 if let Err(e) = self.data.discard(host, self.cluster_size()).await {

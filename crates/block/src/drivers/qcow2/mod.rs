@@ -95,7 +95,8 @@ pub struct Qcow2 {
     /// The internal snapshots, as read at open and changed by us since (QEMU reports them
     /// the same way: another process changing the table goes unseen).
     snapshot_list: std::sync::Mutex<Vec<SnapshotInfo>>,
-    /// The metadata writes are checked against (`overlap-check`).
+    /// What the runtime options chose (overlap checks, discards, cache sizes), for every
+    /// reopen of the data path.
     settings: Settings,
     /// Where BLOCK_IMAGE_CORRUPTED goes.
     events: Option<EventHook>,
@@ -327,6 +328,15 @@ impl Qcow2 {
                 Perms::CONSISTENT_READ | Perms::WRITE | Perms::WRITE_UNCHANGED,
             ),
             _ => (Perms::NONE, Perms::ALL),
+        }
+    }
+
+    /// Put the file and the data file back in the mode they had before a reopen failed
+    /// (best effort: the reopen's error is what the caller reports).
+    async fn restore_mode(&self, node: &Node, writable: bool) {
+        let _ = self.file.node().set_writable(writable).await;
+        if let Some(data) = node.child("data-file") {
+            let _ = data.node().set_writable(writable).await;
         }
     }
 
@@ -674,7 +684,7 @@ impl Driver for Qcow2 {
             match Qcow2::repair(&self.file, &self.header(), self.settings.checks).await {
                 Ok(repaired) => *self.header.lock().unwrap() = repaired,
                 Err(e) => {
-                    let _ = self.file.node().set_writable(false).await;
+                    self.restore_mode(node, !writable).await;
                     return Err(e);
                 }
             }
@@ -695,7 +705,7 @@ impl Driver for Qcow2 {
                 Ok(())
             }
             Err(e) => {
-                let _ = self.file.node().set_writable(!writable).await;
+                self.restore_mode(node, !writable).await;
                 Err(format!("Could not reopen qcow2 image: {e}"))
             }
         }
@@ -812,11 +822,6 @@ async fn open(
     if !read_only && header.is_corrupt() {
         return Err(QmpError::generic(CORRUPT_READ_WRITE));
     }
-    if !read_only && header.is_dirty() {
-        header = Qcow2::repair(&file, &header, checks)
-            .await
-            .map_err(QmpError::generic)?;
-    }
     opts.check(&header).map_err(QmpError::generic)?;
     let (l2_tables, refcount_blocks) = opts.cache_sizes(&header).map_err(QmpError::generic)?;
     o.claim_position();
@@ -843,6 +848,13 @@ async fn open(
         }
         (None, false, _) => None,
     };
+    // Last before the backing chain, as in QEMU, so that an open refused for its options
+    // or its data file leaves the image as it was.
+    if !read_only && header.is_dirty() {
+        header = Qcow2::repair(&file, &header, checks)
+            .await
+            .map_err(QmpError::generic)?;
+    }
     let implicit_backing = backing_ref.is_none();
     let backing = match backing_ref {
         Some(Value::Null) => None,

@@ -31,7 +31,7 @@
 //! did not write is kept as it is. With extended L2 entries, each entry's subcluster bitmap
 //! is left as it is: the references and COPIED live in the entry.
 
-use super::header::{be32, be64};
+use super::header::{be32, be64, INCOMPAT_EXTENDED_L2, INCOMPAT_EXTERNAL_DATA};
 use super::image::{Image, MAX_L1_BYTES};
 use super::overlap::{Metadata, MetadataMap};
 use super::refcount::{Freed, Refcounts};
@@ -49,8 +49,6 @@ const COMPRESSED: u64 = 1 << 62;
 const ENTRY_FIXED: usize = 40;
 /// Extra data QEMU writes: 64-bit VM state size, disk size, icount.
 const EXTRA_DATA_SIZE: usize = 24;
-const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
-const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
 /// QEMU's limits for the table, which we keep so QEMU can open what we write.
 const MAX_SNAPSHOTS: usize = 65536;
 const MAX_TABLE_SIZE: u64 = 64 << 20;
