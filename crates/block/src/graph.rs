@@ -172,7 +172,8 @@ impl Registry {
 }
 
 /// The daemon's block graph: every node by name with who keeps it alive, the lock that
-/// serialises graph changes, and the throttle groups. One per daemon, shared by `Arc`.
+/// serialises graph changes, the throttle groups and the secrets. One per daemon, shared by
+/// `Arc`.
 #[derive(Default)]
 pub struct Graph {
     registry: Mutex<Registry>,
@@ -180,6 +181,8 @@ pub struct Graph {
     change: tokio::sync::Mutex<()>,
     /// Throttle groups by id, for throttle nodes to join.
     pub throttle_groups: ThrottleGroups,
+    /// Secrets by id, for encrypted images' `key-secret`.
+    pub secrets: crypto::Secrets,
     /// Where drivers send the events they raise themselves (BLOCK_IMAGE_CORRUPTED).
     events: OnceLock<EventHook>,
 }

@@ -29,6 +29,9 @@ fn image_info(node: &Arc<Node>) -> Value {
     if let Some(specific) = info.format_specific {
         image.insert("format-specific".into(), specific);
     }
+    if info.encrypted {
+        image.insert("encrypted".into(), json!(true));
+    }
     if let Some(dirty) = info.dirty_flag {
         image.insert("dirty-flag".into(), json!(dirty));
     }
@@ -87,7 +90,7 @@ pub fn block_device_info(node: &Arc<Node>, flat: bool) -> Value {
         "node-name": node.name(),
         "ro": node.read_only(),
         "drv": node.driver().format_name(),
-        "encrypted": false,
+        "encrypted": info.encrypted,
         "detect_zeroes": opts.detect_zeroes.as_str(),
         "bps": 0, "bps_rd": 0, "bps_wr": 0,
         "iops": 0, "iops_rd": 0, "iops_wr": 0,

@@ -77,6 +77,8 @@ pub struct DriverInfo {
     pub actual_size: Option<u64>,
     pub cluster_size: Option<u64>,
     pub dirty_flag: Option<bool>,
+    /// The data is encrypted (luks, qcow2 with `encrypt`).
+    pub encrypted: bool,
     pub format_specific: Option<Value>,
     pub backing_filename: Option<String>,
     pub backing_format: Option<String>,

@@ -6,7 +6,7 @@
 //! Everything an open creates is recorded in the graph's pending set and registered only
 //! if the whole blockdev-add succeeds; a failure drops it all.
 
-use crate::drivers::{blkdebug, cbw, file, nbd, null, qcow2, raw, throttle};
+use crate::drivers::{blkdebug, cbw, file, luks, nbd, null, qcow2, raw, throttle};
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
 use crate::perm::Perms;
@@ -42,6 +42,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     null::DRIVER,
     raw::DRIVER,
     qcow2::DRIVER,
+    luks::DRIVER,
     blkdebug::DRIVER,
     nbd::DRIVER,
     cbw::DRIVER,
@@ -149,6 +150,17 @@ impl Opener<'_> {
 
     pub fn throttle_group(&self, name: &str) -> Option<Arc<ThrottleGroup>> {
         self.graph.throttle_groups.get(name)
+    }
+
+    /// The password in the secret `id` names, with QEMU's texts when there is none.
+    pub fn password(&self, id: &str) -> Result<Arc<crypto::Secret>, QmpError> {
+        let secret = self
+            .graph
+            .secrets
+            .get(id)
+            .ok_or_else(|| QmpError::generic(format!("No secret with id '{id}'")))?;
+        secret.as_utf8(id).map_err(QmpError::generic)?;
+        Ok(secret)
     }
 
     /// The node counts from now in QEMU's listing order (a format after its file, before

@@ -11,3 +11,4 @@ pub mod secret;
 pub use algo::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
 pub use cipher::{CipherSpec, SectorCipher, SECTOR};
 pub use secret::{Secret, SecretFormat, SecretOptions, Secrets};
+pub use zeroize::Zeroizing;

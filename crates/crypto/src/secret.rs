@@ -100,9 +100,14 @@ impl SecretOptions {
             (Some(_), Some(_)) => return Err("'file' and 'data' are mutually exclusive".into()),
             (None, None) => return Err("Either 'file' or 'data' must be provided".into()),
             (Some(data), None) => Zeroizing::new(data.as_bytes().to_vec()),
-            (None, Some(file)) => std::fs::read(file)
-                .map(Zeroizing::new)
-                .map_err(|e| format!("Unable to read {file}: {e}"))?,
+            (None, Some(file)) => std::fs::read(file).map(Zeroizing::new).map_err(|e| {
+                // glib's text, which QEMU passes on; the OS's without Rust's "(os error N)".
+                let text = e.to_string();
+                let reason = text.split(" (os error").next().unwrap_or(&text);
+                format!(
+                    "Unable to read {file}: Failed to open file \u{201c}{file}\u{201d}: {reason}"
+                )
+            })?,
         };
         let value = match &self.keyid {
             Some(keyid) => self.decrypt(keyid, &input, lookup)?,

@@ -4,6 +4,7 @@ pub mod blkdebug;
 pub mod cbw;
 pub mod cor;
 pub mod file;
+pub mod luks;
 pub mod mirror_top;
 pub mod nbd;
 pub mod null;

@@ -1,8 +1,10 @@
-//! QOM objects (object-add, object-del, qom-get, qom-set) — blockd has throttle groups —
-//! and the 2.8 block_set_io_throttle, which throttles one node without naming a group.
+//! QOM objects (object-add, object-del, qom-get, qom-set) — blockd has throttle groups and
+//! secrets — and the 2.8 block_set_io_throttle, which throttles one node without naming a
+//! group.
 
 use crate::daemon::Daemon;
 use block::{ThrottleConfig, ThrottleGroup, ThrottleLimits};
+use crypto::{SecretFormat, SecretOptions, Zeroizing};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -43,7 +45,7 @@ fn add(daemon: &Daemon, mut args: Map<String, Value>, keyval: bool) -> Result<()
         None => return Err(QmpError::generic("Parameter 'id' is missing")),
     };
     match qom_type.as_str() {
-        "throttle-group" => {}
+        "throttle-group" | "secret" => {}
         "iothread" => return Err(QmpError::generic(
             "Object type 'iothread' is not supported by blockd: every I/O thread serves every node",
         )),
@@ -56,17 +58,74 @@ fn add(daemon: &Daemon, mut args: Map<String, Value>, keyval: bool) -> Result<()
     if !is_identifier(&id) {
         return Err(QmpError::generic("Parameter 'id' expects an identifier"));
     }
-    let config = throttle_group_config(args, keyval)?;
-    if !daemon
-        .graph
-        .throttle_groups
-        .insert(ThrottleGroup::new(&id, config))
-    {
-        return Err(QmpError::generic(format!(
+    let duplicate = || {
+        QmpError::generic(format!(
             "attempt to add duplicate property '{id}' to object (type 'container')"
-        )));
+        ))
+    };
+    if qom_type == "secret" {
+        let props: SecretProperties = parse(Value::Object(args), keyval)?;
+        if object_exists(daemon, &id) {
+            return Err(duplicate());
+        }
+        let secrets = &daemon.graph.secrets;
+        let secret = props
+            .options()
+            .load(|keyid| secrets.get(keyid))
+            .map_err(QmpError::generic)?;
+        return if secrets.insert(&id, secret) {
+            Ok(())
+        } else {
+            Err(duplicate())
+        };
+    }
+    let config = throttle_group_config(args, keyval)?;
+    if daemon.graph.secrets.contains(&id)
+        || !daemon
+            .graph
+            .throttle_groups
+            .insert(ThrottleGroup::new(&id, config))
+    {
+        return Err(duplicate());
     }
     Ok(())
+}
+
+fn object_exists(daemon: &Daemon, id: &str) -> bool {
+    daemon.graph.secrets.contains(id) || daemon.graph.throttle_groups.get(id).is_some()
+}
+
+/// SecretProperties. Secrets never show again: not in query output, logs or error texts.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretProperties {
+    data: Option<String>,
+    file: Option<String>,
+    format: Option<SecretFormatName>,
+    keyid: Option<String>,
+    iv: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum SecretFormatName {
+    Raw,
+    Base64,
+}
+
+impl SecretProperties {
+    fn options(self) -> SecretOptions {
+        SecretOptions {
+            data: self.data.map(Zeroizing::new),
+            file: self.file,
+            format: match self.format {
+                Some(SecretFormatName::Base64) => SecretFormat::Base64,
+                Some(SecretFormatName::Raw) | None => SecretFormat::Raw,
+            },
+            keyid: self.keyid,
+            iv: self.iv,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -154,6 +213,10 @@ struct ObjectDelArgs {
 
 pub fn object_del(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
     let args: ObjectDelArgs = qapi::de::from_value(Value::Object(args))?;
+    // Nothing holds on to a secret: an open image keeps its own key.
+    if daemon.graph.secrets.remove(&args.id) {
+        return Ok(json!({}));
+    }
     let groups = &daemon.graph.throttle_groups;
     let group = groups
         .get(&args.id)
@@ -191,6 +254,19 @@ struct QomGetArgs {
 
 pub fn qom_get(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
     let args: QomGetArgs = qapi::de::from_value(Value::Object(args))?;
+    let id = args.path.strip_prefix("/objects/").unwrap_or(&args.path);
+    if daemon.graph.secrets.contains(id) {
+        return match args.property.as_str() {
+            "type" => Ok(json!("secret")),
+            "data" | "file" | "format" | "keyid" | "iv" => Err(QmpError::generic(format!(
+                "Property 'secret.{}' cannot be read: blockd never shows a secret",
+                args.property
+            ))),
+            name => Err(QmpError::generic(format!(
+                "Property 'secret.{name}' not found"
+            ))),
+        };
+    }
     let group = resolve(daemon, &args.path)?;
     let limits = group.config().to_limits();
     match args.property.as_str() {

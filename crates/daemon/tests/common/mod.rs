@@ -217,6 +217,7 @@ pub fn missing_peer(program: &str) -> String {
     let package = match &*name {
         "nbdinfo" | "nbdcopy" => "libnbd-bin",
         "socat" => "socat",
+        "cryptsetup" => "cryptsetup-bin",
         _ => "qemu-utils",
     };
     format!("test peer {name} is not installed: install the Debian package {package} (.ci/run installs every test peer)")

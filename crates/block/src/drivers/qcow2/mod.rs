@@ -757,6 +757,7 @@ impl Qcow2 {
             actual_size: file_info.actual_size,
             cluster_size: Some(header.cluster_size()),
             dirty_flag: Some(header.is_dirty()),
+            encrypted: false,
             format_specific: Some(json!({
                 "type": "qcow2",
                 "data": self.format_specific(node, &header),

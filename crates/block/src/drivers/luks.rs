@@ -1,0 +1,362 @@
+//! `luks`: a LUKS1 volume. The header, at the start of `file` or in a detached `header`
+//! child, is unlocked with the password of the secret `key-secret` names; the payload after
+//! it is the disk, encrypted 512-byte sector by sector with the volume key.
+//!
+//! Reads decrypt in place. Writes encrypt a copy; a write that covers part of a sector
+//! reads, decrypts and re-encrypts that sector, holding its range so no other write lands
+//! in between. Unwritten payload reads as whatever its ciphertext decrypts to, so the whole
+//! disk is data in block status, as in QEMU.
+
+use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::open::{DriverEntry, Opener};
+use crate::perm::Perms;
+use crate::range_lock::RangeLock;
+use crate::Driver;
+use async_trait::async_trait;
+use crypto::luks::{Header, MasterKey, HEADER_LEN, SLOTS};
+use crypto::{SectorCipher, SECTOR};
+use qapi::error::QmpError;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::io;
+use std::sync::{Arc, Mutex};
+
+const SECTOR_U64: u64 = SECTOR as u64;
+
+/// Writes are encrypted this much at a time, which bounds the copy each one needs.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct LuksOptions {
+    key_secret: Option<String>,
+}
+
+pub struct Luks {
+    file: Arc<Child>,
+    /// The detached header; None when the header starts `file`.
+    header_child: Option<Arc<Child>>,
+    header: Mutex<Header>,
+    cipher: SectorCipher,
+    /// Where the payload starts in `file`.
+    payload: u64,
+    /// Held over each write's whole sectors, so a partial-sector write's read, merge and
+    /// write back is not interleaved with another write to that sector.
+    sectors: RangeLock,
+}
+
+/// The header and the volume key, read and unlocked from the node holding the header.
+pub(crate) struct Unlocked {
+    pub header: Header,
+    pub master: MasterKey,
+}
+
+/// Read a LUKS header at `base` of `child` and unlock it with `password`. The key
+/// derivations run on the blocking pool: at QEMU's default iter-time each takes two seconds.
+pub(crate) async fn unlock(child: &Child, base: u64, password: &[u8]) -> Result<Unlocked, String> {
+    let size = child.node().size();
+    let mut buf = vec![0u8; HEADER_LEN];
+    let avail = size.saturating_sub(base).min(HEADER_LEN as u64) as usize;
+    child
+        .read(base, &mut buf[..avail])
+        .await
+        .map_err(|e| format!("Unable to read LUKS header: {e}"))?;
+    let header = Header::parse(&buf)?;
+    let header = Arc::new(header);
+    let password = Arc::new(crypto::Zeroizing::new(password.to_vec()));
+    for slot in 0..SLOTS {
+        if !header.slots[slot].active {
+            continue;
+        }
+        let (offset, len) = header.material_range(slot);
+        if base + offset + len as u64 > size {
+            return Err(format!(
+                "LUKS key slot {slot} material lies past the end of the header's image"
+            ));
+        }
+        let mut material = vec![0u8; len];
+        child
+            .read(base + offset, &mut material)
+            .await
+            .map_err(|e| format!("Unable to read LUKS key slot {slot}: {e}"))?;
+        let (h, p) = (header.clone(), password.clone());
+        let key = tokio::task::spawn_blocking(move || h.try_slot(slot, &p, &material))
+            .await
+            .map_err(|e| format!("Unable to unlock LUKS key slot {slot}: {e}"))?;
+        if let Some(master) = key {
+            let header = Arc::try_unwrap(header).unwrap_or_else(|h| (*h).clone());
+            return Ok(Unlocked { header, master });
+        }
+    }
+    Err("Invalid password, cannot unlock any keyslot".into())
+}
+
+/// QCryptoBlockInfoLUKS of a header.
+pub(crate) fn luks_info(header: &Header, detached: bool) -> Value {
+    let spec = header.spec;
+    let slots: Vec<Value> = header
+        .slots
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| {
+            let offset = header.material_range(i).0;
+            if slot.active {
+                json!({"active": true, "iters": slot.iterations, "key-offset": offset,
+                       "stripes": slot.stripes})
+            } else {
+                json!({"active": false, "key-offset": offset})
+            }
+        })
+        .collect();
+    let mut info = json!({
+        "cipher-alg": spec.alg.name(),
+        "cipher-mode": spec.mode.name(),
+        "ivgen-alg": spec.ivgen.name(),
+    });
+    if let Some(hash) = spec.ivgen_hash {
+        info["ivgen-hash-alg"] = json!(hash.name());
+    }
+    info["hash-alg"] = json!(header.hash.name());
+    info["detached-header"] = json!(detached);
+    info["payload-offset"] = json!(header.payload_start());
+    info["master-key-iters"] = json!(header.mk_digest_iter);
+    info["uuid"] = json!(header.uuid);
+    info["slots"] = Value::Array(slots);
+    info
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+impl Luks {
+    /// Read and decrypt whole sectors `start..start + buf.len()` of the payload; the part
+    /// past the end of `file` (a last partial sector) reads as zeroes before decryption.
+    async fn read_sectors(&self, start: u64, buf: &mut [u8]) -> io::Result<()> {
+        let file_size = self.file.node().size();
+        let avail = file_size
+            .saturating_sub(self.payload + start)
+            .min(buf.len() as u64) as usize;
+        self.file
+            .read(self.payload + start, &mut buf[..avail])
+            .await?;
+        buf[avail..].fill(0);
+        self.cipher.decrypt(start / SECTOR_U64, buf);
+        Ok(())
+    }
+
+    /// Encrypt `plain` (whole sectors from `start`) and write it, `CHUNK` at a time.
+    async fn write_sectors(&self, start: u64, plain: &[u8], flags: WriteFlags) -> io::Result<()> {
+        let mut scratch = vec![0u8; plain.len().min(CHUNK)];
+        let mut done = 0;
+        while done < plain.len() {
+            let n = (plain.len() - done).min(CHUNK);
+            let chunk = &mut scratch[..n];
+            chunk.copy_from_slice(&plain[done..done + n]);
+            let at = start + done as u64;
+            self.cipher.encrypt(at / SECTOR_U64, chunk);
+            self.file.write(self.payload + at, chunk, flags).await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write `buf` at `offset`: whole sectors straight through, partial ones merged with
+    /// what the sector holds.
+    async fn write_at(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let start = offset - offset % SECTOR_U64;
+        let aligned_end = end.next_multiple_of(SECTOR_U64);
+        let _held = self.sectors.lock(start, aligned_end).await;
+        if start == offset && aligned_end == end {
+            return self.write_sectors(offset, buf, flags).await;
+        }
+        let mut merged = vec![0u8; (aligned_end - start) as usize];
+        let head = (offset - start) as usize;
+        let tail_sector = (aligned_end - SECTOR_U64 - start) as usize;
+        self.read_sectors(start, &mut merged[..SECTOR]).await?;
+        if tail_sector > 0 && aligned_end != end {
+            self.read_sectors(aligned_end - SECTOR_U64, &mut merged[tail_sector..])
+                .await?;
+        }
+        merged[head..head + buf.len()].copy_from_slice(buf);
+        self.write_sectors(start, &merged, flags).await
+    }
+}
+
+#[async_trait(?Send)]
+impl Driver for Luks {
+    fn format_name(&self) -> &'static str {
+        "luks"
+    }
+
+    fn size(&self, _node: &Node) -> u64 {
+        self.file.node().size().saturating_sub(self.payload)
+    }
+
+    async fn read(&self, _node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let start = offset - offset % SECTOR_U64;
+        let aligned_end = end.next_multiple_of(SECTOR_U64);
+        if start == offset && aligned_end == end {
+            return self.read_sectors(offset, buf).await;
+        }
+        let mut sectors = vec![0u8; (aligned_end - start) as usize];
+        self.read_sectors(start, &mut sectors).await?;
+        let head = (offset - start) as usize;
+        buf.copy_from_slice(&sectors[head..head + buf.len()]);
+        Ok(())
+    }
+
+    async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
+        self.write_at(offset, buf, flags).await
+    }
+
+    /// Zeroes must be encrypted like any data: there is no cheap way.
+    async fn write_zeroes(
+        &self,
+        _: &Node,
+        offset: u64,
+        len: u64,
+        flags: WriteFlags,
+    ) -> io::Result<()> {
+        if flags.no_fallback {
+            return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+        }
+        let flags = WriteFlags {
+            may_unmap: false,
+            ..flags
+        };
+        let zeroes = vec![0u8; len.min(CHUNK as u64) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            self.write_at(offset + done, &zeroes[..n], flags).await?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The whole sectors in the range may go from `file`: their content is then
+    /// unspecified (it decrypts to noise), which is what a discard allows.
+    async fn discard(&self, _: &Node, offset: u64, len: u64) -> io::Result<()> {
+        let start = offset.next_multiple_of(SECTOR_U64);
+        let end = (offset + len) - (offset + len) % SECTOR_U64;
+        if end <= start {
+            return Ok(());
+        }
+        let _held = self.sectors.lock(start, end).await;
+        self.file.discard(self.payload + start, end - start).await
+    }
+
+    async fn flush(&self, _: &Node) -> io::Result<()> {
+        self.file.flush().await
+    }
+
+    async fn block_status(&self, node: &Node, offset: u64, len: u64) -> io::Result<Extent> {
+        let size = self.size(node);
+        if offset >= size {
+            return Err(einval());
+        }
+        Ok(Extent {
+            len: len.min(size - offset),
+            kind: ExtentKind::Data,
+        })
+    }
+
+    async fn reopen(&self, _: &Node, writable: bool) -> Result<(), String> {
+        self.file.node().set_writable(writable).await?;
+        if let Some(header) = &self.header_child {
+            header.node().set_writable(writable).await?;
+        }
+        Ok(())
+    }
+
+    async fn truncate(&self, _: &Node, size: u64) -> io::Result<()> {
+        self.file.node().truncate(self.payload + size).await
+    }
+
+    fn child_perms(&self, _: &str, perm: Perms, shared: Perms, _: bool) -> (Perms, Perms) {
+        (perm, shared)
+    }
+
+    fn info(&self, node: &Node) -> DriverInfo {
+        let file = self.file.node();
+        let file_info = file.driver().info(&file);
+        let header = self.header.lock().expect("luks header lock");
+        DriverInfo {
+            // key-secret is one of the options a plain name cannot carry.
+            filename: crate::graph::json_filename(node, &file_info.filename),
+            actual_size: file_info.actual_size,
+            dirty_flag: Some(false),
+            encrypted: true,
+            format_specific: Some(json!({
+                "type": "luks",
+                "data": luks_info(&header, self.header_child.is_some()),
+            })),
+            ..DriverInfo::default()
+        }
+    }
+}
+
+pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    format: true,
+    names: &["luks"],
+    open: |o, options| Box::pin(open(o, options)),
+};
+
+async fn open(
+    o: &mut Opener<'_>,
+    mut options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let file_ref = o.take_child_ref(&mut options, "file")?;
+    let header_ref = options.remove("header");
+    let opts: LuksOptions = o.parse(options)?;
+    let file = o
+        .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
+        .await?;
+    let header_child = match header_ref {
+        Some(reference) => Some(
+            o.open_child(reference, "header", Perms::NONE, Perms::ALL)
+                .await?,
+        ),
+        None => None,
+    };
+    let key_secret = opts.key_secret.ok_or_else(|| {
+        QmpError::generic(format!(
+            "Parameter '{}' is required for cipher",
+            o.member_path("key-secret")
+        ))
+    })?;
+    let password = o.password(&key_secret)?;
+    let Unlocked { header, master } =
+        unlock(header_child.as_ref().unwrap_or(&file), 0, password.bytes())
+            .await
+            .map_err(QmpError::generic)?;
+    let payload = if header_child.is_some() {
+        0
+    } else {
+        let payload = header.payload_start();
+        if payload < header.header_area_len() {
+            return Err(QmpError::generic(
+                "LUKS payload is overlapping with the header",
+            ));
+        }
+        let file_size = file.node().size();
+        if payload > file_size {
+            return Err(QmpError::generic(format!(
+                "LUKS payload offset {payload} is past the end of the image ({file_size} bytes)"
+            )));
+        }
+        payload
+    };
+    let cipher = header.cipher(&master).map_err(QmpError::generic)?;
+    Ok(Box::new(Luks {
+        file,
+        header_child,
+        header: Mutex::new(header),
+        cipher,
+        payload,
+        sectors: RangeLock::default(),
+    }))
+}

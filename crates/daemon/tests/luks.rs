@@ -1,0 +1,352 @@
+//! LUKS volumes and secrets on both daemons: images made by qemu-img and by cryptsetup are
+//! opened with a secret, written and read through NBD (partial sectors, zero writes,
+//! discards), and read back by qemu-img with the same password; reports and refusals
+//! match qsd's, and the secret objects' refusals too.
+
+mod common;
+
+use common::jobs::qemu_io;
+use common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+
+const SECRET: &str = "secret,id=s0,data=pass word";
+
+/// An image's plaintext as qemu-img reads it with the password.
+fn plaintext(image_opts: &str, out: &str) -> Vec<u8> {
+    qemu_img(&[
+        "convert",
+        "--object",
+        SECRET,
+        "--image-opts",
+        image_opts,
+        "-O",
+        "raw",
+        out,
+    ]);
+    std::fs::read(out).unwrap()
+}
+
+fn create_luks(path: &str, extra: &str, size: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "luks",
+        "--object",
+        SECRET,
+        "-o",
+        &format!("key-secret=s0,iter-time=10{extra}"),
+        path,
+        size,
+    ]);
+}
+
+/// What varies between two volumes made the same way: the UUID and the measured PBKDF2
+/// iteration counts.
+fn strip_volume_identity(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for key in ["uuid", "iters", "master-key-iters"] {
+                if map.contains_key(key) {
+                    map.insert(key.into(), json!(0));
+                }
+            }
+            map.values_mut().for_each(strip_volume_identity);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_volume_identity),
+        _ => {}
+    }
+}
+
+async fn exercise(which: Impl, dir: &Path) -> Vec<Value> {
+    create_luks(&p(dir, "a.luks"), "", "4M");
+    create_luks(
+        &p(dir, "b.luks"),
+        ",cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256,hash-alg=sha1",
+        "4M",
+    );
+    std::fs::write(dir.join("plain.raw"), vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.join("nbd.sock");
+    let mut args = nbd_server_args(&sock);
+    args.extend([
+        s("--object"),
+        s(SECRET),
+        s("--blockdev"),
+        s("driver=luks,node-name=a,discard=unmap,key-secret=s0,file.driver=file,file.filename=a.luks"),
+        s("--blockdev"),
+        s("driver=luks,node-name=b,key-secret=s0,file.driver=file,file.filename=b.luks"),
+        s("--export"),
+        s("type=nbd,id=e0,node-name=a,name=a,writable=on"),
+        s("--export"),
+        s("type=nbd,id=e1,node-name=b,name=b,writable=on"),
+    ]);
+    let daemon = Daemon::start(which, dir, &args);
+    let mut client = daemon.qmp().await;
+    for name in ["a", "b"] {
+        let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
+        qemu_io(&[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x22 0 1M",
+            // Partial sectors at both ends, and inside one sector.
+            "-c",
+            "write -P 0x33 1000 3000",
+            "-c",
+            "write -P 0x44 70000 10",
+            "-c",
+            "write -z 512k 64k",
+            "-c",
+            "write -z 700001 999",
+            "-c",
+            "discard 2M 1M",
+            "-c",
+            "write -P 0x55 3M 4096",
+            "-c",
+            "read -P 0x33 1000 3000",
+            "-c",
+            "read -P 0x22 4000 66000",
+            "-c",
+            "read -P 0x44 70000 10",
+            "-c",
+            "read -P 0 512k 64k",
+            "-c",
+            "read -P 0x55 3M 4096",
+            "-c",
+            "flush",
+        ]);
+    }
+    let mut seen = Vec::new();
+    let nodes = client
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    for node in nodes.as_array().unwrap() {
+        if node["drv"] == "luks" {
+            let mut image = node["image"].clone();
+            strip_volume_identity(&mut image);
+            seen.push(
+                json!({"node": node["node-name"], "encrypted": node["encrypted"],
+                             "image": image}),
+            );
+        }
+    }
+    client
+        .execute(
+            "object-add",
+            json!({"qom-type": "secret", "id": "bad", "data": "wrong"}),
+        )
+        .await
+        .unwrap();
+    let refusals = [
+        json!({"driver": "luks", "node-name": "x1",
+               "file": {"driver": "file", "filename": "a.luks"}}),
+        json!({"driver": "luks", "node-name": "x2", "key-secret": "none",
+               "file": {"driver": "file", "filename": "a.luks"}}),
+        json!({"driver": "luks", "node-name": "x3", "key-secret": "bad", "read-only": true,
+               "file": {"driver": "file", "filename": "a.luks", "locking": "off"}}),
+        json!({"driver": "luks", "node-name": "x4", "key-secret": "s0",
+               "file": {"driver": "file", "filename": "plain.raw"}}),
+    ];
+    for options in refusals {
+        seen.push(reply(&mut client, "blockdev-add", options).await);
+    }
+    daemon.quit(&mut client).await;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn luks_images_behave_as_in_qsd() {
+    let mut results = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = exercise(which, dir.path()).await;
+        let contents: Vec<Vec<u8>> = ["a", "b"]
+            .iter()
+            .map(|name| {
+                let opts = format!(
+                    "driver=luks,key-secret=s0,file.filename={}",
+                    p(dir.path(), &format!("{name}.luks"))
+                );
+                plaintext(&opts, &p(dir.path(), &format!("{name}.out")))
+            })
+            .collect();
+        // Discarded sectors read as noise; the rest as written.
+        for data in &contents {
+            assert_eq!(data.len(), 4 << 20, "{which:?}");
+            assert!(data[..1000].iter().all(|&b| b == 0x22), "{which:?}");
+            assert!(data[1000..4000].iter().all(|&b| b == 0x33), "{which:?}");
+            assert!(data[700001..701000].iter().all(|&b| b == 0), "{which:?}");
+            assert!(data[3 << 20..(3 << 20) + 4096].iter().all(|&b| b == 0x55));
+        }
+        let mut seen = normalize(Value::Array(seen));
+        strip_volume_identity(&mut seen);
+        results.push((seen, contents));
+    }
+    let (blockd, blockd_data) = &results[0];
+    let (qsd, qsd_data) = &results[1];
+    assert_eq!(first_difference(blockd, qsd), None, "{blockd:#}\n{qsd:#}");
+    // Each volume has its own key, so only what was written reads the same: never-written
+    // and discarded sectors decrypt to each key's own noise.
+    let written = |d: &[u8]| [&d[..1 << 20], &d[3 << 20..(3 << 20) + 4096]].concat();
+    for (ours, theirs) in blockd_data.iter().zip(qsd_data) {
+        assert!(
+            written(ours) == written(theirs),
+            "contents differ from qsd's"
+        );
+    }
+}
+
+/// A volume cryptsetup formats: blockd writes it, qemu-img reads the same plaintext, and
+/// the slot added by cryptsetup unlocks too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cryptsetup_volumes_are_read_and_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| p(dir.path(), n);
+    std::fs::write(dir.path().join("c.img"), vec![0u8; 6 << 20]).unwrap();
+    std::fs::write(dir.path().join("key"), b"pass word").unwrap();
+    std::fs::write(dir.path().join("key2"), b"other").unwrap();
+    let cryptsetup = |args: &[&str]| {
+        let out = run(Command::new("cryptsetup").args(args));
+        assert!(
+            out.status.success(),
+            "cryptsetup {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cryptsetup(&[
+        "luksFormat",
+        "--batch-mode",
+        "--type",
+        "luks1",
+        "--cipher",
+        "aes-xts-plain64",
+        "--key-size",
+        "512",
+        "--hash",
+        "sha512",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        &d("key"),
+        &d("c.img"),
+    ]);
+    cryptsetup(&[
+        "luksAddKey",
+        "--batch-mode",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        &d("key"),
+        &d("c.img"),
+        &d("key2"),
+    ]);
+    let sock = dir.path().join("nbd.sock");
+    let mut args = nbd_server_args(&sock);
+    args.extend([
+        s("--object"),
+        s("secret,id=s1,file=key2"),
+        s("--blockdev"),
+        s("driver=luks,node-name=c,key-secret=s1,file.driver=file,file.filename=c.img"),
+        s("--export"),
+        s("type=nbd,id=e0,node-name=c,name=c,writable=on"),
+    ]);
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
+    let mut client = daemon.qmp().await;
+    let uri = format!("nbd+unix:///c?socket={}", sock.display());
+    qemu_io(&[
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 0x66 4096 1M",
+        "-c",
+        "write -P 0x77 1536 100",
+    ]);
+    let served = d("served.raw");
+    let out = run(Command::new("nbdcopy").args([&uri, &served]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    daemon.quit(&mut client).await;
+    let theirs = plaintext(
+        &format!("driver=luks,key-secret=s0,file.filename={}", d("c.img")),
+        &d("c.out"),
+    );
+    let ours = std::fs::read(&served).unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    assert!(
+        ours == theirs,
+        "blockd and qemu-img read different plaintext"
+    );
+    assert!(theirs[4096..4096 + (1 << 20)].iter().all(|&b| b == 0x66));
+    assert!(theirs[1536..1636].iter().all(|&b| b == 0x77));
+}
+
+/// object-add of secrets: what each refusal says, on both daemons, and that a secret's
+/// value shows nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_objects_match_qsd() {
+    let mut results = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), b"from a file").unwrap();
+        let daemon = Daemon::start(which, dir.path(), &[]);
+        let mut client = daemon.qmp().await;
+        let key = "0123456789abcdef0123456789abcdef";
+        let zero_iv = "AAAAAAAAAAAAAAAAAAAAAA==";
+        let cases = [
+            json!({"qom-type": "secret", "id": "k", "data": key}),
+            json!({"qom-type": "secret", "id": "s1"}),
+            json!({"qom-type": "secret", "id": "s1", "data": "a", "file": "pw"}),
+            json!({"qom-type": "secret", "id": "s1", "data": "@@", "format": "base64"}),
+            json!({"qom-type": "secret", "id": "s1", "file": "/nonexistent"}),
+            json!({"qom-type": "secret", "id": "s1", "data": "abc", "keyid": "nokey"}),
+            json!({"qom-type": "secret", "id": "s1", "data": "abc", "keyid": "k"}),
+            json!({"qom-type": "secret", "id": "s1", "data": "abc", "keyid": "k", "iv": "AAAA"}),
+            json!({"qom-type": "secret", "id": "s1", "data": "abc", "keyid": "k", "iv": zero_iv}),
+            json!({"qom-type": "secret", "id": "s1", "data": "abcdefghijklmnop", "keyid": "k",
+                   "iv": zero_iv}),
+            json!({"qom-type": "secret", "id": "s1", "data": "x", "format": "bogus"}),
+            json!({"qom-type": "secret", "id": "1s", "data": "x"}),
+            json!({"qom-type": "secret", "id": "s1", "data": "x", "bogus": 1}),
+            // `letmein` encrypted with k under a zero IV.
+            json!({"qom-type": "secret", "id": "enc", "data": "yaX//RwWd58JvrjMnO8YPA==",
+                   "format": "base64", "keyid": "k", "iv": zero_iv}),
+            json!({"qom-type": "secret", "id": "f", "file": "pw"}),
+            json!({"qom-type": "secret", "id": "f", "data": "again"}),
+            json!({"qom-type": "secret", "id": "b64", "data": "cGFzcyB3b3Jk", "format": "base64"}),
+        ];
+        let mut seen = Vec::new();
+        for case in cases {
+            seen.push(reply(&mut client, "object-add", case).await);
+        }
+        seen.push(reply(&mut client, "object-del", json!({"id": "f"})).await);
+        seen.push(reply(&mut client, "object-del", json!({"id": "f"})).await);
+        daemon.quit(&mut client).await;
+        let stderr = std::fs::read_to_string(dir.path().join(match which {
+            Impl::Blockd => "blockd.stderr",
+            Impl::Qsd => "qsd.stderr",
+        }))
+        .unwrap_or_default();
+        assert!(
+            !stderr.contains("letmein") && !stderr.contains(key),
+            "{stderr}"
+        );
+        results.push(normalize(Value::Array(seen)));
+    }
+    let text = results[0].to_string();
+    assert!(!text.contains("from a file"), "{text}");
+    assert_eq!(
+        first_difference(&results[0], &results[1]),
+        None,
+        "{:#}\n{:#}",
+        results[0],
+        results[1]
+    );
+}
