@@ -1,10 +1,11 @@
 //! Creating new images: `blockd serve`'s first image, drive-backup's targets, and
-//! blockdev-create's `file` and `qcow2` drivers (qcow2 written onto an open node, QEMU's
-//! two-step flow).
+//! blockdev-create's `file`, `qcow2` and `luks` drivers (formats written onto an open node,
+//! QEMU's two-step flow).
 
 use crate::drivers::file::{FileDriver, FileOptions};
+use crate::drivers::luks::{create_volume, LuksCreateOptions};
 use crate::drivers::qcow2::{Compression, NewQcow2};
-use crate::node::{Child, CommonOptions, Node, Parent};
+use crate::node::{Child, CommonOptions, Node, Parent, WriteFlags};
 use crate::perm::Perms;
 use imago::Storage;
 use std::io;
@@ -124,6 +125,34 @@ impl Prealloc {
     }
 }
 
+/// Zeroes written per request for `preallocation=full`.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Preallocate `len` bytes at `start` of a new image's data through `target`: `falloc`
+/// allocates them as zeroes, `full` writes the zeroes; `off` and `metadata` leave them.
+pub(crate) async fn preallocate(
+    target: &Child,
+    start: u64,
+    len: u64,
+    mode: Prealloc,
+) -> io::Result<()> {
+    let plain = WriteFlags::default();
+    match mode {
+        Prealloc::Off | Prealloc::Metadata => Ok(()),
+        Prealloc::Falloc => target.write_zeroes(start, len, plain).await,
+        Prealloc::Full => {
+            let zeroes = vec![0u8; ZERO_CHUNK.min(len) as usize];
+            let mut at = start;
+            while at < start + len {
+                let n = ZERO_CHUNK.min(start + len - at);
+                target.write(at, &zeroes[..n as usize], plain).await?;
+                at += n;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// blockdev-create's `file` driver (`BlockdevCreateOptionsFile`).
 #[derive(Debug, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -235,6 +264,53 @@ fn set_file_hints(path: &Path, nocow: bool, extent_size_hint: u32) -> io::Result
         }
     }
     Ok(())
+}
+
+/// blockdev-create's `luks` driver (BlockdevCreateOptionsLUKS) less its `file` and
+/// `header` references.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LuksCreate {
+    size: i64,
+    #[serde(default)]
+    preallocation: Prealloc,
+    key_secret: Option<String>,
+    cipher_alg: Option<String>,
+    cipher_mode: Option<String>,
+    ivgen_alg: Option<String>,
+    ivgen_hash_alg: Option<String>,
+    hash_alg: Option<String>,
+    iter_time: Option<i64>,
+}
+
+impl LuksCreate {
+    /// Write the volume onto the nodes `file` and `header` lead to, with the password the
+    /// graph's secret `key-secret` holds. Runs on an I/O thread.
+    pub async fn create_on(
+        &self,
+        graph: &crate::Graph,
+        file: Option<Arc<Child>>,
+        header: Option<Arc<Child>>,
+    ) -> Result<(), String> {
+        let crypt = LuksCreateOptions {
+            key_secret: self.key_secret.clone(),
+            cipher_alg: self.cipher_alg.clone(),
+            cipher_mode: self.cipher_mode.clone(),
+            ivgen_alg: self.ivgen_alg.clone(),
+            ivgen_hash_alg: self.ivgen_hash_alg.clone(),
+            hash_alg: self.hash_alg.clone(),
+            iter_time: self.iter_time,
+        };
+        let (key_secret, opts) = crypt.resolve("", header.is_some())?;
+        let password = graph.password(&key_secret)?;
+        let size = u64::try_from(self.size).map_err(|_| "Invalid image size".to_string())?;
+        let preallocation = match self.preallocation {
+            // The payload has no metadata to preallocate.
+            Prealloc::Metadata => Prealloc::Off,
+            other => other,
+        };
+        create_volume(file, header, size, preallocation, opts, password).await
+    }
 }
 
 /// QEMU's qcow2 version choice.

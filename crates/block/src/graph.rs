@@ -220,6 +220,17 @@ impl Pending {
 }
 
 impl Graph {
+    /// The password in the secret `id` names, with QEMU's texts when there is none or it
+    /// is not text.
+    pub fn password(&self, id: &str) -> Result<Arc<crypto::Secret>, String> {
+        let secret = self
+            .secrets
+            .get(id)
+            .ok_or_else(|| format!("No secret with id '{id}'"))?;
+        secret.as_utf8(id)?;
+        Ok(secret)
+    }
+
     /// An empty graph.
     pub fn new() -> Graph {
         Graph::default()

@@ -152,15 +152,9 @@ impl Opener<'_> {
         self.graph.throttle_groups.get(name)
     }
 
-    /// The password in the secret `id` names, with QEMU's texts when there is none.
+    /// The password in the secret `id` names ([`Graph::password`]).
     pub fn password(&self, id: &str) -> Result<Arc<crypto::Secret>, QmpError> {
-        let secret = self
-            .graph
-            .secrets
-            .get(id)
-            .ok_or_else(|| QmpError::generic(format!("No secret with id '{id}'")))?;
-        secret.as_utf8(id).map_err(QmpError::generic)?;
-        Ok(secret)
+        self.graph.password(id).map_err(QmpError::generic)
     }
 
     /// The node counts from now in QEMU's listing order (a format after its file, before

@@ -78,14 +78,12 @@ fn block_cipher(alg: CipherAlg, key: &[u8]) -> Result<Box<dyn Blocks>, String> {
 /// The cipher ESSIV encrypts sector numbers with: the same family, keyed by the digest of
 /// the data key, so its key length is the hash's digest length.
 pub fn essiv_cipher(alg: CipherAlg, hash: HashAlg) -> Result<CipherAlg, String> {
-    CipherAlg::from_family(alg.family(), hash.digest_len()).ok_or_else(|| {
-        format!(
-            "Cipher {} with hash {} is not usable for essiv: no {} cipher takes a {}-byte key",
-            alg.name(),
-            hash.name(),
-            alg.family(),
-            hash.digest_len()
-        )
+    let len = hash.digest_len();
+    CipherAlg::from_family(alg.family(), len).ok_or_else(|| match alg.family() {
+        "aes" => format!("No AES cipher with key size {len} available"),
+        "serpent" => format!("No Serpent cipher with key size {len} available"),
+        "twofish" => format!("No Twofish cipher with key size {len} available"),
+        _ => format!("Cipher alg {} not supported with essiv", alg.name()),
     })
 }
 
@@ -107,12 +105,9 @@ impl CipherSpec {
 
     /// What the combination cannot do, with the reason.
     pub fn check(&self) -> Result<(), String> {
+        // XTS works on 16-byte blocks.
         if self.mode == CipherMode::Xts && self.alg.block_len() != 16 {
-            return Err(format!(
-                "Cipher {} has block size {}, XTS needs 16",
-                self.alg.name(),
-                self.alg.block_len()
-            ));
+            return Err("Unsupported cipher mode xts".into());
         }
         match (self.ivgen, self.ivgen_hash) {
             (IvGenAlg::Essiv, None) => Err("essiv needs a hash algorithm".into()),

@@ -4,37 +4,10 @@
 
 mod common;
 
-use common::jobs::qemu_io;
+use common::jobs::{create, qemu_io};
 use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
-
-/// Run one blockdev-create to its end: the reply, the job's statuses up to `concluded`
-/// (none when refused), its query-jobs row, and the status job-dismiss leads to.
-async fn create(c: &mut qmp::Client, id: &str, options: Value) -> Value {
-    let answer = reply(
-        c,
-        "blockdev-create",
-        json!({ "job-id": id, "options": options }),
-    )
-    .await;
-    if answer.get("error").is_some() {
-        return answer;
-    }
-    let mut statuses = Vec::new();
-    while statuses.last() != Some(&json!("concluded")) {
-        let event = c.next_event(WAIT).await.expect("job status change");
-        if event["event"] == "JOB_STATUS_CHANGE" && event["data"]["id"] == id {
-            statuses.push(event["data"]["status"].clone());
-        } else {
-            assert_ne!(event["event"], "BLOCK_JOB_COMPLETED", "not a block job");
-        }
-    }
-    let jobs = c.execute("query-jobs", json!({})).await.unwrap();
-    c.execute("job-dismiss", json!({ "id": id })).await.unwrap();
-    let gone = c.wait_event("JOB_STATUS_CHANGE", WAIT).await.unwrap();
-    json!({ "statuses": statuses, "jobs": jobs, "dismissed": gone["data"] })
-}
 
 fn qemu_img_json(args: &[&str]) -> Value {
     serde_json::from_str(&qemu_img(args)).unwrap()

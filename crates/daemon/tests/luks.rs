@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::jobs::qemu_io;
+use common::jobs::{create, qemu_io};
 use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -348,5 +348,132 @@ async fn secret_objects_match_qsd() {
         "{:#}\n{:#}",
         results[0],
         results[1]
+    );
+}
+
+/// blockdev-create of luks volumes on both daemons: the job, the refusals, and what
+/// qemu-img reads of the volumes; qemu-io writes and reads them with the password and
+/// cryptsetup unlocks them. A detached header opens in qemu-img with its data file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn luks_creation_matches_qsd() {
+    let mut all = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |n: &str| p(dir.path(), n);
+        let daemon = Daemon::start(which, dir.path(), &[s("--object"), s(SECRET)]);
+        let mut client = daemon.qmp().await;
+        let mut seen = Vec::new();
+        for name in ["a.luks", "b.luks", "hdr.img", "data.img", "x.luks"] {
+            let file = json!({"driver": "file", "filename": name, "size": 0});
+            create(&mut client, "f", file).await;
+            client
+                .execute(
+                    "blockdev-add",
+                    json!({"driver": "file", "node-name": name.replace('.', "-"),
+                           "filename": name}),
+                )
+                .await
+                .unwrap();
+        }
+        let base = json!({"driver": "luks", "file": "a-luks", "key-secret": "s0",
+                          "size": 4 << 20, "iter-time": 10});
+        let with = |extra: Value| {
+            let mut o = base.clone();
+            o.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            o
+        };
+        let cases = [
+            base.clone(),
+            with(
+                json!({"file": "b-luks", "cipher-alg": "twofish-128", "cipher-mode": "cbc",
+                        "ivgen-alg": "essiv", "ivgen-hash-alg": "sha256", "hash-alg": "sha512",
+                        "preallocation": "full"}),
+            ),
+            with(json!({"file": "data-img", "header": "hdr-img"})),
+            with(json!({"file": "x-luks", "key-secret": "nosuch"})),
+            with(json!({"file": "x-luks", "cipher-alg": "des"})),
+            with(json!({"file": "x-luks", "cipher-alg": "cast5-128"})),
+            with(json!({"file": "x-luks", "ivgen-alg": "essiv", "ivgen-hash-alg": "sha512"})),
+            with(json!({"file": "x-luks", "bogus": 1})),
+        ];
+        for case in cases {
+            seen.push(create(&mut client, "c", case).await);
+        }
+        let mut missing = base.clone();
+        missing.as_object_mut().unwrap().remove("key-secret");
+        missing["file"] = json!("x-luks");
+        seen.push(create(&mut client, "c", missing).await);
+        daemon.quit(&mut client).await;
+
+        let opts = |name: &str| format!("driver=luks,key-secret=s0,file.filename={}", d(name));
+        for name in ["a.luks", "b.luks"] {
+            let mut info: Value = serde_json::from_str(&qemu_img(&[
+                "info",
+                "--output=json",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &opts(name),
+            ]))
+            .unwrap();
+            strip_volume_identity(&mut info);
+            info["filename"] = json!(name);
+            info.as_object_mut().unwrap().remove("children");
+            seen.push(info);
+            qemu_io(&[
+                "--object",
+                SECRET,
+                "--image-opts",
+                &opts(name),
+                "-c",
+                "write -P 0x42 512 70000",
+                "-c",
+                "read -P 0x42 512 70000",
+            ]);
+        }
+        // b is preallocated: its whole payload is on disk.
+        let b = std::fs::metadata(dir.path().join("b.luks")).unwrap();
+        assert!(
+            std::os::unix::fs::MetadataExt::blocks(&b) * 512 >= 4 << 20,
+            "{which:?}: b.luks is not preallocated"
+        );
+        std::fs::write(dir.path().join("key"), "pass word").unwrap();
+        let out = run(Command::new("cryptsetup").args([
+            "open",
+            "--test-passphrase",
+            "--key-file",
+            &d("key"),
+            &d("a.luks"),
+        ]));
+        assert!(
+            out.status.success(),
+            "{which:?}: cryptsetup cannot unlock: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        qemu_io(&[
+            "--object",
+            SECRET,
+            "--image-opts",
+            &format!(
+                "driver=luks,key-secret=s0,header.filename={},file.filename={}",
+                d("hdr.img"),
+                d("data.img")
+            ),
+            "-c",
+            "write -P 0x24 0 4096",
+            "-c",
+            "read -P 0x24 0 4096",
+        ]);
+        seen.push(json!({"data-file-size": std::fs::metadata(d("data.img")).unwrap().len()}));
+        all.push(normalize(Value::Array(seen)));
+    }
+    assert_eq!(
+        first_difference(&all[0], &all[1]),
+        None,
+        "{:#}\n{:#}",
+        all[0],
+        all[1]
     );
 }

@@ -360,3 +360,139 @@ async fn open(
         sectors: RangeLock::default(),
     }))
 }
+
+/// QCryptoBlockCreateOptionsLUKS: how a new volume is encrypted, with QEMU's defaults
+/// (aes-256, xts, plain64, sha256 and two seconds of PBKDF2). Names stay strings until
+/// `resolve`, which refuses what QEMU's crypto layer refuses, in its words.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LuksCreateOptions {
+    pub key_secret: Option<String>,
+    pub cipher_alg: Option<String>,
+    pub cipher_mode: Option<String>,
+    pub ivgen_alg: Option<String>,
+    pub ivgen_hash_alg: Option<String>,
+    pub hash_alg: Option<String>,
+    pub iter_time: Option<i64>,
+}
+
+impl LuksCreateOptions {
+    /// The secret's id and the volume's parameters; `prefix` is where the options sit
+    /// (`encrypt.` in qcow2), for the texts.
+    pub fn resolve(
+        &self,
+        prefix: &str,
+        detached: bool,
+    ) -> Result<(String, crypto::luks::CreateOptions), String> {
+        use crypto::{CipherAlg, CipherMode, CipherSpec, HashAlg, IvGenAlg};
+        let key_secret = self
+            .key_secret
+            .clone()
+            .ok_or_else(|| format!("Parameter '{prefix}key-secret' is required for cipher"))?;
+        let alg = match self.cipher_alg.as_deref() {
+            None => CipherAlg::Aes256,
+            Some(name) => CipherAlg::from_name(name)
+                .ok_or_else(|| format!("Algorithm '{name}' not supported"))?,
+        };
+        let mode = match self.cipher_mode.as_deref() {
+            None => CipherMode::Xts,
+            Some(name) => CipherMode::from_name(name)
+                .ok_or_else(|| format!("Unsupported cipher mode {name}"))?,
+        };
+        let ivgen = match self.ivgen_alg.as_deref() {
+            None => IvGenAlg::Plain64,
+            Some(name) => IvGenAlg::from_name(name)
+                .ok_or_else(|| format!("Unsupported IV generator '{name}'"))?,
+        };
+        let hash_named = |name: Option<&str>| match name {
+            None => Ok(HashAlg::Sha256),
+            Some(name) => HashAlg::from_name(name)
+                .ok_or_else(|| format!("Hash algorithm '{name}' not supported")),
+        };
+        let hash = hash_named(self.hash_alg.as_deref())?;
+        let ivgen_hash = match ivgen {
+            IvGenAlg::Essiv => Some(hash_named(self.ivgen_hash_alg.as_deref())?),
+            _ => None,
+        };
+        let iter_time = u64::try_from(self.iter_time.unwrap_or(2000))
+            .map_err(|_| format!("Parameter '{prefix}iter-time' must not be negative"))?;
+        let spec = CipherSpec {
+            alg,
+            mode,
+            ivgen,
+            ivgen_hash,
+        };
+        spec.check()?;
+        Ok((
+            key_secret,
+            crypto::luks::CreateOptions {
+                spec,
+                hash,
+                iter_time: std::time::Duration::from_millis(iter_time),
+                detached,
+            },
+        ))
+    }
+}
+
+/// Make a new volume key and header for `password` off the I/O thread: the PBKDF2 runs
+/// take as long as iter-time asks.
+pub(crate) async fn new_volume(
+    opts: crypto::luks::CreateOptions,
+    password: Arc<crypto::Secret>,
+) -> Result<crypto::luks::Created, String> {
+    tokio::task::spawn_blocking(move || crypto::luks::create(&opts, password.bytes()))
+        .await
+        .map_err(|e| format!("Unable to create the LUKS header: {e}"))?
+}
+
+/// Write a header and slot 0's material at `base` of `edge`.
+pub(crate) async fn write_header(
+    edge: &Child,
+    base: u64,
+    created: &crypto::luks::Created,
+) -> io::Result<()> {
+    let plain = WriteFlags::default();
+    edge.write(base, &created.header.serialize(), plain).await?;
+    let (offset, _) = created.header.material_range(0);
+    edge.write(base + offset, &created.material, plain).await
+}
+
+/// blockdev-create's luks driver: a new volume of `size` bytes with its header in
+/// `header` (detached) or at the start of `file`, whose payload is preallocated as asked.
+/// Either node may be absent only when the other is given: a detached header alone, or
+/// (QEMU's rule) a file with its header.
+pub async fn create_volume(
+    file: Option<Arc<Child>>,
+    header: Option<Arc<Child>>,
+    size: u64,
+    preallocation: crate::create::Prealloc,
+    opts: crypto::luks::CreateOptions,
+    password: Arc<crypto::Secret>,
+) -> Result<(), String> {
+    let created = new_volume(opts, password).await?;
+    let io_err = |e: io::Error| crate::drivers::file::os_error_text(&e);
+    let payload = created.header.payload_start();
+    if let Some(file) = &file {
+        let end = payload + size;
+        if file.node().size() < end {
+            file.node().truncate(end).await.map_err(io_err)?;
+        }
+        crate::create::preallocate(file, payload, size, preallocation)
+            .await
+            .map_err(io_err)?;
+    }
+    let head = header
+        .as_ref()
+        .or(file.as_ref())
+        .ok_or("Parameter 'file' is required")?;
+    let area = created.header.header_area_len();
+    if header.is_some() && head.node().size() < area {
+        head.node().truncate(area).await.map_err(io_err)?;
+    }
+    write_header(head, 0, &created).await.map_err(io_err)?;
+    for edge in [&file, &header].into_iter().flatten() {
+        edge.flush().await.map_err(io_err)?;
+    }
+    Ok(())
+}

@@ -1,9 +1,10 @@
-//! blockdev-create: a `create` job that writes a new `file` or a new `qcow2` image onto an
-//! open node (QEMU's two steps: create the file, blockdev-add it, create qcow2 on it).
+//! blockdev-create: a `create` job that writes a new `file`, or a new `qcow2` or `luks`
+//! image onto an open node (QEMU's two steps: create the file, blockdev-add it, create the
+//! format on it).
 
 use crate::daemon::Daemon;
 use block::QEMU_DRIVERS;
-use block::{FileCreate, Qcow2Create};
+use block::{FileCreate, LuksCreate, Qcow2Create};
 use block::{Graph, Node, Parent, Perms};
 use jobs::JobOptions;
 use jobs::{OneStepJob, StepWork};
@@ -23,7 +24,6 @@ struct CreateArgs {
 /// Drivers QEMU can create images with and blockd cannot.
 const QEMU_ONLY_CREATE: &[&str] = &[
     "gluster",
-    "luks",
     "nfs",
     "parallels",
     "qcow",
@@ -71,6 +71,15 @@ pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Resul
             let qcow2: Qcow2Create = parse_options(options)?;
             let graph = daemon.graph.clone();
             Box::new(move || Box::pin(async move { create_qcow2(&graph, file_ref, qcow2).await }))
+        }
+        "luks" => {
+            let file_ref = options.remove("file");
+            let header_ref = options.remove("header");
+            let luks: LuksCreate = parse_options(options)?;
+            let graph = daemon.graph.clone();
+            Box::new(move || {
+                Box::pin(async move { create_luks(&graph, file_ref, header_ref, luks).await })
+            })
         }
         other if !QEMU_DRIVERS.contains(&other) => {
             return Err(QmpError::generic(format!(
@@ -122,6 +131,25 @@ async fn create_qcow2(
         None => None,
     };
     qcow2.create_on(writer(&node)?, data_file).await
+}
+
+/// The luks half of blockdev-create: the nodes for the payload and the detached header,
+/// written through edges that may write and resize them.
+async fn create_luks(
+    graph: &Arc<Graph>,
+    file_ref: Option<Value>,
+    header_ref: Option<Value>,
+    luks: LuksCreate,
+) -> Result<(), String> {
+    let file = match file_ref {
+        Some(r) => Some(writer(&resolve(graph, r, "file").await?)?),
+        None => None,
+    };
+    let header = match header_ref {
+        Some(r) => Some(writer(&resolve(graph, r, "header").await?)?),
+        None => None,
+    };
+    luks.create_on(graph, file, header).await
 }
 
 /// The node a BlockdevRef names (`options.<member>`): found by name or opened.

@@ -1,7 +1,7 @@
 //! Helpers for job tests: a small backing chain, qemu-io, and waiting for job events.
 
-use super::{qemu_img, run, s, WAIT};
-use serde_json::json;
+use super::{qemu_img, reply, run, s, WAIT};
+use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -160,4 +160,31 @@ pub fn assert_ready_job_events(sequences: &[Vec<String>]) {
     if let [blockd, qsd] = sequences {
         assert_eq!(blockd, qsd, "event order differs from qsd");
     }
+}
+
+/// Run one blockdev-create to its end: the reply, the job's statuses up to `concluded`
+/// (none when refused), its query-jobs row, and the status job-dismiss leads to.
+pub async fn create(c: &mut qmp::Client, id: &str, options: Value) -> Value {
+    let answer = reply(
+        c,
+        "blockdev-create",
+        json!({ "job-id": id, "options": options }),
+    )
+    .await;
+    if answer.get("error").is_some() {
+        return answer;
+    }
+    let mut statuses = Vec::new();
+    while statuses.last() != Some(&json!("concluded")) {
+        let event = c.next_event(WAIT).await.expect("job status change");
+        if event["event"] == "JOB_STATUS_CHANGE" && event["data"]["id"] == id {
+            statuses.push(event["data"]["status"].clone());
+        } else {
+            assert_ne!(event["event"], "BLOCK_JOB_COMPLETED", "not a block job");
+        }
+    }
+    let jobs = c.execute("query-jobs", json!({})).await.unwrap();
+    c.execute("job-dismiss", json!({ "id": id })).await.unwrap();
+    let gone = c.wait_event("JOB_STATUS_CHANGE", WAIT).await.unwrap();
+    json!({ "statuses": statuses, "jobs": jobs, "dismissed": gone["data"] })
 }

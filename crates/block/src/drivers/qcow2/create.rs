@@ -15,7 +15,7 @@ use super::header::{
 };
 use super::image::{COPIED, MAX_L1_BYTES};
 use super::refcount::write_refcount;
-use crate::create::Prealloc;
+use crate::create::{preallocate, Prealloc};
 use crate::node::{Child, WriteFlags};
 use std::io;
 use std::sync::Arc;
@@ -36,8 +36,6 @@ const FEATURE_NAMES: &[(u8, u8, &str)] = &[
     (2, 0, "bitmaps"),
     (2, 1, "raw external data"),
 ];
-/// Zeroes written per request for `preallocation=full`.
-const ZERO_CHUNK: u64 = 1 << 20;
 
 /// What the new image looks like; `check` of blockdev-create's options came first.
 #[derive(Clone)]
@@ -318,19 +316,7 @@ impl NewQcow2<'_> {
                 layout.data_clusters << self.cluster_bits,
             ),
         };
-        match self.preallocate {
-            Prealloc::Off | Prealloc::Metadata => {}
-            Prealloc::Falloc => target.write_zeroes(data, data_len, plain).await?,
-            Prealloc::Full => {
-                let zeroes = vec![0u8; ZERO_CHUNK.min(data_len) as usize];
-                let mut at = data;
-                while at < data + data_len {
-                    let len = ZERO_CHUNK.min(data + data_len - at);
-                    target.write(at, &zeroes[..len as usize], plain).await?;
-                    at += len;
-                }
-            }
-        }
+        preallocate(target, data, data_len, self.preallocate).await?;
         if let Some((_, edge)) = &self.data_file {
             edge.flush().await?;
         }
