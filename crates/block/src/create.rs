@@ -3,11 +3,14 @@
 //! QEMU's two-step flow).
 
 use crate::drivers::file::{FileDriver, FileOptions};
-use crate::drivers::luks::{create_volume, LuksCreateOptions};
-use crate::drivers::qcow2::{Compression, NewQcow2};
+use crate::drivers::luks::{create_volume, new_volume, LuksCreateOptions};
+use crate::drivers::qcow2::{Compression, NewEncryption, NewQcow2};
 use crate::node::{Child, CommonOptions, Node, Parent, WriteFlags};
+use crate::open::parse_options;
 use crate::perm::Perms;
+use crate::OptionSyntax;
 use imago::Storage;
+use serde_json::Value;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -63,6 +66,7 @@ pub async fn create_image(path: &Path, image: NewImage<'_>) -> Result<(), String
                     .as_ref()
                     .map(|(name, format)| (name.as_str(), Some(format.as_str()))),
                 preallocate: Prealloc::Off,
+                encryption: None,
             };
             new.write(&edge).await.map_err(fail)
         }
@@ -266,6 +270,15 @@ fn set_file_hints(path: &Path, nocow: bool, extent_size_hint: u32) -> io::Result
     Ok(())
 }
 
+/// QCryptoBlockCreateOptions of a new qcow2 image.
+pub enum EncryptCreate {
+    /// Legacy AES, keyed by the password itself.
+    Qcow {
+        key_secret: Option<String>,
+    },
+    Luks(LuksCreateOptions),
+}
+
 /// blockdev-create's `luks` driver (BlockdevCreateOptionsLUKS) less its `file` and
 /// `header` references.
 #[derive(Debug, serde::Deserialize)]
@@ -422,9 +435,79 @@ impl Qcow2Create {
         if !v3 && self.compression_type == Some(CompressionType::Zstd) {
             return Err("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)".into());
         }
-        match self.encrypt.is_some() {
-            true => Err("blockd cannot create qcow2 images with encryption".into()),
-            false => Ok(()),
+        if self.encrypt.is_some() && self.data_file.is_some() {
+            return Err(
+                "blockd cannot create encrypted qcow2 images with an external data file".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `encrypt` read as QCryptoBlockCreateOptions: what QMP refuses before a job starts
+    /// (a missing or unknown format, unknown members).
+    pub fn encrypt_options(&self) -> Result<Option<EncryptCreate>, String> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+        struct QcowOptions {
+            key_secret: Option<String>,
+        }
+        let Some(encrypt) = &self.encrypt else {
+            return Ok(None);
+        };
+        let Value::Object(mut map) = encrypt.clone() else {
+            return Err(
+                "Invalid parameter type for 'options.encrypt', expected: QCryptoBlockCreateOptions"
+                    .into(),
+            );
+        };
+        let path = Some("options.encrypt");
+        let format = match map.remove("format") {
+            Some(Value::String(format)) => format,
+            Some(_) => {
+                return Err(
+                    "Invalid parameter type for 'options.encrypt.format', expected: string".into(),
+                )
+            }
+            None => return Err("Parameter 'options.encrypt.format' is missing".into()),
+        };
+        let parsed = match format.as_str() {
+            "luks" => EncryptCreate::Luks(
+                parse_options(Value::Object(map), OptionSyntax::Json, path).map_err(|e| e.desc)?,
+            ),
+            "qcow" => {
+                let qcow: QcowOptions = parse_options(Value::Object(map), OptionSyntax::Json, path)
+                    .map_err(|e| e.desc)?;
+                EncryptCreate::Qcow {
+                    key_secret: qcow.key_secret,
+                }
+            }
+            other => {
+                return Err(format!(
+                    "Parameter 'options.encrypt.format' does not accept value '{other}'"
+                ))
+            }
+        };
+        Ok(Some(parsed))
+    }
+
+    /// The encryption `encrypt` asks for: a new LUKS volume for the password of its
+    /// `key-secret`, or legacy AES (`qcow`).
+    async fn encryption(&self, graph: &crate::Graph) -> Result<Option<NewEncryption>, String> {
+        match self.encrypt_options()? {
+            None => Ok(None),
+            Some(EncryptCreate::Luks(luks)) => {
+                let (key_secret, opts) = luks.resolve("encrypt.", false)?;
+                let password = graph.password(&key_secret)?;
+                Ok(Some(NewEncryption::Luks(Box::new(
+                    new_volume(opts, password).await?,
+                ))))
+            }
+            Some(EncryptCreate::Qcow { key_secret }) => {
+                let key_secret =
+                    key_secret.ok_or("Parameter 'encrypt.key-secret' is required for cipher")?;
+                graph.password(&key_secret)?;
+                Ok(Some(NewEncryption::Aes))
+            }
         }
     }
 
@@ -433,10 +516,12 @@ impl Qcow2Create {
     /// and an edge that may write and resize it. Runs on an I/O thread; `check` first.
     pub async fn create_on(
         &self,
+        graph: &crate::Graph,
         file: Arc<Child>,
         data_file: Option<(String, Arc<Child>)>,
     ) -> Result<(), String> {
         let size = u64::try_from(self.size).map_err(|_| "Invalid image size".to_string())?;
+        let encryption = self.encryption(graph).await?;
         let image = NewQcow2 {
             size,
             version: match self.version {
@@ -464,6 +549,7 @@ impl Qcow2Create {
                 Prealloc::Off if self.data_file_raw == Some(true) => Prealloc::Metadata,
                 other => other,
             },
+            encryption: encryption.as_ref(),
         };
         image
             .write(&file)

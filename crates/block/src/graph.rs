@@ -665,6 +665,22 @@ pub fn full_json_filename(node: &Node) -> String {
     )
 }
 
+/// The `json:{...}` filename QEMU gives a node whose driver names its strong options (those
+/// that change what the node reads, as qcow2's `encrypt.key-secret`): the driver, those of
+/// `strong` (dotted keys) it was opened with, and its children but the backing node the
+/// image's header names (an overridden backing needs [`full_json_filename`]).
+pub fn strong_json_filename(node: &Node, strong: &[&str]) -> String {
+    let roles: Vec<String> = node
+        .children()
+        .iter()
+        .map(|c| c.role().to_string())
+        .filter(|role| role != "backing")
+        .collect();
+    let mut options = full_options(node, &mut Vec::new());
+    options.retain(|k, _| k == "driver" || strong.contains(&k.as_str()) || roles.contains(k));
+    format!("json:{}", qapi::json::to_string(&Value::Object(options)))
+}
+
 /// The options a node was opened with, less those every node takes and its children.
 fn own_options(node: &Node) -> Map<String, Value> {
     let Value::Object(options) = node.open_options() else {

@@ -28,6 +28,7 @@ pub use drain::DrainedSection;
 pub use drivers::cbw::{check_min_cluster_size, CopyBeforeWrite, OnCbwError};
 pub use drivers::cor::CopyOnRead;
 pub use drivers::file::os_error_text;
+pub use drivers::luks::KeyslotAmend;
 pub use drivers::mirror_top::{MirrorState, MirrorTop};
 pub use drivers::nbd::{InetServer, UnixServer};
 pub use drivers::qcow2::Qcow2Header;

@@ -228,6 +228,18 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
         false
     }
 
+    /// x-blockdev-amend of the encryption key slots (luks, and qcow2's `encrypt`), run in
+    /// the amend job; secrets are looked up in `graph`.
+    async fn amend_keyslots(
+        &self,
+        _node: &Node,
+        _graph: &crate::Graph,
+        _amend: &crate::drivers::luks::KeyslotAmend,
+        _force: bool,
+    ) -> Result<(), String> {
+        Err("Driver does not support x-blockdev-amend".into())
+    }
+
     /// Whether the format has a backing file (qcow2), so that the node can take a backing
     /// child.
     fn supports_backing(&self) -> bool {

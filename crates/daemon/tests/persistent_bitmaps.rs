@@ -302,10 +302,10 @@ async fn storing_bitmaps_grows_a_full_refcount_table() {
     qemu_io(&["-f", "qcow2", "-r", &disk_s, "-c", "read -P 1 0 1980k"]);
 }
 
-/// Images blockd cannot open yet (encrypted ones) are refused before anything is written:
-/// their bytes, and so their persistent bitmaps, stay as they were (a writable open clears
-/// autoclear bits it does not know, so a late refusal could cost the bitmaps their
-/// consistency).
+/// Opens refused for their encryption (no password, a wrong one) are refused before
+/// anything is written: the bytes, and so the persistent bitmaps, stay as they were (a
+/// writable open clears autoclear bits it does not know, so a late refusal could cost the
+/// bitmaps their consistency).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_opens_change_nothing_on_disk() {
     let dir = tempfile::tempdir().unwrap();
@@ -334,24 +334,32 @@ async fn refused_opens_change_nothing_on_disk() {
         &image_opts,
         "b0",
     ]);
-    let images = [(path, "Encrypted")];
-    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
+    let images = [
+        (path.clone(), None, "is required for cipher"),
+        (path, Some("wrong"), "Invalid password"),
+    ];
+    let daemon = Daemon::start(
+        Impl::Blockd,
+        dir.path(),
+        &[
+            "--object".to_string(),
+            "secret,id=wrong,data=abd".to_string(),
+        ],
+    );
     let mut client = daemon.qmp().await;
-    for (i, (path, why)) in images.iter().enumerate() {
+    for (i, (path, secret, why)) in images.iter().enumerate() {
         let before = std::fs::read(path).unwrap();
-        let err = client
-            .execute(
-                "blockdev-add",
-                json!({"driver": "qcow2", "node-name": format!("n{i}"),
-                       "file": {"driver": "file", "filename": path}}),
-            )
-            .await
-            .unwrap_err();
+        let mut options = json!({"driver": "qcow2", "node-name": format!("n{i}"),
+                                 "file": {"driver": "file", "filename": path}});
+        if let Some(secret) = secret {
+            options["encrypt"] = json!({"format": "luks", "key-secret": secret});
+        }
+        let err = client.execute("blockdev-add", options).await.unwrap_err();
         assert!(err.desc.contains(why), "{path}: {}", err.desc);
         assert!(std::fs::read(path).unwrap() == before, "{path} changed");
     }
     daemon.quit(&mut client).await;
-    for (path, _) in &images {
+    for (path, _, _) in &images {
         let info = run(std::process::Command::new("qemu-img").args(["info", path]));
         let warnings = String::from_utf8_lossy(&info.stderr);
         assert!(!warnings.contains("inconsistent"), "{path}: {warnings}");

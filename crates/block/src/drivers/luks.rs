@@ -11,7 +11,7 @@ use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::range_lock::RangeLock;
-use crate::Driver;
+use crate::{Driver, Graph};
 use async_trait::async_trait;
 use crypto::luks::{Header, MasterKey, HEADER_LEN, SLOTS};
 use crypto::{SectorCipher, SECTOR};
@@ -36,7 +36,7 @@ pub struct Luks {
     file: Arc<Child>,
     /// The detached header; None when the header starts `file`.
     header_child: Option<Arc<Child>>,
-    header: Mutex<Header>,
+    keyslots: Keyslots,
     cipher: SectorCipher,
     /// Where the payload starts in `file`.
     payload: u64,
@@ -89,6 +89,218 @@ pub(crate) async fn unlock(child: &Child, base: u64, password: &[u8]) -> Result<
         }
     }
     Err("Invalid password, cannot unlock any keyslot".into())
+}
+
+/// QCryptoBlockAmendOptionsLUKS: activate a key slot for `new-secret`, or erase the one
+/// `keyslot` names or those `old-secret` opens.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct KeyslotAmend {
+    state: KeyslotState,
+    /// The secret whose password an activated slot takes.
+    new_secret: Option<String>,
+    /// Erase the slots this secret's password opens.
+    old_secret: Option<String>,
+    keyslot: Option<i64>,
+    iter_time: Option<i64>,
+    /// The password that gets the volume key, instead of the one the image was opened with.
+    secret: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum KeyslotState {
+    Active,
+    Inactive,
+}
+
+/// An open volume's header and key, for reports and for x-blockdev-amend.
+pub(crate) struct Keyslots {
+    header: Mutex<Header>,
+    master: MasterKey,
+    /// One amend at a time: each reads, changes and writes the whole header.
+    amending: tokio::sync::Mutex<()>,
+}
+
+impl Keyslots {
+    pub(crate) fn new(header: Header, master: MasterKey) -> Keyslots {
+        Keyslots {
+            header: Mutex::new(header),
+            master,
+            amending: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub(crate) fn header(&self) -> std::sync::MutexGuard<'_, Header> {
+        self.header.lock().expect("luks header lock")
+    }
+
+    /// Apply `amend` with QEMU's rules and texts to the header at `base` of `edge`.
+    /// Material goes to disk before the header names it, and a header marking a slot
+    /// inactive goes before its material is overwritten: a crash leaves every slot either
+    /// as it was or as asked.
+    pub(crate) async fn amend(
+        &self,
+        edge: &Child,
+        base: u64,
+        graph: &Graph,
+        amend: &KeyslotAmend,
+        force: bool,
+    ) -> Result<(), String> {
+        let _one = self.amending.lock().await;
+        let mut header = self.header().clone();
+        let slot = match amend.keyslot {
+            Some(n) if !(0..SLOTS as i64).contains(&n) => {
+                return Err(format!(
+                    "Invalid keyslot {n} specified, must be between 0 and {}",
+                    SLOTS - 1
+                ))
+            }
+            n => n.map(|n| n as usize),
+        };
+        let io_err = |e: io::Error| crate::drivers::file::os_error_text(&e);
+        match amend.state {
+            KeyslotState::Active => {
+                let new_secret = amend
+                    .new_secret
+                    .as_deref()
+                    .ok_or("'new-secret' is required to activate a keyslot")?;
+                if amend.old_secret.is_some() {
+                    return Err("'old-secret' must not be given when activating keyslots".into());
+                }
+                let slot = match slot {
+                    Some(n) if header.slots[n].active && !force => {
+                        return Err(format!(
+                            "Refusing to overwrite active keyslot {n} - please erase it first"
+                        ))
+                    }
+                    Some(n) => n,
+                    None => (0..SLOTS)
+                        .find(|&i| !header.slots[i].active)
+                        .ok_or("Can't add a keyslot - all keyslots are in use")?,
+                };
+                let master = match &amend.secret {
+                    Some(id) => {
+                        let password = graph.password(id)?;
+                        unlock(edge, base, password.bytes()).await?.master
+                    }
+                    None => self.master.clone(),
+                };
+                let password = graph.password(new_secret)?;
+                let iter_time = u64::try_from(amend.iter_time.unwrap_or(2000))
+                    .map_err(|_| "'iter-time' must not be negative".to_string())?;
+                let (material, header) = tokio::task::spawn_blocking(move || {
+                    let material = header.set_slot(
+                        slot,
+                        &master,
+                        password.bytes(),
+                        std::time::Duration::from_millis(iter_time),
+                    );
+                    material.map(|m| (m, header))
+                })
+                .await
+                .map_err(|e| format!("Unable to add a LUKS key slot: {e}"))??;
+                let (offset, _) = header.material_range(slot);
+                let plain = WriteFlags::default();
+                edge.write(base + offset, &material, plain)
+                    .await
+                    .map_err(io_err)?;
+                edge.flush().await.map_err(io_err)?;
+                edge.write(base, &header.serialize(), plain)
+                    .await
+                    .map_err(io_err)?;
+                edge.flush().await.map_err(io_err)?;
+                *self.header() = header;
+                Ok(())
+            }
+            KeyslotState::Inactive => {
+                if amend.new_secret.is_some() {
+                    return Err("'new-secret' must not be given when erasing keyslots".into());
+                }
+                if amend.iter_time.is_some() {
+                    return Err("'iter-time' must not be given when erasing keyslots".into());
+                }
+                if amend.secret.is_some() {
+                    return Err("'secret' must not be given when erasing keyslots".into());
+                }
+                let active: Vec<usize> = (0..SLOTS).filter(|&i| header.slots[i].active).collect();
+                let opens = |slot: usize, password: Arc<crypto::Secret>| {
+                    let header = header.clone();
+                    async move {
+                        let (offset, len) = header.material_range(slot);
+                        let mut material = vec![0u8; len];
+                        edge.read(base + offset, &mut material)
+                            .await
+                            .map_err(io_err)?;
+                        tokio::task::spawn_blocking(move || {
+                            header.try_slot(slot, password.bytes(), &material).is_some()
+                        })
+                        .await
+                        .map_err(|e| format!("Unable to check a LUKS key slot: {e}"))
+                    }
+                };
+                let old = match &amend.old_secret {
+                    Some(id) => Some(graph.password(id)?),
+                    None => None,
+                };
+                let erase: Vec<usize> = match (slot, old) {
+                    (Some(n), old) => {
+                        if !header.slots[n].active {
+                            return Err(format!(
+                                "Given keyslot {n} is already erased (inactive) "
+                            ));
+                        }
+                        if let Some(old) = old {
+                            if !opens(n, old).await? {
+                                return Err(format!("Given keyslot {n} doesn't contain the given old password for erase operation"));
+                            }
+                        }
+                        if active.len() == 1 && !force {
+                            return Err(format!("Attempt to erase the only active keyslot {n} which will erase all the data in the image irreversibly - refusing operation"));
+                        }
+                        vec![n]
+                    }
+                    (None, Some(old)) => {
+                        let mut matching = Vec::new();
+                        for &i in &active {
+                            if opens(i, old.clone()).await? {
+                                matching.push(i);
+                            }
+                        }
+                        if matching.is_empty() {
+                            return Err(
+                                "No keyslots match given (old) password for erase operation"
+                                    .into(),
+                            );
+                        }
+                        if matching.len() == active.len() && !force {
+                            return Err("All the active keyslots match the (old) password that was given and erasing them will erase all the data in the image irreversibly - refusing operation".into());
+                        }
+                        matching
+                    }
+                    (None, None) => return Err("To erase keyslot(s), either explicit keyslot index or the password currently contained in them must be given".into()),
+                };
+                let plain = WriteFlags::default();
+                for &i in &erase {
+                    header.clear_slot(i);
+                }
+                edge.write(base, &header.serialize(), plain)
+                    .await
+                    .map_err(io_err)?;
+                edge.flush().await.map_err(io_err)?;
+                for &i in &erase {
+                    let (offset, _) = header.material_range(i);
+                    let garbage = header.wipe_material()?;
+                    edge.write(base + offset, &garbage, plain)
+                        .await
+                        .map_err(io_err)?;
+                }
+                edge.flush().await.map_err(io_err)?;
+                *self.header() = header;
+                Ok(())
+            }
+        }
+    }
 }
 
 /// QCryptoBlockInfoLUKS of a header.
@@ -280,10 +492,21 @@ impl Driver for Luks {
         (perm, shared)
     }
 
+    async fn amend_keyslots(
+        &self,
+        _: &Node,
+        graph: &Graph,
+        amend: &KeyslotAmend,
+        force: bool,
+    ) -> Result<(), String> {
+        let edge = self.header_child.as_ref().unwrap_or(&self.file);
+        self.keyslots.amend(edge, 0, graph, amend, force).await
+    }
+
     fn info(&self, node: &Node) -> DriverInfo {
         let file = self.file.node();
         let file_info = file.driver().info(&file);
-        let header = self.header.lock().expect("luks header lock");
+        let header = self.keyslots.header();
         DriverInfo {
             // key-secret is one of the options a plain name cannot carry.
             filename: crate::graph::json_filename(node, &file_info.filename),
@@ -354,7 +577,7 @@ async fn open(
     Ok(Box::new(Luks {
         file,
         header_child,
-        header: Mutex::new(header),
+        keyslots: Keyslots::new(header, master),
         cipher,
         payload,
         sectors: RangeLock::default(),

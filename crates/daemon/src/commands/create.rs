@@ -4,7 +4,7 @@
 
 use crate::daemon::Daemon;
 use block::QEMU_DRIVERS;
-use block::{FileCreate, LuksCreate, Qcow2Create};
+use block::{FileCreate, KeyslotAmend, LuksCreate, Qcow2Create};
 use block::{Graph, Node, Parent, Perms};
 use jobs::JobOptions;
 use jobs::{OneStepJob, StepWork};
@@ -69,6 +69,7 @@ pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Resul
                 .remove("file")
                 .ok_or_else(|| QmpError::generic("Parameter 'options.file' is missing"))?;
             let qcow2: Qcow2Create = parse_options(options)?;
+            qcow2.encrypt_options().map_err(QmpError::generic)?;
             let graph = daemon.graph.clone();
             Box::new(move || Box::pin(async move { create_qcow2(&graph, file_ref, qcow2).await }))
         }
@@ -130,7 +131,7 @@ async fn create_qcow2(
         }
         None => None,
     };
-    qcow2.create_on(writer(&node)?, data_file).await
+    qcow2.create_on(graph, writer(&node)?, data_file).await
 }
 
 /// The luks half of blockdev-create: the nodes for the payload and the detached header,
@@ -185,14 +186,13 @@ struct AmendArgs {
     job_id: String,
     node_name: String,
     options: Map<String, Value>,
-    /// Only lets QEMU's amend drop encryption keyslots, which blockd never has.
-    #[serde(rename = "force")]
-    _force: Option<bool>,
+    /// Lets an amend erase the last active key slot, or overwrite an active one.
+    force: Option<bool>,
 }
 
-/// x-blockdev-amend. For qcow2 QEMU can amend only the encryption of an encrypted image,
-/// and blockd opens no encrypted image: amending nothing succeeds, amending encryption
-/// fails the job with QEMU's text.
+/// x-blockdev-amend: the key slots of a luks node or of a qcow2 image's LUKS encryption
+/// (for qcow2, amending nothing succeeds). The options are checked here, the slots changed
+/// in the job.
 pub fn x_blockdev_amend(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
     let args: AmendArgs = qapi::de::from_value(Value::Object(args))?;
     let node = daemon.graph.find(&args.node_name).ok_or_else(|| {
@@ -221,23 +221,68 @@ pub fn x_blockdev_amend(daemon: &Daemon, args: Map<String, Value>) -> Result<Val
             "x-blockdev-amend doesn't support changing the block driver",
         ));
     }
-    if driver != "qcow2" {
-        return Err(QmpError::generic(
-            "Driver does not support x-blockdev-amend",
-        ));
-    }
-    if let Some(extra) = options.keys().find(|k| *k != "encrypt") {
-        return Err(QmpError::generic(format!(
-            "Parameter 'options.{extra}' is unexpected"
-        )));
-    }
-    let encrypt = options.contains_key("encrypt");
+    let amend: Option<KeyslotAmend> = match driver.as_str() {
+        "luks" => Some(parse_options(options)?),
+        "qcow2" => {
+            if let Some(extra) = options.keys().find(|k| *k != "encrypt") {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'options.{extra}' is unexpected"
+                )));
+            }
+            match options.remove("encrypt") {
+                Some(Value::Object(mut encrypt)) => {
+                    match encrypt.remove("format") {
+                        Some(Value::String(f)) if f == "luks" => {}
+                        Some(Value::String(f)) => {
+                            return Err(QmpError::generic(format!(
+                                "Parameter 'options.encrypt.format' does not accept value '{f}'"
+                            )))
+                        }
+                        Some(_) => {
+                            return Err(QmpError::generic(
+                                "Invalid parameter type for 'options.encrypt.format', expected: string",
+                            ))
+                        }
+                        None => {
+                            return Err(QmpError::generic(
+                                "Parameter 'options.encrypt.format' is missing",
+                            ))
+                        }
+                    }
+                    #[derive(Deserialize)]
+                    #[serde(deny_unknown_fields)]
+                    struct Encrypt {
+                        encrypt: KeyslotAmend,
+                    }
+                    let wrapped: Encrypt =
+                        parse_options(Map::from_iter([("encrypt".into(), Value::Object(encrypt))]))?;
+                    Some(wrapped.encrypt)
+                }
+                Some(_) => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'options.encrypt', expected: QCryptoBlockAmendOptions",
+                    ))
+                }
+                None => None,
+            }
+        }
+        _ => {
+            return Err(QmpError::generic(
+                "Driver does not support x-blockdev-amend",
+            ))
+        }
+    };
+    let force = args.force == Some(true);
+    let graph = daemon.graph.clone();
     let work: StepWork = Box::new(move || {
         Box::pin(async move {
-            if encrypt {
-                Err("image is not encrypted, can't amend".to_string())
-            } else {
-                Ok(())
+            match amend {
+                Some(amend) => {
+                    node.driver()
+                        .amend_keyslots(&node, &graph, &amend, force)
+                        .await
+                }
+                None => Ok(()),
             }
         })
     });

@@ -9,9 +9,10 @@
 //! one (its L1 table aside, at most 32 MiB by the format's limit).
 
 use super::compression::Compression;
+use super::crypt::{CRYPT_AES, CRYPT_LUKS, CRYPT_NONE};
 use super::header::{
-    self, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, EXT_DATA_FILE, INCOMPAT_COMPRESSION,
-    INCOMPAT_EXTENDED_L2, INCOMPAT_EXTERNAL_DATA, MAGIC,
+    self, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, EXT_CRYPTO_HEADER, EXT_DATA_FILE,
+    INCOMPAT_COMPRESSION, INCOMPAT_EXTENDED_L2, INCOMPAT_EXTERNAL_DATA, MAGIC,
 };
 use super::image::{COPIED, MAX_L1_BYTES};
 use super::refcount::write_refcount;
@@ -59,6 +60,15 @@ pub struct NewQcow2<'a> {
     /// `metadata`: every L2 table and data cluster allocated, the data left sparse in the
     /// file; `falloc`: the data's file range allocated too; `full`: zeroes written there.
     pub preallocate: Prealloc,
+    /// Encrypt the guest data: a new LUKS volume (header and slot 0 go into clusters after
+    /// the L1 table), or legacy AES (nothing to store).
+    pub encryption: Option<&'a NewEncryption>,
+}
+
+/// The encryption of a new image.
+pub enum NewEncryption {
+    Aes,
+    Luks(Box<crypto::luks::Created>),
 }
 
 /// Where everything goes, in clusters.
@@ -70,6 +80,9 @@ struct Layout {
     refcount_block_count: u64,
     l1: u64,
     l1_entries: u64,
+    /// The LUKS header's clusters.
+    crypto: u64,
+    crypto_clusters: u64,
     l2_tables: u64,
     l2_table_count: u64,
     data: u64,
@@ -104,8 +117,14 @@ impl NewQcow2<'_> {
             _ if self.data_file.is_some() => (l1_entries, 0),
             _ => (l1_entries, self.size.div_ceil(cluster_size)),
         };
+        let crypto_clusters = match self.encryption {
+            Some(NewEncryption::Luks(created)) => {
+                created.header.payload_start().div_ceil(cluster_size)
+            }
+            _ => 0,
+        };
         let per_block = (cluster_size * 8) >> self.refcount_order;
-        let fixed = 1 + l1_clusters + l2_table_count + data_clusters;
+        let fixed = 1 + l1_clusters + crypto_clusters + l2_table_count + data_clusters;
         let (mut table, mut blocks) = (1, 1);
         loop {
             let total = fixed + table + blocks;
@@ -119,6 +138,8 @@ impl NewQcow2<'_> {
             table = need_table.max(table);
         }
         let l1 = 1 + table + blocks;
+        let crypto = l1 + l1_clusters;
+        let l2_tables = crypto + crypto_clusters;
         Ok(Layout {
             refcount_table: 1,
             refcount_table_clusters: table,
@@ -126,11 +147,13 @@ impl NewQcow2<'_> {
             refcount_block_count: blocks,
             l1,
             l1_entries,
-            l2_tables: l1 + l1_clusters,
+            crypto,
+            crypto_clusters,
+            l2_tables,
             l2_table_count,
-            data: l1 + l1_clusters + l2_table_count,
+            data: l2_tables + l2_table_count,
             data_clusters,
-            end: l1 + l1_clusters + l2_table_count + data_clusters,
+            end: l2_tables + l2_table_count + data_clusters,
         })
     }
 
@@ -156,6 +179,12 @@ impl NewQcow2<'_> {
         fields[40..48].copy_from_slice(&l1_offset.to_be_bytes());
         fields[48..56].copy_from_slice(&(layout.refcount_table << self.cluster_bits).to_be_bytes());
         fields[56..60].copy_from_slice(&(layout.refcount_table_clusters as u32).to_be_bytes());
+        let crypt_method = match self.encryption {
+            None => CRYPT_NONE,
+            Some(NewEncryption::Aes) => CRYPT_AES,
+            Some(NewEncryption::Luks(_)) => CRYPT_LUKS,
+        };
+        fields[32..36].copy_from_slice(&crypt_method.to_be_bytes());
         if self.version >= 3 {
             let zstd = self.compression == Compression::Zstd;
             let mut incompatible = if zstd { INCOMPAT_COMPRESSION } else { 0 };
@@ -182,9 +211,9 @@ impl NewQcow2<'_> {
         // The feature names are only a courtesy to older readers: dropped when the backing
         // file name needs the room (512-byte clusters).
         let with_names = self.version >= 3;
-        match self.place_backing(&fields, with_names, cluster_size) {
+        match self.place_backing(&fields, layout, with_names, cluster_size) {
             Err(e) if with_names && e.raw_os_error() == Some(libc::ENOSPC) => {
-                self.place_backing(&fields, false, cluster_size)
+                self.place_backing(&fields, layout, false, cluster_size)
             }
             placed => placed,
         }
@@ -193,10 +222,17 @@ impl NewQcow2<'_> {
     fn place_backing(
         &self,
         fields: &[u8],
+        layout: &Layout,
         with_names: bool,
         cluster_size: usize,
     ) -> io::Result<Vec<u8>> {
         let mut cluster = fields.to_vec();
+        if let Some(NewEncryption::Luks(created)) = self.encryption {
+            cluster.extend_from_slice(&EXT_CRYPTO_HEADER.to_be_bytes());
+            cluster.extend_from_slice(&16u32.to_be_bytes());
+            cluster.extend_from_slice(&(layout.crypto << self.cluster_bits).to_be_bytes());
+            cluster.extend_from_slice(&created.header.payload_start().to_be_bytes());
+        }
         if let Some((name, _)) = &self.data_file {
             cluster.extend_from_slice(&EXT_DATA_FILE.to_be_bytes());
             cluster.extend_from_slice(&(name.len() as u32).to_be_bytes());
@@ -270,6 +306,10 @@ impl NewQcow2<'_> {
             file.write(layout.l1 << self.cluster_bits, &l1, plain)
                 .await?;
         }
+        if let Some(NewEncryption::Luks(created)) = self.encryption {
+            crate::drivers::luks::write_header(file, layout.crypto << self.cluster_bits, created)
+                .await?;
+        }
         for table in 0..layout.l2_table_count {
             block.fill(0);
             let first = table * l2_entries;
@@ -341,6 +381,7 @@ mod tests {
             data_file_raw: false,
             backing: None,
             preallocate,
+            encryption: None,
         }
     }
 
@@ -356,6 +397,8 @@ mod tests {
                 refcount_block_count: 1,
                 l1: 3,
                 l1_entries: 1,
+                crypto: 4,
+                crypto_clusters: 0,
                 l2_tables: 4,
                 l2_table_count: 0,
                 data: 4,

@@ -13,6 +13,8 @@ const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_BITMAPS: u32 = 0x2385_2875;
 /// The external data file's name.
 pub(super) const EXT_DATA_FILE: u32 = 0x4441_5441;
+/// Where a LUKS header lies in the image: offset and length, 8 bytes each.
+pub(super) const EXT_CRYPTO_HEADER: u32 = 0x0537_be77;
 
 /// Autoclear bit 0: the bitmaps extension is consistent.
 const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
@@ -49,8 +51,8 @@ pub struct Qcow2Header {
     pub refcount_table_offset: u64,
     /// `refcount_table_clusters` (bytes 56-59): the refcount table's length in clusters.
     pub refcount_table_clusters: u32,
-    /// `crypt_method` (bytes 32-35): 0 none, 1 AES, 2 LUKS. Always 0 here: `parse`
-    /// refuses encrypted images.
+    /// `crypt_method` (bytes 32-35): 0 none, 1 AES, 2 LUKS (`crypt.rs`); `parse` refuses
+    /// others.
     pub crypt_method: u32,
     /// `incompatible_features` (bytes 72-79; 0 in version 2): bit 0 dirty, 1 corrupt,
     /// 2 external data file, 3 compression type, 4 extended L2 entries. `check_supported`
@@ -82,6 +84,9 @@ pub struct Qcow2Header {
     /// The external data file name extension (type 0x44415441): where the data clusters
     /// are, when the `data-file` option does not say.
     pub data_file: Option<String>,
+    /// The crypto header extension (type 0x0537be77): the LUKS header's offset (cluster
+    /// aligned) and length in the image file.
+    pub crypto_header: Option<(u64, u64)>,
 }
 
 /// The bitmaps extension: where the bitmap directory lies.
@@ -152,8 +157,11 @@ impl Qcow2Header {
                 header.cluster_bits
             ));
         }
-        if header.crypt_method != 0 {
-            return Err("Encrypted qcow2 images are not supported".into());
+        if header.crypt_method > 2 {
+            return Err(format!(
+                "Unsupported encryption method: {}",
+                header.crypt_method
+            ));
         }
         let mut header_length = 72usize;
         if version == 3 {
@@ -220,6 +228,20 @@ impl Qcow2Header {
             }
             if kind == EXT_BITMAPS {
                 self.bitmaps = Some(BitmapsExt::parse(&buf[at..at + len])?);
+            }
+            if kind == EXT_CRYPTO_HEADER {
+                if len != 16 {
+                    return Err(format!(
+                        "qcow2: crypto header extension has length {len}, not 16"
+                    ));
+                }
+                let (offset, length) = (be64(buf, at), be64(buf, at + 8));
+                if !offset.is_multiple_of(self.cluster_size())
+                    || offset.checked_add(length).is_none()
+                {
+                    return Err("Invalid encryption header offset".into());
+                }
+                self.crypto_header = Some((offset, length));
             }
             at += len.div_ceil(8) * 8;
         }

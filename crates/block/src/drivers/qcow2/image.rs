@@ -35,16 +35,22 @@
 //! (`data`), unrefcounted and without overlap checks; with `data-file-raw` zero writes and
 //! discards zero it too, so it stays a raw image of the disk.
 //!
-//! Not here yet: encryption and the `lazy-refcounts` write mode (refused at open by
-//! `header.rs` and `options.rs`). An image a lazy-refcounts writer left dirty is repaired
+//! **Encryption.** With `encrypt` (`crypt.rs`) guest data is encrypted in 512-byte sectors:
+//! every data read is decrypted and every data write encrypted on its way, and a request
+//! that covers part of a sector is widened to whole sectors (a write merges what the sector
+//! held, holding the sector range so no other write comes between).
+//!
+//! Not here yet: the `lazy-refcounts` write mode (refused at open by `options.rs`). An image a lazy-refcounts writer left dirty is repaired
 //! before it is opened writable (`repair.rs`).
 
 use super::compression::Compression;
+use super::crypt::Encryption;
 use super::header::{be32, be64, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_EXTENDED_L2};
 use super::overlap::{hex, Checks, Corruption, Metadata, MetadataMap};
 use super::refcount::{Freed, PassDiscard, Refcounts};
 use crate::drivers::blkdebug::BlkdebugEvent;
 use crate::node::{Child, Extent, ExtentKind, WriteFlags};
+use crate::range_lock::RangeLock;
 use std::collections::HashMap;
 use std::io;
 use std::ops::Range;
@@ -132,7 +138,7 @@ struct Meta {
 }
 
 /// What the runtime options choose about an image's data path.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub(super) struct Settings {
     /// The metadata overlap checks (`overlap-check`).
     pub checks: Checks,
@@ -144,6 +150,8 @@ pub(super) struct Settings {
     /// `discard-no-unref`: guest discards and unmapping zero writes keep the clusters this
     /// image owns, as zero clusters later writes fill in place.
     pub discard_no_unref: bool,
+    /// The guest data's encryption (`crypt.rs`), shared by every reopen of the data path.
+    pub crypt: Option<Arc<Encryption>>,
 }
 
 /// An open qcow2 image's data path.
@@ -167,6 +175,8 @@ pub(super) struct Image {
     meta: Mutex<Meta>,
     /// Woken whenever an allocation in flight completes.
     allocated: Notify,
+    /// Guest sector ranges being written, when encrypted (see the module doc).
+    sectors: RangeLock,
 }
 
 fn to_bytes(entries: &[u64]) -> Vec<u8> {
@@ -260,6 +270,7 @@ impl Image {
                 in_flight: Vec::new(),
             }),
             allocated: Notify::new(),
+            sectors: RangeLock::default(),
         })
     }
 
@@ -494,6 +505,14 @@ impl Image {
 
     /// Read guest bytes at `offset`.
     pub(super) async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if self.settings.crypt.is_some() && !whole_sectors(offset, buf.len()) {
+            let (start, end) = sectors_around(offset, buf.len());
+            let mut sectors = vec![0u8; (end - start) as usize];
+            Box::pin(self.read(start, &mut sectors)).await?;
+            let head = (offset - start) as usize;
+            buf.copy_from_slice(&sectors[head..head + buf.len()]);
+            return Ok(());
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -506,7 +525,7 @@ impl Image {
             match mapping {
                 Mapping::Data { host, .. } => {
                     self.file.debug_event(BlkdebugEvent::ReadAio);
-                    self.data.read(host, chunk).await?;
+                    self.read_data(host, pos, chunk).await?;
                 }
                 Mapping::Zero => chunk.fill(0),
                 Mapping::Unallocated => self.read_backing(pos, chunk).await?,
@@ -517,6 +536,33 @@ impl Image {
                 }
             }
             done += len as usize;
+        }
+        Ok(())
+    }
+
+    /// Guest data at `host` (guest offset `guest`), decrypted.
+    async fn read_data(&self, host: u64, guest: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.data.read(host, buf).await?;
+        if let Some(crypt) = &self.settings.crypt {
+            crypt.decrypt(host, guest, buf);
+        }
+        Ok(())
+    }
+
+    /// Write guest data at `host` (guest offset `guest`), encrypted on the way through a
+    /// bounded copy.
+    async fn write_data(&self, host: u64, guest: u64, data: &[u8]) -> io::Result<()> {
+        let plain = WriteFlags::default();
+        let Some(crypt) = &self.settings.crypt else {
+            return self.data.write(host, data, plain).await;
+        };
+        let mut scratch = vec![0u8; data.len().min(CRYPT_CHUNK)];
+        for (i, piece) in data.chunks(CRYPT_CHUNK).enumerate() {
+            let at = (i * CRYPT_CHUNK) as u64;
+            let copy = &mut scratch[..piece.len()];
+            copy.copy_from_slice(piece);
+            crypt.encrypt(host + at, guest + at, copy);
+            self.data.write(host + at, copy, plain).await?;
         }
         Ok(())
     }
@@ -604,9 +650,14 @@ impl Image {
             return Ok(None);
         }
         match mapping {
+            Mapping::Data { .. }
+                if self.settings.crypt.is_some() && !whole_sectors(offset, buf.len()) =>
+            {
+                Ok(None)
+            }
             Mapping::Data { host, .. } => {
                 self.file.debug_event(BlkdebugEvent::ReadAio);
-                self.data.read(host, buf).await?;
+                self.read_data(host, offset, buf).await?;
                 Ok(Some(false))
             }
             Mapping::Zero => {
@@ -656,6 +707,29 @@ impl Image {
 
     /// Write guest bytes at `offset`.
     pub(super) async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
+        if self.settings.crypt.is_some() {
+            let (start, end) = sectors_around(offset, buf.len());
+            let _held = self.sectors.lock(start, end).await;
+            if !whole_sectors(offset, buf.len()) {
+                let mut merged = vec![0u8; (end - start) as usize];
+                let sector = SECTOR as usize;
+                if offset != start {
+                    Box::pin(self.read(start, &mut merged[..sector])).await?;
+                }
+                let tail = merged.len() - sector;
+                if offset + buf.len() as u64 != end && (tail > 0 || offset == start) {
+                    Box::pin(self.read(end - SECTOR, &mut merged[tail..])).await?;
+                }
+                let head = (offset - start) as usize;
+                merged[head..head + buf.len()].copy_from_slice(buf);
+                return self.write_steps(start, &merged, flags).await;
+            }
+            return self.write_steps(offset, buf, flags).await;
+        }
+        self.write_steps(offset, buf, flags).await
+    }
+
+    async fn write_steps(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             done += self.write_step(offset + done as u64, &buf[done..]).await?;
@@ -671,6 +745,10 @@ impl Image {
     /// (EIO otherwise, as in QEMU); one that does not compress below a cluster is written
     /// as is.
     pub(super) async fn write_compressed(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        // Compressed clusters are stored as they are: QEMU writes none into encrypted images.
+        if self.settings.crypt.is_some() {
+            return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+        }
         let cluster_size = self.cluster_size();
         let end = offset + buf.len() as u64;
         if !offset.is_multiple_of(cluster_size)
@@ -755,9 +833,7 @@ impl Image {
             self.check_data(&meta, host, len)?;
             drop(meta);
             self.file.debug_event(BlkdebugEvent::WriteAio);
-            self.data
-                .write(host, &data[..len as usize], WriteFlags::default())
-                .await?;
+            self.write_data(host, pos, &data[..len as usize]).await?;
             return Ok(len as usize);
         }
         // One allocation within one L2 table, of clusters that all map the same way.
@@ -940,7 +1016,7 @@ impl Image {
         let tail = (guest.end - pos - data.len() as u64) as usize;
         if head == 0 && tail == 0 {
             self.file.debug_event(BlkdebugEvent::WriteAio);
-            return self.data.write(host, data, WriteFlags::default()).await;
+            return self.write_data(host, pos, data).await;
         }
         let mut merged = vec![0u8; (guest.end - guest.start) as usize];
         let data_end = head + data.len();
@@ -954,7 +1030,7 @@ impl Image {
         }
         merged[head..data_end].copy_from_slice(data);
         self.file.debug_event(BlkdebugEvent::CowWrite);
-        self.data.write(host, &merged, WriteFlags::default()).await
+        self.write_data(host, guest.start, &merged).await
     }
 
     /// Point the L2 entries of `count` guest clusters from `guest` at the new host clusters
@@ -1387,6 +1463,21 @@ impl Image {
 }
 
 /// `from..to` cut where the guest ranges of L2 tables (`coverage` bytes each) end.
+/// The sector size encryption works in.
+const SECTOR: u64 = crypto::SECTOR as u64;
+/// Guest data is encrypted this much at a time, which bounds each write's copy.
+const CRYPT_CHUNK: usize = 1 << 20;
+
+fn whole_sectors(offset: u64, len: usize) -> bool {
+    offset.is_multiple_of(SECTOR) && (len as u64).is_multiple_of(SECTOR)
+}
+
+/// The whole sectors a range touches.
+fn sectors_around(offset: u64, len: usize) -> (u64, u64) {
+    let start = offset - offset % SECTOR;
+    (start, (offset + len as u64).next_multiple_of(SECTOR))
+}
+
 fn table_steps(coverage: u64, from: u64, to: u64) -> impl Iterator<Item = (u64, u64)> {
     let mut at = from;
     std::iter::from_fn(move || {

@@ -20,6 +20,7 @@
 mod bitmaps;
 mod compression;
 mod create;
+mod crypt;
 mod header;
 mod image;
 mod options;
@@ -29,7 +30,7 @@ mod repair;
 mod snapshots;
 
 pub use compression::Compression;
-pub use create::NewQcow2;
+pub use create::{NewEncryption, NewQcow2};
 pub use header::Qcow2Header;
 
 use crate::bitmap::DirtyBitmap;
@@ -187,7 +188,7 @@ impl Qcow2 {
             data,
             backing,
             writable,
-            settings,
+            settings.clone(),
             compression::Compression::of(&header),
         )
         .await
@@ -461,7 +462,7 @@ impl Driver for Qcow2 {
 
     /// Not with an external data file, as in QEMU.
     fn supports_compressed_writes(&self) -> bool {
-        !self.header().has_data_file()
+        !self.header().has_data_file() && self.settings.crypt.is_none()
     }
 
     /// Read unallocated clusters from another backing edge (or none) after the graph
@@ -694,7 +695,7 @@ impl Driver for Qcow2 {
             node.child("data-file"),
             node.child("backing"),
             writable,
-            self.settings,
+            self.settings.clone(),
             compression::Compression::of(&self.header()),
         )
         .await
@@ -714,6 +715,19 @@ impl Driver for Qcow2 {
     fn info(&self, node: &Node) -> DriverInfo {
         self.driver_info(node)
     }
+
+    async fn amend_keyslots(
+        &self,
+        _: &Node,
+        graph: &crate::Graph,
+        amend: &crate::drivers::luks::KeyslotAmend,
+        force: bool,
+    ) -> Result<(), String> {
+        match &self.settings.crypt {
+            Some(crypt) => crypt.amend(&self.file, graph, amend, force).await,
+            None => Err("image is not encrypted, can't amend".into()),
+        }
+    }
 }
 
 impl Qcow2 {
@@ -721,6 +735,9 @@ impl Qcow2 {
     /// those removed since (QEMU removes them from the image at once; we do at close).
     fn format_specific(&self, node: &Node, header: &Qcow2Header) -> Value {
         let mut data = header.format_specific();
+        if let Some(crypt) = &self.settings.crypt {
+            data["encrypt"] = crypt.info();
+        }
         let listed: Vec<Value> = self
             .bitmaps
             .lock()
@@ -751,13 +768,15 @@ impl Qcow2 {
         DriverInfo {
             filename: if backing_overridden {
                 crate::graph::full_json_filename(node)
+            } else if self.settings.crypt.is_some() {
+                crate::graph::strong_json_filename(node, &["encrypt.key-secret"])
             } else {
                 file_info.filename
             },
             actual_size: file_info.actual_size,
             cluster_size: Some(header.cluster_size()),
             dirty_flag: Some(header.is_dirty()),
-            encrypted: false,
+            encrypted: self.settings.crypt.is_some(),
             format_specific: Some(json!({
                 "type": "qcow2",
                 "data": self.format_specific(node, &header),
@@ -808,12 +827,9 @@ async fn open(
     let file_ref = o.take_child_ref(&mut options, "file")?;
     let backing_ref = options.remove("backing");
     let data_ref = options.remove("data-file");
-    let opts: Qcow2Options = o.parse(options)?;
+    let mut opts: Qcow2Options = o.parse(options)?;
     let keyval = o.syntax() == crate::OptionSyntax::Keyval;
     let checks = opts.validate(keyval).map_err(|e| o.qualify(e))?;
-    if opts.encrypt.is_some() {
-        return Err(QmpError::generic("qcow2 encryption is not supported"));
-    }
     let read_only = o.common().read_only;
     let (perm, shared) = Qcow2::default_child_perms("file", read_only);
     let file = o.open_child(file_ref, "file", perm, shared).await?;
@@ -825,6 +841,19 @@ async fn open(
     }
     opts.check(&header).map_err(QmpError::generic)?;
     let (l2_tables, refcount_blocks) = opts.cache_sizes(&header).map_err(QmpError::generic)?;
+    let crypt = crypt::open(o, &file, &header, opts.encrypt.take()).await?;
+    if crypt.is_some() {
+        if header.has_data_file() {
+            return Err(QmpError::generic(
+                "blockd's qcow2 driver does not support encryption with an external data file",
+            ));
+        }
+        if !header.size.is_multiple_of(512) {
+            return Err(QmpError::generic(
+                "Encrypted qcow2 image size is not a multiple of 512 bytes",
+            ));
+        }
+    }
     o.claim_position();
     let (perm, shared) = Qcow2::default_child_perms("data-file", read_only);
     let data = match (data_ref, header.has_data_file(), &header.data_file) {
@@ -891,6 +920,7 @@ async fn open(
             l2_tables,
             refcount_blocks,
             discard_no_unref: opts.discard_no_unref == Some(true),
+            crypt: crypt.map(Arc::new),
         },
         o.event_hook(),
     )

@@ -3,7 +3,7 @@
 //! read-write.
 //!
 //! Every reference the metadata holds is counted (`snapshots::count_references` for the
-//! L1 tables and what they reach, the bitmaps' clusters here), a new refcount table and
+//! L1 tables and what they reach, the bitmaps' and the LUKS header's clusters here), a new refcount table and
 //! blocks holding exactly those counts are written past the end of the file, and the
 //! header is pointed at them in one write. The COPIED flags are then made to agree with
 //! the new counts and the dirty bit is cleared last, so a crash part way leaves an image
@@ -37,6 +37,17 @@ pub(super) async fn repair_dirty(
         let loaded = bitmaps::load(file, ext, header.cluster_size(), header.size).await?;
         for offset in loaded.clusters {
             *counts.entry(offset >> cluster_bits).or_insert(0) += 1;
+        }
+    }
+    // The LUKS header's clusters: nothing else points at them.
+    if let Some((offset, len)) = header.crypto_header.filter(|&(_, len)| len > 0) {
+        if offset + len > file.node().size() {
+            return Err(io::Error::other(
+                "the crypto header extension points past the end of the image",
+            ));
+        }
+        for cluster in offset >> cluster_bits..=(offset + len - 1) >> cluster_bits {
+            *counts.entry(cluster).or_insert(0) += 1;
         }
     }
     write_structure(file, counts, cluster_bits, header.refcount_order).await?;

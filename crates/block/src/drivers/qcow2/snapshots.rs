@@ -580,7 +580,7 @@ impl Qcow2 {
             node.child("data-file"),
             node.child("backing"),
             true,
-            self.settings,
+            self.settings.clone(),
             super::compression::Compression::of(&self.header()),
         )
         .await?;
