@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::jobs::{create, qemu_io};
+use common::jobs::{create, job_events, qemu_io};
 use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -1054,4 +1054,128 @@ async fn key_slots_blockd_amends_unlock_in_qemu_and_cryptsetup() {
     ]));
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("Invalid password"), "{text}");
+}
+
+/// A backup and a mirror from an encrypted qcow2 image to encrypted targets (each with its
+/// own password, one a luks volume) while the source is exported: qemu-img checks the
+/// targets and compares each with the source through their passwords.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_mirror_between_encrypted_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| p(dir.path(), n);
+    let second = "secret,id=s1,data=second";
+    let luks = |secret: &str| {
+        format!("encrypt.format=luks,encrypt.key-secret={secret},encrypt.iter-time=10")
+    };
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        SECRET,
+        "-o",
+        &luks("s0"),
+        &d("src.qcow2"),
+        "8M",
+    ]);
+    qemu_io(&[
+        "--object",
+        SECRET,
+        "--image-opts",
+        &format!(
+            "driver=qcow2,encrypt.key-secret=s0,file.filename={}",
+            d("src.qcow2")
+        ),
+        "-c",
+        "write -P 0x61 0 3M",
+        "-c",
+        "write -P 0x62 5M 1000",
+        "-c",
+        "write -z 6M 1M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        second,
+        "-o",
+        &luks("s1"),
+        &d("backup.qcow2"),
+        "8M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "luks",
+        "--object",
+        second,
+        "-o",
+        "key-secret=s1,iter-time=10",
+        &d("mirror.luks"),
+        "8M",
+    ]);
+    let args = [
+        s("--object"), s(SECRET), s("--object"), s(second),
+        s("--blockdev"),
+        s("driver=qcow2,node-name=src,encrypt.format=luks,encrypt.key-secret=s0,file.driver=file,file.filename=src.qcow2"),
+        s("--blockdev"),
+        s("driver=qcow2,node-name=bk,encrypt.format=luks,encrypt.key-secret=s1,file.driver=file,file.filename=backup.qcow2"),
+        s("--blockdev"),
+        s("driver=luks,node-name=mr,key-secret=s1,file.driver=file,file.filename=mirror.luks"),
+    ];
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
+    let mut client = daemon.qmp().await;
+    client
+        .execute(
+            "blockdev-backup",
+            json!({"job-id": "b", "device": "src", "target": "bk", "sync": "full"}),
+        )
+        .await
+        .unwrap();
+    let events = job_events(&mut client, "b", "null").await;
+    assert!(events.contains(&s("BLOCK_JOB_COMPLETED")), "{events:?}");
+    client
+        .execute(
+            "blockdev-mirror",
+            json!({"job-id": "m", "device": "src", "target": "mr", "sync": "full"}),
+        )
+        .await
+        .unwrap();
+    job_events(&mut client, "m", "BLOCK_JOB_READY").await;
+    client
+        .execute("job-complete", json!({"id": "m"}))
+        .await
+        .unwrap();
+    let events = job_events(&mut client, "m", "null").await;
+    assert!(events.contains(&s("BLOCK_JOB_COMPLETED")), "{events:?}");
+    daemon.quit(&mut client).await;
+    let src = format!(
+        "driver=qcow2,encrypt.key-secret=s0,file.filename={}",
+        d("src.qcow2")
+    );
+    let backup = format!(
+        "driver=qcow2,encrypt.key-secret=s1,file.filename={}",
+        d("backup.qcow2")
+    );
+    let mirror = format!(
+        "driver=luks,key-secret=s1,file.filename={}",
+        d("mirror.luks")
+    );
+    qemu_img(&["check", "-q", "--object", second, "--image-opts", &backup]);
+    for target in [&backup, &mirror] {
+        qemu_img(&[
+            "compare",
+            "--object",
+            SECRET,
+            "--object",
+            second,
+            "--image-opts",
+            &src,
+            target,
+        ]);
+    }
 }
