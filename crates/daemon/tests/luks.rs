@@ -1179,3 +1179,115 @@ async fn backup_and_mirror_between_encrypted_images() {
         ]);
     }
 }
+
+/// A volume whose header blockd wrote to a node of its own opens with `header`, reads what
+/// was written through it, and a truncated or foreign header gets a clear refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_and_damaged_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| p(dir.path(), n);
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[s("--object"), s(SECRET)]);
+    let mut client = daemon.qmp().await;
+    for name in ["hdr.img", "data.img"] {
+        create(
+            &mut client,
+            "f",
+            json!({"driver": "file", "filename": name, "size": 0}),
+        )
+        .await;
+        client
+            .execute(
+                "blockdev-add",
+                json!({"driver": "file", "node-name": name.replace('.', "-"), "filename": name}),
+            )
+            .await
+            .unwrap();
+    }
+    let created = create(
+        &mut client,
+        "c",
+        json!({"driver": "luks", "file": "data-img", "header": "hdr-img", "key-secret": "s0",
+               "size": 1 << 20, "iter-time": 10}),
+    )
+    .await;
+    assert_eq!(created["jobs"][0]["error"], Value::Null, "{created}");
+    daemon.quit(&mut client).await;
+    // The data file holds only the payload.
+    assert_eq!(std::fs::metadata(d("data.img")).unwrap().len(), 1 << 20);
+    qemu_io(&[
+        "--object",
+        SECRET,
+        "--image-opts",
+        &format!(
+            "driver=luks,key-secret=s0,header.filename={},file.filename={}",
+            d("hdr.img"),
+            d("data.img")
+        ),
+        "-c",
+        "write -P 0x37 4096 8192",
+    ]);
+    create_luks(&d("whole.luks"), "", "1M");
+    let whole = std::fs::read(d("whole.luks")).unwrap();
+    std::fs::write(d("short.luks"), &whole[..1000]).unwrap();
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[s("--object"), s(SECRET)]);
+    let mut client = daemon.qmp().await;
+    client
+        .execute(
+            "blockdev-add",
+            json!({"driver": "luks", "node-name": "v", "key-secret": "s0",
+                   "header": {"driver": "file", "filename": "hdr.img"},
+                   "file": {"driver": "file", "filename": "data.img"}}),
+        )
+        .await
+        .unwrap();
+    let nodes = client
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    let v = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "v")
+        .unwrap();
+    assert_eq!(v["image"]["virtual-size"], json!(1 << 20));
+    assert_eq!(
+        v["image"]["format-specific"]["data"]["detached-header"],
+        json!(true)
+    );
+    assert_eq!(
+        v["image"]["format-specific"]["data"]["payload-offset"],
+        json!(0)
+    );
+    for (file, text) in [
+        ("short.luks", "LUKS key slot 0 material lies past the end"),
+        ("data.img", "Volume is not in LUKS format"),
+    ] {
+        let err = client
+            .execute(
+                "blockdev-add",
+                json!({"driver": "luks", "node-name": "x", "key-secret": "s0",
+                       "file": {"driver": "file", "filename": file}}),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.desc.contains(text), "{file}: {}", err.desc);
+    }
+    client
+        .execute(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": d("nbd.sock")}}}),
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "v", "name": "v"}),
+        )
+        .await
+        .unwrap();
+    let uri = format!("nbd+unix:///v?socket={}", d("nbd.sock"));
+    qemu_io(&["-f", "raw", "-r", &uri, "-c", "read -P 0x37 4096 8192"]);
+    daemon.quit(&mut client).await;
+}
