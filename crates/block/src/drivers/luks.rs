@@ -12,6 +12,7 @@ use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::range_lock::RangeLock;
 use crate::{Driver, Graph};
+use aio::pool::PoolBuf;
 use async_trait::async_trait;
 use crypto::luks::{Header, MasterKey, HEADER_LEN, SLOTS};
 use crypto::{SectorCipher, SECTOR};
@@ -357,13 +358,14 @@ impl Luks {
         Ok(())
     }
 
-    /// Encrypt `plain` (whole sectors from `start`) and write it, `CHUNK` at a time.
+    /// Encrypt `plain` (whole sectors from `start`) and write it, `CHUNK` at a time
+    /// through a pooled buffer.
     async fn write_sectors(&self, start: u64, plain: &[u8], flags: WriteFlags) -> io::Result<()> {
-        let mut scratch = vec![0u8; plain.len().min(CHUNK)];
+        let mut scratch = PoolBuf::new(plain.len().min(CHUNK), 1)?;
         let mut done = 0;
         while done < plain.len() {
             let n = (plain.len() - done).min(CHUNK);
-            let chunk = &mut scratch[..n];
+            let chunk = &mut scratch.as_mut_slice()[..n];
             chunk.copy_from_slice(&plain[done..done + n]);
             let at = start + done as u64;
             self.cipher.encrypt(at / SECTOR_U64, chunk);
@@ -383,7 +385,8 @@ impl Luks {
         if start == offset && aligned_end == end {
             return self.write_sectors(offset, buf, flags).await;
         }
-        let mut merged = vec![0u8; (aligned_end - start) as usize];
+        let mut merged = PoolBuf::new((aligned_end - start) as usize, 1)?;
+        let merged = merged.as_mut_slice();
         let head = (offset - start) as usize;
         let tail_sector = (aligned_end - SECTOR_U64 - start) as usize;
         self.read_sectors(start, &mut merged[..SECTOR]).await?;
@@ -392,7 +395,7 @@ impl Luks {
                 .await?;
         }
         merged[head..head + buf.len()].copy_from_slice(buf);
-        self.write_sectors(start, &merged, flags).await
+        self.write_sectors(start, merged, flags).await
     }
 }
 
@@ -413,8 +416,9 @@ impl Driver for Luks {
         if start == offset && aligned_end == end {
             return self.read_sectors(offset, buf).await;
         }
-        let mut sectors = vec![0u8; (aligned_end - start) as usize];
-        self.read_sectors(start, &mut sectors).await?;
+        let mut sectors = PoolBuf::new((aligned_end - start) as usize, 1)?;
+        let sectors = sectors.as_mut_slice();
+        self.read_sectors(start, sectors).await?;
         let head = (offset - start) as usize;
         buf.copy_from_slice(&sectors[head..head + buf.len()]);
         Ok(())

@@ -51,6 +51,7 @@ use super::refcount::{Freed, PassDiscard, Refcounts};
 use crate::drivers::blkdebug::BlkdebugEvent;
 use crate::node::{Child, Extent, ExtentKind, WriteFlags};
 use crate::range_lock::RangeLock;
+use aio::pool::PoolBuf;
 use std::collections::HashMap;
 use std::io;
 use std::ops::Range;
@@ -507,8 +508,9 @@ impl Image {
     pub(super) async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         if self.settings.crypt.is_some() && !whole_sectors(offset, buf.len()) {
             let (start, end) = sectors_around(offset, buf.len());
-            let mut sectors = vec![0u8; (end - start) as usize];
-            Box::pin(self.read(start, &mut sectors)).await?;
+            let mut sectors = PoolBuf::new((end - start) as usize, 1)?;
+            let sectors = sectors.as_mut_slice();
+            Box::pin(self.read(start, sectors)).await?;
             let head = (offset - start) as usize;
             buf.copy_from_slice(&sectors[head..head + buf.len()]);
             return Ok(());
@@ -556,10 +558,10 @@ impl Image {
         let Some(crypt) = &self.settings.crypt else {
             return self.data.write(host, data, plain).await;
         };
-        let mut scratch = vec![0u8; data.len().min(CRYPT_CHUNK)];
+        let mut scratch = PoolBuf::new(data.len().min(CRYPT_CHUNK), 1)?;
         for (i, piece) in data.chunks(CRYPT_CHUNK).enumerate() {
             let at = (i * CRYPT_CHUNK) as u64;
-            let copy = &mut scratch[..piece.len()];
+            let copy = &mut scratch.as_mut_slice()[..piece.len()];
             copy.copy_from_slice(piece);
             crypt.encrypt(host + at, guest + at, copy);
             self.data.write(host + at, copy, plain).await?;
@@ -711,7 +713,8 @@ impl Image {
             let (start, end) = sectors_around(offset, buf.len());
             let _held = self.sectors.lock(start, end).await;
             if !whole_sectors(offset, buf.len()) {
-                let mut merged = vec![0u8; (end - start) as usize];
+                let mut merged = PoolBuf::new((end - start) as usize, 1)?;
+                let merged = merged.as_mut_slice();
                 let sector = SECTOR as usize;
                 if offset != start {
                     Box::pin(self.read(start, &mut merged[..sector])).await?;
@@ -722,7 +725,7 @@ impl Image {
                 }
                 let head = (offset - start) as usize;
                 merged[head..head + buf.len()].copy_from_slice(buf);
-                return self.write_steps(start, &merged, flags).await;
+                return self.write_steps(start, merged, flags).await;
             }
             return self.write_steps(offset, buf, flags).await;
         }
