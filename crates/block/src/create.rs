@@ -270,6 +270,54 @@ fn set_file_hints(path: &Path, nocow: bool, extent_size_hint: u32) -> io::Result
     Ok(())
 }
 
+/// blockdev-create's `vdi` driver (BlockdevCreateOptionsVdi) less its `file`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VdiCreate {
+    size: i64,
+    /// `metadata` makes a static image (every block mapped); `off` a dynamic one.
+    #[serde(default)]
+    preallocation: Prealloc,
+}
+
+impl VdiCreate {
+    /// Write a new image onto the node `file` leads to (what was there is lost). Runs on
+    /// an I/O thread.
+    pub async fn create_on(&self, file: Arc<Child>) -> Result<(), String> {
+        use crate::drivers::vdi;
+        let size = u64::try_from(self.size).map_err(|_| "Invalid image size".to_string())?;
+        let size = size.next_multiple_of(512);
+        let max = vdi::MAX_BLOCKS * vdi::BLOCK_SIZE;
+        if size > max {
+            return Err(format!(
+                "Unsupported VDI image size (size is 0x{size:x}, max supported is 0x{max:x})"
+            ));
+        }
+        let fixed = match self.preallocation {
+            Prealloc::Off => false,
+            Prealloc::Metadata => true,
+            _ => return Err("Preallocation mode not supported for vdi".into()),
+        };
+        let mut uuids = [[0u8; 16]; 2];
+        for uuid in &mut uuids {
+            crypto::random(uuid)?;
+            uuid[7] = (uuid[7] & 0x0f) | 0x40;
+            uuid[8] = (uuid[8] & 0x3f) | 0x80;
+        }
+        let (header, bmap, end) = vdi::new_image(size, fixed, uuids);
+        let node = file.node();
+        let io_err = |e: io::Error| os_text(&e);
+        node.truncate(0).await.map_err(io_err)?;
+        node.truncate(end).await.map_err(io_err)?;
+        let plain = WriteFlags::default();
+        file.write(0, &header, plain).await.map_err(io_err)?;
+        file.write(vdi::HEADER_LEN as u64, &bmap, plain)
+            .await
+            .map_err(io_err)?;
+        file.flush().await.map_err(io_err)
+    }
+}
+
 /// QCryptoBlockCreateOptions of a new qcow2 image.
 pub enum EncryptCreate {
     /// Legacy AES, keyed by the password itself.

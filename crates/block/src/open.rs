@@ -6,7 +6,7 @@
 //! Everything an open creates is recorded in the graph's pending set and registered only
 //! if the whole blockdev-add succeeds; a failure drops it all.
 
-use crate::drivers::{blkdebug, cbw, file, luks, nbd, null, qcow2, raw, throttle};
+use crate::drivers::{blkdebug, cbw, file, luks, nbd, null, qcow2, raw, throttle, vdi};
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
 use crate::perm::Perms;
@@ -43,6 +43,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     raw::DRIVER,
     qcow2::DRIVER,
     luks::DRIVER,
+    vdi::DRIVER,
     blkdebug::DRIVER,
     nbd::DRIVER,
     cbw::DRIVER,

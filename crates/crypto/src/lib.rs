@@ -12,3 +12,8 @@ pub use algo::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
 pub use cipher::{CipherSpec, SectorCipher, SECTOR};
 pub use secret::{Secret, SecretFormat, SecretOptions, Secrets};
 pub use zeroize::Zeroizing;
+
+/// Fill `buf` from the operating system's random source (salts, keys, UUIDs).
+pub fn random(buf: &mut [u8]) -> Result<(), String> {
+    getrandom::fill(buf).map_err(|e| format!("Unable to read random bytes: {e}"))
+}

@@ -10,9 +10,9 @@
 //! them over, so the same code serves a luks node, a detached header and a qcow2 image's
 //! encryption header.
 
-use crate::af;
 use crate::algo::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
 use crate::cipher::{CipherSpec, SectorCipher, SECTOR};
+use crate::{af, random};
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
@@ -444,10 +444,6 @@ pub fn create(opts: &CreateOptions, password: &[u8]) -> Result<Created, String> 
         master,
         material,
     })
-}
-
-fn random(buf: &mut [u8]) -> Result<(), String> {
-    getrandom::fill(buf).map_err(|e| format!("Unable to read random bytes: {e}"))
 }
 
 /// A random (version 4) UUID in its text form.

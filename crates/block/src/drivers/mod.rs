@@ -11,3 +11,4 @@ pub mod null;
 pub mod qcow2;
 pub mod raw;
 pub mod throttle;
+pub mod vdi;

@@ -4,7 +4,7 @@
 
 use crate::daemon::Daemon;
 use block::QEMU_DRIVERS;
-use block::{FileCreate, KeyslotAmend, LuksCreate, Qcow2Create};
+use block::{FileCreate, KeyslotAmend, LuksCreate, Qcow2Create, VdiCreate};
 use block::{Graph, Node, Parent, Perms};
 use jobs::JobOptions;
 use jobs::{OneStepJob, StepWork};
@@ -30,7 +30,6 @@ const QEMU_ONLY_CREATE: &[&str] = &[
     "qed",
     "rbd",
     "ssh",
-    "vdi",
     "vhdx",
     "vmdk",
     "vpc",
@@ -80,6 +79,19 @@ pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Resul
             let graph = daemon.graph.clone();
             Box::new(move || {
                 Box::pin(async move { create_luks(&graph, file_ref, header_ref, luks).await })
+            })
+        }
+        "vdi" => {
+            let file_ref = options
+                .remove("file")
+                .ok_or_else(|| QmpError::generic("Parameter 'options.file' is missing"))?;
+            let vdi: VdiCreate = parse_options(options)?;
+            let graph = daemon.graph.clone();
+            Box::new(move || {
+                Box::pin(async move {
+                    let node = resolve(&graph, file_ref, "file").await?;
+                    vdi.create_on(writer(&node)?).await
+                })
             })
         }
         other if !QEMU_DRIVERS.contains(&other) => {
