@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::jobs::{create, job_events, qemu_io};
+use common::jobs::{create, empty_file_nodes, job_events, qemu_io};
 use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -371,18 +371,11 @@ async fn luks_creation_matches_qsd() {
         let daemon = Daemon::start(which, dir.path(), &[s("--object"), s(SECRET)]);
         let mut client = daemon.qmp().await;
         let mut seen = Vec::new();
-        for name in ["a.luks", "b.luks", "hdr.img", "data.img", "x.luks"] {
-            let file = json!({"driver": "file", "filename": name, "size": 0});
-            create(&mut client, "f", file).await;
-            client
-                .execute(
-                    "blockdev-add",
-                    json!({"driver": "file", "node-name": name.replace('.', "-"),
-                           "filename": name}),
-                )
-                .await
-                .unwrap();
-        }
+        empty_file_nodes(
+            &mut client,
+            &["a.luks", "b.luks", "hdr.img", "data.img", "x.luks"],
+        )
+        .await;
         let base = json!({"driver": "luks", "file": "a-luks", "key-secret": "s0",
                           "size": 4 << 20, "iter-time": 10});
         let with = |extra: Value| {
@@ -665,18 +658,7 @@ async fn encrypted_qcow2_creation_matches_qsd() {
         let daemon = Daemon::start(which, dir.path(), &[s("--object"), s(SECRET)]);
         let mut client = daemon.qmp().await;
         let names = ["a.qcow2", "b.qcow2", "c.qcow2", "x.qcow2", "data.raw"];
-        for name in names {
-            let file = json!({"driver": "file", "filename": name, "size": 0});
-            create(&mut client, "f", file).await;
-            client
-                .execute(
-                    "blockdev-add",
-                    json!({"driver": "file", "node-name": name.replace('.', "-"),
-                           "filename": name}),
-                )
-                .await
-                .unwrap();
-        }
+        empty_file_nodes(&mut client, &names).await;
         let luks = json!({"format": "luks", "key-secret": "s0", "iter-time": 10});
         let qcow2 = |file: &str, extra: Value| {
             let mut o = json!({"driver": "qcow2", "file": file, "size": 4 << 20});
@@ -1188,21 +1170,7 @@ async fn detached_and_damaged_headers() {
     let d = |n: &str| p(dir.path(), n);
     let daemon = Daemon::start(Impl::Blockd, dir.path(), &[s("--object"), s(SECRET)]);
     let mut client = daemon.qmp().await;
-    for name in ["hdr.img", "data.img"] {
-        create(
-            &mut client,
-            "f",
-            json!({"driver": "file", "filename": name, "size": 0}),
-        )
-        .await;
-        client
-            .execute(
-                "blockdev-add",
-                json!({"driver": "file", "node-name": name.replace('.', "-"), "filename": name}),
-            )
-            .await
-            .unwrap();
-    }
+    empty_file_nodes(&mut client, &["hdr.img", "data.img"]).await;
     let created = create(
         &mut client,
         "c",

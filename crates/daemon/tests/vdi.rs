@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::jobs::{create, qemu_io};
+use common::jobs::{create, empty_file_nodes, qemu_io};
 use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -30,21 +30,7 @@ async fn exercise(which: Impl, dir: &Path) -> Vec<Value> {
     let daemon = Daemon::start(which, dir, &nbd_server_args(&sock));
     let mut client = daemon.qmp().await;
     let mut seen = Vec::new();
-    for name in ["new.vdi", "newstatic.vdi", "x.vdi"] {
-        create(
-            &mut client,
-            "f",
-            json!({"driver": "file", "filename": name, "size": 0}),
-        )
-        .await;
-        client
-            .execute(
-                "blockdev-add",
-                json!({"driver": "file", "node-name": name.replace('.', "-"), "filename": name}),
-            )
-            .await
-            .unwrap();
-    }
+    empty_file_nodes(&mut client, &["new.vdi", "newstatic.vdi", "x.vdi"]).await;
     for options in [
         json!({"driver": "vdi", "file": "new-vdi", "size": 6 << 20}),
         json!({"driver": "vdi", "file": "newstatic-vdi", "size": (2 << 20) + 1000,

@@ -188,3 +188,23 @@ pub async fn create(c: &mut qmp::Client, id: &str, options: Value) -> Value {
     let gone = c.wait_event("JOB_STATUS_CHANGE", WAIT).await.unwrap();
     json!({ "statuses": statuses, "jobs": jobs, "dismissed": gone["data"] })
 }
+
+/// For each name, an empty file made by blockdev-create and opened as node `name` with its
+/// dots turned into dashes (`a.luks` is node `a-luks`).
+pub async fn empty_file_nodes(client: &mut qmp::Client, names: &[&str]) {
+    for name in names {
+        create(
+            client,
+            "f",
+            json!({"driver": "file", "filename": name, "size": 0}),
+        )
+        .await;
+        client
+            .execute(
+                "blockdev-add",
+                json!({"driver": "file", "node-name": name.replace('.', "-"), "filename": name}),
+            )
+            .await
+            .unwrap();
+    }
+}
