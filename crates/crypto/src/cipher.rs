@@ -236,6 +236,7 @@ impl SectorCipher {
         self.data.decrypt(sector);
         xor(&mut sector[..len], &iv[..len]);
         xor(&mut sector[len..], &ciphertext[..n - len]);
+        ciphertext.zeroize();
     }
 
     /// IEEE 1619 XTS: the IV encrypted with the tweak key, doubled in GF(2^128) per block.
@@ -257,6 +258,7 @@ impl SectorCipher {
             self.data.decrypt(sector);
         }
         xor(sector, tweaks);
+        tweaks.zeroize();
     }
 
     /// CTR: the IV counts up as a big-endian number, one per block.
@@ -272,6 +274,7 @@ impl SectorCipher {
         }
         self.data.encrypt(keystream);
         xor(sector, keystream);
+        keystream.zeroize();
     }
 }
 

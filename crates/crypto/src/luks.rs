@@ -36,6 +36,10 @@ const MIN_DIGEST_ITERS: u64 = 1000;
 const ALIGN: u64 = 4096;
 /// The longest volume key any cipher here takes (XTS with two 256-bit keys).
 const MAX_KEY_LEN: u32 = 64;
+/// The most PBKDF2 iterations a header may ask for (half a minute per slot here):
+/// cryptsetup and QEMU measure a second or two, so more is a crafted header making an
+/// open hang.
+const MAX_ITERATIONS: u32 = 1 << 27;
 
 /// The volume (master) key, wiped from memory when dropped.
 pub type MasterKey = Zeroizing<Vec<u8>>;
@@ -164,8 +168,10 @@ impl Header {
         }
         let spec = parse_cipher(&cipher_name, &cipher_mode, key_bytes)?;
         let mk_digest_iter = be32(buf, 164);
-        if mk_digest_iter == 0 {
-            return Err("LUKS master key digest iterations are zero".into());
+        if mk_digest_iter == 0 || mk_digest_iter > MAX_ITERATIONS {
+            return Err(format!(
+                "LUKS master key digest iterations {mk_digest_iter} are out of range"
+            ));
         }
         let mut slots = std::array::from_fn(|i| {
             let at = 208 + i * 48;
@@ -188,8 +194,11 @@ impl Header {
                     slot.stripes
                 ));
             }
-            if slot.active && slot.iterations == 0 {
-                return Err(format!("Keyslot {i} is corrupted (iterations are zero)"));
+            if slot.active && (slot.iterations == 0 || slot.iterations > MAX_ITERATIONS) {
+                return Err(format!(
+                    "Keyslot {i} is corrupted (iterations {} are out of range)",
+                    slot.iterations
+                ));
             }
         }
         let header = Header {
@@ -553,6 +562,13 @@ mod tests {
         let mut v = good;
         v[208..212].copy_from_slice(&7u32.to_be_bytes());
         cases.push((v.to_vec(), "corrupted"));
+        // Iteration counts that would keep an open busy for hours.
+        let mut v = good;
+        v[208 + 4..208 + 8].copy_from_slice(&u32::MAX.to_be_bytes());
+        cases.push((v.to_vec(), "iterations 4294967295 are out of range"));
+        let mut v = good;
+        v[164..168].copy_from_slice(&u32::MAX.to_be_bytes());
+        cases.push((v.to_vec(), "digest iterations 4294967295"));
         for (bytes, want) in cases {
             let err = Header::parse(&bytes).unwrap_err();
             assert!(err.contains(want), "{err} should say {want}");

@@ -1228,7 +1228,10 @@ async fn detached_and_damaged_headers() {
         json!(0)
     );
     for (file, text) in [
-        ("short.luks", "LUKS key slot 0 material lies past the end"),
+        (
+            "short.luks",
+            "LUKS key material lies outside the header's area",
+        ),
         ("data.img", "Volume is not in LUKS format"),
     ] {
         let err = client
@@ -1257,5 +1260,61 @@ async fn detached_and_damaged_headers() {
         .unwrap();
     let uri = format!("nbd+unix:///v?socket={}", d("nbd.sock"));
     qemu_io(&["-f", "raw", "-r", &uri, "-c", "read -P 0x37 4096 8192"]);
+    daemon.quit(&mut client).await;
+}
+
+/// A qcow2 image whose crypto header extension is too long, or too short for the key
+/// material its LUKS header places, is refused before anything is read or written there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_crypto_header_extensions_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| p(dir.path(), n);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        SECRET,
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        &d("q.qcow2"),
+        "1M",
+    ]);
+    let good = std::fs::read(d("q.qcow2")).unwrap();
+    // qemu-img puts the crypto header extension first: type at 0x70, length at 0x80.
+    assert_eq!(&good[0x70..0x74], &0x0537_be77u32.to_be_bytes());
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[s("--object"), s(SECRET)]);
+    let mut client = daemon.qmp().await;
+    for (i, (length, text)) in [
+        (4096u64, "LUKS key material lies outside the header's area"),
+        (100, "crypto header extension is too short"),
+        (
+            1 << 40,
+            "crypto header extension length 1099511627776 is too large",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut image = good.clone();
+        image[0x80..0x88].copy_from_slice(&length.to_be_bytes());
+        let name = format!("c{i}.qcow2");
+        std::fs::write(dir.path().join(&name), &image).unwrap();
+        let err = client
+            .execute(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": format!("c{i}"),
+                       "encrypt": {"format": "luks", "key-secret": "s0"},
+                       "file": {"driver": "file", "filename": name}}),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.desc.contains(text), "{length}: {}", err.desc);
+        assert!(
+            std::fs::read(dir.path().join(&name)).unwrap() == image,
+            "{name} changed"
+        );
+    }
     daemon.quit(&mut client).await;
 }

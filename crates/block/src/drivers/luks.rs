@@ -20,6 +20,7 @@ use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::io;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 const SECTOR_U64: u64 = SECTOR as u64;
@@ -52,17 +53,29 @@ pub(crate) struct Unlocked {
     pub master: MasterKey,
 }
 
-/// Read a LUKS header at `base` of `child` and unlock it with `password`. The key
-/// derivations run on the blocking pool: at QEMU's default iter-time each takes two seconds.
-pub(crate) async fn unlock(child: &Child, base: u64, password: &[u8]) -> Result<Unlocked, String> {
+/// Read the LUKS header at the start of `area` (a byte range of `child` the header and
+/// all its key material must lie in) and unlock it with `password`. The key derivations
+/// run on the blocking pool: at QEMU's default iter-time each takes two seconds.
+pub(crate) async fn unlock(
+    child: &Child,
+    area: Range<u64>,
+    password: &[u8],
+) -> Result<Unlocked, String> {
     let size = child.node().size();
+    let base = area.start;
     let mut buf = vec![0u8; HEADER_LEN];
-    let avail = size.saturating_sub(base).min(HEADER_LEN as u64) as usize;
+    let avail = size
+        .min(area.end)
+        .saturating_sub(base)
+        .min(HEADER_LEN as u64) as usize;
     child
         .read(base, &mut buf[..avail])
         .await
         .map_err(|e| format!("Unable to read LUKS header: {e}"))?;
     let header = Header::parse(&buf)?;
+    if header.header_area_len() > area.end - area.start {
+        return Err("LUKS key material lies outside the header's area".into());
+    }
     let header = Arc::new(header);
     let password = Arc::new(crypto::Zeroizing::new(password.to_vec()));
     for slot in 0..SLOTS {
@@ -70,11 +83,6 @@ pub(crate) async fn unlock(child: &Child, base: u64, password: &[u8]) -> Result<
             continue;
         }
         let (offset, len) = header.material_range(slot);
-        if base + offset + len as u64 > size {
-            return Err(format!(
-                "LUKS key slot {slot} material lies past the end of the header's image"
-            ));
-        }
         let mut material = vec![0u8; len];
         child
             .read(base + offset, &mut material)
@@ -119,15 +127,18 @@ enum KeyslotState {
 pub(crate) struct Keyslots {
     header: Mutex<Header>,
     master: MasterKey,
+    /// Where the header and its key material lie in the node holding them.
+    area: Range<u64>,
     /// One amend at a time: each reads, changes and writes the whole header.
     amending: tokio::sync::Mutex<()>,
 }
 
 impl Keyslots {
-    pub(crate) fn new(header: Header, master: MasterKey) -> Keyslots {
+    pub(crate) fn new(header: Header, master: MasterKey, area: Range<u64>) -> Keyslots {
         Keyslots {
             header: Mutex::new(header),
             master,
+            area,
             amending: tokio::sync::Mutex::new(()),
         }
     }
@@ -136,19 +147,20 @@ impl Keyslots {
         self.header.lock().expect("luks header lock")
     }
 
-    /// Apply `amend` with QEMU's rules and texts to the header at `base` of `edge`.
+    /// Apply `amend` with QEMU's rules and texts to the header in `edge`, within its area
+    /// (the slots' offsets never change, and `unlock` checked they fit).
     /// Material goes to disk before the header names it, and a header marking a slot
     /// inactive goes before its material is overwritten: a crash leaves every slot either
     /// as it was or as asked.
     pub(crate) async fn amend(
         &self,
         edge: &Child,
-        base: u64,
         graph: &Graph,
         amend: &KeyslotAmend,
         force: bool,
     ) -> Result<(), String> {
         let _one = self.amending.lock().await;
+        let base = self.area.start;
         let mut header = self.header().clone();
         let slot = match amend.keyslot {
             Some(n) if !(0..SLOTS as i64).contains(&n) => {
@@ -183,13 +195,27 @@ impl Keyslots {
                 let master = match &amend.secret {
                     Some(id) => {
                         let password = graph.password(id)?;
-                        unlock(edge, base, password.bytes()).await?.master
+                        unlock(edge, self.area.clone(), password.bytes())
+                            .await?
+                            .master
                     }
                     None => self.master.clone(),
                 };
                 let password = graph.password(new_secret)?;
                 let iter_time = u64::try_from(amend.iter_time.unwrap_or(2000))
                     .map_err(|_| "'iter-time' must not be negative".to_string())?;
+                let plain = WriteFlags::default();
+                if header.slots[slot].active {
+                    // Forced over an active slot: the header stops naming the old material
+                    // before the new material replaces it.
+                    let mut cleared = header.clone();
+                    cleared.clear_slot(slot);
+                    edge.write(base, &cleared.serialize(), plain)
+                        .await
+                        .map_err(io_err)?;
+                    edge.flush().await.map_err(io_err)?;
+                    *self.header() = cleared;
+                }
                 let (material, header) = tokio::task::spawn_blocking(move || {
                     let material = header.set_slot(
                         slot,
@@ -202,7 +228,6 @@ impl Keyslots {
                 .await
                 .map_err(|e| format!("Unable to add a LUKS key slot: {e}"))??;
                 let (offset, _) = header.material_range(slot);
-                let plain = WriteFlags::default();
                 edge.write(base + offset, &material, plain)
                     .await
                     .map_err(io_err)?;
@@ -343,17 +368,9 @@ fn einval() -> io::Error {
 }
 
 impl Luks {
-    /// Read and decrypt whole sectors `start..start + buf.len()` of the payload; the part
-    /// past the end of `file` (a last partial sector) reads as zeroes before decryption.
+    /// Read and decrypt whole sectors `start..start + buf.len()` of the payload.
     async fn read_sectors(&self, start: u64, buf: &mut [u8]) -> io::Result<()> {
-        let file_size = self.file.node().size();
-        let avail = file_size
-            .saturating_sub(self.payload + start)
-            .min(buf.len() as u64) as usize;
-        self.file
-            .read(self.payload + start, &mut buf[..avail])
-            .await?;
-        buf[avail..].fill(0);
+        self.file.read(self.payload + start, buf).await?;
         self.cipher.decrypt(start / SECTOR_U64, buf);
         Ok(())
     }
@@ -405,8 +422,10 @@ impl Driver for Luks {
         "luks"
     }
 
+    /// Whole sectors only: a partial last sector could be neither encrypted nor written.
     fn size(&self, _node: &Node) -> u64 {
-        self.file.node().size().saturating_sub(self.payload)
+        let bytes = self.file.node().size().saturating_sub(self.payload);
+        bytes - bytes % SECTOR_U64
     }
 
     async fn read(&self, _node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -489,6 +508,9 @@ impl Driver for Luks {
     }
 
     async fn truncate(&self, _: &Node, size: u64) -> io::Result<()> {
+        if !size.is_multiple_of(SECTOR_U64) {
+            return Err(einval());
+        }
         self.file.node().truncate(self.payload + size).await
     }
 
@@ -504,7 +526,7 @@ impl Driver for Luks {
         force: bool,
     ) -> Result<(), String> {
         let edge = self.header_child.as_ref().unwrap_or(&self.file);
-        self.keyslots.amend(edge, 0, graph, amend, force).await
+        self.keyslots.amend(edge, graph, amend, force).await
     }
 
     fn info(&self, node: &Node) -> DriverInfo {
@@ -556,10 +578,11 @@ async fn open(
         ))
     })?;
     let password = o.password(&key_secret)?;
-    let Unlocked { header, master } =
-        unlock(header_child.as_ref().unwrap_or(&file), 0, password.bytes())
-            .await
-            .map_err(QmpError::generic)?;
+    let head = header_child.as_ref().unwrap_or(&file);
+    let area = 0..head.node().size();
+    let Unlocked { header, master } = unlock(head, area.clone(), password.bytes())
+        .await
+        .map_err(QmpError::generic)?;
     let payload = if header_child.is_some() {
         0
     } else {
@@ -581,7 +604,7 @@ async fn open(
     Ok(Box::new(Luks {
         file,
         header_child,
-        keyslots: Keyslots::new(header, master),
+        keyslots: Keyslots::new(header, master, area),
         cipher,
         payload,
         sectors: RangeLock::default(),

@@ -35,9 +35,9 @@ pub(super) struct Encryption {
     /// LUKS numbers sectors by where they are in the file, legacy AES by where they are in
     /// the disk.
     by_host_offset: bool,
-    /// The LUKS header and key (None for AES), for reports and x-blockdev-amend, and
-    /// where the header is in the image.
-    luks: Option<(Keyslots, u64)>,
+    /// The LUKS header and key, and where they are in the image (None for AES), for
+    /// reports and x-blockdev-amend.
+    luks: Option<Keyslots>,
 }
 
 fn format_name(method: u32) -> &'static str {
@@ -70,7 +70,7 @@ impl Encryption {
     /// ImageInfoSpecificQCow2Encryption.
     pub(super) fn info(&self) -> Value {
         match &self.luks {
-            Some((keyslots, _)) => {
+            Some(keyslots) => {
                 let mut info = luks_info(&keyslots.header(), false);
                 info["format"] = json!("luks");
                 info
@@ -88,7 +88,7 @@ impl Encryption {
         force: bool,
     ) -> Result<(), String> {
         match &self.luks {
-            Some((keyslots, offset)) => keyslots.amend(file, *offset, graph, amend, force).await,
+            Some(keyslots) => keyslots.amend(file, graph, amend, force).await,
             None => Err("Only LUKS encryption can be amended".into()),
         }
     }
@@ -174,16 +174,21 @@ pub(super) async fn open(
             "The crypto header extension points past the end of the image",
         ));
     }
+    if len < crypto::luks::HEADER_LEN as u64 {
+        return Err(QmpError::generic(
+            "The crypto header extension is too short",
+        ));
+    }
     let Unlocked {
         header: luks,
         master,
-    } = unlock(file, offset, password.bytes())
+    } = unlock(file, offset..offset + len, password.bytes())
         .await
         .map_err(QmpError::generic)?;
     let cipher = luks.cipher(&master).map_err(QmpError::generic)?;
     Ok(Some(Encryption {
         cipher,
         by_host_offset: true,
-        luks: Some((Keyslots::new(luks, master), offset)),
+        luks: Some(Keyslots::new(luks, master, offset..offset + len)),
     }))
 }

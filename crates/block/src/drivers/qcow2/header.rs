@@ -15,6 +15,8 @@ const EXT_BITMAPS: u32 = 0x2385_2875;
 pub(super) const EXT_DATA_FILE: u32 = 0x4441_5441;
 /// Where a LUKS header lies in the image: offset and length, 8 bytes each.
 pub(super) const EXT_CRYPTO_HEADER: u32 = 0x0537_be77;
+/// The longest crypto header we accept: four times what the largest LUKS1 key needs.
+const MAX_CRYPTO_HEADER: u64 = 8 << 20;
 
 /// Autoclear bit 0: the bitmaps extension is consistent.
 const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
@@ -236,6 +238,12 @@ impl Qcow2Header {
                     ));
                 }
                 let (offset, length) = (be64(buf, at), be64(buf, at + 8));
+                // A LUKS1 header with its key material takes about 2 MiB.
+                if length > MAX_CRYPTO_HEADER {
+                    return Err(format!(
+                        "qcow2: crypto header extension length {length} is too large"
+                    ));
+                }
                 if !offset.is_multiple_of(self.cluster_size())
                     || offset.checked_add(length).is_none()
                 {

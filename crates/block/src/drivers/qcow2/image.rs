@@ -1233,6 +1233,12 @@ impl Image {
                 self.write_literal_zeroes(from, to - from).await?;
             }
         }
+        // Encrypted, a partial-sector write merging around these clusters must not put
+        // back what they held: the zeroing holds their sectors as writes do.
+        let _held = match &self.settings.crypt {
+            Some(_) if first < last => Some(self.sectors.lock(first, last).await),
+            _ => None,
+        };
         for (from, to) in table_steps(self.l2_coverage(), first, last) {
             self.zero_clusters(from, to, unmap).await?;
         }
