@@ -318,6 +318,72 @@ impl VdiCreate {
     }
 }
 
+/// BlockdevVpcSubformat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VpcSubformat {
+    #[default]
+    Dynamic,
+    Fixed,
+}
+
+/// blockdev-create's `vpc` driver (BlockdevCreateOptionsVpc) less its `file`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VpcCreate {
+    size: i64,
+    #[serde(default)]
+    subformat: VpcSubformat,
+    #[serde(default)]
+    force_size: bool,
+}
+
+impl VpcCreate {
+    /// Write a new image onto the node `file` leads to (what was there is lost). Runs on
+    /// an I/O thread.
+    pub async fn create_on(&self, file: Arc<Child>) -> Result<(), String> {
+        let size = u64::try_from(self.size).map_err(|_| "Invalid image size".to_string())?;
+        let mut uuid = [0u8; 16];
+        crypto::random(&mut uuid)?;
+        uuid[6] = (uuid[6] & 0x0f) | 0x40;
+        uuid[8] = (uuid[8] & 0x3f) | 0x80;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let fixed = self.subformat == VpcSubformat::Fixed;
+        let image = crate::drivers::vpc::NewVpc {
+            size,
+            fixed,
+            force_size: self.force_size,
+            uuid,
+            now,
+        };
+        let (footer, dynamic, sectors) = image.layout()?;
+        let node = file.node();
+        let io_err = |e: io::Error| os_text(&e);
+        let plain = WriteFlags::default();
+        // The footer ends the file: a fixed image's after the disk, a dynamic one's after
+        // the dynamic header and its table (a copy of it starts the file).
+        let footer_at = if fixed {
+            sectors * 512
+        } else {
+            512 + dynamic.len() as u64
+        };
+        node.truncate(0).await.map_err(io_err)?;
+        node.truncate(footer_at + footer.len() as u64)
+            .await
+            .map_err(io_err)?;
+        if !fixed {
+            file.write(0, &footer, plain).await.map_err(io_err)?;
+            file.write(512, &dynamic, plain).await.map_err(io_err)?;
+        }
+        file.write(footer_at, &footer, plain)
+            .await
+            .map_err(io_err)?;
+        file.flush().await.map_err(io_err)
+    }
+}
+
 /// QCryptoBlockCreateOptions of a new qcow2 image.
 pub enum EncryptCreate {
     /// Legacy AES, keyed by the password itself.

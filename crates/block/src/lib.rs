@@ -23,7 +23,9 @@ mod throttle;
 pub use bitmap::{default_granularity, DirtyBitmap};
 pub use change::GraphChange;
 pub use copy::{BlockCopy, ClusterBitmap, CopyError, TargetMode};
-pub use create::{create_image, FileCreate, LuksCreate, NewImage, Qcow2Create, VdiCreate};
+pub use create::{
+    create_image, FileCreate, LuksCreate, NewImage, Qcow2Create, VdiCreate, VpcCreate,
+};
 pub use drain::DrainedSection;
 pub use drivers::cbw::{check_min_cluster_size, CopyBeforeWrite, OnCbwError};
 pub use drivers::cor::CopyOnRead;

@@ -6,7 +6,7 @@
 //! Everything an open creates is recorded in the graph's pending set and registered only
 //! if the whole blockdev-add succeeds; a failure drops it all.
 
-use crate::drivers::{blkdebug, cbw, file, luks, nbd, null, qcow2, raw, throttle, vdi};
+use crate::drivers::{blkdebug, cbw, file, luks, nbd, null, qcow2, raw, throttle, vdi, vpc};
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
 use crate::perm::Perms;
@@ -44,6 +44,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     qcow2::DRIVER,
     luks::DRIVER,
     vdi::DRIVER,
+    vpc::DRIVER,
     blkdebug::DRIVER,
     nbd::DRIVER,
     cbw::DRIVER,

@@ -43,22 +43,7 @@ async fn exercise(which: Impl, dir: &Path) -> Vec<Value> {
     }
     for (i, name) in IMAGES.iter().enumerate() {
         let node = format!("n{i}");
-        client
-            .execute(
-                "blockdev-add",
-                json!({"driver": "vdi", "node-name": node,
-                       "file": {"driver": "file", "filename": name}}),
-            )
-            .await
-            .unwrap();
-        client
-            .execute(
-                "block-export-add",
-                json!({"type": "nbd", "id": node, "node-name": node, "name": node,
-                       "writable": true}),
-            )
-            .await
-            .unwrap();
+        add_exported(&mut client, "vdi", &node, name).await;
         let uri = format!("nbd+unix:///{node}?socket={}", sock.display());
         qemu_io(&[
             "-f",

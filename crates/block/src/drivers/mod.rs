@@ -1,6 +1,7 @@
 //! Block drivers: each file does one format or protocol's own work and nothing else.
 
 pub mod blkdebug;
+pub(crate) mod block_map;
 pub mod cbw;
 pub mod cor;
 pub mod file;
@@ -12,3 +13,4 @@ pub mod qcow2;
 pub mod raw;
 pub mod throttle;
 pub mod vdi;
+pub mod vpc;

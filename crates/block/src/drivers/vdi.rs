@@ -9,7 +9,8 @@
 //! header's allocated-block count, then the map entry: a crash at any point leaves a map
 //! that points only at written blocks, at worst with one block leaked past the count.
 
-use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use super::block_map;
+use crate::node::{Child, DriverInfo, Extent, Node, WriteFlags};
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
@@ -216,11 +217,6 @@ impl Vdi {
         })
     }
 
-    /// Bytes from `offset` to the end of its block.
-    fn in_block(offset: u64, len: u64) -> u64 {
-        (BLOCK_SIZE - offset % BLOCK_SIZE).min(len)
-    }
-
     /// Write `data` (within one block) into a block that has none yet: append a block,
     /// then the count, then the map entry.
     async fn append(&self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -269,25 +265,14 @@ impl Driver for Vdi {
     }
 
     async fn read(&self, _node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let n = Self::in_block(pos, (buf.len() - done) as u64) as usize;
-            let chunk = &mut buf[done..done + n];
-            match self.host(pos) {
-                Some(host) => self.file.read(host, chunk).await?,
-                None => chunk.fill(0),
-            }
-            done += n;
-        }
-        Ok(())
+        block_map::read(&self.file, BLOCK_SIZE, offset, buf, |pos| self.host(pos)).await
     }
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let n = Self::in_block(pos, (buf.len() - done) as u64) as usize;
+            let n = block_map::in_block(BLOCK_SIZE, pos, (buf.len() - done) as u64) as usize;
             let chunk = &buf[done..done + n];
             match self.host(pos) {
                 Some(host) => self.file.write(host, chunk, WriteFlags::default()).await?,
@@ -312,7 +297,7 @@ impl Driver for Vdi {
         let mut done = 0;
         while done < len {
             let pos = offset + done;
-            let n = Self::in_block(pos, len - done);
+            let n = block_map::in_block(BLOCK_SIZE, pos, len - done);
             if let Some(host) = self.host(pos) {
                 if flags.no_fallback {
                     return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
@@ -347,19 +332,9 @@ impl Driver for Vdi {
             return Err(einval());
         }
         let len = len.min(size - offset);
-        let allocated = self.host(offset).is_some();
-        let mut run = Self::in_block(offset, len);
-        while run < len && self.host(offset + run).is_some() == allocated {
-            run += Self::in_block(offset + run, len - run);
-        }
-        Ok(Extent {
-            len: run,
-            kind: if allocated {
-                ExtentKind::Data
-            } else {
-                ExtentKind::Zero { allocated: false }
-            },
-        })
+        Ok(block_map::extent(BLOCK_SIZE, offset, len, |pos| {
+            self.host(pos)
+        }))
     }
 
     async fn reopen(&self, _: &Node, writable: bool) -> Result<(), String> {

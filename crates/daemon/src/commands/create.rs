@@ -4,7 +4,7 @@
 
 use crate::daemon::Daemon;
 use block::QEMU_DRIVERS;
-use block::{FileCreate, KeyslotAmend, LuksCreate, Qcow2Create, VdiCreate};
+use block::{FileCreate, KeyslotAmend, LuksCreate, Qcow2Create, VdiCreate, VpcCreate};
 use block::{Graph, Node, Parent, Perms};
 use jobs::JobOptions;
 use jobs::{OneStepJob, StepWork};
@@ -32,7 +32,6 @@ const QEMU_ONLY_CREATE: &[&str] = &[
     "ssh",
     "vhdx",
     "vmdk",
-    "vpc",
 ];
 
 /// `options` read as `T`, with member names in errors as QEMU spells them (`options.x`).
@@ -91,6 +90,19 @@ pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Resul
                 Box::pin(async move {
                     let node = resolve(&graph, file_ref, "file").await?;
                     vdi.create_on(writer(&node)?).await
+                })
+            })
+        }
+        "vpc" => {
+            let file_ref = options
+                .remove("file")
+                .ok_or_else(|| QmpError::generic("Parameter 'options.file' is missing"))?;
+            let vpc: VpcCreate = parse_options(options)?;
+            let graph = daemon.graph.clone();
+            Box::new(move || {
+                Box::pin(async move {
+                    let node = resolve(&graph, file_ref, "file").await?;
+                    vpc.create_on(writer(&node)?).await
                 })
             })
         }

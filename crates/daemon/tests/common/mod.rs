@@ -325,3 +325,24 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// blockdev-add a `driver` node named `node` over the file `file`, and export it writable
+/// over NBD under the name `node`.
+pub async fn add_exported(client: &mut qmp::Client, driver: &str, node: &str, file: &str) {
+    client
+        .execute(
+            "blockdev-add",
+            serde_json::json!({"driver": driver, "node-name": node,
+                               "file": {"driver": "file", "filename": file}}),
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "block-export-add",
+            serde_json::json!({"type": "nbd", "id": node, "node-name": node, "name": node,
+                               "writable": true}),
+        )
+        .await
+        .unwrap();
+}

@@ -1,0 +1,57 @@
+//! What the formats that map the disk in fixed-size blocks (vdi, vpc) share: reading
+//! through the map, and block status runs. Each format keeps its own map and knows where a
+//! block's data is (`host`: None for a block never written, which reads as zeroes).
+
+use crate::node::{Child, Extent, ExtentKind};
+use std::io;
+
+/// Bytes from `offset` to the end of its block, at most `len`.
+pub(crate) fn in_block(block_size: u64, offset: u64, len: u64) -> u64 {
+    (block_size - offset % block_size).min(len)
+}
+
+/// Fill `buf` from guest `offset`: each block's part from where `host` puts it in `file`,
+/// zeroes for blocks without data.
+pub(crate) async fn read(
+    file: &Child,
+    block_size: u64,
+    offset: u64,
+    buf: &mut [u8],
+    host: impl Fn(u64) -> Option<u64>,
+) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + done as u64;
+        let n = in_block(block_size, pos, (buf.len() - done) as u64) as usize;
+        let chunk = &mut buf[done..done + n];
+        match host(pos) {
+            Some(at) => file.read(at, chunk).await?,
+            None => chunk.fill(0),
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// The run from `offset` (at most `len` bytes) of blocks that all have data or all have
+/// none: data, or zeroes this layer does not hold.
+pub(crate) fn extent(
+    block_size: u64,
+    offset: u64,
+    len: u64,
+    host: impl Fn(u64) -> Option<u64>,
+) -> Extent {
+    let allocated = host(offset).is_some();
+    let mut run = in_block(block_size, offset, len);
+    while run < len && host(offset + run).is_some() == allocated {
+        run += in_block(block_size, offset + run, len - run);
+    }
+    Extent {
+        len: run,
+        kind: if allocated {
+            ExtentKind::Data
+        } else {
+            ExtentKind::Zero { allocated: false }
+        },
+    }
+}
