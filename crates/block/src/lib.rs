@@ -24,7 +24,7 @@ pub use bitmap::{default_granularity, DirtyBitmap};
 pub use change::GraphChange;
 pub use copy::{BlockCopy, ClusterBitmap, CopyError, TargetMode};
 pub use create::{
-    create_image, FileCreate, LuksCreate, NewImage, Qcow2Create, VdiCreate, VpcCreate,
+    create_image, FileCreate, LuksCreate, NewImage, Qcow2Create, QcowCreate, VdiCreate, VpcCreate,
 };
 pub use drain::DrainedSection;
 pub use drivers::cbw::{check_min_cluster_size, CopyBeforeWrite, OnCbwError};
@@ -33,6 +33,7 @@ pub use drivers::file::os_error_text;
 pub use drivers::luks::KeyslotAmend;
 pub use drivers::mirror_top::{MirrorState, MirrorTop};
 pub use drivers::nbd::{InetServer, UnixServer};
+pub use drivers::qcow::Header as QcowHeader;
 pub use drivers::qcow2::Qcow2Header;
 pub use drivers::throttle::set_io_throttle;
 pub use drivers::vdi::Header as VdiHeader;

@@ -6,7 +6,7 @@
 //! Everything an open creates is recorded in the graph's pending set and registered only
 //! if the whole blockdev-add succeeds; a failure drops it all.
 
-use crate::drivers::{blkdebug, cbw, file, luks, nbd, null, qcow2, raw, throttle, vdi, vpc};
+use crate::drivers::{blkdebug, cbw, file, luks, nbd, null, qcow, qcow2, raw, throttle, vdi, vpc};
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
 use crate::perm::Perms;
@@ -42,6 +42,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     null::DRIVER,
     raw::DRIVER,
     qcow2::DRIVER,
+    qcow::DRIVER,
     luks::DRIVER,
     vdi::DRIVER,
     vpc::DRIVER,
@@ -319,15 +320,30 @@ fn resolve_backing_path(overlay_filename: &str, backing: &str) -> String {
     }
 }
 
-/// The format of a backing file whose overlay does not name it: qcow2 by its magic, else raw.
+/// The format of a backing file whose overlay does not name it, by its first bytes as
+/// QEMU probes: qcow (version 1) or qcow2, vdi, vpc, luks; else raw.
 fn probe_format(path: &str) -> String {
     use std::io::Read;
-    let mut magic = [0u8; 4];
-    let is_qcow2 = std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"QFI\xfb";
-    if is_qcow2 { "qcow2" } else { "raw" }.to_string()
+    let mut head = Vec::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(512).read_to_end(&mut head);
+    }
+    head.resize(512, 0);
+    let format = if &head[..4] == b"QFI\xfb" {
+        match u32::from_be_bytes([head[4], head[5], head[6], head[7]]) {
+            1 => "qcow",
+            _ => "qcow2",
+        }
+    } else if head[64..68] == 0xbeda_107fu32.to_le_bytes() {
+        "vdi"
+    } else if &head[..8] == b"conectix" {
+        "vpc"
+    } else if &head[..6] == crypto::luks::MAGIC {
+        "luks"
+    } else {
+        "raw"
+    };
+    format.to_string()
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::formats::{assert_refusals_match, assert_same_images, patched, Run};
 use common::jobs::{create, empty_file_nodes, qemu_io};
 use common::*;
 use serde_json::{json, Value};
@@ -82,93 +83,34 @@ async fn exercise(which: Impl, dir: &Path) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vdi_images_behave_as_in_qsd() {
-    let mut results = Vec::new();
-    let mut dirs = Vec::new();
+    let mut runs = Vec::new();
     for which in Impl::all() {
         let dir = tempfile::tempdir().unwrap();
         let seen = exercise(which, dir.path()).await;
-        let mut infos = Vec::new();
         for name in IMAGES {
-            let path = p(dir.path(), name);
-            qemu_img(&["check", "-q", "-f", "vdi", &path]);
-            let mut info: Value =
-                serde_json::from_str(&qemu_img(&["info", "--output=json", &path])).unwrap();
-            for key in ["children", "filename", "actual-size"] {
-                info.as_object_mut().unwrap().remove(key);
-            }
-            infos.push(info);
+            qemu_img(&["check", "-q", "-f", "vdi", &p(dir.path(), name)]);
         }
-        results.push(normalize(json!({"seen": seen, "infos": infos})));
-        dirs.push(dir);
+        runs.push(Run { seen, dir });
     }
-    assert_eq!(
-        first_difference(&results[0], &results[1]),
-        None,
-        "{:#}\n{:#}",
-        results[0],
-        results[1]
-    );
-    for name in IMAGES {
-        qemu_img(&[
-            "compare",
-            "-f",
-            "vdi",
-            "-F",
-            "vdi",
-            &p(dirs[0].path(), name),
-            &p(dirs[1].path(), name),
-        ]);
-    }
+    assert_same_images("vdi", &IMAGES, &runs);
 }
 
 /// Headers QEMU refuses, refused the same way, and none of them a crash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crafted_vdi_headers_are_refused_as_qsd_refuses_them() {
-    let mut all = Vec::new();
-    for which in Impl::all() {
-        let dir = tempfile::tempdir().unwrap();
-        let good_path = p(dir.path(), "good.vdi");
-        qemu_img(&["create", "-q", "-f", "vdi", &good_path, "4M"]);
-        let good = std::fs::read(&good_path).unwrap();
-        let patched = |at: usize, bytes: &[u8]| {
-            let mut v = good.clone();
-            v[at..at + bytes.len()].copy_from_slice(bytes);
-            v
-        };
-        let cases: Vec<(&str, Vec<u8>)> = vec![
+    assert_refusals_match("vdi", &[], &[], |good| {
+        vec![
             ("short", good[..100].to_vec()),
-            ("signature", patched(64, &7u32.to_le_bytes())),
-            ("version", patched(68, &0x0001_0000u32.to_le_bytes())),
-            ("blocksize", patched(376, &4096u32.to_le_bytes())),
-            ("sectorsize", patched(360, &4096u32.to_le_bytes())),
-            ("room", patched(384, &1u32.to_le_bytes())),
-            ("parent", patched(440, &[1; 16])),
-            ("link", patched(424, &[1; 16])),
-            ("bmap", patched(340, &3u32.to_le_bytes())),
-            ("blocks", patched(384, &0x4000_0000u32.to_le_bytes())),
-        ];
-        let daemon = Daemon::start(which, dir.path(), &[]);
-        let mut client = daemon.qmp().await;
-        let mut seen = Vec::new();
-        for (name, bytes) in cases {
-            let file = format!("{name}.vdi");
-            std::fs::write(dir.path().join(&file), bytes).unwrap();
-            let answer = reply(
-                &mut client,
-                "blockdev-add",
-                json!({"driver": "vdi", "node-name": name, "read-only": true,
-                       "file": {"driver": "file", "filename": file}}),
-            )
-            .await;
-            seen.push(json!({name: answer}));
-        }
-        daemon.quit(&mut client).await;
-        all.push(seen);
-    }
-    let (ours, theirs) = (Value::Array(all[0].clone()), Value::Array(all[1].clone()));
-    assert_eq!(
-        first_difference(&ours, &theirs),
-        None,
-        "{ours:#}\n{theirs:#}"
-    );
+            ("signature", patched(good, 64, &7u32.to_le_bytes())),
+            ("version", patched(good, 68, &0x0001_0000u32.to_le_bytes())),
+            ("blocksize", patched(good, 376, &4096u32.to_le_bytes())),
+            ("sectorsize", patched(good, 360, &4096u32.to_le_bytes())),
+            ("room", patched(good, 384, &1u32.to_le_bytes())),
+            ("parent", patched(good, 440, &[1; 16])),
+            ("link", patched(good, 424, &[1; 16])),
+            ("bmap", patched(good, 340, &3u32.to_le_bytes())),
+            ("blocks", patched(good, 384, &0x4000_0000u32.to_le_bytes())),
+        ]
+    })
+    .await;
 }

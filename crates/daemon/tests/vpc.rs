@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::formats::{assert_refusals_match, assert_same_images, patched, Run};
 use common::jobs::{create, empty_file_nodes, qemu_io};
 use common::*;
 use serde_json::{json, Value};
@@ -104,43 +105,13 @@ async fn exercise(which: Impl, dir: &Path) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vpc_images_behave_as_in_qsd() {
-    let mut results = Vec::new();
-    let mut dirs = Vec::new();
+    let mut runs = Vec::new();
     for which in Impl::all() {
         let dir = tempfile::tempdir().unwrap();
         let seen = exercise(which, dir.path()).await;
-        let mut infos = Vec::new();
-        for name in IMAGES {
-            let path = p(dir.path(), name);
-            let mut info: Value =
-                serde_json::from_str(&qemu_img(&["info", "-f", "vpc", "--output=json", &path]))
-                    .unwrap();
-            for key in ["children", "filename", "actual-size"] {
-                info.as_object_mut().unwrap().remove(key);
-            }
-            infos.push(info);
-        }
-        results.push(normalize(json!({"seen": seen, "infos": infos})));
-        dirs.push(dir);
+        runs.push(Run { seen, dir });
     }
-    assert_eq!(
-        first_difference(&results[0], &results[1]),
-        None,
-        "{:#}\n{:#}",
-        results[0],
-        results[1]
-    );
-    for name in IMAGES {
-        qemu_img(&[
-            "compare",
-            "-f",
-            "vpc",
-            "-F",
-            "vpc",
-            &p(dirs[0].path(), name),
-            &p(dirs[1].path(), name),
-        ]);
-    }
+    assert_same_images("vpc", &IMAGES, &runs);
 }
 
 /// `image` with a field of its first footer replaced and the checksum made right again.
@@ -159,56 +130,23 @@ fn with_footer_field(image: &[u8], at: usize, bytes: &[u8]) -> Vec<u8> {
 /// Footers and headers QEMU refuses, refused the same way, and none of them a crash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crafted_vpc_images_are_refused_as_qsd_refuses_them() {
-    let mut all = Vec::new();
-    for which in Impl::all() {
-        let dir = tempfile::tempdir().unwrap();
-        let good_path = p(dir.path(), "good.vhd");
-        qemu_img(&["create", "-q", "-f", "vpc", &good_path, "4M"]);
-        qemu_io(&["-f", "vpc", &good_path, "-c", "write -P 1 0 4k"]);
-        let good = std::fs::read(&good_path).unwrap();
-        let patched = |at: usize, bytes: &[u8]| {
-            let mut v = good.clone();
-            v[at..at + bytes.len()].copy_from_slice(bytes);
-            v
-        };
-        let cases: Vec<(&str, Vec<u8>)> = vec![
+    assert_refusals_match("vpc", &[], &["write -P 1 0 4k"], |good| {
+        vec![
             ("short", good[..100].to_vec()),
-            ("cookie", patched(0, b"notavhd!")),
-            ("dynmagic", patched(512, b"notspars")),
-            ("blocksize", patched(512 + 32, &3000u32.to_be_bytes())),
-            ("entries", patched(512 + 28, &1u32.to_be_bytes())),
+            ("cookie", patched(good, 0, b"notavhd!")),
+            ("dynmagic", patched(good, 512, b"notspars")),
+            ("blocksize", patched(good, 512 + 32, &3000u32.to_be_bytes())),
+            ("entries", patched(good, 512 + 28, &1u32.to_be_bytes())),
             (
                 "bigentries",
-                patched(512 + 28, &0x4000_0000u32.to_be_bytes()),
+                patched(good, 512 + 28, &0x4000_0000u32.to_be_bytes()),
             ),
-            ("bat", patched(512 + 16, &(1u64 << 40).to_be_bytes())),
-            ("checksum", patched(60, &4u32.to_be_bytes())),
+            ("bat", patched(good, 512 + 16, &(1u64 << 40).to_be_bytes())),
+            ("checksum", patched(good, 60, &4u32.to_be_bytes())),
             ("truncated", good[..good.len() - 4096].to_vec()),
-        ];
-        let daemon = Daemon::start(which, dir.path(), &[]);
-        let mut client = daemon.qmp().await;
-        let mut seen = Vec::new();
-        for (name, bytes) in cases {
-            let file = format!("{name}.vhd");
-            std::fs::write(dir.path().join(&file), bytes).unwrap();
-            let answer = reply(
-                &mut client,
-                "blockdev-add",
-                json!({"driver": "vpc", "node-name": name, "read-only": true,
-                       "file": {"driver": "file", "filename": file}}),
-            )
-            .await;
-            seen.push(json!({name: answer}));
-        }
-        daemon.quit(&mut client).await;
-        all.push(seen);
-    }
-    let (ours, theirs) = (Value::Array(all[0].clone()), Value::Array(all[1].clone()));
-    assert_eq!(
-        first_difference(&ours, &theirs),
-        None,
-        "{ours:#}\n{theirs:#}"
-    );
+        ]
+    })
+    .await;
 }
 
 /// A differencing image reads through its parent, which blockd does not open: it is

@@ -10,6 +10,7 @@
 //! that points only at written blocks, at worst with one block leaked past the count.
 
 use super::block_map;
+use super::fields::{le32, le64};
 use crate::node::{Child, DriverInfo, Extent, Node, WriteFlags};
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
@@ -39,14 +40,6 @@ pub(crate) const BLOCK_SIZE: u64 = 1 << 20;
 /// to a sector.
 pub(crate) const MAX_BLOCKS: u64 = 0x1fff_ff80;
 const TEXT: &[u8] = b"<<< QEMU VM Virtual Disk Image >>>\n";
-
-fn le32(buf: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le64(buf: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
-}
 
 /// The header fields the driver uses (public for the fuzz target).
 #[derive(Debug, Clone, PartialEq, Eq)]

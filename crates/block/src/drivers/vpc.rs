@@ -13,6 +13,7 @@
 //! it, and the table never points at an unwritten block.
 
 use super::block_map;
+use super::fields::{be16, be32, be64};
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
@@ -42,18 +43,6 @@ const TRUNCATED: &str =
     "block-vpc: free_data_block_offset points after the end of file. The image has been truncated.";
 /// Seconds from the Unix epoch to VHD's (2000-01-01).
 const TIMESTAMP_BASE: u64 = 946_684_800;
-
-fn be16(buf: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([buf[at], buf[at + 1]])
-}
-
-fn be32(buf: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn be64(buf: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
-}
 
 /// The ones' complement of the byte sum, skipping the checksum field at `at`.
 fn checksum(buf: &[u8], at: usize) -> u32 {

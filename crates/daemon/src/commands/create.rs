@@ -4,7 +4,7 @@
 
 use crate::daemon::Daemon;
 use block::QEMU_DRIVERS;
-use block::{FileCreate, KeyslotAmend, LuksCreate, Qcow2Create, VdiCreate, VpcCreate};
+use block::{FileCreate, KeyslotAmend, LuksCreate, Qcow2Create, QcowCreate, VdiCreate, VpcCreate};
 use block::{Graph, Node, Parent, Perms};
 use jobs::JobOptions;
 use jobs::{OneStepJob, StepWork};
@@ -26,7 +26,6 @@ const QEMU_ONLY_CREATE: &[&str] = &[
     "gluster",
     "nfs",
     "parallels",
-    "qcow",
     "qed",
     "rbd",
     "ssh",
@@ -90,6 +89,19 @@ pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Resul
                 Box::pin(async move {
                     let node = resolve(&graph, file_ref, "file").await?;
                     vdi.create_on(writer(&node)?).await
+                })
+            })
+        }
+        "qcow" => {
+            let file_ref = options
+                .remove("file")
+                .ok_or_else(|| QmpError::generic("Parameter 'options.file' is missing"))?;
+            let qcow: QcowCreate = parse_options(options)?;
+            let graph = daemon.graph.clone();
+            Box::new(move || {
+                Box::pin(async move {
+                    let node = resolve(&graph, file_ref, "file").await?;
+                    qcow.create_on(writer(&node)?).await
                 })
             })
         }

@@ -67,7 +67,7 @@ impl Compression {
 
     /// Fill `out` (one cluster) from the stream at the start of `input`. Err when the
     /// stream is damaged or holds less than a cluster; zstd also when it holds more.
-    pub(super) fn decompress(self, input: &[u8], out: &mut [u8]) -> Result<(), ()> {
+    pub(crate) fn decompress(self, input: &[u8], out: &mut [u8]) -> Result<(), ()> {
         match self {
             Compression::Zlib => {
                 match miniz_oxide::inflate::decompress_slice_iter_to_slice(
