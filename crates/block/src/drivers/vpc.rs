@@ -68,6 +68,62 @@ fn footer_sectors(footer: &[u8]) -> u64 {
     }
 }
 
+/// A footer's disk size in sectors, after QEMU's checks of its checksum and size (public
+/// for the fuzz target; the caller has checked the cookie).
+pub fn footer_size(footer: &[u8]) -> Result<u64, String> {
+    if footer.len() < FOOTER_LEN {
+        return Err("invalid VPC image".into());
+    }
+    if checksum(footer, 64) != be32(footer, 64) {
+        return Err("Incorrect header checksum".into());
+    }
+    let sectors = footer_sectors(footer);
+    if sectors > MAX_SECTORS {
+        return Err("Image size too big".into());
+    }
+    Ok(sectors)
+}
+
+/// A dynamic image's table: its blocks' size, its entries and where it is (public for the
+/// fuzz target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DynamicHeader {
+    /// A power of two, at least a sector.
+    pub block_size: u64,
+    /// Enough to cover the disk, and at most what QEMU takes.
+    pub entries: u64,
+    /// Where the table is in the file.
+    pub bat_offset: u64,
+}
+
+impl DynamicHeader {
+    /// Parse and check a dynamic header for a disk of `sectors`, as QEMU does.
+    pub fn parse(header: &[u8], sectors: u64) -> Result<DynamicHeader, String> {
+        if header.len() < DYN_HEADER_LEN || &header[..8] != b"cxsparse" {
+            return Err("Invalid header magic".into());
+        }
+        let block_size = be32(header, 32) as u64;
+        if !block_size.is_power_of_two() || block_size < SECTOR {
+            return Err(format!("Invalid block size {block_size}"));
+        }
+        if sectors * SECTOR / block_size > u32::MAX as u64 {
+            return Err("Too many blocks".into());
+        }
+        let entries = be32(header, 28) as u64;
+        if entries * block_size < sectors * SECTOR {
+            return Err("Page table too small".into());
+        }
+        if entries > i32::MAX as u64 / 4 {
+            return Err(format!("Max Table Entries too large ({entries})"));
+        }
+        Ok(DynamicHeader {
+            block_size,
+            entries,
+            bat_offset: be64(header, 16),
+        })
+    }
+}
+
 /// The CHS geometry the VHD specification gives a disk of `sectors`.
 fn geometry(sectors: u64) -> (u16, u8, u8) {
     let sectors = sectors.min(MAX_GEOMETRY);
@@ -421,13 +477,7 @@ async fn open(
         }
         kind = TYPE_FIXED;
     }
-    if checksum(&footer, 64) != be32(&footer, 64) {
-        return Err(QmpError::generic("Incorrect header checksum"));
-    }
-    let sectors = footer_sectors(&footer);
-    if sectors > MAX_SECTORS {
-        return Err(QmpError::generic("Image size too big"));
-    }
+    let sectors = footer_size(&footer).map_err(QmpError::generic)?;
     let dynamic = match kind {
         TYPE_FIXED => {
             if sectors * SECTOR > file_size {
@@ -455,28 +505,11 @@ async fn open(
 async fn open_dynamic(file: &Child, footer: &[u8], sectors: u64) -> Result<Dynamic, QmpError> {
     let file_size = file.node().size();
     let header = read_at(file, be64(footer, 16), DYN_HEADER_LEN).await?;
-    if &header[..8] != b"cxsparse" {
-        return Err(QmpError::generic("Invalid header magic"));
-    }
-    let block_size = be32(&header, 32) as u64;
-    if !block_size.is_power_of_two() || block_size < SECTOR {
-        return Err(QmpError::generic(format!(
-            "Invalid block size {block_size}"
-        )));
-    }
-    if sectors * SECTOR / block_size > u32::MAX as u64 {
-        return Err(QmpError::generic("Too many blocks"));
-    }
-    let entries = be32(&header, 28) as u64;
-    if entries * block_size < sectors * SECTOR {
-        return Err(QmpError::generic("Page table too small"));
-    }
-    if entries > i32::MAX as u64 / 4 {
-        return Err(QmpError::generic(format!(
-            "Max Table Entries too large ({entries})"
-        )));
-    }
-    let bat_offset = be64(&header, 16);
+    let DynamicHeader {
+        block_size,
+        entries,
+        bat_offset,
+    } = DynamicHeader::parse(&header, sectors).map_err(QmpError::generic)?;
     // The table is read whole: it must be in the file, which bounds what it can claim.
     if bat_offset
         .checked_add(entries * 4)
