@@ -336,6 +336,14 @@ impl QcowCreate {
             return Err("blockd does not create AES-encrypted qcow images".into());
         }
         let size = u64::try_from(self.size).map_err(|_| "Invalid image size".to_string())?;
+        if size == 0 {
+            return Err("Image size is too small, cannot be zero length".into());
+        }
+        // The L1 table QEMU would accept (at most 2^31 bytes of it), at the smallest
+        // coverage per entry new images get (4 KiB clusters, 512 entries).
+        if size.div_ceil(1 << 21) > i32::MAX as u64 / 8 {
+            return Err("Image too large".into());
+        }
         if let Some(name) = &self.backing_file {
             if name.len() > 1023 {
                 return Err("Backing file name too long".into());

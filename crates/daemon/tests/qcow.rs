@@ -56,6 +56,7 @@ async fn exercise(which: Impl, dir: &Path) -> Vec<Value> {
         json!({"driver": "qcow", "file": "new-qcow", "size": 6 << 20}),
         json!({"driver": "qcow", "file": "newb-qcow", "size": 5 << 20, "backing-file": "base.qcow"}),
         json!({"driver": "qcow", "file": "x-qcow", "size": 1 << 20, "bogus": 1}),
+        json!({"driver": "qcow", "file": "x-qcow", "size": 0}),
     ] {
         seen.push(create(&mut client, "c", options).await);
     }

@@ -4,8 +4,8 @@
 //! tables and clusters are appended at the end of the file.
 //!
 //! A new cluster is written whole (what the guest read there before, merged with the new
-//! data) before the L2 entry points at it; a new L2 table is written (zeroed) before the
-//! L1 entry points at it. A crash leaves at worst unreferenced space at the end. Encrypted
+//! data) and flushed before the L2 entry points at it; a new L2 table is written (zeroed)
+//! and flushed before the L1 entry points at it. A crash leaves at worst unreferenced space at the end. Encrypted
 //! images (legacy AES) are refused.
 
 use super::fields::{be32, be64};
@@ -263,8 +263,11 @@ impl Qcow {
             l2_offset = meta.end;
             let table_len = h.l2_entries() * 8;
             meta.end = (l2_offset + table_len).next_multiple_of(cluster_size);
-            self.file.node().truncate(meta.end).await?;
+            if meta.end > self.file.node().size() {
+                self.file.node().truncate(meta.end).await?;
+            }
             self.file.write_zeroes(l2_offset, table_len, plain).await?;
+            self.file.flush().await?;
             self.file
                 .write(
                     h.l1_offset + l1_index as u64 * 8,
@@ -286,8 +289,12 @@ impl Qcow {
         bytes[at..at + data.len()].copy_from_slice(data);
         let host = meta.end;
         meta.end += cluster_size;
-        self.file.node().truncate(meta.end).await?;
+        if meta.end > self.file.node().size() {
+            self.file.node().truncate(meta.end).await?;
+        }
         self.file.write(host, bytes, plain).await?;
+        // The cluster (and a new table) are on disk before the L2 entry names it.
+        self.file.flush().await?;
         let index = (pos >> h.cluster_bits) & (h.l2_entries() - 1);
         self.file
             .write(l2_offset + index * 8, &host.to_be_bytes(), plain)
@@ -308,8 +315,9 @@ impl Driver for Qcow {
         "qcow"
     }
 
+    /// Whole sectors, as QEMU reports it.
     fn size(&self, _node: &Node) -> u64 {
-        self.header.size
+        self.header.size / 512 * 512
     }
 
     async fn read(&self, _node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -391,8 +399,11 @@ impl Driver for Qcow {
         let len = len.min(size - offset);
         let mut meta = self.meta.lock().await;
         let first = self.lookup(&mut meta, offset).await?;
+        let allocated = first != Mapping::Unallocated;
         let mut run = self.in_cluster(offset, len);
-        while run < len && self.lookup(&mut meta, offset + run).await? == first {
+        while run < len
+            && (self.lookup(&mut meta, offset + run).await? != Mapping::Unallocated) == allocated
+        {
             run += self.in_cluster(offset + run, len - run);
         }
         let kind = match first {

@@ -5,9 +5,11 @@
 //! read as zeroes). A dynamic image appends a block the first time it is written; a static
 //! one has every block from creation.
 //!
-//! Appending a block writes the whole block (the data with zeroes around it), then the
-//! header's allocated-block count, then the map entry: a crash at any point leaves a map
-//! that points only at written blocks, at worst with one block leaked past the count.
+//! Appending a block writes the whole block (the data with zeroes around it) and the
+//! header's allocated-block count, flushes, then writes the map entry: a crash at any
+//! point leaves a map that points only at written blocks, at worst with one block leaked
+//! past the count. New blocks go past every block the map names, even in a map a crafted
+//! or damaged image gives more entries than its count.
 
 use super::block_map;
 use super::fields::{le32, le64};
@@ -229,10 +231,16 @@ impl Vdi {
         let at = (offset % BLOCK_SIZE) as usize;
         bytes[at..at + data.len()].copy_from_slice(data);
         let plain = WriteFlags::default();
+        let block_end = block_start + BLOCK_SIZE;
+        if block_end > self.file.node().size() {
+            self.file.node().truncate(block_end).await?;
+        }
         self.file.write(block_start, bytes, plain).await?;
         self.file
             .write(388, &(index + 1).to_le_bytes(), plain)
             .await?;
+        // The block and the count are on disk before the map names the block.
+        self.file.flush().await?;
         *allocated = index + 1;
         let block = offset / BLOCK_SIZE;
         self.file
@@ -394,9 +402,18 @@ async fn open(
         .await
         .map_err(|e| QmpError::generic(format!("Could not read VDI block map: {e}")))?;
     let bmap: Vec<u32> = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
+    // Past the count and past every block the map names, so a new block never lands on
+    // data a (damaged) map already points at.
+    let next = bmap
+        .iter()
+        .filter(|&&e| e < DISCARDED)
+        .map(|&e| e + 1)
+        .max()
+        .unwrap_or(0)
+        .max(header.blocks_allocated);
     Ok(Box::new(Vdi {
         file,
-        allocating: tokio::sync::Mutex::new(header.blocks_allocated),
+        allocating: tokio::sync::Mutex::new(next),
         header,
         bmap: Mutex::new(bmap),
     }))

@@ -9,8 +9,8 @@
 //! The disk size comes from the footer's CHS geometry unless the image was made by a
 //! program that stores the exact size (Hyper-V, `qemu-img create -o force_size=on`), as
 //! QEMU decides it. Appending a block writes the footer past it first, then the block's
-//! bitmap and data, then its BAT entry: the footer is always somewhere the next open finds
-//! it, and the table never points at an unwritten block.
+//! bitmap and data, flushes, then writes its BAT entry: the footer is always somewhere the
+//! next open finds it, and the table never points at an unwritten block.
 
 use super::block_map;
 use super::fields::{be16, be32, be64};
@@ -166,26 +166,32 @@ impl NewVpc {
     /// The footer, and for a dynamic image the dynamic header and BAT (placed after the
     /// footer copy at 0), as QEMU lays them out; the disk size in sectors.
     pub(crate) fn layout(&self) -> Result<(Vec<u8>, Vec<u8>, u64), String> {
-        let requested = self.size / SECTOR;
-        let (cyls, heads, secs, sectors) = if self.force_size {
-            (65535u16, 16u8, 255u8, requested)
+        // QEMU's search: the smallest geometry holding the size (the largest one means
+        // the size is stored exactly), then the size must be exactly what it describes.
+        let (cyls, heads, secs) = if self.force_size {
+            (65535u16, 16u8, 255u8)
         } else {
-            // The size must be one a geometry describes (qemu-img rounds up to one before
-            // it gets here); past the largest geometry the size is stored exactly.
-            let g = geometry(requested);
-            let chs = g.0 as u64 * g.1 as u64 * g.2 as u64;
-            if chs == MAX_GEOMETRY {
-                (g.0, g.1, g.2, requested)
-            } else if chs == requested {
-                (g.0, g.1, g.2, chs)
-            } else {
-                return Err(
-                    "The requested image size cannot be represented in CHS geometry".into(),
-                );
+            let wanted = (self.size / SECTOR).min(MAX_GEOMETRY);
+            let mut g = (0u16, 0u8, 0u8);
+            let mut i = 0;
+            while wanted > g.0 as u64 * g.1 as u64 * g.2 as u64 {
+                g = geometry(wanted + i);
+                i += 1;
             }
+            g
         };
-        if sectors > MAX_SECTORS {
-            return Err("Disk size is too large, max size is 2040 GiB".into());
+        let chs = cyls as u64 * heads as u64 * secs as u64;
+        let sectors = if chs == MAX_GEOMETRY {
+            let sectors = self.size / SECTOR;
+            if sectors > MAX_SECTORS {
+                return Err("Disk size is too large, max size is 2040 GiB".into());
+            }
+            sectors
+        } else {
+            chs
+        };
+        if sectors * SECTOR != self.size {
+            return Err("The requested image size cannot be represented in CHS geometry".into());
         }
         let bytes = sectors * SECTOR;
         let mut f = vec![0u8; FOOTER_LEN];
@@ -282,6 +288,10 @@ impl Vpc {
         let start = d.table.lock().expect("vpc table").free;
         let end = start + d.bitmap_size + d.block_size;
         let sector = u32::try_from(start / SECTOR).map_err(|_| einval())?;
+        let file_end = end + FOOTER_LEN as u64;
+        if file_end > self.file.node().size() {
+            self.file.node().truncate(file_end).await?;
+        }
         self.file.write(end, &self.footer, plain).await?;
         let bitmap = vec![0xffu8; d.bitmap_size as usize];
         self.file.write(start, &bitmap, plain).await?;
@@ -292,6 +302,8 @@ impl Vpc {
         self.file
             .write(data_start + offset % d.block_size, data, plain)
             .await?;
+        // The footer and the block are on disk before the table names the block.
+        self.file.flush().await?;
         let index = offset / d.block_size;
         self.file
             .write(d.bat_offset + index * 4, &sector.to_be_bytes(), plain)
@@ -480,7 +492,8 @@ async fn open(
     let sectors = footer_size(&footer).map_err(QmpError::generic)?;
     let dynamic = match kind {
         TYPE_FIXED => {
-            if sectors * SECTOR > file_size {
+            // The footer follows the disk: writes to the last sector must not reach it.
+            if sectors * SECTOR + FOOTER_LEN as u64 > file_size {
                 return Err(QmpError::generic(
                     "VHD disk size is larger than the image file",
                 ));
@@ -561,5 +574,7 @@ mod tests {
         assert_eq!(sectors, (10 << 20) / 512);
         assert_eq!(footer_sectors(&footer), sectors);
         assert!(image(3000 << 30, false).layout().is_err());
+        // A size the first geometry tried falls short of, one a later one describes.
+        assert!(image(69615 * 512, false).layout().is_ok());
     }
 }
