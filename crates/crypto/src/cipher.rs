@@ -163,10 +163,6 @@ impl SectorCipher {
         })
     }
 
-    pub fn spec(&self) -> CipherSpec {
-        self.spec
-    }
-
     fn block_len(&self) -> usize {
         self.spec.alg.block_len()
     }

@@ -329,7 +329,7 @@ impl Header {
     }
 
     /// Whether `key` is the volume key: its digest, compared in constant time.
-    pub fn is_master_key(&self, key: &[u8]) -> bool {
+    fn is_master_key(&self, key: &[u8]) -> bool {
         let mut digest = [0u8; DIGEST_LEN];
         self.hash
             .pbkdf2(key, &self.mk_digest_salt, self.mk_digest_iter, &mut digest);

@@ -180,15 +180,6 @@ impl Secrets {
     pub fn contains(&self, id: &str) -> bool {
         self.map.lock().expect("secrets lock").contains_key(id)
     }
-
-    pub fn ids(&self) -> Vec<String> {
-        self.map
-            .lock()
-            .expect("secrets lock")
-            .keys()
-            .cloned()
-            .collect()
-    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! What the formats that map the disk in fixed-size blocks (vdi, vpc) share: reading
-//! through the map, and block status runs. Each format keeps its own map and knows where a
+//! through the map, zeroing the blocks that have data, and block status runs. Each format keeps its own map and knows where a
 //! block's data is (`host`: None for a block never written, which reads as zeroes).
 
-use crate::node::{Child, Extent, ExtentKind};
+use crate::node::{Child, Extent, ExtentKind, WriteFlags};
 use std::io;
 
 /// Bytes from `offset` to the end of its block, at most `len`.
@@ -29,6 +29,36 @@ pub(crate) async fn read(
             None => chunk.fill(0),
         }
         done += n;
+    }
+    Ok(())
+}
+
+/// Make guest `offset..offset + len` read as zeroes: blocks without data already do, the
+/// others get zeroes written where `host` puts them. With `no_fallback`, ENOTSUP when a
+/// block with data is in the range (zeroes would have to be written).
+pub(crate) async fn write_zeroes(
+    file: &Child,
+    block_size: u64,
+    offset: u64,
+    len: u64,
+    flags: WriteFlags,
+    host: impl Fn(u64) -> Option<u64>,
+) -> io::Result<()> {
+    let plain = WriteFlags::default();
+    let mut done = 0;
+    while done < len {
+        let pos = offset + done;
+        let n = in_block(block_size, pos, len - done);
+        if let Some(at) = host(pos) {
+            if flags.no_fallback {
+                return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+            }
+            file.write_zeroes(at, n, plain).await?;
+        }
+        done += n;
+    }
+    if flags.fua {
+        file.flush().await?;
     }
     Ok(())
 }

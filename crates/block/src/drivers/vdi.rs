@@ -287,7 +287,6 @@ impl Driver for Vdi {
         Ok(())
     }
 
-    /// Blocks without data already read as zeroes; the others get zeroes written.
     async fn write_zeroes(
         &self,
         _: &Node,
@@ -295,26 +294,10 @@ impl Driver for Vdi {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        let mut done = 0;
-        while done < len {
-            let pos = offset + done;
-            let n = block_map::in_block(BLOCK_SIZE, pos, len - done);
-            if let Some(host) = self.host(pos) {
-                if flags.no_fallback {
-                    return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
-                }
-                let plain = WriteFlags {
-                    may_unmap: false,
-                    ..WriteFlags::default()
-                };
-                self.file.write_zeroes(host, n, plain).await?;
-            }
-            done += n;
-        }
-        if flags.fua {
-            self.file.flush().await?;
-        }
-        Ok(())
+        block_map::write_zeroes(&self.file, BLOCK_SIZE, offset, len, flags, |pos| {
+            self.host(pos)
+        })
+        .await
     }
 
     /// Discard is advisory and VDI has nothing to give back but whole blocks at the end:

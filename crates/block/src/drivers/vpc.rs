@@ -358,7 +358,6 @@ impl Driver for Vpc {
         Ok(())
     }
 
-    /// Blocks never written already read as zeroes; elsewhere zeroes are written.
     async fn write_zeroes(
         &self,
         _: &Node,
@@ -366,28 +365,16 @@ impl Driver for Vpc {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        if flags.no_fallback {
-            return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
-        }
-        let plain = WriteFlags::default();
         match &self.dynamic {
-            None => self.file.write_zeroes(offset, len, plain).await?,
+            // A fixed image's disk is the file's start: its zeroes are the file's.
+            None => self.file.write_zeroes(offset, len, flags).await,
             Some(d) => {
-                let mut done = 0;
-                while done < len {
-                    let pos = offset + done;
-                    let n = block_map::in_block(d.block_size, pos, len - done);
-                    if let Some(host) = d.host(pos) {
-                        self.file.write_zeroes(host, n, plain).await?;
-                    }
-                    done += n;
-                }
+                block_map::write_zeroes(&self.file, d.block_size, offset, len, flags, |pos| {
+                    d.host(pos)
+                })
+                .await
             }
         }
-        if flags.fua {
-            self.file.flush().await?;
-        }
-        Ok(())
     }
 
     /// Discard is advisory and VHD has no way to give blocks back: the data stays, as in
