@@ -37,6 +37,10 @@ pub use drivers::qcow::Header as QcowHeader;
 pub use drivers::qcow2::Qcow2Header;
 pub use drivers::throttle::set_io_throttle;
 pub use drivers::vdi::Header as VdiHeader;
+pub use drivers::vmdk::{
+    descriptor::Descriptor as VmdkDescriptor, sparse::SparseHeader as VmdkSparseHeader,
+};
+pub use drivers::vmdk::{CreateTarget as VmdkTarget, VmdkCreate};
 pub use drivers::vpc::{footer_size as vpc_footer_size, DynamicHeader as VpcDynamicHeader};
 pub use foreground::Foreground;
 pub use graph::{EventHook, Graph, OptionSyntax, QEMU_DRIVERS};

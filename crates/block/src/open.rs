@@ -6,7 +6,9 @@
 //! Everything an open creates is recorded in the graph's pending set and registered only
 //! if the whole blockdev-add succeeds; a failure drops it all.
 
-use crate::drivers::{blkdebug, cbw, file, luks, nbd, null, qcow, qcow2, raw, throttle, vdi, vpc};
+use crate::drivers::{
+    blkdebug, cbw, file, luks, nbd, null, qcow, qcow2, raw, throttle, vdi, vmdk, vpc,
+};
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
 use crate::perm::Perms;
@@ -46,6 +48,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     luks::DRIVER,
     vdi::DRIVER,
     vpc::DRIVER,
+    vmdk::DRIVER,
     blkdebug::DRIVER,
     nbd::DRIVER,
     cbw::DRIVER,
@@ -308,7 +311,7 @@ fn qualify_member(desc: &str, path: &str) -> String {
 }
 
 /// A relative backing name is relative to the directory of the overlay's file.
-fn resolve_backing_path(overlay_filename: &str, backing: &str) -> String {
+pub(crate) fn resolve_backing_path(overlay_filename: &str, backing: &str) -> String {
     if Path::new(backing).is_absolute() {
         return backing.to_string();
     }
@@ -321,8 +324,8 @@ fn resolve_backing_path(overlay_filename: &str, backing: &str) -> String {
 }
 
 /// The format of a backing file whose overlay does not name it, by its first bytes as
-/// QEMU probes: qcow (version 1) or qcow2, vdi, vpc, luks; else raw.
-fn probe_format(path: &str) -> String {
+/// QEMU probes: qcow (version 1) or qcow2, vdi, vpc, vmdk, luks; else raw.
+pub(crate) fn probe_format(path: &str) -> String {
     use std::io::Read;
     let mut head = Vec::new();
     if let Ok(f) = std::fs::File::open(path) {
@@ -336,6 +339,11 @@ fn probe_format(path: &str) -> String {
         }
     } else if head[64..68] == 0xbeda_107fu32.to_le_bytes() {
         "vdi"
+    } else if &head[..4] == b"KDMV"
+        || &head[..4] == b"COWD"
+        || head.starts_with(b"# Disk DescriptorFile")
+    {
+        "vmdk"
     } else if &head[..8] == b"conectix" {
         "vpc"
     } else if &head[..6] == crypto::luks::MAGIC {

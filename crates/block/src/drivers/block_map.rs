@@ -1,9 +1,46 @@
-//! What the formats that map the disk in fixed-size blocks (vdi, vpc) share: reading
-//! through the map, zeroing the blocks that have data, and block status runs. Each format keeps its own map and knows where a
-//! block's data is (`host`: None for a block never written, which reads as zeroes).
+//! What the formats that map the disk in fixed-size blocks (vdi, vpc, qcow, vmdk) share:
+//! reading through the map, zeroing the blocks that have data, and block status runs. Each
+//! format keeps its own map and knows where a block's data is (`host`: None for a block
+//! never written, which reads as zeroes). Also their reads of metadata and of backing
+//! files, where what lies past a child's end reads as zeroes.
 
 use crate::node::{Child, Extent, ExtentKind, WriteFlags};
+use qapi::error::QmpError;
 use std::io;
+
+/// Fill `buf` from `offset` of `child`; what lies past its end reads as zeroes (a backing
+/// file shorter than its overlay, a table in a truncated image).
+pub(crate) async fn read_zero_past_end(
+    child: &Child,
+    offset: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let inside = child
+        .node()
+        .size()
+        .saturating_sub(offset)
+        .min(buf.len() as u64) as usize;
+    if inside > 0 {
+        child.read(offset, &mut buf[..inside]).await?;
+    }
+    buf[inside..].fill(0);
+    Ok(())
+}
+
+/// `len` bytes of metadata from `offset` of `file` (zeroes past its end); a failed read
+/// is "Could not read `what`".
+pub(crate) async fn read_metadata(
+    file: &Child,
+    offset: u64,
+    len: usize,
+    what: &str,
+) -> Result<Vec<u8>, QmpError> {
+    let mut buf = vec![0u8; len];
+    read_zero_past_end(file, offset, &mut buf)
+        .await
+        .map_err(|e| QmpError::generic(format!("Could not read {what}: {e}")))?;
+    Ok(buf)
+}
 
 /// Bytes from `offset` to the end of its block, at most `len`.
 pub(crate) fn in_block(block_size: u64, offset: u64, len: u64) -> u64 {

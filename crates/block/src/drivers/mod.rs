@@ -15,4 +15,5 @@ pub mod qcow2;
 pub mod raw;
 pub mod throttle;
 pub mod vdi;
+pub mod vmdk;
 pub mod vpc;

@@ -8,6 +8,7 @@
 //! and flushed before the L1 entry points at it. A crash leaves at worst unreferenced space at the end. Encrypted
 //! images (legacy AES) are refused.
 
+use super::block_map::{read_metadata, read_zero_past_end};
 use super::fields::{be32, be64};
 use super::qcow2::Compression;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
@@ -229,20 +230,13 @@ impl Qcow {
 
     async fn read_backing(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
         let backing = self.backing.lock().expect("backing lock").clone();
-        let Some(backing) = backing else {
-            buf.fill(0);
-            return Ok(());
-        };
-        let inside = backing
-            .node()
-            .size()
-            .saturating_sub(pos)
-            .min(buf.len() as u64) as usize;
-        if inside > 0 {
-            backing.read(pos, &mut buf[..inside]).await?;
+        match backing {
+            Some(backing) => read_zero_past_end(&backing, pos, buf).await,
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
         }
-        buf[inside..].fill(0);
-        Ok(())
     }
 
     /// Write `data` at `pos` (within one cluster) into a new cluster: the rest of it is
@@ -482,17 +476,7 @@ async fn open(
         .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
         .await?;
     let file_size = file.node().size();
-    let read = |offset: u64, len: usize| {
-        let file = file.clone();
-        async move {
-            let mut buf = vec![0u8; len];
-            let avail = file_size.saturating_sub(offset).min(len as u64) as usize;
-            file.read(offset, &mut buf[..avail])
-                .await
-                .map_err(|e| QmpError::generic(format!("Could not read qcow header: {e}")))?;
-            Ok::<_, QmpError>(buf)
-        }
-    };
+    let read = |offset: u64, len: usize| read_metadata(&file, offset, len, "qcow header");
     let header = Header::parse(&read(0, HEADER_LEN).await?).map_err(QmpError::generic)?;
     // The L1 table is read whole: it must be in the file, which bounds what it can claim.
     if header

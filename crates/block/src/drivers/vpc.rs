@@ -446,12 +446,7 @@ pub(crate) const DRIVER: DriverEntry = DriverEntry {
 };
 
 async fn read_at(file: &Child, offset: u64, len: usize) -> Result<Vec<u8>, QmpError> {
-    let mut buf = vec![0u8; len];
-    let avail = file.node().size().saturating_sub(offset).min(len as u64) as usize;
-    file.read(offset, &mut buf[..avail])
-        .await
-        .map_err(|e| QmpError::generic(format!("Could not read VHD metadata: {e}")))?;
-    Ok(buf)
+    block_map::read_metadata(file, offset, len, "VHD metadata").await
 }
 
 async fn open(

@@ -6,6 +6,7 @@ use crate::daemon::Daemon;
 use block::QEMU_DRIVERS;
 use block::{FileCreate, KeyslotAmend, LuksCreate, Qcow2Create, QcowCreate, VdiCreate, VpcCreate};
 use block::{Graph, Node, Parent, Perms};
+use block::{VmdkCreate, VmdkTarget};
 use jobs::JobOptions;
 use jobs::{OneStepJob, StepWork};
 use qapi::error::QmpError;
@@ -22,16 +23,7 @@ struct CreateArgs {
 }
 
 /// Drivers QEMU can create images with and blockd cannot.
-const QEMU_ONLY_CREATE: &[&str] = &[
-    "gluster",
-    "nfs",
-    "parallels",
-    "qed",
-    "rbd",
-    "ssh",
-    "vhdx",
-    "vmdk",
-];
+const QEMU_ONLY_CREATE: &[&str] = &["gluster", "nfs", "parallels", "qed", "rbd", "ssh", "vhdx"];
 
 /// `options` read as `T`, with member names in errors as QEMU spells them (`options.x`).
 fn parse_options<T: DeserializeOwned>(options: Map<String, Value>) -> Result<T, QmpError> {
@@ -118,6 +110,32 @@ pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Resul
                 })
             })
         }
+        "vmdk" => {
+            let file_ref = options
+                .remove("file")
+                .ok_or_else(|| QmpError::generic("Parameter 'options.file' is missing"))?;
+            let extent_refs = match options.remove("extents") {
+                None => Vec::new(),
+                Some(Value::Array(refs)) => refs,
+                Some(_) => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'options.extents', expected: array",
+                    ))
+                }
+            };
+            let vmdk: VmdkCreate = parse_options(options)?;
+            let graph = daemon.graph.clone();
+            Box::new(move || {
+                Box::pin(async move {
+                    let file = vmdk_target(&graph, file_ref, "file").await?;
+                    let mut extents = Vec::new();
+                    for reference in extent_refs {
+                        extents.push(vmdk_target(&graph, reference, "extents").await?);
+                    }
+                    vmdk.create_on(file, extents).await
+                })
+            })
+        }
         other if !QEMU_DRIVERS.contains(&other) => {
             return Err(QmpError::generic(format!(
                 "Parameter 'driver' does not accept value '{other}'"
@@ -200,6 +218,19 @@ async fn resolve(graph: &Arc<Graph>, reference: Value, member: &str) -> Result<A
             "Invalid parameter type for 'options.{member}', expected: object"
         )),
     }
+}
+
+/// The node a vmdk image or extent is written to, and its file name.
+async fn vmdk_target(
+    graph: &Arc<Graph>,
+    reference: Value,
+    member: &str,
+) -> Result<VmdkTarget, String> {
+    let node = resolve(graph, reference, member).await?;
+    Ok(VmdkTarget {
+        filename: node.driver().info(&node).filename,
+        child: writer(&node)?,
+    })
 }
 
 /// An unnamed user's edge to `node` that writes and resizes it.
