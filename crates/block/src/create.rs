@@ -361,6 +361,62 @@ impl QcowCreate {
     }
 }
 
+/// blockdev-create's `qed` driver (BlockdevCreateOptionsQed) less its `file`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct QedCreate {
+    size: i64,
+    backing_file: Option<String>,
+    backing_fmt: Option<String>,
+    cluster_size: Option<i64>,
+    table_size: Option<i64>,
+}
+
+impl QedCreate {
+    /// Write a new image onto the node `file` leads to (what was there is lost). Runs on
+    /// an I/O thread.
+    pub async fn create_on(&self, file: Arc<Child>) -> Result<(), String> {
+        let cluster_size = self.cluster_size.unwrap_or(65536);
+        if !(4096..=64 << 20).contains(&cluster_size) || !(cluster_size as u64).is_power_of_two() {
+            return Err(
+                "QED cluster size must be within range [4096, 67108864] and power of 2".into(),
+            );
+        }
+        let table_size = self.table_size.unwrap_or(4);
+        if !(1..=16).contains(&table_size) || !(table_size as u64).is_power_of_two() {
+            return Err("QED table size must be within range [1, 16] and power of 2".into());
+        }
+        let (cluster_size, table_size) = (cluster_size as u64, table_size as u64);
+        let entries = table_size * cluster_size / 8;
+        let max = entries.saturating_mul(entries).saturating_mul(cluster_size);
+        let size = u64::try_from(self.size)
+            .ok()
+            .filter(|s| s.is_multiple_of(512) && *s <= max)
+            .ok_or_else(|| {
+                format!(
+                    "QED image size must be a non-zero multiple of cluster size and less than {max} bytes"
+                )
+            })?;
+        let backing = match &self.backing_file {
+            Some(name) if name.len() > 1023 => return Err("Backing file name too long".into()),
+            Some(name) => Some((name.as_str(), self.backing_fmt.as_deref() == Some("raw"))),
+            None => None,
+        };
+        let (header, first) =
+            crate::drivers::qed::new_image(size, cluster_size, table_size, backing);
+        let node = file.node();
+        let io_err = |e: io::Error| os_text(&e);
+        node.truncate(0).await.map_err(io_err)?;
+        node.truncate(header.l1_offset + table_size * cluster_size)
+            .await
+            .map_err(io_err)?;
+        file.write(0, &first, WriteFlags::default())
+            .await
+            .map_err(io_err)?;
+        file.flush().await.map_err(io_err)
+    }
+}
+
 /// BlockdevVpcSubformat.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

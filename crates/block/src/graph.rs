@@ -577,6 +577,9 @@ impl Graph {
             for child in children {
                 node.add_child(child);
             }
+            // What the driver takes on its children, now that it is open (as QEMU, after
+            // the driver's own checks): a file another node writes is refused here.
+            node.refresh_perms().map_err(QmpError::generic)?;
             pending.claim_position(node.name());
             pending.nodes.push(node.clone());
             Ok(node)

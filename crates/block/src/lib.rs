@@ -24,7 +24,8 @@ pub use bitmap::{default_granularity, DirtyBitmap};
 pub use change::GraphChange;
 pub use copy::{BlockCopy, ClusterBitmap, CopyError, TargetMode};
 pub use create::{
-    create_image, FileCreate, LuksCreate, NewImage, Qcow2Create, QcowCreate, VdiCreate, VpcCreate,
+    create_image, FileCreate, LuksCreate, NewImage, Qcow2Create, QcowCreate, QedCreate, VdiCreate,
+    VpcCreate,
 };
 pub use drain::DrainedSection;
 pub use drivers::cbw::{check_min_cluster_size, CopyBeforeWrite, OnCbwError};
@@ -35,10 +36,13 @@ pub use drivers::mirror_top::{MirrorState, MirrorTop};
 pub use drivers::nbd::{InetServer, UnixServer};
 pub use drivers::qcow::Header as QcowHeader;
 pub use drivers::qcow2::Qcow2Header;
+pub use drivers::qed::Header as QedHeader;
 pub use drivers::throttle::set_io_throttle;
 pub use drivers::vdi::Header as VdiHeader;
-pub use drivers::vmdk::{
-    descriptor::Descriptor as VmdkDescriptor, sparse::SparseHeader as VmdkSparseHeader,
+pub use drivers::vhdx::{format as vhdx_format, VhdxCreate};
+pub use drivers::vmdk::descriptor::Descriptor as VmdkDescriptor;
+pub use drivers::vmdk::sparse::{
+    footer_header as vmdk_footer_header, SparseHeader as VmdkSparseHeader,
 };
 pub use drivers::vmdk::{CreateTarget as VmdkTarget, VmdkCreate};
 pub use drivers::vpc::{footer_size as vpc_footer_size, DynamicHeader as VpcDynamicHeader};

@@ -7,7 +7,7 @@
 //! if the whole blockdev-add succeeds; a failure drops it all.
 
 use crate::drivers::{
-    blkdebug, cbw, file, luks, nbd, null, qcow, qcow2, raw, throttle, vdi, vmdk, vpc,
+    blkdebug, cbw, file, luks, nbd, null, qcow, qcow2, qed, raw, throttle, vdi, vhdx, vmdk, vpc,
 };
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
@@ -45,10 +45,12 @@ pub const DRIVERS: &[DriverEntry] = &[
     raw::DRIVER,
     qcow2::DRIVER,
     qcow::DRIVER,
+    qed::DRIVER,
     luks::DRIVER,
     vdi::DRIVER,
     vpc::DRIVER,
     vmdk::DRIVER,
+    vhdx::DRIVER,
     blkdebug::DRIVER,
     nbd::DRIVER,
     cbw::DRIVER,
@@ -324,7 +326,7 @@ pub(crate) fn resolve_backing_path(overlay_filename: &str, backing: &str) -> Str
 }
 
 /// The format of a backing file whose overlay does not name it, by its first bytes as
-/// QEMU probes: qcow (version 1) or qcow2, vdi, vpc, vmdk, luks; else raw.
+/// QEMU probes: qcow (version 1) or qcow2, qed, vdi, vhdx, vpc, vmdk, luks; else raw.
 pub(crate) fn probe_format(path: &str) -> String {
     use std::io::Read;
     let mut head = Vec::new();
@@ -337,6 +339,8 @@ pub(crate) fn probe_format(path: &str) -> String {
             1 => "qcow",
             _ => "qcow2",
         }
+    } else if &head[..4] == b"QED\0" {
+        "qed"
     } else if head[64..68] == 0xbeda_107fu32.to_le_bytes() {
         "vdi"
     } else if &head[..4] == b"KDMV"
@@ -344,6 +348,8 @@ pub(crate) fn probe_format(path: &str) -> String {
         || head.starts_with(b"# Disk DescriptorFile")
     {
         "vmdk"
+    } else if &head[..8] == b"vhdxfile" {
+        "vhdx"
     } else if &head[..8] == b"conectix" {
         "vpc"
     } else if &head[..6] == crypto::luks::MAGIC {

@@ -120,6 +120,10 @@ async fn every_subformat_reads_as_qemu_img_reads_it() {
         add_exported(&mut client, "vmdk", &node, name).await;
         let uri = format!("nbd+unix:///{node}?socket={}", sock.display());
         qemu_img(&["compare", "-U", "-f", "vmdk", "-F", "raw", &d(name), &uri]);
+        // Closed, so that an overlay can open it as its backing file.
+        if i + 1 < images.len() {
+            close_exported(&mut client, &node).await;
+        }
     }
     let nodes = client
         .execute("query-named-block-nodes", json!({"flat": true}))

@@ -514,8 +514,8 @@ impl Driver for Luks {
         self.file.node().truncate(self.payload + size).await
     }
 
-    fn child_perms(&self, _: &str, perm: Perms, shared: Perms, _: bool) -> (Perms, Perms) {
-        (perm, shared)
+    fn child_perms(&self, role: &str, perm: Perms, _: Perms, read_only: bool) -> (Perms, Perms) {
+        crate::perm::format_child_perms(role, perm, read_only)
     }
 
     async fn amend_keyslots(

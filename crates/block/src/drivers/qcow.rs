@@ -429,8 +429,8 @@ impl Driver for Qcow {
         Err(io::Error::from_raw_os_error(libc::ENOTSUP))
     }
 
-    fn child_perms(&self, _: &str, perm: Perms, shared: Perms, _: bool) -> (Perms, Perms) {
-        (perm, shared)
+    fn child_perms(&self, role: &str, perm: Perms, _: Perms, read_only: bool) -> (Perms, Perms) {
+        crate::perm::format_child_perms(role, perm, read_only)
     }
 
     fn info(&self, _node: &Node) -> DriverInfo {

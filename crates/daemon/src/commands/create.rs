@@ -6,7 +6,7 @@ use crate::daemon::Daemon;
 use block::QEMU_DRIVERS;
 use block::{FileCreate, KeyslotAmend, LuksCreate, Qcow2Create, QcowCreate, VdiCreate, VpcCreate};
 use block::{Graph, Node, Parent, Perms};
-use block::{VmdkCreate, VmdkTarget};
+use block::{QedCreate, VhdxCreate, VmdkCreate, VmdkTarget};
 use jobs::JobOptions;
 use jobs::{OneStepJob, StepWork};
 use qapi::error::QmpError;
@@ -107,6 +107,32 @@ pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Resul
                 Box::pin(async move {
                     let node = resolve(&graph, file_ref, "file").await?;
                     vpc.create_on(writer(&node)?).await
+                })
+            })
+        }
+        "qed" => {
+            let file_ref = options
+                .remove("file")
+                .ok_or_else(|| QmpError::generic("Parameter 'options.file' is missing"))?;
+            let qed: QedCreate = parse_options(options)?;
+            let graph = daemon.graph.clone();
+            Box::new(move || {
+                Box::pin(async move {
+                    let node = resolve(&graph, file_ref, "file").await?;
+                    qed.create_on(writer(&node)?).await
+                })
+            })
+        }
+        "vhdx" => {
+            let file_ref = options
+                .remove("file")
+                .ok_or_else(|| QmpError::generic("Parameter 'options.file' is missing"))?;
+            let vhdx: VhdxCreate = parse_options(options)?;
+            let graph = daemon.graph.clone();
+            Box::new(move || {
+                Box::pin(async move {
+                    let node = resolve(&graph, file_ref, "file").await?;
+                    vhdx.create_on(writer(&node)?).await
                 })
             })
         }

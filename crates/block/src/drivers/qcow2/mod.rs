@@ -312,17 +312,7 @@ impl Qcow2 {
     /// What a qcow2 node takes on its children when it has no users of its own.
     pub fn default_child_perms(role: &str, read_only: bool) -> (Perms, Perms) {
         match role {
-            "file" => {
-                let write = if read_only {
-                    Perms::NONE
-                } else {
-                    Perms::WRITE | Perms::RESIZE
-                };
-                (
-                    Perms::CONSISTENT_READ | write,
-                    Perms::CONSISTENT_READ | Perms::WRITE_UNCHANGED,
-                )
-            }
+            "file" => crate::perm::format_child_perms(role, Perms::NONE, read_only),
             // Guest data only: what the parents ask for is passed on.
             "data-file" => (
                 Perms::NONE,

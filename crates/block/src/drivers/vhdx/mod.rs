@@ -1,0 +1,453 @@
+//! `vhdx`: Hyper-V's disks ([`format`] has the structures). A BAT maps each payload block
+//! of the disk to a place in the file or to a state without data (not present, zero).
+//!
+//! Opening an image whose log holds entries (its writer stopped before it cleared them)
+//! replays the log first, as QEMU does, and refuses a read-only open then. A new block
+//! goes to the end of the file: its data first, a flush, then its BAT entry (one 8-byte
+//! write, which a sector write keeps whole), so a crash leaves at worst an unreferenced
+//! block. The first write of a session gives the headers new write GUIDs, as the format
+//! asks. Differencing images (a parent disk) are not opened yet.
+
+mod create;
+pub mod format;
+
+pub use create::VhdxCreate;
+
+use crate::drivers::block_map::{in_block, read_metadata};
+use crate::drivers::fields::le64;
+use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::open::{DriverEntry, Opener};
+use crate::perm::Perms;
+use crate::Driver;
+use async_trait::async_trait;
+use format::*;
+use qapi::error::QmpError;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The largest log and metadata region blockd reads whole (QEMU makes 1 MiB ones).
+const MAX_LOG: u64 = 64 * MIB;
+const MAX_METADATA: u64 = 32 * MIB;
+
+struct State {
+    bat: Vec<u64>,
+    /// Where the next block goes: the file's end.
+    end: u64,
+    header: Header,
+}
+
+pub struct Vhdx {
+    file: Arc<Child>,
+    meta: Metadata,
+    bat_offset: u64,
+    state: tokio::sync::Mutex<State>,
+    session_started: AtomicBool,
+}
+
+/// Where a payload block is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Block {
+    Data(u64),
+    /// No data, and reads as zeroes: never written, zeroed, unmapped.
+    Zero {
+        present: bool,
+    },
+}
+
+impl Vhdx {
+    fn block_of(&self, state: &State, pos: u64) -> io::Result<Block> {
+        let index = self.meta.bat_index(pos / self.meta.block_size);
+        let (kind, offset) = bat_entry(state.bat[index]);
+        match kind {
+            BLOCK_FULLY_PRESENT => {
+                if offset < MIB || offset.saturating_add(self.meta.block_size) > state.end {
+                    return Err(io::Error::other(
+                        "vhdx: a BAT entry points outside the file",
+                    ));
+                }
+                Ok(Block::Data(offset))
+            }
+            BLOCK_NOT_PRESENT => Ok(Block::Zero { present: false }),
+            BLOCK_UNDEFINED | BLOCK_ZERO | BLOCK_UNMAPPED => Ok(Block::Zero { present: true }),
+            BLOCK_PARTIALLY_PRESENT => Err(io::Error::other(
+                "vhdx: a partially present block in an image without a parent",
+            )),
+            _ => Err(io::Error::other("vhdx: a BAT entry has a reserved state")),
+        }
+    }
+
+    /// Write `header` into one slot, flush, then into the other, each with the next
+    /// sequence number: a crash between or during them leaves a good header (a torn one
+    /// fails its checksum and the other counts).
+    async fn write_headers(&self, state: &mut State, mut header: Header) -> io::Result<()> {
+        for at in HEADER_OFFSETS {
+            header.sequence = state.header.sequence + 1;
+            let bytes = header.to_bytes();
+            self.file.write(at, &bytes, WriteFlags::default()).await?;
+            self.file.flush().await?;
+            state.header = header.clone();
+        }
+        Ok(())
+    }
+
+    /// New file and data write GUIDs before the first change of a session.
+    async fn start_session(&self, state: &mut State) -> io::Result<()> {
+        if self.session_started.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut guids = [0u8; 32];
+        crypto::random(&mut guids).map_err(io::Error::other)?;
+        let mut header = state.header.clone();
+        header.file_write_guid.copy_from_slice(&guids[..16]);
+        header.data_write_guid.copy_from_slice(&guids[16..]);
+        self.write_headers(state, header).await?;
+        self.session_started.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// A new block at the end of the file for payload block `block`, holding `data` at
+    /// `within` (the rest reads as zeroes, as the new file space does).
+    async fn allocate(
+        &self,
+        state: &mut State,
+        block: u64,
+        within: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let host = state.end.next_multiple_of(MIB);
+        let end = host + self.meta.block_size;
+        self.file.node().truncate(end).await?;
+        state.end = end;
+        self.file
+            .write(host + within, data, WriteFlags::default())
+            .await?;
+        // The block is on disk before the BAT names it.
+        self.file.flush().await?;
+        let index = self.meta.bat_index(block);
+        let entry = host | BLOCK_FULLY_PRESENT;
+        self.file
+            .write(
+                self.bat_offset + index as u64 * 8,
+                &entry.to_le_bytes(),
+                WriteFlags::default(),
+            )
+            .await?;
+        state.bat[index] = entry;
+        Ok(())
+    }
+}
+
+#[async_trait(?Send)]
+impl Driver for Vhdx {
+    fn format_name(&self) -> &'static str {
+        "vhdx"
+    }
+
+    /// Whole sectors, as QEMU reports it.
+    fn size(&self, _node: &Node) -> u64 {
+        self.meta.disk_size / 512 * 512
+    }
+
+    async fn read(&self, _node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let n = in_block(self.meta.block_size, pos, (buf.len() - done) as u64) as usize;
+            let block = self.block_of(&*self.state.lock().await, pos)?;
+            let chunk = &mut buf[done..done + n];
+            match block {
+                Block::Data(host) => {
+                    self.file
+                        .read(host + pos % self.meta.block_size, chunk)
+                        .await?
+                }
+                Block::Zero { .. } => chunk.fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let n = in_block(self.meta.block_size, pos, (buf.len() - done) as u64) as usize;
+            let chunk = &buf[done..done + n];
+            let within = pos % self.meta.block_size;
+            let mut state = self.state.lock().await;
+            self.start_session(&mut state).await?;
+            match self.block_of(&state, pos)? {
+                Block::Data(host) => {
+                    drop(state);
+                    self.file
+                        .write(host + within, chunk, WriteFlags::default())
+                        .await?;
+                }
+                Block::Zero { .. } => {
+                    let block = pos / self.meta.block_size;
+                    self.allocate(&mut state, block, within, chunk).await?;
+                }
+            }
+            done += n;
+        }
+        if flags.fua {
+            self.file.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Blocks with data get zeroes written (the file may punch them); the others read as
+    /// zeroes already.
+    async fn write_zeroes(
+        &self,
+        _: &Node,
+        offset: u64,
+        len: u64,
+        flags: WriteFlags,
+    ) -> io::Result<()> {
+        let mut done = 0;
+        while done < len {
+            let pos = offset + done;
+            let n = in_block(self.meta.block_size, pos, len - done);
+            let mut state = self.state.lock().await;
+            if let Block::Data(host) = self.block_of(&state, pos)? {
+                self.start_session(&mut state).await?;
+                drop(state);
+                let plain = WriteFlags {
+                    no_fallback: flags.no_fallback,
+                    may_unmap: flags.may_unmap,
+                    ..WriteFlags::default()
+                };
+                self.file
+                    .write_zeroes(host + pos % self.meta.block_size, n, plain)
+                    .await?;
+            }
+            done += n;
+        }
+        if flags.fua {
+            self.file.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Discard is advisory; blocks stay, as in QEMU.
+    async fn discard(&self, _: &Node, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn flush(&self, _: &Node) -> io::Result<()> {
+        self.file.flush().await
+    }
+
+    async fn block_status(&self, node: &Node, offset: u64, len: u64) -> io::Result<Extent> {
+        let size = self.size(node);
+        if offset >= size {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let len = len.min(size - offset);
+        let state = self.state.lock().await;
+        let first = self.block_of(&state, offset)?;
+        let kind_of = |b: Block| match b {
+            Block::Data(_) => 0,
+            Block::Zero { present } => 1 + u8::from(present),
+        };
+        let mut run = in_block(self.meta.block_size, offset, len);
+        while run < len && kind_of(self.block_of(&state, offset + run)?) == kind_of(first) {
+            run += in_block(self.meta.block_size, offset + run, len - run);
+        }
+        let kind = match first {
+            Block::Data(_) => ExtentKind::Data,
+            Block::Zero { present } => ExtentKind::Zero { allocated: present },
+        };
+        Ok(Extent { len: run, kind })
+    }
+
+    async fn reopen(&self, _: &Node, writable: bool) -> Result<(), String> {
+        self.file.node().set_writable(writable).await
+    }
+
+    /// Resizing is not done here yet.
+    async fn truncate(&self, _: &Node, _size: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    fn child_perms(&self, role: &str, perm: Perms, _: Perms, read_only: bool) -> (Perms, Perms) {
+        crate::perm::format_child_perms(role, perm, read_only)
+    }
+
+    fn info(&self, _node: &Node) -> DriverInfo {
+        let file = self.file.node();
+        let file_info = file.driver().info(&file);
+        DriverInfo {
+            filename: file_info.filename,
+            actual_size: file_info.actual_size,
+            cluster_size: Some(self.meta.block_size),
+            dirty_flag: Some(false),
+            ..DriverInfo::default()
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct VhdxOptions {}
+
+pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    format: true,
+    names: &["vhdx"],
+    open: |o, options| Box::pin(open(o, options)),
+};
+
+/// Replay the log's active sequence into the file, then clear the header's log GUID.
+async fn replay_log(
+    file: &Child,
+    header: &Header,
+    slot: usize,
+    refuse: impl Fn(i32, &str) -> QmpError,
+) -> Result<Header, QmpError> {
+    let io_err = |e: io::Error| refuse(e.raw_os_error().unwrap_or(libc::EIO), &e.to_string());
+    let (offset, length) = (header.log_offset, header.log_length as u64);
+    let file_size = file.node().size();
+    if offset % MIB != 0 || length % MIB != 0 || length > MAX_LOG || offset + length > file_size {
+        return Err(refuse(
+            libc::EINVAL,
+            "the log lies outside the file or is larger than 64 MiB",
+        ));
+    }
+    let log = read_metadata(file, offset, length as usize, "vhdx log").await?;
+    let entries = active_sequence(&log, &header.log_guid);
+    let plain = WriteFlags::default();
+    for entry in &entries {
+        if entry.flushed_file_offset > file_size {
+            return Err(refuse(
+                libc::EINVAL,
+                "the log names data past the end of the file",
+            ));
+        }
+        for (at, write) in &entry.writes {
+            match write {
+                LogWrite::Data(sector) => file.write(*at, sector, plain).await.map_err(io_err)?,
+                LogWrite::Zero(len) => file.write_zeroes(*at, *len, plain).await.map_err(io_err)?,
+            }
+        }
+    }
+    if let Some(last) = entries.last() {
+        if last.last_file_offset > file.node().size() {
+            file.node()
+                .truncate(last.last_file_offset)
+                .await
+                .map_err(io_err)?;
+        }
+    }
+    file.flush().await.map_err(io_err)?;
+    tracing::info!(entries = entries.len(), "vhdx: replayed the log");
+    // The log is done with: both headers say so.
+    let mut clean = header.clone();
+    clean.log_guid = [0; 16];
+    for i in 0..2 {
+        clean.sequence = header.sequence + 1 + i as u64;
+        let at = HEADER_OFFSETS[(slot + 1 + i) % 2];
+        file.write(at, &clean.to_bytes(), plain)
+            .await
+            .map_err(io_err)?;
+        file.flush().await.map_err(io_err)?;
+    }
+    Ok(clean)
+}
+
+async fn open(
+    o: &mut Opener<'_>,
+    mut options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let file_ref = o.take_child_ref(&mut options, "file")?;
+    let _: VhdxOptions = o.parse(options)?;
+    let file = o
+        .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
+        .await?;
+    let name = {
+        let node = file.node();
+        node.driver().info(&node).filename
+    };
+    // QEMU's words ("Could not open '…': Invalid argument"), and what blockd found.
+    let refuse = |errno: i32, why: &str| {
+        let text = io::Error::from_raw_os_error(errno);
+        let text = crate::drivers::file::os_error_text(&text);
+        QmpError::generic(format!("Could not open '{name}': {text} ({why})"))
+    };
+    let refusal = |r: Refusal| refuse(r.errno, &r.why);
+    let file_size = file.node().size();
+    let id = read_metadata(&file, 0, 8, "vhdx file identifier").await?;
+    if id != FILE_SIGNATURE {
+        return Err(refuse(libc::EINVAL, "no VHDX file signature"));
+    }
+    let first = read_metadata(&file, HEADER_OFFSETS[0], HEADER_LEN, "vhdx header").await?;
+    let second = read_metadata(&file, HEADER_OFFSETS[1], HEADER_LEN, "vhdx header").await?;
+    let (slot, mut header) = current_header(&first, &second)
+        .ok_or_else(|| QmpError::generic("No valid VHDX header found"))?;
+    if header.log_version != 0 {
+        return Err(refuse(libc::EINVAL, "the log version is not 0"));
+    }
+    let table = read_metadata(
+        &file,
+        REGION_TABLE_OFFSETS[0],
+        REGION_TABLE_LEN,
+        "vhdx region table",
+    )
+    .await?;
+    let regions = parse_regions(&table).map_err(refusal)?;
+    if header.log_guid != [0; 16] {
+        if o.common().read_only {
+            return Err(QmpError::generic(format!(
+                "VHDX image file '{name}' opened read-only, but contains a log that needs to be replayed"
+            )));
+        }
+        header = replay_log(&file, &header, slot, refuse).await?;
+    }
+    let (meta_offset, meta_len) = regions.metadata;
+    if meta_len > MAX_METADATA
+        || meta_offset + meta_len > file_size
+        || (meta_len as usize) < METADATA_TABLE_LEN
+    {
+        return Err(refuse(
+            libc::EINVAL,
+            "the metadata region lies outside the file",
+        ));
+    }
+    let region = read_metadata(&file, meta_offset, meta_len as usize, "vhdx metadata").await?;
+    let meta = parse_metadata(&region, |offset, len| {
+        let end = (offset as usize).checked_add(len)?;
+        (offset as usize >= METADATA_TABLE_LEN || len == 0)
+            .then(|| region.get(offset as usize..end).map(<[u8]>::to_vec))
+            .flatten()
+    })
+    .map_err(refusal)?;
+    if meta.has_parent {
+        return Err(refuse(
+            libc::ENOTSUP,
+            "blockd does not open differencing VHDX images yet",
+        ));
+    }
+    let (bat_offset, bat_len) = regions.bat;
+    let entries = meta.bat_entries();
+    if entries * 8 > bat_len || bat_offset + entries * 8 > file_size {
+        return Err(refuse(
+            libc::EINVAL,
+            "the BAT region is too small for the disk or lies outside the file",
+        ));
+    }
+    let raw = read_metadata(&file, bat_offset, (entries * 8) as usize, "vhdx BAT").await?;
+    let bat = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+    o.claim_position();
+    let end = file.node().size();
+    Ok(Box::new(Vhdx {
+        file,
+        meta,
+        bat_offset,
+        state: tokio::sync::Mutex::new(State { bat, end, header }),
+        session_started: AtomicBool::new(false),
+    }))
+}
