@@ -417,6 +417,44 @@ impl QedCreate {
     }
 }
 
+/// blockdev-create's `parallels` driver (BlockdevCreateOptionsParallels) less its `file`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ParallelsCreate {
+    size: i64,
+    cluster_size: Option<i64>,
+}
+
+impl ParallelsCreate {
+    /// Write a new image onto the node `file` leads to (what was there is lost). Runs on
+    /// an I/O thread.
+    pub async fn create_on(&self, file: Arc<Child>) -> Result<(), String> {
+        let size = u64::try_from(self.size)
+            .ok()
+            .filter(|s| s.is_multiple_of(512))
+            .ok_or("Image size must be a multiple of 512 bytes")?;
+        let cluster_size = u64::try_from(self.cluster_size.unwrap_or(1 << 20))
+            .ok()
+            .filter(|c| *c > 0 && c.is_multiple_of(512))
+            .ok_or("Cluster size must be a multiple of 512 bytes")?;
+        if cluster_size >= 1 << 32 {
+            return Err("Cluster size is too large".into());
+        }
+        if size >= (1u64 << 32).saturating_mul(cluster_size) {
+            return Err("Image size is too large for this cluster size".into());
+        }
+        let image = crate::drivers::parallels::new_image(size, cluster_size);
+        let node = file.node();
+        let io_err = |e: io::Error| os_text(&e);
+        node.truncate(0).await.map_err(io_err)?;
+        node.truncate(image.len() as u64).await.map_err(io_err)?;
+        file.write(0, &image, WriteFlags::default())
+            .await
+            .map_err(io_err)?;
+        file.flush().await.map_err(io_err)
+    }
+}
+
 /// BlockdevVpcSubformat.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -24,8 +24,8 @@ pub use bitmap::{default_granularity, DirtyBitmap};
 pub use change::GraphChange;
 pub use copy::{BlockCopy, ClusterBitmap, CopyError, TargetMode};
 pub use create::{
-    create_image, FileCreate, LuksCreate, NewImage, Qcow2Create, QcowCreate, QedCreate, VdiCreate,
-    VpcCreate,
+    create_image, FileCreate, LuksCreate, NewImage, ParallelsCreate, Qcow2Create, QcowCreate,
+    QedCreate, VdiCreate, VpcCreate,
 };
 pub use drain::DrainedSection;
 pub use drivers::cbw::{check_min_cluster_size, CopyBeforeWrite, OnCbwError};
@@ -34,6 +34,7 @@ pub use drivers::file::os_error_text;
 pub use drivers::luks::KeyslotAmend;
 pub use drivers::mirror_top::{MirrorState, MirrorTop};
 pub use drivers::nbd::{InetServer, UnixServer};
+pub use drivers::parallels::Header as ParallelsHeader;
 pub use drivers::qcow::Header as QcowHeader;
 pub use drivers::qcow2::Qcow2Header;
 pub use drivers::qed::Header as QedHeader;

@@ -7,7 +7,8 @@
 //! if the whole blockdev-add succeeds; a failure drops it all.
 
 use crate::drivers::{
-    blkdebug, cbw, file, luks, nbd, null, qcow, qcow2, qed, raw, throttle, vdi, vhdx, vmdk, vpc,
+    blkdebug, cbw, file, luks, nbd, null, parallels, qcow, qcow2, qed, raw, throttle, vdi, vhdx,
+    vmdk, vpc,
 };
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
@@ -51,6 +52,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     vpc::DRIVER,
     vmdk::DRIVER,
     vhdx::DRIVER,
+    parallels::DRIVER,
     blkdebug::DRIVER,
     nbd::DRIVER,
     cbw::DRIVER,
@@ -326,7 +328,8 @@ pub(crate) fn resolve_backing_path(overlay_filename: &str, backing: &str) -> Str
 }
 
 /// The format of a backing file whose overlay does not name it, by its first bytes as
-/// QEMU probes: qcow (version 1) or qcow2, qed, vdi, vhdx, vpc, vmdk, luks; else raw.
+/// QEMU probes: qcow (version 1) or qcow2, qed, vdi, vhdx, vpc, vmdk, parallels, luks; else
+/// raw.
 pub(crate) fn probe_format(path: &str) -> String {
     use std::io::Read;
     let mut head = Vec::new();
@@ -348,6 +351,8 @@ pub(crate) fn probe_format(path: &str) -> String {
         || head.starts_with(b"# Disk DescriptorFile")
     {
         "vmdk"
+    } else if &head[..16] == b"WithoutFreeSpace" || &head[..16] == b"WithouFreSpacExt" {
+        "parallels"
     } else if &head[..8] == b"vhdxfile" {
         "vhdx"
     } else if &head[..8] == b"conectix" {

@@ -10,6 +10,7 @@ pub mod luks;
 pub mod mirror_top;
 pub mod nbd;
 pub mod null;
+pub mod parallels;
 pub mod qcow;
 pub mod qcow2;
 pub mod qed;

@@ -6,7 +6,7 @@ use crate::daemon::Daemon;
 use block::QEMU_DRIVERS;
 use block::{FileCreate, KeyslotAmend, LuksCreate, Qcow2Create, QcowCreate, VdiCreate, VpcCreate};
 use block::{Graph, Node, Parent, Perms};
-use block::{QedCreate, VhdxCreate, VmdkCreate, VmdkTarget};
+use block::{ParallelsCreate, QedCreate, VhdxCreate, VmdkCreate, VmdkTarget};
 use jobs::JobOptions;
 use jobs::{OneStepJob, StepWork};
 use qapi::error::QmpError;
@@ -120,6 +120,19 @@ pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Resul
                 Box::pin(async move {
                     let node = resolve(&graph, file_ref, "file").await?;
                     qed.create_on(writer(&node)?).await
+                })
+            })
+        }
+        "parallels" => {
+            let file_ref = options
+                .remove("file")
+                .ok_or_else(|| QmpError::generic("Parameter 'options.file' is missing"))?;
+            let parallels: ParallelsCreate = parse_options(options)?;
+            let graph = daemon.graph.clone();
+            Box::new(move || {
+                Box::pin(async move {
+                    let node = resolve(&graph, file_ref, "file").await?;
+                    parallels.create_on(writer(&node)?).await
                 })
             })
         }

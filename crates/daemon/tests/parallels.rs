@@ -1,0 +1,153 @@
+//! Parallels images on both daemons: images qemu-img and blockdev-create make, written
+//! through NBD (within a cluster, across clusters, zero writes, discards), then checked by
+//! qemu-img and compared with what qsd made of the same steps; an image left "in use" is
+//! repaired on a read-write open as qsd repairs it; crafted headers get qsd's refusals.
+
+mod common;
+
+use common::formats::{assert_refusals_match, assert_same_images, patched, Run};
+use common::jobs::{create, empty_file_nodes, qemu_io};
+use common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+
+const IMAGES: [&str; 4] = ["made.prl", "new.prl", "small.prl", "tiny.prl"];
+
+async fn exercise(which: Impl, dir: &Path) -> Vec<Value> {
+    let d = |n: &str| p(dir, n);
+    qemu_img(&["create", "-q", "-f", "parallels", &d("made.prl"), "5M"]);
+    qemu_io(&[
+        "-f",
+        "parallels",
+        &d("made.prl"),
+        "-c",
+        "write -P 0x11 1M 1M",
+    ]);
+    let sock = dir.join("nbd.sock");
+    let daemon = Daemon::start(which, dir, &nbd_server_args(&sock));
+    let mut client = daemon.qmp().await;
+    let mut seen = Vec::new();
+    empty_file_nodes(&mut client, &["new.prl", "small.prl", "tiny.prl", "x.prl"]).await;
+    for options in [
+        json!({"driver": "parallels", "file": "new-prl", "size": 6 << 20}),
+        json!({"driver": "parallels", "file": "small-prl", "size": 3 << 20, "cluster-size": 65536}),
+        json!({"driver": "parallels", "file": "tiny-prl", "size": 2 << 20, "cluster-size": 512}),
+        json!({"driver": "parallels", "file": "x-prl", "size": 5000}),
+        json!({"driver": "parallels", "file": "x-prl", "size": 1 << 20, "cluster-size": 1000}),
+        json!({"driver": "parallels", "file": "x-prl", "size": 1 << 20, "cluster-size": 1u64 << 32}),
+        json!({"driver": "parallels", "file": "x-prl", "size": 1u64 << 62}),
+        json!({"driver": "parallels", "file": "x-prl", "size": 1 << 20, "bogus": 1}),
+    ] {
+        seen.push(create(&mut client, "c", options).await);
+    }
+    for (i, name) in IMAGES.iter().enumerate() {
+        let node = format!("n{i}");
+        add_exported(&mut client, "parallels", &node, name).await;
+        let uri = format!("nbd+unix:///{node}?socket={}", sock.display());
+        qemu_io(&[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x22 1000 3000",
+            "-c",
+            "write -P 0x33 1047576 200000",
+            "-c",
+            "write -z 1300000 5000",
+            "-c",
+            "discard 0 512",
+            "-c",
+            "read -P 0x22 1000 3000",
+            "-c",
+            "read -P 0x33 1047576 200000",
+            "-c",
+            "read -P 0 1300000 5000",
+            "-c",
+            "flush",
+        ]);
+    }
+    let nodes = client
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    for node in nodes.as_array().unwrap() {
+        if node["drv"] == "parallels" {
+            seen.push(json!({"node": node["node-name"], "image": node["image"]}));
+        }
+    }
+    daemon.quit(&mut client).await;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallels_images_behave_as_in_qsd() {
+    let mut runs = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = exercise(which, dir.path()).await;
+        for name in IMAGES {
+            qemu_img(&["check", "-q", "-f", "parallels", &p(dir.path(), name)]);
+        }
+        runs.push(Run { seen, dir });
+    }
+    assert_same_images("parallels", &IMAGES, &runs);
+}
+
+/// An image QEMU left "in use" with a BAT entry past the end of the file: opened
+/// read-write, both daemons clear the entry and the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_left_in_use_are_repaired_as_qsd_repairs_them() {
+    let mut all = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |n: &str| p(dir.path(), n);
+        qemu_img(&["create", "-q", "-f", "parallels", &d("a.prl"), "5M"]);
+        qemu_io(&["-f", "parallels", &d("a.prl"), "-c", "write -P 0x11 0 1M"]);
+        let image = std::fs::read(d("a.prl")).unwrap();
+        let image = patched(&image, 44, &0x746F_6E59u32.to_le_bytes());
+        let image = patched(&image, 64 + 4, &1000u32.to_le_bytes());
+        std::fs::write(d("a.prl"), image).unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let daemon = Daemon::start(which, dir.path(), &nbd_server_args(&sock));
+        let mut client = daemon.qmp().await;
+        add_exported(&mut client, "parallels", "a", "a.prl").await;
+        let uri = format!("nbd+unix:///a?socket={}", sock.display());
+        qemu_io(&[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "read -P 0x11 0 1M",
+            "-c",
+            "read -P 0 1M 1M",
+        ]);
+        daemon.quit(&mut client).await;
+        let check = run(std::process::Command::new("qemu-img").args([
+            "check",
+            "-f",
+            "parallels",
+            &d("a.prl"),
+        ]));
+        let image = std::fs::read(d("a.prl")).unwrap();
+        all.push(json!({"check": String::from_utf8_lossy(&check.stdout), "inuse": image[44..48], "entry": image[68..72]}));
+    }
+    assert_eq!(all[0], all[1]);
+    assert_eq!(all[0]["inuse"], json!([0, 0, 0, 0]));
+}
+
+/// Headers QEMU refuses, refused the same way, and none of them a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_parallels_headers_are_refused_as_qsd_refuses_them() {
+    assert_refusals_match("parallels", &[], &["write 0 64k"], |good| {
+        vec![
+            ("short", good[..40].to_vec()),
+            ("magic", patched(good, 0, b"WithoutFreeSpacX")),
+            ("version", patched(good, 16, &3u32.to_le_bytes())),
+            ("tracks", patched(good, 28, &0u32.to_le_bytes())),
+            ("tracks_big", patched(good, 28, &(1u32 << 30).to_le_bytes())),
+            ("catalog", patched(good, 32, &(1u32 << 30).to_le_bytes())),
+            ("old_magic", patched(good, 0, b"WithoutFreeSpace")),
+        ]
+    })
+    .await;
+}
