@@ -4,7 +4,8 @@
 //!
 //! Where QEMU skips an extent line it cannot read (or one whose access is not RW), blockd
 //! refuses the descriptor: skipping a line would move every later extent to the wrong
-//! guest offset.
+//! guest offset. QEMU also skips ZERO extents; blockd reads them as VMware defines them
+//! (zeroes over their sectors), so the extents after them stay where VMware puts them.
 
 /// The most descriptor text read: a descriptor names its extents in a few lines each.
 pub const MAX_LEN: usize = 1 << 20;
@@ -237,14 +238,16 @@ impl NewDescriptor<'_> {
     }
 }
 
-/// `text` with its CID line saying `cid` (QEMU's new CID after the first write).
-pub fn with_cid(text: &str, cid: u32) -> String {
-    let mut out = String::with_capacity(text.len());
-    for line in text.split_inclusive('\n') {
-        if value_of(line, "CID").is_some() {
-            out.push_str(&format!("CID={cid:08x}\n"));
+/// The descriptor `text` with its CID line saying `cid` (QEMU's new CID after the first
+/// write). Bytes, not text: whatever else the descriptor holds stays as it was.
+pub fn with_cid(text: &[u8], cid: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + 16);
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        let is_cid = std::str::from_utf8(line).is_ok_and(|l| value_of(l, "CID").is_some());
+        if is_cid {
+            out.extend_from_slice(format!("CID={cid:08x}\n").as_bytes());
         } else {
-            out.push_str(line);
+            out.extend_from_slice(line);
         }
     }
     out
@@ -327,7 +330,8 @@ mod tests {
         let d = Descriptor::parse_file(&text).unwrap();
         assert_eq!((d.cid, d.parent_cid), (0x1234, 0xabcdef01));
         assert_eq!(d.parent_file.as_deref(), Some("base.vmdk"));
-        let d = Descriptor::parse_file(&with_cid(&text, 7)).unwrap();
+        let changed = String::from_utf8(with_cid(text.as_bytes(), 7)).unwrap();
+        let d = Descriptor::parse_file(&changed).unwrap();
         assert_eq!(d.cid, 7);
     }
 }

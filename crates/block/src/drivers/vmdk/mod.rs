@@ -39,6 +39,9 @@ use std::sync::Arc;
 const GT_CACHE: usize = 256;
 /// Compressed grains are decompressed whole: at most this large (QEMU's are 64 KiB).
 const MAX_COMPRESSED_GRAIN: u64 = 2 << 20;
+/// Grain directory entries a disk may have in all (QEMU's limit for one extent: 128 MiB
+/// of directory).
+const MAX_DIRECTORY_ENTRIES: u64 = 32 << 20;
 /// Backing data copied around a new grain in pieces of at most this.
 const COPY_CHUNK: u64 = 1 << 20;
 
@@ -85,7 +88,7 @@ impl Sparse {
                 meta.gts.clear();
             }
             let mut raw = vec![0u8; (self.gtes * 4) as usize];
-            self.file.read(sector as u64 * 512, &mut raw).await?;
+            read_zero_past_end(&self.file, sector as u64 * 512, &mut raw).await?;
             meta.gts
                 .insert(sector, raw.chunks_exact(4).map(|c| le32(c, 0)).collect());
         }
@@ -112,6 +115,12 @@ impl Sparse {
         })
     }
 
+    /// Where new grains and tables go from now: past `meta.end` and past the file's end,
+    /// which a write to a grain the tables put past the end may have moved.
+    fn refresh_end(&self, meta: &mut SparseMeta) {
+        meta.end = meta.end.max(self.file.node().size().next_multiple_of(512));
+    }
+
     /// Grow the file to hold `meta.end`.
     async fn grow(&self, meta: &SparseMeta) -> io::Result<()> {
         if meta.end / 512 > u32::MAX as u64 {
@@ -135,6 +144,7 @@ impl Sparse {
         }
         let gt_len = (self.gtes * 4).next_multiple_of(512);
         let with_rgd = !meta.rgd.is_empty();
+        self.refresh_end(meta);
         let at = meta.end;
         meta.end += gt_len * if with_rgd { 2 } else { 1 };
         self.grow(meta).await?;
@@ -304,7 +314,8 @@ impl Vmdk {
         self.backing.lock().expect("backing lock").is_some()
     }
 
-    /// The first write of a session gives the disk a new CID in its descriptor.
+    /// The first write of a session that succeeds gives the disk a new CID in its
+    /// descriptor, as QEMU does (a failed write changes nothing).
     async fn update_cid(&self) -> io::Result<()> {
         if self.cid_updated.load(Ordering::Acquire) {
             return Ok(());
@@ -322,12 +333,14 @@ impl Vmdk {
             let mut cid = [0u8; 4];
             crypto::random(&mut cid).map_err(io::Error::other)?;
             let cid = u32::from_le_bytes(cid);
-            let mut text = descriptor::with_cid(&descriptor::text_of(&raw), cid).into_bytes();
+            let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+            let mut text = descriptor::with_cid(&raw[..end], cid);
             text.resize((text.len() as u64).next_multiple_of(512) as usize, 0);
             if at.room.is_none_or(|room| text.len() as u64 <= room) {
                 at.file
                     .write(at.offset, &text, WriteFlags::default())
                     .await?;
+                at.file.flush().await?;
                 self.cid.store(cid, Ordering::Relaxed);
             }
         }
@@ -368,7 +381,9 @@ impl Vmdk {
             drop(meta);
             let chunk = &mut buf[done..done + n as usize];
             match mapping {
-                Mapping::Data(host) => s.file.read(host + pos % s.grain, chunk).await?,
+                Mapping::Data(host) => {
+                    read_zero_past_end(&s.file, host + pos % s.grain, chunk).await?
+                }
                 Mapping::Zeroed => chunk.fill(0),
                 Mapping::Unallocated => {
                     self.check_parent(libc::EIO)?;
@@ -414,6 +429,13 @@ impl Vmdk {
                 }
                 Mapping::Compressed(_) => {
                     return Err(eio("a streamOptimized grain is written only once"))
+                }
+                Mapping::Unallocated | Mapping::Zeroed
+                    if s.compressed
+                        && (!pos.is_multiple_of(s.grain) || (n < s.grain && pos + n < extent.len)) =>
+                {
+                    // As QEMU: a stream takes whole grains only (a grain is written once).
+                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
                 }
                 Mapping::Unallocated | Mapping::Zeroed if s.compressed => {
                     let chunk = &data[done..done + n as usize];
@@ -465,6 +487,7 @@ impl Vmdk {
         let tail_from_backing = !end.is_multiple_of(s.grain)
             && end < extent.len
             && s.lookup(meta, end).await? == Mapping::Unallocated;
+        s.refresh_end(meta);
         let host = meta.end;
         meta.end += (last - first + 1) * s.grain;
         s.grow(meta).await?;
@@ -559,6 +582,7 @@ impl Vmdk {
         }
         record.extend_from_slice(&compressed);
         record.resize((record.len() as u64).next_multiple_of(512) as usize, 0);
+        s.refresh_end(meta);
         let host = meta.end;
         meta.end += record.len() as u64;
         s.grow(meta).await?;
@@ -608,8 +632,14 @@ impl Vmdk {
                     }
                     _ => {
                         drop(meta);
-                        let zeroes = vec![0u8; n as usize];
-                        self.write_sparse(s, extent, pos, &zeroes).await?;
+                        let zeroes = vec![0u8; n.min(COPY_CHUNK) as usize];
+                        let mut at = 0;
+                        while at < n {
+                            let part = (n - at).min(COPY_CHUNK) as usize;
+                            self.write_sparse(s, extent, pos + at, &zeroes[..part])
+                                .await?;
+                            at += part as u64;
+                        }
                     }
                 }
             }
@@ -627,6 +657,10 @@ impl Vmdk {
                 Mapping::Zeroed => 1,
                 _ => 2,
             };
+            // A run ends with its grain table at the latest: a caller asking about the
+            // rest of a large disk comes back for more instead of holding the tables.
+            let table = s.grain * s.gtes;
+            let len = len.min(table - off % table);
             let mut run = in_block(s.grain, off, len);
             while run < len && kind_of(s.lookup(&mut meta, off + run).await?) == kind_of(first) {
                 run += in_block(s.grain, off + run, len - run);
@@ -672,7 +706,6 @@ impl Driver for Vmdk {
     }
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
-        self.update_cid().await?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -693,7 +726,7 @@ impl Driver for Vmdk {
         if flags.fua {
             self.flush_files().await?;
         }
-        Ok(())
+        self.update_cid().await
     }
 
     async fn write_zeroes(
@@ -703,7 +736,6 @@ impl Driver for Vmdk {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        self.update_cid().await?;
         let mut done = 0;
         while done < len {
             let pos = offset + done;
@@ -726,7 +758,7 @@ impl Driver for Vmdk {
         if flags.fua {
             self.flush_files().await?;
         }
-        Ok(())
+        self.update_cid().await
     }
 
     /// Discard is advisory and vmdk cannot give grains back: the data stays, as in QEMU.
@@ -869,9 +901,17 @@ async fn read_bytes(file: &Child, offset: u64, len: usize) -> Result<Vec<u8>, Qm
 }
 
 /// The tables of the sparse extent in `file`, whose first sector is `head`.
-async fn open_sparse(file: Arc<Child>, header: SparseHeader) -> Result<Sparse, QmpError> {
+async fn open_sparse(
+    file: Arc<Child>,
+    header: SparseHeader,
+    read_only: bool,
+) -> Result<Sparse, QmpError> {
     let err = |s: String| QmpError::generic(s);
     let file_size = file.node().size();
+    if header.version == 3 && !header.compressed() && !read_only {
+        // Such extents carry VMware's changed-block tracking, which writes would break.
+        return Err(err("VMDK version 3 must be read only".into()));
+    }
     let (header, writable) = if header.gd_at_end() {
         let tail = read_bytes(&file, file_size.saturating_sub(1536), 1536).await?;
         (sparse::footer_header(&tail).map_err(err)?, false)
@@ -989,8 +1029,9 @@ async fn open(
                 (d, Some(at))
             } else {
                 let d = Descriptor::parse(&text, false).map_err(QmpError::generic)?;
-                let len = header.capacity * 512;
-                let s = open_sparse(file.clone(), header).await?;
+                let s = open_sparse(file.clone(), header, o.common().read_only).await?;
+                // The capacity of the header in force (a stream's footer's).
+                let len = s.header.capacity * 512;
                 extents.push(VmdkExtent {
                     start: 0,
                     len,
@@ -1062,9 +1103,13 @@ async fn open_extents(
     };
     let mut opened: HashMap<String, Arc<Child>> = HashMap::new();
     opened.insert(base.clone(), descriptor_file.clone());
+    let mut sparse_files = Vec::new();
+    // Grain directories are read whole, one per sparse extent: their sum is bounded.
+    let mut directory_budget = MAX_DIRECTORY_ENTRIES;
+    let read_only = o.common().read_only;
     let mut start = 0u64;
     for (i, line) in d.extents.iter().enumerate() {
-        let len = line.sectors * 512;
+        let mut len = line.sectors * 512;
         let file = match line.kind {
             ExtentType::Zero => None,
             _ => {
@@ -1093,7 +1138,25 @@ async fn open_extents(
                 offset: line.offset * 512,
             },
             (ExtentType::Sparse, Some(file)) => match sparse_header(&file).await? {
-                Some(header) => ExtentData::Sparse(Box::new(open_sparse(file, header).await?)),
+                Some(header) => {
+                    let path = resolve_backing_path(&base, &line.file);
+                    if sparse_files.contains(&path) {
+                        return Err(QmpError::generic(format!(
+                            "The vmdk descriptor names the sparse extent '{}' twice",
+                            line.file
+                        )));
+                    }
+                    sparse_files.push(path);
+                    directory_budget = directory_budget
+                        .checked_sub(header.gd_entries())
+                        .ok_or_else(|| {
+                            QmpError::generic("The vmdk extents' grain directories are too large")
+                        })?;
+                    let s = open_sparse(file, header, read_only).await?;
+                    // As QEMU: a sparse extent is as long as its header says.
+                    len = s.header.capacity * 512;
+                    ExtentData::Sparse(Box::new(s))
+                }
                 None => {
                     return Err(QmpError::generic(format!(
                         "The vmdk extent '{}' is not a sparse extent",
