@@ -23,6 +23,8 @@ use std::sync::Arc;
 pub(crate) const MAGIC: &[u8; 16] = b"WithoutFreeSpace";
 pub(crate) const MAGIC_EXT: &[u8; 16] = b"WithouFreSpacExt";
 pub(crate) const HEADER_LEN: usize = 64;
+/// Clusters one block-status answer or zero-write piece maps at most.
+const MAP_CLUSTERS: u64 = 4096;
 /// The `inuse` value of an image open for writing.
 const IN_USE: u32 = 0x746F_6E59;
 
@@ -239,12 +241,22 @@ impl Driver for Parallels {
         flags: WriteFlags,
     ) -> io::Result<()> {
         let c = self.header.cluster_size;
-        let map = self.snapshot(&*self.state.lock().await, offset, len)?;
-        let first = offset / c;
-        block_map::write_zeroes(&self.file, c, offset, len, flags, |pos| {
-            map[(pos / c - first) as usize].map(|host| host + pos % c)
-        })
-        .await
+        // A piece at a time, so that the map of a zero write over the whole disk stays
+        // small.
+        let piece = MAP_CLUSTERS * c;
+        let mut done = 0;
+        while done < len {
+            let pos = offset + done;
+            let n = (piece - pos % piece).min(len - done);
+            let map = self.snapshot(&*self.state.lock().await, pos, n)?;
+            let first = pos / c;
+            block_map::write_zeroes(&self.file, c, pos, n, flags, |at| {
+                map[(at / c - first) as usize].map(|host| host + at % c)
+            })
+            .await?;
+            done += n;
+        }
+        Ok(())
     }
 
     /// Discard is advisory; clusters stay.
@@ -261,8 +273,9 @@ impl Driver for Parallels {
         if offset >= size {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let len = len.min(size - offset);
         let c = self.header.cluster_size;
+        // A run ends after a bounded number of clusters; callers come back for more.
+        let len = len.min(size - offset).min(MAP_CLUSTERS * c - offset % c);
         let map = self.snapshot(&*self.state.lock().await, offset, len)?;
         let first = offset / c;
         Ok(block_map::extent(c, offset, len, |pos| {

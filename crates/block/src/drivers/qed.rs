@@ -518,7 +518,10 @@ impl Driver for Qed {
         if offset >= size {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let len = len.min(size - offset);
+        // A run ends with its L2 table at the latest: a caller asking about the rest of a
+        // large disk comes back for more instead of holding the tables.
+        let table = self.header.entries() * self.header.cluster_size;
+        let len = len.min(size - offset).min(table - offset % table);
         let mut meta = self.meta.lock().await;
         let first = self.lookup(&mut meta, offset).await?;
         let kind_of = |m: Mapping| match m {

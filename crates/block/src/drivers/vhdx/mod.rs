@@ -248,7 +248,9 @@ impl Driver for Vhdx {
         if offset >= size {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let len = len.min(size - offset);
+        // A run ends after a chunk's worth of blocks at most; callers come back for more.
+        let chunk = self.meta.chunk_ratio() * self.meta.block_size;
+        let len = len.min(size - offset).min(chunk - offset % chunk);
         let state = self.state.lock().await;
         let first = self.block_of(&state, offset)?;
         let kind_of = |b: Block| match b {

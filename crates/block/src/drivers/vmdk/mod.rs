@@ -432,7 +432,8 @@ impl Vmdk {
                 }
                 Mapping::Unallocated | Mapping::Zeroed
                     if s.compressed
-                        && (!pos.is_multiple_of(s.grain) || (n < s.grain && pos + n < extent.len)) =>
+                        && (!pos.is_multiple_of(s.grain)
+                            || (n < s.grain && pos + n < extent.len)) =>
                 {
                     // As QEMU: a stream takes whole grains only (a grain is written once).
                     return Err(io::Error::from_raw_os_error(libc::EINVAL));
