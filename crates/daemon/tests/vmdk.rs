@@ -573,3 +573,84 @@ async fn review_cases_behave_as_in_qsd() {
     assert!(text.contains("write failed: Invalid argument"), "{text}");
     assert!(!text.contains("Pattern verification failed"), "{text}");
 }
+
+/// Compressed backups (`compress: true`) into a streamOptimized and a monolithicSparse
+/// target: both daemons complete them, and each target reads as its source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_backups_into_vmdk_targets_complete_as_in_qsd() {
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |n: &str| p(dir.path(), n);
+        qemu_img(&["create", "-q", "-f", "qcow2", &d("src.qcow2"), "4M"]);
+        qemu_io(&[
+            "-f",
+            "qcow2",
+            &d("src.qcow2"),
+            "-c",
+            "write -P 0x61 0 1M",
+            "-c",
+            "write -P 0x62 3M 64k",
+        ]);
+        for (name, sub) in [
+            ("stream.vmdk", "streamOptimized"),
+            ("sparse.vmdk", "monolithicSparse"),
+        ] {
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-o",
+                &format!("subformat={sub}"),
+                &d(name),
+                "4M",
+            ]);
+        }
+        let daemon = Daemon::start(which, dir.path(), &[]);
+        let mut client = daemon.qmp().await;
+        client
+            .execute(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "src",
+                     "file": {"driver": "file", "filename": "src.qcow2"}}),
+            )
+            .await
+            .unwrap();
+        for (node, file) in [("stream", "stream.vmdk"), ("sparse", "sparse.vmdk")] {
+            client
+                .execute(
+                    "blockdev-add",
+                    json!({"driver": "vmdk", "node-name": node,
+                         "file": {"driver": "file", "filename": file}}),
+                )
+                .await
+                .unwrap();
+            client
+                .execute(
+                    "blockdev-backup",
+                    json!({"job-id": node, "device": "src", "target": node,
+                         "sync": "full", "compress": true}),
+                )
+                .await
+                .unwrap();
+            let done = client
+                .wait_event("BLOCK_JOB_COMPLETED", WAIT)
+                .await
+                .expect("completed");
+            assert_eq!(done["data"].get("error"), None, "{which:?} {node}: {done}");
+        }
+        daemon.quit(&mut client).await;
+        for file in ["stream.vmdk", "sparse.vmdk"] {
+            qemu_img(&[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "vmdk",
+                &d("src.qcow2"),
+                &d(file),
+            ]);
+            qemu_img(&["check", "-q", "-f", "vmdk", &d(file)]);
+        }
+    }
+}

@@ -799,6 +799,12 @@ impl Driver for Vmdk {
         Ok(())
     }
 
+    /// As QEMU: compressed extents (streamOptimized) take each whole grain compressed;
+    /// the others store it as any write.
+    fn supports_compressed_writes(&self) -> bool {
+        true
+    }
+
     fn supports_backing(&self) -> bool {
         true
     }
