@@ -28,7 +28,9 @@ pub use create::{
     QedCreate, VdiCreate, VpcCreate,
 };
 pub use drain::DrainedSection;
+pub use drivers::bochs::Header as BochsHeader;
 pub use drivers::cbw::{check_min_cluster_size, CopyBeforeWrite, OnCbwError};
+pub use drivers::cloop::Header as CloopHeader;
 pub use drivers::cor::CopyOnRead;
 pub use drivers::file::os_error_text;
 pub use drivers::luks::KeyslotAmend;

@@ -7,8 +7,8 @@
 //! if the whole blockdev-add succeeds; a failure drops it all.
 
 use crate::drivers::{
-    blkdebug, cbw, file, luks, nbd, null, parallels, qcow, qcow2, qed, raw, throttle, vdi, vhdx,
-    vmdk, vpc,
+    blkdebug, bochs, cbw, cloop, file, luks, nbd, null, parallels, qcow, qcow2, qed, raw, throttle,
+    vdi, vhdx, vmdk, vpc,
 };
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
@@ -53,6 +53,8 @@ pub const DRIVERS: &[DriverEntry] = &[
     vmdk::DRIVER,
     vhdx::DRIVER,
     parallels::DRIVER,
+    bochs::DRIVER,
+    cloop::DRIVER,
     blkdebug::DRIVER,
     nbd::DRIVER,
     cbw::DRIVER,

@@ -2,7 +2,9 @@
 
 pub mod blkdebug;
 pub(crate) mod block_map;
+pub mod bochs;
 pub mod cbw;
+pub mod cloop;
 pub mod cor;
 pub(crate) mod fields;
 pub mod file;
