@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::formats::{assert_refusals_match, assert_same_images, patched, Run};
+use common::formats::{assert_behaves_as_in_qsd, assert_refusals_match, nodes_of, patched};
 use common::jobs::{create, empty_file_nodes, qemu_io};
 use common::*;
 use serde_json::{json, Value};
@@ -66,31 +66,17 @@ async fn exercise(which: Impl, dir: &Path) -> Vec<Value> {
             "flush",
         ]);
     }
-    let nodes = client
-        .execute("query-named-block-nodes", json!({"flat": true}))
-        .await
-        .unwrap();
-    for node in nodes.as_array().unwrap() {
-        if node["drv"] == "parallels" {
-            seen.push(json!({"node": node["node-name"], "image": node["image"]}));
-        }
-    }
+    seen.extend(nodes_of(&mut client, "parallels").await);
     daemon.quit(&mut client).await;
     seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallels_images_behave_as_in_qsd() {
-    let mut runs = Vec::new();
-    for which in Impl::all() {
-        let dir = tempfile::tempdir().unwrap();
-        let seen = exercise(which, dir.path()).await;
-        for name in IMAGES {
-            qemu_img(&["check", "-q", "-f", "parallels", &p(dir.path(), name)]);
-        }
-        runs.push(Run { seen, dir });
-    }
-    assert_same_images("parallels", &IMAGES, &runs);
+    assert_behaves_as_in_qsd("parallels", &IMAGES, |which, dir| async move {
+        exercise(which, &dir).await
+    })
+    .await;
 }
 
 /// An image QEMU left "in use" with a BAT entry past the end of the file: opened

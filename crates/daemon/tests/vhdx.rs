@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::formats::{assert_same_images, patched, Run};
+use common::formats::{assert_behaves_as_in_qsd, nodes_of, patched};
 use common::jobs::{create, empty_file_nodes, qemu_io};
 use common::*;
 use serde_json::{json, Value};
@@ -88,31 +88,17 @@ async fn exercise(which: Impl, dir: &Path) -> Vec<Value> {
             "flush",
         ]);
     }
-    let nodes = client
-        .execute("query-named-block-nodes", json!({"flat": true}))
-        .await
-        .unwrap();
-    for node in nodes.as_array().unwrap() {
-        if node["drv"] == "vhdx" {
-            seen.push(json!({"node": node["node-name"], "image": node["image"]}));
-        }
-    }
+    seen.extend(nodes_of(&mut client, "vhdx").await);
     daemon.quit(&mut client).await;
     seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vhdx_images_behave_as_in_qsd() {
-    let mut runs = Vec::new();
-    for which in Impl::all() {
-        let dir = tempfile::tempdir().unwrap();
-        let seen = exercise(which, dir.path()).await;
-        for name in IMAGES {
-            qemu_img(&["check", "-q", "-f", "vhdx", &p(dir.path(), name)]);
-        }
-        runs.push(Run { seen, dir });
-    }
-    assert_same_images("vhdx", &IMAGES, &runs);
+    assert_behaves_as_in_qsd("vhdx", &IMAGES, |which, dir| async move {
+        exercise(which, &dir).await
+    })
+    .await;
 }
 
 /// `image` with `bytes` at `at`, and the checksum of the structure of `len` bytes at

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::formats::{assert_refusals_match, assert_same_images, patched, Run};
+use common::formats::{assert_refusals_match, assert_same_images, nodes_of, patched, Run};
 use common::jobs::{create, empty_file_nodes, qemu_io};
 use common::*;
 use serde_json::{json, Value};
@@ -90,15 +90,7 @@ async fn exercise(which: Impl, dir: &Path) -> Vec<Value> {
             "flush",
         ]);
     }
-    let nodes = client
-        .execute("query-named-block-nodes", json!({"flat": true}))
-        .await
-        .unwrap();
-    for node in nodes.as_array().unwrap() {
-        if node["drv"] == "vpc" {
-            seen.push(json!({"node": node["node-name"], "image": node["image"]}));
-        }
-    }
+    seen.extend(nodes_of(&mut client, "vpc").await);
     daemon.quit(&mut client).await;
     seen
 }

@@ -72,6 +72,40 @@ pub fn assert_same_images(format: &str, images: &[&str], runs: &[Run]) {
     }
 }
 
+/// query-named-block-nodes' nodes of driver `drv`: each one's name and image.
+pub async fn nodes_of(client: &mut qmp::Client, drv: &str) -> Vec<Value> {
+    let nodes = client
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|node| node["drv"] == drv)
+        .map(|node| json!({"node": node["node-name"], "image": node["image"]}))
+        .collect()
+}
+
+/// `exercise` run on both daemons, each in a directory of its own, then `images` checked
+/// by `qemu-img check` and compared between the two ([`assert_same_images`]).
+pub async fn assert_behaves_as_in_qsd<F, Fut>(format: &str, images: &[&str], exercise: F)
+where
+    F: Fn(Impl, std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Vec<Value>>,
+{
+    let mut runs = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = exercise(which, dir.path().to_path_buf()).await;
+        for name in images {
+            qemu_img(&["check", "-q", "-f", format, &p(dir.path(), name)]);
+        }
+        runs.push(Run { seen, dir });
+    }
+    assert_same_images(format, images, &runs);
+}
+
 /// `image` with `bytes` at `at`.
 pub fn patched(image: &[u8], at: usize, bytes: &[u8]) -> Vec<u8> {
     let mut v = image.to_vec();
