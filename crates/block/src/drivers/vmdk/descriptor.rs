@@ -173,12 +173,10 @@ fn parse_extent(line: &str) -> Result<Option<ExtentLine>, String> {
     let (kind, offset) = match (type_name, offset) {
         ("FLAT", Some(offset)) => (ExtentType::Flat, offset),
         ("VMFS", None) => (ExtentType::Flat, 0),
-        ("SPARSE", None) => (ExtentType::Sparse, 0),
+        ("SPARSE" | "VMFSSPARSE", None) => (ExtentType::Sparse, 0),
         ("ZERO", None) => (ExtentType::Zero, 0),
-        ("FLAT" | "VMFS" | "SPARSE" | "ZERO", _) => return Err(invalid()),
-        ("VMFSSPARSE" | "SESPARSE", _) => {
-            return Err(format!("blockd does not open {type_name} extents"))
-        }
+        ("FLAT" | "VMFS" | "SPARSE" | "VMFSSPARSE" | "ZERO", _) => return Err(invalid()),
+        ("SESPARSE", _) => return Err(format!("blockd does not open {type_name} extents")),
         _ => return Err(format!("Unsupported extent type '{type_name}'")),
     };
     if offset > i64::MAX as u64 / 512 {

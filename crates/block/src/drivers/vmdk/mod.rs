@@ -1,5 +1,6 @@
 //! `vmdk`: VMware's disks. A disk is a row of extents, each flat (the data as is), zero,
-//! or sparse (grains a grain directory and grain tables find, see [`sparse`]). A
+//! or sparse (grains a grain directory and grain tables find, see [`sparse`]; the VMDK3
+//! extents of ESX's vmfsSparse disks are read as such too). A
 //! monolithic sparse file is one sparse extent with its descriptor inside; otherwise the
 //! `file` child is a text descriptor ([`descriptor`]) that names the extent files, opened
 //! as children `extents.N` relative to it.
@@ -984,7 +985,7 @@ async fn open_sparse(
 /// The sparse header at the start of `file`, or an error naming the file.
 async fn sparse_header(file: &Child) -> Result<Option<SparseHeader>, QmpError> {
     let head = read_bytes(file, 0, sparse::HEADER_LEN).await?;
-    SparseHeader::parse(&head)
+    SparseHeader::parse_any(&head)
         .transpose()
         .map_err(QmpError::generic)
 }
@@ -1001,15 +1002,10 @@ async fn open(
         .await?;
     let file_size = file.node().size();
     let head = read_bytes(&file, 0, sparse::HEADER_LEN).await?;
-    if &head[..4] == b"COWD" {
-        return Err(QmpError::generic(
-            "blockd does not open vmfsSparse (VMDK3) images",
-        ));
-    }
     o.claim_position();
     let mut extents = Vec::new();
     let mut files = vec![file.clone()];
-    let (descriptor, descriptor_at) = match SparseHeader::parse(&head) {
+    let (descriptor, descriptor_at) = match SparseHeader::parse_any(&head) {
         Some(Err(e)) => return Err(QmpError::generic(e)),
         Some(Ok(header)) => {
             let room = header

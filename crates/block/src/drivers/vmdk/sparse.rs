@@ -77,6 +77,36 @@ impl SparseHeader {
         Some(h.check().map(|()| h))
     }
 
+    /// A sparse header of either kind: VMDK4 (`KDMV`), or the VMDK3 (`COWD`) header of
+    /// ESX's vmfsSparse extents, taken as a VMDK4 one with 4096-entry grain tables and no
+    /// redundant directory. None without either magic.
+    pub fn parse_any(buf: &[u8]) -> Option<Result<SparseHeader, String>> {
+        if buf.len() < HEADER_LEN || &buf[..4] != b"COWD" {
+            return SparseHeader::parse(buf);
+        }
+        let h = SparseHeader {
+            version: 1,
+            flags: 0,
+            capacity: le32(buf, 12) as u64,
+            grain_sectors: le32(buf, 16) as u64,
+            // QEMU reads a VMDK3 extent's descriptor (its CID) from the second sector.
+            desc_offset: 1,
+            desc_size: 1,
+            gtes_per_gt: 4096,
+            rgd_offset: 0,
+            gd_offset: le32(buf, 20) as u64,
+            overhead: 0,
+            compress_algorithm: 0,
+        };
+        if h.grain_sectors == 0 {
+            return Some(Err("L1 entry size is invalid".into()));
+        }
+        if h.grain_sectors > MAX_GRAIN_SECTORS {
+            return Some(Err("Invalid granularity, image may be corrupt".into()));
+        }
+        Some(Ok(h))
+    }
+
     /// Whether the GD is named by a footer instead (a stream written front to back).
     pub fn gd_at_end(&self) -> bool {
         self.gd_offset == GD_AT_END
