@@ -151,10 +151,11 @@ const IMAGES: [&str; 6] = [
     "overlay.vmdk",
 ];
 
-/// Delete the export and the node `node` (add_exported made both).
+/// Delete the export and the node `node` (add_exported made both). Hard: the client
+/// that used it has exited, but the daemon may not have seen it go yet.
 async fn close_exported(client: &mut qmp::Client, node: &str) {
     client
-        .execute("block-export-del", json!({"id": node}))
+        .execute("block-export-del", json!({"id": node, "mode": "hard"}))
         .await
         .unwrap();
     client
