@@ -170,3 +170,60 @@ async fn crafted_qed_headers_are_refused_as_qsd_refuses_them() {
     })
     .await;
 }
+
+/// block_resize of a qed node on both daemons: growing works (the new part reads as
+/// zeroes and can be written), shrinking and odd sizes are refused with qsd's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qed_images_grow_as_in_qsd() {
+    let mut all = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |n: &str| p(dir.path(), n);
+        qemu_img(&["create", "-q", "-f", "qed", &d("a.qed"), "5M"]);
+        qemu_io(&["-f", "qed", &d("a.qed"), "-c", "write -P 0x11 4M 1M"]);
+        let daemon = Daemon::start(which, dir.path(), &[]);
+        let mut client = daemon.qmp().await;
+        client
+            .execute(
+                "blockdev-add",
+                json!({"driver": "qed", "node-name": "a",
+                       "file": {"driver": "file", "filename": "a.qed"}}),
+            )
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        for size in [3u64 << 20, (7 << 20) + 100, 7 << 20, 1u64 << 50] {
+            let answer = reply(
+                &mut client,
+                "block_resize",
+                json!({"node-name": "a", "size": size}),
+            )
+            .await;
+            seen.push(json!({size.to_string(): answer}));
+        }
+        seen.extend(nodes_of(&mut client, "qed").await);
+        daemon.quit(&mut client).await;
+        qemu_io(&[
+            "-f",
+            "qed",
+            &d("a.qed"),
+            "-c",
+            "read -P 0x11 4M 1M",
+            "-c",
+            "read -P 0 5M 2M",
+            "-c",
+            "write -P 0x22 6M 64k",
+            "-c",
+            "read -P 0x22 6M 64k",
+        ]);
+        qemu_img(&["check", "-q", "-f", "qed", &d("a.qed")]);
+        all.push(normalize(Value::Array(seen)));
+    }
+    assert_eq!(
+        first_difference(&all[0], &all[1]),
+        None,
+        "{:#}\n{:#}",
+        all[0],
+        all[1]
+    );
+}

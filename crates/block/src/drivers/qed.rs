@@ -189,6 +189,8 @@ struct Meta {
 
 pub struct Qed {
     file: Arc<Child>,
+    /// The disk size: the header's, until a resize grows it.
+    size: std::sync::atomic::AtomicU64,
     /// Changes when the graph gives the node another backing node.
     backing: std::sync::Mutex<Option<Arc<Child>>>,
     header: Header,
@@ -339,7 +341,7 @@ impl Qed {
         let cluster_start = pos - pos % cluster_size;
         let mut cluster = PoolBuf::new(cluster_size as usize, 1)?;
         let bytes = cluster.as_mut_slice();
-        let len = cluster_size.min(self.header.image_size - cluster_start) as usize;
+        let len = cluster_size.min(self.disk_size() - cluster_start) as usize;
         self.read_cluster_part(mapping, cluster_start, &mut bytes[..len])
             .await?;
         bytes[len..].fill(0);
@@ -352,6 +354,10 @@ impl Qed {
         // The cluster is on disk before the L2 entry names it.
         self.file.flush().await?;
         self.set_entry(meta, pos, host).await
+    }
+
+    fn disk_size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn in_cluster(&self, offset: u64, len: u64) -> u64 {
@@ -407,7 +413,7 @@ impl Driver for Qed {
     }
 
     fn size(&self, _node: &Node) -> u64 {
-        self.header.image_size
+        self.disk_size()
     }
 
     async fn read(&self, _node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -464,8 +470,7 @@ impl Driver for Qed {
             let pos = offset + done;
             let n = self.in_cluster(pos, len - done);
             let whole = n == self.header.cluster_size
-                || pos.is_multiple_of(self.header.cluster_size)
-                    && pos + n == self.header.image_size;
+                || pos.is_multiple_of(self.header.cluster_size) && pos + n == self.disk_size();
             let mut meta = self.meta.lock().await;
             let mapping = self.lookup(&mut meta, pos).await?;
             if whole {
@@ -558,9 +563,29 @@ impl Driver for Qed {
         Ok(())
     }
 
-    /// Resizing is not done here yet: QEMU grows a qed image, blockd refuses.
-    async fn truncate(&self, _: &Node, _size: u64) -> io::Result<()> {
-        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    /// Growing, as QEMU: the tables cover up to the format's largest disk, so only the
+    /// header's size changes. Shrinking is refused, as in QEMU.
+    async fn truncate(&self, _: &Node, size: u64) -> io::Result<()> {
+        let h = &self.header;
+        let entries = h.entries();
+        let max = entries
+            .saturating_mul(entries)
+            .saturating_mul(h.cluster_size);
+        if size < self.disk_size() {
+            return Err(io::Error::other(
+                "Shrinking images is currently not supported",
+            ));
+        }
+        if !size.is_multiple_of(512) || size > max {
+            return Err(io::Error::other("Invalid image size specified"));
+        }
+        let _meta = self.meta.lock().await;
+        self.file
+            .write(48, &size.to_le_bytes(), WriteFlags::default())
+            .await?;
+        self.file.flush().await?;
+        self.size.store(size, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     fn child_perms(&self, role: &str, perm: Perms, _: Perms, read_only: bool) -> (Perms, Perms) {
@@ -656,6 +681,7 @@ async fn open(
     let end = file_size.next_multiple_of(header.cluster_size);
     let need_check = header.features & F_NEED_CHECK != 0;
     let qed = Qed {
+        size: std::sync::atomic::AtomicU64::new(header.image_size),
         file,
         backing: std::sync::Mutex::new(backing),
         header,
