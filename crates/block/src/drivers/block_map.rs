@@ -7,6 +7,37 @@
 use crate::node::{Child, Extent, ExtentKind, WriteFlags};
 use qapi::error::QmpError;
 use std::io;
+use std::sync::{Arc, Mutex};
+
+/// A format's backing child, which the graph may change under it (`set_backing_edge`):
+/// what reads of blocks the format does not hold fall through to.
+#[derive(Default)]
+pub(crate) struct BackingEdge(Mutex<Option<Arc<Child>>>);
+
+impl BackingEdge {
+    pub(crate) fn new(child: Option<Arc<Child>>) -> BackingEdge {
+        BackingEdge(Mutex::new(child))
+    }
+
+    pub(crate) fn get(&self) -> Option<Arc<Child>> {
+        self.0.lock().expect("backing lock").clone()
+    }
+
+    pub(crate) fn set(&self, child: Option<Arc<Child>>) {
+        *self.0.lock().expect("backing lock") = child;
+    }
+
+    /// Fill `buf` from `pos` of the backing child; zeroes without one or past its end.
+    pub(crate) async fn read(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self.get() {
+            Some(backing) => read_zero_past_end(&backing, pos, buf).await,
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+}
 
 /// Fill `buf` from `offset` of `child`; what lies past its end reads as zeroes (a backing
 /// file shorter than its overlay, a table in a truncated image).

@@ -8,7 +8,7 @@
 //! and flushed before the L1 entry points at it. A crash leaves at worst unreferenced space at the end. Encrypted
 //! images (legacy AES) are refused.
 
-use super::block_map::{read_metadata, read_zero_past_end};
+use super::block_map::{in_block, read_metadata, BackingEdge};
 use super::fields::{be32, be64};
 use super::qcow2::Compression;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
@@ -158,7 +158,7 @@ struct Meta {
 pub struct Qcow {
     file: Arc<Child>,
     /// Changes when the graph gives the node another backing node.
-    backing: std::sync::Mutex<Option<Arc<Child>>>,
+    backing: BackingEdge,
     header: Header,
     backing_name: Option<String>,
     /// Lookups and allocations; allocating writes hold it while they write.
@@ -224,18 +224,7 @@ impl Qcow {
                 buf.copy_from_slice(&cluster.as_slice()[at..at + buf.len()]);
                 Ok(())
             }
-            Mapping::Unallocated => self.read_backing(pos, buf).await,
-        }
-    }
-
-    async fn read_backing(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
-        let backing = self.backing.lock().expect("backing lock").clone();
-        match backing {
-            Some(backing) => read_zero_past_end(&backing, pos, buf).await,
-            None => {
-                buf.fill(0);
-                Ok(())
-            }
+            Mapping::Unallocated => self.backing.read(pos, buf).await,
         }
     }
 
@@ -296,11 +285,6 @@ impl Qcow {
         self.l2_table(meta, l2_offset).await?[index as usize] = host;
         Ok(())
     }
-
-    fn in_cluster(&self, offset: u64, len: u64) -> u64 {
-        let cluster_size = self.header.cluster_size();
-        (cluster_size - offset % cluster_size).min(len)
-    }
 }
 
 #[async_trait(?Send)]
@@ -318,7 +302,7 @@ impl Driver for Qcow {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let n = self.in_cluster(pos, (buf.len() - done) as u64) as usize;
+            let n = in_block(self.header.cluster_size(), pos, (buf.len() - done) as u64) as usize;
             let mapping = self.lookup(&mut *self.meta.lock().await, pos).await?;
             self.read_cluster_part(mapping, pos, &mut buf[done..done + n])
                 .await?;
@@ -331,7 +315,7 @@ impl Driver for Qcow {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let n = self.in_cluster(pos, (buf.len() - done) as u64) as usize;
+            let n = in_block(self.header.cluster_size(), pos, (buf.len() - done) as u64) as usize;
             let chunk = &buf[done..done + n];
             let mut meta = self.meta.lock().await;
             match self.lookup(&mut meta, pos).await? {
@@ -394,11 +378,11 @@ impl Driver for Qcow {
         let mut meta = self.meta.lock().await;
         let first = self.lookup(&mut meta, offset).await?;
         let allocated = first != Mapping::Unallocated;
-        let mut run = self.in_cluster(offset, len);
+        let mut run = in_block(self.header.cluster_size(), offset, len);
         while run < len
             && (self.lookup(&mut meta, offset + run).await? != Mapping::Unallocated) == allocated
         {
-            run += self.in_cluster(offset + run, len - run);
+            run += in_block(self.header.cluster_size(), offset + run, len - run);
         }
         let kind = match first {
             Mapping::Unallocated => ExtentKind::Unallocated,
@@ -420,7 +404,7 @@ impl Driver for Qcow {
         _node: &Node,
         backing: Option<Arc<Child>>,
     ) -> Result<(), String> {
-        *self.backing.lock().expect("backing lock") = backing;
+        self.backing.set(backing);
         Ok(())
     }
 
@@ -512,7 +496,7 @@ async fn open(
     let end = file_size.next_multiple_of(header.cluster_size());
     Ok(Box::new(Qcow {
         file,
-        backing: std::sync::Mutex::new(backing),
+        backing: BackingEdge::new(backing),
         header,
         backing_name,
         meta: tokio::sync::Mutex::new(Meta {

@@ -10,7 +10,7 @@
 //! entries that point outside the file or off a cluster boundary are cleared, then the
 //! flag is.
 
-use super::block_map::{read_metadata, read_zero_past_end};
+use super::block_map::{in_block, read_metadata, read_zero_past_end, BackingEdge};
 use super::fields::{le32, le64};
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::open::{DriverEntry, Opener};
@@ -192,7 +192,7 @@ pub struct Qed {
     /// The disk size: the header's, until a resize grows it.
     size: std::sync::atomic::AtomicU64,
     /// Changes when the graph gives the node another backing node.
-    backing: std::sync::Mutex<Option<Arc<Child>>>,
+    backing: BackingEdge,
     header: Header,
     backing_name: Option<String>,
     /// Lookups and allocations; allocating writes hold it while they write.
@@ -244,21 +244,6 @@ impl Qed {
         })
     }
 
-    async fn read_backing(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
-        let backing = self.backing.lock().expect("backing lock").clone();
-        match backing {
-            Some(backing) => read_zero_past_end(&backing, pos, buf).await,
-            None => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
-
-    fn has_backing(&self) -> bool {
-        self.backing.lock().expect("backing lock").is_some()
-    }
-
     async fn read_cluster_part(
         &self,
         mapping: Mapping,
@@ -275,7 +260,7 @@ impl Qed {
                 buf.fill(0);
                 Ok(())
             }
-            Mapping::Unallocated => self.read_backing(pos, buf).await,
+            Mapping::Unallocated => self.backing.read(pos, buf).await,
         }
     }
 
@@ -360,11 +345,6 @@ impl Qed {
         self.size.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn in_cluster(&self, offset: u64, len: u64) -> u64 {
-        let cluster_size = self.header.cluster_size;
-        (cluster_size - offset % cluster_size).min(len)
-    }
-
     /// QEMU's check after an unclean close, repairing: L1 and L2 entries that cannot be
     /// tables or clusters are cleared (their clusters read from the backing file again,
     /// as QEMU's repair leaves them); then the flag is cleared.
@@ -420,7 +400,7 @@ impl Driver for Qed {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let n = self.in_cluster(pos, (buf.len() - done) as u64) as usize;
+            let n = in_block(self.header.cluster_size, pos, (buf.len() - done) as u64) as usize;
             let mapping = self.lookup(&mut *self.meta.lock().await, pos).await?;
             self.read_cluster_part(mapping, pos, &mut buf[done..done + n])
                 .await?;
@@ -433,7 +413,7 @@ impl Driver for Qed {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let n = self.in_cluster(pos, (buf.len() - done) as u64) as usize;
+            let n = in_block(self.header.cluster_size, pos, (buf.len() - done) as u64) as usize;
             let chunk = &buf[done..done + n];
             let mut meta = self.meta.lock().await;
             match self.lookup(&mut meta, pos).await? {
@@ -464,11 +444,11 @@ impl Driver for Qed {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        let backing = self.has_backing();
+        let backing = self.backing.get().is_some();
         let mut done = 0;
         while done < len {
             let pos = offset + done;
-            let n = self.in_cluster(pos, len - done);
+            let n = in_block(self.header.cluster_size, pos, len - done);
             let whole = n == self.header.cluster_size
                 || pos.is_multiple_of(self.header.cluster_size) && pos + n == self.disk_size();
             let mut meta = self.meta.lock().await;
@@ -534,9 +514,9 @@ impl Driver for Qed {
             Mapping::Zero => 1,
             Mapping::Unallocated => 2,
         };
-        let mut run = self.in_cluster(offset, len);
+        let mut run = in_block(self.header.cluster_size, offset, len);
         while run < len && kind_of(self.lookup(&mut meta, offset + run).await?) == kind_of(first) {
-            run += self.in_cluster(offset + run, len - run);
+            run += in_block(self.header.cluster_size, offset + run, len - run);
         }
         let kind = match first {
             Mapping::Data(_) => ExtentKind::Data,
@@ -559,7 +539,7 @@ impl Driver for Qed {
         _node: &Node,
         backing: Option<Arc<Child>>,
     ) -> Result<(), String> {
-        *self.backing.lock().expect("backing lock") = backing;
+        self.backing.set(backing);
         Ok(())
     }
 
@@ -683,7 +663,7 @@ async fn open(
     let qed = Qed {
         size: std::sync::atomic::AtomicU64::new(header.image_size),
         file,
-        backing: std::sync::Mutex::new(backing),
+        backing: BackingEdge::new(backing),
         header,
         backing_name,
         meta: tokio::sync::Mutex::new(Meta {

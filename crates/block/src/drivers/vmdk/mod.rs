@@ -18,7 +18,7 @@ pub mod sparse;
 
 pub use create::{CreateTarget, VmdkCreate};
 
-use crate::drivers::block_map::{in_block, read_metadata, read_zero_past_end};
+use crate::drivers::block_map::{in_block, read_metadata, read_zero_past_end, BackingEdge};
 use crate::drivers::fields::le32;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::open::{resolve_backing_path, DriverEntry, Opener};
@@ -262,7 +262,7 @@ pub struct Vmdk {
     size: u64,
     /// The file children, each once (the descriptor and the extent files).
     files: Vec<Arc<Child>>,
-    backing: std::sync::Mutex<Option<Arc<Child>>>,
+    backing: BackingEdge,
     descriptor: Descriptor,
     descriptor_at: Option<DescriptorAt>,
     cid: AtomicU32,
@@ -279,17 +279,6 @@ impl Vmdk {
         &self.extents[i]
     }
 
-    async fn read_backing(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
-        let backing = self.backing.lock().expect("backing lock").clone();
-        match backing {
-            Some(backing) => read_zero_past_end(&backing, pos, buf).await,
-            None => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
-
     /// An error (`errno`) while the backing file is not the vmdk this disk was made from:
     /// its content changed since (another CID), or it is no vmdk at all. As in QEMU, what
     /// needs the backing file fails then (reads of grains without data, new grains), as
@@ -298,7 +287,7 @@ impl Vmdk {
         if self.parent_checked.load(Ordering::Acquire) {
             return Ok(());
         }
-        if let Some(backing) = self.backing.lock().expect("backing lock").as_ref() {
+        if let Some(backing) = self.backing.get() {
             let node = backing.node();
             let parent_cid = node
                 .driver_as::<Vmdk>()
@@ -309,10 +298,6 @@ impl Vmdk {
         }
         self.parent_checked.store(true, Ordering::Release);
         Ok(())
-    }
-
-    fn has_backing(&self) -> bool {
-        self.backing.lock().expect("backing lock").is_some()
     }
 
     /// The first write of a session that succeeds gives the disk a new CID in its
@@ -388,7 +373,7 @@ impl Vmdk {
                 Mapping::Zeroed => chunk.fill(0),
                 Mapping::Unallocated => {
                     self.check_parent(libc::EIO)?;
-                    self.read_backing(start + pos, chunk).await?
+                    self.backing.read(start + pos, chunk).await?
                 }
                 Mapping::Compressed(host) => {
                     let mut grain = PoolBuf::new(s.grain as usize, 1)?;
@@ -522,7 +507,7 @@ impl Vmdk {
         to: u64,
         host: u64,
     ) -> io::Result<()> {
-        if !self.has_backing() {
+        if self.backing.get().is_none() {
             return Ok(());
         }
         let mut buf = PoolBuf::new((to - from).min(COPY_CHUNK) as usize, 1)?;
@@ -530,7 +515,7 @@ impl Vmdk {
         while from + done < to {
             let n = (to - from - done).min(COPY_CHUNK) as usize;
             let part = &mut buf.as_mut_slice()[..n];
-            self.read_backing(start + from + done, part).await?;
+            self.backing.read(start + from + done, part).await?;
             s.file
                 .write(host + done, part, WriteFlags::default())
                 .await?;
@@ -559,7 +544,7 @@ impl Vmdk {
         let len = s.grain.min(extent.len - base) as usize;
         let mut whole = vec![0u8; len];
         if mapping == Mapping::Unallocated {
-            self.read_backing(extent.start + base, &mut whole).await?;
+            self.backing.read(extent.start + base, &mut whole).await?;
         }
         let at = (off - base) as usize;
         whole[at..at + data.len()].copy_from_slice(data);
@@ -604,7 +589,7 @@ impl Vmdk {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        let backing = self.has_backing();
+        let backing = self.backing.get().is_some();
         let mut done = 0;
         while done < len {
             let pos = off + done;
@@ -815,7 +800,7 @@ impl Driver for Vmdk {
         _node: &Node,
         backing: Option<Arc<Child>>,
     ) -> Result<(), String> {
-        *self.backing.lock().expect("backing lock") = backing;
+        self.backing.set(backing);
         self.parent_checked.store(false, Ordering::Release);
         Ok(())
     }
@@ -1081,7 +1066,7 @@ async fn open(
         extents,
         size,
         files,
-        backing: std::sync::Mutex::new(backing),
+        backing: BackingEdge::new(backing),
         cid: AtomicU32::new(descriptor.cid),
         descriptor,
         descriptor_at,
