@@ -186,12 +186,19 @@ impl Driver for Parallels {
 
     async fn read(&self, _node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let c = self.header.cluster_size;
-        let map = self.snapshot(&*self.state.lock().await, offset, buf.len() as u64)?;
-        let first = offset / c;
-        block_map::read(&self.file, c, offset, buf, |pos| {
-            map[(pos / c - first) as usize].map(|host| host + pos % c)
-        })
-        .await
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let n = block_map::in_block(c, pos, (buf.len() - done) as u64) as usize;
+            let host = self.host(&*self.state.lock().await, pos / c)?;
+            let chunk = &mut buf[done..done + n];
+            match host {
+                Some(host) => self.file.read(host + pos % c, chunk).await?,
+                None => chunk.fill(0),
+            }
+            done += n;
+        }
+        Ok(())
     }
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {

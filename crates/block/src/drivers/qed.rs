@@ -475,9 +475,15 @@ impl Driver for Qed {
                     }
                     Mapping::Unallocated => {
                         drop(meta);
-                        let zeroes = vec![0u8; n as usize];
-                        self.write(node, pos, &zeroes, WriteFlags::default())
-                            .await?;
+                        // In bounded pieces: a cluster may be 64 MiB.
+                        let zeroes = vec![0u8; n.min(1 << 20) as usize];
+                        let mut at = 0;
+                        while at < n {
+                            let part = (n - at).min(zeroes.len() as u64) as usize;
+                            self.write(node, pos + at, &zeroes[..part], WriteFlags::default())
+                                .await?;
+                            at += part as u64;
+                        }
                     }
                 }
             }
