@@ -120,7 +120,8 @@ impl Bochs {
     }
 }
 
-fn read_only() -> io::Error {
+/// What a write to a read-only format (bochs, cloop) fails with.
+pub(crate) fn read_only() -> io::Error {
     io::Error::from_raw_os_error(libc::EACCES)
 }
 

@@ -3,7 +3,7 @@
 //! count + 1 offsets, and each block zlib-compressed between two offsets.
 
 use super::block_map::read_metadata;
-use super::bochs::refuse_writable;
+use super::bochs::{read_only, refuse_writable};
 use super::fields::{be32, be64};
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::open::{DriverEntry, Opener};
@@ -87,10 +87,6 @@ impl Cloop {
         *self.cache.lock().expect("cache lock") = Some((index, data.clone()));
         Ok(data)
     }
-}
-
-fn read_only() -> io::Error {
-    io::Error::from_raw_os_error(libc::EACCES)
 }
 
 #[async_trait(?Send)]
