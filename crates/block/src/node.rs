@@ -84,6 +84,20 @@ pub struct DriverInfo {
     pub backing_format: Option<String>,
 }
 
+impl DriverInfo {
+    /// A format's report as far as its storage child `file` gives it: the file name and
+    /// the space it takes.
+    pub fn of_storage(file: &Child) -> DriverInfo {
+        let node = file.node();
+        let info = node.driver().info(&node);
+        DriverInfo {
+            filename: info.filename,
+            actual_size: info.actual_size,
+            ..DriverInfo::default()
+        }
+    }
+}
+
 /// One internal snapshot of an image (QEMU's SnapshotInfo).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotInfo {

@@ -193,13 +193,7 @@ impl Driver for Bochs {
     }
 
     fn info(&self, _node: &Node) -> DriverInfo {
-        let file = self.file.node();
-        let file_info = file.driver().info(&file);
-        DriverInfo {
-            filename: file_info.filename,
-            actual_size: file_info.actual_size,
-            ..DriverInfo::default()
-        }
+        DriverInfo::of_storage(&self.file)
     }
 }
 

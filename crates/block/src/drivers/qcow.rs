@@ -418,15 +418,11 @@ impl Driver for Qcow {
     }
 
     fn info(&self, _node: &Node) -> DriverInfo {
-        let file = self.file.node();
-        let file_info = file.driver().info(&file);
         DriverInfo {
-            filename: file_info.filename,
-            actual_size: file_info.actual_size,
             cluster_size: Some(self.header.cluster_size()),
             dirty_flag: Some(false),
             backing_filename: self.backing_name.clone(),
-            ..DriverInfo::default()
+            ..DriverInfo::of_storage(&self.file)
         }
     }
 }

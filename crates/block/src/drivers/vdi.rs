@@ -335,14 +335,10 @@ impl Driver for Vdi {
     }
 
     fn info(&self, _node: &Node) -> DriverInfo {
-        let file = self.file.node();
-        let file_info = file.driver().info(&file);
         DriverInfo {
-            filename: file_info.filename,
-            actual_size: file_info.actual_size,
             cluster_size: Some(BLOCK_SIZE),
             dirty_flag: Some(false),
-            ..DriverInfo::default()
+            ..DriverInfo::of_storage(&self.file)
         }
     }
 }

@@ -423,14 +423,10 @@ impl Driver for Vpc {
     }
 
     fn info(&self, _node: &Node) -> DriverInfo {
-        let file = self.file.node();
-        let file_info = file.driver().info(&file);
         DriverInfo {
-            filename: file_info.filename,
-            actual_size: file_info.actual_size,
             cluster_size: self.dynamic.as_ref().map(|d| d.block_size),
             dirty_flag: Some(false),
-            ..DriverInfo::default()
+            ..DriverInfo::of_storage(&self.file)
         }
     }
 }

@@ -282,14 +282,10 @@ impl Driver for Vhdx {
     }
 
     fn info(&self, _node: &Node) -> DriverInfo {
-        let file = self.file.node();
-        let file_info = file.driver().info(&file);
         DriverInfo {
-            filename: file_info.filename,
-            actual_size: file_info.actual_size,
             cluster_size: Some(self.meta.block_size),
             dirty_flag: Some(false),
-            ..DriverInfo::default()
+            ..DriverInfo::of_storage(&self.file)
         }
     }
 }
