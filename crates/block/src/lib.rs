@@ -32,6 +32,7 @@ pub use drivers::bochs::Header as BochsHeader;
 pub use drivers::cbw::{check_min_cluster_size, CopyBeforeWrite, OnCbwError};
 pub use drivers::cloop::Header as CloopHeader;
 pub use drivers::cor::CopyOnRead;
+pub use drivers::dmg::parse_image as dmg_parse_image;
 pub use drivers::file::os_error_text;
 pub use drivers::luks::KeyslotAmend;
 pub use drivers::mirror_top::{MirrorState, MirrorTop};

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::formats::patched;
+use common::formats::{export_to_raw, patched};
 use common::*;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -156,16 +156,8 @@ async fn bochs_and_cloop_images_read_as_in_qsd() {
             ("disk-bochs", &bochs_expected),
             ("disk-cloop", &cloop_expected),
         ] {
-            client
-                .execute(
-                    "block-export-add",
-                    json!({"type": "nbd", "id": node, "node-name": node}),
-                )
-                .await
-                .unwrap();
             let out = d(&format!("{node}.raw"));
-            let uri = format!("nbd+unix:///{node}?socket={}", sock.display());
-            qemu_img(&["convert", "-f", "raw", "-O", "raw", &uri, &out]);
+            export_to_raw(&mut client, &sock, node, &out).await;
             assert!(
                 std::fs::read(&out).unwrap() == *expected,
                 "{which:?} {node}"

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::formats::{assert_refusals_match, assert_same_images, patched, Run};
+use common::formats::{assert_refusals_match, assert_same_images, export_to_raw, patched, Run};
 use common::jobs::{create, empty_file_nodes, qemu_io};
 use common::*;
 use serde_json::{json, Value};
@@ -703,16 +703,8 @@ async fn vmfs_sparse_extents_read_as_in_qsd() {
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{which:?} {node}: {e:?}"));
-            client
-                .execute(
-                    "block-export-add",
-                    json!({"type": "nbd", "id": node, "node-name": node}),
-                )
-                .await
-                .unwrap();
             let out = d(&format!("{node}.raw"));
-            let uri = format!("nbd+unix:///{node}?socket={}", sock.display());
-            qemu_img(&["convert", "-f", "raw", "-O", "raw", &uri, &out]);
+            export_to_raw(&mut client, &sock, node, &out).await;
             let read = std::fs::read(&out).unwrap();
             // qsd counts an extent opened through a descriptor twice (its disk is 2 MiB,
             // the second half zeroes); blockd's is as long as the extent.

@@ -73,6 +73,13 @@ pub(crate) async fn read_metadata(
     Ok(buf)
 }
 
+/// QEMU's refusal of an image it finds invalid, as it words it ("Could not open '…':
+/// Invalid argument"), with what blockd found after it.
+pub(crate) fn could_not_open(filename: &str, errno: i32, why: &str) -> QmpError {
+    let text = super::file::os_error_text(&io::Error::from_raw_os_error(errno));
+    QmpError::generic(format!("Could not open '{filename}': {text} ({why})"))
+}
+
 /// Bytes from `offset` to the end of its block, at most `len`.
 pub(crate) fn in_block(block_size: u64, offset: u64, len: u64) -> u64 {
     (block_size - offset % block_size).min(len)

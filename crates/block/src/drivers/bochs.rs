@@ -4,13 +4,12 @@
 
 use super::block_map::read_metadata;
 use super::fields::{le32, le64};
-use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use super::read_only::{open_file, ReadOnly, ReadOnlyImage};
+use crate::node::{Child, Extent, ExtentKind};
 use crate::open::{DriverEntry, Opener};
-use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
 use qapi::error::QmpError;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::io;
 use std::sync::Arc;
@@ -120,22 +119,19 @@ impl Bochs {
     }
 }
 
-/// What a write to a read-only format (bochs, cloop) fails with.
-pub(crate) fn read_only() -> io::Error {
-    io::Error::from_raw_os_error(libc::EACCES)
-}
-
 #[async_trait(?Send)]
-impl Driver for Bochs {
-    fn format_name(&self) -> &'static str {
-        "bochs"
+impl ReadOnlyImage for Bochs {
+    const NAME: &'static str = "bochs";
+
+    fn file(&self) -> &Arc<Child> {
+        &self.file
     }
 
-    fn size(&self, _node: &Node) -> u64 {
+    fn size(&self) -> u64 {
         self.header.disk / 512 * 512
     }
 
-    async fn read(&self, _node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -150,31 +146,11 @@ impl Driver for Bochs {
         Ok(())
     }
 
-    async fn write(&self, _: &Node, _: u64, _: &[u8], _: WriteFlags) -> io::Result<()> {
-        Err(read_only())
-    }
-
-    async fn write_zeroes(&self, _: &Node, _: u64, _: u64, _: WriteFlags) -> io::Result<()> {
-        Err(read_only())
-    }
-
-    async fn discard(&self, _: &Node, _offset: u64, _len: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-
-    async fn flush(&self, _: &Node) -> io::Result<()> {
-        Ok(())
-    }
-
     /// Whole extents: those without a catalog entry read as zeroes; the others are data
     /// (their bitmaps are per sector, and QEMU reports them so too).
-    async fn block_status(&self, node: &Node, offset: u64, len: u64) -> io::Result<Extent> {
-        let size = self.size(node);
-        if offset >= size {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
+    async fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
         let h = &self.header;
-        let len = len.min(size - offset).min(h.extent - offset % h.extent);
+        let len = len.min(h.extent - offset % h.extent);
         let allocated = self.catalog[(offset / h.extent) as usize] != UNALLOCATED;
         let kind = if allocated {
             ExtentKind::Data
@@ -183,23 +159,7 @@ impl Driver for Bochs {
         };
         Ok(Extent { len, kind })
     }
-
-    async fn truncate(&self, _: &Node, _size: u64) -> io::Result<()> {
-        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
-    }
-
-    fn child_perms(&self, role: &str, perm: Perms, _: Perms, _: bool) -> (Perms, Perms) {
-        crate::perm::format_child_perms(role, perm, true)
-    }
-
-    fn info(&self, _node: &Node) -> DriverInfo {
-        DriverInfo::of_storage(&self.file)
-    }
 }
-
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct BochsOptions {}
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
@@ -207,26 +167,11 @@ pub(crate) const DRIVER: DriverEntry = DriverEntry {
     open: |o, options| Box::pin(open(o, options)),
 };
 
-/// The format cannot be written: a writable node is refused unless it may become
-/// read-only (`auto-read-only`), as in QEMU.
-pub(crate) fn refuse_writable(o: &Opener<'_>) -> Result<(), QmpError> {
-    let common = o.common();
-    if common.read_only || common.auto_read_only {
-        return Ok(());
-    }
-    Err(QmpError::generic("Image is read-only"))
-}
-
 async fn open(
     o: &mut Opener<'_>,
-    mut options: Map<String, Value>,
+    options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
-    let file_ref = o.take_child_ref(&mut options, "file")?;
-    let _: BochsOptions = o.parse(options)?;
-    refuse_writable(o)?;
-    let file = o
-        .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
-        .await?;
+    let file = open_file(o, options).await?;
     let head = read_metadata(&file, 0, HEADER_LEN, "bochs header").await?;
     let header = Header::parse(&head).map_err(QmpError::generic)?;
     let file_size = file.node().size();
@@ -256,10 +201,10 @@ async fn open(
         ));
     }
     o.claim_position();
-    Ok(Box::new(Bochs {
+    Ok(Box::new(ReadOnly(Bochs {
         file,
         header,
         catalog,
         data_offset,
-    }))
+    })))
 }

@@ -3,15 +3,13 @@
 //! count + 1 offsets, and each block zlib-compressed between two offsets.
 
 use super::block_map::read_metadata;
-use super::bochs::{read_only, refuse_writable};
 use super::fields::{be32, be64};
-use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use super::read_only::{open_file, ReadOnly, ReadOnlyImage};
+use crate::node::Child;
 use crate::open::{DriverEntry, Opener};
-use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
 use qapi::error::QmpError;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -90,16 +88,18 @@ impl Cloop {
 }
 
 #[async_trait(?Send)]
-impl Driver for Cloop {
-    fn format_name(&self) -> &'static str {
-        "cloop"
+impl ReadOnlyImage for Cloop {
+    const NAME: &'static str = "cloop";
+
+    fn file(&self) -> &Arc<Child> {
+        &self.file
     }
 
-    fn size(&self, _node: &Node) -> u64 {
+    fn size(&self) -> u64 {
         self.header.blocks * self.header.block_size
     }
 
-    async fn read(&self, _node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let b = self.header.block_size;
         let mut done = 0usize;
         while done < buf.len() {
@@ -112,50 +112,7 @@ impl Driver for Cloop {
         }
         Ok(())
     }
-
-    async fn write(&self, _: &Node, _: u64, _: &[u8], _: WriteFlags) -> io::Result<()> {
-        Err(read_only())
-    }
-
-    async fn write_zeroes(&self, _: &Node, _: u64, _: u64, _: WriteFlags) -> io::Result<()> {
-        Err(read_only())
-    }
-
-    async fn discard(&self, _: &Node, _offset: u64, _len: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-
-    async fn flush(&self, _: &Node) -> io::Result<()> {
-        Ok(())
-    }
-
-    async fn block_status(&self, node: &Node, offset: u64, len: u64) -> io::Result<Extent> {
-        let size = self.size(node);
-        if offset >= size {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        Ok(Extent {
-            len: len.min(size - offset),
-            kind: ExtentKind::Data,
-        })
-    }
-
-    async fn truncate(&self, _: &Node, _size: u64) -> io::Result<()> {
-        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
-    }
-
-    fn child_perms(&self, role: &str, perm: Perms, _: Perms, _: bool) -> (Perms, Perms) {
-        crate::perm::format_child_perms(role, perm, true)
-    }
-
-    fn info(&self, _node: &Node) -> DriverInfo {
-        DriverInfo::of_storage(&self.file)
-    }
 }
-
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct CloopOptions {}
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
@@ -165,14 +122,9 @@ pub(crate) const DRIVER: DriverEntry = DriverEntry {
 
 async fn open(
     o: &mut Opener<'_>,
-    mut options: Map<String, Value>,
+    options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
-    let file_ref = o.take_child_ref(&mut options, "file")?;
-    let _: CloopOptions = o.parse(options)?;
-    refuse_writable(o)?;
-    let file = o
-        .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
-        .await?;
+    let file = open_file(o, options).await?;
     let head = read_metadata(&file, 0, 136, "cloop header").await?;
     let header = Header::parse(&head).map_err(QmpError::generic)?;
     let file_size = file.node().size();
@@ -207,10 +159,10 @@ async fn open(
         ));
     }
     o.claim_position();
-    Ok(Box::new(Cloop {
+    Ok(Box::new(ReadOnly(Cloop {
         file,
         header,
         offsets,
         cache: Mutex::new(None),
-    }))
+    })))
 }

@@ -164,3 +164,17 @@ pub async fn assert_refusals_match(
         all[1]
     );
 }
+
+/// Export `node` over the daemon's NBD server at `sock` and copy its bytes into the raw
+/// file `out` with qemu-img: the disk as an NBD client sees it.
+pub async fn export_to_raw(client: &mut qmp::Client, sock: &Path, node: &str, out: &str) {
+    client
+        .execute(
+            "block-export-add",
+            json!({"type": "nbd", "id": node, "node-name": node}),
+        )
+        .await
+        .unwrap();
+    let uri = format!("nbd+unix:///{node}?socket={}", sock.display());
+    qemu_img(&["convert", "-f", "raw", "-O", "raw", &uri, out]);
+}

@@ -219,6 +219,8 @@ pub fn missing_peer(program: &str) -> String {
         "nbdinfo" | "nbdcopy" => "libnbd-bin",
         "socat" => "socat",
         "cryptsetup" => "cryptsetup-bin",
+        "dmg2img" => "dmg2img",
+        "bzip2" => "bzip2",
         _ => "qemu-utils",
     };
     format!("test peer {name} is not installed: install the Debian package {package} (.ci/run installs every test peer)")
@@ -243,9 +245,12 @@ pub fn nbd_server_args(sock: &Path) -> Vec<String> {
     ]
 }
 
-/// Run one qemu-io command (`args` ends with it): "ok", or the line saying it failed.
+/// Run one qemu-io command (`args` ends with it): "ok", or the line saying it failed. An
+/// image qemu-io cannot open fails the test: that is never the outcome being checked.
 pub fn qemu_io_outcome(args: &[&str]) -> String {
     let out = run(Command::new("qemu-io").args(args));
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(!errors.contains("can't open"), "qemu-io {args:?}: {errors}");
     let text = String::from_utf8_lossy(&out.stdout);
     match text.lines().find(|l| l.contains("failed")) {
         Some(line) => line.to_string(),

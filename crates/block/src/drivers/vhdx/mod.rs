@@ -13,7 +13,7 @@ pub mod format;
 
 pub use create::VhdxCreate;
 
-use crate::drivers::block_map::{in_block, read_metadata};
+use crate::drivers::block_map::{could_not_open, in_block, read_metadata};
 use crate::drivers::fields::le64;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::open::{DriverEntry, Opener};
@@ -370,12 +370,7 @@ async fn open(
         let node = file.node();
         node.driver().info(&node).filename
     };
-    // QEMU's words ("Could not open '…': Invalid argument"), and what blockd found.
-    let refuse = |errno: i32, why: &str| {
-        let text = io::Error::from_raw_os_error(errno);
-        let text = crate::drivers::file::os_error_text(&text);
-        QmpError::generic(format!("Could not open '{name}': {text} ({why})"))
-    };
+    let refuse = |errno: i32, why: &str| could_not_open(&name, errno, why);
     let refusal = |r: Refusal| refuse(r.errno, &r.why);
     let file_size = file.node().size();
     let id = read_metadata(&file, 0, 8, "vhdx file identifier").await?;
