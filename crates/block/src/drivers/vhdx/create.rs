@@ -76,7 +76,7 @@ impl VhdxCreate {
         let meta = Metadata {
             block_size,
             leave_blocks_allocated: fixed,
-            has_parent: false,
+            parent: None,
             disk_size: size,
             logical_sector: 512,
             physical_sector: 512,

@@ -254,8 +254,8 @@ pub struct Metadata {
     pub block_size: u64,
     /// A fixed image: blocks stay allocated.
     pub leave_blocks_allocated: bool,
-    /// A differencing image.
-    pub has_parent: bool,
+    /// A differencing image's parent locator.
+    pub parent: Option<ParentLocator>,
     /// The disk size in bytes.
     pub disk_size: u64,
     /// 512 or 4096.
@@ -321,10 +321,11 @@ pub fn parse_metadata(
             "the logical sector size {logical_sector} is neither 512 nor 4096"
         )));
     }
-    let has_parent = flags & 2 != 0;
-    if has_parent && locator.is_none() {
-        return Err(invalid("a differencing image has no parent locator"));
-    }
+    let parent = match (flags & 2 != 0, locator) {
+        (false, _) => None,
+        (true, None) => return Err(invalid("a differencing image has no parent locator")),
+        (true, Some(locator)) => Some(ParentLocator::parse(&locator)?),
+    };
     let disk_size = le64(&size, 0);
     if disk_size > MAX_SIZE {
         return Err(invalid("the disk is larger than 64 TiB"));
@@ -332,7 +333,7 @@ pub fn parse_metadata(
     Ok(Metadata {
         block_size,
         leave_blocks_allocated: flags & 1 != 0,
-        has_parent,
+        parent,
         disk_size,
         logical_sector,
         physical_sector: le32(&physical, 0) as u64,
@@ -353,7 +354,7 @@ impl Metadata {
     /// BAT entries: payload entries with a sector bitmap entry after every chunk.
     pub fn bat_entries(&self) -> u64 {
         let blocks = self.payload_blocks();
-        if self.has_parent {
+        if self.parent.is_some() {
             blocks.div_ceil(self.chunk_ratio()) * (self.chunk_ratio() + 1)
         } else if blocks == 0 {
             0
@@ -366,8 +367,100 @@ impl Metadata {
     pub fn bat_index(&self, block: u64) -> usize {
         (block + block / self.chunk_ratio()) as usize
     }
+
+    /// The BAT index of the sector bitmap block for payload block `block`'s chunk.
+    pub fn bitmap_index(&self, block: u64) -> usize {
+        let ratio = self.chunk_ratio();
+        ((block / ratio) * (ratio + 1) + ratio) as usize
+    }
 }
 
+/// The parent locator type of VHDX parents, the one type the format defines.
+pub const VHDX_PARENT_LOCATOR: Guid = guid(
+    0xB04AEFB7,
+    0xD19E,
+    0x4A81,
+    [0xB7, 0x89, 0x25, 0xB8, 0xE9, 0x44, 0x59, 0x13],
+);
+
+/// Where a differencing image's parent is: the locator's keys and values (UTF-16 in the
+/// file), among them `parent_linkage` (the parent's data write GUID when the child was
+/// made) and the paths `relative_path`, `volume_path` and `absolute_win32_path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentLocator {
+    /// The keys and values, in the locator's order.
+    pub entries: Vec<(String, String)>,
+}
+
+impl ParentLocator {
+    /// The locator item: a 20-byte header (type GUID, key-value count) and 12-byte
+    /// entries whose key and value offsets are relative to the item.
+    pub fn parse(item: &[u8]) -> Result<ParentLocator, Refusal> {
+        if item.len() < 20 {
+            return Err(invalid("the parent locator is cut short"));
+        }
+        if guid_at(item, 0) != VHDX_PARENT_LOCATOR {
+            return Err(unsupported("the parent locator is of an unknown type"));
+        }
+        let count = u16::from_le_bytes([item[18], item[19]]) as usize;
+        if 20 + count * 12 > item.len() {
+            return Err(invalid("the parent locator's entries lie past its end"));
+        }
+        let text = |offset: u32, len: u16| {
+            let (start, len) = (offset as usize, len as usize);
+            let bytes = item
+                .get(start..start.saturating_add(len))
+                .filter(|b| b.len() % 2 == 0)
+                .ok_or_else(|| invalid("a parent locator entry lies outside the locator"))?;
+            let units: Vec<u16> = bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            String::from_utf16(&units).map_err(|_| invalid("a parent locator entry is not UTF-16"))
+        };
+        let entries = item[20..20 + count * 12]
+            .chunks_exact(12)
+            .map(|e| {
+                let key = text(le32(e, 0), u16::from_le_bytes([e[8], e[9]]))?;
+                let value = text(le32(e, 4), u16::from_le_bytes([e[10], e[11]]))?;
+                Ok((key, value))
+            })
+            .collect::<Result<Vec<_>, Refusal>>()?;
+        Ok(ParentLocator { entries })
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The parent's path as the locator gives it, relative first (Hyper-V's order when
+    /// the child moves with its parent), with Windows separators made `/`.
+    pub fn path(&self) -> Option<String> {
+        ["relative_path", "absolute_win32_path"]
+            .iter()
+            .find_map(|k| self.get(k))
+            .map(|p| {
+                let p = p.replace('\\', "/");
+                p.strip_prefix("./").map(str::to_string).unwrap_or(p)
+            })
+    }
+}
+
+/// A GUID as text, as parent_linkage holds it: `{xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx}`.
+pub fn guid_text(g: &Guid) -> String {
+    let d1 = u32::from_le_bytes([g[0], g[1], g[2], g[3]]);
+    let d2 = u16::from_le_bytes([g[4], g[5]]);
+    let d3 = u16::from_le_bytes([g[6], g[7]]);
+    let hex: String = g[8..].iter().map(|b| format!("{b:02X}")).collect();
+    format!("{{{d1:08X}-{d2:04X}-{d3:04X}-{}-{}}}", &hex[..4], &hex[4..])
+}
+
+/// Sector bitmap block state: the block is in the file.
+pub const BITMAP_PRESENT: u64 = 6;
 /// Payload block states.
 pub const BLOCK_NOT_PRESENT: u64 = 0;
 /// Content undefined (read as zeroes).
@@ -564,11 +657,44 @@ mod tests {
     }
 
     #[test]
+    fn a_parent_locator_gives_its_keys_and_path() {
+        let utf16 = |s: &str| -> Vec<u8> { s.encode_utf16().flat_map(u16::to_le_bytes).collect() };
+        let mut item = VHDX_PARENT_LOCATOR.to_vec();
+        item.extend([0, 0, 2, 0]);
+        let pairs = [
+            ("parent_linkage", "{x}"),
+            ("relative_path", ".\\dir\\base.vhdx"),
+        ];
+        let mut text = Vec::new();
+        for (k, v) in pairs {
+            let (k, v) = (utf16(k), utf16(v));
+            let at = 20 + 24 + text.len();
+            item.extend((at as u32).to_le_bytes());
+            item.extend(((at + k.len()) as u32).to_le_bytes());
+            item.extend((k.len() as u16).to_le_bytes());
+            item.extend((v.len() as u16).to_le_bytes());
+            text.extend(k);
+            text.extend(v);
+        }
+        item.extend(text);
+        let locator = ParentLocator::parse(&item).unwrap();
+        assert_eq!(locator.get("parent_linkage"), Some("{x}"));
+        assert_eq!(locator.path().as_deref(), Some("dir/base.vhdx"));
+        let mut cut = item.clone();
+        cut.truncate(item.len() - 1);
+        assert!(ParentLocator::parse(&cut).is_err());
+        assert_eq!(
+            guid_text(&PARENT_LOCATOR),
+            "{A8D35F2D-B30B-454D-ABF7-D3D84834AB0C}"
+        );
+    }
+
+    #[test]
     fn bat_entries_interleave_sector_bitmaps() {
         let m = Metadata {
             block_size: 16 * MIB,
             leave_blocks_allocated: false,
-            has_parent: false,
+            parent: None,
             disk_size: 5 << 30,
             logical_sector: 512,
             physical_sector: 512,
@@ -578,7 +704,7 @@ mod tests {
             (256, 321, 257)
         );
         let diff = Metadata {
-            has_parent: true,
+            parent: Some(ParentLocator { entries: vec![] }),
             disk_size: 64 * MIB,
             block_size: 8 * MIB,
             ..m

@@ -6,14 +6,21 @@
 //! goes to the end of the file: its data first, a flush, then its BAT entry (one 8-byte
 //! write, which a sector write keeps whole), so a crash leaves at worst an unreferenced
 //! block. The first write of a session gives the headers new write GUIDs, as the format
-//! asks. Differencing images (a parent disk) are not opened yet.
+//! asks.
+//!
+//! A differencing image (QEMU opens none) reads what it does not hold from its parent,
+//! found through the parent locator (relative path first) and checked against the
+//! locator's linkage GUID, or given as `backing`. A block partially present in the child
+//! has a sector bitmap saying which sectors are its own. The first write into a block
+//! the parent shows through copies the merged block into a new one, then names it fully
+//! present: a crash before that leaves the block as it was.
 
 mod create;
 pub mod format;
 
 pub use create::VhdxCreate;
 
-use crate::drivers::block_map::{could_not_open, in_block, read_metadata};
+use crate::drivers::block_map::{could_not_open, in_block, read_metadata, BackingEdge};
 use crate::drivers::fields::le64;
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::open::{DriverEntry, Opener};
@@ -41,6 +48,7 @@ struct State {
 
 pub struct Vhdx {
     file: Arc<Child>,
+    backing: BackingEdge,
     meta: Metadata,
     bat_offset: u64,
     state: tokio::sync::Mutex<State>,
@@ -55,28 +63,158 @@ enum Block {
     Zero {
         present: bool,
     },
+    /// A differencing image's block it does not hold: the parent's data.
+    Parent,
+    /// A differencing image's block holding the sectors its bitmap (in the sector bitmap
+    /// block at `bitmap`) marks; the others are the parent's.
+    Partial {
+        host: u64,
+        bitmap: u64,
+    },
 }
+
+/// Bits in a sector bitmap block: one per logical sector of its chunk.
+const BITMAP_BITS: u64 = 8 * MIB;
 
 impl Vhdx {
     fn block_of(&self, state: &State, pos: u64) -> io::Result<Block> {
-        let index = self.meta.bat_index(pos / self.meta.block_size);
-        let (kind, offset) = bat_entry(state.bat[index]);
-        match kind {
-            BLOCK_FULLY_PRESENT => {
-                if offset < MIB || offset.saturating_add(self.meta.block_size) > state.end {
-                    return Err(io::Error::other(
-                        "vhdx: a BAT entry points outside the file",
-                    ));
-                }
-                Ok(Block::Data(offset))
+        let block = pos / self.meta.block_size;
+        let (kind, offset) = bat_entry(state.bat[self.meta.bat_index(block)]);
+        let inside = |offset: u64, len: u64| {
+            if offset < MIB || offset.saturating_add(len) > state.end {
+                return Err(io::Error::other(
+                    "vhdx: a BAT entry points outside the file",
+                ));
             }
+            Ok(offset)
+        };
+        let differencing = self.meta.parent.is_some();
+        match kind {
+            BLOCK_FULLY_PRESENT => Ok(Block::Data(inside(offset, self.meta.block_size)?)),
+            // The spec lets an undefined block read as anything: the parent's data is
+            // what the disk held before.
+            BLOCK_NOT_PRESENT | BLOCK_UNDEFINED if differencing => Ok(Block::Parent),
             BLOCK_NOT_PRESENT => Ok(Block::Zero { present: false }),
             BLOCK_UNDEFINED | BLOCK_ZERO | BLOCK_UNMAPPED => Ok(Block::Zero { present: true }),
+            BLOCK_PARTIALLY_PRESENT if differencing => {
+                let (sb_kind, sb_offset) = bat_entry(state.bat[self.meta.bitmap_index(block)]);
+                if sb_kind != BITMAP_PRESENT {
+                    return Err(io::Error::other(
+                        "vhdx: a partially present block has no sector bitmap",
+                    ));
+                }
+                Ok(Block::Partial {
+                    host: inside(offset, self.meta.block_size)?,
+                    bitmap: inside(sb_offset, MIB)?,
+                })
+            }
             BLOCK_PARTIALLY_PRESENT => Err(io::Error::other(
                 "vhdx: a partially present block in an image without a parent",
             )),
             _ => Err(io::Error::other("vhdx: a BAT entry has a reserved state")),
         }
+    }
+
+    /// Fill `buf` from disk offset `pos`, inside `block`.
+    async fn read_block(&self, block: Block, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        let within = pos % self.meta.block_size;
+        match block {
+            Block::Data(host) => self.file.read(host + within, buf).await,
+            Block::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            Block::Parent => self.backing.read(pos, buf).await,
+            Block::Partial { host, bitmap } => {
+                let sector = self.meta.logical_sector;
+                let (first, last) = (pos / sector, (pos + buf.len() as u64 - 1) / sector);
+                let bit0 = first % BITMAP_BITS;
+                let mut bits = vec![0u8; ((bit0 + last - first) / 8 - bit0 / 8 + 1) as usize];
+                self.file.read(bitmap + bit0 / 8, &mut bits).await?;
+                let own = |s: u64| {
+                    let bit = s - first + bit0 % 8;
+                    bits[(bit / 8) as usize] >> (bit % 8) & 1 == 1
+                };
+                let mut done = 0usize;
+                while done < buf.len() {
+                    let at = pos + done as u64;
+                    let here = own(at / sector);
+                    let mut end = (at / sector + 1) * sector;
+                    while end < pos + buf.len() as u64 && own(end / sector) == here {
+                        end += sector;
+                    }
+                    let n = (end.min(pos + buf.len() as u64) - at) as usize;
+                    let part = &mut buf[done..done + n];
+                    if here {
+                        self.file
+                            .read(host + at % self.meta.block_size, part)
+                            .await?;
+                    } else {
+                        self.backing.read(at, part).await?;
+                    }
+                    done += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Make the parent-backed `block` (Parent or Partial) of the disk's `pos` fully
+    /// present, with the `len` bytes at `pos` replaced by `data` (zeroes without): the
+    /// merged block is copied into the child, a MiB at a time, flushed, and only then
+    /// named fully present in the BAT.
+    async fn materialize(
+        &self,
+        state: &mut State,
+        block: Block,
+        pos: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> io::Result<()> {
+        let size = self.meta.block_size;
+        let (start, within) = (pos - pos % size, pos % size);
+        let host = match block {
+            Block::Partial { host, .. } => host,
+            _ => {
+                let host = state.end.next_multiple_of(MIB);
+                self.file.node().truncate(host + size).await?;
+                state.end = host + size;
+                host
+            }
+        };
+        let mut piece = vec![0u8; MIB as usize];
+        let plain = WriteFlags::default();
+        for at in (0..size).step_by(MIB as usize) {
+            self.read_block(block, start + at, &mut piece).await?;
+            let (from, to) = (within.max(at), (within + len).min(at + MIB));
+            if from < to {
+                let dst = &mut piece[(from - at) as usize..(to - at) as usize];
+                match data {
+                    Some(d) => {
+                        dst.copy_from_slice(&d[(from - within) as usize..(to - within) as usize])
+                    }
+                    None => dst.fill(0),
+                }
+            }
+            self.file.write(host + at, &piece, plain).await?;
+        }
+        self.file.flush().await?;
+        self.set_entry(state, pos / size, host | BLOCK_FULLY_PRESENT)
+            .await
+    }
+
+    /// Write payload block `block`'s BAT entry.
+    async fn set_entry(&self, state: &mut State, block: u64, entry: u64) -> io::Result<()> {
+        let index = self.meta.bat_index(block);
+        self.file
+            .write(
+                self.bat_offset + index as u64 * 8,
+                &entry.to_le_bytes(),
+                WriteFlags::default(),
+            )
+            .await?;
+        state.bat[index] = entry;
+        Ok(())
     }
 
     /// Write `header` into one slot, flush, then into the other, each with the next
@@ -126,17 +264,8 @@ impl Vhdx {
             .await?;
         // The block is on disk before the BAT names it.
         self.file.flush().await?;
-        let index = self.meta.bat_index(block);
-        let entry = host | BLOCK_FULLY_PRESENT;
-        self.file
-            .write(
-                self.bat_offset + index as u64 * 8,
-                &entry.to_le_bytes(),
-                WriteFlags::default(),
-            )
-            .await?;
-        state.bat[index] = entry;
-        Ok(())
+        self.set_entry(state, block, host | BLOCK_FULLY_PRESENT)
+            .await
     }
 }
 
@@ -157,15 +286,8 @@ impl Driver for Vhdx {
             let pos = offset + done as u64;
             let n = in_block(self.meta.block_size, pos, (buf.len() - done) as u64) as usize;
             let block = self.block_of(&*self.state.lock().await, pos)?;
-            let chunk = &mut buf[done..done + n];
-            match block {
-                Block::Data(host) => {
-                    self.file
-                        .read(host + pos % self.meta.block_size, chunk)
-                        .await?
-                }
-                Block::Zero { .. } => chunk.fill(0),
-            }
+            self.read_block(block, pos, &mut buf[done..done + n])
+                .await?;
             done += n;
         }
         Ok(())
@@ -191,6 +313,10 @@ impl Driver for Vhdx {
                     let block = pos / self.meta.block_size;
                     self.allocate(&mut state, block, within, chunk).await?;
                 }
+                block => {
+                    self.materialize(&mut state, block, pos, n as u64, Some(chunk))
+                        .await?
+                }
             }
             done += n;
         }
@@ -214,17 +340,32 @@ impl Driver for Vhdx {
             let pos = offset + done;
             let n = in_block(self.meta.block_size, pos, len - done);
             let mut state = self.state.lock().await;
-            if let Block::Data(host) = self.block_of(&state, pos)? {
-                self.start_session(&mut state).await?;
-                drop(state);
-                let plain = WriteFlags {
-                    no_fallback: flags.no_fallback,
-                    may_unmap: flags.may_unmap,
-                    ..WriteFlags::default()
-                };
-                self.file
-                    .write_zeroes(host + pos % self.meta.block_size, n, plain)
-                    .await?;
+            match self.block_of(&state, pos)? {
+                Block::Data(host) => {
+                    self.start_session(&mut state).await?;
+                    drop(state);
+                    let plain = WriteFlags {
+                        no_fallback: flags.no_fallback,
+                        may_unmap: flags.may_unmap,
+                        ..WriteFlags::default()
+                    };
+                    self.file
+                        .write_zeroes(host + pos % self.meta.block_size, n, plain)
+                        .await?;
+                }
+                Block::Zero { .. } => {}
+                // A whole block the parent shows through becomes a zero block; part of
+                // one is copied with zeroes in it.
+                block => {
+                    self.start_session(&mut state).await?;
+                    if n == self.meta.block_size {
+                        self.set_entry(&mut state, pos / n, BLOCK_ZERO).await?;
+                    } else if flags.no_fallback {
+                        return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+                    } else {
+                        self.materialize(&mut state, block, pos, n, None).await?;
+                    }
+                }
             }
             done += n;
         }
@@ -254,16 +395,19 @@ impl Driver for Vhdx {
         let state = self.state.lock().await;
         let first = self.block_of(&state, offset)?;
         let kind_of = |b: Block| match b {
-            Block::Data(_) => 0,
+            Block::Data(_) | Block::Partial { .. } => 0,
             Block::Zero { present } => 1 + u8::from(present),
+            Block::Parent => 3,
         };
         let mut run = in_block(self.meta.block_size, offset, len);
         while run < len && kind_of(self.block_of(&state, offset + run)?) == kind_of(first) {
             run += in_block(self.meta.block_size, offset + run, len - run);
         }
         let kind = match first {
-            Block::Data(_) => ExtentKind::Data,
+            // A partially present block counts as the child's: it reads its own sectors.
+            Block::Data(_) | Block::Partial { .. } => ExtentKind::Data,
             Block::Zero { present } => ExtentKind::Zero { allocated: present },
+            Block::Parent => ExtentKind::Unallocated,
         };
         Ok(Extent { len: run, kind })
     }
@@ -281,10 +425,26 @@ impl Driver for Vhdx {
         crate::perm::format_child_perms(role, perm, read_only)
     }
 
+    fn supports_backing(&self) -> bool {
+        self.meta.parent.is_some()
+    }
+
+    async fn set_backing_edge(
+        &self,
+        _node: &Node,
+        backing: Option<Arc<Child>>,
+    ) -> Result<(), String> {
+        self.backing.set(backing);
+        Ok(())
+    }
+
     fn info(&self, _node: &Node) -> DriverInfo {
+        let parent = self.meta.parent.as_ref().and_then(|p| p.path());
         DriverInfo {
             cluster_size: Some(self.meta.block_size),
             dirty_flag: Some(false),
+            backing_format: parent.as_ref().map(|_| "vhdx".to_string()),
+            backing_filename: parent,
             ..DriverInfo::of_storage(&self.file)
         }
     }
@@ -299,6 +459,51 @@ pub(crate) const DRIVER: DriverEntry = DriverEntry {
     names: &["vhdx"],
     open: |o, options| Box::pin(open(o, options)),
 };
+
+/// A differencing image's parent: `backing` as given (null: none), else the file its
+/// locator names, opened read-only. A vhdx parent must be the one the child was made
+/// from: its data write GUID is the locator's `parent_linkage`, or the disk would mix
+/// two parents.
+async fn open_parent(
+    o: &mut Opener<'_>,
+    file: &Arc<Child>,
+    meta: &Metadata,
+    backing_ref: Option<Value>,
+    name: &str,
+) -> Result<Option<Arc<Child>>, QmpError> {
+    let Some(locator) = &meta.parent else {
+        return match backing_ref {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => Err(QmpError::generic(format!(
+                "'{name}' is not a differencing VHDX image: it takes no backing file"
+            ))),
+        };
+    };
+    let parent = match backing_ref {
+        Some(Value::Null) => return Ok(None),
+        Some(reference) => {
+            o.open_child(reference, "backing", Perms::NONE, Perms::ALL)
+                .await?
+        }
+        None => {
+            let path = locator.path().ok_or_else(|| {
+                could_not_open(name, libc::EINVAL, "the parent locator names no path")
+            })?;
+            o.open_backing_from_header(&file.node(), &path, Some("vhdx"))
+                .await?
+        }
+    };
+    if let Some(vhdx) = parent.node().driver_as::<Vhdx>() {
+        let linkage = guid_text(&vhdx.state.lock().await.header.data_write_guid);
+        let expected = locator.get("parent_linkage").unwrap_or_default();
+        if !linkage.eq_ignore_ascii_case(expected) {
+            return Err(QmpError::generic(format!(
+                "The parent of '{name}' is not the disk it was made from: its data write GUID is {linkage}, the child's parent_linkage {expected}"
+            )));
+        }
+    }
+    Ok(Some(parent))
+}
 
 /// Replay the log's active sequence into the file, then clear the header's log GUID.
 async fn replay_log(
@@ -362,6 +567,7 @@ async fn open(
     mut options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
     let file_ref = o.take_child_ref(&mut options, "file")?;
+    let backing_ref = options.remove("backing");
     let _: VhdxOptions = o.parse(options)?;
     let file = o
         .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
@@ -418,12 +624,6 @@ async fn open(
             .flatten()
     })
     .map_err(refusal)?;
-    if meta.has_parent {
-        return Err(refuse(
-            libc::ENOTSUP,
-            "blockd does not open differencing VHDX images yet",
-        ));
-    }
     let (bat_offset, bat_len) = regions.bat;
     let entries = meta.bat_entries();
     if entries * 8 > bat_len || bat_offset + entries * 8 > file_size {
@@ -435,9 +635,11 @@ async fn open(
     let raw = read_metadata(&file, bat_offset, (entries * 8) as usize, "vhdx BAT").await?;
     let bat = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
     o.claim_position();
+    let backing = open_parent(o, &file, &meta, backing_ref, &name).await?;
     let end = file.node().size();
     Ok(Box::new(Vhdx {
         file,
+        backing: BackingEdge::new(backing),
         meta,
         bat_offset,
         state: tokio::sync::Mutex::new(State { bat, end, header }),
