@@ -1,9 +1,12 @@
-//! Feeds arbitrary bytes to the vmdk sparse header, footer and descriptor checks, as all
-//! come from an untrusted image: never a panic or an overflow, and a header that passes
-//! gives a grain directory of a size blockd may read.
+//! Feeds arbitrary bytes to the vmdk sparse and seSparse header, footer and descriptor
+//! checks, as all come from an untrusted image: never a panic or an overflow, and a
+//! header that passes gives a grain directory of a size blockd may read.
 #![no_main]
 
-use block::{vmdk_footer_header, VmdkDescriptor, VmdkSparseHeader};
+use block::{
+    vmdk_footer_header, vmdk_sesparse_check_volatile, VmdkDescriptor, VmdkSeSparseHeader,
+    VmdkSparseHeader,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -12,6 +15,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(h.capacity.checked_mul(512).is_some());
         assert!(h.grain_bytes() > 0);
     }
+    if let Ok(h) = VmdkSeSparseHeader::parse(data) {
+        assert!(h.capacity.checked_mul(512).is_some());
+    }
+    let _ = vmdk_sesparse_check_volatile(data);
     if data.len() >= 1536 {
         let _ = vmdk_footer_header(&data[data.len() - 1536..]);
     }

@@ -45,6 +45,9 @@ pub use drivers::throttle::set_io_throttle;
 pub use drivers::vdi::Header as VdiHeader;
 pub use drivers::vhdx::{format as vhdx_format, VhdxCreate};
 pub use drivers::vmdk::descriptor::Descriptor as VmdkDescriptor;
+pub use drivers::vmdk::sesparse::{
+    check_volatile as vmdk_sesparse_check_volatile, SeSparseHeader as VmdkSeSparseHeader,
+};
 pub use drivers::vmdk::sparse::{
     footer_header as vmdk_footer_header, SparseHeader as VmdkSparseHeader,
 };

@@ -391,12 +391,6 @@ async fn crafted_vmdk_images_qsd_takes_are_refused() {
             flat.replace(line, "").into_bytes(),
             "The vmdk descriptor names no extents",
         ),
-        (
-            "sesparse",
-            flat.replace(line, "RW 8192 SESPARSE \"flat-flat.vmdk\"")
-                .into_bytes(),
-            "blockd does not open SESPARSE extents",
-        ),
     ];
     let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
     let mut client = daemon.qmp().await;

@@ -21,6 +21,8 @@ pub enum ExtentType {
     Zero,
     /// A hosted sparse extent (grain directory, grain tables, grains).
     Sparse,
+    /// ESXi's space-efficient sparse extent, read only.
+    SeSparse,
 }
 
 /// One extent line.
@@ -175,8 +177,10 @@ fn parse_extent(line: &str) -> Result<Option<ExtentLine>, String> {
         ("VMFS", None) => (ExtentType::Flat, 0),
         ("SPARSE" | "VMFSSPARSE", None) => (ExtentType::Sparse, 0),
         ("ZERO", None) => (ExtentType::Zero, 0),
-        ("FLAT" | "VMFS" | "SPARSE" | "VMFSSPARSE" | "ZERO", _) => return Err(invalid()),
-        ("SESPARSE", _) => return Err(format!("blockd does not open {type_name} extents")),
+        ("SESPARSE", None) => (ExtentType::SeSparse, 0),
+        ("FLAT" | "VMFS" | "SPARSE" | "VMFSSPARSE" | "SESPARSE" | "ZERO", _) => {
+            return Err(invalid())
+        }
         _ => return Err(format!("Unsupported extent type '{type_name}'")),
     };
     if offset > i64::MAX as u64 / 512 {

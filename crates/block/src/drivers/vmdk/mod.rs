@@ -1,6 +1,7 @@
 //! `vmdk`: VMware's disks. A disk is a row of extents, each flat (the data as is), zero,
 //! or sparse (grains a grain directory and grain tables find, see [`sparse`]; the VMDK3
-//! extents of ESX's vmfsSparse disks are read as such too). A
+//! extents of ESX's vmfsSparse disks are read as such too; ESXi's seSparse extents, see
+//! [`sesparse`], are read only). A
 //! monolithic sparse file is one sparse extent with its descriptor inside; otherwise the
 //! `file` child is a text descriptor ([`descriptor`]) that names the extent files, opened
 //! as children `extents.N` relative to it.
@@ -14,12 +15,13 @@
 
 mod create;
 pub mod descriptor;
+pub mod sesparse;
 pub mod sparse;
 
 pub use create::{CreateTarget, VmdkCreate};
 
 use crate::drivers::block_map::{in_block, read_metadata, read_zero_past_end, BackingEdge};
-use crate::drivers::fields::le32;
+use crate::drivers::fields::{le32, le64};
 use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::open::{resolve_backing_path, DriverEntry, Opener};
 use crate::perm::Perms;
@@ -30,6 +32,7 @@ use descriptor::{Descriptor, ExtentType};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use sesparse::{SeSparse, SeSparseHeader};
 use sparse::{SparseHeader, GTE_ZEROED};
 use std::collections::HashMap;
 use std::io;
@@ -57,6 +60,21 @@ enum Mapping {
     Compressed(u64),
     Zeroed,
     Unallocated,
+}
+
+impl Mapping {
+    /// Whether `next`, `distance` bytes into the disk after the start of this grain, can
+    /// be read in one go with it: data that follows on in the file, or more of the same
+    /// kind of nothing.
+    fn continues_with(self, next: Mapping, distance: u64) -> bool {
+        match (self, next) {
+            (Mapping::Data(a), Mapping::Data(b)) => b == a + distance,
+            (Mapping::Unallocated, Mapping::Unallocated) | (Mapping::Zeroed, Mapping::Zeroed) => {
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 struct SparseMeta {
@@ -237,6 +255,7 @@ enum ExtentData {
     Flat { file: Arc<Child>, offset: u64 },
     Zero,
     Sparse(Box<Sparse>),
+    SeSparse(Box<SeSparse>),
 }
 
 struct VmdkExtent {
@@ -351,15 +370,7 @@ impl Vmdk {
             // Grains that follow on, on the disk and in the file, are read in one go.
             while n < left {
                 let next = s.lookup(&mut meta, pos + n).await?;
-                let follows = match (mapping, next) {
-                    (Mapping::Data(a), Mapping::Data(b)) => {
-                        b == a + (pos + n) - (pos - pos % s.grain)
-                    }
-                    (Mapping::Unallocated, Mapping::Unallocated)
-                    | (Mapping::Zeroed, Mapping::Zeroed) => true,
-                    _ => false,
-                };
-                if !follows {
+                if !mapping.continues_with(next, pos % s.grain + n) {
                     break;
                 }
                 n += in_block(s.grain, pos + n, left - n);
@@ -635,31 +646,85 @@ impl Vmdk {
         Ok(())
     }
 
+    /// Reads of a seSparse extent: its grains, zeroes, or the backing file's data.
+    async fn read_sesparse(
+        &self,
+        s: &SeSparse,
+        start: u64,
+        off: u64,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        let grain = s.grain();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let left = (buf.len() - done) as u64;
+            let mapping = s.lookup(pos).await?;
+            let mut n = in_block(grain, pos, left);
+            while n < left && mapping.continues_with(s.lookup(pos + n).await?, pos % grain + n) {
+                n += in_block(grain, pos + n, left - n);
+            }
+            let chunk = &mut buf[done..done + n as usize];
+            match mapping {
+                Mapping::Data(host) => {
+                    read_zero_past_end(&s.file, host + pos % grain, chunk).await?
+                }
+                Mapping::Unallocated => {
+                    self.check_parent(libc::EIO)?;
+                    self.backing.read(start + pos, chunk).await?
+                }
+                Mapping::Zeroed | Mapping::Compressed(_) => chunk.fill(0),
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    async fn status_sesparse(&self, s: &SeSparse, off: u64, len: u64) -> io::Result<Extent> {
+        let table = s.grain() * sesparse::GT_ENTRIES;
+        let len = len.min(table - off % table);
+        let first = s.lookup(off).await?;
+        let mut run = in_block(s.grain(), off, len);
+        while run < len && same_status(s.lookup(off + run).await?, first) {
+            run += in_block(s.grain(), off + run, len - run);
+        }
+        Ok(Extent {
+            len: run,
+            kind: status_of(first),
+        })
+    }
+
     async fn status_sparse(&self, s: &Sparse, off: u64, len: u64) -> io::Result<Extent> {
         {
             let mut meta = s.meta.lock().await;
             let first = s.lookup(&mut meta, off).await?;
-            let kind_of = |m: Mapping| match m {
-                Mapping::Unallocated => 0,
-                Mapping::Zeroed => 1,
-                _ => 2,
-            };
             // A run ends with its grain table at the latest: a caller asking about the
             // rest of a large disk comes back for more instead of holding the tables.
             let table = s.grain * s.gtes;
             let len = len.min(table - off % table);
             let mut run = in_block(s.grain, off, len);
-            while run < len && kind_of(s.lookup(&mut meta, off + run).await?) == kind_of(first) {
+            while run < len && same_status(s.lookup(&mut meta, off + run).await?, first) {
                 run += in_block(s.grain, off + run, len - run);
             }
-            let kind = match first {
-                Mapping::Unallocated => ExtentKind::Unallocated,
-                Mapping::Zeroed => ExtentKind::Zero { allocated: true },
-                _ => ExtentKind::Data,
-            };
-            Ok(Extent { len: run, kind })
+            Ok(Extent {
+                len: run,
+                kind: status_of(first),
+            })
         }
     }
+}
+
+/// A grain's block status.
+fn status_of(m: Mapping) -> ExtentKind {
+    match m {
+        Mapping::Unallocated => ExtentKind::Unallocated,
+        Mapping::Zeroed => ExtentKind::Zero { allocated: true },
+        Mapping::Data(_) | Mapping::Compressed(_) => ExtentKind::Data,
+    }
+}
+
+fn same_status(a: Mapping, b: Mapping) -> bool {
+    status_of(a) == status_of(b)
 }
 
 #[async_trait(?Send)]
@@ -686,6 +751,7 @@ impl Driver for Vmdk {
                     read_zero_past_end(file, offset + within, chunk).await?
                 }
                 ExtentData::Sparse(s) => self.read_sparse(s, e.start, within, chunk).await?,
+                ExtentData::SeSparse(s) => self.read_sesparse(s, e.start, within, chunk).await?,
             }
             done += n;
         }
@@ -707,6 +773,7 @@ impl Driver for Vmdk {
                         .await?
                 }
                 ExtentData::Sparse(s) => self.write_sparse(s, e, within, chunk).await?,
+                ExtentData::SeSparse(_) => return Err(io::Error::from_raw_os_error(libc::ENOTSUP)),
             }
             done += n;
         }
@@ -739,6 +806,7 @@ impl Driver for Vmdk {
                     file.write_zeroes(offset + within, n, plain).await?
                 }
                 ExtentData::Sparse(s) => self.zero_sparse(s, e, within, n, flags).await?,
+                ExtentData::SeSparse(_) => return Err(io::Error::from_raw_os_error(libc::ENOTSUP)),
             }
             done += n;
         }
@@ -775,6 +843,7 @@ impl Driver for Vmdk {
                 kind: ExtentKind::Data,
             }),
             ExtentData::Sparse(s) => self.status_sparse(s, within, len).await,
+            ExtentData::SeSparse(s) => self.status_sesparse(s, within, len).await,
         }
     }
 
@@ -839,6 +908,10 @@ impl Driver for Vmdk {
                         }
                         Some(&s.file)
                     }
+                    ExtentData::SeSparse(s) => {
+                        info["cluster-size"] = json!(s.grain());
+                        Some(&s.file)
+                    }
                     ExtentData::Zero => None,
                 };
                 info["filename"] = json!(file.map_or(String::new(), |f| {
@@ -854,6 +927,7 @@ impl Driver for Vmdk {
             actual_size,
             cluster_size: match &self.extents[0].data {
                 ExtentData::Sparse(s) => Some(s.grain),
+                ExtentData::SeSparse(s) => Some(s.grain()),
                 _ => None,
             },
             dirty_flag: Some(false),
@@ -965,6 +1039,39 @@ async fn open_sparse(
         header,
         file,
     })
+}
+
+/// A seSparse extent: refused writable (QEMU has no write support either), its headers
+/// checked in QEMU's words, its grain directory read whole (within `directory_budget`).
+async fn open_sesparse(
+    file: Arc<Child>,
+    read_only: bool,
+    directory_budget: &mut u64,
+) -> Result<SeSparse, QmpError> {
+    if !read_only {
+        return Err(QmpError::generic(
+            "No write support for seSparse images available",
+        ));
+    }
+    let refused = |r: sesparse::Refusal| QmpError::generic(r.text);
+    let head = read_bytes(&file, 0, sesparse::HEADER_LEN).await?;
+    let header = SeSparseHeader::parse(&head).map_err(refused)?;
+    let at = header.volatile_header_offset.saturating_mul(512);
+    let volatile = read_bytes(&file, at, sesparse::HEADER_LEN).await?;
+    sesparse::check_volatile(&volatile).map_err(refused)?;
+    let entries = header.gd_entries();
+    *directory_budget = directory_budget
+        .checked_sub(entries)
+        .ok_or_else(|| QmpError::generic("The vmdk extents' grain directories are too large"))?;
+    let gd_at = header.grain_dir_offset.saturating_mul(512);
+    if gd_at.saturating_add(entries * 8) > file.node().size() {
+        return Err(QmpError::generic(
+            "The vmdk grain directory lies past the end of the file",
+        ));
+    }
+    let raw = read_bytes(&file, gd_at, (entries * 8) as usize).await?;
+    let gd = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+    Ok(SeSparse::new(file, header, gd))
 }
 
 /// The sparse header at the start of `file`, or an error naming the file.
@@ -1152,6 +1259,13 @@ async fn open_extents(
                     )))
                 }
             },
+            (ExtentType::SeSparse, Some(file)) => {
+                let may_become_read_only = read_only || o.common().auto_read_only;
+                let s = open_sesparse(file, may_become_read_only, &mut directory_budget).await?;
+                // As QEMU: the extent is as long as its header says.
+                len = s.len();
+                ExtentData::SeSparse(Box::new(s))
+            }
             _ => ExtentData::Zero,
         };
         extents.push(VmdkExtent {
