@@ -96,6 +96,20 @@ impl DriverInfo {
             ..DriverInfo::default()
         }
     }
+
+    /// A filter's report over its data child `file`: QEMU's json: file name of the pair,
+    /// the child's space and cluster size.
+    pub fn of_filter(node: &Node, file: &Child) -> DriverInfo {
+        let file = file.node();
+        let info = file.driver().info(&file);
+        DriverInfo {
+            filename: crate::graph::json_filename(node, &info.filename),
+            actual_size: info.actual_size,
+            cluster_size: info.cluster_size,
+            dirty_flag: Some(false),
+            ..DriverInfo::default()
+        }
+    }
 }
 
 /// One internal snapshot of an image (QEMU's SnapshotInfo).
@@ -1258,6 +1272,24 @@ impl Node {
             });
         }
         self.driver.block_status(self, offset, len).await
+    }
+
+    /// This node's whole chain as one layer, what a filter above it reports: a filter
+    /// has no backing of its own, so an unallocated answer from this node's top layer
+    /// would read as zeroes there.
+    pub async fn status_for_filter(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<Extent> {
+        let status = self.block_status_above(None, offset, len).await?;
+        let kind = if status.zero {
+            ExtentKind::Zero {
+                allocated: status.allocated,
+            }
+        } else {
+            ExtentKind::Data
+        };
+        Ok(Extent {
+            len: status.len,
+            kind,
+        })
     }
 
     /// Status resolved down the backing chain, stopping above `base` when given.

@@ -5,6 +5,7 @@ pub(crate) mod block_map;
 pub mod bochs;
 pub mod cbw;
 pub mod cloop;
+pub mod compress;
 pub mod cor;
 pub mod dmg;
 pub(crate) mod fields;

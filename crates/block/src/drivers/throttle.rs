@@ -1,7 +1,7 @@
 //! `throttle`: a filter that holds reads, writes, zero writes and discards of its `file`
 //! child to the limits of a throttle group, shared with the group's other throttle nodes.
 
-use crate::node::{Child, CommonOptions, DriverInfo, Extent, ExtentKind, Node, Parent, WriteFlags};
+use crate::node::{Child, CommonOptions, DriverInfo, Extent, Node, Parent, WriteFlags};
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::throttle::{Direction, Membership, ThrottleConfig, ThrottleGroup};
@@ -85,25 +85,8 @@ impl Driver for Throttle {
         self.file.flush().await
     }
 
-    /// The status of the whole chain below: a filter has no backing of its own, so an
-    /// unallocated answer from the child's top layer would read as zeroes here.
     async fn block_status(&self, _: &Node, offset: u64, len: u64) -> io::Result<Extent> {
-        let status = self
-            .file
-            .node()
-            .block_status_above(None, offset, len)
-            .await?;
-        let kind = if status.zero {
-            ExtentKind::Zero {
-                allocated: status.allocated,
-            }
-        } else {
-            ExtentKind::Data
-        };
-        Ok(Extent {
-            len: status.len,
-            kind,
-        })
+        self.file.node().status_for_filter(offset, len).await
     }
 
     async fn truncate(&self, _: &Node, size: u64) -> io::Result<()> {
@@ -115,14 +98,7 @@ impl Driver for Throttle {
     }
 
     fn info(&self, node: &Node) -> DriverInfo {
-        let file = self.file.node();
-        let file_info = file.driver().info(&file);
-        DriverInfo {
-            filename: crate::graph::json_filename(node, &file_info.filename),
-            actual_size: file_info.actual_size,
-            dirty_flag: Some(false),
-            ..DriverInfo::default()
-        }
+        DriverInfo::of_filter(node, &self.file)
     }
 
     fn filtered_child_role(&self) -> Option<&'static str> {
