@@ -213,6 +213,65 @@ fn run_thread(
     });
 }
 
+/// A piece of CPU-bound work for the pool.
+type CpuJob = Box<dyn FnOnce() + Send>;
+
+/// The daemon's CPU workers (`blockd-cpu0`, ...), one per core, for CPU-bound work
+/// (compressing and decompressing clusters and chunks). A fixed pool rather than tokio's
+/// blocking threads: those grow with the work in flight (a compressed backup keeps dozens
+/// of clusters in flight), each with its own stack and allocator arena and the memory
+/// they keep, and go no faster than the cores; and a worker that finishes a piece takes
+/// the next from the queue at once, without waiting for an I/O thread to hand it over.
+static CPU_POOL: std::sync::LazyLock<Mutex<std::sync::mpsc::Sender<CpuJob>>> =
+    std::sync::LazyLock::new(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<CpuJob>();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for i in 0..cores {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("blockd-cpu{i}"))
+                .spawn(move || loop {
+                    // The lock is held while waiting: the other workers queue behind it
+                    // for the next piece, which is what they would do anyway.
+                    let job = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("could not start CPU worker {i}: {e}");
+            }
+        }
+        Mutex::new(tx)
+    });
+
+/// Run `work` on the CPU workers and wait for it without holding the I/O thread. A panic
+/// in it fails this piece of work only.
+pub(crate) async fn cpu_bound<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    let (tx, rx) = oneshot::channel();
+    let job: CpuJob = Box::new(move || {
+        let result = std::panic::catch_unwind(AssertUnwindSafe(work));
+        let _ = tx.send(result.map_err(|p| Panicked::from_payload(p).0));
+    });
+    CPU_POOL
+        .lock()
+        .map_err(|_| io::Error::other("the CPU workers are gone"))?
+        .send(job)
+        .map_err(|_| io::Error::other("the CPU workers are gone"))?;
+    match rx.await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(panic)) => Err(io::Error::other(format!("CPU work panicked: {panic}"))),
+        Err(_) => Err(io::Error::other("the CPU workers are gone")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +300,18 @@ mod tests {
             assert_eq!(next, Ok(7));
         });
         io.shutdown();
+    }
+
+    #[test]
+    fn cpu_work_answers_and_a_panic_fails_only_its_own_piece() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert_eq!(cpu_bound(|| 6 * 7).await.unwrap(), 42);
+            let failed = cpu_bound(|| -> u32 { panic!("boom") }).await;
+            assert!(failed.unwrap_err().to_string().contains("boom"));
+            assert_eq!(cpu_bound(|| 1).await.unwrap(), 1);
+        });
     }
 }

@@ -382,9 +382,8 @@ impl Dmg {
         };
         let mut input = vec![0u8; chunk.length as usize];
         read_zero_past_end(&self.file, chunk.offset, &mut input).await?;
-        let data = tokio::task::spawn_blocking(move || decompress(codec, chunk.sectors, &input))
-            .await
-            .map_err(io::Error::other)??;
+        let data =
+            crate::iothread::cpu_bound(move || decompress(codec, chunk.sectors, &input)).await??;
         let data = Arc::new(data);
         let mut cache = self.cache.lock().expect("cache lock");
         cache.push_back((index, data.clone()));

@@ -14,6 +14,8 @@ use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
 const ZSTD_LEVEL: i32 = 3;
 
 thread_local! {
+    // A deflate stream's window and hash tables, set up once per thread, not per cluster.
+    static ZLIB_COMPRESSOR: RefCell<Option<flate2::Compress>> = const { RefCell::new(None) };
     // A zstd context holds about a megabyte of tables: one per thread, not per cluster.
     static ZSTD_COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> =
         const { RefCell::new(None) };
@@ -41,18 +43,21 @@ impl Compression {
     pub(super) fn compress(self, data: &[u8]) -> Option<Vec<u8>> {
         let mut out = Vec::with_capacity(data.len() - 1);
         match self {
-            Compression::Zlib => {
+            Compression::Zlib => ZLIB_COMPRESSOR.with_borrow_mut(|stream| {
                 // The 4 KiB window is what every qcow2 reader accepts.
-                let mut stream = flate2::Compress::new_with_window_bits(
-                    flate2::Compression::default(),
-                    false,
-                    12,
-                );
+                let stream = stream.get_or_insert_with(|| {
+                    flate2::Compress::new_with_window_bits(
+                        flate2::Compression::default(),
+                        false,
+                        12,
+                    )
+                });
+                stream.reset();
                 match stream.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
                     Ok(flate2::Status::StreamEnd) => Some(out),
                     _ => None,
                 }
-            }
+            }),
             // An error here is the output not fitting in a cluster less one byte.
             Compression::Zstd => ZSTD_COMPRESSOR.with_borrow_mut(|compressor| {
                 let compressor = match compressor {

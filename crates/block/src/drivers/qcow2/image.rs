@@ -773,9 +773,7 @@ impl Image {
         whole[..data.len()].copy_from_slice(data);
         // Compressing a cluster takes about a millisecond: not on the I/O thread.
         let compression = self.compression;
-        let compressed = tokio::task::spawn_blocking(move || compression.compress(&whole))
-            .await
-            .map_err(|e| io::Error::other(format!("compression failed: {e}")))?;
+        let compressed = crate::iothread::cpu_bound(move || compression.compress(&whole)).await?;
         let Some(compressed) = compressed else {
             return self.write(pos, data, WriteFlags::default()).await;
         };

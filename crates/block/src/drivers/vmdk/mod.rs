@@ -559,7 +559,7 @@ impl Vmdk {
         }
         let at = (off - base) as usize;
         whole[at..at + data.len()].copy_from_slice(data);
-        let compressed = tokio::task::spawn_blocking(move || {
+        let compressed = crate::iothread::cpu_bound(move || {
             let mut deflate = flate2::Compress::new(flate2::Compression::default(), true);
             let mut out = Vec::with_capacity(whole.len() + whole.len() / 8 + 64);
             loop {
@@ -570,8 +570,7 @@ impl Vmdk {
                 }
             }
         })
-        .await
-        .map_err(io::Error::other)??;
+        .await??;
         s.ensure_gt(meta, (grain / s.gtes) as usize).await?;
         let mut record = Vec::with_capacity(12 + compressed.len() + 512);
         if s.markers {
