@@ -7,6 +7,7 @@
 
 use crate::policy::ErrorAction;
 use crate::setup::{create_job, job_edge};
+use crate::workers::Workers;
 use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
 use aio::pool::PoolBuf;
@@ -19,12 +20,15 @@ use block::{Child, Graph, Node, Parent, Perms};
 use block::{ExtentKind, WriteFlags};
 use qapi::error::QmpError;
 use serde_json::json;
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Bytes examined and copied per step.
 const STEP: u64 = 1 << 20;
+/// Steps of a stream or commit in flight at once.
+const STEPS_IN_FLIGHT: usize = 4;
 
 pub struct StreamJob {
     graph: Arc<Graph>,
@@ -205,7 +209,10 @@ impl StreamJob {
 
 /// Walk `len` bytes in steps, pausing, honouring cancel and speed, and applying the error
 /// policy: under `ignore` a failed step is skipped, marked in `incomplete`, and the job
-/// fails at the end with the first error.
+/// fails at the end with the first error. Up to [`STEPS_IN_FLIGHT`] steps run at once, so
+/// that one step's reads overlap another's writes; they run on while the loop waits for a
+/// pause to end, the speed limit or the error policy (a step may hold a range others
+/// wait for).
 pub(crate) async fn copy_in_steps<F, Fut>(
     ctx: &JobContext,
     len: u64,
@@ -217,31 +224,51 @@ where
     Fut: std::future::Future<Output = Result<(), (io::Error, bool)>>,
 {
     ctx.set_len(len);
-    let mut offset = 0;
+    let mut next = 0u64;
+    let mut retries: VecDeque<(u64, u64)> = VecDeque::new();
+    let mut in_flight = Workers::new();
     let mut first_error: Option<io::Error> = None;
-    while offset < len {
-        ctx.pause_point().await;
-        if ctx.is_cancelled() {
-            return Err(JobFailure::cancelled());
-        }
-        let n = STEP.min(len - offset);
-        ctx.rate_limit(n).await;
-        match step(offset, n).await {
-            Ok(()) => {
-                ctx.add_offset(n);
-                offset += n;
+    // Set when the job is to end: the steps in flight are waited for, none started.
+    let mut failure: Option<JobFailure> = None;
+    loop {
+        while failure.is_none()
+            && in_flight.running() < STEPS_IN_FLIGHT
+            && (next < len || !retries.is_empty())
+        {
+            in_flight.alongside(ctx.pause_point()).await;
+            if ctx.is_cancelled() {
+                failure = Some(JobFailure::cancelled());
+                break;
             }
-            Err((e, is_read)) => match ctx.handle_error(&e, is_read).await {
-                ErrorAction::Report => return Err(e.into()),
-                ErrorAction::Retry => {}
+            let (offset, n) = retries.pop_front().unwrap_or_else(|| {
+                let n = STEP.min(len - next);
+                next += n;
+                (next - n, n)
+            });
+            in_flight.alongside(ctx.rate_limit(n)).await;
+            let copy = step(offset, n);
+            in_flight.push(async move { (offset, n, copy.await) });
+        }
+        let Some((offset, n, result)) = in_flight.next().await else {
+            break;
+        };
+        match result {
+            Ok(()) => ctx.add_offset(n),
+            // The job ends anyway: a later step's error changes nothing.
+            Err(_) if failure.is_some() => {}
+            Err((e, is_read)) => match in_flight.alongside(ctx.handle_error(&e, is_read)).await {
+                ErrorAction::Report => failure = Some(e.into()),
+                ErrorAction::Retry => retries.push_back((offset, n)),
                 ErrorAction::Ignore => {
                     incomplete.store(true, Ordering::Release);
                     first_error.get_or_insert(e);
                     ctx.add_offset(n);
-                    offset += n;
                 }
             },
         }
+    }
+    if let Some(failure) = failure {
+        return Err(failure);
     }
     match first_error {
         Some(e) => Err(e.into()),
