@@ -5,7 +5,9 @@
 //! A new cluster is written whole (zeroes around the guest's data) and flushed before its
 //! BAT entry names it, so a crash leaves at worst an unreferenced cluster. An image QEMU
 //! left open ("in use") is repaired when opened read-write, as QEMU does: BAT entries
-//! that point outside the file are cleared, then the flag is.
+//! that point outside the file are cleared, then the flag is. An image with a format
+//! extension (dirty bitmaps) opens read-write as in QEMU; its first change takes the
+//! extension out of the header, since the bitmaps go stale.
 
 use super::block_map::{self, read_metadata};
 use super::fields::{le32, le64};
@@ -18,6 +20,7 @@ use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub(crate) const MAGIC: &[u8; 16] = b"WithoutFreeSpace";
@@ -129,6 +132,8 @@ pub struct Parallels {
     file: Arc<Child>,
     header: Header,
     state: tokio::sync::Mutex<State>,
+    /// The header no longer names the format extension (see [`Parallels::drop_extension`]).
+    extension_dropped: AtomicBool,
 }
 
 impl Parallels {
@@ -155,6 +160,27 @@ impl Parallels {
         (offset / c..(offset + len).div_ceil(c))
             .map(|i| self.host(state, i))
             .collect()
+    }
+
+    /// Before the first change of a session, the header stops naming the format extension
+    /// (dirty bitmaps of the image's writer): blockd does not keep those bitmaps up to
+    /// date, and a tool that later trusted them for an incremental backup would miss what
+    /// changed here. QEMU opens such images read-write too ("Format Extension ignored in
+    /// RW mode") but leaves the stale extension named.
+    async fn drop_extension(&self) -> io::Result<()> {
+        if self.header.ext_off == 0 || self.extension_dropped.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _state = self.state.lock().await;
+        if self.extension_dropped.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.file
+            .write(56, &0u64.to_le_bytes(), WriteFlags::default())
+            .await?;
+        self.file.flush().await?;
+        self.extension_dropped.store(true, Ordering::Release);
+        Ok(())
     }
 
     async fn repair(&self, state: &mut State) -> io::Result<()> {
@@ -202,6 +228,7 @@ impl Driver for Parallels {
     }
 
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
+        self.drop_extension().await?;
         let c = self.header.cluster_size;
         let plain = WriteFlags::default();
         let mut done = 0usize;
@@ -247,6 +274,7 @@ impl Driver for Parallels {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
+        self.drop_extension().await?;
         let c = self.header.cluster_size;
         // A piece at a time, so that the map of a zero write over the whole disk stays
         // small.
@@ -338,9 +366,7 @@ async fn open(
     }
     let read_only = o.common().read_only;
     if header.ext_off != 0 && !read_only {
-        return Err(QmpError::generic(
-            "blockd opens parallels images with a format extension (dirty bitmaps) read-only",
-        ));
+        tracing::warn!("Format Extension ignored in RW mode");
     }
     let raw = read_metadata(
         &file,
@@ -362,6 +388,7 @@ async fn open(
             bat,
             end: file_size.max(end),
         }),
+        extension_dropped: AtomicBool::new(false),
     };
     if in_use && !read_only {
         let mut state = parallels.state.lock().await;
