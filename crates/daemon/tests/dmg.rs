@@ -326,10 +326,12 @@ async fn unreadable_sectors_fail_as_in_qsd() {
             (RAW, 0, 8, 0, 4096),
             (ADC, 8, 8, 4096, 100),
             (ZLIB, 24, 8, 4096, 100),
+            // A zero run far longer than the disk.
+            (ZERO, 40, 1 << 62, 0, 0),
             (LAST, 32, 0, 0, 0),
         ],
     );
-    let image = udif(0, &data, &[block], Tables::Xml, 40);
+    let image = udif(0, &data, &[block], Tables::Xml, 48);
     let mut all = Vec::new();
     for which in Impl::all() {
         let dir = tempfile::tempdir().unwrap();
@@ -348,13 +350,15 @@ async fn unreadable_sectors_fail_as_in_qsd() {
             .unwrap();
         let uri = format!("nbd+unix:///holes?socket={}", sock.display());
         let mut seen = Vec::new();
-        // Raw, ADC, uncovered, a zlib chunk that does not inflate, past the tables.
+        // Raw, ADC, uncovered, a zlib chunk that does not inflate, past the tables, the
+        // long zero run.
         for (offset, len) in [
             (0, 4096),
             (4096, 512),
             (8192, 4096),
             (12288, 512),
             (16384, 512),
+            (20480, 4096),
         ] {
             let cmd = format!("read {offset} {len}");
             seen.push(
@@ -367,6 +371,7 @@ async fn unreadable_sectors_fail_as_in_qsd() {
     assert_eq!(all[0], all[1]);
     assert_eq!(all[0][0]["read 0 4096"], "ok");
     assert_ne!(all[0][1]["read 4096 512"], "ok");
+    assert_eq!(all[0][5]["read 20480 4096"], "ok");
 }
 
 /// Opened read-only on both daemons: qsd's answer, and blockd's begins with it (blockd

@@ -435,15 +435,18 @@ impl ReadOnlyImage for Dmg {
             let index = self.chunk_of(pos / SECTOR)?;
             let chunk = &self.chunks[index];
             let at = pos - chunk.sector * SECTOR;
-            let n = (chunk.sectors * SECTOR - at).min((buf.len() - done) as u64) as usize;
+            // Zero chunks may claim any number of sectors: saturate, never overflow.
+            let bytes = chunk.sectors.saturating_mul(SECTOR);
+            let n = (bytes - at).min((buf.len() - done) as u64) as usize;
             let out = &mut buf[done..done + n];
             match chunk.kind {
                 ChunkKind::Zero => out.fill(0),
                 ChunkKind::Raw => {
                     // Bytes past the chunk's length read as zeroes.
-                    let stored = chunk.length.min(chunk.sectors * SECTOR).saturating_sub(at);
+                    let stored = chunk.length.min(bytes).saturating_sub(at);
                     let stored = stored.min(n as u64) as usize;
-                    read_zero_past_end(&self.file, chunk.offset + at, &mut out[..stored]).await?;
+                    let from = chunk.offset.saturating_add(at);
+                    read_zero_past_end(&self.file, from, &mut out[..stored]).await?;
                     out[stored..].fill(0);
                 }
                 ChunkKind::Compressed(_) => {
