@@ -197,6 +197,9 @@ pub(crate) struct Pending {
     /// Names in QEMU's listing order: a node counts from when its driver opened, which for
     /// a format is after its file and before its backing chain.
     order: Vec<String>,
+    /// The files of the overlays whose backing files named in their headers are being
+    /// opened, outermost first: a backing file among them would open forever.
+    pub(crate) backing_chain: Vec<String>,
 }
 
 impl Pending {

@@ -97,6 +97,7 @@ impl IoThreads {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let handle = std::thread::Builder::new()
                 .name(format!("blockd-io{index}"))
+                .stack_size(IO_THREAD_STACK)
                 .spawn(move || run_thread(rx, ready_tx))?;
             ready_rx
                 .recv()
@@ -212,6 +213,11 @@ fn run_thread(
         }
     });
 }
+
+/// An I/O thread's stack. Opening a backing chain nests one open inside the other, a few
+/// tens of KiB of stack each: the 2 MiB default ran out at about 150 levels. Only the
+/// pages used are ever resident.
+const IO_THREAD_STACK: usize = 64 << 20;
 
 /// A piece of CPU-bound work for the pool.
 type CpuJob = Box<dyn FnOnce() + Send>;

@@ -21,6 +21,10 @@ use serde_json::{json, Map, Value};
 use std::path::Path;
 use std::sync::Arc;
 
+/// Backing files named by image headers that one open follows at most: deeper chains
+/// (or loops spelled with different paths) would exhaust the I/O thread's stack.
+const MAX_BACKING_CHAIN: usize = 512;
+
 /// How a driver opens: it gets its own options (the common ones taken out) and returns the
 /// driver, its children opened through the `Opener`.
 pub type OpenFn = for<'a, 'b> fn(
@@ -254,6 +258,19 @@ impl Opener<'_> {
     ) -> Result<Arc<Child>, QmpError> {
         let overlay_filename = overlay_file.driver().info(overlay_file).filename;
         let path = resolve_backing_path(&overlay_filename, backing_file);
+        // Images that name each other as backing files (crafted, or a rebase gone wrong)
+        // would open each other until the stack ran out.
+        let chain = &self.pending.backing_chain;
+        if path == overlay_filename || chain.contains(&path) {
+            return Err(QmpError::generic(format!(
+                "Backing file '{backing_file}' creates an infinite loop"
+            )));
+        }
+        if chain.len() >= MAX_BACKING_CHAIN {
+            return Err(QmpError::generic(format!(
+                "The backing chain of '{overlay_filename}' is longer than {MAX_BACKING_CHAIN} images"
+            )));
+        }
         let format = match backing_format {
             Some(format) => format.to_string(),
             None => probe_format(&path),
@@ -266,10 +283,13 @@ impl Opener<'_> {
         let Value::Object(options) = options else {
             unreachable!("json! object literal")
         };
+        self.pending.backing_chain.push(overlay_filename);
         let target = self
             .graph
             .open_node(options, OptionSyntax::Json, false, None, self.pending)
-            .await
+            .await;
+        self.pending.backing_chain.pop();
+        let target = target
             .map_err(|e| QmpError::generic(format!("Could not open backing file: {}", e.desc)))?;
         let edge = Node::attach(
             &target,

@@ -352,6 +352,7 @@ pub struct Dmg {
     chunks: Vec<Chunk>,
     /// Recently decompressed chunks by index, the latest last.
     cache: Mutex<VecDeque<(usize, Arc<Vec<u8>>)>>,
+    decompressing: tokio::sync::Mutex<()>,
 }
 
 impl Dmg {
@@ -367,14 +368,23 @@ impl Dmg {
     /// A compressed chunk's sectors, decompressed (off the I/O thread: a chunk may be
     /// 64 MiB).
     async fn inflated(&self, index: usize) -> io::Result<Arc<Vec<u8>>> {
-        if let Some((_, data)) = self
-            .cache
-            .lock()
-            .expect("cache lock")
-            .iter()
-            .find(|(i, _)| *i == index)
-        {
-            return Ok(data.clone());
+        let cached = || {
+            self.cache
+                .lock()
+                .expect("cache lock")
+                .iter()
+                .find(|(i, _)| *i == index)
+                .map(|(_, data)| data.clone())
+        };
+        if let Some(data) = cached() {
+            return Ok(data);
+        }
+        // One decompression at a time per image, as QEMU's lock does: a chunk's input and
+        // output may be 64 MiB each, and the reads waiting here for the same chunk find it
+        // in the cache instead of decompressing it again.
+        let _one = self.decompressing.lock().await;
+        if let Some(data) = cached() {
+            return Ok(data);
         }
         let chunk = self.chunks[index].clone();
         let ChunkKind::Compressed(codec) = chunk.kind else {
@@ -500,6 +510,7 @@ async fn open(
         sectors: trailer.sectors,
         chunks,
         cache: Mutex::new(VecDeque::new()),
+        decompressing: tokio::sync::Mutex::new(()),
     })))
 }
 

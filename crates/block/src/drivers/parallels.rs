@@ -46,7 +46,7 @@ pub struct Header {
     pub in_use: bool,
     /// Where the data area starts, in sectors.
     pub data_off: u64,
-    /// A format extension (dirty bitmaps) at this cluster offset.
+    /// A format extension (dirty bitmaps) at this offset, in sectors.
     pub ext_off: u64,
 }
 

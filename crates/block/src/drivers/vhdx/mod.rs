@@ -496,7 +496,11 @@ async fn open_parent(
     if let Some(vhdx) = parent.node().driver_as::<Vhdx>() {
         let linkage = guid_text(&vhdx.state.lock().await.header.data_write_guid);
         let expected = locator.get("parent_linkage").unwrap_or_default();
-        if !linkage.eq_ignore_ascii_case(expected) {
+        // The spec's second linkage names a parent whose GUID changed in a way the writer
+        // knew to be safe.
+        let also = locator.get("parent_linkage2");
+        let matches = |g: &str| linkage.eq_ignore_ascii_case(g);
+        if !matches(expected) && !also.is_some_and(matches) {
             return Err(QmpError::generic(format!(
                 "The parent of '{name}' is not the disk it was made from: its data write GUID is {linkage}, the child's parent_linkage {expected}"
             )));

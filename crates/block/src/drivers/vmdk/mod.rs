@@ -68,7 +68,7 @@ impl Mapping {
     /// kind of nothing.
     fn continues_with(self, next: Mapping, distance: u64) -> bool {
         match (self, next) {
-            (Mapping::Data(a), Mapping::Data(b)) => b == a + distance,
+            (Mapping::Data(a), Mapping::Data(b)) => a.checked_add(distance) == Some(b),
             (Mapping::Unallocated, Mapping::Unallocated) | (Mapping::Zeroed, Mapping::Zeroed) => {
                 true
             }

@@ -174,12 +174,13 @@ fn grain_mapping(header: &SeSparseHeader, entry: u64) -> io::Result<Mapping> {
         1 | 2 => Mapping::Zeroed,
         3 => {
             let index = ((entry >> 48) & 0xfff) | ((entry & 0x0000_ffff_ffff_ffff) << 12);
-            let sector = index
+            let at = index
                 .checked_mul(GRAIN_SECTORS)
                 .and_then(|s| s.checked_add(header.grains_offset))
                 .and_then(|s| s.checked_mul(512))
+                .filter(|&at| at <= i64::MAX as u64)
                 .ok_or_else(|| eio("a seSparse grain lies past the largest file"))?;
-            Mapping::Data(sector)
+            Mapping::Data(at)
         }
         _ => return Err(eio("a seSparse grain table entry is invalid")),
     })
