@@ -161,6 +161,29 @@ impl Opener<'_> {
         })
     }
 
+    /// Open the `file` child of a driver whose other options are all taken out already
+    /// (QEMU's BlockdevOptionsGenericFormat, less `backing` where the driver has one):
+    /// any option left is refused.
+    pub async fn open_file_only(
+        &mut self,
+        options: Map<String, Value>,
+    ) -> Result<Arc<Child>, QmpError> {
+        let file_ref = self.take_file_only(options)?;
+        self.open_child(file_ref, "file", Perms::NONE, Perms::ALL)
+            .await
+    }
+
+    /// The `file` reference of [`Opener::open_file_only`], for a driver with a check to
+    /// make between the options and opening the file.
+    pub fn take_file_only(&self, mut options: Map<String, Value>) -> Result<Value, QmpError> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct NoOptions {}
+        let file_ref = self.take_child_ref(&mut options, "file")?;
+        let _: NoOptions = self.parse(options)?;
+        Ok(file_ref)
+    }
+
     /// A node by name: one the graph has, or one this blockdev-add opened already.
     pub fn find_node(&self, name: &str) -> Option<Arc<Node>> {
         self.pending.find(name).or_else(|| self.graph.find(name))

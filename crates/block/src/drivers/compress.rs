@@ -11,7 +11,6 @@ use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
 use qapi::error::QmpError;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::io;
 use std::sync::Arc;
@@ -110,10 +109,6 @@ impl Driver for Compress {
     }
 }
 
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct CompressOptions {}
-
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: false,
     names: &["compress"],
@@ -122,13 +117,9 @@ pub(crate) const DRIVER: DriverEntry = DriverEntry {
 
 async fn open(
     o: &mut Opener<'_>,
-    mut options: Map<String, Value>,
+    options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
-    let file_ref = o.take_child_ref(&mut options, "file")?;
-    let _: CompressOptions = o.parse(options)?;
-    let file = o
-        .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
-        .await?;
+    let file = o.open_file_only(options).await?;
     let node = file.node();
     if !node.driver().supports_compressed_writes() {
         return Err(QmpError::generic(format!(

@@ -109,6 +109,15 @@ pub enum Tables {
     Xml(u64, u64),
 }
 
+impl Tables {
+    /// Where the tables are in the file, and their length.
+    pub fn region(self) -> (u64, u64) {
+        match self {
+            Tables::ResourceFork(offset, len) | Tables::Xml(offset, len) => (offset, len),
+        }
+    }
+}
+
 /// The trailer's fields blockd uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trailer {
@@ -176,9 +185,7 @@ impl Trailer {
         } else {
             return Err(invalid("the trailer names no chunk tables"));
         };
-        let len = match tables {
-            Tables::ResourceFork(_, len) | Tables::Xml(_, len) => len,
-        };
+        let (_, len) = tables.region();
         if len > MAX_TABLES {
             return Err(invalid(format!(
                 "chunk tables of {len} bytes are larger than blockd reads ({MAX_TABLES})"
@@ -339,9 +346,7 @@ pub fn parse_image(image: &[u8]) -> Result<(Trailer, Vec<Chunk>), Refusal> {
     let start = search_start(image.len() as u64)?;
     let at = trailer_offset(&region(start, SEARCH), start)?;
     let trailer = Trailer::parse(&region(at, TRAILER), at)?;
-    let (offset, len) = match trailer.tables {
-        Tables::ResourceFork(offset, len) | Tables::Xml(offset, len) => (offset, len),
-    };
+    let (offset, len) = trailer.tables.region();
     let (chunks, _) = chunks(&trailer, &region(offset, len as usize))?;
     Ok((trailer, chunks))
 }
@@ -494,9 +499,7 @@ async fn open(
     let at = trailer_offset(&window, start).map_err(refused)?;
     let buf = read_metadata(&file, at, TRAILER, "dmg trailer").await?;
     let trailer = Trailer::parse(&buf, at).map_err(refused)?;
-    let (offset, len) = match trailer.tables {
-        Tables::ResourceFork(offset, len) | Tables::Xml(offset, len) => (offset, len),
-    };
+    let (offset, len) = trailer.tables.region();
     let tables = read_metadata(&file, offset, len as usize, "dmg chunk tables").await?;
     let (chunks, unknown) = chunks(&trailer, &tables).map_err(refused)?;
     if let Some(code) = unknown {

@@ -17,7 +17,6 @@ use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
 use qapi::error::QmpError;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -336,10 +335,6 @@ impl Driver for Parallels {
     }
 }
 
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct ParallelsOptions {}
-
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
     names: &["parallels"],
@@ -348,13 +343,9 @@ pub(crate) const DRIVER: DriverEntry = DriverEntry {
 
 async fn open(
     o: &mut Opener<'_>,
-    mut options: Map<String, Value>,
+    options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
-    let file_ref = o.take_child_ref(&mut options, "file")?;
-    let _: ParallelsOptions = o.parse(options)?;
-    let file = o
-        .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
-        .await?;
+    let file = o.open_file_only(options).await?;
     let head = read_metadata(&file, 0, HEADER_LEN, "parallels header").await?;
     let header = Header::parse(&head).map_err(QmpError::generic)?;
     let file_size = file.node().size();

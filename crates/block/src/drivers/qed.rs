@@ -19,7 +19,6 @@ use crate::Driver;
 use aio::pool::PoolBuf;
 use async_trait::async_trait;
 use qapi::error::QmpError;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::io;
@@ -590,10 +589,6 @@ impl Driver for Qed {
     }
 }
 
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct QedOptions {}
-
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
     names: &["qed"],
@@ -604,12 +599,8 @@ async fn open(
     o: &mut Opener<'_>,
     mut options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
-    let file_ref = o.take_child_ref(&mut options, "file")?;
     let backing_ref = options.remove("backing");
-    let _: QedOptions = o.parse(options)?;
-    let file = o
-        .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
-        .await?;
+    let file = o.open_file_only(options).await?;
     let file_size = file.node().size();
     let head = read_metadata(&file, 0, HEADER_LEN, "qed header").await?;
     let header = Header::parse(&head).map_err(QmpError::generic)?;

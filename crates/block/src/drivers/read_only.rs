@@ -9,7 +9,6 @@ use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
 use qapi::error::QmpError;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::io;
 use std::sync::Arc;
@@ -47,21 +46,14 @@ fn read_only() -> io::Error {
     io::Error::from_raw_os_error(libc::EACCES)
 }
 
-/// The options of a read-only format: its file and nothing else
-/// (BlockdevOptionsGenericFormat).
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct GenericFormatOptions {}
-
 /// Open a read-only format's file child from its options. The format cannot be written:
 /// a writable node is refused unless it may become read-only (`auto-read-only`), as in
 /// QEMU.
 pub(crate) async fn open_file(
     o: &mut Opener<'_>,
-    mut options: Map<String, Value>,
+    options: Map<String, Value>,
 ) -> Result<Arc<Child>, QmpError> {
-    let file_ref = o.take_child_ref(&mut options, "file")?;
-    let _: GenericFormatOptions = o.parse(options)?;
+    let file_ref = o.take_file_only(options)?;
     let common = o.common();
     if !common.read_only && !common.auto_read_only {
         return Err(QmpError::generic("Image is read-only"));

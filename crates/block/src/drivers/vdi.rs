@@ -20,7 +20,6 @@ use crate::Driver;
 use aio::pool::PoolBuf;
 use async_trait::async_trait;
 use qapi::error::QmpError;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -343,10 +342,6 @@ impl Driver for Vdi {
     }
 }
 
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct VdiOptions {}
-
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
     names: &["vdi"],
@@ -355,13 +350,9 @@ pub(crate) const DRIVER: DriverEntry = DriverEntry {
 
 async fn open(
     o: &mut Opener<'_>,
-    mut options: Map<String, Value>,
+    options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
-    let file_ref = o.take_child_ref(&mut options, "file")?;
-    let _: VdiOptions = o.parse(options)?;
-    let file = o
-        .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
-        .await?;
+    let file = o.open_file_only(options).await?;
     let file_size = file.node().size();
     let mut buf = vec![0u8; HEADER_LEN];
     let avail = file_size.min(HEADER_LEN as u64) as usize;

@@ -20,7 +20,6 @@ use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
 use qapi::error::QmpError;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -431,10 +430,6 @@ impl Driver for Vpc {
     }
 }
 
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct VpcOptions {}
-
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
     names: &["vpc"],
@@ -447,13 +442,9 @@ async fn read_at(file: &Child, offset: u64, len: usize) -> Result<Vec<u8>, QmpEr
 
 async fn open(
     o: &mut Opener<'_>,
-    mut options: Map<String, Value>,
+    options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
-    let file_ref = o.take_child_ref(&mut options, "file")?;
-    let _: VpcOptions = o.parse(options)?;
-    let file = o
-        .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
-        .await?;
+    let file = o.open_file_only(options).await?;
     let file_size = file.node().size();
     let mut footer = read_at(&file, 0, FOOTER_LEN).await?;
     let mut kind = be32(&footer, 60);

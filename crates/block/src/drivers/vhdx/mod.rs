@@ -29,7 +29,6 @@ use crate::Driver;
 use async_trait::async_trait;
 use format::*;
 use qapi::error::QmpError;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -450,10 +449,6 @@ impl Driver for Vhdx {
     }
 }
 
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct VhdxOptions {}
-
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
     names: &["vhdx"],
@@ -570,12 +565,8 @@ async fn open(
     o: &mut Opener<'_>,
     mut options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
-    let file_ref = o.take_child_ref(&mut options, "file")?;
     let backing_ref = options.remove("backing");
-    let _: VhdxOptions = o.parse(options)?;
-    let file = o
-        .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
-        .await?;
+    let file = o.open_file_only(options).await?;
     let name = {
         let node = file.node();
         node.driver().info(&node).filename

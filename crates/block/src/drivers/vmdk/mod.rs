@@ -30,7 +30,6 @@ use aio::pool::PoolBuf;
 use async_trait::async_trait;
 use descriptor::{Descriptor, ExtentType};
 use qapi::error::QmpError;
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sesparse::{SeSparse, SeSparseHeader};
 use sparse::{SparseHeader, GTE_ZEROED};
@@ -952,10 +951,6 @@ impl Vmdk {
     }
 }
 
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct VmdkOptions {}
-
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
     names: &["vmdk"],
@@ -1085,12 +1080,8 @@ async fn open(
     o: &mut Opener<'_>,
     mut options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
-    let file_ref = o.take_child_ref(&mut options, "file")?;
     let backing_ref = options.remove("backing");
-    let _: VmdkOptions = o.parse(options)?;
-    let file = o
-        .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
-        .await?;
+    let file = o.open_file_only(options).await?;
     let file_size = file.node().size();
     let head = read_bytes(&file, 0, sparse::HEADER_LEN).await?;
     o.claim_position();
