@@ -183,6 +183,8 @@ pub struct Graph {
     pub throttle_groups: ThrottleGroups,
     /// Secrets by id, for encrypted images' `key-secret`.
     pub secrets: crypto::Secrets,
+    /// TLS credentials by id, for nbd nodes' and the NBD server's `tls-creds`.
+    pub tls_creds: crate::Objects<nbd::TlsCreds>,
     /// Where drivers send the events they raise themselves (BLOCK_IMAGE_CORRUPTED).
     events: OnceLock<EventHook>,
 }

@@ -13,6 +13,7 @@ mod graph;
 mod info;
 mod iothread;
 mod node;
+mod objects;
 mod open;
 mod perm;
 mod range_lock;
@@ -61,6 +62,7 @@ pub use node::{
     busy_error, job_blocker, would_cycle_message, ChainExtent, Child, CommonOptions, Driver,
     ExtentKind, Node, Parent, SnapshotInfo, WriteFlags,
 };
+pub use objects::Objects;
 pub use open::driver_names;
 pub use perm::Perms;
 pub use range_lock::RangeLock;

@@ -19,6 +19,9 @@ pub struct Daemon {
     pub events: qmp::EventSink,
     pub exports: Exports,
     pub jobs: Arc<jobs::JobManager>,
+    /// Authorization objects by id, for the NBD server's `tls-authz`; the connections look
+    /// them up on the I/O threads.
+    pub authz: Arc<block::Objects<crate::authz::Authz>>,
     quit: Notify,
     chardevs: RefCell<HashMap<String, Chardev>>,
     /// Monitors bound during startup; they accept clients only once startup is complete,
@@ -38,6 +41,7 @@ impl Daemon {
             jobs: jobs::JobManager::new(Arc::new(JobEvents(events.clone()))),
             events,
             exports: Exports::default(),
+            authz: Arc::default(),
             quit: Notify::new(),
             chardevs: RefCell::new(HashMap::new()),
             bound_monitors: RefCell::new(Vec::new()),

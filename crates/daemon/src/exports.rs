@@ -10,7 +10,9 @@ use block::{Child, Node, Parent, Perms};
 use block::{InetServer, UnixServer};
 use nbd::backend::{Backend, Capabilities, MetaContext, StatusExtent, ZeroFlags};
 use nbd::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
-use nbd::server::{ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent};
+use nbd::server::{
+    Authorize, ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent, ServerTls,
+};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -332,7 +334,7 @@ struct NewExport {
 impl Exports {
     pub fn server_start(daemon: &Rc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
         let args: NbdServerStartArgs = qapi::de::from_value(Value::Object(args))?;
-        refuse_tls(args.tls_creds.as_deref(), args.tls_authz.as_deref())?;
+        let tls = server_tls(daemon, args.tls_creds.as_deref(), args.tls_authz.as_deref())?;
         let addr = match args.addr.kind {
             SocketKind::Unix => {
                 let unix: UnixServer = qapi::de::from_value(Value::Object(args.addr.data))?;
@@ -350,6 +352,7 @@ impl Exports {
             addr,
             args.max_connections,
             args.handshake_max_seconds,
+            tls,
         )?;
         Ok(json!({}))
     }
@@ -365,7 +368,7 @@ impl Exports {
         } else {
             qapi::de::from_value(options)?
         };
-        refuse_tls(args.tls_creds.as_deref(), args.tls_authz.as_deref())?;
+        let tls = server_tls(daemon, args.tls_creds.as_deref(), args.tls_authz.as_deref())?;
         let mut addr = args.addr;
         let kind = addr.remove("type");
         let addr = match kind.as_ref().and_then(Value::as_str) {
@@ -390,6 +393,7 @@ impl Exports {
             addr,
             args.max_connections,
             args.handshake_max_seconds,
+            tls,
         )
     }
 
@@ -398,6 +402,7 @@ impl Exports {
         addr: ListenAddr,
         max_connections: Option<u32>,
         handshake_max_seconds: Option<u32>,
+        tls: Option<ServerTls>,
     ) -> Result<(), QmpError> {
         let exports = &daemon.exports;
         if exports.server.borrow().is_some() {
@@ -415,7 +420,7 @@ impl Exports {
         server.set_event_handler(move |event| {
             let _ = tx.send(event);
         });
-        server.start(&addr, config).map_err(|e| {
+        server.start(&addr, config, tls).map_err(|e| {
             QmpError::generic(match &addr {
                 // The inet errors are worded as QEMU's already.
                 ListenAddr::Tcp { .. } => e.to_string(),
@@ -733,13 +738,48 @@ fn find_in_chain(node: &Arc<Node>, name: &str) -> Option<(Arc<Node>, Arc<DirtyBi
     None
 }
 
-fn refuse_tls(creds: Option<&str>, authz: Option<&str>) -> Result<(), QmpError> {
-    if creds.is_some() || authz.is_some() {
+/// nbd-server-start's `tls-creds` and `tls-authz`, with QEMU's texts. Unlike QEMU, which
+/// ignores it then, `tls-authz` without `tls-creds` is refused: no client could be named,
+/// so the authorization would silently not apply.
+fn server_tls(
+    daemon: &Daemon,
+    creds: Option<&str>,
+    authz: Option<&str>,
+) -> Result<Option<ServerTls>, QmpError> {
+    let Some(id) = creds else {
+        return match authz {
+            Some(_) => Err(QmpError::generic(
+                "tls-authz needs tls-creds: without TLS no client is named to authorize",
+            )),
+            None => Ok(None),
+        };
+    };
+    let creds = daemon.graph.tls_creds.get(id).ok_or_else(|| {
+        if daemon.graph.secrets.contains(id)
+            || daemon.graph.throttle_groups.get(id).is_some()
+            || daemon.authz.contains(id)
+        {
+            QmpError::generic(format!("Object with id '{id}' is not TLS credentials"))
+        } else {
+            QmpError::generic(format!("No TLS credentials with id '{id}'"))
+        }
+    })?;
+    if creds.endpoint() != nbd::Endpoint::Server {
         return Err(QmpError::generic(
-            "blockd's NBD server does not support TLS",
+            "Expected TLS credentials for a server endpoint",
         ));
     }
-    Ok(())
+    let authorize: Option<Authorize> = authz.map(|id| {
+        let registry = daemon.authz.clone();
+        let id = id.to_string();
+        Arc::new(move |identity: Option<&str>| {
+            let authz = registry
+                .get(&id)
+                .ok_or_else(|| format!("No authorization object with id '{id}'"))?;
+            Ok(identity.is_some_and(|name| authz.is_allowed(name)))
+        }) as Authorize
+    });
+    Ok(Some(ServerTls { creds, authorize }))
 }
 
 fn unix_addr(unix: UnixServer) -> Result<ListenAddr, QmpError> {

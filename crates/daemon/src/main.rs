@@ -1,5 +1,6 @@
 //! `blockd`: a qemu-storage-daemon compatible storage daemon.
 
+mod authz;
 mod cli;
 mod commands;
 mod daemon;

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use futures::future::try_join_all;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -37,16 +38,28 @@ pub enum ConnectAddr {
 }
 
 /// Negotiation choices.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct ClientOptions {
     /// Metadata contexts to select (exact names); those the server lacks are skipped.
     pub meta_contexts: Vec<String>,
+    /// Upgrade to TLS with `NBD_OPT_STARTTLS` before anything else.
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS for a client connection (the nbd driver's `tls-creds` and `tls-hostname`).
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    /// Client-side credentials.
+    pub creds: Arc<crate::tls::TlsCreds>,
+    /// The name the server's certificate must carry.
+    pub hostname: String,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             meta_contexts: vec![CONTEXT_BASE_ALLOCATION.to_string()],
+            tls: None,
         }
     }
 }
@@ -154,6 +167,9 @@ impl Client {
             ConnectAddr::Unix(p) => {
                 let mut s = tokio::net::UnixStream::connect(p).await?;
                 crate::socket::enlarge_send_buffer(&s);
+                if opts.tls.is_some() {
+                    return Self::connect_stream(s, export, opts).await;
+                }
                 let neg = handshake(&mut s, export, opts).await?;
                 let (r, w) = s.into_split();
                 Ok(Self::start(neg, r, w))
@@ -161,6 +177,9 @@ impl Client {
             ConnectAddr::Tcp { host, port, inet } => {
                 let mut s = crate::inet::connect(host, *port, inet).await?;
                 s.set_nodelay(true)?;
+                if opts.tls.is_some() {
+                    return Self::connect_stream(s, export, opts).await;
+                }
                 let neg = handshake(&mut s, export, opts).await?;
                 let (r, w) = s.into_split();
                 Ok(Self::start(neg, r, w))
@@ -178,7 +197,19 @@ impl Client {
     where
         S: AsyncRead + AsyncWrite + Unpin + 'static,
     {
-        let neg = handshake(&mut stream, export, opts).await?;
+        let Some(tls) = &opts.tls else {
+            let neg = handshake(&mut stream, export, opts).await?;
+            let (r, w) = tokio::io::split(stream);
+            return Ok(Self::start(neg, r, w));
+        };
+        let no_zeroes = greet(&mut stream).await?;
+        send_option(&mut stream, OPT_STARTTLS, &[]).await?;
+        let (kind, data) = read_option_reply(&mut stream, OPT_STARTTLS).await?;
+        if kind != REP_ACK {
+            return Err(option_error(kind, &data, "NBD_OPT_STARTTLS"));
+        }
+        let mut stream = tls.creds.connect(stream, &tls.hostname).await?;
+        let neg = haggle(&mut stream, export, opts, no_zeroes).await?;
         let (r, w) = tokio::io::split(stream);
         Ok(Self::start(neg, r, w))
     }
@@ -712,6 +743,20 @@ async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8])
 
 fn option_error(kind: u32, data: &[u8], what: &str) -> io::Error {
     let msg = String::from_utf8_lossy(data);
+    if kind == REP_ERR_TLS_REQD {
+        // QEMU's words, with the hint a user of a TLS-only server needs.
+        let option = match what {
+            "NBD_OPT_GO" => "option 7 (go)",
+            "NBD_OPT_SET_META_CONTEXT" => "option 10 (set meta context)",
+            other => other,
+        };
+        return io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "TLS negotiation required before {option}\nDid you forget a valid tls-creds?\nserver reported: {msg}"
+            ),
+        );
+    }
     let ek = match kind {
         REP_ERR_UNKNOWN => io::ErrorKind::NotFound,
         REP_ERR_UNSUP | REP_ERR_PLATFORM => io::ErrorKind::Unsupported,
@@ -726,12 +771,13 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     export: &str,
     opts: &ClientOptions,
 ) -> io::Result<Negotiated> {
-    if export.len() > MAX_STRING {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "export name too long",
-        ));
-    }
+    let no_zeroes = greet(s).await?;
+    haggle(s, export, opts, no_zeroes).await
+}
+
+/// Reads the server's greeting and sends the client flags; returns whether the server
+/// leaves out the padding zeroes.
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<bool> {
     if s.read_u64().await? != NBD_MAGIC {
         return Err(protocol_error("not an NBD server"));
     }
@@ -751,7 +797,22 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let no_zeroes = hs & FLAG_NO_ZEROES != 0;
     let cflags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
     s.write_all(&cflags.to_be_bytes()).await?;
+    Ok(no_zeroes)
+}
 
+/// The options after the greeting, up to transmission.
+async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &str,
+    opts: &ClientOptions,
+    no_zeroes: bool,
+) -> io::Result<Negotiated> {
+    if export.len() > MAX_STRING {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "export name too long",
+        ));
+    }
     send_option(s, OPT_STRUCTURED_REPLY, &[]).await?;
     let (kind, _) = read_option_reply(s, OPT_STRUCTURED_REPLY).await?;
     let structured = kind == REP_ACK;

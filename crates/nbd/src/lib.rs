@@ -13,9 +13,14 @@ pub mod proto;
 pub mod server;
 mod socket;
 pub mod spawn;
+pub mod tls;
 
 pub use backend::{Backend, BlockSize, Capabilities, MetaContext, StatusExtent, ZeroFlags};
-pub use client::{Client, ClientOptions, ConnectAddr};
+pub use client::{Client, ClientOptions, ClientTls, ConnectAddr};
 pub use inet::InetOptions;
-pub use server::{ExportError, ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent};
+pub use server::{
+    Authorize, ExportError, ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent,
+    ServerTls,
+};
 pub use spawn::{LocalSpawner, Spawner, ThreadSpawner, Work};
+pub use tls::{Endpoint, TlsCreds, X509Options};

@@ -30,6 +30,7 @@ fn all_contexts() -> ClientOptions {
             "qemu:dirty-bitmap:b0".into(),
             "qemu:dirty-bitmap:dirty".into(),
         ],
+        tls: None,
     }
 }
 

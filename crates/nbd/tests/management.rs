@@ -200,6 +200,7 @@ fn tcp_listener_serves_clients() {
                 inet: nbd::InetOptions::default(),
             },
             nbd::ServerConfig::default(),
+            None,
         )
         .unwrap();
     let nbd::ListenAddr::Tcp { port, .. } = bound else {

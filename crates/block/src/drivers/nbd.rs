@@ -12,7 +12,7 @@ use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
 use nbd::backend::ZeroFlags;
-use nbd::client::{Client, ClientOptions, ConnectAddr};
+use nbd::client::{Client, ClientOptions, ClientTls, ConnectAddr};
 use nbd::proto::{STATE_HOLE, STATE_ZERO};
 use nbd::InetOptions;
 use qapi::error::QmpError;
@@ -125,6 +125,8 @@ pub struct NbdDriver {
 struct Connection {
     addr: ConnectAddr,
     export: String,
+    /// Negotiation choices, TLS among them, for every (re)connection.
+    options: ClientOptions,
     reconnect_delay: Duration,
     client: RefCell<Option<Rc<Client>>>,
 }
@@ -136,7 +138,7 @@ impl Connection {
         }
         let deadline = Instant::now() + self.reconnect_delay;
         loop {
-            match Client::connect(&self.addr, &self.export, &ClientOptions::default()).await {
+            match Client::connect(&self.addr, &self.export, &self.options).await {
                 Ok(client) => {
                     let client = Rc::new(client);
                     *self.client.borrow_mut() = Some(client.clone());
@@ -240,6 +242,7 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 async fn establish(
     addr: &ConnectAddr,
     export: &str,
+    options: &ClientOptions,
     open_timeout: u32,
 ) -> Result<io::Result<Client>, String> {
     let retry = open_timeout > 0;
@@ -250,7 +253,7 @@ async fn establish(
     };
     let attempts = async {
         loop {
-            match Client::connect(addr, export, &ClientOptions::default()).await {
+            match Client::connect(addr, export, options).await {
                 // The socket's own errors (absent, refused, reset); an NBD server's
                 // refusal has no OS error and is final.
                 Err(e) if retry && e.raw_os_error().is_some() => {
@@ -294,16 +297,18 @@ impl NbdDriver {
         addr: ConnectAddr,
         filename: String,
         opts: &NbdOptions,
+        tls: Option<ClientTls>,
         read_only: bool,
     ) -> Result<NbdDriver, String> {
-        if opts.tls_creds.is_some() || opts.tls_hostname.is_some() {
-            return Err("blockd's NBD client does not support TLS".into());
-        }
         if opts.x_dirty_bitmap.is_some() {
             return Err("x-dirty-bitmap is not supported by blockd's NBD client".into());
         }
         let export = opts.export.clone().unwrap_or_default();
-        let client = establish(&addr, &export, opts.open_timeout.unwrap_or(0))
+        let options = ClientOptions {
+            tls,
+            ..ClientOptions::default()
+        };
+        let client = establish(&addr, &export, &options, opts.open_timeout.unwrap_or(0))
             .await?
             .map_err(|e| {
                 // QEMU names the socket address, not the URI.
@@ -330,6 +335,7 @@ impl NbdDriver {
         let connection = Rc::new(Connection {
             addr,
             export,
+            options,
             reconnect_delay: Duration::from_secs(opts.reconnect_delay.map_or(0, u64::from)),
             client: RefCell::new(Some(Rc::new(client))),
         });
@@ -453,10 +459,40 @@ async fn open(
 ) -> Result<Box<dyn Driver>, QmpError> {
     let opts: NbdOptions = o.parse(options)?;
     let (addr, filename) = server_addr(o, opts.server.clone())?;
-    let driver = NbdDriver::open(addr, filename, &opts, o.common().read_only)
+    let tls = client_tls(o.graph, &opts, &addr).map_err(QmpError::generic)?;
+    let driver = NbdDriver::open(addr, filename, &opts, tls, o.common().read_only)
         .await
         .map_err(QmpError::generic)?;
     Ok(Box::new(driver))
+}
+
+/// The driver's `tls-creds` and `tls-hostname`, with QEMU's texts: the credentials must be
+/// for a client, and the name the server's certificate is checked against is
+/// `tls-hostname`, else the TCP host (a unix socket has none).
+fn client_tls(
+    graph: &crate::Graph,
+    opts: &NbdOptions,
+    addr: &ConnectAddr,
+) -> Result<Option<ClientTls>, String> {
+    let Some(id) = &opts.tls_creds else {
+        if opts.tls_hostname.is_some() {
+            return Err("tls-hostname needs tls-creds".into());
+        }
+        return Ok(None);
+    };
+    let creds = graph
+        .tls_creds
+        .get(id)
+        .ok_or_else(|| format!("No TLS credentials with id '{id}'"))?;
+    if creds.endpoint() != nbd::Endpoint::Client {
+        return Err("Expected TLS credentials for a client endpoint".into());
+    }
+    let hostname = match (&opts.tls_hostname, addr) {
+        (Some(name), _) => name.clone(),
+        (None, ConnectAddr::Tcp { host, .. }) => host.clone(),
+        (None, ConnectAddr::Unix(_)) => return Err("No hostname for certificate validation".into()),
+    };
+    Ok(Some(ClientTls { creds, hostname }))
 }
 
 /// The driver's `server`: a flat SocketAddress keyed by `type`.

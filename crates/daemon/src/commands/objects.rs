@@ -1,7 +1,8 @@
-//! QOM objects (object-add, object-del, qom-get, qom-set) — blockd has throttle groups and
-//! secrets — and the 2.8 block_set_io_throttle, which throttles one node without naming a
-//! group.
+//! QOM objects (object-add, object-del, qom-get, qom-set) — blockd has throttle groups,
+//! secrets, x509 TLS credentials and authorization lists — and the 2.8
+//! block_set_io_throttle, which throttles one node without naming a group.
 
+use crate::authz::{Authz, ListFile, RuleList};
 use crate::daemon::Daemon;
 use block::{ThrottleConfig, ThrottleGroup, ThrottleLimits};
 use crypto::{SecretFormat, SecretOptions, Zeroizing};
@@ -45,7 +46,14 @@ fn add(daemon: &Daemon, mut args: Map<String, Value>, keyval: bool) -> Result<()
         None => return Err(QmpError::generic("Parameter 'id' is missing")),
     };
     match qom_type.as_str() {
-        "throttle-group" | "secret" => {}
+        "throttle-group" | "secret" | "tls-creds-x509" | "authz-simple" | "authz-list"
+        | "authz-listfile" => {}
+        "tls-creds-psk" | "tls-creds-anon" => {
+            return Err(QmpError::generic(format!(
+                "Object type '{qom_type}' is not supported by blockd: its TLS library (rustls) \
+                 has no pre-shared-key or anonymous suites; use tls-creds-x509"
+            )))
+        }
         "iothread" => return Err(QmpError::generic(
             "Object type 'iothread' is not supported by blockd: every I/O thread serves every node",
         )),
@@ -79,8 +87,30 @@ fn add(daemon: &Daemon, mut args: Map<String, Value>, keyval: bool) -> Result<()
             Err(duplicate())
         };
     }
+    // As in QEMU, the id is checked before the object loads anything.
+    if (qom_type == "tls-creds-x509" || qom_type.starts_with("authz-"))
+        && object_exists(daemon, &id)
+    {
+        return Err(duplicate());
+    }
+    if qom_type == "tls-creds-x509" {
+        let props: TlsCredsX509Properties = parse(Value::Object(args), keyval)?;
+        let options = props.options(daemon).map_err(QmpError::generic)?;
+        let creds = nbd::TlsCreds::load_x509(&options).map_err(QmpError::generic)?;
+        if object_exists(daemon, &id) || !daemon.graph.tls_creds.insert(&id, creds) {
+            return Err(duplicate());
+        }
+        return Ok(());
+    }
+    if let Some(kind) = qom_type.strip_prefix("authz-") {
+        let authz = authz_object(kind, Value::Object(args), keyval)?;
+        if object_exists(daemon, &id) || !daemon.authz.insert(&id, authz) {
+            return Err(duplicate());
+        }
+        return Ok(());
+    }
     let config = throttle_group_config(args, keyval)?;
-    if daemon.graph.secrets.contains(&id)
+    if object_exists(daemon, &id)
         || !daemon
             .graph
             .throttle_groups
@@ -92,7 +122,86 @@ fn add(daemon: &Daemon, mut args: Map<String, Value>, keyval: bool) -> Result<()
 }
 
 fn object_exists(daemon: &Daemon, id: &str) -> bool {
-    daemon.graph.secrets.contains(id) || daemon.graph.throttle_groups.get(id).is_some()
+    daemon.graph.secrets.contains(id)
+        || daemon.graph.throttle_groups.get(id).is_some()
+        || daemon.graph.tls_creds.contains(id)
+        || daemon.authz.contains(id)
+}
+
+/// TlsCredsX509Properties; `priority` is followed as far as rustls can (nbd::tls).
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct TlsCredsX509Properties {
+    dir: String,
+    endpoint: Option<EndpointName>,
+    verify_peer: Option<bool>,
+    priority: Option<String>,
+    sanity_check: Option<bool>,
+    passwordid: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum EndpointName {
+    Server,
+    Client,
+}
+
+impl TlsCredsX509Properties {
+    fn options(self, daemon: &Daemon) -> Result<nbd::X509Options, String> {
+        let key_password = match &self.passwordid {
+            Some(id) => {
+                let secret = daemon
+                    .graph
+                    .secrets
+                    .get(id)
+                    .ok_or_else(|| format!("No secret with id '{id}'"))?;
+                Some(Zeroizing::new(secret.bytes().to_vec()))
+            }
+            None => None,
+        };
+        Ok(nbd::X509Options {
+            dir: self.dir.into(),
+            endpoint: match self.endpoint {
+                Some(EndpointName::Server) => nbd::Endpoint::Server,
+                Some(EndpointName::Client) | None => nbd::Endpoint::Client,
+            },
+            verify_peer: self.verify_peer.unwrap_or(true),
+            priority: self.priority,
+            sanity_check: self.sanity_check.unwrap_or(true),
+            key_password,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthzSimpleProperties {
+    identity: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthzListFileProperties {
+    filename: String,
+    refresh: Option<bool>,
+}
+
+/// An authz-`kind` object from its properties.
+fn authz_object(kind: &str, props: Value, keyval: bool) -> Result<Authz, QmpError> {
+    Ok(match kind {
+        "simple" => {
+            let p: AuthzSimpleProperties = parse(props, keyval)?;
+            Authz::Simple(std::sync::Mutex::new(p.identity))
+        }
+        "list" => Authz::List(parse::<RuleList>(props, keyval)?),
+        _ => {
+            let p: AuthzListFileProperties = parse(props, keyval)?;
+            let file = ListFile::open(p.filename.into(), p.refresh.unwrap_or(true))
+                .map_err(QmpError::generic)?;
+            Authz::ListFile(file)
+        }
+    })
 }
 
 /// SecretProperties. Secrets never show again: not in query output, logs or error texts.
@@ -213,8 +322,13 @@ struct ObjectDelArgs {
 
 pub fn object_del(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
     let args: ObjectDelArgs = qapi::de::from_value(Value::Object(args))?;
-    // Nothing holds on to a secret: an open image keeps its own key.
-    if daemon.graph.secrets.remove(&args.id) {
+    // Nothing holds on to a secret: an open image keeps its own key. Servers and nodes
+    // that use TLS credentials keep their own reference, as in QEMU, and authz objects are
+    // looked up per connection (one that is gone refuses every client).
+    if daemon.graph.secrets.remove(&args.id)
+        || daemon.graph.tls_creds.remove(&args.id)
+        || daemon.authz.remove(&args.id)
+    {
         return Ok(json!({}));
     }
     let groups = &daemon.graph.throttle_groups;
@@ -267,6 +381,26 @@ pub fn qom_get(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpEr
             ))),
         };
     }
+    if let Some(creds) = daemon.graph.tls_creds.get(id) {
+        return match args.property.as_str() {
+            "type" => Ok(json!("tls-creds-x509")),
+            "endpoint" => Ok(json!(match creds.endpoint() {
+                nbd::Endpoint::Server => "server",
+                nbd::Endpoint::Client => "client",
+            })),
+            name => Err(QmpError::generic(format!(
+                "Property 'tls-creds-x509.{name}' not found"
+            ))),
+        };
+    }
+    if let Some(authz) = daemon.authz.get(id) {
+        return match args.property.as_str() {
+            "type" => Ok(json!(authz.qom_type())),
+            name => authz.property(name).ok_or_else(|| {
+                QmpError::generic(format!("Property '{}.{name}' not found", authz.qom_type()))
+            }),
+        };
+    }
     let group = resolve(daemon, &args.path)?;
     let limits = group.config().to_limits();
     match args.property.as_str() {
@@ -291,6 +425,18 @@ struct QomSetArgs {
 /// values, and the new limits apply to requests already waiting.
 pub fn qom_set(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
     let args: QomSetArgs = qapi::de::from_value(Value::Object(args))?;
+    let id = args.path.strip_prefix("/objects/").unwrap_or(&args.path);
+    if let Some(authz) = daemon.authz.get(id) {
+        if args.property != "identity" {
+            return Err(QmpError::generic(format!(
+                "Property '{}.{}' cannot be set by blockd",
+                authz.qom_type(),
+                args.property
+            )));
+        }
+        authz.set_identity(&args.value).map_err(QmpError::generic)?;
+        return Ok(json!({}));
+    }
     let group = resolve(daemon, &args.path)?;
     match args.property.as_str() {
         "limits" => {

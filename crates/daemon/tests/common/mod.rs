@@ -221,6 +221,7 @@ pub fn missing_peer(program: &str) -> String {
         "cryptsetup" => "cryptsetup-bin",
         "dmg2img" => "dmg2img",
         "bzip2" => "bzip2",
+        "openssl" => "openssl",
         _ => "qemu-utils",
     };
     format!("test peer {name} is not installed: install the Debian package {package} (.ci/run installs every test peer)")

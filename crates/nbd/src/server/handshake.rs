@@ -44,7 +44,20 @@ pub(super) fn transmission_flags(export: &Export, structured: bool, single_clien
     f
 }
 
+/// Where a connection's negotiation begins.
+pub(super) enum Start {
+    /// A plain connection: greeting and client flags first.
+    Greet,
+    /// Inside TLS, after [`until_starttls`] exchanged greeting and flags in the clear.
+    InTls {
+        /// The client asked for no padding zeroes (`NBD_FLAG_C_NO_ZEROES`).
+        no_zeroes: bool,
+    },
+}
+
 struct State {
+    /// The connection runs inside TLS.
+    tls: bool,
     structured: bool,
     single_client: bool,
     no_zeroes: bool,
@@ -65,31 +78,24 @@ pub(super) async fn negotiate<R, W>(
     conn: &ConnectionGuard,
     r: &mut R,
     w: &mut W,
+    start: Start,
 ) -> io::Result<Option<Negotiated>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut greeting = Vec::with_capacity(18);
-    greeting.extend_from_slice(&NBD_MAGIC.to_be_bytes());
-    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    w.write_all(&greeting).await?;
-    w.flush().await?;
-
-    let client_flags = r.read_u32().await?;
-    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        tracing::debug!(client_flags, "NBD client sent unknown flags");
-        return Ok(None);
-    }
-    if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
-        tracing::debug!("NBD client does not speak fixed newstyle");
-        return Ok(None);
-    }
+    let (tls, no_zeroes) = match start {
+        Start::Greet => match greet(r, w).await? {
+            Some(no_zeroes) => (false, no_zeroes),
+            None => return Ok(None),
+        },
+        Start::InTls { no_zeroes } => (true, no_zeroes),
+    };
     let mut st = State {
+        tls,
         structured: false,
         single_client: conn.shared().config().max_connections == 1,
-        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+        no_zeroes,
         meta: None,
     };
     let mut out = Vec::new();
@@ -138,6 +144,89 @@ where
             }
         }
     }
+}
+
+/// Sends the greeting and reads the client's flags; `Some(no_zeroes)` when the client
+/// speaks fixed newstyle, `None` when the connection is to be closed.
+async fn greet<R, W>(r: &mut R, w: &mut W) -> io::Result<Option<bool>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut greeting = Vec::with_capacity(18);
+    greeting.extend_from_slice(&NBD_MAGIC.to_be_bytes());
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    w.write_all(&greeting).await?;
+    w.flush().await?;
+
+    let client_flags = r.read_u32().await?;
+    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        tracing::debug!(client_flags, "NBD client sent unknown flags");
+        return Ok(None);
+    }
+    if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
+        tracing::debug!("NBD client does not speak fixed newstyle");
+        return Ok(None);
+    }
+    Ok(Some(client_flags & FLAG_C_NO_ZEROES != 0))
+}
+
+/// The clear-text part of a TLS server's negotiation: greeting, client flags, and options
+/// refused with `NBD_REP_ERR_TLS_REQD` until `NBD_OPT_STARTTLS`, which is acknowledged.
+/// `Some(no_zeroes)` when the TLS handshake is to follow; `None` when the connection is to
+/// be closed (`NBD_OPT_EXPORT_NAME` or `NBD_OPT_ABORT` in the clear, a bad option magic).
+pub(super) async fn until_starttls<S>(s: &mut S) -> io::Result<Option<bool>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(no_zeroes) = greet_stream(s).await? else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    loop {
+        if s.read_u64().await? != IHAVEOPT {
+            tracing::debug!("NBD option with bad magic");
+            return Ok(None);
+        }
+        let option = s.read_u32().await?;
+        let len = s.read_u32().await?;
+        drain(s, len).await?;
+        out.clear();
+        match option {
+            OPT_STARTTLS if len == 0 => {
+                encode_option_reply(&mut out, option, REP_ACK, &[]);
+                s.write_all(&out).await?;
+                s.flush().await?;
+                return Ok(Some(no_zeroes));
+            }
+            OPT_STARTTLS => {
+                encode_option_reply(&mut out, option, REP_ERR_INVALID, b"option takes no data")
+            }
+            OPT_EXPORT_NAME => {
+                tracing::debug!("NBD_OPT_EXPORT_NAME before TLS");
+                return Ok(None);
+            }
+            _ => {
+                let text = format!("Option {option:#x} not permitted before TLS");
+                encode_option_reply(&mut out, option, REP_ERR_TLS_REQD, text.as_bytes());
+            }
+        }
+        s.write_all(&out).await?;
+        s.flush().await?;
+        if option == OPT_ABORT {
+            return Ok(None);
+        }
+    }
+}
+
+/// [`greet`] over one stream that both reads and writes.
+async fn greet_stream<S>(s: &mut S) -> io::Result<Option<bool>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut r, mut w) = tokio::io::split(s);
+    greet(&mut r, &mut w).await
 }
 
 async fn drain<R: AsyncRead + Unpin>(r: &mut R, len: u32) -> io::Result<()> {
@@ -193,6 +282,10 @@ fn handle_option(
                 encode_option_reply(out, option, REP_SERVER, &p);
             }
             encode_option_reply(out, option, REP_ACK, &[]);
+            Next::Continue
+        }
+        OPT_STARTTLS if st.tls => {
+            encode_option_reply(out, option, REP_ERR_INVALID, b"TLS already enabled");
             Next::Continue
         }
         OPT_STARTTLS => {

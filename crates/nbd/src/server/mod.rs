@@ -129,6 +129,21 @@ pub enum ServerEvent {
 
 type EventHandler = Arc<dyn Fn(ServerEvent) + Send + Sync>;
 
+/// Decides whether a TLS client, named by its certificate's distinguished name (`None`
+/// when it sent no certificate), may go on negotiating; `Err` is a reason to log (an authz
+/// object that is gone), and refuses too.
+pub type Authorize = Arc<dyn Fn(Option<&str>) -> Result<bool, String> + Send + Sync>;
+
+/// TLS for the whole server (nbd-server-start's `tls-creds` and `tls-authz`): clients must
+/// upgrade with `NBD_OPT_STARTTLS` before anything else.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// Server-side credentials.
+    pub creds: Arc<crate::tls::TlsCreds>,
+    /// Who may connect once the TLS handshake is done; everyone without it.
+    pub authorize: Option<Authorize>,
+}
+
 /// A signal that tells one connection to stop; shared by the registries that may need
 /// to end it (server stop, hard export removal).
 pub(crate) type KillSwitch = Arc<watch::Sender<bool>>;
@@ -177,6 +192,7 @@ pub(crate) struct Shared {
     slot_freed: Notify,
     next_id: AtomicU64,
     events: Mutex<Option<EventHandler>>,
+    tls: Mutex<Option<ServerTls>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -220,6 +236,10 @@ impl Shared {
 
     pub(crate) fn config(&self) -> ServerConfig {
         *lock(&self.config)
+    }
+
+    fn tls(&self) -> Option<ServerTls> {
+        lock(&self.tls).clone()
     }
 }
 
@@ -310,6 +330,7 @@ impl NbdServer {
                 slot_freed: Notify::new(),
                 next_id: AtomicU64::new(0),
                 events: Mutex::new(None),
+                tls: Mutex::new(None),
             }),
         }
     }
@@ -320,10 +341,15 @@ impl NbdServer {
         *lock(&self.shared.events) = Some(Arc::new(handler));
     }
 
-    /// Binds `addr` and starts accepting with `config`. Returns the bound address (the
-    /// real port for TCP port 0). The I/O threads' runtimes need the time driver for the
-    /// handshake limit.
-    pub fn start(&self, addr: &ListenAddr, config: ServerConfig) -> io::Result<ListenAddr> {
+    /// Binds `addr` and starts accepting with `config`, over TLS only if `tls` is given.
+    /// Returns the bound address (the real port for TCP port 0). The I/O threads' runtimes
+    /// need the time driver for the handshake limit.
+    pub fn start(
+        &self,
+        addr: &ListenAddr,
+        config: ServerConfig,
+        tls: Option<ServerTls>,
+    ) -> io::Result<ListenAddr> {
         let mut listening = lock(&self.shared.listening);
         if listening.is_some() {
             return Err(io::Error::new(
@@ -333,6 +359,7 @@ impl NbdServer {
         }
         let (listener, bound) = bind(addr)?;
         *lock(&self.shared.config) = config;
+        *lock(&self.shared.tls) = tls;
         let max_connections = config.max_connections;
         let (stop, stop_rx) = watch::channel(false);
         *listening = Some(Listening {
@@ -568,6 +595,7 @@ async fn accept_loop(
 fn spawn_connection(shared: &Arc<Shared>, stream: StdStream) {
     // Counted at once so the accept loop sees the slot taken before the job runs.
     let guard = shared.register();
+    let tls = shared.tls();
     shared.spawner.spawn(Box::new(move || {
         Box::pin(async move {
             match stream {
@@ -575,13 +603,18 @@ fn spawn_connection(shared: &Arc<Shared>, stream: StdStream) {
                     let killer = s.try_clone();
                     match tokio::net::UnixStream::from_std(s) {
                         Ok(t) => {
-                            let (r, w) = t.into_split();
-                            transmission::serve(guard, r, w, move || {
+                            let on_kill = move || {
                                 if let Ok(k) = &killer {
                                     let _ = k.shutdown(std::net::Shutdown::Both);
                                 }
-                            })
-                            .await
+                            };
+                            match tls {
+                                Some(tls) => transmission::serve_tls(guard, t, tls, on_kill).await,
+                                None => {
+                                    let (r, w) = t.into_split();
+                                    transmission::serve(guard, r, w, on_kill).await
+                                }
+                            }
                         }
                         Err(e) => tracing::warn!("NBD connection cannot be registered: {e}"),
                     }
@@ -590,13 +623,18 @@ fn spawn_connection(shared: &Arc<Shared>, stream: StdStream) {
                     let killer = s.try_clone();
                     match tokio::net::TcpStream::from_std(s) {
                         Ok(t) => {
-                            let (r, w) = t.into_split();
-                            transmission::serve(guard, r, w, move || {
+                            let on_kill = move || {
                                 if let Ok(k) = &killer {
                                     let _ = k.shutdown(std::net::Shutdown::Both);
                                 }
-                            })
-                            .await
+                            };
+                            match tls {
+                                Some(tls) => transmission::serve_tls(guard, t, tls, on_kill).await,
+                                None => {
+                                    let (r, w) = t.into_split();
+                                    transmission::serve(guard, r, w, on_kill).await
+                                }
+                            }
                         }
                         Err(e) => tracing::warn!("NBD connection cannot be registered: {e}"),
                     }

@@ -17,7 +17,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::handshake::{self, Negotiated};
-use super::ConnectionGuard;
+use super::{ConnectionGuard, ServerTls};
 use crate::backend::{Backend, Capabilities, MetaContext, StatusExtent, ZeroFlags};
 use crate::proto::*;
 
@@ -36,24 +36,108 @@ const REPLIES_PER_WRITE: usize = 64;
 
 /// Runs one connection from greeting to close. `on_kill` must make pending socket I/O
 /// fail (shut the socket down) so that a killed connection ends promptly.
-pub(super) async fn serve<R, W>(
+pub(super) async fn serve<R, W>(guard: ConnectionGuard, reader: R, writer: W, on_kill: impl Fn())
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let handshake = negotiate_on(&guard, reader, writer, handshake::Start::Greet);
+    run_after(&guard, handshake, on_kill).await;
+}
+
+/// Runs one connection of a TLS server: the plain greeting, the client's
+/// `NBD_OPT_STARTTLS`, the TLS handshake and the authorization of its certificate, then
+/// negotiation and transmission inside TLS.
+pub(super) async fn serve_tls<S>(
     guard: ConnectionGuard,
+    stream: S,
+    tls: ServerTls,
+    on_kill: impl Fn(),
+) where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let handshake = async {
+        let mut stream = stream;
+        let Some(no_zeroes) = handshake::until_starttls(&mut stream).await? else {
+            let _ = stream.shutdown().await;
+            return Ok(None);
+        };
+        let (tls_stream, peer) = tls.creds.accept(stream).await?;
+        if let Some(authorize) = &tls.authorize {
+            let identity = peer.as_deref();
+            let allowed = authorize(identity).unwrap_or_else(|e| {
+                tracing::warn!("NBD TLS authorization failed: {e}");
+                false
+            });
+            if !allowed {
+                tracing::warn!(
+                    "TLS x509 authz check for {} is denied",
+                    identity.unwrap_or("a client without a certificate")
+                );
+                return Ok(None);
+            }
+        }
+        let (reader, writer) = tokio::io::split(tls_stream);
+        negotiate_on(
+            &guard,
+            reader,
+            writer,
+            handshake::Start::InTls { no_zeroes },
+        )
+        .await
+    };
+    run_after(&guard, handshake, on_kill).await;
+}
+
+/// Negotiates over a reader and a writer; a session that ends there gets its writer shut
+/// down. The halves come back for transmission.
+async fn negotiate_on<R, W>(
+    guard: &ConnectionGuard,
     reader: R,
     mut writer: W,
+    start: handshake::Start,
+) -> io::Result<Option<(Negotiated, BufReader<R>, W)>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let negotiated = handshake::negotiate(guard, &mut reader, &mut writer, start).await?;
+    if negotiated.is_none() {
+        let _ = writer.shutdown().await;
+    }
+    Ok(negotiated.map(|n| (n, reader, writer)))
+}
+
+/// Runs `handshake` within the limits of [`bounded_handshake`], then transmission.
+async fn run_after<R, W>(
+    guard: &ConnectionGuard,
+    handshake: impl std::future::Future<Output = io::Result<Option<(Negotiated, BufReader<R>, W)>>>,
     on_kill: impl Fn(),
 ) where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
-    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let kill = guard.kill_rx.clone();
+    if let Some((n, reader, writer)) = bounded_handshake(guard, handshake, &on_kill).await {
+        transmit(n, reader, writer, kill, on_kill).await;
+    }
+}
+
+/// Runs a connection's negotiation within the server's time limit, ending it early when
+/// the connection is killed. `None` when negotiation did not reach transmission.
+async fn bounded_handshake<T>(
+    guard: &ConnectionGuard,
+    handshake: impl std::future::Future<Output = io::Result<Option<T>>>,
+    on_kill: &impl Fn(),
+) -> Option<T> {
     let mut kill = guard.kill_rx.clone();
     let limit = guard.shared().config().handshake_max_seconds;
     let handshake = async {
-        let negotiate = handshake::negotiate(&guard, &mut reader, &mut writer);
         if limit == 0 {
-            return negotiate.await;
+            return handshake.await;
         }
-        match tokio::time::timeout(Duration::from_secs(limit.into()), negotiate).await {
+        match tokio::time::timeout(Duration::from_secs(limit.into()), handshake).await {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -65,23 +149,17 @@ pub(super) async fn serve<R, W>(
         biased;
         _ = kill.wait_for(|k| *k) => {
             on_kill();
-            return;
+            return None;
         }
         r = handshake => r,
     };
-    let n = match negotiated {
-        Ok(Some(n)) => n,
-        Ok(None) => {
-            let _ = writer.shutdown().await;
-            return;
-        }
+    match negotiated {
+        Ok(n) => n,
         Err(e) => {
             tracing::debug!("NBD handshake ended: {e}");
-            return;
+            None
         }
-    };
-    transmit(n, reader, writer, kill, on_kill).await;
-    drop(guard);
+    }
 }
 
 struct Conn {

@@ -315,7 +315,7 @@ impl Fixture {
         let ev = events.clone();
         server.set_event_handler(move |e| ev.lock().unwrap().push(e));
         server
-            .start(&ListenAddr::Unix(socket.clone()), config)
+            .start(&ListenAddr::Unix(socket.clone()), config, None)
             .unwrap();
         Fixture {
             dir,
