@@ -740,3 +740,119 @@ fn options_before_starttls_are_refused_as_by_qsd() {
     );
     assert!(transcripts[0][1].1.is_empty());
 }
+
+/// qom-get reads the TLS and authz objects' properties as qsd does, and object-del takes
+/// them away.
+#[tokio::test]
+async fn tls_and_authz_properties_read_as_in_qsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let mut seen = Vec::new();
+    for which in Impl::all() {
+        let sub = dir.path().join(format!("{which:?}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let daemon = Daemon::start(which, &sub, &[]);
+        let mut client = daemon.qmp().await;
+        let mut replies = Vec::new();
+        for args in [
+            json!({"qom-type": "tls-creds-x509", "id": "t", "dir": pki.server,
+                   "endpoint": "server", "verify-peer": false}),
+            json!({"qom-type": "authz-simple", "id": "s", "identity": CLIENT_DN}),
+            json!({"qom-type": "authz-list", "id": "l", "policy": "allow",
+                   "rules": [{"match": "CN=*", "policy": "deny", "format": "glob"}]}),
+        ] {
+            replies.push(reply(&mut client, "object-add", args).await);
+        }
+        for (path, property) in [
+            ("t", "endpoint"),
+            ("t", "dir"),
+            ("t", "verify-peer"),
+            ("s", "identity"),
+            ("l", "policy"),
+            ("l", "rules"),
+        ] {
+            let path = format!("/objects/{path}");
+            replies.push(
+                reply(
+                    &mut client,
+                    "qom-get",
+                    json!({"path": path, "property": property}),
+                )
+                .await,
+            );
+        }
+        replies.push(
+            reply(
+                &mut client,
+                "qom-set",
+                json!({"path": "/objects/s", "property": "identity", "value": "CN=x"}),
+            )
+            .await,
+        );
+        replies.push(
+            reply(
+                &mut client,
+                "qom-get",
+                json!({"path": "/objects/s", "property": "identity"}),
+            )
+            .await,
+        );
+        for id in ["t", "s", "l"] {
+            replies.push(reply(&mut client, "object-del", json!({"id": id})).await);
+        }
+        daemon.quit(&mut client).await;
+        seen.push(normalize(json!(replies)));
+    }
+    assert_eq!(seen[0], seen[1], "blockd, then qsd");
+}
+
+/// Over TCP the nbd driver checks the server's certificate against the address's host
+/// when no tls-hostname is given (the server certificate names 127.0.0.1).
+#[tokio::test]
+async fn tcp_tls_checks_the_address_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let image = p(dir.path(), "d.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &image, "1M"]);
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server_dir = dir.path().join("server-daemon");
+    std::fs::create_dir_all(&server_dir).unwrap();
+    let _server = Daemon::start(
+        Impl::Blockd,
+        &server_dir,
+        &[
+            s("--object"),
+            creds_object("tls0", &pki.server, "server"),
+            s("--blockdev"),
+            format!("driver=qcow2,node-name=d,file.driver=file,file.filename={image}"),
+            s("--nbd-server"),
+            format!("addr.type=inet,addr.host=0.0.0.0,addr.port={port},tls-creds=tls0"),
+            s("--export"),
+            s("type=nbd,id=e,node-name=d,name=d,writable=on"),
+        ],
+    );
+    let daemon = Daemon::start(
+        Impl::Blockd,
+        dir.path(),
+        &[s("--object"), creds_object("tc", &pki.client, "client")],
+    );
+    let mut client = daemon.qmp().await;
+    let node = |name: &str, host: &str| {
+        json!({"driver": "nbd", "node-name": name, "export": "d", "tls-creds": "tc",
+               "server": {"type": "inet", "host": host, "port": port.to_string()}})
+    };
+    let r = reply(&mut client, "blockdev-add", node("n", "127.0.0.1")).await;
+    assert!(r.get("return").is_some(), "{r}");
+    // The same server reached through another loopback address it has no certificate for.
+    let r = reply(&mut client, "blockdev-add", node("m", "127.0.0.2")).await;
+    let desc = r["error"]["desc"].as_str().unwrap_or_default();
+    assert!(
+        desc.contains("Certificate does not match the hostname 127.0.0.2"),
+        "{r}"
+    );
+    daemon.quit(&mut client).await;
+}

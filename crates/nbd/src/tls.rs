@@ -133,6 +133,8 @@ impl Priority {
 /// Loaded x509 credentials, ready for connections.
 pub struct TlsCreds {
     endpoint: Endpoint,
+    dir: PathBuf,
+    verify_peer: bool,
     config: Config,
 }
 
@@ -368,6 +370,8 @@ impl TlsCreds {
         };
         Ok(TlsCreds {
             endpoint: opts.endpoint,
+            dir: opts.dir.clone(),
+            verify_peer: opts.verify_peer,
             config,
         })
     }
@@ -375,6 +379,16 @@ impl TlsCreds {
     /// The side these credentials are for.
     pub fn endpoint(&self) -> Endpoint {
         self.endpoint
+    }
+
+    /// The directory the files came from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the peer's certificate is checked.
+    pub fn verify_peer(&self) -> bool {
+        self.verify_peer
     }
 
     /// Server side of the TLS handshake over `stream`. Returns the stream and the client

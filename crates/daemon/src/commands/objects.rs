@@ -388,6 +388,8 @@ pub fn qom_get(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpEr
                 nbd::Endpoint::Server => "server",
                 nbd::Endpoint::Client => "client",
             })),
+            "dir" => Ok(json!(creds.dir().display().to_string())),
+            "verify-peer" => Ok(json!(creds.verify_peer())),
             name => Err(QmpError::generic(format!(
                 "Property 'tls-creds-x509.{name}' not found"
             ))),
