@@ -3,6 +3,7 @@
 
 use crate::commands::bitmaps::{self, BitmapRef, BusyBitmaps};
 use crate::daemon::Daemon;
+use crate::fuse::{AllowOther, FuseExport, FuseOptions};
 use async_trait::async_trait;
 use block::DirtyBitmap;
 use block::{ChainExtent, WriteFlags};
@@ -200,6 +201,8 @@ struct Export {
     /// The exported bitmaps stay busy until the export is gone.
     _bitmaps: BusyBitmaps,
     shutting_down: bool,
+    /// A fuse export's mount; None for NBD exports, which live in the NBD server.
+    fuse: Option<FuseExport>,
 }
 
 #[derive(Default)]
@@ -268,9 +271,28 @@ struct BlockExportAddArgs {
     _allow_inactive: Option<bool>,
     name: Option<String>,
     description: Option<String>,
-    #[serde(default)]
-    bitmaps: Vec<BitmapRef>,
+    bitmaps: Option<Vec<BitmapRef>>,
     allocation_depth: Option<bool>,
+    mountpoint: Option<String>,
+    growable: Option<bool>,
+    allow_other: Option<AllowOther>,
+}
+
+impl BlockExportAddArgs {
+    /// The members given that belong to another type of export, as QEMU's union refuses
+    /// them.
+    fn foreign_members(&self) -> Option<&'static str> {
+        let given = |present: bool, name| present.then_some(name);
+        match self.kind {
+            ExportType::Fuse => given(self.name.is_some(), "name")
+                .or(given(self.description.is_some(), "description"))
+                .or(given(self.bitmaps.is_some(), "bitmaps"))
+                .or(given(self.allocation_depth.is_some(), "allocation-depth")),
+            _ => given(self.mountpoint.is_some(), "mountpoint")
+                .or(given(self.growable.is_some(), "growable"))
+                .or(given(self.allow_other.is_some(), "allow-other")),
+        }
+    }
 }
 
 #[derive(Deserialize, PartialEq, Eq)]
@@ -464,7 +486,7 @@ impl Exports {
             .take()
             .ok_or_else(|| QmpError::generic("NBD server not running"))?;
         for export in daemon.exports.exports.borrow_mut().iter_mut() {
-            export.shutting_down = true;
+            export.shutting_down |= export.fuse.is_none();
         }
         server.stop();
         Ok(json!({}))
@@ -487,8 +509,16 @@ impl Exports {
         } else {
             qapi::de::from_value(args)?
         };
-        if args.kind != ExportType::Nbd {
-            return Err(QmpError::generic("blockd exports over NBD only"));
+        if let Some(member) = args.foreign_members() {
+            return Err(QmpError::generic(format!(
+                "Parameter '{member}' is unexpected"
+            )));
+        }
+        match args.kind {
+            ExportType::Nbd | ExportType::Fuse => {}
+            ExportType::VhostUserBlk | ExportType::VduseBlk => {
+                return Err(QmpError::generic("blockd exports over NBD and FUSE only"))
+            }
         }
         if let Some(iothread) = &args.iothread {
             // QEMU finds the node before the iothread.
@@ -502,7 +532,20 @@ impl Exports {
                 "blockd does not support writethrough exports",
             ));
         }
-        let bitmaps = args.bitmaps;
+        if args.kind == ExportType::Fuse {
+            let Some(mountpoint) = args.mountpoint else {
+                return Err(QmpError::generic("Parameter 'mountpoint' is missing"));
+            };
+            let options = FuseOptions {
+                mountpoint: mountpoint.into(),
+                writable: args.writable.unwrap_or(false),
+                growable: args.growable.unwrap_or(false),
+                allow_other: args.allow_other.unwrap_or(AllowOther::Auto),
+            };
+            Self::add_fuse(daemon, args.id, &args.node_name, options)?;
+            return Ok(json!({}));
+        }
+        let bitmaps = args.bitmaps.unwrap_or_default();
         let name = args.name.unwrap_or_else(|| args.node_name.clone());
         Self::add(
             daemon,
@@ -549,12 +592,7 @@ impl Exports {
         let server = server_guard
             .as_ref()
             .ok_or_else(|| QmpError::generic("NBD server not running"))?;
-        if exports.exports.borrow().iter().any(|e| e.id == new.id) {
-            return Err(QmpError::generic(format!(
-                "Block export id '{}' is already in use",
-                new.id
-            )));
-        }
+        Self::check_new_id(daemon, &new.id)?;
         let node = if new.by_device {
             daemon.graph.lookup(&new.node_name)?
         } else {
@@ -571,17 +609,7 @@ impl Exports {
         } else {
             Perms::CONSISTENT_READ
         };
-        let edge = Node::attach(
-            &node,
-            "root",
-            Parent::User {
-                kind: "block-backend",
-                name: String::new(),
-            },
-            perm,
-            EXPORT_SHARED,
-        )
-        .map_err(QmpError::generic)?;
+        let edge = user_edge(&node, perm, EXPORT_SHARED)?;
         let bitmaps = export_bitmaps(&daemon.graph, &node, &new.bitmaps, new.writable)?;
         let backend = Arc::new(NodeBackend {
             edge: Arc::downgrade(&edge),
@@ -606,6 +634,48 @@ impl Exports {
             edge,
             _bitmaps: BusyBitmaps::hold(bitmaps.into_iter().map(|(_, b)| b).collect()),
             shutting_down: false,
+            fuse: None,
+        });
+        Ok(())
+    }
+
+    fn check_new_id(daemon: &Daemon, id: &str) -> Result<(), QmpError> {
+        if daemon.exports.exports.borrow().iter().any(|e| e.id == id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{id}' is already in use"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A fuse export: the node mounted as a file over `options.mountpoint`.
+    fn add_fuse(
+        daemon: &Rc<Daemon>,
+        id: String,
+        node_name: &str,
+        options: FuseOptions,
+    ) -> Result<(), QmpError> {
+        Self::check_new_id(daemon, &id)?;
+        let node = daemon.graph.lookup_node(node_name)?;
+        let mut perm = Perms::CONSISTENT_READ;
+        if options.writable {
+            perm |= Perms::WRITE;
+        }
+        if options.growable {
+            perm |= Perms::RESIZE;
+        }
+        // Unlike an NBD export, a fuse export lets others resize the node (as QEMU's
+        // does): its file follows the node's size, and it resizes the node itself.
+        let edge = user_edge(&node, perm, Perms::ALL)?;
+        let mount = FuseExport::mount(&options, Arc::downgrade(&edge), daemon.io.clone())
+            .map_err(QmpError::generic)?;
+        daemon.exports.exports.borrow_mut().push(Export {
+            id: id.clone(),
+            name: id,
+            edge,
+            _bitmaps: BusyBitmaps::hold(Vec::new()),
+            shutting_down: false,
+            fuse: Some(mount),
         });
         Ok(())
     }
@@ -628,6 +698,21 @@ impl Exports {
 
     fn remove(daemon: &Rc<Daemon>, id: &str, hard: bool) -> Result<Value, QmpError> {
         let exports = &daemon.exports;
+        // A fuse export goes at once: unmounted lazily, so a process holding the file keeps
+        // it (reading EIO) without holding the node.
+        let fuse = {
+            let mut list = exports.exports.borrow_mut();
+            list.iter()
+                .position(|e| e.id == id && e.fuse.is_some())
+                .map(|i| list.remove(i))
+        };
+        if let Some(export) = fuse {
+            drop(export);
+            daemon
+                .events
+                .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));
+            return Ok(json!({}));
+        }
         let name = exports
             .exports
             .borrow()
@@ -661,7 +746,7 @@ impl Exports {
                 .rev()
                 .map(|e| {
                     json!({
-                        "type": "nbd",
+                        "type": if e.fuse.is_some() { "fuse" } else { "nbd" },
                         "id": e.id,
                         "node-name": exported_node_name(&e.edge),
                         "shutting-down": e.shutting_down,
@@ -678,6 +763,16 @@ impl Exports {
         }
         daemon.exports.exports.borrow_mut().clear();
     }
+}
+
+/// An export's edge on its node: a user (QEMU's block-backend) holding `perm` and sharing
+/// `shared`.
+fn user_edge(node: &Arc<Node>, perm: Perms, shared: Perms) -> Result<Arc<Child>, QmpError> {
+    let user = Parent::User {
+        kind: "block-backend",
+        name: String::new(),
+    };
+    Node::attach(node, "root", user, perm, shared).map_err(QmpError::generic)
 }
 
 /// The node an export serves, looking through filters a job put above it.

@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod daemon;
 mod exports;
+mod fuse;
 mod schema;
 mod serve;
 
@@ -47,7 +48,9 @@ fn main() -> ExitCode {
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BLOCKD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // fuser tries its own unmount after the fuse export's lazy one (which it cannot
+        // skip) and reports the expected failure as an error.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser::mnt=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
