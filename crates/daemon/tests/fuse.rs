@@ -232,3 +232,47 @@ async fn deleting_an_export_in_use_unmounts_it_and_frees_the_node() {
     let out = qemu_io_outcome(&["-f", "qcow2", &image, "-c", "read -P 0x5a 0 4k"]);
     assert_eq!(out, "ok");
 }
+
+/// A growable export grows the node with writes past its end, as qsd's; a non-growable
+/// one refuses them (EIO) and keeps its size.
+#[tokio::test]
+async fn growable_exports_grow_with_writes_past_the_end_as_in_qsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = Vec::new();
+    let mut images = Vec::new();
+    for which in Impl::all() {
+        let tag = format!("{which:?}").to_lowercase();
+        let image = p(dir.path(), &format!("{tag}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", &image, "1M"]);
+        let mnt = dir.path().join(format!("{tag}.mnt"));
+        let daemon = fuse_daemon(which, dir.path(), &image, &mnt, ",writable=on,growable=on");
+        let mut client = daemon.qmp().await;
+        let mut answers = Vec::new();
+        {
+            let mut f = OpenOptions::new().write(true).open(&mnt).unwrap();
+            f.seek(SeekFrom::Start(MIB + 4096)).unwrap();
+            f.write_all(&[0xa5; 8192]).unwrap();
+            f.sync_all().unwrap();
+            answers.push(json!(f.metadata().unwrap().len()));
+        }
+        let info = reply(&mut client, "query-named-block-nodes", json!({})).await;
+        let sizes: Vec<Value> = info["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["node-name"] == "d")
+            .map(|n| n["image"]["virtual-size"].clone())
+            .collect();
+        answers.push(json!(sizes));
+        daemon.quit(&mut client).await;
+        seen.push(answers);
+        images.push(image);
+    }
+    assert_eq!(seen[0], seen[1], "blockd, then qsd");
+    assert_eq!(seen[0][0], json!(MIB + 4096 + 8192));
+    qemu_img(&[
+        "compare", "-f", "qcow2", "-F", "qcow2", &images[0], &images[1],
+    ]);
+    let out = qemu_io_outcome(&["-f", "qcow2", &images[0], "-c", "read -P 0xa5 1052672 8192"]);
+    assert_eq!(out, "ok");
+}
