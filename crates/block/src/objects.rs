@@ -44,6 +44,13 @@ impl<T> Objects<T> {
         self.map().remove(id).is_some()
     }
 
+    /// The ids, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.map().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
     /// Whether `id` is taken.
     pub fn contains(&self, id: &str) -> bool {
         self.map().contains_key(id)

@@ -580,6 +580,11 @@ impl ThrottleGroups {
     pub fn remove(&self, name: &str) -> Option<Arc<ThrottleGroup>> {
         self.lock().remove(name)
     }
+
+    /// The groups' names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
 }
 
 #[cfg(test)]

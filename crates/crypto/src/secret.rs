@@ -180,6 +180,19 @@ impl Secrets {
     pub fn contains(&self, id: &str) -> bool {
         self.map.lock().expect("secrets lock").contains_key(id)
     }
+
+    /// The ids, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .map
+            .lock()
+            .expect("secrets lock")
+            .keys()
+            .cloned()
+            .collect();
+        ids.sort();
+        ids
+    }
 }
 
 #[cfg(test)]

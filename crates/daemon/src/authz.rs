@@ -176,7 +176,8 @@ impl Authz {
         match self {
             Authz::Simple(_) => "authz-simple",
             Authz::List(_) => "authz-list",
-            Authz::ListFile(_) => "authz-listfile",
+            // QEMU's QOM name; the QAPI name in object-add is authz-listfile.
+            Authz::ListFile(_) => "authz-list-file",
         }
     }
 

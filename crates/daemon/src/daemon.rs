@@ -30,6 +30,13 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The ids of the chardevs, sorted.
+    pub fn chardev_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.chardevs.borrow().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
     pub fn new(io_threads: usize) -> std::io::Result<Rc<Daemon>> {
         let events = qmp::EventSink::new();
         let graph = Arc::new(Graph::new());

@@ -10,6 +10,7 @@ mod jobs;
 mod mirror;
 mod misc;
 pub mod objects;
+pub mod qom;
 mod reopen;
 mod resize;
 mod snapshot;
@@ -168,6 +169,9 @@ impl qmp::Dispatcher for Commands {
                 "object-add" => objects::object_add(daemon, args),
                 "object-del" => objects::object_del(daemon, args),
                 "qom-get" => objects::qom_get(daemon, args),
+                "qom-list" => qom::qom_list(daemon, args),
+                "qom-list-types" => qom::qom_list_types(args),
+                "qom-list-properties" => qom::qom_list_properties(args),
                 "qom-set" => objects::qom_set(daemon, args),
                 "block_resize" => resize::block_resize(daemon, args).await,
                 "block_set_io_throttle" => objects::block_set_io_throttle(daemon, args).await,
