@@ -864,3 +864,60 @@ async fn tcp_tls_checks_the_address_host() {
     );
     daemon.quit(&mut client).await;
 }
+
+/// A client that asks for TLS and then never sends its hello is cut off by the
+/// handshake time limit, as by qsd, and the server goes on serving others.
+#[test]
+fn a_client_stalled_in_the_tls_handshake_is_cut_off() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    for which in Impl::all() {
+        let tag = format!("{which:?}").to_lowercase();
+        let image = p(dir.path(), &format!("{tag}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", &image, "1M"]);
+        let sock = dir.path().join(format!("{tag}.nbd"));
+        let _ = std::fs::remove_file(&sock);
+        let _daemon = Daemon::start(
+            which,
+            dir.path(),
+            &[
+                s("--object"),
+                creds_object("tls0", &pki.server, "server"),
+                s("--blockdev"),
+                format!("driver=qcow2,node-name=d,file.driver=file,file.filename={image}"),
+                s("--nbd-server"),
+                format!(
+                    "addr.type=unix,addr.path={},tls-creds=tls0,handshake-max-seconds=1",
+                    sock.display()
+                ),
+                s("--export"),
+                s("type=nbd,id=e,node-name=d,name=d,writable=on"),
+            ],
+        );
+        let deadline = Instant::now() + WAIT;
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "{which:?}: no NBD socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).unwrap();
+        c.write_all(&3u32.to_be_bytes()).unwrap();
+        c.write_all(b"IHAVEOPT\0\0\0\x05\0\0\0\0").unwrap();
+        let mut ack = [0u8; 20];
+        c.read_exact(&mut ack).unwrap();
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        // Closed (end of stream or reset) well before the read timeout.
+        let _ = c.read_to_end(&mut rest);
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_secs(5),
+            "{which:?}: still connected after {waited:?}"
+        );
+        let (ok, text) = qemu_io_tls(&sock, &pki.client, &["read 0 4k"]);
+        assert!(ok, "{which:?}: {text}");
+    }
+}
