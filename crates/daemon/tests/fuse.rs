@@ -276,3 +276,80 @@ async fn growable_exports_grow_with_writes_past_the_end_as_in_qsd() {
     let out = qemu_io_outcome(&["-f", "qcow2", &images[0], "-c", "read -P 0xa5 1052672 8192"]);
     assert_eq!(out, "ok");
 }
+
+/// A mirror of a node exported as a fuse file: writes through the file during the job
+/// reach the target, and after the pivot the file writes to the target. qsd refuses this
+/// mirror (its writable fuse export holds the resize permission the job does not share);
+/// blockd's export takes that permission only for the moment of a truncate.
+#[tokio::test]
+async fn the_export_follows_its_node_through_a_mirror_pivot() {
+    let dir = tempfile::tempdir().unwrap();
+    for which in [Impl::Blockd, Impl::Qsd] {
+        let tag = format!("{which:?}").to_lowercase();
+        let source = p(dir.path(), &format!("{tag}-source.qcow2"));
+        let target = p(dir.path(), &format!("{tag}-target.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", &source, "4M"]);
+        qemu_img(&["create", "-q", "-f", "qcow2", &target, "4M"]);
+        let out =
+            run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x11 0 1M", &source]));
+        assert!(out.status.success());
+        let mnt = dir.path().join(format!("{tag}.mnt"));
+        let daemon = fuse_daemon(which, dir.path(), &source, &mnt, ",writable=on");
+        let mut client = daemon.qmp().await;
+        let r = reply(
+            &mut client,
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "t",
+                      "file": {"driver": "file", "filename": target}}),
+        )
+        .await;
+        assert!(r.get("return").is_some(), "{which:?}: {r}");
+        let r = reply(
+            &mut client,
+            "blockdev-mirror",
+            json!({"job-id": "j", "device": "d",
+                      "target": "t", "sync": "full"}),
+        )
+        .await;
+        if which == Impl::Qsd {
+            let desc = r["error"]["desc"].as_str().unwrap_or_default();
+            assert!(desc.contains("permissions 'resize'"), "{r}");
+            daemon.quit(&mut client).await;
+            continue;
+        }
+        assert!(r.get("return").is_some(), "{which:?}: {r}");
+        let mut file = OpenOptions::new().write(true).open(&mnt).unwrap();
+        file.seek(SeekFrom::Start(MIB)).unwrap();
+        file.write_all(&vec![0x22; MIB as usize]).unwrap();
+        file.sync_all().unwrap();
+        client
+            .wait_event("BLOCK_JOB_READY", WAIT)
+            .await
+            .expect("READY");
+        let r = reply(&mut client, "block-job-complete", json!({"device": "j"})).await;
+        assert!(r.get("return").is_some(), "{which:?}: {r}");
+        client
+            .wait_event("BLOCK_JOB_COMPLETED", WAIT)
+            .await
+            .expect("COMPLETED");
+        file.seek(SeekFrom::Start(2 * MIB)).unwrap();
+        file.write_all(&vec![0x33; MIB as usize]).unwrap();
+        file.sync_all().unwrap();
+        drop(file);
+        // The export now serves the target.
+        let exports = reply(&mut client, "query-block-exports", json!({})).await;
+        assert_eq!(exports["return"][0]["node-name"], "t", "{exports}");
+        daemon.quit(&mut client).await;
+        for (image, range, pattern) in [
+            (&target, "0 1M", "0x11"),
+            (&target, "1M 1M", "0x22"),
+            (&target, "2M 1M", "0x33"),
+            (&source, "2M 1M", "0"),
+        ] {
+            let read = format!("read -P {pattern} {range}");
+            let out = qemu_io_outcome(&["-f", "qcow2", image, "-c", &read]);
+            assert_eq!(out, "ok", "{which:?}: {image} {read}");
+        }
+        qemu_img(&["check", &target]);
+    }
+}
