@@ -180,16 +180,30 @@ fn tls_daemon(which: Impl, dir: &Path, pki: &Pki, authz: Option<&str>) -> (Daemo
         s("type=nbd,id=e,node-name=d,name=d,writable=on"),
     ]);
     let daemon = Daemon::start(which, dir, &args);
+    wait_for_socket(which, &sock);
+    (daemon, sock)
+}
+
+/// Waits until a server accepts connections on `sock` (qsd listens on its NBD socket a
+/// moment after its monitor greets; the socket file exists a moment before listen()).
+/// The probe connection is dropped at once, as a client that gives up.
+fn wait_for_socket(which: impl std::fmt::Debug, sock: &Path) {
     let deadline = Instant::now() + WAIT;
-    while !sock.exists() {
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
         assert!(
             Instant::now() < deadline,
-            "{which:?}: no NBD socket: {}",
-            daemon.stderr()
+            "{which:?}: no NBD server on {sock:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    (daemon, sock)
+}
+
+/// A daemon with nothing but its monitor, in its own subdirectory of `dir`.
+fn plain_daemon(which: Impl, dir: &Path) -> (PathBuf, Daemon) {
+    let sub = dir.join(format!("{which:?}"));
+    std::fs::create_dir_all(&sub).unwrap();
+    let daemon = Daemon::start(which, &sub, &[]);
+    (sub, daemon)
 }
 
 /// qemu-io over TLS with the credentials in `creds`: its output and whether it succeeded.
@@ -381,11 +395,7 @@ async fn the_nbd_driver_speaks_tls_to_qemu_nbd_and_blockd() {
             .spawn()
             .unwrap_or_else(|e| panic!("{}: {e}", missing_peer("qemu-nbd"))),
     );
-    let deadline = Instant::now() + WAIT;
-    while !qnbd_sock.exists() {
-        assert!(Instant::now() < deadline, "qemu-nbd never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_socket("qemu-nbd", &qnbd_sock);
     let (_tls_blockd, blockd_sock) = tls_daemon(Impl::Blockd, dir.path(), &pki, None);
     let (ok, text) = qemu_io_tls(&blockd_sock, &pki.client, &["write -P 0x77 0 1M"]);
     assert!(ok, "{text}");
@@ -489,9 +499,7 @@ async fn tls_server_refusals_match_qsd() {
     let pki = make_pki(dir.path());
     let mut seen = Vec::new();
     for which in Impl::all() {
-        let sub = dir.path().join(format!("{which:?}"));
-        std::fs::create_dir_all(&sub).unwrap();
-        let daemon = Daemon::start(which, &sub, &[]);
+        let (sub, daemon) = plain_daemon(which, dir.path());
         let mut client = daemon.qmp().await;
         let mut replies = Vec::new();
         for (qom_type, props) in [
@@ -642,11 +650,7 @@ fn priority_strings_restrict_tls_versions_as_in_qsd() {
                 s("type=nbd,id=e,node-name=d,name=d"),
             ],
         );
-        let deadline = Instant::now() + WAIT;
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "{which:?}: no NBD socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_socket(which, &sock);
         let info = |priority: &str| {
             let creds = creds_object("tls0", &pki.client, "client") + priority;
             run(Command::new("qemu-img").args([
@@ -757,9 +761,7 @@ async fn tls_and_authz_properties_read_as_in_qsd() {
     let pki = make_pki(dir.path());
     let mut seen = Vec::new();
     for which in Impl::all() {
-        let sub = dir.path().join(format!("{which:?}"));
-        std::fs::create_dir_all(&sub).unwrap();
-        let daemon = Daemon::start(which, &sub, &[]);
+        let (_, daemon) = plain_daemon(which, dir.path());
         let mut client = daemon.qmp().await;
         let mut replies = Vec::new();
         for args in [
@@ -895,11 +897,7 @@ fn a_client_stalled_in_the_tls_handshake_is_cut_off() {
                 s("type=nbd,id=e,node-name=d,name=d,writable=on"),
             ],
         );
-        let deadline = Instant::now() + WAIT;
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "{which:?}: no NBD socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_socket(which, &sock);
         let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
         c.set_read_timeout(Some(WAIT)).unwrap();
         let mut greeting = [0u8; 18];
