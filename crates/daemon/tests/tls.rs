@@ -919,3 +919,72 @@ fn a_client_stalled_in_the_tls_handshake_is_cut_off() {
         assert!(ok, "{which:?}: {text}");
     }
 }
+
+/// A `ca-crl.pem` beside the server's certificates revokes client certificates: the
+/// revoked one is refused and another from the same CA served, by both daemons.
+#[test]
+fn revoked_client_certificates_are_refused_as_by_qsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let ca = dir.path().join("main-ca");
+    let other = make_peer(
+        &ca,
+        dir.path(),
+        "other",
+        "/CN=other.example",
+        "extendedKeyUsage=clientAuth",
+    );
+    // make_peer names the files after the directory; QEMU wants client-*.pem.
+    for part in ["cert", "key"] {
+        std::fs::rename(
+            other.join(format!("other-{part}.pem")),
+            other.join(format!("client-{part}.pem")),
+        )
+        .unwrap();
+    }
+    std::fs::write(ca.join("index.txt"), "").unwrap();
+    std::fs::write(ca.join("crlnumber"), "1000\n").unwrap();
+    std::fs::write(
+        ca.join("ca.cnf"),
+        "[ ca ]\ndefault_ca = CA_default\n[ CA_default ]\ndatabase = index.txt\n\
+         crlnumber = crlnumber\ndefault_md = sha256\ndefault_crl_days = 30\n",
+    )
+    .unwrap();
+    let revoked = pki.client.join("client-cert.pem");
+    openssl(
+        &ca,
+        &[
+            "ca",
+            "-config",
+            "ca.cnf",
+            "-keyfile",
+            "ca-key.pem",
+            "-cert",
+            "ca-cert.pem",
+            "-revoke",
+            &revoked.to_string_lossy(),
+        ],
+    );
+    openssl(
+        &ca,
+        &[
+            "ca",
+            "-config",
+            "ca.cnf",
+            "-keyfile",
+            "ca-key.pem",
+            "-cert",
+            "ca-cert.pem",
+            "-gencrl",
+            "-out",
+            &pki.server.join("ca-crl.pem").to_string_lossy(),
+        ],
+    );
+    for which in Impl::all() {
+        let (_daemon, sock) = tls_daemon(which, dir.path(), &pki, None);
+        let (ok, text) = qemu_io_tls(&sock, &other, &["read 0 4k"]);
+        assert!(ok, "{which:?}: a client that is not revoked: {text}");
+        let (ok, text) = qemu_io_tls(&sock, &pki.client, &["read 0 4k"]);
+        assert!(!ok, "{which:?}: a revoked client was served: {text}");
+    }
+}
