@@ -609,7 +609,7 @@ impl Exports {
         } else {
             Perms::CONSISTENT_READ
         };
-        let edge = user_edge(&node, perm, EXPORT_SHARED)?;
+        let edge = user_edge(&node, perm, EXPORT_SHARED).map_err(QmpError::generic)?;
         let bitmaps = export_bitmaps(&daemon.graph, &node, &new.bitmaps, new.writable)?;
         let backend = Arc::new(NodeBackend {
             edge: Arc::downgrade(&edge),
@@ -666,7 +666,7 @@ impl Exports {
         }
         // Unlike an NBD export, a fuse export lets others resize the node (as QEMU's
         // does): its file follows the node's size, and it resizes the node itself.
-        let edge = user_edge(&node, perm, Perms::ALL)?;
+        let edge = user_edge(&node, perm, Perms::ALL).map_err(QmpError::generic)?;
         let mount = FuseExport::mount(&options, Arc::downgrade(&edge), daemon.io.clone())
             .map_err(QmpError::generic)?;
         daemon.exports.exports.borrow_mut().push(Export {
@@ -766,13 +766,17 @@ impl Exports {
 }
 
 /// An export's edge on its node: a user (QEMU's block-backend) holding `perm` and sharing
-/// `shared`.
-fn user_edge(node: &Arc<Node>, perm: Perms, shared: Perms) -> Result<Arc<Child>, QmpError> {
+/// `shared`; Err is QEMU's permission-conflict text.
+pub(crate) fn user_edge(
+    node: &Arc<Node>,
+    perm: Perms,
+    shared: Perms,
+) -> Result<Arc<Child>, String> {
     let user = Parent::User {
         kind: "block-backend",
         name: String::new(),
     };
-    Node::attach(node, "root", user, perm, shared).map_err(QmpError::generic)
+    Node::attach(node, "root", user, perm, shared)
 }
 
 /// The node an export serves, looking through filters a job put above it.
@@ -850,10 +854,7 @@ fn server_tls(
         };
     };
     let creds = daemon.graph.tls_creds.get(id).ok_or_else(|| {
-        if daemon.graph.secrets.contains(id)
-            || daemon.graph.throttle_groups.get(id).is_some()
-            || daemon.authz.contains(id)
-        {
+        if crate::commands::objects::object_exists(daemon, id) {
             QmpError::generic(format!("Object with id '{id}' is not TLS credentials"))
         } else {
             QmpError::generic(format!("No TLS credentials with id '{id}'"))

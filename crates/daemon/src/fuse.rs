@@ -6,7 +6,8 @@
 //! The file follows the node through its export edge (a mirror pivot, a snapshot); once
 //! the export is deleted, requests from processes that still hold the file fail with EIO.
 
-use block::{Child, IoThreads, Node, Parent, Perms, WriteFlags};
+use aio::pool::PoolBuf;
+use block::{Child, IoThreads, Perms, WriteFlags};
 use fuser::{
     FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyEmpty, ReplyLseek,
     ReplyOpen, ReplyWrite, Request, TimeOrNow,
@@ -49,7 +50,8 @@ pub struct FuseOptions {
 /// it until they close it, getting EIO once the export is gone).
 pub struct FuseExport {
     mountpoint: std::ffi::CString,
-    session: Option<fuser::BackgroundSession>,
+    /// Dropped after `drop` detached the mount: fuser's own unmount then finds nothing.
+    _session: fuser::BackgroundSession,
 }
 
 impl Drop for FuseExport {
@@ -64,7 +66,6 @@ impl Drop for FuseExport {
                 tracing::warn!("fuse export unmount: {e}");
             }
         }
-        self.session.take();
     }
 }
 
@@ -86,6 +87,9 @@ impl FuseExport {
         if !meta.is_file() {
             return Err(format!("'{}' is not a regular file", path.display()));
         }
+        let canonical = path.canonicalize().map_err(|e| e.to_string())?;
+        let mountpoint = std::ffi::CString::new(canonical.into_os_string().into_encoded_bytes())
+            .map_err(|e| e.to_string())?;
         let now = SystemTime::now();
         // Safety: getuid and getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -103,7 +107,7 @@ impl FuseExport {
                 io: io.clone(),
                 writable: options.writable,
                 growable: options.growable,
-                file: Arc::new(Mutex::new(file)),
+                file: Mutex::new(file),
             };
             let mut mount = vec![
                 MountOption::FSName("blockd".into()),
@@ -126,12 +130,9 @@ impl FuseExport {
                 block::os_error_text(&e)
             )
         })?;
-        let canonical = path.canonicalize().map_err(|e| e.to_string())?;
-        let mountpoint = std::ffi::CString::new(canonical.into_os_string().into_encoded_bytes())
-            .map_err(|e| e.to_string())?;
         Ok(FuseExport {
             mountpoint,
-            session: Some(session),
+            _session: session,
         })
     }
 }
@@ -152,7 +153,7 @@ struct ExportFs {
     io: Arc<IoThreads>,
     writable: bool,
     growable: bool,
-    file: Arc<Mutex<FileState>>,
+    file: Mutex<FileState>,
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -227,12 +228,8 @@ async fn resize(edge: &Child, size: u64) -> io::Result<()> {
     let _held = if edge.perm().contains(Perms::RESIZE) {
         None
     } else {
-        let user = Parent::User {
-            kind: "block-backend",
-            name: String::new(),
-        };
         Some(
-            Node::attach(&node, "root", user, Perms::RESIZE, Perms::ALL)
+            crate::exports::user_edge(&node, Perms::RESIZE, Perms::ALL)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EPERM))?,
         )
     };
@@ -349,9 +346,13 @@ impl Filesystem for ExportFs {
             };
             let end = edge.node().size();
             let len = (size as u64).min(end.saturating_sub(offset)) as usize;
-            let mut buf = vec![0u8; len];
-            match edge.read(offset, &mut buf).await {
-                Ok(()) => reply.data(&buf),
+            // From the I/O thread's buffer pool: no allocation per read.
+            let mut buf = match PoolBuf::new(len, 1) {
+                Ok(buf) => buf,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            match edge.read(offset, buf.as_mut_slice()).await {
+                Ok(()) => reply.data(buf.as_slice()),
                 Err(e) => reply.error(errno(&e)),
             }
         });

@@ -181,6 +181,11 @@ async fn read_only_exports_and_refusals_match_qsd() {
             json!({"type": "fuse", "id": "x", "node-name": "d"}),
             json!({"type": "fuse", "id": "e", "node-name": "d", "mountpoint": mnt}),
             json!({"type": "nbd", "id": "y", "node-name": "d", "mountpoint": mnt}),
+            json!({"type": "fuse", "id": "x", "node-name": "d", "mountpoint": mnt,
+                   "allow-other": "maybe"}),
+            json!({"type": "fuse", "id": "x", "node-name": "d", "mountpoint": mnt,
+                   "growable": "yes"}),
+            json!({"type": "fuse", "id": "x", "node-name": "nothing", "mountpoint": mnt}),
         ] {
             answers.push(reply(&mut client, "block-export-add", args).await);
         }

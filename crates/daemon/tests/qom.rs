@@ -73,6 +73,16 @@ async fn qom_introspection_matches_qsd_for_blockds_types() {
                 reply(&mut client, "qom-list-properties", args).await,
             ));
         }
+        // Bad arguments.
+        for (command, args) in [
+            ("qom-list", json!({})),
+            ("qom-list", json!({"path": 7})),
+            ("qom-list-types", json!({"abstract": "yes"})),
+            ("qom-list-types", json!({"implements": "authz", "extra": 1})),
+            ("qom-list-properties", json!({})),
+        ] {
+            replies.push(reply(&mut client, command, args).await);
+        }
         let mut listed = Vec::new();
         for args in [
             json!({}),

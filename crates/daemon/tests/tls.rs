@@ -516,6 +516,30 @@ async fn tls_server_refusals_match_qsd() {
                 json!({"id": "bad", "dir": pki.client, "endpoint": "server"}),
             ),
             ("secret", json!({"id": "sec", "data": "x"})),
+            // Bad properties of the TLS and authz objects.
+            ("tls-creds-x509", json!({"id": "bad", "endpoint": "server"})),
+            (
+                "tls-creds-x509",
+                json!({"id": "bad", "dir": pki.server, "endpoint": "middle"}),
+            ),
+            (
+                "tls-creds-x509",
+                json!({"id": "bad", "dir": pki.server, "verify-peer": "yes"}),
+            ),
+            (
+                "tls-creds-x509",
+                json!({"id": "bad", "dir": pki.server, "loaded": true}),
+            ),
+            (
+                "tls-creds-x509",
+                json!({"id": "sec", "dir": pki.server, "endpoint": "server"}),
+            ),
+            ("authz-simple", json!({"id": "bad"})),
+            ("authz-list", json!({"id": "bad", "policy": "maybe"})),
+            (
+                "authz-list",
+                json!({"id": "bad", "rules": [{"match": "x"}]}),
+            ),
         ] {
             let mut args = props.as_object().unwrap().clone();
             args.insert("qom-type".into(), json!(qom_type));

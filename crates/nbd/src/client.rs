@@ -206,7 +206,7 @@ impl Client {
         send_option(&mut stream, OPT_STARTTLS, &[]).await?;
         let (kind, data) = read_option_reply(&mut stream, OPT_STARTTLS).await?;
         if kind != REP_ACK {
-            return Err(option_error(kind, &data, "NBD_OPT_STARTTLS"));
+            return Err(option_error(kind, &data, OPT_STARTTLS));
         }
         let mut stream = tls.creds.connect(stream, &tls.hostname).await?;
         let neg = haggle(&mut stream, export, opts, no_zeroes).await?;
@@ -741,29 +741,46 @@ async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8])
     s.flush().await
 }
 
-fn option_error(kind: u32, data: &[u8], what: &str) -> io::Error {
+/// The server's refusal of `option`. A TLS-only server's refusal is worded as QEMU words
+/// it, with the hint its user needs.
+fn option_error(kind: u32, data: &[u8], option: u32) -> io::Error {
     let msg = String::from_utf8_lossy(data);
+    let name = option_name(option);
     if kind == REP_ERR_TLS_REQD {
-        // QEMU's words, with the hint a user of a TLS-only server needs.
-        let option = match what {
-            "NBD_OPT_GO" => "option 7 (go)",
-            "NBD_OPT_SET_META_CONTEXT" => "option 10 (set meta context)",
-            other => other,
-        };
         return io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "TLS negotiation required before {option}\nDid you forget a valid tls-creds?\nserver reported: {msg}"
+                "TLS negotiation required before option {option} ({name})\nDid you forget a valid tls-creds?\nserver reported: {msg}"
             ),
         );
     }
     let ek = match kind {
         REP_ERR_UNKNOWN => io::ErrorKind::NotFound,
         REP_ERR_UNSUP | REP_ERR_PLATFORM => io::ErrorKind::Unsupported,
-        REP_ERR_POLICY | REP_ERR_TLS_REQD => io::ErrorKind::PermissionDenied,
+        REP_ERR_POLICY => io::ErrorKind::PermissionDenied,
         _ => io::ErrorKind::Other,
     };
-    io::Error::new(ek, format!("{what} failed (reply {kind:#x}): {msg}"))
+    io::Error::new(
+        ek,
+        format!("option {option} ({name}) failed (reply {kind:#x}): {msg}"),
+    )
+}
+
+/// An option's name as QEMU's messages give it.
+fn option_name(option: u32) -> &'static str {
+    match option {
+        OPT_EXPORT_NAME => "export name",
+        OPT_ABORT => "abort",
+        OPT_LIST => "list",
+        OPT_STARTTLS => "starttls",
+        OPT_INFO => "info",
+        OPT_GO => "go",
+        OPT_STRUCTURED_REPLY => "structured reply",
+        OPT_LIST_META_CONTEXT => "list meta context",
+        OPT_SET_META_CONTEXT => "set meta context",
+        OPT_EXTENDED_HEADERS => "extended headers",
+        _ => "unknown",
+    }
 }
 
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
@@ -833,7 +850,7 @@ async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
                 REP_ACK => break,
                 k if k & REP_FLAG_ERROR != 0 => {
                     if k == REP_ERR_UNKNOWN {
-                        return Err(option_error(k, &data, "NBD_OPT_SET_META_CONTEXT"));
+                        return Err(option_error(k, &data, OPT_SET_META_CONTEXT));
                     }
                     tracing::debug!("server refused metadata contexts: {:#x}", k);
                     contexts.clear();
@@ -871,7 +888,7 @@ async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
             REP_ERR_UNSUP => {
                 return export_name_fallback(s, export, no_zeroes, structured, contexts).await;
             }
-            k if k & REP_FLAG_ERROR != 0 => return Err(option_error(k, &data, "NBD_OPT_GO")),
+            k if k & REP_FLAG_ERROR != 0 => return Err(option_error(k, &data, OPT_GO)),
             _ => return Err(protocol_error("unexpected NBD_OPT_GO reply")),
         }
     }

@@ -119,11 +119,19 @@ impl Priority {
 
     /// The provider with only the suites the keyword allows.
     fn provider(&self) -> Arc<CryptoProvider> {
+        use rustls::CipherSuite as S;
         let mut provider = base_provider();
         if self.strong_only {
             provider.cipher_suites.retain(|s| {
-                let name = format!("{:?}", s.suite());
-                name.contains("AES_256") || name.contains("CHACHA20")
+                matches!(
+                    s.suite(),
+                    S::TLS13_AES_256_GCM_SHA384
+                        | S::TLS13_CHACHA20_POLY1305_SHA256
+                        | S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+                        | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+                        | S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+                        | S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+                )
             });
         }
         Arc::new(provider)
@@ -161,9 +169,11 @@ fn base_provider() -> CryptoProvider {
 
 /// QEMU's words for a credentials file that cannot be opened.
 fn access_error(path: &Path, e: &io::Error) -> String {
-    let text = e.to_string();
-    let text = text.split(" (os error").next().unwrap_or(&text);
-    format!("Unable to access credentials {}: {text}", path.display())
+    format!(
+        "Unable to access credentials {}: {}",
+        path.display(),
+        crate::socket::os_text(e)
+    )
 }
 
 /// Reads a required (or, with `required == false`, optional) file's PEM objects.
@@ -330,10 +340,6 @@ impl TlsCreds {
                 let cert_path = dir.join("client-cert.pem");
                 let certs: Vec<CertificateDer<'static>> =
                     pem_file(&cert_path, false, "client certificate")?;
-                let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-                    .with_crls(crls)
-                    .build()
-                    .map_err(|e| format!("Unable to set up server verification: {e}"))?;
                 if opts.sanity_check && !certs.is_empty() {
                     check_own_certificate(
                         &provider,
@@ -348,6 +354,11 @@ impl TlsCreds {
                     .with_protocol_versions(&versions)
                     .map_err(|e| e.to_string())?;
                 let builder = if opts.verify_peer {
+                    let verifier =
+                        WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                            .with_crls(crls)
+                            .build()
+                            .map_err(|e| format!("Unable to set up server verification: {e}"))?;
                     builder.with_webpki_verifier(verifier)
                 } else {
                     builder
@@ -525,5 +536,29 @@ impl ServerCertVerifier for Unverified {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Priority;
+
+    #[test]
+    fn priority_strings_become_versions_and_suites_or_are_refused() {
+        let p = Priority::parse("NORMAL:-VERS-TLS1.3").unwrap();
+        assert_eq!(p.versions(), [&rustls::version::TLS12]);
+        let p = Priority::parse("SECURE256:-VERS-ALL:+VERS-TLS1.3:%SERVER_PRECEDENCE").unwrap();
+        assert_eq!(p.versions(), [&rustls::version::TLS13]);
+        assert!(p.server_precedence);
+        let suites = p.provider().cipher_suites.len();
+        assert!(suites > 0 && suites < super::base_provider().cipher_suites.len());
+        // Versions rustls never speaks may be taken away; nothing is left, or an item it
+        // cannot follow, is refused.
+        assert!(Priority::parse("NORMAL:-VERS-TLS1.0:-VERS-TLS1.1").is_ok());
+        let err = Priority::parse("NORMAL:-VERS-ALL").err().unwrap();
+        assert!(err.contains("leaves no protocol version"), "{err}");
+        let err = Priority::parse("NORMAL:+ARCFOUR-128").err().unwrap();
+        assert!(err.contains("cannot apply '+ARCFOUR-128'"), "{err}");
+        assert!(Priority::parse("LEGACY").is_err());
     }
 }

@@ -97,14 +97,14 @@ fn add(daemon: &Daemon, mut args: Map<String, Value>, keyval: bool) -> Result<()
         let props: TlsCredsX509Properties = parse(Value::Object(args), keyval)?;
         let options = props.options(daemon).map_err(QmpError::generic)?;
         let creds = nbd::TlsCreds::load_x509(&options).map_err(QmpError::generic)?;
-        if object_exists(daemon, &id) || !daemon.graph.tls_creds.insert(&id, creds) {
+        if !daemon.graph.tls_creds.insert(&id, creds) {
             return Err(duplicate());
         }
         return Ok(());
     }
     if let Some(kind) = qom_type.strip_prefix("authz-") {
         let authz = authz_object(kind, Value::Object(args), keyval)?;
-        if object_exists(daemon, &id) || !daemon.authz.insert(&id, authz) {
+        if !daemon.authz.insert(&id, authz) {
             return Err(duplicate());
         }
         return Ok(());
@@ -121,18 +121,17 @@ fn add(daemon: &Daemon, mut args: Map<String, Value>, keyval: bool) -> Result<()
     Ok(())
 }
 
-fn object_exists(daemon: &Daemon, id: &str) -> bool {
-    daemon.graph.secrets.contains(id)
-        || daemon.graph.throttle_groups.get(id).is_some()
-        || daemon.graph.tls_creds.contains(id)
-        || daemon.authz.contains(id)
+/// Whether any object, of whatever type, has the id `id`.
+pub(crate) fn object_exists(daemon: &Daemon, id: &str) -> bool {
+    super::qom::object_type(daemon, id).is_some()
 }
 
 /// TlsCredsX509Properties; `priority` is followed as far as rustls can (nbd::tls).
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct TlsCredsX509Properties {
-    dir: String,
+    /// Optional in QEMU's schema, required when the credentials load.
+    dir: Option<String>,
     endpoint: Option<EndpointName>,
     verify_peer: Option<bool>,
     priority: Option<String>,
@@ -160,8 +159,9 @@ impl TlsCredsX509Properties {
             }
             None => None,
         };
+        let dir = self.dir.ok_or("Missing 'dir' property value")?;
         Ok(nbd::X509Options {
-            dir: self.dir.into(),
+            dir: dir.into(),
             endpoint: match self.endpoint {
                 Some(EndpointName::Server) => nbd::Endpoint::Server,
                 Some(EndpointName::Client) | None => nbd::Endpoint::Client,

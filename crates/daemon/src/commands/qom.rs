@@ -242,7 +242,7 @@ struct ListArgs {
 }
 
 /// The QOM type name of the user-created object `id`, if there is one.
-fn object_type(daemon: &Daemon, id: &str) -> Option<&'static str> {
+pub(crate) fn object_type(daemon: &Daemon, id: &str) -> Option<&'static str> {
     let graph = &daemon.graph;
     if graph.secrets.contains(id) {
         Some("secret")

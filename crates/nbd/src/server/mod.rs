@@ -608,13 +608,8 @@ fn spawn_connection(shared: &Arc<Shared>, stream: StdStream) {
                                     let _ = k.shutdown(std::net::Shutdown::Both);
                                 }
                             };
-                            match tls {
-                                Some(tls) => transmission::serve_tls(guard, t, tls, on_kill).await,
-                                None => {
-                                    let (r, w) = t.into_split();
-                                    transmission::serve(guard, r, w, on_kill).await
-                                }
-                            }
+                            serve_socket(guard, t, tokio::net::UnixStream::into_split, tls, on_kill)
+                                .await
                         }
                         Err(e) => tracing::warn!("NBD connection cannot be registered: {e}"),
                     }
@@ -628,13 +623,8 @@ fn spawn_connection(shared: &Arc<Shared>, stream: StdStream) {
                                     let _ = k.shutdown(std::net::Shutdown::Both);
                                 }
                             };
-                            match tls {
-                                Some(tls) => transmission::serve_tls(guard, t, tls, on_kill).await,
-                                None => {
-                                    let (r, w) = t.into_split();
-                                    transmission::serve(guard, r, w, on_kill).await
-                                }
-                            }
+                            serve_socket(guard, t, tokio::net::TcpStream::into_split, tls, on_kill)
+                                .await
                         }
                         Err(e) => tracing::warn!("NBD connection cannot be registered: {e}"),
                     }
@@ -642,4 +632,26 @@ fn spawn_connection(shared: &Arc<Shared>, stream: StdStream) {
             }
         })
     }));
+}
+
+/// Serves one accepted socket: over TLS if the server has it (the whole socket goes into
+/// the TLS session), else on the socket's own halves from `split`.
+async fn serve_socket<S, R, W>(
+    guard: ConnectionGuard,
+    socket: S,
+    split: fn(S) -> (R, W),
+    tls: Option<ServerTls>,
+    on_kill: impl Fn(),
+) where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    match tls {
+        Some(tls) => transmission::serve_tls(guard, socket, tls, on_kill).await,
+        None => {
+            let (r, w) = split(socket);
+            transmission::serve(guard, r, w, on_kill).await
+        }
+    }
 }
