@@ -113,6 +113,11 @@ impl IoThreads {
         })
     }
 
+    /// How many I/O threads there are.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
     /// Pick threads round-robin so connections and jobs spread over the cores.
     pub fn pick(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % self.count

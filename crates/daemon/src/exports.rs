@@ -4,6 +4,7 @@
 use crate::commands::bitmaps::{self, BitmapRef, BusyBitmaps};
 use crate::daemon::Daemon;
 use crate::fuse::{AllowOther, FuseExport, FuseOptions};
+use crate::vhost_user_blk::{self, VhostUserBlkExport, VhostUserBlkOptions};
 use async_trait::async_trait;
 use block::DirtyBitmap;
 use block::{ChainExtent, WriteFlags};
@@ -201,8 +202,23 @@ struct Export {
     /// The exported bitmaps stay busy until the export is gone.
     _bitmaps: BusyBitmaps,
     shutting_down: bool,
-    /// A fuse export's mount; None for NBD exports, which live in the NBD server.
-    fuse: Option<FuseExport>,
+    /// What serves an export that does not live in the NBD server.
+    own: Option<OwnServer>,
+}
+
+/// An export served outside the NBD server; dropping it stops serving.
+enum OwnServer {
+    Fuse { _mount: FuseExport },
+    VhostUserBlk { _server: VhostUserBlkExport },
+}
+
+impl OwnServer {
+    fn type_name(&self) -> &'static str {
+        match self {
+            OwnServer::Fuse { .. } => "fuse",
+            OwnServer::VhostUserBlk { .. } => "vhost-user-blk",
+        }
+    }
 }
 
 #[derive(Default)]
@@ -276,6 +292,9 @@ struct BlockExportAddArgs {
     mountpoint: Option<String>,
     growable: Option<bool>,
     allow_other: Option<AllowOther>,
+    addr: Option<Map<String, Value>>,
+    logical_block_size: Option<u64>,
+    num_queues: Option<u16>,
 }
 
 impl BlockExportAddArgs {
@@ -283,14 +302,23 @@ impl BlockExportAddArgs {
     /// them.
     fn foreign_members(&self) -> Option<&'static str> {
         let given = |present: bool, name| present.then_some(name);
+        let nbd = given(self.name.is_some(), "name")
+            .or(given(self.description.is_some(), "description"))
+            .or(given(self.bitmaps.is_some(), "bitmaps"))
+            .or(given(self.allocation_depth.is_some(), "allocation-depth"));
+        let fuse = given(self.mountpoint.is_some(), "mountpoint")
+            .or(given(self.growable.is_some(), "growable"))
+            .or(given(self.allow_other.is_some(), "allow-other"));
+        let vhost = given(self.addr.is_some(), "addr")
+            .or(given(
+                self.logical_block_size.is_some(),
+                "logical-block-size",
+            ))
+            .or(given(self.num_queues.is_some(), "num-queues"));
         match self.kind {
-            ExportType::Fuse => given(self.name.is_some(), "name")
-                .or(given(self.description.is_some(), "description"))
-                .or(given(self.bitmaps.is_some(), "bitmaps"))
-                .or(given(self.allocation_depth.is_some(), "allocation-depth")),
-            _ => given(self.mountpoint.is_some(), "mountpoint")
-                .or(given(self.growable.is_some(), "growable"))
-                .or(given(self.allow_other.is_some(), "allow-other")),
+            ExportType::Nbd => fuse.or(vhost),
+            ExportType::Fuse => nbd.or(vhost),
+            ExportType::VhostUserBlk | ExportType::VduseBlk => nbd.or(fuse),
         }
     }
 }
@@ -486,7 +514,7 @@ impl Exports {
             .take()
             .ok_or_else(|| QmpError::generic("NBD server not running"))?;
         for export in daemon.exports.exports.borrow_mut().iter_mut() {
-            export.shutting_down |= export.fuse.is_none();
+            export.shutting_down |= export.own.is_none();
         }
         server.stop();
         Ok(json!({}))
@@ -514,11 +542,10 @@ impl Exports {
                 "Parameter '{member}' is unexpected"
             )));
         }
-        match args.kind {
-            ExportType::Nbd | ExportType::Fuse => {}
-            ExportType::VhostUserBlk | ExportType::VduseBlk => {
-                return Err(QmpError::generic("blockd exports over NBD and FUSE only"))
-            }
+        if args.kind == ExportType::VduseBlk {
+            return Err(QmpError::generic(
+                "blockd exports over NBD, FUSE and vhost-user-blk only",
+            ));
         }
         if let Some(iothread) = &args.iothread {
             // QEMU finds the node before the iothread.
@@ -543,6 +570,11 @@ impl Exports {
                 allow_other: args.allow_other.unwrap_or(AllowOther::Auto),
             };
             Self::add_fuse(daemon, args.id, &args.node_name, options)?;
+            return Ok(json!({}));
+        }
+        if args.kind == ExportType::VhostUserBlk {
+            let options = vhost_user_blk_options(&args, keyval)?;
+            Self::add_vhost_user_blk(daemon, args.id, &args.node_name, options)?;
             return Ok(json!({}));
         }
         let bitmaps = args.bitmaps.unwrap_or_default();
@@ -634,7 +666,7 @@ impl Exports {
             edge,
             _bitmaps: BusyBitmaps::hold(bitmaps.into_iter().map(|(_, b)| b).collect()),
             shutting_down: false,
-            fuse: None,
+            own: None,
         });
         Ok(())
     }
@@ -655,8 +687,6 @@ impl Exports {
         node_name: &str,
         options: FuseOptions,
     ) -> Result<(), QmpError> {
-        Self::check_new_id(daemon, &id)?;
-        let node = daemon.graph.lookup_node(node_name)?;
         let mut perm = Perms::CONSISTENT_READ;
         if options.writable {
             perm |= Perms::WRITE;
@@ -664,18 +694,52 @@ impl Exports {
         if options.growable {
             perm |= Perms::RESIZE;
         }
-        // Unlike an NBD export, a fuse export lets others resize the node (as QEMU's
-        // does): its file follows the node's size, and it resizes the node itself.
+        let io = daemon.io.clone();
+        Self::add_own(daemon, id, node_name, perm, move |edge| {
+            let mount = FuseExport::mount(&options, edge, io)?;
+            Ok(OwnServer::Fuse { _mount: mount })
+        })
+    }
+
+    /// A vhost-user-blk export: the node served to a vhost-user frontend.
+    fn add_vhost_user_blk(
+        daemon: &Rc<Daemon>,
+        id: String,
+        node_name: &str,
+        options: VhostUserBlkOptions,
+    ) -> Result<(), QmpError> {
+        let mut perm = Perms::CONSISTENT_READ;
+        if options.writable {
+            perm |= Perms::WRITE;
+        }
+        let io = daemon.io.clone();
+        Self::add_own(daemon, id, node_name, perm, move |edge| {
+            let server = VhostUserBlkExport::start(options, edge, io)?;
+            Ok(OwnServer::VhostUserBlk { _server: server })
+        })
+    }
+
+    /// An export served outside the NBD server, holding `perm` on the node through its
+    /// own edge, which `start` serves. Unlike an NBD export it lets others resize the node
+    /// (as QEMU's do): a fuse file and a virtio-blk capacity follow the node's size.
+    fn add_own(
+        daemon: &Rc<Daemon>,
+        id: String,
+        node_name: &str,
+        perm: Perms,
+        start: impl FnOnce(Weak<Child>) -> Result<OwnServer, String>,
+    ) -> Result<(), QmpError> {
+        Self::check_new_id(daemon, &id)?;
+        let node = daemon.graph.lookup_node(node_name)?;
         let edge = user_edge(&node, perm, Perms::ALL).map_err(QmpError::generic)?;
-        let mount = FuseExport::mount(&options, Arc::downgrade(&edge), daemon.io.clone())
-            .map_err(QmpError::generic)?;
+        let server = start(Arc::downgrade(&edge)).map_err(QmpError::generic)?;
         daemon.exports.exports.borrow_mut().push(Export {
             id: id.clone(),
             name: id,
             edge,
             _bitmaps: BusyBitmaps::hold(Vec::new()),
             shutting_down: false,
-            fuse: Some(mount),
+            own: Some(server),
         });
         Ok(())
     }
@@ -698,15 +762,15 @@ impl Exports {
 
     fn remove(daemon: &Rc<Daemon>, id: &str, hard: bool) -> Result<Value, QmpError> {
         let exports = &daemon.exports;
-        // A fuse export goes at once: unmounted lazily, so a process holding the file keeps
-        // it (reading EIO) without holding the node.
-        let fuse = {
+        // A fuse or vhost-user-blk export goes at once: a process holding the file, or a
+        // frontend's requests still running, get EIO without holding the node.
+        let own = {
             let mut list = exports.exports.borrow_mut();
             list.iter()
-                .position(|e| e.id == id && e.fuse.is_some())
+                .position(|e| e.id == id && e.own.is_some())
                 .map(|i| list.remove(i))
         };
-        if let Some(export) = fuse {
+        if let Some(export) = own {
             drop(export);
             daemon
                 .events
@@ -746,7 +810,7 @@ impl Exports {
                 .rev()
                 .map(|e| {
                     json!({
-                        "type": if e.fuse.is_some() { "fuse" } else { "nbd" },
+                        "type": e.own.as_ref().map_or("nbd", OwnServer::type_name),
                         "id": e.id,
                         "node-name": exported_node_name(&e.edge),
                         "shutting-down": e.shutting_down,
@@ -893,4 +957,74 @@ fn inet_addr(data: Map<String, Value>) -> Result<ListenAddr, QmpError> {
         port,
         inet: options,
     })
+}
+
+/// A vhost-user-blk export's options, checked as QEMU checks them.
+fn vhost_user_blk_options(
+    args: &BlockExportAddArgs,
+    keyval: bool,
+) -> Result<VhostUserBlkOptions, QmpError> {
+    let Some(mut addr) = args.addr.clone() else {
+        return Err(QmpError::generic("Parameter 'addr' is missing"));
+    };
+    let addr = match addr.remove("type").as_ref().and_then(Value::as_str) {
+        Some("unix") => {
+            let unix: UnixServer = if keyval {
+                qapi::de::from_keyval(Value::Object(addr))?
+            } else {
+                qapi::de::from_value(Value::Object(addr))?
+            };
+            vhost_user_blk::Addr::Unix(unix.path().map_err(QmpError::generic)?.into())
+        }
+        Some("fd") => {
+            let fd: FdSocket = if keyval {
+                qapi::de::from_keyval(Value::Object(addr))?
+            } else {
+                qapi::de::from_value(Value::Object(addr))?
+            };
+            vhost_user_blk::Addr::Fd(
+                vhost_user_blk::listening_fd(&fd.str).map_err(QmpError::generic)?,
+            )
+        }
+        Some("inet" | "vsock") => {
+            return Err(QmpError::generic(
+                "Only socket address types 'unix' and 'fd' are supported",
+            ))
+        }
+        Some(other) => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'addr.type' does not accept value '{other}'"
+            )))
+        }
+        None => return Err(QmpError::generic("Parameter 'addr.type' is missing")),
+    };
+    let num_queues = args.num_queues.unwrap_or(1);
+    if num_queues == 0 {
+        return Err(QmpError::generic("num-queues must be greater than 0"));
+    }
+    if num_queues > vhost_user_blk::MAX_QUEUES {
+        return Err(QmpError::generic(format!(
+            "num-queues must be at most {} in blockd",
+            vhost_user_blk::MAX_QUEUES
+        )));
+    }
+    let block_size = args.logical_block_size.unwrap_or(512);
+    if !block_size.is_power_of_two() || !(512..=2 << 20).contains(&block_size) {
+        return Err(QmpError::generic(
+            "parameter logical-block-size must be a power of 2 between 512 and 2097152",
+        ));
+    }
+    Ok(VhostUserBlkOptions {
+        addr,
+        writable: args.writable.unwrap_or(false),
+        logical_block_size: block_size as u32,
+        num_queues,
+    })
+}
+
+/// SocketAddress of type `fd`: a file descriptor by name or number.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FdSocket {
+    str: String,
 }

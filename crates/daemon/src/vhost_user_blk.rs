@@ -1,0 +1,816 @@
+//! The `vhost-user-blk` export: a node served as a virtio-blk device to a vhost-user
+//! frontend (a VMM such as cloud-hypervisor, crosvm or QEMU) over a unix socket, as
+//! qemu-storage-daemon's export of that type does.
+//!
+//! rust-vmm's vhost-user-backend speaks the control protocol (memory table, vrings) on its
+//! own threads: one thread reads the frontend's messages, and a few vring workers wait for
+//! the frontend's kicks. A worker only pops the available requests and hands each to the
+//! I/O thread its queue belongs to, which runs it against the node and puts it on the used
+//! ring; so the queues spread over the I/O threads and requests run concurrently, like
+//! NBD's. Data is copied between guest memory and pooled buffers in pieces of at most
+//! [`PIECE`] bytes, and the bytes in flight per export are bounded, whatever lengths the
+//! frontend's descriptors claim.
+//!
+//! One frontend is served at a time. When it goes away, the export waits for its requests
+//! to finish and then takes the next connection, with fresh vrings and memory.
+
+use aio::pool::PoolBuf;
+use block::{Child, IoThreads, WriteFlags};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use tokio::sync::Semaphore;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+type GuestMemory = GuestMemoryMmap<()>;
+type Mem = GuestMemoryAtomic<GuestMemory>;
+type Vring = VringRwLock<Mem>;
+type Chain = DescriptorChain<Arc<GuestMemory>>;
+
+/// virtio-blk sectors are 512 bytes whatever the logical block size.
+const SECTOR: u64 = 512;
+/// The largest queue a frontend may set up.
+const MAX_QUEUE_SIZE: usize = 1024;
+/// Data segments per request (QEMU's 128 descriptors less header and status).
+const SEG_MAX: u32 = 126;
+/// Sectors in one discard or write-zeroes request (QEMU's limit, 16 MiB).
+const MAX_ZERO_SECTORS: u32 = 32768;
+/// A request's data moves through a buffer of at most this many bytes at a time.
+const PIECE: usize = 1 << 20;
+/// Bytes of request data in flight per export, in [`PERMIT`] units.
+const INFLIGHT_BYTES: usize = 64 << 20;
+const PERMIT: usize = 4096;
+/// What GET_ID answers: qsd's serial for these exports, NUL-terminated when it fits.
+const SERIAL: &[u8] = b"vhost_user_blk\0";
+/// Bytes of the virtio-blk config space this device fills (up to write_zeroes_may_unmap).
+const CONFIG_LEN: usize = 60;
+/// vhost-user-backend maps queues to its workers with a 64-bit mask.
+pub const MAX_QUEUES: u16 = 64;
+
+// virtio-blk request types, statuses and features (the virtio 1.2 specification, 5.2).
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+const F_SIZE_MAX: u64 = 1 << 1;
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_TOPOLOGY: u64 = 1 << 10;
+const F_CONFIG_WCE: u64 = 1 << 11;
+const F_MQ: u64 = 1 << 12;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+const F_INDIRECT_DESC: u64 = 1 << 28;
+const F_EVENT_IDX: u64 = 1 << 29;
+const F_VERSION_1: u64 = 1 << 32;
+const WRITE_ZEROES_UNMAP: u32 = 1;
+
+/// Where the export listens (QMP's SocketAddress, of the kinds qsd takes for it).
+pub enum Addr {
+    /// A unix socket bound at this path (an existing file there is replaced).
+    Unix(PathBuf),
+    /// A listening unix socket the daemon was given.
+    Fd(OwnedFd),
+}
+
+/// What block-export-add asks of a vhost-user-blk export.
+pub struct VhostUserBlkOptions {
+    pub addr: Addr,
+    pub writable: bool,
+    /// The device's logical block size: a power of two from 512 to 2 MiB.
+    pub logical_block_size: u32,
+    pub num_queues: u16,
+}
+
+/// A listening vhost-user-blk export. Dropping it stops taking connections and
+/// disconnects the frontend; requests still running end with EIO once the export's edge
+/// is gone.
+pub struct VhostUserBlkExport {
+    control: Arc<Control>,
+}
+
+/// What the export's owner shares with its serving thread.
+struct Control {
+    stopping: AtomicBool,
+    stop: EventNotifier,
+    /// The connected frontend's socket, to cut it when the export goes.
+    connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+    /// Where the listener is bound, to wake a thread blocked accepting.
+    path: Option<PathBuf>,
+    /// The export bound the socket at `path` (not handed an fd), so it removes it, as
+    /// qsd does.
+    bound: bool,
+}
+
+impl Drop for VhostUserBlkExport {
+    fn drop(&mut self) {
+        let control = &self.control;
+        control.stopping.store(true, Ordering::Release);
+        let _ = control.stop.notify();
+        if let Some(connection) = control.connection.lock().unwrap().as_ref() {
+            connection.shutdown();
+        }
+        // A connection that went away between poll and accept leaves the thread blocked
+        // in accept: one more connection wakes it.
+        if let Some(path) = &control.path {
+            let _ = UnixStream::connect(path);
+            if control.bound {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// What every connection of one export shares.
+struct Device {
+    edge: Weak<Child>,
+    io: Arc<IoThreads>,
+    writable: bool,
+    block_size: u32,
+    num_queues: u16,
+    /// The I/O thread of queue 0; queue q runs on the next q-th.
+    first_thread: usize,
+    inflight_bytes: Semaphore,
+}
+
+impl VhostUserBlkExport {
+    /// Listens at `options.addr` for a frontend and serves the node behind `edge`.
+    pub fn start(
+        options: VhostUserBlkOptions,
+        edge: Weak<Child>,
+        io: Arc<IoThreads>,
+    ) -> Result<VhostUserBlkExport, String> {
+        let bound = matches!(options.addr, Addr::Unix(_));
+        let (listener, path) = match options.addr {
+            Addr::Unix(path) => {
+                // QEMU too replaces what is at the path.
+                let _ = std::fs::remove_file(&path);
+                let listener = UnixListener::bind(&path).map_err(|e| {
+                    format!(
+                        "Failed to bind socket to {}: {}",
+                        path.display(),
+                        block::os_error_text(&e)
+                    )
+                })?;
+                (listener, Some(path))
+            }
+            Addr::Fd(fd) => {
+                let listener = UnixListener::from(fd);
+                let path = listener
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(PathBuf::from));
+                (listener, path)
+            }
+        };
+        listener.set_nonblocking(false).map_err(|e| e.to_string())?;
+        let (stop_consumer, stop) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(|e| e.to_string())?;
+        let control = Arc::new(Control {
+            stopping: AtomicBool::new(false),
+            stop,
+            connection: Mutex::new(None),
+            path,
+            bound,
+        });
+        let device = Arc::new(Device {
+            edge,
+            first_thread: io.pick(),
+            io,
+            writable: options.writable,
+            block_size: options.logical_block_size,
+            num_queues: options.num_queues,
+            inflight_bytes: Semaphore::new(INFLIGHT_BYTES / PERMIT),
+        });
+        let thread_control = control.clone();
+        std::thread::Builder::new()
+            .name("blockd-vhost".into())
+            .spawn(move || serve(listener, stop_consumer, thread_control, device))
+            .map_err(|e| e.to_string())?;
+        Ok(VhostUserBlkExport { control })
+    }
+}
+
+/// Accepts one frontend after another until the export is deleted.
+fn serve(listener: UnixListener, stop: EventConsumer, control: Arc<Control>, device: Arc<Device>) {
+    let mut listener = Listener::from(listener);
+    loop {
+        if !wait_readable(&listener, &stop) || control.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let connection = Arc::new(Connection::new(device.clone()));
+        let backend = Backend(connection.clone());
+        let mut daemon = match VhostUserDaemon::new(
+            "blockd-vhost-user".into(),
+            backend,
+            GuestMemoryAtomic::new(GuestMemory::new()),
+        ) {
+            Ok(daemon) => daemon,
+            Err(e) => {
+                tracing::warn!("vhost-user-blk export: {e}");
+                return;
+            }
+        };
+        if let Err(e) = daemon.start(&mut listener) {
+            tracing::warn!("vhost-user-blk export: {e}");
+            continue;
+        }
+        *control.connection.lock().unwrap() = daemon.shutdown_handle();
+        if control.stopping.load(Ordering::Acquire) {
+            daemon.request_shutdown();
+        }
+        if let Err(e) = daemon.wait() {
+            tracing::info!("vhost-user-blk export: frontend gone: {e}");
+        }
+        control.connection.lock().unwrap().take();
+        // The next frontend may reuse the same guest memory: nothing of this one's may
+        // land there after it is gone.
+        connection.drain_all();
+        connection.stop_workers();
+    }
+}
+
+/// Waits until a frontend connects (true) or the export stops (false).
+fn wait_readable(listener: &Listener, stop: &EventConsumer) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // Safety: two valid pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
+        }
+        return fds[1].revents == 0 && fds[0].revents & libc::POLLIN != 0;
+    }
+}
+
+/// Requests of one queue that have not completed, so that GET_VRING_BASE and a
+/// disconnection can wait for them.
+#[derive(Default)]
+struct Inflight {
+    count: Mutex<usize>,
+    zero: Condvar,
+}
+
+impl Inflight {
+    fn wait_zero(&self) {
+        let mut count = self.count.lock().unwrap();
+        while *count > 0 {
+            count = self.zero.wait(count).unwrap();
+        }
+    }
+}
+
+/// Counts a request in flight until dropped (finished, or dropped unrun at shutdown).
+struct InflightGuard(Arc<Connection>, usize);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        let inflight = &self.0.inflight[self.1];
+        let mut count = inflight.count.lock().unwrap();
+        *count -= 1;
+        if *count == 0 {
+            inflight.zero.notify_all();
+        }
+    }
+}
+
+/// One frontend's session: its memory, its negotiated features, its workers.
+struct Connection {
+    device: Arc<Device>,
+    mem: Mutex<Option<Mem>>,
+    event_idx: AtomicBool,
+    inflight: Vec<Inflight>,
+    workers: usize,
+    /// Wakes each vring worker to exit.
+    exits: Mutex<Vec<EventNotifier>>,
+}
+
+impl Connection {
+    fn new(device: Arc<Device>) -> Connection {
+        let queues = usize::from(device.num_queues);
+        Connection {
+            workers: queues.min(device.io.count()).max(1),
+            inflight: (0..queues).map(|_| Inflight::default()).collect(),
+            device,
+            mem: Mutex::new(None),
+            event_idx: AtomicBool::new(false),
+            exits: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn drain_all(&self) {
+        for queue in &self.inflight {
+            queue.wait_zero();
+        }
+    }
+
+    fn stop_workers(&self) {
+        for exit in self.exits.lock().unwrap().drain(..) {
+            let _ = exit.notify();
+        }
+    }
+
+    /// The config space (virtio_blk_config, little-endian) as it is now: the capacity
+    /// follows the node's size.
+    fn config(&self) -> [u8; CONFIG_LEN] {
+        let device = &self.device;
+        let capacity = device.edge.upgrade().map_or(0, |e| e.node().size()) / SECTOR;
+        let block_sectors = device.block_size / SECTOR as u32;
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..8].copy_from_slice(&capacity.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&device.block_size.to_le_bytes());
+        c[26..28].copy_from_slice(&1u16.to_le_bytes());
+        c[28..32].copy_from_slice(&1u32.to_le_bytes());
+        c[34..36].copy_from_slice(&device.num_queues.to_le_bytes());
+        c[36..40].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
+        c[40..44].copy_from_slice(&1u32.to_le_bytes());
+        c[44..48].copy_from_slice(&block_sectors.to_le_bytes());
+        c[48..52].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&1u32.to_le_bytes());
+        // write_zeroes_may_unmap stays 0, as qsd has it: the UNMAP flag is still honoured.
+        c
+    }
+
+    /// Pops what the frontend made available on `queue` and starts each request on the
+    /// queue's I/O thread.
+    fn process_queue(self: &Arc<Self>, queue: usize, vring: &Vring) -> io::Result<()> {
+        let Some(mem) = self
+            .mem
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|m| m.memory().into_inner())
+        else {
+            return Ok(());
+        };
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            while let Some(chain) = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone())
+            {
+                self.start(queue, vring.clone(), chain);
+            }
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn start(self: &Arc<Self>, queue: usize, vring: Vring, chain: Chain) {
+        *self.inflight[queue].count.lock().unwrap() += 1;
+        let guard = InflightGuard(self.clone(), queue);
+        let thread = self.device.first_thread + queue;
+        self.device.io.spawn_on(
+            thread,
+            Box::new(move || {
+                Box::pin(async move {
+                    let connection = guard.0.clone();
+                    let head = chain.head_index();
+                    let used = run_request(&connection.device, &chain).await;
+                    if vring.add_used(head, used).is_ok() {
+                        let notify = !connection.event_idx.load(Ordering::Acquire)
+                            || vring.needs_notification().unwrap_or(true);
+                        if notify {
+                            let _ = vring.signal_used_queue();
+                        }
+                    }
+                    drop(guard);
+                })
+            }),
+        );
+    }
+}
+
+/// The lengths of a request's device-readable and device-writable parts; None for a
+/// chain that puts readable descriptors after writable ones.
+fn layout(chain: &Chain) -> Option<(u64, u64)> {
+    let (mut readable, mut writable) = (0u64, 0u64);
+    for desc in chain.clone() {
+        let len = u64::from(desc.len());
+        if desc.is_write_only() {
+            writable += len;
+        } else if writable > 0 {
+            return None;
+        } else {
+            readable += len;
+        }
+    }
+    Some((readable, writable))
+}
+
+/// Copies `dst.len()` bytes of the chain's readable part, from byte `skip` on.
+fn read_guest(chain: &Chain, mut skip: u64, dst: &mut [u8]) -> Result<(), ()> {
+    let mem = chain.memory();
+    let mut done = 0;
+    for desc in chain.clone().take_while(|d| !d.is_write_only()) {
+        let len = u64::from(desc.len());
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = ((len - skip) as usize).min(dst.len() - done);
+        let addr = desc.addr().checked_add(skip).ok_or(())?;
+        mem.read_slice(&mut dst[done..done + n], GuestAddress(addr.0))
+            .map_err(|_| ())?;
+        done += n;
+        skip = 0;
+        if done == dst.len() {
+            return Ok(());
+        }
+    }
+    if done == dst.len() {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// Copies `src` into the chain's writable part, from byte `skip` on.
+fn write_guest(chain: &Chain, mut skip: u64, src: &[u8]) -> Result<(), ()> {
+    let mem = chain.memory();
+    let mut done = 0;
+    for desc in chain.clone().filter(|d| d.is_write_only()) {
+        if done == src.len() {
+            break;
+        }
+        let len = u64::from(desc.len());
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = ((len - skip) as usize).min(src.len() - done);
+        let addr = desc.addr().checked_add(skip).ok_or(())?;
+        mem.write_slice(&src[done..done + n], GuestAddress(addr.0))
+            .map_err(|_| ())?;
+        done += n;
+        skip = 0;
+    }
+    if done == src.len() {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// Runs one request and writes its status; the length the used ring reports (bytes
+/// written into the request's writable part).
+async fn run_request(device: &Device, chain: &Chain) -> u32 {
+    let Some((readable, writable)) = layout(chain) else {
+        return 0;
+    };
+    // Every request ends in a status byte the device writes.
+    let Some(data_in) = writable.checked_sub(1) else {
+        return 0;
+    };
+    let mut header = [0u8; 16];
+    let (status, written) = if readable < 16 || read_guest(chain, 0, &mut header).is_err() {
+        (S_IOERR, 0)
+    } else {
+        let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
+        let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+        execute(device, chain, kind, sector, readable - 16, data_in).await
+    };
+    if write_guest(chain, data_in, &[status]).is_err() {
+        return 0;
+    }
+    u32::try_from(written + 1).unwrap_or(u32::MAX)
+}
+
+/// Runs a request of type `kind`; its status and the data bytes written to the guest.
+async fn execute(
+    device: &Device,
+    chain: &Chain,
+    kind: u32,
+    sector: u64,
+    data_out: u64,
+    data_in: u64,
+) -> (u8, u64) {
+    let Some(edge) = device.edge.upgrade() else {
+        return (S_IOERR, 0);
+    };
+    match kind {
+        // The used length of a read counts its whole buffer, failed or not (as qsd's).
+        T_IN => match transfer(device, &edge, chain, sector, data_in, false).await {
+            Ok(()) => (S_OK, data_in),
+            Err(status) => (status, data_in),
+        },
+        T_OUT if !device.writable => (S_IOERR, 0),
+        T_OUT => match transfer(device, &edge, chain, sector, data_out, true).await {
+            Ok(()) => (S_OK, 0),
+            Err(status) => (status, 0),
+        },
+        T_FLUSH => (status_of(edge.flush().await), 0),
+        T_GET_ID => {
+            // The used length counts the whole ID buffer, as qsd's does.
+            let n = (SERIAL.len() as u64).min(data_in) as usize;
+            match write_guest(chain, 0, &SERIAL[..n]) {
+                Ok(()) => (S_OK, data_in),
+                Err(()) => (S_IOERR, 0),
+            }
+        }
+        T_DISCARD | T_WRITE_ZEROES => (
+            zero_or_discard(device, &edge, chain, kind, data_out).await,
+            0,
+        ),
+        _ => (S_UNSUPP, 0),
+    }
+}
+
+fn status_of(result: io::Result<()>) -> u8 {
+    match result {
+        Ok(()) => S_OK,
+        Err(_) => S_IOERR,
+    }
+}
+
+/// Whether `len` bytes at `offset` are whole logical blocks inside the device.
+fn range_ok(device: &Device, edge: &Child, offset: u64, len: u64) -> bool {
+    let block = u64::from(device.block_size);
+    offset.is_multiple_of(block)
+        && len.is_multiple_of(block)
+        && offset
+            .checked_add(len)
+            .is_some_and(|end| end <= edge.node().size())
+}
+
+/// Reads (`write` false) or writes `len` bytes at `sector`, a piece at a time, between
+/// the node and the request's data buffers.
+async fn transfer(
+    device: &Device,
+    edge: &Child,
+    chain: &Chain,
+    sector: u64,
+    len: u64,
+    write: bool,
+) -> Result<(), u8> {
+    let offset = sector.checked_mul(SECTOR).ok_or(S_IOERR)?;
+    if !range_ok(device, edge, offset, len) {
+        return Err(S_IOERR);
+    }
+    let mut done = 0u64;
+    while done < len {
+        let n = ((len - done) as usize).min(PIECE);
+        let permits = n.div_ceil(PERMIT) as u32;
+        let _permit = device
+            .inflight_bytes
+            .acquire_many(permits)
+            .await
+            .map_err(|_| S_IOERR)?;
+        let mut buf = PoolBuf::new(n, 4096).map_err(|_| S_IOERR)?;
+        if write {
+            // The readable part holds the 16-byte header first.
+            read_guest(chain, 16 + done, buf.as_mut_slice()).map_err(|_| S_IOERR)?;
+            edge.write(offset + done, buf.as_slice(), WriteFlags::default())
+                .await
+                .map_err(|_| S_IOERR)?;
+        } else {
+            edge.read(offset + done, buf.as_mut_slice())
+                .await
+                .map_err(|_| S_IOERR)?;
+            write_guest(chain, done, buf.as_slice()).map_err(|_| S_IOERR)?;
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// A discard or write-zeroes request: one segment (sector, sectors, flags), as the config
+/// space's max_*_seg say.
+async fn zero_or_discard(
+    device: &Device,
+    edge: &Child,
+    chain: &Chain,
+    kind: u32,
+    data_out: u64,
+) -> u8 {
+    if !device.writable {
+        return S_IOERR;
+    }
+    let mut segment = [0u8; 16];
+    if data_out != 16 || read_guest(chain, 16, &mut segment).is_err() {
+        return S_IOERR;
+    }
+    let sector = u64::from_le_bytes(segment[0..8].try_into().unwrap());
+    let sectors = u32::from_le_bytes(segment[8..12].try_into().unwrap());
+    let flags = u32::from_le_bytes(segment[12..16].try_into().unwrap());
+    let unmap = flags & WRITE_ZEROES_UNMAP != 0;
+    // Discard takes no flags; write-zeroes only UNMAP.
+    if (kind == T_DISCARD && flags != 0) || flags & !WRITE_ZEROES_UNMAP != 0 {
+        return S_UNSUPP;
+    }
+    if sectors > MAX_ZERO_SECTORS {
+        return S_IOERR;
+    }
+    let Some(offset) = sector.checked_mul(SECTOR) else {
+        return S_IOERR;
+    };
+    let len = u64::from(sectors) * SECTOR;
+    if !range_ok(device, edge, offset, len) {
+        return S_IOERR;
+    }
+    if kind == T_DISCARD {
+        status_of(edge.discard(offset, len).await)
+    } else {
+        let flags = WriteFlags {
+            may_unmap: unmap,
+            ..WriteFlags::default()
+        };
+        status_of(edge.write_zeroes(offset, len, flags).await)
+    }
+}
+
+/// The connection as vhost-user-backend sees it.
+#[derive(Clone)]
+struct Backend(Arc<Connection>);
+
+impl VhostUserBackend for Backend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.0.device.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = F_SIZE_MAX
+            | F_SEG_MAX
+            | F_TOPOLOGY
+            | F_BLK_SIZE
+            | F_FLUSH
+            | F_DISCARD
+            | F_WRITE_ZEROES
+            | F_CONFIG_WCE
+            | F_MQ
+            | F_VERSION_1
+            | F_INDIRECT_DESC
+            | F_EVENT_IDX
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if !self.0.device.writable {
+            features |= F_RO;
+        }
+        features
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.0.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.0.config();
+        let start = (offset as usize).min(CONFIG_LEN);
+        let end = start.saturating_add(size as usize).min(CONFIG_LEN);
+        let mut out = config[start..end].to_vec();
+        // Fields past those this device fills read as zeroes.
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // The cache mode (wce) stays write-back: flushes are honoured either way.
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        *self.0.mem.lock().unwrap() = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let workers = self.0.workers;
+        (0..workers)
+            .map(|w| {
+                (w..self.num_queues())
+                    .step_by(workers)
+                    .fold(0u64, |mask, q| mask | 1 << q)
+            })
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        self.0
+            .exits
+            .lock()
+            .unwrap()
+            .push(notifier.try_clone().ok()?);
+        Some((consumer, notifier))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(queue) = self.0.inflight.get(queue_index as usize) {
+            queue.wait_zero();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        // The worker's vrings are queues thread_id, thread_id + workers, ...
+        let index = usize::from(device_event);
+        let Some(vring) = vrings.get(index) else {
+            return Ok(());
+        };
+        let queue = thread_id + index * self.0.workers;
+        self.0.process_queue(queue, vring)
+    }
+}
+
+/// A listening socket the daemon was handed by number: checked to be a listening unix
+/// socket before it is used.
+pub fn listening_fd(text: &str) -> Result<OwnedFd, String> {
+    // Named descriptors come from getfd, which only QEMU's monitor has (qsd's text).
+    let fd: i32 = text
+        .parse()
+        .map_err(|_| "only QEMU supports file descriptor passing".to_string())?;
+    // Safety: fcntl on any number is harmless; F_GETFD tells whether it is open.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("File descriptor named '{text}' has not been found"));
+    }
+    // Safety: the fd is open; the export owns it from here, as QEMU's does.
+    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let (mut accepting, mut domain) = (0i32, 0i32);
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // Safety: valid out pointers and lengths.
+    let ok = unsafe {
+        libc::getsockopt(
+            owned.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut i32).cast(),
+            &mut len,
+        ) == 0
+            && libc::getsockopt(
+                owned.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_DOMAIN,
+                (&mut domain as *mut i32).cast(),
+                &mut len,
+            ) == 0
+    };
+    if !ok || accepting == 0 || domain != libc::AF_UNIX {
+        // Not ours to close: give it back.
+        std::mem::forget(owned);
+        return Err(format!(
+            "File descriptor '{text}' is not a listening unix socket"
+        ));
+    }
+    Ok(owned)
+}
