@@ -28,7 +28,8 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -245,6 +246,7 @@ fn serve(listener: UnixListener, stop: EventConsumer, control: Arc<Control>, dev
         control.connection.lock().unwrap().take();
         // The next frontend may reuse the same guest memory: nothing of this one's may
         // land there after it is gone.
+        connection.close();
         connection.drain_all();
         connection.stop_workers();
     }
@@ -314,6 +316,9 @@ struct Connection {
     mem: Mutex<Option<Mem>>,
     event_idx: AtomicBool,
     inflight: Vec<Inflight>,
+    queues: Vec<QueueTask>,
+    /// The frontend went away: queue tasks end.
+    closed: AtomicBool,
     workers: usize,
     /// Wakes each vring worker to exit.
     exits: Mutex<Vec<EventNotifier>>,
@@ -325,6 +330,8 @@ impl Connection {
         Connection {
             workers: queues.min(device.io.count()).max(1),
             inflight: (0..queues).map(|_| Inflight::default()).collect(),
+            queues: (0..queues).map(|_| QueueTask::default()).collect(),
+            closed: AtomicBool::new(false),
             device,
             mem: Mutex::new(None),
             event_idx: AtomicBool::new(false),
@@ -366,9 +373,38 @@ impl Connection {
         c
     }
 
-    /// Pops what the frontend made available on `queue` and starts each request on the
-    /// queue's I/O thread.
-    fn process_queue(self: &Arc<Self>, queue: usize, vring: &Vring) -> io::Result<()> {
+    /// A kick on `queue` (from its vring worker): wakes the queue's task on its I/O thread,
+    /// starting it on the first kick.
+    fn kick(self: &Arc<Self>, queue: usize, vring: &Vring) {
+        let Some(task) = self.queues.get(queue) else {
+            return;
+        };
+        if !task.started.swap(true, Ordering::AcqRel) {
+            let connection = self.clone();
+            let vring = vring.clone();
+            self.device.io.spawn_on(
+                self.device.first_thread + queue,
+                Box::new(move || Box::pin(connection.serve_queue(queue, vring))),
+            );
+        }
+        task.wake.notify_one();
+    }
+
+    /// The task of one queue: after each kick, takes what the frontend made available and
+    /// runs each request as a task of this I/O thread.
+    async fn serve_queue(self: Arc<Self>, queue: usize, vring: Vring) {
+        loop {
+            self.queues[queue].wake.notified().await;
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            if let Err(e) = self.pop_requests(queue, &vring) {
+                tracing::warn!("vhost-user-blk queue {queue}: {e}");
+            }
+        }
+    }
+
+    fn pop_requests(self: &Arc<Self>, queue: usize, vring: &Vring) -> io::Result<()> {
         let Some(mem) = self
             .mem
             .lock()
@@ -383,12 +419,15 @@ impl Connection {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
-            while let Some(chain) = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone())
-            {
-                self.start(queue, vring.clone(), chain);
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                *self.inflight[queue].count.lock().unwrap() += 1;
+                let guard = InflightGuard(self.clone(), queue);
+                tokio::task::spawn_local(complete(guard, vring.clone(), chain));
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 return Ok(());
@@ -396,29 +435,35 @@ impl Connection {
         }
     }
 
-    fn start(self: &Arc<Self>, queue: usize, vring: Vring, chain: Chain) {
-        *self.inflight[queue].count.lock().unwrap() += 1;
-        let guard = InflightGuard(self.clone(), queue);
-        let thread = self.device.first_thread + queue;
-        self.device.io.spawn_on(
-            thread,
-            Box::new(move || {
-                Box::pin(async move {
-                    let connection = guard.0.clone();
-                    let head = chain.head_index();
-                    let used = run_request(&connection.device, &chain).await;
-                    if vring.add_used(head, used).is_ok() {
-                        let notify = !connection.event_idx.load(Ordering::Acquire)
-                            || vring.needs_notification().unwrap_or(true);
-                        if notify {
-                            let _ = vring.signal_used_queue();
-                        }
-                    }
-                    drop(guard);
-                })
-            }),
-        );
+    /// The frontend is gone: queue tasks end, and so do the vring workers.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for task in &self.queues {
+            task.wake.notify_one();
+        }
     }
+}
+
+/// Runs one request and puts it on the used ring, telling the frontend unless event_idx
+/// says it need not hear yet.
+async fn complete(guard: InflightGuard, vring: Vring, chain: Chain) {
+    let connection = &guard.0;
+    let head = chain.head_index();
+    let used = run_request(&connection.device, &chain).await;
+    if vring.add_used(head, used).is_ok() {
+        let notify = !connection.event_idx.load(Ordering::Acquire)
+            || vring.needs_notification().unwrap_or(true);
+        if notify {
+            let _ = vring.signal_used_queue();
+        }
+    }
+}
+
+/// A queue's task on its I/O thread.
+#[derive(Default)]
+struct QueueTask {
+    started: AtomicBool,
+    wake: tokio::sync::Notify,
 }
 
 /// The lengths of a request's device-readable and device-writable parts; None for a
@@ -596,15 +641,32 @@ async fn transfer(
             .acquire_many(permits)
             .await
             .map_err(|_| S_IOERR)?;
+        let at = offset + done;
+        if let Some(host) = host_range(chain, !write, if write { 16 + done } else { done }, n) {
+            // Safety: `host` is `n` bytes of one mapped region of guest memory, which the
+            // chain's Arc keeps mapped until it is dropped after this request. The frontend
+            // may touch the buffer meanwhile (as with any virtio device, a guest that does
+            // gets garbage in its own buffer); blockd treats the bytes as plain data.
+            let result = if write {
+                let data = unsafe { std::slice::from_raw_parts(host.cast_const(), n) };
+                edge.write(at, data, WriteFlags::default()).await
+            } else {
+                let data = unsafe { std::slice::from_raw_parts_mut(host, n) };
+                edge.read(at, data).await
+            };
+            result.map_err(|_| S_IOERR)?;
+            done += n as u64;
+            continue;
+        }
         let mut buf = PoolBuf::new(n, 4096).map_err(|_| S_IOERR)?;
         if write {
             // The readable part holds the 16-byte header first.
             read_guest(chain, 16 + done, buf.as_mut_slice()).map_err(|_| S_IOERR)?;
-            edge.write(offset + done, buf.as_slice(), WriteFlags::default())
+            edge.write(at, buf.as_slice(), WriteFlags::default())
                 .await
                 .map_err(|_| S_IOERR)?;
         } else {
-            edge.read(offset + done, buf.as_mut_slice())
+            edge.read(at, buf.as_mut_slice())
                 .await
                 .map_err(|_| S_IOERR)?;
             write_guest(chain, done, buf.as_slice()).map_err(|_| S_IOERR)?;
@@ -612,6 +674,26 @@ async fn transfer(
         done += n as u64;
     }
     Ok(())
+}
+
+/// The host address of bytes `skip..skip + len` of the chain's device-readable part
+/// (`device_writes` false) or device-writable part, when they lie inside one descriptor
+/// and one memory region: then the node reads or writes guest memory in place.
+fn host_range(chain: &Chain, device_writes: bool, mut skip: u64, len: usize) -> Option<*mut u8> {
+    for desc in chain.clone().filter(|d| d.is_write_only() == device_writes) {
+        let desc_len = u64::from(desc.len());
+        if skip >= desc_len {
+            skip -= desc_len;
+            continue;
+        }
+        if skip + len as u64 > desc_len {
+            return None;
+        }
+        let addr = desc.addr().checked_add(skip)?;
+        let slice = chain.memory().get_slice(addr, len).ok()?;
+        return Some(slice.ptr_guard_mut().as_ptr());
+    }
+    None
 }
 
 /// A discard or write-zeroes request: one segment (sector, sectors, flags), as the config
@@ -769,7 +851,8 @@ impl VhostUserBackend for Backend {
             return Ok(());
         };
         let queue = thread_id + index * self.0.workers;
-        self.0.process_queue(queue, vring)
+        self.0.kick(queue, vring);
+        Ok(())
     }
 }
 

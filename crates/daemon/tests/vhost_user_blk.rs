@@ -292,13 +292,14 @@ async fn concurrent_requests_on_four_queues() {
             }
             blk.kick(q);
         }
-        for q in 0..4 {
-            let mut left = slots;
-            while left > 0 {
-                for (_, c) in blk.wait(q).unwrap() {
-                    assert_eq!(c.status, 0);
-                    left -= 1;
-                }
+        let mut left = 4 * slots;
+        let mut done = Vec::new();
+        while left > 0 {
+            done.clear();
+            blk.wait_any(&mut done).unwrap();
+            for &(_, _, status) in &done {
+                assert_eq!(status, 0);
+                left -= 1;
             }
         }
     })

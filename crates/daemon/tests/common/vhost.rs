@@ -468,7 +468,12 @@ impl VhostBlk {
             }
             let elem = queue.used + 4 + 8 * u64::from(queue.last_used % queue.size);
             let slot = self.read_u32(elem) as usize / 3;
-            let p = queue.pending.get(slot).copied().flatten().expect("unknown id");
+            let p = queue
+                .pending
+                .get(slot)
+                .copied()
+                .flatten()
+                .expect("unknown id");
             // Safety: the status byte inside the mapping.
             let status = unsafe { std::ptr::read_volatile(self.mem.add(p.status as usize)) };
             let queue = &mut self.queues[q];
