@@ -14,7 +14,7 @@ use qapi::error::QmpError;
 use serde_json::{json, Value};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use tokio::sync::Notify;
 
 /// What one layer knows about a range, starting at the queried offset.
@@ -393,9 +393,20 @@ pub struct Child {
     target: ArcSwap<Node>,
     perm: AtomicU32,
     shared: AtomicU32,
+    /// What the parent wants to hear when the node changes size (QEMU's resize callback
+    /// of a block-backend's device): a vhost-user-blk export tells its frontend.
+    resize_hook: OnceLock<ResizeHook>,
 }
 
+/// Called after the node behind an edge was resized.
+pub type ResizeHook = Box<dyn Fn() + Send + Sync>;
+
 impl Child {
+    /// Call `hook` after every resize of the node this edge points to (set once).
+    pub fn on_resize(&self, hook: ResizeHook) {
+        let _ = self.resize_hook.set(hook);
+    }
+
     /// The child's role in its parent (QEMU's child name: "file", "backing", "root",
     /// "main node"), as x-debug-query-block-graph's edge `name` and QEMU's messages give it.
     pub fn role(&self) -> &str {
@@ -847,6 +858,7 @@ impl Node {
             target: ArcSwap::new(target.clone()),
             perm: AtomicU32::new(perm.bits()),
             shared: AtomicU32::new(shared.bits()),
+            resize_hook: OnceLock::new(),
         });
         target.parents.lock().unwrap().push(Arc::downgrade(&child));
         if let Err(e) = target.refresh_perms() {
@@ -1164,6 +1176,11 @@ impl Node {
         self.driver.truncate(self, size).await?;
         for bitmap in self.dirty_bitmaps.load().iter() {
             bitmap.resize(size);
+        }
+        for parent in self.parents() {
+            if let Some(hook) = parent.resize_hook.get() {
+                hook();
+            }
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ mod exports;
 mod fuse;
 mod schema;
 mod serve;
+mod vhost_relay;
 mod vhost_user_blk;
 
 use cli::{DaemonArgs, Invocation};

@@ -14,6 +14,7 @@
 //! One frontend is served at a time. When it goes away, the export waits for its requests
 //! to finish and then takes the next connection, with fresh vrings and memory.
 
+use crate::vhost_relay;
 use aio::pool::PoolBuf;
 use block::{Child, IoThreads, WriteFlags};
 use std::io;
@@ -112,33 +113,61 @@ pub struct VhostUserBlkExport {
 
 /// What the export's owner shares with its serving thread.
 struct Control {
-    stopping: AtomicBool,
+    /// Wakes the serving thread (waiting for a frontend, or relaying) to end.
     stop: EventNotifier,
-    /// The connected frontend's socket, to cut it when the export goes.
-    connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
-    /// Where the listener is bound, to wake a thread blocked accepting.
-    path: Option<PathBuf>,
-    /// The export bound the socket at `path` (not handed an fd), so it removes it, as
-    /// qsd does.
-    bound: bool,
+    /// The socket the export bound (not one it was handed), removed with the export as
+    /// qsd removes it.
+    bound: Option<PathBuf>,
 }
 
 impl Drop for VhostUserBlkExport {
     fn drop(&mut self) {
-        let control = &self.control;
-        control.stopping.store(true, Ordering::Release);
-        let _ = control.stop.notify();
-        if let Some(connection) = control.connection.lock().unwrap().as_ref() {
-            connection.shutdown();
+        let _ = self.control.stop.notify();
+        if let Some(path) = &self.control.bound {
+            let _ = std::fs::remove_file(path);
         }
-        // A connection that went away between poll and accept leaves the thread blocked
-        // in accept: one more connection wakes it.
-        if let Some(path) = &control.path {
-            let _ = UnixStream::connect(path);
-            if control.bound {
-                let _ = std::fs::remove_file(path);
-            }
+    }
+}
+
+/// Where vhost-user-backend's handler listens for the relay: a socket in a directory of
+/// its own (mode 0700, so no other user can connect first), removed with the export.
+struct HandlerSocket {
+    dir: PathBuf,
+    path: PathBuf,
+    listener: Listener,
+}
+
+impl HandlerSocket {
+    fn new() -> io::Result<HandlerSocket> {
+        let mut template = std::env::temp_dir()
+            .join("blockd-vhost-XXXXXX")
+            .into_os_string()
+            .into_encoded_bytes();
+        template.push(0);
+        // Safety: a NUL-terminated template that mkdtemp fills in place.
+        if unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) }.is_null() {
+            return Err(io::Error::last_os_error());
         }
+        template.pop();
+        // Safety: mkdtemp kept the bytes a path.
+        let dir =
+            PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(template) });
+        let path = dir.join("handler.sock");
+        let listener = UnixListener::bind(&path).inspect_err(|_| {
+            let _ = std::fs::remove_dir(&dir);
+        })?;
+        Ok(HandlerSocket {
+            dir,
+            path,
+            listener: Listener::from(listener),
+        })
+    }
+}
+
+impl Drop for HandlerSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -161,8 +190,7 @@ impl VhostUserBlkExport {
         edge: Weak<Child>,
         io: Arc<IoThreads>,
     ) -> Result<VhostUserBlkExport, String> {
-        let bound = matches!(options.addr, Addr::Unix(_));
-        let (listener, path) = match options.addr {
+        let (listener, bound) = match options.addr {
             Addr::Unix(path) => {
                 // QEMU too replaces what is at the path.
                 let _ = std::fs::remove_file(&path);
@@ -175,25 +203,21 @@ impl VhostUserBlkExport {
                 })?;
                 (listener, Some(path))
             }
-            Addr::Fd(fd) => {
-                let listener = UnixListener::from(fd);
-                let path = listener
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_pathname().map(PathBuf::from));
-                (listener, path)
-            }
+            Addr::Fd(fd) => (UnixListener::from(fd), None),
         };
-        listener.set_nonblocking(false).map_err(|e| e.to_string())?;
+        // A frontend that goes between poll and accept must not block the thread.
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let handler = HandlerSocket::new().map_err(|e| e.to_string())?;
         let (stop_consumer, stop) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(|e| e.to_string())?;
-        let control = Arc::new(Control {
-            stopping: AtomicBool::new(false),
-            stop,
-            connection: Mutex::new(None),
-            path,
-            bound,
-        });
+        let (resized, resize) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(|e| e.to_string())?;
+        if let Some(edge) = edge.upgrade() {
+            edge.on_resize(Box::new(move || {
+                let _ = resize.notify();
+            }));
+        }
+        let control = Arc::new(Control { stop, bound });
         let device = Arc::new(Device {
             edge,
             first_thread: io.pick(),
@@ -203,22 +227,46 @@ impl VhostUserBlkExport {
             num_queues: options.num_queues,
             inflight_bytes: Semaphore::new(INFLIGHT_BYTES / PERMIT),
         });
-        let thread_control = control.clone();
+        let events = Events {
+            stop: stop_consumer,
+            resized,
+        };
         std::thread::Builder::new()
             .name("blockd-vhost".into())
-            .spawn(move || serve(listener, stop_consumer, thread_control, device))
+            .spawn(move || serve(listener, handler, events, device))
             .map_err(|e| e.to_string())?;
         Ok(VhostUserBlkExport { control })
     }
 }
 
-/// Accepts one frontend after another until the export is deleted.
-fn serve(listener: UnixListener, stop: EventConsumer, control: Arc<Control>, device: Arc<Device>) {
-    let mut listener = Listener::from(listener);
+/// What the serving thread waits for besides its sockets.
+struct Events {
+    stop: EventConsumer,
+    resized: EventConsumer,
+}
+
+/// Accepts one frontend after another until the export is deleted; each is relayed to a
+/// fresh vhost-user-backend handler.
+fn serve(listener: UnixListener, mut handler: HandlerSocket, events: Events, device: Arc<Device>) {
     loop {
-        if !wait_readable(&listener, &stop) || control.stopping.load(Ordering::Acquire) {
+        if !wait_readable(&listener, &events.stop) {
             return;
         }
+        let frontend = match listener.accept() {
+            Ok((frontend, _)) => frontend,
+            Err(_) => continue,
+        };
+        if let Err(e) = frontend.set_nonblocking(false) {
+            tracing::warn!("vhost-user-blk export: {e}");
+            continue;
+        }
+        let relay_end = match UnixStream::connect(&handler.path) {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::warn!("vhost-user-blk export: {e}");
+                return;
+            }
+        };
         let connection = Arc::new(Connection::new(device.clone()));
         let backend = Backend(connection.clone());
         let mut daemon = match VhostUserDaemon::new(
@@ -232,18 +280,14 @@ fn serve(listener: UnixListener, stop: EventConsumer, control: Arc<Control>, dev
                 return;
             }
         };
-        if let Err(e) = daemon.start(&mut listener) {
+        if let Err(e) = daemon.start(&mut handler.listener) {
             tracing::warn!("vhost-user-blk export: {e}");
             continue;
         }
-        *control.connection.lock().unwrap() = daemon.shutdown_handle();
-        if control.stopping.load(Ordering::Acquire) {
-            daemon.request_shutdown();
-        }
+        vhost_relay::run(frontend, relay_end, &events.resized, &events.stop);
         if let Err(e) = daemon.wait() {
             tracing::info!("vhost-user-blk export: frontend gone: {e}");
         }
-        control.connection.lock().unwrap().take();
         // The next frontend may reuse the same guest memory: nothing of this one's may
         // land there after it is gone.
         connection.close();
@@ -253,7 +297,7 @@ fn serve(listener: UnixListener, stop: EventConsumer, control: Arc<Control>, dev
 }
 
 /// Waits until a frontend connects (true) or the export stops (false).
-fn wait_readable(listener: &Listener, stop: &EventConsumer) -> bool {
+fn wait_readable(listener: &UnixListener, stop: &EventConsumer) -> bool {
     let mut fds = [
         libc::pollfd {
             fd: listener.as_raw_fd(),
@@ -781,6 +825,7 @@ impl VhostUserBackend for Backend {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -242,11 +242,25 @@ async fn frontend_reconnects_and_sees_resize() {
                 .capacity
         });
         let before = before.await.unwrap();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         assert_eq!(before, 8192, "{which:?}");
+        // A frontend connected across the resize hears of it on its backend channel.
+        let s_watch = sock.clone();
+        let watcher = std::thread::spawn(move || {
+            let mut blk = VhostBlk::connect(&s_watch, 1, 16, MIB, false).unwrap();
+            blk.read(0, 512).unwrap();
+            ready_tx.send(()).unwrap();
+            let heard = blk.wait_config_change();
+            (heard, blk.config().unwrap().capacity)
+        });
+        ready_rx.recv_timeout(WAIT).expect("watcher connected");
         client
             .execute("block_resize", json!({"node-name": "d", "size": 8 * MIB}))
             .await
             .unwrap();
+        let (heard, seen) = watcher.join().unwrap();
+        assert!(heard, "{which:?}: config change message after block_resize");
+        assert_eq!(seen, 16384, "{which:?}");
         let s4 = sock.clone();
         let (after, read) = tokio::task::spawn_blocking(move || {
             let mut blk = VhostBlk::connect(&s4, 1, 16, MIB, false).unwrap();

@@ -10,10 +10,14 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::AtomicU32;
 use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -96,6 +100,17 @@ struct Pending {
     status: u64,
 }
 
+/// Counts the device's config-change messages on the backend channel.
+#[derive(Default)]
+pub struct ConfigChanges(AtomicU32);
+
+impl VhostUserFrontendReqHandler for ConfigChanges {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(0)
+    }
+}
+
 /// A connected, set-up vhost-user-blk device.
 pub struct VhostBlk {
     frontend: Frontend,
@@ -105,6 +120,9 @@ pub struct VhostBlk {
     queues: Vec<Queue>,
     features: u64,
     event_idx: bool,
+    /// The backend channel, when the device offers one.
+    backend_channel: Option<FrontendReqHandler<ConfigChanges>>,
+    config_changes: Arc<ConfigChanges>,
 }
 
 // The mapping is owned by this value; the backend writes to it concurrently only where
@@ -176,9 +194,22 @@ impl VhostBlk {
                 protocol
                     & (VhostUserProtocolFeatures::MQ
                         | VhostUserProtocolFeatures::CONFIG
-                        | VhostUserProtocolFeatures::REPLY_ACK),
+                        | VhostUserProtocolFeatures::REPLY_ACK
+                        | VhostUserProtocolFeatures::BACKEND_REQ),
             )
             .map_err(os)?;
+        let config_changes = Arc::new(ConfigChanges::default());
+        let backend_channel = if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let mut channel = FrontendReqHandler::new(config_changes.clone())
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            channel.set_reply_ack_flag(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+            frontend
+                .set_backend_request_fd(&channel.get_tx_raw_fd())
+                .map_err(os)?;
+            Some(channel)
+        } else {
+            None
+        };
         let offered_queues = frontend.get_queue_num().map_err(os)?;
         if u64::from(queues) > offered_queues {
             return Err(io::Error::other(format!(
@@ -202,6 +233,8 @@ impl VhostBlk {
             queues: Vec::new(),
             features,
             event_idx: features & F_EVENT_IDX != 0,
+            backend_channel,
+            config_changes,
         };
         for q in 0..queues {
             let base = RING_AREA * u64::from(q);
@@ -251,6 +284,25 @@ impl VhostBlk {
             blk.queues.push(queue);
         }
         Ok(blk)
+    }
+
+    /// Waits (up to the request timeout) for the device's next config-change message;
+    /// false if none came or the device has no backend channel.
+    pub fn wait_config_change(&mut self) -> bool {
+        let Some(channel) = self.backend_channel.as_mut() else {
+            return false;
+        };
+        let before = self.config_changes.0.load(Ordering::SeqCst);
+        let mut pfd = libc::pollfd {
+            fd: channel.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // Safety: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, TIMEOUT.as_millis() as i32) } > 0;
+        ready
+            && channel.handle_request().is_ok()
+            && self.config_changes.0.load(Ordering::SeqCst) > before
     }
 
     /// The features both sides agreed on.
