@@ -222,6 +222,9 @@ pub fn missing_peer(program: &str) -> String {
         "dmg2img" => "dmg2img",
         "bzip2" => "bzip2",
         "openssl" => "openssl",
+        "qemu-system-x86_64" => "qemu-system-x86",
+        "busybox" => "busybox-static",
+        "vmlinuz" => "linux-image-amd64",
         _ => "qemu-utils",
     };
     format!("test peer {name} is not installed: install the Debian package {package} (.ci/run installs every test peer)")
