@@ -151,6 +151,13 @@ pub struct ImageFile {
     helper: CommonStorageHelper,
 }
 
+impl Drop for ImageFile {
+    fn drop(&mut self) {
+        let state = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        lock::forget(self.core.raw_fd(), &state);
+    }
+}
+
 impl fmt::Debug for ImageFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ImageFile")

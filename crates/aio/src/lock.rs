@@ -6,14 +6,38 @@
 //! another process locks its "not shared" byte; refusing to share one fails while another
 //! process locks its "held" byte. Locks belong to the open file description, so they vanish
 //! when the file is closed, and locks of the same description never conflict with each other.
+//!
+//! A blockd killed with in-flight io_uring requests keeps its lock bytes for a moment after
+//! it was reaped: the kernel tears the ring down (and closes the descriptors it holds)
+//! after the exit. That lingering lock is protective (requests of the dead process may
+//! still land), so blockd does not drop it early; instead a blockd that finds a conflict
+//! waits a bounded time when the holder is a blockd that is gone. Two markers tell: byte
+//! [`BLOCKD_BYTE`] (an OFD lock, lingering like the others) says a blockd holds or held
+//! locks on the file, and byte [`LIVE_BYTE`] (a POSIX lock, which the kernel drops as the
+//! process exits) says that blockd is alive. QEMU's tools look at neither.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
 use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 const HELD_BASE: i64 = 100;
 const UNSHARED_BASE: i64 = 200;
+/// Locked (OFD) by every blockd descriptor that holds lock bytes.
+const BLOCKD_BYTE: i64 = 401;
+/// Locked (POSIX, per process) by every blockd process that holds lock bytes.
+const LIVE_BYTE: i64 = 400;
+/// How long a conflict with a blockd that is gone is waited out (its ring's teardown takes
+/// as long as its last requests; milliseconds in practice).
+const DEAD_HOLDER_WAIT: Duration = Duration::from_secs(2);
+const DEAD_HOLDER_POLL: Duration = Duration::from_millis(5);
+
+/// Per file (device, inode): how many descriptors of this process hold lock bytes on it.
+/// A conflict on a file this process has open may be with itself, never waited out.
+static MARKED: Mutex<Option<HashMap<(u64, u64), usize>>> = Mutex::new(None);
 
 /// A set of QEMU block permissions, numbered as QEMU numbers them (the numbers pick the
 /// lock bytes).
@@ -315,11 +339,84 @@ fn check(fd: RawFd, held: Perms, unshared: Perms, path: &str) -> io::Result<()> 
     Ok(())
 }
 
+fn file_id(fd: RawFd) -> Option<(u64, u64)> {
+    // Safety: all-zero is a valid `stat`; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // Safety: a valid out pointer.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+}
+
+/// Marks `fd` as a blockd descriptor holding lock bytes (or no longer), and this process
+/// as alive on the file.
+fn set_marked(fd: RawFd, marked: bool) {
+    let Some(id) = file_id(fd) else { return };
+    let mut registry = MARKED.lock().unwrap_or_else(|e| e.into_inner());
+    let counts = registry.get_or_insert_with(HashMap::new);
+    if marked {
+        let _ = lock_byte(fd, BLOCKD_BYTE);
+        *counts.entry(id).or_default() += 1;
+    } else {
+        let _ = unlock_byte(fd, BLOCKD_BYTE);
+        if let Some(count) = counts.get_mut(&id) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&id);
+                let _ = flock(fd, libc::F_SETLK, libc::F_UNLCK, LIVE_BYTE);
+            }
+        }
+    }
+}
+
+/// Whether the lock bytes in the way belong to a blockd that is gone: a blockd marker
+/// another description holds, no live process holding the liveness byte, and no other
+/// descriptor of this process on the file.
+fn left_by_dead_blockd(fd: RawFd, marked_here: bool) -> bool {
+    let Some(id) = file_id(fd) else { return false };
+    let ours = {
+        let registry = MARKED.lock().unwrap_or_else(|e| e.into_inner());
+        registry
+            .as_ref()
+            .and_then(|counts| counts.get(&id).copied())
+            .unwrap_or(0)
+    };
+    if ours > usize::from(marked_here) {
+        return false;
+    }
+    let blockd = byte_locked_by_others(fd, BLOCKD_BYTE).unwrap_or(false);
+    let live = flock(fd, libc::F_GETLK, libc::F_WRLCK, LIVE_BYTE)
+        .map_or(true, |fl| fl.l_type != libc::F_UNLCK as libc::c_short);
+    blockd && !live
+}
+
 /// Move the locks on `fd` from `state` to hold `held` and share only `shared`.
 ///
 /// New bytes are locked before checking for conflicts, so two processes racing for the same
-/// image cannot both miss each other. On conflict the locks go back to `state`.
+/// image cannot both miss each other. On conflict the locks go back to `state`; a conflict
+/// with a blockd that is gone is retried for up to [`DEAD_HOLDER_WAIT`] first (blocking:
+/// this runs on the thread that changes the graph, and only right after such a crash).
 pub(crate) fn apply(
+    fd: RawFd,
+    state: &mut LockState,
+    held: Perms,
+    shared: Perms,
+    path: &str,
+) -> io::Result<()> {
+    let deadline = Instant::now() + DEAD_HOLDER_WAIT;
+    loop {
+        match apply_once(fd, state, held, shared, path) {
+            Err(e)
+                if LockConflict::from_io(&e).is_some()
+                    && Instant::now() < deadline
+                    && left_by_dead_blockd(fd, *state != LockState::default()) =>
+            {
+                std::thread::sleep(DEAD_HOLDER_POLL);
+            }
+            result => return result,
+        }
+    }
+}
+
+fn apply_once(
     fd: RawFd,
     state: &mut LockState,
     held: Perms,
@@ -345,8 +442,25 @@ pub(crate) fn apply(
     }
     set_area(fd, Area::Held, grown.held, want.held)?;
     set_area(fd, Area::Unshared, grown.unshared, want.unshared)?;
+    let (was, is) = (*state != LockState::default(), want != LockState::default());
+    if was != is {
+        set_marked(fd, is);
+    }
+    if is {
+        // Again each time: a POSIX lock goes when this process closes any descriptor of
+        // the file.
+        let _ = flock(fd, libc::F_SETLK, libc::F_RDLCK, LIVE_BYTE);
+    }
     *state = want;
     Ok(())
+}
+
+/// A descriptor that held lock bytes is being closed: it no longer counts as this
+/// process's (its bytes go with the descriptor).
+pub(crate) fn forget(fd: RawFd, state: &LockState) {
+    if *state != LockState::default() {
+        set_marked(fd, false);
+    }
 }
 
 #[cfg(test)]
