@@ -88,12 +88,15 @@ impl RawBuf {
 /// Free lists per size class.
 struct BufPool {
     free: [Vec<RawBuf>; CLASSES],
+    /// Buffers taken since the last [`trim_idle`].
+    takes: usize,
 }
 
 impl BufPool {
     const fn new() -> Self {
         BufPool {
             free: [const { Vec::new() }; CLASSES],
+            takes: 0,
         }
     }
 
@@ -125,6 +128,7 @@ impl BufPool {
             ));
         }
         let align = align.max(BASE_ALIGN);
+        self.takes += 1;
         if align == BASE_ALIGN {
             if let Some(buf) = self.free[(shift - MIN_SHIFT) as usize].pop() {
                 return Ok(buf);
@@ -143,6 +147,18 @@ impl BufPool {
         }
     }
 
+    /// Frees every kept buffer if none was taken since the last call; whether it did.
+    fn trim_if_idle(&mut self) -> bool {
+        let idle = self.takes == 0;
+        self.takes = 0;
+        if idle {
+            for list in &mut self.free {
+                list.drain(..).for_each(RawBuf::free);
+            }
+        }
+        idle
+    }
+
     #[cfg(test)]
     fn retained(&self, shift: u32) -> usize {
         self.free[(shift - MIN_SHIFT) as usize].len()
@@ -159,6 +175,15 @@ impl Drop for BufPool {
 
 thread_local! {
     static POOL: RefCell<BufPool> = const { RefCell::new(BufPool::new()) };
+}
+
+/// Gives the current thread's kept buffers back to the kernel if the thread took none
+/// since the previous call. A thread that serves I/O calls this now and then (every few
+/// seconds), so a burst of large requests (an NBD client's 32 MiB writes, say) does not
+/// leave its buffers resident for the life of the daemon, while a busy thread keeps
+/// reusing them.
+pub fn trim_idle() {
+    let _ = POOL.try_with(|p| p.try_borrow_mut().map(|mut p| p.trim_if_idle()));
 }
 
 /// An aligned buffer of `len` bytes borrowed from the current thread's pool.
@@ -341,6 +366,17 @@ mod tests {
 
         let small = BufPool::retain_limit(MIN_SHIFT);
         assert_eq!(small, RETAIN_MAX_COUNT);
+    }
+
+    #[test]
+    fn an_idle_pool_gives_its_buffers_back_and_a_busy_one_keeps_them() {
+        let mut pool = BufPool::new();
+        let b = pool.take(1 << 20, 1).unwrap();
+        pool.put(b);
+        assert!(!pool.trim_if_idle(), "a take since the last trim: busy");
+        assert_eq!(pool.retained(20), 1);
+        assert!(pool.trim_if_idle(), "no take since: idle");
+        assert_eq!(pool.retained(20), 0);
     }
 
     #[test]

@@ -205,6 +205,7 @@ fn run_thread(
             tracing::warn!("io_uring unavailable, file I/O uses the thread pool: {e}");
         }
         let _ = ready.send(Ok(()));
+        tokio::task::spawn_local(trim_when_idle());
         while let Some(job) = rx.recv().await {
             // Building the work may panic too; the thread goes on serving the others.
             match std::panic::catch_unwind(AssertUnwindSafe(job)) {
@@ -217,6 +218,32 @@ fn run_thread(
             }
         }
     });
+}
+
+/// How often an I/O thread looks whether its buffer pool went unused.
+const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Gives back the buffers (and the allocator's free memory) of a thread that went idle:
+/// after a burst of large requests the daemon's memory returns to its resting size
+/// instead of staying at the burst's peak.
+async fn trim_when_idle() {
+    let mut tick = tokio::time::interval(TRIM_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        aio::pool::trim_idle();
+        if let Some(hook) = TRIM_HOOK.get() {
+            hook();
+        }
+    }
+}
+
+static TRIM_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// What else each I/O thread runs at every trim: the binary's allocator hands back the
+/// memory it holds free (the block crate does not know which allocator that is).
+pub fn set_trim_hook(hook: fn()) {
+    let _ = TRIM_HOOK.set(hook);
 }
 
 /// An I/O thread's stack. Opening a backing chain nests one open inside the other, a few

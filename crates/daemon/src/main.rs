@@ -60,6 +60,12 @@ fn init_tracing() {
 }
 
 fn run(args: DaemonArgs) -> ExitCode {
+    // mimalloc purges freed memory only when later allocations come by: after a burst of
+    // large requests an idle daemon kept its peak (150 MiB against qsd's 19 MiB).
+    block::set_trim_hook(|| {
+        // Safety: mi_collect may be called from any thread at any time.
+        unsafe { libmimalloc_sys::mi_collect(false) }
+    });
     for pattern in &args.trace {
         eprintln!("blockd: -T {pattern}: QEMU trace events do not exist in blockd; set BLOCKD_LOG=debug (a tracing filter) instead");
     }
