@@ -136,7 +136,11 @@ impl Daemon {
             ChardevBackend::UnixSocket { path, .. } => {
                 // A stale socket file from an earlier run would make bind fail, as QEMU knows.
                 let _ = std::fs::remove_file(&path);
-                let listener = tokio::net::UnixListener::bind(&path)
+                let listener = nbd::listen_unix_private(&path)
+                    .and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        tokio::net::UnixListener::from_std(l)
+                    })
                     .map_err(|e| format!("Failed to bind socket to {}: {e}", path.display()))?;
                 self.bound_monitors
                     .borrow_mut()

@@ -194,7 +194,7 @@ impl VhostUserBlkExport {
             Addr::Unix(path) => {
                 // QEMU too replaces what is at the path.
                 let _ = std::fs::remove_file(&path);
-                let listener = UnixListener::bind(&path).map_err(|e| {
+                let listener = nbd::listen_unix_private(&path).map_err(|e| {
                     format!(
                         "Failed to bind socket to {}: {}",
                         path.display(),

@@ -617,3 +617,61 @@ async fn a_name_taken_while_a_node_opens_is_refused_at_the_end() {
     assert_eq!(drivers, [&json!("null-co")]);
     daemon.quit(&mut other).await;
 }
+
+/// The monitor's, the NBD server's and a vhost-user-blk export's unix sockets are created
+/// mode 0600 even under umask 000 (qsd takes the umask's mode: with the common 0002 a
+/// whole group can drive its monitor).
+#[tokio::test]
+async fn sockets_only_the_daemons_user_can_use() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = p(dir.path(), "d.img");
+    qemu_img(&["create", "-q", "-f", "raw", &image, "1M"]);
+    let (qmp, nbd, vhost) = (
+        dir.path().join("m.qmp"),
+        dir.path().join("n.sock"),
+        dir.path().join("v.sock"),
+    );
+    let mut command = Command::new(Impl::Blockd.binary());
+    command
+        .args([
+            "--chardev",
+            &format!("socket,id=m0,path={},server=on,wait=off", qmp.display()),
+        ])
+        .args(["--monitor", "chardev=m0"])
+        .args([
+            "--blockdev",
+            &format!("driver=file,node-name=f,filename={image}"),
+        ])
+        .args(nbd_server_args(&nbd))
+        .args(["--export", "type=nbd,id=e,node-name=f"])
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=v,node-name=f,addr.type=unix,addr.path={}",
+            vhost.display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // Safety: umask is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let _daemon = KillOnDrop(command.spawn().unwrap());
+    let deadline = Instant::now() + WAIT;
+    for socket in [&qmp, &nbd, &vhost] {
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{} never served",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mode = std::fs::metadata(socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", socket.display());
+    }
+}

@@ -22,5 +22,6 @@ pub use server::{
     Authorize, ExportError, ExportOptions, ListenAddr, NbdServer, ServerConfig, ServerEvent,
     ServerTls,
 };
+pub use socket::listen_unix_private;
 pub use spawn::{LocalSpawner, Spawner, ThreadSpawner, Work};
 pub use tls::{Endpoint, TlsCreds, X509Options};

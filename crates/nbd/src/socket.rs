@@ -39,6 +39,22 @@ pub(crate) fn os_text(e: &std::io::Error) -> String {
     }
 }
 
+/// A listening unix socket at `path` that only the daemon's user can connect to: mode
+/// 0600, set between bind and listen, so nobody connects before it holds. (qsd leaves the
+/// mode to the umask; with the common 0002 a whole group could drive the monitor.)
+pub fn listen_unix_private(
+    path: &std::path::Path,
+) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.bind(&socket2::SockAddr::unix(path)?)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    socket.listen(libc::SOMAXCONN)?;
+    Ok(std::os::unix::net::UnixListener::from(
+        std::os::fd::OwnedFd::from(socket),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -509,7 +509,7 @@ fn bind(addr: &ListenAddr) -> io::Result<(StdListener, ListenAddr)> {
                     let _ = std::fs::remove_file(path);
                 }
             }
-            let l = UnixListener::bind(path)?;
+            let l = crate::socket::listen_unix_private(path)?;
             l.set_nonblocking(true)?;
             Ok((StdListener::Unix(l, path.clone()), addr.clone()))
         }
