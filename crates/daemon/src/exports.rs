@@ -641,6 +641,7 @@ impl Exports {
         } else {
             Perms::CONSISTENT_READ
         };
+        check_writable(&node, new.writable)?;
         let edge = user_edge(&node, perm, EXPORT_SHARED).map_err(QmpError::generic)?;
         let bitmaps = export_bitmaps(&daemon.graph, &node, &new.bitmaps, new.writable)?;
         let backend = Arc::new(NodeBackend {
@@ -731,6 +732,7 @@ impl Exports {
     ) -> Result<(), QmpError> {
         Self::check_new_id(daemon, &id)?;
         let node = daemon.graph.lookup_node(node_name)?;
+        check_writable(&node, perm.contains(Perms::WRITE))?;
         let edge = user_edge(&node, perm, Perms::ALL).map_err(QmpError::generic)?;
         let server = start(Arc::downgrade(&edge)).map_err(QmpError::generic)?;
         daemon.exports.exports.borrow_mut().push(Export {
@@ -841,6 +843,17 @@ pub(crate) fn user_edge(
         name: String::new(),
     };
     Node::attach(node, "root", user, perm, shared)
+}
+
+/// A writable export of a read-only node is refused before anything else, as QEMU's
+/// generic export code does.
+fn check_writable(node: &Node, writable: bool) -> Result<(), QmpError> {
+    if writable && node.read_only() {
+        return Err(QmpError::generic(
+            "Cannot export read-only node as writable",
+        ));
+    }
+    Ok(())
 }
 
 /// The node an export serves, looking through filters a job put above it.

@@ -503,13 +503,18 @@ async fn insert_cbw(
         Perms::CONSISTENT_READ,
         Perms::ALL & !Perms::RESIZE,
     )?;
+    // QEMU's filter opens its target child: a read-only target is its open's error.
     let target_edge = Node::attach(
         target,
         "target",
         filter_parent(),
         Perms::WRITE,
         Perms::ALL & !Perms::RESIZE,
-    )?;
+    )
+    .map_err(|e| match target.read_only() {
+        true => format!("Could not create node: {e}"),
+        false => e,
+    })?;
     let cluster = CopyBeforeWrite::cluster_size_for(target).max(min_cluster);
     let pending = match only_dirty {
         Some(bitmap) => ClusterBitmap::from_dirty(bitmap, cluster, source.size()),
