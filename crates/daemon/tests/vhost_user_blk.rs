@@ -450,3 +450,51 @@ async fn bad_options_match_qsd() {
     }
     assert_eq!(answers[0], answers[1]);
 }
+
+/// `addr.type=fd`: a listening socket the daemon inherits by number (as a VMM manager or
+/// systemd hands one over) serves the frontend like a bound path, on both daemons.
+#[tokio::test]
+async fn an_inherited_listening_socket_serves() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    for which in Impl::all() {
+        let tag = format!("{which:?}").to_lowercase();
+        let image = p(dir.path(), &format!("{tag}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", &image, "4M"]);
+        let sock = dir.path().join(format!("{tag}.sock"));
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let fd = listener.as_raw_fd();
+        let mut command = std::process::Command::new(which.binary());
+        command
+            .args([
+                "--blockdev",
+                &format!("driver=qcow2,node-name=d,file.driver=file,file.filename={image}"),
+            ])
+            .args([
+                "--export",
+                "type=vhost-user-blk,id=e,node-name=d,addr.type=fd,addr.str=3,writable=on",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // Safety: dup2 is async-signal-safe; descriptor 3 is the inherited listener.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let _daemon = KillOnDrop(command.spawn().unwrap());
+        drop(listener);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut blk = VhostBlk::connect(&sock, 1, 16, MIB, true).unwrap();
+            assert_eq!(blk.write(8, &pattern(4096, 5)).unwrap().status, 0);
+            blk.read(8, 4096).unwrap().data
+        })
+        .await
+        .unwrap();
+        assert!(read == pattern(4096, 5), "{which:?}");
+    }
+}
