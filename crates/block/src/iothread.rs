@@ -225,8 +225,9 @@ const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Gives back the buffers (and the allocator's free memory) of a thread that went idle:
 /// after a burst of large requests the daemon's memory returns to its resting size
-/// instead of staying at the burst's peak.
-async fn trim_when_idle() {
+/// instead of staying at the burst's peak. Every I/O thread runs it; the daemon's main
+/// thread (the monitor's huge messages) too.
+pub async fn trim_when_idle() {
     let mut tick = tokio::time::interval(TRIM_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

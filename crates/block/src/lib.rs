@@ -57,7 +57,7 @@ pub use drivers::vpc::{footer_size as vpc_footer_size, DynamicHeader as VpcDynam
 pub use foreground::Foreground;
 pub use graph::{EventHook, Graph, OptionSyntax, QEMU_DRIVERS};
 pub use info::{block_graph, named_block_nodes};
-pub use iothread::{set_trim_hook, IoThreads, Panicked, Work};
+pub use iothread::{set_trim_hook, trim_when_idle, IoThreads, Panicked, Work};
 pub use node::{
     busy_error, job_blocker, would_cycle_message, ChainExtent, Child, CommonOptions, Driver,
     ExtentKind, Node, Parent, SnapshotInfo, WriteFlags,

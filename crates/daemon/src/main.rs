@@ -110,6 +110,7 @@ fn run(args: DaemonArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        tokio::task::spawn_local(block::trim_when_idle());
         for located in args.items {
             if let Err(e) = daemon.apply(located.item.clone()).await {
                 eprintln!("blockd: {}", located.error(e));

@@ -14,6 +14,8 @@ use serde_json::{Map, Number, Value};
 const MAX_TOKEN_SIZE: usize = 64 << 20;
 const MAX_TOKEN_COUNT: usize = 2 << 20;
 const MAX_NESTING: i64 = 1024;
+/// Letters of a keyword kept for its error message.
+const MAX_KEYWORD: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TokenKind {
@@ -189,6 +191,10 @@ impl Streamer {
                     _ => self.emit(TokenKind::Float, out),
                 },
                 LexState::Keyword => match b {
+                    // No keyword is longer than five letters; a longer run only shows
+                    // in the error, which quotes its first MAX_KEYWORD letters (QEMU
+                    // quotes it whole: a 60 MiB run came back as a 60 MiB error).
+                    b'a'..=b'z' if self.token.len() >= MAX_KEYWORD => return,
                     b'a'..=b'z' => return self.push_byte(b, LexState::Keyword, out),
                     _ => self.emit(TokenKind::Keyword, out),
                 },
@@ -229,13 +235,16 @@ impl Streamer {
     /// Grows the current token; one that outgrows the cap is handed on as it is, which the
     /// streamer then refuses for its size.
     fn push_byte(&mut self, b: u8, next: LexState, out: &mut Vec<Message>) {
-        self.token.push(b);
-        self.state = next;
-        if self.token.len() > MAX_TOKEN_SIZE {
+        // Checked before the push: a push past the cap would double the buffer to twice
+        // the cap (with the old one still alive while it is copied) only to drop it.
+        if self.token.len() >= MAX_TOKEN_SIZE {
             self.state = LexState::Start;
             self.token.clear();
             self.fail("JSON token size limit exceeded".into(), out);
+            return;
         }
+        self.token.push(b);
+        self.state = next;
     }
 
     fn error(&mut self, b: u8, out: &mut Vec<Message>) {
@@ -528,6 +537,22 @@ mod tests {
     }
 
     /// Observed on qemu-storage-daemon 10.0.2 (each input sent as one line).
+    #[test]
+    fn a_long_run_of_letters_is_quoted_only_in_part() {
+        let mut s = Streamer::new();
+        let mut out = Vec::new();
+        s.feed(b"[", &mut out);
+        let letters = vec![b'a'; 10 << 20];
+        s.feed(&letters, &mut out);
+        s.feed(b"]\n", &mut out);
+        let expected = format!(
+            "JSON parse error, invalid keyword '{}'",
+            "a".repeat(MAX_KEYWORD)
+        );
+        assert_eq!(out, [Err(expected)]);
+        assert!(s.token.capacity() < 1 << 20);
+    }
+
     #[test]
     fn reader_matches_qsd() {
         let cases: &[(&[u8], &[&str])] = &[
