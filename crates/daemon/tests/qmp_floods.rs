@@ -23,17 +23,6 @@ fn client(path: &Path) -> (UnixStream, BufReader<UnixStream>) {
     (s, reader)
 }
 
-fn rss_mib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        / 1024
-}
-
 #[test]
 fn floods_get_their_errors_and_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
@@ -96,7 +85,7 @@ fn floods_get_their_errors_and_others_are_served() {
             lines.last()
         );
     }
-    let peak = rss_mib(daemon.pid(), "VmHWM");
+    let peak = status_mib(daemon.pid(), "VmHWM");
     // The 64 MiB token limit, its buffer growing to it, and the rest of the daemon.
     assert!(peak < 200, "peak RSS {peak} MiB after the floods");
 }

@@ -9,65 +9,8 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 
-const CMD_WRITE: u16 = 1;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
-
-/// A transmission-phase connection to `export` without structured replies: the raw
-/// handshake (fixed newstyle, NBD_OPT_GO), so that nothing refuses requests for the
-/// server.
-fn connect(sock: &Path, export: &str) -> (UnixStream, u16) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut greeting = [0u8; 18];
-    s.read_exact(&mut greeting).unwrap();
-    s.write_all(&3u32.to_be_bytes()).unwrap();
-    let mut data = (export.len() as u32).to_be_bytes().to_vec();
-    data.extend_from_slice(export.as_bytes());
-    data.extend_from_slice(&0u16.to_be_bytes());
-    let mut opt = b"IHAVEOPT".to_vec();
-    opt.extend_from_slice(&7u32.to_be_bytes());
-    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    opt.extend_from_slice(&data);
-    s.write_all(&opt).unwrap();
-    let mut flags = 0;
-    loop {
-        let mut head = [0u8; 20];
-        s.read_exact(&mut head).unwrap();
-        let kind = u32::from_be_bytes(head[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
-        let mut body = vec![0; len];
-        s.read_exact(&mut body).unwrap();
-        if kind == 3 && len >= 12 && body[..2] == [0, 0] {
-            flags = u16::from_be_bytes(body[10..12].try_into().unwrap());
-        }
-        if kind == 1 {
-            return (s, flags);
-        }
-        assert_eq!(kind & 0x8000_0000, 0, "NBD_OPT_GO refused");
-    }
-}
-
-/// Sends one request (with `payload` for a write) and returns the reply's error code.
-fn request(s: &mut UnixStream, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> u32 {
-    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
-    req.extend_from_slice(&0u16.to_be_bytes());
-    req.extend_from_slice(&cmd.to_be_bytes());
-    req.extend_from_slice(&7u64.to_be_bytes());
-    req.extend_from_slice(&offset.to_be_bytes());
-    req.extend_from_slice(&len.to_be_bytes());
-    req.extend_from_slice(payload);
-    s.write_all(&req).unwrap();
-    let mut reply = [0u8; 16];
-    s.read_exact(&mut reply).unwrap();
-    assert_eq!(reply[..4], 0x6744_6698u32.to_be_bytes(), "simple reply");
-    u32::from_be_bytes(reply[4..8].try_into().unwrap())
-}
+use raw_nbd::{connect, request, CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
 
 #[tokio::test]
 async fn read_only_exports_and_nodes_refuse_writes_as_qsd_does() {

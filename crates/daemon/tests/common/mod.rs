@@ -5,6 +5,7 @@
 
 pub mod formats;
 pub mod jobs;
+pub mod raw_nbd;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -355,4 +356,16 @@ pub async fn add_exported(client: &mut qmp::Client, driver: &str, node: &str, fi
         )
         .await
         .unwrap();
+}
+
+/// A memory figure of process `pid` from /proc/PID/status (VmRSS, VmHWM), in MiB.
+pub fn status_mib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
 }

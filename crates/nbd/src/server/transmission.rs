@@ -33,6 +33,11 @@ const POOL_MAX_BUF: usize = 4 * 1024 * 1024 + DATA_ALIGN + 64;
 const POOL_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Replies the writer hands to one vectored write.
 const REPLIES_PER_WRITE: usize = 64;
+/// A connection's read buffer: request headers and small write payloads are read in
+/// batches through it, larger payloads straight into their data buffers. It is allocated
+/// (and zeroed) for every connection, so its size is what an idle connection costs:
+/// 64 KiB made 1000 idle connections 78 MiB.
+const READ_BUFFER: usize = 16 * 1024;
 
 /// Runs one connection from greeting to close. `on_kill` must make pending socket I/O
 /// fail (shut the socket down) so that a killed connection ends promptly.
@@ -101,7 +106,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
     let negotiated = handshake::negotiate(guard, &mut reader, &mut writer, start).await?;
     if negotiated.is_none() {
         let _ = writer.shutdown().await;
