@@ -1101,6 +1101,7 @@ mod tests {
             "block_set_io_throttle",
             "blockdev-snapshot-internal-sync",
             "blockdev-snapshot-delete-internal-sync",
+            "x-blockdev-change",
         ];
         planned.sort_unstable();
         assert_eq!(commands, planned);

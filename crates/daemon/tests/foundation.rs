@@ -675,3 +675,36 @@ async fn sockets_only_the_daemons_user_can_use() {
         assert_eq!(mode, 0o600, "{}", socket.display());
     }
 }
+
+/// x-blockdev-change (quorum's children at run time): no blockd driver takes children
+/// that way yet, so every case is refused, with qsd's words and in qsd's order of checks.
+#[tokio::test]
+async fn x_blockdev_change_refuses_as_qsd_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = p(dir.path(), "d.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &image, "1M"]);
+    let cases = [
+        json!({"parent": "nope", "node": "d"}),
+        json!({"parent": "d", "child": "file", "node": "d"}),
+        json!({"parent": "d"}),
+        json!({"parent": "d", "child": "nope"}),
+        json!({"parent": "d", "child": "file"}),
+        json!({"parent": "d", "node": "nope"}),
+        json!({"parent": "d", "node": "d"}),
+        json!({"parent": "d", "node": "d", "extra": 1}),
+    ];
+    let requests: Vec<_> = cases
+        .into_iter()
+        .map(|c| ("x-blockdev-change", c))
+        .collect();
+    let blockdev = [
+        s("--blockdev"),
+        format!("driver=qcow2,node-name=d,file.driver=file,file.filename={image}"),
+    ];
+    let answers = replies_of_both(dir.path(), &blockdev, &requests).await;
+    assert!(
+        answers[0] == answers[1],
+        "blockd against qsd: {:?}",
+        first_difference(&answers[0], &answers[1])
+    );
+}

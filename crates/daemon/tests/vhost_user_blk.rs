@@ -424,30 +424,21 @@ async fn bad_options_match_qsd() {
         json!({"addr": {"type": "unix", "path": "x.sock"}, "mountpoint": "x"}),
         json!({"addr": {"type": "unix", "path": "x.sock"}, "name": "x"}),
     ];
-    let mut answers = Vec::new();
-    for which in Impl::all() {
-        let wd = dir.path().join(format!("{which:?}"));
-        std::fs::create_dir(&wd).unwrap();
-        let daemon = Daemon::start(
-            which,
-            &wd,
-            &[
-                s("--blockdev"),
-                format!("driver=file,node-name=d,filename={image}"),
-            ],
-        );
-        let mut client = daemon.qmp().await;
-        let mut seen = Vec::new();
-        for case in &cases {
+    let requests: Vec<_> = cases
+        .iter()
+        .map(|case| {
             let mut args = json!({"type": "vhost-user-blk", "id": "e", "node-name": "d"});
             for (k, v) in case.as_object().unwrap() {
                 args[k] = v.clone();
             }
-            seen.push(reply(&mut client, "block-export-add", args).await);
-        }
-        answers.push(seen);
-        daemon.quit(&mut client).await;
-    }
+            ("block-export-add", args)
+        })
+        .collect();
+    let blockdev = [
+        s("--blockdev"),
+        format!("driver=file,node-name=d,filename={image}"),
+    ];
+    let answers = replies_of_both(dir.path(), &blockdev, &requests).await;
     assert_eq!(answers[0], answers[1]);
 }
 

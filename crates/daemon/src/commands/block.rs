@@ -72,3 +72,46 @@ struct NoArguments {}
 pub fn no_arguments(args: Map<String, Value>) -> Result<(), QmpError> {
     qapi::de::from_value::<NoArguments>(Value::Object(args)).map(|_| ())
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockdevChangeArgs {
+    parent: String,
+    child: Option<String>,
+    node: Option<String>,
+}
+
+/// x-blockdev-change: adds a child to, or removes one from, a node whose driver takes
+/// children at run time (QEMU's quorum). No blockd driver does yet, so after QEMU's
+/// checks, in QEMU's order, it is refused with QEMU's words.
+pub fn x_blockdev_change(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
+    let args: BlockdevChangeArgs = qapi::de::from_value(Value::Object(args))?;
+    let parent = daemon.graph.lookup(&args.parent)?;
+    match (&args.child, &args.node) {
+        (Some(_), Some(_)) => Err(QmpError::generic(
+            "The parameters child and node are in conflict",
+        )),
+        (None, None) => Err(QmpError::generic("Either child or node must be specified")),
+        (Some(child), None) => {
+            if parent.child(child).is_none() {
+                return Err(QmpError::generic(format!(
+                    "Node '{}' does not have child '{child}'",
+                    parent.name()
+                )));
+            }
+            Err(QmpError::generic(format!(
+                "The node {} does not support removing a child",
+                parent.name()
+            )))
+        }
+        (None, Some(node)) => {
+            if daemon.graph.find(node).is_none() {
+                return Err(QmpError::generic(format!("Node '{node}' not found")));
+            }
+            Err(QmpError::generic(format!(
+                "The node {} does not support adding a child",
+                parent.name()
+            )))
+        }
+    }
+}

@@ -117,6 +117,7 @@ impl qmp::Dispatcher for Commands {
                 "blockdev-create" => create::blockdev_create(daemon, args).await,
                 "blockdev-reopen" => reopen::blockdev_reopen(daemon, args).await,
                 "blockdev-del" | "x-blockdev-del" => block::blockdev_del(daemon, args).await,
+                "x-blockdev-change" => block::x_blockdev_change(daemon, args),
                 "query-block" => block::query_block(args),
                 "nbd-server-start" => Exports::server_start(daemon, args),
                 "nbd-server-stop" => {

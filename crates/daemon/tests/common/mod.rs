@@ -369,3 +369,27 @@ pub fn status_mib(pid: u32, field: &str) -> u64 {
         .unwrap()
         / 1024
 }
+
+/// Each daemon started in a directory of its own on `args`, and its replies to
+/// `requests` (command, arguments) in order: blockd's, then qsd's.
+pub async fn replies_of_both(
+    dir: &Path,
+    args: &[String],
+    requests: &[(&str, Value)],
+) -> [Value; 2] {
+    let mut answers = Vec::new();
+    for which in Impl::all() {
+        let wd = dir.join(format!("{which:?}"));
+        std::fs::create_dir_all(&wd).unwrap();
+        let daemon = Daemon::start(which, &wd, args);
+        let mut client = daemon.qmp().await;
+        let mut seen = Vec::new();
+        for (command, arguments) in requests {
+            seen.push(reply(&mut client, command, arguments.clone()).await);
+        }
+        daemon.quit(&mut client).await;
+        answers.push(Value::from(seen));
+    }
+    let qsd = answers.pop().unwrap();
+    [answers.pop().unwrap(), qsd]
+}
