@@ -288,9 +288,12 @@ fn tls_clients_are_served_and_others_refused_as_by_qsd() {
             !ok,
             "{which:?}: a client trusting another CA was served: {text}"
         );
+        // QEMU's client checks the server's certificate after the handshake, by which
+        // time the server may have refused the client's certificate and closed: which
+        // comes first is timing (seen under load, on blockd as on qsd).
         assert!(
             text.contains("The certificate hasn't got a known issuer")
-                || text.contains("known issuer"),
+                || text.contains("TLS handshake failed"),
             "{which:?}: {text}"
         );
     }
