@@ -765,7 +765,9 @@ impl Exports {
     fn remove(daemon: &Rc<Daemon>, id: &str, hard: bool) -> Result<Value, QmpError> {
         let exports = &daemon.exports;
         // A fuse or vhost-user-blk export goes at once: a process holding the file, or a
-        // frontend's requests still running, get EIO without holding the node.
+        // frontend, gets EIO from then on. Requests already running hold the export's edge
+        // until they end; like QEMU (whose export lives while requests hold it), blockd
+        // reports the export deleted, and the node free, only then.
         let own = {
             let mut list = exports.exports.borrow_mut();
             list.iter()
@@ -773,10 +775,17 @@ impl Exports {
                 .map(|i| list.remove(i))
         };
         if let Some(export) = own {
+            let edge = Arc::downgrade(&export.edge);
             drop(export);
-            daemon
-                .events
-                .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));
+            let (daemon, id) = (daemon.clone(), id.to_string());
+            tokio::task::spawn_local(async move {
+                while edge.strong_count() > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                daemon
+                    .events
+                    .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));
+            });
             return Ok(json!({}));
         }
         let name = exports
