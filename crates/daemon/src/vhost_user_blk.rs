@@ -207,7 +207,6 @@ impl VhostUserBlkExport {
         };
         // A frontend that goes between poll and accept must not block the thread.
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let handler = HandlerSocket::new().map_err(|e| e.to_string())?;
         let (stop_consumer, stop) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(|e| e.to_string())?;
         let (resized, resize) =
@@ -233,7 +232,7 @@ impl VhostUserBlkExport {
         };
         std::thread::Builder::new()
             .name("blockd-vhost".into())
-            .spawn(move || serve(listener, handler, events, device))
+            .spawn(move || serve(listener, events, device))
             .map_err(|e| e.to_string())?;
         Ok(VhostUserBlkExport { control })
     }
@@ -247,7 +246,7 @@ struct Events {
 
 /// Accepts one frontend after another until the export is deleted; each is relayed to a
 /// fresh vhost-user-backend handler.
-fn serve(listener: UnixListener, mut handler: HandlerSocket, events: Events, device: Arc<Device>) {
+fn serve(listener: UnixListener, events: Events, device: Arc<Device>) {
     loop {
         if !wait_readable(&listener, &events.stop) {
             return;
@@ -260,11 +259,15 @@ fn serve(listener: UnixListener, mut handler: HandlerSocket, events: Events, dev
             tracing::warn!("vhost-user-blk export: {e}");
             continue;
         }
-        let relay_end = match UnixStream::connect(&handler.path) {
-            Ok(socket) => socket,
+        // A handler socket per connection: nothing a failed start left queued on it can
+        // meet the next frontend.
+        let connected = HandlerSocket::new()
+            .and_then(|handler| UnixStream::connect(&handler.path).map(|end| (handler, end)));
+        let (mut handler, relay_end) = match connected {
+            Ok(pair) => pair,
             Err(e) => {
                 tracing::warn!("vhost-user-blk export: {e}");
-                return;
+                continue;
             }
         };
         let connection = Arc::new(Connection::new(device.clone()));
@@ -280,7 +283,11 @@ fn serve(listener: UnixListener, mut handler: HandlerSocket, events: Events, dev
                 return;
             }
         };
-        if let Err(e) = daemon.start(&mut handler.listener) {
+        let started = daemon.start(&mut handler.listener);
+        // Accepted (or not): the socket and its directory go at once, so that no daemon
+        // that stops, even by a kill, leaves them behind.
+        drop(handler);
+        if let Err(e) = started {
             tracing::warn!("vhost-user-blk export: {e}");
             continue;
         }
