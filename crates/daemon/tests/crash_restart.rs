@@ -94,16 +94,43 @@ async fn an_image_opens_right_after_its_blockd_was_killed() {
     qemu_img(&["check", "-q", &image]);
 }
 
-/// kill -9 while a client writes with flushes and a backup of the same disk runs: every
-/// write acknowledged before the last acknowledged flush is in the image afterwards, and
-/// the image repairs to clean (leaked clusters at most).
+/// The job running on the disk while the client writes and the daemon is killed.
+#[derive(Clone, Copy, Debug)]
+enum Job {
+    Backup,
+    Mirror,
+    ActiveCommit,
+}
+
 #[tokio::test]
 async fn flushed_writes_survive_kill_during_a_backup() {
+    flushed_writes_survive_kill(Job::Backup).await;
+}
+
+#[tokio::test]
+async fn flushed_writes_survive_kill_during_a_mirror() {
+    flushed_writes_survive_kill(Job::Mirror).await;
+}
+
+#[tokio::test]
+async fn flushed_writes_survive_kill_during_an_active_commit() {
+    flushed_writes_survive_kill(Job::ActiveCommit).await;
+}
+
+/// kill -9 while a client writes with flushes through NBD and `job` runs on the same disk
+/// (throttled, so it is still running): every write acknowledged before the last
+/// acknowledged flush is in the image afterwards (read through its backing file for a
+/// commit), and the image repairs to clean (leaked clusters at most).
+async fn flushed_writes_survive_kill(job: Job) {
     const BLOCK: usize = 64 << 10;
     let dir = tempfile::tempdir().unwrap();
     let image = p(dir.path(), "d.qcow2");
     let target = p(dir.path(), "t.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &image, "64M"]);
+    let base = p(dir.path(), "base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &base, "64M"]);
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &image,
+    ]);
     for round in 0..5u64 {
         qemu_img(&["create", "-q", "-f", "qcow2", &target, "64M"]);
         let sock = dir.path().join("nbd.sock");
@@ -117,13 +144,23 @@ async fn flushed_writes_survive_kill_during_a_backup() {
         args.extend([s("--export"), s("type=nbd,id=e,node-name=d,writable=on")]);
         let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
         let mut control = daemon.qmp().await;
-        control
-            .execute(
+        let (command, arguments) = match job {
+            Job::Backup => (
                 "blockdev-backup",
-                serde_json::json!({"job-id": "b", "device": "d", "target": "t", "sync": "full", "speed": 8 << 20}),
-            )
-            .await
-            .unwrap();
+                serde_json::json!({"job-id": "j", "device": "d", "target": "t", "sync": "full"}),
+            ),
+            Job::Mirror => (
+                "blockdev-mirror",
+                serde_json::json!({"job-id": "j", "device": "d", "target": "t", "sync": "full"}),
+            ),
+            Job::ActiveCommit => (
+                "block-commit",
+                serde_json::json!({"job-id": "j", "device": "d"}),
+            ),
+        };
+        let mut arguments = arguments;
+        arguments["speed"] = serde_json::json!(8 << 20);
+        control.execute(command, arguments).await.unwrap();
         // Block i gets byte (round * 64 + i) % 251 + 1.
         let fill = |i: u64| ((round * 64 + i) % 251 + 1) as u8;
         // The NBD client runs its connection as a local task.
@@ -173,7 +210,7 @@ async fn flushed_writes_survive_kill_during_a_backup() {
             let text = String::from_utf8_lossy(&out.stderr).to_string();
             assert!(
                 text.contains("lock") && std::time::Instant::now() < deadline,
-                "round {round}: {text}"
+                "{job:?} round {round}: {text}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -186,7 +223,10 @@ async fn flushed_writes_survive_kill_during_a_backup() {
                 &format!("read -P {} {} 64k", fill(k), (k % 1024) * BLOCK as u64),
                 &image,
             ]);
-            assert_eq!(io, "ok", "round {round}: block {k} of {flushed} flushed");
+            assert_eq!(
+                io, "ok",
+                "{job:?} round {round}: block {k} of {flushed} flushed"
+            );
         }
     }
 }
