@@ -9,7 +9,8 @@
 mod vhost;
 
 use std::time::{Duration, Instant};
-use vhost::{Request, VhostBlk, T_IN};
+use vhost::{Request, VhostBlk};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -57,7 +58,7 @@ fn main() {
         }
     };
     let mut request = |q: usize, slot: usize| Request {
-        kind: T_IN,
+        kind: VIRTIO_BLK_T_IN,
         sector: pick(q * depth + slot) * bs / 512,
         out: Vec::new(),
         in_len: bs as usize,

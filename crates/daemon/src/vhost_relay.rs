@@ -12,19 +12,11 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use vhost::vhost_user::message::{BackendReq, FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
 use vmm_sys_util::event::EventConsumer;
 
-/// VHOST_USER_SET_BACKEND_REQ_FD, the frontend's message that hands over the channel.
-const SET_BACKEND_REQ_FD: u32 = 21;
-/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, on the backend channel.
-const CONFIG_CHANGE_MSG: u32 = 2;
-/// Protocol version 1, the only one.
+/// The header's flags: protocol version 1, the only one.
 const VERSION: u32 = 1;
-/// The largest payload a control message carries here (a memory table of 8 regions is
-/// 264 bytes, a config space at most 256).
-const MAX_PAYLOAD: usize = 4096;
-/// Descriptors one message may carry (the specification's limit).
-const MAX_FDS: usize = 32;
 
 /// One message read off a socket.
 struct Message {
@@ -42,7 +34,7 @@ impl Message {
 /// Reads one whole message; None at the end of the stream.
 fn receive(socket: &mut UnixStream) -> io::Result<Option<Message>> {
     let mut header = [0u8; 12];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_ATTACHED_FD_ENTRIES]);
     let mut fds = Vec::new();
     let got = {
         let mut iov = [IoSliceMut::new(&mut header)];
@@ -69,7 +61,7 @@ fn receive(socket: &mut UnixStream) -> io::Result<Option<Message>> {
     }
     socket.read_exact(&mut header[got..])?;
     let size = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
-    if size > MAX_PAYLOAD {
+    if size > MAX_MSG_SIZE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("vhost-user message of {size} bytes"),
@@ -148,7 +140,8 @@ pub fn run(
             let _ = resized.consume();
             if let Some(channel) = &backend_channel {
                 let mut header = [0u8; 12];
-                header[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());
+                header[0..4]
+                    .copy_from_slice(&u32::from(BackendReq::CONFIG_CHANGE_MSG).to_le_bytes());
                 header[4..8].copy_from_slice(&VERSION.to_le_bytes());
                 if let Err(e) = send(channel, &header, &[], &[]) {
                     tracing::info!("vhost-user-blk: config change not sent: {e}");
@@ -159,7 +152,9 @@ pub fn run(
             match receive(&mut frontend) {
                 Ok(Some(mut msg)) => {
                     let mut placeholder = None;
-                    if msg.request() == SET_BACKEND_REQ_FD && msg.fds.len() == 1 {
+                    if msg.request() == u32::from(FrontendReq::SET_BACKEND_REQ_FD)
+                        && msg.fds.len() == 1
+                    {
                         // The handler gets a socket of its own whose far end is closed:
                         // it never sends on it (no shared objects or memory are offered).
                         let (ours, theirs) = match UnixStream::pair() {

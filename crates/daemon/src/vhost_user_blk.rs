@@ -18,7 +18,8 @@ use crate::vhost_relay;
 use aio::pool::PoolBuf;
 use block::{Child, IoThreads, WriteFlags};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::mem::offset_of;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +28,9 @@ use tokio::sync::Semaphore;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
@@ -57,35 +61,21 @@ const INFLIGHT_BYTES: usize = 64 << 20;
 const PERMIT: usize = 4096;
 /// What GET_ID answers: qsd's serial for these exports, NUL-terminated when it fits.
 const SERIAL: &[u8] = b"vhost_user_blk\0";
-/// Bytes of the virtio-blk config space this device fills (up to write_zeroes_may_unmap).
-const CONFIG_LEN: usize = 60;
+/// Bytes of the virtio-blk config space this device fills: up to the secure-erase
+/// fields, which it does not offer.
+const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors);
 /// vhost-user-backend maps queues to its workers with a 64-bit mask.
 pub const MAX_QUEUES: u16 = 64;
 
-// virtio-blk request types, statuses and features (the virtio 1.2 specification, 5.2).
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
-const F_SIZE_MAX: u64 = 1 << 1;
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const F_BLK_SIZE: u64 = 1 << 6;
-const F_FLUSH: u64 = 1 << 9;
-const F_TOPOLOGY: u64 = 1 << 10;
-const F_CONFIG_WCE: u64 = 1 << 11;
-const F_MQ: u64 = 1 << 12;
-const F_DISCARD: u64 = 1 << 13;
-const F_WRITE_ZEROES: u64 = 1 << 14;
-const F_INDIRECT_DESC: u64 = 1 << 28;
-const F_EVENT_IDX: u64 = 1 << 29;
-const F_VERSION_1: u64 = 1 << 32;
-const WRITE_ZEROES_UNMAP: u32 = 1;
+/// A feature bit as the features word has it.
+const fn bit(feature: u32) -> u64 {
+    1 << feature
+}
+
+/// A status byte (the bindings give statuses as u32).
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Where the export listens (QMP's SocketAddress, of the kinds qsd takes for it).
 pub enum Addr {
@@ -139,19 +129,7 @@ struct HandlerSocket {
 
 impl HandlerSocket {
     fn new() -> io::Result<HandlerSocket> {
-        let mut template = std::env::temp_dir()
-            .join("blockd-vhost-XXXXXX")
-            .into_os_string()
-            .into_encoded_bytes();
-        template.push(0);
-        // Safety: a NUL-terminated template that mkdtemp fills in place.
-        if unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) }.is_null() {
-            return Err(io::Error::last_os_error());
-        }
-        template.pop();
-        // Safety: mkdtemp kept the bytes a path.
-        let dir =
-            PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(template) });
+        let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("blockd-vhost-XXXXXX"))?;
         let path = dir.join("handler.sock");
         let listener = UnixListener::bind(&path).inspect_err(|_| {
             let _ = std::fs::remove_dir(&dir);
@@ -409,17 +387,31 @@ impl Connection {
         let capacity = device.edge.upgrade().map_or(0, |e| e.node().size()) / SECTOR;
         let block_sectors = device.block_size / SECTOR as u32;
         let mut c = [0u8; CONFIG_LEN];
-        c[0..8].copy_from_slice(&capacity.to_le_bytes());
-        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        c[20..24].copy_from_slice(&device.block_size.to_le_bytes());
-        c[26..28].copy_from_slice(&1u16.to_le_bytes());
-        c[28..32].copy_from_slice(&1u32.to_le_bytes());
-        c[34..36].copy_from_slice(&device.num_queues.to_le_bytes());
-        c[36..40].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
-        c[40..44].copy_from_slice(&1u32.to_le_bytes());
-        c[44..48].copy_from_slice(&block_sectors.to_le_bytes());
-        c[48..52].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
-        c[52..56].copy_from_slice(&1u32.to_le_bytes());
+        let mut put = |offset: usize, bytes: &[u8]| {
+            c[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        macro_rules! field {
+            ($name:ident) => {
+                offset_of!(virtio_blk_config, $name)
+            };
+        }
+        put(field!(capacity), &capacity.to_le_bytes());
+        put(field!(seg_max), &SEG_MAX.to_le_bytes());
+        put(field!(blk_size), &device.block_size.to_le_bytes());
+        put(field!(min_io_size), &1u16.to_le_bytes());
+        put(field!(opt_io_size), &1u32.to_le_bytes());
+        put(field!(num_queues), &device.num_queues.to_le_bytes());
+        put(field!(max_discard_sectors), &MAX_ZERO_SECTORS.to_le_bytes());
+        put(field!(max_discard_seg), &1u32.to_le_bytes());
+        put(
+            field!(discard_sector_alignment),
+            &block_sectors.to_le_bytes(),
+        );
+        put(
+            field!(max_write_zeroes_sectors),
+            &MAX_ZERO_SECTORS.to_le_bytes(),
+        );
+        put(field!(max_write_zeroes_seg), &1u32.to_le_bytes());
         // write_zeroes_may_unmap stays 0, as qsd has it: the UNMAP flag is still honoured.
         c
     }
@@ -600,7 +592,7 @@ async fn run_request(device: &Device, chain: &Chain) -> u32 {
     };
     let mut header = [0u8; 16];
     let (status, written) = if readable < 16 || read_guest(chain, 0, &mut header).is_err() {
-        (S_IOERR, 0)
+        (IOERR, 0)
     } else {
         let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
         let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
@@ -622,40 +614,40 @@ async fn execute(
     data_in: u64,
 ) -> (u8, u64) {
     let Some(edge) = device.edge.upgrade() else {
-        return (S_IOERR, 0);
+        return (IOERR, 0);
     };
     match kind {
         // The used length of a read counts its whole buffer, failed or not (as qsd's).
-        T_IN => match transfer(device, &edge, chain, sector, data_in, false).await {
-            Ok(()) => (S_OK, data_in),
+        VIRTIO_BLK_T_IN => match transfer(device, &edge, chain, sector, data_in, false).await {
+            Ok(()) => (OK, data_in),
             Err(status) => (status, data_in),
         },
-        T_OUT if !device.writable => (S_IOERR, 0),
-        T_OUT => match transfer(device, &edge, chain, sector, data_out, true).await {
-            Ok(()) => (S_OK, 0),
+        VIRTIO_BLK_T_OUT if !device.writable => (IOERR, 0),
+        VIRTIO_BLK_T_OUT => match transfer(device, &edge, chain, sector, data_out, true).await {
+            Ok(()) => (OK, 0),
             Err(status) => (status, 0),
         },
-        T_FLUSH => (status_of(edge.flush().await), 0),
-        T_GET_ID => {
+        VIRTIO_BLK_T_FLUSH => (status_of(edge.flush().await), 0),
+        VIRTIO_BLK_T_GET_ID => {
             // The used length counts the whole ID buffer, as qsd's does.
             let n = (SERIAL.len() as u64).min(data_in) as usize;
             match write_guest(chain, 0, &SERIAL[..n]) {
-                Ok(()) => (S_OK, data_in),
-                Err(()) => (S_IOERR, 0),
+                Ok(()) => (OK, data_in),
+                Err(()) => (IOERR, 0),
             }
         }
-        T_DISCARD | T_WRITE_ZEROES => (
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => (
             zero_or_discard(device, &edge, chain, kind, data_out).await,
             0,
         ),
-        _ => (S_UNSUPP, 0),
+        _ => (UNSUPP, 0),
     }
 }
 
 fn status_of(result: io::Result<()>) -> u8 {
     match result {
-        Ok(()) => S_OK,
-        Err(_) => S_IOERR,
+        Ok(()) => OK,
+        Err(_) => IOERR,
     }
 }
 
@@ -679,9 +671,9 @@ async fn transfer(
     len: u64,
     write: bool,
 ) -> Result<(), u8> {
-    let offset = sector.checked_mul(SECTOR).ok_or(S_IOERR)?;
+    let offset = sector.checked_mul(SECTOR).ok_or(IOERR)?;
     if !range_ok(device, edge, offset, len) {
-        return Err(S_IOERR);
+        return Err(IOERR);
     }
     let mut done = 0u64;
     while done < len {
@@ -691,7 +683,7 @@ async fn transfer(
             .inflight_bytes
             .acquire_many(permits)
             .await
-            .map_err(|_| S_IOERR)?;
+            .map_err(|_| IOERR)?;
         let at = offset + done;
         if let Some(host) = host_range(chain, !write, if write { 16 + done } else { done }, n) {
             // Safety: `host` is `n` bytes of one mapped region of guest memory, which the
@@ -705,22 +697,20 @@ async fn transfer(
                 let data = unsafe { std::slice::from_raw_parts_mut(host, n) };
                 edge.read(at, data).await
             };
-            result.map_err(|_| S_IOERR)?;
+            result.map_err(|_| IOERR)?;
             done += n as u64;
             continue;
         }
-        let mut buf = PoolBuf::new(n, 4096).map_err(|_| S_IOERR)?;
+        let mut buf = PoolBuf::new(n, 4096).map_err(|_| IOERR)?;
         if write {
             // The readable part holds the 16-byte header first.
-            read_guest(chain, 16 + done, buf.as_mut_slice()).map_err(|_| S_IOERR)?;
+            read_guest(chain, 16 + done, buf.as_mut_slice()).map_err(|_| IOERR)?;
             edge.write(at, buf.as_slice(), WriteFlags::default())
                 .await
-                .map_err(|_| S_IOERR)?;
+                .map_err(|_| IOERR)?;
         } else {
-            edge.read(at, buf.as_mut_slice())
-                .await
-                .map_err(|_| S_IOERR)?;
-            write_guest(chain, done, buf.as_slice()).map_err(|_| S_IOERR)?;
+            edge.read(at, buf.as_mut_slice()).await.map_err(|_| IOERR)?;
+            write_guest(chain, done, buf.as_slice()).map_err(|_| IOERR)?;
         }
         done += n as u64;
     }
@@ -757,31 +747,33 @@ async fn zero_or_discard(
     data_out: u64,
 ) -> u8 {
     if !device.writable {
-        return S_IOERR;
+        return IOERR;
     }
     let mut segment = [0u8; 16];
     if data_out != 16 || read_guest(chain, 16, &mut segment).is_err() {
-        return S_IOERR;
+        return IOERR;
     }
     let sector = u64::from_le_bytes(segment[0..8].try_into().unwrap());
     let sectors = u32::from_le_bytes(segment[8..12].try_into().unwrap());
     let flags = u32::from_le_bytes(segment[12..16].try_into().unwrap());
-    let unmap = flags & WRITE_ZEROES_UNMAP != 0;
+    let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
     // Discard takes no flags; write-zeroes only UNMAP.
-    if (kind == T_DISCARD && flags != 0) || flags & !WRITE_ZEROES_UNMAP != 0 {
-        return S_UNSUPP;
+    if (kind == VIRTIO_BLK_T_DISCARD && flags != 0)
+        || flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0
+    {
+        return UNSUPP;
     }
     if sectors > MAX_ZERO_SECTORS {
-        return S_IOERR;
+        return IOERR;
     }
     let Some(offset) = sector.checked_mul(SECTOR) else {
-        return S_IOERR;
+        return IOERR;
     };
     let len = u64::from(sectors) * SECTOR;
     if !range_ok(device, edge, offset, len) {
-        return S_IOERR;
+        return IOERR;
     }
-    if kind == T_DISCARD {
+    if kind == VIRTIO_BLK_T_DISCARD {
         status_of(edge.discard(offset, len).await)
     } else {
         let flags = WriteFlags {
@@ -809,21 +801,26 @@ impl VhostUserBackend for Backend {
     }
 
     fn features(&self) -> u64 {
-        let mut features = F_SIZE_MAX
-            | F_SEG_MAX
-            | F_TOPOLOGY
-            | F_BLK_SIZE
-            | F_FLUSH
-            | F_DISCARD
-            | F_WRITE_ZEROES
-            | F_CONFIG_WCE
-            | F_MQ
-            | F_VERSION_1
-            | F_INDIRECT_DESC
-            | F_EVENT_IDX
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let mut features = [
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+            VIRTIO_BLK_F_CONFIG_WCE,
+            VIRTIO_BLK_F_MQ,
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_RING_F_EVENT_IDX,
+        ]
+        .into_iter()
+        .fold(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), |f, b| {
+            f | bit(b)
+        });
         if !self.0.device.writable {
-            features |= F_RO;
+            features |= bit(VIRTIO_BLK_F_RO);
         }
         features
     }
@@ -911,6 +908,7 @@ impl VhostUserBackend for Backend {
 /// A listening socket the daemon was handed by number: checked to be a listening unix
 /// socket before it is used.
 pub fn listening_fd(text: &str) -> Result<OwnedFd, String> {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt::AcceptConn, UnixAddr};
     // Named descriptors come from getfd, which only QEMU's monitor has (qsd's text).
     let fd: i32 = text
         .parse()
@@ -919,33 +917,14 @@ pub fn listening_fd(text: &str) -> Result<OwnedFd, String> {
     if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(format!("File descriptor named '{text}' has not been found"));
     }
-    // Safety: the fd is open; the export owns it from here, as QEMU's does.
-    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let (mut accepting, mut domain) = (0i32, 0i32);
-    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-    // Safety: valid out pointers and lengths.
-    let ok = unsafe {
-        libc::getsockopt(
-            owned.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut accepting as *mut i32).cast(),
-            &mut len,
-        ) == 0
-            && libc::getsockopt(
-                owned.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_DOMAIN,
-                (&mut domain as *mut i32).cast(),
-                &mut len,
-            ) == 0
-    };
-    if !ok || accepting == 0 || domain != libc::AF_UNIX {
-        // Not ours to close: give it back.
-        std::mem::forget(owned);
+    // Safety: open, as just checked; only borrowed until it proves to be what we take.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let listening = getsockopt(&borrowed, AcceptConn).unwrap_or(false);
+    if !listening || getsockname::<UnixAddr>(fd).is_err() {
         return Err(format!(
             "File descriptor '{text}' is not a listening unix socket"
         ));
     }
-    Ok(owned)
+    // Safety: the export owns it from here, as QEMU's does.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }

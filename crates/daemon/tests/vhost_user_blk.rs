@@ -12,6 +12,7 @@ use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use vhost::*;
+use virtio_bindings::virtio_blk::*;
 
 const MIB: u64 = 1 << 20;
 
@@ -83,36 +84,36 @@ async fn requests_match_qsd() {
             let one = pattern(MIB as usize, 1);
             let two = pattern(64 << 10, 2);
             let q0 = vec![
-                request(T_OUT, 0, one.clone(), 0),
-                request(T_OUT, 4096, two.clone(), 0),
-                request(T_GET_ID, 0, vec![], 20),
-                request(T_GET_ID, 0, vec![], 8),
-                request(T_FLUSH, 0, vec![], 0),
+                request(VIRTIO_BLK_T_OUT, 0, one.clone(), 0),
+                request(VIRTIO_BLK_T_OUT, 4096, two.clone(), 0),
+                request(VIRTIO_BLK_T_GET_ID, 0, vec![], 20),
+                request(VIRTIO_BLK_T_GET_ID, 0, vec![], 8),
+                request(VIRTIO_BLK_T_FLUSH, 0, vec![], 0),
             ];
             for c in blk.run(0, &q0).unwrap() {
                 seen.push(summary(&c));
             }
             let q1 = vec![
-                VhostBlk::zero_request(T_WRITE_ZEROES, 8, 8, 0),
-                VhostBlk::zero_request(T_WRITE_ZEROES, 2048, 2048, 1),
-                VhostBlk::zero_request(T_DISCARD, 6144, 2048, 0),
+                VhostBlk::zero_request(VIRTIO_BLK_T_WRITE_ZEROES, 8, 8, 0),
+                VhostBlk::zero_request(VIRTIO_BLK_T_WRITE_ZEROES, 2048, 2048, 1),
+                VhostBlk::zero_request(VIRTIO_BLK_T_DISCARD, 6144, 2048, 0),
                 // Discard takes no flags; unknown write-zeroes flags are refused.
-                VhostBlk::zero_request(T_DISCARD, 6144, 8, 1),
-                VhostBlk::zero_request(T_WRITE_ZEROES, 0, 8, 2),
+                VhostBlk::zero_request(VIRTIO_BLK_T_DISCARD, 6144, 8, 1),
+                VhostBlk::zero_request(VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 2),
                 // Past the end, too long, an unknown type.
-                VhostBlk::zero_request(T_WRITE_ZEROES, 32760, 16, 0),
-                VhostBlk::zero_request(T_WRITE_ZEROES, 0, 32769, 0),
+                VhostBlk::zero_request(VIRTIO_BLK_T_WRITE_ZEROES, 32760, 16, 0),
+                VhostBlk::zero_request(VIRTIO_BLK_T_WRITE_ZEROES, 0, 32769, 0),
                 request(99, 0, vec![], 0),
-                request(T_IN, 32767, vec![], 1024),
-                request(T_OUT, 32768, vec![0; 512], 0),
+                request(VIRTIO_BLK_T_IN, 32767, vec![], 1024),
+                request(VIRTIO_BLK_T_OUT, 32768, vec![0; 512], 0),
             ];
             for c in blk.run(1, &q1).unwrap() {
                 seen.push(summary(&c));
             }
             let reads = vec![
-                request(T_IN, 0, vec![], MIB as usize),
-                request(T_IN, 4096, vec![], 64 << 10),
-                request(T_IN, 2040, vec![], 16 << 10),
+                request(VIRTIO_BLK_T_IN, 0, vec![], MIB as usize),
+                request(VIRTIO_BLK_T_IN, 4096, vec![], 64 << 10),
+                request(VIRTIO_BLK_T_IN, 2040, vec![], 16 << 10),
             ];
             let back = blk.run(0, &reads).unwrap();
             assert!(
@@ -125,7 +126,9 @@ async fn requests_match_qsd() {
             for c in &back {
                 seen.push(summary(c));
             }
-            let id = blk.run(0, &[request(T_GET_ID, 0, vec![], 20)]).unwrap();
+            let id = blk
+                .run(0, &[request(VIRTIO_BLK_T_GET_ID, 0, vec![], 20)])
+                .unwrap();
             seen.push(json!(String::from_utf8_lossy(&id[0].data)));
             seen
         })
@@ -185,10 +188,10 @@ async fn read_only_export_refuses_writes() {
                 .run(
                     0,
                     &[
-                        request(T_OUT, 0, vec![1; 512], 0),
-                        VhostBlk::zero_request(T_WRITE_ZEROES, 0, 8, 0),
-                        VhostBlk::zero_request(T_DISCARD, 0, 8, 0),
-                        request(T_FLUSH, 0, vec![], 0),
+                        request(VIRTIO_BLK_T_OUT, 0, vec![1; 512], 0),
+                        VhostBlk::zero_request(VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 0),
+                        VhostBlk::zero_request(VIRTIO_BLK_T_DISCARD, 0, 8, 0),
+                        request(VIRTIO_BLK_T_FLUSH, 0, vec![], 0),
                     ],
                 )
                 .unwrap();
@@ -301,7 +304,7 @@ async fn concurrent_requests_on_four_queues() {
                 blk.put(
                     q,
                     slot,
-                    &request(T_OUT, n * 256, vec![n as u8 + 1; 128 << 10], 0),
+                    &request(VIRTIO_BLK_T_OUT, n * 256, vec![n as u8 + 1; 128 << 10], 0),
                 );
             }
             blk.kick(q);

@@ -19,20 +19,19 @@ use vhost::vhost_user::{
     Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_blk::{
+    virtio_blk_config, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use vmm_sys_util::eventfd::EventFd;
-
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const T_DISCARD: u32 = 11;
-pub const T_WRITE_ZEROES: u32 = 13;
-pub const F_RO: u64 = 1 << 5;
-pub const F_EVENT_IDX: u64 = 1 << 29;
-const F_VERSION_1: u64 = 1 << 32;
+pub const F_RO: u64 = 1 << VIRTIO_BLK_F_RO;
+pub const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
+const DESC_F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 /// Each queue's rings live in their own 64 KiB at the start of guest memory.
 const RING_AREA: u64 = 64 << 10;
 /// How long a request may take before the frontend calls it lost.
@@ -182,7 +181,10 @@ impl VhostBlk {
         let mut frontend = Frontend::connect(path, u64::from(queues)).map_err(os)?;
         frontend.set_owner().map_err(os)?;
         let offered = frontend.get_features().map_err(os)?;
-        let mut features = F_VERSION_1 | F_PROTOCOL_FEATURES | (offered & (1 << 12 | 0x7fff));
+        // The device-type features (bits 0-14, multiqueue among them) as offered.
+        let mut features = 1 << VIRTIO_F_VERSION_1
+            | F_PROTOCOL_FEATURES
+            | (offered & (1 << VIRTIO_BLK_F_MQ | 0x7fff));
         if event_idx {
             features |= offered & F_EVENT_IDX;
         }
@@ -331,23 +333,28 @@ impl VhostBlk {
 
     /// The config space, parsed.
     pub fn config(&mut self) -> io::Result<BlkConfig> {
-        let c = self.config_bytes(0, 60)?;
-        let u16_at = |o: usize| u16::from_le_bytes(c[o..o + 2].try_into().unwrap());
-        let u32_at = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
+        let len = std::mem::offset_of!(virtio_blk_config, max_secure_erase_sectors);
+        let c = self.config_bytes(0, len as u32)?;
+        macro_rules! at {
+            ($field:ident, $ty:ty) => {{
+                let o = std::mem::offset_of!(virtio_blk_config, $field);
+                <$ty>::from_le_bytes(c[o..o + std::mem::size_of::<$ty>()].try_into().unwrap())
+            }};
+        }
         Ok(BlkConfig {
-            capacity: u64::from_le_bytes(c[0..8].try_into().unwrap()),
-            size_max: u32_at(8),
-            seg_max: u32_at(12),
-            blk_size: u32_at(20),
-            min_io_size: u16_at(26),
-            opt_io_size: u32_at(28),
-            num_queues: u16_at(34),
-            max_discard_sectors: u32_at(36),
-            max_discard_seg: u32_at(40),
-            discard_sector_alignment: u32_at(44),
-            max_write_zeroes_sectors: u32_at(48),
-            max_write_zeroes_seg: u32_at(52),
-            write_zeroes_may_unmap: c[56],
+            capacity: at!(capacity, u64),
+            size_max: at!(size_max, u32),
+            seg_max: at!(seg_max, u32),
+            blk_size: at!(blk_size, u32),
+            min_io_size: at!(min_io_size, u16),
+            opt_io_size: at!(opt_io_size, u32),
+            num_queues: at!(num_queues, u16),
+            max_discard_sectors: at!(max_discard_sectors, u32),
+            max_discard_seg: at!(max_discard_seg, u32),
+            discard_sector_alignment: at!(discard_sector_alignment, u32),
+            max_write_zeroes_sectors: at!(max_write_zeroes_sectors, u32),
+            max_write_zeroes_seg: at!(max_write_zeroes_seg, u32),
+            write_zeroes_may_unmap: at!(write_zeroes_may_unmap, u8),
         })
     }
 
@@ -453,26 +460,23 @@ impl VhostBlk {
     pub fn wait(&mut self, q: usize) -> io::Result<Vec<(usize, Completion)>> {
         let deadline = std::time::Instant::now() + TIMEOUT;
         loop {
-            let done = self.collect(q);
+            let mut done = Vec::new();
+            while let Some((slot, p, used_len, status)) = self.next_used(q) {
+                let data = self.read_mem(p.data, p.in_len);
+                done.push((
+                    slot,
+                    Completion {
+                        status,
+                        used_len,
+                        data,
+                    },
+                ));
+            }
+            self.publish_used_event(q);
             if !done.is_empty() {
                 return Ok(done);
             }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "no completion"));
-            }
-            let mut pfd = libc::pollfd {
-                fd: self.queues[q].call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // Safety: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
-            if n > 0 {
-                let _ = self.queues[q].call.read();
-            }
-            // A device gone away shows as a hang-up on the control socket; the caller's
-            // deadline covers it.
+            self.sleep_on_calls(q..q + 1, deadline)?;
         }
     }
 
@@ -482,102 +486,79 @@ impl VhostBlk {
         let deadline = std::time::Instant::now() + TIMEOUT;
         loop {
             for q in 0..self.queues.len() {
-                self.reap(q, done);
+                while let Some((slot, _, _, status)) = self.next_used(q) {
+                    done.push((q, slot, status));
+                }
+                self.publish_used_event(q);
             }
             if !done.is_empty() {
                 return Ok(());
             }
-            if std::time::Instant::now() > deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "no completion"));
-            }
-            let mut fds: Vec<libc::pollfd> = self
-                .queues
-                .iter()
-                .map(|q| libc::pollfd {
-                    fd: q.call.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .collect();
-            // Safety: valid pollfds.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
-            for (queue, fd) in self.queues.iter().zip(&fds) {
-                if fd.revents != 0 {
-                    let _ = queue.call.read();
-                }
-            }
+            self.sleep_on_calls(0..self.queues.len(), deadline)?;
         }
     }
 
-    /// Takes queue `q`'s finished requests off its used ring.
-    fn reap(&mut self, q: usize, done: &mut Vec<(usize, usize, u8)>) {
-        loop {
-            let queue = &self.queues[q];
-            let used_idx = self.read_u16(queue.used + 2);
-            fence(Ordering::Acquire);
-            if used_idx == queue.last_used {
-                break;
-            }
-            let elem = queue.used + 4 + 8 * u64::from(queue.last_used % queue.size);
-            let slot = self.read_u32(elem) as usize / 3;
-            let p = queue
-                .pending
-                .get(slot)
-                .copied()
-                .flatten()
-                .expect("unknown id");
-            // Safety: the status byte inside the mapping.
-            let status = unsafe { std::ptr::read_volatile(self.mem.add(p.status as usize)) };
-            let queue = &mut self.queues[q];
-            queue.pending[slot] = None;
-            queue.last_used = queue.last_used.wrapping_add(1);
-            done.push((q, slot, status));
+    /// Sleeps until the device signals one of `queues` (at most a second), or fails past
+    /// `deadline`. A device gone away shows as a hang-up on the control socket; the
+    /// deadline covers it.
+    fn sleep_on_calls(
+        &self,
+        queues: std::ops::Range<usize>,
+        deadline: std::time::Instant,
+    ) -> io::Result<()> {
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no completion"));
         }
+        let mut fds: Vec<libc::pollfd> = self.queues[queues.clone()]
+            .iter()
+            .map(|q| libc::pollfd {
+                fd: q.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // Safety: valid pollfds.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        for (queue, fd) in self.queues[queues].iter().zip(&fds) {
+            if fd.revents != 0 {
+                let _ = queue.call.read();
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the next finished request off queue `q`'s used ring: its slot, what it asked
+    /// for, its used length and its status byte.
+    fn next_used(&mut self, q: usize) -> Option<(usize, Pending, u32, u8)> {
+        let queue = &self.queues[q];
+        let used_idx = self.read_u16(queue.used + 2);
+        fence(Ordering::Acquire);
+        if used_idx == queue.last_used {
+            return None;
+        }
+        let elem = queue.used + 4 + 8 * u64::from(queue.last_used % queue.size);
+        let slot = self.read_u32(elem) as usize / 3;
+        let used_len = self.read_u32(elem + 4);
+        let p = queue
+            .pending
+            .get(slot)
+            .copied()
+            .flatten()
+            .expect("unknown id");
+        let status = self.read_mem(p.status, 1)[0];
+        let queue = &mut self.queues[q];
+        queue.pending[slot] = None;
+        queue.last_used = queue.last_used.wrapping_add(1);
+        Some((slot, p, used_len, status))
+    }
+
+    /// With event_idx, sets used_event: interrupt me when the device passes what I have
+    /// seen.
+    fn publish_used_event(&self, q: usize) {
         if self.event_idx {
             let queue = &self.queues[q];
             self.write_u16(queue.avail + 4 + 2 * u64::from(queue.size), queue.last_used);
         }
-    }
-
-    fn collect(&mut self, q: usize) -> Vec<(usize, Completion)> {
-        let mut done = Vec::new();
-        loop {
-            let queue = &self.queues[q];
-            let used_idx = self.read_u16(queue.used + 2);
-            fence(Ordering::Acquire);
-            if used_idx == queue.last_used {
-                break;
-            }
-            let elem = queue.used + 4 + 8 * u64::from(queue.last_used % queue.size);
-            let id = self.read_u32(elem) as usize;
-            let used_len = self.read_u32(elem + 4);
-            let slot = id / 3;
-            let p = queue
-                .pending
-                .get(slot)
-                .copied()
-                .flatten()
-                .expect("unknown id");
-            let status = self.read_mem(p.status, 1)[0];
-            let payload = self.read_mem(p.data, p.in_len);
-            let queue = &mut self.queues[q];
-            queue.pending[slot] = None;
-            queue.last_used = queue.last_used.wrapping_add(1);
-            done.push((
-                slot,
-                Completion {
-                    status,
-                    used_len,
-                    data: payload,
-                },
-            ));
-        }
-        if self.event_idx {
-            // used_event: interrupt me when the device passes what I have seen.
-            let queue = &self.queues[q];
-            self.write_u16(queue.avail + 4 + 2 * u64::from(queue.size), queue.last_used);
-        }
-        done
     }
 
     /// Runs `requests` concurrently on queue `q` (one per slot) and returns their
@@ -606,7 +587,7 @@ impl VhostBlk {
 
     pub fn read(&mut self, sector: u64, len: usize) -> io::Result<Completion> {
         self.one(Request {
-            kind: T_IN,
+            kind: VIRTIO_BLK_T_IN,
             sector,
             out: Vec::new(),
             in_len: len,
@@ -615,7 +596,7 @@ impl VhostBlk {
 
     pub fn write(&mut self, sector: u64, data: &[u8]) -> io::Result<Completion> {
         self.one(Request {
-            kind: T_OUT,
+            kind: VIRTIO_BLK_T_OUT,
             sector,
             out: data.to_vec(),
             in_len: 0,
