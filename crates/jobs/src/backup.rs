@@ -496,14 +496,17 @@ async fn insert_cbw(
         Node::attach(target, "target", job_parent(), Perms::NONE, Perms::ALL)?,
     ];
     let filter_parent = || Parent::Node(filter_name.to_string());
+    // The filter's open attaches its children: QEMU words a failure as the failure to
+    // create the node (a read-only target, a conflicting user).
+    let created = |e: String| format!("Could not create node: {e}");
     let file = Node::attach(
         source,
         "file",
         filter_parent(),
         Perms::CONSISTENT_READ,
         Perms::ALL & !Perms::RESIZE,
-    )?;
-    // QEMU's filter opens its target child: a read-only target is its open's error.
+    )
+    .map_err(created)?;
     let target_edge = Node::attach(
         target,
         "target",
@@ -511,10 +514,7 @@ async fn insert_cbw(
         Perms::WRITE,
         Perms::ALL & !Perms::RESIZE,
     )
-    .map_err(|e| match target.read_only() {
-        true => format!("Could not create node: {e}"),
-        false => e,
-    })?;
+    .map_err(created)?;
     let cluster = CopyBeforeWrite::cluster_size_for(target).max(min_cluster);
     let pending = match only_dirty {
         Some(bitmap) => ClusterBitmap::from_dirty(bitmap, cluster, source.size()),
