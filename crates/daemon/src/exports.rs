@@ -636,11 +636,7 @@ impl Exports {
                 new.name
             )));
         }
-        let perm = if new.writable {
-            Perms::CONSISTENT_READ | Perms::WRITE
-        } else {
-            Perms::CONSISTENT_READ
-        };
+        let perm = export_perm(new.writable);
         check_writable(&node, new.writable)?;
         let edge = user_edge(&node, perm, EXPORT_SHARED).map_err(QmpError::generic)?;
         let bitmaps = export_bitmaps(&daemon.graph, &node, &new.bitmaps, new.writable)?;
@@ -688,10 +684,7 @@ impl Exports {
         node_name: &str,
         options: FuseOptions,
     ) -> Result<(), QmpError> {
-        let mut perm = Perms::CONSISTENT_READ;
-        if options.writable {
-            perm |= Perms::WRITE;
-        }
+        let mut perm = export_perm(options.writable);
         if options.growable {
             perm |= Perms::RESIZE;
         }
@@ -709,10 +702,7 @@ impl Exports {
         node_name: &str,
         options: VhostUserBlkOptions,
     ) -> Result<(), QmpError> {
-        let mut perm = Perms::CONSISTENT_READ;
-        if options.writable {
-            perm |= Perms::WRITE;
-        }
+        let perm = export_perm(options.writable);
         let io = daemon.io.clone();
         Self::add_own(daemon, id, node_name, perm, move |edge| {
             let server = VhostUserBlkExport::start(options, edge, io)?;
@@ -852,6 +842,15 @@ pub(crate) fn user_edge(
         name: String::new(),
     };
     Node::attach(node, "root", user, perm, shared)
+}
+
+/// What an export takes on its node: a consistent view, and writing when writable.
+fn export_perm(writable: bool) -> Perms {
+    if writable {
+        Perms::CONSISTENT_READ | Perms::WRITE
+    } else {
+        Perms::CONSISTENT_READ
+    }
 }
 
 /// A writable export of a read-only node is refused before anything else, as QEMU's

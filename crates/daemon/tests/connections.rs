@@ -4,8 +4,9 @@
 
 mod common;
 
-use common::raw_nbd::{connect, request, CMD_READ};
+use common::raw_nbd::{connect, request};
 use common::*;
+use nbd::proto::CMD_READ;
 
 const CLIENTS: usize = 1000;
 

@@ -37,7 +37,7 @@ async fn an_image_opens_right_after_its_blockd_was_killed() {
     let standby = Daemon::start(Impl::Blockd, &standby_dir, &[]);
     let mut control = standby.qmp().await;
     for round in 0..ROUNDS {
-        let mut daemon = Daemon::start(Impl::Blockd, &served, &serving);
+        let daemon = Daemon::start(Impl::Blockd, &served, &serving);
         // Many writes in flight when the kill comes.
         let writer = Command::new("nbdcopy")
             .args(["/dev/urandom", &uri])
@@ -47,9 +47,7 @@ async fn an_image_opens_right_after_its_blockd_was_killed() {
             .unwrap_or_else(|e| panic!("nbdcopy: {e}: {}", missing_peer("nbdcopy")));
         let writer = KillOnDrop(writer);
         tokio::time::sleep(Duration::from_millis(150)).await;
-        // Safety: a signal to our own child.
-        unsafe { libc::kill(daemon.pid() as i32, libc::SIGKILL) };
-        daemon.wait_exit();
+        daemon.kill();
         let opened = control
             .execute(
                 "blockdev-add",
@@ -189,16 +187,14 @@ async fn flushed_writes_survive_kill(job: Job) {
                         flushed = i;
                     }
                 }
-                // Safety: a signal to our own child.
-                unsafe { libc::kill(daemon.pid() as i32, libc::SIGKILL) };
+                daemon.kill();
                 drop(client);
                 flushed
             })
             .await;
-        drop(daemon);
         assert!(
             flushed >= 4,
-            "round {round}: nothing was flushed before the kill"
+            "{job:?} round {round}: nothing was flushed before the kill"
         );
         // The lock may linger a moment (see above); qemu-img does not wait for it.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -693,10 +693,12 @@ async fn x_blockdev_change_refuses_as_qsd_does() {
         json!({"parent": "d", "node": "d"}),
         json!({"parent": "d", "node": "d", "extra": 1}),
     ];
-    let requests: Vec<_> = cases
+    let mut requests: Vec<_> = cases
         .into_iter()
         .map(|c| ("x-blockdev-change", c))
         .collect();
+    // Nothing changed: the node still has its file child, and goes as a whole.
+    requests.push(("blockdev-del", json!({"node-name": "d"})));
     let blockdev = [
         s("--blockdev"),
         format!("driver=qcow2,node-name=d,file.driver=file,file.filename={image}"),
@@ -707,4 +709,6 @@ async fn x_blockdev_change_refuses_as_qsd_does() {
         "blockd against qsd: {:?}",
         first_difference(&answers[0], &answers[1])
     );
+    assert_eq!(answers[0][8], json!({"return": {}}));
+    qemu_img(&["check", &image]);
 }

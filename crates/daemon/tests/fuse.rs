@@ -61,9 +61,7 @@ async fn file_operations_on_the_export_match_qsd() {
     let mut answers = Vec::new();
     let mut images = Vec::new();
     for which in Impl::all() {
-        let tag = format!("{which:?}").to_lowercase();
-        let image = p(dir.path(), &format!("{tag}.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", &image, "16M"]);
+        let (tag, image) = tagged_qcow2(dir.path(), which, "16M");
         let mnt = dir.path().join(format!("{tag}.mnt"));
         let daemon = fuse_daemon(which, dir.path(), &image, &mnt, ",writable=on");
         let mut client = daemon.qmp().await;
@@ -150,9 +148,7 @@ async fn read_only_exports_and_refusals_match_qsd() {
     std::fs::create_dir_all(dir.path().join("a-directory")).unwrap();
     let mut seen = Vec::new();
     for which in Impl::all() {
-        let tag = format!("{which:?}").to_lowercase();
-        let image = p(dir.path(), &format!("{tag}.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", &image, "4M"]);
+        let (tag, image) = tagged_qcow2(dir.path(), which, "4M");
         let mnt = dir.path().join(format!("{tag}.mnt"));
         let daemon = fuse_daemon(which, dir.path(), &image, &mnt, "");
         let mut client = daemon.qmp().await;
@@ -246,9 +242,7 @@ async fn growable_exports_grow_with_writes_past_the_end_as_in_qsd() {
     let mut seen = Vec::new();
     let mut images = Vec::new();
     for which in Impl::all() {
-        let tag = format!("{which:?}").to_lowercase();
-        let image = p(dir.path(), &format!("{tag}.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", &image, "1M"]);
+        let (tag, image) = tagged_qcow2(dir.path(), which, "1M");
         let mnt = dir.path().join(format!("{tag}.mnt"));
         let daemon = fuse_daemon(which, dir.path(), &image, &mnt, ",writable=on,growable=on");
         let mut client = daemon.qmp().await;

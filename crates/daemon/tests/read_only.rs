@@ -10,7 +10,8 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-use raw_nbd::{connect, request, CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
+use nbd::proto::{CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
+use raw_nbd::{connect, request};
 
 #[tokio::test]
 async fn read_only_exports_and_nodes_refuse_writes_as_qsd_does() {
@@ -44,7 +45,8 @@ async fn read_only_exports_and_nodes_refuse_writes_as_qsd_does() {
         let mut seen: Vec<Value> = Vec::new();
         let nbd = tokio::task::spawn_blocking(move || {
             let (mut s, flags) = connect(&sock, "d");
-            let mut codes = vec![json!({"read-only flag": flags & 2 != 0})];
+            let mut codes =
+                vec![json!({"read-only flag": flags & nbd::proto::FLAG_READ_ONLY != 0})];
             codes.push(json!(request(&mut s, CMD_WRITE, 0, 4096, &[9; 4096])));
             codes.push(json!(request(&mut s, CMD_TRIM, 0, 65536, &[])));
             codes.push(json!(request(&mut s, CMD_WRITE_ZEROES, 0, 65536, &[])));

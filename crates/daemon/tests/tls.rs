@@ -659,9 +659,7 @@ fn priority_strings_restrict_tls_versions_as_in_qsd() {
     let dir = tempfile::tempdir().unwrap();
     let pki = make_pki(dir.path());
     for which in Impl::all() {
-        let tag = format!("{which:?}").to_lowercase();
-        let image = p(dir.path(), &format!("{tag}.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", &image, "1M"]);
+        let (tag, image) = tagged_qcow2(dir.path(), which, "1M");
         let sock = dir.path().join(format!("{tag}.nbd"));
         let _daemon = Daemon::start(
             which,
@@ -902,9 +900,7 @@ fn a_client_stalled_in_the_tls_handshake_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let pki = make_pki(dir.path());
     for which in Impl::all() {
-        let tag = format!("{which:?}").to_lowercase();
-        let image = p(dir.path(), &format!("{tag}.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", &image, "1M"]);
+        let (tag, image) = tagged_qcow2(dir.path(), which, "1M");
         let sock = dir.path().join(format!("{tag}.nbd"));
         let _ = std::fs::remove_file(&sock);
         let _daemon = Daemon::start(

@@ -60,9 +60,7 @@ async fn requests_match_qsd() {
     let mut transcripts = Vec::new();
     let mut images = Vec::new();
     for which in Impl::all() {
-        let tag = format!("{which:?}").to_lowercase();
-        let image = p(dir.path(), &format!("{tag}.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", &image, "16M"]);
+        let (tag, image) = tagged_qcow2(dir.path(), which, "16M");
         let sock = dir.path().join(format!("{tag}.sock"));
         let daemon = blk_daemon(
             which,
@@ -212,9 +210,7 @@ async fn read_only_export_refuses_writes() {
 async fn frontend_reconnects_and_sees_resize() {
     let dir = tempfile::tempdir().unwrap();
     for which in Impl::all() {
-        let tag = format!("{which:?}").to_lowercase();
-        let image = p(dir.path(), &format!("{tag}.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", &image, "4M"]);
+        let (tag, image) = tagged_qcow2(dir.path(), which, "4M");
         let sock = dir.path().join(format!("{tag}.sock"));
         let daemon = blk_daemon(which, dir.path(), &image, &sock, ",writable=on");
         let mut client = daemon.qmp().await;
@@ -453,9 +449,7 @@ async fn an_inherited_listening_socket_serves() {
     use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     for which in Impl::all() {
-        let tag = format!("{which:?}").to_lowercase();
-        let image = p(dir.path(), &format!("{tag}.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", &image, "4M"]);
+        let (tag, image) = tagged_qcow2(dir.path(), which, "4M");
         let sock = dir.path().join(format!("{tag}.sock"));
         let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         let fd = listener.as_raw_fd();

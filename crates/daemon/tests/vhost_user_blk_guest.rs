@@ -268,9 +268,7 @@ async fn a_linux_guest_uses_the_disk_as_on_qsd() {
     initramfs(&initrd, &modules);
     let mut reports = Vec::new();
     for which in Impl::all() {
-        let tag = format!("{which:?}").to_lowercase();
-        let image = p(dir.path(), &format!("{tag}.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", &image, "64M"]);
+        let (tag, image) = tagged_qcow2(dir.path(), which, "64M");
         assert_eq!(
             qemu_io_outcome(&["-f", "qcow2", "-c", "write -P 0x5a 0 4M", &image]),
             "ok"

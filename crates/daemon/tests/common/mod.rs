@@ -151,6 +151,14 @@ impl Daemon {
         );
     }
 
+    /// kill -9, as a crash would end it, and reap it.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Wait (bounded) for the daemon to exit by itself.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + WAIT;
@@ -392,4 +400,13 @@ pub async fn replies_of_both(
     }
     let qsd = answers.pop().unwrap();
     [answers.pop().unwrap(), qsd]
+}
+
+/// A new qcow2 image of `size` for `which` in `dir`, named after it so that both daemons
+/// of a side-by-side test have their own; the name (`blockd`, `qsd`) and the path.
+pub fn tagged_qcow2(dir: &Path, which: Impl, size: &str) -> (String, String) {
+    let tag = format!("{which:?}").to_lowercase();
+    let image = p(dir, &format!("{tag}.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", &image, size]);
+    (tag, image)
 }

@@ -3,15 +3,13 @@
 //! NBD_OPT_GO and simple replies only.
 
 use super::WAIT;
+use nbd::proto::{
+    CMD_READ, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, INFO_EXPORT, OPT_GO, REP_ACK,
+    REP_FLAG_ERROR, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-pub const CMD_FLUSH: u16 = 3;
-pub const CMD_TRIM: u16 = 4;
-pub const CMD_WRITE_ZEROES: u16 = 6;
 
 /// A transmission-phase connection to `export` without structured replies: the raw
 /// handshake (fixed newstyle, NBD_OPT_GO), so that nothing refuses requests for the
@@ -21,12 +19,13 @@ pub fn connect(sock: &Path, export: &str) -> (UnixStream, u16) {
     s.set_read_timeout(Some(WAIT)).unwrap();
     let mut greeting = [0u8; 18];
     s.read_exact(&mut greeting).unwrap();
-    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+        .unwrap();
     let mut data = (export.len() as u32).to_be_bytes().to_vec();
     data.extend_from_slice(export.as_bytes());
     data.extend_from_slice(&0u16.to_be_bytes());
-    let mut opt = b"IHAVEOPT".to_vec();
-    opt.extend_from_slice(&7u32.to_be_bytes());
+    let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+    opt.extend_from_slice(&OPT_GO.to_be_bytes());
     opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
     opt.extend_from_slice(&data);
     s.write_all(&opt).unwrap();
@@ -38,20 +37,20 @@ pub fn connect(sock: &Path, export: &str) -> (UnixStream, u16) {
         let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
         let mut body = vec![0; len];
         s.read_exact(&mut body).unwrap();
-        if kind == 3 && len >= 12 && body[..2] == [0, 0] {
+        if kind == REP_INFO && len >= 12 && body[..2] == INFO_EXPORT.to_be_bytes() {
             flags = u16::from_be_bytes(body[10..12].try_into().unwrap());
         }
-        if kind == 1 {
+        if kind == REP_ACK {
             return (s, flags);
         }
-        assert_eq!(kind & 0x8000_0000, 0, "NBD_OPT_GO refused");
+        assert_eq!(kind & REP_FLAG_ERROR, 0, "NBD_OPT_GO refused");
     }
 }
 
 /// Sends one request (with `payload` for a write) and returns the reply's error code; a
 /// successful read's data is read and dropped.
 pub fn request(s: &mut UnixStream, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> u32 {
-    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+    let mut req = REQUEST_MAGIC.to_be_bytes().to_vec();
     req.extend_from_slice(&0u16.to_be_bytes());
     req.extend_from_slice(&cmd.to_be_bytes());
     req.extend_from_slice(&7u64.to_be_bytes());
@@ -61,7 +60,7 @@ pub fn request(s: &mut UnixStream, cmd: u16, offset: u64, len: u32, payload: &[u
     s.write_all(&req).unwrap();
     let mut reply = [0u8; 16];
     s.read_exact(&mut reply).unwrap();
-    assert_eq!(reply[..4], 0x6744_6698u32.to_be_bytes(), "simple reply");
+    assert_eq!(reply[..4], SIMPLE_REPLY_MAGIC.to_be_bytes(), "simple reply");
     let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
     if cmd == CMD_READ && error == 0 {
         let mut data = vec![0; len as usize];
