@@ -13,6 +13,7 @@
 //! ordered list of heterogeneous options whose arguments are parsed with QEMU's own syntaxes
 //! (keyval, JSON, QemuOpts); clap would only do the word splitting, and differently.
 
+pub use crate::chardev::ChardevSpec;
 use qapi::keyval;
 use serde_json::{Map, Value};
 use std::fmt;
@@ -69,7 +70,7 @@ impl<T> Located<T> {
 pub enum CliItem {
     /// `blockdev-add` arguments.
     Blockdev(QapiArgs),
-    Chardev(Chardev),
+    Chardev(ChardevSpec),
     Monitor(Monitor),
     /// `nbd-server-start` arguments.
     NbdServer(QapiArgs),
@@ -94,31 +95,6 @@ pub enum Syntax {
 pub struct QapiArgs {
     pub syntax: Syntax,
     pub args: Map<String, Value>,
-}
-
-/// A `--chardev` (only the socket backend is offered by blockd).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chardev {
-    pub id: String,
-    pub backend: ChardevBackend,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChardevBackend {
-    /// `socket,path=...`. `wait` (block startup until a client connects) is only ever true
-    /// for a server; the default is `server=off`, and `wait=on` for a server.
-    UnixSocket {
-        path: PathBuf,
-        server: bool,
-        wait: bool,
-    },
-    /// `socket,host=...,port=...`; `port` may be a service name, as getaddrinfo allows.
-    Tcp {
-        host: String,
-        port: String,
-        server: bool,
-        wait: bool,
-    },
 }
 
 /// A `--monitor`: QMP on a chardev. QEMU accepts an `id` but uses it for nothing, and
@@ -541,7 +517,7 @@ fn wrong_type(name: &str, value: &Value, syntax: Syntax, expected: &str) -> Stri
 }
 
 /// QEMU's spellings of a boolean on the command line.
-fn parse_bool(s: &str) -> Option<bool> {
+pub(crate) fn parse_bool(s: &str) -> Option<bool> {
     match s {
         "on" | "yes" | "true" | "y" => Some(true),
         "off" | "no" | "false" | "n" => Some(false),
@@ -549,7 +525,7 @@ fn parse_bool(s: &str) -> Option<bool> {
     }
 }
 
-const CHARDEV_HELP: &str = "Available chardev backend types: \n  socket\n";
+const CHARDEV_HELP: &str = "Available chardev backend types: \n  file\n  memory\n  null\n  pipe\n  pty\n  ringbuf\n  serial\n  socket\n  stdio\n";
 
 /// Every backend QEMU knows; the others are not valid driver names.
 const QEMU_CHARDEV_BACKENDS: &[&str] = &[
@@ -616,13 +592,11 @@ const QEMU_CHARDEV_OPTIONS: &[(&str, ChardevOptType)] = {
 };
 
 /// The socket options blockd implements; the other QEMU options are refused.
-const SUPPORTED_CHARDEV_OPTIONS: &[&str] = &["backend", "path", "host", "port", "server", "wait"];
-
 /// `--chardev` in QemuOpts syntax: `backend,id=...,key=value,...` where a bare first
 /// element is the backend, `,,` escapes a comma in values, a bare `name`/`noname` means
 /// `name=on`/`name=off` (deprecated), `id` keeps its first value and other keys their last.
 /// `None` for `--chardev help`.
-fn parse_chardev(arg: &str) -> Result<Option<Chardev>, String> {
+fn parse_chardev(arg: &str) -> Result<Option<ChardevSpec>, String> {
     if arg == "help" || arg == "?" {
         return Ok(None);
     }
@@ -656,47 +630,50 @@ fn parse_chardev(arg: &str) -> Result<Option<Chardev>, String> {
     if !QEMU_CHARDEV_BACKENDS.contains(&backend) {
         return Err(format!("'{backend}' is not a valid char driver name"));
     }
-    if backend != "socket" {
-        return Err(format!(
-            "chardev backend '{backend}' is not supported by blockd (only 'socket' is)"
-        ));
-    }
-    let (path, host, port) = (get("path"), get("host"), get("port"));
-    if [path, get("fd"), host].iter().flatten().count() > 1 {
-        return Err("None or one of 'path', 'fd' or 'host' option required.".into());
-    }
-    if host.is_some() && port.is_none() {
-        return Err("chardev: socket: no port given".into());
-    }
-    let server = get("server").and_then(parse_bool).unwrap_or(false);
-    let wait = match get("wait").and_then(parse_bool) {
-        Some(_) if !server => {
-            return Err("'wait' option is incompatible with socket in client connect mode".into())
-        }
-        Some(wait) => wait,
-        None => server,
-    };
     if let Some((name, _)) = values
         .iter()
-        .find(|(n, _)| !SUPPORTED_CHARDEV_OPTIONS.contains(n))
+        .find(|(n, _)| !chardev_option_used(backend, n))
     {
-        return Err(format!("Parameter '{name}' is not supported by blockd"));
+        return Err(format!(
+            "Parameter '{name}' is not supported by blockd for chardev backend '{backend}'"
+        ));
     }
-    let backend = match (path, host, port) {
-        (Some(path), _, _) => ChardevBackend::UnixSocket {
-            path: PathBuf::from(path),
-            server,
-            wait,
-        },
-        (None, Some(host), Some(port)) => ChardevBackend::Tcp {
-            host: host.to_owned(),
-            port: port.to_owned(),
-            server,
-            wait,
-        },
-        _ => return Err("chardev: socket: 'path' or 'host' and 'port' required".into()),
+    let get = |name: &str| get(name).map(str::to_owned);
+    crate::chardev::spec_from_opts(id, backend, &get).map(Some)
+}
+
+/// Whether blockd's `backend` does something with QemuOpts option `name` (QEMU ignores the
+/// options of other backends; blockd refuses them rather than accept what it ignores).
+fn chardev_option_used(backend: &str, name: &str) -> bool {
+    let specific: &[&str] = match backend {
+        "socket" => &[
+            "path",
+            "host",
+            "port",
+            "server",
+            "wait",
+            "nodelay",
+            "reconnect",
+            "reconnect-ms",
+            "abstract",
+            "tight",
+            "telnet",
+            "tn3270",
+            "websocket",
+            "tls-creds",
+            "tls-authz",
+            "fd",
+            "to",
+            "ipv4",
+            "ipv6",
+        ],
+        "ringbuf" | "memory" => &["size"],
+        "file" => &["path", "input-path", "append"],
+        "pipe" | "serial" | "pty" => &["path"],
+        "stdio" => &["signal"],
+        _ => &[],
     };
-    Ok(Some(Chardev { id, backend }))
+    ["backend", "logfile", "logappend", "mux"].contains(&name) || specific.contains(&name)
 }
 
 /// Split QemuOpts syntax into (key, value) pairs in order. A first element without `=` is
@@ -840,6 +817,7 @@ Options are applied in the order given.
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chardev::{Backend, SocketAddr, SocketSpec};
     use serde_json::json;
 
     fn args(words: &[&str]) -> Vec<String> {
@@ -877,15 +855,27 @@ mod tests {
         }
     }
 
-    fn unix(id: &str, path: &str, server: bool, wait: bool) -> CliItem {
-        CliItem::Chardev(Chardev {
+    fn socket(id: &str, addr: SocketAddr, server: bool, wait: bool) -> CliItem {
+        CliItem::Chardev(ChardevSpec {
             id: id.into(),
-            backend: ChardevBackend::UnixSocket {
-                path: path.into(),
+            backend: Backend::Socket(SocketSpec {
+                addr,
                 server,
                 wait,
-            },
+                nodelay: false,
+                reconnect: None,
+            }),
+            log: None,
         })
+    }
+
+    fn unix(id: &str, path: &str, server: bool, wait: bool) -> CliItem {
+        let addr = SocketAddr::Unix {
+            path: path.into(),
+            abstract_name: false,
+            tight: true,
+        };
+        socket(id, addr, server, wait)
     }
 
     fn monitor(chardev: &str, pretty: bool) -> CliItem {
@@ -972,15 +962,15 @@ mod tests {
                 ],
                 vec![(
                     "--chardev id=t,backend=socket,host=127.0.0.1,port=4444,server=yes",
-                    CliItem::Chardev(Chardev {
-                        id: "t".into(),
-                        backend: ChardevBackend::Tcp {
+                    socket(
+                        "t",
+                        SocketAddr::Inet {
                             host: "127.0.0.1".into(),
                             port: "4444".into(),
-                            server: true,
-                            wait: true,
                         },
-                    }),
+                        true,
+                        true,
+                    ),
                 )],
             ),
             (
@@ -1118,6 +1108,18 @@ mod tests {
     fn errors_shared_with_qsd() -> Vec<ErrorCase> {
         vec![
             (vec!["--bogus"], "unrecognized option '--bogus'"),
+            (
+                vec!["--chardev", "file,id=f"],
+                "--chardev file,id=f: chardev: file: no filename given",
+            ),
+            (
+                vec!["--chardev", "pipe,id=p"],
+                "--chardev pipe,id=p: chardev: pipe: no device path given",
+            ),
+            (
+                vec!["--chardev", "serial,id=t"],
+                "--chardev serial,id=t: chardev: serial/tty: no device path given",
+            ),
             (vec!["--bogus=1"], "unrecognized option '--bogus=1'"),
             (vec!["--bogus", "-V"], "unrecognized option '--bogus'"),
             (vec!["-x"], "invalid option -- 'x'"),
@@ -1272,12 +1274,12 @@ mod tests {
                 "--monitor m0,mode=readline: Only QMP is supported",
             ),
             (
-                vec!["--chardev", "null,id=n0"],
-                "--chardev null,id=n0: chardev backend 'null' is not supported by blockd (only 'socket' is)",
+                vec!["--chardev", "udp,id=u0"],
+                "--chardev udp,id=u0: chardev backend 'udp' is not supported by blockd",
             ),
             (
                 vec!["--chardev", "socket,id=m0,path=/s,server=on,telnet=on"],
-                "--chardev socket,id=m0,path=/s,server=on,telnet=on: Parameter 'telnet' is not supported by blockd",
+                "--chardev socket,id=m0,path=/s,server=on,telnet=on: chardev option 'telnet' is not supported by blockd",
             ),
             (
                 vec!["--chardev", "socket,id=m0,server=on"],

@@ -1,14 +1,13 @@
 //! The running daemon: its graph, I/O threads, monitors, and the order of startup and
 //! shutdown.
 
-use crate::cli::{Chardev, ChardevBackend, CliItem, Monitor, QapiArgs, Syntax};
+use crate::chardev::Chardevs;
+use crate::cli::{CliItem, Monitor, QapiArgs, Syntax};
 use crate::commands::Commands;
 use crate::exports::Exports;
 use block::{Graph, IoThreads, Node, OptionSyntax};
 use qapi::error::QmpError;
 use serde_json::{Map, Value};
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -23,20 +22,12 @@ pub struct Daemon {
     /// them up on the I/O threads.
     pub authz: Arc<block::Objects<crate::authz::Authz>>,
     quit: Notify,
-    chardevs: RefCell<HashMap<String, Chardev>>,
-    /// Monitors bound during startup; they accept clients only once startup is complete,
-    /// as qsd's main loop starts after all options are applied.
-    bound_monitors: RefCell<Vec<Box<dyn FnOnce()>>>,
+    /// The chardevs; they serve their monitors only once startup is complete, as qsd's
+    /// main loop starts after all options are applied.
+    pub chardevs: Chardevs,
 }
 
 impl Daemon {
-    /// The ids of the chardevs, sorted.
-    pub fn chardev_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.chardevs.borrow().keys().cloned().collect();
-        ids.sort();
-        ids
-    }
-
     pub fn new(io_threads: usize) -> std::io::Result<Rc<Daemon>> {
         let events = qmp::EventSink::new();
         let graph = Arc::new(Graph::new());
@@ -50,8 +41,7 @@ impl Daemon {
             exports: Exports::default(),
             authz: Arc::default(),
             quit: Notify::new(),
-            chardevs: RefCell::new(HashMap::new()),
-            bound_monitors: RefCell::new(Vec::new()),
+            chardevs: Chardevs::default(),
         }))
     }
 
@@ -69,9 +59,7 @@ impl Daemon {
 
     /// Startup is complete: monitors start accepting clients.
     pub fn start_monitors(&self) {
-        for start in self.bound_monitors.borrow_mut().drain(..) {
-            start();
-        }
+        self.chardevs.start();
     }
 
     pub fn request_quit(&self) {
@@ -108,13 +96,15 @@ impl Daemon {
                 crate::commands::objects::object_add_cli(self, args, syntax == Syntax::Keyval)
                     .map_err(|e| e.desc)
             }
-            CliItem::Chardev(chardev) => {
-                let mut chardevs = self.chardevs.borrow_mut();
-                if chardevs.contains_key(&chardev.id) {
-                    return Err(format!("attempt to add duplicate chardev '{}'", chardev.id));
+            CliItem::Chardev(spec) => {
+                // QEMU's text for a duplicate on the command line (QOM's, not chardev-add's).
+                if self.chardevs.get(&spec.id).is_some() {
+                    return Err(format!(
+                        "attempt to add duplicate property '{}' to object (type 'container')",
+                        spec.id
+                    ));
                 }
-                chardevs.insert(chardev.id.clone(), chardev);
-                Ok(())
+                self.chardevs.add(spec, true).await.map(|_| ())
             }
             CliItem::Monitor(monitor) => self.start_monitor(monitor),
         }
@@ -123,43 +113,13 @@ impl Daemon {
     fn start_monitor(self: &Rc<Self>, monitor: Monitor) -> Result<(), String> {
         let chardev = self
             .chardevs
-            .borrow()
             .get(&monitor.chardev)
-            .cloned()
             .ok_or_else(|| format!("chardev \"{}\" not found", monitor.chardev))?;
-        let server = qmp::Server::new(
+        chardev.attach_monitor(qmp::Server::new(
             Rc::new(Commands::new(self.clone())),
             self.events.clone(),
             crate::commands::version_json(),
-        );
-        match chardev.backend {
-            ChardevBackend::UnixSocket { path, .. } => {
-                // A stale socket file from an earlier run would make bind fail, as QEMU knows.
-                let _ = std::fs::remove_file(&path);
-                let listener = nbd::listen_unix_private(&path)
-                    .and_then(|l| {
-                        l.set_nonblocking(true)?;
-                        tokio::net::UnixListener::from_std(l)
-                    })
-                    .map_err(|e| format!("Failed to bind socket to {}: {e}", path.display()))?;
-                self.bound_monitors
-                    .borrow_mut()
-                    .push(Box::new(move || drop(server.serve_unix(listener))));
-            }
-            ChardevBackend::Tcp { host, port, .. } => {
-                let addr = format!("{host}:{port}");
-                let listener = std::net::TcpListener::bind(&addr)
-                    .and_then(|l| {
-                        l.set_nonblocking(true)?;
-                        tokio::net::TcpListener::from_std(l)
-                    })
-                    .map_err(|e| format!("Failed to bind socket to {addr}: {e}"))?;
-                self.bound_monitors
-                    .borrow_mut()
-                    .push(Box::new(move || drop(server.serve_tcp(listener))));
-            }
-        }
-        Ok(())
+        ))
     }
 
     /// quit / SIGTERM: flush every image, release every lock, stop the I/O threads.
@@ -176,6 +136,7 @@ impl Daemon {
         let graph = self.graph.clone();
         self.io.run(move || async move { graph.close_all() }).await;
         self.io.shutdown();
+        self.chardevs.close_all();
     }
 }
 

@@ -1,6 +1,7 @@
 //! `blockd`: a qemu-storage-daemon compatible storage daemon.
 
 mod authz;
+mod chardev;
 mod cli;
 mod commands;
 mod daemon;

@@ -1102,6 +1102,14 @@ mod tests {
             "blockdev-snapshot-internal-sync",
             "blockdev-snapshot-delete-internal-sync",
             "x-blockdev-change",
+            "query-chardev",
+            "query-chardev-backends",
+            "ringbuf-write",
+            "ringbuf-read",
+            "chardev-add",
+            "chardev-change",
+            "chardev-remove",
+            "chardev-send-break",
         ];
         planned.sort_unstable();
         assert_eq!(commands, planned);

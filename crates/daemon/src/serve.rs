@@ -1,8 +1,7 @@
 //! `blockd serve IMAGE`: the short form for a new user, expanded into the long options.
 
-use crate::cli::{
-    Chardev, ChardevBackend, CliItem, DaemonArgs, Located, Monitor, QapiArgs, ServeArgs, Syntax,
-};
+use crate::chardev::{Backend, SocketAddr, SocketSpec};
+use crate::cli::{ChardevSpec, CliItem, DaemonArgs, Located, Monitor, QapiArgs, ServeArgs, Syntax};
 use serde_json::json;
 use std::path::Path;
 
@@ -43,13 +42,20 @@ pub fn prepare(args: &ServeArgs) -> Result<DaemonArgs, String> {
     let items = vec![
         located(
             "QMP socket",
-            CliItem::Chardev(Chardev {
+            CliItem::Chardev(ChardevSpec {
                 id: "qmp0".into(),
-                backend: ChardevBackend::UnixSocket {
-                    path: args.qmp.clone(),
+                backend: Backend::Socket(SocketSpec {
+                    addr: SocketAddr::Unix {
+                        path: args.qmp.clone(),
+                        abstract_name: false,
+                        tight: true,
+                    },
                     server: true,
                     wait: false,
-                },
+                    nodelay: false,
+                    reconnect: None,
+                }),
+                log: None,
             }),
         ),
         located(

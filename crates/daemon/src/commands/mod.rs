@@ -3,6 +3,7 @@
 pub mod bitmaps;
 pub mod block;
 mod chain;
+mod chardev;
 mod create;
 mod images;
 mod internal_snapshots;
@@ -57,6 +58,10 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-snapshot-internal-sync",
     "blockdev-snapshot-delete-internal-sync",
     "change-backing-file",
+    "chardev-add",
+    "chardev-change",
+    "chardev-remove",
+    "chardev-send-break",
     "block_set_io_throttle",
     "block_resize",
     "block-set-write-threshold",
@@ -76,6 +81,8 @@ pub const COMMANDS: &[&str] = &[
     "query-block",
     "query-block-exports",
     "query-block-jobs",
+    "query-chardev",
+    "query-chardev-backends",
     "query-blockstats",
     "query-commands",
     "query-jobs",
@@ -87,6 +94,8 @@ pub const COMMANDS: &[&str] = &[
     "qom-get",
     "qom-set",
     "quit",
+    "ringbuf-read",
+    "ringbuf-write",
     "transaction",
     "x-blockdev-amend",
     "x-blockdev-del",
@@ -118,6 +127,14 @@ impl qmp::Dispatcher for Commands {
                 "blockdev-reopen" => reopen::blockdev_reopen(daemon, args).await,
                 "blockdev-del" | "x-blockdev-del" => block::blockdev_del(daemon, args).await,
                 "x-blockdev-change" => block::x_blockdev_change(daemon, args),
+                "chardev-add" => chardev::chardev_add(daemon, args).await,
+                "chardev-change" => chardev::chardev_change(daemon, args).await,
+                "chardev-remove" => chardev::chardev_remove(daemon, args),
+                "chardev-send-break" => chardev::chardev_send_break(daemon, args),
+                "query-chardev" => chardev::query_chardev(daemon, args),
+                "query-chardev-backends" => chardev::query_chardev_backends(args),
+                "ringbuf-write" => chardev::ringbuf_write(daemon, args),
+                "ringbuf-read" => chardev::ringbuf_read(daemon, args),
                 "query-block" => block::query_block(args),
                 "nbd-server-start" => Exports::server_start(daemon, args),
                 "nbd-server-stop" => {

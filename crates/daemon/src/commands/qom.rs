@@ -157,6 +157,69 @@ const TYPES: &[TypeInfo] = &[
         interfaces: &[],
         properties: &[("connected", "bool"), ("addr", "SocketAddress")],
     },
+    TypeInfo {
+        name: "chardev-fd",
+        parent: Some("chardev"),
+        is_abstract: true,
+        interfaces: &[],
+        properties: &[],
+    },
+    TypeInfo {
+        name: "chardev-file",
+        parent: Some("chardev-fd"),
+        is_abstract: false,
+        interfaces: &[],
+        properties: &[],
+    },
+    TypeInfo {
+        name: "chardev-pipe",
+        parent: Some("chardev-fd"),
+        is_abstract: false,
+        interfaces: &[],
+        properties: &[],
+    },
+    TypeInfo {
+        name: "chardev-serial",
+        parent: Some("chardev-fd"),
+        is_abstract: false,
+        interfaces: &[],
+        properties: &[],
+    },
+    TypeInfo {
+        name: "chardev-stdio",
+        parent: Some("chardev-fd"),
+        is_abstract: false,
+        interfaces: &[],
+        properties: &[],
+    },
+    TypeInfo {
+        name: "chardev-null",
+        parent: Some("chardev"),
+        is_abstract: false,
+        interfaces: &[],
+        properties: &[],
+    },
+    TypeInfo {
+        name: "chardev-pty",
+        parent: Some("chardev"),
+        is_abstract: false,
+        interfaces: &[],
+        properties: &[],
+    },
+    TypeInfo {
+        name: "chardev-ringbuf",
+        parent: Some("chardev"),
+        is_abstract: false,
+        interfaces: &[],
+        properties: &[],
+    },
+    TypeInfo {
+        name: "chardev-memory",
+        parent: Some("chardev-ringbuf"),
+        is_abstract: false,
+        interfaces: &[],
+        properties: &[],
+    },
 ];
 
 fn find(name: &str) -> Option<&'static TypeInfo> {
@@ -283,8 +346,8 @@ pub fn qom_list(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpE
             }
         }
         "/chardevs" => {
-            for id in daemon.chardev_ids() {
-                out.push(child(&id, "chardev-socket"));
+            for (id, ty) in daemon.chardevs.list() {
+                out.push(child(&id, ty));
             }
         }
         path => {
@@ -292,10 +355,11 @@ pub fn qom_list(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpE
                 object_type(daemon, id)
             } else if let Some(id) = path.strip_prefix("/chardevs/") {
                 daemon
-                    .chardev_ids()
-                    .iter()
-                    .any(|c| c == id)
-                    .then_some("chardev-socket")
+                    .chardevs
+                    .list()
+                    .into_iter()
+                    .find(|(c, _)| c == id)
+                    .map(|(_, ty)| ty)
             } else {
                 None
             };
