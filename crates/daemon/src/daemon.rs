@@ -119,6 +119,7 @@ impl Daemon {
             Rc::new(Commands::new(self.clone())),
             self.events.clone(),
             crate::commands::version_json(),
+            monitor.pretty,
         ))
     }
 

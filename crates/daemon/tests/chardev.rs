@@ -490,3 +490,56 @@ fn startup_errors_as_qsd() {
         assert_eq!(texts[0], texts[1], "{args:?}");
     }
 }
+
+/// `--monitor pretty=on` lays out every message as qsd does, byte for byte.
+#[test]
+fn pretty_monitors_write_as_qsd() {
+    use std::io::Read;
+    let mut outputs = Vec::new();
+    for which in Impl::all() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("pretty.sock");
+        let args = vec![
+            "--chardev".to_string(),
+            format!("socket,id=p,path={},server=on,wait=off", path.display()),
+            "--monitor".to_string(),
+            "chardev=p,pretty=on".to_string(),
+        ];
+        let _daemon = Daemon::start(which, tmp.path(), &args);
+        let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream
+            .write_all(
+                b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-version\"}\n\
+                  {\"execute\":\"bogus\"}\n{\"execute\":\"query-jobs\",\"id\":[1,{}]}\n",
+            )
+            .unwrap();
+        // Four replies after the greeting; the last ends with the id's closing brace.
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        while text.matches("\r\n}\r\n").count() < 5 {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "{which:?} closed: {text}");
+            text.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+        }
+        let package = |t: &str| {
+            t.split("\r\n")
+                .map(|l| {
+                    if l.trim_start().starts_with("\"package\"") {
+                        "PACKAGE"
+                    } else {
+                        l
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\r\n")
+        };
+        outputs.push(package(&text));
+    }
+    assert_eq!(outputs[0], outputs[1]);
+    assert!(
+        outputs[0].contains("{\r\n    \"return\": {\r\n    }\r\n}\r\n"),
+        "{:?}",
+        outputs[0]
+    );
+}

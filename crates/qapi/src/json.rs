@@ -11,6 +11,51 @@ pub fn to_string(value: &Value) -> String {
     out
 }
 
+/// Serializes `value` as QEMU's monitor does with `pretty=on`: one member or element per
+/// line, indented by four spaces a level, closing brackets at their opener's level (an
+/// empty object too: `{` and `}` on lines of their own). Lines end in `\n`.
+pub fn to_string_pretty(value: &Value) -> String {
+    let mut out = String::new();
+    write_pretty(value, 0, &mut out);
+    out
+}
+
+fn write_pretty(value: &Value, level: usize, out: &mut String) {
+    let newline = |out: &mut String, level: usize| {
+        out.push('\n');
+        out.extend(std::iter::repeat_n(' ', level * 4));
+    };
+    match value {
+        Value::Array(items) => {
+            out.push('[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                newline(out, level + 1);
+                write_pretty(v, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            for (i, (k, v)) in qdict_order(map).into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                newline(out, level + 1);
+                write_string(k, out);
+                out.push_str(": ");
+                write_pretty(v, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        scalar => write_value(scalar, out),
+    }
+}
+
 fn write_value(value: &Value, out: &mut String) {
     match value {
         Value::Null => out.push_str("null"),

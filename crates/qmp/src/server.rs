@@ -45,19 +45,43 @@ struct Inner {
     dispatcher: Rc<dyn Dispatcher>,
     events: EventSink,
     greeting: String,
+    /// `--monitor pretty=on`: JSON written over several indented lines.
+    pretty: bool,
+}
+
+impl Inner {
+    /// One message as it goes on the wire, without the final line end.
+    fn render(&self, message: &Value) -> String {
+        if self.pretty {
+            // QEMU's monitor ends every line it writes with CR LF, inner ones too; JSON
+            // strings never hold a raw line feed.
+            qapi::json::to_string_pretty(message).replace('\n', "\r\n")
+        } else {
+            qapi::json::to_string(message)
+        }
+    }
 }
 
 impl Server {
     /// `version` is the greeting's `version` member, e.g.
-    /// `{"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": "blockd-0.1.0"}`.
-    pub fn new(dispatcher: Rc<dyn Dispatcher>, events: EventSink, version: Value) -> Server {
-        let greeting = json!({"QMP": {"version": version, "capabilities": ["oob"]}});
+    /// `{"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": "blockd-0.1.0"}`;
+    /// `pretty` lays every message out over indented lines, as QEMU's `pretty=on`.
+    pub fn new(
+        dispatcher: Rc<dyn Dispatcher>,
+        events: EventSink,
+        version: Value,
+        pretty: bool,
+    ) -> Server {
+        let mut inner = Inner {
+            dispatcher,
+            events,
+            greeting: String::new(),
+            pretty,
+        };
+        inner.greeting =
+            inner.render(&json!({"QMP": {"version": version, "capabilities": ["oob"]}}));
         Server {
-            inner: Rc::new(Inner {
-                dispatcher,
-                events,
-                greeting: qapi::json::to_string(&greeting),
-            }),
+            inner: Rc::new(inner),
         }
     }
 
@@ -169,7 +193,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
                     tracing::debug!("QMP read failed: {e}");
                     break;
                 }
-                Wake::Event(Some(event)) => self.write_line(&qapi::json::to_string(&event)).await,
+                Wake::Event(Some(event)) => self.write_line(&self.inner.render(&event)).await,
                 Wake::Event(None) => break,
             }
         }
@@ -193,7 +217,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
         if let Some(id) = id {
             reply.insert("id".into(), id);
         }
-        self.write_line(&qapi::json::to_string(&Value::Object(reply)))
+        self.write_line(&self.inner.render(&Value::Object(reply)))
             .await;
     }
 
@@ -301,7 +325,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
                 None => return command_future.await,
             };
             match event {
-                Some(event) => self.write_line(&qapi::json::to_string(&event)).await,
+                Some(event) => self.write_line(&self.inner.render(&event)).await,
                 // Dropped as too slow: finish the command, then the session ends.
                 None => {
                     self.events = None;

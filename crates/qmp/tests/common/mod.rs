@@ -130,7 +130,7 @@ pub fn start_toy() -> ToyServer {
                 gate: Notify::new(),
                 gates_done: Cell::new(0),
             };
-            let server = Server::new(Rc::new(toy), sink, version());
+            let server = Server::new(Rc::new(toy), sink, version(), false);
             server.serve_unix(listener);
             ready_tx.send(()).unwrap();
             let _ = stop_rx.await;
