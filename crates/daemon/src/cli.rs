@@ -630,50 +630,7 @@ fn parse_chardev(arg: &str) -> Result<Option<ChardevSpec>, String> {
     if !QEMU_CHARDEV_BACKENDS.contains(&backend) {
         return Err(format!("'{backend}' is not a valid char driver name"));
     }
-    if let Some((name, _)) = values
-        .iter()
-        .find(|(n, _)| !chardev_option_used(backend, n))
-    {
-        return Err(format!(
-            "Parameter '{name}' is not supported by blockd for chardev backend '{backend}'"
-        ));
-    }
-    let get = |name: &str| get(name).map(str::to_owned);
-    crate::chardev::spec_from_opts(id, backend, &get).map(Some)
-}
-
-/// Whether blockd's `backend` does something with QemuOpts option `name` (QEMU ignores the
-/// options of other backends; blockd refuses them rather than accept what it ignores).
-fn chardev_option_used(backend: &str, name: &str) -> bool {
-    let specific: &[&str] = match backend {
-        "socket" => &[
-            "path",
-            "host",
-            "port",
-            "server",
-            "wait",
-            "nodelay",
-            "reconnect",
-            "reconnect-ms",
-            "abstract",
-            "tight",
-            "telnet",
-            "tn3270",
-            "websocket",
-            "tls-creds",
-            "tls-authz",
-            "fd",
-            "to",
-            "ipv4",
-            "ipv6",
-        ],
-        "ringbuf" | "memory" => &["size"],
-        "file" => &["path", "input-path", "append"],
-        "pipe" | "serial" | "pty" => &["path"],
-        "stdio" => &["signal"],
-        _ => &[],
-    };
-    ["backend", "logfile", "logappend", "mux"].contains(&name) || specific.contains(&name)
+    crate::chardev::spec_from_opts(id, backend, &values).map(Some)
 }
 
 /// Split QemuOpts syntax into (key, value) pairs in order. A first element without `=` is

@@ -1,7 +1,7 @@
 //! The running daemon: its graph, I/O threads, monitors, and the order of startup and
 //! shutdown.
 
-use crate::chardev::Chardevs;
+use crate::chardev::{AddError, Chardevs};
 use crate::cli::{CliItem, Monitor, QapiArgs, Syntax};
 use crate::commands::Commands;
 use crate::exports::Exports;
@@ -97,14 +97,18 @@ impl Daemon {
                     .map_err(|e| e.desc)
             }
             CliItem::Chardev(spec) => {
-                // QEMU's text for a duplicate on the command line (QOM's, not chardev-add's).
-                if self.chardevs.get(&spec.id).is_some() {
-                    return Err(format!(
-                        "attempt to add duplicate property '{}' to object (type 'container')",
-                        spec.id
-                    ));
-                }
-                self.chardevs.add(spec, true).await.map(|_| ())
+                let id = spec.id.clone();
+                self.chardevs
+                    .add(spec, true)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| match e {
+                        // QEMU's text for a duplicate on the command line (QOM's).
+                        AddError::Duplicate => format!(
+                            "attempt to add duplicate property '{id}' to object (type 'container')"
+                        ),
+                        AddError::Open(e) => e,
+                    })
             }
             CliItem::Monitor(monitor) => self.start_monitor(monitor),
         }

@@ -152,6 +152,8 @@ async fn chardev_commands_answer_as_qsd() {
             ),
             add("p", json!({"type": "pty", "data": {"path": d("pty.link")}})),
             ("query-chardev", json!({})),
+            ("query-chardev", json!({"bogus": 1})),
+            ("query-chardev-backends", json!({"bogus": 1})),
             ("chardev-send-break", json!({"id": "p"})),
             ("chardev-send-break", json!({"id": "nope"})),
             (

@@ -16,19 +16,11 @@ const MIB: u64 = 1 << 20;
 
 fn fuse_daemon(which: Impl, dir: &Path, image: &str, mountpoint: &Path, extra: &str) -> Daemon {
     std::fs::write(mountpoint, b"").unwrap();
-    Daemon::start(
-        which,
-        dir,
-        &[
-            s("--blockdev"),
-            format!("driver=qcow2,node-name=d,file.driver=file,file.filename={image}"),
-            s("--export"),
-            format!(
-                "type=fuse,id=e,node-name=d,mountpoint={}{extra}",
-                mountpoint.display()
-            ),
-        ],
-    )
+    let export = format!(
+        "type=fuse,id=e,node-name=d,mountpoint={}{extra}",
+        mountpoint.display()
+    );
+    Daemon::start(which, dir, &exported_qcow2_args(image, export))
 }
 
 fn seek(fd: i32, offset: i64, whence: i32) -> Result<i64, i32> {

@@ -17,19 +17,11 @@ use virtio_bindings::virtio_blk::*;
 const MIB: u64 = 1 << 20;
 
 fn blk_daemon(which: Impl, dir: &Path, image: &str, socket: &Path, extra: &str) -> Daemon {
-    Daemon::start(
-        which,
-        dir,
-        &[
-            s("--blockdev"),
-            format!("driver=qcow2,node-name=d,file.driver=file,file.filename={image}"),
-            s("--export"),
-            format!(
-                "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={}{extra}",
-                socket.display()
-            ),
-        ],
-    )
+    let export = format!(
+        "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={}{extra}",
+        socket.display()
+    );
+    Daemon::start(which, dir, &exported_qcow2_args(image, export))
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {

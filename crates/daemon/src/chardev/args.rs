@@ -436,13 +436,59 @@ fn not_offered(kind: &str) -> String {
     format!("chardev backend '{kind}' is not supported by blockd")
 }
 
+/// Whether blockd's `backend` does something with QemuOpts option `name`, if only refuse a
+/// value it does not carry out (QEMU ignores the options of other backends; blockd refuses
+/// them rather than accept what it ignores).
+fn option_used(backend: &str, name: &str) -> bool {
+    let specific: &[&str] = match backend {
+        "socket" => &[
+            "path",
+            "host",
+            "port",
+            "server",
+            "wait",
+            "nodelay",
+            "reconnect",
+            "reconnect-ms",
+            "abstract",
+            "tight",
+            "telnet",
+            "tn3270",
+            "websocket",
+            "tls-creds",
+            "tls-authz",
+            "fd",
+            "to",
+            "ipv4",
+            "ipv6",
+        ],
+        "ringbuf" | "memory" => &["size"],
+        "file" => &["path", "input-path", "append"],
+        "pipe" | "serial" | "pty" => &["path"],
+        "stdio" => &["signal"],
+        _ => &[],
+    };
+    ["backend", "logfile", "logappend", "mux"].contains(&name) || specific.contains(&name)
+}
+
 /// `--chardev` in QemuOpts form (already split and checked against QEMU's option names)
 /// to the same spec QMP gives.
 pub fn spec_from_opts(
     id: String,
     backend: &str,
-    get: &dyn Fn(&str) -> Option<String>,
+    values: &[(&str, &str)],
 ) -> Result<ChardevSpec, String> {
+    if let Some((name, _)) = values.iter().find(|(n, _)| !option_used(backend, n)) {
+        return Err(format!(
+            "Parameter '{name}' is not supported by blockd for chardev backend '{backend}'"
+        ));
+    }
+    let get = |name: &str| {
+        values
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_string())
+    };
     let flag = |name: &str| get(name).and_then(|v| parse_bool(&v));
     let number = |name: &str| -> Result<Option<i64>, String> {
         get(name)
@@ -458,16 +504,7 @@ pub fn spec_from_opts(
     let path = get("path");
     let backend = match backend {
         "socket" => {
-            for name in [
-                "tls-creds",
-                "tls-authz",
-                "fd",
-                "to",
-                "ipv4",
-                "ipv6",
-                "keep-alive",
-                "mptcp",
-            ] {
+            for name in ["tls-creds", "tls-authz", "fd", "to", "ipv4", "ipv6"] {
                 if get(name).is_some() {
                     return Err(unsupported(name));
                 }

@@ -190,20 +190,14 @@ impl Chardevs {
 
     /// Open a new chardev (`--chardev`, chardev-add). `announce` prints QEMU's messages
     /// about a server waiting for its client and a pty's name (startup only).
-    pub async fn add(&self, spec: ChardevSpec, announce: bool) -> Result<Value, String> {
+    pub async fn add(&self, spec: ChardevSpec, announce: bool) -> Result<Value, AddError> {
         if self.map.borrow().contains_key(&spec.id) {
-            return Err(format!("Chardev with id '{}' already exists", spec.id));
+            return Err(AddError::Duplicate);
         }
-        if spec.backend == Backend::Stdio
-            && self
-                .map
-                .borrow()
-                .values()
-                .any(|c| c.spec.backend == Backend::Stdio)
-        {
-            return Err("cannot use stdio by multiple character devices".into());
-        }
-        let chardev = Chardev::open(spec, announce).await?;
+        self.check_stdio(&spec).map_err(AddError::Open)?;
+        let chardev = Chardev::open(spec, announce)
+            .await
+            .map_err(AddError::Open)?;
         let reply = chardev.reply();
         let id = chardev.spec.id.clone();
         if self.started.get() {
@@ -225,22 +219,10 @@ impl Chardevs {
                 "Chardev user does not support chardev hotswap",
             ));
         }
-        if spec.backend == Backend::Stdio
-            && self
-                .map
-                .borrow()
-                .values()
-                .any(|c| c.spec.backend == Backend::Stdio && c.spec.id != spec.id)
-        {
-            return Err(QmpError::generic(format!(
-                "Failed to add chardev '{}': cannot use stdio by multiple character devices",
-                spec.id
-            )));
-        }
         let id = spec.id.clone();
-        let new = Chardev::open(spec, false)
-            .await
-            .map_err(|e| QmpError::generic(format!("Failed to add chardev '{id}': {e}")))?;
+        let failed = |e| QmpError::generic(format!("Failed to add chardev '{id}': {e}"));
+        self.check_stdio(&spec).map_err(failed)?;
+        let new = Chardev::open(spec, false).await.map_err(failed)?;
         let reply = new.reply();
         if self.started.get() {
             new.start();
@@ -248,6 +230,20 @@ impl Chardevs {
         self.map.borrow_mut().insert(id, new);
         old.close();
         Ok(reply)
+    }
+
+    /// Only one chardev may use the daemon's standard input and output (`spec` may replace
+    /// the chardev of its id).
+    fn check_stdio(&self, spec: &ChardevSpec) -> Result<(), String> {
+        let taken = self
+            .map
+            .borrow()
+            .values()
+            .any(|c| c.spec.backend == Backend::Stdio && c.spec.id != spec.id);
+        if spec.backend == Backend::Stdio && taken {
+            return Err("cannot use stdio by multiple character devices".into());
+        }
+        Ok(())
     }
 
     /// chardev-remove: only a chardev without a monitor.
@@ -296,14 +292,21 @@ impl Chardevs {
     }
 }
 
+/// Why [`Chardevs::add`] failed: the id is taken, or the backend did not open (QEMU's
+/// text). Each caller words the two its own way, as QEMU does for `--chardev` and QMP.
+pub enum AddError {
+    Duplicate,
+    Open(String),
+}
+
 /// What a chardev opened, until its task takes it.
 enum Resource {
-    Listener(Listener),
+    /// A server socket, with the client `wait` took before startup went on.
+    Listener(Listener, Option<Stream>),
+    /// A client socket's connection (none while `reconnect-ms` retries).
     Client(Option<Stream>),
-    /// A stream with separate input and output (files, pipes, terminals, stdio).
+    /// Everything else: an input (maybe none) and an output.
     Duplex(Input, Output),
-    Ring,
-    Null,
 }
 
 enum Listener {
@@ -321,8 +324,6 @@ enum Stream {
 pub struct Chardev {
     spec: ChardevSpec,
     resource: RefCell<Option<Resource>>,
-    /// The server's first client, taken while `wait` held the command up.
-    first_client: RefCell<Option<Stream>>,
     monitor: RefCell<Option<qmp::Server>>,
     /// Connections open now (sockets); 0 shows as "disconnected:" in query-chardev.
     connections: Rc<Cell<usize>>,
@@ -348,7 +349,6 @@ impl Chardev {
         let mut chardev = Chardev {
             spec: spec.clone(),
             resource: RefCell::new(None),
-            first_client: RefCell::new(None),
             monitor: RefCell::new(None),
             connections: Rc::new(Cell::new(0)),
             ring: None,
@@ -370,8 +370,9 @@ impl Chardev {
                         "size of ringbuf chardev must be at most {MAX_RING} in blockd"
                     ));
                 }
-                chardev.ring = Some(Rc::new(RefCell::new(Ring::new(*size as usize))));
-                Resource::Ring
+                let ring = Rc::new(RefCell::new(Ring::new(*size as usize)));
+                chardev.ring = Some(ring.clone());
+                Resource::Duplex(Input::Never, Output::Ring(ring))
             }
             Backend::File { out, input, append } => {
                 let mut options = std::fs::OpenOptions::new();
@@ -392,7 +393,7 @@ impl Chardev {
                 };
                 Resource::Duplex(input, Output::File(out_file))
             }
-            Backend::Null => Resource::Null,
+            Backend::Null => Resource::Duplex(Input::Never, Output::Null),
             Backend::Pipe { device } => {
                 let (input, output) = open_pipe(device)?;
                 Resource::Duplex(Input::Fd(input), Output::Fd(output))
@@ -526,13 +527,14 @@ impl Chardev {
 
     async fn wait_first_client(&self) -> Result<(), String> {
         // Nothing else looks at the resource before the chardev is registered.
-        let resource = self.resource.borrow_mut().take();
-        if let Some(Resource::Listener(listener)) = &resource {
-            let stream = listener
-                .accept()
-                .await
-                .map_err(|e| format!("accept: {e}"))?;
-            *self.first_client.borrow_mut() = Some(stream);
+        let mut resource = self.resource.borrow_mut().take();
+        if let Some(Resource::Listener(listener, first)) = &mut resource {
+            *first = Some(
+                listener
+                    .accept()
+                    .await
+                    .map_err(|e| format!("accept: {e}"))?,
+            );
         }
         *self.resource.borrow_mut() = resource;
         Ok(())
@@ -547,8 +549,7 @@ impl Chardev {
         let log = self.log.clone();
         let connections = self.connections.clone();
         let task = match resource {
-            Resource::Listener(listener) => {
-                let first = self.first_client.borrow_mut().take();
+            Resource::Listener(listener, first) => {
                 let nodelay = matches!(&self.spec.backend, Backend::Socket(s) if s.nodelay);
                 tokio::task::spawn_local(async move {
                     if let Some(stream) = first {
@@ -600,28 +601,6 @@ impl Chardev {
                     log,
                 })
             }
-            Resource::Ring => {
-                let (Some(monitor), Some(ring)) = (monitor, self.ring.clone()) else {
-                    return;
-                };
-                monitor.serve_connection(Logged {
-                    inner: Duplex {
-                        input: Input::Never,
-                        output: Output::Ring(ring),
-                    },
-                    log,
-                })
-            }
-            Resource::Null => {
-                let Some(monitor) = monitor else { return };
-                monitor.serve_connection(Logged {
-                    inner: Duplex {
-                        input: Input::Never,
-                        output: Output::Null,
-                    },
-                    log,
-                })
-            }
         };
         *self.task.borrow_mut() = Some(task);
     }
@@ -633,7 +612,6 @@ impl Chardev {
             task.abort();
         }
         self.resource.borrow_mut().take();
-        self.first_client.borrow_mut().take();
         if let Some((path, dev, ino)) = &self.socket_file {
             if std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == *dev && m.ino() == *ino) {
                 let _ = std::fs::remove_file(path);
@@ -674,14 +652,6 @@ impl Chardev {
         self.ring
             .as_ref()
             .ok_or_else(|| QmpError::generic(format!("{} is not a ringbuf device", self.spec.id)))
-    }
-}
-
-impl Drop for Chardev {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.get_mut().take() {
-            task.abort();
-        }
     }
 }
 
@@ -768,7 +738,7 @@ async fn open_socket(chardev: &mut Chardev, socket: &SocketSpec) -> Result<Resou
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 chardev.socket_file = Some((path.clone(), meta.dev(), meta.ino()));
             }
-            Ok(Resource::Listener(Listener::Unix(listener)))
+            Ok(Resource::Listener(Listener::Unix(listener), None))
         }
         SocketAddr::Unix {
             path,
@@ -782,14 +752,14 @@ async fn open_socket(chardev: &mut Chardev, socket: &SocketSpec) -> Result<Resou
                     tokio::net::UnixListener::from_std(l)
                 })
                 .map_err(|e| format!("Failed to bind socket: {e}"))?;
-            Ok(Resource::Listener(Listener::Unix(listener)))
+            Ok(Resource::Listener(Listener::Unix(listener), None))
         }
         SocketAddr::Inet { host, port } => {
             let listener = tokio::net::TcpListener::bind(format!("{host}:{port}"))
                 .await
                 .map_err(|e| format!("Failed to bind socket: {}", block::os_error_text(&e)))?;
             chardev.local_addr = listener.local_addr().ok();
-            Ok(Resource::Listener(Listener::Tcp(listener)))
+            Ok(Resource::Listener(Listener::Tcp(listener), None))
         }
     }
 }

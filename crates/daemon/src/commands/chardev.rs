@@ -2,7 +2,9 @@
 //! query-chardev, query-chardev-backends, ringbuf-write, ringbuf-read.
 
 use super::block::no_arguments;
-use crate::chardev::{backend_from_qmp, decode_data, encode_data, ChardevSpec, DataFormat};
+use crate::chardev::{
+    backend_from_qmp, decode_data, encode_data, AddError, ChardevSpec, DataFormat,
+};
 use crate::daemon::Daemon;
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -46,12 +48,9 @@ fn spec(args: Map<String, Value>) -> Result<ChardevSpec, QmpError> {
 pub async fn chardev_add(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
     let spec = spec(args)?;
     let id = spec.id.clone();
-    daemon.chardevs.add(spec, false).await.map_err(|e| {
-        if e.starts_with("Chardev with id") {
-            QmpError::generic(e)
-        } else {
-            QmpError::generic(format!("Failed to add chardev '{id}': {e}"))
-        }
+    daemon.chardevs.add(spec, false).await.map_err(|e| match e {
+        AddError::Duplicate => QmpError::generic(format!("Chardev with id '{id}' already exists")),
+        AddError::Open(e) => QmpError::generic(format!("Failed to add chardev '{id}': {e}")),
     })
 }
 

@@ -250,6 +250,17 @@ pub fn qemu_img(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The arguments that open `image` as qcow2 node `d` and export it with `export` (the
+/// export's options after `node-name=d,`).
+pub fn exported_qcow2_args(image: &str, export: String) -> Vec<String> {
+    vec![
+        s("--blockdev"),
+        format!("driver=qcow2,node-name=d,file.driver=file,file.filename={image}"),
+        s("--export"),
+        export,
+    ]
+}
+
 /// The arguments that start the daemon's NBD server on the unix socket `sock`.
 pub fn nbd_server_args(sock: &Path) -> Vec<String> {
     vec![
