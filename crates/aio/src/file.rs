@@ -1,13 +1,15 @@
 //! `ImageFile`: a host file or block device whose I/O never blocks the calling I/O thread.
 //!
 //! Data goes through pooled buffers owned by each in-flight request (see `op`), on the
-//! thread's io_uring or the blocking pool, never straight into or out of the caller's
-//! memory: a caller may leak a future it polled (mem::forget is safe), and the kernel
-//! would then write into memory freed under it. Owned buffers make that impossible, and
-//! satisfy any alignment, so callers' buffers need none. Reads past the end of file return
+//! thread's io_uring or the blocking pool, never straight into or out of memory the caller
+//! only lends: a caller may leak a future it polled (mem::forget is safe), and the kernel
+//! would then write into memory freed under it. Owned buffers make that impossible. The
+//! slice API copies through them and so takes any alignment; `read_buf` and `write_buf`
+//! take the caller's own [`IoBuf`] for the time of the request and spare the copy. Reads past the end of file return
 //! zeroes. With `direct` the file is opened O_DIRECT and requests are aligned to the probed
 //! logical block size.
 
+use crate::iobuf::IoBuf;
 use crate::lock::{self, LockState, Locking, Perms};
 use crate::op::{self, check, Core, Kind, Request};
 use crate::pool::{PoolBuf, MAX_BUF};
@@ -518,10 +520,52 @@ impl ImageFile {
         self.core.settle_writes().await
     }
 
-    /// Read exactly `len` (at most `MAX_BUF`) bytes into a fresh bounce buffer, zero-filling
-    /// from the end of file on.
-    async fn read_chunk(&self, offset: u64, len: usize) -> io::Result<PoolBuf> {
-        let mut buf = PoolBuf::new(len, self.req_align)?;
+    /// Whether the kernel can move `buf`'s bytes at `offset` in place: with O_DIRECT the
+    /// address, offset and length must be multiples of the request alignment.
+    fn fits_in_place(&self, buf: &IoBuf, offset: u64) -> bool {
+        let align = self.req_align;
+        !self.direct
+            || (buf.addr().is_multiple_of(align)
+                && buf.len().is_multiple_of(align)
+                && offset.is_multiple_of(align as u64))
+    }
+
+    /// Read `buf.len()` bytes at `offset` into `buf` and hand it back; like
+    /// [`read_at`](Self::read_at), but where the buffer suits the file (always without
+    /// O_DIRECT, and for aligned pieces with it) the kernel fills it in place.
+    pub async fn read_buf(&self, mut buf: IoBuf, offset: u64) -> io::Result<IoBuf> {
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        if !self.fits_in_place(&buf, offset) {
+            self.read_at(buf.as_mut_slice(), offset).await?;
+            return Ok(buf);
+        }
+        self.read_chunk(offset, buf).await
+    }
+
+    /// Write all of `buf` at `offset`, growing the file as needed, and hand the buffer
+    /// back; like [`write_at`](Self::write_at), without a copy where the buffer suits the
+    /// file.
+    pub async fn write_buf(&self, buf: IoBuf, offset: u64) -> io::Result<IoBuf> {
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        if !self.fits_in_place(&buf, offset) {
+            self.write_at(buf.as_slice(), offset).await?;
+            return Ok(buf);
+        }
+        let end = offset.checked_add(buf.len() as u64).ok_or_else(overflow)?;
+        // As imago's aligned writes: wait for a read-modify-write of an unaligned write
+        // that overlaps, and hold off new ones meanwhile.
+        let _blocker = StorageExt::weak_write_blocker(self, offset..end).await;
+        self.write_chunk(offset, buf).await
+    }
+
+    /// Fill all of `buf` (at most `MAX_BUF` bytes, aligned for the file) from `offset`,
+    /// zero-filling from the end of file on.
+    async fn read_chunk(&self, offset: u64, mut buf: IoBuf) -> io::Result<IoBuf> {
+        let len = buf.len();
         let mut done = 0;
         while done < len {
             let pos = offset.checked_add(done as u64).ok_or_else(overflow)?;
@@ -540,7 +584,7 @@ impl ImageFile {
     }
 
     /// Write all of `buf` at `offset`.
-    async fn write_chunk(&self, offset: u64, mut buf: PoolBuf) -> io::Result<()> {
+    async fn write_chunk(&self, offset: u64, mut buf: IoBuf) -> io::Result<IoBuf> {
         let len = buf.len();
         let mut done = 0;
         while done < len {
@@ -555,7 +599,7 @@ impl ImageFile {
             done += n;
             self.size.fetch_max(pos + n as u64, Ordering::Relaxed);
         }
-        Ok(())
+        Ok(buf)
     }
 
     pub(crate) async fn readv_inner(
@@ -566,7 +610,8 @@ impl ImageFile {
         while !bufv.is_empty() {
             let chunk = bufv.len().min(MAX_BUF as u64);
             let (mut head, tail) = bufv.split_at(chunk);
-            let data = self.read_chunk(offset, chunk as usize).await?;
+            let bounce = PoolBuf::new(chunk as usize, self.req_align)?;
+            let data = self.read_chunk(offset, bounce.into()).await?;
             head.copy_from_slice(data.as_slice());
             bufv = tail;
             offset = offset.checked_add(chunk).ok_or_else(overflow)?;
@@ -584,7 +629,7 @@ impl ImageFile {
             let (head, tail) = bufv.split_at(chunk);
             let mut data = PoolBuf::new(chunk as usize, self.req_align)?;
             head.copy_into_slice(data.as_mut_slice());
-            self.write_chunk(offset, data).await?;
+            self.write_chunk(offset, data.into()).await?;
             bufv = tail;
             offset = offset.checked_add(chunk).ok_or_else(overflow)?;
         }
@@ -723,7 +768,7 @@ impl ImageFile {
                 while offset < new_size {
                     let chunk = (new_size - offset).min(MAX_BUF as u64);
                     let zeroes = PoolBuf::filled(chunk as usize, self.req_align, 0)?;
-                    self.write_chunk(offset, zeroes).await?;
+                    self.write_chunk(offset, zeroes.into()).await?;
                     offset += chunk;
                 }
                 Ok(())

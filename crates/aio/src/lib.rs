@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 mod file;
+mod iobuf;
 pub mod lock;
 mod op;
 pub mod pool;
@@ -11,5 +12,6 @@ mod ring;
 mod storage;
 
 pub use file::{Engine, ImageFile, OpenOptions};
+pub use iobuf::IoBuf;
 pub use lock::{LockConflict, Locking, Perms};
 pub use ring::{init_thread, thread_has_ring, thread_ring_counters, uring_available, RingCounters};

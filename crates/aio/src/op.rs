@@ -7,7 +7,7 @@
 //! performs the call inline.
 
 use crate::file::Engine;
-use crate::pool::PoolBuf;
+use crate::iobuf::IoBuf;
 use crate::ring;
 use io_uring::{opcode, squeue, types};
 use std::io;
@@ -92,13 +92,13 @@ pub(crate) struct Request {
     core: Arc<Core>,
     kind: Kind,
     /// Data buffer for reads and writes; `buf[start..]` is transferred.
-    buf: Option<PoolBuf>,
+    buf: Option<IoBuf>,
     start: usize,
 }
 
 impl Request {
     /// `start` is where in `buf` the transfer begins (to resume after a short one).
-    pub(crate) fn new(core: &Arc<Core>, kind: Kind, buf: Option<PoolBuf>, start: usize) -> Request {
+    pub(crate) fn new(core: &Arc<Core>, kind: Kind, buf: Option<IoBuf>, start: usize) -> Request {
         if kind.modifies() {
             core.writes_in_flight.fetch_add(1, Ordering::AcqRel);
         }
@@ -124,7 +124,7 @@ impl Request {
         self.core.max_batch
     }
 
-    pub(crate) fn take_buf(&mut self) -> Option<PoolBuf> {
+    pub(crate) fn take_buf(&mut self) -> Option<IoBuf> {
         self.buf.take()
     }
 

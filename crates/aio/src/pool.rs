@@ -254,6 +254,13 @@ impl PoolBuf {
         self.raw_ref().ptr.as_ptr()
     }
 
+    /// Writable start of the buffer from a shared reference, for `IoBuf` pieces, each of
+    /// which writes only its own bytes. The pointer comes from the allocation, not from a
+    /// reference to the bytes.
+    pub(crate) fn data_ptr(&self) -> *mut u8 {
+        self.raw_ref().ptr.as_ptr()
+    }
+
     /// The `len` bytes in use.
     pub fn as_slice(&self) -> &[u8] {
         // Safety: the allocation holds at least `len` initialised bytes (zeroed at allocation,

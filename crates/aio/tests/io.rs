@@ -3,7 +3,7 @@
 
 mod common;
 
-use aio::{ImageFile, OpenOptions};
+use aio::{ImageFile, IoBuf, OpenOptions};
 use common::{run_local, Rng};
 use std::cell::RefCell;
 use std::future::Future;
@@ -81,6 +81,66 @@ fn concurrent_random_io_direct_aligned_and_unaligned() {
         random_workload(Rc::clone(&file), true, 2).await;
         let file = new_file(&dir, "img2", REGION * TASKS, true).await;
         random_workload(Rc::new(file), false, 3).await;
+    });
+}
+
+/// As `random_workload`, through `read_buf`/`write_buf` with each buffer split at a random
+/// point into two pieces in flight at once: with O_DIRECT an aligned piece goes to the
+/// kernel in place and an unaligned one through a bounce buffer, and both must land.
+async fn random_owned_workload(file: Rc<ImageFile>, seed: u64) {
+    let len_total = (REGION * TASKS) as usize;
+    let mut model = vec![0u8; len_total];
+    file.read_at(&mut model, 0).await.unwrap();
+    let mut rng = Rng::new(seed);
+    for i in 0..200 {
+        // Every other request page-aligned in offset, length and cut.
+        let align = if i % 2 == 0 { 4096 } else { 1 };
+        let len = (1 + rng.below(64 << 10) as usize).div_ceil(align) * align;
+        let off = rng.below(len_total as u64 - len as u64) / align as u64 * align as u64;
+        let range = off as usize..off as usize + len;
+        let cut = rng.below(len as u64 + 1) as usize / align * align;
+        let mut buf = IoBuf::new(len).unwrap();
+        let mut head = buf.split_to(cut);
+        let tail_off = off + cut as u64;
+        if rng.below(2) == 0 {
+            rng.fill(head.as_mut_slice());
+            rng.fill(buf.as_mut_slice());
+            let (head, tail) =
+                futures::join!(file.write_buf(head, off), file.write_buf(buf, tail_off));
+            let (mut head, tail) = (head.unwrap(), tail.unwrap());
+            head.unsplit(tail).unwrap();
+            assert_eq!(head.len(), len);
+            model[range].copy_from_slice(head.as_slice());
+        } else {
+            head.as_mut_slice().fill(0xee);
+            buf.as_mut_slice().fill(0xee);
+            let (head, tail) =
+                futures::join!(file.read_buf(head, off), file.read_buf(buf, tail_off));
+            let (mut head, tail) = (head.unwrap(), tail.unwrap());
+            head.unsplit(tail).unwrap();
+            assert!(
+                head.as_slice() == &model[range],
+                "read mismatch at {off}+{len} cut {cut}"
+            );
+        }
+    }
+    let mut all = vec![0u8; len_total];
+    file.read_at(&mut all, 0).await.unwrap();
+    assert!(all == model);
+}
+
+#[test]
+fn owned_buffers_in_pieces_land_in_place_or_through_a_bounce() {
+    let dir = tempfile::tempdir().unwrap();
+    run_local(Some(64), || async {
+        let file = new_file(&dir, "img", REGION * TASKS, true).await;
+        random_owned_workload(Rc::new(file), 11).await;
+        let file = new_file(&dir, "img2", REGION * TASKS, false).await;
+        random_owned_workload(Rc::new(file), 12).await;
+    });
+    run_local(None, || async {
+        let file = new_file(&dir, "img3", REGION * TASKS, true).await;
+        random_owned_workload(Rc::new(file), 13).await;
     });
 }
 

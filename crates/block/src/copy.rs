@@ -504,9 +504,9 @@ impl BlockCopy {
             } else {
                 // Pooled: this runs for every chunk of a backup and every copy-before-write.
                 // A run is at most max(MAX_RUN, one cluster), within the pool's 8 MiB.
-                let mut buf = aio::pool::PoolBuf::new(n as usize, 1).map_err(CopyError::Read)?;
-                source
-                    .read(offset, buf.as_mut_slice())
+                let buf = aio::IoBuf::new(n as usize).map_err(CopyError::Read)?;
+                let buf = source
+                    .read_buf(offset, buf)
                     .await
                     .map_err(CopyError::Read)?;
                 let flags = WriteFlags {
@@ -514,7 +514,7 @@ impl BlockCopy {
                     ..WriteFlags::default()
                 };
                 target
-                    .write(offset, buf.as_slice(), flags)
+                    .write_buf(offset, buf, flags)
                     .await
                     .map_err(CopyError::Write)?;
             }

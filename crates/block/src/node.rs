@@ -8,6 +8,7 @@ use crate::drivers::blkdebug::BlkdebugEvent;
 use crate::perm::Perms;
 use crate::stats::{IoKind, NodeStats};
 use crate::threshold::{ThresholdHook, WriteThreshold};
+use aio::IoBuf;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use qapi::error::QmpError;
@@ -166,6 +167,14 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
     /// `size`.
     async fn read(&self, node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
+    /// [`read`](Self::read) into a buffer given for the time of the request and handed
+    /// back filled. Drivers whose data lies in a file override it so that the kernel fills
+    /// the buffer in place; the default reads through a slice of it.
+    async fn read_buf(&self, node: &Node, offset: u64, mut buf: IoBuf) -> io::Result<IoBuf> {
+        self.read(node, offset, buf.as_mut_slice()).await?;
+        Ok(buf)
+    }
+
     /// A read that also tells whether the range reads as zeroes, for a driver that learns
     /// it in the lookup that serves the read (an NBD server then answers with a hole and
     /// needs no separate block status): `Some(true)` zeroes (`buf` is zero-filled),
@@ -189,6 +198,19 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
         buf: &[u8],
         flags: WriteFlags,
     ) -> io::Result<()>;
+
+    /// [`write`](Self::write) of a buffer given for the time of the request and handed
+    /// back; overridden as [`read_buf`](Self::read_buf) is.
+    async fn write_buf(
+        &self,
+        node: &Node,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> io::Result<IoBuf> {
+        self.write(node, offset, buf.as_slice(), flags).await?;
+        Ok(buf)
+    }
 
     /// Make `len` bytes at `offset` read as zeroes, checked as for `write`. `may_unmap` is
     /// already cleared unless the node has `discard=unmap`.
@@ -478,6 +500,11 @@ impl Child {
         self.enter().await.read_entered(offset, buf).await
     }
 
+    /// [`Node::read_buf`] on the current target, through [`Child::enter`].
+    pub async fn read_buf(&self, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
+        self.enter().await.read_buf_entered(offset, buf).await
+    }
+
     /// [`Driver::read_or_zero`] through this edge; a `None` is not counted as a read.
     pub async fn read_or_zero(&self, offset: u64, buf: &mut [u8]) -> io::Result<Option<bool>> {
         self.enter().await.read_or_zero_entered(offset, buf).await
@@ -486,6 +513,14 @@ impl Child {
     /// [`Node::write`] on the current target, through [`Child::enter`].
     pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         self.enter().await.write_entered(offset, buf, flags).await
+    }
+
+    /// [`Node::write_buf`] on the current target, through [`Child::enter`].
+    pub async fn write_buf(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> io::Result<IoBuf> {
+        self.enter()
+            .await
+            .write_buf_entered(offset, buf, flags)
+            .await
     }
 
     /// [`Node::write_zeroes`] on the current target, through [`Child::enter`].
@@ -577,6 +612,28 @@ struct Inflight {
 }
 
 struct InflightGuard<'a>(&'a Inflight);
+
+/// The data of a write: lent by the caller, or given for the time of the request.
+enum Payload<'a> {
+    Slice(&'a [u8]),
+    Owned(IoBuf),
+}
+
+impl Payload<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Slice(buf) => buf,
+            Payload::Owned(buf) => buf.as_slice(),
+        }
+    }
+
+    fn into_owned(self) -> Option<IoBuf> {
+        match self {
+            Payload::Slice(_) => None,
+            Payload::Owned(buf) => Some(buf),
+        }
+    }
+}
 
 /// A request counted in flight on a node it holds, for requests that go through an edge.
 pub struct EnteredNode(Arc<Node>);
@@ -1128,6 +1185,14 @@ impl Node {
         self.read_entered(offset, buf).await
     }
 
+    /// [`read`](Self::read) into `buf`, handed back filled; the kernel fills it in place
+    /// where the data lies in a file ([`Driver::read_buf`]).
+    pub async fn read_buf(&self, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
+        self.wait_unquiesced().await;
+        let _guard = self.enter();
+        self.read_buf_entered(offset, buf).await
+    }
+
     /// [`Driver::read_or_zero`]; a `None` is not counted as a read.
     pub async fn read_or_zero(&self, offset: u64, buf: &mut [u8]) -> io::Result<Option<bool>> {
         self.wait_unquiesced().await;
@@ -1143,6 +1208,14 @@ impl Node {
         self.wait_unquiesced().await;
         let _guard = self.enter();
         self.write_entered(offset, buf, flags).await
+    }
+
+    /// [`write`](Self::write) of `buf`, handed back; without a copy where the data goes to
+    /// a file ([`Driver::write_buf`]).
+    pub async fn write_buf(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> io::Result<IoBuf> {
+        self.wait_unquiesced().await;
+        let _guard = self.enter();
+        self.write_buf_entered(offset, buf, flags).await
     }
 
     /// Make `len` bytes at `offset` read as zeroes; checked, counted and marked as
@@ -1192,6 +1265,13 @@ impl Node {
         acct.finish(len, self.driver.read(self, offset, buf).await)
     }
 
+    async fn read_buf_entered(&self, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
+        let len = buf.len() as u64;
+        let acct = self.stats.start(IoKind::Read);
+        self.check_range(offset, len).map_err(|e| acct.invalid(e))?;
+        acct.finish(len, self.driver.read_buf(self, offset, buf).await)
+    }
+
     async fn read_or_zero_entered(&self, offset: u64, buf: &mut [u8]) -> io::Result<Option<bool>> {
         let len = buf.len() as u64;
         let acct = self.stats.start(IoKind::Read);
@@ -1203,16 +1283,44 @@ impl Node {
     }
 
     async fn write_entered(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
+        self.write_payload(offset, Payload::Slice(buf), flags)
+            .await
+            .map(drop)
+    }
+
+    async fn write_buf_entered(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> io::Result<IoBuf> {
+        match self
+            .write_payload(offset, Payload::Owned(buf), flags)
+            .await?
+        {
+            Some(buf) => Ok(buf),
+            None => Err(io::Error::other("an owned write lost its buffer")),
+        }
+    }
+
+    /// The common work of every write: the checks, the write threshold, detect-zeroes,
+    /// the driver call, the dirty bitmaps and the stats. An owned payload comes back.
+    async fn write_payload(
+        &self,
+        offset: u64,
+        payload: Payload<'_>,
+        flags: WriteFlags,
+    ) -> io::Result<Option<IoBuf>> {
+        let len = payload.bytes().len() as u64;
         let acct = self.stats.start(IoKind::Write);
         self.check_writable().map_err(|e| acct.invalid(e))?;
-        self.check_write_range(offset, buf.len() as u64)
+        self.check_write_range(offset, len)
             .map_err(|e| acct.invalid(e))?;
         if flags.compressed && !self.driver.supports_compressed_writes() {
             return Err(acct.invalid(io::Error::from_raw_os_error(libc::ENOTSUP)));
         }
-        self.write_threshold
-            .check(&self.name, offset, buf.len() as u64);
-        if self.options.detect_zeroes != DetectZeroes::Off && is_zero(buf) {
+        self.write_threshold.check(&self.name, offset, len);
+        if self.options.detect_zeroes != DetectZeroes::Off && is_zero(payload.bytes()) {
             let zero_flags = WriteFlags {
                 may_unmap: self.options.detect_zeroes == DetectZeroes::Unmap
                     && self.options.discard_unmap,
@@ -1220,16 +1328,29 @@ impl Node {
             };
             let result = self
                 .driver
-                .write_zeroes(self, offset, buf.len() as u64, zero_flags)
+                .write_zeroes(self, offset, len, zero_flags)
                 .await;
-            self.record_write(offset, buf.len() as u64);
-            return acct.finish_write(offset, buf.len() as u64, result);
+            self.record_write(offset, len);
+            return acct
+                .finish_write(offset, len, result)
+                .map(|()| payload.into_owned());
         }
         // Recorded after the write (even a failed one, which may have changed part of the
         // range): a job that cleared the bits before reading then sees the range again.
-        let result = self.driver.write(self, offset, buf, flags).await;
-        self.record_write(offset, buf.len() as u64);
-        acct.finish_write(offset, buf.len() as u64, result)
+        let result = match payload {
+            Payload::Slice(buf) => self
+                .driver
+                .write(self, offset, buf, flags)
+                .await
+                .map(|()| None),
+            Payload::Owned(buf) => self
+                .driver
+                .write_buf(self, offset, buf, flags)
+                .await
+                .map(Some),
+        };
+        self.record_write(offset, len);
+        acct.finish_write(offset, len, result)
     }
 
     async fn write_zeroes_entered(

@@ -4,10 +4,12 @@
 //! read the same and ours must pass `qemu-img check`. Our side issues each batch of
 //! non-overlapping requests at once, so allocations race as a guest's would. Images cover
 //! cluster sizes from 512 bytes to 2 MiB, refcount widths from 2 to 64 bits, version 2,
-//! a backing file, and compressed clusters.
+//! a backing file, and compressed clusters. At the end our owned-buffer reads, in pieces of
+//! random sizes, must return what QEMU reads.
 
 mod common;
 
+use aio::IoBuf;
 use block::WriteFlags;
 use common::{run, Setup};
 use serde_json::json;
@@ -165,6 +167,37 @@ fn apply_ours(image: &str, batches: &[Vec<Op>], resize_to: Option<u64>, case: &C
     result.unwrap();
 }
 
+/// Reads all of `image` through our driver into owned buffers of random sizes (data,
+/// zero, unallocated and compressed clusters in one buffer, data clusters apart on the
+/// host) and checks them against `expect`, what QEMU reads.
+fn read_in_pieces(image: &str, expect: &[u8], seed: u64) {
+    let setup = Setup::new();
+    setup.add(
+        json!({"driver": "qcow2", "node-name": "disk", "read-only": true,
+                     "file": {"driver": "file", "filename": image, "read-only": true}}),
+    );
+    let expect = expect.to_vec();
+    let result = setup.on_node(move |node| async move {
+        let mut rng = Rng(seed);
+        let mut off = 0;
+        while off < expect.len() {
+            let len = (1 + rng.below(1 << 20) as usize).min(expect.len() - off);
+            let buf = IoBuf::new(len).map_err(|e| e.to_string())?;
+            let buf = node
+                .read_buf(off as u64, buf)
+                .await
+                .map_err(|e| format!("read_buf at {off}: {e}"))?;
+            if buf.as_slice() != &expect[off..off + len] {
+                return Err(format!("read_buf at {off}+{len} differs from qemu's read"));
+            }
+            off += len;
+        }
+        Ok::<(), String>(())
+    });
+    setup.close();
+    result.unwrap();
+}
+
 /// The same through qemu-io, one request after the other.
 fn apply_qemu(image: &str, batches: &[Vec<Op>], resize_to: Option<u64>) {
     let script: Vec<String> = batches
@@ -265,6 +298,9 @@ fn run_case(case: &Case, seed: u64) {
         case.name,
         String::from_utf8_lossy(&out.stdout)
     );
+    let raw = path(d, "theirs.raw");
+    qemu_img(&["convert", "-q", "-f", "qcow2", "-O", "raw", &theirs, &raw]);
+    read_in_pieces(&ours, &std::fs::read(&raw).unwrap(), seed);
     // The snapshot still holds what the image held when it was taken.
     for image in [&ours, &theirs] {
         qemu_img(&["snapshot", "-a", "half", image]);

@@ -19,7 +19,7 @@ use crate::setup::{create_job, job_edge};
 use crate::workers::Workers;
 use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
-use aio::pool::PoolBuf;
+use aio::IoBuf;
 use async_trait::async_trait;
 use block::CopyError;
 use block::DirtyBitmap;
@@ -379,13 +379,10 @@ impl MirrorJob {
                         .map_err(CopyError::Write)?;
                 }
             } else {
-                let mut buf = PoolBuf::new(n as usize, 1).map_err(CopyError::Read)?;
-                source
-                    .read(pos, buf.as_mut_slice())
-                    .await
-                    .map_err(CopyError::Read)?;
+                let buf = IoBuf::new(n as usize).map_err(CopyError::Read)?;
+                let buf = source.read_buf(pos, buf).await.map_err(CopyError::Read)?;
                 target
-                    .write(pos, buf.as_slice(), WriteFlags::default())
+                    .write_buf(pos, buf, WriteFlags::default())
                     .await
                     .map_err(CopyError::Write)?;
             }

@@ -10,7 +10,7 @@ use crate::setup::{create_job, job_edge};
 use crate::workers::Workers;
 use crate::{Job, JobManager, JobOptions};
 use crate::{JobContext, JobDriver, JobFailure, JobType};
-use aio::pool::PoolBuf;
+use aio::IoBuf;
 use async_trait::async_trait;
 use block::CommonOptions;
 use block::CopyOnRead;
@@ -292,12 +292,11 @@ pub(crate) async fn copy_into(
             .await
             .map_err(|e| (e, false));
     }
-    let mut buf = PoolBuf::new(len as usize, 1).map_err(|e| (e, true))?;
-    from.read(offset, buf.as_mut_slice())
+    let buf = IoBuf::new(len as usize).map_err(|e| (e, true))?;
+    let buf = from.read_buf(offset, buf).await.map_err(|e| (e, true))?;
+    to.write_buf(offset, buf, WriteFlags::default())
         .await
-        .map_err(|e| (e, true))?;
-    to.write(offset, buf.as_slice(), WriteFlags::default())
-        .await
+        .map(drop)
         .map_err(|e| (e, false))
 }
 

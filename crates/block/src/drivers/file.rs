@@ -5,7 +5,7 @@ use crate::node::{CommonOptions, DriverInfo, Extent, ExtentKind, Node, WriteFlag
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
-use aio::{Engine, ImageFile, Locking, OpenOptions};
+use aio::{Engine, ImageFile, IoBuf, Locking, OpenOptions};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use qapi::error::QmpError;
@@ -167,12 +167,30 @@ impl Driver for FileDriver {
         self.file.load_full().read_at(buf, offset).await
     }
 
+    async fn read_buf(&self, _: &Node, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
+        self.file.load_full().read_buf(buf, offset).await
+    }
+
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         self.file.load_full().write_at(buf, offset).await?;
         if flags.fua {
             self.file.load_full().flush().await?;
         }
         Ok(())
+    }
+
+    async fn write_buf(
+        &self,
+        _: &Node,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> io::Result<IoBuf> {
+        let buf = self.file.load_full().write_buf(buf, offset).await?;
+        if flags.fua {
+            self.file.load_full().flush().await?;
+        }
+        Ok(buf)
     }
 
     async fn write_zeroes(

@@ -8,6 +8,7 @@ use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
+use aio::IoBuf;
 use async_trait::async_trait;
 use qapi::error::QmpError;
 use serde::Deserialize;
@@ -82,9 +83,25 @@ impl Driver for Raw {
         self.file.read(self.offset + offset, buf).await
     }
 
+    async fn read_buf(&self, _node: &Node, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
+        self.file.debug_event(BlkdebugEvent::ReadAio);
+        self.file.read_buf(self.offset + offset, buf).await
+    }
+
     async fn write(&self, _: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
         self.file.debug_event(BlkdebugEvent::WriteAio);
         self.file.write(self.offset + offset, buf, flags).await
+    }
+
+    async fn write_buf(
+        &self,
+        _: &Node,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> io::Result<IoBuf> {
+        self.file.debug_event(BlkdebugEvent::WriteAio);
+        self.file.write_buf(self.offset + offset, buf, flags).await
     }
 
     async fn write_zeroes(

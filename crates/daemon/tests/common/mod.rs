@@ -132,7 +132,7 @@ impl Daemon {
     pub async fn qmp(&self) -> qmp::Client {
         qmp::Client::connect_unix(&self.qmp_path)
             .await
-            .expect("QMP connect")
+            .unwrap_or_else(|e| panic!("QMP connect to {:?}: {e}: {}", self.which, self.stderr()))
     }
 
     pub fn pid(&self) -> u32 {

@@ -51,7 +51,8 @@ use super::refcount::{Freed, PassDiscard, Refcounts};
 use crate::drivers::blkdebug::BlkdebugEvent;
 use crate::node::{Child, Extent, ExtentKind, WriteFlags};
 use crate::range_lock::RangeLock;
-use aio::pool::PoolBuf;
+use aio::pool::{PoolBuf, MAX_BUF};
+use aio::IoBuf;
 use std::collections::HashMap;
 use std::io;
 use std::ops::Range;
@@ -524,20 +525,54 @@ impl Image {
                 self.lookup(&mut meta, pos, rest).await?
             };
             let chunk = &mut buf[done..done + len as usize];
+            self.read_mapped(mapping, pos, chunk).await?;
+            done += len as usize;
+        }
+        Ok(())
+    }
+
+    /// [`read`](Self::read) into an owned buffer: the pieces that lie in a data cluster
+    /// of this image or in the backing chain are read in place, without a copy.
+    pub(super) async fn read_buf(&self, offset: u64, mut buf: IoBuf) -> io::Result<IoBuf> {
+        if self.settings.crypt.is_some() {
+            self.read(offset, buf.as_mut_slice()).await?;
+            return Ok(buf);
+        }
+        let mut done = IoBuf::empty();
+        while !buf.is_empty() {
+            let pos = offset + done.len() as u64;
+            let (mapping, len) = {
+                let mut meta = self.meta.lock().await;
+                self.lookup(&mut meta, pos, buf.len() as u64).await?
+            };
+            let mut piece = buf.split_to(len as usize);
             match mapping {
                 Mapping::Data { host, .. } => {
                     self.file.debug_event(BlkdebugEvent::ReadAio);
-                    self.read_data(host, pos, chunk).await?;
+                    piece = self.data.read_buf(host, piece).await?;
                 }
-                Mapping::Zero => chunk.fill(0),
-                Mapping::Unallocated => self.read_backing(pos, chunk).await?,
-                Mapping::Compressed { entry } => {
-                    let cluster = self.decompress(entry).await?;
-                    let at = (pos & (self.cluster_size() - 1)) as usize;
-                    chunk.copy_from_slice(&cluster[at..at + chunk.len()]);
-                }
+                Mapping::Unallocated => piece = self.read_backing_buf(pos, piece).await?,
+                _ => self.read_mapped(mapping, pos, piece.as_mut_slice()).await?,
             }
-            done += len as usize;
+            join(&mut done, piece)?;
+        }
+        Ok(done)
+    }
+
+    /// Fill `chunk`, guest bytes at `pos`, as `mapping` says they are stored.
+    async fn read_mapped(&self, mapping: Mapping, pos: u64, chunk: &mut [u8]) -> io::Result<()> {
+        match mapping {
+            Mapping::Data { host, .. } => {
+                self.file.debug_event(BlkdebugEvent::ReadAio);
+                self.read_data(host, pos, chunk).await?;
+            }
+            Mapping::Zero => chunk.fill(0),
+            Mapping::Unallocated => self.read_backing(pos, chunk).await?,
+            Mapping::Compressed { entry } => {
+                let cluster = self.decompress(entry).await?;
+                let at = (pos & (self.cluster_size() - 1)) as usize;
+                chunk.copy_from_slice(&cluster[at..at + chunk.len()]);
+            }
         }
         Ok(())
     }
@@ -569,6 +604,15 @@ impl Image {
         Ok(())
     }
 
+    /// [`write_data`](Self::write_data) of an owned buffer, in place unless encrypted.
+    async fn write_data_buf(&self, host: u64, guest: u64, data: IoBuf) -> io::Result<IoBuf> {
+        if self.settings.crypt.is_some() {
+            self.write_data(host, guest, data.as_slice()).await?;
+            return Ok(data);
+        }
+        self.data.write_buf(host, data, WriteFlags::default()).await
+    }
+
     /// What the backing chain holds at `pos` (zeroes past its end, or without one).
     async fn read_backing(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
         let Some(backing) = &self.backing else {
@@ -583,6 +627,21 @@ impl Image {
         }
         buf[inside..].fill(0);
         Ok(())
+    }
+
+    /// [`read_backing`](Self::read_backing) into an owned buffer, in place when all of it
+    /// lies within the backing node.
+    async fn read_backing_buf(&self, pos: u64, mut buf: IoBuf) -> io::Result<IoBuf> {
+        match &self.backing {
+            Some(backing) if pos + buf.len() as u64 <= backing.node().size() => {
+                self.file.debug_event(BlkdebugEvent::ReadBackingAio);
+                backing.read_buf(pos, buf).await
+            }
+            _ => {
+                self.read_backing(pos, buf.as_mut_slice()).await?;
+                Ok(buf)
+            }
+        }
     }
 
     /// The whole guest cluster a compressed L2 entry holds.
@@ -707,40 +766,72 @@ impl Image {
         }
     }
 
-    /// Write guest bytes at `offset`.
+    /// Write guest bytes at `offset`, copied into owned buffers of at most `MAX_BUF`.
     pub(super) async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
-        if self.settings.crypt.is_some() {
-            let (start, end) = sectors_around(offset, buf.len());
-            let _held = self.sectors.lock(start, end).await;
-            if !whole_sectors(offset, buf.len()) {
-                let mut merged = PoolBuf::new((end - start) as usize, 1)?;
-                let merged = merged.as_mut_slice();
-                let sector = SECTOR as usize;
-                if offset != start {
-                    Box::pin(self.read(start, &mut merged[..sector])).await?;
-                }
-                let tail = merged.len() - sector;
-                if offset + buf.len() as u64 != end && (tail > 0 || offset == start) {
-                    Box::pin(self.read(end - SECTOR, &mut merged[tail..])).await?;
-                }
-                let head = (offset - start) as usize;
-                merged[head..head + buf.len()].copy_from_slice(buf);
-                return self.write_steps(start, merged, flags).await;
-            }
-            return self.write_steps(offset, buf, flags).await;
+        if buf.is_empty() {
+            return self
+                .write_buf(offset, IoBuf::empty(), flags)
+                .await
+                .map(drop);
         }
-        self.write_steps(offset, buf, flags).await
+        for (n, chunk) in buf.chunks(MAX_BUF).enumerate() {
+            let mut owned = IoBuf::new(chunk.len())?;
+            owned.as_mut_slice().copy_from_slice(chunk);
+            let at = offset + (n * MAX_BUF) as u64;
+            self.write_buf(at, owned, flags).await?;
+        }
+        Ok(())
     }
 
-    async fn write_steps(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            done += self.write_step(offset + done as u64, &buf[done..]).await?;
+    /// Write guest bytes at `offset` from an owned buffer and hand it back. Where the data
+    /// goes to clusters in one piece (in place, or new clusters it fills whole) the buffer
+    /// itself is written, without a copy.
+    pub(super) async fn write_buf(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> io::Result<IoBuf> {
+        if self.settings.crypt.is_none() {
+            return self.write_steps(offset, buf, flags).await;
+        }
+        let (start, end) = sectors_around(offset, buf.len());
+        let _held = self.sectors.lock(start, end).await;
+        if whole_sectors(offset, buf.len()) {
+            return self.write_steps(offset, buf, flags).await;
+        }
+        let mut merged = IoBuf::new((end - start) as usize)?;
+        let merged_bytes = merged.as_mut_slice();
+        let sector = SECTOR as usize;
+        if offset != start {
+            Box::pin(self.read(start, &mut merged_bytes[..sector])).await?;
+        }
+        let tail = merged_bytes.len() - sector;
+        if offset + buf.len() as u64 != end && (tail > 0 || offset == start) {
+            Box::pin(self.read(end - SECTOR, &mut merged_bytes[tail..])).await?;
+        }
+        let head = (offset - start) as usize;
+        merged_bytes[head..head + buf.len()].copy_from_slice(buf.as_slice());
+        self.write_steps(start, merged, flags).await?;
+        Ok(buf)
+    }
+
+    async fn write_steps(
+        &self,
+        offset: u64,
+        mut buf: IoBuf,
+        flags: WriteFlags,
+    ) -> io::Result<IoBuf> {
+        let mut done = IoBuf::empty();
+        while !buf.is_empty() {
+            let pos = offset + done.len() as u64;
+            let written = self.write_step(pos, &mut buf).await?;
+            join(&mut done, written)?;
         }
         if flags.fua {
             self.flush().await?;
         }
-        Ok(())
+        Ok(done)
     }
 
     /// Write whole guest clusters compressed (QEMU's compressed writes): `offset` starts a
@@ -823,8 +914,8 @@ impl Image {
     }
 
     /// Write a first part of `data` at `pos`: in place where the clusters are this image's
-    /// alone, else into new clusters. Returns how much was written.
-    async fn write_step(&self, pos: u64, data: &[u8]) -> io::Result<usize> {
+    /// alone, else into new clusters. Splits off and returns the part written.
+    async fn write_step(&self, pos: u64, data: &mut IoBuf) -> io::Result<IoBuf> {
         let cluster_size = self.cluster_size();
         let end = pos + data.len() as u64;
         let clusters = pos >> self.cluster_bits..end.div_ceil(cluster_size);
@@ -834,8 +925,8 @@ impl Image {
             self.check_data(&meta, host, len)?;
             drop(meta);
             self.file.debug_event(BlkdebugEvent::WriteAio);
-            self.write_data(host, pos, &data[..len as usize]).await?;
-            return Ok(len as usize);
+            let piece = data.split_to(len as usize);
+            return self.write_data_buf(host, pos, piece).await;
         }
         // One allocation within one L2 table, of clusters that all map the same way.
         let table_end = (pos / self.l2_coverage() + 1) * self.l2_coverage();
@@ -924,22 +1015,18 @@ impl Image {
         meta.in_flight.push(guest_clusters.clone());
         drop(meta);
 
+        let piece = data.split_to((step_end - pos) as usize);
         let written = self
-            .fill_clusters(
-                host + (fill.start - first),
-                fill.clone(),
-                pos,
-                &data[..(step_end - pos) as usize],
-            )
+            .fill_clusters(host + (fill.start - first), fill.clone(), pos, piece)
             .await;
 
         let mut meta = self.meta.lock().await;
         meta.in_flight.retain(|r| *r != guest_clusters);
         let result = match written {
-            Ok(()) => {
-                self.map_clusters(&mut meta, l2_offset, first, host, count, fill)
-                    .await
-            }
+            Ok(piece) => self
+                .map_clusters(&mut meta, l2_offset, first, host, count, fill)
+                .await
+                .map(|()| piece),
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -948,7 +1035,7 @@ impl Image {
         }
         drop(meta);
         self.allocated.notify_waiters();
-        result.map(|()| (step_end - pos) as usize)
+        result
     }
 
     /// Write `data` at `pos` into `fill` of a cluster this image alone owns at `host`
@@ -966,8 +1053,8 @@ impl Image {
         host: u64,
         fill: Range<u64>,
         pos: u64,
-        data: &[u8],
-    ) -> io::Result<usize> {
+        data: &mut IoBuf,
+    ) -> io::Result<IoBuf> {
         let cluster_mask = self.cluster_size() - 1;
         let step_end = fill.end.min(pos + data.len() as u64);
         let at = host + (fill.start & cluster_mask);
@@ -976,13 +1063,12 @@ impl Image {
         let in_flight = guest_cluster..guest_cluster + 1;
         meta.in_flight.push(in_flight.clone());
         drop(meta);
-        let written = self
-            .fill_clusters(at, fill.clone(), pos, &data[..(step_end - pos) as usize])
-            .await;
+        let piece = data.split_to((step_end - pos) as usize);
+        let written = self.fill_clusters(at, fill.clone(), pos, piece).await;
         let mut meta = self.meta.lock().await;
         meta.in_flight.retain(|r| *r != in_flight);
         let result = match written {
-            Ok(()) => {
+            Ok(piece) => {
                 let subclusters = subcluster_mask(fill, self.cluster_bits, self.granule_bits());
                 let extended = self.extended;
                 let table = self.l2_table(&mut meta, l2_offset).await?;
@@ -994,7 +1080,7 @@ impl Image {
                 } else {
                     table.set(index, false, entry & !ZERO, 0);
                 }
-                Ok((step_end - pos) as usize)
+                Ok(piece)
             }
             Err(e) => Err(e),
         };
@@ -1011,13 +1097,13 @@ impl Image {
         host: u64,
         guest: Range<u64>,
         pos: u64,
-        data: &[u8],
-    ) -> io::Result<()> {
+        data: IoBuf,
+    ) -> io::Result<IoBuf> {
         let head = (pos - guest.start) as usize;
         let tail = (guest.end - pos - data.len() as u64) as usize;
         if head == 0 && tail == 0 {
             self.file.debug_event(BlkdebugEvent::WriteAio);
-            return self.write_data(host, pos, data).await;
+            return self.write_data_buf(host, pos, data).await;
         }
         let mut merged = vec![0u8; (guest.end - guest.start) as usize];
         let data_end = head + data.len();
@@ -1029,9 +1115,10 @@ impl Image {
             self.read(pos + data.len() as u64, &mut merged[data_end..])
                 .await?;
         }
-        merged[head..data_end].copy_from_slice(data);
+        merged[head..data_end].copy_from_slice(data.as_slice());
         self.file.debug_event(BlkdebugEvent::CowWrite);
-        self.write_data(host, guest.start, &merged).await
+        self.write_data(host, guest.start, &merged).await?;
+        Ok(data)
     }
 
     /// Point the L2 entries of `count` guest clusters from `guest` at the new host clusters
@@ -1474,6 +1561,12 @@ impl Image {
 const SECTOR: u64 = crypto::SECTOR as u64;
 /// Guest data is encrypted this much at a time, which bounds each write's copy.
 const CRYPT_CHUNK: usize = 1 << 20;
+
+/// Appends `piece` to `done`, the parts of one buffer already read or written.
+fn join(done: &mut IoBuf, piece: IoBuf) -> io::Result<()> {
+    done.unsplit(piece)
+        .map_err(|_| io::Error::other("qcow2: the pieces of a request's buffer came apart"))
+}
 
 fn whole_sectors(offset: u64, len: usize) -> bool {
     offset.is_multiple_of(SECTOR) && (len as u64).is_multiple_of(SECTOR)

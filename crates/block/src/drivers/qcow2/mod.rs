@@ -38,6 +38,7 @@ use crate::node::{Child, DriverInfo, Extent, Node, SnapshotInfo, WriteFlags};
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::{Driver, EventHook};
+use aio::IoBuf;
 use async_trait::async_trait;
 use image::{Image, Settings};
 use overlap::{Checks, Corruption};
@@ -481,6 +482,13 @@ impl Driver for Qcow2 {
         .await
     }
 
+    async fn read_buf(&self, node: &Node, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
+        self.guarded(node, async {
+            self.image.read().await.read_buf(offset, buf).await
+        })
+        .await
+    }
+
     /// Tells from this layer's own mapping only; what the backing chain holds is the
     /// caller's to find out.
     async fn read_or_zero(
@@ -512,6 +520,23 @@ impl Driver for Qcow2 {
                 true => image.flush().await,
                 false => Ok(()),
             }
+        })
+        .await
+    }
+
+    async fn write_buf(
+        &self,
+        node: &Node,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> io::Result<IoBuf> {
+        if flags.compressed {
+            self.write(node, offset, buf.as_slice(), flags).await?;
+            return Ok(buf);
+        }
+        self.guarded(node, async {
+            self.image.read().await.write_buf(offset, buf, flags).await
         })
         .await
     }
