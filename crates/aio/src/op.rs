@@ -4,23 +4,25 @@
 //! the thread's io_uring) or a pool thread can finish it even after the future that issued it
 //! was dropped. [`run`] picks the current thread's ring when there is one (and the file's
 //! engine and file system suit it), else the blocking pool, else (outside any runtime)
-//! performs the call inline.
+//! performs the call inline. Large writes to a file whose ring would serialise them go to
+//! the file's one pool writer instead (see [`SerialWrites`]).
 
 use crate::file::Engine;
 use crate::iobuf::IoBuf;
 use crate::ring;
 use io_uring::{opcode, squeue, types};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use tokio::sync::Notify;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{oneshot, Notify};
 
-/// Writes from this size on leave the ring for the blocking pool on file systems where
-/// the ring serialises them. A job's copies (64 KiB clusters and up) and copy-before-write
-/// then run in parallel; small client writes stay on the ring, where a pool hand-off would
-/// cost more than the copy (bench/run in RAM: 4 KiB random writes 101k IOPS on the ring,
-/// 45k through the pool).
+/// Writes from this size on leave the ring for the file's pool writer on file systems
+/// where the ring serialises them. A job's copies (64 KiB clusters and up) and
+/// copy-before-write then no longer wait behind io-wq's hashed queue; small client writes
+/// stay on the ring, where a thread hand-off would cost more than the copy (bench/run in
+/// RAM: 4 KiB random writes 101k IOPS on the ring, 45k through the pool).
 const POOL_WRITE_MIN: usize = 64 * 1024;
 
 /// The file descriptor plus the accounting of modifying requests still under way.
@@ -32,8 +34,73 @@ pub(crate) struct Core {
     /// Large writes go to the blocking pool even with the ring engine: the ring would run
     /// them one at a time on this file system (`file::probe_geometry`).
     writes_to_pool: bool,
+    serial: SerialWrites,
     writes_in_flight: AtomicUsize,
     writes_settled: Notify,
+}
+
+/// The large writes of one file waiting for its pool writer, and whether one runs.
+///
+/// Such a file is on tmpfs, whose write path holds the inode's lock exclusively for the
+/// whole copy: writes to one file run one at a time whoever issues them. Several pool
+/// threads writing at once only spin on that lock (perf, mirror in RAM: 27% of the
+/// daemon's CPU in `rwsem_spin_on_owner`), so one thread drains the queue in order and the
+/// others stay free for reads.
+#[derive(Debug, Default)]
+struct SerialWrites {
+    state: Mutex<SerialState>,
+}
+
+#[derive(Debug, Default)]
+struct SerialState {
+    queue: VecDeque<(Request, oneshot::Sender<(i32, Request)>)>,
+    /// A writer is scheduled or running: it drains `queue` until it finds it empty.
+    writer: bool,
+}
+
+/// The pool task that drains a file's queue. Dropped unrun (the runtime shut down), it
+/// fails what is queued so no caller waits for a writer that will never come.
+struct Writer(Option<Arc<Core>>);
+
+impl Writer {
+    fn drain(mut self) {
+        let Some(core) = self.0.take() else { return };
+        loop {
+            let next = {
+                let mut state = lock(&core.serial.state);
+                match state.queue.pop_front() {
+                    Some(next) => next,
+                    None => {
+                        state.writer = false;
+                        return;
+                    }
+                }
+            };
+            let (mut req, done) = next;
+            let res = req.execute_sync();
+            // The caller may have gone away; the request (and its buffer) drops here then.
+            let _ = done.send((res, req));
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(core) = self.0.take() {
+            let failed = {
+                let mut state = lock(&core.serial.state);
+                state.writer = false;
+                std::mem::take(&mut state.queue)
+            };
+            // Dropping the senders answers each waiting caller with an error.
+            drop(failed);
+        }
+    }
+}
+
+/// The queue's lock: it guards plain data, which a panic cannot leave half changed.
+fn lock(state: &Mutex<SerialState>) -> std::sync::MutexGuard<'_, SerialState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Core {
@@ -48,6 +115,7 @@ impl Core {
             engine,
             max_batch,
             writes_to_pool,
+            serial: SerialWrites::default(),
             writes_in_flight: AtomicUsize::new(0),
             writes_settled: Notify::new(),
         })
@@ -213,14 +281,14 @@ pub(crate) fn check(res: i32) -> io::Result<usize> {
 /// Run `req` to completion without blocking the calling async thread; returns the raw
 /// result and the request (with its buffer) back.
 pub(crate) async fn run(req: Request) -> io::Result<(i32, Request)> {
-    let on_ring =
-        req.core.engine != Engine::Threads && !(req.core.writes_to_pool && req.is_large_write());
-    if on_ring {
+    let serial = req.core.writes_to_pool && req.is_large_write();
+    if req.core.engine != Engine::Threads && !serial {
         if let Some(ring) = ring::current() {
             return Ok(ring::Op::new(ring, req).await);
         }
     }
     match tokio::runtime::Handle::try_current() {
+        Ok(handle) if serial => run_serial(&handle, req).await,
         Ok(handle) => handle
             .spawn_blocking(move || {
                 let mut req = req;
@@ -235,6 +303,24 @@ pub(crate) async fn run(req: Request) -> io::Result<(i32, Request)> {
             Ok((res, req))
         }
     }
+}
+
+/// Queue a large write for its file's pool writer, starting one if none runs.
+async fn run_serial(handle: &tokio::runtime::Handle, req: Request) -> io::Result<(i32, Request)> {
+    let core = Arc::clone(&req.core);
+    let (done, answer) = oneshot::channel();
+    let start_writer = {
+        let mut state = lock(&core.serial.state);
+        state.queue.push_back((req, done));
+        !std::mem::replace(&mut state.writer, true)
+    };
+    if start_writer {
+        let writer = Writer(Some(core));
+        handle.spawn_blocking(move || writer.drain());
+    }
+    answer
+        .await
+        .map_err(|_| io::Error::other("I/O worker stopped before the write ran"))
 }
 
 /// Run a blocking closure off the async thread (inline when there is no runtime).

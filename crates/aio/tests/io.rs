@@ -324,6 +324,77 @@ fn runtime_dropped_with_requests_in_flight() {
     assert_eq!(std::fs::read(&path).unwrap(), vec![1u8; 4 << 20]);
 }
 
+/// Large writes to a tmpfs file go through the file's one pool writer (`op.rs`). However the
+/// writes before ended, the file must never believe a writer still runs when none does: the
+/// next writes would wait forever. Many concurrent writes through it must all land, each
+/// where it was aimed.
+#[test]
+fn tmpfs_writer_survives_a_dropped_runtime_and_lands_every_write() {
+    const MIB: usize = 1 << 20;
+    const WRITES: usize = 16;
+    let dir = tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) is needed here");
+    let path = dir.path().join("img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len((WRITES * MIB) as u64)
+        .unwrap();
+    // One file across runtimes, so the state of its writer carries from one to the next.
+    let file = Rc::new(run_local(None, || async {
+        OpenOptions::new(&path)
+            .writable(true)
+            .direct(true)
+            .open()
+            .await
+            .unwrap()
+    }));
+    // Runtimes dropped with writes queued or in flight, as an I/O thread ending would.
+    for round in 0..10u8 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            aio::init_thread(16).unwrap();
+            for i in 0..WRITES {
+                let file = Rc::clone(&file);
+                tokio::task::spawn_local(async move {
+                    let mut buf = IoBuf::new(MIB).unwrap();
+                    buf.as_mut_slice().fill(round);
+                    let _ = file.write_buf(buf, (i * MIB) as u64).await;
+                });
+            }
+            for _ in 0..=round {
+                tokio::task::yield_now().await;
+            }
+        });
+        drop(local);
+        drop(rt);
+    }
+    run_local(Some(16), || async {
+        let writes = (0..WRITES).map(|i| {
+            let file = Rc::clone(&file);
+            async move {
+                let mut buf = IoBuf::new(MIB).unwrap();
+                buf.as_mut_slice().fill(0x40 + i as u8);
+                file.write_buf(buf, (i * MIB) as u64).await.unwrap();
+            }
+        });
+        let all = futures::future::join_all(writes);
+        tokio::time::timeout(std::time::Duration::from_secs(30), all)
+            .await
+            .expect("large tmpfs writes never completed: the file's writer was lost");
+        let mut back = vec![0u8; WRITES * MIB];
+        file.read_at(&mut back, 0).await.unwrap();
+        for (i, piece) in back.chunks(MIB).enumerate() {
+            assert!(
+                piece.iter().all(|&b| b == 0x40 + i as u8),
+                "MiB {i} does not hold its write"
+            );
+        }
+    });
+}
+
 #[test]
 fn init_thread_twice_is_refused() {
     run_local(Some(4), || async {

@@ -504,7 +504,8 @@ impl BlockCopy {
             } else {
                 // Pooled: this runs for every chunk of a backup and every copy-before-write.
                 // A run is at most max(MAX_RUN, one cluster), within the pool's 8 MiB.
-                let buf = aio::IoBuf::new(n as usize).map_err(CopyError::Read)?;
+                let buf = aio::IoBuf::with_capacity(n as usize, MAX_RUN as usize)
+                    .map_err(CopyError::Read)?;
                 let buf = source
                     .read_buf(offset, buf)
                     .await

@@ -379,7 +379,8 @@ impl MirrorJob {
                         .map_err(CopyError::Write)?;
                 }
             } else {
-                let buf = IoBuf::new(n as usize).map_err(CopyError::Read)?;
+                let buf = IoBuf::with_capacity(n as usize, MAX_CHUNK as usize)
+                    .map_err(CopyError::Read)?;
                 let buf = source.read_buf(pos, buf).await.map_err(CopyError::Read)?;
                 target
                     .write_buf(pos, buf, WriteFlags::default())

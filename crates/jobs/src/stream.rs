@@ -292,7 +292,7 @@ pub(crate) async fn copy_into(
             .await
             .map_err(|e| (e, false));
     }
-    let buf = IoBuf::new(len as usize).map_err(|e| (e, true))?;
+    let buf = IoBuf::with_capacity(len as usize, STEP as usize).map_err(|e| (e, true))?;
     let buf = from.read_buf(offset, buf).await.map_err(|e| (e, true))?;
     to.write_buf(offset, buf, WriteFlags::default())
         .await
