@@ -377,6 +377,18 @@ impl ImageFile {
         Ok(self.size.load(Ordering::Relaxed))
     }
 
+    /// Read the length anew, after another process may have changed it; a short syscall
+    /// (`lseek` to the end, which block devices answer too).
+    pub fn refresh_size(&self) -> io::Result<u64> {
+        // Safety: a descriptor `self.core` keeps open; lseek takes integers only.
+        let end = unsafe { libc::lseek(self.core.raw_fd(), 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.size.store(end as u64, Ordering::Relaxed);
+        Ok(end as u64)
+    }
+
     /// Bytes allocated on the host (`st_blocks * 512`), QEMU's `actual-size`.
     pub fn allocated_size(&self) -> io::Result<u64> {
         // Safety: all-zero is a valid stat, filled by the call.

@@ -390,6 +390,11 @@ impl Graph {
         };
         drop(changing);
         flush_subtree(&node).await;
+        // An inactive image is another process's: nothing more is written to it.
+        if !node.is_active() {
+            node.detach_children();
+            return Ok(());
+        }
         if let Err(e) = node.driver().close(&node).await {
             tracing::warn!(node = node.name(), "close failed: {e}");
         }
@@ -407,7 +412,7 @@ impl Graph {
 
     /// Flush every node (quit, SIGTERM).
     pub async fn flush_all(&self) {
-        for node in self.nodes() {
+        for node in self.nodes().into_iter().filter(|n| n.is_active()) {
             if let Err(e) = node.flush().await {
                 tracing::warn!(node = node.name(), "flush failed: {e}");
             }
@@ -416,7 +421,7 @@ impl Graph {
 
     /// Let every driver write back what it keeps beside the data (quit, after `flush_all`).
     pub async fn close_images(&self) {
-        for node in self.nodes() {
+        for node in self.nodes().into_iter().filter(|n| n.is_active()) {
             if let Err(e) = node.driver().close(&node).await {
                 tracing::warn!(node = node.name(), "close failed: {e}");
             }
@@ -608,7 +613,7 @@ fn check_names_free(registry: &Registry, pending: &Pending) -> Result<(), QmpErr
 }
 
 async fn flush_subtree(node: &Arc<Node>) {
-    for n in node.subtree() {
+    for n in node.subtree().into_iter().filter(|n| n.is_active()) {
         if let Err(e) = n.flush().await {
             tracing::warn!(node = n.name(), "flush failed: {e}");
         }

@@ -96,7 +96,7 @@ pub fn block_device_info(node: &Arc<Node>, flat: bool) -> Value {
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "image": if flat { image_info(node) } else { chain_image_info(node) },
         "backing_file_depth": if flat { 0 } else { node.chain().len() - 1 },
-        "active": true,
+        "active": node.is_active(),
         "write_threshold": node.write_threshold(),
         "cache": {
             "writeback": true,

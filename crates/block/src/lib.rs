@@ -2,6 +2,7 @@
 
 #![warn(missing_docs)]
 
+mod active;
 mod bitmap;
 mod change;
 mod copy;

@@ -273,6 +273,25 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
         ))
     }
 
+    /// Hand the image over to another process (blockdev-set-active false): write back what
+    /// the driver caches, so the image is complete without this process. The node is
+    /// drained and flushed, and takes no I/O but reads until [`activate`](Self::activate).
+    /// The default refuses: a format that keeps metadata in memory would go on using it
+    /// after another process changed the image.
+    async fn inactivate(&self, node: &Node) -> Result<(), String> {
+        Err(format!(
+            "Node '{}' ({}) cannot be inactivated",
+            node.name(),
+            self.format_name()
+        ))
+    }
+
+    /// Take the image back after [`inactivate`](Self::inactivate), with the node's locks
+    /// held again: read anew what another process may have changed meanwhile.
+    async fn activate(&self, _node: &Node) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Whether writes with [`WriteFlags::compressed`] work (qcow2).
     fn supports_compressed_writes(&self) -> bool {
         false
@@ -418,12 +437,30 @@ pub struct Child {
     /// What the parent wants to hear when the node changes size (QEMU's resize callback
     /// of a block-backend's device): a vhost-user-blk export tells its frontend.
     resize_hook: OnceLock<ResizeHook>,
+    /// A user that keeps working on an inactive node (an NBD export's `allow-inactive`):
+    /// its write permission does not stop the node from being inactivated.
+    allows_inactive: AtomicBool,
 }
 
 /// Called after the node behind an edge was resized.
 pub type ResizeHook = Box<dyn Fn() + Send + Sync>;
 
 impl Child {
+    /// Let the node be inactivated under this user (see [`Node::inactivate_one`]).
+    pub fn allow_inactive(&self) {
+        self.allows_inactive.store(true, Ordering::Release);
+    }
+
+    /// Whether this user stops its node from being inactivated: it may write and did not
+    /// say it copes with an inactive node (QEMU's blk_root_inactivate).
+    pub fn keeps_active(&self) -> bool {
+        !matches!(self.parent, Parent::Node(_))
+            && self
+                .perm()
+                .intersects(Perms::WRITE | Perms::WRITE_UNCHANGED)
+            && !self.allows_inactive.load(Ordering::Acquire)
+    }
+
     /// Call `hook` after every resize of the node this edge points to (set once).
     pub fn on_resize(&self, hook: ResizeHook) {
         let _ = self.resize_hook.set(hook);
@@ -668,6 +705,9 @@ pub struct Node {
     driver: Box<dyn Driver>,
     options: CommonOptions,
     read_only: AtomicBool,
+    /// False while another process may own the image (blockdev-set-active): the node
+    /// then holds no locks, takes nothing on its children, and serves reads only.
+    active: AtomicBool,
     /// The options the node was opened with, for `json:` filenames and graph queries.
     open_options: Value,
     children: RwLock<Vec<Arc<Child>>>,
@@ -695,6 +735,7 @@ impl Node {
             name,
             implicit,
             read_only: AtomicBool::new(options.read_only),
+            active: AtomicBool::new(true),
             driver,
             options,
             open_options,
@@ -737,6 +778,16 @@ impl Node {
     /// child's inline options).
     pub fn open_options(&self) -> &Value {
         &self.open_options
+    }
+
+    /// Whether this process owns the image now (blockdev-set-active).
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// See `active.rs`: only the graph's blockdev-set-active changes it.
+    pub(crate) fn set_active_flag(&self, active: bool) {
+        self.active.store(active, Ordering::Release);
     }
 
     /// Whether the node is read-only now; [`Node::set_writable`] changes it.
@@ -907,6 +958,14 @@ impl Node {
             if target.subtree().iter().any(|n| n.name == *parent_name) {
                 return Err(would_cycle_message(&target.name, role, parent_name));
             }
+            // Nodes are created active, and an active node cannot work on an image that
+            // belongs to another process.
+            if !target.is_active() {
+                return Err(format!(
+                    "Inactive '{}' can't be a {role} child of active '{parent_name}'",
+                    target.name
+                ));
+            }
         }
         target.check_new_user(perm, shared, &role_description(&parent, target, role))?;
         let child = Arc::new(Child {
@@ -916,6 +975,7 @@ impl Node {
             perm: AtomicU32::new(perm.bits()),
             shared: AtomicU32::new(shared.bits()),
             resize_hook: OnceLock::new(),
+            allows_inactive: AtomicBool::new(false),
         });
         target.parents.lock().unwrap().push(Arc::downgrade(&child));
         if let Err(e) = target.refresh_perms() {
@@ -992,12 +1052,22 @@ impl Node {
     }
 
     fn refresh_own_perms(&self, path: &mut Vec<*const Node>) -> Result<(), String> {
-        let (perm, shared) = self.cumulative_perms();
+        let active = self.is_active();
+        // An inactive node locks nothing and asks nothing of its children, whatever its
+        // users hold: the image is another process's until it is activated again.
+        let (perm, shared) = if active {
+            self.cumulative_perms()
+        } else {
+            (Perms::NONE, Perms::ALL)
+        };
         self.driver.apply_perms(perm, shared)?;
         for child in self.children() {
-            let (cperm, cshared) =
+            let (cperm, cshared) = if active {
                 self.driver
-                    .child_perms(&child.role, perm, shared, self.read_only());
+                    .child_perms(&child.role, perm, shared, self.read_only())
+            } else {
+                (Perms::NONE, Perms::ALL)
+            };
             if (cperm, cshared) == (child.perm(), child.shared()) {
                 continue;
             }
@@ -1169,8 +1239,18 @@ impl Node {
         self.check_range(offset, len)
     }
 
+    fn check_active(&self) -> io::Result<()> {
+        if self.is_active() {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        }
+    }
+
+    /// Writes, discards and flushes need a writable, active node: EPERM otherwise, as
+    /// QEMU answers for an inactive one.
     fn check_writable(&self) -> io::Result<()> {
-        if self.read_only() {
+        if self.read_only() || !self.is_active() {
             Err(io::Error::from_raw_os_error(libc::EPERM))
         } else {
             Ok(())
@@ -1388,6 +1468,7 @@ impl Node {
 
     async fn flush_entered(&self) -> io::Result<()> {
         let acct = self.stats.start(IoKind::Flush);
+        self.check_active().map_err(|e| acct.invalid(e))?;
         if self.options.cache_no_flush {
             return acct.finish(0, Ok(()));
         }
@@ -1399,8 +1480,9 @@ impl Node {
         acct.finish(0, self.driver.flush(self).await)
     }
 
-    /// Status of this layer alone.
+    /// Status of this layer alone; EPERM on an inactive node, as QEMU answers.
     pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        self.check_active()?;
         let _guard = self.enter();
         let len = len.min(self.size().saturating_sub(offset));
         if len == 0 {

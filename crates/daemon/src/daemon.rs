@@ -89,6 +89,7 @@ impl Daemon {
             }
             CliItem::Export(QapiArgs { syntax, args }) => {
                 Exports::block_export_add_value(self, Value::Object(args), syntax == Syntax::Keyval)
+                    .await
                     .map(|_| ())
                     .map_err(|e| e.desc)
             }

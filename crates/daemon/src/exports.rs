@@ -281,10 +281,10 @@ struct BlockExportAddArgs {
     iothread: Option<String>,
     writable: Option<bool>,
     writethrough: Option<bool>,
-    /// blockd's nodes are always active (it never hands an image over to a migration
-    /// target), so an export works the same with either value, as qsd's of an active node.
-    #[serde(rename = "allow-inactive")]
-    _allow_inactive: Option<bool>,
+    /// Serve the node while inactive (NBD only): reads work, writes answer EPERM, and
+    /// the export does not stop blockdev-set-active. Without it an inactive node is
+    /// activated first.
+    allow_inactive: Option<bool>,
     name: Option<String>,
     description: Option<String>,
     bitmaps: Option<Vec<BitmapRef>>,
@@ -379,6 +379,7 @@ struct NewExport {
     allocation_depth: bool,
     /// `node_name` came as nbd-server-add's `device` (a device or a node name).
     by_device: bool,
+    allow_inactive: bool,
 }
 
 impl Exports {
@@ -520,14 +521,14 @@ impl Exports {
         Ok(json!({}))
     }
 
-    pub fn block_export_add(
+    pub async fn block_export_add(
         daemon: &Rc<Daemon>,
         args: Map<String, Value>,
     ) -> Result<Value, QmpError> {
-        Self::block_export_add_value(daemon, Value::Object(args), false)
+        Self::block_export_add_value(daemon, Value::Object(args), false).await
     }
 
-    pub fn block_export_add_value(
+    pub async fn block_export_add_value(
         daemon: &Rc<Daemon>,
         args: Value,
         keyval: bool,
@@ -558,6 +559,15 @@ impl Exports {
             return Err(QmpError::generic(
                 "blockd does not support writethrough exports",
             ));
+        }
+        let allow_inactive = args.allow_inactive.unwrap_or(false);
+        if allow_inactive && args.kind != ExportType::Nbd {
+            return Err(QmpError::generic(
+                "Export type does not support inactive exports",
+            ));
+        }
+        if !allow_inactive {
+            Self::activate_node(daemon, &args.node_name).await?;
         }
         if args.kind == ExportType::Fuse {
             let Some(mountpoint) = args.mountpoint else {
@@ -590,17 +600,19 @@ impl Exports {
                 bitmaps,
                 allocation_depth: args.allocation_depth.unwrap_or(false),
                 by_device: false,
+                allow_inactive,
             },
         )?;
         Ok(json!({}))
     }
 
     /// The 2.x command: the export id is its name.
-    pub fn nbd_server_add(
+    pub async fn nbd_server_add(
         daemon: &Rc<Daemon>,
         args: Map<String, Value>,
     ) -> Result<Value, QmpError> {
         let args: NbdServerAddArgs = qapi::de::from_value(Value::Object(args))?;
+        Self::activate_node(daemon, &args.device).await?;
         let name = args.name.unwrap_or_else(|| args.device.clone());
         Self::add(
             daemon,
@@ -613,9 +625,26 @@ impl Exports {
                 bitmaps: args.bitmap.into_iter().map(BitmapRef::Name).collect(),
                 allocation_depth: args.allocation_depth.unwrap_or(false),
                 by_device: true,
+                allow_inactive: false,
             },
         )?;
         Ok(json!({}))
+    }
+
+    /// An export that needs its node active takes it back first, as QEMU's export code
+    /// does; a node not found is left to the export's own lookup and its error.
+    async fn activate_node(daemon: &Rc<Daemon>, node_name: &str) -> Result<(), QmpError> {
+        let Some(node) = daemon.graph.find(node_name) else {
+            return Ok(());
+        };
+        if node.is_active() {
+            return Ok(());
+        }
+        let graph = daemon.graph.clone();
+        daemon
+            .io
+            .run(move || async move { graph.activate_for_user(&node).await })
+            .await
     }
 
     fn add(daemon: &Rc<Daemon>, new: NewExport) -> Result<(), QmpError> {
@@ -639,6 +668,9 @@ impl Exports {
         let perm = export_perm(new.writable);
         check_writable(&node, new.writable)?;
         let edge = user_edge(&node, perm, EXPORT_SHARED).map_err(QmpError::generic)?;
+        if new.allow_inactive {
+            edge.allow_inactive();
+        }
         let bitmaps = export_bitmaps(&daemon.graph, &node, &new.bitmaps, new.writable)?;
         let backend = Arc::new(NodeBackend {
             edge: Arc::downgrade(&edge),

@@ -347,6 +347,11 @@ impl Blkdebug {
 
 #[async_trait(?Send)]
 impl Driver for Blkdebug {
+    /// Nothing cached beside the data: a filter passes requests on.
+    async fn inactivate(&self, _: &Node) -> Result<(), String> {
+        Ok(())
+    }
+
     fn format_name(&self) -> &'static str {
         "blkdebug"
     }

@@ -33,6 +33,11 @@ impl Compress {
 
 #[async_trait(?Send)]
 impl Driver for Compress {
+    /// Nothing cached beside the data: a filter passes requests on.
+    async fn inactivate(&self, _: &Node) -> Result<(), String> {
+        Ok(())
+    }
+
     fn format_name(&self) -> &'static str {
         "compress"
     }

@@ -153,6 +153,20 @@ pub fn os_error_text(e: &io::Error) -> String {
 
 #[async_trait(?Send)]
 impl Driver for FileDriver {
+    /// The locks go with the node's permissions; the file caches only its length.
+    async fn inactivate(&self, _: &Node) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The other process may have resized the file.
+    async fn activate(&self, _: &Node) -> Result<(), String> {
+        self.file
+            .load()
+            .refresh_size()
+            .map(drop)
+            .map_err(|e| format!("Could not read the size of {}: {e}", self.filename))
+    }
+
     fn format_name(&self) -> &'static str {
         self.driver_name
     }

@@ -364,6 +364,11 @@ impl NbdDriver {
 
 #[async_trait(?Send)]
 impl Driver for NbdDriver {
+    /// Nothing cached beside the data: the image lives in the server.
+    async fn inactivate(&self, _: &Node) -> Result<(), String> {
+        Ok(())
+    }
+
     fn format_name(&self) -> &'static str {
         "nbd"
     }

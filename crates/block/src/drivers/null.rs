@@ -51,6 +51,11 @@ impl Null {
 
 #[async_trait(?Send)]
 impl Driver for Null {
+    /// Nothing cached beside the data: there is no image.
+    async fn inactivate(&self, _: &Node) -> Result<(), String> {
+        Ok(())
+    }
+
     fn format_name(&self) -> &'static str {
         self.driver_name
     }

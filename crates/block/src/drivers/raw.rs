@@ -63,6 +63,11 @@ impl Raw {
 
 #[async_trait(?Send)]
 impl Driver for Raw {
+    /// Nothing cached beside the data: the image is its child's, offsets and all.
+    async fn inactivate(&self, _: &Node) -> Result<(), String> {
+        Ok(())
+    }
+
     fn format_name(&self) -> &'static str {
         "raw"
     }

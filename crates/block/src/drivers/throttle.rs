@@ -47,6 +47,11 @@ impl Throttle {
 
 #[async_trait(?Send)]
 impl Driver for Throttle {
+    /// Nothing cached beside the data: a filter passes requests on.
+    async fn inactivate(&self, _: &Node) -> Result<(), String> {
+        Ok(())
+    }
+
     fn format_name(&self) -> &'static str {
         "throttle"
     }

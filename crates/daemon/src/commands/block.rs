@@ -37,6 +37,35 @@ pub async fn blockdev_del(daemon: &Daemon, args: Map<String, Value>) -> Result<V
     Ok(json!({}))
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SetActiveArgs {
+    node_name: Option<String>,
+    active: bool,
+}
+
+/// blockdev-set-active: hand one node (with the children only it uses) or every node over
+/// to another process, or take it back (`block::active`). On an I/O thread: taking an
+/// image back reads its metadata.
+pub async fn blockdev_set_active(
+    daemon: &Daemon,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let args: SetActiveArgs = qapi::de::from_value(Value::Object(args))?;
+    let node = match &args.node_name {
+        Some(name) => Some(daemon.graph.find(name).ok_or_else(|| {
+            QmpError::generic(format!("Failed to find node with node-name='{name}'"))
+        })?),
+        None => None,
+    };
+    let graph = daemon.graph.clone();
+    daemon
+        .io
+        .run(move || async move { graph.set_active(node, args.active).await })
+        .await?;
+    Ok(json!({}))
+}
+
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct QueryNamedBlockNodesArgs {

@@ -52,6 +52,7 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-create",
     "blockdev-reopen",
     "blockdev-del",
+    "blockdev-set-active",
     "blockdev-mirror",
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
@@ -127,6 +128,7 @@ impl qmp::Dispatcher for Commands {
                 "blockdev-reopen" => reopen::blockdev_reopen(daemon, args).await,
                 "blockdev-del" | "x-blockdev-del" => block::blockdev_del(daemon, args).await,
                 "x-blockdev-change" => block::x_blockdev_change(daemon, args),
+                "blockdev-set-active" => block::blockdev_set_active(daemon, args).await,
                 "chardev-add" => chardev::chardev_add(daemon, args).await,
                 "chardev-change" => chardev::chardev_change(daemon, args).await,
                 "chardev-remove" => chardev::chardev_remove(daemon, args),
@@ -141,9 +143,9 @@ impl qmp::Dispatcher for Commands {
                     block::no_arguments(args)?;
                     Exports::server_stop(daemon)
                 }
-                "nbd-server-add" => Exports::nbd_server_add(daemon, args),
+                "nbd-server-add" => Exports::nbd_server_add(daemon, args).await,
                 "nbd-server-remove" => Exports::nbd_server_remove(daemon, args),
-                "block-export-add" => Exports::block_export_add(daemon, args),
+                "block-export-add" => Exports::block_export_add(daemon, args).await,
                 "block-export-del" => Exports::block_export_del(daemon, args),
                 "query-block-exports" => {
                     block::no_arguments(args)?;

@@ -673,6 +673,66 @@ impl Driver for Qcow2 {
         }
     }
 
+    /// Everything the data path caches is written back by the flush before this. Bitmaps
+    /// stored in the image are marked in use while a writable node has them, and are
+    /// written back only at close, so an image with them is not handed over.
+    async fn inactivate(&self, node: &Node) -> Result<(), String> {
+        let has_bitmaps = self.bitmaps.lock().unwrap().had_extension
+            || node.dirty_bitmaps().iter().any(|b| b.is_persistent());
+        if has_bitmaps {
+            return Err(format!(
+                "Node '{}' has persistent dirty bitmaps and cannot be inactivated",
+                node.name()
+            ));
+        }
+        let image = self.image.write().await;
+        self.guarded(node, image.flush())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Everything is read anew as at open: the header (size, features, the corrupt and
+    /// dirty bits), the tables and the snapshot list, so what the other process wrote is
+    /// what this node serves. Bitmaps it added cannot join a running node: refused.
+    async fn activate(&self, node: &Node) -> Result<(), String> {
+        let mut image = self.image.write().await;
+        let writable = self.writable.load(Ordering::Acquire);
+        let mut header = Qcow2::probe_header(&self.file).await?;
+        if header.consistent_bitmaps().is_some() {
+            return Err(format!(
+                "Node '{}': the image gained persistent dirty bitmaps while inactive",
+                node.name()
+            ));
+        }
+        if writable && header.is_corrupt() {
+            return Err(CORRUPT_READ_WRITE.into());
+        }
+        if writable && header.is_dirty() {
+            header = Qcow2::repair(&self.file, &header, self.settings.checks).await?;
+        }
+        let reopened = Image::open(
+            self.file.clone(),
+            node.child("data-file"),
+            node.child("backing"),
+            writable,
+            self.settings.clone(),
+            compression::Compression::of(&header),
+        )
+        .await
+        .map_err(|e| format!("Could not reopen qcow2 image: {e}"))?;
+        let snapshot_list = snapshots::load_list(&self.file)
+            .await
+            .map_err(|e| format!("Could not read qcow2 snapshot table: {e}"))?;
+        let size = header.size;
+        *image = reopened;
+        *self.header.lock().unwrap() = header;
+        *self.snapshot_list.lock().unwrap() = snapshot_list;
+        for bitmap in node.dirty_bitmaps().iter() {
+            bitmap.resize(size);
+        }
+        Ok(())
+    }
+
     /// The file below changes mode first, then the data path opens anew in that mode.
     /// Persistent bitmaps are stored at close only by a writable node: a node that has them
     /// is not reopened.

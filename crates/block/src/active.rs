@@ -1,0 +1,200 @@
+//! blockdev-set-active: handing images over to another process and taking them back.
+//!
+//! Migration ends with two processes opening one image: the source inactivates its nodes
+//! (everything cached is written back, every lock released, writes refused), the target
+//! takes the image over, and should the migration fail the source activates its nodes
+//! again, reading anew what the target may have changed. The rules are QEMU's: a node is
+//! inactivated only after every node above it, its children follow when no active node
+//! uses them any more; a node is activated only after its children. A user that may write
+//! keeps its node active (EPERM) unless it said it copes with an inactive one (an NBD
+//! export's `allow-inactive`).
+//!
+//! Unlike QEMU, a call that fails part way puts back the nodes it had already changed, so
+//! a refused call changes nothing.
+
+use crate::graph::Graph;
+use crate::node::{Node, Parent};
+use qapi::error::QmpError;
+use std::sync::Arc;
+
+/// Why a node could not be inactivated.
+enum Refusal {
+    /// A parent node is still active (QEMU's text says it whole).
+    ActiveParent,
+    /// A user may write and needs the node active: EPERM, worded by the caller.
+    InUse,
+    /// The driver or the flush before it failed.
+    Failed(String),
+}
+
+impl Graph {
+    /// blockdev-set-active for one node (with its subtree), or for every node.
+    pub async fn set_active(&self, node: Option<Arc<Node>>, active: bool) -> Result<(), QmpError> {
+        let _changing = self.lock_changes().await;
+        let mut changed = Vec::new();
+        let result = if active {
+            let nodes = match &node {
+                Some(node) => vec![node.clone()],
+                None => self.nodes(),
+            };
+            let mut result = Ok(());
+            for node in nodes {
+                result = self.activate(&node, &mut changed).await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            result.map_err(QmpError::generic)
+        } else {
+            let result = match &node {
+                Some(node) => self.inactivate(node, &mut changed).await,
+                None => self.inactivate_all(&mut changed).await,
+            };
+            result.map_err(|refusal| match refusal {
+                Refusal::ActiveParent => QmpError::generic("Node has active parent node"),
+                Refusal::InUse => QmpError::generic(format!(
+                    "Failed to inactivate {}: Operation not permitted",
+                    if node.is_some() { "node" } else { "all nodes" }
+                )),
+                Refusal::Failed(e) => QmpError::generic(e),
+            })
+        };
+        if result.is_err() {
+            self.undo(changed, active).await;
+        }
+        result
+    }
+
+    /// Make `node` active again for a user that needs it so (an export without
+    /// `allow-inactive`), as QEMU's export code does before it attaches.
+    pub async fn activate_for_user(&self, node: &Arc<Node>) -> Result<(), QmpError> {
+        if node.is_active() {
+            return Ok(());
+        }
+        self.set_active(Some(node.clone()), true).await
+    }
+
+    /// Activate `node`'s children, then the node: it takes its locks (the error is the
+    /// lock conflict's), then its driver reads the image anew.
+    async fn activate(&self, node: &Arc<Node>, changed: &mut Vec<Arc<Node>>) -> Result<(), String> {
+        if node.is_active() {
+            return Ok(());
+        }
+        for child in node.children() {
+            Box::pin(self.activate(&child.node(), changed)).await?;
+        }
+        node.set_active_flag(true);
+        if let Err(e) = node.refresh_perms() {
+            node.set_active_flag(false);
+            let _ = node.refresh_perms();
+            return Err(e);
+        }
+        node.drain().await;
+        let reread = node.driver().activate(node).await;
+        node.undrain();
+        if let Err(e) = reread {
+            node.set_active_flag(false);
+            let _ = node.refresh_perms();
+            return Err(e);
+        }
+        changed.push(node.clone());
+        Ok(())
+    }
+
+    /// Inactivate `node`, then those of its children that no active node uses any more.
+    async fn inactivate(
+        &self,
+        node: &Arc<Node>,
+        changed: &mut Vec<Arc<Node>>,
+    ) -> Result<(), Refusal> {
+        if !node.is_active() {
+            return Ok(());
+        }
+        for edge in node.parents() {
+            if edge.keeps_active() {
+                return Err(Refusal::InUse);
+            }
+            if self.parent_is_active(edge.parent()) {
+                return Err(Refusal::ActiveParent);
+            }
+        }
+        node.drain().await;
+        let handed_over = async {
+            node.flush().await.map_err(|e| e.to_string())?;
+            node.driver().inactivate(node).await
+        }
+        .await;
+        if let Err(e) = handed_over {
+            node.undrain();
+            return Err(Refusal::Failed(e));
+        }
+        node.set_active_flag(false);
+        let released = node.refresh_perms();
+        node.undrain();
+        changed.push(node.clone());
+        released.map_err(Refusal::Failed)?;
+        for child in node.children() {
+            let child = child.node();
+            let unused = child
+                .parents()
+                .iter()
+                .all(|edge| !self.parent_is_active(edge.parent()));
+            if unused {
+                Box::pin(self.inactivate(&child, changed)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every node, each once all nodes above it are inactive.
+    async fn inactivate_all(&self, changed: &mut Vec<Arc<Node>>) -> Result<(), Refusal> {
+        loop {
+            let nodes = self.nodes();
+            let next = nodes.iter().find(|node| {
+                node.is_active()
+                    && node
+                        .parents()
+                        .iter()
+                        .all(|edge| !self.parent_is_active(edge.parent()))
+            });
+            match next {
+                Some(node) => self.inactivate(node, changed).await?,
+                None if nodes.iter().any(|n| n.is_active()) => return Err(Refusal::ActiveParent),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Whether an edge's parent is an active node. A node name no longer in the graph is
+    /// taken as active: refusing is the safe answer.
+    fn parent_is_active(&self, parent: &Parent) -> bool {
+        match parent {
+            Parent::Node(name) => self.find(name).is_none_or(|n| n.is_active()),
+            Parent::User { .. } | Parent::Job { .. } => false,
+        }
+    }
+
+    /// Put back the nodes a failed call changed, newest first (best effort: the call's own
+    /// error is what the caller hears).
+    async fn undo(&self, changed: Vec<Arc<Node>>, activated: bool) {
+        for node in changed.into_iter().rev() {
+            if activated {
+                node.drain().await;
+                let _ = node.flush().await;
+                let _ = node.driver().inactivate(&node).await;
+                node.set_active_flag(false);
+                let _ = node.refresh_perms();
+                node.undrain();
+            } else {
+                node.set_active_flag(true);
+                if node.refresh_perms().is_ok() {
+                    let _ = node.driver().activate(&node).await;
+                } else {
+                    tracing::warn!(node = node.name(), "could not take the image back");
+                    node.set_active_flag(false);
+                    let _ = node.refresh_perms();
+                }
+            }
+        }
+    }
+}
