@@ -20,27 +20,6 @@ fn file(read_only: bool) -> Value {
     json!({ "driver": "file", "node-name": "f0", "filename": "a.qcow2", "read-only": read_only })
 }
 
-/// node-name -> read-only, sorted, from query-named-block-nodes.
-async fn read_only_flags(c: &mut qmp::Client) -> Value {
-    let nodes = c
-        .execute("query-named-block-nodes", json!({ "flat": true }))
-        .await
-        .unwrap();
-    let mut flags: Vec<(String, bool)> = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["node-name"].as_str().unwrap().to_string(),
-                n["ro"].as_bool().unwrap(),
-            )
-        })
-        .collect();
-    flags.sort();
-    json!(flags)
-}
-
 fn start_args(dir: &Path, read_only: bool) -> Vec<String> {
     let ro = if read_only { "on" } else { "off" };
     vec![
@@ -94,7 +73,7 @@ async fn reopen_read_write_for_an_nbd_writer_and_back() {
         .await
         .unwrap();
     assert_eq!(
-        read_only_flags(&mut c).await,
+        node_flags(&mut c, "ro").await,
         json!([["f0", true], ["f1", false], ["q0", true], ["r1", false]])
     );
     // The daemon still holds the image (read-only now): read it beside the daemon.
@@ -134,7 +113,7 @@ async fn reopen_errors_and_atomicity_match_qsd() {
             json!([raw_file(false), raw(false)]),
         ] {
             seen.push(reply(&mut c, "blockdev-reopen", reopen(options)).await);
-            seen.push(read_only_flags(&mut c).await);
+            seen.push(node_flags(&mut c, "ro").await);
         }
         c.execute(
             "block-export-add",
@@ -149,7 +128,7 @@ async fn reopen_errors_and_atomicity_match_qsd() {
             json!([raw(true), raw_file(true), qcow2(true)]),
         ] {
             seen.push(reply(&mut c, "blockdev-reopen", reopen(options)).await);
-            seen.push(read_only_flags(&mut c).await);
+            seen.push(node_flags(&mut c, "ro").await);
         }
         if which == Impl::Blockd {
             daemon.quit(&mut c).await;

@@ -10,27 +10,6 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
 
-/// The nodes and whether each is active, by name.
-async fn activity(c: &mut qmp::Client) -> Value {
-    let nodes = c
-        .execute("query-named-block-nodes", json!({ "flat": true }))
-        .await
-        .unwrap();
-    let mut pairs: Vec<(String, bool)> = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["node-name"].as_str().unwrap().to_string(),
-                n["active"].as_bool().unwrap(),
-            )
-        })
-        .collect();
-    pairs.sort();
-    json!(pairs)
-}
-
 /// One qemu-io command on the export `e` of the server listening on `sock`.
 fn over_nbd(sock: &Path, command: &str) -> Value {
     let uri = format!("nbd+unix:///e?socket={}", sock.display());
@@ -64,7 +43,7 @@ async fn handover_session(which: Impl, dir: &Path) -> (Vec<Value>, String) {
     };
     seen.push(reply(&mut c, "block-export-add", export("e1", Some(true))).await);
     seen.push(reply(&mut c, "blockdev-set-active", json!({ "active": false })).await);
-    seen.push(activity(&mut c).await);
+    seen.push(node_flags(&mut c, "active").await);
     // Reads go on; anything that writes, and block status, is refused.
     for command in [
         "read -P 1 0 4k",
@@ -83,7 +62,7 @@ async fn handover_session(which: Impl, dir: &Path) -> (Vec<Value>, String) {
         &image
     ])));
     seen.push(reply(&mut c, "blockdev-set-active", json!({ "active": true })).await);
-    seen.push(activity(&mut c).await);
+    seen.push(node_flags(&mut c, "active").await);
     // Taken back: what the other process wrote is what the export serves.
     seen.push(over_nbd(&sock, "read -P 2 8M 64k"));
     seen.push(over_nbd(&sock, "write -P 4 16M 64k"));
@@ -97,7 +76,7 @@ async fn handover_session(which: Impl, dir: &Path) -> (Vec<Value>, String) {
             )
             .await,
         );
-        seen.push(activity(&mut c).await);
+        seen.push(node_flags(&mut c, "active").await);
     }
     seen.push(
         reply(
@@ -120,7 +99,7 @@ async fn handover_session(which: Impl, dir: &Path) -> (Vec<Value>, String) {
     seen.push(reply(&mut c, "block-export-del", json!({ "id": "e1" })).await);
     c.wait_event("BLOCK_EXPORT_DELETED", WAIT).await;
     seen.push(reply(&mut c, "block-export-add", export("e2", None)).await);
-    seen.push(activity(&mut c).await);
+    seen.push(node_flags(&mut c, "active").await);
     seen.push(reply(&mut c, "blockdev-set-active", json!({ "active": false })).await);
     for node in ["q", "f"] {
         seen.push(
@@ -132,7 +111,7 @@ async fn handover_session(which: Impl, dir: &Path) -> (Vec<Value>, String) {
             .await,
         );
     }
-    seen.push(activity(&mut c).await);
+    seen.push(node_flags(&mut c, "active").await);
     seen.push(over_nbd(&sock, "read -P 4 16M 64k"));
     seen.push(over_nbd(&sock, "read -P 2 8M 64k"));
     // Bad arguments.
@@ -215,7 +194,10 @@ async fn failed_activation_changes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(refused.desc, "Failed to get \"write\" lock");
-    assert_eq!(activity(&mut c).await, json!([["f", false], ["q", false]]));
+    assert_eq!(
+        node_flags(&mut c, "active").await,
+        json!([["f", false], ["q", false]])
+    );
     drop(holder);
     let deadline = std::time::Instant::now() + WAIT;
     while let Err(e) = c
@@ -225,7 +207,10 @@ async fn failed_activation_changes_nothing() {
         assert!(std::time::Instant::now() < deadline, "{}", e.desc);
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(activity(&mut c).await, json!([["f", true], ["q", true]]));
+    assert_eq!(
+        node_flags(&mut c, "active").await,
+        json!([["f", true], ["q", true]])
+    );
     daemon.quit(&mut c).await;
     qemu_img(&["check", "-q", &image]);
 }

@@ -389,6 +389,31 @@ pub fn status_mib(pid: u32, field: &str) -> u64 {
         / 1024
 }
 
+/// node-name -> the boolean `field` of its query-named-block-nodes entry ("ro",
+/// "active"), sorted by name.
+pub async fn node_flags(c: &mut qmp::Client, field: &str) -> Value {
+    let nodes = c
+        .execute(
+            "query-named-block-nodes",
+            serde_json::json!({ "flat": true }),
+        )
+        .await
+        .unwrap();
+    let mut flags: Vec<(String, bool)> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node-name"].as_str().unwrap().to_string(),
+                n[field].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    flags.sort();
+    serde_json::json!(flags)
+}
+
 /// Each daemon started in a directory of its own on `args`, and its replies to
 /// `requests` (command, arguments) in order: blockd's, then qsd's.
 pub async fn replies_of_both(

@@ -310,6 +310,13 @@ impl Qcow2 {
         self.file.flush().await
     }
 
+    /// Whether the image had bitmaps at open or the node has persistent ones now: they
+    /// are written back (and their in-use flags cleared) only at close.
+    fn has_persistent_bitmaps(&self, node: &Node) -> bool {
+        self.bitmaps.lock().unwrap().had_extension
+            || node.dirty_bitmaps().iter().any(|b| b.is_persistent())
+    }
+
     /// What a qcow2 node takes on its children when it has no users of its own.
     pub fn default_child_perms(role: &str, read_only: bool) -> (Perms, Perms) {
         match role {
@@ -677,9 +684,7 @@ impl Driver for Qcow2 {
     /// stored in the image are marked in use while a writable node has them, and are
     /// written back only at close, so an image with them is not handed over.
     async fn inactivate(&self, node: &Node) -> Result<(), String> {
-        let has_bitmaps = self.bitmaps.lock().unwrap().had_extension
-            || node.dirty_bitmaps().iter().any(|b| b.is_persistent());
-        if has_bitmaps {
+        if self.has_persistent_bitmaps(node) {
             return Err(format!(
                 "Node '{}' has persistent dirty bitmaps and cannot be inactivated",
                 node.name()
@@ -737,9 +742,7 @@ impl Driver for Qcow2 {
     /// Persistent bitmaps are stored at close only by a writable node: a node that has them
     /// is not reopened.
     async fn reopen(&self, node: &Node, writable: bool) -> Result<(), String> {
-        let has_bitmaps = self.bitmaps.lock().unwrap().had_extension
-            || node.dirty_bitmaps().iter().any(|b| b.is_persistent());
-        if has_bitmaps {
+        if self.has_persistent_bitmaps(node) {
             return Err(format!(
                 "Node '{}' has persistent dirty bitmaps and cannot be reopened",
                 node.name()
