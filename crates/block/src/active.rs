@@ -118,6 +118,12 @@ impl Graph {
                 return Err(Refusal::ActiveParent);
             }
         }
+        if !hands_over(node) {
+            return Err(Refusal::Failed(cannot_be_inactive(
+                node.name(),
+                node.driver().format_name(),
+            )));
+        }
         node.drain().await;
         let handed_over = async {
             node.flush().await.map_err(|e| e.to_string())?;
@@ -197,4 +203,18 @@ impl Graph {
             }
         }
     }
+}
+
+/// Whether `node`'s driver keeps nothing it could not read anew (`DriverEntry::hands_over`).
+/// A job's filter is no driver one can open, and is never inactive.
+pub(crate) fn hands_over(node: &Node) -> bool {
+    crate::open::lookup(node.driver().format_name()).is_some_and(|entry| entry.hands_over)
+}
+
+/// The refusal for a node whose driver cannot hand its image over.
+pub(crate) fn cannot_be_inactive(name: &str, driver: &str) -> String {
+    format!(
+        "Node '{name}' ({driver}) cannot be inactive in blockd: its driver would keep serving \
+         metadata read before another process changed the image"
+    )
 }

@@ -72,6 +72,7 @@ const BASE_KEYS: &[&str] = &[
     "auto-read-only",
     "force-share",
     "detect-zeroes",
+    "active",
 ];
 
 /// Base options a child opened inline takes from its parent unless it sets them itself.
@@ -94,6 +95,7 @@ struct BaseOptions {
     auto_read_only: Option<bool>,
     force_share: Option<bool>,
     detect_zeroes: Option<DetectZeroesOption>,
+    active: Option<bool>,
 }
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -548,6 +550,7 @@ impl Graph {
                     Some(DetectZeroesOption::Unmap) => DetectZeroes::Unmap,
                 },
                 force_share: base.force_share.unwrap_or(false),
+                inactive: base.active == Some(false),
             };
             if common.force_share && !common.read_only {
                 return Err(QmpError::generic(
@@ -566,6 +569,14 @@ impl Graph {
             let entry = crate::open::lookup(&driver_name).ok_or_else(|| {
                 QmpError::generic(format!("Driver '{driver_name}' is not supported by blockd"))
             })?;
+            // Opening writes nothing only where the driver says so, and only then may the
+            // image still be another process's.
+            if common.inactive && !entry.hands_over {
+                return Err(QmpError::generic(crate::active::cannot_be_inactive(
+                    &name,
+                    &driver_name,
+                )));
+            }
             let mut opener = Opener {
                 graph: self,
                 pending,

@@ -274,16 +274,11 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
     }
 
     /// Hand the image over to another process (blockdev-set-active false): write back what
-    /// the driver caches, so the image is complete without this process. The node is
-    /// drained and flushed, and takes no I/O but reads until [`activate`](Self::activate).
-    /// The default refuses: a format that keeps metadata in memory would go on using it
-    /// after another process changed the image.
-    async fn inactivate(&self, node: &Node) -> Result<(), String> {
-        Err(format!(
-            "Node '{}' ({}) cannot be inactivated",
-            node.name(),
-            self.format_name()
-        ))
+    /// the driver keeps beside the data. The node is drained and flushed, and takes no I/O
+    /// but reads until [`activate`](Self::activate). Only drivers whose entry says
+    /// `hands_over` are asked.
+    async fn inactivate(&self, _node: &Node) -> Result<(), String> {
+        Ok(())
     }
 
     /// Take the image back after [`inactivate`](Self::inactivate), with the node's locks
@@ -619,6 +614,9 @@ pub struct CommonOptions {
     /// `force-share`: take no image locks, so other processes may write the image; only
     /// allowed read-only.
     pub force_share: bool,
+    /// `active=false`: opened inactive, for a migration target while the source still
+    /// holds the image (`active.rs`).
+    pub inactive: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -735,7 +733,7 @@ impl Node {
             name,
             implicit,
             read_only: AtomicBool::new(options.read_only),
-            active: AtomicBool::new(true),
+            active: AtomicBool::new(!options.inactive),
             driver,
             options,
             open_options,
@@ -954,13 +952,30 @@ impl Node {
         perm: Perms,
         shared: Perms,
     ) -> Result<Arc<Child>, String> {
+        Node::attach_to(target, role, parent, true, perm, shared)
+    }
+
+    /// [`attach`](Self::attach) for a parent that is being opened active or inactive: an
+    /// inactive one takes nothing on its children until it is activated.
+    pub fn attach_to(
+        target: &Arc<Node>,
+        role: &str,
+        parent: Parent,
+        parent_active: bool,
+        perm: Perms,
+        shared: Perms,
+    ) -> Result<Arc<Child>, String> {
+        let (perm, shared) = if parent_active {
+            (perm, shared)
+        } else {
+            (Perms::NONE, Perms::ALL)
+        };
         if let Parent::Node(parent_name) = &parent {
             if target.subtree().iter().any(|n| n.name == *parent_name) {
                 return Err(would_cycle_message(&target.name, role, parent_name));
             }
-            // Nodes are created active, and an active node cannot work on an image that
-            // belongs to another process.
-            if !target.is_active() {
+            // An active node cannot work on an image that belongs to another process.
+            if parent_active && !target.is_active() {
                 return Err(format!(
                     "Inactive '{}' can't be a {role} child of active '{parent_name}'",
                     target.name

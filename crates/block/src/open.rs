@@ -39,6 +39,9 @@ pub struct DriverEntry {
     /// An image format (QEMU's `is_format`): its data children default to
     /// `discard=unmap`, since the format itself decides which discards reach them.
     pub format: bool,
+    /// Its nodes can be inactive (blockdev-set-active, blockdev-add's `active`): it keeps
+    /// nothing in memory it cannot read anew from the image, and opening writes nothing.
+    pub hands_over: bool,
     pub open: OpenFn,
 }
 
@@ -257,10 +260,11 @@ impl Opener<'_> {
                 )))
             }
         };
-        let edge = Node::attach(
+        let edge = Node::attach_to(
             &target,
             role,
             Parent::Node(self.name.to_string()),
+            !self.common.inactive,
             perm,
             shared,
         )
@@ -314,10 +318,11 @@ impl Opener<'_> {
         self.pending.backing_chain.pop();
         let target = target
             .map_err(|e| QmpError::generic(format!("Could not open backing file: {}", e.desc)))?;
-        let edge = Node::attach(
+        let edge = Node::attach_to(
             &target,
             "backing",
             Parent::Node(self.name.to_string()),
+            !self.common.inactive,
             Perms::NONE,
             Perms::ALL,
         )

@@ -1,7 +1,8 @@
-//! blockdev-set-active and the exports' allow-inactive, side by side with qsd: a handover
-//! session (the image written by another process while the daemon is inactive, then read
-//! back through the daemon after it takes the image back), refusals, and a failed
-//! activation that puts every node back as it was.
+//! blockdev-set-active, blockdev-add's `active` and the exports' allow-inactive, side by
+//! side with qsd: a handover session (the image written by another process while the
+//! daemon is inactive, then read back through the daemon after it takes the image back),
+//! refusals, a failed activation that puts every node back as it was, and a migration
+//! between two blockd daemons.
 
 mod common;
 
@@ -114,6 +115,27 @@ async fn handover_session(which: Impl, dir: &Path) -> (Vec<Value>, String) {
     seen.push(node_flags(&mut c, "active").await);
     seen.push(over_nbd(&sock, "read -P 4 16M 64k"));
     seen.push(over_nbd(&sock, "read -P 2 8M 64k"));
+    // The target's side: opened inactive while this daemon's own export holds the image;
+    // taking it over then meets that lock.
+    for (driver, name, file) in [
+        ("file", "f2", json!({ "filename": image })),
+        ("qcow2", "q2", json!({ "file": "f2" })),
+    ] {
+        let mut add = json!({ "driver": driver, "node-name": name, "active": false });
+        add.as_object_mut()
+            .unwrap()
+            .extend(file.as_object().unwrap().clone());
+        seen.push(reply(&mut c, "blockdev-add", add).await);
+    }
+    seen.push(node_flags(&mut c, "active").await);
+    seen.push(
+        reply(
+            &mut c,
+            "blockdev-set-active",
+            json!({ "node-name": "q2", "active": true }),
+        )
+        .await,
+    );
     // Bad arguments.
     for args in [
         json!({ "active": "x" }),
@@ -213,4 +235,98 @@ async fn failed_activation_changes_nothing() {
     );
     daemon.quit(&mut c).await;
     qemu_img(&["check", "-q", &image]);
+}
+
+/// A migration between two blockd daemons: the target opens the image inactive while the
+/// source holds it, takes it over once the source lets go, and serves what the source
+/// wrote; the source cannot take it back while the target holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_between_two_daemons() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = p(dir.path(), "a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &image, "32M"]);
+    let node_args = |active: bool| {
+        vec![
+            s("--blockdev"),
+            format!("driver=file,node-name=f,filename={image},active={active}"),
+            s("--blockdev"),
+            format!("driver=qcow2,node-name=q,file=f,active={active}"),
+        ]
+    };
+    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let src_sock = src_dir.join("nbd.sock");
+    let mut args = node_args(true);
+    args.extend(nbd_server_args(&src_sock));
+    args.extend([
+        s("--export"),
+        s("type=nbd,id=e,name=e,node-name=q,writable=on,allow-inactive=on"),
+    ]);
+    let source = Daemon::start(Impl::Blockd, &src_dir, &args);
+    let mut src = source.qmp().await;
+    assert_eq!(over_nbd(&src_sock, "write -P 5 4M 64k"), json!("ok"));
+    let target = Daemon::start(Impl::Blockd, &dst_dir, &node_args(false));
+    let mut dst = target.qmp().await;
+    assert_eq!(
+        node_flags(&mut dst, "active").await,
+        json!([["f", false], ["q", false]])
+    );
+    let take_over = json!({ "active": true });
+    let held = dst
+        .execute("blockdev-set-active", take_over.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(held.desc, "Failed to get \"write\" lock");
+    src.execute("blockdev-set-active", json!({ "active": false }))
+        .await
+        .unwrap();
+    dst.execute("blockdev-set-active", take_over.clone())
+        .await
+        .unwrap();
+    let dst_sock = dst_dir.join("nbd.sock");
+    dst.execute(
+        "nbd-server-start",
+        json!({ "addr": { "type": "unix", "data": { "path": dst_sock } } }),
+    )
+    .await
+    .unwrap();
+    dst.execute(
+        "block-export-add",
+        json!({ "type": "nbd", "id": "e", "name": "e", "node-name": "q", "writable": true }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(over_nbd(&dst_sock, "read -P 5 4M 64k"), json!("ok"));
+    assert_eq!(over_nbd(&dst_sock, "write -P 6 12M 64k"), json!("ok"));
+    // The source still serves reads of what it had, and cannot take the image back.
+    assert_eq!(over_nbd(&src_sock, "read -P 5 4M 64k"), json!("ok"));
+    let back = src
+        .execute("blockdev-set-active", take_over)
+        .await
+        .unwrap_err();
+    assert_eq!(back.desc, "Failed to get \"write\" lock");
+    // A format that cannot read its metadata anew is never opened inactive.
+    let vmdk = p(dir.path(), "b.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", &vmdk, "1M"]);
+    let refused = dst
+        .execute(
+            "blockdev-add",
+            json!({ "driver": "vmdk", "node-name": "v", "active": false,
+                    "file": { "driver": "file", "filename": vmdk } }),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused.desc.contains("cannot be inactive"),
+        "{}",
+        refused.desc
+    );
+    target.quit(&mut dst).await;
+    source.quit(&mut src).await;
+    qemu_img(&["check", "-q", &image]);
+    assert_eq!(
+        qemu_io_outcome(&["-f", "qcow2", "-c", "read -P 6 12M 64k", &image]),
+        "ok"
+    );
 }

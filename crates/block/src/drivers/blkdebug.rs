@@ -347,11 +347,6 @@ impl Blkdebug {
 
 #[async_trait(?Send)]
 impl Driver for Blkdebug {
-    /// Nothing cached beside the data: a filter passes requests on.
-    async fn inactivate(&self, _: &Node) -> Result<(), String> {
-        Ok(())
-    }
-
     fn format_name(&self) -> &'static str {
         "blkdebug"
     }
@@ -440,6 +435,7 @@ impl Driver for Blkdebug {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: false,
+    hands_over: true,
     names: &["blkdebug"],
     open: |o, options| Box::pin(open(o, options)),
 };

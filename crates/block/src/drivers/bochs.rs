@@ -163,6 +163,7 @@ impl ReadOnlyImage for Bochs {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: false,
     names: &["bochs"],
     open: |o, options| Box::pin(open(o, options)),
 };

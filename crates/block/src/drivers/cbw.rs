@@ -376,12 +376,14 @@ impl Driver for SnapshotAccess {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: false,
+    hands_over: false,
     names: &["copy-before-write"],
     open: |o, options| Box::pin(open_cbw(o, options)),
 };
 
 pub(crate) const SNAPSHOT_ACCESS: DriverEntry = DriverEntry {
     format: false,
+    hands_over: false,
     names: &["snapshot-access"],
     open: |o, options| Box::pin(open_snapshot_access(o, options)),
 };

@@ -116,6 +116,7 @@ impl ReadOnlyImage for Cloop {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: false,
     names: &["cloop"],
     open: |o, options| Box::pin(open(o, options)),
 };

@@ -33,11 +33,6 @@ impl Compress {
 
 #[async_trait(?Send)]
 impl Driver for Compress {
-    /// Nothing cached beside the data: a filter passes requests on.
-    async fn inactivate(&self, _: &Node) -> Result<(), String> {
-        Ok(())
-    }
-
     fn format_name(&self) -> &'static str {
         "compress"
     }
@@ -116,6 +111,7 @@ impl Driver for Compress {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: false,
+    hands_over: true,
     names: &["compress"],
     open: |o, options| Box::pin(open(o, options)),
 };

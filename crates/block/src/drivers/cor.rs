@@ -34,11 +34,6 @@ impl CopyOnRead {
 
 #[async_trait(?Send)]
 impl Driver for CopyOnRead {
-    /// Nothing cached beside the data: a filter passes requests on.
-    async fn inactivate(&self, _: &Node) -> Result<(), String> {
-        Ok(())
-    }
-
     fn format_name(&self) -> &'static str {
         "copy-on-read"
     }

@@ -477,6 +477,7 @@ impl ReadOnlyImage for Dmg {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: false,
     names: &["dmg"],
     open: |o, options| Box::pin(open(o, options)),
 };

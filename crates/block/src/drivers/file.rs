@@ -153,12 +153,8 @@ pub fn os_error_text(e: &io::Error) -> String {
 
 #[async_trait(?Send)]
 impl Driver for FileDriver {
-    /// The locks go with the node's permissions; the file caches only its length.
-    async fn inactivate(&self, _: &Node) -> Result<(), String> {
-        Ok(())
-    }
-
-    /// The other process may have resized the file.
+    /// The locks went with the node's permissions; the file caches only its length, which
+    /// the other process may have changed.
     async fn activate(&self, _: &Node) -> Result<(), String> {
         self.file
             .load()
@@ -334,6 +330,7 @@ impl Driver for FileDriver {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: false,
+    hands_over: true,
     names: &["file", "host_device"],
     open: |o, options| Box::pin(open(o, options)),
 };

@@ -550,6 +550,7 @@ impl Driver for Luks {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: false,
     names: &["luks"],
     open: |o, options| Box::pin(open(o, options)),
 };

@@ -364,11 +364,6 @@ impl NbdDriver {
 
 #[async_trait(?Send)]
 impl Driver for NbdDriver {
-    /// Nothing cached beside the data: the image lives in the server.
-    async fn inactivate(&self, _: &Node) -> Result<(), String> {
-        Ok(())
-    }
-
     fn format_name(&self) -> &'static str {
         "nbd"
     }
@@ -454,6 +449,7 @@ impl Driver for NbdDriver {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: false,
+    hands_over: true,
     names: &["nbd"],
     open: |o, options| Box::pin(open(o, options)),
 };

@@ -51,11 +51,6 @@ impl Null {
 
 #[async_trait(?Send)]
 impl Driver for Null {
-    /// Nothing cached beside the data: there is no image.
-    async fn inactivate(&self, _: &Node) -> Result<(), String> {
-        Ok(())
-    }
-
     fn format_name(&self) -> &'static str {
         self.driver_name
     }
@@ -119,6 +114,7 @@ impl Driver for Null {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: false,
+    hands_over: true,
     names: &["null-co", "null-aio"],
     open: |o, options| Box::pin(open(o, options)),
 };

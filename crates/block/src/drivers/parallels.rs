@@ -337,6 +337,7 @@ impl Driver for Parallels {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: false,
     names: &["parallels"],
     open: |o, options| Box::pin(open(o, options)),
 };

@@ -436,6 +436,7 @@ struct QcowOptions {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: false,
     names: &["qcow"],
     open: |o, options| Box::pin(open(o, options)),
 };

@@ -591,6 +591,7 @@ impl Driver for Qed {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: false,
     names: &["qed"],
     open: |o, options| Box::pin(open(o, options)),
 };

@@ -63,11 +63,6 @@ impl Raw {
 
 #[async_trait(?Send)]
 impl Driver for Raw {
-    /// Nothing cached beside the data: the image is its child's, offsets and all.
-    async fn inactivate(&self, _: &Node) -> Result<(), String> {
-        Ok(())
-    }
-
     fn format_name(&self) -> &'static str {
         "raw"
     }
@@ -175,6 +170,7 @@ impl Driver for Raw {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: true,
     names: &["raw"],
     open: |o, options| Box::pin(open(o, options)),
 };

@@ -47,11 +47,6 @@ impl Throttle {
 
 #[async_trait(?Send)]
 impl Driver for Throttle {
-    /// Nothing cached beside the data: a filter passes requests on.
-    async fn inactivate(&self, _: &Node) -> Result<(), String> {
-        Ok(())
-    }
-
     fn format_name(&self) -> &'static str {
         "throttle"
     }
@@ -191,6 +186,7 @@ pub async fn set_io_throttle(
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: false,
+    hands_over: true,
     names: &["throttle"],
     open: |o, options| Box::pin(open(o, options)),
 };

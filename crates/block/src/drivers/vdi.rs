@@ -344,6 +344,7 @@ impl Driver for Vdi {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: false,
     names: &["vdi"],
     open: |o, options| Box::pin(open(o, options)),
 };

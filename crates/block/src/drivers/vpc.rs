@@ -432,6 +432,7 @@ impl Driver for Vpc {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: false,
     names: &["vpc"],
     open: |o, options| Box::pin(open(o, options)),
 };

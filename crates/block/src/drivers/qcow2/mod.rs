@@ -701,11 +701,13 @@ impl Driver for Qcow2 {
     /// what this node serves. Bitmaps it added cannot join a running node: refused.
     async fn activate(&self, node: &Node) -> Result<(), String> {
         let mut image = self.image.write().await;
-        let writable = self.writable.load(Ordering::Acquire);
+        // A node opened inactive was opened as if read-only; it becomes what it was asked
+        // to be now.
+        let writable = !node.read_only();
         let mut header = Qcow2::probe_header(&self.file).await?;
         if header.consistent_bitmaps().is_some() {
             return Err(format!(
-                "Node '{}': the image gained persistent dirty bitmaps while inactive",
+                "Node '{}': blockd cannot take back an image holding persistent dirty bitmaps",
                 node.name()
             ));
         }
@@ -732,6 +734,7 @@ impl Driver for Qcow2 {
         *image = reopened;
         *self.header.lock().unwrap() = header;
         *self.snapshot_list.lock().unwrap() = snapshot_list;
+        self.writable.store(writable, Ordering::Release);
         for bitmap in node.dirty_bitmaps().iter() {
             bitmap.resize(size);
         }
@@ -892,6 +895,7 @@ const CORRUPT_READ_WRITE: &str = "qcow2: Image is corrupt; cannot be opened read
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: true,
     names: &["qcow2"],
     open: |o, options| Box::pin(open(o, options)),
 };
@@ -909,12 +913,15 @@ async fn open(
     let keyval = o.syntax() == crate::OptionSyntax::Keyval;
     let checks = opts.validate(keyval).map_err(|e| o.qualify(e))?;
     let read_only = o.common().read_only;
+    // Opened inactive, the image is still another process's: read, never written (no
+    // repair, no bitmaps marked in use) until `activate`.
+    let writable = !read_only && !o.common().inactive;
     let (perm, shared) = Qcow2::default_child_perms("file", read_only);
     let file = o.open_child(file_ref, "file", perm, shared).await?;
     let mut header = Qcow2::probe_header(&file)
         .await
         .map_err(QmpError::generic)?;
-    if !read_only && header.is_corrupt() {
+    if writable && header.is_corrupt() {
         return Err(QmpError::generic(CORRUPT_READ_WRITE));
     }
     opts.check(&header).map_err(QmpError::generic)?;
@@ -958,7 +965,7 @@ async fn open(
     };
     // Last before the backing chain, as in QEMU, so that an open refused for its options
     // or its data file leaves the image as it was.
-    if !read_only && header.is_dirty() {
+    if writable && header.is_dirty() {
         header = Qcow2::repair(&file, &header, checks)
             .await
             .map_err(QmpError::generic)?;
@@ -991,7 +998,7 @@ async fn open(
     let driver = Qcow2::open(
         edges,
         header,
-        !read_only,
+        writable,
         Settings {
             checks,
             pass_discard: opts.pass_discard(o.common().discard_unmap),

@@ -451,6 +451,7 @@ impl Driver for Vhdx {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: false,
     names: &["vhdx"],
     open: |o, options| Box::pin(open(o, options)),
 };

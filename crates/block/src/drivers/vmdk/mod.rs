@@ -953,6 +953,7 @@ impl Vmdk {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
+    hands_over: false,
     names: &["vmdk"],
     open: |o, options| Box::pin(open(o, options)),
 };
