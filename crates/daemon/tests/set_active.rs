@@ -330,3 +330,109 @@ async fn migration_between_two_daemons() {
         "ok"
     );
 }
+
+/// The node's dirty bitmaps (name, count, persistent, recording) as query-named-block-nodes
+/// lists them.
+async fn bitmaps_of(c: &mut qmp::Client, node: &str) -> Value {
+    let nodes = c
+        .execute("query-named-block-nodes", json!({ "flat": true }))
+        .await
+        .unwrap();
+    let entry = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .unwrap()
+        .clone();
+    let list: Vec<Value> = entry["dirty-bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| json!([b["name"], b["count"], b["persistent"], b["recording"]]))
+        .collect();
+    json!(list)
+}
+
+/// The bitmaps the image's directory lists, as `qemu-img info` reads them.
+fn listed_in_image(image: &str) -> Value {
+    let info: Value =
+        serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", image])).unwrap();
+    info["format-specific"]["data"]["bitmaps"].clone()
+}
+
+/// Persistent bitmaps go with the image: stored (no longer in use) when the node is
+/// inactivated and released from memory, changed by another process meanwhile, and loaded
+/// back on activation with what that process recorded; side by side with qsd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_bitmaps_go_with_the_image_as_in_qsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sessions = Vec::new();
+    for which in Impl::all() {
+        let wd = dir.path().join(format!("{which:?}"));
+        std::fs::create_dir_all(&wd).unwrap();
+        let (_, image) = tagged_qcow2(&wd, which, "64M");
+        let sock = wd.join("nbd.sock");
+        let mut args = vec![
+            s("--blockdev"),
+            format!("driver=file,node-name=f,filename={image}"),
+            s("--blockdev"),
+            s("driver=qcow2,node-name=q,file=f"),
+        ];
+        args.extend(nbd_server_args(&sock));
+        let daemon = Daemon::start(which, &wd, &args);
+        let mut c = daemon.qmp().await;
+        let mut seen = Vec::new();
+        for (command, arguments) in [
+            (
+                "block-dirty-bitmap-add",
+                json!({ "node": "q", "name": "b0", "persistent": true }),
+            ),
+            (
+                "block-export-add",
+                json!({ "type": "nbd", "id": "e", "name": "e", "node-name": "q",
+                        "writable": true, "allow-inactive": true }),
+            ),
+        ] {
+            seen.push(reply(&mut c, command, arguments).await);
+        }
+        seen.push(over_nbd(&sock, "write -P 1 0 64k"));
+        seen.push(bitmaps_of(&mut c, "q").await);
+        seen.push(reply(&mut c, "blockdev-set-active", json!({ "active": false })).await);
+        seen.push(listed_in_image(&image));
+        seen.push(bitmaps_of(&mut c, "q").await);
+        // Another process writes, and the bitmap in the image records it.
+        seen.push(json!(qemu_io_outcome(&[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 2 1M 128k",
+            &image
+        ])));
+        seen.push(reply(&mut c, "blockdev-set-active", json!({ "active": true })).await);
+        seen.push(bitmaps_of(&mut c, "q").await);
+        seen.push(
+            reply(
+                &mut c,
+                "x-debug-block-dirty-bitmap-sha256",
+                json!({ "node": "q", "name": "b0" }),
+            )
+            .await,
+        );
+        seen.push(over_nbd(&sock, "write -P 3 4M 64k"));
+        seen.push(bitmaps_of(&mut c, "q").await);
+        seen.push(reply(&mut c, "block-export-del", json!({ "id": "e" })).await);
+        c.wait_event("BLOCK_EXPORT_DELETED", WAIT).await;
+        daemon.quit(&mut c).await;
+        seen.push(listed_in_image(&image));
+        qemu_img(&["check", "-q", &image]);
+        sessions.push(normalize(Value::from(seen)));
+    }
+    if let Some(diff) = first_difference(&sessions[0], &sessions[1]) {
+        panic!(
+            "blockd and qsd differ: {diff}\nblockd: {:#}\nqsd: {:#}",
+            sessions[0], sessions[1]
+        );
+    }
+}

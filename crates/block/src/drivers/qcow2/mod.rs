@@ -310,6 +310,48 @@ impl Qcow2 {
         self.file.flush().await
     }
 
+    /// The node's persistent bitmaps with a name: what close and inactivation store.
+    fn persistent_bitmaps(node: &Node) -> Vec<Arc<DirtyBitmap>> {
+        node.dirty_bitmaps()
+            .iter()
+            .filter(|b| b.is_persistent() && b.name().is_some())
+            .cloned()
+            .collect()
+    }
+
+    /// After activation the image's bitmaps are the truth (the other process may have
+    /// written or cleared them): a bitmap of the node with the same name and granularity
+    /// (one read-only from an inactive open) takes the image's bits in place, any other is
+    /// replaced. Bitmaps added while inactive stay, as in QEMU.
+    fn take_back_bitmaps(&self, node: &Node, loaded: Option<bitmaps::Loaded>, writable: bool) {
+        let had_extension = loaded.is_some();
+        let loaded = loaded.unwrap_or_default();
+        let mut state = self.bitmaps.lock().unwrap();
+        for bitmap in &loaded.bitmaps {
+            bitmap.set_readonly(!writable);
+            match node.dirty_bitmap(bitmap.name().unwrap_or_default()) {
+                Some(kept) if kept.granularity() == bitmap.granularity() => {
+                    kept.load_words(&bitmap.to_words());
+                    kept.set_enabled(bitmap.is_enabled());
+                    kept.set_inconsistent(bitmap.is_inconsistent());
+                    kept.set_persistent(true);
+                    kept.set_readonly(!writable);
+                }
+                kept => {
+                    if let Some(kept) = kept {
+                        node.remove_dirty_bitmap(&kept);
+                    }
+                    node.add_dirty_bitmap(bitmap.clone());
+                }
+            }
+        }
+        state.had_extension = had_extension;
+        state.stored_clusters = loaded.clusters;
+        state.listed = loaded.listed;
+        state.to_attach.clear();
+        state.closed = false;
+    }
+
     /// Whether the image had bitmaps at open or the node has persistent ones now: they
     /// are written back (and their in-use flags cleared) only at close.
     fn has_persistent_bitmaps(&self, node: &Node) -> bool {
@@ -635,12 +677,7 @@ impl Driver for Qcow2 {
             state.closed = true;
             std::mem::take(&mut state.stored_clusters)
         };
-        let persistent: Vec<Arc<DirtyBitmap>> = node
-            .dirty_bitmaps()
-            .iter()
-            .filter(|b| b.is_persistent() && b.name().is_some())
-            .cloned()
-            .collect();
+        let persistent = Self::persistent_bitmaps(node);
         let had_extension = self.bitmaps.lock().unwrap().had_extension;
         if persistent.is_empty() && !had_extension {
             return Ok(());
@@ -680,20 +717,28 @@ impl Driver for Qcow2 {
         }
     }
 
-    /// Everything the data path caches is written back by the flush before this. Bitmaps
-    /// stored in the image are marked in use while a writable node has them, and are
-    /// written back only at close, so an image with them is not handed over.
+    /// The data path's cached tables are written back, then the persistent bitmaps are
+    /// stored as at close (no longer in use), so the other process finds them whole;
+    /// `activate` loads the image's back.
     async fn inactivate(&self, node: &Node) -> Result<(), String> {
-        if self.has_persistent_bitmaps(node) {
-            return Err(format!(
-                "Node '{}' has persistent dirty bitmaps and cannot be inactivated",
-                node.name()
-            ));
-        }
         let image = self.image.write().await;
         self.guarded(node, image.flush())
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if !self.writable.load(Ordering::Acquire) || !self.has_persistent_bitmaps(node) {
+            return Ok(());
+        }
+        let persistent = Self::persistent_bitmaps(node);
+        let old_clusters = std::mem::take(&mut self.bitmaps.lock().unwrap().stored_clusters);
+        bitmaps::store(&self.file, &persistent, &old_clusters, self.settings.checks)
+            .await
+            .map_err(|e| format!("Could not store qcow2 bitmaps: {e}"))?;
+        // Released as QEMU does: the image holds them now, and may change under another
+        // process; activation loads them back from it.
+        for bitmap in &persistent {
+            node.remove_dirty_bitmap(bitmap);
+        }
+        Ok(())
     }
 
     /// Everything is read anew as at open: the header (size, features, the corrupt and
@@ -705,12 +750,6 @@ impl Driver for Qcow2 {
         // to be now.
         let writable = !node.read_only();
         let mut header = Qcow2::probe_header(&self.file).await?;
-        if header.consistent_bitmaps().is_some() {
-            return Err(format!(
-                "Node '{}': blockd cannot take back an image holding persistent dirty bitmaps",
-                node.name()
-            ));
-        }
         if writable && header.is_corrupt() {
             return Err(CORRUPT_READ_WRITE.into());
         }
@@ -730,6 +769,20 @@ impl Driver for Qcow2 {
         let snapshot_list = snapshots::load_list(&self.file)
             .await
             .map_err(|e| format!("Could not read qcow2 snapshot table: {e}"))?;
+        let mut loaded = match header.consistent_bitmaps() {
+            Some(ext) => Some(
+                bitmaps::load(&self.file, ext, header.cluster_size(), header.size)
+                    .await
+                    .map_err(|e| format!("Could not read qcow2 bitmaps: {e}"))?,
+            ),
+            None => None,
+        };
+        if let (true, Some(loaded)) = (writable, loaded.as_mut()) {
+            bitmaps::mark_in_use(&self.file, loaded)
+                .await
+                .map_err(|e| format!("Could not mark qcow2 bitmaps in use: {e}"))?;
+            loaded.listed.iter_mut().for_each(|l| l.in_use = true);
+        }
         let size = header.size;
         *image = reopened;
         *self.header.lock().unwrap() = header;
@@ -738,6 +791,7 @@ impl Driver for Qcow2 {
         for bitmap in node.dirty_bitmaps().iter() {
             bitmap.resize(size);
         }
+        self.take_back_bitmaps(node, loaded, writable);
         Ok(())
     }
 
