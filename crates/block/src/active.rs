@@ -10,7 +10,7 @@
 //! export's `allow-inactive`).
 //!
 //! Unlike QEMU, a call that fails part way puts back the nodes it had already changed, so
-//! a refused call changes nothing.
+//! a refused call changes nothing, and inactivating every node is refused while a job runs.
 
 use crate::graph::Graph;
 use crate::node::{Node, Parent};
@@ -110,13 +110,13 @@ impl Graph {
         if !node.is_active() {
             return Ok(());
         }
-        for edge in node.parents() {
-            if edge.keeps_active() {
-                return Err(Refusal::InUse);
-            }
-            if self.parent_is_active(edge.parent()) {
-                return Err(Refusal::ActiveParent);
-            }
+        // QEMU's order: the parent nodes first, then the other users.
+        let parents = node.parents();
+        if parents.iter().any(|e| self.parent_is_active(e.parent())) {
+            return Err(Refusal::ActiveParent);
+        }
+        if parents.iter().any(|e| e.keeps_active()) {
+            return Err(Refusal::InUse);
         }
         if !hands_over(node) {
             return Err(Refusal::Failed(cannot_be_inactive(
@@ -152,8 +152,18 @@ impl Graph {
         Ok(())
     }
 
-    /// Every node, each once all nodes above it are inactive.
+    /// Every node, each once all nodes above it are inactive. Refused while a job runs:
+    /// qsd inactivates its nodes under it, and the job then writes to an image that is
+    /// no longer its own.
     async fn inactivate_all(&self, changed: &mut Vec<Arc<Node>>) -> Result<(), Refusal> {
+        let job_running = self.nodes().iter().any(|node| {
+            node.parents()
+                .iter()
+                .any(|edge| matches!(edge.parent(), Parent::Job { .. }))
+        });
+        if job_running {
+            return Err(Refusal::InUse);
+        }
         loop {
             let nodes = self.nodes();
             let next = nodes.iter().find(|node| {

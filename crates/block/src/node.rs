@@ -446,14 +446,19 @@ impl Child {
         self.allows_inactive.store(true, Ordering::Release);
     }
 
-    /// Whether this user stops its node from being inactivated: it may write and did not
-    /// say it copes with an inactive node (QEMU's blk_root_inactivate).
+    /// Whether this user stops its node from being inactivated: a job working on it, or
+    /// a user that may write and did not say it copes with an inactive node (QEMU's
+    /// blk_root_inactivate).
     pub fn keeps_active(&self) -> bool {
-        !matches!(self.parent, Parent::Node(_))
-            && self
-                .perm()
-                .intersects(Perms::WRITE | Perms::WRITE_UNCHANGED)
-            && !self.allows_inactive.load(Ordering::Acquire)
+        match self.parent {
+            Parent::Node(_) => false,
+            Parent::Job { .. } => true,
+            Parent::User { .. } => {
+                self.perm()
+                    .intersects(Perms::WRITE | Perms::WRITE_UNCHANGED)
+                    && !self.allows_inactive.load(Ordering::Acquire)
+            }
+        }
     }
 
     /// Call `hook` after every resize of the node this edge points to (set once).

@@ -436,3 +436,47 @@ async fn persistent_bitmaps_go_with_the_image_as_in_qsd() {
         );
     }
 }
+
+/// A running job keeps the nodes it works on active: the source behind the job's filter
+/// and the target it writes, with qsd's replies. Asked for every node, qsd inactivates
+/// them under the running job; blockd refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_keeps_its_nodes_active() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = p(dir.path(), "a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &image, "64M"]);
+    let args = [
+        s("--blockdev"),
+        format!("driver=file,node-name=f,filename={image}"),
+        s("--blockdev"),
+        s("driver=qcow2,node-name=q,file=f"),
+        s("--blockdev"),
+        s("driver=null-co,node-name=n,size=67108864"),
+    ];
+    let set = |node: Option<&str>| match node {
+        Some(node) => json!({ "node-name": node, "active": false }),
+        None => json!({ "active": false }),
+    };
+    let requests = [
+        (
+            "blockdev-backup",
+            json!({ "job-id": "j", "device": "q", "target": "n", "sync": "full",
+                    "speed": 1 }),
+        ),
+        ("blockdev-set-active", set(Some("q"))),
+        ("blockdev-set-active", set(Some("n"))),
+        ("blockdev-set-active", set(Some("f"))),
+        ("blockdev-set-active", set(None)),
+        ("block-job-cancel", json!({ "device": "j", "force": true })),
+    ];
+    let [mut blockd, mut qsd] = replies_of_both(dir.path(), &args, &requests).await;
+    assert_eq!(
+        blockd[4],
+        json!({ "error": { "class": "GenericError",
+                           "desc": "Failed to inactivate all nodes: Operation not permitted" } })
+    );
+    assert_eq!(qsd[4], json!({ "return": {} }));
+    blockd.as_array_mut().unwrap().remove(4);
+    qsd.as_array_mut().unwrap().remove(4);
+    assert_eq!(blockd, qsd);
+}
