@@ -480,3 +480,81 @@ async fn a_running_job_keeps_its_nodes_active() {
     qsd.as_array_mut().unwrap().remove(4);
     assert_eq!(blockd, qsd);
 }
+
+/// The dirty extents (offset, length) that an export of `sock` reports for `bitmap`.
+fn dirty_extents(sock: &Path, bitmap: &str) -> Vec<(u64, u64)> {
+    let uri = format!("nbd+unix:///e?socket={}", sock.display());
+    let out = run(Command::new("nbdinfo").args([
+        &format!("--map=qemu:dirty-bitmap:{bitmap}"),
+        "--json",
+        &uri,
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let extents: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    extents
+        .iter()
+        .filter(|e| e["type"] == 1)
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+/// An export serving a persistent bitmap keeps serving the node's bitmap across a
+/// handover: after activation it shows what another process recorded while the daemon
+/// was inactive, and what the daemon records from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_bitmap_follows_the_image_across_a_handover() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = p(dir.path(), "a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &image, "16M"]);
+    let sock = dir.path().join("nbd.sock");
+    let mut args = vec![
+        s("--blockdev"),
+        format!("driver=file,node-name=f,filename={image}"),
+        s("--blockdev"),
+        s("driver=qcow2,node-name=q,file=f"),
+    ];
+    args.extend(nbd_server_args(&sock));
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
+    let mut c = daemon.qmp().await;
+    c.execute(
+        "block-dirty-bitmap-add",
+        json!({ "node": "q", "name": "b0", "persistent": true }),
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "block-export-add",
+        json!({ "type": "nbd", "id": "e", "name": "e", "node-name": "q", "writable": true,
+                "allow-inactive": true, "bitmaps": ["b0"] }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(over_nbd(&sock, "write -P 1 0 64k"), json!("ok"));
+    c.execute("blockdev-set-active", json!({ "active": false }))
+        .await
+        .unwrap();
+    assert_eq!(
+        qemu_io_outcome(&["-f", "qcow2", "-c", "write -P 2 1M 128k", &image]),
+        "ok"
+    );
+    c.execute("blockdev-set-active", json!({ "active": true }))
+        .await
+        .unwrap();
+    let mib = 1 << 20;
+    assert_eq!(
+        dirty_extents(&sock, "b0"),
+        vec![(0, 64 << 10), (mib, 128 << 10)]
+    );
+    assert_eq!(over_nbd(&sock, "write -P 3 4M 64k"), json!("ok"));
+    assert_eq!(
+        dirty_extents(&sock, "b0"),
+        vec![(0, 64 << 10), (mib, 128 << 10), (4 * mib, 64 << 10)]
+    );
+    delete_export_when_unused(&mut c, "e").await;
+    daemon.quit(&mut c).await;
+    qemu_img(&["check", "-q", &image]);
+}

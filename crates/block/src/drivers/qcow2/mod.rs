@@ -120,6 +120,10 @@ struct BitmapState {
     /// The directory as the image holds it (with `in_use` once a writable open set it).
     listed: Vec<bitmaps::Listed>,
     closed: bool,
+    /// The bitmaps inactivation stored and took off the node: activation fills them with
+    /// the image's bits and puts them back, so a user holding one (an NBD export's
+    /// bitmap) keeps seeing the node's.
+    released: Vec<Arc<DirtyBitmap>>,
 }
 
 impl Qcow2 {
@@ -214,6 +218,7 @@ impl Qcow2 {
                 had_extension: true,
                 listed: loaded.listed,
                 closed: false,
+                released: Vec::new(),
             };
         }
         Ok(Qcow2 {
@@ -320,26 +325,37 @@ impl Qcow2 {
     }
 
     /// After activation the image's bitmaps are the truth (the other process may have
-    /// written or cleared them): a bitmap of the node with the same name and granularity
-    /// (one read-only from an inactive open) takes the image's bits in place, any other is
-    /// replaced. Bitmaps added while inactive stay, as in QEMU.
+    /// written or cleared them): a bitmap with the same name and granularity, on the node
+    /// (one read-only from an inactive open) or released by inactivation, takes the
+    /// image's bits in place; any other is replaced. Bitmaps added while inactive stay, as
+    /// in QEMU.
     fn take_back_bitmaps(&self, node: &Node, loaded: Option<bitmaps::Loaded>, writable: bool) {
         let had_extension = loaded.is_some();
         let loaded = loaded.unwrap_or_default();
         let mut state = self.bitmaps.lock().unwrap();
+        let released = std::mem::take(&mut state.released);
         for bitmap in &loaded.bitmaps {
             bitmap.set_readonly(!writable);
-            match node.dirty_bitmap(bitmap.name().unwrap_or_default()) {
+            let name = bitmap.name().unwrap_or_default();
+            let on_node = node.dirty_bitmap(name);
+            let earlier = on_node
+                .clone()
+                .or_else(|| released.iter().find(|b| b.name() == Some(name)).cloned());
+            match earlier {
                 Some(kept) if kept.granularity() == bitmap.granularity() => {
+                    kept.resize(bitmap.size());
                     kept.load_words(&bitmap.to_words());
                     kept.set_enabled(bitmap.is_enabled());
                     kept.set_inconsistent(bitmap.is_inconsistent());
                     kept.set_persistent(true);
                     kept.set_readonly(!writable);
+                    if on_node.is_none() {
+                        node.add_dirty_bitmap(kept);
+                    }
                 }
-                kept => {
-                    if let Some(kept) = kept {
-                        node.remove_dirty_bitmap(&kept);
+                _ => {
+                    if let Some(old) = on_node {
+                        node.remove_dirty_bitmap(&old);
                     }
                     node.add_dirty_bitmap(bitmap.clone());
                 }
@@ -738,6 +754,7 @@ impl Driver for Qcow2 {
         for bitmap in &persistent {
             node.remove_dirty_bitmap(bitmap);
         }
+        self.bitmaps.lock().unwrap().released = persistent;
         Ok(())
     }
 
