@@ -48,6 +48,7 @@ async fn an_image_opens_right_after_its_blockd_was_killed() {
         let writer = KillOnDrop(writer);
         tokio::time::sleep(Duration::from_millis(150)).await;
         daemon.kill();
+        let asked = std::time::Instant::now();
         let opened = control
             .execute(
                 "blockdev-add",
@@ -57,7 +58,8 @@ async fn an_image_opens_right_after_its_blockd_was_killed() {
             .await;
         if let Err(e) = opened {
             panic!(
-                "round {round}: the image was refused right after the kill: {}",
+                "round {round}: the image was refused right after the kill, after {:?}: {}",
+                asked.elapsed(),
                 e.desc
             );
         }
