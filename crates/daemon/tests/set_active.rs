@@ -11,6 +11,16 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
 
+/// The command line that opens `image` as file node `f` under qcow2 node `q`.
+fn qcow2_args(image: &str) -> Vec<String> {
+    vec![
+        s("--blockdev"),
+        format!("driver=file,node-name=f,filename={image}"),
+        s("--blockdev"),
+        s("driver=qcow2,node-name=q,file=f"),
+    ]
+}
+
 /// One qemu-io command on the export `e` of the server listening on `sock`.
 fn over_nbd(sock: &Path, command: &str) -> Value {
     let uri = format!("nbd+unix:///e?socket={}", sock.display());
@@ -24,12 +34,7 @@ async fn handover_session(which: Impl, dir: &Path) -> (Vec<Value>, String) {
     let sock = dir.join("nbd.sock");
     let mountpoint = p(dir, "mnt");
     std::fs::write(&mountpoint, b"").unwrap();
-    let mut args = vec![
-        s("--blockdev"),
-        format!("driver=file,node-name=f,filename={image}"),
-        s("--blockdev"),
-        s("driver=qcow2,node-name=q,file=f"),
-    ];
+    let mut args = qcow2_args(&image);
     args.extend(nbd_server_args(&sock));
     let daemon = Daemon::start(which, dir, &args);
     let mut c = daemon.qmp().await;
@@ -183,12 +188,7 @@ async fn failed_activation_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let image = p(dir.path(), "a.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &image, "16M"]);
-    let args = [
-        s("--blockdev"),
-        format!("driver=file,node-name=f,filename={image}"),
-        s("--blockdev"),
-        s("driver=qcow2,node-name=q,file=f"),
-    ];
+    let args = qcow2_args(&image);
     let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
     let mut c = daemon.qmp().await;
     c.execute("blockdev-set-active", json!({ "active": false }))
@@ -374,12 +374,7 @@ async fn persistent_bitmaps_go_with_the_image_as_in_qsd() {
         std::fs::create_dir_all(&wd).unwrap();
         let (_, image) = tagged_qcow2(&wd, which, "64M");
         let sock = wd.join("nbd.sock");
-        let mut args = vec![
-            s("--blockdev"),
-            format!("driver=file,node-name=f,filename={image}"),
-            s("--blockdev"),
-            s("driver=qcow2,node-name=q,file=f"),
-        ];
+        let mut args = qcow2_args(&image);
         args.extend(nbd_server_args(&sock));
         let daemon = Daemon::start(which, &wd, &args);
         let mut c = daemon.qmp().await;
@@ -445,14 +440,11 @@ async fn a_running_job_keeps_its_nodes_active() {
     let dir = tempfile::tempdir().unwrap();
     let image = p(dir.path(), "a.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &image, "64M"]);
-    let args = [
-        s("--blockdev"),
-        format!("driver=file,node-name=f,filename={image}"),
-        s("--blockdev"),
-        s("driver=qcow2,node-name=q,file=f"),
+    let mut args = qcow2_args(&image);
+    args.extend([
         s("--blockdev"),
         s("driver=null-co,node-name=n,size=67108864"),
-    ];
+    ]);
     let set = |node: Option<&str>| match node {
         Some(node) => json!({ "node-name": node, "active": false }),
         None => json!({ "active": false }),
@@ -511,12 +503,7 @@ async fn an_exported_bitmap_follows_the_image_across_a_handover() {
     let image = p(dir.path(), "a.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &image, "16M"]);
     let sock = dir.path().join("nbd.sock");
-    let mut args = vec![
-        s("--blockdev"),
-        format!("driver=file,node-name=f,filename={image}"),
-        s("--blockdev"),
-        s("driver=qcow2,node-name=q,file=f"),
-    ];
+    let mut args = qcow2_args(&image);
     args.extend(nbd_server_args(&sock));
     let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
     let mut c = daemon.qmp().await;
