@@ -129,10 +129,24 @@ impl Daemon {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// A QMP client on the monitor. qsd's monitor takes one client at a time and closes a
+    /// connection that arrives before it has seen the previous one go (the greeting probe
+    /// of `start` is such a previous one), so a connection closed before its greeting is
+    /// tried again.
     pub async fn qmp(&self) -> qmp::Client {
-        qmp::Client::connect_unix(&self.qmp_path)
-            .await
-            .unwrap_or_else(|e| panic!("QMP connect to {:?}: {e}: {}", self.which, self.stderr()))
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match qmp::Client::connect_unix(&self.qmp_path).await {
+                Ok(client) => return client,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("QMP connect to {:?}: {e}: {}", self.which, self.stderr()),
+            }
+        }
     }
 
     pub fn pid(&self) -> u32 {
