@@ -65,15 +65,6 @@ impl Graph {
         result
     }
 
-    /// Make `node` active again for a user that needs it so (an export without
-    /// `allow-inactive`), as QEMU's export code does before it attaches.
-    pub async fn activate_for_user(&self, node: &Arc<Node>) -> Result<(), QmpError> {
-        if node.is_active() {
-            return Ok(());
-        }
-        self.set_active(Some(node.clone()), true).await
-    }
-
     /// Activate `node`'s children, then the node: it takes its locks (the error is the
     /// lock conflict's), then its driver reads the image anew.
     async fn activate(&self, node: &Arc<Node>, changed: &mut Vec<Arc<Node>>) -> Result<(), String> {
@@ -83,20 +74,7 @@ impl Graph {
         for child in node.children() {
             Box::pin(self.activate(&child.node(), changed)).await?;
         }
-        node.set_active_flag(true);
-        if let Err(e) = node.refresh_perms() {
-            node.set_active_flag(false);
-            let _ = node.refresh_perms();
-            return Err(e);
-        }
-        node.drain().await;
-        let reread = node.driver().activate(node).await;
-        node.undrain();
-        if let Err(e) = reread {
-            node.set_active_flag(false);
-            let _ = node.refresh_perms();
-            return Err(e);
-        }
+        take_back(node).await?;
         changed.push(node.clone());
         Ok(())
     }
@@ -124,21 +102,8 @@ impl Graph {
                 node.driver().format_name(),
             )));
         }
-        node.drain().await;
-        let handed_over = async {
-            node.flush().await.map_err(|e| e.to_string())?;
-            node.driver().inactivate(node).await
-        }
-        .await;
-        if let Err(e) = handed_over {
-            node.undrain();
-            return Err(Refusal::Failed(e));
-        }
-        node.set_active_flag(false);
-        let released = node.refresh_perms();
-        node.undrain();
+        hand_over(node).await.map_err(Refusal::Failed)?;
         changed.push(node.clone());
-        released.map_err(Refusal::Failed)?;
         for child in node.children() {
             let child = child.node();
             let unused = child
@@ -194,22 +159,13 @@ impl Graph {
     /// error is what the caller hears).
     async fn undo(&self, changed: Vec<Arc<Node>>, activated: bool) {
         for node in changed.into_iter().rev() {
-            if activated {
-                node.drain().await;
-                let _ = node.flush().await;
-                let _ = node.driver().inactivate(&node).await;
-                node.set_active_flag(false);
-                let _ = node.refresh_perms();
-                node.undrain();
+            let put_back = if activated {
+                hand_over(&node).await
             } else {
-                node.set_active_flag(true);
-                if node.refresh_perms().is_ok() {
-                    let _ = node.driver().activate(&node).await;
-                } else {
-                    tracing::warn!(node = node.name(), "could not take the image back");
-                    node.set_active_flag(false);
-                    let _ = node.refresh_perms();
-                }
+                take_back(&node).await
+            };
+            if let Err(e) = put_back {
+                tracing::warn!(node = node.name(), "could not put the node back: {e}");
             }
         }
     }
@@ -227,4 +183,42 @@ pub(crate) fn cannot_be_inactive(name: &str, driver: &str) -> String {
         "Node '{name}' ({driver}) cannot be inactive in blockd: its driver would keep serving \
          metadata read before another process changed the image"
     )
+}
+
+/// Make one node inactive: it is drained, flushed and its driver writes back what it keeps,
+/// then it lets go of its locks. On failure the node is as before.
+async fn hand_over(node: &Arc<Node>) -> Result<(), String> {
+    node.drain().await;
+    let result = async {
+        node.flush().await.map_err(|e| e.to_string())?;
+        node.driver().inactivate(node).await?;
+        node.set_active_flag(false);
+        node.refresh_perms().inspect_err(|_| {
+            node.set_active_flag(true);
+            let _ = node.refresh_perms();
+        })
+    }
+    .await;
+    node.undrain();
+    result
+}
+
+/// Make one node active: it takes its locks (the error is the lock conflict's), then its
+/// driver reads the image anew. On failure the node is as before.
+async fn take_back(node: &Arc<Node>) -> Result<(), String> {
+    node.set_active_flag(true);
+    let result = match node.refresh_perms() {
+        Ok(()) => {
+            node.drain().await;
+            let reread = node.driver().activate(node).await;
+            node.undrain();
+            reread
+        }
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        node.set_active_flag(false);
+        let _ = node.refresh_perms();
+    }
+    result
 }

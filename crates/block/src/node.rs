@@ -1270,7 +1270,8 @@ impl Node {
     /// Writes, discards and flushes need a writable, active node: EPERM otherwise, as
     /// QEMU answers for an inactive one.
     fn check_writable(&self) -> io::Result<()> {
-        if self.read_only() || !self.is_active() {
+        self.check_active()?;
+        if self.read_only() {
             Err(io::Error::from_raw_os_error(libc::EPERM))
         } else {
             Ok(())

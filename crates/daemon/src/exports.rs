@@ -643,7 +643,7 @@ impl Exports {
         let graph = daemon.graph.clone();
         daemon
             .io
-            .run(move || async move { graph.activate_for_user(&node).await })
+            .run(move || async move { graph.set_active(Some(node), true).await })
             .await
     }
 
