@@ -14,4 +14,7 @@ mod storage;
 pub use file::{Engine, ImageFile, OpenOptions};
 pub use iobuf::IoBuf;
 pub use lock::{LockConflict, Locking, Perms};
-pub use ring::{init_thread, thread_has_ring, thread_ring_counters, uring_available, RingCounters};
+pub use ring::{
+    init_thread, set_thread_max_batch, thread_has_completions, thread_has_ring,
+    thread_ring_counters, uring_available, RingCounters,
+};

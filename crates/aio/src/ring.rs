@@ -65,6 +65,25 @@ pub struct RingCounters {
     pub submissions: u64,
 }
 
+/// Sets the calling thread's batch limit for files that have none of their own (an
+/// iothread's `aio-max-batch`; 0 submits once per reaper round, as files without a limit
+/// do). No effect on a thread without a ring.
+pub fn set_thread_max_batch(max_batch: usize) {
+    if let Some(ring) = current() {
+        ring.default_batch.set(max_batch);
+    }
+}
+
+/// Whether the calling thread's ring has completions waiting to be reaped: what a thread
+/// that busy-polls before sleeping looks for. False without a ring.
+pub fn thread_has_completions() -> bool {
+    current().is_some_and(|ring| {
+        ring.uring
+            .try_borrow_mut()
+            .is_ok_and(|mut uring| !uring.completion().is_empty())
+    })
+}
+
 /// Set up the calling thread's ring with `entries` submission slots (also the cap on
 /// operations in flight on this thread) and spawn its reaper task.
 ///
@@ -168,6 +187,8 @@ pub(crate) struct Ring {
     unsubmitted: Cell<bool>,
     /// Requests queued since the last submission, for files with a batch limit.
     queued: Cell<usize>,
+    /// The batch limit of files that set none (see [`set_thread_max_batch`]).
+    default_batch: Cell<usize>,
     requests: Cell<u64>,
     submissions: Cell<u64>,
     reaper: RefCell<Option<Waker>>,
@@ -218,6 +239,7 @@ impl Ring {
             capacity,
             unsubmitted: Cell::new(false),
             queued: Cell::new(0),
+            default_batch: Cell::new(0),
             requests: Cell::new(0),
             submissions: Cell::new(0),
             reaper: RefCell::new(None),
@@ -231,7 +253,10 @@ impl Ring {
         if self.slots.borrow().in_use() >= self.capacity {
             return Push::Full(req);
         }
-        let max_batch = req.max_batch();
+        let max_batch = match req.max_batch() {
+            0 => self.default_batch.get(),
+            own => own,
+        };
         let sqe = match req.build_sqe() {
             Ok(sqe) => sqe,
             Err(e) => return Push::Failed(req, e),

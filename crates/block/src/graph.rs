@@ -453,6 +453,8 @@ impl Graph {
     /// all of `below`'s other users. Requests in flight finish first, and those held back
     /// meanwhile go to the filter.
     pub async fn insert_filter(&self, below: &Arc<Node>, filter: &Arc<Node>) {
+        // The filter joins the group of the node it sits on, on that node's thread.
+        *filter.home.lock().unwrap() = below.home();
         below.drain().await;
         below.replace_in_parents(filter);
         below.undrain();

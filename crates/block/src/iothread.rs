@@ -155,25 +155,7 @@ impl IoThreads {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        self.spawn_on(
-            thread,
-            Box::new(move || {
-                Box::pin(async move {
-                    let work = async move { make().await };
-                    let output = AssertUnwindSafe(work)
-                        .catch_unwind()
-                        .await
-                        .unwrap_or_else(|payload| T::from_panic(Panicked::from_payload(payload)));
-                    let _ = tx.send(output);
-                })
-            }),
-        );
-        rx.await.unwrap_or_else(|_| {
-            T::from_panic(Panicked(
-                "I/O thread stopped while running a request".into(),
-            ))
-        })
+        run_with(|work| self.spawn_on(thread, work), make).await
     }
 
     /// Stop accepting work and join the threads; work still queued is dropped.
@@ -185,25 +167,58 @@ impl IoThreads {
     }
 }
 
-fn run_thread(
-    mut rx: mpsc::UnboundedReceiver<Work>,
-    ready: std::sync::mpsc::Sender<io::Result<()>>,
-) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+/// Sends `make` as work through `send` and awaits its output; a panic in the work, or the
+/// thread dropping it unrun, comes back as `T::from_panic`.
+pub(crate) async fn run_with<T, F, Fut>(send: impl FnOnce(Work), make: F) -> T
+where
+    T: FromPanic + Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    send(Box::new(move || {
+        Box::pin(async move {
+            let work = async move { make().await };
+            let output = AssertUnwindSafe(work)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|payload| T::from_panic(Panicked::from_payload(payload)));
+            let _ = tx.send(output);
+        })
+    }));
+    rx.await.unwrap_or_else(|_| {
+        T::from_panic(Panicked(
+            "I/O thread stopped while running a request".into(),
+        ))
+    })
+}
+
+fn run_thread(rx: mpsc::UnboundedReceiver<Work>, ready: std::sync::mpsc::Sender<io::Result<()>>) {
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(runtime) => serve(runtime, rx, ready, || {}),
         Err(e) => {
             let _ = ready.send(Err(e));
-            return;
         }
-    };
+    }
+}
+
+/// An I/O thread's life on its own thread: set up the ring (then `setup`), say it is
+/// ready, and run the work it receives until its sender is dropped.
+pub(crate) fn serve(
+    runtime: tokio::runtime::Runtime,
+    mut rx: mpsc::UnboundedReceiver<Work>,
+    ready: std::sync::mpsc::Sender<io::Result<()>>,
+    setup: impl FnOnce(),
+) {
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         if let Err(e) = aio::init_thread(RING_ENTRIES) {
             tracing::warn!("io_uring unavailable, file I/O uses the thread pool: {e}");
         }
+        setup();
         let _ = ready.send(Ok(()));
         tokio::task::spawn_local(trim_when_idle());
         while let Some(job) = rx.recv().await {
@@ -250,7 +265,7 @@ pub fn set_trim_hook(hook: fn()) {
 /// An I/O thread's stack. Opening a backing chain nests one open inside the other, a few
 /// tens of KiB of stack each: the 2 MiB default ran out at about 150 levels. Only the
 /// pages used are ever resident.
-const IO_THREAD_STACK: usize = 64 << 20;
+pub(crate) const IO_THREAD_STACK: usize = 64 << 20;
 
 /// A piece of CPU-bound work for the pool.
 type CpuJob = Box<dyn FnOnce() + Send>;

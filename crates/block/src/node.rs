@@ -435,6 +435,9 @@ pub struct Child {
     /// A user that keeps working on an inactive node (an NBD export's `allow-inactive`):
     /// its write permission does not stop the node from being inactivated.
     allows_inactive: AtomicBool,
+    /// A user that must stay on the thread it was set up on (an export with
+    /// `fixed-iothread`): the node cannot move to another one under it.
+    pub(crate) fixed_home: AtomicBool,
 }
 
 /// Called after the node behind an edge was resized.
@@ -720,6 +723,9 @@ pub struct Node {
     stats: NodeStats,
     /// Swapped as a whole when bitmaps come and go, so the write path reads it lock-free.
     dirty_bitmaps: ArcSwap<Vec<Arc<DirtyBitmap>>>,
+    /// The iothread object the node is pinned to; none for the shared I/O threads
+    /// (`home.rs` keeps connected nodes on one).
+    pub(crate) home: Mutex<Option<Arc<crate::IoThreadObject>>>,
 }
 
 impl Node {
@@ -748,6 +754,7 @@ impl Node {
             write_threshold: WriteThreshold::default(),
             stats: NodeStats::default(),
             dirty_bitmaps: ArcSwap::from_pointee(Vec::new()),
+            home: Mutex::new(None),
         })
     }
 
@@ -996,6 +1003,7 @@ impl Node {
             shared: AtomicU32::new(shared.bits()),
             resize_hook: OnceLock::new(),
             allows_inactive: AtomicBool::new(false),
+            fixed_home: AtomicBool::new(false),
         });
         target.parents.lock().unwrap().push(Arc::downgrade(&child));
         if let Err(e) = target.refresh_perms() {

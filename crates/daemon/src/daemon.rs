@@ -21,6 +21,8 @@ pub struct Daemon {
     /// Authorization objects by id, for the NBD server's `tls-authz`; the connections look
     /// them up on the I/O threads.
     pub authz: Arc<block::Objects<crate::authz::Authz>>,
+    /// The iothread objects by id.
+    pub iothreads: block::Objects<block::IoThreadObject>,
     quit: Notify,
     /// The chardevs; they serve their monitors only once startup is complete, as qsd's
     /// main loop starts after all options are applied.
@@ -40,6 +42,7 @@ impl Daemon {
             events,
             exports: Exports::default(),
             authz: Arc::default(),
+            iothreads: block::Objects::default(),
             quit: Notify::new(),
             chardevs: Chardevs::default(),
         }))
@@ -52,9 +55,22 @@ impl Daemon {
         syntax: OptionSyntax,
     ) -> Result<Arc<Node>, QmpError> {
         let graph = self.graph.clone();
-        self.io
+        let node = self
+            .io
             .run(move || async move { graph.add(options, syntax).await })
-            .await
+            .await?;
+        if let Err(e) = block::join_children(&self.graph, &node) {
+            let graph = self.graph.clone();
+            let name = node.name().to_string();
+            drop(node);
+            // The node was just added and nothing uses it yet: deleting it cannot fail.
+            let _ = self
+                .io
+                .run(move || async move { graph.del(&name).await })
+                .await;
+            return Err(QmpError::generic(e));
+        }
+        Ok(node)
     }
 
     /// Startup is complete: monitors start accepting clients.
@@ -141,6 +157,11 @@ impl Daemon {
             .await;
         let graph = self.graph.clone();
         self.io.run(move || async move { graph.close_all() }).await;
+        for id in self.iothreads.ids() {
+            if let Some(iothread) = self.iothreads.get(&id) {
+                iothread.stop();
+            }
+        }
         self.io.shutdown();
         self.chardevs.close_all();
     }

@@ -61,6 +61,12 @@ impl Backend for NodeBackend {
         self.edge().map_or(0, |edge| edge.node().size())
     }
 
+    /// The node's iothread object, so connections are served where the node is pinned.
+    fn home(&self) -> Option<Arc<dyn nbd::spawn::Spawner>> {
+        let home = self.edge().ok()?.node().home()?;
+        Some(home)
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             read_only: !self.writable,
@@ -273,11 +279,11 @@ struct BlockExportAddArgs {
     kind: ExportType,
     id: String,
     node_name: String,
-    /// Only means something with `iothread` (in QEMU too), which blockd refuses.
-    #[serde(rename = "fixed-iothread")]
-    _fixed_iothread: Option<bool>,
-    /// blockd has no iothread objects (every I/O thread serves every node), so no name
-    /// can be found: refused with QEMU's text for an unknown iothread.
+    /// The node must stay on the export's iothread: moving it there may not fail, and
+    /// nothing may move it away while the export lives.
+    fixed_iothread: Option<bool>,
+    /// The iothread object to serve the export from; its node (with the nodes connected
+    /// to it) moves there when it can.
     iothread: Option<String>,
     writable: Option<bool>,
     writethrough: Option<bool>,
@@ -380,6 +386,8 @@ struct NewExport {
     /// `node_name` came as nbd-server-add's `device` (a device or a node name).
     by_device: bool,
     allow_inactive: bool,
+    /// fixed-iothread: the node may not leave its thread while the export lives.
+    fixed_home: bool,
 }
 
 impl Exports {
@@ -548,12 +556,20 @@ impl Exports {
                 "blockd exports over NBD, FUSE and vhost-user-blk only",
             ));
         }
-        if let Some(iothread) = &args.iothread {
+        let fixed_home = args.fixed_iothread.unwrap_or(false);
+        if let Some(id) = &args.iothread {
             // QEMU finds the node before the iothread.
-            daemon.graph.lookup_node(&args.node_name)?;
-            return Err(QmpError::generic(format!(
-                "iothread \"{iothread}\" not found"
-            )));
+            let node = daemon.graph.lookup_node(&args.node_name)?;
+            let iothread = daemon
+                .iothreads
+                .get(id)
+                .ok_or_else(|| QmpError::generic(format!("iothread \"{id}\" not found")))?;
+            // Without fixed-iothread an export whose node cannot move serves it where it is.
+            if let Err(e) = block::set_home(&daemon.graph, &node, Some(&iothread)) {
+                if fixed_home {
+                    return Err(QmpError::generic(e));
+                }
+            }
         }
         if args.writethrough == Some(true) {
             return Err(QmpError::generic(
@@ -579,12 +595,12 @@ impl Exports {
                 growable: args.growable.unwrap_or(false),
                 allow_other: args.allow_other.unwrap_or(AllowOther::Auto),
             };
-            Self::add_fuse(daemon, args.id, &args.node_name, options)?;
+            Self::add_fuse(daemon, args.id, &args.node_name, options, fixed_home)?;
             return Ok(json!({}));
         }
         if args.kind == ExportType::VhostUserBlk {
             let options = vhost_user_blk_options(&args, keyval)?;
-            Self::add_vhost_user_blk(daemon, args.id, &args.node_name, options)?;
+            Self::add_vhost_user_blk(daemon, args.id, &args.node_name, options, fixed_home)?;
             return Ok(json!({}));
         }
         let bitmaps = args.bitmaps.unwrap_or_default();
@@ -601,6 +617,7 @@ impl Exports {
                 allocation_depth: args.allocation_depth.unwrap_or(false),
                 by_device: false,
                 allow_inactive,
+                fixed_home,
             },
         )?;
         Ok(json!({}))
@@ -626,6 +643,7 @@ impl Exports {
                 allocation_depth: args.allocation_depth.unwrap_or(false),
                 by_device: true,
                 allow_inactive: false,
+                fixed_home: false,
             },
         )?;
         Ok(json!({}))
@@ -671,6 +689,9 @@ impl Exports {
         if new.allow_inactive {
             edge.allow_inactive();
         }
+        if new.fixed_home {
+            edge.fix_home();
+        }
         let bitmaps = export_bitmaps(&daemon.graph, &node, &new.bitmaps, new.writable)?;
         let backend = Arc::new(NodeBackend {
             edge: Arc::downgrade(&edge),
@@ -715,13 +736,14 @@ impl Exports {
         id: String,
         node_name: &str,
         options: FuseOptions,
+        fixed_home: bool,
     ) -> Result<(), QmpError> {
         let mut perm = export_perm(options.writable);
         if options.growable {
             perm |= Perms::RESIZE;
         }
         let io = daemon.io.clone();
-        Self::add_own(daemon, id, node_name, perm, move |edge| {
+        Self::add_own(daemon, id, node_name, perm, fixed_home, move |edge| {
             let mount = FuseExport::mount(&options, edge, io)?;
             Ok(OwnServer::Fuse { _mount: mount })
         })
@@ -733,10 +755,11 @@ impl Exports {
         id: String,
         node_name: &str,
         options: VhostUserBlkOptions,
+        fixed_home: bool,
     ) -> Result<(), QmpError> {
         let perm = export_perm(options.writable);
         let io = daemon.io.clone();
-        Self::add_own(daemon, id, node_name, perm, move |edge| {
+        Self::add_own(daemon, id, node_name, perm, fixed_home, move |edge| {
             let server = VhostUserBlkExport::start(options, edge, io)?;
             Ok(OwnServer::VhostUserBlk { _server: server })
         })
@@ -750,12 +773,16 @@ impl Exports {
         id: String,
         node_name: &str,
         perm: Perms,
+        fixed_home: bool,
         start: impl FnOnce(Weak<Child>) -> Result<OwnServer, String>,
     ) -> Result<(), QmpError> {
         Self::check_new_id(daemon, &id)?;
         let node = daemon.graph.lookup_node(node_name)?;
         check_writable(&node, perm.contains(Perms::WRITE))?;
         let edge = user_edge(&node, perm, Perms::ALL).map_err(QmpError::generic)?;
+        if fixed_home {
+            edge.fix_home();
+        }
         let server = start(Arc::downgrade(&edge)).map_err(QmpError::generic)?;
         daemon.exports.exports.borrow_mut().push(Export {
             id: id.clone(),

@@ -197,9 +197,12 @@ impl ExportFs {
         Fut: Future<Output = ()> + 'static,
     {
         let edge = self.edge.clone();
-        self.io.spawn(Box::new(move || {
-            Box::pin(async move { work(edge.upgrade()).await })
-        }));
+        let work: block::Work =
+            Box::new(move || Box::pin(async move { work(edge.upgrade()).await }));
+        match self.edge.upgrade() {
+            Some(edge) => self.io.spawn_for(&edge.node(), work),
+            None => self.io.spawn(work),
+        }
     }
 
     /// close and fsync: the node's data reaches stable storage.

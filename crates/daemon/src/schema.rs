@@ -1102,6 +1102,7 @@ mod tests {
             "blockdev-snapshot-internal-sync",
             "blockdev-snapshot-delete-internal-sync",
             "x-blockdev-change",
+            "x-blockdev-set-iothread",
             "blockdev-set-active",
             "query-chardev",
             "query-chardev-backends",

@@ -425,10 +425,13 @@ impl Connection {
         if !task.started.swap(true, Ordering::AcqRel) {
             let connection = self.clone();
             let vring = vring.clone();
-            self.device.io.spawn_on(
-                self.device.first_thread + queue,
-                Box::new(move || Box::pin(connection.serve_queue(queue, vring))),
-            );
+            let work: block::Work =
+                Box::new(move || Box::pin(connection.serve_queue(queue, vring)));
+            let index = self.device.first_thread + queue;
+            match self.device.edge.upgrade() {
+                Some(edge) => self.device.io.spawn_for_at(&edge.node(), index, work),
+                None => self.device.io.spawn_on(index, work),
+            }
         }
         task.wake.notify_one();
     }

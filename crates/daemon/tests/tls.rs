@@ -159,6 +159,17 @@ fn creds_object(id: &str, dir: &Path, endpoint: &str) -> String {
 /// A daemon exporting a fresh 4 MiB qcow2 as `d` over NBD with TLS (and `authz`, given
 /// as `--object` text with id `az`, if any) on `dir/<impl>.nbd`.
 fn tls_daemon(which: Impl, dir: &Path, pki: &Pki, authz: Option<&str>) -> (Daemon, PathBuf) {
+    tls_daemon_with(which, dir, pki, authz, &[])
+}
+
+/// [`tls_daemon`] with `extra` options before the export's, which may use them.
+fn tls_daemon_with(
+    which: Impl,
+    dir: &Path,
+    pki: &Pki,
+    authz: Option<&str>,
+    extra: &[String],
+) -> (Daemon, PathBuf) {
     let tag = format!("{which:?}").to_lowercase();
     let image = p(dir, &format!("{tag}.qcow2"));
     qemu_img(&["create", "-q", "-f", "qcow2", &image, "4M"]);
@@ -176,8 +187,18 @@ fn tls_daemon(which: Impl, dir: &Path, pki: &Pki, authz: Option<&str>) -> (Daemo
         format!("driver=qcow2,node-name=d,file.driver=file,file.filename={image}"),
         s("--nbd-server"),
         server,
+    ]);
+    args.extend_from_slice(extra);
+    args.extend([
         s("--export"),
-        s("type=nbd,id=e,node-name=d,name=d,writable=on"),
+        format!(
+            "type=nbd,id=e,node-name=d,name=d,writable=on{}",
+            if extra.is_empty() {
+                ""
+            } else {
+                ",iothread=io0"
+            }
+        ),
     ]);
     let daemon = Daemon::start(which, dir, &args);
     wait_for_socket(which, &sock);
@@ -238,6 +259,36 @@ fn nbdinfo_tls(sock: &Path, creds: &Path) -> (bool, String) {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
+}
+
+/// A TLS client of an export pinned to an iothread is served there: blockd moves the
+/// connection, with its TLS session, to that thread after negotiation.
+#[test]
+fn tls_clients_of_an_iothread_export_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    for which in Impl::all() {
+        let pinned = [s("--object"), s("iothread,id=io0")];
+        let (daemon, sock) = tls_daemon_with(which, dir.path(), &pki, None, &pinned);
+        for pass in 0..2 {
+            let (ok, text) = qemu_io_tls(
+                &sock,
+                &pki.client,
+                &[
+                    &format!("write -P {} 64k 1M", 0x50 + pass),
+                    &format!("read -P {} 64k 1M", 0x50 + pass),
+                    "read -P 0 0 64k",
+                ],
+            );
+            assert!(
+                ok,
+                "{which:?}: qemu-io over TLS: {text} {}",
+                daemon.stderr()
+            );
+        }
+        let (ok, text) = nbdinfo_tls(&sock, &pki.client);
+        assert!(ok && text.trim() == "4194304", "{which:?}: nbdinfo: {text}");
+    }
 }
 
 /// QEMU's and libnbd's clients read and write through TLS; clients without TLS, without a

@@ -130,6 +130,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Current size in bytes.
     fn size(&self) -> u64;
 
+    /// The thread the export wants its connections served on, if it has one: after
+    /// negotiation a connection moves there (see `server/relocate.rs`). Asked once per
+    /// connection, so an export may change its answer.
+    fn home(&self) -> Option<std::sync::Arc<dyn crate::spawn::Spawner>> {
+        None
+    }
+
     /// What the export can do. Called at negotiation and again for every request's
     /// checks, so it must be cheap.
     fn capabilities(&self) -> Capabilities;

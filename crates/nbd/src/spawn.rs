@@ -19,6 +19,12 @@ pub trait Spawner: Send + Sync + 'static {
     /// Runs `job` on some I/O thread: it is called there and its future is spawned on
     /// that thread's `LocalSet`. May be called from any thread; does not wait.
     fn spawn(&self, job: Work);
+
+    /// Whether the caller already runs on the thread this spawner sends work to (so
+    /// there is nothing to move). Spawners that spread work over threads say false.
+    fn is_current(&self) -> bool {
+        false
+    }
 }
 
 /// Hands jobs to a driver future that spawns them on the `LocalSet` it runs in.

@@ -144,3 +144,51 @@ pub fn x_blockdev_change(daemon: &Daemon, args: Map<String, Value>) -> Result<Va
         }
     }
 }
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SetIothreadArgs {
+    node_name: String,
+    /// StrOrNull: an iothread's id, or null for the shared I/O threads.
+    iothread: Value,
+    force: Option<bool>,
+}
+
+/// x-blockdev-set-iothread: pins a node, with every node connected to it, to an iothread
+/// object (or back to the shared I/O threads). A node an export or job uses only moves
+/// with `force`, and not past a user that must stay (`block::set_home`).
+pub fn x_blockdev_set_iothread(
+    daemon: &Daemon,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let args: SetIothreadArgs = qapi::de::from_value(Value::Object(args))?;
+    let node = daemon.graph.find(&args.node_name).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Failed to find node with node-name='{}'",
+            args.node_name
+        ))
+    })?;
+    if node.has_backend() && !args.force.unwrap_or(false) {
+        return Err(QmpError::generic(format!(
+            "Node {} is associated with a BlockBackend and could be in use (use force=true to \
+             override this check)",
+            args.node_name
+        )));
+    }
+    let home = match &args.iothread {
+        Value::Null => None,
+        Value::String(id) => Some(
+            daemon
+                .iothreads
+                .get(id)
+                .ok_or_else(|| QmpError::generic(format!("Cannot find iothread {id}")))?,
+        ),
+        _ => {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'iothread', expected: StrOrNull",
+            ))
+        }
+    };
+    block::set_home(&daemon.graph, &node, home.as_ref()).map_err(QmpError::generic)?;
+    Ok(json!({}))
+}

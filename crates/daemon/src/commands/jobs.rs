@@ -93,10 +93,21 @@ pub async fn drive_backup(
     Ok(json!({}))
 }
 
-/// Run a created job on an I/O thread.
+/// Run a created job on an I/O thread: its node's iothread object when that is pinned to
+/// one, else one of the shared threads.
 pub(super) fn start_job(daemon: &Daemon, job: &Arc<jobs::Job>) {
     let io = daemon.io.clone();
-    job.start_with(move |work| io.spawn(work));
+    // The job's "main node" edge: its other edges (a target) do not say where it runs.
+    let node = daemon.graph.nodes().into_iter().find(|node| {
+        node.parents().iter().any(|edge| {
+            edge.role() == "main node"
+                && matches!(edge.parent(), block::Parent::Job { id, .. } if id == job.id())
+        })
+    });
+    job.start_with(move |work| match node {
+        Some(node) => io.spawn_for(&node, work),
+        None => io.spawn(work),
+    });
 }
 
 /// blockdev-backup up to a created, not yet started job (a transaction starts it once

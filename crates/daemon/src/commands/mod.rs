@@ -100,6 +100,7 @@ pub const COMMANDS: &[&str] = &[
     "transaction",
     "x-blockdev-amend",
     "x-blockdev-del",
+    "x-blockdev-set-iothread",
     "x-debug-block-dirty-bitmap-sha256",
     "x-debug-query-block-graph",
 ];
@@ -128,6 +129,7 @@ impl qmp::Dispatcher for Commands {
                 "blockdev-reopen" => reopen::blockdev_reopen(daemon, args).await,
                 "blockdev-del" | "x-blockdev-del" => block::blockdev_del(daemon, args).await,
                 "x-blockdev-change" => block::x_blockdev_change(daemon, args),
+                "x-blockdev-set-iothread" => block::x_blockdev_set_iothread(daemon, args),
                 "blockdev-set-active" => block::blockdev_set_active(daemon, args).await,
                 "chardev-add" => chardev::chardev_add(daemon, args).await,
                 "chardev-change" => chardev::chardev_change(daemon, args).await,

@@ -1,5 +1,5 @@
 //! QOM objects (object-add, object-del, qom-get, qom-set) — blockd has throttle groups,
-//! secrets, x509 TLS credentials and authorization lists — and the 2.8
+//! secrets, x509 TLS credentials, authorization lists and iothreads — and the 2.8
 //! block_set_io_throttle, which throttles one node without naming a group.
 
 use crate::authz::{Authz, ListFile, RuleList};
@@ -47,16 +47,13 @@ fn add(daemon: &Daemon, mut args: Map<String, Value>, keyval: bool) -> Result<()
     };
     match qom_type.as_str() {
         "throttle-group" | "secret" | "tls-creds-x509" | "authz-simple" | "authz-list"
-        | "authz-listfile" => {}
+        | "authz-listfile" | "iothread" => {}
         "tls-creds-psk" | "tls-creds-anon" => {
             return Err(QmpError::generic(format!(
                 "Object type '{qom_type}' is not supported by blockd: its TLS library (rustls) \
                  has no pre-shared-key or anonymous suites; use tls-creds-x509"
             )))
         }
-        "iothread" => return Err(QmpError::generic(
-            "Object type 'iothread' is not supported by blockd: every I/O thread serves every node",
-        )),
         other => {
             return Err(QmpError::generic(format!(
                 "Parameter 'qom-type' does not accept value '{other}'"
@@ -102,6 +99,20 @@ fn add(daemon: &Daemon, mut args: Map<String, Value>, keyval: bool) -> Result<()
         }
         return Ok(());
     }
+    if qom_type == "iothread" {
+        let props: IothreadProperties = parse(Value::Object(args), keyval)?;
+        let options = props.options();
+        options.validate().map_err(QmpError::generic)?;
+        if object_exists(daemon, &id) {
+            return Err(duplicate());
+        }
+        let iothread = block::IoThreadObject::start(&id, options)
+            .map_err(|e| QmpError::generic(format!("Failed to create iothread '{id}': {e}")))?;
+        if !daemon.iothreads.insert(&id, iothread) {
+            return Err(duplicate());
+        }
+        return Ok(());
+    }
     if let Some(kind) = qom_type.strip_prefix("authz-") {
         let authz = authz_object(kind, Value::Object(args), keyval)?;
         if !daemon.authz.insert(&id, authz) {
@@ -124,6 +135,35 @@ fn add(daemon: &Daemon, mut args: Map<String, Value>, keyval: bool) -> Result<()
 /// Whether any object, of whatever type, has the id `id`.
 pub(crate) fn object_exists(daemon: &Daemon, id: &str) -> bool {
     super::qom::object_type(daemon, id).is_some()
+}
+
+/// IothreadProperties (with EventLoopBaseProperties). Values are QEMU's int64s: a
+/// negative one is out of range, as qsd says.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct IothreadProperties {
+    poll_max_ns: Option<i64>,
+    poll_grow: Option<i64>,
+    poll_shrink: Option<i64>,
+    aio_max_batch: Option<i64>,
+    thread_pool_min: Option<i64>,
+    thread_pool_max: Option<i64>,
+}
+
+impl IothreadProperties {
+    fn options(&self) -> block::IoThreadOptions {
+        let d = block::IoThreadOptions::default();
+        // Negative values become huge ones, which validation refuses with qsd's range text.
+        let get = |v: Option<i64>, default: u64| v.map_or(default, |v| v as u64);
+        block::IoThreadOptions {
+            poll_max_ns: get(self.poll_max_ns, d.poll_max_ns),
+            poll_grow: get(self.poll_grow, d.poll_grow),
+            poll_shrink: get(self.poll_shrink, d.poll_shrink),
+            aio_max_batch: get(self.aio_max_batch, d.aio_max_batch),
+            thread_pool_min: get(self.thread_pool_min, d.thread_pool_min),
+            thread_pool_max: get(self.thread_pool_max, d.thread_pool_max),
+        }
+    }
 }
 
 /// TlsCredsX509Properties; `priority` is followed as far as rustls can (nbd::tls).
@@ -331,6 +371,18 @@ pub fn object_del(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, Qm
     {
         return Ok(json!({}));
     }
+    if let Some(iothread) = daemon.iothreads.get(&args.id) {
+        // qsd 10 crashes deleting an iothread that still serves nodes; refuse instead.
+        if block::is_home_of_any(&daemon.graph, &iothread) {
+            return Err(QmpError::generic(format!(
+                "object '{}' is in use, can not be deleted",
+                args.id
+            )));
+        }
+        daemon.iothreads.remove(&args.id);
+        iothread.stop();
+        return Ok(json!({}));
+    }
     let groups = &daemon.graph.throttle_groups;
     let group = groups
         .get(&args.id)
@@ -395,6 +447,24 @@ pub fn qom_get(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpEr
             ))),
         };
     }
+    if let Some(iothread) = daemon.iothreads.get(id) {
+        let o = iothread.options();
+        let value = match args.property.as_str() {
+            "type" => return Ok(json!("iothread")),
+            "poll-max-ns" => o.poll_max_ns,
+            "poll-grow" => o.poll_grow,
+            "poll-shrink" => o.poll_shrink,
+            "aio-max-batch" => o.aio_max_batch,
+            "thread-pool-min" => o.thread_pool_min,
+            "thread-pool-max" => o.thread_pool_max,
+            name => {
+                return Err(QmpError::generic(format!(
+                    "Property 'iothread.{name}' not found"
+                )))
+            }
+        };
+        return Ok(json!(value));
+    }
     if let Some(authz) = daemon.authz.get(id) {
         return match args.property.as_str() {
             "type" => Ok(json!(authz.qom_type())),
@@ -428,6 +498,10 @@ struct QomSetArgs {
 pub fn qom_set(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
     let args: QomSetArgs = qapi::de::from_value(Value::Object(args))?;
     let id = args.path.strip_prefix("/objects/").unwrap_or(&args.path);
+    if let Some(iothread) = daemon.iothreads.get(id) {
+        set_iothread_property(&iothread, &args.property, args.value)?;
+        return Ok(json!({}));
+    }
     if let Some(authz) = daemon.authz.get(id) {
         if args.property != "identity" {
             return Err(QmpError::generic(format!(
@@ -455,6 +529,42 @@ pub fn qom_set(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpEr
         }
         name => Err(no_property(name)),
     }
+}
+
+/// qom-set on an iothread: the polling knobs and aio-max-batch take effect at once; the
+/// pool was sized when the thread started and stays so.
+fn set_iothread_property(
+    iothread: &block::IoThreadObject,
+    property: &str,
+    value: Value,
+) -> Result<(), QmpError> {
+    let mut o = iothread.options();
+    let slot = match property {
+        "poll-max-ns" => &mut o.poll_max_ns,
+        "poll-grow" => &mut o.poll_grow,
+        "poll-shrink" => &mut o.poll_shrink,
+        "aio-max-batch" => &mut o.aio_max_batch,
+        "thread-pool-min" | "thread-pool-max" => {
+            return Err(QmpError::generic(format!(
+                "Property 'iothread.{property}' cannot be changed by blockd once the \
+                 iothread runs: its pool is sized when the thread starts"
+            )))
+        }
+        name => {
+            return Err(QmpError::generic(format!(
+                "Property 'iothread.{name}' not found"
+            )))
+        }
+    };
+    let Some(v) = value.as_i64() else {
+        return Err(QmpError::generic(format!(
+            "Invalid parameter type for '{property}', expected: integer"
+        )));
+    };
+    *slot = v as u64;
+    o.validate().map_err(QmpError::generic)?;
+    iothread.update(o);
+    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -1,6 +1,6 @@
 //! QOM introspection (qom-list, qom-list-types, qom-list-properties) over the object types
 //! blockd has, with the names, parents and properties qemu-storage-daemon 10.0 gives them;
-//! the types blockd lacks (tls-creds-psk, iothread, most chardevs, ...) are not listed.
+//! the types blockd lacks (tls-creds-psk, main-loop, most chardevs, ...) are not listed.
 
 use crate::daemon::Daemon;
 use qapi::error::QmpError;
@@ -95,6 +95,28 @@ const TYPES: &[TypeInfo] = &[
         is_abstract: false,
         interfaces: USER_CREATABLE,
         properties: THROTTLE_GROUP_PROPERTIES,
+    },
+    TypeInfo {
+        name: "event-loop-base",
+        parent: Some("object"),
+        is_abstract: true,
+        interfaces: USER_CREATABLE,
+        properties: &[
+            ("thread-pool-min", "int"),
+            ("aio-max-batch", "int"),
+            ("thread-pool-max", "int"),
+        ],
+    },
+    TypeInfo {
+        name: "iothread",
+        parent: Some("event-loop-base"),
+        is_abstract: false,
+        interfaces: USER_CREATABLE,
+        properties: &[
+            ("poll-max-ns", "int"),
+            ("poll-grow", "int"),
+            ("poll-shrink", "int"),
+        ],
     },
     TypeInfo {
         name: "tls-creds",
@@ -313,6 +335,8 @@ pub(crate) fn object_type(daemon: &Daemon, id: &str) -> Option<&'static str> {
         Some("throttle-group")
     } else if graph.tls_creds.contains(id) {
         Some("tls-creds-x509")
+    } else if daemon.iothreads.contains(id) {
+        Some("iothread")
     } else {
         daemon.authz.get(id).map(|a| a.qom_type())
     }
@@ -340,6 +364,7 @@ pub fn qom_list(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpE
             ids.extend(graph.throttle_groups.names());
             ids.extend(graph.tls_creds.ids());
             ids.extend(daemon.authz.ids());
+            ids.extend(daemon.iothreads.ids());
             for id in ids {
                 let ty = object_type(daemon, &id).ok_or_else(not_found)?;
                 out.push(child(&id, ty));

@@ -5,6 +5,7 @@
 //! I/O thread chosen by the daemon's [`Spawner`], where its futures stay.
 
 mod handshake;
+mod relocate;
 mod transmission;
 
 use std::collections::{BTreeMap, HashMap};
@@ -495,7 +496,7 @@ impl NbdServer {
         W: AsyncWrite + Unpin + 'static,
     {
         let guard = self.shared.register();
-        transmission::serve(guard, reader, writer, || {}).await
+        transmission::serve_here(guard, reader, writer).await
     }
 }
 
@@ -608,8 +609,7 @@ fn spawn_connection(shared: &Arc<Shared>, stream: StdStream) {
                                     let _ = k.shutdown(std::net::Shutdown::Both);
                                 }
                             };
-                            serve_socket(guard, t, tokio::net::UnixStream::into_split, tls, on_kill)
-                                .await
+                            serve_socket(guard, t, tls, on_kill).await
                         }
                         Err(e) => tracing::warn!("NBD connection cannot be registered: {e}"),
                     }
@@ -623,8 +623,7 @@ fn spawn_connection(shared: &Arc<Shared>, stream: StdStream) {
                                     let _ = k.shutdown(std::net::Shutdown::Both);
                                 }
                             };
-                            serve_socket(guard, t, tokio::net::TcpStream::into_split, tls, on_kill)
-                                .await
+                            serve_socket(guard, t, tls, on_kill).await
                         }
                         Err(e) => tracing::warn!("NBD connection cannot be registered: {e}"),
                     }
@@ -635,23 +634,20 @@ fn spawn_connection(shared: &Arc<Shared>, stream: StdStream) {
 }
 
 /// Serves one accepted socket: over TLS if the server has it (the whole socket goes into
-/// the TLS session), else on the socket's own halves from `split`.
-async fn serve_socket<S, R, W>(
+/// the TLS session), else on the socket's own halves.
+async fn serve_socket<S: relocate::RawSocket>(
     guard: ConnectionGuard,
     socket: S,
-    split: fn(S) -> (R, W),
     tls: Option<ServerTls>,
-    on_kill: impl Fn(),
+    on_kill: impl Fn() + Send + 'static,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + 'static,
-    R: AsyncRead + Unpin + 'static,
-    W: AsyncWrite + Unpin + 'static,
+    tokio_rustls::server::TlsStream<relocate::Slot<S>>: Send,
 {
     match tls {
         Some(tls) => transmission::serve_tls(guard, socket, tls, on_kill).await,
         None => {
-            let (r, w) = split(socket);
-            transmission::serve(guard, r, w, on_kill).await
+            let (r, w) = socket.split();
+            transmission::serve::<relocate::Plain<S>>(guard, r, w, on_kill).await
         }
     }
 }

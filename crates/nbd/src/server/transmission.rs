@@ -17,9 +17,11 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::handshake::{self, Negotiated};
+use super::relocate::{RawSocket, Slot, Tls, Transport};
 use super::{ConnectionGuard, ServerTls};
 use crate::backend::{Backend, Capabilities, MetaContext, StatusExtent, ZeroFlags};
 use crate::proto::*;
+use tokio_rustls::server::TlsStream;
 
 /// Payload bytes a connection may hold in flight, in units of [`BUDGET_UNIT`] bytes; it
 /// bounds memory per connection while leaving room for one maximum-sized request.
@@ -41,25 +43,44 @@ const READ_BUFFER: usize = 16 * 1024;
 
 /// Runs one connection from greeting to close. `on_kill` must make pending socket I/O
 /// fail (shut the socket down) so that a killed connection ends promptly.
-pub(super) async fn serve<R, W>(guard: ConnectionGuard, reader: R, writer: W, on_kill: impl Fn())
+pub(super) async fn serve<T: Transport>(
+    guard: ConnectionGuard,
+    reader: T::Read,
+    writer: T::Write,
+    on_kill: impl Fn() + Send + 'static,
+) where
+    T::Detached: Send,
+{
+    let handshake = negotiate_on(&guard, reader, writer, handshake::Start::Greet);
+    let negotiated = bounded_handshake(&guard, handshake, &on_kill).await;
+    if let Some((n, reader, writer)) = negotiated {
+        transmit_at_home::<T>(guard, n, reader, writer, on_kill).await;
+    }
+}
+
+/// [`serve`] over any byte stream, which stays on the calling thread.
+pub(super) async fn serve_here<R, W>(guard: ConnectionGuard, reader: R, writer: W)
 where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
     let handshake = negotiate_on(&guard, reader, writer, handshake::Start::Greet);
-    run_after(&guard, handshake, on_kill).await;
+    if let Some((n, reader, writer)) = bounded_handshake(&guard, handshake, &|| {}).await {
+        let kill = guard.kill_rx.clone();
+        transmit(n, reader, writer, kill, || {}).await;
+    }
 }
 
 /// Runs one connection of a TLS server: the plain greeting, the client's
 /// `NBD_OPT_STARTTLS`, the TLS handshake and the authorization of its certificate, then
 /// negotiation and transmission inside TLS.
-pub(super) async fn serve_tls<S>(
+pub(super) async fn serve_tls<S: RawSocket>(
     guard: ConnectionGuard,
     stream: S,
     tls: ServerTls,
-    on_kill: impl Fn(),
+    on_kill: impl Fn() + Send + 'static,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + 'static,
+    TlsStream<Slot<S>>: Send,
 {
     let handshake = async {
         let mut stream = stream;
@@ -67,7 +88,7 @@ pub(super) async fn serve_tls<S>(
             let _ = stream.shutdown().await;
             return Ok(None);
         };
-        let (tls_stream, peer) = tls.creds.accept(stream).await?;
+        let (tls_stream, peer) = tls.creds.accept(Slot::new(stream)).await?;
         if let Some(authorize) = &tls.authorize {
             let identity = peer.as_deref();
             let allowed = authorize(identity).unwrap_or_else(|e| {
@@ -91,7 +112,10 @@ pub(super) async fn serve_tls<S>(
         )
         .await
     };
-    run_after(&guard, handshake, on_kill).await;
+    let negotiated = bounded_handshake(&guard, handshake, &on_kill).await;
+    if let Some((n, reader, writer)) = negotiated {
+        transmit_at_home::<Tls<S>>(guard, n, reader, writer, on_kill).await;
+    }
 }
 
 /// Negotiates over a reader and a writer; a session that ends there gets its writer shut
@@ -114,19 +138,46 @@ where
     Ok(negotiated.map(|n| (n, reader, writer)))
 }
 
-/// Runs `handshake` within the limits of [`bounded_handshake`], then transmission.
-async fn run_after<R, W>(
-    guard: &ConnectionGuard,
-    handshake: impl std::future::Future<Output = io::Result<Option<(Negotiated, BufReader<R>, W)>>>,
-    on_kill: impl Fn(),
+/// Runs transmission on the thread the export is served from: here when it has none or
+/// this is it, else the connection moves there first (`relocate.rs`), with the bytes the
+/// client already sent past negotiation.
+async fn transmit_at_home<T: Transport>(
+    guard: ConnectionGuard,
+    n: Negotiated,
+    reader: BufReader<T::Read>,
+    writer: T::Write,
+    on_kill: impl Fn() + Send + 'static,
 ) where
-    R: AsyncRead + Unpin + 'static,
-    W: AsyncWrite + Unpin + 'static,
+    T::Detached: Send,
 {
-    let kill = guard.kill_rx.clone();
-    if let Some((n, reader, writer)) = bounded_handshake(guard, handshake, &on_kill).await {
+    let home = n.export.export.backend.home().filter(|h| !h.is_current());
+    let Some(home) = home else {
+        let kill = guard.kill_rx.clone();
         transmit(n, reader, writer, kill, on_kill).await;
-    }
+        return;
+    };
+    let early = reader.buffer().to_vec();
+    let detached = match T::detach(reader.into_inner(), writer) {
+        Ok(detached) => detached,
+        Err(e) => {
+            tracing::warn!("NBD connection cannot leave its thread: {e}");
+            return;
+        }
+    };
+    home.spawn(Box::new(move || {
+        Box::pin(async move {
+            match T::attach(detached) {
+                Ok((read, write)) => {
+                    let read = std::io::Cursor::new(early).chain(read);
+                    let reader = BufReader::with_capacity(READ_BUFFER, read);
+                    let kill = guard.kill_rx.clone();
+                    transmit(n, reader, write, kill, on_kill).await;
+                    drop(guard);
+                }
+                Err(e) => tracing::warn!("NBD connection cannot move to its export's thread: {e}"),
+            }
+        })
+    }));
 }
 
 /// Runs a connection's negotiation within the server's time limit, ending it early when
