@@ -358,10 +358,11 @@ mod tests {
     }
 
     /// With polling on, a thread that keeps getting work finds some of it by spinning;
-    /// with poll-max-ns 0 it never spins.
+    /// with poll-max-ns 0 it never spins. The maximum is large so that a loaded machine,
+    /// where a round trip can take milliseconds, does not keep resetting the spin.
     #[test]
     fn polling_finds_work_only_when_enabled() {
-        let hits = |poll_max_ns| {
+        let hits = |poll_max_ns, rounds| {
             let t = IoThreadObject::start(
                 "io-poll",
                 IoThreadOptions {
@@ -375,15 +376,21 @@ mod tests {
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                for _ in 0..2000 {
+                for _ in 0..rounds {
                     let _: Result<(), String> = t.run(|| async { Ok(()) }).await;
+                    if t.poll_hits() > 0 {
+                        break;
+                    }
                 }
             });
             let hits = t.poll_hits();
             t.stop();
             hits
         };
-        assert_eq!(hits(0), 0);
-        assert!(hits(1_000_000) > 0, "a 1 ms spin never found work");
+        assert_eq!(hits(0, 500), 0);
+        assert!(
+            hits(50_000_000, 5000) > 0,
+            "a spin of up to 50 ms never found work"
+        );
     }
 }
