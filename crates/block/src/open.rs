@@ -8,7 +8,7 @@
 
 use crate::drivers::{
     blkdebug, bochs, cbw, cloop, compress, dmg, file, luks, nbd, null, parallels, qcow, qcow2, qed,
-    raw, throttle, vdi, vhdx, vmdk, vpc,
+    raw, rbd, throttle, vdi, vhdx, vmdk, vpc,
 };
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
@@ -65,6 +65,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     dmg::DRIVER,
     blkdebug::DRIVER,
     nbd::DRIVER,
+    rbd::DRIVER,
     cbw::DRIVER,
     cbw::SNAPSHOT_ACCESS,
     throttle::DRIVER,

@@ -19,6 +19,7 @@ pub mod qcow;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
+pub mod rbd;
 pub(crate) mod read_only;
 pub mod throttle;
 pub mod vdi;

@@ -49,6 +49,11 @@ pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Resul
         None => return Err(QmpError::generic("Parameter 'options.driver' is missing")),
     };
     let work: StepWork = match driver.as_str() {
+        "rbd" => {
+            let rbd: block::RbdCreate = parse_options(options)?;
+            let graph = daemon.graph.clone();
+            Box::new(move || Box::pin(async move { rbd.create(&graph).await }))
+        }
         "file" => {
             let file: FileCreate = parse_options(options)?;
             Box::new(move || Box::pin(async move { file.create().await }))

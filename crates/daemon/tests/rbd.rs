@@ -1,0 +1,508 @@
+//! The rbd driver against a real Ceph cluster: one mon, one mgr and one memstore OSD on
+//! loopback, started once for this test binary by `tests/peers/ceph-start` (Debian's
+//! ceph-mon, ceph-osd, ceph-mgr, ceph-common). qemu-img and qsd here are built without
+//! rbd, so the independent checks are Ceph's own tools (`rbd info`, `rbd export`,
+//! `rbd snap ls`, `rbd diff`) and QEMU's on local images and NBD exports.
+
+mod common;
+
+use common::jobs::create;
+use common::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The cluster's ceph.conf; the cluster stops when this test process exits.
+fn cluster() -> &'static Path {
+    static CONF: OnceLock<PathBuf> = OnceLock::new();
+    CONF.get_or_init(|| {
+        for tool in ["ceph-mon", "ceph-osd", "ceph-mgr", "rbd"] {
+            assert!(
+                run(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
+                    .status
+                    .success(),
+                "the rbd tests need {tool} (Debian packages ceph-mon ceph-osd ceph-mgr \
+                 ceph-common; .ci/run installs them)"
+            );
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("blockd-ceph")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/ceph-start");
+        let out = run(Command::new(script).args([
+            dir.to_str().unwrap(),
+            &std::process::id().to_string(),
+            &port.to_string(),
+        ]));
+        let log = std::fs::read_to_string(dir.join("log/start.log")).unwrap_or_default();
+        assert!(
+            out.status.success(),
+            "the Ceph cluster did not start: {}{}\n{log}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+/// `rbd` on the test cluster; its stdout, the test failing with stderr if it fails.
+fn rbd(args: &[&str]) -> String {
+    let out = run(Command::new("rbd").arg("-c").arg(cluster()).args(args));
+    assert!(
+        out.status.success(),
+        "rbd {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A name no other test of this run uses.
+fn unique(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+/// An rbd node's options for `image` in pool `rbd` of the test cluster.
+fn rbd_node(node: &str, image: &str) -> Value {
+    json!({"driver": "rbd", "node-name": node, "pool": "rbd", "image": image,
+           "conf": cluster().to_str().unwrap()})
+}
+
+/// The image's bytes as `rbd export` writes them, into `dir/<image>.raw`.
+fn exported(dir: &Path, image: &str) -> String {
+    let out = p(dir, &format!("{image}.raw"));
+    rbd(&["export", image, &out]);
+    out
+}
+
+fn assert_same(a: &str, b: &str) {
+    let same = qemu_img(&["compare", "-f", "raw", "-F", "raw", a, b]);
+    assert!(same.contains("identical"), "{a} vs {b}: {same}");
+}
+
+/// blockdev-create makes images as asked (QEMU's checks first), an rbd node serves reads
+/// and writes over NBD, and block status tells written from never-written ranges.
+#[tokio::test]
+async fn rbd_images_are_created_served_and_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = unique("created");
+    let sock = dir.path().join("nbd.sock");
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &nbd_server_args(&sock));
+    let mut c = daemon.qmp().await;
+    let location = json!({"pool": "rbd", "image": image, "conf": cluster().to_str().unwrap()});
+    let mut refused = Vec::new();
+    for (options, text) in [
+        (
+            json!({"driver": "rbd", "location": location, "size": 64 << 20, "cluster-size": 3000}),
+            "obj size needs to be power of 2",
+        ),
+        (
+            json!({"driver": "rbd", "location": location, "size": 64 << 20, "cluster-size": 2048}),
+            "obj size too small",
+        ),
+        (
+            json!({"driver": "rbd", "size": 64 << 20,
+                   "location": {"pool": "rbd", "image": image, "snapshot": "s",
+                                "conf": cluster().to_str().unwrap()}}),
+            "Can't use snapshot name for image creation",
+        ),
+        (
+            json!({"driver": "rbd", "size": 64 << 20,
+                   "location": {"pool": "nopool", "image": image,
+                                "conf": cluster().to_str().unwrap()}}),
+            "error opening pool nopool",
+        ),
+    ] {
+        let events = create(&mut c, "c", json!(options)).await;
+        refused.push((events.to_string(), text));
+    }
+    for (events, text) in refused {
+        assert!(events.contains(text), "{text}: {events}");
+    }
+    let events = create(
+        &mut c,
+        "c",
+        json!({"driver": "rbd", "location": location, "size": 64 << 20,
+               "cluster-size": 1 << 20}),
+    )
+    .await;
+    assert!(!events.to_string().contains("error"), "{events}");
+    let info: Value = serde_json::from_str(&rbd(&["info", "--format", "json", &image])).unwrap();
+    assert_eq!(info["size"], 64 << 20, "{info}");
+    assert_eq!(info["order"], 20, "{info}");
+
+    let missing = reply(&mut c, "blockdev-add", rbd_node("gone", "no-such-image")).await;
+    let text = missing["error"]["desc"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        text.starts_with("error reading header from no-such-image"),
+        "{missing}"
+    );
+    assert_eq!(
+        reply(&mut c, "blockdev-add", rbd_node("r", &image)).await,
+        json!({"return": {}})
+    );
+    let nodes = reply(&mut c, "query-named-block-nodes", json!({"flat": true})).await;
+    let node = &nodes["return"][0];
+    assert_eq!(node["drv"], "rbd");
+    assert_eq!(node["image"]["virtual-size"], 64 << 20);
+    assert_eq!(node["image"]["cluster-size"], 1 << 20);
+    reply(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "r", "writable": true}),
+    )
+    .await;
+    let uri = format!("nbd+unix:///r?socket={}", sock.display());
+    for command in [
+        "write -P 0x11 1M 3M",
+        "write -P 0x22 40M 64k",
+        "write -z 1M 64k",
+    ] {
+        assert_eq!(qemu_io_outcome(&["-f", "raw", "-c", command, &uri]), "ok");
+    }
+    // The same writes on a local file give the expected disk.
+    let expected = p(dir.path(), "expected.raw");
+    qemu_img(&["create", "-q", "-f", "raw", &expected, "64M"]);
+    for command in [
+        "write -P 0x11 1M 3M",
+        "write -P 0x22 40M 64k",
+        "write -z 1M 64k",
+    ] {
+        qemu_io_outcome(&["-f", "raw", "-c", command, &expected]);
+    }
+    assert_same(&uri, &expected);
+    delete_export_when_unused(&mut c, "e").await;
+    assert_same(&exported(dir.path(), &image), &expected);
+    // Block status: only the written objects are data; the rest reads as zeroes.
+    reply(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e2", "node-name": "r"}),
+    )
+    .await;
+    let map: Value =
+        serde_json::from_str(&qemu_img(&["map", "--output=json", "-f", "raw", &uri])).unwrap();
+    let data: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    let diff: Value = serde_json::from_str(&rbd(&["diff", "--format", "json", &image])).unwrap();
+    let allocated: Vec<(u64, u64)> = diff
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    let total = |runs: &[(u64, u64)]| runs.iter().map(|r| r.1).sum::<u64>();
+    assert_eq!(
+        total(&data),
+        total(&allocated),
+        "map {data:?} vs rbd diff {allocated:?}"
+    );
+    assert!(
+        total(&data) < 8 << 20,
+        "most of the image was never written: {data:?}"
+    );
+    daemon.quit(&mut c).await;
+    rbd(&["rm", &image]);
+}
+
+/// Waits for `event` of job `id` and returns its data.
+async fn job_event(c: &mut qmp::Client, event: &str, id: &str) -> Value {
+    loop {
+        let e = c.wait_event(event, WAIT).await.expect(event);
+        if e["data"]["device"] == id || e["data"]["id"] == id {
+            return e["data"].clone();
+        }
+    }
+}
+
+/// Jobs across the engine: a local disk backed up into the cluster, a running disk moved
+/// into it by a mirror with pivot while a client writes, an rbd disk mirrored out, and
+/// an incremental backup of an rbd disk from a dirty bitmap.
+#[tokio::test]
+async fn jobs_move_disks_into_and_out_of_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let local = p(d, "local.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &local, "32M"]);
+    for command in [
+        "write -P 0x41 0 2M",
+        "write -P 0x42 17M 1M",
+        "write -P 0x43 31M 1M",
+    ] {
+        qemu_io_outcome(&["-f", "qcow2", "-c", command, &local]);
+    }
+    let (backup, moved) = (unique("backup"), unique("moved"));
+    for image in [&backup, &moved] {
+        rbd(&["create", "--size", "32M", image]);
+    }
+    let sock = d.join("nbd.sock");
+    let mut args = vec![
+        s("--blockdev"),
+        format!("driver=qcow2,node-name=l,file.driver=file,file.filename={local}"),
+    ];
+    args.extend(nbd_server_args(&sock));
+    let daemon = Daemon::start(Impl::Blockd, d, &args);
+    let mut c = daemon.qmp().await;
+    for (node, image) in [("bk", &backup), ("mv", &moved)] {
+        assert_eq!(
+            reply(&mut c, "blockdev-add", rbd_node(node, image)).await,
+            json!({"return": {}})
+        );
+    }
+    let local_raw = p(d, "local.raw");
+    qemu_img(&[
+        "convert", "-U", "-f", "qcow2", "-O", "raw", &local, &local_raw,
+    ]);
+
+    // A local disk backed up into the cluster.
+    let started = reply(
+        &mut c,
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "l", "target": "bk", "sync": "full"}),
+    )
+    .await;
+    assert_eq!(started, json!({"return": {}}));
+    let done = job_event(&mut c, "BLOCK_JOB_COMPLETED", "b").await;
+    assert!(done.get("error").is_none(), "{done}");
+    assert_same(&exported(d, &backup), &local_raw);
+
+    // The running disk moves into the cluster: a client writes through the mirror, and
+    // after the pivot its writes go to the rbd image.
+    reply(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "name": "disk", "node-name": "l", "writable": true}),
+    )
+    .await;
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let started = reply(
+        &mut c,
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "l", "target": "mv", "sync": "full"}),
+    )
+    .await;
+    assert_eq!(started, json!({"return": {}}));
+    assert_eq!(
+        qemu_io_outcome(&["-f", "raw", "-c", "write -P 0x51 8M 1M", &uri]),
+        "ok"
+    );
+    job_event(&mut c, "BLOCK_JOB_READY", "m").await;
+    assert_eq!(
+        qemu_io_outcome(&["-f", "raw", "-c", "write -P 0x52 9M 64k", &uri]),
+        "ok"
+    );
+    reply(&mut c, "block-job-complete", json!({"device": "m"})).await;
+    let done = job_event(&mut c, "BLOCK_JOB_COMPLETED", "m").await;
+    assert!(done.get("error").is_none(), "{done}");
+    assert_eq!(
+        qemu_io_outcome(&["-f", "raw", "-c", "write -P 0x53 10M 64k", &uri]),
+        "ok"
+    );
+    for command in [
+        "write -P 0x51 8M 1M",
+        "write -P 0x52 9M 64k",
+        "write -P 0x53 10M 64k",
+    ] {
+        qemu_io_outcome(&["-f", "raw", "-c", command, &local_raw]);
+    }
+    assert_same(&uri, &local_raw);
+    delete_export_when_unused(&mut c, "e").await;
+    let flushed = exported(d, &moved);
+    assert_same(&flushed, &local_raw);
+
+    // An rbd disk mirrored out of the cluster into a local image.
+    let out = p(d, "out.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &out, "32M"]);
+    reply(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "out",
+               "file": {"driver": "file", "filename": out}}),
+    )
+    .await;
+    let started = reply(
+        &mut c,
+        "blockdev-mirror",
+        json!({"job-id": "o", "device": "bk", "target": "out", "sync": "full"}),
+    )
+    .await;
+    assert_eq!(started, json!({"return": {}}));
+    job_event(&mut c, "BLOCK_JOB_READY", "o").await;
+    reply(&mut c, "block-job-cancel", json!({"device": "o"})).await;
+    job_event(&mut c, "BLOCK_JOB_COMPLETED", "o").await;
+
+    // Incremental backup of an rbd disk: only what the bitmap saw is copied.
+    let added = reply(
+        &mut c,
+        "block-dirty-bitmap-add",
+        json!({"node": "bk", "name": "b0", "granularity": 65536}),
+    )
+    .await;
+    assert_eq!(added, json!({"return": {}}));
+    reply(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e2", "name": "bk", "node-name": "bk", "writable": true}),
+    )
+    .await;
+    let bk_uri = format!("nbd+unix:///bk?socket={}", sock.display());
+    assert_eq!(
+        qemu_io_outcome(&["-f", "raw", "-c", "write -P 0x61 5M 64k", &bk_uri]),
+        "ok"
+    );
+    let inc = p(d, "inc.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &inc, "32M"]);
+    reply(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "inc",
+               "file": {"driver": "file", "filename": inc}}),
+    )
+    .await;
+    let started = reply(
+        &mut c,
+        "blockdev-backup",
+        json!({"job-id": "i", "device": "bk", "target": "inc", "sync": "incremental",
+               "bitmap": "b0"}),
+    )
+    .await;
+    assert_eq!(started, json!({"return": {}}));
+    let done = job_event(&mut c, "BLOCK_JOB_COMPLETED", "i").await;
+    assert!(done.get("error").is_none(), "{done}");
+    daemon.quit(&mut c).await;
+    // The mirrored-out copy is the backup image as it was.
+    assert_same(&p(d, &format!("{backup}.raw")), &{
+        let raw = p(d, "out.raw");
+        qemu_img(&["convert", "-f", "qcow2", "-O", "raw", &out, &raw]);
+        raw
+    });
+    let map: Value =
+        serde_json::from_str(&qemu_img(&["map", "--output=json", "-f", "qcow2", &inc])).unwrap();
+    let data: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        data,
+        vec![(5 << 20, 64 << 10)],
+        "incremental backup copied {data:?}"
+    );
+    assert_eq!(
+        qemu_io_outcome(&["-f", "qcow2", "-c", "read -P 0x61 5M 64k", &inc]),
+        "ok"
+    );
+    for image in [&backup, &moved] {
+        rbd(&["rm", image]);
+    }
+}
+
+/// Internal snapshots are RBD snapshots; a snapshot opens read-only with the data it
+/// holds; block_resize resizes the image.
+#[tokio::test]
+async fn snapshots_and_resize_are_the_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = unique("snap");
+    rbd(&["create", "--size", "16M", &image]);
+    let sock = dir.path().join("nbd.sock");
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &nbd_server_args(&sock));
+    let mut c = daemon.qmp().await;
+    reply(&mut c, "blockdev-add", rbd_node("r", &image)).await;
+    reply(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "name": "r", "node-name": "r", "writable": true}),
+    )
+    .await;
+    let uri = format!("nbd+unix:///r?socket={}", sock.display());
+    assert_eq!(
+        qemu_io_outcome(&["-f", "raw", "-c", "write -P 0x71 0 1M", &uri]),
+        "ok"
+    );
+    let taken = reply(
+        &mut c,
+        "blockdev-snapshot-internal-sync",
+        json!({"device": "r", "name": "before"}),
+    )
+    .await;
+    assert_eq!(taken, json!({"return": {}}));
+    assert!(rbd(&["snap", "ls", &image]).contains("before"));
+    assert_eq!(
+        qemu_io_outcome(&["-f", "raw", "-c", "write -P 0x72 0 1M", &uri]),
+        "ok"
+    );
+    // The snapshot needs read-only (or auto-read-only) and holds the old data.
+    let mut at_snapshot = rbd_node("old", &image);
+    at_snapshot["snapshot"] = json!("before");
+    let refused = reply(&mut c, "blockdev-add", at_snapshot.clone()).await;
+    assert_eq!(refused["error"]["desc"], "rbd snapshots are read-only");
+    at_snapshot["read-only"] = json!(true);
+    assert_eq!(
+        reply(&mut c, "blockdev-add", at_snapshot).await,
+        json!({"return": {}})
+    );
+    reply(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e2", "name": "old", "node-name": "old"}),
+    )
+    .await;
+    let old = format!("nbd+unix:///old?socket={}", sock.display());
+    assert_eq!(
+        qemu_io_outcome(&["-r", "-f", "raw", "-c", "read -P 0x71 0 1M", &old]),
+        "ok"
+    );
+    assert_eq!(
+        qemu_io_outcome(&["-f", "raw", "-c", "read -P 0x72 0 1M", &uri]),
+        "ok"
+    );
+    let listed = reply(&mut c, "query-named-block-nodes", json!({"flat": true})).await;
+    let snapshots = listed["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "r")
+        .map(|n| n["image"]["snapshots"].clone())
+        .unwrap();
+    assert_eq!(snapshots[0]["name"], "before", "{snapshots}");
+    delete_export_when_unused(&mut c, "e2").await;
+    reply(&mut c, "blockdev-del", json!({"node-name": "old"})).await;
+    let deleted = reply(
+        &mut c,
+        "blockdev-snapshot-delete-internal-sync",
+        json!({"device": "r", "name": "before"}),
+    )
+    .await;
+    assert_eq!(deleted["return"]["name"], "before", "{deleted}");
+    assert!(!rbd(&["snap", "ls", &image]).contains("before"));
+    // An NBD export does not let its node be resized (as in QEMU).
+    delete_export_when_unused(&mut c, "e").await;
+    let resized = reply(
+        &mut c,
+        "block_resize",
+        json!({"node-name": "r", "size": 48 << 20}),
+    )
+    .await;
+    assert_eq!(resized, json!({"return": {}}));
+    let info: Value = serde_json::from_str(&rbd(&["info", "--format", "json", &image])).unwrap();
+    assert_eq!(info["size"], 48 << 20, "{info}");
+    daemon.quit(&mut c).await;
+    rbd(&["rm", &image]);
+}
