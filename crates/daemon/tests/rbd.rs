@@ -506,3 +506,223 @@ async fn snapshots_and_resize_are_the_clusters() {
     daemon.quit(&mut c).await;
     rbd(&["rm", &image]);
 }
+
+/// client.admin's cephx key, from the cluster's keyring.
+fn admin_key() -> String {
+    let keyring = std::fs::read_to_string(cluster().with_file_name("keyring")).unwrap();
+    let admin = keyring.split("[client.admin]").nth(1).unwrap();
+    let line = admin
+        .lines()
+        .find(|l| l.trim().starts_with("key ="))
+        .unwrap();
+    line.split('=')
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join("=")
+        .trim()
+        .to_string()
+}
+
+/// The monitor's port, from the cluster's ceph.conf.
+fn mon_port() -> String {
+    let conf = std::fs::read_to_string(cluster()).unwrap();
+    let host = conf.lines().find(|l| l.starts_with("mon host")).unwrap();
+    host.rsplit(':').next().unwrap().trim().to_string()
+}
+
+/// Without a ceph.conf: the monitors from `server`, the user, its cephx key from a secret
+/// object and the accepted auth modes; a wrong key or a mode the cluster does not offer is
+/// refused at connect.
+#[tokio::test]
+async fn cephx_credentials_come_from_options_and_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = unique("cephx");
+    rbd(&["create", "--size", "8M", &image]);
+    let key = admin_key();
+    let wrong = base64_of(&[7u8; 16]);
+    let args = vec![
+        s("--object"),
+        format!("secret,id=key0,data={key},format=base64"),
+        s("--object"),
+        format!("secret,id=bad,data={wrong},format=base64"),
+    ];
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
+    let mut c = daemon.qmp().await;
+    let node = |name: &str, secret: &str, modes: Value| {
+        json!({"driver": "rbd", "node-name": name, "pool": "rbd", "image": image,
+               "user": "admin", "key-secret": secret, "auth-client-required": modes,
+               "server": [{"host": "127.0.0.1", "port": mon_port()}]})
+    };
+    let refused = reply(&mut c, "blockdev-add", node("w", "bad", json!(["cephx"]))).await;
+    let text = refused["error"]["desc"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(text.starts_with("error connecting"), "{refused}");
+    let refused = reply(&mut c, "blockdev-add", node("n", "key0", json!(["none"]))).await;
+    let text = refused["error"]["desc"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(text.starts_with("error connecting"), "{refused}");
+    let missing = reply(&mut c, "blockdev-add", node("m", "nokey", json!(["cephx"]))).await;
+    assert_eq!(
+        missing["error"]["desc"], "No secret with id 'nokey'",
+        "{missing}"
+    );
+    assert_eq!(
+        reply(
+            &mut c,
+            "blockdev-add",
+            node("r", "key0", json!(["cephx", "none"]))
+        )
+        .await,
+        json!({"return": {}})
+    );
+    let sock = dir.path().join("nbd.sock");
+    reply(
+        &mut c,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock.to_str().unwrap()}}}),
+    )
+    .await;
+    reply(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "name": "r", "node-name": "r", "writable": true}),
+    )
+    .await;
+    let uri = format!("nbd+unix:///r?socket={}", sock.display());
+    assert_eq!(
+        qemu_io_outcome(&["-f", "raw", "-c", "write -P 0x33 2M 64k", &uri]),
+        "ok"
+    );
+    delete_export_when_unused(&mut c, "e").await;
+    daemon.quit(&mut c).await;
+    let raw = exported(dir.path(), &image);
+    assert_eq!(
+        qemu_io_outcome(&["-f", "raw", "-c", "read -P 0x33 2M 64k", &raw]),
+        "ok"
+    );
+    rbd(&["rm", &image]);
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// librbd's own LUKS: blockdev-create formats the image, a node with `encrypt` reads and
+/// writes plain data, what lands in the cluster is ciphertext that QEMU's own LUKS driver
+/// (LUKS1) and cryptsetup (LUKS2) open with the same passphrase, and a wrong passphrase
+/// is refused.
+#[tokio::test]
+async fn encrypted_images_are_luks_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let conf = cluster().to_str().unwrap().to_string();
+    let sock = d.join("nbd.sock");
+    let mut args = vec![
+        s("--object"),
+        s("secret,id=pw,data=correct horse"),
+        s("--object"),
+        s("secret,id=wrong,data=battery staple"),
+    ];
+    args.extend(nbd_server_args(&sock));
+    let daemon = Daemon::start(Impl::Blockd, d, &args);
+    let mut c = daemon.qmp().await;
+    for (version, format) in [("v1", "luks"), ("v2", "luks2")] {
+        let image = unique(&format!("enc-{version}"));
+        let location = json!({"pool": "rbd", "image": image, "conf": conf});
+        let refused = create(
+            &mut c,
+            "c",
+            json!({"driver": "rbd", "location": location, "size": 32 << 20,
+                   "encrypt": {"format": format, "key-secret": "pw", "cipher-alg": "twofish-128"}}),
+        )
+        .await;
+        assert!(
+            refused
+                .to_string()
+                .contains("unknown encryption algorithm: twofish-128"),
+            "{refused}"
+        );
+        let made = create(
+            &mut c,
+            "c",
+            json!({"driver": "rbd", "location": location, "size": 32 << 20,
+                   "encrypt": {"format": format, "key-secret": "pw"}}),
+        )
+        .await;
+        assert!(!made.to_string().contains("error"), "{made}");
+        let mut node = rbd_node("wrongkey", &image);
+        node["encrypt"] = json!({"format": format, "key-secret": "wrong"});
+        let refused = reply(&mut c, "blockdev-add", node).await;
+        let text = refused["error"]["desc"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(text.starts_with("encryption load fail"), "{refused}");
+        let mut node = rbd_node("enc", &image);
+        node["encrypt"] = json!({"format": "luks-any", "key-secret": "pw"});
+        assert_eq!(
+            reply(&mut c, "blockdev-add", node).await,
+            json!({"return": {}})
+        );
+        let nodes = reply(&mut c, "query-named-block-nodes", json!({"flat": true})).await;
+        let info = &nodes["return"][0];
+        assert_eq!(info["encrypted"], true, "{info}");
+        assert_eq!(
+            info["image"]["format-specific"]["data"]["encryption-format"], format,
+            "{info}"
+        );
+        reply(
+            &mut c,
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "name": "enc", "node-name": "enc",
+                   "writable": true}),
+        )
+        .await;
+        let uri = format!("nbd+unix:///enc?socket={}", sock.display());
+        assert_eq!(
+            qemu_io_outcome(&["-f", "raw", "-c", "write -P 0x5e 1M 1M", &uri]),
+            "ok"
+        );
+        assert_eq!(
+            qemu_io_outcome(&["-f", "raw", "-c", "read -P 0x5e 1M 1M", &uri]),
+            "ok"
+        );
+        delete_export_when_unused(&mut c, "e").await;
+        reply(&mut c, "blockdev-del", json!({"node-name": "enc"})).await;
+        let raw = exported(d, &image);
+        // The cluster holds ciphertext, no run of the plain pattern.
+        let bytes = std::fs::read(&raw).unwrap();
+        assert!(
+            !bytes.windows(4096).any(|w| w.iter().all(|&b| b == 0x5e)),
+            "plain data reached the cluster"
+        );
+        if version == "v1" {
+            let opts = format!("driver=luks,key-secret=pw,file.driver=file,file.filename={raw}");
+            let out = run(Command::new("qemu-io").args([
+                "--object",
+                "secret,id=pw,data=correct horse",
+                "--image-opts",
+                &opts,
+                "-c",
+                "read -P 0x5e 1M 1M",
+            ]));
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("read 1048576/1048576"),
+                "qemu's LUKS driver on the exported image: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            let out = run(Command::new("cryptsetup").args(["luksDump", &raw]));
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("Version:       \t2"), "luksDump: {text}");
+        }
+        rbd(&["rm", &image]);
+    }
+    daemon.quit(&mut c).await;
+}

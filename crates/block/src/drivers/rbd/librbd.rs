@@ -44,6 +44,31 @@ struct ImageInfo {
     parent_name: [c_char; 96],
 }
 
+/// librbd's rbd_encryption_luks{1,2}_format_options_t (one layout for both).
+#[repr(C)]
+struct LuksOptions {
+    alg: c_int,
+    passphrase: *const c_char,
+    passphrase_size: usize,
+}
+
+/// The LUKS versions librbd formats and loads (rbd_encryption_format_t).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Luks {
+    V1 = 0,
+    V2 = 1,
+}
+
+/// The data ciphers librbd's LUKS offers (rbd_encryption_algorithm_t).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Cipher {
+    Aes128 = 0,
+    Aes256 = 1,
+}
+
+/// Seconds to wait for the monitors at connect, unless the configuration says otherwise.
+const MOUNT_TIMEOUT: &str = "20";
+
 /// RBD_IMAGE_OPTION_ORDER: log2 of the object size.
 const IMAGE_OPTION_ORDER: c_int = 2;
 /// RBD_WRITE_ZEROES_FLAG_THICK_PROVISION: zeroes written out rather than unmapped.
@@ -125,6 +150,8 @@ library! {
         rbd_snap_list_end: unsafe extern "C" fn(*mut SnapInfo);
         rbd_snap_create: unsafe extern "C" fn(Image, *const c_char) -> c_int;
         rbd_snap_remove: unsafe extern "C" fn(Image, *const c_char) -> c_int;
+        rbd_encryption_format: unsafe extern "C" fn(Image, c_int, *mut c_void, usize) -> c_int;
+        rbd_encryption_load: unsafe extern "C" fn(Image, c_int, *mut c_void, usize) -> c_int;
     }
 }
 
@@ -190,6 +217,19 @@ impl Pool {
             cluster,
             ioctx: ptr::null_mut(),
         };
+        let set = |key: &str, value: &str| -> Result<(), String> {
+            let (k, v) = (c_string(key)?, c_string(value)?);
+            // Safety: valid handle and strings.
+            let r = unsafe { (lib.rados_conf_set)(cluster, k.as_ptr(), v.as_ptr()) };
+            if r < 0 {
+                return Err(format!("error setting {key}: {}", os_error(r)));
+            }
+            Ok(())
+        };
+        // librados waits five minutes for monitors that do not answer or refuse the
+        // credentials; a blockdev-add should fail sooner. Set before the conf file is
+        // read, so a timeout the user's configuration names wins.
+        set("client_mount_timeout", MOUNT_TIMEOUT)?;
         match &o.conf {
             Some(conf) => {
                 let path = c_string(conf)?;
@@ -204,15 +244,6 @@ impl Pool {
                 (lib.rados_conf_read_file)(cluster, ptr::null());
             },
         }
-        let set = |key: &str, value: &str| -> Result<(), String> {
-            let (k, v) = (c_string(key)?, c_string(value)?);
-            // Safety: valid handle and strings.
-            let r = unsafe { (lib.rados_conf_set)(cluster, k.as_ptr(), v.as_ptr()) };
-            if r < 0 {
-                return Err(format!("error setting {key}: {}", os_error(r)));
-            }
-            Ok(())
-        };
         if let Some(mon_host) = &o.mon_host {
             set("mon_host", mon_host)?;
         }
@@ -589,6 +620,55 @@ impl RbdImage {
             unsafe { (lib.rbd_snap_list_end)(snaps.as_mut_ptr()) };
             return Ok(list);
         }
+    }
+
+    /// Formats the image as a LUKS volume unlocked by `passphrase` (blocking).
+    pub(super) fn encryption_format(
+        &self,
+        luks: Luks,
+        cipher: Cipher,
+        passphrase: &[u8],
+    ) -> io::Result<()> {
+        self.encryption(luks, cipher, passphrase, true)
+    }
+
+    /// Unlocks a LUKS volume with `passphrase`: from then on reads and writes see the
+    /// plain data, and the size is the payload's (blocking).
+    pub(super) fn encryption_load(&self, luks: Luks, passphrase: &[u8]) -> io::Result<()> {
+        self.encryption(luks, Cipher::Aes256, passphrase, false)
+    }
+
+    fn encryption(
+        &self,
+        luks: Luks,
+        cipher: Cipher,
+        passphrase: &[u8],
+        format: bool,
+    ) -> io::Result<()> {
+        let lib = lib().map_err(io::Error::other)?;
+        let mut opts = LuksOptions {
+            alg: cipher as c_int,
+            passphrase: passphrase.as_ptr().cast(),
+            passphrase_size: passphrase.len(),
+        };
+        let call = if format {
+            lib.rbd_encryption_format
+        } else {
+            lib.rbd_encryption_load
+        };
+        // Safety: valid handle; `opts` and the passphrase outlive the call.
+        let r = unsafe {
+            call(
+                self.image,
+                luks as c_int,
+                (&mut opts as *mut LuksOptions).cast(),
+                std::mem::size_of::<LuksOptions>(),
+            )
+        };
+        if r < 0 {
+            return Err(os_error(r));
+        }
+        Ok(())
     }
 
     /// Blocking: call on the blocking pool.

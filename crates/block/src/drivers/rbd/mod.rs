@@ -7,7 +7,8 @@
 //! discarded) read as zeroes, so NBD's base:allocation, backup and mirror skip them.
 //! Internal snapshots are RBD snapshots, named as given (QEMU's rbd gives them the name as
 //! their ID too); a snapshot opens read-only. A node handed over for migration drops
-//! librbd's cache when it takes the image back.
+//! librbd's cache when it takes the image back. `encrypt` is librbd's own LUKS (librbd
+//! formats and unlocks it; the node sees plain data).
 
 mod librbd;
 
@@ -19,7 +20,7 @@ use aio::pool::MAX_BUF;
 use aio::IoBuf;
 use async_trait::async_trait;
 use base64::Engine;
-use librbd::{ConnectOptions, Pool, RbdImage};
+use librbd::{Cipher, ConnectOptions, Luks, Pool, RbdImage};
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -41,6 +42,44 @@ pub enum RbdAuthMode {
     None,
 }
 
+/// RbdImageEncryptionFormat.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RbdEncryptionFormat {
+    Luks,
+    Luks2,
+    LuksAny,
+}
+
+impl RbdEncryptionFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            RbdEncryptionFormat::Luks => "luks",
+            RbdEncryptionFormat::Luks2 => "luks2",
+            RbdEncryptionFormat::LuksAny => "luks-any",
+        }
+    }
+}
+
+/// RbdEncryptionOptions: librbd's own LUKS, unlocked at open.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RbdEncryption {
+    pub format: RbdEncryptionFormat,
+    pub key_secret: String,
+    /// Layered encryption (a clone's parent encrypted apart) needs librbd 17's
+    /// rbd_encryption_load2; refused.
+    pub parent: Option<Value>,
+}
+
+/// The bytes of secret `id` (binary keys and passphrases are not text).
+fn secret_bytes(graph: &Graph, id: &str) -> Result<Arc<crypto::Secret>, String> {
+    graph
+        .secrets
+        .get(id)
+        .ok_or_else(|| format!("No secret with id '{id}'"))
+}
+
 /// BlockdevOptionsRbd.
 #[derive(Deserialize, Debug, Clone)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -50,8 +89,7 @@ pub struct RbdOptions {
     pub image: String,
     pub conf: Option<String>,
     pub snapshot: Option<String>,
-    /// librbd's own LUKS: not loaded by blockd yet, so refused rather than ignored.
-    pub encrypt: Option<Value>,
+    pub encrypt: Option<RbdEncryption>,
     pub user: Option<String>,
     pub auth_client_required: Option<Vec<RbdAuthMode>>,
     pub key_secret: Option<String>,
@@ -61,12 +99,11 @@ pub struct RbdOptions {
 impl RbdOptions {
     /// How to reach the pool, the key looked up in the graph's secrets.
     fn connect_options(&self, graph: &Graph) -> Result<ConnectOptions, String> {
-        if self.encrypt.is_some() {
-            return Err("rbd encryption (librbd's LUKS) is not supported by blockd yet".into());
-        }
         let key = match &self.key_secret {
+            // A cephx key is binary: the secret holds its bytes, librados takes base64
+            // (QEMU's qcrypto_secret_lookup_as_base64).
             Some(id) => {
-                let secret = graph.password(id)?;
+                let secret = secret_bytes(graph, id)?;
                 Some(base64::engine::general_purpose::STANDARD.encode(secret.bytes()))
             }
             None => None,
@@ -111,6 +148,8 @@ pub struct Rbd {
     read_only_image: bool,
     /// The object size: QEMU reports it as the cluster size.
     object_size: Option<u64>,
+    /// The LUKS version unlocked at open, if the image is encrypted.
+    encryption: Option<Luks>,
 }
 
 /// The most block status looks at in one walk of the image's objects.
@@ -266,6 +305,15 @@ impl Driver for Rbd {
         DriverInfo {
             filename: crate::graph::full_json_filename(node),
             cluster_size: self.object_size,
+            encrypted: self.encryption.is_some(),
+            // ImageInfoSpecificRbd.
+            format_specific: self.encryption.map(|luks| {
+                let format = match luks {
+                    Luks::V1 => "luks",
+                    Luks::V2 => "luks2",
+                };
+                serde_json::json!({"type": "rbd", "data": {"encryption-format": format}})
+            }),
             ..DriverInfo::default()
         }
     }
@@ -342,17 +390,34 @@ async fn open(
         return Err(QmpError::generic("rbd snapshots are read-only"));
     }
     let read_only_image = read_only && !common.read_only;
+    let unlock = match &opts.encrypt {
+        Some(e) if e.parent.is_some() => {
+            return Err(QmpError::generic(
+                "rbd layered encryption (encrypt.parent) needs librbd 17's \
+                 rbd_encryption_load2, which blockd does not use",
+            ))
+        }
+        Some(e) => Some((
+            e.format,
+            secret_bytes(o.graph, &e.key_secret).map_err(QmpError::generic)?,
+        )),
+        None => None,
+    };
     let image_name = opts.image.clone();
     let snapshot = opts.snapshot.clone();
-    let (image, object_size) = blocking(move || {
+    let (image, object_size, encryption) = blocking(move || {
         let pool = Pool::connect(&connect).map_err(io::Error::other)?;
         let image = pool
             .open(&image_name, snapshot.as_deref(), read_only)
             .map_err(|e| {
                 io::Error::other(format!("error reading header from {image_name}: {e}"))
             })?;
+        let encryption = match unlock {
+            Some((format, secret)) => Some(load_encryption(&image, format, secret.bytes())?),
+            None => None,
+        };
         let object_size = image.object_size()?;
-        Ok((image, object_size))
+        Ok((image, object_size, encryption))
     })
     .await
     .map_err(|e| QmpError::generic(e.to_string()))?;
@@ -360,7 +425,40 @@ async fn open(
         image: Arc::new(image),
         read_only_image,
         object_size: Some(object_size),
+        encryption,
     }))
+}
+
+/// Unlocks the image's LUKS with `passphrase`; `luks-any` tries LUKS2, then LUKS1 (what
+/// librbd 17 does itself). Returns the version that opened.
+fn load_encryption(
+    image: &RbdImage,
+    format: RbdEncryptionFormat,
+    passphrase: &[u8],
+) -> io::Result<Luks> {
+    let versions: &[Luks] = match format {
+        RbdEncryptionFormat::Luks => &[Luks::V1],
+        RbdEncryptionFormat::Luks2 => &[Luks::V2],
+        RbdEncryptionFormat::LuksAny => &[Luks::V2, Luks::V1],
+    };
+    let mut failure = None;
+    for &luks in versions {
+        match image.encryption_load(luks, passphrase) {
+            Ok(()) => return Ok(luks),
+            Err(e) => failure = Some(e),
+        }
+    }
+    let e = failure.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL));
+    Err(io::Error::other(format!("encryption load fail: {e}")))
+}
+
+/// RbdEncryptionCreateOptions.
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RbdEncryptionCreate {
+    format: RbdEncryptionFormat,
+    key_secret: String,
+    cipher_alg: Option<String>,
 }
 
 /// blockdev-create's `rbd` (BlockdevCreateOptionsRbd).
@@ -370,7 +468,7 @@ pub struct RbdCreate {
     location: RbdOptions,
     size: u64,
     cluster_size: Option<u64>,
-    encrypt: Option<Value>,
+    encrypt: Option<RbdEncryptionCreate>,
 }
 
 impl RbdCreate {
@@ -379,9 +477,27 @@ impl RbdCreate {
         if self.location.snapshot.is_some() {
             return Err("Can't use snapshot name for image creation".into());
         }
-        if self.encrypt.is_some() {
-            return Err("rbd encryption (librbd's LUKS) is not supported by blockd yet".into());
-        }
+        let format = match &self.encrypt {
+            Some(e) => {
+                let luks = match e.format {
+                    RbdEncryptionFormat::Luks => Luks::V1,
+                    RbdEncryptionFormat::Luks2 => Luks::V2,
+                    other => {
+                        return Err(format!(
+                            "unknown image encryption format: {}",
+                            other.as_str()
+                        ))
+                    }
+                };
+                let cipher = match e.cipher_alg.as_deref() {
+                    None | Some("aes-256") => Cipher::Aes256,
+                    Some("aes-128") => Cipher::Aes128,
+                    Some(other) => return Err(format!("unknown encryption algorithm: {other}")),
+                };
+                Some((luks, cipher, secret_bytes(graph, &e.key_secret)?))
+            }
+            None => None,
+        };
         let order = match self.cluster_size {
             Some(size) if !size.is_power_of_two() => {
                 return Err("obj size needs to be power of 2".into())
@@ -395,7 +511,14 @@ impl RbdCreate {
         blocking(move || {
             let pool = Pool::connect(&connect).map_err(io::Error::other)?;
             pool.create(&image, size, order)
-                .map_err(|e| io::Error::other(format!("error rbd create: {e}")))
+                .map_err(|e| io::Error::other(format!("error rbd create: {e}")))?;
+            if let Some((luks, cipher, secret)) = format {
+                let opened = pool.open(&image, None, false)?;
+                opened
+                    .encryption_format(luks, cipher, secret.bytes())
+                    .map_err(|e| io::Error::other(format!("encryption format fail: {e}")))?;
+            }
+            Ok(())
         })
         .await
         .map_err(|e| e.to_string())
