@@ -6,86 +6,11 @@
 
 mod common;
 
+use common::ceph::*;
 use common::jobs::create;
 use common::*;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
-
-/// The cluster's ceph.conf; the cluster stops when this test process exits.
-fn cluster() -> &'static Path {
-    static CONF: OnceLock<PathBuf> = OnceLock::new();
-    CONF.get_or_init(|| {
-        for tool in ["ceph-mon", "ceph-osd", "ceph-mgr", "rbd"] {
-            assert!(
-                run(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
-                    .status
-                    .success(),
-                "the rbd tests need {tool} (Debian packages ceph-mon ceph-osd ceph-mgr \
-                 ceph-common; .ci/run installs them)"
-            );
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("blockd-ceph")
-            .tempdir()
-            .unwrap()
-            .keep();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/ceph-start");
-        let out = run(Command::new(script).args([
-            dir.to_str().unwrap(),
-            &std::process::id().to_string(),
-            &port.to_string(),
-        ]));
-        let log = std::fs::read_to_string(dir.join("log/start.log")).unwrap_or_default();
-        assert!(
-            out.status.success(),
-            "the Ceph cluster did not start: {}{}\n{log}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
-}
-
-/// `rbd` on the test cluster; its stdout, the test failing with stderr if it fails.
-fn rbd(args: &[&str]) -> String {
-    let out = run(Command::new("rbd").arg("-c").arg(cluster()).args(args));
-    assert!(
-        out.status.success(),
-        "rbd {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A name no other test of this run uses.
-fn unique(name: &str) -> String {
-    format!("{name}-{}", std::process::id())
-}
-
-/// An rbd node's options for `image` in pool `rbd` of the test cluster.
-fn rbd_node(node: &str, image: &str) -> Value {
-    json!({"driver": "rbd", "node-name": node, "pool": "rbd", "image": image,
-           "conf": cluster().to_str().unwrap()})
-}
-
-/// The image's bytes as `rbd export` writes them, into `dir/<image>.raw`.
-fn exported(dir: &Path, image: &str) -> String {
-    let out = p(dir, &format!("{image}.raw"));
-    rbd(&["export", image, &out]);
-    out
-}
-
-fn assert_same(a: &str, b: &str) {
-    let same = qemu_img(&["compare", "-f", "raw", "-F", "raw", a, b]);
-    assert!(same.contains("identical"), "{a} vs {b}: {same}");
-}
 
 /// blockdev-create makes images as asked (QEMU's checks first), an rbd node serves reads
 /// and writes over NBD, and block status tells written from never-written ranges.
@@ -280,6 +205,10 @@ async fn jobs_move_disks_into_and_out_of_the_cluster() {
     let done = job_event(&mut c, "BLOCK_JOB_COMPLETED", "b").await;
     assert!(done.get("error").is_none(), "{done}");
     assert_same(&exported(d, &backup), &local_raw);
+    // A sparse backup: only the three 4 MiB objects that hold the source's data exist.
+    // (The unallocated rest of those objects is written as zeroes, which librbd stores
+    // in the object; objects with no data are left out.)
+    assert_eq!(written_bytes(&backup), 3 * (4 << 20));
 
     // The running disk moves into the cluster: a client writes through the mirror, and
     // after the pivot its writes go to the rbd image.

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod ceph;
 pub mod formats;
 pub mod jobs;
 pub mod raw_nbd;

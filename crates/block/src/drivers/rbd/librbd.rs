@@ -68,6 +68,9 @@ pub(super) enum Cipher {
 
 /// Seconds to wait for the monitors at connect, unless the configuration says otherwise.
 const MOUNT_TIMEOUT: &str = "20";
+/// Seconds a request may wait for its OSD or monitor: longer than an OSD failover
+/// (the 20 s heartbeat grace and then peering) takes.
+const OP_TIMEOUT: &str = "60";
 
 /// RBD_IMAGE_OPTION_ORDER: log2 of the object size.
 const IMAGE_OPTION_ORDER: c_int = 2;
@@ -114,6 +117,7 @@ library! {
         rados_create: unsafe extern "C" fn(*mut Rados, *const c_char) -> c_int;
         rados_conf_read_file: unsafe extern "C" fn(Rados, *const c_char) -> c_int;
         rados_conf_set: unsafe extern "C" fn(Rados, *const c_char, *const c_char) -> c_int;
+        rados_conf_get: unsafe extern "C" fn(Rados, *const c_char, *mut c_char, usize) -> c_int;
         rados_connect: unsafe extern "C" fn(Rados) -> c_int;
         rados_shutdown: unsafe extern "C" fn(Rados);
         rados_ioctx_create: unsafe extern "C" fn(Rados, *const c_char, *mut Ioctx) -> c_int;
@@ -183,6 +187,9 @@ pub(super) struct ConnectOptions {
     pub key: Option<String>,
     /// `auth_client_required`, as "cephx;none".
     pub auth_client_required: Option<String>,
+    /// librbd's own cache (`rbd_cache`): off for `cache.direct`, as QEMU sets it, over
+    /// whatever the conf file says.
+    pub cache: bool,
 }
 
 /// A connected cluster and an I/O context on one pool; shut down when dropped.
@@ -226,10 +233,19 @@ impl Pool {
             }
             Ok(())
         };
-        // librados waits five minutes for monitors that do not answer or refuse the
-        // credentials; a blockdev-add should fail sooner. Set before the conf file is
-        // read, so a timeout the user's configuration names wins.
-        set("client_mount_timeout", MOUNT_TIMEOUT)?;
+        let get = |key: &str| -> Option<String> {
+            let k = c_string(key).ok()?;
+            let mut buf = [0 as c_char; 64];
+            // Safety: valid handle, string and buffer of the length given.
+            let r =
+                unsafe { (lib.rados_conf_get)(cluster, k.as_ptr(), buf.as_mut_ptr(), buf.len()) };
+            // Safety: on success librados wrote a NUL-terminated string into `buf`.
+            (r == 0).then(|| {
+                unsafe { CStr::from_ptr(buf.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+        };
         match &o.conf {
             Some(conf) => {
                 let path = c_string(conf)?;
@@ -244,6 +260,22 @@ impl Pool {
                 (lib.rados_conf_read_file)(cluster, ptr::null());
             },
         }
+        // librados waits five minutes for monitors that do not answer or refuse the
+        // credentials, and for ever for an OSD or monitor that stops answering a request.
+        // A blockdev-add should fail sooner, and a request should fail (so that the
+        // client, or the job's error policy, decides) rather than hang. A value the conf
+        // file set stays: only librados's own defaults are replaced (a value set through
+        // the API would win over the file's).
+        for (key, librados_default, ours) in [
+            ("client_mount_timeout", 300.0, MOUNT_TIMEOUT),
+            ("rados_osd_op_timeout", 0.0, OP_TIMEOUT),
+            ("rados_mon_op_timeout", 0.0, OP_TIMEOUT),
+        ] {
+            let current = get(key).and_then(|v| v.trim().parse::<f64>().ok());
+            if current.is_none_or(|v| v == librados_default) {
+                set(key, ours)?;
+            }
+        }
         if let Some(mon_host) = &o.mon_host {
             set("mon_host", mon_host)?;
         }
@@ -253,6 +285,7 @@ impl Pool {
         if let Some(auth) = &o.auth_client_required {
             set("auth_client_required", auth)?;
         }
+        set("rbd_cache", if o.cache { "true" } else { "false" })?;
         // Safety: valid handle.
         let r = unsafe { (lib.rados_connect)(cluster) };
         if r < 0 {

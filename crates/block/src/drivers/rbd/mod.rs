@@ -97,8 +97,9 @@ pub struct RbdOptions {
 }
 
 impl RbdOptions {
-    /// How to reach the pool, the key looked up in the graph's secrets.
-    fn connect_options(&self, graph: &Graph) -> Result<ConnectOptions, String> {
+    /// How to reach the pool, the key looked up in the graph's secrets; `cache` is
+    /// librbd's write-back cache (off with `cache.direct`).
+    fn connect_options(&self, graph: &Graph, cache: bool) -> Result<ConnectOptions, String> {
         let key = match &self.key_secret {
             // A cephx key is binary: the secret holds its bytes, librados takes base64
             // (QEMU's qcrypto_secret_lookup_as_base64).
@@ -137,6 +138,7 @@ impl RbdOptions {
             mon_host,
             key,
             auth_client_required,
+            cache,
         })
     }
 }
@@ -383,8 +385,10 @@ async fn open(
     options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
     let opts: RbdOptions = o.parse(options)?;
-    let connect = opts.connect_options(o.graph).map_err(QmpError::generic)?;
     let common = o.common();
+    let connect = opts
+        .connect_options(o.graph, !common.cache_direct)
+        .map_err(QmpError::generic)?;
     let read_only = common.read_only || opts.snapshot.is_some();
     if opts.snapshot.is_some() && !common.read_only && !common.auto_read_only {
         return Err(QmpError::generic("rbd snapshots are read-only"));
@@ -506,7 +510,7 @@ impl RbdCreate {
             Some(size) => Some(size.trailing_zeros()),
             None => None,
         };
-        let connect = self.location.connect_options(graph)?;
+        let connect = self.location.connect_options(graph, false)?;
         let (image, size) = (self.location.image, self.size);
         blocking(move || {
             let pool = Pool::connect(&connect).map_err(io::Error::other)?;
