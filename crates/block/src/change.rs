@@ -101,6 +101,21 @@ impl GraphChange {
         node: &Arc<Node>,
         backing: Option<&Arc<Node>>,
     ) -> Result<(), String> {
+        if let Some(backing) = backing {
+            // Connected nodes share a thread: the node joins its new backing's (an overlay
+            // goes where the disk it snapshots is pinned), or, when it cannot move, the
+            // backing joins the node's.
+            let (ours, theirs) = (node.home(), backing.home());
+            let same = match (&ours, &theirs) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                crate::set_home(&self.graph, node, theirs.as_ref())
+                    .or_else(|_| crate::set_home(&self.graph, backing, ours.as_ref()))?;
+            }
+        }
         let old = node.backing();
         node.set_backing(backing).await?;
         self.undo.push(Undo::SetBacking(node.clone(), old));

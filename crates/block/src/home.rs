@@ -7,7 +7,8 @@
 //! the CPU time goes, which is what users pin iothreads for.
 //!
 //! Moves take the whole connected group of nodes (through parents and children alike), as
-//! QEMU's AioContext changes do. A user that must stay where it is refuses the move and
+//! QEMU's AioContext changes do, and new edges keep a group together (`join_children`,
+//! `Graph::insert_filter`, `GraphChange::set_backing`). A user that must stay where it is refuses the move and
 //! nothing changes: an export with `fixed-iothread`, or a block job, whose tasks run on the
 //! thread it started on until it ends (QEMU moves a job along; ours cannot move).
 

@@ -315,3 +315,61 @@ async fn pool_options_blockd_cannot_honor_are_refused() {
     assert_eq!(kept, json!({"return": 2}));
     daemon.quit(&mut c).await;
 }
+
+/// An external snapshot's overlay joins the iothread of the disk it snapshots: the export,
+/// which moves to the overlay, is still served there.
+#[tokio::test]
+async fn a_snapshot_overlay_joins_its_disks_iothread() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = p(dir.path(), "disk.raw");
+    let overlay = p(dir.path(), "overlay.qcow2");
+    qemu_img(&["create", "-q", "-f", "raw", &image, "64M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", &overlay, "64M"]);
+    let sock = dir.path().join("nbd.sock");
+    let mut args = vec![
+        s("--object"),
+        s("iothread,id=io0"),
+        s("--blockdev"),
+        format!("driver=file,node-name=d,filename={image}"),
+    ];
+    args.extend(nbd_server_args(&sock));
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
+    let mut c = daemon.qmp().await;
+    reply(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "d", "writable": true,
+               "iothread": "io0"}),
+    )
+    .await;
+    let added = reply(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "ov",
+               "file": {"driver": "file", "filename": overlay}}),
+    )
+    .await;
+    assert_eq!(added, json!({"return": {}}));
+    let snapshot = reply(
+        &mut c,
+        "blockdev-snapshot",
+        json!({"node": "d", "overlay": "ov"}),
+    )
+    .await;
+    assert_eq!(snapshot, json!({"return": {}}));
+    let uri = format!("nbd+unix:///d?socket={}", sock.display());
+    let before = cpu_by_thread(daemon.pid());
+    assert_eq!(
+        qemu_io_outcome(&["-f", "raw", "-c", "write -P 9 0 48M", &uri]),
+        "ok"
+    );
+    let (pinned, shared) = ticks_between(&before, &cpu_by_thread(daemon.pid()));
+    assert!(
+        pinned >= 3 && pinned > 4 * shared,
+        "writes to the overlay: {pinned} ticks on IO io0, {shared} on the shared threads"
+    );
+    // The overlay holds the writes, the disk below does not.
+    let map = qemu_img(&["map", "-U", "--output=json", "-f", "qcow2", &overlay]);
+    assert!(map.contains("\"data\": true"), "{map}");
+    daemon.quit(&mut c).await;
+}
