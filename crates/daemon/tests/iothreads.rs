@@ -153,26 +153,35 @@ fn ticks_between(before: &HashMap<String, u64>, after: &HashMap<String, u64>) ->
     (spent("IO io0"), shared)
 }
 
-/// An export's clients are served on its iothread, including a job on its node; once the
-/// node moves back they are served on the shared threads, and the iothread can go.
-#[tokio::test]
-async fn clients_and_jobs_run_on_the_iothread_their_node_is_pinned_to() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = p(dir.path(), "disk.raw");
-    let target = p(dir.path(), "target.raw");
+/// blockd with iothread `io0`, file node `d` on a new 64 MiB `disk.raw`, `extra` options
+/// and an NBD server: the daemon, the server's socket and the image's path.
+fn daemon_with_iothread(dir: &Path, extra: &[String]) -> (Daemon, std::path::PathBuf, String) {
+    let image = p(dir, "disk.raw");
     qemu_img(&["create", "-q", "-f", "raw", &image, "64M"]);
-    qemu_img(&["create", "-q", "-f", "raw", &target, "64M"]);
-    let sock = dir.path().join("nbd.sock");
+    let sock = dir.join("nbd.sock");
     let mut args = vec![
         s("--object"),
         s("iothread,id=io0"),
         s("--blockdev"),
         format!("driver=file,node-name=d,filename={image}"),
+    ];
+    args.extend_from_slice(extra);
+    args.extend(nbd_server_args(&sock));
+    (Daemon::start(Impl::Blockd, dir, &args), sock, image)
+}
+
+/// An export's clients are served on its iothread, including a job on its node; once the
+/// node moves back they are served on the shared threads, and the iothread can go.
+#[tokio::test]
+async fn clients_and_jobs_run_on_the_iothread_their_node_is_pinned_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = p(dir.path(), "target.raw");
+    qemu_img(&["create", "-q", "-f", "raw", &target, "64M"]);
+    let extra = [
         s("--blockdev"),
         format!("driver=file,node-name=t,filename={target}"),
     ];
-    args.extend(nbd_server_args(&sock));
-    let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
+    let (daemon, sock, image) = daemon_with_iothread(dir.path(), &extra);
     let mut c = daemon.qmp().await;
     let added = reply(
         &mut c,
@@ -321,19 +330,9 @@ async fn pool_options_blockd_cannot_honor_are_refused() {
 #[tokio::test]
 async fn a_snapshot_overlay_joins_its_disks_iothread() {
     let dir = tempfile::tempdir().unwrap();
-    let image = p(dir.path(), "disk.raw");
     let overlay = p(dir.path(), "overlay.qcow2");
-    qemu_img(&["create", "-q", "-f", "raw", &image, "64M"]);
     qemu_img(&["create", "-q", "-f", "qcow2", &overlay, "64M"]);
-    let sock = dir.path().join("nbd.sock");
-    let mut args = vec![
-        s("--object"),
-        s("iothread,id=io0"),
-        s("--blockdev"),
-        format!("driver=file,node-name=d,filename={image}"),
-    ];
-    args.extend(nbd_server_args(&sock));
-    let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
+    let (daemon, sock, _) = daemon_with_iothread(dir.path(), &[]);
     let mut c = daemon.qmp().await;
     reply(
         &mut c,

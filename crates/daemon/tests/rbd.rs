@@ -195,13 +195,12 @@ async fn jobs_move_disks_into_and_out_of_the_cluster() {
     ]);
 
     // A local disk backed up into the cluster.
-    let started = reply(
+    start_job(
         &mut c,
         "blockdev-backup",
         json!({"job-id": "b", "device": "l", "target": "bk", "sync": "full"}),
     )
     .await;
-    assert_eq!(started, json!({"return": {}}));
     let done = job_event(&mut c, "BLOCK_JOB_COMPLETED", "b").await;
     assert!(done.get("error").is_none(), "{done}");
     assert_same(&exported(d, &backup), &local_raw);
@@ -212,20 +211,13 @@ async fn jobs_move_disks_into_and_out_of_the_cluster() {
 
     // The running disk moves into the cluster: a client writes through the mirror, and
     // after the pivot its writes go to the rbd image.
-    reply(
-        &mut c,
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "name": "disk", "node-name": "l", "writable": true}),
-    )
-    .await;
-    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
-    let started = reply(
+    let uri = writable_export(&mut c, &sock, "e", "disk", "l").await;
+    start_job(
         &mut c,
         "blockdev-mirror",
         json!({"job-id": "m", "device": "l", "target": "mv", "sync": "full"}),
     )
     .await;
-    assert_eq!(started, json!({"return": {}}));
     assert_eq!(
         qemu_io_outcome(&["-f", "raw", "-c", "write -P 0x51 8M 1M", &uri]),
         "ok"
@@ -255,22 +247,13 @@ async fn jobs_move_disks_into_and_out_of_the_cluster() {
     assert_same(&flushed, &local_raw);
 
     // An rbd disk mirrored out of the cluster into a local image.
-    let out = p(d, "out.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &out, "32M"]);
-    reply(
-        &mut c,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "out",
-               "file": {"driver": "file", "filename": out}}),
-    )
-    .await;
-    let started = reply(
+    let out = local_qcow2(&mut c, d, "out", "32M").await;
+    start_job(
         &mut c,
         "blockdev-mirror",
         json!({"job-id": "o", "device": "bk", "target": "out", "sync": "full"}),
     )
     .await;
-    assert_eq!(started, json!({"return": {}}));
     job_event(&mut c, "BLOCK_JOB_READY", "o").await;
     reply(&mut c, "block-job-cancel", json!({"device": "o"})).await;
     job_event(&mut c, "BLOCK_JOB_COMPLETED", "o").await;
@@ -283,34 +266,19 @@ async fn jobs_move_disks_into_and_out_of_the_cluster() {
     )
     .await;
     assert_eq!(added, json!({"return": {}}));
-    reply(
-        &mut c,
-        "block-export-add",
-        json!({"type": "nbd", "id": "e2", "name": "bk", "node-name": "bk", "writable": true}),
-    )
-    .await;
-    let bk_uri = format!("nbd+unix:///bk?socket={}", sock.display());
+    let bk_uri = writable_export(&mut c, &sock, "e2", "bk", "bk").await;
     assert_eq!(
         qemu_io_outcome(&["-f", "raw", "-c", "write -P 0x61 5M 64k", &bk_uri]),
         "ok"
     );
-    let inc = p(d, "inc.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &inc, "32M"]);
-    reply(
-        &mut c,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "inc",
-               "file": {"driver": "file", "filename": inc}}),
-    )
-    .await;
-    let started = reply(
+    let inc = local_qcow2(&mut c, d, "inc", "32M").await;
+    start_job(
         &mut c,
         "blockdev-backup",
         json!({"job-id": "i", "device": "bk", "target": "inc", "sync": "incremental",
                "bitmap": "b0"}),
     )
     .await;
-    assert_eq!(started, json!({"return": {}}));
     let done = job_event(&mut c, "BLOCK_JOB_COMPLETED", "i").await;
     assert!(done.get("error").is_none(), "{done}");
     daemon.quit(&mut c).await;
@@ -354,13 +322,7 @@ async fn snapshots_and_resize_are_the_clusters() {
     let daemon = Daemon::start(Impl::Blockd, dir.path(), &nbd_server_args(&sock));
     let mut c = daemon.qmp().await;
     reply(&mut c, "blockdev-add", rbd_node("r", &image)).await;
-    reply(
-        &mut c,
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "name": "r", "node-name": "r", "writable": true}),
-    )
-    .await;
-    let uri = format!("nbd+unix:///r?socket={}", sock.display());
+    let uri = writable_export(&mut c, &sock, "e", "r", "r").await;
     assert_eq!(
         qemu_io_outcome(&["-f", "raw", "-c", "write -P 0x71 0 1M", &uri]),
         "ok"
@@ -515,13 +477,7 @@ async fn cephx_credentials_come_from_options_and_secrets() {
         json!({"addr": {"type": "unix", "data": {"path": sock.to_str().unwrap()}}}),
     )
     .await;
-    reply(
-        &mut c,
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "name": "r", "node-name": "r", "writable": true}),
-    )
-    .await;
-    let uri = format!("nbd+unix:///r?socket={}", sock.display());
+    let uri = writable_export(&mut c, &sock, "e", "r", "r").await;
     assert_eq!(
         qemu_io_outcome(&["-f", "raw", "-c", "write -P 0x33 2M 64k", &uri]),
         "ok"

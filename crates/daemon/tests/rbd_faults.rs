@@ -76,23 +76,16 @@ async fn a_frozen_osd_fails_requests_and_jobs_follow_their_policy() {
         reply(&mut c, "blockdev-add", node).await,
         json!({"return": {}})
     );
-    reply(
-        &mut c,
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "name": "r", "node-name": "r", "writable": true}),
-    )
-    .await;
-    let uri = format!("nbd+unix:///r?socket={}", sock.display());
+    let uri = writable_export(&mut c, &sock, "e", "r", "r").await;
 
     // on-target-error=stop: the job pauses on the failed write and finishes after.
-    let started = reply(
+    start_job(
         &mut c,
         "blockdev-backup",
         json!({"job-id": "b", "device": "l", "target": "r", "sync": "full",
                "speed": 8 << 20, "on-target-error": "stop"}),
     )
     .await;
-    assert_eq!(started, json!({"return": {}}));
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     signal_osd(libc::SIGSTOP);
     let frozen_at = std::time::Instant::now();
@@ -140,14 +133,13 @@ async fn a_frozen_osd_fails_requests_and_jobs_follow_their_policy() {
     assert!(end["data"].get("error").is_none(), "{end}");
 
     // on-target-error=report: the job ends with the error.
-    let started = reply(
+    start_job(
         &mut c,
         "blockdev-backup",
         json!({"job-id": "b2", "device": "l", "target": "r", "sync": "full",
                "speed": 8 << 20, "on-target-error": "report"}),
     )
     .await;
-    assert_eq!(started, json!({"return": {}}));
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     signal_osd(libc::SIGSTOP);
     let ended = error_or_end(&mut c, "b2").await;

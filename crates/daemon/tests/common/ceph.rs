@@ -91,3 +91,42 @@ pub fn assert_same(a: &str, b: &str) {
     let same = qemu_img(&["compare", "-f", "raw", "-F", "raw", a, b]);
     assert!(same.contains("identical"), "{a} vs {b}: {same}");
 }
+
+/// Runs a job command that must be accepted.
+pub async fn start_job(c: &mut qmp::Client, command: &str, args: Value) {
+    let started = reply(c, command, args.clone()).await;
+    assert_eq!(started, json!({"return": {}}), "{command} {args}");
+}
+
+/// A new qcow2 image `dir/<node>.qcow2` of `size`, opened as node `node`; its path.
+pub async fn local_qcow2(c: &mut qmp::Client, dir: &Path, node: &str, size: &str) -> String {
+    let path = p(dir, &format!("{node}.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", &path, size]);
+    let added = reply(
+        c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": node,
+               "file": {"driver": "file", "filename": path}}),
+    )
+    .await;
+    assert_eq!(added, json!({"return": {}}), "{added}");
+    path
+}
+
+/// A writable NBD export `id` of `node` named `name` on the server at `sock`; its URI.
+pub async fn writable_export(
+    c: &mut qmp::Client,
+    sock: &Path,
+    id: &str,
+    name: &str,
+    node: &str,
+) -> String {
+    let added = reply(
+        c,
+        "block-export-add",
+        json!({"type": "nbd", "id": id, "name": name, "node-name": node, "writable": true}),
+    )
+    .await;
+    assert_eq!(added, json!({"return": {}}), "{added}");
+    format!("nbd+unix:///{name}?socket={}", sock.display())
+}

@@ -170,6 +170,14 @@ pub(super) fn os_error(r: impl Into<i64>) -> io::Error {
     io::Error::from_raw_os_error((-r.into()) as i32)
 }
 
+/// A librados/librbd return value as a result.
+fn check(r: c_int) -> io::Result<()> {
+    if r < 0 {
+        return Err(os_error(r));
+    }
+    Ok(())
+}
+
 fn c_string(s: &str) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("'{s}' contains a NUL byte"))
 }
@@ -318,9 +326,7 @@ impl Pool {
             }
             let r = (lib.rbd_create4)(self.ioctx, name.as_ptr(), size, opts);
             (lib.rbd_image_options_destroy)(opts);
-            if r < 0 {
-                return Err(os_error(r));
-            }
+            check(r)?;
         }
         Ok(())
     }
@@ -347,9 +353,7 @@ impl Pool {
         };
         // Safety: valid context and strings; the image is closed in Drop.
         let r = unsafe { open(self.ioctx, cname.as_ptr(), &mut image, snap_ptr) };
-        if r < 0 {
-            return Err(os_error(r));
-        }
+        check(r)?;
         Ok(RbdImage { image, _pool: self })
     }
 }
@@ -517,9 +521,7 @@ impl RbdImage {
         let mut size = 0;
         // Safety: valid handle and pointer.
         let r = unsafe { (lib.rbd_get_size)(self.image, &mut size) };
-        if r < 0 {
-            return Err(os_error(r));
-        }
+        check(r)?;
         Ok(size)
     }
 
@@ -530,9 +532,7 @@ impl RbdImage {
         let mut info: ImageInfo = unsafe { std::mem::zeroed() };
         // Safety: valid handle; `info` has the size librbd is told.
         let r = unsafe { (lib.rbd_stat)(self.image, &mut info, std::mem::size_of::<ImageInfo>()) };
-        if r < 0 {
-            return Err(os_error(r));
-        }
+        check(r)?;
         Ok(info.obj_size)
     }
 
@@ -541,10 +541,7 @@ impl RbdImage {
         let lib = lib().map_err(io::Error::other)?;
         // Safety: valid handle.
         let r = unsafe { (lib.rbd_resize)(self.image, size) };
-        if r < 0 {
-            return Err(os_error(r));
-        }
-        Ok(())
+        check(r)
     }
 
     /// Drops what librbd caches (the image may have changed under an inactive node).
@@ -552,10 +549,7 @@ impl RbdImage {
         let lib = lib().map_err(io::Error::other)?;
         // Safety: valid handle.
         let r = unsafe { (lib.rbd_invalidate_cache)(self.image) };
-        if r < 0 {
-            return Err(os_error(r));
-        }
-        Ok(())
+        check(r)
     }
 
     /// The first run of `[offset, offset + len)` that is allocated or not: `(true, n)` for
@@ -634,9 +628,7 @@ impl RbdImage {
             if r == -libc::ERANGE {
                 continue;
             }
-            if r < 0 {
-                return Err(os_error(r));
-            }
+            check(r)?;
             let list = snaps[..r as usize]
                 .iter()
                 // Safety: librbd filled these names; they live until rbd_snap_list_end.
@@ -698,10 +690,7 @@ impl RbdImage {
                 std::mem::size_of::<LuksOptions>(),
             )
         };
-        if r < 0 {
-            return Err(os_error(r));
-        }
-        Ok(())
+        check(r)
     }
 
     /// Blocking: call on the blocking pool.
@@ -710,10 +699,7 @@ impl RbdImage {
         let name = c_string(name).map_err(io::Error::other)?;
         // Safety: valid handle and string.
         let r = unsafe { (lib.rbd_snap_create)(self.image, name.as_ptr()) };
-        if r < 0 {
-            return Err(os_error(r));
-        }
-        Ok(())
+        check(r)
     }
 
     /// Blocking: call on the blocking pool.
@@ -722,9 +708,6 @@ impl RbdImage {
         let name = c_string(name).map_err(io::Error::other)?;
         // Safety: valid handle and string.
         let r = unsafe { (lib.rbd_snap_remove)(self.image, name.as_ptr()) };
-        if r < 0 {
-            return Err(os_error(r));
-        }
-        Ok(())
+        check(r)
     }
 }
