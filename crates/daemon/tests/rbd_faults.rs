@@ -1,8 +1,8 @@
 //! The rbd driver when the cluster stops answering: the OSD of this binary's own cluster
 //! frozen (SIGSTOP) in the middle of a job and of client writes. Requests fail within the
 //! op timeout instead of hanging, nothing that did not reach the cluster is acknowledged,
-//! and jobs follow their error policy; once the OSD answers again, a stopped job resumes
-//! and its target is right.
+//! and jobs follow their error policy (stop, report, ignore); once the OSD answers again,
+//! a stopped job resumes and its target is right.
 
 mod common;
 
@@ -153,7 +153,48 @@ async fn a_frozen_osd_fails_requests_and_jobs_follow_their_policy() {
     assert_eq!(ended["event"], "BLOCK_JOB_COMPLETED", "{ended}");
     assert!(ended["data"]["error"].is_string(), "{ended}");
 
-    // The cluster answers again: the stopped job's copy is all there.
+    // on-target-error=ignore: the failed writes are reported and skipped, and the job
+    // goes on to its end.
+    start_job(
+        &mut c,
+        "blockdev-backup",
+        json!({"job-id": "b3", "device": "l", "target": "r", "sync": "full",
+               "speed": 8 << 20, "on-target-error": "ignore"}),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    signal_osd(libc::SIGSTOP);
+    let ignored = error_or_end(&mut c, "b3").await;
+    signal_osd(libc::SIGCONT);
+    assert_eq!(ignored["event"], "BLOCK_JOB_ERROR", "{ignored}");
+    assert_eq!(ignored["data"]["action"], "ignore", "{ignored}");
+    reply(
+        &mut c,
+        "block-job-set-speed",
+        json!({"device": "b3", "speed": 0}),
+    )
+    .await;
+    let end = loop {
+        let e = error_or_end(&mut c, "b3").await;
+        if e["event"] == "BLOCK_JOB_COMPLETED" {
+            break e;
+        }
+        assert_eq!(e["data"]["action"], "ignore", "{e}");
+    };
+    assert!(end["data"].get("error").is_none(), "{end}");
+
+    // One more backup with the cluster answering makes the target whole again.
+    start_job(
+        &mut c,
+        "blockdev-backup",
+        json!({"job-id": "b4", "device": "l", "target": "r", "sync": "full"}),
+    )
+    .await;
+    let end = error_or_end(&mut c, "b4").await;
+    assert_eq!(end["event"], "BLOCK_JOB_COMPLETED", "{end}");
+    assert!(end["data"].get("error").is_none(), "{end}");
+
+    // The cluster answers again: the target's copy is all there.
     delete_export_when_unused(&mut c, "e").await;
     daemon.quit(&mut c).await;
     let local_raw = p(d, "local.raw");
