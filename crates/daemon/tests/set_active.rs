@@ -545,3 +545,79 @@ async fn an_exported_bitmap_follows_the_image_across_a_handover() {
     daemon.quit(&mut c).await;
     qemu_img(&["check", "-q", &image]);
 }
+
+/// A luks volume is handed over as qsd hands it over: inactive, it is another process's
+/// to write; taken back, the daemon reads what that process wrote.
+#[tokio::test]
+async fn luks_volumes_are_handed_over_as_by_qsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sessions = Vec::new();
+    for which in Impl::all() {
+        let (tag, _) = tagged_qcow2(dir.path(), which, "1M");
+        let image = p(dir.path(), &format!("{tag}.luks"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            "secret,id=s,data=pw",
+            "-o",
+            "key-secret=s,iter-time=10",
+            &image,
+            "16M",
+        ]);
+        let sock = dir.path().join(format!("{tag}.nbd"));
+        let mut args = vec![
+            s("--object"),
+            s("secret,id=s,data=pw"),
+            s("--blockdev"),
+            format!("driver=file,node-name=f,filename={image}"),
+            s("--blockdev"),
+            s("driver=luks,node-name=l,file=f,key-secret=s"),
+        ];
+        args.extend(nbd_server_args(&sock));
+        let daemon = Daemon::start(which, dir.path(), &args);
+        let mut c = daemon.qmp().await;
+        let mut seen = Vec::new();
+        seen.push(reply(&mut c, "blockdev-set-active", json!({ "active": false })).await);
+        seen.push(node_flags(&mut c, "active").await);
+        let other = format!("driver=luks,key-secret=s,file.filename={image}");
+        let out = run(Command::new("qemu-io").args([
+            "--object",
+            "secret,id=s,data=pw",
+            "--image-opts",
+            &other,
+            "-c",
+            "write -P 0x2c 1M 64k",
+        ]));
+        seen.push(json!(out.status.success()));
+        seen.push(reply(&mut c, "blockdev-set-active", json!({ "active": true })).await);
+        seen.push(node_flags(&mut c, "active").await);
+        seen.push(
+            reply(
+                &mut c,
+                "block-export-add",
+                json!({"type": "nbd", "id": "e", "name": "e", "node-name": "l"}),
+            )
+            .await,
+        );
+        seen.push(json!(qemu_io_outcome(&[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x2c 1M 64k",
+            &format!("nbd+unix:///e?socket={}", sock.display()),
+        ])));
+        delete_export_when_unused(&mut c, "e").await;
+        daemon.quit(&mut c).await;
+        sessions.push(seen);
+    }
+    assert_eq!(
+        sessions[1][2],
+        json!(true),
+        "the other process could not write"
+    );
+    assert_eq!(sessions[0], sessions[1], "blockd vs qsd");
+}

@@ -116,7 +116,8 @@ impl ReadOnlyImage for Cloop {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
-    hands_over: false,
+    // Read-only: nothing kept can go stale while another process reads the image too.
+    hands_over: true,
     names: &["cloop"],
     open: |o, options| Box::pin(open(o, options)),
 };

@@ -477,7 +477,8 @@ impl ReadOnlyImage for Dmg {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
-    hands_over: false,
+    // Read-only: nothing kept can go stale while another process reads the image too.
+    hands_over: true,
     names: &["dmg"],
     open: |o, options| Box::pin(open(o, options)),
 };

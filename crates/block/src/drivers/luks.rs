@@ -550,7 +550,9 @@ impl Driver for Luks {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
-    hands_over: false,
+    // The header is read once, and nothing else is kept: the data key does not change
+    // while another process holds the volume (re-encryption is not a handover).
+    hands_over: true,
     names: &["luks"],
     open: |o, options| Box::pin(open(o, options)),
 };
