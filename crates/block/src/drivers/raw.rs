@@ -83,6 +83,22 @@ impl Driver for Raw {
         self.file.read(self.offset + offset, buf).await
     }
 
+    /// The file's answer: a protocol whose block status is dear (rbd) answers reads as
+    /// data, and raw over it must not make the NBD server ask block status per read.
+    async fn read_or_zero(
+        &self,
+        _node: &Node,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<Option<bool>> {
+        let answer = self.file.read_or_zero(self.offset + offset, buf).await?;
+        // Counted only when the file read: a `None` is followed by a plain `read`.
+        if answer.is_some() {
+            self.file.debug_event(BlkdebugEvent::ReadAio);
+        }
+        Ok(answer)
+    }
+
     async fn read_buf(&self, _node: &Node, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
         self.file.debug_event(BlkdebugEvent::ReadAio);
         self.file.read_buf(self.offset + offset, buf).await
