@@ -451,6 +451,63 @@ impl ImageFile {
         check(res).map(|_| ())
     }
 
+    /// Ask the kernel to drop the file's pages from the host page cache, after another
+    /// process may have written the file behind it. Dirty pages stay: [`flush`](Self::flush)
+    /// first. A blocking syscall that can take a while on a large file: call it from a
+    /// blocking thread.
+    pub fn drop_page_cache(&self) -> io::Result<()> {
+        // Safety: a descriptor `self.core` keeps open; the advice takes integers only.
+        let err =
+            unsafe { libc::posix_fadvise(self.core.raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        match err {
+            0 => Ok(()),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        }
+    }
+
+    /// How many of the file's pages the host page cache holds, found with mincore over a
+    /// read-only shared mapping, one window at a time so the address space used stays
+    /// bounded. Blocking, like [`drop_page_cache`](Self::drop_page_cache).
+    pub fn cached_pages(&self) -> io::Result<u64> {
+        const WINDOW: u64 = 256 << 20;
+        // Safety: sysconf takes an integer.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+        let size = self.refresh_size()?;
+        let mut resident = vec![0u8; (WINDOW / page) as usize];
+        let mut cached = 0u64;
+        let mut offset = 0u64;
+        while offset < size {
+            let len = (size - offset).min(WINDOW);
+            // Safety: a fresh read-only mapping of a range inside the file, unmapped below
+            // before anything else can use it.
+            let map = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len as usize,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    self.core.raw_fd(),
+                    offset as libc::off_t,
+                )
+            };
+            if map == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            // Safety: `map` covers `len` bytes and `resident` has a byte for each page.
+            let rc = unsafe { libc::mincore(map, len as usize, resident.as_mut_ptr()) };
+            let err = io::Error::last_os_error();
+            // Safety: the mapping made above, not used after this.
+            unsafe { libc::munmap(map, len as usize) };
+            if rc != 0 {
+                return Err(err);
+            }
+            let pages = len.div_ceil(page) as usize;
+            cached += resident[..pages].iter().filter(|&&b| b & 1 != 0).count() as u64;
+            offset += len;
+        }
+        Ok(cached)
+    }
+
     /// Set the file length. Block devices cannot change size: growing them fails, other
     /// lengths are accepted without effect, as QEMU does.
     pub async fn truncate(&self, len: u64) -> io::Result<()> {

@@ -185,6 +185,16 @@ pub(crate) fn cannot_be_inactive(name: &str, driver: &str) -> String {
     )
 }
 
+/// The refusal of an activation that found the image laid out anew by the process that
+/// held it (another size, tables elsewhere): a driver reads its tables anew on activation,
+/// not a new layout under the node's users.
+pub(crate) fn layout_changed(driver: &str, what: &str) -> String {
+    format!(
+        "Could not activate the {driver} image: its {what} changed while the node was \
+         inactive; open the image anew"
+    )
+}
+
 /// Make one node inactive: it is drained, flushed and its driver writes back what it keeps,
 /// then it lets go of its locks. On failure the node is as before.
 async fn hand_over(node: &Arc<Node>) -> Result<(), String> {

@@ -110,6 +110,12 @@ impl Opener<'_> {
         self.common
     }
 
+    /// Whether opening may write to the image (a repair, a log replay): not read-only, and
+    /// not opened inactive, when the image is still another process's until `activate`.
+    pub fn may_write(&self) -> bool {
+        !self.common.read_only && !self.common.inactive
+    }
+
     /// The syntax the options came in, for a driver that types an untyped member itself.
     pub fn syntax(&self) -> OptionSyntax {
         self.syntax

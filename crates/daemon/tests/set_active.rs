@@ -306,27 +306,45 @@ async fn migration_between_two_daemons() {
         .await
         .unwrap_err();
     assert_eq!(back.desc, "Failed to get \"write\" lock");
-    // A format that cannot read its metadata anew is never opened inactive.
+    // Any format can be opened inactive, and is taken over once its image is free.
     let vmdk = p(dir.path(), "b.vmdk");
     qemu_img(&["create", "-q", "-f", "vmdk", &vmdk, "1M"]);
-    let refused = dst
-        .execute(
-            "blockdev-add",
-            json!({ "driver": "vmdk", "node-name": "v", "active": false,
-                    "file": { "driver": "file", "filename": vmdk } }),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        refused.desc.contains("cannot be inactive"),
-        "{}",
-        refused.desc
-    );
+    qemu_io_outcome(&["-f", "vmdk", "-c", "write -P 7 0 64k", &vmdk]);
+    dst.execute(
+        "blockdev-add",
+        json!({ "driver": "vmdk", "node-name": "v", "active": false,
+                "file": { "driver": "file", "filename": vmdk, "node-name": "vf" } }),
+    )
+    .await
+    .unwrap();
+    dst.execute(
+        "blockdev-set-active",
+        json!({ "node-name": "v", "active": true }),
+    )
+    .await
+    .unwrap();
+    dst.execute(
+        "block-export-add",
+        json!({ "type": "nbd", "id": "v", "name": "v", "node-name": "v", "writable": true }),
+    )
+    .await
+    .unwrap();
+    let v = |command: &str| {
+        let uri = format!("nbd+unix:///v?socket={}", dst_sock.display());
+        qemu_io_outcome(&["-f", "raw", "-c", command, &uri])
+    };
+    assert_eq!(v("read -P 7 0 64k"), "ok");
+    assert_eq!(v("write -P 8 512k 64k"), "ok");
     target.quit(&mut dst).await;
     source.quit(&mut src).await;
     qemu_img(&["check", "-q", &image]);
     assert_eq!(
         qemu_io_outcome(&["-f", "qcow2", "-c", "read -P 6 12M 64k", &image]),
+        "ok"
+    );
+    qemu_img(&["check", "-q", &vmdk]);
+    assert_eq!(
+        qemu_io_outcome(&["-f", "vmdk", "-c", "read -P 8 512k 64k", &vmdk]),
         "ok"
     );
 }
@@ -619,5 +637,152 @@ async fn luks_volumes_are_handed_over_as_by_qsd() {
         json!(true),
         "the other process could not write"
     );
+    assert_eq!(sessions[0], sessions[1], "blockd vs qsd");
+}
+
+/// The formats whose allocation tables another process changes while the node is
+/// inactive; qsd keeps the tables it had, blockd reads them anew.
+const TABLE_FORMATS: [&str; 7] = ["vmdk", "vhdx", "vpc", "vdi", "qed", "qcow", "parallels"];
+
+/// Every format hands its image over: while the node is inactive another process allocates
+/// clusters in it; taken back, the node reads them, and its own new clusters go elsewhere,
+/// so the image checks clean and holds all three writes. With stale tables the other
+/// process's data reads as zeroes, and the node's next new cluster lands on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn formats_with_tables_read_them_anew_on_activation() {
+    for format in TABLE_FORMATS {
+        let dir = tempfile::tempdir().unwrap();
+        let image = p(dir.path(), &format!("a.{format}"));
+        qemu_img(&["create", "-q", "-f", format, &image, "64M"]);
+        let sock = dir.path().join("nbd.sock");
+        let mut args = vec![
+            s("--blockdev"),
+            format!("driver=file,node-name=f,filename={image}"),
+            s("--blockdev"),
+            format!("driver={format},node-name=d,file=f"),
+        ];
+        args.extend(nbd_server_args(&sock));
+        args.extend([
+            s("--export"),
+            s("type=nbd,id=e,name=e,node-name=d,writable=on,allow-inactive=on"),
+        ]);
+        let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
+        let mut c = daemon.qmp().await;
+        assert_eq!(over_nbd(&sock, "write -P 1 0 1M"), json!("ok"), "{format}");
+        c.execute("blockdev-set-active", json!({ "active": false }))
+            .await
+            .unwrap();
+        let other = qemu_io_outcome(&["-f", format, "-c", "write -P 2 8M 1M", &image]);
+        assert_eq!(other, "ok", "{format}: the other process could not write");
+        c.execute("blockdev-set-active", json!({ "active": true }))
+            .await
+            .unwrap();
+        for command in ["read -P 2 8M 1M", "write -P 3 16M 1M", "read -P 1 0 1M"] {
+            assert_eq!(over_nbd(&sock, command), json!("ok"), "{format}: {command}");
+        }
+        delete_export_when_unused(&mut c, "e").await;
+        daemon.quit(&mut c).await;
+        // qemu-img checks all of them but vpc and qcow.
+        if !["vpc", "qcow"].contains(&format) {
+            qemu_img(&["check", "-q", "-f", format, &image]);
+        }
+        for (pattern, at) in [(1, "0"), (2, "8M"), (3, "16M")] {
+            let read = format!("read -P {pattern} {at} 1M");
+            let outcome = qemu_io_outcome(&["-r", "-f", format, "-c", &read, &image]);
+            assert_eq!(outcome, "ok", "{format}: {read} in the image");
+        }
+    }
+}
+
+/// An image whose layout changed while its node was inactive (grown by the other
+/// process) is not taken back: the activation says why, and the node stays inactive and
+/// keeps serving reads.
+#[tokio::test]
+async fn a_changed_layout_is_not_taken_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = p(dir.path(), "a.qed");
+    qemu_img(&["create", "-q", "-f", "qed", &image, "16M"]);
+    qemu_io_outcome(&["-f", "qed", "-c", "write -P 4 0 64k", &image]);
+    let sock = dir.path().join("nbd.sock");
+    let mut args = vec![
+        s("--blockdev"),
+        format!("driver=file,node-name=f,filename={image}"),
+        s("--blockdev"),
+        s("driver=qed,node-name=d,file=f"),
+    ];
+    args.extend(nbd_server_args(&sock));
+    args.extend([
+        s("--export"),
+        s("type=nbd,id=e,name=e,node-name=d,writable=on,allow-inactive=on"),
+    ]);
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &args);
+    let mut c = daemon.qmp().await;
+    c.execute("blockdev-set-active", json!({ "active": false }))
+        .await
+        .unwrap();
+    qemu_img(&["resize", "-q", "-f", "qed", &image, "32M"]);
+    let refused = c
+        .execute("blockdev-set-active", json!({ "active": true }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.desc,
+        "Could not activate the qed image: its header changed while the node was inactive; \
+         open the image anew"
+    );
+    assert_eq!(
+        node_flags(&mut c, "active").await,
+        json!([["d", false], ["f", false]])
+    );
+    assert_eq!(over_nbd(&sock, "read -P 4 0 64k"), json!("ok"));
+    assert_eq!(
+        over_nbd(&sock, "write -P 5 0 64k"),
+        json!("write failed: Operation not permitted")
+    );
+    delete_export_when_unused(&mut c, "e").await;
+    daemon.quit(&mut c).await;
+    qemu_img(&["check", "-q", "-f", "qed", &image]);
+}
+
+/// drop-cache (on by default) drops the file's pages from the host page cache on
+/// activation, and x-check-cache-dropped proves it with mincore, in qsd's session too.
+#[tokio::test]
+async fn activation_drops_the_page_cache_as_qsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sessions = Vec::new();
+    for which in Impl::all() {
+        let (tag, image) = tagged_qcow2(dir.path(), which, "16M");
+        qemu_io_outcome(&["-f", "qcow2", "-c", "write -P 9 0 4M", &image]);
+        let sock = dir.path().join(format!("{tag}.nbd"));
+        let mut args = vec![
+            s("--blockdev"),
+            format!("driver=file,node-name=f,filename={image},x-check-cache-dropped=on"),
+            s("--blockdev"),
+            s("driver=qcow2,node-name=q,file=f"),
+        ];
+        args.extend(nbd_server_args(&sock));
+        let daemon = Daemon::start(which, dir.path(), &args);
+        let mut c = daemon.qmp().await;
+        let mut seen = Vec::new();
+        let export = json!({ "type": "nbd", "id": "e", "name": "e", "node-name": "q",
+                             "writable": true, "allow-inactive": true });
+        seen.push(reply(&mut c, "block-export-add", export).await);
+        // The reads fill the page cache with the image's pages.
+        seen.push(over_nbd(&sock, "read -P 9 0 4M"));
+        seen.push(reply(&mut c, "blockdev-set-active", json!({ "active": false })).await);
+        seen.push(json!(qemu_io_outcome(&[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 10 1M 64k",
+            &image
+        ])));
+        seen.push(reply(&mut c, "blockdev-set-active", json!({ "active": true })).await);
+        seen.push(over_nbd(&sock, "read -P 10 1M 64k"));
+        delete_export_when_unused(&mut c, "e").await;
+        daemon.quit(&mut c).await;
+        sessions.push(seen);
+    }
+    assert_eq!(sessions[0][4], json!({ "return": {} }), "{:?}", sessions[0]);
     assert_eq!(sessions[0], sessions[1], "blockd vs qsd");
 }

@@ -26,13 +26,11 @@ pub struct FileOptions {
     pub aio: Option<AioMode>,
     /// 0 or less: no limit, as in QEMU.
     pub aio_max_batch: Option<i64>,
-    /// QEMU drops the page cache when it activates an inactive node (migration hand-over);
-    /// blockd's nodes are never inactive, so as in qsd for an active node there is never
-    /// a cache to drop and both values behave alike. Parsed only to check its type.
-    #[allow(dead_code)]
+    /// Drop the host page cache of the file when the node is activated after a handover
+    /// (default on): another process wrote the file meanwhile.
     pub drop_cache: Option<bool>,
-    /// QEMU's debug check after that drop; never reached for the same reason.
-    #[allow(dead_code)]
+    /// After that drop, check with mincore that no page of the file stayed cached, and
+    /// fail the activation if one did (QEMU's debug option).
     pub x_check_cache_dropped: Option<bool>,
 }
 
@@ -68,6 +66,8 @@ pub struct FileDriver {
     /// auto-read-only fell back to a read-only open. As in QEMU the node still counts as
     /// writable, and a writer is refused when it attaches (see `apply_perms`).
     fell_back_read_only: bool,
+    drop_cache: bool,
+    check_cache_dropped: bool,
 }
 
 impl FileDriver {
@@ -138,6 +138,8 @@ impl FileDriver {
             engine,
             max_batch,
             fell_back_read_only,
+            drop_cache: opts.drop_cache.unwrap_or(true),
+            check_cache_dropped: opts.x_check_cache_dropped.unwrap_or(false),
         })
     }
 }
@@ -153,14 +155,32 @@ pub fn os_error_text(e: &io::Error) -> String {
 
 #[async_trait(?Send)]
 impl Driver for FileDriver {
-    /// The locks went with the node's permissions; the file caches only its length, which
-    /// the other process may have changed.
+    /// The locks went with the node's permissions. What the other process may have changed
+    /// under the node is read anew: the file's length, and (with drop-cache, unless
+    /// O_DIRECT bypasses it) the host's cached pages, dropped as QEMU drops them.
     async fn activate(&self, _: &Node) -> Result<(), String> {
-        self.file
-            .load()
-            .refresh_size()
-            .map(drop)
-            .map_err(|e| format!("Could not read the size of {}: {e}", self.filename))
+        let file = self.file.load_full();
+        file.refresh_size()
+            .map_err(|e| format!("Could not read the size of {}: {e}", self.filename))?;
+        if !self.drop_cache || self.direct {
+            return Ok(());
+        }
+        file.flush()
+            .await
+            .map_err(|e| format!("flush failed: {}", os_error_text(&e)))?;
+        let check = self.check_cache_dropped;
+        // fadvise walks every cached page of the file and mincore maps it: both block.
+        tokio::task::spawn_blocking(move || {
+            file.drop_page_cache()
+                .map_err(|e| format!("fadvise failed: {}", os_error_text(&e)))?;
+            match check.then(|| file.cached_pages()) {
+                Some(Ok(0)) | None => Ok(()),
+                Some(Ok(_)) => Err("page cache still in use!".to_string()),
+                Some(Err(e)) => Err(format!("mincore failed: {}", os_error_text(&e))),
+            }
+        })
+        .await
+        .map_err(|e| format!("Could not drop the page cache: {e}"))?
     }
 
     fn format_name(&self) -> &'static str {

@@ -182,6 +182,16 @@ impl Parallels {
         Ok(())
     }
 
+    /// The repair of an image found in use (its writer stopped without closing it):
+    /// entries are checked against the file as it is, not against where new clusters go.
+    async fn repair_opened(&self, state: &mut State) -> io::Result<()> {
+        let end = state.end;
+        state.end = self.file.node().size();
+        let repaired = self.repair(state).await;
+        state.end = end;
+        repaired
+    }
+
     async fn repair(&self, state: &mut State) -> io::Result<()> {
         let plain = WriteFlags::default();
         for i in 0..state.bat.len() {
@@ -321,6 +331,34 @@ impl Driver for Parallels {
         self.file.node().set_writable(writable).await
     }
 
+    /// The BAT, and where the next cluster goes, are read anew: the other process may have
+    /// allocated clusters. The header must be as this node left it; an image the other
+    /// process left in use is repaired here as at open.
+    async fn activate(&self, node: &Node) -> Result<(), String> {
+        let (fresh, state) = load(&self.file).await.map_err(|e| e.desc)?;
+        let ext_off = if self.extension_dropped.load(Ordering::Acquire) {
+            0
+        } else {
+            self.header.ext_off
+        };
+        let layout = |h: &Header, ext_off: u64| Header {
+            in_use: false,
+            ext_off,
+            ..h.clone()
+        };
+        if layout(&fresh, fresh.ext_off) != layout(&self.header, ext_off) {
+            return Err(crate::active::layout_changed("parallels", "header"));
+        }
+        let mut current = self.state.lock().await;
+        *current = state;
+        if fresh.in_use && !node.read_only() {
+            self.repair_opened(&mut current)
+                .await
+                .map_err(|e| format!("Could not repair the parallels image: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Resizing is not done here yet.
     async fn truncate(&self, _: &Node, _size: u64) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::ENOTSUP))
@@ -337,7 +375,7 @@ impl Driver for Parallels {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
-    hands_over: false,
+    hands_over: true,
     names: &["parallels"],
     open: |o, options| Box::pin(open(o, options)),
 };
@@ -347,7 +385,31 @@ async fn open(
     options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
     let file = o.open_file_only(options).await?;
-    let head = read_metadata(&file, 0, HEADER_LEN, "parallels header").await?;
+    let (header, state) = load(&file).await?;
+    if header.ext_off != 0 && !o.common().read_only {
+        tracing::warn!("Format Extension ignored in RW mode");
+    }
+    o.claim_position();
+    let in_use = header.in_use;
+    let parallels = Parallels {
+        file,
+        header,
+        state: tokio::sync::Mutex::new(state),
+        extension_dropped: AtomicBool::new(false),
+    };
+    if in_use && o.may_write() {
+        let mut state = parallels.state.lock().await;
+        parallels
+            .repair_opened(&mut state)
+            .await
+            .map_err(|e| QmpError::generic(format!("Could not repair the parallels image: {e}")))?;
+    }
+    Ok(Box::new(parallels))
+}
+
+/// The header and BAT of the image in `file`.
+async fn load(file: &Child) -> Result<(Header, State), QmpError> {
+    let head = read_metadata(file, 0, HEADER_LEN, "parallels header").await?;
     let header = Header::parse(&head).map_err(QmpError::generic)?;
     let file_size = file.node().size();
     // The BAT is read whole: it must be in the file, which bounds what it can claim.
@@ -356,44 +418,18 @@ async fn open(
             "The parallels BAT lies past the end of the file",
         ));
     }
-    let read_only = o.common().read_only;
-    if header.ext_off != 0 && !read_only {
-        tracing::warn!("Format Extension ignored in RW mode");
-    }
     let raw = read_metadata(
-        &file,
+        file,
         HEADER_LEN as u64,
         (header.bat_entries * 4) as usize,
         "parallels BAT",
     )
     .await?;
     let bat = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
-    o.claim_position();
-    let in_use = header.in_use;
     let end = file_size
         .max(header.data_off * 512)
         .next_multiple_of(header.cluster_size);
-    let parallels = Parallels {
-        file,
-        header,
-        state: tokio::sync::Mutex::new(State {
-            bat,
-            end: file_size.max(end),
-        }),
-        extension_dropped: AtomicBool::new(false),
-    };
-    if in_use && !read_only {
-        let mut state = parallels.state.lock().await;
-        // Entries are checked against the file as it is.
-        let end = state.end;
-        state.end = file_size;
-        parallels
-            .repair(&mut state)
-            .await
-            .map_err(|e| QmpError::generic(format!("Could not repair the parallels image: {e}")))?;
-        state.end = end;
-    }
-    Ok(Box::new(parallels))
+    Ok((header, State { bat, end }))
 }
 
 #[cfg(test)]

@@ -395,6 +395,17 @@ impl Driver for Qcow {
         self.file.node().set_writable(writable).await
     }
 
+    /// The L1 table is read anew and the cached L2 tables dropped: the other process may
+    /// have allocated tables and clusters. The header must be as this node left it.
+    async fn activate(&self, _: &Node) -> Result<(), String> {
+        let fresh = Tables::read(&self.file).await.map_err(|e| e.desc)?;
+        if fresh.header != self.header || fresh.backing_name != self.backing_name {
+            return Err(crate::active::layout_changed("qcow", "header"));
+        }
+        *self.meta.lock().await = fresh.meta;
+        Ok(())
+    }
+
     fn supports_backing(&self) -> bool {
         true
     }
@@ -436,7 +447,7 @@ struct QcowOptions {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
-    hands_over: false,
+    hands_over: true,
     names: &["qcow"],
     open: |o, options| Box::pin(open(o, options)),
 };
@@ -456,28 +467,11 @@ async fn open(
     let file = o
         .open_child(file_ref, "file", Perms::NONE, Perms::ALL)
         .await?;
-    let file_size = file.node().size();
-    let read = |offset: u64, len: usize| read_metadata(&file, offset, len, "qcow header");
-    let header = Header::parse(&read(0, HEADER_LEN).await?).map_err(QmpError::generic)?;
-    // The L1 table is read whole: it must be in the file, which bounds what it can claim.
-    if header
-        .l1_offset
-        .checked_add(header.l1_size * 8)
-        .is_none_or(|end| end > file_size)
-    {
-        return Err(QmpError::generic(
-            "qcow: the L1 table lies past the end of the file",
-        ));
-    }
-    let raw = read(header.l1_offset, (header.l1_size * 8) as usize).await?;
-    let l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
-    let backing_name = match header.backing {
-        Some((offset, len)) => {
-            let name = read(offset, len as usize).await?;
-            Some(String::from_utf8_lossy(&name).into_owned())
-        }
-        None => None,
-    };
+    let Tables {
+        header,
+        backing_name,
+        meta,
+    } = Tables::read(&file).await?;
     o.claim_position();
     let backing = match backing_ref {
         Some(Value::Null) => None,
@@ -490,18 +484,57 @@ async fn open(
             None => None,
         },
     };
-    let end = file_size.next_multiple_of(header.cluster_size());
     Ok(Box::new(Qcow {
         file,
         backing: BackingEdge::new(backing),
         header,
         backing_name,
-        meta: tokio::sync::Mutex::new(Meta {
-            l1,
-            l2: HashMap::new(),
-            end,
-        }),
+        meta: tokio::sync::Mutex::new(meta),
     }))
+}
+
+/// What an image's file says of it: the header, the backing file it names, its L1 table.
+struct Tables {
+    header: Header,
+    backing_name: Option<String>,
+    meta: Meta,
+}
+
+impl Tables {
+    async fn read(file: &Child) -> Result<Tables, QmpError> {
+        let file_size = file.node().size();
+        let read = |offset: u64, len: usize| read_metadata(file, offset, len, "qcow header");
+        let header = Header::parse(&read(0, HEADER_LEN).await?).map_err(QmpError::generic)?;
+        // The L1 table is read whole: it must be in the file, which bounds what it can claim.
+        if header
+            .l1_offset
+            .checked_add(header.l1_size * 8)
+            .is_none_or(|end| end > file_size)
+        {
+            return Err(QmpError::generic(
+                "qcow: the L1 table lies past the end of the file",
+            ));
+        }
+        let raw = read(header.l1_offset, (header.l1_size * 8) as usize).await?;
+        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        let backing_name = match header.backing {
+            Some((offset, len)) => {
+                let name = read(offset, len as usize).await?;
+                Some(String::from_utf8_lossy(&name).into_owned())
+            }
+            None => None,
+        };
+        let end = file_size.next_multiple_of(header.cluster_size());
+        Ok(Tables {
+            header,
+            backing_name,
+            meta: Meta {
+                l1,
+                l2: HashMap::new(),
+                end,
+            },
+        })
+    }
 }
 
 #[cfg(test)]

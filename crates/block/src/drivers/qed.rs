@@ -535,6 +535,32 @@ impl Driver for Qed {
         self.file.node().set_writable(writable).await
     }
 
+    /// The L1 table is read anew and the cached L2 tables dropped: the other process may
+    /// have allocated tables and clusters. The header must be as this node left it, but
+    /// for the need-check flag: an image the other process left unclean is checked and
+    /// repaired here as at open.
+    async fn activate(&self, node: &Node) -> Result<(), String> {
+        let fresh = Tables::read(&self.file).await.map_err(|e| e.desc)?;
+        let layout = |h: &Header, size: u64| Header {
+            features: h.features & !F_NEED_CHECK,
+            image_size: size,
+            ..h.clone()
+        };
+        if layout(&fresh.header, fresh.header.image_size) != layout(&self.header, self.disk_size())
+            || fresh.backing_name != self.backing_name
+        {
+            return Err(crate::active::layout_changed("qed", "header"));
+        }
+        let mut meta = self.meta.lock().await;
+        *meta = fresh.meta;
+        if fresh.header.features & F_NEED_CHECK != 0 && !node.read_only() {
+            self.check_and_repair(&mut meta)
+                .await
+                .map_err(|e| format!("Image corrupted: {e}"))?;
+        }
+        Ok(())
+    }
+
     fn supports_backing(&self) -> bool {
         true
     }
@@ -591,7 +617,7 @@ impl Driver for Qed {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
-    hands_over: false,
+    hands_over: true,
     names: &["qed"],
     open: |o, options| Box::pin(open(o, options)),
 };
@@ -602,37 +628,11 @@ async fn open(
 ) -> Result<Box<dyn Driver>, QmpError> {
     let backing_ref = options.remove("backing");
     let file = o.open_file_only(options).await?;
-    let file_size = file.node().size();
-    let head = read_metadata(&file, 0, HEADER_LEN, "qed header").await?;
-    let header = Header::parse(&head).map_err(QmpError::generic)?;
-    if header.table_bytes() > MAX_TABLE {
-        return Err(QmpError::generic(format!(
-            "blockd opens qed images whose tables are at most {MAX_TABLE} bytes"
-        )));
-    }
-    // The L1 table is read whole: it must be in the file, which bounds what it can claim.
-    if header
-        .l1_offset
-        .checked_add(header.table_bytes())
-        .is_none_or(|end| end > file_size)
-    {
-        return Err(QmpError::generic("QED table offset is invalid"));
-    }
-    let raw = read_metadata(
-        &file,
-        header.l1_offset,
-        header.table_bytes() as usize,
-        "qed L1 table",
-    )
-    .await?;
-    let l1: Vec<u64> = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
-    let backing_name = match header.backing {
-        Some((offset, len)) => {
-            let name = read_metadata(&file, offset, len as usize, "qed header").await?;
-            Some(String::from_utf8_lossy(&name).into_owned())
-        }
-        None => None,
-    };
+    let Tables {
+        header,
+        backing_name,
+        meta,
+    } = Tables::read(&file).await?;
     o.claim_position();
     let backing = match backing_ref {
         Some(Value::Null) => None,
@@ -652,7 +652,6 @@ async fn open(
             None => None,
         },
     };
-    let end = file_size.next_multiple_of(header.cluster_size);
     let need_check = header.features & F_NEED_CHECK != 0;
     let qed = Qed {
         size: std::sync::atomic::AtomicU64::new(header.image_size),
@@ -660,19 +659,68 @@ async fn open(
         backing: BackingEdge::new(backing),
         header,
         backing_name,
-        meta: tokio::sync::Mutex::new(Meta {
-            l1,
-            l2: HashMap::new(),
-            end,
-        }),
+        meta: tokio::sync::Mutex::new(meta),
     };
-    if need_check && !o.common().read_only {
+    if need_check && o.may_write() {
         let mut meta = qed.meta.lock().await;
         qed.check_and_repair(&mut meta)
             .await
             .map_err(|e| QmpError::generic(format!("Image corrupted: {e}")))?;
     }
     Ok(Box::new(qed))
+}
+
+/// What an image's file says of it: the header, the backing file it names, its L1 table.
+struct Tables {
+    header: Header,
+    backing_name: Option<String>,
+    meta: Meta,
+}
+
+impl Tables {
+    async fn read(file: &Child) -> Result<Tables, QmpError> {
+        let file_size = file.node().size();
+        let head = read_metadata(file, 0, HEADER_LEN, "qed header").await?;
+        let header = Header::parse(&head).map_err(QmpError::generic)?;
+        if header.table_bytes() > MAX_TABLE {
+            return Err(QmpError::generic(format!(
+                "blockd opens qed images whose tables are at most {MAX_TABLE} bytes"
+            )));
+        }
+        // The L1 table is read whole: it must be in the file, which bounds what it can claim.
+        if header
+            .l1_offset
+            .checked_add(header.table_bytes())
+            .is_none_or(|end| end > file_size)
+        {
+            return Err(QmpError::generic("QED table offset is invalid"));
+        }
+        let raw = read_metadata(
+            file,
+            header.l1_offset,
+            header.table_bytes() as usize,
+            "qed L1 table",
+        )
+        .await?;
+        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+        let backing_name = match header.backing {
+            Some((offset, len)) => {
+                let name = read_metadata(file, offset, len as usize, "qed header").await?;
+                Some(String::from_utf8_lossy(&name).into_owned())
+            }
+            None => None,
+        };
+        let end = file_size.next_multiple_of(header.cluster_size);
+        Ok(Tables {
+            header,
+            backing_name,
+            meta: Meta {
+                l1,
+                l2: HashMap::new(),
+                end,
+            },
+        })
+    }
 }
 
 #[cfg(test)]

@@ -324,6 +324,23 @@ impl Driver for Vdi {
         self.file.node().set_writable(writable).await
     }
 
+    /// The block map and the allocated-block count are read anew: the other process may
+    /// have appended blocks. The header's layout must be as this node left it.
+    async fn activate(&self, _: &Node) -> Result<(), String> {
+        let fresh = load(self.file.clone()).await.map_err(|e| e.desc)?;
+        let layout = |h: &Header| Header {
+            blocks_allocated: 0,
+            ..h.clone()
+        };
+        if layout(&fresh.header) != layout(&self.header) {
+            return Err(crate::active::layout_changed("vdi", "header"));
+        }
+        let mut allocated = self.allocating.lock().await;
+        *allocated = fresh.allocating.into_inner();
+        *self.bmap.lock().expect("bmap lock") = fresh.bmap.into_inner().expect("bmap lock");
+        Ok(())
+    }
+
     /// QEMU's vdi cannot resize either.
     async fn truncate(&self, _: &Node, _size: u64) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::ENOTSUP))
@@ -344,7 +361,7 @@ impl Driver for Vdi {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
-    hands_over: false,
+    hands_over: true,
     names: &["vdi"],
     open: |o, options| Box::pin(open(o, options)),
 };
@@ -354,6 +371,11 @@ async fn open(
     options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
     let file = o.open_file_only(options).await?;
+    Ok(Box::new(load(file).await?))
+}
+
+/// The header and block map of the image in `file`.
+async fn load(file: Arc<Child>) -> Result<Vdi, QmpError> {
     let file_size = file.node().size();
     let mut buf = vec![0u8; HEADER_LEN];
     let avail = file_size.min(HEADER_LEN as u64) as usize;
@@ -382,12 +404,12 @@ async fn open(
         .max()
         .unwrap_or(0)
         .max(header.blocks_allocated);
-    Ok(Box::new(Vdi {
+    Ok(Vdi {
         file,
         allocating: tokio::sync::Mutex::new(next),
         header,
         bmap: Mutex::new(bmap),
-    }))
+    })
 }
 
 #[cfg(test)]

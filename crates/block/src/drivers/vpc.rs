@@ -412,6 +412,29 @@ impl Driver for Vpc {
         self.file.node().set_writable(writable).await
     }
 
+    /// A dynamic image's block table, and where its next block goes, are read anew: the
+    /// other process may have appended blocks. The footer and the table's place must be
+    /// as this node left them.
+    async fn activate(&self, _: &Node) -> Result<(), String> {
+        let fresh = load(self.file.clone()).await.map_err(|e| e.desc)?;
+        let layout = |v: &Vpc| {
+            let d = v.dynamic.as_ref();
+            (
+                v.footer.clone(),
+                v.sectors,
+                d.map(|d| (d.block_size, d.bitmap_size, d.bat_offset)),
+            )
+        };
+        if layout(&fresh) != layout(self) {
+            return Err(crate::active::layout_changed("vpc", "footer"));
+        }
+        if let (Some(d), Some(fresh)) = (&self.dynamic, fresh.dynamic) {
+            let _one = d.allocating.lock().await;
+            *d.table.lock().expect("vpc table") = fresh.table.into_inner().expect("vpc table");
+        }
+        Ok(())
+    }
+
     /// QEMU's vpc cannot resize either.
     async fn truncate(&self, _: &Node, _size: u64) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::ENOTSUP))
@@ -432,7 +455,7 @@ impl Driver for Vpc {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
-    hands_over: false,
+    hands_over: true,
     names: &["vpc"],
     open: |o, options| Box::pin(open(o, options)),
 };
@@ -446,6 +469,11 @@ async fn open(
     options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
     let file = o.open_file_only(options).await?;
+    Ok(Box::new(load(file).await?))
+}
+
+/// The footer, and a dynamic image's header and block table, of the image in `file`.
+async fn load(file: Arc<Child>) -> Result<Vpc, QmpError> {
     let file_size = file.node().size();
     let mut footer = read_at(&file, 0, FOOTER_LEN).await?;
     let mut kind = be32(&footer, 60);
@@ -477,12 +505,12 @@ async fn open(
             )))
         }
     };
-    Ok(Box::new(Vpc {
+    Ok(Vpc {
         file,
         footer,
         sectors,
         dynamic,
-    }))
+    })
 }
 
 async fn open_dynamic(file: &Child, footer: &[u8], sectors: u64) -> Result<Dynamic, QmpError> {

@@ -986,7 +986,7 @@ async fn open(
     let read_only = o.common().read_only;
     // Opened inactive, the image is still another process's: read, never written (no
     // repair, no bitmaps marked in use) until `activate`.
-    let writable = !read_only && !o.common().inactive;
+    let writable = o.may_write();
     let (perm, shared) = Qcow2::default_child_perms("file", read_only);
     let file = o.open_child(file_ref, "file", perm, shared).await?;
     let mut header = Qcow2::probe_header(&file)

@@ -415,6 +415,21 @@ impl Driver for Vhdx {
         self.file.node().set_writable(writable).await
     }
 
+    /// The headers and the BAT are read anew (the log replayed first, as at open, if the
+    /// other process left one), and the next write starts a new session with new write
+    /// GUIDs. The metadata and the BAT's place must be as this node left them.
+    async fn activate(&self, node: &Node) -> Result<(), String> {
+        let fresh = Layout::read(&self.file, !node.read_only())
+            .await
+            .map_err(|e| e.desc)?;
+        if fresh.meta != self.meta || fresh.bat_offset != self.bat_offset {
+            return Err(crate::active::layout_changed("vhdx", "metadata"));
+        }
+        *self.state.lock().await = fresh.state;
+        self.session_started.store(false, Ordering::Release);
+        Ok(())
+    }
+
     /// Resizing is not done here yet.
     async fn truncate(&self, _: &Node, _size: u64) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::ENOTSUP))
@@ -451,7 +466,7 @@ impl Driver for Vhdx {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
-    hands_over: false,
+    hands_over: true,
     names: &["vhdx"],
     open: |o, options| Box::pin(open(o, options)),
 };
@@ -568,77 +583,106 @@ async fn open(
 ) -> Result<Box<dyn Driver>, QmpError> {
     let backing_ref = options.remove("backing");
     let file = o.open_file_only(options).await?;
-    let name = {
-        let node = file.node();
-        node.driver().info(&node).filename
-    };
-    let refuse = |errno: i32, why: &str| could_not_open(&name, errno, why);
-    let refusal = |r: Refusal| refuse(r.errno, &r.why);
-    let file_size = file.node().size();
-    let id = read_metadata(&file, 0, 8, "vhdx file identifier").await?;
-    if id != FILE_SIGNATURE {
-        return Err(refuse(libc::EINVAL, "no VHDX file signature"));
-    }
-    let first = read_metadata(&file, HEADER_OFFSETS[0], HEADER_LEN, "vhdx header").await?;
-    let second = read_metadata(&file, HEADER_OFFSETS[1], HEADER_LEN, "vhdx header").await?;
-    let (slot, mut header) = current_header(&first, &second)
-        .ok_or_else(|| QmpError::generic("No valid VHDX header found"))?;
-    if header.log_version != 0 {
-        return Err(refuse(libc::EINVAL, "the log version is not 0"));
-    }
-    let table = read_metadata(
-        &file,
-        REGION_TABLE_OFFSETS[0],
-        REGION_TABLE_LEN,
-        "vhdx region table",
-    )
-    .await?;
-    let regions = parse_regions(&table).map_err(refusal)?;
-    if header.log_guid != [0; 16] {
-        if o.common().read_only {
-            return Err(QmpError::generic(format!(
-                "VHDX image file '{name}' opened read-only, but contains a log that needs to be replayed"
-            )));
-        }
-        header = replay_log(&file, &header, slot, refuse).await?;
-    }
-    let (meta_offset, meta_len) = regions.metadata;
-    if meta_len > MAX_METADATA
-        || meta_offset + meta_len > file_size
-        || (meta_len as usize) < METADATA_TABLE_LEN
-    {
-        return Err(refuse(
-            libc::EINVAL,
-            "the metadata region lies outside the file",
-        ));
-    }
-    let region = read_metadata(&file, meta_offset, meta_len as usize, "vhdx metadata").await?;
-    let meta = parse_metadata(&region, |offset, len| {
-        let end = (offset as usize).checked_add(len)?;
-        (offset as usize >= METADATA_TABLE_LEN || len == 0)
-            .then(|| region.get(offset as usize..end).map(<[u8]>::to_vec))
-            .flatten()
-    })
-    .map_err(refusal)?;
-    let (bat_offset, bat_len) = regions.bat;
-    let entries = meta.bat_entries();
-    if entries * 8 > bat_len || bat_offset + entries * 8 > file_size {
-        return Err(refuse(
-            libc::EINVAL,
-            "the BAT region is too small for the disk or lies outside the file",
-        ));
-    }
-    let raw = read_metadata(&file, bat_offset, (entries * 8) as usize, "vhdx BAT").await?;
-    let bat = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+    let Layout {
+        meta,
+        bat_offset,
+        state,
+    } = Layout::read(&file, o.may_write()).await?;
     o.claim_position();
+    let name = file_name(&file);
     let backing = open_parent(o, &file, &meta, backing_ref, &name).await?;
-    let end = file.node().size();
     Ok(Box::new(Vhdx {
         file,
         backing: BackingEdge::new(backing),
         meta,
         bat_offset,
-        state: tokio::sync::Mutex::new(State { bat, end, header }),
+        state: tokio::sync::Mutex::new(state),
         session_started: AtomicBool::new(false),
     }))
+}
+
+/// The name of the file an image is in, for error texts.
+fn file_name(file: &Child) -> String {
+    let node = file.node();
+    node.driver().info(&node).filename
+}
+
+/// What the file says of the disk: its metadata, where its BAT is, and the state the data
+/// path keeps (the BAT, the current header).
+struct Layout {
+    meta: Metadata,
+    bat_offset: u64,
+    state: State,
+}
+
+impl Layout {
+    /// Read the image in `file`, replaying its log first where `may_write` (else an image
+    /// with a log to replay is refused, as QEMU refuses a read-only open of one).
+    async fn read(file: &Child, may_write: bool) -> Result<Layout, QmpError> {
+        let name = file_name(file);
+        let refuse = |errno: i32, why: &str| could_not_open(&name, errno, why);
+        let refusal = |r: Refusal| refuse(r.errno, &r.why);
+        let file_size = file.node().size();
+        let id = read_metadata(file, 0, 8, "vhdx file identifier").await?;
+        if id != FILE_SIGNATURE {
+            return Err(refuse(libc::EINVAL, "no VHDX file signature"));
+        }
+        let first = read_metadata(file, HEADER_OFFSETS[0], HEADER_LEN, "vhdx header").await?;
+        let second = read_metadata(file, HEADER_OFFSETS[1], HEADER_LEN, "vhdx header").await?;
+        let (slot, mut header) = current_header(&first, &second)
+            .ok_or_else(|| QmpError::generic("No valid VHDX header found"))?;
+        if header.log_version != 0 {
+            return Err(refuse(libc::EINVAL, "the log version is not 0"));
+        }
+        let table = read_metadata(
+            file,
+            REGION_TABLE_OFFSETS[0],
+            REGION_TABLE_LEN,
+            "vhdx region table",
+        )
+        .await?;
+        let regions = parse_regions(&table).map_err(refusal)?;
+        if header.log_guid != [0; 16] {
+            if !may_write {
+                return Err(QmpError::generic(format!(
+                    "VHDX image file '{name}' opened read-only, but contains a log that needs to be replayed"
+                )));
+            }
+            header = replay_log(file, &header, slot, refuse).await?;
+        }
+        let (meta_offset, meta_len) = regions.metadata;
+        if meta_len > MAX_METADATA
+            || meta_offset + meta_len > file_size
+            || (meta_len as usize) < METADATA_TABLE_LEN
+        {
+            return Err(refuse(
+                libc::EINVAL,
+                "the metadata region lies outside the file",
+            ));
+        }
+        let region = read_metadata(file, meta_offset, meta_len as usize, "vhdx metadata").await?;
+        let meta = parse_metadata(&region, |offset, len| {
+            let end = (offset as usize).checked_add(len)?;
+            (offset as usize >= METADATA_TABLE_LEN || len == 0)
+                .then(|| region.get(offset as usize..end).map(<[u8]>::to_vec))
+                .flatten()
+        })
+        .map_err(refusal)?;
+        let (bat_offset, bat_len) = regions.bat;
+        let entries = meta.bat_entries();
+        if entries * 8 > bat_len || bat_offset + entries * 8 > file_size {
+            return Err(refuse(
+                libc::EINVAL,
+                "the BAT region is too small for the disk or lies outside the file",
+            ));
+        }
+        let raw = read_metadata(file, bat_offset, (entries * 8) as usize, "vhdx BAT").await?;
+        let bat = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+        let end = file.node().size();
+        Ok(Layout {
+            meta,
+            bat_offset,
+            state: State { bat, end, header },
+        })
+    }
 }

@@ -275,6 +275,20 @@ struct DescriptorAt {
     room: Option<u64>,
 }
 
+impl DescriptorAt {
+    /// The descriptor's bytes as the file holds them now, up to the first NUL.
+    async fn read(&self) -> io::Result<Vec<u8>> {
+        let size = self.file.node().size();
+        let room = self.room.unwrap_or(descriptor::MAX_LEN as u64);
+        let len = size.saturating_sub(self.offset).min(room) as usize;
+        let mut raw = vec![0u8; len];
+        self.file.read(self.offset, &mut raw).await?;
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        raw.truncate(end);
+        Ok(raw)
+    }
+}
+
 pub struct Vmdk {
     extents: Vec<VmdkExtent>,
     size: u64,
@@ -329,16 +343,11 @@ impl Vmdk {
             return Ok(());
         }
         if let Some(at) = &self.descriptor_at {
-            let size = at.file.node().size();
-            let room = at.room.unwrap_or(descriptor::MAX_LEN as u64);
-            let len = size.saturating_sub(at.offset).min(room) as usize;
-            let mut raw = vec![0u8; len];
-            at.file.read(at.offset, &mut raw).await?;
+            let raw = at.read().await?;
             let mut cid = [0u8; 4];
             crypto::random(&mut cid).map_err(io::Error::other)?;
             let cid = u32::from_le_bytes(cid);
-            let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-            let mut text = descriptor::with_cid(&raw[..end], cid);
+            let mut text = descriptor::with_cid(&raw, cid);
             text.resize((text.len() as u64).next_multiple_of(512) as usize, 0);
             if at.room.is_none_or(|room| text.len() as u64 <= room) {
                 at.file
@@ -845,6 +854,60 @@ impl Driver for Vmdk {
         }
     }
 
+    /// Each sparse extent's grain directories are read anew and its cached grain tables
+    /// dropped, and so is the descriptor's CID: the other process may have allocated
+    /// grains and given the disk a new CID, and this node's next write gives it another.
+    /// The extents' headers and the descriptor's other keys must be as this node left them.
+    async fn activate(&self, node: &Node) -> Result<(), String> {
+        let changed = |what| crate::active::layout_changed("vmdk", what);
+        for extent in &self.extents {
+            match &extent.data {
+                ExtentData::Sparse(s) => {
+                    let header = sparse_header(&s.file)
+                        .await
+                        .map_err(|e| e.desc)?
+                        .ok_or_else(|| changed("extent header"))?;
+                    let fresh = open_sparse(s.file.clone(), header, node.read_only())
+                        .await
+                        .map_err(|e| e.desc)?;
+                    if fresh.header != s.header || fresh.writable != s.writable {
+                        return Err(changed("extent header"));
+                    }
+                    *s.meta.lock().await = fresh.meta.into_inner();
+                }
+                ExtentData::SeSparse(s) => {
+                    let mut budget = MAX_DIRECTORY_ENTRIES;
+                    let fresh = open_sesparse(s.file.clone(), true, &mut budget)
+                        .await
+                        .map_err(|e| e.desc)?;
+                    if !s.take_back(fresh).await {
+                        return Err(changed("extent header"));
+                    }
+                }
+                ExtentData::Flat { .. } | ExtentData::Zero => {}
+            }
+        }
+        if let Some(at) = &self.descriptor_at {
+            let raw = at
+                .read()
+                .await
+                .map_err(|e| format!("Could not read the vmdk descriptor: {e}"))?;
+            let text = descriptor::text_of(&raw);
+            let fresh = Descriptor::parse(&text, !self.descriptor.extents.is_empty())?;
+            let cid = fresh.cid;
+            if (Descriptor {
+                cid: self.descriptor.cid,
+                ..fresh
+            }) != self.descriptor
+            {
+                return Err(changed("descriptor"));
+            }
+            self.cid.store(cid, Ordering::Relaxed);
+        }
+        self.cid_updated.store(false, Ordering::Release);
+        Ok(())
+    }
+
     async fn reopen(&self, _: &Node, writable: bool) -> Result<(), String> {
         for file in &self.files {
             file.node().set_writable(writable).await?;
@@ -953,7 +1016,7 @@ impl Vmdk {
 
 pub(crate) const DRIVER: DriverEntry = DriverEntry {
     format: true,
-    hands_over: false,
+    hands_over: true,
     names: &["vmdk"],
     open: |o, options| Box::pin(open(o, options)),
 };

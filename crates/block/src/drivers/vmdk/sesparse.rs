@@ -204,6 +204,14 @@ impl SeSparse {
         }
     }
 
+    /// Whether `fresh`, read anew from the same file when the node takes its image back,
+    /// has this extent's header and grain directory. The cached grain tables are dropped
+    /// either way: the other process may have written them.
+    pub async fn take_back(&self, fresh: SeSparse) -> bool {
+        self.gts.lock().await.clear();
+        fresh.header == self.header && fresh.gd == self.gd
+    }
+
     /// Bytes per grain.
     pub fn grain(&self) -> u64 {
         GRAIN_SECTORS * 512
