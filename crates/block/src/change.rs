@@ -11,6 +11,7 @@
 
 use crate::graph::{Graph, OptionSyntax};
 use crate::node::Node;
+use crate::IoThreadObject;
 use qapi::error::QmpError;
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -27,6 +28,8 @@ enum Undo {
     SetBacking(Arc<Node>, Option<Arc<Node>>),
     /// Delete a node the change added.
     Delete(String),
+    /// Move the node (with its group) back to its thread.
+    SetHome(Arc<Node>, Option<Arc<IoThreadObject>>),
 }
 
 /// Steps applied so far, each with its undo. Must end in `commit` or `abort`.
@@ -105,20 +108,31 @@ impl GraphChange {
             // Connected nodes share a thread: the node joins its new backing's (an overlay
             // goes where the disk it snapshots is pinned), or, when it cannot move, the
             // backing joins the node's.
-            let (ours, theirs) = (node.home(), backing.home());
-            let same = match (&ours, &theirs) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            if !same {
-                crate::set_home(&self.graph, node, theirs.as_ref())
-                    .or_else(|_| crate::set_home(&self.graph, backing, ours.as_ref()))?;
+            if self.share_thread(node, backing).is_err() {
+                self.share_thread(backing, node)?;
             }
         }
         let old = node.backing();
         node.set_backing(backing).await?;
         self.undo.push(Undo::SetBacking(node.clone(), old));
+        Ok(())
+    }
+
+    /// Bring `node`, with the nodes connected to it, to the thread `to` lives on
+    /// ([`crate::set_home`], whose refusal is the error), as QEMU moves a job's target into
+    /// its source's AioContext; moved back on abort.
+    pub fn share_thread(&mut self, node: &Arc<Node>, to: &Arc<Node>) -> Result<(), String> {
+        let (old, new) = (node.home(), to.home());
+        let same = match (&old, &new) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return Ok(());
+        }
+        crate::set_home(&self.graph, node, new.as_ref())?;
+        self.undo.push(Undo::SetHome(node.clone(), old));
         Ok(())
     }
 
@@ -164,6 +178,11 @@ impl GraphChange {
                 Undo::Delete(name) => {
                     if let Err(e) = self.graph.del(&name).await {
                         tracing::warn!(node = name, "rolling back an added node: {}", e.desc);
+                    }
+                }
+                Undo::SetHome(node, home) => {
+                    if let Err(e) = crate::set_home(&self.graph, &node, home.as_ref()) {
+                        tracing::warn!(node = node.name(), "rolling back a thread move: {e}");
                     }
                 }
             }

@@ -10,14 +10,25 @@
 //! QEMU's AioContext changes do, and new edges keep a group together (`join_children`,
 //! `Graph::insert_filter`, `GraphChange::set_backing`). A user that must stay where it is refuses the move and
 //! nothing changes: an export with `fixed-iothread`, or a block job, whose tasks run on the
-//! thread it started on until it ends (QEMU moves a job along; ours cannot move).
+//! thread it started on until it ends (QEMU moves a job along; ours cannot move). NBD
+//! connections follow their node (`watch_moves`), between requests.
 
 use crate::iothread::{IoThreads, Work};
 use crate::node::{Node, Parent};
 use crate::{Graph, IoThreadObject};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
+use tokio::sync::watch;
+
+/// Counts moves, so that work that runs on a node's thread and can follow it (an NBD
+/// connection) learns when to look again where its node lives.
+static MOVES: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::channel(0).0);
+
+/// A receiver that sees a change whenever nodes moved to another thread.
+pub fn watch_moves() -> watch::Receiver<u64> {
+    MOVES.subscribe()
+}
 
 impl Node {
     /// The iothread object the node is pinned to; `None` for the shared I/O threads.
@@ -101,8 +112,13 @@ pub fn set_home(
             }
         }
     }
+    let mut moved = false;
     for n in &nodes {
+        moved |= !n.is_home(home);
         *n.home.lock().unwrap() = home.cloned();
+    }
+    if moved {
+        MOVES.send_modify(|count| *count = count.wrapping_add(1));
     }
     Ok(())
 }

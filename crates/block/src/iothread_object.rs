@@ -19,7 +19,7 @@
 use crate::iothread::{serve, Work};
 use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::Instant;
@@ -110,6 +110,17 @@ pub struct IoThreadObject {
     thread: ThreadId,
     knobs: Arc<Knobs>,
     thread_pool_max: u64,
+    /// Work spawned here that has not ended yet (connections, device queues, jobs).
+    live: Arc<AtomicUsize>,
+}
+
+/// Counts one piece of work as live until it ends (or is dropped unrun).
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The first spin of a thread that has not been spinning, in ns.
@@ -211,6 +222,7 @@ impl IoThreadObject {
             handle: Mutex::new(Some(handle)),
             knobs,
             thread_pool_max: options.thread_pool_max,
+            live: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -255,9 +267,30 @@ impl IoThreadObject {
     /// Runs `work` on this thread, fire and forget; dropped once the object is stopped.
     pub fn spawn(&self, work: Work) {
         if let Some(tx) = self.inbox.read().unwrap().as_ref() {
+            self.live.fetch_add(1, Ordering::AcqRel);
+            let live = Live(self.live.clone());
             self.knobs.sent.fetch_add(1, Ordering::Release);
-            let _ = tx.send(work);
+            let _ = tx.send(Box::new(move || {
+                let work = work();
+                Box::pin(async move {
+                    let _live = live;
+                    work.await
+                })
+            }));
         }
+    }
+
+    /// Whether work spawned here still runs, waiting up to `grace` for it to end: what
+    /// follows its node elsewhere (an NBD connection) leaves within moments of a move.
+    pub async fn busy_after(&self, grace: std::time::Duration) -> bool {
+        let until = tokio::time::Instant::now() + grace;
+        while self.live.load(Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() >= until {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        false
     }
 
     /// Runs `make()`'s future on this thread and awaits its output.

@@ -60,7 +60,7 @@ pub use drivers::vmdk::{CreateTarget as VmdkTarget, VmdkCreate};
 pub use drivers::vpc::{footer_size as vpc_footer_size, DynamicHeader as VpcDynamicHeader};
 pub use foreground::Foreground;
 pub use graph::{EventHook, Graph, OptionSyntax, QEMU_DRIVERS};
-pub use home::{is_home_of_any, join_children, set_home};
+pub use home::{is_home_of_any, join_children, set_home, watch_moves};
 pub use info::{block_graph, named_block_nodes};
 pub use iothread::{set_trim_hook, trim_when_idle, IoThreads, Panicked, Work};
 pub use iothread_object::{IoThreadObject, IoThreadOptions};

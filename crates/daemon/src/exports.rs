@@ -67,6 +67,10 @@ impl Backend for NodeBackend {
         Some(home)
     }
 
+    fn watch_home(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(block::watch_moves())
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             read_only: !self.writable,

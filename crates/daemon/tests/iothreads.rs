@@ -125,6 +125,65 @@ async fn iothread_sessions_match_qsd() {
     );
 }
 
+/// A job's target joins its source's thread, as in QEMU: refused when an export pins the
+/// target elsewhere, and once moved, the target is where a move to the source's iothread
+/// finds it (with the job running, a move is refused; an equal one changes nothing).
+#[tokio::test]
+async fn a_jobs_target_joins_its_sources_iothread_as_in_qsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = two_images(dir.path());
+    args.extend(nbd_server_args(&dir.path().join("nbd.sock")));
+    let pinned = |id: &str, node: &str| {
+        json!({"type": "nbd", "id": id, "name": id, "node-name": node,
+               "iothread": "io0", "fixed-iothread": true})
+    };
+    let job = |id: &str| json!({"job-id": id, "device": "q", "target": "q2", "sync": "full"});
+    let requests = vec![
+        ("block-export-add", pinned("t", "q2")),
+        ("blockdev-backup", job("b")),
+        ("blockdev-mirror", job("m")),
+        ("block-export-del", json!({"id": "t"})),
+        ("block-export-add", pinned("s", "q")),
+        ("blockdev-mirror", job("m")),
+        (
+            "x-blockdev-set-iothread",
+            json!({"node-name": "q2", "iothread": "io0", "force": true}),
+        ),
+    ];
+    let mut answers = Vec::new();
+    for which in Impl::all() {
+        let wd = dir.path().join(format!("{which:?}"));
+        std::fs::create_dir_all(&wd).unwrap();
+        let daemon = Daemon::start(which, &wd, &args);
+        let mut c = daemon.qmp().await;
+        let mut seen = Vec::new();
+        for (command, arguments) in &requests {
+            seen.push(reply(&mut c, command, arguments.clone()).await);
+        }
+        // qsd 10 fails an assertion when it quits while a job in an iothread ends.
+        c.execute("block-job-cancel", json!({"device": "m", "force": true}))
+            .await
+            .unwrap();
+        let ended = c
+            .wait_event("BLOCK_JOB_CANCELLED", std::time::Duration::from_secs(10))
+            .await;
+        assert!(ended.is_some(), "{which:?}: the mirror did not end");
+        daemon.quit(&mut c).await;
+        answers.push(Value::from(seen));
+    }
+    let (ours, theirs) = (&answers[0], &answers[1]);
+    assert_eq!(
+        ours,
+        theirs,
+        "{}",
+        first_difference(ours, theirs).unwrap_or_default()
+    );
+    assert_eq!(
+        ours[1]["error"]["desc"],
+        "Cannot change iothread of active block backend"
+    );
+}
+
 /// CPU ticks (user + system) per thread name of process `pid`.
 fn cpu_by_thread(pid: u32) -> HashMap<String, u64> {
     let mut out = HashMap::new();
@@ -265,6 +324,19 @@ async fn clients_and_jobs_run_on_the_iothread_their_node_is_pinned_to() {
         shared >= 5 && shared > 4 * pinned,
         "unpinned export: {pinned} ticks on IO io0, {shared} on the shared threads"
     );
+    // The backup's target joined its source's iothread, and stays there after the job,
+    // as in QEMU.
+    assert_eq!(
+        reply(&mut c, "object-del", json!({"id": "io0"})).await["error"]["desc"],
+        "object 'io0' is in use, can not be deleted"
+    );
+    let target_back = reply(
+        &mut c,
+        "x-blockdev-set-iothread",
+        json!({"node-name": "t", "iothread": null}),
+    )
+    .await;
+    assert_eq!(target_back, json!({"return": {}}));
     assert_eq!(
         reply(&mut c, "object-del", json!({"id": "io0"})).await,
         json!({"return": {}})
@@ -370,5 +442,101 @@ async fn a_snapshot_overlay_joins_its_disks_iothread() {
     // The overlay holds the writes, the disk below does not.
     let map = qemu_img(&["map", "-U", "--output=json", "-f", "qcow2", &overlay]);
     assert!(map.contains("\"data\": true"), "{map}");
+    daemon.quit(&mut c).await;
+}
+
+/// One qemu-io process kept open on an NBD export: commands go in on its stdin, and each
+/// one's outcome line comes back, over the same connection.
+struct Session {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Session {
+    fn open(uri: &str) -> Session {
+        let mut child = std::process::Command::new("qemu-io")
+            .args(["-f", "raw", uri])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        Session { child, lines }
+    }
+
+    /// Runs `command` ("write ..." or "read ...") and returns the line saying how it went
+    /// ("wrote ...", "read ...", or the failure).
+    fn run(&mut self, command: &str) -> String {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+        for line in self.lines.by_ref() {
+            let line = line.unwrap();
+            // Each line may follow the prompts of the commands before it.
+            let line = line.trim_start_matches("qemu-io> ");
+            if line.contains("failed") || line.starts_with("wrote") || line.starts_with("read") {
+                return line.to_string();
+            }
+        }
+        "qemu-io ended".to_string()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client connected while its node is pinned follows the node when it moves back to the
+/// shared threads: its requests spend their CPU time there, and deleting the iothread
+/// leaves it connected (QEMU moves its connections along too).
+#[tokio::test]
+async fn a_connected_client_follows_its_node_to_another_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, sock, _image) = daemon_with_iothread(dir.path(), &[]);
+    let mut c = daemon.qmp().await;
+    let added = reply(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "d", "writable": true,
+               "iothread": "io0"}),
+    )
+    .await;
+    assert_eq!(added, json!({"return": {}}));
+    let uri = format!("nbd+unix:///d?socket={}", sock.display());
+    let mut client = Session::open(&uri);
+    let before = cpu_by_thread(daemon.pid());
+    assert!(client.run("write -P 7 0 48M").starts_with("wrote"));
+    let (pinned, shared) = ticks_between(&before, &cpu_by_thread(daemon.pid()));
+    assert!(
+        pinned >= 5 && pinned > 4 * shared,
+        "pinned: {pinned} ticks on IO io0, {shared} on the shared threads"
+    );
+    let back = reply(
+        &mut c,
+        "x-blockdev-set-iothread",
+        json!({"node-name": "d", "iothread": null, "force": true}),
+    )
+    .await;
+    assert_eq!(back, json!({"return": {}}));
+    let before = cpu_by_thread(daemon.pid());
+    assert!(client.run("write -P 8 0 48M").starts_with("wrote"));
+    let (pinned, shared) = ticks_between(&before, &cpu_by_thread(daemon.pid()));
+    assert!(
+        shared >= 5 && shared > 4 * pinned,
+        "moved back: {pinned} ticks on IO io0, {shared} on the shared threads"
+    );
+    assert_eq!(
+        reply(&mut c, "object-del", json!({"id": "io0"})).await,
+        json!({"return": {}})
+    );
+    let read = client.run("read -P 8 0 48M");
+    assert!(read.starts_with("read"), "{read}");
+    drop(client);
+    delete_export_when_unused(&mut c, "e").await;
     daemon.quit(&mut c).await;
 }

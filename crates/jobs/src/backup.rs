@@ -487,6 +487,8 @@ async fn insert_cbw(
     job_id: &str,
     drained: &DrainedSection,
 ) -> Result<(Arc<Node>, Arc<BlockCopy>, Vec<Arc<block::Child>>), String> {
+    // The filter writes the target from the source's thread.
+    change.share_thread(target, source)?;
     let job_parent = || Parent::Job {
         id: job_id.to_string(),
         job_type: "backup",

@@ -179,6 +179,8 @@ pub async fn create_mirror(
         manager,
         options,
         async |change: &mut GraphChange| {
+            // The job and the filter write the target from the source's thread.
+            change.share_thread(&target, &source)?;
             if reopen_target {
                 config.target_reopened = target.read_only();
                 change.set_writable(&target, true).await?;

@@ -131,9 +131,15 @@ pub trait Backend: Send + Sync + 'static {
     fn size(&self) -> u64;
 
     /// The thread the export wants its connections served on, if it has one: after
-    /// negotiation a connection moves there (see `server/relocate.rs`). Asked once per
-    /// connection, so an export may change its answer.
+    /// negotiation a connection moves there (see `server/relocate.rs`), and again when
+    /// [`watch_home`](Self::watch_home) says the answer changed.
     fn home(&self) -> Option<std::sync::Arc<dyn crate::spawn::Spawner>> {
+        None
+    }
+
+    /// A receiver that sees a change whenever [`home`](Self::home) may answer differently:
+    /// connections then ask again, and move between requests. None: the answer is fixed.
+    fn watch_home(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
 

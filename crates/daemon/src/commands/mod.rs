@@ -189,7 +189,7 @@ impl qmp::Dispatcher for Commands {
                 "block-set-write-threshold" => stats::block_set_write_threshold(daemon, args),
                 "query-blockstats" => stats::query_blockstats(daemon, args),
                 "object-add" => objects::object_add(daemon, args),
-                "object-del" => objects::object_del(daemon, args),
+                "object-del" => objects::object_del(daemon, args).await,
                 "qom-get" => objects::qom_get(daemon, args),
                 "qom-list" => qom::qom_list(daemon, args),
                 "qom-list-types" => qom::qom_list_types(args),

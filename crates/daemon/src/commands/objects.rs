@@ -360,7 +360,10 @@ struct ObjectDelArgs {
     id: String,
 }
 
-pub fn object_del(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
+/// How long object-del of an iothread waits for the work still running there to leave.
+const IOTHREAD_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+pub async fn object_del(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
     let args: ObjectDelArgs = qapi::de::from_value(Value::Object(args))?;
     // Nothing holds on to a secret: an open image keeps its own key. Servers and nodes
     // that use TLS credentials keep their own reference, as in QEMU, and authz objects are
@@ -372,8 +375,12 @@ pub fn object_del(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, Qm
         return Ok(json!({}));
     }
     if let Some(iothread) = daemon.iothreads.get(&args.id) {
-        // qsd 10 crashes deleting an iothread that still serves nodes; refuse instead.
-        if block::is_home_of_any(&daemon.graph, &iothread) {
+        // qsd 10 crashes deleting an iothread that still serves nodes; refuse instead, and
+        // while work started there still runs (a device's queues stay where they started;
+        // NBD connections follow their node away within moments).
+        let in_use = block::is_home_of_any(&daemon.graph, &iothread)
+            || iothread.busy_after(IOTHREAD_GRACE).await;
+        if in_use {
             return Err(QmpError::generic(format!(
                 "object '{}' is in use, can not be deleted",
                 args.id

@@ -6,7 +6,9 @@
 //! negotiation and transmission, when nothing is in flight. A tokio socket belongs to the
 //! reactor of the thread that registered it, so it leaves as a std socket and is
 //! registered again on arrival. Inside TLS the socket sits in a [`Slot`] that can be
-//! emptied while rustls keeps the session: the session moves as it is.
+//! emptied while rustls keeps the session: the session moves as it is. A connection moves
+//! again whenever its export's node moves to another thread, once its requests in flight
+//! are answered.
 
 use std::io;
 use std::pin::Pin;
@@ -105,6 +107,57 @@ where
     fn attach((mut tls, socket): Self::Detached) -> io::Result<(Self::Read, Self::Write)> {
         tls.get_mut().0 .0 = Some(S::from_std(socket)?);
         Ok(tokio::io::split(tls))
+    }
+}
+
+/// A read half with the bytes the client sent before its connection moved in front of it
+/// (what the thread it left had read ahead). One type however often the connection moves.
+pub(super) struct Prefixed<R> {
+    early: Vec<u8>,
+    at: usize,
+    inner: R,
+}
+
+impl<R> Prefixed<R> {
+    pub(super) fn new(inner: R) -> Prefixed<R> {
+        Prefixed::with_early(Vec::new(), inner)
+    }
+
+    pub(super) fn with_early(early: Vec<u8>, inner: R) -> Prefixed<R> {
+        Prefixed {
+            early,
+            at: 0,
+            inner,
+        }
+    }
+
+    /// The read half and every byte read from it but not consumed: `buffered` (taken
+    /// from this stream by a reader above it) first, then what this one still holds.
+    pub(super) fn into_parts(self, buffered: &[u8]) -> (Vec<u8>, R) {
+        let mut early = buffered.to_vec();
+        early.extend_from_slice(&self.early[self.at..]);
+        (early, self.inner)
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.early.len() {
+            let n = (this.early.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.early[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.early.len() {
+                this.early = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 

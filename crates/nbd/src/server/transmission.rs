@@ -12,15 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::handshake::{self, Negotiated};
-use super::relocate::{RawSocket, Slot, Tls, Transport};
+use super::relocate::{Prefixed, RawSocket, Slot, Tls, Transport};
 use super::{ConnectionGuard, ServerTls};
 use crate::backend::{Backend, Capabilities, MetaContext, StatusExtent, ZeroFlags};
 use crate::proto::*;
+use crate::spawn::Spawner;
 use tokio_rustls::server::TlsStream;
 
 /// Payload bytes a connection may hold in flight, in units of [`BUDGET_UNIT`] bytes; it
@@ -51,10 +52,11 @@ pub(super) async fn serve<T: Transport>(
 ) where
     T::Detached: Send,
 {
+    let reader = Prefixed::new(reader);
     let handshake = negotiate_on(&guard, reader, writer, handshake::Start::Greet);
     let negotiated = bounded_handshake(&guard, handshake, &on_kill).await;
     if let Some((n, reader, writer)) = negotiated {
-        transmit_at_home::<T>(guard, n, reader, writer, on_kill).await;
+        transmit_at_home::<T, _>(guard, n, reader, writer, on_kill, None).await;
     }
 }
 
@@ -67,7 +69,7 @@ where
     let handshake = negotiate_on(&guard, reader, writer, handshake::Start::Greet);
     if let Some((n, reader, writer)) = bounded_handshake(&guard, handshake, &|| {}).await {
         let kill = guard.kill_rx.clone();
-        transmit(n, reader, writer, kill, || {}).await;
+        transmit(n, reader, writer, kill, &|| {}, None).await;
     }
 }
 
@@ -104,6 +106,7 @@ pub(super) async fn serve_tls<S: RawSocket>(
             }
         }
         let (reader, writer) = tokio::io::split(tls_stream);
+        let reader = Prefixed::new(reader);
         negotiate_on(
             &guard,
             reader,
@@ -114,7 +117,7 @@ pub(super) async fn serve_tls<S: RawSocket>(
     };
     let negotiated = bounded_handshake(&guard, handshake, &on_kill).await;
     if let Some((n, reader, writer)) = negotiated {
-        transmit_at_home::<Tls<S>>(guard, n, reader, writer, on_kill).await;
+        transmit_at_home::<Tls<S>, _>(guard, n, reader, writer, on_kill, None).await;
     }
 }
 
@@ -138,46 +141,111 @@ where
     Ok(negotiated.map(|n| (n, reader, writer)))
 }
 
-/// Runs transmission on the thread the export is served from: here when it has none or
-/// this is it, else the connection moves there first (`relocate.rs`), with the bytes the
-/// client already sent past negotiation.
-async fn transmit_at_home<T: Transport>(
+/// Runs transmission on the thread the export is served from, moving the connection there
+/// first when it runs elsewhere (`relocate.rs`), and again whenever the export's node
+/// moves. `here` is the iothread the connection runs on, `None` for the server's threads.
+async fn transmit_at_home<T, K>(
     guard: ConnectionGuard,
     n: Negotiated,
-    reader: BufReader<T::Read>,
+    reader: BufReader<Prefixed<T::Read>>,
     writer: T::Write,
-    on_kill: impl Fn() + Send + 'static,
+    on_kill: K,
+    here: Option<Arc<dyn Spawner>>,
 ) where
+    T: Transport,
     T::Detached: Send,
+    K: Fn() + Send + 'static,
 {
-    let home = n.export.export.backend.home().filter(|h| !h.is_current());
-    let Some(home) = home else {
-        let kill = guard.kill_rx.clone();
-        transmit(n, reader, writer, kill, on_kill).await;
+    let backend = n.export.export.backend.clone();
+    let home = backend.home();
+    if !runs_at(&home, &here) {
+        move_to::<T, K>(guard, n, reader, writer, on_kill, home);
         return;
-    };
-    let early = reader.buffer().to_vec();
-    let detached = match T::detach(reader.into_inner(), writer) {
+    }
+    let follow = backend.watch_home().map(|moves| Follow {
+        moves,
+        backend,
+        here,
+    });
+    let kill = guard.kill_rx.clone();
+    if let Some((n, reader, writer)) = transmit(n, reader, writer, kill, &on_kill, follow).await {
+        let home = n.export.export.backend.home();
+        move_to::<T, K>(guard, n, reader, writer, on_kill, home);
+    }
+}
+
+/// Whether a connection that runs at `here` (`None`: the server's threads) is where an
+/// export whose home is `home` wants it.
+fn runs_at(home: &Option<Arc<dyn Spawner>>, here: &Option<Arc<dyn Spawner>>) -> bool {
+    match (home, here) {
+        (Some(home), _) => home.is_current(),
+        (None, here) => here.is_none(),
+    }
+}
+
+/// Takes the connection off this thread and runs its transmission at `home` (`None`: the
+/// server's threads), with the bytes the client already sent.
+fn move_to<T, K>(
+    guard: ConnectionGuard,
+    n: Negotiated,
+    reader: BufReader<Prefixed<T::Read>>,
+    writer: T::Write,
+    on_kill: K,
+    home: Option<Arc<dyn Spawner>>,
+) where
+    T: Transport,
+    T::Detached: Send,
+    K: Fn() + Send + 'static,
+{
+    let buffered = reader.buffer().to_vec();
+    let (early, read) = reader.into_inner().into_parts(&buffered);
+    let detached = match T::detach(read, writer) {
         Ok(detached) => detached,
         Err(e) => {
             tracing::warn!("NBD connection cannot leave its thread: {e}");
             return;
         }
     };
-    home.spawn(Box::new(move || {
+    let spawner = home
+        .clone()
+        .unwrap_or_else(|| guard.shared().spawner.clone());
+    spawner.spawn(Box::new(move || {
         Box::pin(async move {
             match T::attach(detached) {
                 Ok((read, write)) => {
-                    let read = std::io::Cursor::new(early).chain(read);
+                    let read = Prefixed::with_early(early, read);
                     let reader = BufReader::with_capacity(READ_BUFFER, read);
-                    let kill = guard.kill_rx.clone();
-                    transmit(n, reader, write, kill, on_kill).await;
-                    drop(guard);
+                    Box::pin(transmit_at_home::<T, K>(
+                        guard, n, reader, write, on_kill, home,
+                    ))
+                    .await;
                 }
                 Err(e) => tracing::warn!("NBD connection cannot move to its export's thread: {e}"),
             }
         })
     }));
+}
+
+/// What a connection that can move watches: `moves` changes when nodes move, and then
+/// `backend` says where it wants its connections; `here` is where this one runs.
+struct Follow {
+    moves: tokio::sync::watch::Receiver<u64>,
+    backend: Arc<dyn Backend>,
+    here: Option<Arc<dyn Spawner>>,
+}
+
+impl Follow {
+    /// Waits until the export wants its connections elsewhere.
+    async fn moved_away(&mut self) {
+        loop {
+            if self.moves.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if !runs_at(&self.backend.home(), &self.here) {
+                return;
+            }
+        }
+    }
 }
 
 /// Runs a connection's negotiation within the server's time limit, ending it early when
@@ -226,13 +294,18 @@ struct Conn {
     contexts: Vec<(u32, MetaContext)>,
 }
 
+/// Serves requests until the client leaves or the connection is killed; or, with
+/// `follow`, until the export wants its connections on another thread: then, once every
+/// request read is answered, the connection comes back to be moved there.
 async fn transmit<R, W>(
     n: Negotiated,
     mut reader: BufReader<R>,
     writer: W,
     mut kill: tokio::sync::watch::Receiver<bool>,
-    on_kill: impl Fn(),
-) where
+    on_kill: &impl Fn(),
+    mut follow: Option<Follow>,
+) -> Option<(Negotiated, BufReader<R>, W)>
+where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
@@ -244,22 +317,47 @@ async fn transmit<R, W>(
         replies: ReplyQueue::default(),
         pool: BufPool::default(),
         structured: n.structured,
-        contexts: n.contexts,
+        contexts: n.contexts.clone(),
     });
     let writer = tokio::task::spawn_local(write_replies(conn.clone(), writer));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS));
     let mut tasks = JoinSet::new();
     let mut hdr = [0u8; REQUEST_HEADER_LEN];
+    let mut moving = false;
     loop {
         while tasks.try_join_next().is_some() {}
-        let read = tokio::select! {
+        let moved_away = async {
+            match follow.as_mut() {
+                Some(follow) => follow.moved_away().await,
+                None => std::future::pending().await,
+            }
+        };
+        // Waiting for the first byte of a request, not the whole header, keeps a move
+        // from cutting one in half: only `fill_buf` may be cancelled without losing bytes.
+        let arrived = tokio::select! {
             biased;
             _ = kill.wait_for(|k| *k) => {
                 tracing::debug!(export = %export.name, "NBD connection closed by the server");
                 on_kill();
                 break;
             }
-            r = reader.read_exact(&mut hdr) => r,
+            _ = moved_away => {
+                moving = true;
+                break;
+            }
+            r = reader.fill_buf() => r.map(|_| ()),
+        };
+        let read = match arrived {
+            Ok(()) => tokio::select! {
+                biased;
+                _ = kill.wait_for(|k| *k) => {
+                    tracing::debug!(export = %export.name, "NBD connection closed by the server");
+                    on_kill();
+                    break;
+                }
+                r = reader.read_exact(&mut hdr) => r,
+            },
+            Err(e) => Err(e),
         };
         if let Err(e) = read {
             if e.kind() != io::ErrorKind::UnexpectedEof {
@@ -335,10 +433,16 @@ async fn transmit<R, W>(
         }
     }
     // The spec asks in-flight requests to be answered before closing; after a kill the
-    // socket is already shut down, so their replies fail fast.
+    // socket is already shut down, so their replies fail fast. A connection that moves
+    // sends every reply here first, and keeps its socket open.
     while tasks.join_next().await.is_some() {}
+    conn.replies.handing_over.set(moving);
     conn.replies.close();
-    let _ = writer.await;
+    let writer = writer.await.ok().flatten()?;
+    if conn.replies.broken.get() {
+        return None;
+    }
+    Some((n, reader, writer))
 }
 
 /// Replies waiting for the connection's writer task. The writer sends everything queued
@@ -351,6 +455,9 @@ struct ReplyQueue {
     closed: Cell<bool>,
     /// The socket failed: the client is gone, and replies are dropped unsent.
     broken: Cell<bool>,
+    /// Once closed and empty, the writer hands the socket back instead of shutting it
+    /// down: the connection moves to another thread.
+    handing_over: Cell<bool>,
 }
 
 enum Queued {
@@ -374,8 +481,8 @@ impl ReplyQueue {
 }
 
 /// The connection's writer: sends queued replies in batches until the queue is closed and
-/// empty, then shuts the socket down.
-async fn write_replies<W: AsyncWrite + Unpin>(conn: Rc<Conn>, mut writer: W) {
+/// empty, then shuts the socket down, or hands it back for a move.
+async fn write_replies<W: AsyncWrite + Unpin>(conn: Rc<Conn>, mut writer: W) -> Option<W> {
     let queue = &conn.replies;
     let mut batch = Vec::with_capacity(REPLIES_PER_WRITE);
     loop {
@@ -402,7 +509,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(conn: Rc<Conn>, mut writer: W) {
             }
         }
     }
+    if queue.handing_over.get() {
+        return Some(writer);
+    }
     let _ = writer.shutdown().await;
+    None
 }
 
 async fn send_batch<W: AsyncWrite + Unpin>(writer: &mut W, batch: &[Queued]) -> io::Result<()> {
