@@ -1,6 +1,7 @@
 //! Block drivers: each file does one format or protocol's own work and nothing else.
 
 pub mod blkdebug;
+pub mod blklogwrites;
 pub(crate) mod block_map;
 pub mod bochs;
 pub mod cbw;

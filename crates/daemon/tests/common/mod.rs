@@ -6,6 +6,7 @@
 pub mod ceph;
 pub mod formats;
 pub mod jobs;
+pub mod log_writes;
 pub mod raw_nbd;
 
 use serde_json::Value;
