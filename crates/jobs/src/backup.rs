@@ -302,9 +302,11 @@ impl BackupJob {
                 let offset = next * cluster;
                 cursor = (offset + chunk) / cluster;
                 let copy = self.copy();
-                in_flight.push(async move { (offset, copy.copy_range(offset, chunk).await) });
+                let started = ctx.error_stops();
+                in_flight
+                    .push(async move { (offset, started, copy.copy_range(offset, chunk).await) });
             }
-            let Some((offset, result)) = in_flight.next().await else {
+            let Some((offset, started, result)) = in_flight.next().await else {
                 if self.copy().remaining_bytes() == 0 {
                     break;
                 }
@@ -319,7 +321,8 @@ impl BackupJob {
                 let is_read = matches!(e, CopyError::Read(_));
                 // The other requests go on meanwhile, also while the policy pauses the job:
                 // a client write may wait for a cluster one of them copies.
-                match in_flight.alongside(ctx.handle_error(e.io(), is_read)).await {
+                let handled = ctx.handle_error_since(e.io(), is_read, started);
+                match in_flight.alongside(handled).await {
                     ErrorAction::Report => {
                         // What the other workers still copy counts as done: len - offset
                         // is what the job left undone.

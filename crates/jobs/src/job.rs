@@ -72,6 +72,8 @@ pub(crate) struct State {
     /// takes it away.
     pause_count: u32,
     user_paused: bool,
+    /// Times the error policy stopped the job (see `JobContext::handle_error_since`).
+    error_stops: u64,
     busy: bool,
     offset: u64,
     len: u64,
@@ -147,6 +149,7 @@ impl Job {
                 complete_requested: false,
                 pause_count: 1,
                 user_paused: false,
+                error_stops: 0,
                 busy: false,
                 offset: 0,
                 len: 0,
@@ -775,6 +778,29 @@ impl JobContext {
         self.pause_point().await;
     }
 
+    /// How many times the error policy stopped the job so far: a driver notes it when a
+    /// request starts and hands it to [`handle_error_since`](Self::handle_error_since).
+    pub fn error_stops(&self) -> u64 {
+        self.job.lock().error_stops
+    }
+
+    /// [`handle_error`](Self::handle_error) for a request started when
+    /// [`error_stops`](Self::error_stops) said `started`. A request that failed before the
+    /// policy's last stop (many fail together when the target's file system fills up) is
+    /// retried without asking the policy again: the user resumed the job after the cause
+    /// was dealt with, and stopping again for the same cause would never let it go on.
+    pub async fn handle_error_since(
+        &self,
+        err: &io::Error,
+        is_read: bool,
+        started: u64,
+    ) -> ErrorAction {
+        if started < self.error_stops() {
+            return ErrorAction::Retry;
+        }
+        self.handle_error(err, is_read).await
+    }
+
     /// Apply the job's error policy (`on-source-error` for reads, `on-target-error` for
     /// writes) to a failed I/O: emit BLOCK_JOB_ERROR and report, stop (pause until the
     /// user resumes, io-status failed or nospace) or ignore (with back-off).
@@ -805,6 +831,7 @@ impl JobContext {
                     if st.io_status == IoStatus::Ok {
                         st.io_status = policy::io_status_for(err);
                     }
+                    st.error_stops += 1;
                     job.emit("BLOCK_JOB_ERROR", event);
                 }
                 self.pause_point().await;

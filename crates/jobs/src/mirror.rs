@@ -473,10 +473,11 @@ impl MirrorJob {
                 self.state.bitmap().reset(offset, len);
                 cursor = offset + len;
                 bytes_in_flight += len;
-                in_flight.push(async move { (offset, len, self.copy_range(offset, len).await) });
+                let started = ctx.error_stops();
+                in_flight.push(async move { (started, len, self.copy_range(offset, len).await) });
             }
             self.update_len(ctx, bytes_in_flight);
-            let Some((_, len, result)) = in_flight.next().await else {
+            let Some((started, len, result)) = in_flight.next().await else {
                 if self.dirty_bytes() > 0 {
                     continue;
                 }
@@ -495,8 +496,8 @@ impl MirrorJob {
                     };
                     // The other copies go on meanwhile, also while the policy pauses the
                     // job: a client write may wait for a range one of them holds.
-                    let action = in_flight.alongside(ctx.handle_error(err, is_read)).await;
-                    if let ErrorAction::Report = action {
+                    let handled = ctx.handle_error_since(err, is_read, started);
+                    if let ErrorAction::Report = in_flight.alongside(handled).await {
                         finish_in_flight(ctx, &mut in_flight).await;
                         return Err(err.into());
                     }

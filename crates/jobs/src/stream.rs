@@ -247,16 +247,20 @@ where
             });
             in_flight.alongside(ctx.rate_limit(n)).await;
             let copy = step(offset, n);
-            in_flight.push(async move { (offset, n, copy.await) });
+            let started = ctx.error_stops();
+            in_flight.push(async move { (offset, n, started, copy.await) });
         }
-        let Some((offset, n, result)) = in_flight.next().await else {
+        let Some((offset, n, started, result)) = in_flight.next().await else {
             break;
         };
         match result {
             Ok(()) => ctx.add_offset(n),
             // The job ends anyway: a later step's error changes nothing.
             Err(_) if failure.is_some() => {}
-            Err((e, is_read)) => match in_flight.alongside(ctx.handle_error(&e, is_read)).await {
+            Err((e, is_read)) => match in_flight
+                .alongside(ctx.handle_error_since(&e, is_read, started))
+                .await
+            {
                 ErrorAction::Report => failure = Some(e.into()),
                 ErrorAction::Retry => retries.push_back((offset, n)),
                 ErrorAction::Ignore => {

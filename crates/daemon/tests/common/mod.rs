@@ -52,6 +52,12 @@ pub const WAIT: Duration = Duration::from_secs(20);
 impl Daemon {
     /// Start with a QMP monitor on `dir/<name>.qmp` plus `extra` options.
     pub fn start(which: Impl, dir: &Path, extra: &[String]) -> Daemon {
+        Daemon::start_wrapped(which, dir, extra, &[])
+    }
+
+    /// [`start`](Self::start) through `wrapper`, a command that ends by running the daemon
+    /// with its arguments (which follow the wrapper's own), as `unshare ... sh -c` does.
+    pub fn start_wrapped(which: Impl, dir: &Path, extra: &[String], wrapper: &[String]) -> Daemon {
         let tag = match which {
             Impl::Blockd => "blockd",
             Impl::Qsd => "qsd",
@@ -70,7 +76,15 @@ impl Daemon {
         args.extend(extra.iter().cloned());
         // A daemon started before in the same directory left its socket behind.
         let _ = std::fs::remove_file(&qmp_path);
-        let child = Command::new(which.binary())
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut c = Command::new(program);
+                c.args(wrapper_args).arg(which.binary());
+                c
+            }
+            None => Command::new(which.binary()),
+        };
+        let child = command
             .args(&args)
             .current_dir(dir)
             .stdin(Stdio::null())
