@@ -1029,6 +1029,16 @@ impl Node {
     /// Drop all child edges (when the node leaves the graph).
     pub fn detach_children(&self) {
         let children = std::mem::take(&mut *self.children.write().unwrap());
+        // The children forget this node at once, not when the last reference to each edge
+        // goes: a request that was still finishing on another thread, or a job's copy
+        // state, may hold one a moment longer, and the node below must not look used
+        // meanwhile (a blockdev-del right after BLOCK_JOB_COMPLETED found a backup's
+        // target "in use").
+        for child in &children {
+            let node = child.node();
+            node.forget_parent(child);
+            let _ = node.refresh_perms();
+        }
         drop(children);
     }
 
