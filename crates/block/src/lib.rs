@@ -32,6 +32,7 @@ pub use create::{
     QedCreate, VdiCreate, VpcCreate,
 };
 pub use drain::DrainedSection;
+pub use drivers::blklogwrites::LogWalk as BlkLogWalk;
 pub use drivers::bochs::Header as BochsHeader;
 pub use drivers::cbw::{check_min_cluster_size, CopyBeforeWrite, OnCbwError};
 pub use drivers::cloop::Header as CloopHeader;

@@ -402,39 +402,82 @@ async fn open(
     }))
 }
 
-/// The sector size and end of the log in `log`, to append to it: the entries its super
-/// block counts, walked one header at a time, must lie in the file.
+/// The sector size and end of the log in `log`, to append to it.
 async fn find_log_end(log: &Child) -> Result<(u64, LogState), QmpError> {
     let mut head = [0u8; 28];
     read_zero_past_end(log, 0, &mut head)
         .await
         .map_err(|e| QmpError::generic(format!("Could not read log superblock: {e}")))?;
-    let (entries, sector) = parse_super(&head).map_err(QmpError::generic)?;
-    let sectors = log.node().size() / sector;
-    let corrupt = || QmpError::generic("The log lies past the end of its file");
-    let mut next = 1u64;
-    let mut header = vec![0u8; 32];
-    for _ in 0..entries {
-        if next >= sectors {
-            return Err(corrupt());
-        }
-        log.read(next * sector, &mut header)
+    let mut walk = LogWalk::new(&head, log.node().size()).map_err(QmpError::generic)?;
+    let mut header = [0u8; 32];
+    while let Some(at) = walk.next_header().map_err(QmpError::generic)? {
+        log.read(at, &mut header)
             .await
             .map_err(|e| QmpError::generic(format!("Could not read log entry: {e}")))?;
-        let entry = LogEntry::parse(&header).ok_or_else(corrupt)?;
-        next = next
-            .checked_add(1)
-            .and_then(|n| n.checked_add(entry.data_sectors()))
-            .filter(|&n| n <= sectors)
-            .ok_or_else(corrupt)?;
+        walk.take(&header).map_err(QmpError::generic)?;
     }
     let state = LogState {
-        next,
-        entries,
+        next: walk.next,
+        entries: walk.entries,
         fresh: true,
     };
-    Ok((sector, state))
+    Ok((walk.sector, state))
 }
+
+/// A walk over the entries a log's super block counts, to find where the log ends: the
+/// caller reads each header where [`LogWalk::next_header`] says (public for the fuzz
+/// target). Every entry must lie in the log's file, `file_len` bytes.
+pub struct LogWalk {
+    /// The log's sector size.
+    pub sector: u64,
+    sectors: u64,
+    left: u64,
+    /// The sector after the entries walked so far.
+    pub next: u64,
+    /// The entries the super block counts.
+    pub entries: u64,
+}
+
+impl LogWalk {
+    /// A walk over the log whose super block is `super_block` (QEMU's texts when it is
+    /// none of a known version).
+    pub fn new(super_block: &[u8], file_len: u64) -> Result<LogWalk, String> {
+        let (entries, sector) = parse_super(super_block)?;
+        Ok(LogWalk {
+            sector,
+            sectors: file_len / sector,
+            left: entries,
+            next: 1,
+            entries,
+        })
+    }
+
+    /// The byte offset of the next header to read, or None once every entry is walked.
+    pub fn next_header(&self) -> Result<Option<u64>, String> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        if self.next >= self.sectors {
+            return Err(LOG_PAST_END.into());
+        }
+        Ok(Some(self.next * self.sector))
+    }
+
+    /// Steps over the entry whose header (at least 32 bytes) was read.
+    pub fn take(&mut self, header: &[u8]) -> Result<(), String> {
+        let entry = LogEntry::parse(header).ok_or(LOG_PAST_END)?;
+        self.next = self
+            .next
+            .checked_add(1)
+            .and_then(|n| n.checked_add(entry.data_sectors()))
+            .filter(|&n| n <= self.sectors)
+            .ok_or(LOG_PAST_END)?;
+        self.left -= 1;
+        Ok(())
+    }
+}
+
+const LOG_PAST_END: &str = "The log lies past the end of its file";
 
 #[cfg(test)]
 mod tests {
@@ -467,5 +510,22 @@ mod tests {
         sb[8] = 2;
         assert_eq!(parse_super(&sb), Err("Unsupported log version 2".into()));
         assert!(parse_super(&sb[..10]).is_err());
+    }
+
+    /// The fuzz target's first find: an empty log whose file is shorter than one of its
+    /// sectors ends at sector 1, where the first entry will go.
+    #[test]
+    fn an_empty_log_shorter_than_a_sector_ends_at_sector_one() {
+        let mut log = vec![0u8; 150];
+        log[0..8].copy_from_slice(&LOG_MAGIC.to_le_bytes());
+        log[8..16].copy_from_slice(&1u64.to_le_bytes());
+        log[24..28].copy_from_slice(&(128u32 << 10).to_le_bytes());
+        let walk = LogWalk::new(&log, log.len() as u64).unwrap();
+        assert_eq!(walk.next_header(), Ok(None));
+        assert_eq!((walk.next, walk.entries, walk.sector), (1, 0, 128 << 10));
+        // One entry counted, but no room for its header: refused, not walked past the end.
+        log[16..24].copy_from_slice(&1u64.to_le_bytes());
+        let walk = LogWalk::new(&log, log.len() as u64).unwrap();
+        assert_eq!(walk.next_header(), Err(LOG_PAST_END.to_string()));
     }
 }
