@@ -1,8 +1,10 @@
-//! Our qcow2 driver against QEMU's, by randomized sequences: the same writes, zero writes
-//! (allocating or unmapping), discards, internal snapshots (taken and deleted) and resizes
-//! go through blockd (over NBD and QMP) onto one copy of an image, and through qemu-io and
-//! qemu-img onto another. Both copies must check clean and read alike, the active layer
-//! and every snapshot, for several cluster sizes, extended L2 and seeds.
+//! Our qcow2 driver against QEMU's, through the daemon: the same random writes, zero writes
+//! (allocating or unmapping), discards, internal snapshots taken and deleted, and resizes
+//! go through blockd (I/O over an NBD export, the rest over QMP) onto one copy of an image,
+//! and through qemu-io and qemu-img onto another. Both copies must check clean and read
+//! alike, the active layer and every snapshot. The driver alone meets its own random
+//! requests in `crates/block/tests/qcow2_differential.rs`; this one adds the daemon's paths
+//! and snapshots deleted among the writes.
 
 mod common;
 
