@@ -60,6 +60,20 @@ async fn a_full_file_system_stops_a_mirror_until_there_is_room() {
     fill_up("blockdev-mirror").await;
 }
 
+/// The same for an active commit into a base on the full file system.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_file_system_stops_a_commit_until_there_is_room() {
+    fill_up("block-commit").await;
+}
+
+/// The same for a stream into an overlay on the full file system.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_file_system_stops_a_stream_until_there_is_room() {
+    fill_up("block-stream").await;
+}
+
+/// `command` writes node `t`, whose image lies on a 12 MiB tmpfs, from node `src`, whose
+/// 32 MiB of data do not fit; `t` must end up with what `src` held.
 async fn fill_up(command: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (source, other) = (p(dir.path(), "source.qcow2"), p(dir.path(), "other.qcow2"));
@@ -69,31 +83,58 @@ async fn fill_up(command: &str) {
         let w = format!("write -P {} {at} 8M", 0x31 + i);
         assert_eq!(qemu_io_outcome(&["-f", "qcow2", "-c", &w, &source]), "ok");
     }
+    let expected = p(dir.path(), "expected.raw");
+    qemu_img(&["convert", "-O", "raw", &source, &expected]);
     let full = p(dir.path(), "full");
     std::fs::create_dir(&full).unwrap();
-    let target = format!("{full}/target.qcow2");
-    let create = format!("qemu-img create -q -f qcow2 {target} 48M");
+    let written = format!("{full}/written.qcow2");
+    let node = |name: &str, file: &str, backing: &str| {
+        vec![
+            s("--blockdev"),
+            format!("driver=qcow2,node-name={name},file.driver=file,file.filename={file}{backing}"),
+        ]
+    };
+    // What the wrapper makes on the tmpfs, the nodes, and the job's arguments.
+    let (create, mut args, job) = match command {
+        "block-commit" => {
+            // The data sit in the active layer over an empty base on the tmpfs.
+            qemu_img(&["rebase", "-u", "-b", &written, "-F", "qcow2", &source]);
+            let mut args = node("t", &written, "");
+            args.extend(node("src", &source, ",backing=t"));
+            let job = json!({"job-id": "j", "device": "src", "on-error": "enospc"});
+            (
+                format!("qemu-img create -q -f qcow2 {written} 48M"),
+                args,
+                job,
+            )
+        }
+        "block-stream" => {
+            let create = format!("qemu-img create -q -f qcow2 -b {source} -F qcow2 {written}");
+            let mut args = node("src", &source, "");
+            args.extend(node("t", &written, ",backing=src"));
+            let job = json!({"job-id": "j", "device": "t", "on-error": "enospc"});
+            (create, args, job)
+        }
+        _ => {
+            let mut args = node("src", &source, "");
+            args.extend(node("t", &written, ""));
+            let job = json!({"job-id": "j", "device": "src", "target": "t", "sync": "full",
+                             "on-target-error": "enospc"});
+            (
+                format!("qemu-img create -q -f qcow2 {written} 48M"),
+                args,
+                job,
+            )
+        }
+    };
+    args.extend(node("o", &other, ""));
     let wrapper = in_small_tmpfs(&full, "12M", &create);
     let sock = dir.path().join("nbd.sock");
-    let mut args = vec![
-        s("--blockdev"),
-        format!("driver=qcow2,node-name=src,file.driver=file,file.filename={source}"),
-        s("--blockdev"),
-        format!("driver=qcow2,node-name=o,file.driver=file,file.filename={other}"),
-        s("--blockdev"),
-        format!("driver=qcow2,node-name=t,file.driver=file,file.filename={target}"),
-    ];
     args.extend(nbd_server_args(&sock));
     args.extend([s("--export"), s("type=nbd,id=o,node-name=o,writable=on")]);
     let daemon = Daemon::start_wrapped(Impl::Blockd, dir.path(), &args, &wrapper);
     let mut c = daemon.qmp().await;
-    c.execute(
-        command,
-        json!({"job-id": "j", "device": "src", "target": "t", "sync": "full",
-               "on-target-error": "enospc"}),
-    )
-    .await
-    .unwrap();
+    c.execute(command, job).await.unwrap();
     let error = c
         .wait_event("BLOCK_JOB_ERROR", WAIT)
         .await
@@ -111,7 +152,7 @@ async fn fill_up(command: &str) {
     c.execute("block-job-resume", json!({"device": "j"}))
         .await
         .unwrap();
-    if command == "blockdev-mirror" {
+    if command == "blockdev-mirror" || command == "block-commit" {
         c.wait_event("BLOCK_JOB_READY", Duration::from_secs(60))
             .await
             .expect("the resumed mirror gets ready");
@@ -126,16 +167,7 @@ async fn fill_up(command: &str) {
     .await
     .unwrap();
     let target_uri = format!("nbd+unix:///t?socket={}", sock.display());
-    let same = qemu_img(&[
-        "compare",
-        "-U",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        &source,
-        &target_uri,
-    ]);
+    let same = qemu_img(&["compare", "-f", "raw", "-F", "raw", &expected, &target_uri]);
     assert!(same.contains("identical"), "{same}");
     delete_export_when_unused(&mut c, "t").await;
     delete_export_when_unused(&mut c, "o").await;
