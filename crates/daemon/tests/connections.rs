@@ -56,7 +56,7 @@ fn a_thousand_clients_at_once() {
 /// read) and closes the connection.
 fn hang_up_mid_request(sock: &std::path::Path, i: u64) {
     let (mut s, _) = connect(sock, "d");
-    let write = i % 2 == 0;
+    let write = i.is_multiple_of(2);
     let mut req = REQUEST_MAGIC.to_be_bytes().to_vec();
     req.extend_from_slice(&0u16.to_be_bytes());
     req.extend_from_slice(&(if write { CMD_WRITE } else { CMD_READ }).to_be_bytes());
