@@ -123,12 +123,7 @@ impl GraphChange {
     /// its source's AioContext; moved back on abort.
     pub fn share_thread(&mut self, node: &Arc<Node>, to: &Arc<Node>) -> Result<(), String> {
         let (old, new) = (node.home(), to.home());
-        let same = match (&old, &new) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
-        if same {
+        if node.is_home(new.as_ref()) {
             return Ok(());
         }
         crate::set_home(&self.graph, node, new.as_ref())?;

@@ -36,7 +36,8 @@ impl Node {
         self.home.lock().unwrap().clone()
     }
 
-    fn is_home(&self, home: Option<&Arc<IoThreadObject>>) -> bool {
+    /// Whether the node lives on `home` (`None`: the shared I/O threads).
+    pub(crate) fn is_home(&self, home: Option<&Arc<IoThreadObject>>) -> bool {
         match (self.home.lock().unwrap().as_ref(), home) {
             (None, None) => true,
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),

@@ -123,7 +123,12 @@ async fn logs_replay_to_the_disk_and_each_daemon_appends_to_the_others() {
             "flush",
         ];
         session(first, dir.path(), false, &one).await;
-        let two = ["write -P 3 60000 10000", "write -z 3000000 700", "flush"];
+        let two = [
+            "write -P 3 60000 10000",
+            "write -z 3000000 700",
+            "write -z 1500 300000",
+            "flush",
+        ];
         session(second, dir.path(), true, &two).await;
         let log = Log::read(&p(dir.path(), "l.raw"));
         assert!(

@@ -233,7 +233,8 @@ impl Driver for BlkLogWrites {
     }
 
     /// Logged as a write of zeroed sectors, as QEMU logs it; the file gets a zero write
-    /// (over the whole sectors only, the partial ones around written with their bytes).
+    /// over the whole sectors, and the partial sectors at either end are written with the
+    /// bytes around them (at most a sector each, whatever the request's length).
     async fn write_zeroes(
         &self,
         _: &Node,
@@ -241,19 +242,38 @@ impl Driver for BlkLogWrites {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        let (start, end) = self.widen(offset, len);
-        if start != offset || end != offset + len {
-            let zeroes = vec![0u8; len as usize];
-            return self.logged_write(offset, &zeroes, flags).await;
+        let end = offset + len;
+        let (inner_start, inner_end) = (
+            offset.next_multiple_of(self.sector),
+            end / self.sector * self.sector,
+        );
+        if inner_start >= inner_end {
+            return self
+                .logged_write(offset, &vec![0u8; len as usize], flags)
+                .await;
         }
-        let mut state = self.state.lock().await;
-        let entry = LogEntry {
-            sector: offset / self.sector,
-            sectors: len / self.sector,
-            flags: if flags.fua { FLAG_FUA } else { 0 },
-        };
-        self.append(&mut state, entry, Data::Zeroes(len)).await?;
-        self.file.write_zeroes(offset, len, flags).await
+        if offset < inner_start {
+            let head = vec![0u8; (inner_start - offset) as usize];
+            self.logged_write(offset, &head, flags).await?;
+        }
+        {
+            let mut state = self.state.lock().await;
+            let entry = LogEntry {
+                sector: inner_start / self.sector,
+                sectors: (inner_end - inner_start) / self.sector,
+                flags: if flags.fua { FLAG_FUA } else { 0 },
+            };
+            let zeroes = Data::Zeroes(inner_end - inner_start);
+            self.append(&mut state, entry, zeroes).await?;
+            self.file
+                .write_zeroes(inner_start, inner_end - inner_start, flags)
+                .await?;
+        }
+        if inner_end < end {
+            let tail = vec![0u8; (end - inner_end) as usize];
+            self.logged_write(inner_end, &tail, flags).await?;
+        }
+        Ok(())
     }
 
     /// Only whole sectors are discarded and logged: a discard is advisory.
