@@ -290,12 +290,17 @@ impl BackupJob {
                     in_flight
                         .alongside(ctx.rate_limit((end - next) * cluster))
                         .await;
+                    // Skipped clusters count as done, as QEMU's do.
+                    self.report_progress(ctx, &mut reported);
                     cursor = end;
                     continue;
                 }
                 // The speed limit applies when a request starts, so that many requests in
                 // flight cannot run ahead of it.
                 in_flight.alongside(ctx.rate_limit(chunk)).await;
+                // Under a speed limit this loop may run for the whole job while requests
+                // finish alongside: the offset follows them, not the loop's end.
+                self.report_progress(ctx, &mut reported);
                 if ctx.is_cancelled() {
                     break;
                 }
