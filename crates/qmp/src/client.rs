@@ -1,21 +1,71 @@
-//! A QMP client for tests and tools: executes commands one at a time and buffers the
-//! events that arrive meanwhile. `Send`, so it works on any tokio runtime.
+//! A QMP client for tests, tools and other Rust programs: executes commands one at a time
+//! and buffers the events that arrive meanwhile, over a Unix or TCP socket, with typed
+//! commands ([`crate::api`]) and reconnection. `Send`, so it works on any tokio runtime.
 
+use crate::api::{Command, Event};
 use qapi::error::QmpError;
 use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
+use std::fmt;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
+
+/// Where a QMP monitor listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// A Unix socket's path.
+    Unix(PathBuf),
+    /// `host:port`.
+    Tcp(String),
+}
+
+impl FromStr for Address {
+    type Err = io::Error;
+
+    /// `tcp:HOST:PORT` is a TCP address, `unix:PATH` or anything else a socket path.
+    fn from_str(s: &str) -> io::Result<Address> {
+        if let Some(hostport) = s.strip_prefix("tcp:") {
+            if !hostport.contains(':') {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("'{s}' lacks a port: write tcp:HOST:PORT"),
+                ));
+            }
+            return Ok(Address::Tcp(hostport.to_owned()));
+        }
+        let path = s.strip_prefix("unix:").unwrap_or(s);
+        if path.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "empty QMP socket path",
+            ));
+        }
+        Ok(Address::Unix(PathBuf::from(path)))
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Unix(path) => write!(f, "{}", path.display()),
+            Address::Tcp(hostport) => write!(f, "tcp:{hostport}"),
+        }
+    }
+}
+
+type Reader = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// One QMP connection.
 pub struct Client {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    address: Address,
+    reader: Reader,
+    writer: Writer,
     /// Bytes of a line not yet complete (kept across cancelled reads).
     partial: Vec<u8>,
     greeting: Value,
@@ -24,19 +74,68 @@ pub struct Client {
 
 impl Client {
     /// Connects, reads the greeting and negotiates capabilities.
-    pub async fn connect_unix(path: impl AsRef<Path>) -> io::Result<Client> {
-        let mut client = Self::connect_unix_raw(path).await?;
-        client
-            .execute("qmp_capabilities", json!({}))
-            .await
-            .map_err(|e| io::Error::other(format!("qmp_capabilities failed: {e}")))?;
+    pub async fn connect(address: &Address) -> io::Result<Client> {
+        let mut client = Self::connect_raw(address).await?;
+        client.negotiate().await?;
         Ok(client)
     }
 
-    /// Connects and reads the greeting, without negotiating.
+    /// [`connect`](Self::connect) to a Unix socket.
+    pub async fn connect_unix(path: impl AsRef<Path>) -> io::Result<Client> {
+        Self::connect(&Address::Unix(path.as_ref().to_owned())).await
+    }
+
+    /// Connects to a Unix socket and reads the greeting, without negotiating.
     pub async fn connect_unix_raw(path: impl AsRef<Path>) -> io::Result<Client> {
-        let (reader, writer) = UnixStream::connect(path).await?.into_split();
+        Self::connect_raw(&Address::Unix(path.as_ref().to_owned())).await
+    }
+
+    /// Connects anew to the same address, waiting up to `patience` for the monitor to
+    /// come back (a restarting daemon, or qemu-storage-daemon's monitor that serves one
+    /// client at a time). Events buffered from the old connection are kept.
+    pub async fn reconnect(&mut self, patience: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + patience;
+        loop {
+            match Self::connect(&self.address).await {
+                Ok(fresh) => {
+                    self.reader = fresh.reader;
+                    self.writer = fresh.writer;
+                    self.partial.clear();
+                    self.greeting = fresh.greeting;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// The address this client connects to.
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    async fn negotiate(&mut self) -> io::Result<()> {
+        self.execute("qmp_capabilities", json!({}))
+            .await
+            .map(drop)
+            .map_err(|e| io::Error::other(format!("qmp_capabilities failed: {e}")))
+    }
+
+    /// Connects and reads the greeting, without negotiating.
+    pub async fn connect_raw(address: &Address) -> io::Result<Client> {
+        let (reader, writer): (Box<dyn AsyncRead + Send + Unpin>, Writer) = match address {
+            Address::Unix(path) => {
+                let (r, w) = UnixStream::connect(path).await?.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Address::Tcp(hostport) => {
+                let (r, w) = TcpStream::connect(hostport.as_str()).await?.into_split();
+                (Box::new(r), Box::new(w))
+            }
+        };
         let mut client = Client {
+            address: address.clone(),
             reader: BufReader::new(reader),
             writer,
             partial: Vec::new(),
@@ -79,6 +178,34 @@ impl Client {
             Err(_) => Err(QmpError::generic(format!(
                 "QMP connection: bad reply {reply}"
             ))),
+        }
+    }
+
+    /// Runs a typed command and reads its typed reply. A reply that does not have the
+    /// expected shape is a GenericError naming the command.
+    pub async fn call<C: Command>(&mut self, command: &C) -> Result<C::Returns, QmpError> {
+        let args = serde_json::to_value(command)
+            .map_err(|e| QmpError::generic(format!("{}: arguments: {e}", C::NAME)))?;
+        let reply = self.execute(C::NAME, args).await?;
+        serde_json::from_value(reply)
+            .map_err(|e| QmpError::generic(format!("{}: unexpected reply: {e}", C::NAME)))
+    }
+
+    /// The oldest buffered event, else the next one to arrive within `timeout`, typed:
+    /// `Ok(None)` when none arrived in time, an error when the connection is lost.
+    pub async fn next_typed_event(&mut self, timeout: Duration) -> io::Result<Option<Event>> {
+        if let Some(message) = self.events.pop_front() {
+            return Ok(Event::from_message(&message));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Ok(message) = tokio::time::timeout_at(deadline, self.read_message()).await else {
+                return Ok(None);
+            };
+            match Event::from_message(&message?) {
+                Some(event) => return Ok(Some(event)),
+                None => tracing::warn!("QMP reply without a command"),
+            }
         }
     }
 

@@ -5,11 +5,12 @@
 
 #![warn(missing_docs)]
 
+pub mod api;
 mod client;
 mod events;
 mod json;
 mod server;
 
-pub use client::Client;
+pub use client::{Address, Client};
 pub use events::{EventSink, EventStream};
 pub use server::{Dispatcher, Server};
