@@ -25,6 +25,28 @@ pub struct NewImage<'a> {
     pub backing: Option<(String, String)>,
 }
 
+/// Opens `path` for writing, creating it, and empties it once nobody else (another
+/// process, or a node of ours) uses it: truncating an image that is open elsewhere would
+/// destroy it. QEMU takes the same locks first, and refuses with the same text.
+async fn open_emptied(path: &Path) -> Result<aio::ImageFile, String> {
+    let file = aio::OpenOptions::new(path)
+        .create(true)
+        .writable(true)
+        .open()
+        .await
+        .map_err(|e| format!("Could not create '{}': {}", path.display(), os_text(&e)))?;
+    let held = aio::Perms::WRITE.union(aio::Perms::RESIZE);
+    file.set_perms(held, held.complement())
+        .map_err(|e| match aio::LockConflict::from_io(&e) {
+            Some(conflict) => conflict.message().to_string(),
+            None => e.to_string(),
+        })?;
+    file.truncate(0)
+        .await
+        .map_err(|e| format!("Could not resize file: {}", os_text(&e)))?;
+    Ok(file)
+}
+
 /// Create (or overwrite) an image file. Runs on an I/O thread: the file I/O goes through
 /// the aio crate, never blocking the thread. Err is the text for the client.
 pub async fn create_image(path: &Path, image: NewImage<'_>) -> Result<(), String> {
@@ -34,22 +56,11 @@ pub async fn create_image(path: &Path, image: NewImage<'_>) -> Result<(), String
             if image.backing.is_some() {
                 return Err("Backing file not supported for file format 'raw'".into());
             }
-            let file = aio::OpenOptions::new(path)
-                .create(true)
-                .truncate(true)
-                .open()
-                .await
-                .map_err(fail)?;
+            let file = open_emptied(path).await?;
             file.truncate(image.size).await.map_err(fail)
         }
         "qcow2" => {
-            let file = aio::OpenOptions::new(path)
-                .create(true)
-                .truncate(true)
-                .open()
-                .await
-                .map_err(fail)?;
-            drop(file);
+            drop(open_emptied(path).await?);
             let edge = file_edge(path).await?;
             let new = NewQcow2 {
                 size: image.size,
@@ -199,12 +210,7 @@ impl FileCreate {
         let hint = u32::try_from(hint)
             .map_err(|_| "Extent size hint exceeds the maximum of 4294967295 bytes".to_string())?;
         let path = Path::new(&self.filename);
-        let file = aio::OpenOptions::new(path)
-            .create(true)
-            .truncate(true)
-            .open()
-            .await
-            .map_err(|e| format!("Could not create '{}': {}", self.filename, os_text(&e)))?;
+        let file = open_emptied(path).await?;
         // Both only help on some file systems and must be set while the file is empty;
         // like QEMU, a file system that refuses them still gets its image.
         if let Err(e) = set_file_hints(path, self.nocow, hint) {

@@ -404,3 +404,66 @@ async fn qcow2_creation_matches_qsd_for_every_shape() {
         }
     }
 }
+
+/// blockdev-create of a file that is open, by a node of the daemon itself or by another
+/// process, is refused before the file is touched: emptying it first destroyed the image
+/// (found through `blockctl create` naming an image in use).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_over_an_image_in_use_is_refused_and_leaves_it_whole() {
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let disk = p(d, "disk.qcow2");
+        let other = p(d, "other.qcow2");
+        for image in [&disk, &other] {
+            qemu_img(&["create", "-q", "-f", "qcow2", image, "16M"]);
+            qemu_io(&["-c", "write -P 7 0 1M", image]);
+        }
+        let daemon = Daemon::start(
+            which,
+            d,
+            &[
+                s("--blockdev"),
+                format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={disk}"),
+            ],
+        );
+        // Another process holds `other` open for writing meanwhile.
+        let holder_sock = p(d, "holder.sock");
+        let holder = KillOnDrop(
+            std::process::Command::new("qemu-nbd")
+                .args(["-f", "qcow2", "-k", &holder_sock, &other])
+                .spawn()
+                .unwrap_or_else(|e| panic!("qemu-nbd: {e}: {}", missing_peer("qemu-nbd"))),
+        );
+        // It listens once the image is open, and locked.
+        let deadline = std::time::Instant::now() + WAIT;
+        while !Path::new(&holder_sock).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-nbd never listened"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let mut client = daemon.qmp().await;
+        for (image, what) in [(&disk, "a node of the daemon"), (&other, "another process")] {
+            let outcome = create(
+                &mut client,
+                "c",
+                json!({"driver": "file", "filename": image, "size": 0}),
+            )
+            .await;
+            assert_eq!(
+                outcome["jobs"][0]["error"], "Failed to get \"write\" lock",
+                "{which:?}, {what}: {outcome}"
+            );
+            assert!(
+                std::fs::metadata(image).unwrap().len() > 1 << 20,
+                "{which:?}, {what}: emptied"
+            );
+        }
+        daemon.quit(&mut client).await;
+        drop(holder);
+        qemu_img(&["check", "-q", &disk]);
+        qemu_io(&["-c", "read -P 7 0 1M", &disk]);
+    }
+}
