@@ -712,3 +712,65 @@ async fn x_blockdev_change_refuses_as_qsd_does() {
     assert_eq!(answers[0][8], json!({"return": {}}));
     qemu_img(&["check", &image]);
 }
+
+/// Events emitted before a command ended reach the client before the command's reply, as
+/// QEMU's monitor sends them: once query-jobs no longer lists a job, its
+/// BLOCK_JOB_COMPLETED has arrived. (blockd once wrote a quick command's reply ahead of
+/// events already queued, and blockctl took a failed job for one that vanished.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_come_before_the_reply_of_a_later_command() {
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        qemu_img(&["create", "-q", "-f", "qcow2", &p(d, "disk.qcow2"), "4M"]);
+        // Data to copy, so that the mirror writes, and fails.
+        let filled = run(Command::new("qemu-io").args(["-c", "write 0 4M", &p(d, "disk.qcow2")]));
+        assert!(filled.status.success());
+        std::fs::File::create(p(d, "target.raw"))
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        let args = [
+            s("--blockdev"),
+            format!(
+                "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+                p(d, "disk.qcow2")
+            ),
+            s("--blockdev"),
+            format!(
+                "driver=raw,node-name=failing,file.driver=blkdebug,\
+                 file.image.driver=file,file.image.filename={},\
+                 file.inject-error.0.event=write_aio,file.inject-error.0.errno=5",
+                p(d, "target.raw")
+            ),
+        ];
+        let daemon = Daemon::start(which, d, &args);
+        let mut client = daemon.qmp().await;
+        for round in 0..30 {
+            let id = format!("j{round}");
+            client
+                .execute(
+                    "blockdev-mirror",
+                    json!({"job-id": id, "device": "disk0", "target": "failing", "sync": "full"}),
+                )
+                .await
+                .unwrap();
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let jobs = client.execute("query-jobs", json!({})).await.unwrap();
+                if !jobs.as_array().unwrap().iter().any(|j| j["id"] == id) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{which:?}: job {id} never ended");
+            }
+            let events = client.drain_events();
+            assert!(
+                events
+                    .iter()
+                    .any(|e| e["event"] == "BLOCK_JOB_COMPLETED" && e["data"]["device"] == id),
+                "{which:?}, {id}: gone from query-jobs before its end was told: {events:?}"
+            );
+        }
+        daemon.quit(&mut client).await;
+    }
+}

@@ -85,7 +85,11 @@ impl EventStream {
 
     /// The next event if one is queued.
     pub fn try_recv(&mut self) -> Option<Value> {
-        self.rx.try_recv().ok().map(Arc::unwrap_or_clone)
+        self.try_recv_shared().map(Arc::unwrap_or_clone)
+    }
+
+    pub(crate) fn try_recv_shared(&mut self) -> Option<Arc<Value>> {
+        self.rx.try_recv().ok()
     }
 }
 

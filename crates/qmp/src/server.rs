@@ -319,7 +319,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
         loop {
             let event = match &mut self.events {
                 Some(events) => tokio::select! {
-                    result = &mut command_future => return result,
+                    result = &mut command_future => {
+                        // Events emitted before the command ended go out before its reply,
+                        // as QEMU's monitor sends them: a client that sees a job gone from
+                        // query-jobs has already been told how it ended.
+                        while let Some(event) = self.events.as_mut().and_then(EventStream::try_recv_shared) {
+                            self.write_line(&self.inner.render(&event)).await;
+                        }
+                        return result;
+                    }
                     event = events.recv_shared() => event,
                 },
                 None => return command_future.await,
