@@ -4,8 +4,10 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
-/// Exit statuses, for scripts (clap's own usage errors exit with 2).
+/// Exit statuses, for scripts: refused or failed.
 pub const EXIT_FAILED: i32 = 1;
+/// Bad arguments (clap exits with the same status for those it finds).
+pub const EXIT_USAGE: i32 = 2;
 /// A job that was waited for was cancelled.
 pub const EXIT_CANCELLED: i32 = 3;
 
@@ -113,14 +115,14 @@ pub enum SyncMode {
     Bitmap,
 }
 
-impl From<SyncMode> for qmp::api::Sync {
+impl From<SyncMode> for qmp::api::MirrorSyncMode {
     fn from(mode: SyncMode) -> Self {
         match mode {
-            SyncMode::Full => qmp::api::Sync::Full,
-            SyncMode::Top => qmp::api::Sync::Top,
-            SyncMode::None => qmp::api::Sync::None,
-            SyncMode::Incremental => qmp::api::Sync::Incremental,
-            SyncMode::Bitmap => qmp::api::Sync::Bitmap,
+            SyncMode::Full => qmp::api::MirrorSyncMode::Full,
+            SyncMode::Top => qmp::api::MirrorSyncMode::Top,
+            SyncMode::None => qmp::api::MirrorSyncMode::None,
+            SyncMode::Incremental => qmp::api::MirrorSyncMode::Incremental,
+            SyncMode::Bitmap => qmp::api::MirrorSyncMode::Bitmap,
         }
     }
 }

@@ -12,7 +12,8 @@ use qmp::api::{
     BlockExportDel, BlockJobCancel, BlockJobSetSpeed, BlockResize, BlockStream, BlockdevAdd,
     BlockdevBackup, BlockdevCreate, BlockdevDel, BlockdevMirror, BlockdevSnapshot, Command,
     JobComplete, JobDismiss, JobFinalize, JobOptions, JobPause, JobResume, JobStatus,
-    NbdServerStart, QueryBlockExports, QueryBlockJobs, QueryJobs, QueryNamedBlockNodes,
+    NbdServerStart, NbdServerStop, QueryBlockExports, QueryBlockJobs, QueryJobs,
+    QueryNamedBlockNodes,
 };
 use qmp::Client;
 use serde_json::{json, Map, Value};
@@ -24,7 +25,7 @@ pub async fn run(client: &mut Client, command: Cmd, json: bool) -> Result<i32, F
         Cmd::Backup(b) => {
             let id = b.job.job_id.clone().unwrap_or_else(|| b.source.clone());
             let mut backup = BlockdevBackup::new(&b.source, &b.target, b.sync.into());
-            backup.job = job_options(&id, &b.job, b.job.wait);
+            backup.job = job_options(&id, &b.job);
             backup.bitmap = b.bitmap;
             backup.bitmap_mode = b.bitmap_mode;
             backup.compress = b.compress.then_some(true);
@@ -47,7 +48,7 @@ pub async fn run(client: &mut Client, command: Cmd, json: bool) -> Result<i32, F
         Cmd::Mirror(m) => {
             let id = m.job.job_id.clone().unwrap_or_else(|| m.source.clone());
             let mut mirror = BlockdevMirror::new(&m.source, &m.target, m.sync.into());
-            mirror.job = job_options(&id, &m.job, m.job.wait && m.when_ready != WhenReady::Stay);
+            mirror.job = job_options(&id, &m.job);
             client.call(&mirror).await.map_err(refused(format!(
                 "mirror of '{}' into '{}'",
                 m.source, m.target
@@ -58,7 +59,8 @@ pub async fn run(client: &mut Client, command: Cmd, json: bool) -> Result<i32, F
             let ids = [id.clone()];
             let ready = progress::follow(client, &ids, Goal::Ready).await?;
             if ready[0].ended != progress::Ended::Ready {
-                return progress::wait(client, &ids, Goal::Ready, json).await;
+                // Failed or cancelled before it was in sync.
+                return Ok(progress::report(&ready, json));
             }
             match m.when_ready {
                 WhenReady::Complete => client
@@ -86,7 +88,7 @@ pub async fn run(client: &mut Client, command: Cmd, json: bool) -> Result<i32, F
         Cmd::Stream(s) => {
             let id = s.job.job_id.clone().unwrap_or_else(|| s.node.clone());
             let stream = BlockStream {
-                job: job_options(&id, &s.job, s.job.wait),
+                job: job_options(&id, &s.job),
                 device: s.node.clone(),
                 base_node: s.base,
             };
@@ -109,7 +111,7 @@ pub async fn run(client: &mut Client, command: Cmd, json: bool) -> Result<i32, F
         Cmd::Commit(c) => {
             let id = c.job.job_id.clone().unwrap_or_else(|| c.device.clone());
             let commit = BlockCommit {
-                job: job_options(&id, &c.job, c.job.wait),
+                job: job_options(&id, &c.job),
                 device: c.device.clone(),
                 top_node: c.top,
                 base_node: c.base,
@@ -156,14 +158,14 @@ pub async fn run(client: &mut Client, command: Cmd, json: bool) -> Result<i32, F
     }
 }
 
-/// `waits_for_end`: blockctl follows the job to its end, so the job is kept until
-/// blockctl has read how it ended.
-fn job_options(id: &str, args: &JobArgs, waits_for_end: bool) -> JobOptions {
+/// The job's id and speed; QEMU's defaults for the rest, so that a job blockctl stops
+/// following (interrupted) finishes and goes on its own.
+fn job_options(id: &str, args: &JobArgs) -> JobOptions {
     JobOptions {
         job_id: Some(id.to_owned()),
         speed: args.speed,
         auto_finalize: None,
-        auto_dismiss: waits_for_end.then_some(false),
+        auto_dismiss: None,
     }
 }
 
@@ -362,6 +364,7 @@ async fn export(client: &mut Client, command: ExportCmd, json: bool) -> Result<i
             path,
         } => {
             let id = id.unwrap_or_else(|| node.clone());
+            let mut started_server = false;
             let mut options = Map::new();
             options.insert("id".into(), json!(id));
             options.insert("node-name".into(), json!(node));
@@ -384,6 +387,7 @@ async fn export(client: &mut Client, command: ExportCmd, json: bool) -> Result<i
                             })
                             .await
                             .map_err(refused(format!("starting the NBD server on {listen}")))?;
+                        started_server = true;
                     }
                 }
                 ExportType::VhostUserBlk | ExportType::Fuse => {
@@ -404,10 +408,14 @@ async fn export(client: &mut Client, command: ExportCmd, json: bool) -> Result<i
                     }
                 }
             }
-            client
-                .call(&BlockExportAdd(options))
-                .await
-                .map_err(refused(format!("exporting '{node}'")))?;
+            let added = client.call(&BlockExportAdd(options)).await;
+            if let Err(e) = added {
+                if started_server {
+                    // Left running, it would refuse the next --listen.
+                    let _ = client.call(&NbdServerStop {}).await;
+                }
+                return Err(Failure::refused(format!("exporting '{node}'"), e));
+            }
             done(
                 json,
                 &format!("'{node}' exported as '{id}'"),
@@ -558,6 +566,22 @@ async fn snapshot(client: &mut Client, s: Snapshot, json: bool) -> Result<i32, F
 /// Creates the file, formats it (blockdev-create jobs), and opens it when `node_name` is
 /// given.
 async fn create_image(client: &mut Client, c: &Create) -> Result<(), Failure> {
+    // Checked before the file is touched: a name the daemon refuses after the file was
+    // created would leave an empty file behind.
+    if let Some(node) = &c.node_name {
+        check_node_name(node)?;
+        let nodes = client
+            .call(&QueryNamedBlockNodes { flat: Some(true) })
+            .await
+            .map_err(refused("listing nodes"))?;
+        for name in [node.clone(), format!("{node}-file")] {
+            if nodes.iter().any(|n| n.node_name == name) {
+                return Err(Failure::new(format!(
+                    "a node named '{name}' exists already"
+                )));
+            }
+        }
+    }
     let what = format!("creating {}", c.file);
     let file_size = if c.format == Format::Raw { c.size } else { 0 };
     run_create(
@@ -625,6 +649,26 @@ async fn create_image(client: &mut Client, c: &Create) -> Result<(), Failure> {
     formatted
 }
 
+/// QEMU's rule for node names (a letter, then letters, digits, '-', '.', '_'), at most 31
+/// bytes with the `-file` blockctl adds for the image's file node.
+fn check_node_name(node: &str) -> Result<(), Failure> {
+    let well_formed = node.starts_with(|c: char| c.is_ascii_alphabetic())
+        && node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !well_formed {
+        return Err(Failure::usage(format!(
+            "'{node}' is not a node name: a letter, then letters, digits, '-', '.', '_'"
+        )));
+    }
+    if node.len() + "-file".len() > 31 {
+        return Err(Failure::usage(format!(
+            "'{node}' is too long: node names have at most 31 bytes, and its file's is '{node}-file'"
+        )));
+    }
+    Ok(())
+}
+
 fn format_name(format: Format) -> &'static str {
     match format {
         Format::Qcow2 => "qcow2",
@@ -670,20 +714,34 @@ async fn job(client: &mut Client, command: JobCmd, json: bool) -> Result<i32, Fa
     let (text, id) = match command {
         JobCmd::Ls => return job_ls(client, json).await,
         JobCmd::Wait { ids } => {
+            let jobs = client
+                .call(&QueryJobs {})
+                .await
+                .map_err(refused("listing jobs"))?;
             let ids = if ids.is_empty() {
-                let jobs = client
-                    .call(&QueryJobs {})
-                    .await
-                    .map_err(refused("listing jobs"))?;
+                // The jobs on their way to an end: a ready mirror or a pending job waits
+                // for someone, which would be waited for without end here.
                 jobs.into_iter()
-                    .filter(|j| j.status != JobStatus::Concluded)
+                    .filter(|j| {
+                        matches!(
+                            j.status,
+                            JobStatus::Created
+                                | JobStatus::Running
+                                | JobStatus::Paused
+                                | JobStatus::Waiting
+                                | JobStatus::Aborting
+                        )
+                    })
                     .map(|j| j.id)
                     .collect()
             } else {
+                if let Some(missing) = ids.iter().find(|id| !jobs.iter().any(|j| &j.id == *id)) {
+                    return Err(Failure::new(format!("no job '{missing}'")));
+                }
                 ids
             };
             if ids.is_empty() {
-                done(json, "no jobs", json!([]));
+                done(json, "no running jobs", json!([]));
                 return Ok(0);
             }
             return progress::wait(
@@ -838,6 +896,12 @@ mod tests {
             json!({"type": "inet", "data": {"host": "::1", "port": "10809"}})
         );
         assert!(socket_address("localhost").is_err());
+        assert!(check_node_name("disk0").is_ok());
+        assert!(check_node_name("a.b_c-d").is_ok());
+        assert!(check_node_name("0disk").is_err());
+        assert!(check_node_name("di sk").is_err());
+        assert!(check_node_name(&"n".repeat(26)).is_ok());
+        assert!(check_node_name(&"n".repeat(27)).is_err());
         assert!(socket_address("host:port").is_err());
     }
 }

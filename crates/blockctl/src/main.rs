@@ -69,7 +69,9 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
 }
 
 /// Connects within `--connect-timeout`. qemu-storage-daemon's monitor serves one client
-/// at a time and hangs up on others before its greeting, so that is tried again.
+/// at a time: another waits for its greeting until the first leaves, and one that comes
+/// just as the previous client goes may be hung up on before the greeting, which is tried
+/// again.
 async fn connect(cli: &Cli) -> Result<Client, Failure> {
     let Some(socket) = &cli.socket else {
         return Err(Failure::usage(

@@ -1,7 +1,7 @@
 //! What blockctl prints: results as text or JSON on stdout, failures on stderr (and as JSON
 //! on stdout with `--json`), and the exit status that goes with them.
 
-use crate::cli::EXIT_FAILED;
+use crate::cli::{EXIT_FAILED, EXIT_USAGE};
 use qapi::error::QmpError;
 use serde_json::{json, Value};
 use std::fmt::Display;
@@ -30,7 +30,7 @@ impl Failure {
     /// Arguments that cannot work, found after clap's own checks.
     pub fn usage(message: impl Into<String>) -> Failure {
         Failure {
-            code: 2,
+            code: EXIT_USAGE,
             ..Failure::new(message)
         }
     }

@@ -2,9 +2,12 @@
 //! stderr when it is a terminal, and the outcome of each job read from the job's last state
 //! and the events that ended it.
 //!
-//! Jobs started here are kept until dismissed (`auto-dismiss: false`), so a failure's text
-//! can be read from `query-jobs` before blockctl dismisses them. Jobs started elsewhere may
-//! vanish on their own; their outcome is then what their BLOCK_JOB_* event said.
+//! A block job's outcome is what its BLOCK_JOB_COMPLETED (with the error, when it failed)
+//! or BLOCK_JOB_CANCELLED event says: blockctl's connection is there before the job starts,
+//! so it sees them, and the job keeps QEMU's default `auto-dismiss`, so a blockctl that is
+//! interrupted leaves nothing behind. A job that must be dismissed by hand (blockdev-create,
+//! or one created with `auto-dismiss: false`) is read from `query-jobs` once concluded and
+//! dismissed.
 
 use crate::cli::{EXIT_CANCELLED, EXIT_FAILED};
 use crate::output::{bytes, print_json, refused, Failure};
@@ -85,6 +88,9 @@ struct Seen {
     cancelled: bool,
     completed: Option<Option<String>>,
     ready: bool,
+    /// Bytes done and the job's type, as the last BLOCK_JOB_* event said.
+    offset: Option<u64>,
+    kind: Option<String>,
 }
 
 /// Progress bars, one per job, on stderr.
@@ -165,8 +171,8 @@ impl Bars {
     }
 }
 
-/// Waits for `ids` to reach `goal`, showing their progress; prints each outcome (text on
-/// stdout, or one JSON object per job with `json`) and returns the exit status.
+/// Waits for `ids` to reach `goal`, showing their progress; prints each outcome and
+/// returns the exit status.
 pub async fn wait(
     client: &mut Client,
     ids: &[String],
@@ -174,8 +180,14 @@ pub async fn wait(
     json: bool,
 ) -> Result<i32, Failure> {
     let outcomes = follow(client, ids, goal).await?;
+    Ok(report(&outcomes, json))
+}
+
+/// Prints each outcome (text on stdout, or one JSON object per job with `json`) and
+/// returns the exit status they make.
+pub fn report(outcomes: &[Outcome], json: bool) -> i32 {
     let mut code = 0;
-    for outcome in &outcomes {
+    for outcome in outcomes {
         code = code.max(outcome.ended.exit_code());
         if json {
             let error = match &outcome.ended {
@@ -202,15 +214,23 @@ pub async fn wait(
             );
         }
     }
-    Ok(code)
+    code
 }
 
-/// The loop under [`wait`]: events as they come, `query-jobs` every [`TICK`].
+/// The loop under [`wait`]: events as they come, `query-jobs` every [`TICK`]. Each id is
+/// followed once, however often it is named.
 pub async fn follow(
     client: &mut Client,
     ids: &[String],
     goal: Goal,
 ) -> Result<Vec<Outcome>, Failure> {
+    let mut unique: Vec<String> = Vec::with_capacity(ids.len());
+    for id in ids {
+        if !unique.contains(id) {
+            unique.push(id.clone());
+        }
+    }
+    let ids = unique;
     let start = Instant::now();
     let mut bars = Bars::new();
     let mut seen: HashMap<String, Seen> =
@@ -230,7 +250,7 @@ pub async fn follow(
                 note_event(&mut seen, &bars, &event);
             }
         }
-        for id in ids {
+        for id in &ids {
             if outcomes.iter().any(|o| &o.id == id) {
                 continue;
             }
@@ -266,11 +286,15 @@ pub async fn follow(
             }
             let info = last.get(id);
             bars.finish(id, ended.word());
+            let polled = info.map_or(0, |j| j.current_progress);
             outcomes.push(Outcome {
                 id: id.clone(),
-                kind: info.map_or_else(|| "job".to_owned(), |j| j.kind.clone()),
+                kind: info
+                    .map(|j| j.kind.clone())
+                    .or_else(|| seen[id].kind.clone())
+                    .unwrap_or_else(|| "job".to_owned()),
                 ended,
-                done: info.map_or(0, |j| j.current_progress),
+                done: seen[id].offset.unwrap_or(polled).max(polled),
                 seconds: start.elapsed().as_secs_f64(),
             });
         }
@@ -323,11 +347,15 @@ fn note_event(seen: &mut HashMap<String, Seen>, bars: &Bars, event: &Event) {
         EventKind::BlockJobCancelled(e) => {
             if let Some(s) = seen.get_mut(&e.device) {
                 s.cancelled = true;
+                s.offset = Some(e.offset);
+                s.kind = Some(e.kind.clone());
             }
         }
         EventKind::BlockJobCompleted(e) => {
             if let Some(s) = seen.get_mut(&e.device) {
                 s.completed = Some(e.error.clone());
+                s.offset = Some(e.offset);
+                s.kind = Some(e.kind.clone());
             }
         }
         EventKind::BlockJobReady(e) => {

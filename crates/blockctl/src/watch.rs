@@ -1,5 +1,6 @@
-//! `blockctl watch`: every event as it arrives (one line of text, or the event's JSON), with
-//! a progress bar per running job while stdout is a terminal.
+//! `blockctl watch`: every event as it arrives on stdout (one line of text, or the event's
+//! JSON), with a progress bar per running job drawn on stderr when both are a terminal.
+//! Connection news goes to stderr, so that `--json` output stays pure JSON.
 
 use crate::output::{refused, Failure};
 use crate::progress::Bars;
@@ -28,11 +29,11 @@ pub async fn watch(client: &mut Client, json: bool, reconnect: bool) -> Result<i
         match follow(client, json, &mut bars).await {
             Ok(never) => match never {},
             Err(e) if reconnect => {
-                bars.print(&format!("connection lost ({e}); waiting for the daemon"));
+                bars.note(&format!("connection lost ({e}); waiting for the daemon"));
                 while let Err(e) = client.reconnect(PATIENCE).await {
-                    bars.print(&format!("still waiting for {} ({e})", client.address()));
+                    bars.note(&format!("still waiting for {} ({e})", client.address()));
                 }
-                bars.print("connected again");
+                bars.note("connected again");
             }
             Err(e) => return Err(Failure::new(format!("connection to the daemon lost: {e}"))),
         }

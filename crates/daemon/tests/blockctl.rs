@@ -238,10 +238,55 @@ async fn failures_are_named_with_the_daemons_words() {
         let out = ctl(&daemon, &["backup", "nothere", "failing"]);
         assert_eq!(out.status.code(), Some(1));
         let stderr = String::from_utf8_lossy(&out.stderr);
+        let daemons_words = stderr
+            .strip_prefix("blockctl: backup of 'nothere' into 'failing': ")
+            .unwrap_or_else(|| panic!("{which:?}: {stderr}"));
+        assert!(daemons_words.contains("nothere"), "{which:?}: {stderr}");
+
+        // A mirror that fails before it is in sync: its reason, not a lost job.
+        let out = ctl(
+            &daemon,
+            &[
+                "mirror",
+                "disk0",
+                "failing",
+                "--wait",
+                "--when-ready",
+                "complete",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(1), "{which:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
-            stderr.starts_with("blockctl: backup of 'nothere' into 'failing': ")
-                && stderr.contains("'nothere'"),
-            "{which:?}: {stderr}"
+            stdout.starts_with("mirror 'disk0' failed: Input/output error"),
+            "{which:?}: {stdout}"
+        );
+
+        let out = ctl(&daemon, &["job", "wait", "nosuch"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "blockctl: no job 'nosuch'\n"
+        );
+        assert_eq!(ok(&daemon, &["job", "wait"]), "no running jobs\n");
+        let out = ctl(
+            &daemon,
+            &[
+                "create",
+                &p(d, "x.qcow2"),
+                "--size",
+                "1M",
+                "--node-name",
+                "disk0",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("a node named 'disk0' exists already")
+        );
+        assert!(
+            !Path::new(&p(d, "x.qcow2")).exists(),
+            "{which:?}: refused, yet created"
         );
         let out = ctl(&daemon, &["--json", "bitmap", "rm", "disk0", "zz"]);
         assert_eq!(out.status.code(), Some(1));
@@ -360,6 +405,26 @@ async fn a_cancelled_job_exits_3_and_speed_changes_apply() {
     std::io::Read::read_to_string(waiting.stdout.as_mut().unwrap(), &mut stdout).unwrap();
     assert_eq!(status.code(), Some(3), "{stdout}");
     assert!(stdout.starts_with("backup 'disk0' cancelled"), "{stdout}");
+    assert_eq!(json(&daemon, &["job", "ls"]), serde_json::json!([]));
+
+    // blockctl killed while it waits: the job goes on, and goes away on its own at its
+    // end, so the next job of the same id can start.
+    let mut waiting = ctl_command(
+        &daemon,
+        &[
+            "backup", "disk0", "tgt", "--speed", "1M", "--wait", "--job-id", "k",
+        ],
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    wait_for_job(&daemon, "k");
+    waiting.kill().unwrap();
+    waiting.wait().unwrap();
+    ok(&daemon, &["job", "speed", "k", "0"]);
+    let out = ok(&daemon, &["job", "wait", "k"]);
+    assert!(out.starts_with("backup 'k' completed"), "{out}");
+    assert_eq!(json(&daemon, &["job", "ls"]), serde_json::json!([]));
     quit(daemon).await;
 }
 
@@ -377,35 +442,45 @@ fn line_reader(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     rx
 }
 
-/// Runs backups named `id` until the watcher prints the end of one: it connects (and
-/// reconnects) on its own time, and events before that are not for it to see. Returns the
-/// lines it printed.
+/// Runs backups named `id` until the watcher prints one from its start to its end: it
+/// connects (and reconnects) on its own time, and events before that are not for it to
+/// see. Every line it prints must be JSON. Returns the lines of that backup's round.
 fn backups_until_seen(
     daemon: &Daemon,
     lines: &std::sync::mpsc::Receiver<String>,
     id: &str,
 ) -> Vec<String> {
     let deadline = Instant::now() + WAIT;
-    let end = format!("\"device\":\"{id}\"");
-    let mut seen = Vec::new();
+    let mut rounds = Vec::new();
     loop {
         assert!(
             Instant::now() < deadline,
-            "watch never showed job {id}: {seen:?}"
+            "watch never showed job {id}: {rounds:?}"
         );
         ok(
             daemon,
             &["backup", "disk0", "tgt", "--wait", "--job-id", id],
         );
-        let found = lines
+        let round: Vec<String> = lines
             .recv_timeout(Duration::from_millis(500))
             .into_iter()
             .chain(lines.try_iter())
-            .inspect(|l| seen.push(l.clone()))
-            .any(|l| l.contains("BLOCK_JOB_COMPLETED") && l.replace(' ', "").contains(&end));
-        if found {
-            return seen;
+            .collect();
+        let events: Vec<Value> = round
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let of_job = |name: &str, status: Option<&str>| {
+            events.iter().any(|e| {
+                e["event"] == name
+                    && (e["data"]["device"] == id || e["data"]["id"] == id)
+                    && status.is_none_or(|s| e["data"]["status"] == s)
+            })
+        };
+        if of_job("JOB_STATUS_CHANGE", Some("running")) && of_job("BLOCK_JOB_COMPLETED", None) {
+            return round;
         }
+        rounds.push(round);
     }
 }
 
@@ -423,13 +498,7 @@ async fn watch_follows_events_across_a_restart() {
     // It waits for the daemon forever: a failing test must not leave it behind.
     let mut watch = KillOnDrop(watch);
     create_tgt(&daemon, &p(d, "b.qcow2"));
-    let seen = backups_until_seen(&daemon, &lines, "first");
-    assert!(
-        seen.iter().any(|l| l.contains("\"JOB_STATUS_CHANGE\"")
-            && l.contains("\"running\"")
-            && l.contains("\"first\"")),
-        "{seen:?}"
-    );
+    backups_until_seen(&daemon, &lines, "first");
 
     // The daemon goes and comes back on the same socket: the watcher follows.
     daemon.kill();
@@ -565,12 +634,14 @@ async fn progress_bars_move_on_a_terminal() {
     let distinct: std::collections::BTreeSet<u64> = positions.iter().map(|p| *p as u64).collect();
     assert!(distinct.len() >= 3, "the bar did not move: {positions:?}");
     assert!(positions.windows(2).all(|w| w[0] <= w[1]), "{positions:?}");
-    // Plausible for a 16 MiB/s limit, once the first samples have settled.
+    // Plausible for a 16 MiB/s limit (indicatif smooths its estimate; a loaded machine
+    // bends it, but not by ten times).
+    assert!(rates.len() >= 3, "too few samples: {rates:?}");
     let settled = &rates[rates.len() / 2..];
     assert!(
         settled
             .iter()
-            .all(|r| *r > 4.0 * 1048576.0 && *r < 40.0 * 1048576.0),
+            .all(|r| *r > 1.6 * 1048576.0 && *r < 160.0 * 1048576.0),
         "rates {rates:?} for a 16 MiB/s limit"
     );
     quit(daemon).await;

@@ -342,6 +342,8 @@ impl BackupJob {
                 }
             }
         }
+        // The last clusters may have been copied by client writes, after the last report.
+        self.report_progress(ctx, &mut reported);
         self.copy().target().flush().await?;
         Ok(())
     }

@@ -9,10 +9,10 @@
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-//! use qmp::api::{BlockdevBackup, QueryJobs, Sync};
+//! use qmp::api::{BlockdevBackup, MirrorSyncMode, QueryJobs};
 //! let mut client = qmp::Client::connect(&"/run/blockd.qmp".parse()?).await?;
 //! client
-//!     .call(&BlockdevBackup::new("disk0", "backup0", Sync::Full).job_id("nightly"))
+//!     .call(&BlockdevBackup::new("disk0", "backup0", MirrorSyncMode::Full).job_id("nightly"))
 //!     .await?;
 //! for job in client.call(&QueryJobs {}).await? {
 //!     println!("{} {:?} {}/{}", job.id, job.status, job.current_progress, job.total_progress);
@@ -90,10 +90,10 @@ impl JobStatus {
     }
 }
 
-/// Which part of the source a backup or mirror copies.
+/// Which part of the source a backup or mirror copies (QEMU's MirrorSyncMode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Sync {
+pub enum MirrorSyncMode {
     /// Everything the guest sees.
     Full,
     /// Only what the top image allocates.
@@ -360,7 +360,7 @@ pub struct BlockdevBackup {
     /// The target node.
     pub target: String,
     /// What to copy.
-    pub sync: Sync,
+    pub sync: MirrorSyncMode,
     /// The dirty bitmap of an incremental or bitmap backup.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
@@ -376,7 +376,7 @@ job_builders!(BlockdevBackup);
 
 impl BlockdevBackup {
     /// A backup of `device` into `target`.
-    pub fn new(device: impl Into<String>, target: impl Into<String>, sync: Sync) -> Self {
+    pub fn new(device: impl Into<String>, target: impl Into<String>, sync: MirrorSyncMode) -> Self {
         BlockdevBackup {
             job: JobOptions::default(),
             device: device.into(),
@@ -400,14 +400,14 @@ pub struct BlockdevMirror {
     /// The target node.
     pub target: String,
     /// What to copy.
-    pub sync: Sync,
+    pub sync: MirrorSyncMode,
 }
 command!(BlockdevMirror, "blockdev-mirror", IgnoredAny);
 job_builders!(BlockdevMirror);
 
 impl BlockdevMirror {
     /// A mirror of `device` into `target`.
-    pub fn new(device: impl Into<String>, target: impl Into<String>, sync: Sync) -> Self {
+    pub fn new(device: impl Into<String>, target: impl Into<String>, sync: MirrorSyncMode) -> Self {
         BlockdevMirror {
             job: JobOptions::default(),
             device: device.into(),
@@ -654,6 +654,11 @@ pub struct NbdServerStart {
 }
 command!(NbdServerStart, "nbd-server-start", IgnoredAny);
 
+/// `nbd-server-stop`: stops the NBD server and removes its exports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NbdServerStop {}
+command!(NbdServerStop, "nbd-server-stop", IgnoredAny);
+
 /// `block-export-add`: BlockExportOptions as JSON (the type decides the rest).
 #[derive(Debug, Clone, Serialize)]
 #[serde(transparent)]
@@ -796,7 +801,7 @@ mod tests {
 
     #[test]
     fn arguments_are_qmp_names_without_absent_options() {
-        let backup = BlockdevBackup::new("src", "dst", Sync::Incremental)
+        let backup = BlockdevBackup::new("src", "dst", MirrorSyncMode::Incremental)
             .job_id("j")
             .speed(5);
         assert_eq!(

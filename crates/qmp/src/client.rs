@@ -96,7 +96,16 @@ impl Client {
     pub async fn reconnect(&mut self, patience: Duration) -> io::Result<()> {
         let deadline = Instant::now() + patience;
         loop {
-            match Self::connect(&self.address).await {
+            // A monitor that accepts and never greets must not hold us past the deadline.
+            let attempt = tokio::time::timeout_at(deadline, Self::connect(&self.address))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the monitor did not greet in time",
+                    ))
+                });
+            match attempt {
                 Ok(fresh) => {
                     self.reader = fresh.reader;
                     self.writer = fresh.writer;
