@@ -73,5 +73,5 @@ pub use objects::Objects;
 pub use open::driver_names;
 pub use perm::Perms;
 pub use range_lock::RangeLock;
-pub use stats::block_stats;
+pub use stats::{block_stats, IoKind, KindSnapshot, NodeStats, LATENCY_BOUNDS_NS};
 pub use throttle::{ThrottleConfig, ThrottleGroup, ThrottleLimits};

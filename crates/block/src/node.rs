@@ -6,7 +6,7 @@
 use crate::bitmap::DirtyBitmap;
 use crate::drivers::blkdebug::BlkdebugEvent;
 use crate::perm::Perms;
-use crate::stats::{IoKind, NodeStats};
+use crate::stats::{Accounting, IoKind, NodeStats};
 use crate::threshold::{ThresholdHook, WriteThreshold};
 use aio::IoBuf;
 use arc_swap::ArcSwap;
@@ -438,6 +438,9 @@ pub struct Child {
     /// A user that must stay on the thread it was set up on (an export with
     /// `fixed-iothread`): the node cannot move to another one under it.
     pub(crate) fixed_home: AtomicBool,
+    /// The requests made through this edge, counted for users that ask
+    /// ([`Child::count_requests`]: exports, for the metrics); kept across node swaps.
+    requests: OnceLock<Arc<NodeStats>>,
 }
 
 /// Called after the node behind an edge was resized.
@@ -535,51 +538,88 @@ impl Child {
         }
     }
 
+    /// From now on, count the requests made through this edge (bytes, operations and
+    /// latency, as a node's own statistics); returns the counters.
+    pub fn count_requests(&self) -> Arc<NodeStats> {
+        self.requests.get_or_init(Arc::default).clone()
+    }
+
+    /// Starts accounting a request of this edge's user, if it counts them.
+    fn account(&self, kind: IoKind) -> Option<Accounting<'_>> {
+        self.requests.get().map(|stats| stats.start(kind))
+    }
+
     /// [`Node::read`] on the current target, through [`Child::enter`].
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.enter().await.read_entered(offset, buf).await
+        let acct = self.account(IoKind::Read);
+        let len = buf.len() as u64;
+        let result = self.enter().await.read_entered(offset, buf).await;
+        counted(acct, len, result)
     }
 
     /// [`Node::read_buf`] on the current target, through [`Child::enter`].
     pub async fn read_buf(&self, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
-        self.enter().await.read_buf_entered(offset, buf).await
+        let acct = self.account(IoKind::Read);
+        let len = buf.len() as u64;
+        let result = self.enter().await.read_buf_entered(offset, buf).await;
+        counted(acct, len, result)
     }
 
-    /// [`Driver::read_or_zero`] through this edge; a `None` is not counted as a read.
+    /// [`Driver::read_or_zero`] through this edge; a `None` is not counted as a read (the
+    /// caller reads next, and that read counts).
     pub async fn read_or_zero(&self, offset: u64, buf: &mut [u8]) -> io::Result<Option<bool>> {
-        self.enter().await.read_or_zero_entered(offset, buf).await
+        let acct = self.account(IoKind::Read);
+        let len = buf.len() as u64;
+        let result = self.enter().await.read_or_zero_entered(offset, buf).await;
+        match result {
+            Ok(None) => Ok(None),
+            result => counted(acct, len, result),
+        }
     }
 
     /// [`Node::write`] on the current target, through [`Child::enter`].
     pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> io::Result<()> {
-        self.enter().await.write_entered(offset, buf, flags).await
+        let acct = self.account(IoKind::Write);
+        let result = self.enter().await.write_entered(offset, buf, flags).await;
+        counted(acct, buf.len() as u64, result)
     }
 
     /// [`Node::write_buf`] on the current target, through [`Child::enter`].
     pub async fn write_buf(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> io::Result<IoBuf> {
-        self.enter()
+        let acct = self.account(IoKind::Write);
+        let len = buf.len() as u64;
+        let result = self
+            .enter()
             .await
             .write_buf_entered(offset, buf, flags)
-            .await
+            .await;
+        counted(acct, len, result)
     }
 
     /// [`Node::write_zeroes`] on the current target, through [`Child::enter`].
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
-        self.enter()
+        let acct = self.account(IoKind::Write);
+        let result = self
+            .enter()
             .await
             .write_zeroes_entered(offset, len, flags)
-            .await
+            .await;
+        counted(acct, len, result)
     }
 
     /// [`Node::discard`] on the current target, through [`Child::enter`].
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.enter().await.discard_entered(offset, len).await
+        let acct = self.account(IoKind::Unmap);
+        let result = self.enter().await.discard_entered(offset, len).await;
+        counted(acct, len, result)
     }
 
     /// [`Node::flush`] on the current target, through [`Child::enter`] (so, unlike
     /// `Node::flush`, it waits while the target is drained).
     pub async fn flush(&self) -> io::Result<()> {
-        self.enter().await.flush_entered().await
+        let acct = self.account(IoKind::Flush);
+        let result = self.enter().await.flush_entered().await;
+        counted(acct, 0, result)
     }
 
     /// The parent node's name; None when the parent is a user or a job.
@@ -588,6 +628,14 @@ impl Child {
             Parent::Node(name) => Some(name),
             Parent::User { .. } | Parent::Job { .. } => None,
         }
+    }
+}
+
+/// Ends `acct`'s request, if it is counted; the result passes through.
+fn counted<T>(acct: Option<Accounting<'_>>, bytes: u64, result: io::Result<T>) -> io::Result<T> {
+    match acct {
+        Some(acct) => acct.finish(bytes, result),
+        None => result,
     }
 }
 
@@ -1004,6 +1052,7 @@ impl Node {
             resize_hook: OnceLock::new(),
             allows_inactive: AtomicBool::new(false),
             fixed_home: AtomicBool::new(false),
+            requests: OnceLock::new(),
         });
         target.parents.lock().unwrap().push(Arc::downgrade(&child));
         if let Err(e) = target.refresh_perms() {

@@ -1,5 +1,6 @@
-//! Per-node I/O accounting for query-blockstats: lock-free counters bumped on the request
-//! path, so that keeping them costs a clock read and a few relaxed atomic adds per request.
+//! Per-node I/O accounting for query-blockstats and the metrics endpoint: lock-free
+//! counters bumped on the request path, so that keeping them costs a clock read and a few
+//! relaxed atomic adds per request, and a latency histogram per kind of request.
 
 use crate::node::Node;
 use serde_json::{json, Map, Value};
@@ -8,14 +9,50 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+/// What a request does, as the statistics group requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoKind {
+    /// Reads.
     Read = 0,
     /// Writes and zero writes, as a guest device accounts them.
     Write = 1,
+    /// Flushes.
     Flush = 2,
+    /// Discards.
     Unmap = 3,
 }
+
+impl IoKind {
+    /// Every kind, in counter order.
+    pub const ALL: [IoKind; 4] = [IoKind::Read, IoKind::Write, IoKind::Flush, IoKind::Unmap];
+
+    /// The name metrics label it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoKind::Read => "read",
+            IoKind::Write => "write",
+            IoKind::Flush => "flush",
+            IoKind::Unmap => "unmap",
+        }
+    }
+}
+
+/// Upper bounds of the latency histogram's buckets, in nanoseconds: from what a request
+/// served from memory takes to what a disk in trouble takes; slower ones land in +Inf.
+pub const LATENCY_BOUNDS_NS: [u64; 12] = [
+    10_000,
+    50_000,
+    100_000,
+    500_000,
+    1_000_000,
+    5_000_000,
+    10_000_000,
+    50_000_000,
+    100_000_000,
+    500_000_000,
+    1_000_000_000,
+    5_000_000_000,
+];
 
 #[derive(Default)]
 struct KindCounters {
@@ -26,8 +63,31 @@ struct KindCounters {
     failed: AtomicU64,
     /// Requests refused before reaching the driver (out of range, read-only node).
     invalid: AtomicU64,
+    /// Requests the driver answered, by latency: one counter per bound, then +Inf. Not
+    /// cumulative, so a request bumps one counter.
+    latency: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
 }
 
+/// One kind's counters, read at once (each counter on its own, so a request ending
+/// meanwhile may be in some and not yet in others).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KindSnapshot {
+    /// Bytes of successful requests.
+    pub bytes: u64,
+    /// Successful requests.
+    pub ops: u64,
+    /// Failed requests.
+    pub failed: u64,
+    /// Requests refused before the driver.
+    pub invalid: u64,
+    /// Nanoseconds spent in answered requests.
+    pub total_ns: u64,
+    /// Answered requests per latency bucket (see [`LATENCY_BOUNDS_NS`]), the last being
+    /// +Inf; not cumulative.
+    pub latency: [u64; LATENCY_BOUNDS_NS.len() + 1],
+}
+
+/// The counters of a node (query-blockstats), or of an edge's user (an export's requests).
 #[derive(Default)]
 pub struct NodeStats {
     kinds: [KindCounters; 4],
@@ -57,6 +117,7 @@ fn since_origin(t: Instant) -> u64 {
 }
 
 impl NodeStats {
+    /// Starts measuring a request of `kind`.
     pub fn start(&self, kind: IoKind) -> Accounting<'_> {
         Accounting {
             stats: self,
@@ -78,6 +139,19 @@ impl NodeStats {
 
     fn kind(&self, kind: IoKind) -> &KindCounters {
         &self.kinds[kind as usize]
+    }
+
+    /// `kind`'s counters now.
+    pub fn snapshot(&self, kind: IoKind) -> KindSnapshot {
+        let k = self.kind(kind);
+        KindSnapshot {
+            bytes: k.bytes.load(Ordering::Relaxed),
+            ops: k.ops.load(Ordering::Relaxed),
+            failed: k.failed.load(Ordering::Relaxed),
+            invalid: k.invalid.load(Ordering::Relaxed),
+            total_ns: k.total_ns.load(Ordering::Relaxed),
+            latency: std::array::from_fn(|i| k.latency[i].load(Ordering::Relaxed)),
+        }
     }
 
     fn touch(&self, now: Instant) {
@@ -158,6 +232,8 @@ impl Accounting<'_> {
         }
         let elapsed = now.saturating_duration_since(self.start).as_nanos() as u64;
         counters.total_ns.fetch_add(elapsed, Ordering::Relaxed);
+        let bucket = LATENCY_BOUNDS_NS.partition_point(|&bound| bound < elapsed);
+        counters.latency[bucket].fetch_add(1, Ordering::Relaxed);
         self.stats.touch(now);
         result
     }
@@ -220,5 +296,20 @@ mod tests {
         assert_eq!(json["rd_operations"], 0);
         assert_eq!(json["wr_highest_offset"], 4608);
         assert!(json["idle_time_ns"].is_u64());
+        let writes = stats.snapshot(IoKind::Write);
+        assert_eq!((writes.ops, writes.failed, writes.bytes), (1, 1, 512));
+        // Both answered writes are in the histogram; the refused read is not.
+        assert_eq!(writes.latency.iter().sum::<u64>(), 2);
+        assert_eq!(stats.snapshot(IoKind::Read).latency.iter().sum::<u64>(), 0);
+    }
+
+    #[test]
+    fn latency_buckets_hold_their_upper_bound() {
+        let bucket = |ns: u64| LATENCY_BOUNDS_NS.partition_point(|&bound| bound < ns);
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(10_000), 0);
+        assert_eq!(bucket(10_001), 1);
+        assert_eq!(bucket(5_000_000_000), LATENCY_BOUNDS_NS.len() - 1);
+        assert_eq!(bucket(u64::MAX), LATENCY_BOUNDS_NS.len());
     }
 }

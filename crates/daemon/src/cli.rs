@@ -43,6 +43,8 @@ pub struct DaemonArgs {
     pub daemonize: bool,
     /// `--io-threads` (blockd only); `None` means one per CPU.
     pub io_threads: Option<usize>,
+    /// `--metrics HOST:PORT` (blockd only): where Prometheus scrapes; the last one given.
+    pub metrics: Option<String>,
     /// `-T`/`--trace` arguments, in order, unparsed.
     pub trace: Vec<String>,
 }
@@ -192,6 +194,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Invocation, CliEr
                 out.io_threads = Some(parse_io_threads(&arg).map_err(at)?);
                 continue;
             }
+            Opt::Metrics => {
+                out.metrics = Some(parse_metrics(&arg).map_err(at)?);
+                continue;
+            }
             Opt::Trace => {
                 out.trace.push(arg);
                 continue;
@@ -240,6 +246,16 @@ fn parse_serve(args: Vec<String>) -> Result<Invocation, CliError> {
     Ok(Invocation::Serve(serve))
 }
 
+/// `HOST:PORT` (an IPv6 host in brackets); the host is resolved when the daemon binds.
+fn parse_metrics(arg: &str) -> Result<String, String> {
+    match arg.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(arg.to_owned()),
+        _ => Err(format!(
+            "'{arg}' is not HOST:PORT (for example 127.0.0.1:9184)"
+        )),
+    }
+}
+
 fn parse_io_threads(arg: &str) -> Result<usize, String> {
     match arg.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -257,6 +273,7 @@ enum Opt {
     Daemonize,
     Export,
     IoThreads,
+    Metrics,
     Monitor,
     NbdServer,
     Object,
@@ -290,6 +307,7 @@ const DAEMON_OPTIONS: &[OptSpec] = &[
     spec("daemonize", None, false, Opt::Daemonize),
     spec("export", None, true, Opt::Export),
     spec("io-threads", None, true, Opt::IoThreads),
+    spec("metrics", None, true, Opt::Metrics),
     spec("monitor", None, true, Opt::Monitor),
     spec("nbd-server", None, true, Opt::NbdServer),
     spec("object", None, true, Opt::Object),
@@ -745,6 +763,10 @@ blockd, a qemu-storage-daemon compatible storage daemon
 
   --io-threads <n>       number of I/O threads (default: one per CPU)
 
+  --metrics <host>:<port>
+                         serve Prometheus metrics at http://<host>:<port>/metrics
+                         (nodes, exports, jobs, the process)
+
   --monitor [chardev=]name[,mode=control][,pretty=on|off]
                          configure a QMP monitor
 
@@ -1043,6 +1065,8 @@ mod tests {
             "--pidfile=/run/b.pid",
             "--io-threads",
             "3",
+            "--metrics",
+            "127.0.0.1:9184",
         ]);
         assert_eq!(
             got,
@@ -1051,6 +1075,7 @@ mod tests {
                 pidfile: Some("/run/b.pid".into()),
                 daemonize: true,
                 io_threads: Some(3),
+                metrics: Some("127.0.0.1:9184".into()),
                 trace: vec!["nbd_*".into(), "events=/x".into(), "job_*".into()],
             }
         );

@@ -216,6 +216,18 @@ struct Export {
     own: Option<OwnServer>,
 }
 
+/// An export as the metrics show it.
+pub struct ExportMetrics {
+    pub id: String,
+    /// nbd, fuse or vhost-user-blk.
+    pub kind: &'static str,
+    pub node: String,
+    /// Connected NBD clients (None for the other types).
+    pub clients: Option<usize>,
+    /// The requests its clients made, counted since it was added.
+    pub requests: Arc<block::NodeStats>,
+}
+
 /// An export served outside the NBD server; dropping it stops serving.
 enum OwnServer {
     Fuse { _mount: FuseExport },
@@ -690,6 +702,7 @@ impl Exports {
         let perm = export_perm(new.writable);
         check_writable(&node, new.writable)?;
         let edge = user_edge(&node, perm, EXPORT_SHARED).map_err(QmpError::generic)?;
+        edge.count_requests();
         if new.allow_inactive {
             edge.allow_inactive();
         }
@@ -784,6 +797,7 @@ impl Exports {
         let node = daemon.graph.lookup_node(node_name)?;
         check_writable(&node, perm.contains(Perms::WRITE))?;
         let edge = user_edge(&node, perm, Perms::ALL).map_err(QmpError::generic)?;
+        edge.count_requests();
         if fixed_home {
             edge.fix_home();
         }
@@ -882,6 +896,27 @@ impl Exports {
                 })
                 .collect(),
         )
+    }
+
+    /// What the metrics show of each export.
+    pub fn metrics(daemon: &Rc<Daemon>) -> Vec<ExportMetrics> {
+        let server = daemon.exports.server.borrow();
+        daemon
+            .exports
+            .exports
+            .borrow()
+            .iter()
+            .map(|e| ExportMetrics {
+                id: e.id.clone(),
+                kind: e.own.as_ref().map_or("nbd", OwnServer::type_name),
+                node: exported_node_name(&e.edge),
+                clients: match (&e.own, server.as_ref()) {
+                    (None, Some(server)) => server.export_clients(&e.name),
+                    _ => None,
+                },
+                requests: e.edge.count_requests(),
+            })
+            .collect()
     }
 
     /// Disconnect every client and release every node (quit).

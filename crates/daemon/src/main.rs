@@ -7,6 +7,7 @@ mod commands;
 mod daemon;
 mod exports;
 mod fuse;
+mod metrics;
 mod schema;
 mod serve;
 mod vhost_relay;
@@ -139,6 +140,18 @@ fn run(args: DaemonArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
+        if let Some(addr) = &args.metrics {
+            match bind_metrics(addr) {
+                Ok(listener) => {
+                    tokio::task::spawn_local(metrics::serve(listener, daemon.clone()));
+                }
+                Err(e) => {
+                    eprintln!("blockd: --metrics {addr}: {e}");
+                    daemon.shutdown().await;
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         daemon.start_monitors();
         if daemonized {
             signal_parent_ready();
@@ -156,6 +169,13 @@ fn run(args: DaemonArgs) -> ExitCode {
         }
         ExitCode::SUCCESS
     })
+}
+
+/// Listens for metrics scrapes on `addr` (HOST:PORT, resolved here at startup).
+fn bind_metrics(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
 }
 
 /// The write end of the pipe on which the daemonized child reports success.
