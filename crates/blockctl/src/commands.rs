@@ -4,7 +4,7 @@
 use crate::cli::{
     BitmapCmd, Cmd, Create, ExportCmd, ExportType, Format, JobArgs, JobCmd, Snapshot, WhenReady,
 };
-use crate::output::{bitmap_flags, bytes, print_json, print_table, refused, Failure};
+use crate::output::{bitmap_flags, bytes, estimates, print_json, print_table, refused, Failure};
 use crate::progress::{self, Goal};
 use qmp::api::{
     BlockCommit, BlockDirtyBitmapAdd, BlockDirtyBitmapClear, BlockDirtyBitmapDisable,
@@ -75,15 +75,17 @@ pub async fn run(client: &mut Client, command: Cmd, json: bool) -> Result<i32, F
                     .await
                     .map_err(refused(format!("ending mirror '{id}' in sync")))?,
             };
-            progress::wait(
+            let mut ended = progress::follow(
                 client,
                 &ids,
                 Goal::End {
                     complete_when_ready: false,
                 },
-                json,
             )
-            .await
+            .await?;
+            // The time since the mirror started, not since it was ready.
+            ended[0].seconds += ready[0].seconds;
+            Ok(progress::report(&ended, json))
         }
         Cmd::Stream(s) => {
             let id = s.job.job_id.clone().unwrap_or_else(|| s.node.clone());
@@ -827,15 +829,20 @@ async fn job_ls(client: &mut Client, json: bool) -> Result<i32, Failure> {
         .call(&QueryBlockJobs {})
         .await
         .map_err(refused("listing block jobs"))?;
-    let speed_of = |id: &str| block_jobs.iter().find(|b| b.device == id).map(|b| b.speed);
+    let block_job = |id: &str| block_jobs.iter().find(|b| b.device == id);
+    let speed_of = |id: &str| block_job(id).map(|b| b.speed);
     if json {
         let list: Vec<Value> = jobs
             .iter()
             .map(|j| {
+                let b = block_job(&j.id);
                 json!({"id": j.id, "type": j.kind, "status": j.status,
                        "current-progress": j.current_progress,
                        "total-progress": j.total_progress,
-                       "speed": speed_of(&j.id), "error": j.error})
+                       "speed": speed_of(&j.id), "error": j.error,
+                       "copy-rate": b.and_then(|b| b.copy_rate),
+                       "dirty-rate": b.and_then(|b| b.dirty_rate),
+                       "seconds-to-ready": b.and_then(|b| b.seconds_to_ready)})
             })
             .collect();
         print_json(&Value::Array(list));
@@ -862,12 +869,21 @@ async fn job_ls(client: &mut Client, json: bool) -> Result<i32, Failure> {
                     Some(0) | None => "-".to_owned(),
                     Some(s) => format!("{}/s", bytes(s)),
                 },
+                block_job(&j.id).and_then(estimates).unwrap_or_default(),
                 j.error.clone().unwrap_or_default(),
             ]
         })
         .collect();
     print_table(
-        &["ID", "TYPE", "STATUS", "PROGRESS", "SPEED LIMIT", "ERROR"],
+        &[
+            "ID",
+            "TYPE",
+            "STATUS",
+            "PROGRESS",
+            "SPEED LIMIT",
+            "ESTIMATES",
+            "ERROR",
+        ],
         &rows,
     );
     Ok(0)

@@ -117,3 +117,21 @@ pub fn bitmap_flags(bitmap: &qmp::api::DirtyBitmapInfo) -> Vec<&'static str> {
     }
     flags
 }
+
+/// blockd's estimates for a mirror or active commit in words (`copying 1.00 GiB/s, clients
+/// dirty 2.00 MiB/s, ready in ~4 s`); None when the daemon gives none (qsd, other jobs).
+pub fn estimates(job: &qmp::api::BlockJobInfo) -> Option<String> {
+    let copy = job.copy_rate?;
+    let mut text = format!(
+        "copying {}/s, clients dirty {}/s",
+        bytes(copy),
+        bytes(job.dirty_rate.unwrap_or(0))
+    );
+    if !job.ready {
+        match job.seconds_to_ready {
+            Some(s) => text.push_str(&format!(", ready in ~{s:.0} s")),
+            None => text.push_str(", not converging"),
+        }
+    }
+    Some(text)
+}

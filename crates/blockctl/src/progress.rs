@@ -10,9 +10,11 @@
 //! dismissed.
 
 use crate::cli::{EXIT_CANCELLED, EXIT_FAILED};
-use crate::output::{bytes, print_json, refused, Failure};
+use crate::output::{bytes, estimates, print_json, refused, Failure};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use qmp::api::{Event, EventKind, JobComplete, JobDismiss, JobInfo, JobStatus, QueryJobs};
+use qmp::api::{
+    Event, EventKind, JobComplete, JobDismiss, JobInfo, JobStatus, QueryBlockJobs, QueryJobs,
+};
 use qmp::Client;
 use serde_json::json;
 use std::collections::HashMap;
@@ -128,7 +130,8 @@ impl Bars {
     }
 
     /// Shows `job`'s state, adding its bar the first time.
-    pub fn update(&mut self, job: &JobInfo) {
+    /// `detail`, when the daemon gives estimates, follows the state.
+    pub fn update(&mut self, job: &JobInfo, detail: Option<String>) {
         let multi = &self.multi;
         let bar = self.bars.entry(job.id.clone()).or_insert_with(|| {
             let style = ProgressStyle::with_template(
@@ -143,7 +146,10 @@ impl Bars {
         });
         bar.set_length(job.total_progress);
         bar.set_position(job.current_progress);
-        bar.set_message(job.status.as_str());
+        match detail {
+            Some(detail) => bar.set_message(format!("{} ({detail})", job.status.as_str())),
+            None => bar.set_message(job.status.as_str()),
+        }
     }
 
     /// Leaves `id`'s bar drawn with its final state.
@@ -244,6 +250,10 @@ pub async fn follow(
             .call(&QueryJobs {})
             .await
             .map_err(refused("query-jobs"))?;
+        let block_jobs = client
+            .call(&QueryBlockJobs {})
+            .await
+            .map_err(refused("query-block-jobs"))?;
         // Events that arrived before the reply are older than it: read them first.
         for message in client.drain_events() {
             if let Some(event) = Event::from_message(&message) {
@@ -256,7 +266,11 @@ pub async fn follow(
             }
             let job = jobs.iter().find(|j| &j.id == id);
             if let Some(job) = job {
-                bars.update(job);
+                let detail = block_jobs
+                    .iter()
+                    .find(|b| &b.device == id)
+                    .and_then(estimates);
+                bars.update(job, detail);
                 last.insert(id.clone(), job.clone());
             }
             let Some(ended) = judge(job, &seen[id], goal) else {

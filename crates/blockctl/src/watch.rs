@@ -2,9 +2,9 @@
 //! JSON), with a progress bar per running job drawn on stderr when both are a terminal.
 //! Connection news goes to stderr, so that `--json` output stays pure JSON.
 
-use crate::output::{refused, Failure};
+use crate::output::{estimates, refused, Failure};
 use crate::progress::Bars;
-use qmp::api::{Event, JobStatus, QueryJobs};
+use qmp::api::{Event, JobStatus, QueryBlockJobs, QueryJobs};
 use qmp::Client;
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -47,6 +47,10 @@ async fn follow(client: &mut Client, json: bool, bars: &mut Bars) -> Result<Infa
             .call(&QueryJobs {})
             .await
             .map_err(|e| refused("query-jobs")(e).message)?;
+        let block_jobs = client
+            .call(&QueryBlockJobs {})
+            .await
+            .map_err(|e| refused("query-block-jobs")(e).message)?;
         for message in client.drain_events() {
             print_event(&message, json, bars);
         }
@@ -55,7 +59,11 @@ async fn follow(client: &mut Client, json: bool, bars: &mut Bars) -> Result<Infa
             if job.status == JobStatus::Concluded {
                 bars.remove(&job.id);
             } else {
-                bars.update(job);
+                let detail = block_jobs
+                    .iter()
+                    .find(|b| b.device == job.id)
+                    .and_then(estimates);
+                bars.update(job, detail);
             }
         }
         for id in bars.ids() {

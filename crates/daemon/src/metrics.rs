@@ -375,6 +375,32 @@ fn jobs(text: &mut Text, daemon: &Rc<Daemon>, rates: &Rates) {
             speed as f64,
         );
     }
+    let estimates: [(&str, &str, &str); 3] = [
+        (
+            "blockd_job_copy_rate_bytes_per_second",
+            "x-copy-rate",
+            "Mirror and active commit: bytes the job copies per second.",
+        ),
+        (
+            "blockd_job_dirty_rate_bytes_per_second",
+            "x-dirty-rate",
+            "Mirror and active commit: bytes clients dirty per second.",
+        ),
+        (
+            "blockd_job_seconds_to_ready",
+            "x-seconds-to-ready",
+            "Mirror and active commit: seconds until READY at the rate the dirty set shrinks (absent while it does not).",
+        ),
+    ];
+    for (name, key, help) in estimates {
+        text.family(name, "gauge", help);
+        for job in &block_jobs {
+            if let Some(value) = job[key].as_f64() {
+                let (id, kind) = (str_of(job, "device"), str_of(job, "type"));
+                text.sample(name, &[("job", &id), ("type", &kind)], value);
+            }
+        }
+    }
     text.family(
         "blockd_job_state",
         "gauge",

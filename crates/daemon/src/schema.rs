@@ -1393,11 +1393,20 @@ mod tests {
         }
     }
 
-    /// Optional members blockd takes beyond qsd's (where the path ends, the member), each
-    /// documented where it is handled: vhdx's `backing` is a differencing image's parent,
-    /// which QEMU does not open.
-    const BLOCKD_EXTENSIONS: &[(&str, &str)] =
-        &[("", "x-auto-write-blocking"), ("(vhdx)", "backing")];
+    /// Optional members blockd takes or gives beyond qsd's (where the path ends, the
+    /// member), each documented where it is handled: vhdx's `backing` is
+    /// a differencing image's parent, which QEMU does not open; the mirror's and active
+    /// commit's estimates are blockd's own (jobs' mirror.rs).
+    const BLOCKD_EXTENSIONS: &[(&str, &str)] = &[
+        ("", "x-auto-write-blocking"),
+        ("(vhdx)", "backing"),
+        ("(mirror)", "x-copy-rate"),
+        ("(mirror)", "x-dirty-rate"),
+        ("(mirror)", "x-seconds-to-ready"),
+        ("(commit)", "x-copy-rate"),
+        ("(commit)", "x-dirty-rate"),
+        ("(commit)", "x-seconds-to-ready"),
+    ];
 
     #[test]
     fn matches_qemu_storage_daemon() {

@@ -782,3 +782,109 @@ async fn auto_write_blocking_is_an_explicit_choice() {
     daemon.quit(&mut client).await;
     target_matches_top(dir.path());
 }
+
+/// blockd's estimates in query-block-jobs (QEMU has none): the copy rate follows the speed
+/// limit, client writes show as a dirty rate, the time to READY matches what is left at
+/// that rate, and is 0 once READY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estimates_follow_the_copy_and_the_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let disk = p(d, "disk.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &disk, "64M"]);
+    qemu_io(&["-c", "write -P 1 0 32M", &disk]);
+    qemu_img(&["create", "-q", "-f", "qcow2", &p(d, "tgt.qcow2"), "64M"]);
+    let mut args = vec![
+        s("--blockdev"),
+        format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={disk}"),
+        s("--blockdev"),
+        "driver=qcow2,node-name=tgt,file.driver=file,file.filename=tgt.qcow2".into(),
+    ];
+    args.extend(nbd_args(d, "disk0"));
+    let daemon = Daemon::start(Impl::Blockd, d, &args);
+    let mut client = daemon.qmp().await;
+    const SPEED: f64 = 16.0 * 1048576.0;
+    client
+        .execute(
+            "blockdev-mirror",
+            json!({"job-id": "m", "device": "disk0", "target": "tgt", "sync": "full",
+                   "speed": SPEED as u64}),
+        )
+        .await
+        .unwrap();
+    // A client writes 1 MiB every 200 ms meanwhile.
+    let uri = nbd_uri(d);
+    let writer = std::thread::spawn(move || {
+        let mut args = vec!["-f".to_string(), "raw".to_string()];
+        for i in 0..10 {
+            args.extend([
+                "-c".into(),
+                format!("write -P 9 {}M 1M", 40 + i),
+                "-c".into(),
+                "sleep 200".into(),
+            ]);
+        }
+        args.push(uri);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        qemu_io(&args);
+    });
+    let deadline = Instant::now() + WAIT;
+    let mut rows = Vec::new();
+    let ready_row = loop {
+        assert!(Instant::now() < deadline, "never ready: {rows:?}");
+        let row = client.execute("query-block-jobs", json!({})).await.unwrap()[0].clone();
+        if row["ready"] == true {
+            break row;
+        }
+        rows.push(row);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    writer.join().unwrap();
+    let measured: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r.get("x-copy-rate").is_some())
+        .collect();
+    assert!(measured.len() >= 3, "too few rows with estimates: {rows:?}");
+    for row in &measured {
+        let copy = row["x-copy-rate"].as_f64().unwrap();
+        assert!(
+            copy > SPEED / 2.0 && copy < SPEED * 2.0,
+            "copy rate {copy}: {row}"
+        );
+    }
+    assert!(
+        measured
+            .iter()
+            .any(|r| r["x-dirty-rate"].as_f64().unwrap() > 0.0),
+        "client writes never showed: {measured:?}"
+    );
+    // What is left at the limit's rate, give or take half, and a second.
+    let predicted: Vec<(f64, f64)> = measured
+        .iter()
+        .filter_map(|r| {
+            let eta = r.get("x-seconds-to-ready")?.as_f64()?;
+            let left = (r["len"].as_f64()? - r["offset"].as_f64()?) / SPEED;
+            Some((eta, left))
+        })
+        .collect();
+    assert!(
+        !predicted.is_empty(),
+        "no time to READY given: {measured:?}"
+    );
+    for (eta, left) in &predicted {
+        assert!(
+            *eta > left * 0.5 - 1.0 && *eta < left * 1.5 + 1.0,
+            "said {eta} s, {left} s left: {predicted:?}"
+        );
+    }
+    assert_eq!(ready_row["x-seconds-to-ready"], 0.0, "{ready_row}");
+    client
+        .execute("block-job-cancel", json!({"device": "m"}))
+        .await
+        .unwrap();
+    client
+        .wait_event("BLOCK_JOB_COMPLETED", WAIT)
+        .await
+        .unwrap();
+    daemon.quit(&mut client).await;
+}

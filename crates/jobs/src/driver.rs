@@ -174,10 +174,22 @@ pub trait JobDriver: Send + Sync + 'static {
     async fn clean(&self) {}
 
     /// Members added after the common ones of a query-block-jobs row (mirror:
-    /// `actively-synced`).
-    fn extra_info(&self) -> Map<String, Value> {
+    /// `actively-synced`, and blockd's rates and time to READY), given the job's progress
+    /// as the row shows it.
+    fn extra_info(&self, _progress: &RowProgress) -> Map<String, Value> {
         Map::new()
     }
+}
+
+/// A job's progress, as a query-block-jobs row shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct RowProgress {
+    /// Bytes done.
+    pub offset: u64,
+    /// Bytes known.
+    pub len: u64,
+    /// In sync (mirror, active commit).
+    pub ready: bool,
 }
 
 #[cfg(test)]

@@ -574,7 +574,7 @@ impl Job {
     /// A query-block-jobs row (`BlockJobInfo`).
     pub fn block_job_info(&self) -> Value {
         let mut row = Map::new();
-        {
+        let progress = {
             let st = self.lock();
             row.insert("type".into(), json!(self.job_type().as_str()));
             row.insert("device".into(), json!(self.id));
@@ -591,8 +591,13 @@ impl Job {
             if let Some(failure) = &st.failure {
                 row.insert("error".into(), json!(failure.message()));
             }
-        }
-        row.extend(self.driver.extra_info());
+            crate::driver::RowProgress {
+                offset: st.offset,
+                len: st.len,
+                ready: st.is_ready(),
+            }
+        };
+        row.extend(self.driver.extra_info(&progress));
         Value::Object(row)
     }
 

@@ -32,7 +32,7 @@ mod workers;
 pub use backup::{create_backup, BackupPerf, BackupSetup, BitmapMode, SyncMode};
 pub use commit::{create_commit, CommitStart};
 pub use create::{OneStepJob, StepWork};
-pub use driver::{JobDriver, JobFailure, JobType};
+pub use driver::{JobDriver, JobFailure, JobType, RowProgress};
 pub use events::JobEventSink;
 pub use job::{Job, JobContext, JobOptions};
 pub use manager::{is_valid_id, JobManager};

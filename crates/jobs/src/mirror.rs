@@ -14,6 +14,7 @@
 //! Not sooner: write-blocking makes every client write wait for the target, so a mirror that
 //! still converges stays in the background.
 
+use crate::driver::RowProgress;
 use crate::policy::ErrorAction;
 use crate::setup::{create_job, job_edge};
 use crate::workers::Workers;
@@ -120,6 +121,76 @@ pub struct MirrorJob {
     drained: AtomicBool,
     pivot: AtomicBool,
     actively_synced: AtomicBool,
+    /// Rates and the time to READY, brought up to date by query-block-jobs.
+    estimates: Mutex<Estimates>,
+}
+
+/// Rates are measured over windows of at least this long.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// The newest window's weight in a smoothed rate.
+const SMOOTHING: f64 = 0.5;
+
+/// What a window starts from.
+#[derive(Clone, Copy)]
+struct Sample {
+    at: Instant,
+    copied: u64,
+    dirtied: u64,
+    dirty: u64,
+}
+
+/// blockd's mirror estimates (QEMU has none): how fast the job copies, how fast clients
+/// dirty, and from how fast the dirty set shrinks, when the job will be READY. Measured
+/// over windows of at least [`RATE_WINDOW`] between queries, smoothed.
+#[derive(Default)]
+struct Estimates {
+    last: Option<Sample>,
+    copy_rate: Option<f64>,
+    dirty_rate: Option<f64>,
+    /// Bytes per second the dirty set shrinks by; negative while it grows.
+    shrink_rate: Option<f64>,
+}
+
+impl Estimates {
+    fn update(&mut self, now: Instant, copied: u64, dirtied: u64, dirty: u64) {
+        if let Some(last) = self.last {
+            let seconds = now.saturating_duration_since(last.at).as_secs_f64();
+            if seconds < RATE_WINDOW.as_secs_f64() {
+                return;
+            }
+            let smooth = |old: Option<f64>, new: f64| {
+                Some(old.map_or(new, |old| old + SMOOTHING * (new - old)))
+            };
+            self.copy_rate = smooth(
+                self.copy_rate,
+                copied.saturating_sub(last.copied) as f64 / seconds,
+            );
+            self.dirty_rate = smooth(
+                self.dirty_rate,
+                dirtied.saturating_sub(last.dirtied) as f64 / seconds,
+            );
+            self.shrink_rate = smooth(
+                self.shrink_rate,
+                (last.dirty as f64 - dirty as f64) / seconds,
+            );
+        }
+        self.last = Some(Sample {
+            at: now,
+            copied,
+            dirtied,
+            dirty,
+        });
+    }
+
+    /// Seconds until nothing is dirty at the rate the dirty set shrinks; None while it
+    /// does not shrink (clients outrun the copy) or before a window was measured.
+    fn seconds_to_ready(&self, dirty: u64) -> Option<f64> {
+        match self.shrink_rate {
+            Some(rate) if rate > 0.0 => Some(dirty as f64 / rate),
+            Some(_) if dirty == 0 => Some(0.0),
+            _ => None,
+        }
+    }
 }
 
 /// What a mirror (blockdev-mirror, drive-mirror, or active block-commit) asked for,
@@ -281,6 +352,7 @@ impl MirrorJob {
             drained: AtomicBool::new(false),
             pivot: AtomicBool::new(false),
             actively_synced: AtomicBool::new(false),
+            estimates: Mutex::default(),
         }
     }
 
@@ -670,12 +742,35 @@ impl JobDriver for MirrorJob {
         }
     }
 
-    fn extra_info(&self) -> Map<String, Value> {
+    fn extra_info(&self, progress: &RowProgress) -> Map<String, Value> {
         let mut extra = Map::new();
         if !self.config.commit_base {
             extra.insert(
                 "actively-synced".into(),
                 json!(self.actively_synced.load(Ordering::Acquire)),
+            );
+        }
+        let dirty = self.dirty_bytes();
+        let mut estimates = self.estimates.lock().unwrap();
+        estimates.update(
+            Instant::now(),
+            progress.offset,
+            self.state.dirtied_bytes(),
+            dirty,
+        );
+        if let (Some(copy), Some(dirtied)) = (estimates.copy_rate, estimates.dirty_rate) {
+            extra.insert("x-copy-rate".into(), json!(copy.round() as u64));
+            extra.insert("x-dirty-rate".into(), json!(dirtied.round() as u64));
+        }
+        let to_ready = if progress.ready {
+            Some(0.0)
+        } else {
+            estimates.seconds_to_ready(dirty)
+        };
+        if let Some(seconds) = to_ready {
+            extra.insert(
+                "x-seconds-to-ready".into(),
+                json!((seconds * 10.0).round() / 10.0),
             );
         }
         extra
@@ -684,7 +779,7 @@ impl JobDriver for MirrorJob {
 
 #[cfg(test)]
 mod tests {
-    use super::{ConvergenceWatch, STALL};
+    use super::{ConvergenceWatch, Estimates, RATE_WINDOW, STALL};
     use tokio::time::Instant;
 
     const MIB: u64 = 1 << 20;
@@ -724,5 +819,24 @@ mod tests {
         assert!(watch.pass_ended(2 * MIB, now));
         assert!(!watch.pass_ended(0, now + tick));
         assert!(!watch.pass_ended(2 * MIB, now + STALL / 2));
+    }
+
+    #[test]
+    fn estimates_need_a_window_and_follow_the_dirty_set() {
+        let mut e = Estimates::default();
+        let t0 = Instant::now();
+        e.update(t0, 0, 0, 100 * MIB);
+        assert_eq!(e.seconds_to_ready(100 * MIB), None);
+        // Too soon for a window: nothing changes.
+        e.update(t0 + RATE_WINDOW / 2, 10 * MIB, 0, 90 * MIB);
+        assert_eq!(e.copy_rate, None);
+        // 40 MiB copied while clients dirtied 20: the set shrank by 20 MiB in 1 s.
+        e.update(t0 + RATE_WINDOW, 40 * MIB, 20 * MIB, 80 * MIB);
+        assert_eq!(e.copy_rate, Some(40.0 * MIB as f64));
+        assert_eq!(e.dirty_rate, Some(20.0 * MIB as f64));
+        assert_eq!(e.seconds_to_ready(80 * MIB), Some(4.0));
+        // Clients outrun the copy: the set grows, and no time is promised.
+        e.update(t0 + RATE_WINDOW * 2, 50 * MIB, 80 * MIB, 140 * MIB);
+        assert_eq!(e.seconds_to_ready(140 * MIB), None);
     }
 }

@@ -281,6 +281,16 @@ pub struct BlockJobInfo {
     pub io_status: String,
     /// Why it failed, once it has.
     pub error: Option<String>,
+    /// blockd, mirror and active commit: bytes per second the job copies.
+    #[serde(rename = "x-copy-rate")]
+    pub copy_rate: Option<u64>,
+    /// blockd, mirror and active commit: bytes per second clients dirty.
+    #[serde(rename = "x-dirty-rate")]
+    pub dirty_rate: Option<u64>,
+    /// blockd, mirror and active commit: seconds until READY at the rate the dirty set
+    /// shrinks; absent while it does not shrink.
+    #[serde(rename = "x-seconds-to-ready")]
+    pub seconds_to_ready: Option<f64>,
 }
 
 /// `query-block-exports`: the exports.

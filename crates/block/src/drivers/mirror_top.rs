@@ -16,7 +16,7 @@ use crate::Driver;
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -34,6 +34,9 @@ pub struct MirrorState {
     target_write_failed: AtomicBool,
     /// Signalled when a client write made something dirty.
     dirtied: Notify,
+    /// Bytes client writes marked dirty, counted once per write (a range dirtied twice
+    /// counts twice): the job's dirty rate.
+    dirtied_bytes: AtomicU64,
     /// Client requests through the filter, which the job makes room for.
     foreground: Foreground,
 }
@@ -52,6 +55,7 @@ impl MirrorState {
             active_writes: AtomicUsize::new(0),
             target_write_failed: AtomicBool::new(false),
             dirtied: Notify::new(),
+            dirtied_bytes: AtomicU64::new(0),
             foreground: Foreground::default(),
         }
     }
@@ -114,7 +118,13 @@ impl MirrorState {
 
     fn mark_dirty(&self, offset: u64, len: u64) {
         self.bitmap.set(offset, len);
+        self.dirtied_bytes.fetch_add(len, Ordering::Relaxed);
         self.dirtied.notify_one();
+    }
+
+    /// Bytes client writes have marked dirty since the mirror started.
+    pub fn dirtied_bytes(&self) -> u64 {
+        self.dirtied_bytes.load(Ordering::Relaxed)
     }
 
     /// Whether a write-blocking client write failed on the target since the last call

@@ -202,7 +202,7 @@ impl JobDriver for Fake {
         self.call("clean");
     }
 
-    fn extra_info(&self) -> Map<String, Value> {
+    fn extra_info(&self, _progress: &jobs::RowProgress) -> Map<String, Value> {
         let mut extra = Map::new();
         if self.knobs.mirror {
             extra.insert("actively-synced".into(), json!(false));
