@@ -7,8 +7,8 @@
 //! if the whole blockdev-add succeeds; a failure drops it all.
 
 use crate::drivers::{
-    blkdebug, blklogwrites, bochs, cbw, cloop, compress, dmg, file, luks, nbd, null, parallels,
-    qcow, qcow2, qed, raw, rbd, throttle, vdi, vhdx, vmdk, vpc,
+    blkdebug, blklogwrites, blkverify, bochs, cbw, cloop, compress, dmg, file, luks, nbd, null,
+    parallels, qcow, qcow2, qed, raw, rbd, throttle, vdi, vhdx, vmdk, vpc,
 };
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
@@ -71,6 +71,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     throttle::DRIVER,
     compress::DRIVER,
     blklogwrites::DRIVER,
+    blkverify::DRIVER,
 ];
 
 /// The names of all registered drivers.

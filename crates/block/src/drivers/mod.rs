@@ -2,6 +2,7 @@
 
 pub mod blkdebug;
 pub mod blklogwrites;
+pub mod blkverify;
 pub(crate) mod block_map;
 pub mod bochs;
 pub mod cbw;
