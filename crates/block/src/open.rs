@@ -8,7 +8,7 @@
 
 use crate::drivers::{
     blkdebug, blklogwrites, blkverify, bochs, cbw, cloop, compress, dmg, file, luks, nbd, null,
-    parallels, qcow, qcow2, qed, raw, rbd, throttle, vdi, vhdx, vmdk, vpc,
+    parallels, preallocate, qcow, qcow2, qed, raw, rbd, throttle, vdi, vhdx, vmdk, vpc,
 };
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
@@ -72,6 +72,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     compress::DRIVER,
     blklogwrites::DRIVER,
     blkverify::DRIVER,
+    preallocate::DRIVER,
 ];
 
 /// The names of all registered drivers.

@@ -17,6 +17,7 @@ pub mod mirror_top;
 pub mod nbd;
 pub mod null;
 pub mod parallels;
+pub mod preallocate;
 pub mod qcow;
 pub mod qcow2;
 pub mod qed;
