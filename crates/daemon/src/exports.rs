@@ -224,7 +224,10 @@ pub struct ExportMetrics {
     pub node: String,
     /// Connected NBD clients (None for the other types).
     pub clients: Option<usize>,
-    /// The requests its clients made, counted since it was added.
+    /// What its clients' requests asked of the node since it was added, counted where
+    /// they reach the export's edge: bytes are exact, while one protocol request may count
+    /// as several operations (a large NBD read in 1 MiB pieces, a trim with FUA as a
+    /// discard and a flush).
     pub requests: Arc<block::NodeStats>,
 }
 

@@ -22,10 +22,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Longest request head read; a scraper's is a few hundred bytes.
 const MAX_REQUEST: usize = 8 << 10;
-/// A client that has not sent its request by then is dropped.
-const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
-/// Scrapes served at once; more are answered 503 at once.
-const MAX_SCRAPES: usize = 16;
+/// A client that has not sent its request and taken its answer by then is dropped.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(3);
+/// Connections served at once; more are closed at once, so that idle connections cannot
+/// pile up and take the file descriptors the disks need.
+const MAX_CONNECTIONS: usize = 16;
 /// How often job progress is sampled for the rate.
 const RATE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -50,32 +51,47 @@ pub async fn serve(listener: TcpListener, daemon: Rc<Daemon>) {
                 continue;
             }
         };
-        let (daemon, rates, busy) = (daemon.clone(), rates.clone(), busy.clone());
+        if busy.get() >= MAX_CONNECTIONS {
+            drop(stream);
+            continue;
+        }
+        let slot = Slot::take(&busy);
+        let (daemon, rates) = (daemon.clone(), rates.clone());
         tokio::task::spawn_local(async move {
-            busy.set(busy.get() + 1);
-            let over = busy.get() > MAX_SCRAPES;
+            let _slot = slot;
             let served = tokio::time::timeout(
                 REQUEST_DEADLINE,
-                answer(stream, over, || render(&daemon, &rates.borrow())),
+                answer(stream, || render(&daemon, &rates.borrow())),
             )
             .await;
             if let Ok(Err(e)) = served {
                 tracing::debug!("metrics: {e}");
             }
-            busy.set(busy.get() - 1);
         });
     }
 }
 
+/// A connection's place among the [`MAX_CONNECTIONS`], given back however its task ends.
+struct Slot(Rc<Cell<usize>>);
+
+impl Slot {
+    fn take(busy: &Rc<Cell<usize>>) -> Slot {
+        busy.set(busy.get() + 1);
+        Slot(busy.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
 /// Reads one request head and answers it.
-async fn answer(
-    mut stream: TcpStream,
-    over: bool,
-    body: impl FnOnce() -> String,
-) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, body: impl FnOnce() -> String) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+    loop {
         if head.len() >= MAX_REQUEST {
             return respond(&mut stream, "431 Request Header Fields Too Large", "").await;
         }
@@ -83,20 +99,17 @@ async fn answer(
         if n == 0 {
             return Ok(());
         }
+        // Only the new bytes (and the three before them) can complete the blank line.
+        let from = head.len().saturating_sub(3);
         head.extend_from_slice(&chunk[..n]);
+        if head[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
     }
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut words = line.split(' ');
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    if over {
-        return respond(
-            &mut stream,
-            "503 Service Unavailable",
-            "too many scrapes at once\n",
-        )
-        .await;
-    }
     if method != "GET" {
         return respond(&mut stream, "405 Method Not Allowed", "only GET\n").await;
     }
@@ -122,6 +135,8 @@ async fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::R
 /// not anyone scrapes, and whatever the scrape interval.
 async fn sample_rates(daemon: Rc<Daemon>, rates: Rc<RefCell<Rates>>) {
     let mut tick = tokio::time::interval(RATE_INTERVAL);
+    // After a stall, one late tick rather than a burst of them a few microseconds apart.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let now = Instant::now();
@@ -162,7 +177,12 @@ impl Text {
         let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
+    /// One sample; a value that is not finite is left out (Rust would print `inf`, which
+    /// the text format spells `+Inf`, and no figure here should be one).
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        if !value.is_finite() {
+            return;
+        }
         self.out.push_str(name);
         if !labels.is_empty() {
             self.out.push('{');

@@ -60,6 +60,9 @@ async fn writes_reach_both_images_and_agreeing_reads_pass() {
             "write -P 6 8M 4k",
             "-c",
             "read -P 6 8M 4k",
+            // Larger than the 8 MiB the buffer pool lends at once.
+            "-c",
+            "read 0 16M",
             &uri(d),
         ]);
         if which == Impl::Blockd {

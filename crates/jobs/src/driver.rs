@@ -190,6 +190,8 @@ pub struct RowProgress {
     pub len: u64,
     /// In sync (mirror, active commit).
     pub ready: bool,
+    /// Paused, by the user or an error policy.
+    pub paused: bool,
 }
 
 #[cfg(test)]

@@ -595,6 +595,7 @@ impl Job {
                 offset: st.offset,
                 len: st.len,
                 ready: st.is_ready(),
+                paused: st.pause_count > 0,
             }
         };
         row.extend(self.driver.extra_info(&progress));

@@ -129,6 +129,8 @@ pub struct MirrorJob {
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 /// The newest window's weight in a smoothed rate.
 const SMOOTHING: f64 = 0.5;
+/// Slower than this (bytes per second) the dirty set is not shrinking.
+const MIN_SHRINK_RATE: f64 = 64.0 * 1024.0;
 
 /// What a window starts from.
 #[derive(Clone, Copy)]
@@ -186,8 +188,10 @@ impl Estimates {
     /// does not shrink (clients outrun the copy) or before a window was measured.
     fn seconds_to_ready(&self, dirty: u64) -> Option<f64> {
         match self.shrink_rate {
-            Some(rate) if rate > 0.0 => Some(dirty as f64 / rate),
-            Some(_) if dirty == 0 => Some(0.0),
+            _ if dirty == 0 => Some(0.0),
+            // Below the floor the set is taken as standing still: a smoothed rate that
+            // decays towards zero would promise ever later times, in the end infinity.
+            Some(rate) if rate >= MIN_SHRINK_RATE => Some(dirty as f64 / rate),
             _ => None,
         }
     }
@@ -764,6 +768,9 @@ impl JobDriver for MirrorJob {
         }
         let to_ready = if progress.ready {
             Some(0.0)
+        } else if progress.paused {
+            // A paused job gets no nearer.
+            None
         } else {
             estimates.seconds_to_ready(dirty)
         };
@@ -838,5 +845,11 @@ mod tests {
         // Clients outrun the copy: the set grows, and no time is promised.
         e.update(t0 + RATE_WINDOW * 2, 50 * MIB, 80 * MIB, 140 * MIB);
         assert_eq!(e.seconds_to_ready(140 * MIB), None);
+        // A set that stands still: the decaying rate never turns into a promise.
+        for i in 3..2000 {
+            e.update(t0 + RATE_WINDOW * i, 50 * MIB, 80 * MIB, 140 * MIB);
+            assert_eq!(e.seconds_to_ready(140 * MIB), None);
+        }
+        assert_eq!(e.seconds_to_ready(0), Some(0.0));
     }
 }

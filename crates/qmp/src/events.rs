@@ -88,6 +88,7 @@ impl EventStream {
         self.try_recv_shared().map(Arc::unwrap_or_clone)
     }
 
+    /// [`try_recv`](Self::try_recv) without copying the event.
     pub(crate) fn try_recv_shared(&mut self) -> Option<Arc<Value>> {
         self.rx.try_recv().ok()
     }

@@ -19,6 +19,9 @@ use serde_json::{Map, Value};
 use std::io;
 use std::sync::Arc;
 
+/// The largest piece read or written at once (the buffer pool's largest buffer is 8 MiB).
+const CHUNK: usize = 1 << 20;
+
 pub struct Blkverify {
     test: Arc<Child>,
     raw: Arc<Child>,
@@ -35,7 +38,8 @@ fn agree<T>(
 ) -> io::Result<T> {
     match (test, raw) {
         (Ok(value), Ok(())) => Ok(value),
-        (Err(e), Err(_)) => Err(e),
+        // The same failure on both sides is an answer; different ones are a mismatch.
+        (Err(e), Err(r)) if e.raw_os_error() == r.raw_os_error() => Err(e),
         (test, raw) => {
             tracing::error!(
                 "blkverify: {what} offset={offset} bytes={len} return value mismatch: test {}, raw {}",
@@ -64,24 +68,23 @@ impl Driver for Blkverify {
         self.test.node().size()
     }
 
+    /// In pieces of at most [`CHUNK`] (the reference copy's buffer comes from the pool,
+    /// which lends no more); the test image's share is read straight into `buf`.
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let len = buf.len() as u64;
-        let mut reference = aio::pool::PoolBuf::new(buf.len(), 1)?;
-        let (test, raw) = futures::join!(
-            self.test.read(offset, buf),
-            self.raw.read(offset, reference.as_mut_slice())
-        );
-        agree("read", offset, len, test, raw)?;
-        if let Some(at) = buf
-            .iter()
-            .zip(reference.as_slice())
-            .position(|(a, b)| a != b)
-        {
-            tracing::error!(
-                "blkverify: read offset={offset} bytes={len} contents mismatch at offset {}",
-                offset + at as u64
-            );
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+        let mut reference = aio::pool::PoolBuf::new(buf.len().min(CHUNK), 1)?;
+        for (i, piece) in buf.chunks_mut(CHUNK).enumerate() {
+            let at = offset + (i * CHUNK) as u64;
+            let len = piece.len() as u64;
+            let copy = &mut reference.as_mut_slice()[..piece.len()];
+            let (test, raw) = futures::join!(self.test.read(at, piece), self.raw.read(at, copy));
+            agree("read", at, len, test, raw)?;
+            if let Some(diff) = piece.iter().zip(copy.iter()).position(|(a, b)| a != b) {
+                tracing::error!(
+                    "blkverify: read offset={at} bytes={len} contents mismatch at offset {}",
+                    at + diff as u64
+                );
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
         }
         Ok(())
     }
@@ -107,9 +110,8 @@ impl Driver for Blkverify {
         if flags.no_fallback {
             return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
         }
-        const CHUNK: u64 = 1 << 20;
         // Pool buffers come back with what they held last.
-        let mut zeroes = aio::pool::PoolBuf::new(CHUNK.min(len) as usize, 1)?;
+        let mut zeroes = aio::pool::PoolBuf::new((CHUNK as u64).min(len) as usize, 1)?;
         zeroes.as_mut_slice().fill(0);
         let data = WriteFlags {
             may_unmap: false,
@@ -117,7 +119,7 @@ impl Driver for Blkverify {
         };
         let mut pos = offset;
         while pos < offset + len {
-            let n = (offset + len - pos).min(CHUNK) as usize;
+            let n = (offset + len - pos).min(CHUNK as u64) as usize;
             self.write(node, pos, &zeroes.as_slice()[..n], data).await?;
             pos += n as u64;
         }
