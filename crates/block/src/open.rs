@@ -8,7 +8,7 @@
 
 use crate::drivers::{
     blkdebug, blklogwrites, blkverify, bochs, cbw, cloop, compress, dmg, file, luks, nbd, null,
-    parallels, preallocate, qcow, qcow2, qed, raw, rbd, throttle, vdi, vhdx, vmdk, vpc,
+    parallels, preallocate, qcow, qcow2, qed, quorum, raw, rbd, throttle, vdi, vhdx, vmdk, vpc,
 };
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
@@ -73,6 +73,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     blklogwrites::DRIVER,
     blkverify::DRIVER,
     preallocate::DRIVER,
+    quorum::DRIVER,
 ];
 
 /// The names of all registered drivers.

@@ -1128,6 +1128,8 @@ mod tests {
                 "BLOCK_JOB_READY",
                 "BLOCK_WRITE_THRESHOLD",
                 "JOB_STATUS_CHANGE",
+                "QUORUM_FAILURE",
+                "QUORUM_REPORT_BAD",
             ]
         );
     }

@@ -21,6 +21,7 @@ pub mod preallocate;
 pub mod qcow;
 pub mod qcow2;
 pub mod qed;
+pub mod quorum;
 pub mod raw;
 pub mod rbd;
 pub(crate) mod read_only;

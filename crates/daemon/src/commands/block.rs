@@ -111,8 +111,8 @@ struct BlockdevChangeArgs {
 }
 
 /// x-blockdev-change: adds a child to, or removes one from, a node whose driver takes
-/// children at run time (QEMU's quorum). No blockd driver does yet, so after QEMU's
-/// checks, in QEMU's order, it is refused with QEMU's words.
+/// children at run time (QEMU's quorum). blockd's quorum does not yet, so after QEMU's
+/// checks, in QEMU's order, it is refused with QEMU's words for a driver that cannot.
 pub fn x_blockdev_change(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
     let args: BlockdevChangeArgs = qapi::de::from_value(Value::Object(args))?;
     let parent = daemon.graph.lookup(&args.parent)?;

@@ -1,0 +1,379 @@
+//! `quorum`: the same disk on several children, kept alike and voted on (QEMU's quorum).
+//!
+//! Writes, zero writes, discards and flushes go to every child and succeed when at least
+//! `vote-threshold` children succeed; each child that fails is reported (QUORUM_REPORT_BAD
+//! with its error). Reads, with `read-pattern: quorum`, read every child and vote: the
+//! version most children returned wins if at least `vote-threshold` returned it, children
+//! that returned another version are reported (and, with `rewrite-corrupted`, given the
+//! winning data); without such a majority the read fails and QUORUM_FAILURE says where.
+//! With `read-pattern: fifo` the first child that reads successfully answers.
+//!
+//! `blkverify: true` (two children, threshold 2) makes any difference an error; QEMU ends
+//! the process there, blockd fails the read with EIO and logs it, as its blkverify does.
+//! Adding and removing children at run time (x-blockdev-change) is not built.
+
+use crate::graph::EventHook;
+use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::open::{DriverEntry, Opener};
+use crate::perm::Perms;
+use crate::Driver;
+use async_trait::async_trait;
+use futures::future::join_all;
+use qapi::error::QmpError;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+
+/// Reads are voted on in pieces of at most this many bytes (one buffer per child).
+const CHUNK: usize = 1 << 20;
+
+pub struct Quorum {
+    children: Vec<Arc<Child>>,
+    threshold: usize,
+    blkverify: bool,
+    rewrite_corrupted: bool,
+    fifo: bool,
+    events: Option<EventHook>,
+}
+
+/// QUORUM_REPORT_BAD's `type`.
+#[derive(Clone, Copy)]
+enum Op {
+    Read,
+    Write,
+    Flush,
+}
+
+impl Op {
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+        }
+    }
+}
+
+/// The sectors an event names: QEMU counts in 512-byte sectors, rounding the end up.
+fn sectors(offset: u64, len: u64) -> (u64, u64) {
+    let start = offset / 512;
+    (start, (offset + len).div_ceil(512) - start)
+}
+
+impl Quorum {
+    fn emit(&self, name: &str, data: Value) {
+        if let Some(hook) = &self.events {
+            hook(name, data);
+        }
+    }
+
+    fn report_bad(&self, op: Op, child: &Child, offset: u64, len: u64, error: Option<&io::Error>) {
+        let (sector, count) = sectors(offset, len);
+        let mut data = json!({
+            "type": op.as_str(),
+            "node-name": child.node().name(),
+            "sector-num": sector,
+            "sectors-count": count,
+        });
+        if let Some(e) = error {
+            data["error"] = json!(crate::drivers::file::os_error_text(e));
+        }
+        self.emit("QUORUM_REPORT_BAD", data);
+    }
+
+    fn report_failure(&self, node: &Node, offset: u64, len: u64) {
+        let (sector, count) = sectors(offset, len);
+        self.emit(
+            "QUORUM_FAILURE",
+            json!({"reference": node.name(), "sector-num": sector, "sectors-count": count}),
+        );
+    }
+
+    /// Runs `request` on every child at once; succeeds when `vote-threshold` of them did,
+    /// reporting each child that failed.
+    async fn on_all<'a, F, Fut>(
+        &'a self,
+        node: &Node,
+        op: Op,
+        offset: u64,
+        len: u64,
+        request: F,
+    ) -> io::Result<()>
+    where
+        F: Fn(&'a Arc<Child>) -> Fut,
+        Fut: Future<Output = io::Result<()>> + 'a,
+    {
+        let results = join_all(self.children.iter().map(&request)).await;
+        let mut first_error = None;
+        let mut succeeded = 0;
+        for (child, result) in self.children.iter().zip(results) {
+            match result {
+                Ok(()) => succeeded += 1,
+                Err(e) => {
+                    self.report_bad(op, child, offset, len, Some(&e));
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if succeeded >= self.threshold {
+            return Ok(());
+        }
+        if !matches!(op, Op::Flush) {
+            self.report_failure(node, offset, len);
+        }
+        Err(first_error.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)))
+    }
+
+    /// One piece of a voted read into `buf`.
+    async fn vote(&self, node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = buf.len() as u64;
+        let mut copies = Vec::with_capacity(self.children.len());
+        for _ in &self.children {
+            copies.push(aio::pool::PoolBuf::new(buf.len(), 1)?);
+        }
+        let results = join_all(
+            self.children
+                .iter()
+                .zip(copies.iter_mut())
+                .map(|(child, copy)| child.read(offset, copy.as_mut_slice())),
+        )
+        .await;
+        // Children that answered, by index; each group of identical versions, by index.
+        let mut answered = Vec::new();
+        let mut first_error = None;
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(()) => answered.push(i),
+                Err(e) => {
+                    self.report_bad(Op::Read, &self.children[i], offset, len, Some(&e));
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if answered.len() < self.threshold {
+            self.report_failure(node, offset, len);
+            return Err(first_error.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)));
+        }
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for &i in &answered {
+            let same = groups
+                .iter_mut()
+                .find(|g| copies[g[0]].as_slice() == copies[i].as_slice());
+            match same {
+                Some(group) => group.push(i),
+                None => groups.push(vec![i]),
+            }
+        }
+        if self.blkverify && groups.len() > 1 {
+            let (a, b) = (
+                copies[groups[0][0]].as_slice(),
+                copies[groups[1][0]].as_slice(),
+            );
+            let at = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0);
+            tracing::error!(
+                "quorum: offset={offset} bytes={len} contents mismatch at offset {}",
+                offset + at as u64
+            );
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        // The largest group wins; of equal ones, the first child's.
+        let winner = groups
+            .iter()
+            .enumerate()
+            .max_by_key(|(index, g)| (g.len(), std::cmp::Reverse(*index)))
+            .map(|(index, _)| index)
+            .unwrap_or(0);
+        if groups[winner].len() < self.threshold {
+            self.report_failure(node, offset, len);
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let data = copies[groups[winner][0]].as_slice();
+        buf.copy_from_slice(data);
+        for (index, group) in groups.iter().enumerate() {
+            if index == winner {
+                continue;
+            }
+            for &i in group {
+                let child = &self.children[i];
+                self.report_bad(Op::Read, child, offset, len, None);
+                if self.rewrite_corrupted {
+                    if let Err(e) = child.write(offset, data, WriteFlags::default()).await {
+                        tracing::warn!(
+                            node = child.node().name(),
+                            "quorum: rewriting a corrupted range failed: {e}"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait(?Send)]
+impl Driver for Quorum {
+    fn format_name(&self) -> &'static str {
+        "quorum"
+    }
+
+    fn size(&self, _: &Node) -> u64 {
+        self.children[0].node().size()
+    }
+
+    async fn read(&self, node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if self.fifo {
+            let len = buf.len() as u64;
+            let mut last_error = None;
+            for child in &self.children {
+                match child.read(offset, buf).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        self.report_bad(Op::Read, child, offset, len, Some(&e));
+                        last_error = Some(e);
+                    }
+                }
+            }
+            return Err(last_error.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)));
+        }
+        for (i, piece) in buf.chunks_mut(CHUNK).enumerate() {
+            self.vote(node, offset + (i * CHUNK) as u64, piece).await?;
+        }
+        Ok(())
+    }
+
+    async fn write(
+        &self,
+        node: &Node,
+        offset: u64,
+        buf: &[u8],
+        flags: WriteFlags,
+    ) -> io::Result<()> {
+        self.on_all(node, Op::Write, offset, buf.len() as u64, |child| {
+            child.write(offset, buf, flags)
+        })
+        .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        node: &Node,
+        offset: u64,
+        len: u64,
+        flags: WriteFlags,
+    ) -> io::Result<()> {
+        self.on_all(node, Op::Write, offset, len, |child| {
+            child.write_zeroes(offset, len, flags)
+        })
+        .await
+    }
+
+    async fn discard(&self, node: &Node, offset: u64, len: u64) -> io::Result<()> {
+        self.on_all(node, Op::Write, offset, len, |child| {
+            child.discard(offset, len)
+        })
+        .await
+    }
+
+    async fn flush(&self, node: &Node) -> io::Result<()> {
+        self.on_all(node, Op::Flush, 0, 0, |child| child.flush())
+            .await
+    }
+
+    /// QEMU's quorum gives no allocation status: everything is data.
+    async fn block_status(&self, node: &Node, offset: u64, _len: u64) -> io::Result<Extent> {
+        Ok(Extent {
+            len: self.size(node).saturating_sub(offset),
+            kind: ExtentKind::Data,
+        })
+    }
+
+    async fn truncate(&self, _: &Node, _: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    fn child_perms(&self, _: &str, perm: Perms, shared: Perms, _: bool) -> (Perms, Perms) {
+        (perm, shared)
+    }
+
+    fn info(&self, node: &Node) -> DriverInfo {
+        DriverInfo {
+            filename: crate::graph::json_filename(node, ""),
+            ..DriverInfo::default()
+        }
+    }
+}
+
+pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    format: false,
+    hands_over: true,
+    names: &["quorum"],
+    open: |o, options| Box::pin(open(o, options)),
+};
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum ReadPattern {
+    Quorum,
+    Fifo,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct QuorumOptions {
+    blkverify: Option<bool>,
+    children: Vec<Value>,
+    vote_threshold: i64,
+    rewrite_corrupted: Option<bool>,
+    read_pattern: Option<ReadPattern>,
+}
+
+async fn open(
+    o: &mut Opener<'_>,
+    options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let opts: QuorumOptions = o.parse(options)?;
+    if opts.children.is_empty() {
+        return Err(QmpError::generic(
+            "Number of provided children must be 1 or more",
+        ));
+    }
+    if opts.vote_threshold < 1 {
+        return Err(QmpError::generic(
+            "Parameter 'vote-threshold' expects a value >= 1",
+        ));
+    }
+    let threshold = opts.vote_threshold as usize;
+    if threshold > opts.children.len() {
+        return Err(QmpError::generic("threshold may not exceed children count"));
+    }
+    let blkverify = opts.blkverify.unwrap_or(false);
+    if blkverify && (opts.children.len() != 2 || threshold != 2) {
+        return Err(QmpError::generic(
+            "blkverify=on can only be set if there are exactly two files and vote-threshold is 2",
+        ));
+    }
+    let rewrite_corrupted = opts.rewrite_corrupted.unwrap_or(false);
+    if rewrite_corrupted && blkverify {
+        return Err(QmpError::generic(
+            "rewrite-corrupted=on cannot be used with blkverify=on",
+        ));
+    }
+    let mut children = Vec::with_capacity(opts.children.len());
+    for (i, reference) in opts.children.into_iter().enumerate() {
+        let role = format!("children.{i}");
+        children.push(
+            o.open_child(reference, &role, Perms::NONE, Perms::ALL)
+                .await?,
+        );
+    }
+    Ok(Box::new(Quorum {
+        children,
+        threshold,
+        blkverify,
+        rewrite_corrupted,
+        fifo: opts.read_pattern == Some(ReadPattern::Fifo),
+        events: o.event_hook(),
+    }))
+}
