@@ -390,6 +390,24 @@ pub trait Driver: std::any::Any + Send + Sync + 'static {
         Ok(())
     }
 
+    /// x-blockdev-change: take `child` (a node no other node uses) as a new child (QEMU's
+    /// quorum). The node is drained meanwhile. Refused, in QEMU's words, by default.
+    async fn add_child(&self, node: &Arc<Node>, _child: &Arc<Node>) -> Result<(), String> {
+        Err(format!(
+            "The node {} does not support adding a child",
+            node.name()
+        ))
+    }
+
+    /// x-blockdev-change: let go of the child edge `role` (which exists). The node is
+    /// drained meanwhile. Refused, in QEMU's words, by default.
+    async fn remove_child(&self, node: &Arc<Node>, _role: &str) -> Result<(), String> {
+        Err(format!(
+            "The node {} does not support removing a child",
+            node.name()
+        ))
+    }
+
     /// Whether this node is a filter whose `file`/`image` child is its data (raw, blkdebug).
     fn filtered_child_role(&self) -> Option<&'static str> {
         None

@@ -232,3 +232,93 @@ async fn option_errors_read_as_qsds() {
     }
     assert_eq!(answers[0], answers[1], "blockd, then qsd");
 }
+
+/// x-blockdev-change on a quorum: a new child is named children.N and gets the writes,
+/// children go while at least vote-threshold stay, and the refusals read as qsd's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_come_and_go_like_qsd() {
+    let mut answers = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut args = raw_children(d, &["c1", "c2", "c3", "c4", "v1", "v2"]);
+        args.extend(nbd(d));
+        args.extend(quorum(
+            "q",
+            &["c1", "c2", "c3"],
+            json!({"vote-threshold": 2}),
+        ));
+        args.extend([
+            s("--blockdev"),
+            json!({"driver": "quorum", "node-name": "v", "children": ["v1", "v2"],
+                   "vote-threshold": 2, "blkverify": true})
+            .to_string(),
+        ]);
+        let daemon = Daemon::start(which, d, &args);
+        let mut client = daemon.qmp().await;
+        let mut replies = Vec::new();
+        for change in [
+            json!({"parent": "q", "node": "c4"}),
+            json!({"parent": "q", "node": "c2"}),
+            json!({"parent": "v", "node": "c4"}),
+            json!({"parent": "q", "child": "children.0"}),
+            json!({"parent": "q", "child": "children.0"}),
+            json!({"parent": "q", "child": "children.1"}),
+            json!({"parent": "q", "child": "children.2"}),
+            json!({"parent": "q", "node": "nosuch"}),
+            json!({"parent": "q"}),
+        ] {
+            replies.push(reply(&mut client, "x-blockdev-change", change).await);
+        }
+        assert_eq!(replies[0], json!({"return": {}}), "{which:?}: {replies:?}");
+        assert_eq!(replies[3], json!({"return": {}}), "{which:?}: {replies:?}");
+        assert!(replies[6]["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("lower than the vote threshold 2"));
+        // What is left: c3 and c4, which both get a write.
+        let graph = client
+            .execute("x-debug-query-block-graph", json!({}))
+            .await
+            .unwrap();
+        let names: std::collections::HashMap<u64, String> = graph["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["id"].as_u64().unwrap(),
+                    n["name"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let mut edges: Vec<(String, String)> = graph["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| names[&e["parent"].as_u64().unwrap()] == "q")
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().to_owned(),
+                    names[&e["child"].as_u64().unwrap()].clone(),
+                )
+            })
+            .collect();
+        edges.sort();
+        replies.push(json!(edges));
+        qemu_io(&["-f", "raw", "-c", "write -P 4 2M 4k", &uri(d, "q")]);
+        daemon.quit(&mut client).await;
+        for image in ["c3", "c4"] {
+            qemu_io(&[
+                "-f",
+                "raw",
+                "-c",
+                "read -P 4 2M 4k",
+                &p(d, &format!("{image}.img")),
+            ]);
+        }
+        qemu_io(&["-f", "raw", "-c", "read -P 0 2M 4k", &p(d, "c1.img")]);
+        answers.push(replies);
+    }
+    assert_eq!(answers[0], answers[1], "blockd, then qsd");
+}

@@ -10,13 +10,17 @@
 //!
 //! `blkverify: true` (two children, threshold 2) makes any difference an error; QEMU ends
 //! the process there, blockd fails the read with EIO and logs it, as its blkverify does.
-//! Adding and removing children at run time (x-blockdev-change) is not built.
+//!
+//! x-blockdev-change adds children (named `children.N`, N counting on) and removes them
+//! while at least `vote-threshold` stay. Requests load the list once, so one that was under
+//! way when the list changed finishes on the children it started with.
 
 use crate::graph::EventHook;
-use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::node::{Child, DriverInfo, Extent, ExtentKind, Node, Parent, WriteFlags};
 use crate::open::{DriverEntry, Opener};
 use crate::perm::Perms;
 use crate::Driver;
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use futures::future::join_all;
 use qapi::error::QmpError;
@@ -24,13 +28,16 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Reads are voted on in pieces of at most this many bytes (one buffer per child).
 const CHUNK: usize = 1 << 20;
 
 pub struct Quorum {
-    children: Vec<Arc<Child>>,
+    children: ArcSwap<Vec<Arc<Child>>>,
+    /// The index the next added child's role gets.
+    next_index: AtomicUsize,
     threshold: usize,
     blkverify: bool,
     rewrite_corrupted: bool,
@@ -102,13 +109,14 @@ impl Quorum {
         request: F,
     ) -> io::Result<()>
     where
-        F: Fn(&'a Arc<Child>) -> Fut,
+        F: Fn(Arc<Child>) -> Fut,
         Fut: Future<Output = io::Result<()>> + 'a,
     {
-        let results = join_all(self.children.iter().map(&request)).await;
+        let children = self.children.load_full();
+        let results = join_all(children.iter().cloned().map(&request)).await;
         let mut first_error = None;
         let mut succeeded = 0;
-        for (child, result) in self.children.iter().zip(results) {
+        for (child, result) in children.iter().zip(results) {
             match result {
                 Ok(()) => succeeded += 1,
                 Err(e) => {
@@ -129,12 +137,13 @@ impl Quorum {
     /// One piece of a voted read into `buf`.
     async fn vote(&self, node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
-        let mut copies = Vec::with_capacity(self.children.len());
-        for _ in &self.children {
+        let children = self.children.load();
+        let mut copies = Vec::with_capacity(children.len());
+        for _ in children.iter() {
             copies.push(aio::pool::PoolBuf::new(buf.len(), 1)?);
         }
         let results = join_all(
-            self.children
+            children
                 .iter()
                 .zip(copies.iter_mut())
                 .map(|(child, copy)| child.read(offset, copy.as_mut_slice())),
@@ -147,7 +156,7 @@ impl Quorum {
             match result {
                 Ok(()) => answered.push(i),
                 Err(e) => {
-                    self.report_bad(Op::Read, &self.children[i], offset, len, Some(&e));
+                    self.report_bad(Op::Read, &children[i], offset, len, Some(&e));
                     first_error.get_or_insert(e);
                 }
             }
@@ -196,7 +205,7 @@ impl Quorum {
                 continue;
             }
             for &i in group {
-                let child = &self.children[i];
+                let child = &children[i];
                 self.report_bad(Op::Read, child, offset, len, None);
                 if self.rewrite_corrupted {
                     if let Err(e) = child.write(offset, data, WriteFlags::default()).await {
@@ -219,14 +228,14 @@ impl Driver for Quorum {
     }
 
     fn size(&self, _: &Node) -> u64 {
-        self.children[0].node().size()
+        self.children.load().first().map_or(0, |c| c.node().size())
     }
 
     async fn read(&self, node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         if self.fifo {
             let len = buf.len() as u64;
             let mut last_error = None;
-            for child in &self.children {
+            for child in self.children.load_full().iter() {
                 match child.read(offset, buf).await {
                     Ok(()) => return Ok(()),
                     Err(e) => {
@@ -250,9 +259,13 @@ impl Driver for Quorum {
         buf: &[u8],
         flags: WriteFlags,
     ) -> io::Result<()> {
-        self.on_all(node, Op::Write, offset, buf.len() as u64, |child| {
-            child.write(offset, buf, flags)
-        })
+        self.on_all(
+            node,
+            Op::Write,
+            offset,
+            buf.len() as u64,
+            |child| async move { child.write(offset, buf, flags).await },
+        )
         .await
     }
 
@@ -263,22 +276,28 @@ impl Driver for Quorum {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        self.on_all(node, Op::Write, offset, len, |child| {
-            child.write_zeroes(offset, len, flags)
+        self.on_all(node, Op::Write, offset, len, |child| async move {
+            child.write_zeroes(offset, len, flags).await
         })
         .await
     }
 
     async fn discard(&self, node: &Node, offset: u64, len: u64) -> io::Result<()> {
-        self.on_all(node, Op::Write, offset, len, |child| {
-            child.discard(offset, len)
+        self.on_all(node, Op::Write, offset, len, |child| async move {
+            child.discard(offset, len).await
         })
         .await
     }
 
     async fn flush(&self, node: &Node) -> io::Result<()> {
-        self.on_all(node, Op::Flush, 0, 0, |child| child.flush())
-            .await
+        self.on_all(
+            node,
+            Op::Flush,
+            0,
+            0,
+            |child| async move { child.flush().await },
+        )
+        .await
     }
 
     /// QEMU's quorum gives no allocation status: everything is data.
@@ -302,6 +321,58 @@ impl Driver for Quorum {
             filename: crate::graph::json_filename(node, ""),
             ..DriverInfo::default()
         }
+    }
+
+    async fn add_child(&self, node: &Arc<Node>, child: &Arc<Node>) -> Result<(), String> {
+        if !child.parents().is_empty() {
+            return Err(format!("The node {} already has a parent", child.name()));
+        }
+        if self.blkverify {
+            return Err("Cannot add a child to a quorum in blkverify mode".into());
+        }
+        let role = format!("children.{}", self.next_index.load(Ordering::Acquire));
+        let (perm, shared) = node.cumulative_perms();
+        let (perm, shared) = self.child_perms(&role, perm, shared, false);
+        let edge = Node::attach(
+            child,
+            &role,
+            Parent::Node(node.name().to_owned()),
+            perm,
+            shared,
+        )?;
+        node.add_child(edge.clone());
+        let mut children = Vec::clone(&self.children.load());
+        children.push(edge);
+        self.children.store(Arc::new(children));
+        self.next_index.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    async fn remove_child(&self, node: &Arc<Node>, role: &str) -> Result<(), String> {
+        let children = self.children.load_full();
+        if children.len() <= self.threshold {
+            return Err(format!(
+                "The number of children cannot be lower than the vote threshold {}",
+                self.threshold
+            ));
+        }
+        let kept: Vec<Arc<Child>> = children
+            .iter()
+            .filter(|c| c.role() != role)
+            .cloned()
+            .collect();
+        self.children.store(Arc::new(kept));
+        // As QEMU: the last index added is given out again once its child is gone.
+        let index = self.next_index.load(Ordering::Acquire);
+        if index > 0 && role == format!("children.{}", index - 1) {
+            self.next_index.store(index - 1, Ordering::Release);
+        }
+        if let Some(edge) = node.remove_child(role) {
+            let below = edge.node();
+            drop(edge);
+            let _ = below.refresh_perms();
+        }
+        Ok(())
     }
 }
 
@@ -369,7 +440,8 @@ async fn open(
         );
     }
     Ok(Box::new(Quorum {
-        children,
+        next_index: AtomicUsize::new(children.len()),
+        children: ArcSwap::from_pointee(children),
         threshold,
         blkverify,
         rewrite_corrupted,

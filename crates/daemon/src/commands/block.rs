@@ -111,16 +111,22 @@ struct BlockdevChangeArgs {
 }
 
 /// x-blockdev-change: adds a child to, or removes one from, a node whose driver takes
-/// children at run time (QEMU's quorum). blockd's quorum does not yet, so after QEMU's
-/// checks, in QEMU's order, it is refused with QEMU's words for a driver that cannot.
-pub fn x_blockdev_change(daemon: &Daemon, args: Map<String, Value>) -> Result<Value, QmpError> {
+/// children at run time (quorum), with QEMU's checks in QEMU's order; the node is drained
+/// while its children change.
+pub async fn x_blockdev_change(
+    daemon: &Daemon,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
     let args: BlockdevChangeArgs = qapi::de::from_value(Value::Object(args))?;
     let parent = daemon.graph.lookup(&args.parent)?;
-    match (&args.child, &args.node) {
-        (Some(_), Some(_)) => Err(QmpError::generic(
-            "The parameters child and node are in conflict",
-        )),
-        (None, None) => Err(QmpError::generic("Either child or node must be specified")),
+    let _changing = daemon.graph.lock_changes().await;
+    let changed = match (&args.child, &args.node) {
+        (Some(_), Some(_)) => {
+            return Err(QmpError::generic(
+                "The parameters child and node are in conflict",
+            ))
+        }
+        (None, None) => return Err(QmpError::generic("Either child or node must be specified")),
         (Some(child), None) => {
             if parent.child(child).is_none() {
                 return Err(QmpError::generic(format!(
@@ -128,21 +134,22 @@ pub fn x_blockdev_change(daemon: &Daemon, args: Map<String, Value>) -> Result<Va
                     parent.name()
                 )));
             }
-            Err(QmpError::generic(format!(
-                "The node {} does not support removing a child",
-                parent.name()
-            )))
+            parent.drain().await;
+            let removed = parent.driver().remove_child(&parent, child).await;
+            parent.undrain();
+            removed
         }
         (None, Some(node)) => {
-            if daemon.graph.find(node).is_none() {
+            let Some(child) = daemon.graph.find(node) else {
                 return Err(QmpError::generic(format!("Node '{node}' not found")));
-            }
-            Err(QmpError::generic(format!(
-                "The node {} does not support adding a child",
-                parent.name()
-            )))
+            };
+            parent.drain().await;
+            let added = parent.driver().add_child(&parent, &child).await;
+            parent.undrain();
+            added
         }
-    }
+    };
+    changed.map(|()| json!({})).map_err(QmpError::generic)
 }
 
 #[derive(Deserialize)]

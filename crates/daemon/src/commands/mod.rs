@@ -128,7 +128,7 @@ impl qmp::Dispatcher for Commands {
                 "blockdev-create" => create::blockdev_create(daemon, args).await,
                 "blockdev-reopen" => reopen::blockdev_reopen(daemon, args).await,
                 "blockdev-del" | "x-blockdev-del" => block::blockdev_del(daemon, args).await,
-                "x-blockdev-change" => block::x_blockdev_change(daemon, args),
+                "x-blockdev-change" => block::x_blockdev_change(daemon, args).await,
                 "x-blockdev-set-iothread" => block::x_blockdev_set_iothread(daemon, args),
                 "blockdev-set-active" => block::blockdev_set_active(daemon, args).await,
                 "chardev-add" => chardev::chardev_add(daemon, args).await,
