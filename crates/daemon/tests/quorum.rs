@@ -322,3 +322,52 @@ async fn children_come_and_go_like_qsd() {
     }
     assert_eq!(answers[0], answers[1], "blockd, then qsd");
 }
+
+/// Children must stay alike: children of different sizes are refused, and so is anyone
+/// else writing to a child, in qsd's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_stay_alike_like_qsd() {
+    let mut answers = Vec::new();
+    for which in Impl::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut args = raw_children(d, &["c1", "c2"]);
+        let small = p(d, "small.img");
+        qemu_img(&["create", "-q", "-f", "raw", &small, "2M"]);
+        args.extend([
+            s("--blockdev"),
+            format!("driver=raw,node-name=small,file.driver=file,file.filename={small}"),
+        ]);
+        args.extend(nbd(d));
+        let daemon = Daemon::start(which, d, &args);
+        let mut client = daemon.qmp().await;
+        let mut replies = Vec::new();
+        let quorum = |children: &[&str]| {
+            json!({"driver": "quorum", "node-name": "q", "children": children,
+                   "vote-threshold": 1})
+        };
+        replies.push(reply(&mut client, "blockdev-add", quorum(&["c1", "small"])).await);
+        replies.push(reply(&mut client, "blockdev-add", quorum(&["c1", "c2"])).await);
+        replies.push(
+            reply(
+                &mut client,
+                "block-export-add",
+                json!({"type": "nbd", "id": "e1", "node-name": "c1", "writable": true}),
+            )
+            .await,
+        );
+        replies.push(
+            reply(
+                &mut client,
+                "block-export-add",
+                json!({"type": "nbd", "id": "e2", "node-name": "c1", "writable": false}),
+            )
+            .await,
+        );
+        daemon.quit(&mut client).await;
+        answers.push(replies);
+    }
+    assert_eq!(answers[0][1], json!({"return": {}}));
+    assert!(answers[0][2].get("error").is_some(), "{:?}", answers[0]);
+    assert_eq!(answers[0], answers[1], "blockd, then qsd");
+}

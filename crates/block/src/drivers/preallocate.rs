@@ -34,6 +34,8 @@ pub struct Preallocate {
     file_end: AtomicU64,
     /// This node has write permission: preallocation may happen (see the module comment).
     writing: AtomicBool,
+    /// The file could not be grown once: no more preallocation on this node.
+    gave_up: AtomicBool,
     /// One preallocation at a time; concurrent writes past the end wait for it.
     growing: tokio::sync::Mutex<()>,
 }
@@ -61,7 +63,14 @@ impl Preallocate {
         };
         match self.file.write_zeroes(start, target - start, zeroes).await {
             Ok(()) => self.file_end.store(target, Ordering::Release),
-            Err(e) => tracing::debug!("preallocate: file not grown ({e}), writing without"),
+            Err(e) => {
+                // Not tried again: this write now extends the file itself, past the end
+                // known here, and a later preallocation from that stale end would zero
+                // over it while it is under way.
+                tracing::debug!("preallocate: file not grown ({e}), writing without from now on");
+                self.writing.store(false, Ordering::Release);
+                self.gave_up.store(true, Ordering::Release);
+            }
         }
     }
 
@@ -155,8 +164,8 @@ impl Driver for Preallocate {
     }
 
     fn apply_perms(&self, perm: Perms, _shared: Perms) -> Result<(), String> {
-        self.writing
-            .store(perm.contains(Perms::WRITE), Ordering::Release);
+        let writing = perm.contains(Perms::WRITE) && !self.gave_up.load(Ordering::Acquire);
+        self.writing.store(writing, Ordering::Release);
         Ok(())
     }
 
@@ -239,6 +248,7 @@ async fn open(
         data_end: AtomicU64::new(end),
         file_end: AtomicU64::new(end),
         writing: AtomicBool::new(false),
+        gave_up: AtomicBool::new(false),
         growing: tokio::sync::Mutex::new(()),
     }))
 }

@@ -26,10 +26,12 @@ use futures::future::join_all;
 use qapi::error::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Reads are voted on in pieces of at most this many bytes (one buffer per child).
 const CHUNK: usize = 1 << 20;
@@ -43,7 +45,12 @@ pub struct Quorum {
     rewrite_corrupted: bool,
     fifo: bool,
     events: Option<EventHook>,
+    /// When each (event, node) last went out, for [`Quorum::emit`]'s limit.
+    last_events: Mutex<HashMap<(String, String), Option<Instant>>>,
 }
+
+/// At most one QUORUM_* event per node and this interval (QEMU's monitor limit).
+const EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// QUORUM_REPORT_BAD's `type`.
 #[derive(Clone, Copy)]
@@ -70,30 +77,47 @@ fn sectors(offset: u64, len: u64) -> (u64, u64) {
 }
 
 impl Quorum {
-    fn emit(&self, name: &str, data: Value) {
-        if let Some(hook) = &self.events {
-            hook(name, data);
+    /// Sends an event, at most one a second per event and `key` (as QEMU's monitor limits
+    /// these two): a guest that keeps reading a bad range must not flood the monitor.
+    fn emit(&self, name: &str, key: &str, data: Value) {
+        let Some(hook) = &self.events else {
+            return;
+        };
+        let now = Instant::now();
+        {
+            let mut last = self.last_events.lock().unwrap();
+            let slot = last
+                .entry((name.to_owned(), key.to_owned()))
+                .or_insert(None);
+            if slot.is_some_and(|then: Instant| now.duration_since(then) < EVENT_INTERVAL) {
+                tracing::debug!("quorum: {name} for '{key}' held back: {data}");
+                return;
+            }
+            *slot = Some(now);
         }
+        hook(name, data);
     }
 
-    fn report_bad(&self, op: Op, child: &Child, offset: u64, len: u64, error: Option<&io::Error>) {
+    fn report(&self, op: Op, child: &Child, offset: u64, len: u64, error: Option<String>) {
         let (sector, count) = sectors(offset, len);
+        let name = child.node().name().to_owned();
         let mut data = json!({
             "type": op.as_str(),
-            "node-name": child.node().name(),
+            "node-name": name,
             "sector-num": sector,
             "sectors-count": count,
         });
         if let Some(e) = error {
-            data["error"] = json!(crate::drivers::file::os_error_text(e));
+            data["error"] = json!(e);
         }
-        self.emit("QUORUM_REPORT_BAD", data);
+        self.emit("QUORUM_REPORT_BAD", &name, data);
     }
 
     fn report_failure(&self, node: &Node, offset: u64, len: u64) {
         let (sector, count) = sectors(offset, len);
         self.emit(
             "QUORUM_FAILURE",
+            "",
             json!({"reference": node.name(), "sector-num": sector, "sectors-count": count}),
         );
     }
@@ -120,7 +144,8 @@ impl Quorum {
             match result {
                 Ok(()) => succeeded += 1,
                 Err(e) => {
-                    self.report_bad(op, child, offset, len, Some(&e));
+                    let text = crate::drivers::file::os_error_text(&e);
+                    self.report(op, child, offset, len, Some(text));
                     first_error.get_or_insert(e);
                 }
             }
@@ -134,10 +159,16 @@ impl Quorum {
         Err(first_error.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)))
     }
 
-    /// One piece of a voted read into `buf`.
-    async fn vote(&self, node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    /// One piece of a voted read into `buf`; what went wrong is noted in `bad` (by child
+    /// index, with the error if its read failed), to be reported once for the request.
+    async fn vote(
+        &self,
+        children: &[Arc<Child>],
+        offset: u64,
+        buf: &mut [u8],
+        bad: &mut BTreeMap<usize, Option<String>>,
+    ) -> io::Result<()> {
         let len = buf.len() as u64;
-        let children = self.children.load();
         let mut copies = Vec::with_capacity(children.len());
         for _ in children.iter() {
             copies.push(aio::pool::PoolBuf::new(buf.len(), 1)?);
@@ -156,13 +187,13 @@ impl Quorum {
             match result {
                 Ok(()) => answered.push(i),
                 Err(e) => {
-                    self.report_bad(Op::Read, &children[i], offset, len, Some(&e));
+                    bad.entry(i)
+                        .or_insert_with(|| Some(crate::drivers::file::os_error_text(&e)));
                     first_error.get_or_insert(e);
                 }
             }
         }
         if answered.len() < self.threshold {
-            self.report_failure(node, offset, len);
             return Err(first_error.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)));
         }
         let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -195,7 +226,6 @@ impl Quorum {
             .map(|(index, _)| index)
             .unwrap_or(0);
         if groups[winner].len() < self.threshold {
-            self.report_failure(node, offset, len);
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         let data = copies[groups[winner][0]].as_slice();
@@ -206,7 +236,7 @@ impl Quorum {
             }
             for &i in group {
                 let child = &children[i];
-                self.report_bad(Op::Read, child, offset, len, None);
+                bad.entry(i).or_insert(None);
                 if self.rewrite_corrupted {
                     if let Err(e) = child.write(offset, data, WriteFlags::default()).await {
                         tracing::warn!(
@@ -239,17 +269,34 @@ impl Driver for Quorum {
                 match child.read(offset, buf).await {
                     Ok(()) => return Ok(()),
                     Err(e) => {
-                        self.report_bad(Op::Read, child, offset, len, Some(&e));
+                        let text = crate::drivers::file::os_error_text(&e);
+                        self.report(Op::Read, child, offset, len, Some(text));
                         last_error = Some(e);
                     }
                 }
             }
             return Err(last_error.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)));
         }
+        let len = buf.len() as u64;
+        let children = self.children.load_full();
+        let mut bad = BTreeMap::new();
+        let mut result = Ok(());
         for (i, piece) in buf.chunks_mut(CHUNK).enumerate() {
-            self.vote(node, offset + (i * CHUNK) as u64, piece).await?;
+            result = self
+                .vote(&children, offset + (i * CHUNK) as u64, piece, &mut bad)
+                .await;
+            if result.is_err() {
+                break;
+            }
         }
-        Ok(())
+        // Reported per request, as QEMU does, not per piece.
+        for (i, error) in bad {
+            self.report(Op::Read, &children[i], offset, len, error);
+        }
+        if result.is_err() {
+            self.report_failure(node, offset, len);
+        }
+        result
     }
 
     async fn write(
@@ -301,9 +348,9 @@ impl Driver for Quorum {
     }
 
     /// QEMU's quorum gives no allocation status: everything is data.
-    async fn block_status(&self, node: &Node, offset: u64, _len: u64) -> io::Result<Extent> {
+    async fn block_status(&self, node: &Node, offset: u64, len: u64) -> io::Result<Extent> {
         Ok(Extent {
-            len: self.size(node).saturating_sub(offset),
+            len: self.size(node).saturating_sub(offset).min(len),
             kind: ExtentKind::Data,
         })
     }
@@ -312,8 +359,15 @@ impl Driver for Quorum {
         Err(io::Error::from_raw_os_error(libc::ENOTSUP))
     }
 
-    fn child_perms(&self, _: &str, perm: Perms, shared: Perms, _: bool) -> (Perms, Perms) {
-        (perm, shared)
+    /// Nobody else may write to or resize a child: the copies would drift apart unseen.
+    /// With `rewrite-corrupted` the quorum itself writes, even for readers.
+    fn child_perms(&self, _: &str, perm: Perms, _: Perms, _: bool) -> (Perms, Perms) {
+        let perm = if self.rewrite_corrupted {
+            perm | Perms::WRITE
+        } else {
+            perm
+        };
+        (perm, Perms::CONSISTENT_READ | Perms::WRITE_UNCHANGED)
     }
 
     fn info(&self, node: &Node) -> DriverInfo {
@@ -329,6 +383,14 @@ impl Driver for Quorum {
         }
         if self.blkverify {
             return Err("Cannot add a child to a quorum in blkverify mode".into());
+        }
+        let size = node.size();
+        if child.size() != size {
+            return Err(format!(
+                "The node {} has {} bytes, the quorum's children {size}",
+                child.name(),
+                child.size()
+            ));
         }
         let role = format!("children.{}", self.next_index.load(Ordering::Acquire));
         let (perm, shared) = node.cumulative_perms();
@@ -362,6 +424,8 @@ impl Driver for Quorum {
             .cloned()
             .collect();
         self.children.store(Arc::new(kept));
+        // The edge is let go below only once this list no longer holds it.
+        drop(children);
         // As QEMU: the last index added is given out again once its child is gone.
         let index = self.next_index.load(Ordering::Acquire);
         if index > 0 && role == format!("children.{}", index - 1) {
@@ -439,6 +503,13 @@ async fn open(
                 .await?,
         );
     }
+    // QEMU's quorum fails its size query when the children differ, which fails the open.
+    let size = children[0].node().size();
+    if children.iter().any(|c| c.node().size() != size) {
+        return Err(QmpError::generic(
+            "Could not refresh total sector count: Input/output error",
+        ));
+    }
     Ok(Box::new(Quorum {
         next_index: AtomicUsize::new(children.len()),
         children: ArcSwap::from_pointee(children),
@@ -447,5 +518,6 @@ async fn open(
         rewrite_corrupted,
         fifo: opts.read_pattern == Some(ReadPattern::Fifo),
         events: o.event_hook(),
+        last_events: Mutex::default(),
     }))
 }
