@@ -325,6 +325,16 @@ pub enum Format {
     Raw,
 }
 
+impl Format {
+    /// The driver's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct Create {
     /// The image file, created (an existing file is truncated).

@@ -497,13 +497,13 @@ async fn create(client: &mut Client, c: Create, json: bool) -> Result<i32, Failu
         Some(node) => format!(
             "{} created ({} {}), opened as '{node}'",
             c.file,
-            format_name(c.format),
+            c.format.as_str(),
             bytes(c.size)
         ),
         None => format!(
             "{} created ({} {})",
             c.file,
-            format_name(c.format),
+            c.format.as_str(),
             bytes(c.size)
         ),
     };
@@ -618,13 +618,7 @@ async fn create_image(client: &mut Client, c: &Create) -> Result<(), Failure> {
         }
         if c.node_name.is_some() {
             let mut format = Map::new();
-            format.insert(
-                "driver".into(),
-                json!(match c.format {
-                    Format::Qcow2 => "qcow2",
-                    Format::Raw => "raw",
-                }),
-            );
+            format.insert("driver".into(), json!(c.format.as_str()));
             format.insert("node-name".into(), json!(node));
             format.insert("file".into(), json!(file_node));
             if c.backing.is_some() {
@@ -669,13 +663,6 @@ fn check_node_name(node: &str) -> Result<(), Failure> {
         )));
     }
     Ok(())
-}
-
-fn format_name(format: Format) -> &'static str {
-    match format {
-        Format::Qcow2 => "qcow2",
-        Format::Raw => "raw",
-    }
 }
 
 /// Runs one blockdev-create job to its end.

@@ -46,7 +46,7 @@ pub struct Quorum {
     fifo: bool,
     events: Option<EventHook>,
     /// When each (event, node) last went out, for [`Quorum::emit`]'s limit.
-    last_events: Mutex<HashMap<(String, String), Option<Instant>>>,
+    last_events: Mutex<HashMap<(String, String), Instant>>,
 }
 
 /// At most one QUORUM_* event per node and this interval (QEMU's monitor limit).
@@ -86,14 +86,14 @@ impl Quorum {
         let now = Instant::now();
         {
             let mut last = self.last_events.lock().unwrap();
-            let slot = last
-                .entry((name.to_owned(), key.to_owned()))
-                .or_insert(None);
-            if slot.is_some_and(|then: Instant| now.duration_since(then) < EVENT_INTERVAL) {
-                tracing::debug!("quorum: {name} for '{key}' held back: {data}");
-                return;
+            let key = (name.to_owned(), key.to_owned());
+            if let Some(then) = last.get(&key) {
+                if now.duration_since(*then) < EVENT_INTERVAL {
+                    tracing::debug!("quorum: {} for '{}' held back: {data}", key.0, key.1);
+                    return;
+                }
             }
-            *slot = Some(now);
+            last.insert(key, now);
         }
         hook(name, data);
     }
