@@ -62,6 +62,25 @@ pub const QEMU_DRIVERS: &[&str] = &[
     "vvfat",
 ];
 
+/// Drivers the seeds name that blockd will not build, and why; blockdev-add gives the
+/// reason. The first is in QEMU 10, the others are gone from QEMU itself.
+pub const NOT_BUILT: &[(&str, &str)] = &[
+    (
+        "gluster",
+        "QEMU deprecated it in 9.2 and the GlusterFS project is unmaintained",
+    ),
+    (
+        "replication",
+        "it is COLO's, which runs inside qemu-system beside a guest, not in a storage daemon",
+    ),
+    ("sheepdog", "removed from QEMU; the Sheepdog project ended"),
+    (
+        "archipelago",
+        "removed from QEMU; the Archipelago project ended",
+    ),
+    ("vxhs", "removed from QEMU; Veritas HyperScale ended"),
+];
+
 /// Keys every driver takes (BlockdevOptionsBase); the rest belong to the driver.
 const BASE_KEYS: &[&str] = &[
     "driver",
@@ -513,10 +532,17 @@ impl Graph {
             }
             let base: BaseOptions = parse_options(Value::Object(base_map), syntax, path)?;
             let driver_name = base.driver.clone();
+            let not_built = NOT_BUILT.iter().find(|(name, _)| *name == driver_name);
             if !QEMU_DRIVERS.contains(&driver_name.as_str()) {
+                let why = not_built.map_or(String::new(), |(_, why)| format!(" ({why})"));
                 return Err(QmpError::generic(format!(
-                    "Parameter '{}' does not accept value '{driver_name}'",
+                    "Parameter '{}' does not accept value '{driver_name}'{why}",
                     prefixed(path, "driver")
+                )));
+            }
+            if let Some((_, why)) = not_built {
+                return Err(QmpError::generic(format!(
+                    "Driver '{driver_name}' is not built by blockd: {why}"
                 )));
             }
             let (name, implicit) = match &base.node_name {
@@ -590,9 +616,14 @@ impl Graph {
                 format: entry.format,
                 common: &common,
                 children: Vec::new(),
+                made_read_only: false,
             };
             let driver = (entry.open)(&mut opener, options).await?;
             let children = std::mem::take(&mut opener.children);
+            let common = CommonOptions {
+                read_only: common.read_only || opener.made_read_only,
+                ..common
+            };
             let node = Node::new(name, implicit, driver, common, open_options);
             for bitmap in node.driver().take_loaded_bitmaps() {
                 node.add_dirty_bitmap(bitmap);

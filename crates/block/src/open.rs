@@ -7,8 +7,9 @@
 //! if the whole blockdev-add succeeds; a failure drops it all.
 
 use crate::drivers::{
-    blkdebug, blklogwrites, blkverify, bochs, cbw, cloop, compress, dmg, file, luks, nbd, null,
-    parallels, preallocate, qcow, qcow2, qed, quorum, raw, rbd, throttle, vdi, vhdx, vmdk, vpc,
+    blkdebug, blklogwrites, blkverify, bochs, cbw, cloop, compress, dmg, file, http, luks, nbd,
+    null, parallels, preallocate, qcow, qcow2, qed, quorum, raw, rbd, throttle, vdi, vhdx, vmdk,
+    vpc,
 };
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
@@ -66,6 +67,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     blkdebug::DRIVER,
     nbd::DRIVER,
     rbd::DRIVER,
+    http::DRIVER,
     cbw::DRIVER,
     cbw::SNAPSHOT_ACCESS,
     throttle::DRIVER,
@@ -102,6 +104,8 @@ pub struct Opener<'b> {
     pub(crate) format: bool,
     pub(crate) common: &'b CommonOptions,
     pub(crate) children: Vec<Arc<Child>>,
+    /// The driver can only read, and the node opens read-only under `auto-read-only`.
+    pub(crate) made_read_only: bool,
 }
 
 impl Opener<'_> {
@@ -118,6 +122,32 @@ impl Opener<'_> {
     /// not opened inactive, when the image is still another process's until `activate`.
     pub fn may_write(&self) -> bool {
         !self.common.read_only && !self.common.inactive
+    }
+
+    /// For a driver that cannot write (QEMU's bdrv_apply_auto_read_only): a read-only node
+    /// is fine, an `auto-read-only` one becomes read-only, and a writable one is refused
+    /// with `why`.
+    pub fn only_read(&mut self, why: &str) -> Result<(), QmpError> {
+        if self.common.read_only {
+            return Ok(());
+        }
+        if !self.common.auto_read_only {
+            return Err(QmpError::generic(why));
+        }
+        self.made_read_only = true;
+        Ok(())
+    }
+
+    /// The text of secret `id`, for a password or a cookie (QEMU's
+    /// qcrypto_secret_lookup_as_utf8).
+    pub fn secret_text(&self, id: &str) -> Result<String, QmpError> {
+        let secret = self
+            .graph
+            .secrets
+            .get(id)
+            .ok_or_else(|| QmpError::generic(format!("No secret with id '{id}'")))?;
+        String::from_utf8(secret.bytes().to_vec())
+            .map_err(|_| QmpError::generic(format!("Data from secret {id} is not valid UTF-8")))
     }
 
     /// The syntax the options came in, for a driver that types an untyped member itself.

@@ -70,15 +70,8 @@ fn uri(dir: &Path, export: &str) -> String {
 
 /// Bitmaps of a node as (name, count) pairs.
 async fn bitmaps_of(client: &mut qmp::Client, node: &str) -> Vec<(Value, Value)> {
-    let nodes = client
-        .execute("query-named-block-nodes", json!({"flat": true}))
+    named_node(client, node)
         .await
-        .unwrap();
-    nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == node)
         .and_then(|n| n["dirty-bitmaps"].as_array().cloned())
         .unwrap_or_default()
         .iter()

@@ -167,6 +167,40 @@ fn base_provider() -> CryptoProvider {
     rustls::crypto::ring::default_provider()
 }
 
+/// A client configuration for the web protocols (the https and ftps drivers), which QEMU
+/// hands to libcurl without credentials objects: the system's trusted authorities
+/// (`/etc/ssl/certs`, or the files `SSL_CERT_FILE` and `SSL_CERT_DIR` name), or with
+/// `verify == false` (QEMU's `sslverify=off`) any certificate.
+pub fn system_client_config(verify: bool) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(base_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = if verify {
+        let loaded = rustls_native_certs::load_native_certs();
+        let mut roots = RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(loaded.certs);
+        if added == 0 {
+            let why = loaded
+                .errors
+                .first()
+                .map_or("none found".to_string(), |e| e.to_string());
+            return Err(format!(
+                "No trusted certificate authorities to verify the server with: {why}"
+            ));
+        }
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| format!("Unable to set up server verification: {e}"))?;
+        builder.with_webpki_verifier(verifier)
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
+    };
+    Ok(builder.with_no_client_auth())
+}
+
 /// QEMU's words for a credentials file that cannot be opened.
 fn access_error(path: &Path, e: &io::Error) -> String {
     format!(

@@ -4,10 +4,12 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod ceph;
+pub mod certs;
 pub mod formats;
 pub mod jobs;
 pub mod log_writes;
 pub mod raw_nbd;
+pub mod web;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -228,6 +230,19 @@ pub async fn delete_export_when_unused(client: &mut qmp::Client, id: &str) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Node `name` as query-named-block-nodes shows it, if there is one.
+pub async fn named_node(client: &mut qmp::Client, name: &str) -> Option<Value> {
+    let nodes = client
+        .execute("query-named-block-nodes", serde_json::json!({"flat": true}))
+        .await
+        .unwrap();
+    nodes
+        .as_array()?
+        .iter()
+        .find(|n| n["node-name"] == name)
+        .cloned()
 }
 
 /// A command's reply as it appears on the wire, for comparing implementations.
