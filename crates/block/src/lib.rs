@@ -47,6 +47,7 @@ pub use drivers::qcow::Header as QcowHeader;
 pub use drivers::qcow2::Qcow2Header;
 pub use drivers::qed::Header as QedHeader;
 pub use drivers::rbd::RbdCreate;
+pub use drivers::ssh::SshCreate;
 pub use drivers::throttle::set_io_throttle;
 pub use drivers::vdi::Header as VdiHeader;
 pub use drivers::vhdx::{format as vhdx_format, VhdxCreate};

@@ -7,7 +7,7 @@
 mod common;
 
 use common::certs::{make_ca, make_peer};
-use common::web::{self, Nginx, Proxy, Tls, COOKIE, PASSWORD, PROXY_PASSWORD, PROXY_USER, USER};
+use common::web::{Nginx, Proxy, Tls, COOKIE, PASSWORD, PROXY_PASSWORD, PROXY_USER, USER};
 use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -94,7 +94,7 @@ fn compare(local: &Path, format: &str, exported: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_read_over_http_match_the_served_files_on_both_daemons() {
-    web::assert_qsd_has_curl();
+    assert_qsd_has("curl");
     let dir = tempfile::tempdir().unwrap();
     let server = Nginx::start(dir.path(), None);
     images(&server.root);
@@ -186,7 +186,7 @@ async fn images_read_over_http_match_the_served_files_on_both_daemons() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_errors_passwords_cookies_and_redirects_read_as_qsd() {
-    web::assert_qsd_has_curl();
+    assert_qsd_has("curl");
     let dir = tempfile::tempdir().unwrap();
     let server = Nginx::start(dir.path(), None);
     images(&server.root);
@@ -302,7 +302,7 @@ async fn open_errors_passwords_cookies_and_redirects_read_as_qsd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_from_the_environment_takes_the_proxy_credentials_as_with_qsd() {
-    web::assert_qsd_has_curl();
+    assert_qsd_has("curl");
     let dir = tempfile::tempdir().unwrap();
     let server = Nginx::start(dir.path(), None);
     images(&server.root);

@@ -27,6 +27,7 @@ pub mod raw;
 pub mod rbd;
 pub(crate) mod read_only;
 pub(crate) mod readahead;
+pub mod ssh;
 pub mod throttle;
 pub mod vdi;
 pub mod vhdx;

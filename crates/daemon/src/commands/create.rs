@@ -23,7 +23,7 @@ struct CreateArgs {
 }
 
 /// Drivers QEMU can create images with and blockd cannot.
-const QEMU_ONLY_CREATE: &[&str] = &["gluster", "nfs", "parallels", "qed", "rbd", "ssh", "vhdx"];
+const QEMU_ONLY_CREATE: &[&str] = &["gluster", "nfs", "parallels", "qed", "rbd", "vhdx"];
 
 /// `options` read as `T`, with member names in errors as QEMU spells them (`options.x`).
 fn parse_options<T: DeserializeOwned>(options: Map<String, Value>) -> Result<T, QmpError> {
@@ -53,6 +53,10 @@ pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Resul
             let rbd: block::RbdCreate = parse_options(options)?;
             let graph = daemon.graph.clone();
             Box::new(move || Box::pin(async move { rbd.create(&graph).await }))
+        }
+        "ssh" => {
+            let ssh: block::SshCreate = parse_options(options)?;
+            Box::new(move || Box::pin(async move { ssh.create().await }))
         }
         "file" => {
             let file: FileCreate = parse_options(options)?;

@@ -9,6 +9,7 @@ pub mod formats;
 pub mod jobs;
 pub mod log_writes;
 pub mod raw_nbd;
+pub mod sshd;
 pub mod web;
 
 use serde_json::Value;
@@ -232,6 +233,20 @@ pub async fn delete_export_when_unused(client: &mut qmp::Client, id: &str) {
     }
 }
 
+/// Fails the test unless qemu-storage-daemon has its block driver module `name` (`curl`,
+/// `ssh`), which Debian's qemu-block-extra brings.
+pub fn assert_qsd_has(name: &str) {
+    let module = format!(
+        "/usr/lib/{}-linux-gnu/qemu/block-{name}.so",
+        std::env::consts::ARCH
+    );
+    assert!(
+        Path::new(&module).exists(),
+        "qemu-storage-daemon has no {name} driver here: install the Debian package \
+         qemu-block-extra, from the same release as qemu-utils (.ci/run installs it)"
+    );
+}
+
 /// Node `name` as query-named-block-nodes shows it, if there is one.
 pub async fn named_node(client: &mut qmp::Client, name: &str) -> Option<Value> {
     let nodes = client
@@ -243,6 +258,39 @@ pub async fn named_node(client: &mut qmp::Client, name: &str) -> Option<Value> {
         .iter()
         .find(|n| n["node-name"] == name)
         .cloned()
+}
+
+/// The processes below `pid` (children, their children...), from /proc.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // The parent's pid is the second field after the parenthesised name.
+        if let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<i32>().ok())
+        {
+            parents.push((child, ppid));
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
 }
 
 /// A command's reply as it appears on the wire, for comparing implementations.

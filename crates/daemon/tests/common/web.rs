@@ -135,22 +135,7 @@ impl Nginx {
     /// Send `signal` to the master and its workers.
     fn signal(&self, signal: i32) {
         let master = self.master.0.id() as i32;
-        let mut pids = vec![master];
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-            // The parent's pid is the second field after the parenthesised name.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<i32>().ok());
-            if ppid == Some(master) {
-                pids.push(pid);
-            }
-        }
-        for pid in pids {
+        for pid in std::iter::once(master).chain(descendants(master)) {
             // SAFETY: kill has no memory effects; the pids are this test's nginx.
             unsafe { libc::kill(pid, signal) };
         }
@@ -162,15 +147,6 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         self.signal(libc::SIGKILL);
     }
-}
-
-/// qemu-storage-daemon's curl drivers come in Debian's qemu-block-extra.
-pub fn assert_qsd_has_curl() {
-    assert!(
-        Path::new("/usr/lib/x86_64-linux-gnu/qemu/block-curl.so").exists(),
-        "qemu-storage-daemon has no http driver here: install the Debian package \
-         qemu-block-extra, from the same release as qemu-utils (.ci/run installs it)"
-    );
 }
 
 /// The user and password tinyproxy asks for.

@@ -1,0 +1,729 @@
+//! `ssh`: a disk image on another host, read and written over SFTP (QEMU's ssh driver, with
+//! russh and russh-sftp in place of libssh).
+//!
+//! Opening connects, checks the server's host key (`host-key-check`: against known_hosts,
+//! a fingerprint, or not at all), authenticates with public keys as libssh's
+//! `ssh_userauth_publickey_auto` does (the identities of the agent at `SSH_AUTH_SOCK`,
+//! then `~/.ssh/id_ed25519`, `id_ecdsa` and `id_rsa` without passphrase), and opens the
+//! file over SFTP. Requests are SFTP reads and writes at offsets, split into
+//! [`PIECE`]-byte pieces of which [`PIECES_IN_FLIGHT`] run at once; flush is
+//! `fsync@openssh.com` where the server has it.
+//!
+//! The SSH session's tasks run on the I/O thread that opened the node; a request from any
+//! thread reaches them over russh-sftp's channel. A server that stops answering fails a
+//! request with EIO after [`REQUEST_TIMEOUT`], and keepalives close a dead connection.
+//!
+//! `~` is `$HOME` (libssh reads the password database), so a test or a service can give
+//! blockd a known_hosts and keys of its own.
+
+use crate::drivers::nbd::InetServer;
+use crate::node::{DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::open::{DriverEntry, Opener};
+use crate::perm::Perms;
+use crate::Driver;
+use async_trait::async_trait;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use qapi::error::QmpError;
+use russh::client::{self, Handle};
+use russh::keys::agent::client::AgentClient;
+use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey};
+use russh_sftp::client::error::Error as SftpError;
+use russh_sftp::client::RawSftpSession;
+use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Bytes per SFTP read or write: OpenSSH's server answers at most 256 KiB less headers,
+/// and smaller pieces keep many in flight on one connection.
+const PIECE: usize = 64 << 10;
+
+/// Pieces of one request in flight at once.
+const PIECES_IN_FLIGHT: usize = 16;
+
+/// How long connecting and authenticating may take (libssh would wait for ever).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long one SFTP request waits for its answer.
+const REQUEST_TIMEOUT: u64 = 30;
+
+/// Keepalives: a connection whose server has not answered three, 15 s apart, is closed.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// QAPI's SshHostKeyCheckHashType.
+#[derive(Clone, Copy, Debug)]
+enum HashType {
+    Md5,
+    Sha1,
+    Sha256,
+}
+
+impl HashType {
+    fn name(self) -> &'static str {
+        match self {
+            HashType::Md5 => "md5",
+            HashType::Sha1 => "sha1",
+            HashType::Sha256 => "sha256",
+        }
+    }
+
+    /// The hash of the key's wire form, as libssh's ssh_get_publickey_hash.
+    fn of(self, key: &PublicKey) -> Vec<u8> {
+        use sha2::Digest;
+        let blob = key.to_bytes().unwrap_or_default();
+        match self {
+            HashType::Md5 => md5::Md5::digest(&blob).to_vec(),
+            HashType::Sha1 => sha1::Sha1::digest(&blob).to_vec(),
+            HashType::Sha256 => sha2::Sha256::digest(&blob).to_vec(),
+        }
+    }
+}
+
+/// QAPI's SshHostKeyCheckMode.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum HostKeyMode {
+    None,
+    Hash,
+    KnownHosts,
+}
+
+/// QAPI's SshHostKeyCheck as it comes: the hash's members are checked by hand, for QEMU's
+/// texts (a flat union's member is named without its parent).
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+struct HostKeyCheckOptions {
+    mode: HostKeyMode,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    hash: Option<String>,
+}
+
+/// How the server's host key is checked.
+#[derive(Clone, Debug)]
+enum HostKeyCheck {
+    None,
+    Hash { kind: HashType, hash: String },
+    KnownHosts,
+}
+
+impl HostKeyCheckOptions {
+    fn check(self) -> Result<HostKeyCheck, String> {
+        if self.mode != HostKeyMode::Hash {
+            if let Some(member) = [("type", &self.kind), ("hash", &self.hash)]
+                .iter()
+                .find_map(|(name, v)| v.is_some().then_some(name))
+            {
+                return Err(format!("Parameter '{member}' is unexpected"));
+            }
+        }
+        Ok(match self.mode {
+            HostKeyMode::None => HostKeyCheck::None,
+            HostKeyMode::KnownHosts => HostKeyCheck::KnownHosts,
+            HostKeyMode::Hash => {
+                let kind = match self.kind.as_deref() {
+                    Some("md5") => HashType::Md5,
+                    Some("sha1") => HashType::Sha1,
+                    Some("sha256") => HashType::Sha256,
+                    Some(other) => {
+                        return Err(format!("Parameter 'type' does not accept value '{other}'"))
+                    }
+                    None => return Err("Parameter 'type' is missing".into()),
+                };
+                let hash = self.hash.ok_or("Parameter 'hash' is missing")?;
+                HostKeyCheck::Hash { kind, hash }
+            }
+        })
+    }
+}
+
+/// BlockdevOptionsSsh.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SshOptions {
+    server: InetServer,
+    path: String,
+    user: Option<String>,
+    host_key_check: Option<HostKeyCheckOptions>,
+}
+
+/// Whether `given` spells `hash` in hex digits of either case, pairs optionally separated
+/// by colons, as QEMU compares them.
+fn fingerprint_matches(hash: &[u8], given: &str) -> bool {
+    let mut rest = given.chars().peekable();
+    for byte in hash {
+        while rest.peek() == Some(&':') {
+            rest.next();
+        }
+        let high = rest.next().and_then(|c| c.to_digit(16));
+        let low = rest.next().and_then(|c| c.to_digit(16));
+        match (high, low) {
+            (Some(h), Some(l)) if h * 16 + l == u32::from(*byte) => {}
+            _ => return false,
+        }
+    }
+    rest.next().is_none()
+}
+
+/// The user's home: `$HOME`, else the password database's.
+fn home() -> Option<PathBuf> {
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return Some(home.into());
+    }
+    passwd_entry().map(|(_, dir)| dir)
+}
+
+/// The current user's name and home from the password database.
+fn passwd_entry() -> Option<(String, PathBuf)> {
+    let mut buf = vec![0u8; 16 << 10];
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: the buffer outlives the call and the strings read from it below.
+    let rc = unsafe {
+        libc::getpwuid_r(
+            libc::getuid(),
+            &mut entry,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return None;
+    }
+    // SAFETY: getpwuid_r filled both strings, NUL-terminated, inside `buf`.
+    let (name, dir) = unsafe {
+        (
+            std::ffi::CStr::from_ptr(entry.pw_name),
+            std::ffi::CStr::from_ptr(entry.pw_dir),
+        )
+    };
+    Some((
+        name.to_string_lossy().into_owned(),
+        PathBuf::from(dir.to_string_lossy().into_owned()),
+    ))
+}
+
+/// The host key checked against the user's and the system's known_hosts, with QEMU's
+/// texts for a key that changed, one of another type, or none.
+fn check_known_hosts(host: &str, port: u16, key: &PublicKey) -> Result<(), String> {
+    let mut files = vec![PathBuf::from("/etc/ssh/ssh_known_hosts")];
+    if let Some(home) = home() {
+        files.insert(0, home.join(".ssh/known_hosts"));
+    }
+    let recorded: Vec<PublicKey> = files
+        .iter()
+        .filter(|f| f.exists())
+        .filter_map(|f| russh::keys::known_hosts::known_host_keys_path(host, port, f).ok())
+        .flatten()
+        .map(|(_, k)| k)
+        .collect();
+    if recorded.iter().any(|k| k.key_data() == key.key_data()) {
+        return Ok(());
+    }
+    if recorded.iter().any(|k| k.algorithm() == key.algorithm()) {
+        return Err(format!(
+            "host key ({} key with fingerprint {}) does not match the one in known_hosts; \
+             this may be a possible attack",
+            key.algorithm().as_str(),
+            key.fingerprint(HashAlg::Sha256)
+        ));
+    }
+    if !recorded.is_empty() {
+        return Err("host key for this server not found, another type exists".into());
+    }
+    Err("no host key was found in known_hosts".into())
+}
+
+fn check_host_key(
+    check: &HostKeyCheck,
+    host: &str,
+    port: u16,
+    key: &PublicKey,
+) -> Result<(), String> {
+    match check {
+        HostKeyCheck::None => Ok(()),
+        HostKeyCheck::KnownHosts => check_known_hosts(host, port, key),
+        HostKeyCheck::Hash { kind, hash } => {
+            let actual = kind.of(key);
+            if fingerprint_matches(&actual, hash) {
+                return Ok(());
+            }
+            let hex: String = actual.iter().map(|b| format!("{b:02x}")).collect();
+            Err(format!(
+                "remote host {} key fingerprint '{}:{hex}' does not match host_key_check '{}:{hash}'",
+                key.algorithm().as_str(),
+                kind.name(),
+                kind.name()
+            ))
+        }
+    }
+}
+
+/// The session's handler: it checks the host key and keeps the reason of a refusal.
+struct Checker {
+    check: HostKeyCheck,
+    host: String,
+    port: u16,
+    refusal: Arc<Mutex<Option<String>>>,
+}
+
+impl client::Handler for Checker {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &PublicKey) -> Result<bool, Self::Error> {
+        match check_host_key(&self.check, &self.host, self.port, key) {
+            Ok(()) => Ok(true),
+            Err(why) => {
+                *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// Public key authentication as libssh's ssh_userauth_publickey_auto: the agent's
+/// identities, then the default key files without passphrase.
+async fn authenticate(session: &mut Handle<Checker>, user: &str) -> Result<(), String> {
+    match session.authenticate_none(user).await {
+        Ok(r) if r.success() => return Ok(()),
+        Ok(_) => {}
+        Err(_) => return Err("failed to authenticate using none authentication".into()),
+    }
+    let rsa_hash = session
+        .best_supported_rsa_hash()
+        .await
+        .ok()
+        .flatten()
+        .flatten();
+    if std::env::var_os("SSH_AUTH_SOCK").is_some() {
+        if let Ok(mut agent) = AgentClient::connect_env().await {
+            for key in agent.request_identities().await.unwrap_or_default() {
+                let hash = rsa_hash.filter(|_| key.algorithm().is_rsa());
+                if let Ok(r) = session
+                    .authenticate_publickey_with(user, key, hash, &mut agent)
+                    .await
+                {
+                    if r.success() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    if let Some(home) = home() {
+        for name in ["id_ed25519", "id_ecdsa", "id_rsa"] {
+            let Ok(key) = russh::keys::load_secret_key(home.join(".ssh").join(name), None) else {
+                continue;
+            };
+            let hash = rsa_hash.filter(|_| key.algorithm().is_rsa());
+            let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
+            if let Ok(r) = session.authenticate_publickey(user, key).await {
+                if r.success() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Err(
+        "failed to authenticate using publickey authentication and the identities held by \
+         your ssh-agent"
+            .into(),
+    )
+}
+
+pub struct SshDriver {
+    filename: String,
+    sftp: RawSftpSession,
+    handle: String,
+    /// The file's size, grown by writes past its end.
+    size: AtomicU64,
+    /// The server has `fsync@openssh.com`.
+    fsync: bool,
+    /// A flush without fsync has been warned about.
+    warned: AtomicBool,
+    /// Keeps the SSH connection open for the SFTP channel.
+    _session: Handle<Checker>,
+}
+
+/// An SFTP failure as the errno a request fails with (the text goes to the log).
+fn errno(e: &SftpError) -> io::Error {
+    let code = match e {
+        SftpError::Status(s) => match s.status_code {
+            StatusCode::NoSuchFile => libc::ENOENT,
+            StatusCode::PermissionDenied => libc::EACCES,
+            StatusCode::OpUnsupported => libc::ENOTSUP,
+            _ => libc::EIO,
+        },
+        _ => libc::EIO,
+    };
+    io::Error::from_raw_os_error(code)
+}
+
+/// libssh's words for an SFTP failure.
+fn sftp_text(e: &SftpError) -> String {
+    match e {
+        SftpError::Status(s) => format!(
+            "SFTP server: {} (libssh error code: 1, sftp error code: {})",
+            s.error_message, s.status_code as u32
+        ),
+        other => other.to_string(),
+    }
+}
+
+pub(crate) const DRIVER: DriverEntry = DriverEntry {
+    format: false,
+    hands_over: true,
+    names: &["ssh"],
+    open: |o, options| Box::pin(open(o, options)),
+};
+
+async fn open(
+    o: &mut Opener<'_>,
+    options: Map<String, Value>,
+) -> Result<Box<dyn Driver>, QmpError> {
+    let opts: SshOptions = o.parse(options)?;
+    let flags = match o.common().read_only {
+        true => OpenFlags::READ,
+        false => OpenFlags::READ | OpenFlags::WRITE,
+    };
+    let driver = opts.open(flags).await.map_err(QmpError::generic)?;
+    Ok(Box::new(driver))
+}
+
+impl SshOptions {
+    /// Connect and open the file with `flags`, within [`OPEN_TIMEOUT`].
+    async fn open(&self, flags: OpenFlags) -> Result<SshDriver, String> {
+        let port = self.server.port_number()?;
+        let user = match self.user.clone() {
+            Some(user) => user,
+            None => passwd_entry()
+                .map(|(name, _)| name)
+                .ok_or("Can't get user name")?,
+        };
+        let check = match self.host_key_check.clone() {
+            Some(options) => options.check()?,
+            None => HostKeyCheck::KnownHosts,
+        };
+        let opening = connect(&self.server.host, port, &user, check, &self.path, flags);
+        tokio::time::timeout(OPEN_TIMEOUT, opening)
+            .await
+            .map_err(|_| "Connection attempt cancelled by timeout".to_string())?
+    }
+}
+
+/// BlockdevCreateOptionsSsh: a new file of `size` bytes (a sparse one where the server's
+/// file system allows) at `location`, replacing any file there, as QEMU's driver does.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SshCreate {
+    location: SshOptions,
+    size: u64,
+}
+
+impl SshCreate {
+    /// Create the file: connect, open it anew, and give it its size.
+    pub async fn create(self) -> Result<(), String> {
+        let flags = OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE;
+        let driver = self.location.open(flags).await?;
+        if self.size > 0 {
+            driver
+                .grow(self.size)
+                .await
+                .map_err(|e| format!("Failed to grow file: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Connect, check the host, authenticate and open `path`.
+async fn connect(
+    host: &str,
+    port: u16,
+    user: &str,
+    check: HostKeyCheck,
+    path: &str,
+    flags: OpenFlags,
+) -> Result<SshDriver, String> {
+    let stream = tokio::net::TcpStream::connect((host, port))
+        .await
+        .map_err(|e| {
+            format!(
+                "Failed to connect to '{host}:{port}': {}",
+                crate::drivers::file::os_error_text(&e)
+            )
+        })?;
+    let _ = stream.set_nodelay(true);
+    let config = Arc::new(client::Config {
+        keepalive_interval: Some(KEEPALIVE),
+        keepalive_max: 3,
+        nodelay: true,
+        ..client::Config::default()
+    });
+    let refusal = Arc::new(Mutex::new(None));
+    let checker = Checker {
+        check,
+        host: host.to_string(),
+        port,
+        refusal: refusal.clone(),
+    };
+    let mut session = client::connect_stream(config, stream, checker)
+        .await
+        .map_err(|e| {
+            refusal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .unwrap_or_else(|| format!("failed to establish SSH session: {e}"))
+        })?;
+    authenticate(&mut session, user).await?;
+    let channel = session
+        .channel_open_session()
+        .await
+        .map_err(|e| format!("failed to initialize sftp handle: {e}"))?;
+    channel
+        .request_subsystem(true, "sftp")
+        .await
+        .map_err(|e| format!("failed to initialize sftp handle: {e}"))?;
+    let mut sftp = RawSftpSession::new(channel.into_stream());
+    sftp.set_timeout(REQUEST_TIMEOUT);
+    let version = sftp
+        .init()
+        .await
+        .map_err(|e| format!("failed to initialize sftp handle: {}", sftp_text(&e)))?;
+    if version.extensions.contains_key("limits@openssh.com") {
+        if let Ok(limits) = sftp.limits().await {
+            sftp.set_limits(limits.into());
+        }
+    }
+    let handle = sftp
+        .open(path, flags, FileAttributes::default())
+        .await
+        .map_err(|e| format!("failed to open remote file '{path}': {}", sftp_text(&e)))?
+        .handle;
+    let size = sftp
+        .fstat(handle.as_str())
+        .await
+        .ok()
+        .and_then(|a| a.attrs.size)
+        .ok_or("failed to read file attributes")?;
+    Ok(SshDriver {
+        filename: format!("ssh://{user}@{host}:{port}{path}"),
+        fsync: version.extensions.contains_key("fsync@openssh.com"),
+        sftp,
+        handle,
+        size: AtomicU64::new(size),
+        warned: AtomicBool::new(false),
+        _session: session,
+    })
+}
+
+impl SshDriver {
+    /// Set the file's size to `size` (SFTP's fsetstat, an ftruncate on the server).
+    async fn grow(&self, size: u64) -> Result<(), SftpError> {
+        let attrs = FileAttributes {
+            size: Some(size),
+            ..FileAttributes::empty()
+        };
+        self.sftp.fsetstat(self.handle.as_str(), attrs).await?;
+        self.size.fetch_max(size, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Fill `buf` from `offset` with SFTP reads; a short read asks again for the rest, and
+    /// the end of the file reads as zeroes (as QEMU's driver has it).
+    async fn read_piece(&self, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self
+                .sftp
+                .read(self.handle.as_str(), offset, buf.len() as u32)
+                .await
+            {
+                Ok(data) if !data.data.is_empty() && data.data.len() <= buf.len() => {
+                    let n = data.data.len();
+                    buf[..n].copy_from_slice(&data.data);
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Ok(data) if data.data.is_empty() => {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Ok(data) => {
+                    tracing::warn!(
+                        file = %self.filename,
+                        "the server sent {} bytes for a read of {}",
+                        data.data.len(),
+                        buf.len()
+                    );
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+                Err(SftpError::Status(s)) if s.status_code == StatusCode::Eof => {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(file = %self.filename, "read at {offset}: {}", sftp_text(&e));
+                    return Err(errno(&e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_piece(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.sftp
+            .write(self.handle.as_str(), offset, data.to_vec())
+            .await
+            .map(drop)
+            .map_err(|e| {
+                tracing::warn!(file = %self.filename, "write at {offset}: {}", sftp_text(&e));
+                errno(&e)
+            })
+    }
+}
+
+#[async_trait(?Send)]
+impl Driver for SshDriver {
+    fn format_name(&self) -> &'static str {
+        "ssh"
+    }
+
+    fn size(&self, _: &Node) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let pieces = buf
+            .chunks_mut(PIECE)
+            .enumerate()
+            .map(|(i, piece)| self.read_piece(offset + (i * PIECE) as u64, piece));
+        stream::iter(pieces)
+            .buffer_unordered(PIECES_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await
+            .map(drop)
+    }
+
+    async fn write(&self, _: &Node, offset: u64, buf: &[u8], _: WriteFlags) -> io::Result<()> {
+        let pieces = buf
+            .chunks(PIECE)
+            .enumerate()
+            .map(|(i, piece)| self.write_piece(offset + (i * PIECE) as u64, piece));
+        stream::iter(pieces)
+            .buffer_unordered(PIECES_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
+        self.size
+            .fetch_max(offset + buf.len() as u64, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// SFTP has no zero write: the zeroes are written, a piece at a time.
+    async fn write_zeroes(
+        &self,
+        node: &Node,
+        offset: u64,
+        len: u64,
+        flags: WriteFlags,
+    ) -> io::Result<()> {
+        let zeroes = vec![0u8; (len as usize).min(PIECE * PIECES_IN_FLIGHT)];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.write(node, offset + done, &zeroes[..n], flags).await?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    async fn discard(&self, _: &Node, _: u64, _: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    async fn flush(&self, _: &Node) -> io::Result<()> {
+        if !self.fsync {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "ssh server {} does not support fsync: flushes do not reach its disk",
+                    self.filename
+                );
+            }
+            return Ok(());
+        }
+        self.sftp
+            .fsync(self.handle.as_str())
+            .await
+            .map(drop)
+            .map_err(|e| {
+                tracing::warn!(file = %self.filename, "fsync: {}", sftp_text(&e));
+                errno(&e)
+            })
+    }
+
+    async fn block_status(&self, _: &Node, _offset: u64, len: u64) -> io::Result<Extent> {
+        Ok(Extent {
+            len,
+            kind: ExtentKind::Data,
+        })
+    }
+
+    /// Growing only, as QEMU's driver: a shrink fails with ENOTSUP ("ssh driver does not
+    /// support shrinking files").
+    async fn truncate(&self, _: &Node, size: u64) -> io::Result<()> {
+        let current = self.size.load(Ordering::Acquire);
+        if size < current {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "ssh driver does not support shrinking files",
+            ));
+        }
+        if size == current {
+            return Ok(());
+        }
+        self.grow(size).await.map_err(|e| {
+            tracing::warn!(file = %self.filename, "Failed to grow file: {e}");
+            errno(&e)
+        })
+    }
+
+    fn child_perms(&self, _: &str, _: Perms, _: Perms, _: bool) -> (Perms, Perms) {
+        (Perms::NONE, Perms::ALL)
+    }
+
+    fn info(&self, _: &Node) -> DriverInfo {
+        DriverInfo {
+            filename: self.filename.clone(),
+            ..DriverInfo::default()
+        }
+    }
+
+    fn extends_on_write(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_compare_as_qemu_does() {
+        let hash = [0xeb, 0xfd, 0x03];
+        assert!(fingerprint_matches(&hash, "ebfd03"));
+        assert!(fingerprint_matches(&hash, "EB:FD:03"));
+        assert!(fingerprint_matches(&hash, "::eb:fd03"));
+        assert!(!fingerprint_matches(&hash, "e:bfd03"));
+        assert!(!fingerprint_matches(&hash, "+bfd03"));
+        assert!(!fingerprint_matches(&hash, "ebfd0"));
+        assert!(!fingerprint_matches(&hash, "ebfd0300"));
+        assert!(!fingerprint_matches(&hash, "ebfd03:"));
+        assert!(!fingerprint_matches(&hash, "ebfd04"));
+        assert!(!fingerprint_matches(&hash, "zzfd03"));
+        assert!(!fingerprint_matches(&hash, ""));
+    }
+}
