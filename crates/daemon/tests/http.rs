@@ -2,7 +2,9 @@
 //! (raw and qcow2 over http) match the served files, as qemu-img compare judges through an
 //! NBD export, on blockd and on qemu-storage-daemon; open errors, passwords, cookies,
 //! redirects and a proxy that asks for a password (tinyproxy) behave as qsd's; https verifies the server against a CA made by the test; a
-//! server that stops answering fails reads and jobs with EIO within `timeout`.
+//! server that stops answering fails reads and jobs with EIO within `timeout`. A server
+//! that answers wrongly on purpose (a crafted length, ranges, bodies, a trickle) gets a
+//! clear error or EIO, never a panic or a hang.
 
 mod common;
 
@@ -148,10 +150,15 @@ async fn images_read_over_http_match_the_served_files_on_both_daemons() {
             "read -P 0 1000 24",
             &odd,
         ]));
-        let tail = String::from_utf8_lossy(&tail.stdout).into_owned();
+        let text = String::from_utf8_lossy(&tail.stdout).into_owned();
         assert!(
-            !tail.contains("fail") && !tail.contains("differ"),
-            "{which:?}: {tail}"
+            tail.status.success()
+                && text.contains("read 1000/1000 bytes")
+                && text.contains("read 24/24 bytes")
+                && !text.contains("fail")
+                && !text.contains("differ"),
+            "{which:?}: {text}{}",
+            String::from_utf8_lossy(&tail.stderr)
         );
         let mut nodes = Vec::new();
         for name in ["raw", "odd"] {
@@ -253,6 +260,10 @@ async fn open_errors_passwords_cookies_and_redirects_read_as_qsd() {
                           "password-secret": "bad"}),
         ),
         add(
+            "e13",
+            json!({"url": server.url("cookie/raw.img"), "cookie": COOKIE, "cookie-secret": "ck"}),
+        ),
+        add(
             "ok1",
             json!({"url": server.url("cookie/raw.img"), "cookie": COOKIE}),
         ),
@@ -278,7 +289,7 @@ async fn open_errors_passwords_cookies_and_redirects_read_as_qsd() {
     }
     assert_eq!(ours, qsd, "blockd, then qsd");
     for (i, r) in ours.as_array().unwrap().iter().enumerate() {
-        let expect_ok = !(3..15).contains(&i);
+        let expect_ok = !(3..16).contains(&i);
         assert_eq!(r.get("return").is_some(), expect_ok, "request {i}: {r}");
     }
 
@@ -291,7 +302,7 @@ async fn open_errors_passwords_cookies_and_redirects_read_as_qsd() {
     for (command, args) in &requests[..3] {
         c.execute(command, args.clone()).await.unwrap();
     }
-    for (command, args) in &requests[15..] {
+    for (command, args) in &requests[16..] {
         c.execute(command, args.clone()).await.unwrap();
         let name = args["node-name"].as_str().unwrap();
         let url = export(&mut c, &d, name).await;
@@ -552,5 +563,152 @@ async fn a_server_that_stops_answering_fails_reads_and_jobs_within_the_timeout()
     drop(server);
     let outcome = qemu_io_outcome(&["-r", "-f", "raw", "-c", "read 3M 64k", &exported]);
     assert!(outcome.contains("Input/output error"), "{outcome}");
+    daemon.quit(&mut c).await;
+}
+
+/// How the crafted server below misbehaves.
+#[derive(Clone, Copy, Debug)]
+enum Crafted {
+    /// HEAD answers this Content-Length.
+    Length(u64),
+    /// Range answers start one byte late.
+    WrongRange,
+    /// A range is answered with 200 and the whole file.
+    WholeFile,
+    /// The body is longer than the range.
+    TooLong,
+    /// The connection closes half way through the body.
+    TooShort,
+    /// One byte a second.
+    Trickle,
+}
+
+/// A server that answers as `how` says, on a thread: the crafted input a broken or hostile
+/// web server sends, which no real server can be told to send. The file is 1 MiB of 0x5a.
+fn crafted_server(how: Crafted) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    const LEN: u64 = 1 << 20;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push(line);
+                }
+                let head_request = head[0].starts_with("HEAD");
+                let range = head.iter().find_map(|l| {
+                    let (start, end) = l.strip_prefix("range: bytes=")?.trim().split_once('-')?;
+                    Some((start.parse::<u64>().ok()?, end.parse::<u64>().ok()?))
+                });
+                let length = match how {
+                    Crafted::Length(n) => n,
+                    _ => LEN,
+                };
+                if head_request {
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\
+                         Accept-Ranges: bytes\r\nConnection: close\r\n\r\n"
+                    );
+                    return;
+                }
+                let (start, end) = range.unwrap_or((0, LEN - 1));
+                let n = end - start + 1;
+                let (status, first, sent, declared) = match how {
+                    Crafted::WrongRange => ("206 Partial Content", start + 1, n, n),
+                    Crafted::WholeFile => ("200 OK", 0, LEN, LEN),
+                    Crafted::TooLong => ("206 Partial Content", start, n + 4096, n + 4096),
+                    Crafted::TooShort => ("206 Partial Content", start, n / 2, n),
+                    _ => ("206 Partial Content", start, n, n),
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Length: {declared}\r\n\
+                     Content-Range: bytes {first}-{}/{LEN}\r\nConnection: close\r\n\r\n",
+                    first + n - 1
+                );
+                if let Crafted::Trickle = how {
+                    for _ in 0..sent {
+                        if stream.write_all(&[0x5a]).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    return;
+                }
+                let _ = stream.write_all(&vec![0x5a; sent as usize]);
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_lengths_are_refused_as_by_qsd() {
+    assert_qsd_has("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let mut requests = Vec::new();
+    let largest = (i64::MAX as u64) & !((1 << 30) - 1);
+    for (i, length) in [u64::MAX, i64::MAX as u64, largest + 1, largest, 0]
+        .into_iter()
+        .enumerate()
+    {
+        let port = crafted_server(Crafted::Length(length));
+        requests.push((
+            "blockdev-add",
+            json!({"driver": "http", "node-name": format!("n{i}"), "read-only": true,
+                   "url": format!("http://127.0.0.1:{port}/disk.img")}),
+        ));
+    }
+    let [ours, qsd] = replies_of_both(dir.path(), &[], &requests).await;
+    assert_eq!(ours, qsd, "blockd, then qsd");
+    for (i, r) in ours.as_array().unwrap().iter().enumerate() {
+        assert_eq!(r["error"].is_object(), i < 3, "{i}: {r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_answers_fail_reads_with_eio() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let daemon = Daemon::start(Impl::Blockd, d, &[]);
+    let mut c = daemon.qmp().await;
+    for how in [
+        Crafted::WrongRange,
+        Crafted::WholeFile,
+        Crafted::TooLong,
+        Crafted::TooShort,
+        Crafted::Trickle,
+    ] {
+        let port = crafted_server(how);
+        let name = format!("{how:?}").to_lowercase();
+        c.execute(
+            "blockdev-add",
+            json!({"driver": "http", "node-name": name, "read-only": true, "timeout": 2,
+                   "url": format!("http://127.0.0.1:{port}/disk.img")}),
+        )
+        .await
+        .unwrap();
+        let url = export(&mut c, d, &name).await;
+        let began = Instant::now();
+        let outcome = qemu_io_outcome(&["-r", "-f", "raw", "-c", "read 64k 64k", &url]);
+        assert!(outcome.contains("Input/output error"), "{how:?}: {outcome}");
+        assert!(
+            began.elapsed() < Duration::from_secs(15),
+            "{how:?} took {:?}",
+            began.elapsed()
+        );
+    }
     daemon.quit(&mut c).await;
 }

@@ -28,6 +28,7 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CON
 use reqwest::{Client, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::cell::Cell;
 use std::io;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -42,6 +43,9 @@ const DEFAULT_READAHEAD: i64 = 256 << 10;
 /// QEMU's default timeout, and the largest it takes, in seconds.
 const DEFAULT_TIMEOUT: i64 = 5;
 const MAX_TIMEOUT: i64 = 10000;
+
+/// Failed reads logged per node, as QEMU's curl driver stops after 100.
+const LOGGED_FAILURES: u32 = 100;
 
 /// Redirects followed at most (libcurl's default limit).
 const MAX_REDIRECTS: usize = 30;
@@ -96,6 +100,8 @@ struct Remote {
     url: String,
     slots: Semaphore,
     cache: Readahead,
+    /// Failed fetches so far: the log gets the first [`LOGGED_FAILURES`].
+    failures: Cell<u32>,
 }
 
 impl Remote {
@@ -119,7 +125,18 @@ impl Remote {
                 Failure::Request(e) => request_error_text(&e, began),
                 Failure::Reply(text) => text,
             };
-            tracing::warn!(url = %self.url, "reading {len} bytes at {start}: {e}");
+            let failures = self.failures.get().saturating_add(1);
+            self.failures.set(failures);
+            match failures.cmp(&LOGGED_FAILURES) {
+                std::cmp::Ordering::Less => {
+                    tracing::warn!(url = %self.url, "reading {len} bytes at {start}: {e}")
+                }
+                std::cmp::Ordering::Equal => tracing::warn!(
+                    url = %self.url,
+                    "reading {len} bytes at {start}: {e} (further errors suppressed)"
+                ),
+                std::cmp::Ordering::Greater => {}
+            }
             libc::EIO
         })
     }
@@ -154,7 +171,8 @@ impl Remote {
                 )))
             }
         }
-        let mut data = BytesMut::with_capacity(len as usize);
+        // Grown as the bytes arrive, so a server that sends less takes less memory.
+        let mut data = BytesMut::with_capacity((len as usize).min(1 << 20));
         while let Some(chunk) = response.chunk().await? {
             if data.len() + chunk.len() > len as usize {
                 return Err(Failure::Reply(format!(
@@ -213,6 +231,9 @@ fn request_error_text(e: &reqwest::Error, began: Instant) -> String {
     if e.is_timeout() {
         return format!("Operation timed out after {ms} milliseconds");
     }
+    if let Some(host) = unresolved(e) {
+        return format!("Could not resolve host: {host}");
+    }
     if e.is_connect() {
         let url = e.url();
         let host = url.and_then(|u| u.host_str()).unwrap_or("");
@@ -228,6 +249,18 @@ fn request_error_text(e: &reqwest::Error, began: Instant) -> String {
         source = s.source();
     }
     text
+}
+
+/// The host a failed connection could not resolve, if that is why it failed.
+fn unresolved(e: &reqwest::Error) -> Option<&str> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.to_string().starts_with("dns error") {
+            return e.url().and_then(|u| u.host_str());
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// The TLS error under a failed connection. An `io::Error` hides the error it wraps from
@@ -246,8 +279,8 @@ fn tls_error(e: &reqwest::Error) -> Option<&rustls::Error> {
     None
 }
 
-/// The proxy libcurl would take for `scheme` from the environment, which the proxy
-/// credentials go with.
+/// The proxy libcurl would take for `scheme` from the environment (the proxy credentials
+/// go with it).
 fn proxy_from_env(scheme: &str) -> Option<String> {
     // libcurl reads http_proxy in lower case only: HTTP_PROXY may be set by a CGI client.
     let names = match scheme {
@@ -263,22 +296,25 @@ fn proxy_from_env(scheme: &str) -> Option<String> {
         .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
 }
 
-/// The client for `opts`, with the secrets looked up.
-fn client(o: &Opener<'_>, scheme: &'static str, opts: &HttpOptions) -> Result<Client, QmpError> {
-    let timeout = opts.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    if !(0..=MAX_TIMEOUT).contains(&timeout) {
-        return Err(QmpError::generic(
-            "timeout parameter is too large or negative",
-        ));
-    }
+/// The client for `opts`, with the secrets looked up. `tls` is the verifying (or, with
+/// `sslverify=off`, trusting) configuration, or why the system's authorities could not be
+/// read.
+fn client(
+    o: &Opener<'_>,
+    scheme: &'static str,
+    opts: &HttpOptions,
+    timeout: i64,
+    tls: Result<rustls::ClientConfig, String>,
+) -> Result<Client, QmpError> {
     let mut headers = HeaderMap::new();
     let cookie = match &opts.cookie_secret {
         Some(id) => Some(o.secret_text(id)?),
         None => opts.cookie.clone(),
     };
     if let Some(cookie) = cookie {
-        let value = HeaderValue::from_str(&cookie)
+        let mut value = HeaderValue::from_str(&cookie)
             .map_err(|_| QmpError::generic("The cookie is not a valid HTTP header value"))?;
+        value.set_sensitive(true);
         headers.insert(reqwest::header::COOKIE, value);
     }
     // Secrets are looked up whether or not a user goes with them, as QEMU does.
@@ -300,42 +336,53 @@ fn client(o: &Opener<'_>, scheme: &'static str, opts: &HttpOptions) -> Result<Cl
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    let verify = opts.sslverify.unwrap_or(true);
-    // reqwest sets TLS up whatever the scheme; an http node never uses it (redirects keep
-    // the protocol), so it takes the configuration that needs no trusted authorities.
-    let tls = nbd::tls::system_client_config(verify || scheme == "http")
-        .or_else(|e| match scheme {
-            "http" => nbd::tls::system_client_config(false),
-            _ => Err(e),
-        })
-        .map_err(QmpError::generic)?;
+    // libcurl follows redirects between http and https (QEMU allows both, and the ftp
+    // protocols, which blockd does not have); an http node that could not read the
+    // system's authorities stays on http, and an https node without them does not open.
+    let (tls, https_ok) = match tls {
+        Ok(tls) => (tls, true),
+        Err(e) if scheme == "https" => return Err(QmpError::generic(e)),
+        // reqwest sets TLS up whatever the scheme; this node never reaches it.
+        Err(_) => (
+            nbd::tls::system_client_config(false).map_err(QmpError::generic)?,
+            false,
+        ),
+    };
     let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+        let scheme = attempt.url().scheme();
         if attempt.previous().len() >= MAX_REDIRECTS {
             attempt.error("too many redirects")
-        } else if attempt.url().scheme() != scheme {
-            let to = attempt.url().to_string();
-            attempt.error(format!("a redirect to {to} is not {scheme}"))
-        } else {
+        } else if scheme == "http" || (scheme == "https" && https_ok) {
             attempt.follow()
+        } else {
+            let to = attempt.url().to_string();
+            attempt.error(format!("a redirect to {to}, which blockd does not follow"))
         }
     });
     let mut builder = Client::builder()
         .default_headers(headers)
         .use_preconfigured_tls(tls)
         .redirect(redirects)
-        .pool_max_idle_per_host(CONNECTIONS);
+        .pool_max_idle_per_host(CONNECTIONS)
+        // The proxy is libcurl's, from the environment, set below.
+        .no_proxy();
     if timeout > 0 {
+        // As libcurl's CURLOPT_TIMEOUT: the whole transfer, so that a server trickling
+        // bytes cannot hold a read (and the slot it takes) for long.
         let timeout = Duration::from_secs(timeout as u64);
-        builder = builder.connect_timeout(timeout).read_timeout(timeout);
+        builder = builder
+            .connect_timeout(timeout)
+            .read_timeout(timeout)
+            .timeout(timeout);
     }
-    if let Some(user) = &opts.proxy_username {
-        if let Some(proxy) = proxy_from_env(scheme) {
-            let proxy = reqwest::Proxy::all(&proxy)
-                .map_err(|e| QmpError::generic(format!("Invalid proxy '{proxy}': {e}")))?
-                .basic_auth(user, &proxy_password)
-                .no_proxy(reqwest::NoProxy::from_env());
-            builder = builder.proxy(proxy);
+    if let Some(proxy) = proxy_from_env(scheme) {
+        let mut proxy = reqwest::Proxy::all(&proxy)
+            .map_err(|e| QmpError::generic(format!("Invalid proxy '{proxy}': {e}")))?
+            .no_proxy(reqwest::NoProxy::from_env());
+        if let Some(user) = &opts.proxy_username {
+            proxy = proxy.basic_auth(user, &proxy_password);
         }
+        builder = builder.proxy(proxy);
     }
     builder
         .build()
@@ -362,6 +409,7 @@ async fn file_length(client: &Client, url: &str) -> Result<u64, String> {
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        .filter(|len| *len <= i64::MAX as u64)
         .ok_or("Server didn't report file size.")?;
     let ranges = headers
         .get_all(ACCEPT_RANGES)
@@ -395,6 +443,7 @@ async fn open(
     }
     let opts: HttpOptions = o.parse(options)?;
     o.only_read("curl driver does not support writes")?;
+    // QEMU's order of checks, so that the first complaint is the same.
     let readahead = opts.readahead.unwrap_or(DEFAULT_READAHEAD);
     if readahead < 0 {
         return Err(QmpError::generic(format!(
@@ -406,6 +455,17 @@ async fn open(
             "HTTP_READAHEAD_SIZE {readahead} is not a multiple of 512"
         )));
     }
+    let timeout = opts.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    if !(0..=MAX_TIMEOUT).contains(&timeout) {
+        return Err(QmpError::generic(
+            "timeout parameter is too large or negative",
+        ));
+    }
+    if opts.cookie.is_some() && opts.cookie_secret.is_some() {
+        return Err(QmpError::generic(
+            "curl driver cannot handle both cookie and cookie secret",
+        ));
+    }
     let prefix = format!("{driver}://");
     if !opts.url.starts_with(&prefix) {
         return Err(QmpError::generic(format!(
@@ -413,15 +473,27 @@ async fn open(
             opts.url
         )));
     }
-    let client = client(o, driver, &opts)?;
+    // Reading the system's authorities is file I/O: not on the I/O thread.
+    let verify = opts.sslverify.unwrap_or(true);
+    let tls = tokio::task::spawn_blocking(move || nbd::tls::system_client_config(verify))
+        .await
+        .map_err(|e| QmpError::generic(e.to_string()))?;
+    let client = client(o, driver, &opts, timeout, tls)?;
     let len = file_length(&client, &opts.url)
         .await
         .map_err(|e| QmpError::generic(format!("CURL: Error opening file: {e}")))?;
+    // QEMU's largest disk (BDRV_MAX_LENGTH): i64's largest, in whole GiB.
+    if len.div_ceil(512).saturating_mul(512) > (i64::MAX as u64) & !((1 << 30) - 1) {
+        return Err(QmpError::generic(
+            "Could not refresh total sector count: File too large",
+        ));
+    }
     let remote = Rc::new(Remote {
         client,
         url: opts.url.clone(),
         slots: Semaphore::new(CONNECTIONS),
         cache: Readahead::new(len, readahead as u64),
+        failures: Cell::new(0),
     });
     let (requests, mut incoming) = mpsc::unbounded_channel::<ReadRequest>();
     tokio::task::spawn_local(async move {
@@ -451,7 +523,8 @@ impl Driver for HttpDriver {
     /// The file's length rounded up to whole sectors, as QEMU reports it; the tail past the
     /// file reads as zeroes.
     fn size(&self, _: &Node) -> u64 {
-        self.len.div_ceil(512) * 512
+        // Bounded at open: the rounded size fits QAPI's int.
+        self.len.div_ceil(512).saturating_mul(512)
     }
 
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -506,11 +579,19 @@ impl Driver for HttpDriver {
         (Perms::NONE, Perms::ALL)
     }
 
+    /// The URL, or a `json:` name when an option changes what is read: QEMU names
+    /// `sslverify` only when it is off.
     fn info(&self, node: &Node) -> DriverInfo {
         let strong = match node.open_options() {
-            Value::Object(options) => options
-                .keys()
-                .any(|k| k != "url" && STRONG.contains(&k.as_str())),
+            Value::Object(options) => options.iter().any(|(k, v)| match k.as_str() {
+                "url" => false,
+                "sslverify" => match v {
+                    Value::Bool(on) => !on,
+                    Value::String(on) => !matches!(on.as_str(), "on" | "yes" | "true"),
+                    _ => true,
+                },
+                k => STRONG.contains(&k),
+            }),
             _ => false,
         };
         DriverInfo {

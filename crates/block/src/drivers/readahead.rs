@@ -5,8 +5,9 @@
 //! one request per `readahead` bytes rather than one per read.
 //!
 //! The cache lives on the I/O thread that serves the node's requests (its fetches are
-//! local futures) and holds at most [`SEGMENTS`] fetches and [`CACHED_BYTES`] bytes; a
-//! fetch larger than that is made for its read alone.
+//! local futures) and holds at most [`SEGMENTS`] fetches and [`CACHED_BYTES`] bytes: a
+//! fetch reads ahead only as far as the cache can keep it, and a read larger than the
+//! cache is fetched for itself alone.
 
 use bytes::Bytes;
 use futures::future::{FutureExt, LocalBoxFuture, Shared};
@@ -77,9 +78,11 @@ impl Readahead {
         let (start, data) = match found {
             Some(found) => found,
             None => {
+                // A readahead larger than the cache would be fetched only to be dropped.
+                let ahead = self.readahead.min(CACHED_BYTES.saturating_sub(len));
                 let end = offset
                     .saturating_add(len)
-                    .saturating_add(self.readahead)
+                    .saturating_add(ahead)
                     .min(self.len)
                     .max(offset + len);
                 let data = fetch(offset, end - offset).shared();
@@ -168,6 +171,58 @@ mod tests {
         let count = Rc::new(Cell::new(0));
         cache.read(9_000, 1_000, counting(&count)).await.unwrap();
         assert_eq!(count.get(), 1, "a failed fetch serves no later read");
+    }
+
+    #[tokio::test]
+    async fn readahead_stops_where_the_cache_ends() {
+        let cache = Readahead::new(1 << 40, 1 << 40);
+        let asked = Rc::new(Cell::new(0u64));
+        let a = asked.clone();
+        let fetch = move |_start: u64, len: u64| {
+            a.set(len);
+            async { Err(libc::EIO) }.boxed_local()
+        };
+        let _ = cache.read(0, 4096, fetch).await;
+        assert_eq!(asked.get(), CACHED_BYTES);
+    }
+
+    #[tokio::test]
+    async fn reads_wait_on_a_fetch_under_way() {
+        let cache = Rc::new(Readahead::new(1 << 20, 64 << 10));
+        let count = Rc::new(Cell::new(0));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let c = count.clone();
+        let slow = move |start: u64, len: u64| {
+            c.set(c.get() + 1);
+            let data: Vec<u8> = (start..start + len).map(|i| (i % 251) as u8).collect();
+            async move {
+                let _ = released.await;
+                Ok(Bytes::from(data))
+            }
+            .boxed_local()
+        };
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let first = tokio::task::spawn_local({
+                    let cache = cache.clone();
+                    async move { cache.read(0, 4096, slow).await }
+                });
+                tokio::task::yield_now().await;
+                let second = tokio::task::spawn_local({
+                    let (cache, count) = (cache.clone(), count.clone());
+                    async move { cache.read(8192, 4096, counting(&count)).await }
+                });
+                tokio::task::yield_now().await;
+                release.send(()).unwrap();
+                assert_eq!(&first.await.unwrap().unwrap()[..], &expected(0, 4096)[..]);
+                assert_eq!(
+                    &second.await.unwrap().unwrap()[..],
+                    &expected(8192, 4096)[..]
+                );
+            })
+            .await;
+        assert_eq!(count.get(), 1, "the second read waited on the first fetch");
     }
 
     #[tokio::test]
