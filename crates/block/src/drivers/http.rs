@@ -1,146 +1,47 @@
 //! `http`, `https`: a disk image on a web server, read with Range requests (QEMU's curl
-//! driver, with reqwest over rustls in place of libcurl). Read-only, as in QEMU.
+//! driver, with reqwest over rustls in place of libcurl). Read-only, as in QEMU; the node
+//! itself is a [`WebDriver`].
 //!
 //! Opening asks for the file's length with HEAD and refuses a server that does not take
-//! byte ranges. A read asks for its range plus `readahead` bytes ([`Readahead`]); at most
-//! [`CONNECTIONS`] requests run at once, as QEMU's driver runs as many transfers.
-//!
-//! The client and the cache live on the I/O thread that opened the node (the cache's
-//! fetches are local futures): a task there takes reads from any thread over a channel.
-//!
-//! `timeout` bounds connecting and every wait for the server's next bytes, where libcurl
-//! bounds the whole transfer: a large read over a slow link is not cut off while data
-//! flows, and a server that stops answering fails the read with EIO within `timeout`.
-//! Like libcurl, the driver trusts the system's certificate authorities
-//! (`/etc/ssl/certs`, or `SSL_CERT_FILE`), follows redirects that keep the protocol, and
-//! takes a proxy from `http_proxy`, `https_proxy` or `all_proxy`.
+//! byte ranges. A read asks for its range plus `readahead` bytes. `timeout` bounds each
+//! whole request, as libcurl's CURLOPT_TIMEOUT. Like libcurl, the driver trusts the
+//! system's certificate authorities (`/etc/ssl/certs`, or `SSL_CERT_FILE`), follows
+//! redirects between http and https, and takes a proxy from `http_proxy`, `https_proxy`
+//! or `all_proxy`.
 
-use crate::drivers::readahead::Readahead;
-use crate::node::{DriverInfo, Extent, ExtentKind, Node, WriteFlags};
+use crate::drivers::web::{check_length, CurlOptions, RangeSource, WebDriver, CONNECTIONS};
 use crate::open::{DriverEntry, Opener};
-use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures::FutureExt;
 use qapi::error::QmpError;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE};
 use reqwest::{Client, StatusCode};
-use serde::Deserialize;
 use serde_json::{Map, Value};
-use std::cell::Cell;
 use std::io;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, Semaphore};
-
-/// Requests in flight at once per node (QEMU's CURL_NUM_STATES).
-pub const CONNECTIONS: usize = 8;
-
-/// QEMU's default readahead.
-const DEFAULT_READAHEAD: i64 = 256 << 10;
-
-/// QEMU's default timeout, and the largest it takes, in seconds.
-const DEFAULT_TIMEOUT: i64 = 5;
-const MAX_TIMEOUT: i64 = 10000;
-
-/// Failed reads logged per node, as QEMU's curl driver stops after 100.
-const LOGGED_FAILURES: u32 = 100;
 
 /// Redirects followed at most (libcurl's default limit).
 const MAX_REDIRECTS: usize = 30;
 
-/// The options that change what the node reads, which its `json:` filename names.
-const STRONG: &[&str] = &[
-    "url",
-    "sslverify",
-    "cookie",
-    "cookie-secret",
-    "username",
-    "password-secret",
-    "proxy-username",
-    "proxy-password-secret",
-];
-
-/// BlockdevOptionsCurlHttp and BlockdevOptionsCurlHttps (`sslverify` only for https).
-#[derive(Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct HttpOptions {
-    url: String,
-    readahead: Option<i64>,
-    timeout: Option<i64>,
-    username: Option<String>,
-    password_secret: Option<String>,
-    proxy_username: Option<String>,
-    proxy_password_secret: Option<String>,
-    cookie: Option<String>,
-    cookie_secret: Option<String>,
-    sslverify: Option<bool>,
-}
-
-/// A read for the node's task: `len` bytes at `offset`, within the file.
-struct ReadRequest {
-    offset: u64,
-    len: u64,
-    reply: oneshot::Sender<io::Result<Bytes>>,
-}
-
-pub struct HttpDriver {
-    driver: &'static str,
-    url: String,
-    /// The file's length in bytes.
-    len: u64,
-    /// Dropping the driver closes the channel, which ends the task.
-    requests: mpsc::UnboundedSender<ReadRequest>,
-}
-
-/// What the node's task reads with.
-struct Remote {
+/// Range requests to one URL.
+struct HttpSource {
     client: Client,
     url: String,
-    slots: Semaphore,
-    cache: Readahead,
-    /// Failed fetches so far: the log gets the first [`LOGGED_FAILURES`].
-    failures: Cell<u32>,
 }
 
-impl Remote {
-    async fn serve(self: Rc<Self>, request: ReadRequest) {
-        let remote = self.clone();
-        let result = self
-            .cache
-            .read(request.offset, request.len, move |start, len| {
-                async move { remote.fetch(start, len).await }.boxed_local()
-            })
-            .await;
-        let _ = request.reply.send(result);
-    }
-
-    /// The `len` bytes at `start`, or EIO with the reason logged.
-    async fn fetch(&self, start: u64, len: u64) -> Result<Bytes, i32> {
-        let _slot = self.slots.acquire().await.map_err(|_| libc::EIO)?;
+#[async_trait(?Send)]
+impl RangeSource for HttpSource {
+    async fn get(&self, start: u64, len: u64) -> Result<Bytes, String> {
         let began = Instant::now();
-        self.get_range(start, len).await.map_err(|e| {
-            let e = match e {
-                Failure::Request(e) => request_error_text(&e, began),
-                Failure::Reply(text) => text,
-            };
-            let failures = self.failures.get().saturating_add(1);
-            self.failures.set(failures);
-            match failures.cmp(&LOGGED_FAILURES) {
-                std::cmp::Ordering::Less => {
-                    tracing::warn!(url = %self.url, "reading {len} bytes at {start}: {e}")
-                }
-                std::cmp::Ordering::Equal => tracing::warn!(
-                    url = %self.url,
-                    "reading {len} bytes at {start}: {e} (further errors suppressed)"
-                ),
-                std::cmp::Ordering::Greater => {}
-            }
-            libc::EIO
+        self.get_range(start, len).await.map_err(|e| match e {
+            Failure::Request(e) => request_error_text(&e, began),
+            Failure::Reply(text) => text,
         })
     }
+}
 
+impl HttpSource {
     async fn get_range(&self, start: u64, len: u64) -> Result<Bytes, Failure> {
         let last = start + len - 1;
         let mut response = self
@@ -302,8 +203,8 @@ fn proxy_from_env(scheme: &str) -> Option<String> {
 fn client(
     o: &Opener<'_>,
     scheme: &'static str,
-    opts: &HttpOptions,
-    timeout: i64,
+    opts: &CurlOptions,
+    timeout: Option<Duration>,
     tls: Result<rustls::ClientConfig, String>,
 ) -> Result<Client, QmpError> {
     let mut headers = HeaderMap::new();
@@ -366,10 +267,9 @@ fn client(
         .pool_max_idle_per_host(CONNECTIONS)
         // The proxy is libcurl's, from the environment, set below.
         .no_proxy();
-    if timeout > 0 {
+    if let Some(timeout) = timeout {
         // As libcurl's CURLOPT_TIMEOUT: the whole transfer, so that a server trickling
         // bytes cannot hold a read (and the slot it takes) for long.
-        let timeout = Duration::from_secs(timeout as u64);
         builder = builder
             .connect_timeout(timeout)
             .read_timeout(timeout)
@@ -438,168 +338,26 @@ async fn open(
         "https" => "https",
         _ => "http",
     };
-    if driver == "http" && options.contains_key("sslverify") {
-        return Err(QmpError::generic("Parameter 'sslverify' is unexpected"));
-    }
-    let opts: HttpOptions = o.parse(options)?;
-    o.only_read("curl driver does not support writes")?;
-    // QEMU's order of checks, so that the first complaint is the same.
-    let readahead = opts.readahead.unwrap_or(DEFAULT_READAHEAD);
-    if readahead < 0 {
-        return Err(QmpError::generic(format!(
-            "Value '{readahead}' is out of range for parameter 'readahead'"
-        )));
-    }
-    if readahead % 512 != 0 {
-        return Err(QmpError::generic(format!(
-            "HTTP_READAHEAD_SIZE {readahead} is not a multiple of 512"
-        )));
-    }
-    let timeout = opts.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    if !(0..=MAX_TIMEOUT).contains(&timeout) {
-        return Err(QmpError::generic(
-            "timeout parameter is too large or negative",
-        ));
-    }
-    if opts.cookie.is_some() && opts.cookie_secret.is_some() {
-        return Err(QmpError::generic(
-            "curl driver cannot handle both cookie and cookie secret",
-        ));
-    }
-    let prefix = format!("{driver}://");
-    if !opts.url.starts_with(&prefix) {
-        return Err(QmpError::generic(format!(
-            "{driver} curl driver cannot handle the URL '{}' (does not start with '{prefix}')",
-            opts.url
-        )));
-    }
+    let (opts, checked) = CurlOptions::parse(o, driver, options)?;
     // Reading the system's authorities is file I/O: not on the I/O thread.
     let verify = opts.sslverify.unwrap_or(true);
     let tls = tokio::task::spawn_blocking(move || nbd::tls::system_client_config(verify))
         .await
         .map_err(|e| QmpError::generic(e.to_string()))?;
-    let client = client(o, driver, &opts, timeout, tls)?;
+    let client = client(o, driver, &opts, checked.timeout, tls)?;
     let len = file_length(&client, &opts.url)
         .await
         .map_err(|e| QmpError::generic(format!("CURL: Error opening file: {e}")))?;
-    // QEMU's largest disk (BDRV_MAX_LENGTH): i64's largest, in whole GiB.
-    if len.div_ceil(512).saturating_mul(512) > (i64::MAX as u64) & !((1 << 30) - 1) {
-        return Err(QmpError::generic(
-            "Could not refresh total sector count: File too large",
-        ));
-    }
-    let remote = Rc::new(Remote {
+    check_length(len)?;
+    let source = HttpSource {
         client,
         url: opts.url.clone(),
-        slots: Semaphore::new(CONNECTIONS),
-        cache: Readahead::new(len, readahead as u64),
-        failures: Cell::new(0),
-    });
-    let (requests, mut incoming) = mpsc::unbounded_channel::<ReadRequest>();
-    tokio::task::spawn_local(async move {
-        while let Some(request) = incoming.recv().await {
-            tokio::task::spawn_local(remote.clone().serve(request));
-        }
-    });
-    Ok(Box::new(HttpDriver {
+    };
+    Ok(Box::new(WebDriver::start(
         driver,
-        url: opts.url,
+        opts.url,
         len,
-        requests,
-    }))
-}
-
-/// What a write to the read-only driver fails with.
-fn read_only() -> io::Error {
-    io::Error::from_raw_os_error(libc::EACCES)
-}
-
-#[async_trait(?Send)]
-impl Driver for HttpDriver {
-    fn format_name(&self) -> &'static str {
-        self.driver
-    }
-
-    /// The file's length rounded up to whole sectors, as QEMU reports it; the tail past the
-    /// file reads as zeroes.
-    fn size(&self, _: &Node) -> u64 {
-        // Bounded at open: the rounded size fits QAPI's int.
-        self.len.div_ceil(512).saturating_mul(512)
-    }
-
-    async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let end = (offset + buf.len() as u64).min(self.len);
-        let within = end.saturating_sub(offset) as usize;
-        buf[within..].fill(0);
-        if within == 0 {
-            return Ok(());
-        }
-        let (reply, answer) = oneshot::channel();
-        let gone = || io::Error::from_raw_os_error(libc::ESHUTDOWN);
-        self.requests
-            .send(ReadRequest {
-                offset,
-                len: within as u64,
-                reply,
-            })
-            .map_err(|_| gone())?;
-        let data = answer.await.map_err(|_| gone())??;
-        buf[..within].copy_from_slice(&data);
-        Ok(())
-    }
-
-    async fn write(&self, _: &Node, _: u64, _: &[u8], _: WriteFlags) -> io::Result<()> {
-        Err(read_only())
-    }
-
-    async fn write_zeroes(&self, _: &Node, _: u64, _: u64, _: WriteFlags) -> io::Result<()> {
-        Err(read_only())
-    }
-
-    async fn discard(&self, _: &Node, _: u64, _: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-
-    async fn flush(&self, _: &Node) -> io::Result<()> {
-        Ok(())
-    }
-
-    async fn block_status(&self, _: &Node, _offset: u64, len: u64) -> io::Result<Extent> {
-        Ok(Extent {
-            len,
-            kind: ExtentKind::Data,
-        })
-    }
-
-    async fn truncate(&self, _: &Node, _size: u64) -> io::Result<()> {
-        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
-    }
-
-    fn child_perms(&self, _: &str, _: Perms, _: Perms, _: bool) -> (Perms, Perms) {
-        (Perms::NONE, Perms::ALL)
-    }
-
-    /// The URL, or a `json:` name when an option changes what is read: QEMU names
-    /// `sslverify` only when it is off.
-    fn info(&self, node: &Node) -> DriverInfo {
-        let strong = match node.open_options() {
-            Value::Object(options) => options.iter().any(|(k, v)| match k.as_str() {
-                "url" => false,
-                "sslverify" => match v {
-                    Value::Bool(on) => !on,
-                    Value::String(on) => !matches!(on.as_str(), "on" | "yes" | "true"),
-                    _ => true,
-                },
-                k => STRONG.contains(&k),
-            }),
-            _ => false,
-        };
-        DriverInfo {
-            filename: match strong {
-                true => crate::graph::strong_json_filename(node, STRONG),
-                false => self.url.clone(),
-            },
-            ..DriverInfo::default()
-        }
-    }
+        checked.readahead,
+        Box::new(source),
+    )))
 }

@@ -33,3 +33,4 @@ pub mod vdi;
 pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
+pub(crate) mod web;
