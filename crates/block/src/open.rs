@@ -7,9 +7,9 @@
 //! if the whole blockdev-add succeeds; a failure drops it all.
 
 use crate::drivers::{
-    blkdebug, blklogwrites, blkverify, bochs, cbw, cloop, compress, dmg, file, http, luks, nbd,
-    null, parallels, preallocate, qcow, qcow2, qed, quorum, raw, rbd, ssh, throttle, vdi, vhdx,
-    vmdk, vpc,
+    blkdebug, blklogwrites, blkverify, bochs, cbw, cloop, compress, dmg, file, ftp, http, luks,
+    nbd, null, parallels, preallocate, qcow, qcow2, qed, quorum, raw, rbd, ssh, throttle, vdi,
+    vhdx, vmdk, vpc,
 };
 use crate::graph::{Graph, OptionSyntax, Pending};
 use crate::node::{Child, CommonOptions, Driver, Node, Parent};
@@ -68,6 +68,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     nbd::DRIVER,
     rbd::DRIVER,
     http::DRIVER,
+    ftp::DRIVER,
     ssh::DRIVER,
     cbw::DRIVER,
     cbw::SNAPSHOT_ACCESS,

@@ -9,89 +9,19 @@
 mod common;
 
 use common::certs::{make_ca, make_peer};
-use common::web::{Nginx, Proxy, Tls, COOKIE, PASSWORD, PROXY_PASSWORD, PROXY_USER, USER};
+use common::web::{
+    assert_same, export, images, Nginx, Proxy, Tls, COOKIE, PASSWORD, PROXY_PASSWORD, PROXY_USER,
+    USER,
+};
 use common::*;
 use serde_json::{json, Value};
-use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// A 4 MiB raw image of random bytes, a 64 MiB qcow2 image with 1 MiB written, and a file
-/// whose length is no whole number of sectors, in the server's directory.
-fn images(root: &Path) {
-    let data: Vec<u8> = (0..4u32 << 20)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    std::fs::write(root.join("raw.img"), data).unwrap();
-    let qcow2 = root.join("disk.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        qcow2.to_str().unwrap(),
-        "64M",
-    ]);
-    let out = run(std::process::Command::new("qemu-io").args([
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 0xab 3M 1M",
-        qcow2.to_str().unwrap(),
-    ]));
-    assert!(out.status.success());
-    std::fs::write(root.join("odd.img"), [0x5au8; 1000]).unwrap();
-}
 
 /// The node as query-named-block-nodes shows it.
 async fn node(client: &mut qmp::Client, name: &str) -> Value {
     named_node(client, name)
         .await
         .unwrap_or_else(|| panic!("no node {name}"))
-}
-
-/// nbd-server-add `node` as export `node` on a server at `dir/nbd.sock`.
-async fn export(client: &mut qmp::Client, dir: &Path, node: &str) -> String {
-    let sock = dir.join("nbd.sock");
-    if !sock.exists() {
-        client
-            .execute(
-                "nbd-server-start",
-                json!({"addr": {"type": "unix", "data": {"path": sock}}}),
-            )
-            .await
-            .unwrap();
-    }
-    client
-        .execute("nbd-server-add", json!({"device": node, "name": node}))
-        .await
-        .unwrap();
-    format!("nbd+unix:///{node}?socket={}", sock.display())
-}
-
-/// qemu-img compare of the served file `local` with the export: the same bytes.
-fn assert_same(local: &Path, format: &str, exported: &str, what: &str) {
-    assert_eq!(
-        compare(local, format, exported),
-        "Images are identical.\n",
-        "{what}"
-    );
-}
-
-fn compare(local: &Path, format: &str, exported: &str) -> String {
-    let out = run(std::process::Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        format,
-        "-F",
-        "raw",
-        local.to_str().unwrap(),
-        exported,
-    ]));
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,26 +388,24 @@ async fn https_verifies_the_server_against_the_trusted_authorities() {
     );
     daemon.quit(&mut c).await;
 
-    // Only the system's authorities, which do not know the test's CA: refused, unless
-    // sslverify is off.
+    // Only the system's authorities, which do not know the test's CA: refused in qsd's
+    // words, unless sslverify is off.
+    assert_qsd_has("curl");
+    let refused = [(
+        "blockdev-add",
+        json!({"driver": "https", "node-name": "s", "url": url, "read-only": true}),
+    )];
+    let [ours, qsd] = replies_of_both(&d.join("refused"), &[], &refused).await;
+    assert_eq!(ours, qsd, "blockd, then qsd");
+    assert_eq!(
+        ours[0]["error"]["desc"],
+        "CURL: Error opening file: server certificate verification failed. CAfile: none \
+         CRLfile: none"
+    );
     let wd = d.join("untrusted");
     std::fs::create_dir_all(&wd).unwrap();
     let daemon = Daemon::start(Impl::Blockd, &wd, &[]);
     let mut c = daemon.qmp().await;
-    let refused = c
-        .execute(
-            "blockdev-add",
-            json!({"driver": "https", "node-name": "s", "url": url, "read-only": true}),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        refused
-            .desc
-            .starts_with("CURL: Error opening file: SSL certificate problem"),
-        "{}",
-        refused.desc
-    );
     c.execute(
         "blockdev-add",
         json!({"driver": "https", "node-name": "s", "url": url, "read-only": true,

@@ -24,26 +24,9 @@ fn sha256_hex(host_key: &str) -> String {
         .collect()
 }
 
-/// nbd-server-add `node` (writable) on a server at `dir/nbd.sock`.
+/// nbd-server-add `node`, writable.
 async fn export(client: &mut qmp::Client, dir: &Path, node: &str) -> String {
-    let sock = dir.join("nbd.sock");
-    if !sock.exists() {
-        client
-            .execute(
-                "nbd-server-start",
-                json!({"addr": {"type": "unix", "data": {"path": sock}}}),
-            )
-            .await
-            .unwrap();
-    }
-    client
-        .execute(
-            "nbd-server-add",
-            json!({"device": node, "name": node, "writable": true}),
-        )
-        .await
-        .unwrap();
-    format!("nbd+unix:///{node}?socket={}", sock.display())
+    export_node(client, dir, node, true).await
 }
 
 fn qemu_io_ok(args: &[&str]) {

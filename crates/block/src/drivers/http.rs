@@ -9,7 +9,9 @@
 //! redirects between http and https, and takes a proxy from `http_proxy`, `https_proxy`
 //! or `all_proxy`.
 
-use crate::drivers::web::{check_length, CurlOptions, RangeSource, WebDriver, CONNECTIONS};
+use crate::drivers::web::{
+    certificate_text, check_length, system_tls, CurlOptions, RangeSource, WebDriver, CONNECTIONS,
+};
 use crate::open::{DriverEntry, Opener};
 use crate::Driver;
 use async_trait::async_trait;
@@ -112,19 +114,10 @@ fn request_error_text(e: &reqwest::Error, began: Instant) -> String {
         return match tls {
             rustls::Error::InvalidCertificate(why) => {
                 use rustls::CertificateError as Why;
-                match why {
-                    Why::UnknownIssuer => {
-                        "SSL certificate problem: unable to get local issuer certificate".into()
-                    }
-                    Why::Expired | Why::ExpiredContext { .. } => {
-                        "SSL certificate problem: certificate has expired".into()
-                    }
-                    Why::NotValidForName | Why::NotValidForNameContext { .. } => {
-                        "SSL: no alternative certificate subject name matches target host name"
-                            .into()
-                    }
-                    other => format!("SSL certificate problem: {other:?}"),
-                }
+                certificate_text(matches!(
+                    why,
+                    Why::NotValidForName | Why::NotValidForNameContext { .. }
+                ))
             }
             other => format!("SSL connect error: {other}"),
         };
@@ -339,11 +332,7 @@ async fn open(
         _ => "http",
     };
     let (opts, checked) = CurlOptions::parse(o, driver, options)?;
-    // Reading the system's authorities is file I/O: not on the I/O thread.
-    let verify = opts.sslverify.unwrap_or(true);
-    let tls = tokio::task::spawn_blocking(move || nbd::tls::system_client_config(verify))
-        .await
-        .map_err(|e| QmpError::generic(e.to_string()))?;
+    let tls = system_tls(opts.sslverify.unwrap_or(true)).await;
     let client = client(o, driver, &opts, checked.timeout, tls)?;
     let len = file_length(&client, &opts.url)
         .await

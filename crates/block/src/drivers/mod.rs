@@ -12,6 +12,7 @@ pub mod cor;
 pub mod dmg;
 pub(crate) mod fields;
 pub mod file;
+pub mod ftp;
 pub mod http;
 pub mod luks;
 pub mod mirror_top;

@@ -145,6 +145,24 @@ pub(crate) fn check_length(len: u64) -> Result<(), QmpError> {
     Ok(())
 }
 
+/// The TLS configuration for `sslverify`, read off the I/O thread (the system's
+/// authorities are files); Err says why there is none.
+pub(crate) async fn system_tls(verify: bool) -> Result<rustls::ClientConfig, String> {
+    tokio::task::spawn_blocking(move || nbd::tls::system_client_config(verify))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// libcurl's words for a server certificate that was refused, as Debian's QEMU (libcurl
+/// over GnuTLS) gives them: one that does not name the host (`name_mismatch`), or any
+/// other refusal (an unknown issuer, an expired certificate).
+pub(crate) fn certificate_text(name_mismatch: bool) -> String {
+    match name_mismatch {
+        true => "SSL: no alternative certificate subject name matches target host name".into(),
+        false => "server certificate verification failed. CAfile: none CRLfile: none".into(),
+    }
+}
+
 /// Where a web node's bytes come from.
 #[async_trait(?Send)]
 pub(crate) trait RangeSource: 'static {

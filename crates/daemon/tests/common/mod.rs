@@ -6,6 +6,7 @@
 pub mod ceph;
 pub mod certs;
 pub mod formats;
+pub mod ftpd;
 pub mod jobs;
 pub mod log_writes;
 pub mod raw_nbd;
@@ -245,6 +246,34 @@ pub fn assert_qsd_has(name: &str) {
         "qemu-storage-daemon has no {name} driver here: install the Debian package \
          qemu-block-extra, from the same release as qemu-utils (.ci/run installs it)"
     );
+}
+
+/// nbd-server-add `node` as export `node` on an NBD server at `dir/nbd.sock`, started
+/// by the first export; its URL.
+pub async fn export_node(
+    client: &mut qmp::Client,
+    dir: &Path,
+    node: &str,
+    writable: bool,
+) -> String {
+    let sock = dir.join("nbd.sock");
+    if !sock.exists() {
+        client
+            .execute(
+                "nbd-server-start",
+                serde_json::json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .execute(
+            "nbd-server-add",
+            serde_json::json!({"device": node, "name": node, "writable": writable}),
+        )
+        .await
+        .unwrap();
+    format!("nbd+unix:///{node}?socket={}", sock.display())
 }
 
 /// Node `name` as query-named-block-nodes shows it, if there is one.

@@ -1,10 +1,69 @@
 //! A real web server for the http and https driver tests: nginx (Debian nginx-light) on a
 //! loopback port of its own, serving a directory of the test, with the places the tests
-//! need: one without byte ranges, one behind a cookie, one behind a password, a redirect.
+//! need: one without byte ranges, one behind a cookie, one behind a password, a redirect;
+//! and the images the web driver tests serve, and how they check what a daemon read.
 
 use super::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// A 4 MiB raw image of random bytes, a 64 MiB qcow2 image with 1 MiB written, and a file
+/// whose length is no whole number of sectors, in the server's directory.
+pub fn images(root: &Path) {
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(root.join("raw.img"), data).unwrap();
+    let qcow2 = root.join("disk.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        qcow2.to_str().unwrap(),
+        "64M",
+    ]);
+    let out = run(Command::new("qemu-io").args([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0xab 3M 1M",
+        qcow2.to_str().unwrap(),
+    ]));
+    assert!(out.status.success());
+    std::fs::write(root.join("odd.img"), [0x5au8; 1000]).unwrap();
+}
+
+/// nbd-server-add `node`, read-only, as export `node` on a server at `dir/nbd.sock`.
+pub async fn export(client: &mut qmp::Client, dir: &Path, node: &str) -> String {
+    export_node(client, dir, node, false).await
+}
+
+/// qemu-img compare of the served file `local` with the export: the same bytes.
+pub fn assert_same(local: &Path, format: &str, exported: &str, what: &str) {
+    assert_eq!(
+        compare(local, format, exported),
+        "Images are identical.\n",
+        "{what}"
+    );
+}
+
+pub fn compare(local: &Path, format: &str, exported: &str) -> String {
+    let out = run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        format,
+        "-F",
+        "raw",
+        local.to_str().unwrap(),
+        exported,
+    ]));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
 
 /// The user and password of the `/auth/` place.
 pub const USER: &str = "reader";
