@@ -264,6 +264,23 @@ async fn known_hosts_decides_whom_to_trust() {
             Err("host key for this server not found, another type exists".to_string()),
         ),
         (format!("{host} {}", sshd.host_key), Ok(())),
+        // Only the server's other key on record: that is the one asked for.
+        (format!("{host} {}", sshd.ecdsa_key), Ok(())),
+        (
+            format!("[127.0.0.*]:{},other {}", sshd.port, sshd.host_key),
+            Ok(()),
+        ),
+        (
+            format!("  {}  {}  a comment", host.to_uppercase(), sshd.host_key),
+            Ok(()),
+        ),
+        (
+            format!(
+                "{host} {}\n@revoked {host} {}",
+                sshd.ecdsa_key, sshd.host_key
+            ),
+            Ok(()),
+        ),
         // Another port's key is not this server's.
         (
             format!("127.0.0.1 {}", sshd.host_key),
@@ -310,13 +327,30 @@ async fn blockdev_create_makes_the_file_as_qsd_does() {
         )
         .await;
         assert!(outcome.get("error").is_none(), "{which:?}: {outcome}");
-        daemon.quit(&mut c).await;
         assert_eq!(
             std::fs::metadata(&image).unwrap().len(),
             16 << 20,
             "{which:?}"
         );
         qemu_io_ok(&["-f", "raw", "-c", "read -P 0 0 16M", &image]);
+        // A qcow2 image made on the file through an ssh node, which cannot shrink it.
+        std::fs::write(&image, vec![0xffu8; 1 << 20]).unwrap();
+        let mut node = location.clone();
+        node.as_object_mut().unwrap().extend([
+            ("driver".into(), json!("ssh")),
+            ("node-name".into(), json!("f")),
+        ]);
+        c.execute("blockdev-add", node).await.unwrap();
+        let outcome = common::jobs::create(
+            &mut c,
+            "q",
+            json!({"driver": "qcow2", "file": "f", "size": 64 << 20}),
+        )
+        .await;
+        assert!(outcome.get("error").is_none(), "{which:?}: {outcome}");
+        daemon.quit(&mut c).await;
+        qemu_img(&["check", "-q", &image]);
+        qemu_io_ok(&["-f", "qcow2", "-c", "read -P 0 0 64M", &image]);
     }
 }
 
@@ -346,5 +380,158 @@ async fn a_server_that_dies_gives_eio() {
             "{command}: {outcome}"
         );
     }
+    daemon.quit(&mut c).await;
+}
+
+/// A node over a faulty SFTP server (tests/peers/faulty-sftp in `mode`) on `which`, with
+/// its writable export; the daemon, its QMP client, the export's URL and the server's log.
+async fn faulty_node(
+    d: &Path,
+    which: Impl,
+    mode: &str,
+) -> (Sshd, Daemon, qmp::Client, String, std::path::PathBuf) {
+    let wd = d.join(format!("{mode}-{which:?}"));
+    std::fs::create_dir_all(&wd).unwrap();
+    let log = wd.join("sftp.log");
+    let sshd = Sshd::faulty(&wd, mode, &log);
+    let image = p(&wd, "disk.raw");
+    qemu_img(&["create", "-q", "-f", "raw", &image, "1M"]);
+    qemu_io_ok(&["-f", "raw", "-c", "write -P 0x77 0 1M", &image]);
+    let daemon = Daemon::start_wrapped(which, &wd, &[], &sshd.wrapper());
+    let mut c = daemon.qmp().await;
+    c.execute(
+        "blockdev-add",
+        json!({"driver": "ssh", "node-name": "s", "server": sshd.server(), "path": image,
+               "host-key-check": {"mode": "none"}}),
+    )
+    .await
+    .unwrap();
+    let url = export(&mut c, &wd, "s").await;
+    (sshd, daemon, c, url, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_packet_fails_the_read_without_the_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sshd, daemon, mut c, url, _) = faulty_node(dir.path(), Impl::Blockd, "huge-read").await;
+    let outcome = qemu_io_outcome(&["-f", "raw", "-c", "read 0 4k", &url]);
+    assert!(outcome.contains("Input/output error"), "{outcome}");
+    assert!(
+        status_mib(daemon.pid(), "VmHWM") < 512,
+        "blockd took {} MiB",
+        status_mib(daemon.pid(), "VmHWM")
+    );
+    c.execute("query-version", json!({})).await.unwrap();
+    daemon.quit(&mut c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_data_limits_fua_and_fsync_as_with_qsd() {
+    assert_qsd_has("ssh");
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = Vec::new();
+    for which in Impl::all() {
+        let mut outcomes = Vec::new();
+        // No data and no EOF in the middle of the file is an error, not zeroes.
+        let (_s, daemon, mut c, url, _) = faulty_node(dir.path(), which, "empty-data").await;
+        outcomes.push(qemu_io_outcome(&[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x77 64k 4k",
+            &url,
+        ]));
+        daemon.quit(&mut c).await;
+        // The server's limits make blockd's pieces smaller (qsd's libssh ignores them and
+        // writes 128 KiB); the write lands whole either way.
+        let (_s, daemon, mut c, url, log) = faulty_node(dir.path(), which, "limits").await;
+        outcomes.push(qemu_io_outcome(&[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x12 4096 200000",
+            "-c",
+            "read -P 0x12 4096 200000",
+            &url,
+        ]));
+        daemon.quit(&mut c).await;
+        let largest = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("write ")?
+                    .split(' ')
+                    .nth(1)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max();
+        if which == Impl::Blockd {
+            assert_eq!(largest, Some(32768), "the server's write limit");
+        }
+        // Each FUA write reaches the server's disk: an fsync apiece.
+        let (_s, daemon, mut c, url, log) = faulty_node(dir.path(), which, "plain").await;
+        outcomes.push(qemu_io_outcome(&[
+            "-f",
+            "raw",
+            "-c",
+            "write -f 0 4k",
+            "-c",
+            "write -f 8k 4k",
+            "-c",
+            "write -f 16k 4k",
+            &url,
+        ]));
+        let fsyncs = || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .matches("extended fsync@openssh.com")
+                .count()
+        };
+        outcomes.push(format!("at least 3 fsyncs: {}", fsyncs() >= 3));
+        daemon.quit(&mut c).await;
+        // A server without fsync: a flush succeeds (QEMU warns).
+        let (_s, daemon, mut c, url, _) = faulty_node(dir.path(), which, "no-fsync").await;
+        outcomes.push(qemu_io_outcome(&[
+            "-f",
+            "raw",
+            "-c",
+            "write 0 4k",
+            "-c",
+            "flush",
+            &url,
+        ]));
+        daemon.quit(&mut c).await;
+        seen.push(outcomes);
+    }
+    assert_eq!(seen[0], seen[1], "blockd, then qsd");
+    assert!(seen[0][0].contains("Input/output error"), "{:?}", seen[0]);
+    assert_eq!(seen[0][1], "ok");
+    assert_eq!(seen[0][3], "at least 3 fsyncs: true");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_sftp_3_lacks_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let log = d.join("sftp.log");
+    let sshd = Sshd::faulty(d, "odd-status", &log);
+    let daemon = Daemon::start_wrapped(Impl::Blockd, d, &[], &sshd.wrapper());
+    let mut c = daemon.qmp().await;
+    let began = std::time::Instant::now();
+    let e = c
+        .execute(
+            "blockdev-add",
+            json!({"driver": "ssh", "node-name": "s", "server": sshd.server(),
+                   "path": p(d, "any.raw"), "host-key-check": {"mode": "none"}}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.desc.contains("SFTP server: File already exists"),
+        "{}",
+        e.desc
+    );
+    assert!(began.elapsed() < std::time::Duration::from_secs(10));
     daemon.quit(&mut c).await;
 }

@@ -11,8 +11,9 @@ pub struct Sshd {
     pub port: u16,
     /// The test's home: `.ssh/known_hosts` goes there.
     pub home: PathBuf,
-    /// The server's public host key, as `ssh-ed25519 AAAA...`.
+    /// The server's public host keys, as `ssh-ed25519 AAAA...` and `ecdsa-sha2-nistp256 ...`.
     pub host_key: String,
+    pub ecdsa_key: String,
     dir: PathBuf,
     agent_socket: PathBuf,
     server: KillOnDrop,
@@ -46,6 +47,24 @@ fn wait_listening(child: &mut KillOnDrop, port: u16, what: &str, log: &Path) {
 
 impl Sshd {
     pub fn start(dir: &Path) -> Sshd {
+        Sshd::start_with(dir, "internal-sftp")
+    }
+
+    /// An sshd whose SFTP server is tests/peers/faulty-sftp in `mode`, logging to `log`.
+    pub fn faulty(dir: &Path, mode: &str, log: &Path) -> Sshd {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/faulty-sftp");
+        Sshd::start_with(
+            dir,
+            &format!(
+                "/usr/bin/python3 {} {mode} {}",
+                script.display(),
+                log.display()
+            ),
+        )
+    }
+
+    /// An sshd whose `Subsystem sftp` runs `sftp`.
+    pub fn start_with(dir: &Path, sftp: &str) -> Sshd {
         for (program, package) in [
             ("/usr/sbin/sshd", "openssh-server"),
             ("/usr/bin/ssh-agent", "openssh-client"),
@@ -62,14 +81,18 @@ impl Sshd {
         std::fs::create_dir_all(home.join(".ssh")).unwrap();
         let key = |name: &str| own.join(name).to_string_lossy().into_owned();
         keygen(&["-q", "-t", "ed25519", "-N", "", "-f", &key("host")]);
+        // A second host key, of another type, as servers have.
+        keygen(&["-q", "-t", "ecdsa", "-N", "", "-f", &key("host-ecdsa")]);
         keygen(&["-q", "-t", "ed25519", "-N", "", "-f", &key("user")]);
         std::fs::copy(own.join("user.pub"), own.join("authorized_keys")).unwrap();
-        let host_key = std::fs::read_to_string(own.join("host.pub")).unwrap();
-        let host_key = host_key
-            .split_whitespace()
-            .take(2)
-            .collect::<Vec<_>>()
-            .join(" ");
+        let public = |name: &str| {
+            let text = std::fs::read_to_string(own.join(name)).unwrap();
+            text.split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (host_key, ecdsa_key) = (public("host.pub"), public("host-ecdsa.pub"));
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -79,10 +102,10 @@ impl Sshd {
         std::fs::write(
             own.join("sshd_config"),
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {o}/host\n\
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {o}/host\nHostKey {o}/host-ecdsa\n\
                  AuthorizedKeysFile {o}/authorized_keys\nPidFile none\nUsePAM no\n\
                  StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n\
+                 PermitRootLogin prohibit-password\nSubsystem sftp {sftp}\n\
                  LogLevel VERBOSE\n"
             ),
         )
@@ -128,6 +151,7 @@ impl Sshd {
             port,
             home,
             host_key,
+            ecdsa_key,
             dir: own,
             agent_socket,
             server,

@@ -267,9 +267,19 @@ impl NewQcow2<'_> {
         let cluster_size = self.cluster_size();
         let header = self.header_cluster(&layout)?;
         let node = file.node();
-        node.truncate(0).await?;
-        node.truncate(layout.end * cluster_size).await?;
         let plain = WriteFlags::default();
+        match node.truncate(0).await {
+            // Storage that cannot shrink (ssh, as in QEMU): what the layout takes is zeroed
+            // instead, and what lies past it is free space to the new image.
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                file.write_zeroes(0, layout.end * cluster_size, plain)
+                    .await?
+            }
+            other => {
+                other?;
+                node.truncate(layout.end * cluster_size).await?;
+            }
+        }
         file.write(0, &header, plain).await?;
 
         let table: Vec<u8> = (0..layout.refcount_block_count)

@@ -5,16 +5,23 @@
 //! a fingerprint, or not at all), authenticates with public keys as libssh's
 //! `ssh_userauth_publickey_auto` does (the identities of the agent at `SSH_AUTH_SOCK`,
 //! then `~/.ssh/id_ed25519`, `id_ecdsa` and `id_rsa` without passphrase), and opens the
-//! file over SFTP. Requests are SFTP reads and writes at offsets, split into
-//! [`PIECE`]-byte pieces of which [`PIECES_IN_FLIGHT`] run at once; flush is
-//! `fsync@openssh.com` where the server has it.
+//! file over SFTP. What that needs from files (known_hosts, key files, the password
+//! database) is read on the blocking pool first. Requests are SFTP reads and writes at
+//! offsets, split into pieces of at most [`PIECE`] bytes (less if the server's
+//! `limits@openssh.com` says so), at most [`IN_FLIGHT`] of them outstanding per node;
+//! flush is `fsync@openssh.com` where the server has it, and FUA writes are flushed.
 //!
 //! The SSH session's tasks run on the I/O thread that opened the node; a request from any
-//! thread reaches them over russh-sftp's channel. A server that stops answering fails a
-//! request with EIO after [`REQUEST_TIMEOUT`], and keepalives close a dead connection.
+//! thread reaches them over russh-sftp's channel, whose packets are read through
+//! [`frames::Frames`] (a bound on their size). Keepalives close a connection whose server
+//! stopped answering; a request unanswered for [`REQUEST_TIMEOUT`] closes the connection
+//! too, so what it queued is freed and every later request fails with EIO.
 //!
 //! `~` is `$HOME` (libssh reads the password database), so a test or a service can give
 //! blockd a known_hosts and keys of its own.
+
+mod frames;
+mod known_hosts;
 
 use crate::drivers::nbd::InetServer;
 use crate::node::{DriverInfo, Extent, ExtentKind, Node, WriteFlags};
@@ -23,20 +30,23 @@ use crate::perm::Perms;
 use crate::Driver;
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt, TryStreamExt};
+use known_hosts::Recorded;
 use qapi::error::QmpError;
 use russh::client::{self, Handle};
 use russh::keys::agent::client::AgentClient;
-use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey};
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use russh_sftp::client::error::Error as SftpError;
 use russh_sftp::client::RawSftpSession;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
 
 /// Bytes per SFTP read or write: OpenSSH's server answers at most 256 KiB less headers,
 /// and smaller pieces keep many in flight on one connection.
@@ -45,11 +55,16 @@ const PIECE: usize = 64 << 10;
 /// Pieces of one request in flight at once.
 const PIECES_IN_FLIGHT: usize = 16;
 
+/// Pieces outstanding per node: what russh-sftp queues is bounded by this many pieces.
+const IN_FLIGHT: usize = 64;
+
 /// How long connecting and authenticating may take (libssh would wait for ever).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long one SFTP request waits for its answer.
-const REQUEST_TIMEOUT: u64 = 30;
+/// How long one SFTP request may wait for its answer, counted from when it is queued. A
+/// slow but live server (an fsync of a big cache) is given long; keepalives find dead ones
+/// sooner.
+const REQUEST_TIMEOUT: u64 = 300;
 
 /// Keepalives: a connection whose server has not answered three, 15 s apart, is closed.
 const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -93,7 +108,7 @@ enum HostKeyMode {
 }
 
 /// QAPI's SshHostKeyCheck as it comes: the hash's members are checked by hand, for QEMU's
-/// texts (a flat union's member is named without its parent).
+/// texts (a bad value of a flat union's member is named without its parent).
 #[derive(Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 struct HostKeyCheckOptions {
@@ -112,13 +127,15 @@ enum HostKeyCheck {
 }
 
 impl HostKeyCheckOptions {
-    fn check(self) -> Result<HostKeyCheck, String> {
+    /// The check; `at` is where the options sit (`host-key-check`, `file.host-key-check`),
+    /// which QEMU names in a missing or unexpected member (but not in a bad enum value).
+    fn check(self, at: &str) -> Result<HostKeyCheck, String> {
         if self.mode != HostKeyMode::Hash {
             if let Some(member) = [("type", &self.kind), ("hash", &self.hash)]
                 .iter()
                 .find_map(|(name, v)| v.is_some().then_some(name))
             {
-                return Err(format!("Parameter '{member}' is unexpected"));
+                return Err(format!("Parameter '{at}.{member}' is unexpected"));
             }
         }
         Ok(match self.mode {
@@ -132,9 +149,11 @@ impl HostKeyCheckOptions {
                     Some(other) => {
                         return Err(format!("Parameter 'type' does not accept value '{other}'"))
                     }
-                    None => return Err("Parameter 'type' is missing".into()),
+                    None => return Err(format!("Parameter '{at}.type' is missing")),
                 };
-                let hash = self.hash.ok_or("Parameter 'hash' is missing")?;
+                let hash = self
+                    .hash
+                    .ok_or_else(|| format!("Parameter '{at}.hash' is missing"))?;
                 HostKeyCheck::Hash { kind, hash }
             }
         })
@@ -177,7 +196,8 @@ fn home() -> Option<PathBuf> {
     passwd_entry().map(|(_, dir)| dir)
 }
 
-/// The current user's name and home from the password database.
+/// The current user's name and home from the password database. Blocking (NSS may ask a
+/// directory service): called on the blocking pool.
 fn passwd_entry() -> Option<(String, PathBuf)> {
     let mut buf = vec![0u8; 16 << 10];
     let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
@@ -208,32 +228,83 @@ fn passwd_entry() -> Option<(String, PathBuf)> {
     ))
 }
 
-/// The host key checked against the user's and the system's known_hosts, with QEMU's
-/// texts for a key that changed, one of another type, or none.
-fn check_known_hosts(host: &str, port: u16, key: &PublicKey) -> Result<(), String> {
-    let mut files = vec![PathBuf::from("/etc/ssh/ssh_known_hosts")];
-    if let Some(home) = home() {
-        files.insert(0, home.join(".ssh/known_hosts"));
-    }
-    let recorded: Vec<PublicKey> = files
-        .iter()
-        .filter(|f| f.exists())
-        .filter_map(|f| russh::keys::known_hosts::known_host_keys_path(host, port, f).ok())
-        .flatten()
-        .map(|(_, k)| k)
-        .collect();
-    if recorded.iter().any(|k| k.key_data() == key.key_data()) {
-        return Ok(());
-    }
-    if recorded.iter().any(|k| k.algorithm() == key.algorithm()) {
-        return Err(format!(
+/// What opening needs from files, read on the blocking pool before connecting: the user
+/// (when not given), the known_hosts records, the key files.
+struct Prepared {
+    user: String,
+    recorded: Recorded,
+    keys: Vec<PrivateKey>,
+}
+
+fn prepare(
+    user: Option<String>,
+    host: &str,
+    port: u16,
+    known_hosts: bool,
+) -> Result<Prepared, String> {
+    let user = match user {
+        Some(user) => user,
+        None => passwd_entry()
+            .map(|(name, _)| name)
+            .ok_or("Can't get user name")?,
+    };
+    let home = home();
+    let recorded = match known_hosts {
+        true => {
+            let mut files = vec![PathBuf::from("/etc/ssh/ssh_known_hosts")];
+            if let Some(home) = &home {
+                files.insert(0, home.join(".ssh/known_hosts"));
+            }
+            known_hosts::recorded(&files, host, port)
+        }
+        false => Recorded::default(),
+    };
+    let keys = home
+        .map(|home| {
+            ["id_ed25519", "id_ecdsa", "id_rsa"]
+                .iter()
+                .filter_map(|name| {
+                    russh::keys::load_secret_key(home.join(".ssh").join(name), None).ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Prepared {
+        user,
+        recorded,
+        keys,
+    })
+}
+
+/// The host key checked against what known_hosts records, with QEMU's texts for a key
+/// that changed, one of another type, or none.
+fn check_known_hosts(recorded: &Recorded, key: &PublicKey) -> Result<(), String> {
+    let mismatch = || {
+        format!(
             "host key ({} key with fingerprint {}) does not match the one in known_hosts; \
              this may be a possible attack",
             key.algorithm().as_str(),
             key.fingerprint(HashAlg::Sha256)
-        ));
+        )
+    };
+    if recorded
+        .revoked
+        .iter()
+        .any(|k| k.key_data() == key.key_data())
+    {
+        return Err(mismatch());
     }
-    if !recorded.is_empty() {
+    if recorded.keys.iter().any(|k| k.key_data() == key.key_data()) {
+        return Ok(());
+    }
+    if recorded
+        .keys
+        .iter()
+        .any(|k| k.algorithm() == key.algorithm())
+    {
+        return Err(mismatch());
+    }
+    if !recorded.keys.is_empty() {
         return Err("host key for this server not found, another type exists".into());
     }
     Err("no host key was found in known_hosts".into())
@@ -241,13 +312,12 @@ fn check_known_hosts(host: &str, port: u16, key: &PublicKey) -> Result<(), Strin
 
 fn check_host_key(
     check: &HostKeyCheck,
-    host: &str,
-    port: u16,
+    recorded: &Recorded,
     key: &PublicKey,
 ) -> Result<(), String> {
     match check {
         HostKeyCheck::None => Ok(()),
-        HostKeyCheck::KnownHosts => check_known_hosts(host, port, key),
+        HostKeyCheck::KnownHosts => check_known_hosts(recorded, key),
         HostKeyCheck::Hash { kind, hash } => {
             let actual = kind.of(key);
             if fingerprint_matches(&actual, hash) {
@@ -264,11 +334,44 @@ fn check_host_key(
     }
 }
 
+/// The host key algorithms to offer: those known_hosts records for the host first (as
+/// libssh and OpenSSH do, so a server with several keys shows the one on record), then
+/// russh's own order.
+fn preferred_host_keys(recorded: &Recorded) -> Vec<Algorithm> {
+    let mut first: Vec<Algorithm> = Vec::new();
+    for key in &recorded.keys {
+        let algorithms = match key.algorithm() {
+            Algorithm::Rsa { .. } => vec![
+                Algorithm::Rsa {
+                    hash: Some(HashAlg::Sha512),
+                },
+                Algorithm::Rsa {
+                    hash: Some(HashAlg::Sha256),
+                },
+            ],
+            other => vec![other],
+        };
+        for a in algorithms {
+            if !first.contains(&a) {
+                first.push(a);
+            }
+        }
+    }
+    let defaults = client::Config::default().preferred.key;
+    first.retain(|a| defaults.contains(a));
+    let rest: Vec<Algorithm> = defaults
+        .iter()
+        .filter(|a| !first.contains(a))
+        .cloned()
+        .collect();
+    first.extend(rest);
+    first
+}
+
 /// The session's handler: it checks the host key and keeps the reason of a refusal.
 struct Checker {
     check: HostKeyCheck,
-    host: String,
-    port: u16,
+    recorded: Arc<Recorded>,
     refusal: Arc<Mutex<Option<String>>>,
 }
 
@@ -276,7 +379,7 @@ impl client::Handler for Checker {
     type Error = russh::Error;
 
     async fn check_server_key(&mut self, key: &PublicKey) -> Result<bool, Self::Error> {
-        match check_host_key(&self.check, &self.host, self.port, key) {
+        match check_host_key(&self.check, &self.recorded, key) {
             Ok(()) => Ok(true),
             Err(why) => {
                 *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
@@ -287,8 +390,12 @@ impl client::Handler for Checker {
 }
 
 /// Public key authentication as libssh's ssh_userauth_publickey_auto: the agent's
-/// identities, then the default key files without passphrase.
-async fn authenticate(session: &mut Handle<Checker>, user: &str) -> Result<(), String> {
+/// identities, then the default key files (read beforehand) without passphrase.
+async fn authenticate(
+    session: &mut Handle<Checker>,
+    user: &str,
+    keys: Vec<PrivateKey>,
+) -> Result<(), String> {
     match session.authenticate_none(user).await {
         Ok(r) if r.success() => return Ok(()),
         Ok(_) => {}
@@ -315,17 +422,12 @@ async fn authenticate(session: &mut Handle<Checker>, user: &str) -> Result<(), S
             }
         }
     }
-    if let Some(home) = home() {
-        for name in ["id_ed25519", "id_ecdsa", "id_rsa"] {
-            let Ok(key) = russh::keys::load_secret_key(home.join(".ssh").join(name), None) else {
-                continue;
-            };
-            let hash = rsa_hash.filter(|_| key.algorithm().is_rsa());
-            let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
-            if let Ok(r) = session.authenticate_publickey(user, key).await {
-                if r.success() {
-                    return Ok(());
-                }
+    for key in keys {
+        let hash = rsa_hash.filter(|_| key.algorithm().is_rsa());
+        let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
+        if let Ok(r) = session.authenticate_publickey(user, key).await {
+            if r.success() {
+                return Ok(());
             }
         }
     }
@@ -342,12 +444,20 @@ pub struct SshDriver {
     handle: String,
     /// The file's size, grown by writes past its end.
     size: AtomicU64,
+    /// Bytes per read and per write piece: [`PIECE`], or less where the server's
+    /// `limits@openssh.com` says so.
+    read_piece: usize,
+    write_piece: usize,
+    /// Pieces outstanding ([`IN_FLIGHT`]).
+    slots: Semaphore,
     /// The server has `fsync@openssh.com`.
     fsync: bool,
     /// A flush without fsync has been warned about.
     warned: AtomicBool,
-    /// Keeps the SSH connection open for the SFTP channel.
-    _session: Handle<Checker>,
+    /// The SSH connection that carries the SFTP channel; closed when a request times out.
+    session: Handle<Checker>,
+    /// True once the SFTP stream has ended: waiting requests fail then.
+    ended: watch::Receiver<bool>,
 }
 
 /// An SFTP failure as the errno a request fails with (the text goes to the log).
@@ -391,28 +501,39 @@ async fn open(
         true => OpenFlags::READ,
         false => OpenFlags::READ | OpenFlags::WRITE,
     };
-    let driver = opts.open(flags).await.map_err(QmpError::generic)?;
+    let at = crate::open::prefixed(o.path, "host-key-check");
+    let driver = opts.open(flags, &at).await.map_err(QmpError::generic)?;
     Ok(Box::new(driver))
 }
 
 impl SshOptions {
-    /// Connect and open the file with `flags`, within [`OPEN_TIMEOUT`].
-    async fn open(&self, flags: OpenFlags) -> Result<SshDriver, String> {
-        let port = self.server.port_number()?;
-        let user = match self.user.clone() {
-            Some(user) => user,
-            None => passwd_entry()
-                .map(|(name, _)| name)
-                .ok_or("Can't get user name")?,
-        };
+    /// Connect and open the file with `flags`, within [`OPEN_TIMEOUT`]; `at` names the
+    /// host key check's options in errors.
+    async fn open(&self, flags: OpenFlags, at: &str) -> Result<SshDriver, String> {
+        let port: u16 = self
+            .server
+            .port
+            .parse()
+            .map_err(|_| "Use only numeric port value".to_string())?;
         let check = match self.host_key_check.clone() {
-            Some(options) => options.check()?,
+            Some(options) => options.check(at)?,
             None => HostKeyCheck::KnownHosts,
         };
-        let opening = connect(&self.server.host, port, &user, check, &self.path, flags);
-        tokio::time::timeout(OPEN_TIMEOUT, opening)
+        let (user, host) = (self.user.clone(), self.server.host.clone());
+        let known_hosts = matches!(check, HostKeyCheck::KnownHosts);
+        let prepared = tokio::task::spawn_blocking(move || prepare(user, &host, port, known_hosts))
             .await
-            .map_err(|_| "Connection attempt cancelled by timeout".to_string())?
+            .map_err(|e| e.to_string())??;
+        let filename = format!(
+            "ssh://{}@{}:{}{}",
+            prepared.user, self.server.host, self.server.port, self.path
+        );
+        let opening = connect(&self.server.host, port, prepared, check, &self.path, flags);
+        let mut driver = tokio::time::timeout(OPEN_TIMEOUT, opening)
+            .await
+            .map_err(|_| "Connection attempt cancelled by timeout".to_string())??;
+        driver.filename = filename;
+        Ok(driver)
     }
 }
 
@@ -426,15 +547,18 @@ pub struct SshCreate {
 }
 
 impl SshCreate {
-    /// Create the file: connect, open it anew, and give it its size.
+    /// Create the file: connect, open it anew (mode 0644, as QEMU), and give it its size.
     pub async fn create(self) -> Result<(), String> {
         let flags = OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE;
-        let driver = self.location.open(flags).await?;
+        let driver = self
+            .location
+            .open(flags, "options.location.host-key-check")
+            .await?;
         if self.size > 0 {
             driver
                 .grow(self.size)
                 .await
-                .map_err(|e| format!("Failed to grow file: {e}"))?;
+                .map_err(|e| format!("Failed to grow file: {}", sftp_text(&e)))?;
         }
         Ok(())
     }
@@ -444,7 +568,7 @@ impl SshCreate {
 async fn connect(
     host: &str,
     port: u16,
-    user: &str,
+    prepared: Prepared,
     check: HostKeyCheck,
     path: &str,
     flags: OpenFlags,
@@ -458,20 +582,20 @@ async fn connect(
             )
         })?;
     let _ = stream.set_nodelay(true);
-    let config = Arc::new(client::Config {
+    let mut config = client::Config {
         keepalive_interval: Some(KEEPALIVE),
         keepalive_max: 3,
         nodelay: true,
         ..client::Config::default()
-    });
+    };
+    config.preferred.key = preferred_host_keys(&prepared.recorded).into();
     let refusal = Arc::new(Mutex::new(None));
     let checker = Checker {
         check,
-        host: host.to_string(),
-        port,
+        recorded: Arc::new(prepared.recorded),
         refusal: refusal.clone(),
     };
-    let mut session = client::connect_stream(config, stream, checker)
+    let mut session = client::connect_stream(Arc::new(config), stream, checker)
         .await
         .map_err(|e| {
             refusal
@@ -480,7 +604,7 @@ async fn connect(
                 .take()
                 .unwrap_or_else(|| format!("failed to establish SSH session: {e}"))
         })?;
-    authenticate(&mut session, user).await?;
+    authenticate(&mut session, &prepared.user, prepared.keys).await?;
     let channel = session
         .channel_open_session()
         .await
@@ -489,19 +613,37 @@ async fn connect(
         .request_subsystem(true, "sftp")
         .await
         .map_err(|e| format!("failed to initialize sftp handle: {e}"))?;
-    let mut sftp = RawSftpSession::new(channel.into_stream());
+    let (stream, ended) = frames::Frames::new(channel.into_stream());
+    let mut sftp = RawSftpSession::new(stream);
     sftp.set_timeout(REQUEST_TIMEOUT);
     let version = sftp
         .init()
         .await
         .map_err(|e| format!("failed to initialize sftp handle: {}", sftp_text(&e)))?;
+    let (mut read_piece, mut write_piece) = (PIECE, PIECE);
     if version.extensions.contains_key("limits@openssh.com") {
         if let Ok(limits) = sftp.limits().await {
+            // A read's answer carries 13 bytes of header, a write's request 25 and the
+            // handle; both must fit the server's packet limit too.
+            let packet = match limits.max_packet_len {
+                0 => usize::MAX,
+                n => (n as usize).saturating_sub(64),
+            };
+            let bounded = |n: u64| match n {
+                0 => PIECE,
+                n => (n as usize).min(PIECE),
+            };
+            read_piece = bounded(limits.max_read_len).min(packet).max(1);
+            write_piece = bounded(limits.max_write_len).min(packet).max(1);
             sftp.set_limits(limits.into());
         }
     }
+    let attrs = FileAttributes {
+        permissions: Some(0o644),
+        ..FileAttributes::empty()
+    };
     let handle = sftp
-        .open(path, flags, FileAttributes::default())
+        .open(path, flags, attrs)
         .await
         .map_err(|e| format!("failed to open remote file '{path}': {}", sftp_text(&e)))?
         .handle;
@@ -511,52 +653,95 @@ async fn connect(
         .ok()
         .and_then(|a| a.attrs.size)
         .ok_or("failed to read file attributes")?;
+    crate::drivers::web::check_length(size).map_err(|e| e.desc)?;
     Ok(SshDriver {
-        filename: format!("ssh://{user}@{host}:{port}{path}"),
+        filename: String::new(),
         fsync: version.extensions.contains_key("fsync@openssh.com"),
         sftp,
         handle,
         size: AtomicU64::new(size),
+        read_piece,
+        write_piece,
+        slots: Semaphore::new(IN_FLIGHT),
         warned: AtomicBool::new(false),
-        _session: session,
+        session,
+        ended,
     })
 }
 
 impl SshDriver {
-    /// Set the file's size to `size` (SFTP's fsetstat, an ftruncate on the server).
+    /// `request`'s answer, or an error as soon as the SFTP stream ends (russh-sftp itself
+    /// would leave the request waiting until its timeout).
+    async fn ask<T>(
+        &self,
+        request: impl Future<Output = Result<T, SftpError>>,
+    ) -> Result<T, SftpError> {
+        let mut ended = self.ended.clone();
+        tokio::select! {
+            answer = request => answer,
+            _ = ended.wait_for(|ended| *ended) => {
+                Err(SftpError::IO("the SFTP connection ended".into()))
+            }
+        }
+    }
+
+    /// The file's size as the server has it now.
+    async fn remote_size(&self) -> Result<u64, SftpError> {
+        let attrs = self.ask(self.sftp.fstat(self.handle.as_str())).await?;
+        attrs
+            .attrs
+            .size
+            .ok_or_else(|| SftpError::UnexpectedBehavior("no size in the file's attributes".into()))
+    }
+
+    /// Grow the file to `size`, as QEMU does: a zero byte written at `size - 1`, which
+    /// cannot shrink it whatever the server holds; a file already as long is left alone.
     async fn grow(&self, size: u64) -> Result<(), SftpError> {
-        let attrs = FileAttributes {
-            size: Some(size),
-            ..FileAttributes::empty()
-        };
-        self.sftp.fsetstat(self.handle.as_str(), attrs).await?;
-        self.size.fetch_max(size, Ordering::AcqRel);
+        let current = self.remote_size().await?;
+        if current < size {
+            self.ask(self.sftp.write(self.handle.as_str(), size - 1, vec![0]))
+                .await?;
+        }
+        self.size.fetch_max(size.max(current), Ordering::AcqRel);
         Ok(())
     }
 
+    /// A failed request: logged, and a request that timed out closes the connection (what
+    /// it queued is then freed, and every later request fails at once).
+    async fn failed(&self, what: &str, e: SftpError) -> io::Error {
+        tracing::warn!(file = %self.filename, "{what}: {}", sftp_text(&e));
+        if matches!(e, SftpError::Timeout) {
+            let _ = self
+                .session
+                .disconnect(russh::Disconnect::ByApplication, "request timed out", "")
+                .await;
+        }
+        errno(&e)
+    }
+
     /// Fill `buf` from `offset` with SFTP reads; a short read asks again for the rest, and
-    /// the end of the file reads as zeroes (as QEMU's driver has it).
+    /// the end of the file (a status EOF) reads as zeroes, as QEMU's driver has it.
     async fn read_piece(&self, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| io::Error::from_raw_os_error(libc::EIO))?;
         while !buf.is_empty() {
-            match self
+            let asked = self
                 .sftp
-                .read(self.handle.as_str(), offset, buf.len() as u32)
-                .await
-            {
+                .read(self.handle.as_str(), offset, buf.len() as u32);
+            match self.ask(asked).await {
                 Ok(data) if !data.data.is_empty() && data.data.len() <= buf.len() => {
                     let n = data.data.len();
                     buf[..n].copy_from_slice(&data.data);
                     buf = &mut buf[n..];
                     offset += n as u64;
                 }
-                Ok(data) if data.data.is_empty() => {
-                    buf.fill(0);
-                    return Ok(());
-                }
                 Ok(data) => {
                     tracing::warn!(
                         file = %self.filename,
-                        "the server sent {} bytes for a read of {}",
+                        "the server sent {} bytes for a read of {} at {offset}",
                         data.data.len(),
                         buf.len()
                     );
@@ -566,24 +751,23 @@ impl SshDriver {
                     buf.fill(0);
                     return Ok(());
                 }
-                Err(e) => {
-                    tracing::warn!(file = %self.filename, "read at {offset}: {}", sftp_text(&e));
-                    return Err(errno(&e));
-                }
+                Err(e) => return Err(self.failed(&format!("read at {offset}"), e).await),
             }
         }
         Ok(())
     }
 
     async fn write_piece(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.sftp
-            .write(self.handle.as_str(), offset, data.to_vec())
+        let _slot = self
+            .slots
+            .acquire()
             .await
-            .map(drop)
-            .map_err(|e| {
-                tracing::warn!(file = %self.filename, "write at {offset}: {}", sftp_text(&e));
-                errno(&e)
-            })
+            .map_err(|_| io::Error::from_raw_os_error(libc::EIO))?;
+        let asked = self.sftp.write(self.handle.as_str(), offset, data.to_vec());
+        match self.ask(asked).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.failed(&format!("write at {offset}"), e).await),
+        }
     }
 }
 
@@ -598,10 +782,11 @@ impl Driver for SshDriver {
     }
 
     async fn read(&self, _: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let piece = self.read_piece;
         let pieces = buf
-            .chunks_mut(PIECE)
+            .chunks_mut(piece)
             .enumerate()
-            .map(|(i, piece)| self.read_piece(offset + (i * PIECE) as u64, piece));
+            .map(|(i, part)| self.read_piece(offset + (i * piece) as u64, part));
         stream::iter(pieces)
             .buffer_unordered(PIECES_IN_FLIGHT)
             .try_collect::<Vec<()>>()
@@ -609,21 +794,33 @@ impl Driver for SshDriver {
             .map(drop)
     }
 
-    async fn write(&self, _: &Node, offset: u64, buf: &[u8], _: WriteFlags) -> io::Result<()> {
+    async fn write(
+        &self,
+        node: &Node,
+        offset: u64,
+        buf: &[u8],
+        flags: WriteFlags,
+    ) -> io::Result<()> {
+        let piece = self.write_piece;
         let pieces = buf
-            .chunks(PIECE)
+            .chunks(piece)
             .enumerate()
-            .map(|(i, piece)| self.write_piece(offset + (i * PIECE) as u64, piece));
+            .map(|(i, part)| self.write_piece(offset + (i * piece) as u64, part));
         stream::iter(pieces)
             .buffer_unordered(PIECES_IN_FLIGHT)
             .try_collect::<Vec<()>>()
             .await?;
         self.size
             .fetch_max(offset + buf.len() as u64, Ordering::AcqRel);
+        // SFTP has no FUA: the write is made durable by a flush, as QEMU emulates it.
+        if flags.fua {
+            self.flush(node).await?;
+        }
         Ok(())
     }
 
-    /// SFTP has no zero write: the zeroes are written, a piece at a time.
+    /// SFTP has no zero write: the zeroes are written, a piece at a time, unless the caller
+    /// asked for no slow fallback (ENOTSUP then, as QEMU's driver answers).
     async fn write_zeroes(
         &self,
         node: &Node,
@@ -631,11 +828,20 @@ impl Driver for SshDriver {
         len: u64,
         flags: WriteFlags,
     ) -> io::Result<()> {
+        if flags.no_fallback {
+            return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+        }
         let zeroes = vec![0u8; (len as usize).min(PIECE * PIECES_IN_FLIGHT)];
         let mut done = 0;
         while done < len {
             let n = (len - done).min(zeroes.len() as u64) as usize;
-            self.write(node, offset + done, &zeroes[..n], flags).await?;
+            let last = done + n as u64 == len;
+            let piece_flags = WriteFlags {
+                fua: flags.fua && last,
+                ..flags
+            };
+            self.write(node, offset + done, &zeroes[..n], piece_flags)
+                .await?;
             done += n as u64;
         }
         Ok(())
@@ -655,14 +861,10 @@ impl Driver for SshDriver {
             }
             return Ok(());
         }
-        self.sftp
-            .fsync(self.handle.as_str())
-            .await
-            .map(drop)
-            .map_err(|e| {
-                tracing::warn!(file = %self.filename, "fsync: {}", sftp_text(&e));
-                errno(&e)
-            })
+        match self.ask(self.sftp.fsync(self.handle.as_str())).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.failed("fsync", e).await),
+        }
     }
 
     async fn block_status(&self, _: &Node, _offset: u64, len: u64) -> io::Result<Extent> {
@@ -672,8 +874,8 @@ impl Driver for SshDriver {
         })
     }
 
-    /// Growing only, as QEMU's driver: a shrink fails with ENOTSUP ("ssh driver does not
-    /// support shrinking files").
+    /// Growing only, as QEMU's driver: a shrink fails ("ssh driver does not support
+    /// shrinking files").
     async fn truncate(&self, _: &Node, size: u64) -> io::Result<()> {
         let current = self.size.load(Ordering::Acquire);
         if size < current {
@@ -685,10 +887,20 @@ impl Driver for SshDriver {
         if size == current {
             return Ok(());
         }
-        self.grow(size).await.map_err(|e| {
-            tracing::warn!(file = %self.filename, "Failed to grow file: {e}");
-            errno(&e)
-        })
+        match self.grow(size).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.failed("Failed to grow file", e).await),
+        }
+    }
+
+    /// Another process may have changed the file's size while it held the image.
+    async fn activate(&self, _: &Node) -> Result<(), String> {
+        let size = self
+            .remote_size()
+            .await
+            .map_err(|e| format!("failed to read file attributes: {}", sftp_text(&e)))?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     fn child_perms(&self, _: &str, _: Perms, _: Perms, _: bool) -> (Perms, Perms) {
