@@ -213,3 +213,54 @@ async fn a_server_that_dies_gives_eio() {
     assert!(outcome.contains("Input/output error"), "{outcome}");
     daemon.quit(&mut c).await;
 }
+
+/// A server that greets with `greeting` and then says nothing more: the crafted input of a
+/// broken or hostile server, which vsftpd cannot be told to send.
+fn crafted_server(greeting: Vec<u8>) -> u16 {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let greeting = greeting.clone();
+            std::thread::spawn(move || {
+                let _ = stream.write_all(&greeting);
+                std::thread::sleep(std::time::Duration::from_secs(30));
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_replies_get_a_clear_error_and_take_no_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
+    let mut c = daemon.qmp().await;
+    for (name, greeting) in [
+        ("endless", vec![b'2'; 64 << 20]),
+        ("codeless", b"hello\r\n".to_vec()),
+    ] {
+        let port = crafted_server(greeting);
+        let e = c
+            .execute(
+                "blockdev-add",
+                json!({"driver": "ftp", "node-name": name, "read-only": true,
+                       "url": format!("ftp://127.0.0.1:{port}/disk.img")}),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            e.desc.starts_with("CURL: Error opening file: "),
+            "{name}: {}",
+            e.desc
+        );
+    }
+    assert!(
+        status_mib(daemon.pid(), "VmHWM") < 256,
+        "blockd took {} MiB",
+        status_mib(daemon.pid(), "VmHWM")
+    );
+    daemon.quit(&mut c).await;
+}

@@ -1,17 +1,23 @@
-//! `ftp`, `ftps`: a disk image on an FTP server (QEMU's curl driver, with suppaftp over
-//! tokio and rustls in place of libcurl). Read-only, as in QEMU; the node is a
-//! [`WebDriver`].
+//! `ftp`, `ftps`: a disk image on an FTP server (QEMU's curl driver, with an FTP client
+//! of blockd's own over tokio and rustls in place of libcurl). Read-only, as in QEMU; the
+//! node is a [`WebDriver`].
 //!
 //! Opening logs in (anonymously, as libcurl, unless `username` is given), switches to
-//! binary and asks the file's length with SIZE. A read is REST and RETR on a control
-//! connection, reading the range and closing the connection, as ABOR's answers differ
-//! between servers; a connection whose transfer ran to the file's end (and the one that
-//! opened the node) waits in a small pool for the next read. `ftps` is implicit FTPS (TLS from the first byte, port 990
-//! by default), which is what libcurl means by `ftps://`; the certificate is checked
-//! against the system's authorities unless `sslverify=off`.
+//! binary and asks the file's length with SIZE. A read is EPSV (or PASV), REST and RETR on
+//! a control connection, reading the range; the connection is then closed unless the
+//! transfer ran to the file's end, as ABOR's answers differ between servers (vsftpd sends
+//! 226 and then 225 once the data is out, which the next command would read). `ftps` is
+//! implicit FTPS (TLS from the first byte, port 990 by default), which is what libcurl
+//! means by `ftps://`, with PBSZ 0 and PROT P so the data connections are encrypted too;
+//! the certificate is checked against the system's authorities unless `sslverify=off`.
 //!
-//! Passive mode connects to the control connection's address whatever the server's PASV
-//! answer names (libcurl's default since 7.74), so a server cannot point blockd elsewhere.
+//! The client is written here rather than taken from a crate: the FTP crate there is
+//! (suppaftp) reads a reply line of any length into memory, so a hostile server could make
+//! blockd allocate without bound, and its ABOR handling leaves stray replies. Here a reply
+//! line is at most [`MAX_LINE`] bytes and a reply at most [`MAX_LINES`] lines.
+//!
+//! Passive mode connects to the control connection's address whatever the server's answer
+//! names (libcurl's default since 7.74), so a server cannot point blockd elsewhere.
 //! `timeout` bounds each whole fetch. blockd's FTP does not go through proxies: a
 //! `proxy-username` is refused rather than ignored.
 
@@ -23,22 +29,47 @@ use crate::Driver;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use qapi::error::QmpError;
+use rustls::pki_types::ServerName;
 use serde_json::{Map, Value};
 use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use suppaftp::tokio::{
-    AsyncRustlsConnector, AsyncRustlsStream, ImplAsyncFtpStream, TokioTlsStream,
-};
-use suppaftp::types::FileType;
-use suppaftp::{FtpError, Status};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 
 /// Idle control connections kept per node.
 const IDLE: usize = 4;
 
 /// How long connecting and logging in may take when `timeout` is 0 (for ever in libcurl).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest reply line taken, and the most lines in one reply.
+const MAX_LINE: u64 = 4096;
+const MAX_LINES: usize = 256;
+
+/// A control or data connection, plain or over TLS.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Why an FTP exchange failed.
+enum Failure {
+    /// The connection itself (refused, reset, TLS, a bad reply's form).
+    Io(io::Error),
+    /// A reply with an unexpected code.
+    Reply(u32, String),
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Failure {
+        Failure::Io(e)
+    }
+}
+
+fn malformed(what: &str) -> Failure {
+    Failure::Io(io::Error::new(io::ErrorKind::InvalidData, what.to_string()))
+}
 
 /// Where the file is and how to log in.
 struct Location {
@@ -47,149 +78,240 @@ struct Location {
     path: String,
     user: String,
     password: String,
-    /// Implicit TLS with this configuration (ftps).
-    tls: Option<Arc<rustls::ClientConfig>>,
+    /// Implicit TLS with this connector (ftps).
+    tls: Option<tokio_rustls::TlsConnector>,
     timeout: Option<Duration>,
 }
 
 /// libcurl's words for an FTP failure, where it has them.
-fn ftp_text(e: &FtpError, began: Instant, location: &Location) -> String {
+fn ftp_text(e: &Failure, began: Instant, location: &Location) -> String {
     match e {
-        FtpError::UnexpectedResponse(r) => match r.status {
-            Status::NotLoggedIn => "Access denied: 530".into(),
-            Status::FileUnavailable => "The file does not exist".into(),
-            _ => format!(
-                "the server answered {}: {}",
-                r.status.code(),
-                String::from_utf8_lossy(&r.body).trim()
-            ),
+        Failure::Reply(530, _) => "Access denied: 530".into(),
+        Failure::Reply(550, _) => "The file does not exist".into(),
+        Failure::Reply(code, text) => format!("the server answered {code}: {text}"),
+        Failure::Io(io) if io.kind() == io::ErrorKind::ConnectionRefused => format!(
+            "Failed to connect to {} port {} after {} ms: Couldn't connect to server",
+            location.host,
+            location.port,
+            began.elapsed().as_millis()
+        ),
+        Failure::Io(io) => match io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::InvalidCertificate(why)) => certificate_text(matches!(
+                why,
+                rustls::CertificateError::NotValidForName
+                    | rustls::CertificateError::NotValidForNameContext { .. }
+            )),
+            Some(other) => format!("SSL connect error: {other}"),
+            None => io.to_string(),
         },
-        FtpError::ConnectionError(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            format!(
-                "Failed to connect to {} port {} after {} ms: Couldn't connect to server",
-                location.host,
-                location.port,
-                began.elapsed().as_millis()
-            )
-        }
-        // suppaftp keeps only the text of rustls's error.
-        FtpError::SecureError(text) if text.contains("invalid peer certificate") => {
-            certificate_text(text.contains("NotValidForName"))
-        }
-        other => other.to_string(),
     }
 }
 
-/// A logged-in control connection, plain or over TLS.
-enum Session {
-    Plain(ImplAsyncFtpStream<suppaftp::tokio::AsyncNoTlsStream>),
-    Tls(ImplAsyncFtpStream<AsyncRustlsStream>),
+/// A logged-in control connection.
+struct Control {
+    stream: BufReader<Box<dyn Stream>>,
+    /// The server's address, where passive data connections go.
+    peer: SocketAddr,
+}
+
+impl Control {
+    /// The next reply: its code and text, lines bounded.
+    async fn reply(&mut self) -> Result<(u32, String), Failure> {
+        let mut text = String::new();
+        let mut code = None;
+        for _ in 0..MAX_LINES {
+            let mut line = Vec::new();
+            (&mut self.stream)
+                .take(MAX_LINE)
+                .read_until(b'\n', &mut line)
+                .await?;
+            if line.last() != Some(&b'\n') {
+                return Err(match line.len() as u64 {
+                    MAX_LINE => malformed("a reply line longer than 4096 bytes"),
+                    _ => Failure::Io(io::ErrorKind::UnexpectedEof.into()),
+                });
+            }
+            let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            let this: Option<u32> = line.get(..3).and_then(|c| c.parse().ok());
+            text.push_str(line.get(4..).unwrap_or(""));
+            match (code, this) {
+                // The first line sets the code; "123-" opens a reply of many lines.
+                (None, Some(c)) if line.as_bytes().get(3) == Some(&b'-') => code = Some(c),
+                (None, Some(c)) => return Ok((c, text)),
+                (None, None) => return Err(malformed("a reply without a code")),
+                // A line "123 " with the same code ends it.
+                (Some(c), Some(t)) if c == t && line.as_bytes().get(3) != Some(&b'-') => {
+                    return Ok((c, text))
+                }
+                (Some(_), _) => text.push('\n'),
+            }
+        }
+        Err(malformed("a reply of too many lines"))
+    }
+
+    /// Send `command` and read its reply, which must have one of the `expected` codes.
+    async fn command(&mut self, command: &str, expected: &[u32]) -> Result<(u32, String), Failure> {
+        self.stream
+            .get_mut()
+            .write_all(format!("{command}\r\n").as_bytes())
+            .await?;
+        self.stream.get_mut().flush().await?;
+        let (code, text) = self.reply().await?;
+        match expected.contains(&code) {
+            true => Ok((code, text)),
+            false => Err(Failure::Reply(code, text)),
+        }
+    }
+
+    /// Where a passive data connection goes: the port from EPSV's answer (or PASV's, whose
+    /// address is ignored), at the control connection's address.
+    async fn passive(&mut self) -> Result<SocketAddr, Failure> {
+        let port = match self.command("EPSV", &[229]).await {
+            Ok((_, text)) => {
+                let inner = text
+                    .split_once("(|||")
+                    .and_then(|(_, rest)| rest.split_once("|)"))
+                    .ok_or_else(|| malformed("an EPSV reply without a port"))?;
+                inner
+                    .0
+                    .parse::<u16>()
+                    .map_err(|_| malformed("a bad EPSV port"))?
+            }
+            Err(Failure::Reply(..)) => {
+                let (_, text) = self.command("PASV", &[227]).await?;
+                let numbers: Vec<u16> = text
+                    .split(|c: char| !c.is_ascii_digit())
+                    .filter(|n| !n.is_empty())
+                    .filter_map(|n| n.parse().ok())
+                    .collect();
+                match numbers.len() {
+                    n if n >= 6 => numbers[n - 2] * 256 + numbers[n - 1],
+                    _ => return Err(malformed("a PASV reply without an address")),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(SocketAddr::new(self.peer.ip(), port))
+    }
 }
 
 impl Location {
-    async fn connect(&self) -> Result<Session, FtpError> {
-        let addr = (self.host.as_str(), self.port);
-        let mut session = match &self.tls {
-            None => Session::Plain(ImplAsyncFtpStream::connect(addr).await?),
-            Some(config) => {
-                let connector =
-                    AsyncRustlsConnector::from(tokio_rustls::TlsConnector::from(config.clone()));
-                Session::Tls(
-                    ImplAsyncFtpStream::connect_secure_implicit(addr, connector, &self.host)
-                        .await?,
-                )
-            }
-        };
-        match &mut session {
-            Session::Plain(s) => self.login(s).await?,
-            Session::Tls(s) => {
-                self.login(s).await?;
-                // Data connections over TLS too (implicit FTPS does not say so itself).
-                s.custom_command("PBSZ 0", &[Status::CommandOk]).await?;
-                s.custom_command("PROT P", &[Status::CommandOk]).await?;
+    /// Wrap `tcp` in TLS for ftps.
+    async fn secure(&self, tcp: TcpStream) -> Result<Box<dyn Stream>, Failure> {
+        match &self.tls {
+            None => Ok(Box::new(tcp)),
+            Some(connector) => {
+                let name = ServerName::try_from(self.host.clone())
+                    .map_err(|_| malformed("a host name TLS cannot check"))?;
+                Ok(Box::new(connector.connect(name, tcp).await?))
             }
         }
-        Ok(session)
     }
 
-    async fn login<T: TokioTlsStream + Send>(
-        &self,
-        s: &mut ImplAsyncFtpStream<T>,
-    ) -> Result<(), FtpError> {
-        s.set_passive_nat_workaround(true);
-        s.login(self.user.as_str(), self.password.as_str()).await?;
-        s.transfer_type(FileType::Binary).await
+    /// A logged-in control connection in binary mode.
+    async fn connect(&self) -> Result<Control, Failure> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let _ = tcp.set_nodelay(true);
+        let peer = tcp.peer_addr()?;
+        let mut control = Control {
+            stream: BufReader::new(self.secure(tcp).await?),
+            peer,
+        };
+        match control.reply().await? {
+            (220, _) => {}
+            (code, text) => return Err(Failure::Reply(code, text)),
+        }
+        let (code, _) = control
+            .command(&format!("USER {}", self.user), &[230, 331])
+            .await?;
+        if code == 331 {
+            control
+                .command(&format!("PASS {}", self.password), &[230, 202])
+                .await?;
+        }
+        if self.tls.is_some() {
+            control.command("PBSZ 0", &[200]).await?;
+            control.command("PROT P", &[200]).await?;
+        }
+        control.command("TYPE I", &[200]).await?;
+        Ok(control)
     }
 
     /// The file's length (SIZE).
-    async fn length(&self, session: &mut Session) -> Result<u64, FtpError> {
-        let len = match session {
-            Session::Plain(s) => s.size(&self.path).await?,
-            Session::Tls(s) => s.size(&self.path).await?,
-        };
-        Ok(len as u64)
+    async fn length(&self, control: &mut Control) -> Result<u64, Failure> {
+        let (_, text) = control
+            .command(&format!("SIZE {}", self.path), &[213])
+            .await?;
+        text.trim()
+            .parse()
+            .map_err(|_| malformed("a SIZE reply without a number"))
     }
-}
 
-/// `len` bytes at `start` on `s`: REST, RETR and read. Whether the connection can be used
-/// again comes with the bytes: only when the transfer ran to the file's end. ABOR is not
-/// used: servers answer it in different ways (vsftpd's 226 then 225 once the data is
-/// sent), which would leave an answer in the control connection for the next command.
-async fn retrieve<T: TokioTlsStream + Send + 'static>(
-    s: &mut ImplAsyncFtpStream<T>,
-    path: &str,
-    start: u64,
-    len: u64,
-    file_len: u64,
-) -> Result<(Bytes, bool), FtpError> {
-    s.resume_transfer(start as usize).await?;
-    let mut stream = s.retr_as_stream(path).await?;
-    // Grown as the bytes arrive, so a server that sends less takes less memory.
-    let mut data = BytesMut::with_capacity((len as usize).min(1 << 20));
-    let mut chunk = vec![0u8; 64 << 10];
-    while (data.len() as u64) < len {
-        let want = ((len - data.len() as u64) as usize).min(chunk.len());
-        let n = stream
-            .read(&mut chunk[..want])
-            .await
-            .map_err(FtpError::ConnectionError)?;
-        if n == 0 {
-            return Err(FtpError::ConnectionError(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!(
+    /// `len` bytes at `start` on `control`: EPSV, REST, RETR, read. Whether the connection
+    /// can be used again comes with the bytes: only when the transfer ran to the end.
+    async fn retrieve(
+        &self,
+        control: &mut Control,
+        start: u64,
+        len: u64,
+        file_len: u64,
+    ) -> Result<(Bytes, bool), Failure> {
+        let data_at = control.passive().await?;
+        control.command(&format!("REST {start}"), &[350]).await?;
+        let tcp = TcpStream::connect(data_at).await?;
+        control
+            .command(&format!("RETR {}", self.path), &[125, 150])
+            .await?;
+        let mut data_stream = self.secure(tcp).await?;
+        // Grown as the bytes arrive, so a server that sends less takes less memory.
+        let mut data = BytesMut::with_capacity((len as usize).min(1 << 20));
+        let mut chunk = vec![0u8; 64 << 10];
+        while (data.len() as u64) < len {
+            let want = ((len - data.len() as u64) as usize).min(chunk.len());
+            let n = data_stream.read(&mut chunk[..want]).await?;
+            if n == 0 {
+                return Err(malformed(&format!(
                     "the server sent {} of the {len} bytes asked for",
                     data.len()
-                ),
-            )));
+                )));
+            }
+            data.extend_from_slice(&chunk[..n]);
         }
-        data.extend_from_slice(&chunk[..n]);
+        let mut reusable = false;
+        if start + len == file_len {
+            // The whole rest was asked for: the transfer ends here, cleanly.
+            let extra = data_stream.read(&mut chunk[..1]).await?;
+            drop(data_stream);
+            reusable = extra == 0 && matches!(control.reply().await?, (226 | 250, _));
+        }
+        Ok((data.freeze(), reusable))
     }
-    let reusable = start + len == file_len && s.finalize_retr_stream(stream).await.is_ok();
-    Ok((data.freeze(), reusable))
 }
 
 /// Ranges of one file, over a pool of control connections.
 struct FtpSource {
     location: Location,
     len: u64,
-    idle: RefCell<Vec<Session>>,
+    idle: RefCell<Vec<Control>>,
 }
 
 impl FtpSource {
-    async fn fetch(&self, start: u64, len: u64) -> Result<Bytes, FtpError> {
+    async fn fetch(&self, start: u64, len: u64) -> Result<Bytes, Failure> {
         let pooled = self.idle.borrow_mut().pop();
-        let mut session = match pooled {
-            Some(session) => session,
+        let mut control = match pooled {
+            Some(control) => control,
             None => self.location.connect().await?,
         };
-        let path = self.location.path.as_str();
-        let (data, reusable) = match &mut session {
-            Session::Plain(s) => retrieve(s, path, start, len, self.len).await?,
-            Session::Tls(s) => retrieve(s, path, start, len, self.len).await?,
-        };
+        let (data, reusable) = self
+            .location
+            .retrieve(&mut control, start, len, self.len)
+            .await?;
         let mut idle = self.idle.borrow_mut();
         if reusable && idle.len() < IDLE {
-            idle.push(session);
+            idle.push(control);
         }
         Ok(data)
     }
@@ -262,11 +384,11 @@ async fn open(
         ),
     };
     let tls = match driver {
-        "ftps" => Some(Arc::new(
+        "ftps" => Some(tokio_rustls::TlsConnector::from(Arc::new(
             system_tls(opts.sslverify.unwrap_or(true))
                 .await
                 .map_err(QmpError::generic)?,
-        )),
+        ))),
         _ => None,
     };
     let location = Location {
@@ -280,11 +402,11 @@ async fn open(
     };
     let began = Instant::now();
     let opening = async {
-        let mut session = location.connect().await?;
-        let len = location.length(&mut session).await?;
-        Ok::<_, FtpError>((session, len))
+        let mut control = location.connect().await?;
+        let len = location.length(&mut control).await?;
+        Ok::<_, Failure>((control, len))
     };
-    let (session, len) = tokio::time::timeout(checked.timeout.unwrap_or(OPEN_TIMEOUT), opening)
+    let (control, len) = tokio::time::timeout(checked.timeout.unwrap_or(OPEN_TIMEOUT), opening)
         .await
         .map_err(|_| {
             QmpError::generic(format!(
@@ -302,7 +424,7 @@ async fn open(
     let source = FtpSource {
         location,
         len,
-        idle: RefCell::new(vec![session]),
+        idle: RefCell::new(vec![control]),
     };
     Ok(Box::new(WebDriver::start(
         driver,
