@@ -264,3 +264,36 @@ async fn crafted_replies_get_a_clear_error_and_take_no_memory() {
     );
     daemon.quit(&mut c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_cannot_smuggle_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Vsftpd::start(dir.path(), None);
+    served(&server);
+    let daemon = Daemon::start(Impl::Blockd, dir.path(), &[]);
+    let mut c = daemon.qmp().await;
+    for (name, url, what) in [
+        ("p", server.url("raw.img%0D%0ADELE%20raw.img"), "path"),
+        (
+            "u",
+            server
+                .url("raw.img")
+                .replace("ftp://", "ftp://a%0D%0ASITE%20x@"),
+            "user name",
+        ),
+    ] {
+        let e = c
+            .execute(
+                "blockdev-add",
+                json!({"driver": "ftp", "node-name": name, "read-only": true, "url": url}),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.desc,
+            format!("CURL: Error opening file: the {what} contains control characters")
+        );
+    }
+    daemon.quit(&mut c).await;
+    assert!(server.root.join("raw.img").exists());
+}

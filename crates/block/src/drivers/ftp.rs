@@ -45,9 +45,27 @@ const IDLE: usize = 4;
 /// How long connecting and logging in may take when `timeout` is 0 (for ever in libcurl).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the end of a transfer may take to settle before its connection is given up.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// How long a connection may wait in the pool (libcurl's 118 s; servers close idle
+/// sessions after a minute or more).
+const MAX_IDLE: Duration = Duration::from_secs(60);
+
+/// What each step of an exchange may take when `timeout` is 0: connecting (TLS included)
+/// and every reply, as libcurl bounds them even then; the data itself is not bounded.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The longest reply line taken, and the most lines in one reply.
 const MAX_LINE: u64 = 4096;
 const MAX_LINES: usize = 256;
+
+/// `io` within [`STEP_TIMEOUT`].
+async fn step<T>(io: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
+    tokio::time::timeout(STEP_TIMEOUT, io)
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
 
 /// A control or data connection, plain or over TLS.
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -59,6 +77,8 @@ enum Failure {
     Io(io::Error),
     /// A reply with an unexpected code.
     Reply(u32, String),
+    /// libcurl's words for a refusal: a login, a greeting, a missing file.
+    Said(String),
 }
 
 impl From<io::Error> for Failure {
@@ -78,16 +98,15 @@ struct Location {
     path: String,
     user: String,
     password: String,
-    /// Implicit TLS with this connector (ftps).
-    tls: Option<tokio_rustls::TlsConnector>,
+    /// Implicit TLS with this configuration (ftps).
+    tls: Option<Arc<rustls::ClientConfig>>,
     timeout: Option<Duration>,
 }
 
 /// libcurl's words for an FTP failure, where it has them.
 fn ftp_text(e: &Failure, began: Instant, location: &Location) -> String {
     match e {
-        Failure::Reply(530, _) => "Access denied: 530".into(),
-        Failure::Reply(550, _) => "The file does not exist".into(),
+        Failure::Said(text) => text.clone(),
         Failure::Reply(code, text) => format!("the server answered {code}: {text}"),
         Failure::Io(io) if io.kind() == io::ErrorKind::ConnectionRefused => format!(
             "Failed to connect to {} port {} after {} ms: Couldn't connect to server",
@@ -113,13 +132,22 @@ fn ftp_text(e: &Failure, began: Instant, location: &Location) -> String {
 /// A logged-in control connection.
 struct Control {
     stream: BufReader<Box<dyn Stream>>,
+    /// Its TLS, whose session store is its own: a data connection resumes the control
+    /// connection's session, which servers may insist on (ProFTPD, vsftpd's default).
+    tls: Option<tokio_rustls::TlsConnector>,
     /// The server's address, where passive data connections go.
     peer: SocketAddr,
 }
 
 impl Control {
-    /// The next reply: its code and text, lines bounded.
+    /// The next reply: its code and text, lines bounded, within [`STEP_TIMEOUT`].
     async fn reply(&mut self) -> Result<(u32, String), Failure> {
+        tokio::time::timeout(STEP_TIMEOUT, self.read_reply())
+            .await
+            .map_err(|_| Failure::Io(io::ErrorKind::TimedOut.into()))?
+    }
+
+    async fn read_reply(&mut self) -> Result<(u32, String), Failure> {
         let mut text = String::new();
         let mut code = None;
         for _ in 0..MAX_LINES {
@@ -135,8 +163,18 @@ impl Control {
                 });
             }
             let line = String::from_utf8_lossy(&line).trim_end().to_string();
-            let this: Option<u32> = line.get(..3).and_then(|c| c.parse().ok());
-            text.push_str(line.get(4..).unwrap_or(""));
+            let this: Option<u32> = line
+                .get(..3)
+                .filter(|c| c.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|c| c.parse().ok())
+                .filter(|c| (100..600).contains(c));
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            match this {
+                Some(_) => text.push_str(line.get(4..).unwrap_or("")),
+                None => text.push_str(&line),
+            }
             match (code, this) {
                 // The first line sets the code; "123-" opens a reply of many lines.
                 (None, Some(c)) if line.as_bytes().get(3) == Some(&b'-') => code = Some(c),
@@ -146,7 +184,7 @@ impl Control {
                 (Some(c), Some(t)) if c == t && line.as_bytes().get(3) != Some(&b'-') => {
                     return Ok((c, text))
                 }
-                (Some(_), _) => text.push('\n'),
+                (Some(_), _) => {}
             }
         }
         Err(malformed("a reply of too many lines"))
@@ -154,6 +192,9 @@ impl Control {
 
     /// Send `command` and read its reply, which must have one of the `expected` codes.
     async fn command(&mut self, command: &str, expected: &[u32]) -> Result<(u32, String), Failure> {
+        if command.contains(['\r', '\n']) {
+            return Err(malformed("a command with a line break"));
+        }
         self.stream
             .get_mut()
             .write_all(format!("{command}\r\n").as_bytes())
@@ -170,67 +211,109 @@ impl Control {
     /// address is ignored), at the control connection's address.
     async fn passive(&mut self) -> Result<SocketAddr, Failure> {
         let port = match self.command("EPSV", &[229]).await {
-            Ok((_, text)) => {
-                let inner = text
-                    .split_once("(|||")
-                    .and_then(|(_, rest)| rest.split_once("|)"))
-                    .ok_or_else(|| malformed("an EPSV reply without a port"))?;
-                inner
-                    .0
-                    .parse::<u16>()
-                    .map_err(|_| malformed("a bad EPSV port"))?
-            }
+            Ok((_, text)) => epsv_port(&text)?,
             Err(Failure::Reply(..)) => {
                 let (_, text) = self.command("PASV", &[227]).await?;
-                let numbers: Vec<u16> = text
-                    .split(|c: char| !c.is_ascii_digit())
-                    .filter(|n| !n.is_empty())
-                    .filter_map(|n| n.parse().ok())
-                    .collect();
-                match numbers.len() {
-                    n if n >= 6 => numbers[n - 2] * 256 + numbers[n - 1],
-                    _ => return Err(malformed("a PASV reply without an address")),
-                }
+                pasv_port(&text)?
             }
             Err(e) => return Err(e),
         };
-        Ok(SocketAddr::new(self.peer.ip(), port))
+        let mut at = self.peer;
+        at.set_port(port);
+        Ok(at)
+    }
+}
+
+/// The port of an EPSV answer: `(<d><d><d>port<d>)` with any delimiter `d`.
+fn epsv_port(text: &str) -> Result<u16, Failure> {
+    let inner = text
+        .split_once('(')
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(inner, _)| inner.as_bytes())
+        .ok_or_else(|| malformed("an EPSV reply without a port"))?;
+    let port = match inner {
+        [d, d2, d3, port @ .., d4] if d == d2 && d == d3 && d == d4 => port,
+        _ => return Err(malformed("an EPSV reply without a port")),
+    };
+    std::str::from_utf8(port)
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+        .filter(|p| *p != 0)
+        .ok_or_else(|| malformed("a bad EPSV port"))
+}
+
+/// The port of a PASV answer: the last two of six comma-separated numbers of at most 255,
+/// as libcurl reads them.
+fn pasv_port(text: &str) -> Result<u16, Failure> {
+    let bad = || malformed("a PASV reply without an address");
+    let start = text.find(|c: char| c.is_ascii_digit()).ok_or_else(bad)?;
+    let numbers: Vec<u8> = text[start..]
+        .split(',')
+        .take(6)
+        .map(|n| {
+            let digits: String = n.chars().take_while(|c| c.is_ascii_digit()).collect();
+            digits.parse::<u8>().ok()
+        })
+        .collect::<Option<Vec<u8>>>()
+        .filter(|n| n.len() == 6)
+        .ok_or_else(bad)?;
+    let port = u16::from(numbers[4]) << 8 | u16::from(numbers[5]);
+    match port {
+        0 => Err(bad()),
+        port => Ok(port),
     }
 }
 
 impl Location {
-    /// Wrap `tcp` in TLS for ftps.
-    async fn secure(&self, tcp: TcpStream) -> Result<Box<dyn Stream>, Failure> {
-        match &self.tls {
+    /// Wrap `tcp` in `tls`, for ftps.
+    async fn secure(
+        &self,
+        tcp: TcpStream,
+        tls: Option<&tokio_rustls::TlsConnector>,
+    ) -> Result<Box<dyn Stream>, Failure> {
+        match tls {
             None => Ok(Box::new(tcp)),
             Some(connector) => {
                 let name = ServerName::try_from(self.host.clone())
                     .map_err(|_| malformed("a host name TLS cannot check"))?;
-                Ok(Box::new(connector.connect(name, tcp).await?))
+                Ok(Box::new(step(connector.connect(name, tcp)).await?))
             }
         }
     }
 
     /// A logged-in control connection in binary mode.
     async fn connect(&self) -> Result<Control, Failure> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let tcp = step(TcpStream::connect((self.host.as_str(), self.port))).await?;
         let _ = tcp.set_nodelay(true);
         let peer = tcp.peer_addr()?;
-        let mut control = Control {
-            stream: BufReader::new(self.secure(tcp).await?),
-            peer,
-        };
+        let tls = self.tls.as_ref().map(|base| {
+            let mut config = (**base).clone();
+            config.resumption = rustls::client::Resumption::in_memory_sessions(4);
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        });
+        let stream = BufReader::new(self.secure(tcp, tls.as_ref()).await?);
+        let mut control = Control { stream, tls, peer };
         match control.reply().await? {
             (220, _) => {}
-            (code, text) => return Err(Failure::Reply(code, text)),
+            (code, _) => {
+                return Err(Failure::Said(format!(
+                    "Got a {code:03} ftp-server response when 220 was expected"
+                )))
+            }
         }
+        let denied = |e| match e {
+            Failure::Reply(code, _) => Failure::Said(format!("Access denied: {code:03}")),
+            other => other,
+        };
         let (code, _) = control
-            .command(&format!("USER {}", self.user), &[230, 331])
-            .await?;
+            .command(&format!("USER {}", self.user), &[230, 331, 232, 202])
+            .await
+            .map_err(denied)?;
         if code == 331 {
             control
-                .command(&format!("PASS {}", self.password), &[230, 202])
-                .await?;
+                .command(&format!("PASS {}", self.password), &[230, 202, 232])
+                .await
+                .map_err(denied)?;
         }
         if self.tls.is_some() {
             control.command("PBSZ 0", &[200]).await?;
@@ -244,7 +327,11 @@ impl Location {
     async fn length(&self, control: &mut Control) -> Result<u64, Failure> {
         let (_, text) = control
             .command(&format!("SIZE {}", self.path), &[213])
-            .await?;
+            .await
+            .map_err(|e| match e {
+                Failure::Reply(550, _) => Failure::Said("The file does not exist".into()),
+                other => other,
+            })?;
         text.trim()
             .parse()
             .map_err(|_| malformed("a SIZE reply without a number"))
@@ -261,11 +348,11 @@ impl Location {
     ) -> Result<(Bytes, bool), Failure> {
         let data_at = control.passive().await?;
         control.command(&format!("REST {start}"), &[350]).await?;
-        let tcp = TcpStream::connect(data_at).await?;
+        let tcp = step(TcpStream::connect(data_at)).await?;
         control
             .command(&format!("RETR {}", self.path), &[125, 150])
             .await?;
-        let mut data_stream = self.secure(tcp).await?;
+        let mut data_stream = self.secure(tcp, control.tls.as_ref()).await?;
         // Grown as the bytes arrive, so a server that sends less takes less memory.
         let mut data = BytesMut::with_capacity((len as usize).min(1 << 20));
         let mut chunk = vec![0u8; 64 << 10];
@@ -280,13 +367,20 @@ impl Location {
             }
             data.extend_from_slice(&chunk[..n]);
         }
-        let mut reusable = false;
-        if start + len == file_len {
-            // The whole rest was asked for: the transfer ends here, cleanly.
-            let extra = data_stream.read(&mut chunk[..1]).await?;
-            drop(data_stream);
-            reusable = extra == 0 && matches!(control.reply().await?, (226 | 250, _));
-        }
+        // The bytes are in hand. When the transfer ran to the file's end, its clean close
+        // lets the connection serve again; anything else (no 226, a TLS close without
+        // close_notify, a slow server) only costs the connection.
+        let reusable = start + len == file_len
+            && tokio::time::timeout(SETTLE, async {
+                let extra = data_stream.read(&mut chunk[..1]).await.ok()?;
+                drop(data_stream);
+                let (code, _) = control.reply().await.ok()?;
+                Some(extra == 0 && (code == 226 || code == 250))
+            })
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false);
         Ok((data.freeze(), reusable))
     }
 }
@@ -295,25 +389,48 @@ impl Location {
 struct FtpSource {
     location: Location,
     len: u64,
-    idle: RefCell<Vec<Control>>,
+    /// Logged-in connections and since when they wait.
+    idle: RefCell<Vec<(Control, Instant)>>,
 }
 
 impl FtpSource {
+    /// A connection that waited less than [`MAX_IDLE`], if there is one.
+    fn pooled(&self) -> Option<Control> {
+        let mut idle = self.idle.borrow_mut();
+        idle.retain(|(_, since)| since.elapsed() < MAX_IDLE);
+        idle.pop().map(|(control, _)| control)
+    }
+
     async fn fetch(&self, start: u64, len: u64) -> Result<Bytes, Failure> {
-        let pooled = self.idle.borrow_mut().pop();
-        let mut control = match pooled {
-            Some(control) => control,
-            None => self.location.connect().await?,
+        let (data, control, reusable) = match self.pooled() {
+            Some(mut control) => {
+                match self
+                    .location
+                    .retrieve(&mut control, start, len, self.len)
+                    .await
+                {
+                    Ok((data, reusable)) => (data, control, reusable),
+                    // The server may have closed a waiting connection (a 421, a reset):
+                    // once more on a new one, as libcurl retries.
+                    Err(_) => self.fresh(start, len).await?,
+                }
+            }
+            None => self.fresh(start, len).await?,
         };
+        let mut idle = self.idle.borrow_mut();
+        if reusable && idle.len() < IDLE {
+            idle.push((control, Instant::now()));
+        }
+        Ok(data)
+    }
+
+    async fn fresh(&self, start: u64, len: u64) -> Result<(Bytes, Control, bool), Failure> {
+        let mut control = self.location.connect().await?;
         let (data, reusable) = self
             .location
             .retrieve(&mut control, start, len, self.len)
             .await?;
-        let mut idle = self.idle.borrow_mut();
-        if reusable && idle.len() < IDLE {
-            idle.push(control);
-        }
-        Ok(data)
+        Ok((data, control, reusable))
     }
 }
 
@@ -370,25 +487,43 @@ async fn open(
         .unwrap_or(if driver == "ftps" { 990 } else { 21 });
     // The path is relative to the login directory, as libcurl takes it (`/%2F...` is
     // absolute).
-    let path = percent_decode(url.path().trim_start_matches('/'))?;
-    let password = match &opts.password_secret {
-        Some(id) => o.secret_text(id)?,
-        None => String::new(),
+    // One leading slash separates the path; what follows is relative to the login
+    // directory, as libcurl takes it (`//srv/img` is absolute).
+    let path = percent_decode(url.path().strip_prefix('/').unwrap_or(url.path()))?;
+    let secret = match &opts.password_secret {
+        Some(id) => Some(o.secret_text(id)?),
+        None => None,
     };
+    // libcurl's choices: the option's user, else the URL's, else anonymous; the URL's
+    // password where it has one, else the secret.
+    let url_password = url.password().map(percent_decode).transpose()?;
     let (user, password) = match (&opts.username, url.username()) {
-        (Some(user), _) => (user.clone(), password),
+        (Some(user), _) => (user.clone(), secret.unwrap_or_default()),
         (None, "") => ("anonymous".to_string(), "ftp@example.com".to_string()),
         (None, user) => (
             percent_decode(user)?,
-            percent_decode(url.password().unwrap_or(""))?,
+            url_password.or(secret).unwrap_or_default(),
         ),
     };
+    // A control character would end the command it is sent in and start another (libcurl
+    // refuses them too).
+    for (what, text) in [
+        ("path", &path),
+        ("user name", &user),
+        ("password", &password),
+    ] {
+        if text.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            return Err(QmpError::generic(format!(
+                "CURL: Error opening file: the {what} contains control characters"
+            )));
+        }
+    }
     let tls = match driver {
-        "ftps" => Some(tokio_rustls::TlsConnector::from(Arc::new(
+        "ftps" => Some(Arc::new(
             system_tls(opts.sslverify.unwrap_or(true))
                 .await
                 .map_err(QmpError::generic)?,
-        ))),
+        )),
         _ => None,
     };
     let location = Location {
@@ -424,7 +559,7 @@ async fn open(
     let source = FtpSource {
         location,
         len,
-        idle: RefCell::new(vec![control]),
+        idle: RefCell::new(vec![(control, Instant::now())]),
     };
     Ok(Box::new(WebDriver::start(
         driver,
@@ -441,4 +576,33 @@ fn percent_decode(text: &str) -> Result<String, QmpError> {
         .decode_utf8()
         .map(|t| t.into_owned())
         .map_err(|_| QmpError::generic(format!("Invalid URL text: '{text}'")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(r: Result<u16, Failure>) -> Option<u16> {
+        r.ok()
+    }
+
+    #[test]
+    fn passive_answers_are_read_as_libcurl_reads_them() {
+        assert_eq!(
+            port(pasv_port("Entering Passive Mode (127,0,0,1,4,1).")),
+            Some(1025)
+        );
+        assert_eq!(port(pasv_port("=127,0,0,1,255,255")), Some(65535));
+        assert_eq!(port(pasv_port("(127,0,0,1,256,0)")), None);
+        assert_eq!(port(pasv_port("(127,0,0,1,0,0)")), None);
+        assert_eq!(port(pasv_port("(127,0,0,1)")), None);
+        assert_eq!(
+            port(epsv_port("Entering Extended Passive Mode (|||6446|)")),
+            Some(6446)
+        );
+        assert_eq!(port(epsv_port("(!!!21!)")), Some(21));
+        assert_eq!(port(epsv_port("(|||0|)")), None);
+        assert_eq!(port(epsv_port("(|||70000|)")), None);
+        assert_eq!(port(epsv_port("(||6446|)")), None);
+    }
 }
