@@ -127,7 +127,12 @@ impl Daemon {
         std::io::BufReader::new(stream)
             .read_line(&mut greeting)
             .expect("QMP greeting");
-        assert!(greeting.contains("QMP"), "{greeting}");
+        assert!(
+            greeting.contains("QMP"),
+            "{:?} greeted with {greeting:?}; stderr:\n{}",
+            self.which,
+            self.stderr()
+        );
     }
 
     fn wait_for_socket(&mut self) {
