@@ -368,6 +368,26 @@ fn preferred_host_keys(recorded: &Recorded) -> Vec<Algorithm> {
     first
 }
 
+/// The ciphers to offer: AES-256-GCM first where the CPU has AES instructions (ring then
+/// runs it in hardware, well ahead of ChaCha20-Poly1305, russh's first choice), then
+/// russh's own order.
+fn preferred_ciphers() -> Vec<russh::cipher::Name> {
+    let defaults = client::Config::default().preferred.cipher;
+    let aes = russh::cipher::AES_256_GCM;
+    #[cfg(target_arch = "x86_64")]
+    let hardware = std::arch::is_x86_feature_detected!("aes");
+    #[cfg(target_arch = "aarch64")]
+    let hardware = std::arch::is_aarch64_feature_detected!("aes");
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let hardware = false;
+    if !hardware || !defaults.contains(&aes) {
+        return defaults.to_vec();
+    }
+    std::iter::once(aes)
+        .chain(defaults.iter().copied().filter(|c| *c != aes))
+        .collect()
+}
+
 /// The session's handler: it checks the host key and keeps the reason of a refusal.
 struct Checker {
     check: HostKeyCheck,
@@ -589,6 +609,7 @@ async fn connect(
         ..client::Config::default()
     };
     config.preferred.key = preferred_host_keys(&prepared.recorded).into();
+    config.preferred.cipher = preferred_ciphers().into();
     let refusal = Arc::new(Mutex::new(None));
     let checker = Checker {
         check,
