@@ -535,3 +535,38 @@ async fn a_status_sftp_3_lacks_fails_at_once() {
     assert!(began.elapsed() < std::time::Duration::from_secs(10));
     daemon.quit(&mut c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blockdev_create_refuses_bad_input_as_qsd_does() {
+    assert_qsd_has("ssh");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sshd = Sshd::start(d);
+    let none = json!({"mode": "none"});
+    let cases = [
+        json!({"driver": "ssh", "size": 1 << 20}),
+        json!({"driver": "ssh", "location": {"server": sshd.server(), "path": p(d, "a.raw"),
+                                             "host-key-check": none}}),
+        json!({"driver": "ssh", "size": 1 << 20,
+               "location": {"server": sshd.server(), "path": p(d, "absent/a.raw"),
+                            "host-key-check": none}}),
+        json!({"driver": "ssh", "size": 1 << 20,
+               "location": {"server": sshd.server(), "path": p(d, "a.raw"),
+                            "host-key-check": {"mode": "hash", "type": "md5"}}}),
+    ];
+    let mut seen = Vec::new();
+    for which in Impl::all() {
+        let wd = d.join(format!("{which:?}"));
+        std::fs::create_dir_all(&wd).unwrap();
+        let daemon = Daemon::start_wrapped(which, &wd, &[], &sshd.wrapper());
+        let mut c = daemon.qmp().await;
+        let mut outcomes = Vec::new();
+        for (i, options) in cases.iter().enumerate() {
+            outcomes.push(common::jobs::create(&mut c, &format!("c{i}"), options.clone()).await);
+        }
+        daemon.quit(&mut c).await;
+        seen.push(outcomes);
+    }
+    assert_eq!(seen[0], seen[1], "blockd, then qsd");
+    assert!(!d.join("a.raw").exists(), "nothing was created");
+}

@@ -21,9 +21,7 @@
 //! `timeout` bounds each whole fetch. blockd's FTP does not go through proxies: a
 //! `proxy-username` is refused rather than ignored.
 
-use crate::drivers::web::{
-    certificate_text, check_length, system_tls, CurlOptions, RangeSource, WebDriver,
-};
+use crate::drivers::web::{certificate_text, system_tls, CurlOptions, RangeSource, WebDriver};
 use crate::open::{DriverEntry, Opener};
 use crate::Driver;
 use async_trait::async_trait;
@@ -464,11 +462,7 @@ async fn open(
     o: &mut Opener<'_>,
     options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
-    let driver: &'static str = match o.driver_name() {
-        "ftps" => "ftps",
-        _ => "ftp",
-    };
-    let (opts, checked) = CurlOptions::parse(o, driver, options)?;
+    let (driver, opts, checked) = CurlOptions::parse(o, options)?;
     if opts.proxy_username.is_some() || opts.proxy_password_secret.is_some() {
         return Err(QmpError::generic(
             "blockd's ftp driver does not go through proxies",
@@ -555,7 +549,7 @@ async fn open(
                 ftp_text(&e, began, &location)
             ))
         })?;
-    check_length(len)?;
+    crate::drivers::check_disk_length(len)?;
     let source = FtpSource {
         location,
         len,

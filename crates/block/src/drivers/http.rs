@@ -10,7 +10,7 @@
 //! or `all_proxy`.
 
 use crate::drivers::web::{
-    certificate_text, check_length, system_tls, CurlOptions, RangeSource, WebDriver, CONNECTIONS,
+    certificate_text, system_tls, CurlOptions, RangeSource, WebDriver, CONNECTIONS,
 };
 use crate::open::{DriverEntry, Opener};
 use crate::Driver;
@@ -327,17 +327,13 @@ async fn open(
     o: &mut Opener<'_>,
     options: Map<String, Value>,
 ) -> Result<Box<dyn Driver>, QmpError> {
-    let driver: &'static str = match o.driver_name() {
-        "https" => "https",
-        _ => "http",
-    };
-    let (opts, checked) = CurlOptions::parse(o, driver, options)?;
+    let (driver, opts, checked) = CurlOptions::parse(o, options)?;
     let tls = system_tls(opts.sslverify.unwrap_or(true)).await;
     let client = client(o, driver, &opts, checked.timeout, tls)?;
     let len = file_length(&client, &opts.url)
         .await
         .map_err(|e| QmpError::generic(format!("CURL: Error opening file: {e}")))?;
-    check_length(len)?;
+    crate::drivers::check_disk_length(len)?;
     let source = HttpSource {
         client,
         url: opts.url.clone(),

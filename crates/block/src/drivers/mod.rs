@@ -35,3 +35,15 @@ pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
 pub(crate) mod web;
+
+/// Refuses a remote file longer than QEMU's largest disk (BDRV_MAX_LENGTH: i64's largest,
+/// in whole GiB), with QEMU's text: the protocols that learn a size from a server (http,
+/// ftp, ssh) must not take one QAPI cannot report.
+pub(crate) fn check_disk_length(len: u64) -> Result<(), qapi::error::QmpError> {
+    if len.div_ceil(512).saturating_mul(512) > (i64::MAX as u64) & !((1 << 30) - 1) {
+        return Err(qapi::error::QmpError::generic(
+            "Could not refresh total sector count: File too large",
+        ));
+    }
+    Ok(())
+}

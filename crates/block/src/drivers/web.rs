@@ -74,18 +74,18 @@ pub(crate) struct Checked {
 }
 
 impl CurlOptions {
-    /// The options of a `driver` node, checked in QEMU's order so that the first complaint
-    /// is the same: writable nodes, readahead, timeout, the cookie pair, the URL's scheme.
+    /// The options of the node's driver (its name comes with them), checked in QEMU's
+    /// order so that the first complaint is the same: writable nodes, readahead, timeout,
+    /// the cookie pair, the URL's scheme.
     pub fn parse(
         o: &mut Opener<'_>,
-        driver: &str,
         options: serde_json::Map<String, Value>,
-    ) -> Result<(CurlOptions, Checked), QmpError> {
-        let own: &[&str] = match driver {
-            "http" => &["cookie", "cookie-secret"],
-            "https" => &["cookie", "cookie-secret", "sslverify"],
-            "ftps" => &["sslverify"],
-            _ => &[],
+    ) -> Result<(&'static str, CurlOptions, Checked), QmpError> {
+        let (driver, own): (&'static str, &[&str]) = match o.driver_name() {
+            "http" => ("http", &["cookie", "cookie-secret"]),
+            "https" => ("https", &["cookie", "cookie-secret", "sslverify"]),
+            "ftps" => ("ftps", &["sslverify"]),
+            _ => ("ftp", &[]),
         };
         if let Some(other) = ["cookie", "cookie-secret", "sslverify"]
             .iter()
@@ -130,19 +130,8 @@ impl CurlOptions {
             readahead: readahead as u64,
             timeout: (timeout > 0).then(|| Duration::from_secs(timeout as u64)),
         };
-        Ok((opts, checked))
+        Ok((driver, opts, checked))
     }
-}
-
-/// Refuses a file longer than QEMU's largest disk (BDRV_MAX_LENGTH: i64's largest, in
-/// whole GiB), with QEMU's text.
-pub(crate) fn check_length(len: u64) -> Result<(), QmpError> {
-    if len.div_ceil(512).saturating_mul(512) > (i64::MAX as u64) & !((1 << 30) - 1) {
-        return Err(QmpError::generic(
-            "Could not refresh total sector count: File too large",
-        ));
-    }
-    Ok(())
 }
 
 /// The TLS configuration for `sslverify`, read off the I/O thread (the system's
@@ -275,7 +264,7 @@ impl Driver for WebDriver {
     /// The file's length rounded up to whole sectors, as QEMU reports it; the tail past the
     /// file reads as zeroes.
     fn size(&self, _: &Node) -> u64 {
-        // Bounded at open (check_length): the rounded size fits QAPI's int.
+        // Bounded at open (check_disk_length): the rounded size fits QAPI's int.
         self.len.div_ceil(512).saturating_mul(512)
     }
 

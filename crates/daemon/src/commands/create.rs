@@ -56,6 +56,7 @@ pub async fn blockdev_create(daemon: &Daemon, args: Map<String, Value>) -> Resul
         }
         "ssh" => {
             let ssh: block::SshCreate = parse_options(options)?;
+            ssh.check().map_err(QmpError::generic)?;
             Box::new(move || Box::pin(async move { ssh.create().await }))
         }
         "file" => {

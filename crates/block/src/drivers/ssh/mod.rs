@@ -548,14 +548,23 @@ impl SshOptions {
             "ssh://{}@{}:{}{}",
             prepared.user, self.server.host, self.server.port, self.path
         );
-        let opening = connect(&self.server.host, port, prepared, check, &self.path, flags);
-        let mut driver = tokio::time::timeout(OPEN_TIMEOUT, opening)
+        let opening = connect(
+            &self.server.host,
+            port,
+            prepared,
+            check,
+            &self.path,
+            flags,
+            filename,
+        );
+        tokio::time::timeout(OPEN_TIMEOUT, opening)
             .await
-            .map_err(|_| "Connection attempt cancelled by timeout".to_string())??;
-        driver.filename = filename;
-        Ok(driver)
+            .map_err(|_| "Connection attempt cancelled by timeout".to_string())?
     }
 }
+
+/// Where blockdev-create's host key check sits, for error texts.
+const HOST_KEY_CHECK_AT_CREATE: &str = "options.location.host-key-check";
 
 /// BlockdevCreateOptionsSsh: a new file of `size` bytes (a sparse one where the server's
 /// file system allows) at `location`, replacing any file there, as QEMU's driver does.
@@ -567,13 +576,18 @@ pub struct SshCreate {
 }
 
 impl SshCreate {
+    /// What QAPI refuses before a create job starts: the host key check's members.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(options) = self.location.host_key_check.clone() {
+            options.check(HOST_KEY_CHECK_AT_CREATE)?;
+        }
+        Ok(())
+    }
+
     /// Create the file: connect, open it anew (mode 0644, as QEMU), and give it its size.
     pub async fn create(self) -> Result<(), String> {
         let flags = OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE;
-        let driver = self
-            .location
-            .open(flags, "options.location.host-key-check")
-            .await?;
+        let driver = self.location.open(flags, HOST_KEY_CHECK_AT_CREATE).await?;
         if self.size > 0 {
             driver
                 .grow(self.size)
@@ -584,7 +598,7 @@ impl SshCreate {
     }
 }
 
-/// Connect, check the host, authenticate and open `path`.
+/// Connect, check the host, authenticate and open `path`, reported as `filename`.
 async fn connect(
     host: &str,
     port: u16,
@@ -592,6 +606,7 @@ async fn connect(
     check: HostKeyCheck,
     path: &str,
     flags: OpenFlags,
+    filename: String,
 ) -> Result<SshDriver, String> {
     let stream = tokio::net::TcpStream::connect((host, port))
         .await
@@ -674,9 +689,9 @@ async fn connect(
         .ok()
         .and_then(|a| a.attrs.size)
         .ok_or("failed to read file attributes")?;
-    crate::drivers::web::check_length(size).map_err(|e| e.desc)?;
+    crate::drivers::check_disk_length(size).map_err(|e| e.desc)?;
     Ok(SshDriver {
-        filename: String::new(),
+        filename,
         fsync: version.extensions.contains_key("fsync@openssh.com"),
         sftp,
         handle,
